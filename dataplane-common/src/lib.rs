@@ -1,0 +1,492 @@
+//! The kernel/user ABI of the dataplane.
+//!
+//! Every BPF map key and value, every map name and size, every flag bit and
+//! every counter index that the eBPF programs (`dataplane-ebpf`) and the agent
+//! (`dataplane-user`) share is defined here and nowhere else. All types are
+//! `#[repr(C)]` plain data with explicit padding so that their layout is the
+//! same on both sides; `tests` below pin sizes and field offsets.
+//!
+//! Byte order: addresses and ports are stored in **network byte order**
+//! exactly as they appear in packets (the datapath compares them without
+//! swapping). Use the constructors on the user side, which take host-order
+//! values.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Bumped whenever a map layout below changes in an incompatible way.
+pub const ABI_VERSION: u32 = 1;
+
+/// IP protocol numbers used in keys.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Map names as they appear in the eBPF object (the symbol names of the map
+/// statics). The kernel truncates names to 15 bytes; all of these fit.
+pub mod map_names {
+    pub const SERVICES: &str = "DP_SERVICES";
+    pub const BACKENDS: &str = "DP_BACKENDS";
+    pub const CONNTRACK: &str = "DP_CONNTRACK";
+    pub const SERVICE_STATS: &str = "DP_SVC_STATS";
+    pub const REASON_STATS: &str = "DP_REASONS";
+}
+
+/// Program names (the entry function symbols in the eBPF object).
+pub mod program_names {
+    pub const XDP: &str = "dp_xdp";
+    pub const TC: &str = "dp_tc";
+}
+
+/// Default map capacities. The agent may override them at load time; the
+/// kernel side only uses the ones that bound loops or index arithmetic.
+pub mod limits {
+    /// Service frontends (VIP, port, protocol) the maps hold.
+    pub const MAX_SERVICES: u32 = 131_072;
+    /// Backends one frontend can hold. Larger backend sets are truncated by
+    /// the agent with a logged reason.
+    pub const MAX_BACKENDS_PER_SERVICE: u32 = 1024;
+    /// Entries of the backend slot map (both generations of every service).
+    pub const MAX_BACKEND_SLOTS: u32 = 524_288;
+    /// Connection tracking entries (two per flow: original and reply).
+    pub const MAX_CONNTRACK: u32 = 262_144;
+}
+
+/// Key of the service map: a frontend as clients address it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ServiceKey {
+    /// Virtual IPv4 address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the service map.
+///
+/// Backends of a service live in the backend map under
+/// `BackendKey { service_id, slot: generation * MAX_BACKENDS_PER_SERVICE + i }`
+/// for `i < backend_count`. The agent writes a new generation's slots first
+/// and then replaces this value in one map update (hash map updates are
+/// atomic for readers), so the datapath sees either the old backend set or the
+/// new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceValue {
+    /// Stable id of this frontend: index into the per-service counters and
+    /// part of every backend key. Below `limits::MAX_SERVICES`.
+    pub service_id: u32,
+    /// Number of backends usable for new flows. 0 means "no endpoints".
+    pub backend_count: u16,
+    /// Which half of the slot space holds the current backend set (0 or 1).
+    pub generation: u16,
+    /// `SVC_F_*` bits.
+    pub flags: u32,
+    pub _reserved: u32,
+}
+
+/// Key of the backend slot map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+impl BackendKey {
+    /// The key of backend `index` in `generation` of `service_id`.
+    #[inline(always)]
+    pub fn new(service_id: u32, generation: u16, index: u32) -> Self {
+        BackendKey {
+            service_id,
+            slot: (generation as u32 & 1) * limits::MAX_BACKENDS_PER_SERVICE + index,
+        }
+    }
+}
+
+/// Value of the backend slot map: where a flow is translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Backend {
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// `BACKEND_F_*` bits.
+    pub flags: u16,
+}
+
+/// Connection tracking key: a 5-tuple exactly as it appears in a packet.
+///
+/// Each translated flow has two entries: the original direction
+/// (client -> VIP, `CT_F_ORIGINAL`) and the reply direction
+/// (backend -> client, `CT_F_REPLY`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Connection tracking value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtValue {
+    /// Original entry: the backend address the destination is rewritten to.
+    /// Reply entry: the VIP the source is rewritten to. Network byte order.
+    pub nat_addr: u32,
+    /// As `nat_addr`, for the port.
+    pub nat_port: u16,
+    /// `CT_F_*` bits: direction and TCP close state.
+    pub flags: u16,
+    /// The frontend this flow was created for (counters).
+    pub service_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` at creation.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` at the last packet seen in either direction
+    /// (refreshed on the original entry only).
+    pub last_seen_ns: u64,
+}
+
+/// Service flag bits (`ServiceValue::flags`). None are defined yet.
+pub const SVC_F_NONE: u32 = 0;
+
+/// Backend flag bits (`Backend::flags`).
+pub const BACKEND_F_NONE: u16 = 0;
+
+/// Conntrack flag bits (`CtValue::flags`).
+pub const CT_F_ORIGINAL: u16 = 1 << 0;
+pub const CT_F_REPLY: u16 = 1 << 1;
+/// A FIN or RST was seen: a new SYN on the same tuple starts a new flow.
+pub const CT_F_CLOSING: u16 = 1 << 2;
+
+/// Per-service counters, one per CPU, indexed by `service_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceStats {
+    /// Packets translated towards a backend (new and established).
+    pub packets: u64,
+    /// Bytes of those packets (L3 length).
+    pub bytes: u64,
+    /// New flows created.
+    pub new_flows: u64,
+    /// Packets dropped because the service had no usable backend.
+    pub no_backend: u64,
+}
+
+/// Why the datapath did what it did to a packet. Each value indexes a
+/// per-CPU counter in the `REASON_STATS` map. Passing reasons are counted too,
+/// so operators can see what fraction of traffic the programs touch.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// Not an IPv4 frame (ARP, IPv6 for now, ...): passed untouched.
+    PassNotIp = 0,
+    /// IPv4 but neither TCP nor UDP: passed untouched.
+    PassNotTcpUdp = 1,
+    /// IPv4 fragment (first or later): passed untouched.
+    PassFragment = 2,
+    /// Headers shorter than they claim: passed untouched.
+    PassTruncated = 3,
+    /// Not addressed to a Service and not a reply of a tracked flow.
+    PassNoService = 4,
+    /// A new flow was created and translated.
+    NatNewFlow = 5,
+    /// A packet of a tracked flow was translated towards its backend.
+    NatEstablished = 6,
+    /// A reply of a tracked flow was translated back to the VIP.
+    NatReply = 7,
+    /// Dropped: the Service has no usable backend.
+    DropNoBackend = 8,
+    /// Dropped: the backend slot the service points at is missing (the
+    /// agent's writes are ordered so this should never be counted).
+    DropBackendMissing = 9,
+    /// Dropped: a packet rewrite or checksum helper failed.
+    DropRewriteFailed = 10,
+    /// A new flow was translated but its conntrack entries could not be
+    /// stored (map update failed); the packet still goes to the backend.
+    CtInsertFailed = 11,
+}
+
+/// Number of `Reason` values; the size of the reason counter array.
+pub const REASON_COUNT: u32 = 12;
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::PassNotIp,
+        Reason::PassNotTcpUdp,
+        Reason::PassFragment,
+        Reason::PassTruncated,
+        Reason::PassNoService,
+        Reason::NatNewFlow,
+        Reason::NatEstablished,
+        Reason::NatReply,
+        Reason::DropNoBackend,
+        Reason::DropBackendMissing,
+        Reason::DropRewriteFailed,
+        Reason::CtInsertFailed,
+    ];
+
+    /// A stable snake_case name for CLIs and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassTruncated => "pass_truncated",
+            Reason::PassNoService => "pass_no_service",
+            Reason::NatNewFlow => "nat_new_flow",
+            Reason::NatEstablished => "nat_established",
+            Reason::NatReply => "nat_reply",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropBackendMissing => "drop_backend_missing",
+            Reason::DropRewriteFailed => "drop_rewrite_failed",
+            Reason::CtInsertFailed => "ct_insert_failed",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropNoBackend | Reason::DropBackendMissing | Reason::DropRewriteFailed
+        )
+    }
+}
+
+/// The hash that picks a backend for a new flow, from the original 5-tuple
+/// (fields in network byte order, as in `CtKey`). Shared so that the agent
+/// (`trace`, tests) predicts exactly what the datapath chooses.
+///
+/// A multiply-xorshift mix: cheap in eBPF (no loops), and well spread in its
+/// low bits, which the modulo by the backend count uses.
+#[inline(always)]
+pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h: u64 = ((saddr as u64) << 32) | daddr as u64;
+    h ^= ((sport as u64) << 24) ^ ((dport as u64) << 8) ^ proto as u64;
+    h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 32;
+    h as u32
+}
+
+/// Internet checksum helpers for incremental updates (RFC 1624), used by the
+/// XDP program where no checksum helper exists. Values are taken exactly as
+/// loaded from the packet (network order in a native integer): one's
+/// complement sums do not depend on byte order as long as every operand uses
+/// the same one.
+pub mod csum {
+    #[inline(always)]
+    pub fn fold(mut sum: u32) -> u16 {
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum as u16
+    }
+
+    /// The checksum `check` after a 32-bit field changed from `from` to `to`.
+    #[inline(always)]
+    pub fn replace4(check: u16, from: u32, to: u32) -> u16 {
+        let sum = (!check) as u32 + ((!from) >> 16) + ((!from) & 0xffff) + (to >> 16) + (to & 0xffff);
+        !fold(sum)
+    }
+
+    /// The checksum `check` after a 16-bit field changed from `from` to `to`.
+    #[inline(always)]
+    pub fn replace2(check: u16, from: u16, to: u16) -> u16 {
+        let sum = (!check) as u32 + (!from) as u32 + to as u32;
+        !fold(sum)
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: every type below is #[repr(C)], has no padding bytes that are
+    // not explicit fields, and is bytemuck::Pod (checked by the derive).
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for ServiceStats {}
+
+    impl ServiceKey {
+        /// From host-order values.
+        pub fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8) -> Self {
+            ServiceKey {
+                addr: u32::from_ne_bytes(addr.octets()),
+                port: port.to_be(),
+                proto,
+                _pad: 0,
+            }
+        }
+        pub fn ip(&self) -> core::net::Ipv4Addr {
+            core::net::Ipv4Addr::from(self.addr.to_ne_bytes())
+        }
+        pub fn host_port(&self) -> u16 {
+            u16::from_be(self.port)
+        }
+    }
+
+    impl Backend {
+        /// From host-order values.
+        pub fn new(addr: core::net::Ipv4Addr, port: u16) -> Self {
+            Backend {
+                addr: u32::from_ne_bytes(addr.octets()),
+                port: port.to_be(),
+                flags: BACKEND_F_NONE,
+            }
+        }
+        pub fn ip(&self) -> core::net::Ipv4Addr {
+            core::net::Ipv4Addr::from(self.addr.to_ne_bytes())
+        }
+        pub fn host_port(&self) -> u16 {
+            u16::from_be(self.port)
+        }
+    }
+
+    impl CtKey {
+        /// From host-order values.
+        pub fn new(saddr: core::net::Ipv4Addr, sport: u16, daddr: core::net::Ipv4Addr, dport: u16, proto: u8) -> Self {
+            CtKey {
+                saddr: u32::from_ne_bytes(saddr.octets()),
+                daddr: u32::from_ne_bytes(daddr.octets()),
+                sport: sport.to_be(),
+                dport: dport.to_be(),
+                proto,
+                _pad: [0; 3],
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    // These pin the ABI: the eBPF object was compiled against these layouts,
+    // and the agent writes maps with them. A change here must bump
+    // ABI_VERSION.
+    #[test]
+    fn service_key_layout() {
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(align_of::<ServiceKey>(), 4);
+        assert_eq!(offset_of!(ServiceKey, addr), 0);
+        assert_eq!(offset_of!(ServiceKey, port), 4);
+        assert_eq!(offset_of!(ServiceKey, proto), 6);
+    }
+
+    #[test]
+    fn service_value_layout() {
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(offset_of!(ServiceValue, service_id), 0);
+        assert_eq!(offset_of!(ServiceValue, backend_count), 4);
+        assert_eq!(offset_of!(ServiceValue, generation), 6);
+        assert_eq!(offset_of!(ServiceValue, flags), 8);
+    }
+
+    #[test]
+    fn backend_layout() {
+        assert_eq!(size_of::<BackendKey>(), 8);
+        assert_eq!(offset_of!(BackendKey, slot), 4);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(offset_of!(Backend, addr), 0);
+        assert_eq!(offset_of!(Backend, port), 4);
+        assert_eq!(offset_of!(Backend, flags), 6);
+    }
+
+    #[test]
+    fn conntrack_layout() {
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(offset_of!(CtKey, saddr), 0);
+        assert_eq!(offset_of!(CtKey, daddr), 4);
+        assert_eq!(offset_of!(CtKey, sport), 8);
+        assert_eq!(offset_of!(CtKey, dport), 10);
+        assert_eq!(offset_of!(CtKey, proto), 12);
+        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(align_of::<CtValue>(), 8);
+        assert_eq!(offset_of!(CtValue, nat_addr), 0);
+        assert_eq!(offset_of!(CtValue, nat_port), 4);
+        assert_eq!(offset_of!(CtValue, flags), 6);
+        assert_eq!(offset_of!(CtValue, service_id), 8);
+        assert_eq!(offset_of!(CtValue, created_ns), 16);
+        assert_eq!(offset_of!(CtValue, last_seen_ns), 24);
+    }
+
+    #[test]
+    fn stats_layout() {
+        assert_eq!(size_of::<ServiceStats>(), 32);
+        assert_eq!(offset_of!(ServiceStats, new_flows), 16);
+    }
+
+    #[test]
+    fn reasons_are_dense_and_named_uniquely() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32, "{r:?} is out of place");
+        }
+        let mut names: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), REASON_COUNT as usize);
+    }
+
+    #[test]
+    fn backend_key_generations_do_not_overlap() {
+        let a = BackendKey::new(7, 0, limits::MAX_BACKENDS_PER_SERVICE - 1);
+        let b = BackendKey::new(7, 1, 0);
+        assert!(a.slot < b.slot);
+        assert_eq!(BackendKey::new(7, 2, 3), BackendKey::new(7, 0, 3));
+    }
+
+    /// Reference: the full Internet checksum of `words`.
+    fn full_csum(words: &[u16]) -> u16 {
+        let mut sum: u32 = 0;
+        for w in words {
+            sum += *w as u32;
+        }
+        !csum::fold(sum)
+    }
+
+    #[test]
+    fn incremental_checksum_matches_recomputation() {
+        let mut words = [
+            0x4500u16, 0x0073, 0x0000, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7,
+        ];
+        words[5] = full_csum(&words);
+        let old = ((words[8] as u32) << 16) | words[9] as u32;
+        let new = 0xc613_0a0bu32;
+        let updated = csum::replace4(words[5], old, new);
+        words[8] = (new >> 16) as u16;
+        words[9] = new as u16;
+        words[5] = 0;
+        assert_eq!(updated, full_csum(&words));
+        let updated = csum::replace2(updated, words[0], 0x4501);
+        words[0] = 0x4501;
+        assert_eq!(updated, full_csum(&words));
+    }
+
+    #[test]
+    fn flow_hash_spreads_over_small_moduli() {
+        // 3 backends, 3000 flows differing only in source port: each backend
+        // must get a fair share (the e2e tests rely on a spread).
+        let mut buckets = [0u32; 3];
+        for p in 0..3000u16 {
+            let h = flow_hash(0x0102_0304, 0x0506_0708, (32768 + p).to_be(), 80u16.to_be(), 6);
+            buckets[(h % 3) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((800..1200).contains(&b), "unbalanced: {buckets:?}");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Connection tracking: two LRU entries per translated flow.
+//!
+//! The original entry, keyed by the client's tuple towards the VIP, records
+//! the backend. The reply entry, keyed by the backend's tuple towards the
+//! client, records the VIP. An established flow therefore keeps its backend
+//! whatever happens to the service's backend set.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use dataplane_common::{CtKey, CtValue, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY};
+
+use crate::{
+    maps::DP_CONNTRACK,
+    parse::{Packet, TCP_FIN, TCP_RST},
+};
+
+/// Refresh `last_seen_ns` at most this often, so that established flows
+/// do not write a shared cache line on every packet.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn tuple(p: &Packet) -> CtKey {
+    CtKey {
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+pub fn closes(p: &Packet) -> bool {
+    p.is_tcp() && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
+}
+
+/// Looks up the entry of `key`, refreshes it for packet `p` and returns a
+/// copy of it.
+#[inline(always)]
+pub fn lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
+    let e = DP_CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: LRU map values stay valid for the program run; concurrent
+    // writers only touch last_seen/flags, where a lost update is harmless.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        if now.wrapping_sub((*e).last_seen_ns) > REFRESH_NS {
+            (*e).last_seen_ns = now;
+        }
+        if closes(p) && (*e).flags & CT_F_CLOSING == 0 {
+            (*e).flags |= CT_F_CLOSING;
+        }
+        Some(*e)
+    }
+}
+
+/// Marks the original entry of a flow closing, from one of its replies.
+#[inline(always)]
+pub fn mark_original_closing(reply: &Packet, vip: u32, vport: u16) {
+    let key = CtKey {
+        saddr: reply.daddr,
+        daddr: vip,
+        sport: reply.dport,
+        dport: vport,
+        proto: reply.proto,
+        _pad: [0; 3],
+    };
+    if let Some(e) = DP_CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: as in `lookup`.
+        unsafe { (*e).flags |= CT_F_CLOSING };
+    }
+}
+
+/// Creates both entries of a new flow from client `p` (towards the VIP) to
+/// backend `addr:port`.
+#[inline(always)]
+pub fn create(p: &Packet, service_id: u32, addr: u32, port: u16) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let original = CtValue {
+        nat_addr: addr,
+        nat_port: port,
+        flags: CT_F_ORIGINAL,
+        service_id,
+        _pad: 0,
+        created_ns: now,
+        last_seen_ns: now,
+    };
+    let reply_key = CtKey {
+        saddr: addr,
+        daddr: p.saddr,
+        sport: port,
+        dport: p.sport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let reply = CtValue {
+        nat_addr: p.daddr,
+        nat_port: p.dport,
+        flags: CT_F_REPLY,
+        ..original
+    };
+    // Reply first: once the original exists, replies must translate.
+    DP_CONNTRACK.insert(&reply_key, &reply, 0)?;
+    DP_CONNTRACK.insert(&tuple(p), &original, 0)
+}

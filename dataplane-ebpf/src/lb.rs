@@ -1,0 +1,119 @@
+//! The per-packet story: service lookup, conntrack, backend selection, NAT.
+
+use dataplane_common::{flow_hash, BackendKey, Reason, ServiceKey, ServiceValue, CT_F_CLOSING, CT_F_REPLY};
+
+use crate::{
+    conntrack,
+    maps::{DP_BACKENDS, DP_SERVICES},
+    nat::{PacketCtx, Side},
+    parse::{self, Packet, TCP_ACK, TCP_SYN},
+    stats,
+};
+
+/// What the entry program does with the packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+}
+
+#[inline(always)]
+pub fn process<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
+    let key = ServiceKey {
+        addr: p.daddr,
+        port: p.dport,
+        proto: p.proto,
+        _pad: 0,
+    };
+    // Copy the value out: the agent may replace it at any time.
+    let svc = match DP_SERVICES.get_ptr(&key) {
+        // SAFETY: the map is not preallocated, so the element stays valid
+        // (RCU) for this program run.
+        Some(v) => unsafe { *v },
+        None => return reply(ctx, p),
+    };
+    to_service(ctx, p, &svc)
+}
+
+/// A packet addressed to a service frontend.
+#[inline(always)]
+fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict {
+    let ct_key = conntrack::tuple(p);
+    let starts_flow = p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(ct) = conntrack::lookup(&ct_key, p) {
+        // A SYN on a tuple whose connection was closed starts a new flow
+        // (port reuse); anything else follows the recorded backend.
+        if !(starts_flow && ct.flags & CT_F_CLOSING != 0) {
+            return translate(ctx, p, svc.service_id, ct.nat_addr, ct.nat_port, Reason::NatEstablished);
+        }
+    }
+
+    if svc.backend_count == 0 {
+        stats::service(svc.service_id, |s| s.no_backend += 1);
+        stats::count(Reason::DropNoBackend);
+        return Verdict::Drop;
+    }
+    let hash = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let index = hash % svc.backend_count as u32;
+    let backend = match DP_BACKENDS.get_ptr(&BackendKey::new(svc.service_id, svc.generation, index)) {
+        // SAFETY: as for the service value.
+        Some(b) => unsafe { *b },
+        None => {
+            stats::count(Reason::DropBackendMissing);
+            return Verdict::Drop;
+        }
+    };
+    if conntrack::create(p, svc.service_id, backend.addr, backend.port).is_err() {
+        // The packet still goes to the chosen backend; the next one of the
+        // flow picks the same backend again by hash as long as the set is
+        // unchanged.
+        stats::count(Reason::CtInsertFailed);
+    }
+    stats::service(svc.service_id, |s| s.new_flows += 1);
+    translate(ctx, p, svc.service_id, backend.addr, backend.port, Reason::NatNewFlow)
+}
+
+#[inline(always)]
+fn translate<C: PacketCtx>(ctx: &C, p: &Packet, service_id: u32, addr: u32, port: u16, reason: Reason) -> Verdict {
+    if ctx.rewrite(p, Side::Dst, addr, port).is_err() {
+        stats::count(Reason::DropRewriteFailed);
+        return Verdict::Drop;
+    }
+    stats::service(service_id, |s| {
+        s.packets += 1;
+        s.bytes += p.l3_len as u64;
+    });
+    stats::count(reason);
+    Verdict::Pass
+}
+
+/// A packet not addressed to a service: a reply of a tracked flow gets the
+/// VIP back as its source; anything else passes untouched.
+#[inline(always)]
+fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
+    let key = conntrack::tuple(p);
+    match conntrack::lookup(&key, p) {
+        Some(ct) if ct.flags & CT_F_REPLY != 0 => {
+            if conntrack::closes(p) {
+                conntrack::mark_original_closing(p, ct.nat_addr, ct.nat_port);
+            }
+            if ctx.rewrite(p, Side::Src, ct.nat_addr, ct.nat_port).is_err() {
+                stats::count(Reason::DropRewriteFailed);
+                return Verdict::Drop;
+            }
+            stats::count(Reason::NatReply);
+            Verdict::Pass
+        }
+        _ => {
+            stats::count(Reason::PassNoService);
+            Verdict::Pass
+        }
+    }
+}
+
+/// Parses and processes one frame.
+#[inline(always)]
+pub fn handle<C: PacketCtx>(ctx: &C) -> Result<Verdict, Reason> {
+    let p = parse::parse(ctx.data(), ctx.data_end())?;
+    Ok(process(ctx, &p))
+}

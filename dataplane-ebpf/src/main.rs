@@ -1,0 +1,71 @@
+//! Entry points of the dataplane's eBPF programs. They only dispatch; the
+//! logic lives in one module per concern (parse, lb, conntrack, nat, stats).
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use dataplane_common::Reason;
+use lb::Verdict;
+
+/// XDP on external interfaces. Declares frags support so that attaching it
+/// does not make the kernel disable GSO/TSO on veth peers; only the first
+/// buffer (the headers) is read.
+#[xdp(frags)]
+pub fn dp_xdp(ctx: XdpContext) -> u32 {
+    match lb::handle(&ctx) {
+        Ok(Verdict::Pass) => xdp_action::XDP_PASS,
+        Ok(Verdict::Drop) => xdp_action::XDP_DROP,
+        Err(reason) => {
+            stats::count(reason);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// Headers the TC program needs in the linear part of the skb: Ethernet,
+/// IPv4 with maximal options, TCP without options.
+const TC_PULL_LEN: u32 = (parse::ETH_HLEN + 60 + 20) as u32;
+
+/// TC ingress on pod/host interfaces. Untouched and translated packets
+/// continue (TC_ACT_UNSPEC: next program, or the stack); drops are final.
+#[classifier]
+pub fn dp_tc(ctx: TcContext) -> i32 {
+    let mut res = lb::handle(&ctx);
+    if res == Err(Reason::PassTruncated) {
+        // The headers may sit in paged data: pull them into the linear part
+        // once and look again.
+        let want = if ctx.len() < TC_PULL_LEN {
+            ctx.len()
+        } else {
+            TC_PULL_LEN
+        };
+        if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_ok() {
+            res = lb::handle(&ctx);
+        }
+    }
+    match res {
+        Ok(Verdict::Pass) => TC_ACT_UNSPEC,
+        Ok(Verdict::Drop) => TC_ACT_SHOT as i32,
+        Err(reason) => {
+            stats::count(reason);
+            TC_ACT_UNSPEC
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,32 @@
+//! The BPF maps. Types, names and default sizes come from dataplane-common.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use dataplane_common::{
+    limits, Backend, BackendKey, CtKey, CtValue, ServiceKey, ServiceStats, ServiceValue, REASON_COUNT,
+};
+
+/// Hash maps written by the agent are not preallocated: an updated element is
+/// freed only after an RCU grace period, so a lookup never reads an element
+/// that is being recycled for another key (the agent's atomic backend-set
+/// swap relies on this).
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map]
+pub static DP_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(limits::MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static DP_BACKENDS: HashMap<BackendKey, Backend> =
+    HashMap::with_max_entries(limits::MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static DP_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(limits::MAX_CONNTRACK, 0);
+
+#[map]
+pub static DP_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(limits::MAX_SERVICES, 0);
+
+#[map]
+pub static DP_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);

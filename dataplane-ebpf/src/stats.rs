@@ -1,0 +1,21 @@
+//! Per-CPU counters: one per `Reason`, and one block per service.
+
+use dataplane_common::{Reason, ServiceStats};
+
+use crate::maps::{DP_REASONS, DP_SVC_STATS};
+
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(c) = DP_REASONS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn service<F: FnOnce(&mut ServiceStats)>(service_id: u32, f: F) {
+    if let Some(s) = DP_SVC_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        f(unsafe { &mut *s });
+    }
+}

@@ -1,0 +1,9 @@
+//! The dataplane agent as a library: the `dataplane` binary is a thin CLI
+//! over it, and the tests and benchmarks call it directly.
+
+pub mod agent;
+pub mod desired;
+pub mod loader;
+pub mod source;
+pub mod sync;
+pub mod testrun;

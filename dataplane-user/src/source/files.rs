@@ -1,0 +1,263 @@
+//! The file source: a directory of Service and EndpointSlice manifests
+//! (YAML or JSON, several documents per file allowed), re-read when a file
+//! changes. It feeds the same desired-state function as the Kubernetes
+//! source, so the agent runs and is tested without a cluster.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize;
+
+use crate::desired::Problem;
+
+/// Services and EndpointSlices read from a source.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+impl Objects {
+    fn extend(&mut self, other: &Objects) {
+        self.services.extend(other.services.iter().cloned());
+        self.slices.extend(other.slices.iter().cloned());
+    }
+}
+
+/// What identifies a version of a file without reading it.
+type Fingerprint = (SystemTime, u64);
+
+struct CachedFile {
+    fingerprint: Fingerprint,
+    objects: Objects,
+    problems: Vec<Problem>,
+}
+
+/// A directory of manifests.
+pub struct FileSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, CachedFile>,
+    /// Set once the first scan happened, so the first poll always reports.
+    scanned: bool,
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    !hidden && matches!(ext, "yaml" | "yml" | "json")
+}
+
+/// Lists manifest files under `dir`, recursively, skipping hidden entries
+/// (ConfigMap volumes keep their data under `..data`).
+fn list(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_none_or(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        // metadata() follows symlinks, as ConfigMap volumes need.
+        match fs::metadata(&path) {
+            Ok(m) if m.is_dir() => list(&path, out)?,
+            Ok(m) if m.is_file() && is_manifest(&path) => out.push(path),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Parses one file's documents. A syntax error fails the whole file (it may
+/// be half written); a document that is valid YAML but not a valid object is
+/// skipped with a problem naming it.
+pub fn parse_manifests(name: &str, text: &str) -> Result<(Objects, Vec<Problem>), String> {
+    let mut objects = Objects::default();
+    let mut problems = Vec::new();
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("{name}: {e}"))?;
+        docs.push(value);
+    }
+    for (i, value) in docs.into_iter().enumerate() {
+        add_object(name, i + 1, value, &mut objects, &mut problems);
+    }
+    Ok((objects, problems))
+}
+
+fn add_object(file: &str, doc: usize, value: serde_yaml::Value, objects: &mut Objects, problems: &mut Vec<Problem>) {
+    if value.is_null() {
+        return; // empty document
+    }
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("<unnamed>")
+        .to_string();
+    let object = format!("{file} document {doc} ({kind} {name})");
+    match kind.as_str() {
+        "Service" => match serde_yaml::from_value::<Service>(value) {
+            Ok(s) => objects.services.push(s),
+            Err(e) => problems.push(Problem {
+                object,
+                reason: format!("not a valid Service: {e}; skipped"),
+            }),
+        },
+        "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value) {
+            Ok(s) => objects.slices.push(s),
+            Err(e) => problems.push(Problem {
+                object,
+                reason: format!("not a valid EndpointSlice: {e}; skipped"),
+            }),
+        },
+        "List" | "ServiceList" | "EndpointSliceList" => {
+            if let Some(serde_yaml::Value::Sequence(items)) = value.get("items").cloned() {
+                for item in items {
+                    add_object(file, doc, item, objects, problems);
+                }
+            }
+        }
+        "" => problems.push(Problem {
+            object,
+            reason: "no kind; skipped".into(),
+        }),
+        // Other kinds (Deployments, ...) may share the directory.
+        _ => {}
+    }
+}
+
+impl FileSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        FileSource {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            scanned: false,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads changed files. Returns `None` when nothing changed since the
+    /// last call, else every object of the directory and the problems found.
+    /// A file that cannot be read or parsed keeps its previous objects (a
+    /// half-written file must not delete Services), with a problem saying so.
+    pub fn poll(&mut self) -> Result<Option<(Objects, Vec<Problem>)>, String> {
+        let mut paths = Vec::new();
+        list(&self.dir, &mut paths).map_err(|e| format!("reading directory {}: {e}", self.dir.display()))?;
+        paths.sort();
+
+        let mut changed = !self.scanned || paths.len() != self.files.len();
+        let mut next = BTreeMap::new();
+        for path in paths {
+            let name = path.strip_prefix(&self.dir).unwrap_or(&path).display().to_string();
+            let fp = match fs::metadata(&path) {
+                Ok(m) => (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()),
+                Err(_) => continue, // vanished between list and stat
+            };
+            let old = self.files.remove(&path);
+            if let Some(old) = old.as_ref().filter(|o| o.fingerprint == fp) {
+                next.insert(
+                    path,
+                    CachedFile {
+                        fingerprint: fp,
+                        objects: old.objects.clone(),
+                        problems: old.problems.clone(),
+                    },
+                );
+                continue;
+            }
+            changed = true;
+            let parsed = fs::read_to_string(&path)
+                .map_err(|e| format!("{name}: {e}"))
+                .and_then(|t| parse_manifests(&name, &t));
+            match parsed {
+                Ok((objects, problems)) => {
+                    next.insert(
+                        path,
+                        CachedFile {
+                            fingerprint: fp,
+                            objects,
+                            problems,
+                        },
+                    );
+                }
+                Err(e) => {
+                    // Keep the last good objects until the file changes again.
+                    let kept = old.map(|o| o.objects).unwrap_or_default();
+                    let problem = Problem {
+                        object: name.clone(),
+                        reason: format!("cannot be parsed ({e}); keeping its previous objects"),
+                    };
+                    next.insert(
+                        path,
+                        CachedFile {
+                            fingerprint: fp,
+                            objects: kept,
+                            problems: vec![problem],
+                        },
+                    );
+                }
+            }
+        }
+        if !self.files.is_empty() {
+            changed = true; // files were removed
+        }
+        self.files = next;
+        self.scanned = true;
+        if !changed {
+            return Ok(None);
+        }
+        let mut all = Objects::default();
+        let mut problems = Vec::new();
+        for f in self.files.values() {
+            all.extend(&f.objects);
+            problems.extend(f.problems.iter().cloned());
+        }
+        Ok(Some((all, problems)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_file_with_other_kinds() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: x}\nspec: {clusterIP: 198.19.0.1}\n---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a-1, namespace: x}\naddressType: IPv4\nendpoints: []\n";
+        let (o, p) = parse_manifests("f.yaml", text).unwrap();
+        assert_eq!(o.services.len(), 1);
+        assert_eq!(o.slices.len(), 1);
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn invalid_document_is_skipped_and_named() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {ports: 7}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: good}\n";
+        let (o, p) = parse_manifests("f.yaml", text).unwrap();
+        assert_eq!(o.services.len(), 1);
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].to_string().starts_with("f.yaml document 1 (Service bad)"),
+            "{}",
+            p[0]
+        );
+    }
+
+    #[test]
+    fn syntax_error_fails_the_file() {
+        assert!(parse_manifests("f.yaml", "kind: Service\n  metadata: [\n").is_err());
+    }
+}

@@ -1,0 +1,435 @@
+//! Programming the maps: diff the desired frontends against what is
+//! programmed and write only the difference, in an order the datapath can
+//! never observe half done.
+//!
+//! Order of writes for one frontend:
+//! - new: backend slots of generation 0, then the service entry;
+//! - changed backends: slots of the other generation, then the service entry
+//!   (count and generation flip in one atomic map update), then the old
+//!   generation's slots are deleted;
+//! - removed: the service entry first, then its slots.
+
+use std::collections::BTreeMap;
+
+use dataplane_common::{limits, Backend, BackendKey, ServiceKey, ServiceStats, ServiceValue, SVC_F_NONE};
+use thiserror::Error;
+
+use crate::desired::{proto_name, Desired, Frontend};
+
+/// Where the sync writes. Implemented for the real BPF maps and, in tests,
+/// for a recording fake.
+pub trait MapWriter {
+    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), String>;
+    fn delete_backend(&mut self, key: BackendKey) -> Result<(), String>;
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String>;
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), String>;
+    /// Zeroes the per-service counters of a newly allocated id.
+    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String>;
+}
+
+/// A frontend as programmed in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Programmed {
+    pub service_id: u32,
+    pub generation: u16,
+    pub frontend: Frontend,
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("service {service} ({frontend}): {cause}")]
+pub struct SyncError {
+    pub service: String,
+    pub frontend: String,
+    pub cause: String,
+}
+
+/// What one `apply` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+    /// Frontends that could not be (fully) written; their previous state, if
+    /// any, stays in place.
+    pub errors: Vec<SyncError>,
+}
+
+/// Keeps the maps equal to the last desired state it was given.
+pub struct Syncer<W: MapWriter> {
+    writer: W,
+    programmed: BTreeMap<ServiceKey, Programmed>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+    max_services: u32,
+}
+
+fn describe(key: &ServiceKey) -> String {
+    format!("{}:{}/{}", key.ip(), key.host_port(), proto_name(key.proto))
+}
+
+impl<W: MapWriter> Syncer<W> {
+    pub fn new(writer: W) -> Self {
+        Syncer {
+            writer,
+            programmed: BTreeMap::new(),
+            free_ids: Vec::new(),
+            next_id: 0,
+            max_services: limits::MAX_SERVICES,
+        }
+    }
+
+    pub fn programmed(&self) -> &BTreeMap<ServiceKey, Programmed> {
+        &self.programmed
+    }
+
+    pub fn writer(&self) -> &W {
+        &self.writer
+    }
+
+    fn alloc_id(&mut self) -> Option<u32> {
+        if let Some(id) = self.free_ids.pop() {
+            return Some(id);
+        }
+        (self.next_id < self.max_services).then(|| {
+            self.next_id += 1;
+            self.next_id - 1
+        })
+    }
+
+    /// Writes the backends of `fe` into `generation`'s slots of `id`.
+    fn write_slots(&mut self, id: u32, generation: u16, fe: &Frontend) -> Result<(), String> {
+        for (i, b) in fe.backends.iter().enumerate() {
+            self.writer.put_backend(BackendKey::new(id, generation, i as u32), *b)?;
+        }
+        Ok(())
+    }
+
+    fn delete_slots(&mut self, id: u32, generation: u16, count: usize) {
+        for i in 0..count {
+            // A missing slot is already what we want.
+            let _ = self.writer.delete_backend(BackendKey::new(id, generation, i as u32));
+        }
+    }
+
+    /// Makes the maps hold exactly `desired.frontends`.
+    pub fn apply(&mut self, desired: &Desired) -> SyncReport {
+        let mut report = SyncReport::default();
+
+        // Removals first: they free ids and map room for additions.
+        let gone: Vec<ServiceKey> = self
+            .programmed
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            let p = self.programmed.remove(&key).expect("key from programmed");
+            if let Err(cause) = self.writer.delete_service(key) {
+                report.errors.push(SyncError {
+                    service: p.frontend.service.clone(),
+                    frontend: describe(&key),
+                    cause: format!("deleting the service entry: {cause}"),
+                });
+                self.programmed.insert(key, p);
+                continue;
+            }
+            self.delete_slots(p.service_id, p.generation, p.frontend.backends.len());
+            self.free_ids.push(p.service_id);
+            report.removed += 1;
+        }
+
+        for (key, fe) in &desired.frontends {
+            let err = |cause: String| SyncError {
+                service: fe.service.clone(),
+                frontend: describe(key),
+                cause,
+            };
+            match self.programmed.get(key).cloned() {
+                Some(p) if p.frontend == *fe => report.unchanged += 1,
+                Some(p) if p.frontend.backends == fe.backends => {
+                    // Only names changed: nothing to write.
+                    self.programmed.insert(
+                        *key,
+                        Programmed {
+                            frontend: fe.clone(),
+                            ..p
+                        },
+                    );
+                    report.unchanged += 1;
+                }
+                Some(p) => {
+                    let generation = p.generation ^ 1;
+                    if let Err(cause) = self.write_slots(p.service_id, generation, fe) {
+                        self.delete_slots(p.service_id, generation, fe.backends.len());
+                        report
+                            .errors
+                            .push(err(format!("writing backends: {cause}; previous backends kept")));
+                        continue;
+                    }
+                    let value = ServiceValue {
+                        service_id: p.service_id,
+                        backend_count: fe.backends.len() as u16,
+                        generation,
+                        flags: SVC_F_NONE,
+                        _reserved: 0,
+                    };
+                    if let Err(cause) = self.writer.put_service(*key, value) {
+                        self.delete_slots(p.service_id, generation, fe.backends.len());
+                        report.errors.push(err(format!(
+                            "updating the service entry: {cause}; previous backends kept"
+                        )));
+                        continue;
+                    }
+                    self.delete_slots(p.service_id, p.generation, p.frontend.backends.len());
+                    self.programmed.insert(
+                        *key,
+                        Programmed {
+                            service_id: p.service_id,
+                            generation,
+                            frontend: fe.clone(),
+                        },
+                    );
+                    report.updated += 1;
+                }
+                None => {
+                    let Some(id) = self.alloc_id() else {
+                        report.errors.push(err(format!(
+                            "the service map is full ({} frontends); not programmed",
+                            self.max_services
+                        )));
+                        continue;
+                    };
+                    let written = self
+                        .writer
+                        .reset_service_stats(id)
+                        .and_then(|()| self.write_slots(id, 0, fe))
+                        .and_then(|()| {
+                            self.writer.put_service(
+                                *key,
+                                ServiceValue {
+                                    service_id: id,
+                                    backend_count: fe.backends.len() as u16,
+                                    generation: 0,
+                                    flags: SVC_F_NONE,
+                                    _reserved: 0,
+                                },
+                            )
+                        });
+                    if let Err(cause) = written {
+                        self.delete_slots(id, 0, fe.backends.len());
+                        self.free_ids.push(id);
+                        report.errors.push(err(format!("{cause}; not programmed")));
+                        continue;
+                    }
+                    self.programmed.insert(
+                        *key,
+                        Programmed {
+                            service_id: id,
+                            generation: 0,
+                            frontend: fe.clone(),
+                        },
+                    );
+                    report.added += 1;
+                }
+            }
+        }
+        report
+    }
+}
+
+/// The real maps.
+impl MapWriter for crate::loader::Maps {
+    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), String> {
+        self.backends.insert(key, value, 0).map_err(|e| e.to_string())
+    }
+    fn delete_backend(&mut self, key: BackendKey) -> Result<(), String> {
+        self.backends.remove(&key).map_err(|e| e.to_string())
+    }
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String> {
+        self.services.insert(key, value, 0).map_err(|e| e.to_string())
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), String> {
+        self.services.remove(&key).map_err(|e| e.to_string())
+    }
+    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e.to_string())?;
+        let zeros =
+            aya::maps::PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| e.to_string())?;
+        self.service_stats.set(service_id, zeros, 0).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use dataplane_common::IPPROTO_TCP;
+
+    use super::*;
+
+    /// Records every write, and models the two maps.
+    #[derive(Default)]
+    struct Fake {
+        log: Vec<String>,
+        services: BTreeMap<ServiceKey, ServiceValue>,
+        backends: BTreeMap<BackendKey, Backend>,
+        fail_backend_writes: bool,
+    }
+
+    impl MapWriter for Fake {
+        fn put_backend(&mut self, k: BackendKey, v: Backend) -> Result<(), String> {
+            if self.fail_backend_writes {
+                return Err("map full".into());
+            }
+            self.log.push(format!("put_backend {} {}", k.service_id, k.slot));
+            self.backends.insert(k, v);
+            Ok(())
+        }
+        fn delete_backend(&mut self, k: BackendKey) -> Result<(), String> {
+            self.log.push(format!("delete_backend {} {}", k.service_id, k.slot));
+            self.backends.remove(&k).map(|_| ()).ok_or_else(|| "not found".into())
+        }
+        fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), String> {
+            self.log.push(format!(
+                "put_service {} gen {} count {}",
+                v.service_id, v.generation, v.backend_count
+            ));
+            self.services.insert(k, v);
+            Ok(())
+        }
+        fn delete_service(&mut self, k: ServiceKey) -> Result<(), String> {
+            self.log.push("delete_service".into());
+            self.services.remove(&k);
+            Ok(())
+        }
+        fn reset_service_stats(&mut self, _: u32) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    impl Fake {
+        /// What the datapath would select from: the backends behind `key`.
+        fn visible(&self, key: &ServiceKey) -> Vec<Backend> {
+            let Some(v) = self.services.get(key) else { return vec![] };
+            (0..v.backend_count as u32)
+                .map(|i| self.backends[&BackendKey::new(v.service_id, v.generation, i)])
+                .collect()
+        }
+    }
+
+    fn key(last: u8) -> ServiceKey {
+        ServiceKey::new(Ipv4Addr::new(198, 19, 0, last), 80, IPPROTO_TCP)
+    }
+
+    fn backends(lasts: &[u8]) -> Vec<Backend> {
+        lasts
+            .iter()
+            .map(|l| Backend::new(Ipv4Addr::new(198, 18, 1, *l), 8080))
+            .collect()
+    }
+
+    fn desired(entries: &[(ServiceKey, &[u8])]) -> Desired {
+        Desired {
+            frontends: entries
+                .iter()
+                .map(|(k, b)| {
+                    (
+                        *k,
+                        Frontend {
+                            service: "shop/web".into(),
+                            port_name: "http".into(),
+                            backends: backends(b),
+                        },
+                    )
+                })
+                .collect(),
+            problems: vec![],
+        }
+    }
+
+    #[test]
+    fn new_service_writes_slots_before_the_service_entry() {
+        let mut s = Syncer::new(Fake::default());
+        let r = s.apply(&desired(&[(key(1), &[1, 2])]));
+        assert_eq!(r.added, 1);
+        assert_eq!(
+            s.writer().log,
+            ["put_backend 0 0", "put_backend 0 1", "put_service 0 gen 0 count 2"]
+        );
+        assert_eq!(s.writer().visible(&key(1)), backends(&[1, 2]));
+    }
+
+    #[test]
+    fn backend_change_flips_generation_then_deletes_old_slots() {
+        let mut s = Syncer::new(Fake::default());
+        s.apply(&desired(&[(key(1), &[1, 2])]));
+        let before = s.writer().log.len();
+        let r = s.apply(&desired(&[(key(1), &[2, 3, 4])]));
+        assert_eq!((r.updated, r.added, r.removed), (1, 0, 0));
+        let slot1 = limits::MAX_BACKENDS_PER_SERVICE;
+        assert_eq!(
+            s.writer().log[before..],
+            [
+                format!("put_backend 0 {slot1}"),
+                format!("put_backend 0 {}", slot1 + 1),
+                format!("put_backend 0 {}", slot1 + 2),
+                "put_service 0 gen 1 count 3".to_string(),
+                "delete_backend 0 0".to_string(),
+                "delete_backend 0 1".to_string(),
+            ]
+        );
+        assert_eq!(s.writer().visible(&key(1)), backends(&[2, 3, 4]));
+        assert_eq!(s.writer().backends.len(), 3, "old generation left behind");
+    }
+
+    #[test]
+    fn unchanged_state_writes_nothing() {
+        let mut s = Syncer::new(Fake::default());
+        s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
+        let before = s.writer().log.len();
+        let r = s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
+        assert_eq!(r.unchanged, 2);
+        assert_eq!(s.writer().log.len(), before);
+    }
+
+    #[test]
+    fn removal_deletes_service_before_slots_and_reuses_the_id() {
+        let mut s = Syncer::new(Fake::default());
+        s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
+        let before = s.writer().log.len();
+        let r = s.apply(&desired(&[(key(2), &[2])]));
+        assert_eq!(r.removed, 1);
+        assert_eq!(s.writer().log[before..], ["delete_service", "delete_backend 0 0"]);
+        assert!(s.writer().services.get(&key(1)).is_none());
+        s.apply(&desired(&[(key(2), &[2]), (key(3), &[3])]));
+        assert_eq!(s.programmed()[&key(3)].service_id, 0, "freed id reused");
+    }
+
+    #[test]
+    fn failed_backend_write_keeps_previous_backends() {
+        let mut s = Syncer::new(Fake::default());
+        s.apply(&desired(&[(key(1), &[1, 2])]));
+        s.writer.fail_backend_writes = true;
+        let r = s.apply(&desired(&[(key(1), &[3])]));
+        assert_eq!(r.errors.len(), 1);
+        assert!(r.errors[0].to_string().contains("shop/web"), "{}", r.errors[0]);
+        assert!(r.errors[0].to_string().contains("198.19.0.1:80/tcp"), "{}", r.errors[0]);
+        assert_eq!(s.writer().visible(&key(1)), backends(&[1, 2]));
+        // Once writes work again, the next apply converges.
+        s.writer.fail_backend_writes = false;
+        let r = s.apply(&desired(&[(key(1), &[3])]));
+        assert_eq!(r.updated, 1);
+        assert_eq!(s.writer().visible(&key(1)), backends(&[3]));
+    }
+
+    #[test]
+    fn service_ids_are_bounded() {
+        let mut s = Syncer::new(Fake::default());
+        s.max_services = 1;
+        let r = s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
+        assert_eq!(r.added, 1);
+        assert_eq!(r.errors.len(), 1);
+        assert!(r.errors[0].cause.contains("full"));
+    }
+}

@@ -1,0 +1,160 @@
+//! The real `dataplane` agent, run as a process inside a test's node
+//! namespace with the file source. Stopped (by its PID) on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::Netns;
+
+/// The agent binary: `DATAPLANE_BIN` (set by `cargo xtask test`), else the
+/// workspace's debug build.
+pub fn agent_binary() -> PathBuf {
+    let path = std::env::var_os("DATAPLANE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/dataplane"));
+    assert!(
+        path.exists(),
+        "agent binary {} not found: run the suite with `cargo xtask test`, which builds it",
+        path.display()
+    );
+    path
+}
+
+pub struct Agent {
+    child: Child,
+    log: PathBuf,
+    pub manifests: PathBuf,
+    _dir: TempDir,
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("{prefix}-{}", crate::netns::unique_prefix()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Agent {
+    /// Starts the agent in `ns` with TC on `tc_ifaces` and XDP on
+    /// `xdp_ifaces`, reading manifests from a fresh directory that
+    /// `manifests` are written to first (name, content).
+    pub fn start(ns: &Netns, tc_ifaces: &[String], xdp_ifaces: &[String], manifests: &[(&str, &str)]) -> Result<Agent> {
+        let dir = TempDir::new("dataplane-test");
+        let mdir = dir.0.join("manifests");
+        std::fs::create_dir_all(&mdir)?;
+        for (name, content) in manifests {
+            std::fs::write(mdir.join(name), content)?;
+        }
+        let log = dir.0.join("agent.log");
+        let logf = std::fs::File::create(&log)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
+            .arg(agent_binary())
+            .arg("run")
+            .arg("--dir")
+            .arg(&mdir);
+        for i in tc_ifaces {
+            cmd.args(["--tc-iface", i]);
+        }
+        for i in xdp_ifaces {
+            cmd.args(["--xdp-iface", i]);
+        }
+        // `ip netns exec` execs the agent: the child's PID is the agent's.
+        let child = cmd
+            .env("DATAPLANE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .context("starting the agent")?;
+        let mut a = Agent {
+            child,
+            log,
+            manifests: mdir,
+            _dir: dir,
+        };
+        a.wait_syncs(1, Duration::from_secs(20))?;
+        Ok(a)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many syncs the agent reported applying.
+    pub fn syncs(&self) -> usize {
+        self.log().lines().filter(|l| l.contains("sync applied")).count()
+    }
+
+    /// Waits until the agent has applied at least `n` syncs.
+    pub fn wait_syncs(&mut self, n: usize, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.syncs() >= n {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the agent exited ({status}) before sync {n}; its log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "the agent did not apply sync {n} within {timeout:?}; its log:\n{}",
+            self.log()
+        )
+    }
+
+    /// Rewrites manifest `name` and waits until the agent applied it.
+    pub fn update(&mut self, name: &str, content: &str) -> Result<()> {
+        let before = self.syncs();
+        // Write then rename, as kubectl-less tooling should, so the agent
+        // never reads a half-written file.
+        let tmp = self.manifests.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content)?;
+        std::fs::rename(&tmp, self.manifests.join(name))?;
+        self.wait_syncs(before + 1, Duration::from_secs(10))
+    }
+
+    /// Stops the agent with SIGTERM and returns its exit status.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        if let Some(s) = self.child.try_wait()? {
+            return Ok(s);
+        }
+        // SAFETY: kill on the PID of our own child, which has not been reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.terminate();
+    }
+}

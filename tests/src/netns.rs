@@ -1,0 +1,209 @@
+//! Network namespaces, veths and addresses for one test, removed on drop.
+//!
+//! Rules (../shared/TESTING.md): everything lives in namespaces created here,
+//! never in the root namespace; hosts use 198.18.0.0/16 and VIPs
+//! 198.19.0.0/16; names carry a per-test unique prefix.
+
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Fails loudly when the suite cannot do its job here.
+pub fn require_root_and_tools() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests need root (network namespaces, BPF): run `cargo xtask test` as root"
+    );
+    for tool in ["ip", "ethtool"] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            ok,
+            "`{tool}` is missing: run `cargo xtask setup` (or apt-get install iproute2 ethtool)"
+        );
+    }
+}
+
+/// A short prefix unique to this process and call, for namespace names.
+pub fn unique_prefix() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("dpt{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace, deleted (with its interfaces) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Result<Netns> {
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut a = vec!["ip", "-n", &self.name];
+        a.extend_from_slice(args);
+        sh(&a)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut a = vec!["ip", "netns", "exec", &self.name];
+        a.extend_from_slice(args);
+        sh(&a)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])
+            .map(|_| ())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it
+    /// opens belong to the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+    }
+}
+
+/// Moves the calling thread into the namespace at `path`.
+pub fn enter(path: &str) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    // SAFETY: setns on a valid namespace fd affects only the calling thread
+    // for CLONE_NEWNET.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = sh(&["ip", "netns", "del", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// Creates a veth pair with one end `a_name` in `a` and the other `b_name`
+/// in `b`, without touching the root namespace, and sets both up with the
+/// given addresses (prefix length 24).
+pub fn veth(a: &Netns, a_name: &str, a_addr: Ipv4Addr, b: &Netns, b_name: &str, b_addr: Ipv4Addr) -> Result<()> {
+    a.ip(&[
+        "link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", &b.name,
+    ])?;
+    a.ip(&["addr", "add", &format!("{a_addr}/24"), "dev", a_name])?;
+    b.ip(&["addr", "add", &format!("{b_addr}/24"), "dev", b_name])?;
+    a.ip(&["link", "set", a_name, "up"])?;
+    b.ip(&["link", "set", b_name, "up"])?;
+    Ok(())
+}
+
+/// The one-machine cluster:
+///
+/// ```text
+///  [client ns] eth0 --- vc [node ns] vb1 --- eth0 [backend ns 1]
+///  198.18.100.2    198.18.100.1  198.18.1.1    198.18.1.2
+///                                vbN --- eth0 [backend ns N] 198.18.N.2
+/// ```
+///
+/// The client routes 198.18.0.0/16 and the VIP range 198.19.0.0/16 via the
+/// node; backends route 198.18.0.0/16 via the node. The node forwards.
+pub struct Topology {
+    pub client: Netns,
+    pub node: Netns,
+    pub backends: Vec<Netns>,
+}
+
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+pub const NODE_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+/// The node-side interface towards the client.
+pub const NODE_CLIENT_IFACE: &str = "vc";
+
+/// The address of backend `i` (1-based).
+pub fn backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, i as u8, 2)
+}
+
+/// The node-side interface towards backend `i` (1-based).
+pub fn backend_iface(i: usize) -> String {
+    format!("vb{i}")
+}
+
+impl Topology {
+    pub fn new(backends: usize) -> Result<Topology> {
+        assert!((1..100).contains(&backends));
+        let p = unique_prefix();
+        let client = Netns::new(format!("{p}-client"))?;
+        let node = Netns::new(format!("{p}-node"))?;
+        let mut bns = Vec::new();
+        for i in 1..=backends {
+            bns.push(Netns::new(format!("{p}-b{i}"))?);
+        }
+        veth(&node, NODE_CLIENT_IFACE, NODE_CLIENT_SIDE, &client, "eth0", CLIENT_ADDR)?;
+        let gw = NODE_CLIENT_SIDE.to_string();
+        client.ip(&["route", "add", "198.18.0.0/16", "via", &gw])?;
+        client.ip(&["route", "add", "198.19.0.0/16", "via", &gw])?;
+        for (i, b) in bns.iter().enumerate() {
+            let i = i + 1;
+            let node_side = Ipv4Addr::new(198, 18, i as u8, 1);
+            veth(&node, &backend_iface(i), node_side, b, "eth0", backend_addr(i))?;
+            b.ip(&["route", "add", "198.18.0.0/16", "via", &node_side.to_string()])?;
+        }
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        for k in ["all", "default", NODE_CLIENT_IFACE] {
+            node.sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0")?;
+        }
+        Ok(Topology {
+            client,
+            node,
+            backends: bns,
+        })
+    }
+
+    /// Node-side interface names: the client's and every backend's.
+    pub fn node_ifaces(&self) -> Vec<String> {
+        let mut v = vec![NODE_CLIENT_IFACE.to_string()];
+        v.extend((1..=self.backends.len()).map(backend_iface));
+        v
+    }
+
+    /// Turns off checksum offloads on every veth end, so that the kernel
+    /// computes and verifies full checksums (catches a wrong incremental
+    /// update that CHECKSUM_PARTIAL would hide).
+    pub fn disable_offloads(&self) -> Result<()> {
+        for ns in std::iter::once(&self.client).chain(&self.backends) {
+            ns.exec(&["ethtool", "-K", "eth0", "tx", "off", "rx", "off"])?;
+        }
+        for iface in self.node_ifaces() {
+            self.node.exec(&["ethtool", "-K", &iface, "tx", "off", "rx", "off"])?;
+        }
+        Ok(())
+    }
+}

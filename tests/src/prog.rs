@@ -1,0 +1,117 @@
+//! The real eBPF object, loaded (not attached) for BPF_PROG_TEST_RUN, with
+//! its maps programmed through the agent's own sync path.
+
+use std::net::Ipv4Addr;
+
+use dataplane::{
+    desired::{Desired, Frontend},
+    loader::{Dataplane, Maps},
+    sync::Syncer,
+    testrun::{self, RunResult},
+};
+use dataplane_common::{program_names, Backend, Reason, ServiceKey};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+/// TC_ACT_UNSPEC (-1) as the u32 the kernel reports.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// Which program a frame is run through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prog {
+    Xdp,
+    Tc,
+}
+
+impl Prog {
+    pub const BOTH: [Prog; 2] = [Prog::Xdp, Prog::Tc];
+
+    pub fn pass(self) -> u32 {
+        match self {
+            Prog::Xdp => XDP_PASS,
+            Prog::Tc => TC_ACT_UNSPEC,
+        }
+    }
+
+    pub fn drop_code(self) -> u32 {
+        match self {
+            Prog::Xdp => XDP_DROP,
+            Prog::Tc => TC_ACT_SHOT,
+        }
+    }
+}
+
+pub struct Loaded {
+    pub dp: Dataplane,
+    pub sync: Syncer<Maps>,
+    pub desired: Desired,
+}
+
+impl Loaded {
+    pub fn new() -> Loaded {
+        crate::netns::require_root_and_tools();
+        let mut dp = Dataplane::load(None).unwrap_or_else(|e| panic!("{e}"));
+        let maps = dp.take_maps().unwrap();
+        Loaded {
+            dp,
+            sync: Syncer::new(maps),
+            desired: Desired::default(),
+        }
+    }
+
+    /// Sets the backends of frontend `vip:port/proto` (creating it) and
+    /// programs the maps.
+    pub fn set_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, backends: &[(Ipv4Addr, u16)]) {
+        let mut b: Vec<Backend> = backends.iter().map(|(a, p)| Backend::new(*a, *p)).collect();
+        b.sort();
+        self.desired.frontends.insert(
+            ServiceKey::new(vip, port, proto),
+            Frontend {
+                service: "test/svc".into(),
+                port_name: String::new(),
+                backends: b,
+            },
+        );
+        let r = self.sync.apply(&self.desired);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+
+    pub fn remove_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8) {
+        self.desired.frontends.remove(&ServiceKey::new(vip, port, proto));
+        let r = self.sync.apply(&self.desired);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+
+    /// The backends of a frontend in the order the datapath indexes them.
+    pub fn backends(&self, vip: Ipv4Addr, port: u16, proto: u8) -> Vec<Backend> {
+        self.desired.frontends[&ServiceKey::new(vip, port, proto)]
+            .backends
+            .clone()
+    }
+
+    pub fn run(&self, prog: Prog, frame: &[u8]) -> RunResult {
+        let name = match prog {
+            Prog::Xdp => program_names::XDP,
+            Prog::Tc => program_names::TC,
+        };
+        let fd = self.dp.program_fd(name).unwrap();
+        testrun::run(fd, frame).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {name}: {e}"))
+    }
+
+    /// The reason counter summed over CPUs.
+    pub fn reason(&self, r: Reason) -> u64 {
+        let v = self.sync.writer().reasons.get(&(r as u32), 0).unwrap();
+        v.iter().sum()
+    }
+
+    pub fn conntrack_len(&self) -> usize {
+        self.sync.writer().conntrack.keys().count()
+    }
+}
+
+impl Default for Loaded {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,273 @@
+//! Program tests: the loaded XDP and TC programs run on crafted frames with
+//! BPF_PROG_TEST_RUN; output bytes are checked with checksums recomputed
+//! from scratch.
+
+use std::net::Ipv4Addr;
+
+use dataplane_common::{flow_hash, Backend, Reason};
+use dataplane_tests::{
+    packet::{parse_and_verify, Frame, ACK, FIN, SYN, TCP, UDP},
+    prog::{Loaded, Prog},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+
+fn b(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, i, 2)
+}
+
+/// The backend the datapath must pick for a new flow, computed with the
+/// shared hash over the backends in map order.
+fn expected(backends: &[Backend], src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> Backend {
+    let h = flow_hash(
+        u32::from_ne_bytes(src.0.octets()),
+        u32::from_ne_bytes(dst.0.octets()),
+        src.1.to_be(),
+        dst.1.to_be(),
+        proto,
+    );
+    backends[(h % backends.len() as u32) as usize]
+}
+
+fn loaded_with_web() -> Loaded {
+    let mut l = Loaded::new();
+    l.set_service(VIP, 80, TCP, &[(b(1), 8080), (b(2), 8080), (b(3), 8081)]);
+    l.set_service(VIP, 53, UDP, &[(b(1), 5353), (b(2), 5353)]);
+    l
+}
+
+#[test]
+fn tcp_syn_to_vip_is_dnated_with_valid_checksums() {
+    for prog in Prog::BOTH {
+        let l = loaded_with_web();
+        let client = (CLIENT, 40000);
+        let frame = Frame::tcp(client, (VIP, 80), SYN).build();
+        let out = l.run(prog, &frame);
+        assert_eq!(out.retval, prog.pass(), "{prog:?}");
+        let p = parse_and_verify(&out.data);
+        let want = expected(&l.backends(VIP, 80, TCP), client, (VIP, 80), TCP);
+        assert_eq!((p.src, p.sport), client, "{prog:?}: source must be untouched");
+        assert_eq!((p.dst, p.dport), (want.ip(), want.host_port()), "{prog:?}");
+        assert_eq!(out.data.len(), frame.len());
+        assert_eq!(l.reason(Reason::NatNewFlow), 1, "{prog:?}");
+        assert_eq!(l.conntrack_len(), 2, "{prog:?}: original and reply entries");
+    }
+}
+
+#[test]
+fn tcp_with_ip_options_and_payload_is_dnated() {
+    for prog in Prog::BOTH {
+        let l = loaded_with_web();
+        let mut f = Frame::tcp((CLIENT, 40001), (VIP, 80), ACK);
+        f.ip_options = vec![0x01, 0x01, 0x01, 0x00]; // NOP NOP NOP EOL
+        f.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+        let out = l.run(prog, &f.build());
+        let p = parse_and_verify(&out.data);
+        let want = expected(&l.backends(VIP, 80, TCP), (CLIENT, 40001), (VIP, 80), TCP);
+        assert_eq!((p.dst, p.dport), (want.ip(), want.host_port()), "{prog:?}");
+        assert_eq!(&out.data[out.data.len() - 18..], b"GET / HTTP/1.1\r\n\r\n");
+    }
+}
+
+#[test]
+fn udp_to_vip_is_dnated_and_zero_checksum_stays_zero() {
+    for prog in Prog::BOTH {
+        let l = loaded_with_web();
+        let client = (CLIENT, 50000);
+        let out = l.run(prog, &Frame::udp(client, (VIP, 53), b"query").build());
+        assert_eq!(out.retval, prog.pass());
+        let p = parse_and_verify(&out.data);
+        let want = expected(&l.backends(VIP, 53, UDP), client, (VIP, 53), UDP);
+        assert_eq!((p.dst, p.dport), (want.ip(), want.host_port()), "{prog:?}");
+        assert_ne!(p.l4_csum, 0);
+
+        let mut f = Frame::udp((CLIENT, 50001), (VIP, 53), b"query");
+        f.udp_zero_csum = true;
+        let out = l.run(prog, &f.build());
+        let p = parse_and_verify(&out.data);
+        assert_eq!(p.dst.octets()[..2], [198, 18], "{prog:?}: translated");
+        assert_eq!(
+            p.l4_csum, 0,
+            "{prog:?}: a zero UDP checksum means none and must stay zero"
+        );
+    }
+}
+
+#[test]
+fn replies_get_the_vip_back() {
+    for prog in Prog::BOTH {
+        let l = loaded_with_web();
+        for (client, proto, vport) in [((CLIENT, 40002), TCP, 80), ((CLIENT, 50002), UDP, 53)] {
+            let f = if proto == TCP {
+                Frame::tcp(client, (VIP, vport), SYN)
+            } else {
+                Frame::udp(client, (VIP, vport), b"q")
+            };
+            let fwd = parse_and_verify(&l.run(prog, &f.build()).data);
+            let reply = if proto == TCP {
+                Frame::tcp((fwd.dst, fwd.dport), client, SYN | ACK)
+            } else {
+                Frame::udp((fwd.dst, fwd.dport), client, b"answer")
+            };
+            let out = l.run(prog, &reply.build());
+            assert_eq!(out.retval, prog.pass());
+            let p = parse_and_verify(&out.data);
+            assert_eq!(
+                (p.src, p.sport),
+                (VIP, vport),
+                "{prog:?} proto {proto}: reply must come from the VIP"
+            );
+            assert_eq!((p.dst, p.dport), client);
+        }
+        assert_eq!(l.reason(Reason::NatReply), 2, "{prog:?}");
+    }
+}
+
+#[test]
+fn established_flow_keeps_its_backend_when_the_backend_set_changes() {
+    for prog in Prog::BOTH {
+        let mut l = loaded_with_web();
+        let client = (CLIENT, 40100);
+        let first = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+        // Replace every backend: the flow must stay on the one it has.
+        l.set_service(VIP, 80, TCP, &[(b(7), 9000), (b(8), 9000)]);
+        let next = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), ACK).build()).data);
+        assert_eq!((next.dst, next.dport), (first.dst, first.dport), "{prog:?}");
+        assert_eq!(l.reason(Reason::NatEstablished), 1);
+        // A new flow only sees the new set.
+        for port in 41000..41020 {
+            let p = parse_and_verify(&l.run(prog, &Frame::tcp((CLIENT, port), (VIP, 80), SYN).build()).data);
+            assert!([b(7), b(8)].contains(&p.dst), "{prog:?}: new flow went to {}", p.dst);
+            assert_eq!(p.dport, 9000);
+        }
+    }
+}
+
+#[test]
+fn syn_after_close_picks_a_backend_again() {
+    let mut l = loaded_with_web();
+    let prog = Prog::Tc;
+    let client = (CLIENT, 40200);
+    let first = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+    l.run(prog, &Frame::tcp(client, (VIP, 80), FIN | ACK).build());
+    // The old backend is gone; a new connection reusing the port must not
+    // follow the closed flow's entry.
+    let others: Vec<(Ipv4Addr, u16)> = l
+        .backends(VIP, 80, TCP)
+        .iter()
+        .filter(|x| x.ip() != first.dst)
+        .map(|x| (x.ip(), x.host_port()))
+        .collect();
+    l.set_service(VIP, 80, TCP, &others);
+    let again = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+    assert_ne!(again.dst, first.dst);
+}
+
+#[test]
+fn spread_over_backends_follows_the_hash() {
+    let l = loaded_with_web();
+    let backends = l.backends(VIP, 80, TCP);
+    let mut counts = std::collections::BTreeMap::new();
+    for port in 20000..20300u16 {
+        let p = parse_and_verify(
+            &l.run(Prog::Xdp, &Frame::tcp((CLIENT, port), (VIP, 80), SYN).build())
+                .data,
+        );
+        let want = expected(&backends, (CLIENT, port), (VIP, 80), TCP);
+        assert_eq!(p.dst, want.ip());
+        *counts.entry(p.dst).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|c| *c >= 50), "{counts:?}");
+}
+
+#[test]
+fn service_without_backends_drops_and_counts() {
+    for prog in Prog::BOTH {
+        let mut l = Loaded::new();
+        l.set_service(VIP, 80, TCP, &[]);
+        let out = l.run(prog, &Frame::tcp((CLIENT, 40300), (VIP, 80), SYN).build());
+        assert_eq!(out.retval, prog.drop_code(), "{prog:?}");
+        assert_eq!(l.reason(Reason::DropNoBackend), 1);
+        assert_eq!(l.conntrack_len(), 0);
+    }
+}
+
+/// Frames that are not Service flows come out byte for byte as they went in,
+/// with the reason counted.
+#[test]
+fn non_service_traffic_passes_untouched() {
+    let to_other = Frame::tcp((CLIENT, 40400), (Ipv4Addr::new(198, 18, 1, 2), 80), SYN).build();
+    let wrong_port = Frame::tcp((CLIENT, 40400), (VIP, 81), SYN).build();
+    let wrong_proto = Frame::udp((CLIENT, 40400), (VIP, 80), b"x").build();
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x08, 0x06]);
+    arp.extend_from_slice(&[
+        0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 198, 18, 100, 2, 0, 0, 0, 0, 0, 0, 198, 18, 100, 1,
+    ]);
+    let full = Frame::tcp((CLIENT, 40400), (VIP, 80), SYN).build();
+    let truncated_ip = full[..14 + 12].to_vec();
+    let truncated_tcp = full[..14 + 20 + 10].to_vec();
+    let mut first_fragment = Frame::tcp((CLIENT, 40400), (VIP, 80), SYN);
+    first_fragment.frag = 0x2000; // MF
+    let mut later_fragment = Frame::udp((CLIENT, 40400), (VIP, 53), b"tail");
+    later_fragment.frag = 0x0010; // offset 128 bytes
+    let mut icmp = Frame::tcp((CLIENT, 0), (VIP, 80), 0).build();
+    icmp[14 + 9] = 1; // protocol ICMP
+    let mut short_total_len = full.clone();
+    short_total_len[16..18].copy_from_slice(&30u16.to_be_bytes()); // < IHL + TCP header
+
+    let cases: [(&str, Vec<u8>, Reason); 10] = [
+        ("to a non-VIP address", to_other, Reason::PassNoService),
+        ("to a VIP port with no service", wrong_port, Reason::PassNoService),
+        (
+            "to a VIP port with another protocol",
+            wrong_proto,
+            Reason::PassNoService,
+        ),
+        ("ARP", arp, Reason::PassNotIp),
+        ("truncated IPv4 header", truncated_ip, Reason::PassTruncated),
+        ("truncated TCP header", truncated_tcp, Reason::PassTruncated),
+        ("first fragment", first_fragment.build(), Reason::PassFragment),
+        ("later fragment", later_fragment.build(), Reason::PassFragment),
+        ("ICMP", icmp, Reason::PassNotTcpUdp),
+        (
+            "IPv4 total length shorter than its headers",
+            short_total_len,
+            Reason::PassTruncated,
+        ),
+    ];
+    for prog in Prog::BOTH {
+        let l = loaded_with_web();
+        for (what, frame, reason) in &cases {
+            if prog == Prog::Tc && *what == "truncated IPv4 header" {
+                // BPF_PROG_TEST_RUN refuses skb frames whose IPv4 header is
+                // shorter than 20 bytes (EINVAL); the parse code is shared
+                // with XDP, which covers this case.
+                continue;
+            }
+            let before = l.reason(*reason);
+            let out = l.run(prog, frame);
+            assert_eq!(out.retval, prog.pass(), "{prog:?} {what}");
+            assert_eq!(&out.data, frame, "{prog:?} {what}: the frame was modified");
+            assert_eq!(l.reason(*reason), before + 1, "{prog:?} {what}: {reason:?} not counted");
+        }
+        assert_eq!(l.conntrack_len(), 0, "{prog:?}");
+    }
+}
+
+#[test]
+fn service_stats_count_packets_bytes_and_flows() {
+    let l = loaded_with_web();
+    let frame = Frame::tcp((CLIENT, 40500), (VIP, 80), SYN).build();
+    l.run(Prog::Tc, &frame);
+    l.run(Prog::Tc, &Frame::tcp((CLIENT, 40500), (VIP, 80), ACK).build());
+    let id = l.sync.programmed()[&dataplane_common::ServiceKey::new(VIP, 80, TCP)].service_id;
+    let stats = l.sync.writer().service_stats.get(&id, 0).unwrap();
+    let packets: u64 = stats.iter().map(|s| s.packets).sum();
+    let bytes: u64 = stats.iter().map(|s| s.bytes).sum();
+    let flows: u64 = stats.iter().map(|s| s.new_flows).sum();
+    assert_eq!((packets, flows), (2, 1));
+    assert_eq!(bytes, 2 * (frame.len() as u64 - 14));
+}

@@ -1,0 +1,263 @@
+//! Developer tasks: `cargo xtask build-ebpf | demo | test | setup`.
+//!
+//! Each task installs what it is missing (nightly rust-src, bpf-linker,
+//! Debian packages) and says so before it does.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF programs (kernel side) with nightly, build-std and
+    /// bpf-linker, installing the toolchain pieces that are missing.
+    BuildEbpf,
+    /// Install the Debian packages the demo and the tests need.
+    Setup,
+    /// Build everything and show a Service load-balanced by the eBPF program
+    /// across backends in network namespaces (needs root).
+    Demo,
+    /// Run the whole test suite: unit, program (BPF_PROG_TEST_RUN) and
+    /// end-to-end tests in network namespaces (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages used by the demo and tests, with the command that shows
+/// each is present.
+const PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool"), ("bpftool", "bpftool")];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("xtask: {}", msg.as_ref());
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = status(cmd)?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn status(cmd: &mut Command) -> Result<ExitStatus> {
+    cmd.status().with_context(|| format!("running {cmd:?}"))
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The LLVM major version of the nightly rustc (bpf-linker must match it).
+fn nightly_llvm_major() -> Result<u32> {
+    let v = output(Command::new("rustc").args(["+nightly", "-vV"]))
+        .context("`rustc +nightly -vV` failed: is the nightly toolchain installed?")?;
+    let line = v
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc +nightly -vV shows no LLVM version")?;
+    line.split('.')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .context("parsing the LLVM version of rustc +nightly")
+}
+
+fn ensure_nightly() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is not available")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        say("the nightly toolchain is missing; installing it (the eBPF crate needs nightly for build-std)");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+            .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        say("nightly rust-src is missing; installing it (needed for -Z build-std=core)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+/// Installs bpf-linker built against the nightly toolchain's own libLLVM
+/// (there is no distribution package of the LLVM version nightly uses).
+fn ensure_bpf_linker() -> Result<()> {
+    let major = nightly_llvm_major()?;
+    let installed = output(Command::new("bpf-linker").arg("--version"));
+    // bpf-linker is linked against the nightly's libLLVM by path: if it
+    // runs, it matches the nightly; after a nightly update it no longer
+    // starts and is rebuilt.
+    if installed.is_some() {
+        return Ok(());
+    }
+    say(format!(
+        "bpf-linker is missing (or no longer runs); building it against nightly's LLVM {major} (about a minute)"
+    ));
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("rustc +nightly --print sysroot")?
+        .trim()
+        .to_string();
+    let libdir = Path::new(&sysroot).join("lib");
+    let llvm_lib = std::fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find_map(|n| {
+            n.strip_prefix("lib")
+                .and_then(|n| n.strip_suffix(".so"))
+                .filter(|n| n.starts_with("LLVM"))
+                .map(String::from)
+        })
+        .with_context(|| {
+            format!(
+                "no libLLVM*.so in {}: nightly without its LLVM library?",
+                libdir.display()
+            )
+        })?;
+    let l = libdir.display();
+    let rustflags = format!("-C link-arg=-L{l} -C link-arg=-l{llvm_lib} -C link-arg=-Wl,-rpath,{l}");
+    run(Command::new("cargo")
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--force",
+            "--no-default-features",
+            "--features",
+        ])
+        .arg(format!("llvm-{major},no-llvm-linking"))
+        .env("RUSTFLAGS", rustflags))
+    .context("installing bpf-linker")
+}
+
+fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, cmd)| !have(cmd))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    say(format!(
+        "installing Debian packages {} (network namespaces, offload control, map inspection)",
+        missing.join(" ")
+    ));
+    if !is_root() {
+        bail!(
+            "installing {} needs root: run as root, or `apt-get install {}` first",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
+}
+
+fn build_ebpf() -> Result<()> {
+    ensure_nightly()?;
+    ensure_bpf_linker()?;
+    say("building the eBPF programs (dataplane-ebpf, bpfel-unknown-none, release)");
+    let root = root();
+    run(Command::new("cargo")
+        .current_dir(root.join("dataplane-ebpf"))
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(root.join("target/ebpf"))
+        // The eBPF crate must not inherit host flags (coverage, sanitizers).
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS"))?;
+    say(format!(
+        "eBPF object: {}",
+        root.join("target/ebpf/bpfel-unknown-none/release/dataplane").display()
+    ));
+    Ok(())
+}
+
+fn build_user() -> Result<()> {
+    say("building the agent and the tests (dataplane-user embeds the eBPF object)");
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--workspace", "--bins"]))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{what} needs root (network namespaces, BPF programs): run it as root, e.g. `sudo -E cargo xtask ...`");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::BuildEbpf => build_ebpf(),
+        Task::Setup => ensure_packages(),
+        Task::Demo => {
+            require_root("the demo")?;
+            ensure_packages()?;
+            build_ebpf()?;
+            build_user()?;
+            say("running the demo");
+            run(Command::new(root().join("target/debug/dp-demo")).current_dir(root()))
+        }
+        Task::Test { args } => {
+            require_root("the test suite")?;
+            ensure_packages()?;
+            build_ebpf()?;
+            build_user()?;
+            say("running every test: unit, BPF_PROG_TEST_RUN, end-to-end in network namespaces");
+            run(Command::new("cargo")
+                .current_dir(root())
+                .args(["test", "--workspace", "--no-fail-fast"])
+                .arg("--")
+                .args(&args)
+                .env("DATAPLANE_BIN", root().join("target/debug/dataplane")))
+        }
+    }
+}
