@@ -206,4 +206,21 @@ impl Topology {
         }
         Ok(())
     }
+
+    /// Keeps checksum offload on the senders (client and backends send
+    /// CHECKSUM_PARTIAL skbs, whose L4 field holds only the pseudo-header
+    /// sum) but makes the node complete checksums in software when it
+    /// forwards (`tx off` on its interfaces) and the receivers verify them
+    /// (`rx off`). A rewrite that mishandles partial checksums (an address
+    /// change not folded into the pseudo-header sum) is then dropped by the
+    /// receiver instead of silently passing over veth.
+    pub fn complete_partial_checksums_on_node(&self) -> Result<()> {
+        for ns in std::iter::once(&self.client).chain(&self.backends) {
+            ns.exec(&["ethtool", "-K", "eth0", "rx", "off"])?;
+        }
+        for iface in self.node_ifaces() {
+            self.node.exec(&["ethtool", "-K", &iface, "tx", "off"])?;
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,232 @@
+//! End-to-end: the real agent (file source) in a node namespace, real TCP
+//! and UDP sockets in client and backend namespaces.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use dataplane_tests::{
+    agent::Agent,
+    manifests::{service, slice},
+    netns::{backend_addr, Topology},
+    servers::{tcp_server, udp_server, Conn, Server},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const TIMEOUT: Duration = Duration::from_secs(3);
+const PORTS: &[(&str, u16, &str)] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
+const TARGETS: &[(&str, u16, &str)] = &[("http", 8080, "TCP"), ("dns", 5353, "UDP")];
+
+/// Backend i (1-based) answers with its name "b{i}" on TCP 8080 and UDP 5353.
+fn start_servers(t: &Topology) -> Vec<Server> {
+    let mut v = Vec::new();
+    for (i, ns) in t.backends.iter().enumerate() {
+        let name = format!("b{}", i + 1);
+        v.push(tcp_server(ns, backend_addr(i + 1), 8080, &name));
+        v.push(udp_server(ns, backend_addr(i + 1), 5353, &name));
+    }
+    v
+}
+
+fn manifests(backends: &[usize]) -> Vec<(&'static str, String)> {
+    let addrs: Vec<Ipv4Addr> = backends.iter().map(|i| backend_addr(*i)).collect();
+    vec![
+        ("service.yaml", service("shop", "web", VIP, PORTS)),
+        ("slice.yaml", slice("shop", "web-abcde", "web", TARGETS, &addrs)),
+    ]
+}
+
+fn start_agent(t: &Topology, tc: bool, xdp: bool, backends: &[usize]) -> Agent {
+    let m = manifests(backends);
+    let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let ifaces = t.node_ifaces();
+    Agent::start(
+        &t.node,
+        if tc { &ifaces } else { &[] },
+        if xdp { &ifaces } else { &[] },
+        &m,
+    )
+    .unwrap()
+}
+
+/// `n` sequential connections through the VIP from the client namespace,
+/// each asking once: the backend names, or the first error.
+fn connections(t: &Topology, n: usize) -> Result<BTreeMap<String, usize>, String> {
+    t.client
+        .run(move || {
+            let mut counts = BTreeMap::new();
+            for i in 0..n {
+                let mut c = Conn::connect(SocketAddr::from((VIP, 80)), TIMEOUT)
+                    .map_err(|e| format!("connection {i} to {VIP}:80: {e}"))?;
+                let who = c.ask().map_err(|e| format!("connection {i}: {e}"))?;
+                *counts.entry(who).or_insert(0) += 1;
+            }
+            Ok(counts)
+        })
+        .join()
+        .unwrap()
+}
+
+/// One UDP request to the VIP: (answer, the address the answer came from).
+fn udp_ask(t: &Topology) -> Result<(String, SocketAddr), String> {
+    t.client
+        .run(|| {
+            let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            s.send_to(b"who", (VIP, 53)).map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 64];
+            let (n, from) = s
+                .recv_from(&mut buf)
+                .map_err(|e| format!("no UDP answer through {VIP}:53: {e}"))?;
+            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+        })
+        .join()
+        .unwrap()
+}
+
+fn assert_spread(counts: &BTreeMap<String, usize>, total: usize, names: &[&str]) {
+    assert_eq!(counts.values().sum::<usize>(), total, "{counts:?}");
+    for n in names {
+        assert!(
+            counts.get(*n).copied().unwrap_or(0) > 0,
+            "backend {n} got no connection: {counts:?}"
+        );
+    }
+    assert_eq!(counts.len(), names.len(), "unexpected backends: {counts:?}");
+}
+
+#[test]
+fn tc_300_tcp_connections_all_succeed_and_spread_over_backends() {
+    let t = Topology::new(3).unwrap();
+    let _servers = start_servers(&t);
+    let _agent = start_agent(&t, true, false, &[1, 2, 3]);
+    let counts = connections(&t, 300).unwrap();
+    eprintln!("per-backend connections: {counts:?}");
+    assert_spread(&counts, 300, &["b1", "b2", "b3"]);
+}
+
+#[test]
+fn udp_request_response_through_the_vip_comes_back_from_the_vip() {
+    let t = Topology::new(3).unwrap();
+    let _servers = start_servers(&t);
+    let _agent = start_agent(&t, true, false, &[1, 2, 3]);
+    let mut seen = BTreeMap::new();
+    for _ in 0..30 {
+        let (who, from) = udp_ask(&t).unwrap();
+        assert_eq!(from, SocketAddr::from((VIP, 53)), "the reply must come from the VIP");
+        *seen.entry(who).or_insert(0) += 1;
+    }
+    assert!(
+        seen.keys().all(|k| ["b1", "b2", "b3"].contains(&k.as_str())),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn removing_a_backend_keeps_its_open_connection_and_new_ones_avoid_it() {
+    let t = Topology::new(3).unwrap();
+    let _servers = start_servers(&t);
+    let mut agent = start_agent(&t, true, false, &[1, 2, 3]);
+
+    // Open a connection and learn its backend.
+    let (to_main, from_test) = std::sync::mpsc::channel::<()>();
+    let (to_test, from_client) = std::sync::mpsc::channel::<Result<String, String>>();
+    let client = t.client.run(move || {
+        let mut c = Conn::connect(SocketAddr::from((VIP, 80)), TIMEOUT).map_err(|e| e.to_string())?;
+        to_test.send(c.ask().map_err(|e| e.to_string())).unwrap();
+        from_test
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|e| e.to_string())?;
+        // After the removal: the same connection still answers, 20 times.
+        let mut answers = Vec::new();
+        for _ in 0..20 {
+            answers.push(
+                c.ask()
+                    .map_err(|e| format!("open connection broke after the removal: {e}"))?,
+            );
+        }
+        Ok::<Vec<String>, String>(answers)
+    });
+    let first = from_client.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    let removed: usize = first[1..].parse().unwrap();
+    let remaining: Vec<usize> = (1..=3).filter(|i| *i != removed).collect();
+
+    let m = manifests(&remaining);
+    agent.update("slice.yaml", &m[1].1).unwrap();
+    to_main.send(()).unwrap();
+    let answers = client.join().unwrap().unwrap();
+    assert!(
+        answers.iter().all(|a| *a == first),
+        "the open connection moved: {answers:?}"
+    );
+
+    let counts = connections(&t, 60).unwrap();
+    assert!(
+        !counts.contains_key(&first),
+        "a new connection went to removed backend {first}: {counts:?}"
+    );
+    let names: Vec<String> = remaining.iter().map(|i| format!("b{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    assert_spread(&counts, 60, &names);
+}
+
+/// XDP on every node interface, with checksum offloads off everywhere: the
+/// receiving kernels verify every checksum the program rewrote.
+#[test]
+fn xdp_with_offloads_off_translates_tcp_and_udp_with_valid_checksums() {
+    let t = Topology::new(3).unwrap();
+    t.disable_offloads().unwrap();
+    let _servers = start_servers(&t);
+    let _agent = start_agent(&t, false, true, &[1, 2, 3]);
+    let counts = connections(&t, 60).unwrap();
+    assert_spread(&counts, 60, &["b1", "b2", "b3"]);
+    let (_, from) = udp_ask(&t).unwrap();
+    assert_eq!(from, SocketAddr::from((VIP, 53)));
+}
+
+/// TC with offloads off: full checksums rewritten by the csum helpers.
+#[test]
+fn tc_with_offloads_off_translates_tcp_and_udp_with_valid_checksums() {
+    let t = Topology::new(2).unwrap();
+    t.disable_offloads().unwrap();
+    let _servers = start_servers(&t);
+    let _agent = start_agent(&t, true, false, &[1, 2]);
+    let counts = connections(&t, 40).unwrap();
+    assert_spread(&counts, 40, &["b1", "b2"]);
+    let (_, from) = udp_ask(&t).unwrap();
+    assert_eq!(from, SocketAddr::from((VIP, 53)));
+}
+
+/// TC on CHECKSUM_PARTIAL skbs from local sockets, with the node completing
+/// checksums when it forwards and the receivers verifying them.
+#[test]
+fn tc_rewrites_partial_checksums_correctly() {
+    let t = Topology::new(2).unwrap();
+    t.complete_partial_checksums_on_node().unwrap();
+    let _servers = start_servers(&t);
+    let _agent = start_agent(&t, true, false, &[1, 2]);
+    let counts = connections(&t, 40).unwrap();
+    assert_spread(&counts, 40, &["b1", "b2"]);
+    let (_, from) = udp_ask(&t).unwrap();
+    assert_eq!(from, SocketAddr::from((VIP, 53)));
+}
+
+#[test]
+fn agent_stop_detaches_programs() {
+    let t = Topology::new(1).unwrap();
+    let _servers = start_servers(&t);
+    let agent = start_agent(&t, true, false, &[1]);
+    assert_eq!(connections(&t, 3).unwrap().get("b1"), Some(&3));
+    assert!(
+        agent.stop().unwrap().success(),
+        "the agent must exit cleanly on SIGTERM"
+    );
+    // Without the program nothing answers on the VIP (the node has no
+    // route for it), so the connection fails.
+    assert!(
+        connections(&t, 1).is_err(),
+        "traffic to the VIP still translated after the agent stopped"
+    );
+}
