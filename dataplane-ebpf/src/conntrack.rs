@@ -64,7 +64,7 @@ pub fn mark_original_closing(reply: &Packet, vip: u32, vport: u16) {
         proto: reply.proto,
         _pad: [0; 3],
     };
-    if let Some(e) = DP_CONNTRACK.get_ptr_mut(&key) {
+    if let Some(e) = DP_CONNTRACK.get_ptr_mut(key) {
         // SAFETY: as in `lookup`.
         unsafe { (*e).flags |= CT_F_CLOSING };
     }
@@ -99,6 +99,6 @@ pub fn create(p: &Packet, service_id: u32, addr: u32, port: u16) -> Result<(), i
         ..original
     };
     // Reply first: once the original exists, replies must translate.
-    DP_CONNTRACK.insert(&reply_key, &reply, 0)?;
-    DP_CONNTRACK.insert(&tuple(p), &original, 0)
+    DP_CONNTRACK.insert(reply_key, reply, 0)?;
+    DP_CONNTRACK.insert(tuple(p), original, 0)
 }

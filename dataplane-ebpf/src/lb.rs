@@ -26,7 +26,7 @@ pub fn process<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
         _pad: 0,
     };
     // Copy the value out: the agent may replace it at any time.
-    let svc = match DP_SERVICES.get_ptr(&key) {
+    let svc = match DP_SERVICES.get_ptr(key) {
         // SAFETY: the map is not preallocated, so the element stays valid
         // (RCU) for this program run.
         Some(v) => unsafe { *v },
@@ -55,7 +55,7 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
     }
     let hash = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     let index = hash % svc.backend_count as u32;
-    let backend = match DP_BACKENDS.get_ptr(&BackendKey::new(svc.service_id, svc.generation, index)) {
+    let backend = match DP_BACKENDS.get_ptr(BackendKey::new(svc.service_id, svc.generation, index)) {
         // SAFETY: as for the service value.
         Some(b) => unsafe { *b },
         None => {

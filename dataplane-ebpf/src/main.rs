@@ -56,7 +56,7 @@ pub fn dp_tc(ctx: TcContext) -> i32 {
     }
     match res {
         Ok(Verdict::Pass) => TC_ACT_UNSPEC,
-        Ok(Verdict::Drop) => TC_ACT_SHOT as i32,
+        Ok(Verdict::Drop) => TC_ACT_SHOT,
         Err(reason) => {
             stats::count(reason);
             TC_ACT_UNSPEC

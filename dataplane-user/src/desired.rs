@@ -348,7 +348,7 @@ mod tests {
         compute(&svcs, &slices)
     }
 
-    fn fe<'a>(d: &'a Desired, vip: [u8; 4], port: u16, proto: u8) -> &'a Frontend {
+    fn fe(d: &Desired, vip: [u8; 4], port: u16, proto: u8) -> &Frontend {
         d.frontends
             .get(&ServiceKey::new(Ipv4Addr::from(vip), port, proto))
             .unwrap_or_else(|| {

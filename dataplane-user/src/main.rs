@@ -1,4 +1,4 @@
-use std::{path::PathBuf, time::Duration};
+use std::{io::IsTerminal, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dataplane::{
@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
     match cli.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .init(),
         LogFormat::Json => tracing_subscriber::fmt()

@@ -401,7 +401,7 @@ mod tests {
         let r = s.apply(&desired(&[(key(2), &[2])]));
         assert_eq!(r.removed, 1);
         assert_eq!(s.writer().log[before..], ["delete_service", "delete_backend 0 0"]);
-        assert!(s.writer().services.get(&key(1)).is_none());
+        assert!(!s.writer().services.contains_key(&key(1)));
         s.apply(&desired(&[(key(2), &[2]), (key(3), &[3])]));
         assert_eq!(s.programmed()[&key(3)].service_id, 0, "freed id reused");
     }

@@ -89,7 +89,7 @@ impl Frame {
         f.extend_from_slice(&0x0800u16.to_be_bytes());
         let l4 = self.l4_bytes();
         let ihl = 20 + self.ip_options.len();
-        assert!(ihl <= 60 && ihl % 4 == 0, "bad IP options length");
+        assert!(ihl <= 60 && ihl.is_multiple_of(4), "bad IP options length");
         let mut ip = Vec::with_capacity(ihl);
         ip.push(0x40 | (ihl / 4) as u8);
         ip.push(0);

@@ -28,6 +28,8 @@ enum Task {
     /// Build everything and show a Service load-balanced by the eBPF program
     /// across backends in network namespaces (needs root).
     Demo,
+    /// Check formatting and clippy on every crate, the eBPF one included.
+    Lint,
     /// Run the whole test suite: unit, program (BPF_PROG_TEST_RUN) and
     /// end-to-end tests in network namespaces (needs root).
     Test {
@@ -103,9 +105,14 @@ fn ensure_nightly() -> Result<()> {
     let components =
         output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
             .unwrap_or_default();
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        say("nightly rust-src is missing; installing it (needed for -Z build-std=core)");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    for (component, why) in [
+        ("rust-src", "needed for -Z build-std=core"),
+        ("clippy", "lints the eBPF crate"),
+    ] {
+        if !components.lines().any(|l| l.starts_with(component)) {
+            say(format!("nightly {component} is missing; installing it ({why})"));
+            run(Command::new("rustup").args(["component", "add", component, "--toolchain", "nightly"]))?;
+        }
     }
     Ok(())
 }
@@ -226,6 +233,40 @@ fn build_user() -> Result<()> {
         .args(["build", "--workspace", "--bins"]))
 }
 
+fn lint() -> Result<()> {
+    let root = root();
+    say("checking formatting (cargo fmt) and lints (cargo clippy -D warnings), host and eBPF crates");
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(root.join("dataplane-ebpf"))
+        .args(["fmt", "--", "--check"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("cargo")
+        .current_dir(root.join("dataplane-ebpf"))
+        .args([
+            "+nightly",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(root.join("target/ebpf"))
+        .args(["--", "-D", "warnings"])
+        .env_remove("RUSTFLAGS"))
+}
+
 fn require_root(what: &str) -> Result<()> {
     if !is_root() {
         bail!("{what} needs root (network namespaces, BPF programs): run it as root, e.g. `sudo -E cargo xtask ...`");
@@ -238,6 +279,11 @@ fn main() -> Result<()> {
     match cli.task {
         Task::BuildEbpf => build_ebpf(),
         Task::Setup => ensure_packages(),
+        Task::Lint => {
+            ensure_nightly()?;
+            ensure_bpf_linker()?;
+            lint()
+        }
         Task::Demo => {
             require_root("the demo")?;
             ensure_packages()?;
@@ -251,6 +297,7 @@ fn main() -> Result<()> {
             ensure_packages()?;
             build_ebpf()?;
             build_user()?;
+            lint()?;
             say("running every test: unit, BPF_PROG_TEST_RUN, end-to-end in network namespaces");
             run(Command::new("cargo")
                 .current_dir(root())
