@@ -27,6 +27,7 @@ pub mod map_names {
     pub const SERVICES: &str = "DP_SERVICES";
     pub const BACKENDS: &str = "DP_BACKENDS";
     pub const CONNTRACK: &str = "DP_CONNTRACK";
+    pub const MAGLEV: &str = "DP_MAGLEV";
     pub const SERVICE_STATS: &str = "DP_SVC_STATS";
     pub const REASON_STATS: &str = "DP_REASONS";
 }
@@ -49,6 +50,14 @@ pub mod limits {
     pub const MAX_BACKEND_SLOTS: u32 = 524_288;
     /// Connection tracking entries (two per flow: original and reply).
     pub const MAX_CONNTRACK: u32 = 262_144;
+    /// Maglev table entries per chunk (one map value).
+    pub const MAGLEV_CHUNK: u32 = 256;
+    /// Chunks one generation of one service's table may use: tables up to
+    /// 65536 entries.
+    pub const MAGLEV_MAX_CHUNKS: u32 = 256;
+    /// Entries of the Maglev chunk map (the map is not preallocated: this is
+    /// a ceiling, memory follows use).
+    pub const MAX_MAGLEV_CHUNKS: u32 = 1_048_576;
 }
 
 /// Key of the service map: a frontend as clients address it.
@@ -84,7 +93,8 @@ pub struct ServiceValue {
     pub generation: u16,
     /// `SVC_F_*` bits.
     pub flags: u32,
-    pub _reserved: u32,
+    /// Size of the service's Maglev table (a prime), 0 when it has none.
+    pub maglev_size: u32,
 }
 
 /// Key of the backend slot map.
@@ -155,8 +165,38 @@ pub struct CtValue {
     pub last_seen_ns: u64,
 }
 
-/// Service flag bits (`ServiceValue::flags`). None are defined yet.
+/// Service flag bits (`ServiceValue::flags`).
 pub const SVC_F_NONE: u32 = 0;
+/// New flows pick a backend at random instead of by Maglev.
+pub const SVC_F_RANDOM: u32 = 1 << 0;
+
+/// Key of the Maglev map: one chunk of one generation of a service's table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct MaglevKey {
+    pub service_id: u32,
+    /// `generation * MAGLEV_MAX_CHUNKS + chunk index`.
+    pub chunk: u32,
+}
+
+impl MaglevKey {
+    /// The key of the chunk holding table position `pos`.
+    #[inline(always)]
+    pub fn new(service_id: u32, generation: u16, pos: u32) -> Self {
+        MaglevKey {
+            service_id,
+            chunk: (generation as u32 & 1) * limits::MAGLEV_MAX_CHUNKS + pos / limits::MAGLEV_CHUNK,
+        }
+    }
+}
+
+/// Value of the Maglev map: for each table position, the index of the
+/// backend (in the same generation's backend slots) it maps to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct MaglevChunk {
+    pub entries: [u16; limits::MAGLEV_CHUNK as usize],
+}
 
 /// Backend flag bits (`Backend::flags`).
 pub const BACKEND_F_NONE: u16 = 0;
@@ -318,6 +358,8 @@ mod user {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for MaglevChunk {}
 
     impl ServiceKey {
         /// From host-order values.
@@ -394,6 +436,23 @@ mod tests {
         assert_eq!(offset_of!(ServiceValue, backend_count), 4);
         assert_eq!(offset_of!(ServiceValue, generation), 6);
         assert_eq!(offset_of!(ServiceValue, flags), 8);
+        assert_eq!(offset_of!(ServiceValue, maglev_size), 12);
+    }
+
+    #[test]
+    fn maglev_layout() {
+        assert_eq!(size_of::<MaglevKey>(), 8);
+        assert_eq!(offset_of!(MaglevKey, chunk), 4);
+        assert_eq!(size_of::<MaglevChunk>(), 2 * limits::MAGLEV_CHUNK as usize);
+        // The largest supported table fits one generation's chunk range.
+        assert!(65521 <= limits::MAGLEV_CHUNK * limits::MAGLEV_MAX_CHUNKS);
+        assert_eq!(
+            MaglevKey::new(1, 1, 300),
+            MaglevKey {
+                service_id: 1,
+                chunk: limits::MAGLEV_MAX_CHUNKS + 1
+            }
+        );
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The per-packet story: service lookup, conntrack, backend selection, NAT.
 
-use dataplane_common::{flow_hash, BackendKey, Reason, ServiceKey, ServiceValue, CT_F_CLOSING, CT_F_REPLY};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use dataplane_common::{
+    flow_hash, limits, BackendKey, MaglevKey, Reason, ServiceKey, ServiceValue, CT_F_CLOSING, CT_F_REPLY, SVC_F_RANDOM,
+};
 
 use crate::{
     conntrack,
-    maps::{DP_BACKENDS, DP_SERVICES},
+    maps::{DP_BACKENDS, DP_MAGLEV, DP_SERVICES},
     nat::{PacketCtx, Side},
     parse::{self, Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -53,8 +56,10 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
         stats::count(Reason::DropNoBackend);
         return Verdict::Drop;
     }
-    let hash = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    let index = hash % svc.backend_count as u32;
+    let Some(index) = select(p, svc) else {
+        stats::count(Reason::DropBackendMissing);
+        return Verdict::Drop;
+    };
     let backend = match DP_BACKENDS.get_ptr(BackendKey::new(svc.service_id, svc.generation, index)) {
         // SAFETY: as for the service value.
         Some(b) => unsafe { *b },
@@ -71,6 +76,24 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
     }
     stats::service(svc.service_id, |s| s.new_flows += 1);
     translate(ctx, p, svc.service_id, backend.addr, backend.port, Reason::NatNewFlow)
+}
+
+/// The index of the backend slot a new flow goes to: the Maglev table's
+/// entry for the flow's hash, or a random one.
+#[inline(always)]
+fn select(p: &Packet, svc: &ServiceValue) -> Option<u32> {
+    let count = svc.backend_count as u32;
+    if svc.flags & SVC_F_RANDOM != 0 || svc.maglev_size == 0 {
+        // SAFETY: helper without preconditions.
+        return Some(unsafe { bpf_get_prandom_u32() } % count);
+    }
+    let pos = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto) % svc.maglev_size;
+    let chunk = DP_MAGLEV.get_ptr(MaglevKey::new(svc.service_id, svc.generation, pos))?;
+    let i = (pos % limits::MAGLEV_CHUNK) as usize;
+    // SAFETY: the value stays valid (RCU, not preallocated) for this run; the
+    // index is below the array length by construction.
+    let index = unsafe { (*chunk).entries.get(i).copied()? } as u32;
+    (index < count).then_some(index)
 }
 
 #[inline(always)]

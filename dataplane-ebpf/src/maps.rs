@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    limits, Backend, BackendKey, CtKey, CtValue, ServiceKey, ServiceStats, ServiceValue, REASON_COUNT,
+    limits, Backend, BackendKey, CtKey, CtValue, MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue,
+    REASON_COUNT,
 };
 
 /// Hash maps written by the agent are not preallocated: an updated element is
@@ -21,6 +22,10 @@ pub static DP_SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map]
 pub static DP_BACKENDS: HashMap<BackendKey, Backend> =
     HashMap::with_max_entries(limits::MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static DP_MAGLEV: HashMap<MaglevKey, MaglevChunk> =
+    HashMap::with_max_entries(limits::MAX_MAGLEV_CHUNKS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static DP_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(limits::MAX_CONNTRACK, 0);

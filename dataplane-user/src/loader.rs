@@ -11,7 +11,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use dataplane_common::{
-    map_names, program_names, Backend, BackendKey, CtKey, CtValue, ServiceKey, ServiceStats, ServiceValue,
+    map_names, program_names, Backend, BackendKey, CtKey, CtValue, MaglevChunk, MaglevKey, ServiceKey, ServiceStats,
+    ServiceValue,
 };
 use thiserror::Error;
 
@@ -77,6 +78,7 @@ pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, BackendKey, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
     pub reasons: PerCpuArray<MapData, u64>,
 }
@@ -134,6 +136,7 @@ impl Dataplane {
             services: HashMap::try_from(take(e, map_names::SERVICES)?).map_err(m(map_names::SERVICES))?,
             backends: HashMap::try_from(take(e, map_names::BACKENDS)?).map_err(m(map_names::BACKENDS))?,
             conntrack: HashMap::try_from(take(e, map_names::CONNTRACK)?).map_err(m(map_names::CONNTRACK))?,
+            maglev: HashMap::try_from(take(e, map_names::MAGLEV)?).map_err(m(map_names::MAGLEV))?,
             service_stats: PerCpuArray::try_from(take(e, map_names::SERVICE_STATS)?)
                 .map_err(m(map_names::SERVICE_STATS))?,
             reasons: PerCpuArray::try_from(take(e, map_names::REASON_STATS)?).map_err(m(map_names::REASON_STATS))?,

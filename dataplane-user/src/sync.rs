@@ -11,10 +11,16 @@
 
 use std::collections::BTreeMap;
 
-use dataplane_common::{limits, Backend, BackendKey, ServiceKey, ServiceStats, ServiceValue, SVC_F_NONE};
+use dataplane_common::{
+    limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue, SVC_F_NONE,
+    SVC_F_RANDOM,
+};
 use thiserror::Error;
 
-use crate::desired::{proto_name, Desired, Frontend};
+use crate::{
+    desired::{proto_name, Desired, Frontend},
+    maglev,
+};
 
 /// Where the sync writes. Implemented for the real BPF maps and, in tests,
 /// for a recording fake.
@@ -23,6 +29,8 @@ pub trait MapWriter {
     fn delete_backend(&mut self, key: BackendKey) -> Result<(), String>;
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), String>;
+    fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), String>;
+    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String>;
     /// Zeroes the per-service counters of a newly allocated id.
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String>;
 }
@@ -32,7 +40,36 @@ pub trait MapWriter {
 pub struct Programmed {
     pub service_id: u32,
     pub generation: u16,
+    /// Size of the Maglev table written for this generation (0: none).
+    pub maglev_size: u32,
     pub frontend: Frontend,
+}
+
+/// How new flows pick a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Selection {
+    /// Maglev consistent hashing: minimal disruption when backends change.
+    #[default]
+    Maglev,
+    /// Uniformly random among the backends.
+    Random,
+}
+
+/// Settings of the sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncConfig {
+    pub selection: Selection,
+    /// One of `maglev::SIZES`.
+    pub maglev_size: u32,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            selection: Selection::Maglev,
+            maglev_size: maglev::DEFAULT_SIZE,
+        }
+    }
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -62,6 +99,7 @@ pub struct Syncer<W: MapWriter> {
     free_ids: Vec<u32>,
     next_id: u32,
     max_services: u32,
+    config: SyncConfig,
 }
 
 fn describe(key: &ServiceKey) -> String {
@@ -70,12 +108,17 @@ fn describe(key: &ServiceKey) -> String {
 
 impl<W: MapWriter> Syncer<W> {
     pub fn new(writer: W) -> Self {
+        Self::with_config(writer, SyncConfig::default())
+    }
+
+    pub fn with_config(writer: W, config: SyncConfig) -> Self {
         Syncer {
             writer,
             programmed: BTreeMap::new(),
             free_ids: Vec::new(),
             next_id: 0,
             max_services: limits::MAX_SERVICES,
+            config,
         }
     }
 
@@ -97,18 +140,46 @@ impl<W: MapWriter> Syncer<W> {
         })
     }
 
-    /// Writes the backends of `fe` into `generation`'s slots of `id`.
-    fn write_slots(&mut self, id: u32, generation: u16, fe: &Frontend) -> Result<(), String> {
+    /// Writes one generation of `fe` (backend slots, Maglev table) and
+    /// returns the service value that makes it current.
+    fn write_generation(&mut self, id: u32, generation: u16, fe: &Frontend) -> Result<ServiceValue, String> {
         for (i, b) in fe.backends.iter().enumerate() {
             self.writer.put_backend(BackendKey::new(id, generation, i as u32), *b)?;
         }
-        Ok(())
+        let (flags, maglev_size) = match self.config.selection {
+            Selection::Random => (SVC_F_RANDOM, 0),
+            Selection::Maglev if fe.backends.is_empty() => (SVC_F_NONE, 0),
+            Selection::Maglev => {
+                let size = self.config.maglev_size;
+                let table = maglev::table(&fe.backends, size);
+                for (c, part) in table.chunks(limits::MAGLEV_CHUNK as usize).enumerate() {
+                    let mut chunk = MaglevChunk {
+                        entries: [0; limits::MAGLEV_CHUNK as usize],
+                    };
+                    chunk.entries[..part.len()].copy_from_slice(part);
+                    let pos = c as u32 * limits::MAGLEV_CHUNK;
+                    self.writer.put_maglev(MaglevKey::new(id, generation, pos), chunk)?;
+                }
+                (SVC_F_NONE, size)
+            }
+        };
+        Ok(ServiceValue {
+            service_id: id,
+            backend_count: fe.backends.len() as u16,
+            generation,
+            flags,
+            maglev_size,
+        })
     }
 
-    fn delete_slots(&mut self, id: u32, generation: u16, count: usize) {
-        for i in 0..count {
-            // A missing slot is already what we want.
+    /// Deletes one generation's backend slots and Maglev chunks.
+    fn delete_generation(&mut self, id: u32, generation: u16, backends: usize, maglev_size: u32) {
+        // Missing entries are already what we want.
+        for i in 0..backends {
             let _ = self.writer.delete_backend(BackendKey::new(id, generation, i as u32));
+        }
+        for pos in (0..maglev_size).step_by(limits::MAGLEV_CHUNK as usize) {
+            let _ = self.writer.delete_maglev(MaglevKey::new(id, generation, pos));
         }
     }
 
@@ -134,7 +205,7 @@ impl<W: MapWriter> Syncer<W> {
                 self.programmed.insert(key, p);
                 continue;
             }
-            self.delete_slots(p.service_id, p.generation, p.frontend.backends.len());
+            self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
             self.free_ids.push(p.service_id);
             report.removed += 1;
         }
@@ -160,33 +231,38 @@ impl<W: MapWriter> Syncer<W> {
                 }
                 Some(p) => {
                     let generation = p.generation ^ 1;
-                    if let Err(cause) = self.write_slots(p.service_id, generation, fe) {
-                        self.delete_slots(p.service_id, generation, fe.backends.len());
-                        report
-                            .errors
-                            .push(err(format!("writing backends: {cause}; previous backends kept")));
-                        continue;
-                    }
-                    let value = ServiceValue {
-                        service_id: p.service_id,
-                        backend_count: fe.backends.len() as u16,
-                        generation,
-                        flags: SVC_F_NONE,
-                        _reserved: 0,
+                    // Partial writes of the new generation are removed again on
+                    // failure; the current generation is never touched before
+                    // the flip.
+                    let value = match self.write_generation(p.service_id, generation, fe) {
+                        Ok(v) => v,
+                        Err(cause) => {
+                            self.delete_generation(
+                                p.service_id,
+                                generation,
+                                fe.backends.len(),
+                                self.config.maglev_size,
+                            );
+                            report
+                                .errors
+                                .push(err(format!("writing backends: {cause}; previous backends kept")));
+                            continue;
+                        }
                     };
                     if let Err(cause) = self.writer.put_service(*key, value) {
-                        self.delete_slots(p.service_id, generation, fe.backends.len());
+                        self.delete_generation(p.service_id, generation, fe.backends.len(), value.maglev_size);
                         report.errors.push(err(format!(
                             "updating the service entry: {cause}; previous backends kept"
                         )));
                         continue;
                     }
-                    self.delete_slots(p.service_id, p.generation, p.frontend.backends.len());
+                    self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
                     self.programmed.insert(
                         *key,
                         Programmed {
                             service_id: p.service_id,
                             generation,
+                            maglev_size: value.maglev_size,
                             frontend: fe.clone(),
                         },
                     );
@@ -203,34 +279,27 @@ impl<W: MapWriter> Syncer<W> {
                     let written = self
                         .writer
                         .reset_service_stats(id)
-                        .and_then(|()| self.write_slots(id, 0, fe))
-                        .and_then(|()| {
-                            self.writer.put_service(
+                        .and_then(|()| self.write_generation(id, 0, fe));
+                    let written = written.and_then(|v| self.writer.put_service(*key, v).map(|()| v));
+                    match written {
+                        Ok(v) => {
+                            self.programmed.insert(
                                 *key,
-                                ServiceValue {
+                                Programmed {
                                     service_id: id,
-                                    backend_count: fe.backends.len() as u16,
                                     generation: 0,
-                                    flags: SVC_F_NONE,
-                                    _reserved: 0,
+                                    maglev_size: v.maglev_size,
+                                    frontend: fe.clone(),
                                 },
-                            )
-                        });
-                    if let Err(cause) = written {
-                        self.delete_slots(id, 0, fe.backends.len());
-                        self.free_ids.push(id);
-                        report.errors.push(err(format!("{cause}; not programmed")));
-                        continue;
+                            );
+                            report.added += 1;
+                        }
+                        Err(cause) => {
+                            self.delete_generation(id, 0, fe.backends.len(), self.config.maglev_size);
+                            self.free_ids.push(id);
+                            report.errors.push(err(format!("{cause}; not programmed")));
+                        }
                     }
-                    self.programmed.insert(
-                        *key,
-                        Programmed {
-                            service_id: id,
-                            generation: 0,
-                            frontend: fe.clone(),
-                        },
-                    );
-                    report.added += 1;
                 }
             }
         }
@@ -251,6 +320,12 @@ impl MapWriter for crate::loader::Maps {
     }
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), String> {
         self.services.remove(&key).map_err(|e| e.to_string())
+    }
+    fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), String> {
+        self.maglev.insert(key, value, 0).map_err(|e| e.to_string())
+    }
+    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String> {
+        self.maglev.remove(&key).map_err(|e| e.to_string())
     }
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e.to_string())?;
@@ -274,6 +349,7 @@ mod tests {
         log: Vec<String>,
         services: BTreeMap<ServiceKey, ServiceValue>,
         backends: BTreeMap<BackendKey, Backend>,
+        maglev: BTreeMap<MaglevKey, MaglevChunk>,
         fail_backend_writes: bool,
     }
 
@@ -303,6 +379,15 @@ mod tests {
             self.services.remove(&k);
             Ok(())
         }
+        fn put_maglev(&mut self, k: MaglevKey, v: MaglevChunk) -> Result<(), String> {
+            self.log.push(format!("put_maglev {} {}", k.service_id, k.chunk));
+            self.maglev.insert(k, v);
+            Ok(())
+        }
+        fn delete_maglev(&mut self, k: MaglevKey) -> Result<(), String> {
+            self.log.push(format!("delete_maglev {} {}", k.service_id, k.chunk));
+            self.maglev.remove(&k).map(|_| ()).ok_or_else(|| "not found".into())
+        }
         fn reset_service_stats(&mut self, _: u32) -> Result<(), String> {
             Ok(())
         }
@@ -312,10 +397,27 @@ mod tests {
         /// What the datapath would select from: the backends behind `key`.
         fn visible(&self, key: &ServiceKey) -> Vec<Backend> {
             let Some(v) = self.services.get(key) else { return vec![] };
+            // Every Maglev position points at a slot of the same generation.
+            for pos in (0..v.maglev_size).step_by(limits::MAGLEV_CHUNK as usize) {
+                let chunk = self.maglev[&MaglevKey::new(v.service_id, v.generation, pos)];
+                let n = (v.maglev_size - pos).min(limits::MAGLEV_CHUNK) as usize;
+                assert!(chunk.entries[..n].iter().all(|e| (*e as u16) < v.backend_count));
+            }
             (0..v.backend_count as u32)
                 .map(|i| self.backends[&BackendKey::new(v.service_id, v.generation, i)])
                 .collect()
         }
+    }
+
+    /// Maglev with the smallest table: one chunk per generation.
+    fn syncer() -> Syncer<Fake> {
+        Syncer::with_config(
+            Fake::default(),
+            SyncConfig {
+                selection: Selection::Maglev,
+                maglev_size: 251,
+            },
+        )
     }
 
     fn key(last: u8) -> ServiceKey {
@@ -350,42 +452,51 @@ mod tests {
 
     #[test]
     fn new_service_writes_slots_before_the_service_entry() {
-        let mut s = Syncer::new(Fake::default());
+        let mut s = syncer();
         let r = s.apply(&desired(&[(key(1), &[1, 2])]));
         assert_eq!(r.added, 1);
         assert_eq!(
             s.writer().log,
-            ["put_backend 0 0", "put_backend 0 1", "put_service 0 gen 0 count 2"]
+            [
+                "put_backend 0 0",
+                "put_backend 0 1",
+                "put_maglev 0 0",
+                "put_service 0 gen 0 count 2"
+            ]
         );
         assert_eq!(s.writer().visible(&key(1)), backends(&[1, 2]));
     }
 
     #[test]
     fn backend_change_flips_generation_then_deletes_old_slots() {
-        let mut s = Syncer::new(Fake::default());
+        let mut s = syncer();
         s.apply(&desired(&[(key(1), &[1, 2])]));
         let before = s.writer().log.len();
         let r = s.apply(&desired(&[(key(1), &[2, 3, 4])]));
         assert_eq!((r.updated, r.added, r.removed), (1, 0, 0));
         let slot1 = limits::MAX_BACKENDS_PER_SERVICE;
+        let chunk1 = limits::MAGLEV_MAX_CHUNKS;
         assert_eq!(
             s.writer().log[before..],
             [
                 format!("put_backend 0 {slot1}"),
                 format!("put_backend 0 {}", slot1 + 1),
                 format!("put_backend 0 {}", slot1 + 2),
+                format!("put_maglev 0 {chunk1}"),
                 "put_service 0 gen 1 count 3".to_string(),
                 "delete_backend 0 0".to_string(),
                 "delete_backend 0 1".to_string(),
+                "delete_maglev 0 0".to_string(),
             ]
         );
         assert_eq!(s.writer().visible(&key(1)), backends(&[2, 3, 4]));
         assert_eq!(s.writer().backends.len(), 3, "old generation left behind");
+        assert_eq!(s.writer().maglev.len(), 1, "old generation left behind");
     }
 
     #[test]
     fn unchanged_state_writes_nothing() {
-        let mut s = Syncer::new(Fake::default());
+        let mut s = syncer();
         s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
         let before = s.writer().log.len();
         let r = s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
@@ -395,12 +506,15 @@ mod tests {
 
     #[test]
     fn removal_deletes_service_before_slots_and_reuses_the_id() {
-        let mut s = Syncer::new(Fake::default());
+        let mut s = syncer();
         s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
         let before = s.writer().log.len();
         let r = s.apply(&desired(&[(key(2), &[2])]));
         assert_eq!(r.removed, 1);
-        assert_eq!(s.writer().log[before..], ["delete_service", "delete_backend 0 0"]);
+        assert_eq!(
+            s.writer().log[before..],
+            ["delete_service", "delete_backend 0 0", "delete_maglev 0 0"]
+        );
         assert!(!s.writer().services.contains_key(&key(1)));
         s.apply(&desired(&[(key(2), &[2]), (key(3), &[3])]));
         assert_eq!(s.programmed()[&key(3)].service_id, 0, "freed id reused");
@@ -408,7 +522,7 @@ mod tests {
 
     #[test]
     fn failed_backend_write_keeps_previous_backends() {
-        let mut s = Syncer::new(Fake::default());
+        let mut s = syncer();
         s.apply(&desired(&[(key(1), &[1, 2])]));
         s.writer.fail_backend_writes = true;
         let r = s.apply(&desired(&[(key(1), &[3])]));
@@ -424,8 +538,22 @@ mod tests {
     }
 
     #[test]
+    fn random_selection_writes_no_maglev_table() {
+        let mut s = Syncer::with_config(
+            Fake::default(),
+            SyncConfig {
+                selection: Selection::Random,
+                maglev_size: 251,
+            },
+        );
+        s.apply(&desired(&[(key(1), &[1, 2])]));
+        assert!(s.writer().maglev.is_empty());
+        assert_eq!(s.writer().services[&key(1)].flags, SVC_F_RANDOM);
+    }
+
+    #[test]
     fn service_ids_are_bounded() {
-        let mut s = Syncer::new(Fake::default());
+        let mut s = syncer();
         s.max_services = 1;
         let r = s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
         assert_eq!(r.added, 1);

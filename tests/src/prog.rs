@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use dataplane::{
     desired::{Desired, Frontend},
     loader::{Dataplane, Maps},
-    sync::Syncer,
+    sync::{SyncConfig, Syncer},
     testrun::{self, RunResult},
 };
 use dataplane_common::{program_names, Backend, Reason, ServiceKey};
@@ -50,12 +50,16 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn new() -> Loaded {
+        Self::with_config(SyncConfig::default())
+    }
+
+    pub fn with_config(config: SyncConfig) -> Loaded {
         crate::netns::require_root_and_tools();
         let mut dp = Dataplane::load(None).unwrap_or_else(|e| panic!("{e}"));
         let maps = dp.take_maps().unwrap();
         Loaded {
             dp,
-            sync: Syncer::new(maps),
+            sync: Syncer::with_config(maps, config),
             desired: Desired::default(),
         }
     }

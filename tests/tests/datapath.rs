@@ -4,6 +4,10 @@
 
 use std::net::Ipv4Addr;
 
+use dataplane::{
+    maglev,
+    sync::{Selection, SyncConfig},
+};
 use dataplane_common::{flow_hash, Backend, Reason};
 use dataplane_tests::{
     packet::{parse_and_verify, Frame, ACK, FIN, SYN, TCP, UDP},
@@ -17,8 +21,8 @@ fn b(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, i, 2)
 }
 
-/// The backend the datapath must pick for a new flow, computed with the
-/// shared hash over the backends in map order.
+/// The backend the datapath must pick for a new flow: the Maglev table
+/// computed in userspace, at the position of the shared flow hash.
 fn expected(backends: &[Backend], src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> Backend {
     let h = flow_hash(
         u32::from_ne_bytes(src.0.octets()),
@@ -27,7 +31,8 @@ fn expected(backends: &[Backend], src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), pr
         dst.1.to_be(),
         proto,
     );
-    backends[(h % backends.len() as u32) as usize]
+    let table = maglev::table(backends, maglev::DEFAULT_SIZE);
+    backends[table[(h % maglev::DEFAULT_SIZE) as usize] as usize]
 }
 
 fn loaded_with_web() -> Loaded {
@@ -180,6 +185,55 @@ fn spread_over_backends_follows_the_hash() {
     }
     assert_eq!(counts.len(), 3, "{counts:?}");
     assert!(counts.values().all(|c| *c >= 50), "{counts:?}");
+}
+
+#[test]
+fn maglev_keeps_most_flows_on_their_backend_when_one_is_added() {
+    // New-flow assignments (no conntrack involved: a fresh program each
+    // time) before and after adding a 4th backend: about 1/4 move.
+    let flows: Vec<u16> = (30000..30400).collect();
+    let assign = |backends: &[(Ipv4Addr, u16)]| -> Vec<Ipv4Addr> {
+        let mut l = Loaded::new();
+        l.set_service(VIP, 80, TCP, backends);
+        flows
+            .iter()
+            .map(|p| parse_and_verify(&l.run(Prog::Xdp, &Frame::tcp((CLIENT, *p), (VIP, 80), SYN).build()).data).dst)
+            .collect()
+    };
+    let three = [(b(1), 8080), (b(2), 8080), (b(3), 8080)];
+    let before = assign(&three);
+    let after = assign(&[three[0], three[1], three[2], (b(4), 8080)]);
+    let moved: Vec<_> = before.iter().zip(&after).filter(|(x, y)| x != y).collect();
+    let frac = moved.len() as f64 / flows.len() as f64;
+    assert!(
+        (0.15..0.35).contains(&frac),
+        "{frac:.2} of flows moved; expected about 0.25"
+    );
+    // Maglev moves a few positions between old backends too, far fewer
+    // than modulo hashing (which would move about 3/4 of all flows).
+    let between_old = moved.iter().filter(|(_, y)| **y != b(4)).count();
+    assert!(
+        between_old * 100 <= flows.len() * 3,
+        "{between_old} flows moved between old backends"
+    );
+}
+
+#[test]
+fn random_selection_spreads_new_flows() {
+    let mut l = Loaded::with_config(SyncConfig {
+        selection: Selection::Random,
+        maglev_size: maglev::DEFAULT_SIZE,
+    });
+    l.set_service(VIP, 80, TCP, &[(b(1), 8080), (b(2), 8080), (b(3), 8080)]);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 31000..31100u16 {
+        let p = parse_and_verify(
+            &l.run(Prog::Tc, &Frame::tcp((CLIENT, port), (VIP, 80), SYN).build())
+                .data,
+        );
+        seen.insert(p.dst);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
 }
 
 #[test]
