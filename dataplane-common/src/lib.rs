@@ -190,6 +190,9 @@ impl MaglevKey {
     }
 }
 
+// The largest supported table (65521) fits one generation's chunk range.
+const _: () = assert!(65521 <= limits::MAGLEV_CHUNK * limits::MAGLEV_MAX_CHUNKS);
+
 /// Value of the Maglev map: for each table position, the index of the
 /// backend (in the same generation's backend slots) it maps to.
 #[repr(C)]
@@ -444,8 +447,6 @@ mod tests {
         assert_eq!(size_of::<MaglevKey>(), 8);
         assert_eq!(offset_of!(MaglevKey, chunk), 4);
         assert_eq!(size_of::<MaglevChunk>(), 2 * limits::MAGLEV_CHUNK as usize);
-        // The largest supported table fits one generation's chunk range.
-        assert!(65521 <= limits::MAGLEV_CHUNK * limits::MAGLEV_MAX_CHUNKS);
         assert_eq!(
             MaglevKey::new(1, 1, 300),
             MaglevKey {
