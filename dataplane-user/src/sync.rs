@@ -401,7 +401,7 @@ mod tests {
             for pos in (0..v.maglev_size).step_by(limits::MAGLEV_CHUNK as usize) {
                 let chunk = self.maglev[&MaglevKey::new(v.service_id, v.generation, pos)];
                 let n = (v.maglev_size - pos).min(limits::MAGLEV_CHUNK) as usize;
-                assert!(chunk.entries[..n].iter().all(|e| (*e as u16) < v.backend_count));
+                assert!(chunk.entries[..n].iter().all(|e| *e < v.backend_count));
             }
             (0..v.backend_count as u32)
                 .map(|i| self.backends[&BackendKey::new(v.service_id, v.generation, i)])
