@@ -220,7 +220,7 @@ pub struct ServiceStats {
     pub bytes: u64,
     /// New flows created.
     pub new_flows: u64,
-    /// Packets dropped because the service had no usable backend.
+    /// Packets rejected or dropped because the service had no usable backend.
     pub no_backend: u64,
 }
 
@@ -246,7 +246,9 @@ pub enum Reason {
     NatEstablished = 6,
     /// A reply of a tracked flow was translated back to the VIP.
     NatReply = 7,
-    /// Dropped: the Service has no usable backend.
+    /// Dropped: the Service has no usable backend and the packet cannot be
+    /// answered with a reject (a RST, a UDP packet with IP options, a failed
+    /// rewrite).
     DropNoBackend = 8,
     /// Dropped: the backend slot the service points at is missing (the
     /// agent's writes are ordered so this should never be counted).
@@ -256,10 +258,13 @@ pub enum Reason {
     /// A new flow was translated but its conntrack entries could not be
     /// stored (map update failed); the packet still goes to the backend.
     CtInsertFailed = 11,
+    /// The Service has no usable backend: answered with a TCP RST or an ICMP
+    /// port unreachable, as kube-proxy does.
+    RejectNoBackend = 12,
 }
 
 /// Number of `Reason` values; the size of the reason counter array.
-pub const REASON_COUNT: u32 = 12;
+pub const REASON_COUNT: u32 = 13;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -275,6 +280,7 @@ impl Reason {
         Reason::DropBackendMissing,
         Reason::DropRewriteFailed,
         Reason::CtInsertFailed,
+        Reason::RejectNoBackend,
     ];
 
     /// A stable snake_case name for CLIs and metrics labels.
@@ -292,6 +298,7 @@ impl Reason {
             Reason::DropBackendMissing => "drop_backend_missing",
             Reason::DropRewriteFailed => "drop_rewrite_failed",
             Reason::CtInsertFailed => "ct_insert_failed",
+            Reason::RejectNoBackend => "reject_no_backend",
         }
     }
 

@@ -14,10 +14,13 @@ use crate::{
 };
 
 /// What the entry program does with the packet.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum Verdict {
     Pass,
     Drop,
+    /// Answer with a TCP RST / ICMP port unreachable (a Service without
+    /// endpoints); the entry program builds the reply.
+    Reject(Packet),
 }
 
 #[inline(always)]
@@ -53,8 +56,7 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
 
     if svc.backend_count == 0 {
         stats::service(svc.service_id, |s| s.no_backend += 1);
-        stats::count(Reason::DropNoBackend);
-        return Verdict::Drop;
+        return Verdict::Reject(*p);
     }
     let Some(index) = select(p, svc) else {
         stats::count(Reason::DropBackendMissing);

@@ -8,6 +8,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod stats;
 
 use aya_ebpf::{
@@ -26,6 +27,16 @@ pub fn dp_xdp(ctx: XdpContext) -> u32 {
     match lb::handle(&ctx) {
         Ok(Verdict::Pass) => xdp_action::XDP_PASS,
         Ok(Verdict::Drop) => xdp_action::XDP_DROP,
+        Ok(Verdict::Reject(p)) => match reject::xdp(&ctx, &p) {
+            Ok(action) => {
+                stats::count(Reason::RejectNoBackend);
+                action
+            }
+            Err(_) => {
+                stats::count(Reason::DropNoBackend);
+                xdp_action::XDP_DROP
+            }
+        },
         Err(reason) => {
             stats::count(reason);
             xdp_action::XDP_PASS
@@ -42,7 +53,7 @@ const TC_PULL_LEN: u32 = (parse::ETH_HLEN + 60 + 20) as u32;
 #[classifier]
 pub fn dp_tc(ctx: TcContext) -> i32 {
     let mut res = lb::handle(&ctx);
-    if res == Err(Reason::PassTruncated) {
+    if matches!(res, Err(Reason::PassTruncated)) {
         // The headers may sit in paged data: pull them into the linear part
         // once and look again.
         let want = if ctx.len() < TC_PULL_LEN {
@@ -57,6 +68,16 @@ pub fn dp_tc(ctx: TcContext) -> i32 {
     match res {
         Ok(Verdict::Pass) => TC_ACT_UNSPEC,
         Ok(Verdict::Drop) => TC_ACT_SHOT,
+        Ok(Verdict::Reject(p)) => match reject::tc(&ctx, &p) {
+            Ok(action) => {
+                stats::count(Reason::RejectNoBackend);
+                action
+            }
+            Err(_) => {
+                stats::count(Reason::DropNoBackend);
+                TC_ACT_SHOT
+            }
+        },
         Err(reason) => {
             stats::count(reason);
             TC_ACT_UNSPEC

@@ -191,6 +191,50 @@ pub fn parse_and_verify(frame: &[u8]) -> Parsed {
     }
 }
 
+/// An ICMP error read back from a frame, with both checksums verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedIcmp {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub icmp_type: u8,
+    pub code: u8,
+    /// The quoted bytes: the original IPv4 header and 8 bytes of its payload.
+    pub quoted: Vec<u8>,
+}
+
+/// Parses an Ethernet/IPv4/ICMP frame, checking the IPv4 header checksum and
+/// the ICMP checksum (over the ICMP header and everything after it).
+pub fn parse_icmp(frame: &[u8]) -> ParsedIcmp {
+    assert_eq!(&frame[12..14], &[0x08, 0x00], "not IPv4");
+    let ip = &frame[14..];
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    assert_eq!(tot, ip.len(), "IPv4 total length does not match the frame");
+    assert_eq!(checksum(&ip[..ihl], 0), 0, "IPv4 header checksum invalid");
+    assert_eq!(ip[9], 1, "not ICMP");
+    let icmp = &ip[ihl..tot];
+    assert_eq!(checksum(icmp, 0), 0, "ICMP checksum invalid");
+    ParsedIcmp {
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        icmp_type: icmp[0],
+        code: icmp[1],
+        quoted: icmp[8..].to_vec(),
+    }
+}
+
+/// The TCP flags, sequence and acknowledgement numbers of a TCP frame
+/// (IPv4 header of any length).
+pub fn tcp_fields(frame: &[u8]) -> (u8, u32, u32) {
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    let t = &frame[14 + ihl..];
+    (
+        t[13],
+        u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

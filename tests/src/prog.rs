@@ -34,6 +34,15 @@ impl Prog {
         }
     }
 
+    /// The action that sends a reply back out of the incoming interface:
+    /// XDP_TX, or TC_ACT_REDIRECT (to the same interface's egress).
+    pub fn bounce(self) -> u32 {
+        match self {
+            Prog::Xdp => 3,
+            Prog::Tc => 7,
+        }
+    }
+
     pub fn drop_code(self) -> u32 {
         match self {
             Prog::Xdp => XDP_DROP,

@@ -10,7 +10,7 @@ use dataplane::{
 };
 use dataplane_common::{flow_hash, Backend, Reason};
 use dataplane_tests::{
-    packet::{parse_and_verify, Frame, ACK, FIN, SYN, TCP, UDP},
+    packet::{parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP},
     prog::{Loaded, Prog},
 };
 
@@ -237,14 +237,72 @@ fn random_selection_spreads_new_flows() {
 }
 
 #[test]
-fn service_without_backends_drops_and_counts() {
+fn tcp_to_a_service_without_backends_is_answered_with_a_rst() {
     for prog in Prog::BOTH {
         let mut l = Loaded::new();
         l.set_service(VIP, 80, TCP, &[]);
-        let out = l.run(prog, &Frame::tcp((CLIENT, 40300), (VIP, 80), SYN).build());
+        // A SYN with IP options: the RST is a fresh 54-byte frame.
+        let mut syn = Frame::tcp((CLIENT, 40300), (VIP, 80), SYN);
+        syn.ip_options = vec![1, 1, 1, 0];
+        let input = syn.build();
+        let out = l.run(prog, &input);
+        assert_eq!(out.retval, prog.bounce(), "{prog:?}");
+        assert_eq!(out.data.len(), 54, "{prog:?}");
+        assert_eq!(
+            &out.data[0..6],
+            &input[6..12],
+            "{prog:?}: destination MAC must be the sender's"
+        );
+        assert_eq!(&out.data[6..12], &input[0..6], "{prog:?}");
+        let p = parse_and_verify(&out.data);
+        assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 80, CLIENT, 40300), "{prog:?}");
+        let (flags, seq, ack) = tcp_fields(&out.data);
+        assert_eq!(flags, RST | ACK, "{prog:?}");
+        assert_eq!((seq, ack), (0, 1001), "{prog:?}: RST must acknowledge the SYN");
+
+        // An ACK with data: <SEQ=SEG.ACK><CTL=RST>.
+        let mut data = Frame::tcp((CLIENT, 40301), (VIP, 80), ACK);
+        data.payload = b"hello".to_vec();
+        let out = l.run(prog, &data.build());
+        let (flags, seq, _) = tcp_fields(&out.data);
+        parse_and_verify(&out.data);
+        assert_eq!((flags, seq), (RST, 2000), "{prog:?}");
+
+        // Never answer a RST.
+        let out = l.run(prog, &Frame::tcp((CLIENT, 40302), (VIP, 80), RST).build());
         assert_eq!(out.retval, prog.drop_code(), "{prog:?}");
-        assert_eq!(l.reason(Reason::DropNoBackend), 1);
+        assert_eq!(l.reason(Reason::RejectNoBackend), 2, "{prog:?}");
+        assert_eq!(l.reason(Reason::DropNoBackend), 1, "{prog:?}");
         assert_eq!(l.conntrack_len(), 0);
+    }
+}
+
+#[test]
+fn udp_to_a_service_without_backends_is_answered_with_icmp_port_unreachable() {
+    for prog in Prog::BOTH {
+        let mut l = Loaded::new();
+        l.set_service(VIP, 53, UDP, &[]);
+        for payload in [&b""[..], b"a query longer than twenty-eight bytes, to be cut"] {
+            let input = Frame::udp((CLIENT, 50300), (VIP, 53), payload).build();
+            let out = l.run(prog, &input);
+            assert_eq!(out.retval, prog.bounce(), "{prog:?}");
+            assert_eq!(out.data.len(), 70, "{prog:?}");
+            assert_eq!(&out.data[0..6], &input[6..12], "{prog:?}");
+            let icmp = parse_icmp(&out.data);
+            assert_eq!((icmp.src, icmp.dst), (VIP, CLIENT), "{prog:?}");
+            assert_eq!((icmp.icmp_type, icmp.code), (3, 3), "{prog:?}: port unreachable");
+            assert_eq!(
+                icmp.quoted,
+                &input[14..14 + 28],
+                "{prog:?}: must quote the original IP header + 8 bytes"
+            );
+        }
+        // IP options do not fit the quoted layout: dropped and counted.
+        let mut f = Frame::udp((CLIENT, 50301), (VIP, 53), b"q");
+        f.ip_options = vec![1, 1, 1, 0];
+        assert_eq!(l.run(prog, &f.build()).retval, prog.drop_code());
+        assert_eq!(l.reason(Reason::RejectNoBackend), 2, "{prog:?}");
+        assert_eq!(l.reason(Reason::DropNoBackend), 1, "{prog:?}");
     }
 }
 

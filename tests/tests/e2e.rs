@@ -213,6 +213,40 @@ fn tc_rewrites_partial_checksums_correctly() {
     assert_eq!(from, SocketAddr::from((VIP, 53)));
 }
 
+/// A Service without endpoints: TCP connects and UDP requests fail with
+/// ECONNREFUSED (from the RST / ICMP port unreachable), not with a timeout.
+#[test]
+fn service_without_endpoints_refuses_tcp_and_udp() {
+    for (tc, xdp) in [(true, false), (false, true)] {
+        let t = Topology::new(1).unwrap();
+        let _servers = start_servers(&t);
+        let _agent = start_agent(&t, tc, xdp, &[]);
+        // A veth only receives what its peer sends with XDP_TX when it runs
+        // an XDP program itself (it needs NAPI; here GRO did not enable it).
+        // Physical NICs have no such condition. A second agent with no
+        // Services gives the client's end a pass-through XDP program.
+        let _client_xdp = xdp.then(|| Agent::start(&t.client, &[], &["eth0".to_string()], &[]).unwrap());
+        let what = if tc { "TC" } else { "XDP" };
+        let (tcp, udp) = t
+            .client
+            .run(|| {
+                let tcp = std::net::TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), TIMEOUT).map(|_| ());
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                s.connect((VIP, 53)).unwrap();
+                s.send(b"who").unwrap();
+                let mut buf = [0u8; 16];
+                (tcp, s.recv(&mut buf).map(|_| ()))
+            })
+            .join()
+            .unwrap();
+        let tcp = tcp.expect_err("TCP connect to a Service without endpoints succeeded");
+        assert_eq!(tcp.kind(), std::io::ErrorKind::ConnectionRefused, "{what}: TCP got {tcp}");
+        let udp = udp.expect_err("UDP request to a Service without endpoints was answered");
+        assert_eq!(udp.kind(), std::io::ErrorKind::ConnectionRefused, "{what}: UDP got {udp}");
+    }
+}
+
 #[test]
 fn agent_stop_detaches_programs() {
     let t = Topology::new(1).unwrap();
