@@ -241,9 +241,17 @@ fn service_without_endpoints_refuses_tcp_and_udp() {
             .join()
             .unwrap();
         let tcp = tcp.expect_err("TCP connect to a Service without endpoints succeeded");
-        assert_eq!(tcp.kind(), std::io::ErrorKind::ConnectionRefused, "{what}: TCP got {tcp}");
+        assert_eq!(
+            tcp.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{what}: TCP got {tcp}"
+        );
         let udp = udp.expect_err("UDP request to a Service without endpoints was answered");
-        assert_eq!(udp.kind(), std::io::ErrorKind::ConnectionRefused, "{what}: UDP got {udp}");
+        assert_eq!(
+            udp.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{what}: UDP got {udp}"
+        );
     }
 }
 
