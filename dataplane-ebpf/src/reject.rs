@@ -71,7 +71,14 @@ pub fn original(data: usize, end: usize, p: &Packet) -> Result<Original, NoRejec
         if p.l4_off != ETH_HLEN + IPV4_HLEN {
             return Err(NoReject::NotAllowed);
         }
-        return Ok(Original { src_mac, dst_mac, seq: 0, ack_seq: 0, seg_len: 0, flags: 0 });
+        return Ok(Original {
+            src_mac,
+            dst_mac,
+            seq: 0,
+            ack_seq: 0,
+            seg_len: 0,
+            flags: 0,
+        });
     }
     if p.tcp_flags & TCP_RST != 0 {
         return Err(NoReject::NotAllowed);
@@ -82,7 +89,14 @@ pub fn original(data: usize, end: usize, p: &Packet) -> Result<Original, NoRejec
     let ihl = (p.l4_off - p.l3_off) as u32;
     let payload = (p.l3_len as u32).saturating_sub(ihl + doff);
     let seg_len = payload + (p.tcp_flags & TCP_SYN != 0) as u32 + (p.tcp_flags & TCP_FIN != 0) as u32;
-    Ok(Original { src_mac, dst_mac, seq, ack_seq, seg_len, flags: p.tcp_flags })
+    Ok(Original {
+        src_mac,
+        dst_mac,
+        seq,
+        ack_seq,
+        seg_len,
+        flags: p.tcp_flags,
+    })
 }
 
 /// Sum of a u32 in network order as two 16-bit words.
@@ -222,7 +236,8 @@ pub fn tc(ctx: &TcContext, p: &Packet) -> Result<i32, NoReject> {
         }
         write_rst(ctx.data(), ctx.data_end(), p, &o)?;
     } else {
-        ctx.adjust_room(ICMP_ROOM as i32, BPF_ADJ_ROOM_MAC, 0).map_err(|_| NoReject::Failed)?;
+        ctx.adjust_room(ICMP_ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| NoReject::Failed)?;
         // SAFETY: helper call on our own context.
         if unsafe { bpf_skb_change_tail(skb, ICMP_LEN as u32, 0) } != 0 {
             return Err(NoReject::Failed);
