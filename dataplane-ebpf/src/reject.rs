@@ -250,7 +250,7 @@ pub fn tc(ctx: &TcContext, p: &Packet) -> Result<i32, NoReject> {
     let ifindex = unsafe { (*skb).ifindex };
     // SAFETY: helper call without memory arguments.
     let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    if action != TC_ACT_REDIRECT as i32 {
+    if action != TC_ACT_REDIRECT {
         return Err(NoReject::Failed);
     }
     Ok(action)
