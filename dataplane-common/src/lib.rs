@@ -28,6 +28,8 @@ pub mod map_names {
     pub const BACKENDS: &str = "DP_BACKENDS";
     pub const CONNTRACK: &str = "DP_CONNTRACK";
     pub const MAGLEV: &str = "DP_MAGLEV";
+    pub const AFFINITY: &str = "DP_AFFINITY";
+    pub const CONFIG: &str = "DP_CONFIG";
     pub const SERVICE_STATS: &str = "DP_SVC_STATS";
     pub const REASON_STATS: &str = "DP_REASONS";
 }
@@ -55,6 +57,8 @@ pub mod limits {
     /// Chunks one generation of one service's table may use: tables up to
     /// 65536 entries.
     pub const MAGLEV_MAX_CHUNKS: u32 = 256;
+    /// Session affinity entries (client, service) -> backend.
+    pub const MAX_AFFINITY: u32 = 65_536;
     /// Entries of the Maglev chunk map (the map is not preallocated: this is
     /// a ceiling, memory follows use).
     pub const MAX_MAGLEV_CHUNKS: u32 = 1_048_576;
@@ -95,6 +99,9 @@ pub struct ServiceValue {
     pub flags: u32,
     /// Size of the service's Maglev table (a prime), 0 when it has none.
     pub maglev_size: u32,
+    /// sessionAffinity ClientIP timeout in seconds (with `SVC_F_AFFINITY`).
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
 }
 
 /// Key of the backend slot map.
@@ -169,6 +176,96 @@ pub struct CtValue {
 pub const SVC_F_NONE: u32 = 0;
 /// New flows pick a backend at random instead of by Maglev.
 pub const SVC_F_RANDOM: u32 = 1 << 0;
+/// sessionAffinity ClientIP: new flows from a client go to the backend its
+/// previous flow to this frontend went to, within `affinity_timeout_s`.
+pub const SVC_F_AFFINITY: u32 = 1 << 1;
+
+/// Key of the session affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    /// Client address, network byte order.
+    pub client: u32,
+    pub service_id: u32,
+}
+
+/// Value of the session affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityValue {
+    /// The backend the client's flows go to. Stored by address, not slot
+    /// index, so it stays valid when the backend set changes; the agent
+    /// deletes entries whose backend left the service.
+    pub backend: Backend,
+    /// `bpf_ktime_get_ns()` of the client's last new flow to the service.
+    pub last_seen_ns: u64,
+}
+
+/// Datapath settings written by the agent (one entry, index 0, of the
+/// config array). Zero timeouts mean "use the default" (see `Timeouts`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DpConfig {
+    /// TCP flows that have not seen a reply yet.
+    pub tcp_syn_timeout_ns: u64,
+    /// TCP flows that have seen a reply.
+    pub tcp_established_timeout_ns: u64,
+    /// TCP flows that saw a FIN or RST.
+    pub tcp_closing_timeout_ns: u64,
+    /// UDP flows that have not seen a reply yet.
+    pub udp_timeout_ns: u64,
+    /// UDP flows that have seen a reply.
+    pub udp_stream_timeout_ns: u64,
+}
+
+/// Default conntrack timeouts, in seconds (netfilter's for UDP and SYN,
+/// kube-proxy's setting for established TCP).
+pub mod timeouts {
+    pub const TCP_SYN_S: u64 = 60;
+    pub const TCP_ESTABLISHED_S: u64 = 86_400;
+    pub const TCP_CLOSING_S: u64 = 10;
+    pub const UDP_S: u64 = 30;
+    pub const UDP_STREAM_S: u64 = 120;
+}
+
+impl DpConfig {
+    pub const fn defaults() -> Self {
+        const NS: u64 = 1_000_000_000;
+        DpConfig {
+            tcp_syn_timeout_ns: timeouts::TCP_SYN_S * NS,
+            tcp_established_timeout_ns: timeouts::TCP_ESTABLISHED_S * NS,
+            tcp_closing_timeout_ns: timeouts::TCP_CLOSING_S * NS,
+            udp_timeout_ns: timeouts::UDP_S * NS,
+            udp_stream_timeout_ns: timeouts::UDP_STREAM_S * NS,
+        }
+    }
+
+    /// How long an entry with `flags` of protocol `proto` lives without
+    /// traffic. A zero setting (an agent that wrote no configuration) means
+    /// the default.
+    #[inline(always)]
+    pub fn timeout_ns(&self, proto: u8, flags: u16) -> u64 {
+        const D: DpConfig = DpConfig::defaults();
+        let (set, default) = if proto == IPPROTO_TCP {
+            if flags & CT_F_CLOSING != 0 {
+                (self.tcp_closing_timeout_ns, D.tcp_closing_timeout_ns)
+            } else if flags & CT_F_SEEN_REPLY != 0 {
+                (self.tcp_established_timeout_ns, D.tcp_established_timeout_ns)
+            } else {
+                (self.tcp_syn_timeout_ns, D.tcp_syn_timeout_ns)
+            }
+        } else if flags & CT_F_SEEN_REPLY != 0 {
+            (self.udp_stream_timeout_ns, D.udp_stream_timeout_ns)
+        } else {
+            (self.udp_timeout_ns, D.udp_timeout_ns)
+        };
+        if set == 0 {
+            default
+        } else {
+            set
+        }
+    }
+}
 
 /// Key of the Maglev map: one chunk of one generation of a service's table.
 #[repr(C)]
@@ -209,6 +306,8 @@ pub const CT_F_ORIGINAL: u16 = 1 << 0;
 pub const CT_F_REPLY: u16 = 1 << 1;
 /// A FIN or RST was seen: a new SYN on the same tuple starts a new flow.
 pub const CT_F_CLOSING: u16 = 1 << 2;
+/// A reply was seen (set on both entries of the flow).
+pub const CT_F_SEEN_REPLY: u16 = 1 << 3;
 
 /// Per-service counters, one per CPU, indexed by `service_id`.
 #[repr(C)]
@@ -370,6 +469,9 @@ mod user {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for MaglevChunk {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for DpConfig {}
 
     impl ServiceKey {
         /// From host-order values.
@@ -441,12 +543,45 @@ mod tests {
 
     #[test]
     fn service_value_layout() {
-        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<ServiceValue>(), 24);
+        assert_eq!(offset_of!(ServiceValue, affinity_timeout_s), 16);
         assert_eq!(offset_of!(ServiceValue, service_id), 0);
         assert_eq!(offset_of!(ServiceValue, backend_count), 4);
         assert_eq!(offset_of!(ServiceValue, generation), 6);
         assert_eq!(offset_of!(ServiceValue, flags), 8);
         assert_eq!(offset_of!(ServiceValue, maglev_size), 12);
+    }
+
+    #[test]
+    fn affinity_and_config_layout() {
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(offset_of!(AffinityKey, service_id), 4);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(offset_of!(AffinityValue, last_seen_ns), 8);
+        assert_eq!(size_of::<DpConfig>(), 40);
+        assert_eq!(offset_of!(DpConfig, udp_stream_timeout_ns), 32);
+    }
+
+    #[test]
+    fn timeouts_follow_state() {
+        let c = DpConfig::defaults();
+        let s = 1_000_000_000;
+        assert_eq!(c.timeout_ns(IPPROTO_TCP, CT_F_ORIGINAL), 60 * s);
+        assert_eq!(c.timeout_ns(IPPROTO_TCP, CT_F_ORIGINAL | CT_F_SEEN_REPLY), 86_400 * s);
+        assert_eq!(c.timeout_ns(IPPROTO_TCP, CT_F_SEEN_REPLY | CT_F_CLOSING), 10 * s);
+        assert_eq!(c.timeout_ns(IPPROTO_UDP, CT_F_ORIGINAL), 30 * s);
+        assert_eq!(c.timeout_ns(IPPROTO_UDP, CT_F_SEEN_REPLY), 120 * s);
+        let unset = DpConfig::default();
+        assert_eq!(
+            unset.timeout_ns(IPPROTO_UDP, CT_F_ORIGINAL),
+            30 * s,
+            "zero means default"
+        );
+        let short = DpConfig {
+            udp_timeout_ns: 5,
+            ..DpConfig::default()
+        };
+        assert_eq!(short.timeout_ns(IPPROTO_UDP, CT_F_ORIGINAL), 5);
     }
 
     #[test]

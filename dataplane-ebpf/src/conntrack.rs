@@ -6,10 +6,10 @@
 //! whatever happens to the service's backend set.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{CtKey, CtValue, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY};
+use dataplane_common::{CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY};
 
 use crate::{
-    maps::DP_CONNTRACK,
+    maps::{DP_CONFIG, DP_CONNTRACK},
     parse::{Packet, TCP_FIN, TCP_RST},
 };
 
@@ -34,8 +34,19 @@ pub fn closes(p: &Packet) -> bool {
     p.is_tcp() && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
+/// How long entries live, from the agent's configuration.
+#[inline(always)]
+fn timeout_ns(proto: u8, flags: u16) -> u64 {
+    match DP_CONFIG.get(0) {
+        Some(c) => c.timeout_ns(proto, flags),
+        None => DpConfig::defaults().timeout_ns(proto, flags),
+    }
+}
+
 /// Looks up the entry of `key`, refreshes it for packet `p` and returns a
-/// copy of it.
+/// copy of it. An entry idle for longer than its state's timeout counts as
+/// missing (expiry needs no sweep: the next packet of the tuple overwrites
+/// it, and LRU eviction reclaims the rest).
 #[inline(always)]
 pub fn lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
     let e = DP_CONNTRACK.get_ptr_mut(key)?;
@@ -43,7 +54,11 @@ pub fn lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
     // writers only touch last_seen/flags, where a lost update is harmless.
     unsafe {
         let now = bpf_ktime_get_ns();
-        if now.wrapping_sub((*e).last_seen_ns) > REFRESH_NS {
+        let idle = now.wrapping_sub((*e).last_seen_ns);
+        if idle > timeout_ns(p.proto, (*e).flags) {
+            return None;
+        }
+        if idle > REFRESH_NS {
             (*e).last_seen_ns = now;
         }
         if closes(p) && (*e).flags & CT_F_CLOSING == 0 {
@@ -53,9 +68,10 @@ pub fn lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
     }
 }
 
-/// Marks the original entry of a flow closing, from one of its replies.
+/// Sets `flags` on the original entry of a flow, from one of its replies
+/// (reply seen, closing).
 #[inline(always)]
-pub fn mark_original_closing(reply: &Packet, vip: u32, vport: u16) {
+pub fn flag_original(reply: &Packet, vip: u32, vport: u16, flags: u16) {
     let key = CtKey {
         saddr: reply.daddr,
         daddr: vip,
@@ -66,7 +82,21 @@ pub fn mark_original_closing(reply: &Packet, vip: u32, vport: u16) {
     };
     if let Some(e) = DP_CONNTRACK.get_ptr_mut(key) {
         // SAFETY: as in `lookup`.
-        unsafe { (*e).flags |= CT_F_CLOSING };
+        unsafe { (*e).flags |= flags };
+    }
+}
+
+/// Marks a reply entry as having seen a reply; returns whether it had not.
+#[inline(always)]
+pub fn first_reply(key: &CtKey) -> bool {
+    match DP_CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: as in `lookup`.
+        Some(e) => unsafe {
+            let first = (*e).flags & CT_F_SEEN_REPLY == 0;
+            (*e).flags |= CT_F_SEEN_REPLY;
+            first
+        },
+        None => false,
     }
 }
 

@@ -2,11 +2,12 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use dataplane_common::{
-    flow_hash, limits, BackendKey, MaglevKey, Reason, ServiceKey, ServiceValue, CT_F_CLOSING, CT_F_REPLY, SVC_F_RANDOM,
+    flow_hash, limits, BackendKey, MaglevKey, Reason, ServiceKey, ServiceValue, CT_F_CLOSING, CT_F_REPLY,
+    CT_F_SEEN_REPLY, SVC_F_AFFINITY, SVC_F_RANDOM,
 };
 
 use crate::{
-    conntrack,
+    affinity, conntrack,
     maps::{DP_BACKENDS, DP_MAGLEV, DP_SERVICES},
     nat::{PacketCtx, Side},
     parse::{self, Packet, TCP_ACK, TCP_SYN},
@@ -20,7 +21,7 @@ pub enum Verdict {
     Drop,
     /// Answer with a TCP RST / ICMP port unreachable (a Service without
     /// endpoints); the entry program builds the reply.
-    Reject(Packet),
+    Reject,
 }
 
 #[inline(always)]
@@ -56,20 +57,28 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
 
     if svc.backend_count == 0 {
         stats::service(svc.service_id, |s| s.no_backend += 1);
-        return Verdict::Reject(*p);
+        return Verdict::Reject;
     }
-    let Some(index) = select(p, svc) else {
-        stats::count(Reason::DropBackendMissing);
-        return Verdict::Drop;
-    };
-    let backend = match DP_BACKENDS.get_ptr(BackendKey::new(svc.service_id, svc.generation, index)) {
-        // SAFETY: as for the service value.
-        Some(b) => unsafe { *b },
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let remembered = if affinity { affinity::lookup(p, svc) } else { None };
+    let backend = match remembered {
+        Some(b) => b,
         None => {
-            stats::count(Reason::DropBackendMissing);
-            return Verdict::Drop;
+            let slot = select(p, svc)
+                .and_then(|index| DP_BACKENDS.get_ptr(BackendKey::new(svc.service_id, svc.generation, index)));
+            match slot {
+                // SAFETY: as for the service value.
+                Some(b) => unsafe { *b },
+                None => {
+                    stats::count(Reason::DropBackendMissing);
+                    return Verdict::Drop;
+                }
+            }
         }
     };
+    if affinity && remembered.is_none() {
+        affinity::remember(p, svc, backend);
+    }
     if conntrack::create(p, svc.service_id, backend.addr, backend.port).is_err() {
         // The packet still goes to the chosen backend; the next one of the
         // flow picks the same backend again by hash as long as the set is
@@ -119,8 +128,15 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
     let key = conntrack::tuple(p);
     match conntrack::lookup(&key, p) {
         Some(ct) if ct.flags & CT_F_REPLY != 0 => {
+            let mut flags = 0;
+            if ct.flags & CT_F_SEEN_REPLY == 0 && conntrack::first_reply(&key) {
+                flags |= CT_F_SEEN_REPLY;
+            }
             if conntrack::closes(p) {
-                conntrack::mark_original_closing(p, ct.nat_addr, ct.nat_port);
+                flags |= CT_F_CLOSING;
+            }
+            if flags != 0 {
+                conntrack::flag_original(p, ct.nat_addr, ct.nat_port, flags);
             }
             if ctx.rewrite(p, Side::Src, ct.nat_addr, ct.nat_port).is_err() {
                 stats::count(Reason::DropRewriteFailed);
@@ -136,9 +152,11 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
     }
 }
 
-/// Parses and processes one frame.
+/// Parses and processes one frame. The packet is returned with the verdict
+/// (kept out of the enum: a payload-carrying enum let LLVM read
+/// uninitialised registers on other variants, which the verifier rejects).
 #[inline(always)]
-pub fn handle<C: PacketCtx>(ctx: &C) -> Result<Verdict, Reason> {
+pub fn handle<C: PacketCtx>(ctx: &C) -> Result<(Verdict, Packet), Reason> {
     let p = parse::parse(ctx.data(), ctx.data_end())?;
-    Ok(process(ctx, &p))
+    Ok((process(ctx, &p), p))
 }

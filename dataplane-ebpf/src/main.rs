@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod conntrack;
 mod lb;
 mod maps;
@@ -25,9 +26,9 @@ use lb::Verdict;
 #[xdp(frags)]
 pub fn dp_xdp(ctx: XdpContext) -> u32 {
     match lb::handle(&ctx) {
-        Ok(Verdict::Pass) => xdp_action::XDP_PASS,
-        Ok(Verdict::Drop) => xdp_action::XDP_DROP,
-        Ok(Verdict::Reject(p)) => match reject::xdp(&ctx, &p) {
+        Ok((Verdict::Pass, _)) => xdp_action::XDP_PASS,
+        Ok((Verdict::Drop, _)) => xdp_action::XDP_DROP,
+        Ok((Verdict::Reject, p)) => match reject::xdp(&ctx, &p) {
             Ok(action) => {
                 stats::count(Reason::RejectNoBackend);
                 action
@@ -66,9 +67,9 @@ pub fn dp_tc(ctx: TcContext) -> i32 {
         }
     }
     match res {
-        Ok(Verdict::Pass) => TC_ACT_UNSPEC,
-        Ok(Verdict::Drop) => TC_ACT_SHOT,
-        Ok(Verdict::Reject(p)) => match reject::tc(&ctx, &p) {
+        Ok((Verdict::Pass, _)) => TC_ACT_UNSPEC,
+        Ok((Verdict::Drop, _)) => TC_ACT_SHOT,
+        Ok((Verdict::Reject, p)) => match reject::tc(&ctx, &p) {
             Ok(action) => {
                 stats::count(Reason::RejectNoBackend);
                 action

@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    limits, Backend, BackendKey, CtKey, CtValue, MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue,
-    REASON_COUNT,
+    limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig, MaglevChunk, MaglevKey,
+    ServiceKey, ServiceStats, ServiceValue, REASON_COUNT,
 };
 
 /// Hash maps written by the agent are not preallocated: an updated element is
@@ -35,3 +35,10 @@ pub static DP_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entri
 
 #[map]
 pub static DP_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+#[map]
+pub static DP_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(limits::MAX_AFFINITY, 0);
+
+/// Index 0: the agent's `DpConfig`.
+#[map]
+pub static DP_CONFIG: Array<DpConfig> = Array::with_max_entries(1, 0);

@@ -25,7 +25,14 @@ pub struct Frontend {
     pub port_name: String,
     /// Sorted, without duplicates, at most `MAX_BACKENDS_PER_SERVICE`.
     pub backends: Vec<Backend>,
+    /// sessionAffinity ClientIP: its timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
 }
+
+/// kube's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API's upper bound for that field (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 impl Frontend {
     /// `namespace/name:port` as shown in logs and tables.
@@ -206,6 +213,37 @@ pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> Desired {
             .get(&(ns.clone(), name.clone()))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
+        let affinity_timeout_s = match spec.session_affinity.as_deref() {
+            Some("ClientIP") => {
+                let t = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds);
+                match t {
+                    None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                    Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S as i32).contains(&t) => Some(t as u32),
+                    Some(t) => {
+                        problem(
+                            object.clone(),
+                            format!(
+                                "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1-{MAX_AFFINITY_TIMEOUT_S}; \
+                                 using {DEFAULT_AFFINITY_TIMEOUT_S}"
+                            ),
+                        );
+                        Some(DEFAULT_AFFINITY_TIMEOUT_S)
+                    }
+                }
+            }
+            Some("None") | None => None,
+            Some(other) => {
+                problem(
+                    object.clone(),
+                    format!("unknown sessionAffinity {other:?}; treated as None"),
+                );
+                None
+            }
+        };
 
         let ports = spec.ports.as_deref().unwrap_or(&[]);
         let known: BTreeSet<(String, u8)> = ports
@@ -294,6 +332,7 @@ pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> Desired {
                     service: format!("{ns}/{name}"),
                     port_name: pname.clone(),
                     backends: backends.clone(),
+                    affinity_timeout_s,
                 };
                 if let Some(other) = frontends.get(&key) {
                     problem(
@@ -419,6 +458,29 @@ mod tests {
         assert_eq!(tcp.backends, sorted(vec![b(1, 7, 8443), b(2, 7, 8443)]));
         assert_eq!(udp.backends, tcp.backends);
         assert_eq!(udp.port_name, "quic");
+    }
+
+    #[test]
+    fn client_ip_affinity_and_its_timeout() {
+        let d = examples(&["edge.yaml", "web.yaml"]);
+        assert_eq!(fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP).affinity_timeout_s, Some(600));
+        assert_eq!(fe(&d, [198, 19, 0, 10], 80, IPPROTO_TCP).affinity_timeout_s, None);
+        let default = service(&SVC.replace("spec:\n", "spec:\n  sessionAffinity: ClientIP\n"));
+        let d = compute(&[default], &[]);
+        assert_eq!(
+            fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).affinity_timeout_s,
+            Some(10_800)
+        );
+        let bad = service(&SVC.replace(
+            "spec:\n",
+            "spec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n",
+        ));
+        let d = compute(&[bad], &[]);
+        assert_eq!(
+            fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).affinity_timeout_s,
+            Some(10_800)
+        );
+        assert!(d.problems[0].reason.contains("timeoutSeconds 0"), "{:?}", d.problems);
     }
 
     #[test]

@@ -6,13 +6,13 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use dataplane_common::{
-    map_names, program_names, Backend, BackendKey, CtKey, CtValue, MaglevChunk, MaglevKey, ServiceKey, ServiceStats,
-    ServiceValue,
+    map_names, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig, MaglevChunk,
+    MaglevKey, ServiceKey, ServiceStats, ServiceValue,
 };
 use thiserror::Error;
 
@@ -79,8 +79,20 @@ pub struct Maps {
     pub backends: HashMap<MapData, BackendKey, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub config: Array<MapData, DpConfig>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
     pub reasons: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    /// Writes the datapath settings (conntrack timeouts).
+    pub fn write_config(&mut self, config: &DpConfig) -> Result<(), LoadError> {
+        self.config.set(0, config, 0).map_err(|source| LoadError::Map {
+            name: map_names::CONFIG,
+            source,
+        })
+    }
 }
 
 /// A loaded dataplane: programs in the kernel, maps open. Dropping it
@@ -137,6 +149,8 @@ impl Dataplane {
             backends: HashMap::try_from(take(e, map_names::BACKENDS)?).map_err(m(map_names::BACKENDS))?,
             conntrack: HashMap::try_from(take(e, map_names::CONNTRACK)?).map_err(m(map_names::CONNTRACK))?,
             maglev: HashMap::try_from(take(e, map_names::MAGLEV)?).map_err(m(map_names::MAGLEV))?,
+            affinity: HashMap::try_from(take(e, map_names::AFFINITY)?).map_err(m(map_names::AFFINITY))?,
+            config: Array::try_from(take(e, map_names::CONFIG)?).map_err(m(map_names::CONFIG))?,
             service_stats: PerCpuArray::try_from(take(e, map_names::SERVICE_STATS)?)
                 .map_err(m(map_names::SERVICE_STATS))?,
             reasons: PerCpuArray::try_from(take(e, map_names::REASON_STATS)?).map_err(m(map_names::REASON_STATS))?,

@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 
 use dataplane_common::{
-    limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue, SVC_F_NONE,
-    SVC_F_RANDOM,
+    limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue, SVC_F_AFFINITY,
+    SVC_F_NONE, SVC_F_RANDOM,
 };
 use thiserror::Error;
 
@@ -31,6 +31,9 @@ pub trait MapWriter {
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), String>;
     fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), String>;
     fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String>;
+    /// Deletes the session affinity entries of `service_id` whose backend is
+    /// not in `keep` (all of them when `keep` is empty).
+    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String>;
     /// Zeroes the per-service counters of a newly allocated id.
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String>;
 }
@@ -163,12 +166,18 @@ impl<W: MapWriter> Syncer<W> {
                 (SVC_F_NONE, size)
             }
         };
+        let (flags, affinity_timeout_s) = match fe.affinity_timeout_s {
+            Some(t) => (flags | SVC_F_AFFINITY, t),
+            None => (flags, 0),
+        };
         Ok(ServiceValue {
             service_id: id,
             backend_count: fe.backends.len() as u16,
             generation,
             flags,
             maglev_size,
+            affinity_timeout_s,
+            _pad: 0,
         })
     }
 
@@ -206,6 +215,14 @@ impl<W: MapWriter> Syncer<W> {
                 continue;
             }
             self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+            // The id is reused: no affinity may outlive the service.
+            if let Err(cause) = self.writer.prune_affinity(p.service_id, &[]) {
+                report.errors.push(SyncError {
+                    service: p.frontend.service.clone(),
+                    frontend: describe(&key),
+                    cause: format!("deleting session affinity entries: {cause}"),
+                });
+            }
             self.free_ids.push(p.service_id);
             report.removed += 1;
         }
@@ -218,7 +235,9 @@ impl<W: MapWriter> Syncer<W> {
             };
             match self.programmed.get(key).cloned() {
                 Some(p) if p.frontend == *fe => report.unchanged += 1,
-                Some(p) if p.frontend.backends == fe.backends => {
+                Some(p)
+                    if p.frontend.backends == fe.backends && p.frontend.affinity_timeout_s == fe.affinity_timeout_s =>
+                {
                     // Only names changed: nothing to write.
                     self.programmed.insert(
                         *key,
@@ -257,6 +276,19 @@ impl<W: MapWriter> Syncer<W> {
                         continue;
                     }
                     self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+                    // Clients remembered on a backend that left go elsewhere.
+                    if p.frontend.affinity_timeout_s.is_some() {
+                        let keep: &[Backend] = if fe.affinity_timeout_s.is_some() {
+                            &fe.backends
+                        } else {
+                            &[]
+                        };
+                        if let Err(cause) = self.writer.prune_affinity(p.service_id, keep) {
+                            report
+                                .errors
+                                .push(err(format!("pruning session affinity entries: {cause}")));
+                        }
+                    }
                     self.programmed.insert(
                         *key,
                         Programmed {
@@ -327,6 +359,20 @@ impl MapWriter for crate::loader::Maps {
     fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String> {
         self.maglev.remove(&key).map_err(|e| e.to_string())
     }
+    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String> {
+        let mut stale = Vec::new();
+        for entry in self.affinity.iter() {
+            let (k, v) = entry.map_err(|e| e.to_string())?;
+            if k.service_id == service_id && !keep.contains(&v.backend) {
+                stale.push(k);
+            }
+        }
+        for k in stale {
+            // Evicted meanwhile by the LRU: fine.
+            let _ = self.affinity.remove(&k);
+        }
+        Ok(())
+    }
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e.to_string())?;
         let zeros =
@@ -388,6 +434,11 @@ mod tests {
             self.log.push(format!("delete_maglev {} {}", k.service_id, k.chunk));
             self.maglev.remove(&k).map(|_| ()).ok_or_else(|| "not found".into())
         }
+        fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String> {
+            self.log
+                .push(format!("prune_affinity {service_id} keep {}", keep.len()));
+            Ok(())
+        }
         fn reset_service_stats(&mut self, _: u32) -> Result<(), String> {
             Ok(())
         }
@@ -442,6 +493,7 @@ mod tests {
                             service: "shop/web".into(),
                             port_name: "http".into(),
                             backends: backends(b),
+                            affinity_timeout_s: None,
                         },
                     )
                 })
@@ -513,7 +565,12 @@ mod tests {
         assert_eq!(r.removed, 1);
         assert_eq!(
             s.writer().log[before..],
-            ["delete_service", "delete_backend 0 0", "delete_maglev 0 0"]
+            [
+                "delete_service",
+                "delete_backend 0 0",
+                "delete_maglev 0 0",
+                "prune_affinity 0 keep 0"
+            ]
         );
         assert!(!s.writer().services.contains_key(&key(1)));
         s.apply(&desired(&[(key(2), &[2]), (key(3), &[3])]));

@@ -9,7 +9,7 @@ use dataplane::{
     sync::{SyncConfig, Syncer},
     testrun::{self, RunResult},
 };
-use dataplane_common::{program_names, Backend, Reason, ServiceKey};
+use dataplane_common::{program_names, Backend, DpConfig, Reason, ServiceKey};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -63,9 +63,14 @@ impl Loaded {
     }
 
     pub fn with_config(config: SyncConfig) -> Loaded {
+        Self::with_configs(config, DpConfig::defaults())
+    }
+
+    pub fn with_configs(config: SyncConfig, dp_config: DpConfig) -> Loaded {
         crate::netns::require_root_and_tools();
         let mut dp = Dataplane::load(None).unwrap_or_else(|e| panic!("{e}"));
-        let maps = dp.take_maps().unwrap();
+        let mut maps = dp.take_maps().unwrap();
+        maps.write_config(&dp_config).unwrap();
         Loaded {
             dp,
             sync: Syncer::with_config(maps, config),
@@ -76,6 +81,18 @@ impl Loaded {
     /// Sets the backends of frontend `vip:port/proto` (creating it) and
     /// programs the maps.
     pub fn set_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, backends: &[(Ipv4Addr, u16)]) {
+        self.set_service_with(vip, port, proto, backends, None)
+    }
+
+    /// As `set_service`, with sessionAffinity ClientIP when `affinity_s` is set.
+    pub fn set_service_with(
+        &mut self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        backends: &[(Ipv4Addr, u16)],
+        affinity_s: Option<u32>,
+    ) {
         let mut b: Vec<Backend> = backends.iter().map(|(a, p)| Backend::new(*a, *p)).collect();
         b.sort();
         self.desired.frontends.insert(
@@ -84,6 +101,7 @@ impl Loaded {
                 service: "test/svc".into(),
                 port_name: String::new(),
                 backends: b,
+                affinity_timeout_s: affinity_s,
             },
         );
         let r = self.sync.apply(&self.desired);

@@ -8,7 +8,7 @@ use dataplane::{
     maglev,
     sync::{Selection, SyncConfig},
 };
-use dataplane_common::{flow_hash, Backend, Reason};
+use dataplane_common::{flow_hash, Backend, DpConfig, Reason};
 use dataplane_tests::{
     packet::{parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP},
     prog::{Loaded, Prog},
@@ -382,4 +382,119 @@ fn service_stats_count_packets_bytes_and_flows() {
     let flows: u64 = stats.iter().map(|s| s.new_flows).sum();
     assert_eq!((packets, flows), (2, 1));
     assert_eq!(bytes, 2 * (frame.len() as u64 - 14));
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_backend() {
+    for prog in Prog::BOTH {
+        let mut l = Loaded::new();
+        let three = [(b(1), 8080), (b(2), 8080), (b(3), 8080)];
+        l.set_service_with(VIP, 80, TCP, &three, Some(60));
+        let dst = |l: &Loaded, port: u16| {
+            parse_and_verify(&l.run(prog, &Frame::tcp((CLIENT, port), (VIP, 80), SYN).build()).data).dst
+        };
+        let first = dst(&l, 32000);
+        for port in 32001..32030 {
+            assert_eq!(
+                dst(&l, port),
+                first,
+                "{prog:?}: flow from port {port} left the client's backend"
+            );
+        }
+        // Another client is not bound by it.
+        let other = (Ipv4Addr::new(198, 18, 100, 3), 32000);
+        let p = parse_and_verify(&l.run(prog, &Frame::tcp(other, (VIP, 80), SYN).build()).data);
+        assert_eq!(p.dst, expected(&l.backends(VIP, 80, TCP), other, (VIP, 80), TCP).ip());
+        // The remembered backend leaves: the client goes elsewhere, and
+        // sticks there.
+        let rest: Vec<_> = three.iter().copied().filter(|(a, _)| *a != first).collect();
+        l.set_service_with(VIP, 80, TCP, &rest, Some(60));
+        let second = dst(&l, 33000);
+        assert_ne!(second, first, "{prog:?}");
+        for port in 33001..33010 {
+            assert_eq!(dst(&l, port), second, "{prog:?}");
+        }
+    }
+}
+
+#[test]
+fn client_ip_affinity_expires_after_its_timeout() {
+    let mut l = Loaded::new();
+    l.set_service_with(VIP, 80, TCP, &[(b(1), 8080), (b(2), 8080), (b(3), 8080)], Some(1));
+    let backends = l.backends(VIP, 80, TCP);
+    let first = parse_and_verify(
+        &l.run(Prog::Tc, &Frame::tcp((CLIENT, 34000), (VIP, 80), SYN).build())
+            .data,
+    )
+    .dst;
+    // A port whose own Maglev choice is another backend.
+    let port = (34001..35000u16)
+        .find(|p| expected(&backends, (CLIENT, *p), (VIP, 80), TCP).ip() != first)
+        .unwrap();
+    let before = parse_and_verify(
+        &l.run(Prog::Tc, &Frame::tcp((CLIENT, port), (VIP, 80), SYN).build())
+            .data,
+    )
+    .dst;
+    assert_eq!(before, first, "within the timeout the client's backend wins");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let port2 = (port + 1..36000u16)
+        .find(|p| expected(&backends, (CLIENT, *p), (VIP, 80), TCP).ip() != first)
+        .unwrap();
+    let after = parse_and_verify(
+        &l.run(Prog::Tc, &Frame::tcp((CLIENT, port2), (VIP, 80), SYN).build())
+            .data,
+    )
+    .dst;
+    assert_eq!(
+        after,
+        expected(&backends, (CLIENT, port2), (VIP, 80), TCP).ip(),
+        "affinity did not expire"
+    );
+}
+
+/// Short timeouts: 300 ms for unreplied flows, the defaults otherwise.
+fn short_timeouts() -> Loaded {
+    let ms = 1_000_000;
+    Loaded::with_configs(
+        SyncConfig::default(),
+        DpConfig {
+            tcp_syn_timeout_ns: 300 * ms,
+            udp_timeout_ns: 300 * ms,
+            ..DpConfig::defaults()
+        },
+    )
+}
+
+#[test]
+fn conntrack_entries_expire_by_protocol_and_state() {
+    for prog in Prog::BOTH {
+        let mut l = short_timeouts();
+        let old = [(b(1), 8080), (b(2), 8080), (b(3), 8080)];
+        l.set_service(VIP, 80, TCP, &old);
+        l.set_service(VIP, 53, UDP, &old);
+        let udp = (CLIENT, 50400);
+        let unreplied = (CLIENT, 40600);
+        let replied = (CLIENT, 40601);
+        let u0 = parse_and_verify(&l.run(prog, &Frame::udp(udp, (VIP, 53), b"q").build()).data);
+        let s0 = parse_and_verify(&l.run(prog, &Frame::tcp(unreplied, (VIP, 80), SYN).build()).data);
+        let r0 = parse_and_verify(&l.run(prog, &Frame::tcp(replied, (VIP, 80), SYN).build()).data);
+        // The backend answers the second flow: it is established now.
+        l.run(prog, &Frame::tcp((r0.dst, r0.dport), replied, SYN | ACK).build());
+        // Move every service to new backends; only expired flows follow.
+        let new = [(b(7), 9000), (b(8), 9000)];
+        l.set_service(VIP, 80, TCP, &new);
+        l.set_service(VIP, 53, UDP, &new);
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let u1 = parse_and_verify(&l.run(prog, &Frame::udp(udp, (VIP, 53), b"q").build()).data);
+        let s1 = parse_and_verify(&l.run(prog, &Frame::tcp(unreplied, (VIP, 80), ACK).build()).data);
+        let r1 = parse_and_verify(&l.run(prog, &Frame::tcp(replied, (VIP, 80), ACK).build()).data);
+        assert_ne!(u1.dst, u0.dst, "{prog:?}: an idle unreplied UDP flow must expire");
+        assert_ne!(s1.dst, s0.dst, "{prog:?}: an idle unanswered TCP flow must expire");
+        assert_eq!(
+            (r1.dst, r1.dport),
+            (r0.dst, r0.dport),
+            "{prog:?}: an established TCP flow must not"
+        );
+    }
 }

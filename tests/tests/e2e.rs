@@ -213,6 +213,29 @@ fn tc_rewrites_partial_checksums_correctly() {
     assert_eq!(from, SocketAddr::from((VIP, 53)));
 }
 
+/// sessionAffinity ClientIP: 100 connections from one client all land on
+/// one backend (without it they spread, see the 300-connection test).
+#[test]
+fn client_ip_affinity_sends_every_connection_to_one_backend() {
+    let t = Topology::new(3).unwrap();
+    let _servers = start_servers(&t);
+    let svc = service("shop", "web", VIP, PORTS).replace(
+        "  type: ClusterIP\n",
+        "  type: ClusterIP\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}\n",
+    );
+    let addrs: Vec<Ipv4Addr> = (1..=3).map(backend_addr).collect();
+    let slice = slice("shop", "web-abcde", "web", TARGETS, &addrs);
+    let ifaces = t.node_ifaces();
+    let _agent = Agent::start(&t.node, &ifaces, &[], &[("service.yaml", &svc), ("slice.yaml", &slice)]).unwrap();
+    let counts = connections(&t, 100).unwrap();
+    assert_eq!(
+        counts.len(),
+        1,
+        "connections spread despite ClientIP affinity: {counts:?}"
+    );
+    assert_eq!(counts.values().sum::<usize>(), 100);
+}
+
 /// A Service without endpoints: TCP connects and UDP requests fail with
 /// ECONNREFUSED (from the RST / ICMP port unreachable), not with a timeout.
 #[test]
