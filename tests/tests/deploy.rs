@@ -61,6 +61,8 @@ struct Manifests {
     files: Vec<String>,
     /// The `resources` of kustomization.yaml.
     kustomization: Vec<String>,
+    /// The image names kustomization.yaml rewrites (`images[].name`).
+    kustomization_images: Vec<String>,
 }
 
 fn deploy_dir() -> PathBuf {
@@ -100,7 +102,8 @@ fn load_dir(dir: &Path) -> Result<Manifests, String> {
         let path = dir.join(&name);
         let text = fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         if name == "kustomization.yaml" {
-            m.kustomization = parse_kustomization(&text).map_err(|e| format!("deploy/{name}: {e}"))?;
+            (m.kustomization, m.kustomization_images) =
+                parse_kustomization(&text).map_err(|e| format!("deploy/{name}: {e}"))?;
         } else {
             parse_manifests(&format!("deploy/{name}"), &text, &mut m)?;
             m.files.push(name);
@@ -109,20 +112,35 @@ fn load_dir(dir: &Path) -> Result<Manifests, String> {
     Ok(m)
 }
 
-fn parse_kustomization(text: &str) -> Result<Vec<String>, String> {
+/// The `resources` and the `images[].name`s of a kustomization.
+fn parse_kustomization(text: &str) -> Result<(Vec<String>, Vec<String>), String> {
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
     let resources = value
         .get("resources")
         .and_then(|r| r.as_sequence())
-        .ok_or("no `resources` list")?;
-    resources
+        .ok_or("no `resources` list")?
         .iter()
         .map(|r| {
             r.as_str()
                 .map(String::from)
                 .ok_or(format!("resource {r:?} is not a file name"))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    let images = match value.get("images") {
+        None => Vec::new(),
+        Some(images) => images
+            .as_sequence()
+            .ok_or("`images` is not a list")?
+            .iter()
+            .map(|i| {
+                i.get("name")
+                    .and_then(|n| n.as_str())
+                    .map(String::from)
+                    .ok_or(format!("image {i:?} has no name"))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok((resources, images))
 }
 
 /// Parses every document of one file into the type of its kind.
@@ -679,9 +697,25 @@ fn check_scheduling(m: &Manifests) -> Vec<String> {
     problems
 }
 
-/// kustomization.yaml lists every manifest file, once, and nothing else.
+/// kustomization.yaml lists every manifest file, once, and nothing else,
+/// and its image override names the image the DaemonSet runs (a name that
+/// matches nothing is silently ignored by kustomize).
 fn check_kustomization(m: &Manifests) -> Vec<String> {
     let mut problems = Vec::new();
+    let image = agent(m).ok().and_then(|(_, _, c)| c.image.clone()).unwrap_or_default();
+    // The name without tag or digest; a registry port (`host:5000/x`) stays.
+    let untagged = image.split('@').next().unwrap_or_default();
+    let image_name = match untagged.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => name,
+        _ => untagged,
+    };
+    for name in &m.kustomization_images {
+        if name != image_name {
+            problems.push(format!(
+                "kustomization.yaml rewrites image {name}, but the DaemonSet runs {image}"
+            ));
+        }
+    }
     let listed: BTreeSet<&String> = m.kustomization.iter().collect();
     if listed.len() != m.kustomization.len() {
         problems.push(format!("kustomization.yaml lists a file twice: {:?}", m.kustomization));
@@ -1394,7 +1428,7 @@ fn scheduling_check_catches_priority_tolerations_strategy_and_resources() {
 }
 
 #[test]
-fn kustomization_check_catches_missing_extra_and_duplicate_files() {
+fn kustomization_check_catches_missing_extra_and_duplicate_files_and_a_stray_image() {
     assert_catches(
         "file not listed",
         check_kustomization,
@@ -1421,6 +1455,12 @@ fn kustomization_check_catches_missing_extra_and_duplicate_files() {
             m.kustomization.push(first);
         },
         "lists a file twice",
+    );
+    assert_catches(
+        "image renamed in the DaemonSet only",
+        check_kustomization,
+        |m| container_mut(m).image = Some("dataplane-agent:0.1.0".into()),
+        "rewrites image dataplane, but the DaemonSet runs dataplane-agent:0.1.0",
     );
 }
 
@@ -1460,4 +1500,112 @@ fn loading_reads_a_directory_of_manifests_and_its_kustomization() {
     assert!(check_objects(&m)
         .iter()
         .any(|p| p.contains("expected one ServiceAccount, found 2")));
+}
+
+/// The build file puts the binary where the DaemonSet runs it, builds the
+/// eBPF object before the agent that embeds it, and ends on a slim base;
+/// the build context leaves out target/.
+fn check_container_build(dockerfile: &str, dockerignore: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    // Instructions only: the comments mention the same commands.
+    let lines: Vec<&str> = dockerfile
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    let stages: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("FROM ")).collect();
+    if stages.len() < 2 {
+        problems.push(format!(
+            "Dockerfile: {} stage(s), expected a builder and a runtime stage",
+            stages.len()
+        ));
+    }
+    if !stages.last().is_some_and(|s| s.contains("-slim")) {
+        problems.push(format!(
+            "Dockerfile: the runtime stage {:?} is not a slim base",
+            stages.last()
+        ));
+    }
+    let position = |needle: &str| lines.iter().position(|l| l.contains(needle));
+    match (position("cargo xtask build-ebpf"), position("cargo build --release")) {
+        (Some(ebpf), Some(user)) if ebpf < user => {}
+        (ebpf, user) => problems.push(format!(
+            "Dockerfile: `cargo xtask build-ebpf` (line {ebpf:?}) must run before the agent's release build (line {user:?})"
+        )),
+    }
+    if !lines
+        .iter()
+        .any(|l| l.contains("cargo build --release") && l.contains("-p dataplane-user"))
+    {
+        problems.push("Dockerfile: no release build of dataplane-user".into());
+    }
+    if !lines.iter().any(|l| l.contains("cargo +nightly install bpf-linker")) {
+        problems.push("Dockerfile: bpf-linker is not built with the nightly toolchain".into());
+    }
+    let binary = AGENT_COMMAND[0];
+    let runtime_start = lines.iter().rposition(|l| l.starts_with("FROM ")).unwrap_or(0);
+    if !lines[runtime_start..]
+        .iter()
+        .any(|l| l.starts_with("COPY --from=") && l.ends_with(&format!(" {binary}")))
+    {
+        problems.push(format!(
+            "Dockerfile: the runtime stage does not copy the agent to {binary}"
+        ));
+    }
+    if !dockerignore
+        .lines()
+        .any(|l| matches!(l.trim(), "target" | "target/" | "/target" | "/target/"))
+    {
+        problems.push(".dockerignore: target/ is not excluded".into());
+    }
+    problems
+}
+
+#[test]
+fn container_build_installs_the_binary_the_daemonset_runs() {
+    let root = deploy_dir().parent().unwrap().to_path_buf();
+    let dockerfile = fs::read_to_string(root.join("deploy/Dockerfile")).expect("reading deploy/Dockerfile");
+    let dockerignore = fs::read_to_string(root.join(".dockerignore")).expect("reading .dockerignore");
+    assert_clean("container build", check_container_build(&dockerfile, &dockerignore));
+
+    for (case, from, to, expect) in [
+        (
+            "binary elsewhere",
+            "/out/dataplane /usr/local/bin/dataplane",
+            "/out/dataplane /bin/dataplane",
+            "does not copy the agent",
+        ),
+        (
+            "full runtime base",
+            "debian:${DEBIAN_RELEASE}-slim",
+            "debian:${DEBIAN_RELEASE}",
+            "is not a slim base",
+        ),
+        ("no eBPF build", "cargo xtask build-ebpf;", "true;", "must run before"),
+        (
+            "another package",
+            "-p dataplane-user",
+            "-p xtask",
+            "no release build of dataplane-user",
+        ),
+        (
+            "stable bpf-linker",
+            "cargo +nightly install bpf-linker",
+            "cargo install bpf-linker",
+            "bpf-linker is not built",
+        ),
+    ] {
+        assert!(dockerfile.contains(from), "{case}: {from:?} not in the Dockerfile");
+        let broken = dockerfile.replace(from, to);
+        let problems = check_container_build(&broken, &dockerignore);
+        assert!(
+            problems.iter().any(|p| p.contains(expect)),
+            "{case}: not noticed (expected {expect:?}, got {problems:?})"
+        );
+    }
+    let problems = check_container_build(&dockerfile, "bench-results/\n");
+    assert!(
+        problems.iter().any(|p| p.contains("target/ is not excluded")),
+        "{problems:?}"
+    );
 }
