@@ -34,6 +34,41 @@ pub mod map_names {
     pub const REASON_STATS: &str = "DP_REASONS";
 }
 
+/// The shape of every map: what a pinned map must match to be adopted by a
+/// restarted agent (name, key size, value size, max entries).
+pub mod map_shapes {
+    use core::mem::size_of;
+
+    use super::*;
+
+    pub struct MapShape {
+        pub name: &'static str,
+        pub key_size: u32,
+        pub value_size: u32,
+        pub max_entries: u32,
+    }
+
+    const fn shape<K, V>(name: &'static str, max_entries: u32) -> MapShape {
+        MapShape {
+            name,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+        }
+    }
+
+    pub const ALL: [MapShape; 8] = [
+        shape::<ServiceKey, ServiceValue>(map_names::SERVICES, limits::MAX_SERVICES),
+        shape::<BackendKey, Backend>(map_names::BACKENDS, limits::MAX_BACKEND_SLOTS),
+        shape::<MaglevKey, MaglevChunk>(map_names::MAGLEV, limits::MAX_MAGLEV_CHUNKS),
+        shape::<CtKey, CtValue>(map_names::CONNTRACK, limits::MAX_CONNTRACK),
+        shape::<AffinityKey, AffinityValue>(map_names::AFFINITY, limits::MAX_AFFINITY),
+        shape::<u32, ServiceStats>(map_names::SERVICE_STATS, limits::MAX_SERVICES),
+        shape::<u32, u64>(map_names::REASON_STATS, REASON_COUNT),
+        shape::<u32, DpConfig>(map_names::CONFIG, 1),
+    ];
+}
+
 /// Program names (the entry function symbols in the eBPF object).
 pub mod program_names {
     pub const XDP: &str = "dp_xdp";
@@ -206,6 +241,10 @@ pub struct AffinityValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct DpConfig {
+    /// `ABI_VERSION` of the agent that wrote the pinned maps: a restarted
+    /// agent refuses maps of another layout instead of misreading them.
+    pub abi_version: u32,
+    pub _pad: u32,
     /// TCP flows that have not seen a reply yet.
     pub tcp_syn_timeout_ns: u64,
     /// TCP flows that have seen a reply.
@@ -232,6 +271,8 @@ impl DpConfig {
     pub const fn defaults() -> Self {
         const NS: u64 = 1_000_000_000;
         DpConfig {
+            abi_version: ABI_VERSION,
+            _pad: 0,
             tcp_syn_timeout_ns: timeouts::TCP_SYN_S * NS,
             tcp_established_timeout_ns: timeouts::TCP_ESTABLISHED_S * NS,
             tcp_closing_timeout_ns: timeouts::TCP_CLOSING_S * NS,
@@ -558,8 +599,9 @@ mod tests {
         assert_eq!(offset_of!(AffinityKey, service_id), 4);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(offset_of!(AffinityValue, last_seen_ns), 8);
-        assert_eq!(size_of::<DpConfig>(), 40);
-        assert_eq!(offset_of!(DpConfig, udp_stream_timeout_ns), 32);
+        assert_eq!(size_of::<DpConfig>(), 48);
+        assert_eq!(offset_of!(DpConfig, tcp_syn_timeout_ns), 8);
+        assert_eq!(offset_of!(DpConfig, udp_stream_timeout_ns), 40);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod desired;
 pub mod loader;
 pub mod maglev;
+pub mod pin;
 pub mod source;
 pub mod sync;
 pub mod testrun;

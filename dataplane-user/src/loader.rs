@@ -2,19 +2,26 @@
 
 use std::{
     os::fd::{AsFd, AsRawFd, RawFd},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use dataplane_common::{
-    map_names, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig, MaglevChunk,
-    MaglevKey, ServiceKey, ServiceStats, ServiceValue,
+    map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
+    MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue,
 };
 use thiserror::Error;
+
+use crate::pin::{PinError, PinRoot};
 
 /// The object built by `cargo xtask build-ebpf`, embedded at compile time
 /// (empty if it was not built before this crate).
@@ -43,6 +50,8 @@ pub enum LoadError {
     },
     #[error("map {0} is missing from the eBPF object (object and agent from different versions?)")]
     MissingMap(&'static str),
+    #[error(transparent)]
+    Pin(#[from] PinError),
     #[error("attaching {program} to interface {iface}: {source}")]
     Attach {
         program: &'static str,
@@ -95,15 +104,63 @@ impl Maps {
     }
 }
 
-/// A loaded dataplane: programs in the kernel, maps open. Dropping it
-/// detaches every program it attached.
+/// A loaded dataplane: programs in the kernel, maps open.
+///
+/// Without pins, dropping it detaches every program it attached. With pins
+/// (`load_pinned`), maps and links live in bpffs: programs stay attached
+/// when the agent exits, and the next agent adopts them.
 pub struct Dataplane {
     ebpf: Ebpf,
+    pins: Option<PinRoot>,
+}
+
+/// How a program got attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub mode: AttachMode,
+    /// A pinned link from a previous agent had its program replaced
+    /// atomically (no moment without a program).
+    pub replaced: bool,
+    /// The link is pinned and survives the agent.
+    pub pinned: bool,
+}
+
+impl std::fmt::Display for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.mode {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Clsact => "clsact",
+            AttachMode::XdpLink => "XDP link",
+            AttachMode::XdpNetlink => "XDP (netlink)",
+        })?;
+        if self.replaced {
+            f.write_str(", pinned link adopted, program replaced atomically")
+        } else if self.pinned {
+            f.write_str(", link pinned")
+        } else {
+            Ok(())
+        }
+    }
 }
 
 impl Dataplane {
-    /// Loads the embedded object, or the one at `path`.
+    /// Loads the embedded object, or the one at `path`, with maps of its
+    /// own (nothing pinned).
     pub fn load(path: Option<&Path>) -> Result<Self, LoadError> {
+        Self::load_inner(path, None)
+    }
+
+    /// Loads the object with its maps pinned under `pins` (adopting maps
+    /// pinned by a previous agent after checking their shapes). Returns
+    /// whether pinned maps were adopted.
+    pub fn load_pinned(path: Option<&Path>, pins: PinRoot) -> Result<(Self, bool), LoadError> {
+        let adopted = pins.prepare()?;
+        pins.check_maps()?;
+        let dp = Self::load_inner(path, Some(pins))?;
+        Ok((dp, adopted))
+    }
+
+    fn load_inner(path: Option<&Path>, pins: Option<PinRoot>) -> Result<Self, LoadError> {
         let bytes;
         let object: &[u8] = match path {
             Some(p) => {
@@ -116,7 +173,15 @@ impl Dataplane {
             None if EMBEDDED_OBJECT.is_empty() => return Err(LoadError::NoObject),
             None => EMBEDDED_OBJECT,
         };
-        let mut ebpf = EbpfLoader::new().load(object)?;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&'static str, PathBuf)> = match &pins {
+            Some(p) => map_shapes::ALL.iter().map(|s| (s.name, p.map(s.name))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(object)?;
         for name in [program_names::XDP, program_names::TC] {
             let prog = ebpf.program_mut(name).ok_or(LoadError::Program {
                 name,
@@ -134,7 +199,11 @@ impl Dataplane {
                 }
             }
         }
-        Ok(Dataplane { ebpf })
+        Ok(Dataplane { ebpf, pins })
+    }
+
+    pub fn pins(&self) -> Option<&PinRoot> {
+        self.pins.as_ref()
     }
 
     /// Takes the maps out of the object (once).
@@ -167,28 +236,80 @@ impl Dataplane {
         Ok(fd.as_fd().as_raw_fd())
     }
 
-    /// Attaches the XDP program to `iface`.
-    pub fn attach_xdp(&mut self, iface: &str, mode: XdpAttachMode) -> Result<(), LoadError> {
+    /// Attaches the XDP program to `iface`. With pins, a link pinned by a
+    /// previous agent gets this program atomically; a new link is pinned.
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpAttachMode) -> Result<Attached, LoadError> {
         let name = program_names::XDP;
+        let pin = self.pins.as_ref().map(|p| p.link("xdp", iface));
         let p: &mut Xdp = self
             .ebpf
             .program_mut(name)
             .expect("loaded in Dataplane::load")
             .try_into()
             .map_err(|source| LoadError::Program { name, source })?;
-        p.attach(iface, mode.into()).map_err(|source| LoadError::Attach {
+        let attach_err = |source| LoadError::Attach {
             program: name,
             iface: iface.to_string(),
             source,
-        })?;
-        Ok(())
+        };
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            let replaced = PinnedLink::from_pin(pin)
+                .ok()
+                .and_then(|l| XdpLink::try_from(FdLink::from(l)).ok())
+                .and_then(|l| p.attach_to_link(l).ok());
+            if let Some(id) = replaced {
+                // Keep the pinned link; our copy of its fd closes here.
+                drop(p.take_link(id).map_err(attach_err)?);
+                return Ok(Attached {
+                    mode: AttachMode::XdpLink,
+                    replaced: true,
+                    pinned: true,
+                });
+            }
+            // The interface went away and came back, or the pin is stale.
+            PinRoot::unpin_link(pin)?;
+        }
+        let id = p.attach(iface, mode.into()).map_err(attach_err)?;
+        let Some(pin) = pin else {
+            return Ok(Attached {
+                mode: AttachMode::XdpLink,
+                replaced: false,
+                pinned: false,
+            });
+        };
+        let link = p.take_link(id).map_err(attach_err)?;
+        match FdLink::try_from(link) {
+            Ok(fd) => {
+                fd.pin(&pin).map_err(|e| {
+                    LoadError::Pin(PinError::Io {
+                        path: pin.display().to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })?;
+                Ok(Attached {
+                    mode: AttachMode::XdpLink,
+                    replaced: false,
+                    pinned: true,
+                })
+            }
+            // A netlink XDP attachment (kernels without XDP links): it stays
+            // attached until `dataplane cleanup` or the interface goes.
+            Err(_) => Ok(Attached {
+                mode: AttachMode::XdpNetlink,
+                replaced: false,
+                pinned: false,
+            }),
+        }
     }
 
     /// Attaches the TC program to the ingress of `iface`: a tcx link where
-    /// the kernel has them (6.6+), else a clsact qdisc filter.
-    /// Returns which of the two was used.
-    pub fn attach_tc(&mut self, iface: &str) -> Result<TcMode, LoadError> {
+    /// the kernel has them (6.6+), else a clsact qdisc filter. With pins, a
+    /// tcx link pinned by a previous agent gets this program atomically; a
+    /// new tcx link is pinned (clsact filters cannot be pinned: they are
+    /// replaced on restart and removed when the agent exits).
+    pub fn attach_tc(&mut self, iface: &str) -> Result<Attached, LoadError> {
         let name = program_names::TC;
+        let pin = self.pins.as_ref().map(|p| p.link("tc", iface));
         let p: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
@@ -200,12 +321,53 @@ impl Dataplane {
             iface: iface.to_string(),
             source,
         };
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            let replaced = PinnedLink::from_pin(pin)
+                .ok()
+                .and_then(|l| SchedClassifierLink::try_from(FdLink::from(l)).ok())
+                .and_then(|l| p.attach_to_link(l).ok());
+            if let Some(id) = replaced {
+                drop(p.take_link(id).map_err(attach_err)?);
+                return Ok(Attached {
+                    mode: AttachMode::Tcx,
+                    replaced: true,
+                    pinned: true,
+                });
+            }
+            PinRoot::unpin_link(pin)?;
+        }
         match p.attach_with_options(
             iface,
             TcAttachType::Ingress,
             tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
         ) {
-            Ok(_) => Ok(TcMode::Tcx),
+            Ok(id) => {
+                let Some(pin) = pin else {
+                    return Ok(Attached {
+                        mode: AttachMode::Tcx,
+                        replaced: false,
+                        pinned: false,
+                    });
+                };
+                let link = p.take_link(id).map_err(attach_err)?;
+                let fd = FdLink::try_from(link).map_err(|e| {
+                    LoadError::Pin(PinError::Io {
+                        path: pin.display().to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })?;
+                fd.pin(&pin).map_err(|e| {
+                    LoadError::Pin(PinError::Io {
+                        path: pin.display().to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })?;
+                Ok(Attached {
+                    mode: AttachMode::Tcx,
+                    replaced: false,
+                    pinned: true,
+                })
+            }
             Err(tcx_err) => {
                 tracing::debug!(iface, error = %tcx_err, "tcx attach failed, falling back to clsact");
                 // EEXIST: the qdisc is already there, which is fine.
@@ -216,24 +378,25 @@ impl Dataplane {
                     tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
                 )
                 .map_err(attach_err)?;
-                Ok(TcMode::Clsact)
+                Ok(Attached {
+                    mode: AttachMode::Clsact,
+                    replaced: false,
+                    pinned: false,
+                })
             }
         }
     }
 }
 
-/// How the TC program got attached.
+/// The kind of attachment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TcMode {
+pub enum AttachMode {
+    /// A tcx link (kernel 6.6+): pinnable, atomically replaceable.
     Tcx,
+    /// A clsact qdisc filter (older kernels).
     Clsact,
-}
-
-impl std::fmt::Display for TcMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            TcMode::Tcx => "tcx",
-            TcMode::Clsact => "clsact",
-        })
-    }
+    /// An XDP link: pinnable, atomically replaceable.
+    XdpLink,
+    /// A netlink XDP attachment (kernels without XDP links).
+    XdpNetlink,
 }

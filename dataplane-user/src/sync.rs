@@ -133,6 +133,10 @@ impl<W: MapWriter> Syncer<W> {
         &self.writer
     }
 
+    pub fn into_writer(self) -> W {
+        self.writer
+    }
+
     fn alloc_id(&mut self) -> Option<u32> {
         if let Some(id) = self.free_ids.pop() {
             return Some(id);
@@ -141,6 +145,14 @@ impl<W: MapWriter> Syncer<W> {
             self.next_id += 1;
             self.next_id - 1
         })
+    }
+
+    /// The Maglev table size `fe` gets (0: none).
+    fn maglev_size_for(&self, fe: &Frontend) -> u32 {
+        match self.config.selection {
+            Selection::Maglev if !fe.backends.is_empty() => self.config.maglev_size,
+            _ => 0,
+        }
     }
 
     /// Writes one generation of `fe` (backend slots, Maglev table) and
@@ -233,10 +245,13 @@ impl<W: MapWriter> Syncer<W> {
                 frontend: describe(key),
                 cause,
             };
+            let maglev_size = self.maglev_size_for(fe);
             match self.programmed.get(key).cloned() {
-                Some(p) if p.frontend == *fe => report.unchanged += 1,
+                Some(p) if p.frontend == *fe && p.maglev_size == maglev_size => report.unchanged += 1,
                 Some(p)
-                    if p.frontend.backends == fe.backends && p.frontend.affinity_timeout_s == fe.affinity_timeout_s =>
+                    if p.frontend.backends == fe.backends
+                        && p.frontend.affinity_timeout_s == fe.affinity_timeout_s
+                        && p.maglev_size == maglev_size =>
                 {
                     // Only names changed: nothing to write.
                     self.programmed.insert(
@@ -336,6 +351,107 @@ impl<W: MapWriter> Syncer<W> {
             }
         }
         report
+    }
+}
+
+/// What adopting pinned maps found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AdoptReport {
+    pub frontends: usize,
+    pub backends: usize,
+    /// Backend slots and Maglev chunks no service pointed at (a generation
+    /// half written when the previous agent stopped), deleted.
+    pub stale_removed: usize,
+}
+
+impl Syncer<crate::loader::Maps> {
+    /// Rebuilds the programmed state from maps a previous agent left pinned,
+    /// instead of wiping them: the next `apply` then writes only what
+    /// changed meanwhile. Entries no service points at are deleted.
+    pub fn adopt(maps: crate::loader::Maps, config: SyncConfig) -> Result<(Self, AdoptReport), String> {
+        let mut report = AdoptReport::default();
+        let mut programmed = BTreeMap::new();
+        let services: Vec<(ServiceKey, ServiceValue)> = maps
+            .services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("reading services: {e}"))?;
+        let mut live: BTreeMap<u32, ServiceValue> = BTreeMap::new();
+        for (key, value) in services {
+            let mut backends = Vec::with_capacity(value.backend_count as usize);
+            for i in 0..value.backend_count as u32 {
+                // A missing slot makes the set differ from any desired one,
+                // so the next apply rewrites the service.
+                if let Ok(b) = maps
+                    .backends
+                    .get(&BackendKey::new(value.service_id, value.generation, i), 0)
+                {
+                    backends.push(b);
+                }
+            }
+            report.backends += backends.len();
+            let affinity_timeout_s = (value.flags & SVC_F_AFFINITY != 0).then_some(value.affinity_timeout_s);
+            live.insert(value.service_id, value);
+            programmed.insert(
+                key,
+                Programmed {
+                    service_id: value.service_id,
+                    generation: value.generation,
+                    maglev_size: value.maglev_size,
+                    // Names are not in the maps; the first apply fills them
+                    // in without writing anything.
+                    frontend: Frontend {
+                        service: String::new(),
+                        port_name: String::new(),
+                        backends,
+                        affinity_timeout_s,
+                    },
+                },
+            );
+        }
+        report.frontends = programmed.len();
+
+        let mut maps = maps;
+        let current_slot = |k: &BackendKey| {
+            live.get(&k.service_id).is_some_and(|v| {
+                let base = BackendKey::new(v.service_id, v.generation, 0).slot;
+                (base..base + v.backend_count as u32).contains(&k.slot)
+            })
+        };
+        let stale: Vec<BackendKey> = maps
+            .backends
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !current_slot(k))
+            .collect();
+        for k in &stale {
+            let _ = maps.backends.remove(k);
+        }
+        report.stale_removed += stale.len();
+        let current_chunk = |k: &MaglevKey| {
+            live.get(&k.service_id).is_some_and(|v| {
+                let first = MaglevKey::new(v.service_id, v.generation, 0).chunk;
+                let chunks = v.maglev_size.div_ceil(limits::MAGLEV_CHUNK);
+                (first..first + chunks).contains(&k.chunk)
+            })
+        };
+        let stale: Vec<MaglevKey> = maps
+            .maglev
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !current_chunk(k))
+            .collect();
+        for k in &stale {
+            let _ = maps.maglev.remove(k);
+        }
+        report.stale_removed += stale.len();
+
+        let mut syncer = Syncer::with_config(maps, config);
+        let used: std::collections::BTreeSet<u32> = live.keys().copied().collect();
+        syncer.next_id = used.iter().next_back().map_or(0, |m| m + 1);
+        syncer.free_ids = (0..syncer.next_id).filter(|i| !used.contains(i)).rev().collect();
+        syncer.programmed = programmed;
+        Ok((syncer, report))
     }
 }
 

@@ -1,0 +1,166 @@
+//! Pinned state: a second agent adopts the maps a first one pinned, without
+//! rewriting them and keeping established flows; maps of another layout are
+//! refused; cleanup removes everything.
+
+use std::{net::Ipv4Addr, path::PathBuf, process::Command};
+
+use dataplane::{
+    desired::{Desired, Frontend},
+    loader::Dataplane,
+    pin::{ensure_bpffs, PinRoot},
+    sync::{SyncConfig, Syncer},
+    testrun,
+};
+use dataplane_common::{program_names, Backend, BackendKey, ServiceKey};
+use dataplane_tests::{
+    netns::{require_root_and_tools, unique_prefix},
+    packet::{parse_and_verify, Frame, ACK, SYN, TCP},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+
+/// A pin root of this test under /sys/fs/bpf, removed on drop.
+struct PinDir(PinRoot);
+
+impl PinDir {
+    fn new() -> PinDir {
+        require_root_and_tools();
+        let root = PathBuf::from("/sys/fs/bpf").join(unique_prefix());
+        ensure_bpffs(&root).expect("bpffs at /sys/fs/bpf");
+        PinDir(PinRoot::new(root))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.cleanup() {
+            eprintln!("cleanup of {}: {e}", self.0.root.display());
+        }
+        let _ = std::fs::remove_dir_all(&self.0.root);
+    }
+}
+
+fn desired() -> Desired {
+    let backends: Vec<Backend> = (1..=3)
+        .map(|i| Backend::new(Ipv4Addr::new(198, 18, i, 2), 8080))
+        .collect();
+    let mut d = Desired::default();
+    d.frontends.insert(
+        ServiceKey::new(VIP, 80, TCP),
+        Frontend {
+            service: "shop/web".into(),
+            port_name: "http".into(),
+            backends,
+            affinity_timeout_s: Some(60),
+        },
+    );
+    d
+}
+
+fn run(dp: &Dataplane, frame: &[u8]) -> Vec<u8> {
+    let fd = dp.program_fd(program_names::TC).unwrap();
+    testrun::run(fd, frame).unwrap().data
+}
+
+#[test]
+fn a_restarted_agent_adopts_pinned_maps_without_rewriting_them() {
+    let pins = PinDir::new();
+    let client = (CLIENT, 41000);
+
+    // First agent: program the service, open a flow, and die leaving a
+    // half-written generation behind.
+    let (mut dp, adopted) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
+    assert!(!adopted, "fresh root");
+    let maps = dp.take_maps().unwrap();
+    let mut sync = Syncer::new(maps);
+    assert_eq!(sync.apply(&desired()).added, 1);
+    let first = parse_and_verify(&run(&dp, &Frame::tcp(client, (VIP, 80), SYN).build()));
+    let id = sync.programmed()[&ServiceKey::new(VIP, 80, TCP)].service_id;
+    let mut maps = sync.into_writer();
+    maps.backends
+        .insert(
+            BackendKey::new(id, 1, 0),
+            Backend::new(Ipv4Addr::new(198, 18, 9, 9), 1),
+            0,
+        )
+        .unwrap();
+    drop(maps);
+    drop(dp);
+
+    // Second agent.
+    let (mut dp, adopted) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
+    assert!(adopted);
+    let maps = dp.take_maps().unwrap();
+    let (mut sync, report) = Syncer::adopt(maps, SyncConfig::default()).unwrap();
+    assert_eq!(
+        (report.frontends, report.backends, report.stale_removed),
+        (1, 3, 1),
+        "{report:?}"
+    );
+    let r = sync.apply(&desired());
+    assert_eq!(
+        (r.added, r.updated, r.removed, r.unchanged),
+        (0, 0, 0, 1),
+        "the same state must write nothing: {r:?}"
+    );
+    assert_eq!(
+        sync.programmed()[&ServiceKey::new(VIP, 80, TCP)].service_id,
+        id,
+        "ids are kept"
+    );
+    // The established flow keeps its backend through the new program.
+    let next = parse_and_verify(&run(&dp, &Frame::tcp(client, (VIP, 80), ACK).build()));
+    assert_eq!((next.dst, next.dport), (first.dst, first.dport));
+    assert_eq!(sync.writer().conntrack.keys().count(), 2, "conntrack survived");
+}
+
+#[test]
+fn pinned_maps_of_another_layout_are_refused() {
+    let pins = PinDir::new();
+    std::fs::create_dir_all(pins.0.maps()).unwrap();
+    let path = pins.0.map("DP_SERVICES");
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "8",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "DP_SERVICES",
+        ])
+        .output()
+        .expect("bpftool is needed: run `cargo xtask setup`");
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = Dataplane::load_pinned(None, pins.0.clone())
+        .err()
+        .expect("a mismatching pinned map was adopted");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("DP_SERVICES") && msg.contains("dataplane cleanup"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn cleanup_removes_every_pin() {
+    let pins = PinDir::new();
+    let (dp, _) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
+    drop(dp);
+    assert!(pins.0.map("DP_CONNTRACK").exists());
+    // The ABI's shape table describes exactly the maps the object creates.
+    pins.0.check_maps().expect("dataplane_common::map_shapes disagrees with the eBPF object");
+    let removed = pins.0.cleanup().unwrap();
+    assert!(removed.iter().any(|r| r == "map DP_CONNTRACK"), "{removed:?}");
+    assert!(!pins.0.root.exists(), "{} left behind", pins.0.root.display());
+}
