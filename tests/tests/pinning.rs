@@ -159,7 +159,9 @@ fn cleanup_removes_every_pin() {
     drop(dp);
     assert!(pins.0.map("DP_CONNTRACK").exists());
     // The ABI's shape table describes exactly the maps the object creates.
-    pins.0.check_maps().expect("dataplane_common::map_shapes disagrees with the eBPF object");
+    pins.0
+        .check_maps()
+        .expect("dataplane_common::map_shapes disagrees with the eBPF object");
     let removed = pins.0.cleanup().unwrap();
     assert!(removed.iter().any(|r| r == "map DP_CONNTRACK"), "{removed:?}");
     assert!(!pins.0.root.exists(), "{} left behind", pins.0.root.display());
