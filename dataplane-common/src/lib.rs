@@ -29,6 +29,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "DP_CONNTRACK";
     pub const MAGLEV: &str = "DP_MAGLEV";
     pub const AFFINITY: &str = "DP_AFFINITY";
+    pub const SOURCE_RANGES: &str = "DP_SRC_RANGES";
     pub const CONFIG: &str = "DP_CONFIG";
     pub const SERVICE_STATS: &str = "DP_SVC_STATS";
     pub const REASON_STATS: &str = "DP_REASONS";
@@ -57,7 +58,14 @@ pub mod map_shapes {
         }
     }
 
-    pub const ALL: [MapShape; 8] = [
+    pub const ALL: [MapShape; 9] = [
+        // LPM trie keys carry a u32 prefix length in front of the data.
+        MapShape {
+            name: map_names::SOURCE_RANGES,
+            key_size: 4 + size_of::<SourceRangeKey>() as u32,
+            value_size: 1,
+            max_entries: limits::MAX_SOURCE_RANGES,
+        },
         shape::<ServiceKey, ServiceValue>(map_names::SERVICES, limits::MAX_SERVICES),
         shape::<BackendKey, Backend>(map_names::BACKENDS, limits::MAX_BACKEND_SLOTS),
         shape::<MaglevKey, MaglevChunk>(map_names::MAGLEV, limits::MAX_MAGLEV_CHUNKS),
@@ -94,6 +102,8 @@ pub mod limits {
     pub const MAGLEV_MAX_CHUNKS: u32 = 256;
     /// Session affinity entries (client, service) -> backend.
     pub const MAX_AFFINITY: u32 = 65_536;
+    /// loadBalancerSourceRanges entries, all services together.
+    pub const MAX_SOURCE_RANGES: u32 = 16_384;
     /// Entries of the Maglev chunk map (the map is not preallocated: this is
     /// a ceiling, memory follows use).
     pub const MAX_MAGLEV_CHUNKS: u32 = 1_048_576;
@@ -195,16 +205,22 @@ pub struct CtValue {
     pub nat_addr: u32,
     /// As `nat_addr`, for the port.
     pub nat_port: u16,
-    /// `CT_F_*` bits: direction and TCP close state.
+    /// `CT_F_*` bits: direction, TCP state, SNAT.
     pub flags: u16,
     /// The frontend this flow was created for (counters).
     pub service_id: u32,
-    pub _pad: u32,
+    /// With `CT_F_SNAT`. Original entry: the node address the source is
+    /// rewritten to. Reply entry: the client address the destination is
+    /// rewritten back to. Network byte order.
+    pub snat_addr: u32,
     /// `bpf_ktime_get_ns()` at creation.
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` at the last packet seen in either direction
-    /// (refreshed on the original entry only).
+    /// `bpf_ktime_get_ns()` at the last packet seen in the entry's
+    /// direction (refreshed at most once a second).
     pub last_seen_ns: u64,
+    /// As `snat_addr`, for the port.
+    pub snat_port: u16,
+    pub _pad: [u16; 3],
 }
 
 /// Service flag bits (`ServiceValue::flags`).
@@ -214,6 +230,41 @@ pub const SVC_F_RANDOM: u32 = 1 << 0;
 /// sessionAffinity ClientIP: new flows from a client go to the backend its
 /// previous flow to this frontend went to, within `affinity_timeout_s`.
 pub const SVC_F_AFFINITY: u32 = 1 << 1;
+/// A frontend for traffic from outside the cluster (NodePort, LoadBalancer
+/// ingress IP, externalIP) with externalTrafficPolicy Cluster: flows to a
+/// backend on another node are SNATed to this node's address so that
+/// replies come back through it.
+pub const SVC_F_EXTERNAL: u32 = 1 << 2;
+/// The backend set is empty because of a Local traffic policy (endpoints
+/// exist on other nodes): drop, as kube-proxy does, instead of rejecting.
+pub const SVC_F_DROP_NO_LOCAL: u32 = 1 << 3;
+/// New flows must come from a source in `DP_SRC_RANGES` for this service
+/// (loadBalancerSourceRanges); others are dropped.
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 4;
+
+/// The data part of a source range map key (an LPM trie, whose keys are
+/// this behind a `u32` prefix length): the prefix length counts the 32 bits
+/// of `service_id_be`, always matched whole, plus the prefix of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    /// Big-endian, so that the trie matches it as the leading 32 bits.
+    pub service_id_be: u32,
+    /// Network byte order.
+    pub addr: u32,
+}
+
+impl SourceRangeKey {
+    pub const fn new(service_id: u32, addr: u32) -> Self {
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            addr,
+        }
+    }
+}
+
+/// The prefix length that looks up one address of one service.
+pub const SOURCE_RANGE_FULL_PREFIX: u32 = 64;
 
 /// Key of the session affinity map.
 #[repr(C)]
@@ -244,7 +295,9 @@ pub struct DpConfig {
     /// `ABI_VERSION` of the agent that wrote the pinned maps: a restarted
     /// agent refuses maps of another layout instead of misreading them.
     pub abi_version: u32,
-    pub _pad: u32,
+    /// This node's address for SNAT (network byte order); 0: no SNAT (flows
+    /// that need it are dropped and counted).
+    pub snat_addr: u32,
     /// TCP flows that have not seen a reply yet.
     pub tcp_syn_timeout_ns: u64,
     /// TCP flows that have seen a reply.
@@ -272,7 +325,7 @@ impl DpConfig {
         const NS: u64 = 1_000_000_000;
         DpConfig {
             abi_version: ABI_VERSION,
-            _pad: 0,
+            snat_addr: 0,
             tcp_syn_timeout_ns: timeouts::TCP_SYN_S * NS,
             tcp_established_timeout_ns: timeouts::TCP_ESTABLISHED_S * NS,
             tcp_closing_timeout_ns: timeouts::TCP_CLOSING_S * NS,
@@ -341,6 +394,8 @@ pub struct MaglevChunk {
 
 /// Backend flag bits (`Backend::flags`).
 pub const BACKEND_F_NONE: u16 = 0;
+/// The backend runs on another node.
+pub const BACKEND_F_REMOTE: u16 = 1 << 0;
 
 /// Conntrack flag bits (`CtValue::flags`).
 pub const CT_F_ORIGINAL: u16 = 1 << 0;
@@ -349,6 +404,9 @@ pub const CT_F_REPLY: u16 = 1 << 1;
 pub const CT_F_CLOSING: u16 = 1 << 2;
 /// A reply was seen (set on both entries of the flow).
 pub const CT_F_SEEN_REPLY: u16 = 1 << 3;
+/// The flow's source is translated too (remote backend of an external
+/// frontend, or hairpin): see `CtValue::snat_addr`.
+pub const CT_F_SNAT: u16 = 1 << 4;
 
 /// Per-service counters, one per CPU, indexed by `service_id`.
 #[repr(C)]
@@ -401,10 +459,17 @@ pub enum Reason {
     /// The Service has no usable backend: answered with a TCP RST or an ICMP
     /// port unreachable, as kube-proxy does.
     RejectNoBackend = 12,
+    /// Dropped: a Local traffic policy and no endpoint on this node.
+    DropNoLocalBackend = 13,
+    /// Dropped: source not in the service's loadBalancerSourceRanges.
+    DropSourceRange = 14,
+    /// Dropped: the flow needed SNAT but no node address is configured or
+    /// no free source port was found.
+    DropSnatFailed = 15,
 }
 
 /// Number of `Reason` values; the size of the reason counter array.
-pub const REASON_COUNT: u32 = 13;
+pub const REASON_COUNT: u32 = 16;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -421,6 +486,9 @@ impl Reason {
         Reason::DropRewriteFailed,
         Reason::CtInsertFailed,
         Reason::RejectNoBackend,
+        Reason::DropNoLocalBackend,
+        Reason::DropSourceRange,
+        Reason::DropSnatFailed,
     ];
 
     /// A stable snake_case name for CLIs and metrics labels.
@@ -439,13 +507,21 @@ impl Reason {
             Reason::DropRewriteFailed => "drop_rewrite_failed",
             Reason::CtInsertFailed => "ct_insert_failed",
             Reason::RejectNoBackend => "reject_no_backend",
+            Reason::DropNoLocalBackend => "drop_no_local_backend",
+            Reason::DropSourceRange => "drop_source_range",
+            Reason::DropSnatFailed => "drop_snat_failed",
         }
     }
 
     pub const fn is_drop(self) -> bool {
         matches!(
             self,
-            Reason::DropNoBackend | Reason::DropBackendMissing | Reason::DropRewriteFailed
+            Reason::DropNoBackend
+                | Reason::DropBackendMissing
+                | Reason::DropRewriteFailed
+                | Reason::DropNoLocalBackend
+                | Reason::DropSourceRange
+                | Reason::DropSnatFailed
         )
     }
 }
@@ -513,6 +589,7 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for DpConfig {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 
     impl ServiceKey {
         /// From host-order values.
@@ -600,6 +677,7 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(offset_of!(AffinityValue, last_seen_ns), 8);
         assert_eq!(size_of::<DpConfig>(), 48);
+        assert_eq!(offset_of!(DpConfig, snat_addr), 4);
         assert_eq!(offset_of!(DpConfig, tcp_syn_timeout_ns), 8);
         assert_eq!(offset_of!(DpConfig, udp_stream_timeout_ns), 40);
     }
@@ -658,14 +736,18 @@ mod tests {
         assert_eq!(offset_of!(CtKey, sport), 8);
         assert_eq!(offset_of!(CtKey, dport), 10);
         assert_eq!(offset_of!(CtKey, proto), 12);
-        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<CtValue>(), 40);
         assert_eq!(align_of::<CtValue>(), 8);
         assert_eq!(offset_of!(CtValue, nat_addr), 0);
         assert_eq!(offset_of!(CtValue, nat_port), 4);
         assert_eq!(offset_of!(CtValue, flags), 6);
         assert_eq!(offset_of!(CtValue, service_id), 8);
+        assert_eq!(offset_of!(CtValue, snat_addr), 12);
         assert_eq!(offset_of!(CtValue, created_ns), 16);
         assert_eq!(offset_of!(CtValue, last_seen_ns), 24);
+        assert_eq!(offset_of!(CtValue, snat_port), 32);
+        assert_eq!(size_of::<SourceRangeKey>(), 8);
+        assert_eq!(offset_of!(SourceRangeKey, addr), 4);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! whatever happens to the service's backend set.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY};
+use dataplane_common::{
+    Backend, CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
+};
 
 use crate::{
     maps::{DP_CONFIG, DP_CONNTRACK},
@@ -68,21 +70,44 @@ pub fn lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
     }
 }
 
+/// The original entry's key of a flow, from its reply entry.
+#[inline(always)]
+fn original_key(reply: &Packet, ct: &CtValue) -> CtKey {
+    let (client, client_port) = if ct.flags & CT_F_SNAT != 0 {
+        (ct.snat_addr, ct.snat_port)
+    } else {
+        (reply.daddr, reply.dport)
+    };
+    CtKey {
+        saddr: client,
+        daddr: ct.nat_addr,
+        sport: client_port,
+        dport: ct.nat_port,
+        proto: reply.proto,
+        _pad: [0; 3],
+    }
+}
+
 /// Sets `flags` on the original entry of a flow, from one of its replies
 /// (reply seen, closing).
 #[inline(always)]
-pub fn flag_original(reply: &Packet, vip: u32, vport: u16, flags: u16) {
-    let key = CtKey {
-        saddr: reply.daddr,
-        daddr: vip,
-        sport: reply.dport,
-        dport: vport,
-        proto: reply.proto,
-        _pad: [0; 3],
-    };
-    if let Some(e) = DP_CONNTRACK.get_ptr_mut(key) {
+pub fn flag_original(reply: &Packet, ct: &CtValue, flags: u16) {
+    if let Some(e) = DP_CONNTRACK.get_ptr_mut(original_key(reply, ct)) {
         // SAFETY: as in `lookup`.
         unsafe { (*e).flags |= flags };
+    }
+}
+
+/// The key replies from `backend` to `addr:port` are tracked under.
+#[inline(always)]
+pub fn reply_key(backend: &Backend, proto: u8, addr: u32, port: u16) -> CtKey {
+    CtKey {
+        saddr: backend.addr,
+        daddr: addr,
+        sport: backend.port,
+        dport: port,
+        proto,
+        _pad: [0; 3],
     }
 }
 
@@ -101,32 +126,48 @@ pub fn first_reply(key: &CtKey) -> bool {
 }
 
 /// Creates both entries of a new flow from client `p` (towards the VIP) to
-/// backend `addr:port`.
+/// `backend`, with the source translated to `snat` when given.
 #[inline(always)]
-pub fn create(p: &Packet, service_id: u32, addr: u32, port: u16) -> Result<(), i32> {
+pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<(u32, u16)>) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
+    let (snat_flag, (snat_addr, snat_port)) = match snat {
+        Some(s) => (CT_F_SNAT, s),
+        None => (0, (0, 0)),
+    };
     let original = CtValue {
-        nat_addr: addr,
-        nat_port: port,
-        flags: CT_F_ORIGINAL,
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        flags: CT_F_ORIGINAL | snat_flag,
         service_id,
-        _pad: 0,
+        snat_addr,
         created_ns: now,
         last_seen_ns: now,
-    };
-    let reply_key = CtKey {
-        saddr: addr,
-        daddr: p.saddr,
-        sport: port,
-        dport: p.sport,
-        proto: p.proto,
+        snat_port,
         _pad: [0; 3],
     };
-    let reply = CtValue {
-        nat_addr: p.daddr,
-        nat_port: p.dport,
-        flags: CT_F_REPLY,
-        ..original
+    let (reply_key, reply) = match snat {
+        Some((node, port)) => (
+            reply_key(backend, p.proto, node, port),
+            CtValue {
+                nat_addr: p.daddr,
+                nat_port: p.dport,
+                flags: CT_F_REPLY | CT_F_SNAT,
+                snat_addr: p.saddr,
+                snat_port: p.sport,
+                ..original
+            },
+        ),
+        None => (
+            reply_key(backend, p.proto, p.saddr, p.sport),
+            CtValue {
+                nat_addr: p.daddr,
+                nat_port: p.dport,
+                flags: CT_F_REPLY,
+                snat_addr: 0,
+                snat_port: 0,
+                ..original
+            },
+        ),
     };
     // Reply first: once the original exists, replies must translate.
     DP_CONNTRACK.insert(reply_key, reply, 0)?;

@@ -1,14 +1,16 @@
 //! The per-packet story: service lookup, conntrack, backend selection, NAT.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::maps::lpm_trie::Key;
 use dataplane_common::{
-    flow_hash, limits, BackendKey, MaglevKey, Reason, ServiceKey, ServiceValue, CT_F_CLOSING, CT_F_REPLY,
-    CT_F_SEEN_REPLY, SVC_F_AFFINITY, SVC_F_RANDOM,
+    flow_hash, limits, Backend, BackendKey, MaglevKey, Reason, ServiceKey, ServiceValue, SourceRangeKey,
+    BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SOURCE_RANGE_FULL_PREFIX, SVC_F_AFFINITY,
+    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     affinity, conntrack,
-    maps::{DP_BACKENDS, DP_MAGLEV, DP_SERVICES},
+    maps::{DP_BACKENDS, DP_CONFIG, DP_CONNTRACK, DP_MAGLEV, DP_SERVICES, DP_SRC_RANGES},
     nat::{PacketCtx, Side},
     parse::{self, Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -51,12 +53,35 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
         // A SYN on a tuple whose connection was closed starts a new flow
         // (port reuse); anything else follows the recorded backend.
         if !(starts_flow && ct.flags & CT_F_CLOSING != 0) {
-            return translate(ctx, p, svc.service_id, ct.nat_addr, ct.nat_port, Reason::NatEstablished);
+            let snat = (ct.flags & CT_F_SNAT != 0).then_some((ct.snat_addr, ct.snat_port));
+            return translate(
+                ctx,
+                p,
+                svc.service_id,
+                (ct.nat_addr, ct.nat_port),
+                snat,
+                Reason::NatEstablished,
+            );
         }
     }
 
+    if svc.flags & SVC_F_SOURCE_RANGES != 0
+        && DP_SRC_RANGES
+            .get(Key::new(
+                SOURCE_RANGE_FULL_PREFIX,
+                SourceRangeKey::new(svc.service_id, p.saddr),
+            ))
+            .is_none()
+    {
+        stats::count(Reason::DropSourceRange);
+        return Verdict::Drop;
+    }
     if svc.backend_count == 0 {
         stats::service(svc.service_id, |s| s.no_backend += 1);
+        if svc.flags & SVC_F_DROP_NO_LOCAL != 0 {
+            stats::count(Reason::DropNoLocalBackend);
+            return Verdict::Drop;
+        }
         return Verdict::Reject;
     }
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
@@ -79,14 +104,64 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
     if affinity && remembered.is_none() {
         affinity::remember(p, svc, backend);
     }
-    if conntrack::create(p, svc.service_id, backend.addr, backend.port).is_err() {
+    // The source is translated too when replies would otherwise not come
+    // back through this node: a remote backend of an external frontend, or
+    // a backend reaching itself through its Service (hairpin: it would drop
+    // a packet from its own address).
+    let needs_snat =
+        (svc.flags & SVC_F_EXTERNAL != 0 && backend.flags & BACKEND_F_REMOTE != 0) || p.saddr == backend.addr;
+    let snat = if needs_snat {
+        match snat_source(p, &backend) {
+            Some(s) => Some(s),
+            None => {
+                stats::count(Reason::DropSnatFailed);
+                return Verdict::Drop;
+            }
+        }
+    } else {
+        None
+    };
+    if conntrack::create(p, svc.service_id, &backend, snat).is_err() {
         // The packet still goes to the chosen backend; the next one of the
         // flow picks the same backend again by hash as long as the set is
         // unchanged.
         stats::count(Reason::CtInsertFailed);
     }
     stats::service(svc.service_id, |s| s.new_flows += 1);
-    translate(ctx, p, svc.service_id, backend.addr, backend.port, Reason::NatNewFlow)
+    translate(
+        ctx,
+        p,
+        svc.service_id,
+        (backend.addr, backend.port),
+        snat,
+        Reason::NatNewFlow,
+    )
+}
+
+/// Candidate source ports tried for one SNATed flow.
+const SNAT_TRIES: u32 = 8;
+const SNAT_PORT_MIN: u32 = 32768;
+const SNAT_PORT_SPAN: u32 = 28232; // 32768..=60999, Linux's ephemeral range
+
+/// This node's address and a source port no other flow to `backend` uses
+/// with it (the reply tuple must be unique).
+#[inline(always)]
+fn snat_source(p: &Packet, backend: &Backend) -> Option<(u32, u16)> {
+    let node = DP_CONFIG.get(0).map(|c| c.snat_addr).unwrap_or(0);
+    if node == 0 {
+        return None;
+    }
+    let h = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        let port = ((SNAT_PORT_MIN + h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % SNAT_PORT_SPAN) as u16).to_be();
+        let key = conntrack::reply_key(backend, p.proto, node, port);
+        if DP_CONNTRACK.get_ptr(key).is_none() {
+            return Some((node, port));
+        }
+        i += 1;
+    }
+    None
 }
 
 /// The index of the backend slot a new flow goes to: the Maglev table's
@@ -107,9 +182,21 @@ fn select(p: &Packet, svc: &ServiceValue) -> Option<u32> {
     (index < count).then_some(index)
 }
 
+/// Rewrites the destination to `dst` (and the source to `snat`, if any).
 #[inline(always)]
-fn translate<C: PacketCtx>(ctx: &C, p: &Packet, service_id: u32, addr: u32, port: u16, reason: Reason) -> Verdict {
-    if ctx.rewrite(p, Side::Dst, addr, port).is_err() {
+fn translate<C: PacketCtx>(
+    ctx: &C,
+    p: &Packet,
+    service_id: u32,
+    dst: (u32, u16),
+    snat: Option<(u32, u16)>,
+    reason: Reason,
+) -> Verdict {
+    let mut ok = ctx.rewrite(p, Side::Dst, dst.0, dst.1).is_ok();
+    if let Some((addr, port)) = snat {
+        ok = ok && ctx.rewrite(p, Side::Src, addr, port).is_ok();
+    }
+    if !ok {
         stats::count(Reason::DropRewriteFailed);
         return Verdict::Drop;
     }
@@ -136,9 +223,14 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
                 flags |= CT_F_CLOSING;
             }
             if flags != 0 {
-                conntrack::flag_original(p, ct.nat_addr, ct.nat_port, flags);
+                conntrack::flag_original(p, &ct, flags);
             }
-            if ctx.rewrite(p, Side::Src, ct.nat_addr, ct.nat_port).is_err() {
+            let mut ok = ctx.rewrite(p, Side::Src, ct.nat_addr, ct.nat_port).is_ok();
+            if ct.flags & CT_F_SNAT != 0 {
+                // Back to the client the node translated the source of.
+                ok = ok && ctx.rewrite(p, Side::Dst, ct.snat_addr, ct.snat_port).is_ok();
+            }
+            if !ok {
                 stats::count(Reason::DropRewriteFailed);
                 return Verdict::Drop;
             }

@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
     limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig, MaglevChunk, MaglevKey,
-    ServiceKey, ServiceStats, ServiceValue, REASON_COUNT,
+    ServiceKey, ServiceStats, ServiceValue, SourceRangeKey, REASON_COUNT,
 };
 
 /// Hash maps written by the agent are not preallocated: an updated element is
@@ -42,3 +42,8 @@ pub static DP_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::wit
 /// Index 0: the agent's `DpConfig`.
 #[map]
 pub static DP_CONFIG: Array<DpConfig> = Array::with_max_entries(1, 0);
+
+/// loadBalancerSourceRanges: (service, source prefix) -> 1.
+#[map]
+pub static DP_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::with_max_entries(limits::MAX_SOURCE_RANGES, BPF_F_NO_PREALLOC);

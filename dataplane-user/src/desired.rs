@@ -10,7 +10,10 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use dataplane_common::{limits, Backend, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use dataplane_common::{
+    limits, Backend, ServiceKey, BACKEND_F_REMOTE, IPPROTO_TCP, IPPROTO_UDP, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
+    SVC_F_SOURCE_RANGES,
+};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// The label that ties an EndpointSlice to its Service.
@@ -27,6 +30,36 @@ pub struct Frontend {
     pub backends: Vec<Backend>,
     /// sessionAffinity ClientIP: its timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
+    /// `SVC_F_EXTERNAL`, `SVC_F_DROP_NO_LOCAL`, `SVC_F_SOURCE_RANGES`.
+    pub flags: u32,
+    /// loadBalancerSourceRanges (with `SVC_F_SOURCE_RANGES`): (network,
+    /// prefix length), sorted.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+/// What the desired state needs to know about the node the agent runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node's name, to tell local endpoints (EndpointSlice `nodeName`)
+    /// from remote ones. `None`: every endpoint counts as local (a single
+    /// node, as in the file-source demo).
+    pub name: Option<String>,
+    /// Addresses NodePort Services are served on.
+    pub addresses: Vec<Ipv4Addr>,
+    /// The NodePort range (inclusive).
+    pub node_port_range: (u16, u16),
+}
+
+/// kube-apiserver's default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
+
+impl NodeInfo {
+    fn is_local(&self, node_name: Option<&str>) -> bool {
+        match &self.name {
+            None => true,
+            Some(me) => node_name == Some(me.as_str()),
+        }
+    }
 }
 
 /// kube's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
@@ -89,6 +122,7 @@ fn valid_port(p: i32) -> Option<u16> {
 /// An endpoint of a slice, reduced to what selection needs.
 struct Endpoint {
     addr: Ipv4Addr,
+    node_name: Option<String>,
     ready: bool,
     serving: bool,
     terminating: bool,
@@ -115,6 +149,20 @@ struct Slice<'a> {
 /// - New flows go to ready endpoints (`ready` unset counts as ready); when
 ///   none is ready, to endpoints that are serving and terminating.
 pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> Desired {
+    compute_for_node(
+        services,
+        slices,
+        &NodeInfo {
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+            ..NodeInfo::default()
+        },
+    )
+}
+
+/// As [`compute`], for the node described by `node`: NodePorts on its
+/// addresses, Local traffic policies against its endpoints, and remote
+/// backends flagged for SNAT.
+pub fn compute_for_node(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Desired {
     let mut problems = BTreeSet::new();
     let mut problem = |object: String, reason: String| {
         problems.insert(Problem { object, reason });
@@ -164,6 +212,7 @@ pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> Desired {
             let ready = c.ready.unwrap_or(true);
             endpoints.push(Endpoint {
                 addr,
+                node_name: ep.node_name.clone(),
                 ready,
                 serving: c.serving.unwrap_or(ready),
                 terminating: c.terminating.unwrap_or(false),
@@ -245,6 +294,59 @@ pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> Desired {
             }
         };
 
+        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let parse_ips = |ips: Vec<String>, what: &str, problem: &mut dyn FnMut(String, String)| {
+            let mut out = Vec::new();
+            for ip in ips {
+                match ip.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(a)) => out.push(a),
+                    Ok(IpAddr::V6(_)) => {}
+                    Err(_) => problem(
+                        object.clone(),
+                        format!("{what} {ip:?} is not a valid IP address; ignored"),
+                    ),
+                }
+            }
+            out
+        };
+        let external_ips = parse_ips(
+            spec.external_ips.clone().unwrap_or_default(),
+            "externalIP",
+            &mut problem,
+        );
+        let lb_ips = if svc_type == "LoadBalancer" {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|l| l.ingress.clone())
+                .unwrap_or_default();
+            // ipMode Proxy: the load balancer proxies to the nodes itself;
+            // kube-proxy does not program such IPs either.
+            let ips = ingress
+                .into_iter()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip)
+                .collect();
+            parse_ips(ips, "load balancer ingress IP", &mut problem)
+        } else {
+            Vec::new()
+        };
+        let mut source_ranges = Vec::new();
+        if svc_type == "LoadBalancer" {
+            for r in spec.load_balancer_source_ranges.clone().unwrap_or_default() {
+                match parse_cidr(r.trim()) {
+                    Some(Some(c)) => source_ranges.push(c),
+                    Some(None) => {} // IPv6 range: IPv6 datapath not there yet.
+                    None => problem(
+                        object.clone(),
+                        format!("loadBalancerSourceRanges entry {r:?} is not a valid CIDR; ignored"),
+                    ),
+                }
+            }
+            source_ranges.sort();
+            source_ranges.dedup();
+        }
         let ports = spec.ports.as_deref().unwrap_or(&[]);
         let known: BTreeSet<(String, u8)> = ports
             .iter()
@@ -286,8 +388,8 @@ pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> Desired {
                 continue;
             };
 
-            let mut ready = BTreeSet::new();
-            let mut terminating = BTreeSet::new();
+            // Endpoints by readiness and locality.
+            let mut sets = EndpointSets::default();
             for sl in slices {
                 let Some(sp) = sl.obj.ports.as_deref().unwrap_or(&[]).iter().find(|sp| {
                     sp.name.clone().unwrap_or_default() == pname && protocol(sp.protocol.as_deref()) == Ok(proto)
@@ -305,53 +407,173 @@ pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> Desired {
                     continue;
                 };
                 for ep in &sl.endpoints {
-                    let b = Backend::new(ep.addr, target);
-                    if ep.ready {
-                        ready.insert(b);
-                    } else if ep.serving && ep.terminating {
-                        terminating.insert(b);
+                    let local = node.is_local(ep.node_name.as_deref());
+                    let mut b = Backend::new(ep.addr, target);
+                    if !local {
+                        b.flags |= BACKEND_F_REMOTE;
                     }
+                    sets.add(b, local, ep.ready, ep.serving && ep.terminating);
                 }
             }
-            let chosen = if ready.is_empty() { terminating } else { ready };
-            let mut backends: Vec<Backend> = chosen.into_iter().collect();
-            let max = limits::MAX_BACKENDS_PER_SERVICE as usize;
-            if backends.len() > max {
-                problem(
-                    object.clone(),
-                    format!(
-                        "port {pname:?}: {} endpoints, only the first {max} are used",
-                        backends.len()
-                    ),
-                );
-                backends.truncate(max);
-            }
-            for vip in &vips {
-                let key = ServiceKey::new(*vip, svc_port, proto);
-                let fe = Frontend {
-                    service: format!("{ns}/{name}"),
-                    port_name: pname.clone(),
-                    backends: backends.clone(),
-                    affinity_timeout_s,
-                };
-                if let Some(other) = frontends.get(&key) {
+            let mut truncated = |mut backends: Vec<Backend>| {
+                let max = limits::MAX_BACKENDS_PER_SERVICE as usize;
+                if backends.len() > max {
                     problem(
                         object.clone(),
                         format!(
-                            "{vip}:{svc_port}/{} is already used by {}; skipped",
-                            proto_name(proto),
-                            other.service
+                            "port {pname:?}: {} endpoints, only the first {max} are used",
+                            backends.len()
                         ),
                     );
-                    continue;
+                    backends.truncate(max);
                 }
-                frontends.insert(key, fe);
+                backends
+            };
+            let any = !sets.pick(false).is_empty();
+            // internalTrafficPolicy for the ClusterIPs, externalTrafficPolicy
+            // for everything reached from outside.
+            let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+            let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+            let internal = truncated(sets.pick(internal_local));
+            let external = truncated(sets.pick(external_local));
+            let base = Frontend {
+                service: format!("{ns}/{name}"),
+                port_name: pname.clone(),
+                backends: internal,
+                affinity_timeout_s,
+                flags: 0,
+                source_ranges: Vec::new(),
+            };
+            let internal_fe = Frontend {
+                flags: if internal_local && any && base.backends.is_empty() {
+                    SVC_F_DROP_NO_LOCAL
+                } else {
+                    0
+                },
+                ..base.clone()
+            };
+            let mut external_fe = Frontend {
+                backends: external.clone(),
+                flags: if external_local {
+                    if any && external.is_empty() {
+                        SVC_F_DROP_NO_LOCAL
+                    } else {
+                        0
+                    }
+                } else {
+                    SVC_F_EXTERNAL
+                },
+                ..base.clone()
+            };
+            let node_port = match port
+                .node_port
+                .filter(|_| matches!(svc_type, "NodePort" | "LoadBalancer"))
+            {
+                None => None,
+                Some(np) => {
+                    let (lo, hi) = node.node_port_range;
+                    let valid = u16::try_from(np).ok().filter(|p| (lo..=hi).contains(p));
+                    if valid.is_none() {
+                        problem(
+                            object.clone(),
+                            format!("port {pname:?}: nodePort {np} is outside the node port range {lo}-{hi}; skipped"),
+                        );
+                    }
+                    valid
+                }
+            };
+            let mut conflicts = Vec::new();
+            let mut add = |ip: Ipv4Addr, port: u16, fe: &Frontend, what: &str| {
+                let key = ServiceKey::new(ip, port, proto);
+                if let Some(other) = frontends.get(&key) {
+                    conflicts.push(format!(
+                        "{what} {ip}:{port}/{} is already used by {}; skipped",
+                        proto_name(proto),
+                        other.service
+                    ));
+                    return;
+                }
+                frontends.insert(key, fe.clone());
+            };
+            for vip in &vips {
+                add(*vip, svc_port, &internal_fe, "clusterIP");
+            }
+            for ip in &external_ips {
+                add(*ip, svc_port, &external_fe, "externalIP");
+            }
+            if let Some(np) = node_port {
+                for ip in &node.addresses {
+                    add(*ip, np, &external_fe, "nodePort on");
+                }
+            }
+            if !source_ranges.is_empty() {
+                external_fe.flags |= SVC_F_SOURCE_RANGES;
+                external_fe.source_ranges = source_ranges.clone();
+            }
+            for ip in &lb_ips {
+                add(*ip, svc_port, &external_fe, "load balancer IP");
+            }
+            for c in conflicts {
+                problem(object.clone(), c);
             }
         }
     }
     Desired {
         frontends,
         problems: problems.into_iter().collect(),
+    }
+}
+
+/// Endpoints of one Service port by readiness and locality.
+#[derive(Default)]
+struct EndpointSets {
+    ready: BTreeSet<Backend>,
+    terminating: BTreeSet<Backend>,
+    ready_local: BTreeSet<Backend>,
+    terminating_local: BTreeSet<Backend>,
+}
+
+impl EndpointSets {
+    fn add(&mut self, b: Backend, local: bool, ready: bool, serving_terminating: bool) {
+        if ready {
+            self.ready.insert(b);
+            if local {
+                self.ready_local.insert(b);
+            }
+        } else if serving_terminating {
+            self.terminating.insert(b);
+            if local {
+                self.terminating_local.insert(b);
+            }
+        }
+    }
+
+    /// The backends for new flows: ready ones, or when none is ready the
+    /// serving terminating ones (kube-proxy's fallback), among local
+    /// endpoints only when `local`.
+    fn pick(&self, local: bool) -> Vec<Backend> {
+        let (ready, terminating) = if local {
+            (&self.ready_local, &self.terminating_local)
+        } else {
+            (&self.ready, &self.terminating)
+        };
+        let set = if ready.is_empty() { terminating } else { ready };
+        set.iter().copied().collect()
+    }
+}
+
+/// Parses `a.b.c.d/len`: `Some(Some(..))` for IPv4, `Some(None)` for a
+/// valid IPv6 CIDR, `None` when invalid. Host bits are cleared.
+fn parse_cidr(s: &str) -> Option<Option<(Ipv4Addr, u8)>> {
+    let (ip, len) = s.split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    match ip.parse::<IpAddr>().ok()? {
+        IpAddr::V4(a) if len <= 32 => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            Some(Some((Ipv4Addr::from(u32::from(a) & mask), len)))
+        }
+        IpAddr::V6(_) if len <= 128 => Some(None),
+        _ => None,
     }
 }
 
@@ -368,6 +590,7 @@ pub fn proto_name(proto: u8) -> &'static str {
 mod tests {
     use super::*;
     use crate::source::files::parse_manifests;
+    use dataplane_common::{SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES};
 
     fn example(name: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
         let path = format!("{}/../deploy/examples/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -483,6 +706,93 @@ mod tests {
         assert!(d.problems[0].reason.contains("timeoutSeconds 0"), "{:?}", d.problems);
     }
 
+    fn node(name: &str) -> NodeInfo {
+        NodeInfo {
+            name: Some(name.into()),
+            addresses: vec![Ipv4Addr::new(198, 18, 50, 1)],
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+        }
+    }
+
+    fn remote(b: Backend) -> Backend {
+        Backend {
+            flags: BACKEND_F_REMOTE,
+            ..b
+        }
+    }
+
+    #[test]
+    fn load_balancer_frontends_with_local_external_policy() {
+        let (svcs, slices) = example("edge.yaml");
+        let d = compute_for_node(&svcs, &slices, &node("node-a"));
+        // ClusterIP: internalTrafficPolicy Cluster, every endpoint, the
+        // remote one flagged.
+        let cluster = fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP);
+        assert_eq!(cluster.backends, sorted(vec![b(1, 7, 8443), remote(b(2, 7, 8443))]));
+        assert_eq!(cluster.flags, 0);
+        // externalTrafficPolicy Local: only node-a's endpoint, no SNAT, on
+        // the externalIP, the node's address and the load balancer IP.
+        for (vip, port) in [
+            ([198, 19, 1, 5], 443),
+            ([198, 18, 50, 1], 30443),
+            ([198, 19, 2, 1], 443),
+        ] {
+            for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+                assert_eq!(fe(&d, vip, port, proto).backends, vec![b(1, 7, 8443)], "{vip:?}:{port}");
+            }
+        }
+        assert_eq!(fe(&d, [198, 19, 1, 5], 443, IPPROTO_TCP).flags, 0);
+        let lb = fe(&d, [198, 19, 2, 1], 443, IPPROTO_TCP);
+        assert_eq!(lb.flags, SVC_F_SOURCE_RANGES);
+        assert_eq!(lb.source_ranges, vec![(Ipv4Addr::new(198, 18, 200, 0), 24)]);
+        assert_eq!(d.frontends.len(), 8, "{:?}", d.frontends.keys().collect::<Vec<_>>());
+
+        // A node without local endpoints drops external traffic (kube-proxy).
+        let d = compute_for_node(&svcs, &slices, &node("node-c"));
+        let lb = fe(&d, [198, 19, 2, 1], 443, IPPROTO_TCP);
+        assert!(lb.backends.is_empty());
+        assert_eq!(lb.flags, SVC_F_DROP_NO_LOCAL | SVC_F_SOURCE_RANGES);
+        assert_eq!(fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP).backends.len(), 2);
+    }
+
+    #[test]
+    fn cluster_external_policy_snats_remote_backends_and_internal_local_filters() {
+        let (mut svcs, slices) = example("edge.yaml");
+        let spec = svcs[0].spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Cluster".into());
+        spec.internal_traffic_policy = Some("Local".into());
+        let d = compute_for_node(&svcs, &slices, &node("node-b"));
+        let np = fe(&d, [198, 18, 50, 1], 30443, IPPROTO_TCP);
+        assert_eq!(np.flags, SVC_F_EXTERNAL);
+        assert_eq!(np.backends, sorted(vec![remote(b(1, 7, 8443)), b(2, 7, 8443)]));
+        assert_eq!(fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP).backends, vec![b(2, 7, 8443)]);
+        let d = compute_for_node(&svcs, &slices, &node("node-c"));
+        let cluster = fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP);
+        assert!(cluster.backends.is_empty());
+        assert_eq!(
+            cluster.flags, SVC_F_DROP_NO_LOCAL,
+            "internalTrafficPolicy Local without local endpoints drops"
+        );
+    }
+
+    #[test]
+    fn node_ports_outside_the_range_are_reported() {
+        let (svcs, slices) = example("edge.yaml");
+        let mut n = node("node-a");
+        n.node_port_range = (31000, 32000);
+        let d = compute_for_node(&svcs, &slices, &n);
+        assert!(!d
+            .frontends
+            .contains_key(&ServiceKey::new(Ipv4Addr::new(198, 18, 50, 1), 30443, IPPROTO_TCP)));
+        assert!(
+            d.problems.iter().any(|p| p
+                .reason
+                .contains("nodePort 30443 is outside the node port range 31000-32000")),
+            "{:?}",
+            d.problems
+        );
+    }
+
     #[test]
     fn dual_stack_service_feeds_ipv4_frontend_from_ipv4_slice_only() {
         let d = examples(&["dual.yaml"]);
@@ -543,7 +853,7 @@ mod tests {
             [
                 "Service n/bad: port \"a\": 70000 is outside 1-65535; skipped",
                 "Service n/bad: port \"b\": protocol SCTP is not supported (TCP and UDP are); skipped",
-                "Service n/t: 198.19.0.1:80/tcp is already used by n/s; skipped",
+                "Service n/t: clusterIP 198.19.0.1:80/tcp is already used by n/s; skipped",
             ]
         );
         assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).service, "n/s");

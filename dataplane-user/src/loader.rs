@@ -6,7 +6,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink},
@@ -17,7 +17,7 @@ use aya::{
 };
 use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
-    MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue,
+    MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue, SourceRangeKey,
 };
 use thiserror::Error;
 
@@ -90,6 +90,7 @@ pub struct Maps {
     pub maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub config: Array<MapData, DpConfig>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
     pub reasons: PerCpuArray<MapData, u64>,
 }
@@ -220,6 +221,8 @@ impl Dataplane {
             maglev: HashMap::try_from(take(e, map_names::MAGLEV)?).map_err(m(map_names::MAGLEV))?,
             affinity: HashMap::try_from(take(e, map_names::AFFINITY)?).map_err(m(map_names::AFFINITY))?,
             config: Array::try_from(take(e, map_names::CONFIG)?).map_err(m(map_names::CONFIG))?,
+            source_ranges: LpmTrie::try_from(take(e, map_names::SOURCE_RANGES)?)
+                .map_err(m(map_names::SOURCE_RANGES))?,
             service_stats: PerCpuArray::try_from(take(e, map_names::SERVICE_STATS)?)
                 .map_err(m(map_names::SERVICE_STATS))?,
             reasons: PerCpuArray::try_from(take(e, map_names::REASON_STATS)?).map_err(m(map_names::REASON_STATS))?,

@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 
 use dataplane_common::{
-    limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue, SVC_F_AFFINITY,
-    SVC_F_NONE, SVC_F_RANDOM,
+    limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue, SourceRangeKey,
+    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 use thiserror::Error;
 
@@ -34,8 +34,23 @@ pub trait MapWriter {
     /// Deletes the session affinity entries of `service_id` whose backend is
     /// not in `keep` (all of them when `keep` is empty).
     fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String>;
+    /// Allows sources in `addr/len` for `service_id` (loadBalancerSourceRanges).
+    fn put_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String>;
+    fn delete_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String>;
     /// Zeroes the per-service counters of a newly allocated id.
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String>;
+}
+
+/// The service flags that come from the desired state (the others come
+/// from the sync's own configuration).
+const FRONTEND_FLAGS: u32 = SVC_F_EXTERNAL | SVC_F_DROP_NO_LOCAL | SVC_F_SOURCE_RANGES;
+
+/// Whether two frontends program the same datapath state (names aside).
+fn same_datapath(a: &Frontend, b: &Frontend) -> bool {
+    a.backends == b.backends
+        && a.affinity_timeout_s == b.affinity_timeout_s
+        && a.flags == b.flags
+        && a.source_ranges == b.source_ranges
 }
 
 /// A frontend as programmed in the maps.
@@ -178,6 +193,10 @@ impl<W: MapWriter> Syncer<W> {
                 (SVC_F_NONE, size)
             }
         };
+        let flags = flags | (fe.flags & FRONTEND_FLAGS);
+        for (addr, len) in &fe.source_ranges {
+            self.writer.put_source_range(id, *addr, *len)?;
+        }
         let (flags, affinity_timeout_s) = match fe.affinity_timeout_s {
             Some(t) => (flags | SVC_F_AFFINITY, t),
             None => (flags, 0),
@@ -227,6 +246,9 @@ impl<W: MapWriter> Syncer<W> {
                 continue;
             }
             self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+            for (addr, len) in &p.frontend.source_ranges {
+                let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
+            }
             // The id is reused: no affinity may outlive the service.
             if let Err(cause) = self.writer.prune_affinity(p.service_id, &[]) {
                 report.errors.push(SyncError {
@@ -248,11 +270,7 @@ impl<W: MapWriter> Syncer<W> {
             let maglev_size = self.maglev_size_for(fe);
             match self.programmed.get(key).cloned() {
                 Some(p) if p.frontend == *fe && p.maglev_size == maglev_size => report.unchanged += 1,
-                Some(p)
-                    if p.frontend.backends == fe.backends
-                        && p.frontend.affinity_timeout_s == fe.affinity_timeout_s
-                        && p.maglev_size == maglev_size =>
-                {
+                Some(p) if same_datapath(&p.frontend, fe) && p.maglev_size == maglev_size => {
                     // Only names changed: nothing to write.
                     self.programmed.insert(
                         *key,
@@ -291,6 +309,11 @@ impl<W: MapWriter> Syncer<W> {
                         continue;
                     }
                     self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+                    for (addr, len) in &p.frontend.source_ranges {
+                        if !fe.source_ranges.contains(&(*addr, *len)) {
+                            let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
+                        }
+                    }
                     // Clients remembered on a backend that left go elsewhere.
                     if p.frontend.affinity_timeout_s.is_some() {
                         let keep: &[Backend] = if fe.affinity_timeout_s.is_some() {
@@ -377,6 +400,18 @@ impl Syncer<crate::loader::Maps> {
             .collect::<Result<_, _>>()
             .map_err(|e| format!("reading services: {e}"))?;
         let mut live: BTreeMap<u32, ServiceValue> = BTreeMap::new();
+        let mut ranges: BTreeMap<u32, Vec<(std::net::Ipv4Addr, u8)>> = BTreeMap::new();
+        for key in maps.source_ranges.keys() {
+            let key = key.map_err(|e| format!("reading source ranges: {e}"))?;
+            let data = key.data();
+            ranges.entry(u32::from_be(data.service_id_be)).or_default().push((
+                std::net::Ipv4Addr::from(data.addr.to_ne_bytes()),
+                (key.prefix_len() - 32) as u8,
+            ));
+        }
+        for r in ranges.values_mut() {
+            r.sort();
+        }
         for (key, value) in services {
             let mut backends = Vec::with_capacity(value.backend_count as usize);
             for i in 0..value.backend_count as u32 {
@@ -405,6 +440,8 @@ impl Syncer<crate::loader::Maps> {
                         port_name: String::new(),
                         backends,
                         affinity_timeout_s,
+                        flags: value.flags & FRONTEND_FLAGS,
+                        source_ranges: ranges.remove(&value.service_id).unwrap_or_default(),
                     },
                 },
             );
@@ -474,6 +511,20 @@ impl MapWriter for crate::loader::Maps {
     }
     fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String> {
         self.maglev.remove(&key).map_err(|e| e.to_string())
+    }
+    fn put_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String> {
+        let key = aya::maps::lpm_trie::Key::new(
+            32 + len as u32,
+            SourceRangeKey::new(service_id, u32::from_ne_bytes(addr.octets())),
+        );
+        self.source_ranges.insert(&key, 1, 0).map_err(|e| e.to_string())
+    }
+    fn delete_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String> {
+        let key = aya::maps::lpm_trie::Key::new(
+            32 + len as u32,
+            SourceRangeKey::new(service_id, u32::from_ne_bytes(addr.octets())),
+        );
+        self.source_ranges.remove(&key).map_err(|e| e.to_string())
     }
     fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String> {
         let mut stale = Vec::new();
@@ -555,6 +606,14 @@ mod tests {
                 .push(format!("prune_affinity {service_id} keep {}", keep.len()));
             Ok(())
         }
+        fn put_source_range(&mut self, id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String> {
+            self.log.push(format!("put_source_range {id} {addr}/{len}"));
+            Ok(())
+        }
+        fn delete_source_range(&mut self, id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String> {
+            self.log.push(format!("delete_source_range {id} {addr}/{len}"));
+            Ok(())
+        }
         fn reset_service_stats(&mut self, _: u32) -> Result<(), String> {
             Ok(())
         }
@@ -610,6 +669,8 @@ mod tests {
                             port_name: "http".into(),
                             backends: backends(b),
                             affinity_timeout_s: None,
+                            flags: 0,
+                            source_ranges: vec![],
                         },
                     )
                 })

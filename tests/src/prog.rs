@@ -102,8 +102,18 @@ impl Loaded {
                 port_name: String::new(),
                 backends: b,
                 affinity_timeout_s: affinity_s,
+                flags: 0,
+                source_ranges: Vec::new(),
             },
         );
+        let r = self.sync.apply(&self.desired);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+
+    /// Programs an arbitrary frontend (flags, source ranges, remote backends).
+    pub fn set_frontend(&mut self, key: ServiceKey, mut fe: Frontend) {
+        fe.backends.sort();
+        self.desired.frontends.insert(key, fe);
         let r = self.sync.apply(&self.desired);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
     }

@@ -5,10 +5,14 @@
 use std::net::Ipv4Addr;
 
 use dataplane::{
+    desired::Frontend,
     maglev,
     sync::{Selection, SyncConfig},
 };
-use dataplane_common::{flow_hash, Backend, DpConfig, Reason};
+use dataplane_common::{
+    flow_hash, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
+    SVC_F_SOURCE_RANGES,
+};
 use dataplane_tests::{
     packet::{parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP},
     prog::{Loaded, Prog},
@@ -375,7 +379,7 @@ fn service_stats_count_packets_bytes_and_flows() {
     let frame = Frame::tcp((CLIENT, 40500), (VIP, 80), SYN).build();
     l.run(Prog::Tc, &frame);
     l.run(Prog::Tc, &Frame::tcp((CLIENT, 40500), (VIP, 80), ACK).build());
-    let id = l.sync.programmed()[&dataplane_common::ServiceKey::new(VIP, 80, TCP)].service_id;
+    let id = l.sync.programmed()[&ServiceKey::new(VIP, 80, TCP)].service_id;
     let stats = l.sync.writer().service_stats.get(&id, 0).unwrap();
     let packets: u64 = stats.iter().map(|s| s.packets).sum();
     let bytes: u64 = stats.iter().map(|s| s.bytes).sum();
@@ -496,5 +500,168 @@ fn conntrack_entries_expire_by_protocol_and_state() {
             (r0.dst, r0.dport),
             "{prog:?}: an established TCP flow must not"
         );
+    }
+}
+
+const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 1);
+const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 5);
+
+fn node_config() -> Loaded {
+    Loaded::with_configs(
+        SyncConfig::default(),
+        DpConfig {
+            snat_addr: u32::from_ne_bytes(NODE.octets()),
+            ..DpConfig::defaults()
+        },
+    )
+}
+
+fn frontend(backends: Vec<Backend>, flags: u32) -> Frontend {
+    Frontend {
+        service: "test/lb".into(),
+        port_name: "https".into(),
+        backends,
+        affinity_timeout_s: None,
+        flags,
+        source_ranges: vec![],
+    }
+}
+
+fn remote(a: Ipv4Addr, port: u16) -> Backend {
+    Backend {
+        flags: BACKEND_F_REMOTE,
+        ..Backend::new(a, port)
+    }
+}
+
+/// NodePort-style frontend on the node's address with one remote backend:
+/// the source becomes the node, replies get both translations reversed.
+#[test]
+fn remote_backend_of_an_external_frontend_is_snated_and_reversed() {
+    for prog in Prog::BOTH {
+        let mut l = node_config();
+        let key = ServiceKey::new(NODE, 30443, TCP);
+        l.set_frontend(key, frontend(vec![remote(b(2), 8443)], SVC_F_EXTERNAL));
+        let client = (EXTERNAL_CLIENT, 40700);
+        let out = parse_and_verify(&l.run(prog, &Frame::tcp(client, (NODE, 30443), SYN).build()).data);
+        assert_eq!((out.dst, out.dport), (b(2), 8443), "{prog:?}");
+        assert_eq!(out.src, NODE, "{prog:?}: source must be the node");
+        assert!((32768..61000).contains(&out.sport), "{prog:?}: SNAT port {}", out.sport);
+        // The backend answers the node; the client gets it from the frontend.
+        let reply = parse_and_verify(
+            &l.run(prog, &Frame::tcp((b(2), 8443), (NODE, out.sport), SYN | ACK).build())
+                .data,
+        );
+        assert_eq!(
+            (reply.src, reply.sport, reply.dst, reply.dport),
+            (NODE, 30443, client.0, client.1),
+            "{prog:?}"
+        );
+        // The established flow keeps both translations.
+        let again = parse_and_verify(&l.run(prog, &Frame::tcp(client, (NODE, 30443), ACK).build()).data);
+        assert_eq!((again.src, again.sport, again.dst), (NODE, out.sport, b(2)), "{prog:?}");
+        // A second client with the same source port gets another SNAT port.
+        let other = (Ipv4Addr::new(198, 18, 200, 6), 40700);
+        let o = parse_and_verify(&l.run(prog, &Frame::tcp(other, (NODE, 30443), SYN).build()).data);
+        assert_eq!(o.src, NODE);
+        assert_ne!(o.sport, out.sport, "{prog:?}: two flows share a reply tuple");
+    }
+}
+
+#[test]
+fn local_backends_and_internal_frontends_keep_the_client_address() {
+    let mut l = node_config();
+    l.set_frontend(
+        ServiceKey::new(NODE, 30443, TCP),
+        frontend(vec![Backend::new(b(1), 8443)], SVC_F_EXTERNAL),
+    );
+    l.set_frontend(ServiceKey::new(VIP, 443, TCP), frontend(vec![remote(b(2), 8443)], 0));
+    let a = parse_and_verify(
+        &l.run(
+            Prog::Tc,
+            &Frame::tcp((EXTERNAL_CLIENT, 40800), (NODE, 30443), SYN).build(),
+        )
+        .data,
+    );
+    assert_eq!(
+        (a.src, a.dst),
+        (EXTERNAL_CLIENT, b(1)),
+        "local backend: client address preserved"
+    );
+    let c = parse_and_verify(
+        &l.run(Prog::Tc, &Frame::tcp((CLIENT, 40801), (VIP, 443), SYN).build())
+            .data,
+    );
+    assert_eq!((c.src, c.dst), (CLIENT, b(2)), "ClusterIP from a pod: no SNAT");
+}
+
+#[test]
+fn hairpin_flows_are_snated_so_the_backend_accepts_them() {
+    let mut l = node_config();
+    l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
+    let out = parse_and_verify(&l.run(Prog::Tc, &Frame::tcp((b(1), 45000), (VIP, 80), SYN).build()).data);
+    assert_eq!((out.src, out.dst), (NODE, b(1)));
+    let back = parse_and_verify(
+        &l.run(
+            Prog::Tc,
+            &Frame::tcp((b(1), 8080), (NODE, out.sport), SYN | ACK).build(),
+        )
+        .data,
+    );
+    assert_eq!((back.src, back.sport, back.dst, back.dport), (VIP, 80, b(1), 45000));
+}
+
+#[test]
+fn snat_without_a_node_address_drops_and_counts() {
+    let mut l = Loaded::new();
+    l.set_frontend(
+        ServiceKey::new(NODE, 30443, TCP),
+        frontend(vec![remote(b(2), 8443)], SVC_F_EXTERNAL),
+    );
+    let out = l.run(
+        Prog::Xdp,
+        &Frame::tcp((EXTERNAL_CLIENT, 40900), (NODE, 30443), SYN).build(),
+    );
+    assert_eq!(out.retval, Prog::Xdp.drop_code());
+    assert_eq!(l.reason(Reason::DropSnatFailed), 1);
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_only_listed_sources() {
+    for prog in Prog::BOTH {
+        let mut l = node_config();
+        let lb = Ipv4Addr::new(198, 19, 2, 1);
+        let mut fe = frontend(vec![Backend::new(b(1), 8443)], SVC_F_SOURCE_RANGES);
+        fe.source_ranges = vec![
+            (Ipv4Addr::new(198, 18, 200, 0), 24),
+            (Ipv4Addr::new(198, 18, 77, 7), 32),
+        ];
+        l.set_frontend(ServiceKey::new(lb, 443, TCP), fe);
+        for (src, allowed) in [
+            (EXTERNAL_CLIENT, true),
+            (Ipv4Addr::new(198, 18, 77, 7), true),
+            (Ipv4Addr::new(198, 18, 77, 8), false),
+            (Ipv4Addr::new(198, 18, 201, 5), false),
+        ] {
+            let out = l.run(prog, &Frame::tcp((src, 41000), (lb, 443), SYN).build());
+            if allowed {
+                assert_eq!(parse_and_verify(&out.data).dst, b(1), "{prog:?} {src}");
+            } else {
+                assert_eq!(out.retval, prog.drop_code(), "{prog:?}: {src} is outside the ranges");
+            }
+        }
+        assert_eq!(l.reason(Reason::DropSourceRange), 2, "{prog:?}");
+    }
+}
+
+#[test]
+fn local_policy_without_local_endpoints_drops_instead_of_rejecting() {
+    for prog in Prog::BOTH {
+        let mut l = node_config();
+        l.set_frontend(ServiceKey::new(NODE, 30443, TCP), frontend(vec![], SVC_F_DROP_NO_LOCAL));
+        let out = l.run(prog, &Frame::tcp((EXTERNAL_CLIENT, 41100), (NODE, 30443), SYN).build());
+        assert_eq!(out.retval, prog.drop_code(), "{prog:?}");
+        assert_eq!(l.reason(Reason::DropNoLocalBackend), 1);
+        assert_eq!(l.reason(Reason::RejectNoBackend), 0);
     }
 }

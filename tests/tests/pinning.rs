@@ -53,6 +53,8 @@ fn desired() -> Desired {
             port_name: "http".into(),
             backends,
             affinity_timeout_s: Some(60),
+            flags: 0,
+            source_ranges: vec![],
         },
     );
     d
