@@ -30,6 +30,7 @@ pub mod map_names {
     pub const MAGLEV: &str = "DP_MAGLEV";
     pub const AFFINITY: &str = "DP_AFFINITY";
     pub const SOURCE_RANGES: &str = "DP_SRC_RANGES";
+    pub const NAMES: &str = "DP_NAMES";
     pub const CONFIG: &str = "DP_CONFIG";
     pub const SERVICE_STATS: &str = "DP_SVC_STATS";
     pub const REASON_STATS: &str = "DP_REASONS";
@@ -58,7 +59,8 @@ pub mod map_shapes {
         }
     }
 
-    pub const ALL: [MapShape; 9] = [
+    pub const ALL: [MapShape; 10] = [
+        shape::<u32, ServiceName>(map_names::NAMES, limits::MAX_SERVICES),
         // LPM trie keys carry a u32 prefix length in front of the data.
         MapShape {
             name: map_names::SOURCE_RANGES,
@@ -361,6 +363,33 @@ impl DpConfig {
     }
 }
 
+/// Value of the names map (service id -> `namespace/name:port`), written by
+/// the agent for inspection (CLI, bpftool) and for a restarted agent; the
+/// programs never read it. NUL-padded UTF-8, cut at 128 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceName {
+    pub bytes: [u8; 128],
+}
+
+impl ServiceName {
+    pub fn new(s: &str) -> Self {
+        let mut bytes = [0u8; 128];
+        let mut n = s.len().min(128);
+        // Cut on a character boundary.
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
+        ServiceName { bytes }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self.bytes.iter().position(|b| *b == 0).unwrap_or(self.bytes.len());
+        core::str::from_utf8(&self.bytes[..end]).unwrap_or("")
+    }
+}
+
 /// Key of the Maglev map: one chunk of one generation of a service's table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
@@ -590,6 +619,7 @@ mod user {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for DpConfig {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for ServiceName {}
 
     impl ServiceKey {
         /// From host-order values.
@@ -680,6 +710,15 @@ mod tests {
         assert_eq!(offset_of!(DpConfig, snat_addr), 4);
         assert_eq!(offset_of!(DpConfig, tcp_syn_timeout_ns), 8);
         assert_eq!(offset_of!(DpConfig, udp_stream_timeout_ns), 40);
+    }
+
+    #[test]
+    fn service_names_round_trip_and_cut_on_char_boundaries() {
+        assert_eq!(ServiceName::new("shop/web:http").as_str(), "shop/web:http");
+        let long = "é".repeat(100); // 200 bytes
+        let n = ServiceName::new(&long);
+        assert_eq!(n.as_str().len(), 128);
+        assert_eq!(size_of::<ServiceName>(), 128);
     }
 
     #[test]

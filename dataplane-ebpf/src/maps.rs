@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig, MaglevChunk, MaglevKey,
-    ServiceKey, ServiceStats, ServiceValue, SourceRangeKey, REASON_COUNT,
+    ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey, REASON_COUNT,
 };
 
 /// Hash maps written by the agent are not preallocated: an updated element is
@@ -47,3 +47,7 @@ pub static DP_CONFIG: Array<DpConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static DP_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =
     LpmTrie::with_max_entries(limits::MAX_SOURCE_RANGES, BPF_F_NO_PREALLOC);
+
+/// Service names for inspection; written by the agent, never read here.
+#[map]
+pub static DP_NAMES: HashMap<u32, ServiceName> = HashMap::with_max_entries(limits::MAX_SERVICES, BPF_F_NO_PREALLOC);

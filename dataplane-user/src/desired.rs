@@ -76,6 +76,14 @@ impl Frontend {
             format!("{}:{}", self.service, self.port_name)
         }
     }
+
+    /// The inverse of [`Frontend::display_name`]: (service, port name).
+    pub fn split_display_name(name: &str) -> (String, String) {
+        match name.rsplit_once(':') {
+            Some((service, port)) => (service.to_string(), port.to_string()),
+            None => (name.to_string(), String::new()),
+        }
+    }
 }
 
 /// An object, or part of one, that was skipped or cut, and why.

@@ -17,7 +17,7 @@ use aya::{
 };
 use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
-    MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue, SourceRangeKey,
+    MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey,
 };
 use thiserror::Error;
 
@@ -91,6 +91,7 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub config: Array<MapData, DpConfig>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub names: HashMap<MapData, u32, ServiceName>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
     pub reasons: PerCpuArray<MapData, u64>,
 }
@@ -221,6 +222,7 @@ impl Dataplane {
             maglev: HashMap::try_from(take(e, map_names::MAGLEV)?).map_err(m(map_names::MAGLEV))?,
             affinity: HashMap::try_from(take(e, map_names::AFFINITY)?).map_err(m(map_names::AFFINITY))?,
             config: Array::try_from(take(e, map_names::CONFIG)?).map_err(m(map_names::CONFIG))?,
+            names: HashMap::try_from(take(e, map_names::NAMES)?).map_err(m(map_names::NAMES))?,
             source_ranges: LpmTrie::try_from(take(e, map_names::SOURCE_RANGES)?)
                 .map_err(m(map_names::SOURCE_RANGES))?,
             service_stats: PerCpuArray::try_from(take(e, map_names::SERVICE_STATS)?)

@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 
 use dataplane_common::{
-    limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceStats, ServiceValue, SourceRangeKey,
-    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue,
+    SourceRangeKey, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 use thiserror::Error;
 
@@ -34,6 +34,9 @@ pub trait MapWriter {
     /// Deletes the session affinity entries of `service_id` whose backend is
     /// not in `keep` (all of them when `keep` is empty).
     fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String>;
+    /// Records `namespace/name:port` of `service_id` for inspection.
+    fn put_name(&mut self, service_id: u32, name: &str) -> Result<(), String>;
+    fn delete_name(&mut self, service_id: u32) -> Result<(), String>;
     /// Allows sources in `addr/len` for `service_id` (loadBalancerSourceRanges).
     fn put_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String>;
     fn delete_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String>;
@@ -249,6 +252,7 @@ impl<W: MapWriter> Syncer<W> {
             for (addr, len) in &p.frontend.source_ranges {
                 let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
             }
+            let _ = self.writer.delete_name(p.service_id);
             // The id is reused: no affinity may outlive the service.
             if let Err(cause) = self.writer.prune_affinity(p.service_id, &[]) {
                 report.errors.push(SyncError {
@@ -271,7 +275,13 @@ impl<W: MapWriter> Syncer<W> {
             match self.programmed.get(key).cloned() {
                 Some(p) if p.frontend == *fe && p.maglev_size == maglev_size => report.unchanged += 1,
                 Some(p) if same_datapath(&p.frontend, fe) && p.maglev_size == maglev_size => {
-                    // Only names changed: nothing to write.
+                    // Only names changed (or a restarted agent learns them):
+                    // nothing but the name to write.
+                    if p.frontend.display_name() != fe.display_name() {
+                        if let Err(cause) = self.writer.put_name(p.service_id, &fe.display_name()) {
+                            report.errors.push(err(format!("writing the name: {cause}")));
+                        }
+                    }
                     self.programmed.insert(
                         *key,
                         Programmed {
@@ -309,6 +319,9 @@ impl<W: MapWriter> Syncer<W> {
                         continue;
                     }
                     self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+                    if p.frontend.display_name() != fe.display_name() {
+                        let _ = self.writer.put_name(p.service_id, &fe.display_name());
+                    }
                     for (addr, len) in &p.frontend.source_ranges {
                         if !fe.source_ranges.contains(&(*addr, *len)) {
                             let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
@@ -349,6 +362,7 @@ impl<W: MapWriter> Syncer<W> {
                     let written = self
                         .writer
                         .reset_service_stats(id)
+                        .and_then(|()| self.writer.put_name(id, &fe.display_name()))
                         .and_then(|()| self.write_generation(id, 0, fe));
                     let written = written.and_then(|v| self.writer.put_service(*key, v).map(|()| v));
                     match written {
@@ -426,6 +440,12 @@ impl Syncer<crate::loader::Maps> {
             }
             report.backends += backends.len();
             let affinity_timeout_s = (value.flags & SVC_F_AFFINITY != 0).then_some(value.affinity_timeout_s);
+            let name = maps
+                .names
+                .get(&value.service_id, 0)
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_default();
+            let (service, port_name) = Frontend::split_display_name(&name);
             live.insert(value.service_id, value);
             programmed.insert(
                 key,
@@ -433,11 +453,9 @@ impl Syncer<crate::loader::Maps> {
                     service_id: value.service_id,
                     generation: value.generation,
                     maglev_size: value.maglev_size,
-                    // Names are not in the maps; the first apply fills them
-                    // in without writing anything.
                     frontend: Frontend {
-                        service: String::new(),
-                        port_name: String::new(),
+                        service,
+                        port_name,
                         backends,
                         affinity_timeout_s,
                         flags: value.flags & FRONTEND_FLAGS,
@@ -512,6 +530,14 @@ impl MapWriter for crate::loader::Maps {
     fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String> {
         self.maglev.remove(&key).map_err(|e| e.to_string())
     }
+    fn put_name(&mut self, service_id: u32, name: &str) -> Result<(), String> {
+        self.names
+            .insert(service_id, ServiceName::new(name), 0)
+            .map_err(|e| e.to_string())
+    }
+    fn delete_name(&mut self, service_id: u32) -> Result<(), String> {
+        self.names.remove(&service_id).map_err(|e| e.to_string())
+    }
     fn put_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String> {
         let key = aya::maps::lpm_trie::Key::new(
             32 + len as u32,
@@ -563,6 +589,7 @@ mod tests {
         services: BTreeMap<ServiceKey, ServiceValue>,
         backends: BTreeMap<BackendKey, Backend>,
         maglev: BTreeMap<MaglevKey, MaglevChunk>,
+        names: BTreeMap<u32, String>,
         fail_backend_writes: bool,
     }
 
@@ -604,6 +631,14 @@ mod tests {
         fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String> {
             self.log
                 .push(format!("prune_affinity {service_id} keep {}", keep.len()));
+            Ok(())
+        }
+        fn put_name(&mut self, id: u32, name: &str) -> Result<(), String> {
+            self.names.insert(id, name.to_string());
+            Ok(())
+        }
+        fn delete_name(&mut self, id: u32) -> Result<(), String> {
+            self.names.remove(&id);
             Ok(())
         }
         fn put_source_range(&mut self, id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String> {
@@ -769,6 +804,20 @@ mod tests {
         let r = s.apply(&desired(&[(key(1), &[3])]));
         assert_eq!(r.updated, 1);
         assert_eq!(s.writer().visible(&key(1)), backends(&[3]));
+    }
+
+    #[test]
+    fn names_are_written_renamed_and_deleted() {
+        let mut s = syncer();
+        s.apply(&desired(&[(key(1), &[1])]));
+        assert_eq!(s.writer().names[&0], "shop/web:http");
+        let mut d = desired(&[(key(1), &[1])]);
+        d.frontends.get_mut(&key(1)).unwrap().port_name = "web".into();
+        let r = s.apply(&d);
+        assert_eq!((r.unchanged, r.updated), (1, 0));
+        assert_eq!(s.writer().names[&0], "shop/web:web");
+        s.apply(&desired(&[]));
+        assert!(s.writer().names.is_empty());
     }
 
     #[test]
