@@ -164,6 +164,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
         for p in &problems {
             warn!(object = %p.object, "{}", p.reason);
         }
+        let computed = started.elapsed();
         let report = syncer.apply(&desired);
         for e in &report.errors {
             error!("{e}");
@@ -191,6 +192,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
             skipped = problems.len(),
             watch_restarts = sc.watch_restarts,
             relists = sc.relists,
+            compute_us = computed.as_micros() as u64,
             elapsed_us = started.elapsed().as_micros() as u64,
             "sync applied"
         );

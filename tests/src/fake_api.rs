@@ -169,9 +169,11 @@ impl Tx<'_> {
         let _ = self.events.send(Msg::DropAll);
     }
 
-    /// Forgets the change history, as etcd compaction does: a watch from
-    /// any resourceVersion before now gets 410 Gone and must relist. Open
-    /// watches are dropped first, so they cannot see later changes either.
+    /// Forgets the change history, as etcd compaction does, and expires the
+    /// current resourceVersion too: every watch from a resourceVersion up to
+    /// now, even one that has seen everything, gets 410 Gone and must
+    /// relist. Open watches are dropped first, so they cannot see later
+    /// changes either.
     pub fn expire(&mut self) {
         self.drop_connections();
         self.state.compacted = self.state.rv + 1;
@@ -302,10 +304,12 @@ impl FakeApi {
     }
 
     /// Forgets the history without dropping anything (keeps a large initial
-    /// state from being replayed; a benchmark's setup).
+    /// state from being replayed; a benchmark's setup). Unlike
+    /// [`Tx::expire`], a watch from the current resourceVersion (a list made
+    /// after this) still works: it needs no history.
     pub fn compact(&self) {
         self.batch(|t| {
-            t.state.compacted = t.state.rv + 1;
+            t.state.compacted = t.state.rv;
             t.state.history.clear();
         })
     }

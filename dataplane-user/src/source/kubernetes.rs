@@ -331,13 +331,16 @@ where
 
 impl Source for KubeSource {
     async fn changed(&mut self) -> anyhow::Result<()> {
-        if let Some(t) = self.tasks.iter().find(|t| t.is_finished()) {
-            // Only a panic ends a watcher task; do not serve a source that
-            // no longer follows the cluster without saying so.
-            anyhow::bail!("a Kubernetes watcher task ended unexpectedly ({t:?})");
+        tokio::select! {
+            _ = self.shared.changed.notified() => Ok(()),
+            // Watcher tasks loop forever; one that ends has panicked. Do not
+            // keep serving a source that no longer follows the cluster
+            // without saying so.
+            (ended, i, _) = futures_util::future::select_all(self.tasks.iter_mut()) => {
+                let kind = ["Service", "EndpointSlice", "Node"].get(i).copied().unwrap_or("?");
+                anyhow::bail!("the {kind} watcher task ended unexpectedly: {ended:?}")
+            }
         }
-        self.shared.changed.notified().await;
-        Ok(())
     }
 
     fn view<R>(&mut self, f: impl FnOnce(View<'_>) -> R) -> Option<R> {
