@@ -1,24 +1,49 @@
 //! `dataplane run`: load and attach the programs, then keep the maps in sync
 //! with a source until SIGTERM/SIGINT.
+//!
+//! The sync loop is the same for every source: wait for a change, let a
+//! burst of changes settle for a few milliseconds, compute the desired state
+//! from the source's objects, apply the difference to the maps.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::{
-    desired,
+    desired, health,
     loader::{Dataplane, XdpAttachMode},
-    source::files::FileSource,
-    sync::Syncer,
+    source::{files::PolledFiles, kubernetes::KubeSource, Source},
+    sync::{MapWriter, Syncer},
 };
+
+/// Where the objects come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of Service/EndpointSlice manifests, polled.
+    Files { dir: PathBuf, poll_interval: Duration },
+    /// The Kubernetes API (in-cluster configuration or KUBECONFIG).
+    Kubernetes,
+}
 
 /// Everything `run` needs.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    /// Directory of Service/EndpointSlice manifests.
-    pub dir: PathBuf,
+    pub source: SourceConfig,
+    /// This node's name (required with the Kubernetes source): its Node
+    /// object is watched, and traffic policies will tell local endpoints
+    /// by it.
+    pub node_name: Option<String>,
     /// Interfaces that get the TC ingress program (pod/host side).
     pub tc_ifaces: Vec<String>,
     /// Interfaces that get the XDP program (external side).
@@ -26,55 +51,134 @@ pub struct RunConfig {
     pub xdp_mode: XdpAttachMode,
     /// Load this object instead of the embedded one.
     pub bpf_object: Option<PathBuf>,
-    /// How often the directory is checked for changes.
-    pub poll_interval: Duration,
+    /// Where `/healthz` and `/readyz` are served; `None` disables them.
+    pub health_bind: Option<SocketAddr>,
+    /// How long a burst of changes may settle before a sync.
+    pub debounce: Duration,
 }
 
-pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
-    let mut dp = Dataplane::load(cfg.bpf_object.as_deref()).context("loading the eBPF programs")?;
-    let maps = dp.take_maps()?;
-    for iface in &cfg.xdp_ifaces {
-        dp.attach_xdp(iface, cfg.xdp_mode)?;
-        info!(iface = %iface, mode = ?cfg.xdp_mode, "XDP program attached");
-    }
-    for iface in &cfg.tc_ifaces {
-        let mode = dp.attach_tc(iface)?;
-        info!(iface = %iface, %mode, "TC ingress program attached");
+/// Default for [`RunConfig::debounce`]: long enough to fold the events of
+/// one `kubectl apply` (Service, then its slices) into one sync, short
+/// enough to stay far below the 10 ms change-to-map target.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(2);
+
+/// The agent's counters and health, shared with the health endpoints (and
+/// later the metrics).
+#[derive(Debug, Default)]
+pub struct AgentState {
+    /// Syncs applied so far.
+    pub syncs: AtomicU64,
+    /// Objects (or parts of objects) skipped or cut in the last sync.
+    pub skipped_objects: AtomicU64,
+    /// Sum over all syncs of the objects skipped in each (an object that
+    /// stays bad counts once per sync).
+    pub skipped_total: AtomicU64,
+    /// Watch failures after which the source retried (see
+    /// [`crate::source::SourceCounters`]).
+    pub watch_restarts: AtomicU64,
+    /// Relists after the first list (410 Gone).
+    pub relists: AtomicU64,
+    /// Frontends whose map writes failed, summed over syncs.
+    pub sync_errors: AtomicU64,
+    /// Set while the sync loop runs.
+    pub alive: AtomicBool,
+    /// Set once the first full sync has been applied.
+    pub ready: AtomicBool,
+}
+
+/// A copy of [`AgentState`]'s counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub syncs: u64,
+    pub skipped_objects: u64,
+    pub skipped_total: u64,
+    pub watch_restarts: u64,
+    pub relists: u64,
+    pub sync_errors: u64,
+}
+
+impl AgentState {
+    pub fn counters(&self) -> Counters {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counters {
+            syncs: l(&self.syncs),
+            skipped_objects: l(&self.skipped_objects),
+            skipped_total: l(&self.skipped_total),
+            watch_restarts: l(&self.watch_restarts),
+            relists: l(&self.relists),
+            sync_errors: l(&self.sync_errors),
+        }
     }
 
-    let mut syncer = Syncer::new(maps);
-    let mut source = FileSource::new(&cfg.dir);
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut tick = tokio::time::interval(cfg.poll_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut syncs: u64 = 0;
-    info!(dir = %cfg.dir.display(), "watching manifests");
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Clears `alive` when the loop ends, whichever way it ends.
+struct AliveGuard<'a>(&'a AgentState);
+
+impl Drop for AliveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The source-agnostic sync loop: runs until `shutdown` resolves or the
+/// source fails for good.
+pub async fn sync_loop<S: Source, W: MapWriter>(
+    source: &mut S,
+    syncer: &mut Syncer<W>,
+    state: &AgentState,
+    debounce: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    state.alive.store(true, Ordering::Relaxed);
+    let _alive = AliveGuard(state);
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            r = source.changed() => r?,
+            _ = &mut shutdown => return Ok(()),
         }
-        let (objects, mut problems) = match source.poll() {
-            Ok(Some(changed)) => changed,
-            Ok(None) => continue,
-            Err(e) => {
-                warn!("{e}; keeping the programmed state");
-                continue;
+        if !debounce.is_zero() {
+            // Changes arriving meanwhile are folded into this sync; their
+            // notification may cause one more (then unchanged) sync.
+            tokio::select! {
+                _ = tokio::time::sleep(debounce) => {}
+                _ = &mut shutdown => return Ok(()),
             }
+        }
+        let started = Instant::now();
+        let Some((desired, mut problems)) = source.view(|v| {
+            let d = desired::compute(v.services, v.slices);
+            (d, v.problems.to_vec())
+        }) else {
+            continue; // initial lists not complete yet
         };
-        let started = std::time::Instant::now();
-        let desired = desired::compute(&objects.services, &objects.slices);
         problems.extend(desired.problems.iter().cloned());
         for p in &problems {
             warn!(object = %p.object, "{}", p.reason);
         }
+        let computed = started.elapsed();
         let report = syncer.apply(&desired);
         for e in &report.errors {
             error!("{e}");
         }
-        syncs += 1;
+        let sc = source.counters();
+        state.watch_restarts.store(sc.watch_restarts, Ordering::Relaxed);
+        state.relists.store(sc.relists, Ordering::Relaxed);
+        state.skipped_objects.store(problems.len() as u64, Ordering::Relaxed);
+        state.skipped_total.fetch_add(problems.len() as u64, Ordering::Relaxed);
+        state
+            .sync_errors
+            .fetch_add(report.errors.len() as u64, Ordering::Relaxed);
+        let syncs = state.syncs.fetch_add(1, Ordering::Relaxed) + 1;
+        state.ready.store(true, Ordering::Relaxed);
         let backends: usize = syncer.programmed().values().map(|p| p.frontend.backends.len()).sum();
         info!(
             sync = syncs,
@@ -86,12 +190,73 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             unchanged = report.unchanged,
             errors = report.errors.len(),
             skipped = problems.len(),
+            watch_restarts = sc.watch_restarts,
+            relists = sc.relists,
+            compute_us = computed.as_micros() as u64,
             elapsed_us = started.elapsed().as_micros() as u64,
             "sync applied"
         );
     }
+}
+
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let state = Arc::new(AgentState::default());
+    // Bind first: a port conflict should stop the agent before it loads
+    // anything.
+    let health = match cfg.health_bind {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the health endpoints to {addr}"))?;
+            info!(addr = %listener.local_addr()?, "serving /healthz and /readyz");
+            Some(tokio::spawn(health::serve(listener, state.clone())))
+        }
+        None => None,
+    };
+
+    let mut dp = Dataplane::load(cfg.bpf_object.as_deref()).context("loading the eBPF programs")?;
+    let maps = dp.take_maps()?;
+    for iface in &cfg.xdp_ifaces {
+        dp.attach_xdp(iface, cfg.xdp_mode)?;
+        info!(iface = %iface, mode = ?cfg.xdp_mode, "XDP program attached");
+    }
+    for iface in &cfg.tc_ifaces {
+        let mode = dp.attach_tc(iface)?;
+        info!(iface = %iface, %mode, "TC ingress program attached");
+    }
+    if cfg.tc_ifaces.is_empty() && cfg.xdp_ifaces.is_empty() {
+        warn!("no interface attached (--no-attach): the maps are programmed but no traffic is translated");
+    }
+
+    let mut syncer = Syncer::new(maps);
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    };
+    let result = match &cfg.source {
+        SourceConfig::Files { dir, poll_interval } => {
+            info!(dir = %dir.display(), "watching manifests");
+            let mut source = PolledFiles::new(dir, *poll_interval);
+            sync_loop(&mut source, &mut syncer, &state, cfg.debounce, shutdown).await
+        }
+        SourceConfig::Kubernetes => {
+            let node = cfg
+                .node_name
+                .as_deref()
+                .context("the Kubernetes source needs the node name (--node-name or NODE_NAME)")?;
+            let mut source = KubeSource::connect(node).await?;
+            sync_loop(&mut source, &mut syncer, &state, cfg.debounce, shutdown).await
+        }
+    };
+    if let Some(h) = health {
+        h.abort();
+    }
     info!("shutting down: detaching programs");
     drop(syncer);
     drop(dp);
-    Ok(())
+    result
 }

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod desired;
+pub mod health;
 pub mod loader;
 pub mod maglev;
 pub mod pin;

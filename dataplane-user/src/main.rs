@@ -1,8 +1,9 @@
-use std::{io::IsTerminal, path::PathBuf, time::Duration};
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use dataplane::{
-    agent::{self, RunConfig},
+    agent::{self, RunConfig, SourceConfig},
     loader::XdpAttachMode,
 };
 use tracing_subscriber::EnvFilter;
@@ -24,38 +25,90 @@ enum LogFormat {
     Json,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Source {
     /// A directory of Service and EndpointSlice manifests (--dir).
     Files,
+    /// The Kubernetes API: in-cluster configuration, or KUBECONFIG.
+    Kubernetes,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Load the programs, attach them, and keep the maps in sync with a source.
-    Run {
-        /// Where Services and EndpointSlices come from.
-        #[arg(long, value_enum, default_value_t = Source::Files)]
-        source: Source,
-        /// Manifest directory (with --source files).
-        #[arg(long, required = true)]
-        dir: PathBuf,
-        /// Attach the TC ingress program to this interface (repeatable).
-        #[arg(long = "tc-iface")]
-        tc_ifaces: Vec<String>,
-        /// Attach the XDP program to this interface (repeatable).
-        #[arg(long = "xdp-iface")]
-        xdp_ifaces: Vec<String>,
-        /// XDP attach mode.
-        #[arg(long, value_enum, default_value_t = XdpAttachMode::Auto)]
-        xdp_mode: XdpAttachMode,
-        /// Load this eBPF object instead of the one built into the binary.
-        #[arg(long, env = "DATAPLANE_BPF_OBJECT")]
-        bpf_object: Option<PathBuf>,
-        /// How often the manifest directory is checked for changes, in ms.
-        #[arg(long, default_value_t = 100)]
-        poll_interval_ms: u64,
-    },
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Where Services and EndpointSlices come from.
+    #[arg(long, value_enum, default_value_t = Source::Files, env = "DATAPLANE_SOURCE")]
+    source: Source,
+    /// Manifest directory (with --source files).
+    #[arg(long, env = "DATAPLANE_DIR", required_if_eq("source", "files"))]
+    dir: Option<PathBuf>,
+    /// This node's name (with --source kubernetes).
+    #[arg(long, env = "NODE_NAME", required_if_eq("source", "kubernetes"))]
+    node_name: Option<String>,
+    /// Attach the TC ingress program to these interfaces (repeatable or comma separated).
+    #[arg(long = "tc-iface", env = "DATAPLANE_TC_IFACES", value_delimiter = ',')]
+    tc_ifaces: Vec<String>,
+    /// Attach the XDP program to these interfaces (repeatable or comma separated).
+    #[arg(long = "xdp-iface", env = "DATAPLANE_XDP_IFACES", value_delimiter = ',')]
+    xdp_ifaces: Vec<String>,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpAttachMode::Auto, env = "DATAPLANE_XDP_MODE")]
+    xdp_mode: XdpAttachMode,
+    /// Attach to no interface: only program the maps. For benchmarks and
+    /// tests of the control plane; no traffic is translated.
+    #[arg(long, env = "DATAPLANE_NO_ATTACH", conflicts_with_all = ["tc_ifaces", "xdp_ifaces"])]
+    no_attach: bool,
+    /// Load this eBPF object instead of the one built into the binary.
+    #[arg(long, env = "DATAPLANE_BPF_OBJECT")]
+    bpf_object: Option<PathBuf>,
+    /// How often the manifest directory is checked for changes, in ms.
+    #[arg(long, default_value_t = 100, env = "DATAPLANE_POLL_INTERVAL_MS")]
+    poll_interval_ms: u64,
+    /// How long a burst of changes settles before a sync, in ms.
+    #[arg(long, default_value_t = agent::DEFAULT_DEBOUNCE.as_millis() as u64, env = "DATAPLANE_DEBOUNCE_MS")]
+    debounce_ms: u64,
+    /// Address of the /healthz and /readyz endpoints, or `off`.
+    #[arg(long, default_value = "0.0.0.0:10256", env = "DATAPLANE_HEALTH_BIND")]
+    health_bind: String,
+}
+
+impl RunArgs {
+    fn into_config(self) -> anyhow::Result<RunConfig> {
+        if self.tc_ifaces.is_empty() && self.xdp_ifaces.is_empty() && !self.no_attach {
+            anyhow::bail!(
+                "no interface to attach to: pass --tc-iface and/or --xdp-iface (or --no-attach to only program the maps)"
+            );
+        }
+        let source = match self.source {
+            Source::Files => SourceConfig::Files {
+                dir: self.dir.context("--source files needs --dir")?,
+                poll_interval: Duration::from_millis(self.poll_interval_ms),
+            },
+            Source::Kubernetes => SourceConfig::Kubernetes,
+        };
+        let health_bind = match self.health_bind.as_str() {
+            "off" | "" => None,
+            a => Some(
+                a.parse::<SocketAddr>()
+                    .with_context(|| format!("--health-bind {a:?}: not an address:port"))?,
+            ),
+        };
+        Ok(RunConfig {
+            source,
+            node_name: self.node_name.filter(|n| !n.is_empty()),
+            tc_ifaces: self.tc_ifaces,
+            xdp_ifaces: self.xdp_ifaces,
+            xdp_mode: self.xdp_mode,
+            bpf_object: self.bpf_object,
+            health_bind,
+            debounce: Duration::from_millis(self.debounce_ms),
+        })
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,31 +127,101 @@ fn main() -> anyhow::Result<()> {
             .init(),
     }
     match cli.command {
-        Command::Run {
-            source: Source::Files,
-            dir,
-            tc_ifaces,
-            xdp_ifaces,
-            xdp_mode,
-            bpf_object,
-            poll_interval_ms,
-        } => {
-            if tc_ifaces.is_empty() && xdp_ifaces.is_empty() {
-                anyhow::bail!("no interface to attach to: pass --tc-iface and/or --xdp-iface");
+        Command::Run(args) => {
+            let cfg = args.into_config()?;
+            if matches!(cfg.source, SourceConfig::Kubernetes) && cfg.node_name.is_none() {
+                anyhow::bail!("--source kubernetes needs the node name: --node-name or NODE_NAME");
             }
-            let cfg = RunConfig {
-                dir,
-                tc_ifaces,
-                xdp_ifaces,
-                xdp_mode,
-                bpf_object,
-                poll_interval: Duration::from_millis(poll_interval_ms),
-            };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?
                 .block_on(agent::run(cfg))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RunConfig, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        let Command::Run(a) = cli.command;
+        a.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn kubernetes_source_needs_a_node_name() {
+        // NODE_NAME may be set where the tests run; this test is about the flag.
+        if std::env::var_os("NODE_NAME").is_some() {
+            return;
+        }
+        let e = parse(&["dataplane", "run", "--source", "kubernetes", "--tc-iface", "eth0"]).unwrap_err();
+        assert!(e.contains("--node-name"), "{e}");
+        let c = parse(&[
+            "dataplane",
+            "run",
+            "--source",
+            "kubernetes",
+            "--node-name",
+            "n1",
+            "--tc-iface",
+            "eth0,cni0",
+        ])
+        .unwrap();
+        assert!(matches!(c.source, SourceConfig::Kubernetes));
+        assert_eq!(c.node_name.as_deref(), Some("n1"));
+        assert_eq!(c.tc_ifaces, ["eth0", "cni0"]);
+    }
+
+    #[test]
+    fn files_source_needs_a_dir_and_an_interface_or_no_attach() {
+        let e = parse(&["dataplane", "run", "--source", "files", "--tc-iface", "eth0"]).unwrap_err();
+        assert!(e.contains("--dir"), "{e}");
+        let e = parse(&["dataplane", "run", "--dir", "/tmp"]).unwrap_err();
+        assert!(e.contains("no interface"), "{e}");
+        let c = parse(&["dataplane", "run", "--dir", "/tmp", "--no-attach"]).unwrap();
+        assert!(c.tc_ifaces.is_empty() && c.xdp_ifaces.is_empty());
+        assert_eq!(c.health_bind, Some("0.0.0.0:10256".parse().unwrap()));
+        let e = parse(&["dataplane", "run", "--dir", "/tmp", "--no-attach", "--tc-iface", "x"]).unwrap_err();
+        assert!(e.contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn health_bind_can_be_turned_off_or_moved() {
+        let c = parse(&[
+            "dataplane",
+            "run",
+            "--dir",
+            "/tmp",
+            "--no-attach",
+            "--health-bind",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(c.health_bind, None);
+        let c = parse(&[
+            "dataplane",
+            "run",
+            "--dir",
+            "/tmp",
+            "--no-attach",
+            "--health-bind",
+            "127.0.0.1:9",
+        ])
+        .unwrap();
+        assert_eq!(c.health_bind, Some("127.0.0.1:9".parse().unwrap()));
+        let e = parse(&[
+            "dataplane",
+            "run",
+            "--dir",
+            "/tmp",
+            "--no-attach",
+            "--health-bind",
+            "nope",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--health-bind"), "{e}");
     }
 }

@@ -2,7 +2,9 @@
 //! agent process, and the loaded programs for BPF_PROG_TEST_RUN.
 
 pub mod agent;
+pub mod fake_api;
 pub mod manifests;
+pub mod mapview;
 pub mod netns;
 pub mod packet;
 pub mod prog;

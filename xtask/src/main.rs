@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask build-ebpf | demo | test | setup`.
+//! Developer tasks: `cargo xtask build-ebpf | demo | test | lint | setup | bench-sync`.
 //!
 //! Each task installs what it is missing (nightly rust-src, bpf-linker,
 //! Debian packages) and says so before it does.
@@ -37,6 +37,10 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Control-plane benchmark: the release agent with the Kubernetes source
+    /// against a fake API holding 10,000 Services x 4 endpoints; writes
+    /// bench-results/control-plane.json (needs root).
+    BenchSync,
 }
 
 /// Debian packages used by the demo and tests, with the command that shows
@@ -291,6 +295,28 @@ fn main() -> Result<()> {
             build_user()?;
             say("running the demo");
             run(Command::new(root().join("target/debug/dp-demo")).current_dir(root()))
+        }
+        Task::BenchSync => {
+            require_root("the control-plane benchmark")?;
+            ensure_packages()?;
+            build_ebpf()?;
+            say("building the agent and the benchmark in release");
+            run(Command::new("cargo").current_dir(root()).args([
+                "build",
+                "--release",
+                "-p",
+                "dataplane-user",
+                "--bin",
+                "dataplane",
+                "-p",
+                "dataplane-tests",
+                "--bin",
+                "bench-sync",
+            ]))?;
+            say("running the control-plane benchmark");
+            run(Command::new(root().join("target/release/bench-sync"))
+                .current_dir(root())
+                .env("DATAPLANE_BIN", root().join("target/release/dataplane")))
         }
         Task::Test { args } => {
             require_root("the test suite")?;

@@ -7,27 +7,16 @@ use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
+use tracing::warn;
 
+pub use super::Objects;
+use super::{Source, SourceCounters, View};
 use crate::desired::Problem;
-
-/// Services and EndpointSlices read from a source.
-#[derive(Clone, Debug, Default)]
-pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-}
-
-impl Objects {
-    fn extend(&mut self, other: &Objects) {
-        self.services.extend(other.services.iter().cloned());
-        self.slices.extend(other.slices.iter().cloned());
-    }
-}
 
 /// What identifies a version of a file without reading it.
 type Fingerprint = (SystemTime, u64);
@@ -227,6 +216,68 @@ impl FileSource {
             problems.extend(f.problems.iter().cloned());
         }
         Ok(Some((all, problems)))
+    }
+}
+
+/// A [`FileSource`] polled at a fixed interval, as a [`Source`]: a
+/// directory has no change stream that works for every volume type
+/// (ConfigMap volumes swap a symlink), so it is polled.
+pub struct PolledFiles {
+    files: FileSource,
+    tick: tokio::time::Interval,
+    current: Option<(Objects, Vec<Problem>)>,
+    read_errors: u64,
+}
+
+impl PolledFiles {
+    pub fn new(dir: impl Into<PathBuf>, interval: Duration) -> Self {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        PolledFiles {
+            files: FileSource::new(dir),
+            tick,
+            current: None,
+            read_errors: 0,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.files.dir()
+    }
+}
+
+impl Source for PolledFiles {
+    async fn changed(&mut self) -> anyhow::Result<()> {
+        loop {
+            self.tick.tick().await;
+            match self.files.poll() {
+                Ok(Some(changed)) => {
+                    self.current = Some(changed);
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.read_errors += 1;
+                    warn!("{e}; keeping the programmed state");
+                }
+            }
+        }
+    }
+
+    fn view<R>(&mut self, f: impl FnOnce(View<'_>) -> R) -> Option<R> {
+        let (objects, problems) = self.current.as_ref()?;
+        Some(f(View {
+            services: &objects.services,
+            slices: &objects.slices,
+            problems,
+        }))
+    }
+
+    fn counters(&self) -> SourceCounters {
+        SourceCounters {
+            watch_restarts: self.read_errors,
+            relists: 0,
+        }
     }
 }
 

@@ -1,3 +1,64 @@
 //! Where Services and EndpointSlices come from.
+//!
+//! Every source implements [`Source`]: the agent's sync loop waits for
+//! [`Source::changed`], then reads the current objects through
+//! [`Source::view`] and runs them through the same
+//! `desired::compute -> Syncer::apply` path, whichever source it is.
 
 pub mod files;
+pub mod kubernetes;
+
+use std::future::Future;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::desired::Problem;
+
+/// Services and EndpointSlices read from a source.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+impl Objects {
+    pub(crate) fn extend(&mut self, other: &Objects) {
+        self.services.extend(other.services.iter().cloned());
+        self.slices.extend(other.slices.iter().cloned());
+    }
+}
+
+/// A borrowed view of a source's current objects.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub services: &'a [Service],
+    pub slices: &'a [EndpointSlice],
+    /// Problems the source itself found (unparsable files); the
+    /// desired-state function reports the rest.
+    pub problems: &'a [Problem],
+}
+
+/// Counters a source keeps about its own connection to the objects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceCounters {
+    /// Watch or list failures after which the source retried (with backoff
+    /// for Kubernetes); for the file source, directory read failures.
+    pub watch_restarts: u64,
+    /// Full relists after the first one (a 410 Gone, for example).
+    pub relists: u64,
+}
+
+/// A source of Services and EndpointSlices.
+pub trait Source {
+    /// Resolves when the objects may have changed since the last call.
+    /// Errors only when the source cannot go on at all; transient failures
+    /// are retried inside the source and the last objects stay in place.
+    fn changed(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Runs `f` on the current objects, or returns `None` while the source
+    /// has no complete view yet (initial lists still running): programming a
+    /// partial view would remove Services that are merely not listed yet.
+    fn view<R>(&mut self, f: impl FnOnce(View<'_>) -> R) -> Option<R>;
+
+    fn counters(&self) -> SourceCounters;
+}

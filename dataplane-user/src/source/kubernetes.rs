@@ -1,0 +1,437 @@
+//! The Kubernetes source: kube-rs watchers on v1 Service,
+//! discovery.k8s.io/v1 EndpointSlice and this node's v1 Node.
+//!
+//! Each kind runs `kube::runtime::watcher` with its default backoff: it
+//! lists, then watches from the list's resourceVersion, resumes from the
+//! last seen resourceVersion (bookmarks included) when a connection drops,
+//! and relists when the server answers 410 Gone. Errors never clear
+//! anything: the maps keep serving the last programmed state while the
+//! watcher retries.
+//!
+//! The objects are kept in one [`Store`] per kind, a `Vec` plus an index by
+//! namespace/name, rather than in kube's reflector stores: the
+//! desired-state function takes `&[Service]` and `&[EndpointSlice]`, and a
+//! reflector store would have to be cloned into such a slice on every sync
+//! (10,000 Services on every endpoint change). Watcher events update the
+//! `Vec` in place instead; relists are applied atomically at `InitDone`,
+//! like the reflector does.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    runtime::{watcher, WatchStreamExt},
+    Api, Client, Resource, ResourceExt,
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::Notify, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use super::{Source, SourceCounters, View};
+
+/// The annotation kubectl keeps a whole copy of the object in: dropped to
+/// save memory, nothing here reads it.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// The objects of one kind, as a `Vec` the desired-state function can take
+/// by reference, indexed by `namespace/name`.
+#[derive(Debug)]
+pub struct Store<K> {
+    items: Vec<K>,
+    index: HashMap<String, usize>,
+    /// Objects of a list in progress (between `Init` and `InitDone`); the
+    /// current items stay in use until the list is complete.
+    pending: Option<Vec<K>>,
+    /// Set once the first list completed.
+    listed: bool,
+    /// Completed lists so far.
+    lists: u64,
+}
+
+impl<K> Default for Store<K> {
+    fn default() -> Self {
+        Store {
+            items: Vec::new(),
+            index: HashMap::new(),
+            pending: None,
+            listed: false,
+            lists: 0,
+        }
+    }
+}
+
+fn key<K: Resource>(obj: &K) -> String {
+    let meta = obj.meta();
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+impl<K: Resource> Store<K> {
+    pub fn items(&self) -> &[K] {
+        &self.items
+    }
+
+    pub fn listed(&self) -> bool {
+        self.listed
+    }
+
+    /// Applies one watcher event. Returns true when the visible set changed
+    /// (or may have), i.e. when a sync is worth running.
+    pub fn apply(&mut self, event: watcher::Event<K>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.pending = Some(Vec::new());
+                false
+            }
+            watcher::Event::InitApply(obj) => {
+                self.pending.get_or_insert_with(Vec::new).push(obj);
+                false
+            }
+            watcher::Event::InitDone => {
+                let items = self.pending.take().unwrap_or_default();
+                self.index.clear();
+                self.items.clear();
+                for obj in items {
+                    self.upsert(obj);
+                }
+                self.listed = true;
+                self.lists += 1;
+                true
+            }
+            watcher::Event::Apply(obj) => {
+                self.upsert(obj);
+                true
+            }
+            watcher::Event::Delete(obj) => {
+                self.remove(&key(&obj));
+                true
+            }
+        }
+    }
+
+    fn upsert(&mut self, obj: K) {
+        let k = key(&obj);
+        match self.index.get(&k) {
+            Some(&i) => self.items[i] = obj,
+            None => {
+                self.index.insert(k, self.items.len());
+                self.items.push(obj);
+            }
+        }
+    }
+
+    fn remove(&mut self, k: &str) {
+        let Some(i) = self.index.remove(k) else { return };
+        self.items.swap_remove(i);
+        // The last item moved into slot i.
+        if let Some(moved) = self.items.get(i) {
+            self.index.insert(key(moved), i);
+        }
+    }
+}
+
+/// Everything the watchers write and the sync loop reads.
+#[derive(Debug, Default)]
+pub struct Cache {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    /// This node (a field selector on its name): for node IPs and topology
+    /// once traffic policies use them.
+    pub nodes: Store<Node>,
+}
+
+impl Cache {
+    /// True once every kind has been listed completely.
+    pub fn complete(&self) -> bool {
+        self.services.listed() && self.slices.listed() && self.nodes.listed()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    cache: Mutex<Cache>,
+    /// Woken on every change; a permit is stored when nobody waits, so no
+    /// change is lost between two syncs.
+    changed: Notify,
+    watch_restarts: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Cache> {
+        // A watcher task that panicked while holding the lock left a cache
+        // that is still structurally sound (every update is a single Vec or
+        // HashMap operation), so keep serving it.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Watches Services, EndpointSlices and this node's Node object.
+pub struct KubeSource {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+    node_name: String,
+}
+
+impl KubeSource {
+    /// Connects with the in-cluster configuration or KUBECONFIG
+    /// (`kube::Config::infer`) and starts the watchers.
+    pub async fn connect(node_name: &str) -> anyhow::Result<Self> {
+        let config = kube::Config::infer()
+            .await
+            .context("no Kubernetes configuration: not in a cluster and no usable KUBECONFIG")?;
+        info!(api_server = %config.cluster_url, node = node_name, "connecting to the Kubernetes API");
+        let client = Client::try_from(config).context("building the Kubernetes client")?;
+        Ok(Self::start(client, node_name))
+    }
+
+    /// Starts the watchers on `client`. Must run inside a tokio runtime.
+    pub fn start(client: Client, node_name: &str) -> Self {
+        let shared = Arc::new(Shared::default());
+        let tasks = vec![
+            spawn_watcher(
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
+                shared.clone(),
+                |c| &mut c.services,
+                |s: &mut Service| {
+                    s.managed_fields_mut().clear();
+                    s.annotations_mut().remove(LAST_APPLIED);
+                    // Load-balancer status is read from spec/status later;
+                    // conditions are large and unused.
+                    if let Some(st) = s.status.as_mut() {
+                        st.conditions = None;
+                    }
+                },
+            ),
+            spawn_watcher(
+                Api::<EndpointSlice>::all(client.clone()),
+                watcher::Config::default(),
+                shared.clone(),
+                |c| &mut c.slices,
+                |s: &mut EndpointSlice| {
+                    s.managed_fields_mut().clear();
+                    s.annotations_mut().remove(LAST_APPLIED);
+                },
+            ),
+            spawn_watcher(
+                Api::<Node>::all(client),
+                watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+                shared.clone(),
+                |c| &mut c.nodes,
+                |n: &mut Node| {
+                    n.managed_fields_mut().clear();
+                    n.annotations_mut().clear();
+                    // Image lists run to hundreds of entries per node.
+                    if let Some(st) = n.status.as_mut() {
+                        st.images = None;
+                    }
+                },
+            ),
+        ];
+        KubeSource {
+            shared,
+            tasks,
+            node_name: node_name.to_string(),
+        }
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// Runs `f` on the cache (tests and diagnostics).
+    pub fn with_cache<R>(&self, f: impl FnOnce(&Cache) -> R) -> R {
+        f(&self.shared.lock())
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The kind's name for logs: `Service`, `EndpointSlice`, `Node`.
+fn kind_of<K: Resource<DynamicType = ()>>() -> String {
+    K::kind(&()).into_owned()
+}
+
+fn spawn_watcher<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    shared: Arc<Shared>,
+    store: fn(&mut Cache) -> &mut Store<K>,
+    trim: fn(&mut K),
+) -> JoinHandle<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        let kind = kind_of::<K>();
+        // The default backoff (client-go's: 800 ms doubling to 30 s, with
+        // jitter) paces retries after list and watch errors.
+        let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+        // The stream only ends when the watcher is dropped; errors are items.
+        while let Some(item) = events.next().await {
+            match item {
+                Ok(event) => {
+                    let event = event.modify(trim);
+                    let relist_done = matches!(event, watcher::Event::InitDone);
+                    let notify = {
+                        let mut cache = shared.lock();
+                        let s = store(&mut cache);
+                        let changed = s.apply(event);
+                        if relist_done {
+                            let (n, lists) = (s.items().len(), s.lists);
+                            drop(cache);
+                            if lists == 1 {
+                                info!(kind = %kind, objects = n, "initial list complete");
+                            } else {
+                                info!(kind = %kind, objects = n, "relist complete");
+                            }
+                        }
+                        changed
+                    };
+                    if notify {
+                        shared.changed.notify_one();
+                    }
+                }
+                Err(e) => {
+                    shared.watch_restarts.fetch_add(1, Ordering::Relaxed);
+                    // 410 Gone is routine (the watch fell behind compaction):
+                    // the watcher relists by itself.
+                    let gone = matches!(&e, watcher::Error::WatchError(s) if s.code == 410);
+                    if gone {
+                        info!(kind = %kind, "watch expired (410 Gone); relisting, the maps keep their state meanwhile");
+                    } else {
+                        warn!(kind = %kind, error = %e, "watch failed; retrying with backoff, the maps keep their state meanwhile");
+                    }
+                }
+            }
+        }
+        debug!(kind = %kind, "watcher ended");
+    })
+}
+
+impl Source for KubeSource {
+    async fn changed(&mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.shared.changed.notified() => Ok(()),
+            // Watcher tasks loop forever; one that ends has panicked. Do not
+            // keep serving a source that no longer follows the cluster
+            // without saying so.
+            (ended, i, _) = futures_util::future::select_all(self.tasks.iter_mut()) => {
+                let kind = ["Service", "EndpointSlice", "Node"].get(i).copied().unwrap_or("?");
+                anyhow::bail!("the {kind} watcher task ended unexpectedly: {ended:?}")
+            }
+        }
+    }
+
+    fn view<R>(&mut self, f: impl FnOnce(View<'_>) -> R) -> Option<R> {
+        let cache = self.shared.lock();
+        if !cache.complete() {
+            return None;
+        }
+        Some(f(View {
+            services: cache.services.items(),
+            slices: cache.slices.items(),
+            problems: &[],
+        }))
+    }
+
+    fn counters(&self) -> SourceCounters {
+        let cache = self.shared.lock();
+        let relists = [cache.services.lists, cache.slices.lists, cache.nodes.lists]
+            .iter()
+            .map(|l| l.saturating_sub(1))
+            .sum();
+        SourceCounters {
+            watch_restarts: self.shared.watch_restarts.load(Ordering::Relaxed),
+            relists,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn svc(name: &str, ip: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn names(s: &Store<Service>) -> Vec<String> {
+        let mut v: Vec<String> = s.items().iter().map(|o| o.name_any()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn store_applies_and_deletes_in_place() {
+        let mut s = Store::default();
+        assert!(!s.apply(watcher::Event::Init));
+        assert!(!s.apply(watcher::Event::InitApply(svc("a", "198.19.0.1"))));
+        assert!(!s.listed(), "a list in progress is not a complete view");
+        assert!(s.apply(watcher::Event::InitDone));
+        assert!(s.listed());
+        s.apply(watcher::Event::Apply(svc("b", "198.19.0.2")));
+        s.apply(watcher::Event::Apply(svc("c", "198.19.0.3")));
+        s.apply(watcher::Event::Apply(svc("a", "198.19.0.9")));
+        assert_eq!(names(&s), ["a", "b", "c"]);
+        // Deleting the first item moves the last one into its slot; the
+        // index must follow or the next update of "c" would hit "b".
+        s.apply(watcher::Event::Delete(svc("a", "")));
+        s.apply(watcher::Event::Apply(svc("c", "198.19.0.33")));
+        assert_eq!(names(&s), ["b", "c"]);
+        let c = s.items().iter().find(|o| o.name_any() == "c").unwrap();
+        assert_eq!(c.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("198.19.0.33"));
+        s.apply(watcher::Event::Delete(svc("zz", "")));
+        assert_eq!(names(&s), ["b", "c"]);
+    }
+
+    #[test]
+    fn relist_replaces_the_set_only_when_done() {
+        let mut s = Store::default();
+        s.apply(watcher::Event::Init);
+        s.apply(watcher::Event::InitApply(svc("a", "198.19.0.1")));
+        s.apply(watcher::Event::InitApply(svc("b", "198.19.0.2")));
+        s.apply(watcher::Event::InitDone);
+        // A relist after a 410: "a" was deleted meanwhile, "d" added.
+        s.apply(watcher::Event::Init);
+        s.apply(watcher::Event::InitApply(svc("b", "198.19.0.2")));
+        assert_eq!(names(&s), ["a", "b"], "the old set stays until the relist is complete");
+        s.apply(watcher::Event::InitApply(svc("d", "198.19.0.4")));
+        s.apply(watcher::Event::InitDone);
+        assert_eq!(names(&s), ["b", "d"]);
+        assert_eq!(s.lists, 2);
+    }
+}
