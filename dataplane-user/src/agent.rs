@@ -23,9 +23,11 @@ use tracing::{error, info, warn};
 use crate::{
     desired, health,
     loader::{Dataplane, XdpAttachMode},
+    pin::PinRoot,
     source::{files::PolledFiles, kubernetes::KubeSource, Source},
-    sync::{MapWriter, Syncer},
+    sync::{MapWriter, SyncConfig, Syncer},
 };
+use dataplane_common::{DpConfig, ABI_VERSION};
 
 /// Where the objects come from.
 #[derive(Clone, Debug)]
@@ -55,6 +57,20 @@ pub struct RunConfig {
     pub health_bind: Option<SocketAddr>,
     /// How long a burst of changes may settle before a sync.
     pub debounce: Duration,
+    /// Where maps and links are pinned (bpffs); `None`: nothing is pinned
+    /// and the programs are detached when the agent exits.
+    pub pin_root: Option<PathBuf>,
+    /// Addresses NodePorts are served on; empty: every IPv4 address of the
+    /// node's interfaces but loopback.
+    pub node_ips: Vec<std::net::Ipv4Addr>,
+    /// The NodePort range (inclusive).
+    pub node_port_range: (u16, u16),
+    /// The source address for SNAT; `None`: the first node address.
+    pub snat_ip: Option<std::net::Ipv4Addr>,
+    /// Backend selection and Maglev table size.
+    pub sync: SyncConfig,
+    /// Conntrack timeouts (the other fields are filled in by the agent).
+    pub datapath: DpConfig,
 }
 
 /// Default for [`RunConfig::debounce`]: long enough to fold the events of
@@ -133,6 +149,7 @@ impl Drop for AliveGuard<'_> {
 pub async fn sync_loop<S: Source, W: MapWriter>(
     source: &mut S,
     syncer: &mut Syncer<W>,
+    node: &desired::NodeInfo,
     state: &AgentState,
     debounce: Duration,
     shutdown: impl Future<Output = ()>,
@@ -155,7 +172,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
         }
         let started = Instant::now();
         let Some((desired, mut problems)) = source.view(|v| {
-            let d = desired::compute(v.services, v.slices);
+            let d = desired::compute_for_node(v.services, v.slices, node);
             (d, v.problems.to_vec())
         }) else {
             continue; // initial lists not complete yet
@@ -214,21 +231,91 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut dp = Dataplane::load(cfg.bpf_object.as_deref()).context("loading the eBPF programs")?;
-    let maps = dp.take_maps()?;
+    let pins = cfg.pin_root.clone().map(PinRoot::new);
+    let (mut dp, adopted) = match &pins {
+        Some(p) => Dataplane::load_pinned(cfg.bpf_object.as_deref(), p.clone()).context("loading the eBPF programs")?,
+        None => (
+            Dataplane::load(cfg.bpf_object.as_deref()).context("loading the eBPF programs")?,
+            false,
+        ),
+    };
+    let mut maps = dp.take_maps()?;
+    if adopted {
+        let previous = maps.config.get(&0, 0).context("reading the pinned configuration")?;
+        if previous.abi_version != 0 && previous.abi_version != ABI_VERSION {
+            anyhow::bail!(
+                "the pinned maps under {} were written by an agent with map layout version {}, this agent has {}; \
+                 run `dataplane cleanup` (established connections through this node lose their conntrack entries) \
+                 or run the matching version",
+                cfg.pin_root
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                previous.abi_version,
+                ABI_VERSION
+            );
+        }
+    }
+
+    let node_ips = if cfg.node_ips.is_empty() {
+        crate::node::local_ipv4_addresses().context("listing the node's addresses")?
+    } else {
+        cfg.node_ips.clone()
+    };
+    let snat_ip = cfg.snat_ip.or_else(|| node_ips.first().copied());
+    let node = desired::NodeInfo {
+        name: cfg.node_name.clone(),
+        addresses: node_ips.clone(),
+        node_port_range: cfg.node_port_range,
+    };
+    info!(addresses = ?node_ips, snat = ?snat_ip, "node addresses (NodePorts, SNAT)");
+    let datapath = DpConfig {
+        abi_version: ABI_VERSION,
+        snat_addr: snat_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+        ..cfg.datapath
+    };
+    maps.write_config(&datapath)?;
+
+    let mut syncer = if adopted {
+        let (syncer, report) =
+            Syncer::adopt(maps, cfg.sync).map_err(|e| anyhow::anyhow!("adopting the pinned maps: {e}"))?;
+        info!(
+            frontends = report.frontends,
+            backends = report.backends,
+            stale_removed = report.stale_removed,
+            "adopted the pinned maps of a previous agent"
+        );
+        syncer
+    } else {
+        Syncer::with_config(maps, cfg.sync)
+    };
+
     for iface in &cfg.xdp_ifaces {
-        dp.attach_xdp(iface, cfg.xdp_mode)?;
-        info!(iface = %iface, mode = ?cfg.xdp_mode, "XDP program attached");
+        let how = dp.attach_xdp(iface, cfg.xdp_mode)?;
+        info!(iface = %iface, mode = ?cfg.xdp_mode, %how, "XDP program attached");
     }
     for iface in &cfg.tc_ifaces {
-        let mode = dp.attach_tc(iface)?;
-        info!(iface = %iface, %mode, "TC ingress program attached");
+        let how = dp.attach_tc(iface)?;
+        info!(iface = %iface, %how, "TC ingress program attached");
+    }
+    // Links of interfaces no longer configured: detach.
+    if let Some(p) = &pins {
+        for (program, iface, path) in p.pinned_links()? {
+            let wanted = match program.as_str() {
+                "tc" => cfg.tc_ifaces.contains(&iface),
+                "xdp" => cfg.xdp_ifaces.contains(&iface),
+                _ => false,
+            };
+            if !wanted {
+                PinRoot::unpin_link(&path)?;
+                info!(iface = %iface, program = %program, "detached from an interface no longer configured");
+            }
+        }
     }
     if cfg.tc_ifaces.is_empty() && cfg.xdp_ifaces.is_empty() {
         warn!("no interface attached (--no-attach): the maps are programmed but no traffic is translated");
     }
 
-    let mut syncer = Syncer::new(maps);
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let shutdown = async move {
@@ -241,21 +328,25 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         SourceConfig::Files { dir, poll_interval } => {
             info!(dir = %dir.display(), "watching manifests");
             let mut source = PolledFiles::new(dir, *poll_interval);
-            sync_loop(&mut source, &mut syncer, &state, cfg.debounce, shutdown).await
+            sync_loop(&mut source, &mut syncer, &node, &state, cfg.debounce, shutdown).await
         }
         SourceConfig::Kubernetes => {
-            let node = cfg
+            let node_name = cfg
                 .node_name
                 .as_deref()
                 .context("the Kubernetes source needs the node name (--node-name or NODE_NAME)")?;
-            let mut source = KubeSource::connect(node).await?;
-            sync_loop(&mut source, &mut syncer, &state, cfg.debounce, shutdown).await
+            let mut source = KubeSource::connect(node_name).await?;
+            sync_loop(&mut source, &mut syncer, &node, &state, cfg.debounce, shutdown).await
         }
     };
     if let Some(h) = health {
         h.abort();
     }
-    info!("shutting down: detaching programs");
+    if pins.is_some() {
+        info!("shutting down; pinned programs stay attached and keep serving (`dataplane cleanup` removes them)");
+    } else {
+        info!("shutting down: detaching programs");
+    }
     drop(syncer);
     drop(dp);
     result

@@ -38,7 +38,7 @@ pub struct Frontend {
 }
 
 /// What the desired state needs to know about the node the agent runs on.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
     /// The node's name, to tell local endpoints (EndpointSlice `nodeName`)
     /// from remote ones. `None`: every endpoint counts as local (a single
@@ -52,6 +52,16 @@ pub struct NodeInfo {
 
 /// kube-apiserver's default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
+
+impl Default for NodeInfo {
+    fn default() -> Self {
+        NodeInfo {
+            name: None,
+            addresses: Vec::new(),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+        }
+    }
+}
 
 impl NodeInfo {
     fn is_local(&self, node_name: Option<&str>) -> bool {

@@ -6,6 +6,7 @@ pub mod desired;
 pub mod health;
 pub mod loader;
 pub mod maglev;
+pub mod node;
 pub mod pin;
 pub mod source;
 pub mod sync;

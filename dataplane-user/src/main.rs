@@ -2,10 +2,15 @@ use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::Ipv4Addr;
+
 use dataplane::{
     agent::{self, RunConfig, SourceConfig},
     loader::XdpAttachMode,
+    maglev, pin,
+    sync::{Selection, SyncConfig},
 };
+use dataplane_common::{timeouts, DpConfig};
 use tracing_subscriber::EnvFilter;
 
 /// eBPF Service dataplane for Kubernetes: a kube-proxy replacement.
@@ -36,7 +41,15 @@ enum Source {
 #[derive(Subcommand)]
 enum Command {
     /// Load the programs, attach them, and keep the maps in sync with a source.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Remove everything the agent pinned: detach its programs (links) and
+    /// delete its maps. Established connections through the node lose their
+    /// conntrack entries.
+    Cleanup {
+        /// The agent's pin directory.
+        #[arg(long, default_value = pin::DEFAULT_ROOT, env = "DATAPLANE_BPFFS_ROOT")]
+        bpffs_root: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -75,6 +88,64 @@ struct RunArgs {
     /// Address of the /healthz and /readyz endpoints, or `off`.
     #[arg(long, default_value = "0.0.0.0:10256", env = "DATAPLANE_HEALTH_BIND")]
     health_bind: String,
+    /// Where maps and program links are pinned (on bpffs, mounted at
+    /// /sys/fs/bpf if missing). A restarted agent adopts them: traffic keeps
+    /// flowing and established connections keep their backends.
+    #[arg(long, default_value = pin::DEFAULT_ROOT, env = "DATAPLANE_BPFFS_ROOT")]
+    bpffs_root: PathBuf,
+    /// Pin nothing: the programs detach when the agent exits.
+    #[arg(long, env = "DATAPLANE_NO_PIN")]
+    no_pin: bool,
+    /// Addresses NodePort Services are served on (repeatable or comma
+    /// separated); default: every IPv4 address of the node but loopback.
+    #[arg(long = "node-ip", env = "DATAPLANE_NODE_IPS", value_delimiter = ',')]
+    node_ips: Vec<Ipv4Addr>,
+    /// The NodePort range, as the API server's --service-node-port-range.
+    #[arg(long, default_value = "30000-32767", env = "DATAPLANE_NODE_PORT_RANGE")]
+    node_port_range: String,
+    /// Source address for flows SNATed to remote backends (and hairpin);
+    /// default: the first node address.
+    #[arg(long, env = "DATAPLANE_SNAT_IP")]
+    snat_ip: Option<Ipv4Addr>,
+    /// How new flows pick a backend.
+    #[arg(long, value_enum, default_value_t = Selection::Maglev, env = "DATAPLANE_LB_ALGORITHM")]
+    lb_algorithm: Selection,
+    /// Maglev table size per service (a prime: 251, 509, 1021, 2039, 4093,
+    /// 8191, 16381, 32749, 65521).
+    #[arg(long, default_value_t = maglev::DEFAULT_SIZE, env = "DATAPLANE_MAGLEV_TABLE_SIZE")]
+    maglev_table_size: u32,
+    /// Idle timeout of TCP flows before a reply, in seconds.
+    #[arg(long, default_value_t = timeouts::TCP_SYN_S, env = "DATAPLANE_CT_TCP_SYN_TIMEOUT")]
+    ct_tcp_syn_timeout: u64,
+    /// Idle timeout of established TCP flows, in seconds.
+    #[arg(long, default_value_t = timeouts::TCP_ESTABLISHED_S, env = "DATAPLANE_CT_TCP_ESTABLISHED_TIMEOUT")]
+    ct_tcp_established_timeout: u64,
+    /// Idle timeout of TCP flows after a FIN or RST, in seconds.
+    #[arg(long, default_value_t = timeouts::TCP_CLOSING_S, env = "DATAPLANE_CT_TCP_CLOSING_TIMEOUT")]
+    ct_tcp_closing_timeout: u64,
+    /// Idle timeout of UDP flows before a reply, in seconds.
+    #[arg(long, default_value_t = timeouts::UDP_S, env = "DATAPLANE_CT_UDP_TIMEOUT")]
+    ct_udp_timeout: u64,
+    /// Idle timeout of UDP flows that saw a reply, in seconds.
+    #[arg(long, default_value_t = timeouts::UDP_STREAM_S, env = "DATAPLANE_CT_UDP_STREAM_TIMEOUT")]
+    ct_udp_stream_timeout: u64,
+}
+
+/// Parses `LOW-HIGH`.
+fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
+    let (lo, hi) = s
+        .split_once('-')
+        .with_context(|| format!("--node-port-range {s:?}: expected LOW-HIGH, e.g. 30000-32767"))?;
+    let lo: u16 = lo
+        .trim()
+        .parse()
+        .with_context(|| format!("--node-port-range {s:?}: bad low port"))?;
+    let hi: u16 = hi
+        .trim()
+        .parse()
+        .with_context(|| format!("--node-port-range {s:?}: bad high port"))?;
+    anyhow::ensure!(lo >= 1 && lo <= hi, "--node-port-range {s:?}: need 1 <= LOW <= HIGH");
+    Ok((lo, hi))
 }
 
 impl RunArgs {
@@ -98,7 +169,30 @@ impl RunArgs {
                     .with_context(|| format!("--health-bind {a:?}: not an address:port"))?,
             ),
         };
+        let node_port_range = parse_port_range(&self.node_port_range)?;
+        let maglev_size = maglev::validate_size(self.maglev_table_size).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let secs = |s: u64, flag: &str| -> anyhow::Result<u64> {
+            anyhow::ensure!(s > 0, "{flag} must be at least 1 second");
+            Ok(s * 1_000_000_000)
+        };
+        let datapath = DpConfig {
+            tcp_syn_timeout_ns: secs(self.ct_tcp_syn_timeout, "--ct-tcp-syn-timeout")?,
+            tcp_established_timeout_ns: secs(self.ct_tcp_established_timeout, "--ct-tcp-established-timeout")?,
+            tcp_closing_timeout_ns: secs(self.ct_tcp_closing_timeout, "--ct-tcp-closing-timeout")?,
+            udp_timeout_ns: secs(self.ct_udp_timeout, "--ct-udp-timeout")?,
+            udp_stream_timeout_ns: secs(self.ct_udp_stream_timeout, "--ct-udp-stream-timeout")?,
+            ..DpConfig::defaults()
+        };
         Ok(RunConfig {
+            pin_root: (!self.no_pin).then_some(self.bpffs_root),
+            node_ips: self.node_ips,
+            node_port_range,
+            snat_ip: self.snat_ip,
+            sync: SyncConfig {
+                selection: self.lb_algorithm,
+                maglev_size,
+            },
+            datapath,
             source,
             node_name: self.node_name.filter(|n| !n.is_empty()),
             tc_ifaces: self.tc_ifaces,
@@ -138,6 +232,16 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(agent::run(cfg))
         }
+        Command::Cleanup { bpffs_root } => {
+            let removed = pin::PinRoot::new(&bpffs_root).cleanup()?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}", bpffs_root.display());
+            }
+            for r in removed {
+                println!("removed {r}");
+            }
+            Ok(())
+        }
     }
 }
 
@@ -147,7 +251,9 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<RunConfig, String> {
         let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
-        let Command::Run(a) = cli.command;
+        let Command::Run(a) = cli.command else {
+            return Err("not run".into());
+        };
         a.into_config().map_err(|e| e.to_string())
     }
 

@@ -29,6 +29,10 @@ pub struct Agent {
     child: Child,
     log: PathBuf,
     pub manifests: PathBuf,
+    /// The agent's pin directory under /sys/fs/bpf (removed on drop).
+    pub pins: PathBuf,
+    args: Vec<String>,
+    netns: String,
     _dir: TempDir,
 }
 
@@ -54,42 +58,57 @@ impl Agent {
     /// `xdp_ifaces`, reading manifests from a fresh directory that
     /// `manifests` are written to first (name, content).
     pub fn start(ns: &Netns, tc_ifaces: &[String], xdp_ifaces: &[String], manifests: &[(&str, &str)]) -> Result<Agent> {
+        Self::start_with(ns, tc_ifaces, xdp_ifaces, manifests, &[])
+    }
+
+    /// As `start`, with extra `dataplane run` arguments.
+    pub fn start_with(
+        ns: &Netns,
+        tc_ifaces: &[String],
+        xdp_ifaces: &[String],
+        manifests: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Result<Agent> {
         let dir = TempDir::new("dataplane-test");
         let mdir = dir.0.join("manifests");
         std::fs::create_dir_all(&mdir)?;
         for (name, content) in manifests {
             std::fs::write(mdir.join(name), content)?;
         }
-        let log = dir.0.join("agent.log");
-        let logf = std::fs::File::create(&log)?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name])
-            .arg(agent_binary())
-            .arg("run")
-            .arg("--dir")
-            .arg(&mdir);
+        let pins = PathBuf::from("/sys/fs/bpf").join(crate::netns::unique_prefix());
+        let mut args: Vec<String> = vec!["run".into(), "--dir".into(), mdir.display().to_string()];
+        args.extend(["--bpffs-root".into(), pins.display().to_string()]);
         for i in tc_ifaces {
-            cmd.args(["--tc-iface", i]);
+            args.extend(["--tc-iface".into(), i.clone()]);
         }
         for i in xdp_ifaces {
-            cmd.args(["--xdp-iface", i]);
+            args.extend(["--xdp-iface".into(), i.clone()]);
         }
-        // `ip netns exec` execs the agent: the child's PID is the agent's.
-        let child = cmd
-            .env("DATAPLANE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .context("starting the agent")?;
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let log = dir.0.join("agent.log");
+        let child = spawn(&ns.name, &args, &log)?;
         let mut a = Agent {
             child,
             log,
             manifests: mdir,
+            pins,
+            args,
+            netns: ns.name.clone(),
             _dir: dir,
         };
         a.wait_syncs(1, Duration::from_secs(20))?;
         Ok(a)
+    }
+
+    /// Kills the agent with SIGKILL (no cleanup of any kind), then starts
+    /// it again with the same arguments, pins and manifests, and waits for
+    /// its first sync.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        let before = self.syncs();
+        self.child = spawn(&self.netns, &self.args, &self.log)?;
+        self.wait_syncs(before + 1, Duration::from_secs(20))
     }
 
     pub fn log(&self) -> String {
@@ -130,9 +149,24 @@ impl Agent {
         self.wait_syncs(before + 1, Duration::from_secs(10))
     }
 
-    /// Stops the agent with SIGTERM and returns its exit status.
-    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+    /// Stops the agent with SIGTERM and returns its exit status. Its pinned
+    /// programs stay attached until `cleanup` (or drop).
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         self.terminate()
+    }
+
+    /// `dataplane cleanup` on the agent's pins: detaches the programs and
+    /// removes the maps. Returns what it printed.
+    pub fn cleanup(&self) -> Result<String> {
+        let out = Command::new(agent_binary())
+            .args(["cleanup", "--bpffs-root"])
+            .arg(&self.pins)
+            .output()
+            .context("running dataplane cleanup")?;
+        if !out.status.success() {
+            bail!("dataplane cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     fn terminate(&mut self) -> Result<std::process::ExitStatus> {
@@ -156,5 +190,30 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.terminate();
+        if let Err(e) = self.cleanup() {
+            eprintln!("cleanup of {}: {e}", self.pins.display());
+        }
+        let _ = std::fs::remove_dir_all(&self.pins);
     }
+}
+
+/// Starts `dataplane ARGS` in namespace `netns`, its stderr appended to `log`.
+fn spawn(netns: &str, args: &[String], log: &Path) -> Result<Child> {
+    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    // nsenter enters only the network namespace. `ip netns exec` would also
+    // give the agent a private mount namespace with its own /sys, where a
+    // bpffs it mounts (and its pins) would die with it, unlike a DaemonSet
+    // with the host's /sys/fs/bpf. nsenter execs the agent: the child's PID
+    // is the agent's.
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .arg("--")
+        .arg(agent_binary())
+        .args(args)
+        .env("DATAPLANE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .spawn()
+        .context("starting the agent")
 }

@@ -22,7 +22,7 @@ pub fn require_root_and_tools() {
         euid, 0,
         "these tests need root (network namespaces, BPF): run `cargo xtask test` as root"
     );
-    for tool in ["ip", "ethtool"] {
+    for tool in ["ip", "ethtool", "nsenter"] {
         let ok = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()

@@ -278,20 +278,89 @@ fn service_without_endpoints_refuses_tcp_and_udp() {
     }
 }
 
+/// Pinned programs keep serving after the agent exits; `dataplane cleanup`
+/// detaches them.
 #[test]
-fn agent_stop_detaches_programs() {
+fn stopped_agent_keeps_serving_until_cleanup() {
     let t = Topology::new(1).unwrap();
     let _servers = start_servers(&t);
-    let agent = start_agent(&t, true, false, &[1]);
+    let mut agent = start_agent(&t, true, false, &[1]);
     assert_eq!(connections(&t, 3).unwrap().get("b1"), Some(&3));
     assert!(
         agent.stop().unwrap().success(),
         "the agent must exit cleanly on SIGTERM"
     );
+    assert_eq!(
+        connections(&t, 3).unwrap().get("b1"),
+        Some(&3),
+        "pinned programs must keep serving"
+    );
+    let out = agent.cleanup().unwrap();
+    assert!(out.contains("removed link tc on vc"), "{out}");
     // Without the program nothing answers on the VIP (the node has no
     // route for it), so the connection fails.
     assert!(
         connections(&t, 1).is_err(),
-        "traffic to the VIP still translated after the agent stopped"
+        "traffic to the VIP still translated after cleanup"
     );
+}
+
+/// Continuous new connections and one long-lived connection through the
+/// VIP while the agent is SIGKILLed and started again: none fails, the
+/// long-lived one keeps its backend, and the restarted agent adopts the
+/// pinned maps without rewriting them.
+#[test]
+fn agent_restart_under_load_drops_no_connection() {
+    let t = Topology::new(3).unwrap();
+    let _servers = start_servers(&t);
+    let mut agent = start_agent(&t, true, false, &[1, 2, 3]);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let load = t.client.run(move || {
+        let mut long = Conn::connect(SocketAddr::from((VIP, 80)), TIMEOUT).map_err(|e| e.to_string())?;
+        let first = long.ask().map_err(|e| e.to_string())?;
+        let (mut ok, mut failed, mut long_answers) = (0usize, Vec::new(), 0usize);
+        let started = std::time::Instant::now();
+        // Bounded: until told to stop, at most 60 s.
+        while !s.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+            match Conn::connect(SocketAddr::from((VIP, 80)), TIMEOUT).and_then(|mut c| c.ask()) {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e.to_string()),
+            }
+            match long.ask() {
+                Ok(who) if who == first => long_answers += 1,
+                Ok(who) => return Err(format!("the long-lived connection moved from {first} to {who}")),
+                Err(e) => return Err(format!("the long-lived connection broke: {e}")),
+            }
+        }
+        Ok::<_, String>((ok, failed, long_answers))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    agent.kill_and_restart().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed, long_answers) = load.join().unwrap().unwrap();
+    eprintln!(
+        "{ok} connections during the restart, {} failed; long-lived answered {long_answers} times",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "connections failed across the restart: {failed:?}");
+    assert!(
+        ok > 10 && long_answers > 10,
+        "too little traffic to show anything: {ok}, {long_answers}"
+    );
+    let log = agent.log();
+    assert!(log.contains("adopted the pinned maps"), "{log}");
+    let second = log
+        .lines()
+        .filter(|l| l.contains("sync applied"))
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(
+        second.contains("added=0") && second.contains("updated=0") && second.contains("removed=0"),
+        "the restarted agent rewrote maps it should have adopted: {second}"
+    );
+    assert!(log.contains("program replaced atomically"), "{log}");
 }

@@ -14,6 +14,7 @@ use std::{
 
 use dataplane::{
     agent::{sync_loop, AgentState},
+    desired::NodeInfo,
     loader::Dataplane,
     source::kubernetes::KubeSource,
     sync::Syncer,
@@ -64,7 +65,15 @@ impl Rig {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            sync_loop(&mut source, &mut syncer, &st, Duration::from_millis(2), shutdown).await
+            sync_loop(
+                &mut source,
+                &mut syncer,
+                &NodeInfo::default(),
+                &st,
+                Duration::from_millis(2),
+                shutdown,
+            )
+            .await
         });
         Rig {
             fake,
@@ -580,7 +589,15 @@ async fn real_cluster_when_kubeconfig_is_set() {
         let shutdown = async {
             let _ = stopped.await;
         };
-        sync_loop(&mut source, &mut syncer, &st, Duration::from_millis(2), shutdown).await
+        sync_loop(
+            &mut source,
+            &mut syncer,
+            &NodeInfo::default(),
+            &st,
+            Duration::from_millis(2),
+            shutdown,
+        )
+        .await
     });
 
     let start = Instant::now();

@@ -45,7 +45,12 @@ enum Task {
 
 /// Debian packages used by the demo and tests, with the command that shows
 /// each is present.
-const PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool"), ("bpftool", "bpftool")];
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("ethtool", "ethtool"),
+    ("bpftool", "bpftool"),
+    ("util-linux", "nsenter"),
+];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -131,8 +131,16 @@ fn main() -> Result<()> {
     );
     println!("    {addr} gets no new connections");
 
-    step("Stopping the agent (programs detach) and removing the namespaces");
+    step("Stopping the agent, `dataplane cleanup` (programs detach), removing the namespaces");
     agent.stop()?;
+    print!(
+        "{}",
+        agent
+            .cleanup()?
+            .lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    );
     drop(servers);
     drop(t);
     println!("    done");
