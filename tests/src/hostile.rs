@@ -1172,3 +1172,121 @@ pub fn fix_checksums(f: &mut [u8], udp_csum: bool) {
     }
     f[off..off + 2].copy_from_slice(&c.to_be_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::Frame;
+
+    const CLIENT: ([u8; 4], u16) = ([198, 18, 100, 7], 40007);
+
+    fn syn_to(svc: &Svc) -> Vec<u8> {
+        Frame::tcp((Ipv4Addr::from(CLIENT.0), CLIENT.1), (svc.vip, svc.port), SYN).build()
+    }
+
+    #[test]
+    fn same_seed_same_frames() {
+        let model = Model::new(services());
+        let mut a = Generator::new(7);
+        let mut b = Generator::new(7);
+        for _ in 0..1000 {
+            assert_eq!(a.frame(&model), b.frame(&model));
+        }
+    }
+
+    #[test]
+    fn model_tracks_a_flow_and_its_reply() {
+        let mut m = Model::new(services());
+        let svc = m.services[0].clone();
+        let frame = syn_to(&svc);
+        let Expect::Translate { addr, port, reason, .. } = m.predict(Hook::Xdp, &frame) else {
+            panic!("a SYN to a service is translated")
+        };
+        assert_eq!(reason, Reason::NatNewFlow);
+        assert!(svc
+            .backends
+            .iter()
+            .any(|b| (b.ip().octets(), b.host_port()) == (addr, port)));
+        let again = Expect::Translate {
+            side: Side::Dst,
+            addr,
+            port,
+            reason: Reason::NatEstablished,
+        };
+        assert_eq!(m.predict(Hook::Tc, &frame), again);
+        let reply = Frame::tcp(
+            (Ipv4Addr::from(addr), port),
+            (Ipv4Addr::from(CLIENT.0), CLIENT.1),
+            SYN | ACK,
+        )
+        .build();
+        assert_eq!(
+            m.predict(Hook::Xdp, &reply),
+            Expect::Translate {
+                side: Side::Src,
+                addr: svc.vip.octets(),
+                port: svc.port,
+                reason: Reason::NatReply,
+            }
+        );
+        assert_eq!(m.ct.len(), 2);
+        assert_eq!(m.runs, 3);
+    }
+
+    /// The checker is what makes the hostile test worth anything: it must
+    /// refuse outputs a broken datapath would produce.
+    #[test]
+    fn check_refuses_wrong_outputs() {
+        let mut m = Model::new(services());
+        let frame = syn_to(&m.services[0]);
+        let expect = m.predict(Hook::Xdp, &frame);
+        let Expect::Translate { addr, port, .. } = expect.clone() else {
+            panic!()
+        };
+        let mut good = frame.clone();
+        good[30..34].copy_from_slice(&addr);
+        good[36..38].copy_from_slice(&port.to_be_bytes());
+        fix_checksums(&mut good, true);
+        assert_eq!(check(Hook::Xdp, &frame, &expect, Ok((2, good.clone()))), Ok(()));
+
+        // Port rewritten without updating the TCP checksum.
+        let mut stale = good.clone();
+        stale[50..52].copy_from_slice(&frame[50..52]);
+        assert!(check(Hook::Xdp, &frame, &expect, Ok((2, stale))).is_err());
+        // Another backend.
+        let mut other = good.clone();
+        other[33] ^= 1;
+        fix_checksums(&mut other, true);
+        assert!(check(Hook::Xdp, &frame, &expect, Ok((2, other))).is_err());
+        // Wrong verdict, changed payload length, untranslated.
+        assert!(check(Hook::Xdp, &frame, &expect, Ok((1, good.clone()))).is_err());
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(check(Hook::Xdp, &frame, &expect, Ok((2, longer))).is_err());
+        assert!(check(Hook::Xdp, &frame, &expect, Ok((2, frame.clone()))).is_err());
+
+        // A pass that modified one byte.
+        let pass = Expect::Pass(Reason::PassNoService);
+        let mut touched = frame.clone();
+        touched[20] ^= 0x80;
+        assert!(check(Hook::Tc, &frame, &pass, Ok((u32::MAX, touched))).is_err());
+        assert_eq!(check(Hook::Tc, &frame, &pass, Ok((u32::MAX, frame.clone()))), Ok(()));
+    }
+
+    #[test]
+    fn rejects_are_built_from_scratch() {
+        let mut m = Model::new(services());
+        let empty = m
+            .services
+            .iter()
+            .find(|s| s.backends.is_empty() && s.proto == TCP)
+            .unwrap()
+            .clone();
+        let Expect::Reject(rst) = m.predict(Hook::Tc, &syn_to(&empty)) else {
+            panic!("a SYN to a service without endpoints is rejected")
+        };
+        let p = crate::packet::parse_and_verify(&rst);
+        assert_eq!((p.src, p.sport), (empty.vip, empty.port));
+        assert_eq!(crate::packet::tcp_fields(&rst), (RST | ACK, 0, 1001));
+    }
+}
