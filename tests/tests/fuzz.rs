@@ -643,7 +643,7 @@ fn frontend_key(i: u8) -> ServiceKey {
     ServiceKey::new(
         Ipv4Addr::new(198, 19, 0, 10 + i / 2),
         80,
-        if i % 2 == 0 { IPPROTO_TCP } else { IPPROTO_UDP },
+        if i.is_multiple_of(2) { IPPROTO_TCP } else { IPPROTO_UDP },
     )
 }
 
