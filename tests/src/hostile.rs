@@ -166,6 +166,17 @@ pub enum Expect {
     Reject(Vec<u8>),
 }
 
+impl Expect {
+    /// The reason counter the frame increments (none when refused).
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            Expect::Refused => None,
+            Expect::Pass(r) | Expect::Drop(r) | Expect::Translate { reason: r, .. } => Some(*r),
+            Expect::Reject(_) => Some(Reason::RejectNoBackend),
+        }
+    }
+}
+
 /// Which program a frame goes through; the model is the same for both
 /// except for what BPF_PROG_TEST_RUN accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,12 +282,7 @@ impl Model {
         }
         self.runs += 1;
         let e = self.decide(frame);
-        let reason = match &e {
-            Expect::Pass(r) | Expect::Drop(r) | Expect::Translate { reason: r, .. } => *r,
-            Expect::Reject(_) => Reason::RejectNoBackend,
-            Expect::Refused => unreachable!(),
-        };
-        *self.counts.entry(reason).or_default() += 1;
+        *self.counts.entry(e.reason().expect("ran")).or_default() += 1;
         e
     }
 
