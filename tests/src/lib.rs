@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod fake_api;
+pub mod hostile;
 pub mod manifests;
 pub mod mapview;
 pub mod netns;

@@ -1,0 +1,78 @@
+//! Verifier margins: every program of the real object is loaded and the
+//! number of instructions the kernel's verifier processed for it
+//! (`verified_insns`, BPF_OBJ_GET_INFO_BY_FD) must stay under a stated
+//! budget, far below the kernel's limit, so a change that moves a program
+//! towards the limit fails here long before it fails to load on a node.
+//!
+//! The counts are printed (`cargo test -p dataplane-tests --test verifier
+//! -- --nocapture`) and recorded in the README.
+
+use std::os::fd::RawFd;
+
+use dataplane::loader::Dataplane;
+use dataplane_common::program_names;
+
+/// The verifier's limit on processed instructions (BPF_COMPLEXITY_LIMIT_INSNS).
+const KERNEL_LIMIT: u32 = 1_000_000;
+/// Each program may use at most a quarter of it.
+const BUDGET: u32 = KERNEL_LIMIT / 4;
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// The `info` member of `union bpf_attr`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The kernel id of the program behind `fd`: the second u32 of
+/// `struct bpf_prog_info` (after `type`).
+fn program_id(fd: RawFd) -> u32 {
+    let mut info = [0u32; 2];
+    let mut attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr is a live, correctly laid out struct; info points at
+    // info_len writable bytes that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            std::mem::size_of::<InfoAttr>() as u32,
+        )
+    };
+    assert!(rc == 0, "BPF_OBJ_GET_INFO_BY_FD: {}", std::io::Error::last_os_error());
+    info[1]
+}
+
+#[test]
+fn every_program_verifies_well_within_the_instruction_limit() {
+    dataplane_tests::netns::require_root_and_tools();
+    let dp = Dataplane::load(None).unwrap_or_else(|e| panic!("{e}"));
+    for name in [program_names::XDP, program_names::TC] {
+        let id = program_id(dp.program_fd(name).unwrap());
+        let info = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == id)
+            .unwrap_or_else(|| panic!("{name}: program id {id} not among the loaded programs"));
+        assert_eq!(info.name_as_str(), Some(name), "program id {id}");
+        let insns = info
+            .verified_instruction_count()
+            .unwrap_or_else(|| panic!("{name}: the kernel reports no verified_insns (needs 5.16+)"));
+        let xlated = info.size_translated().unwrap_or(0) / 8;
+        println!(
+            "{name}: {insns} instructions verified ({:.1} % of the {KERNEL_LIMIT} limit, budget {BUDGET}); {xlated} instructions after translation",
+            insns as f64 * 100.0 / KERNEL_LIMIT as f64
+        );
+        assert!(
+            insns <= BUDGET,
+            "{name}: the verifier processed {insns} instructions, over the budget of {BUDGET} (a quarter of the kernel's limit)"
+        );
+        assert!(insns > 0 && xlated > 0, "{name}: implausible counts");
+    }
+}
