@@ -2,6 +2,7 @@
 //! agent process, and the loaded programs for BPF_PROG_TEST_RUN.
 
 pub mod agent;
+pub mod bench;
 pub mod manifests;
 pub mod netns;
 pub mod packet;

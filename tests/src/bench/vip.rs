@@ -1,0 +1,1 @@
+//! Latency and throughput through a VIP in network namespaces.
