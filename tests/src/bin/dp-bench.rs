@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use dataplane_tests::bench::{self, perpacket};
+use dataplane_tests::bench::{self, perpacket, vip};
 
 struct Args {
     quick: bool,
@@ -83,6 +83,36 @@ fn main() -> Result<()> {
                     ..cfg
                 };
                 write(&a.out, "per-packet.json", perpacket::run(&cfg)?, a.quick)?;
+            }
+            "vip" => {
+                let cfg = if a.quick {
+                    vip::Config {
+                        scales: vec![1, 1_000, 10_000],
+                        rounds: 5,
+                        conns: 200,
+                        rr: 500,
+                        stream: std::time::Duration::from_secs(1),
+                        deadline: std::time::Duration::from_secs(600),
+                    }
+                } else {
+                    vip::Config {
+                        scales: vec![1, 1_000, 10_000],
+                        rounds: 15,
+                        conns: 500,
+                        rr: 2_000,
+                        stream: std::time::Duration::from_secs(3),
+                        deadline: std::time::Duration::from_secs(3600),
+                    }
+                };
+                let cfg = vip::Config {
+                    scales: a
+                        .scales
+                        .clone()
+                        .map(|v| v.into_iter().map(|n| n as usize).collect())
+                        .unwrap_or(cfg.scales),
+                    ..cfg
+                };
+                write(&a.out, "through-vip.json", vip::run(&cfg)?, a.quick)?;
             }
             other => bail!("unknown part {other:?}"),
         }
