@@ -97,6 +97,30 @@ pub struct Maps {
 }
 
 impl Maps {
+    /// Takes the datapath maps out of a loaded object (the agent's, or any
+    /// object built from the same map definitions, like the benchmarks').
+    pub fn take(ebpf: &mut Ebpf) -> Result<Maps, LoadError> {
+        fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
+            ebpf.take_map(name).ok_or(LoadError::MissingMap(name))
+        }
+        let e = ebpf;
+        let m = |name: &'static str| move |source| LoadError::Map { name, source };
+        Ok(Maps {
+            services: HashMap::try_from(take(e, map_names::SERVICES)?).map_err(m(map_names::SERVICES))?,
+            backends: HashMap::try_from(take(e, map_names::BACKENDS)?).map_err(m(map_names::BACKENDS))?,
+            conntrack: HashMap::try_from(take(e, map_names::CONNTRACK)?).map_err(m(map_names::CONNTRACK))?,
+            maglev: HashMap::try_from(take(e, map_names::MAGLEV)?).map_err(m(map_names::MAGLEV))?,
+            affinity: HashMap::try_from(take(e, map_names::AFFINITY)?).map_err(m(map_names::AFFINITY))?,
+            config: Array::try_from(take(e, map_names::CONFIG)?).map_err(m(map_names::CONFIG))?,
+            names: HashMap::try_from(take(e, map_names::NAMES)?).map_err(m(map_names::NAMES))?,
+            source_ranges: LpmTrie::try_from(take(e, map_names::SOURCE_RANGES)?)
+                .map_err(m(map_names::SOURCE_RANGES))?,
+            service_stats: PerCpuArray::try_from(take(e, map_names::SERVICE_STATS)?)
+                .map_err(m(map_names::SERVICE_STATS))?,
+            reasons: PerCpuArray::try_from(take(e, map_names::REASON_STATS)?).map_err(m(map_names::REASON_STATS))?,
+        })
+    }
+
     /// Writes the datapath settings (conntrack timeouts).
     pub fn write_config(&mut self, config: &DpConfig) -> Result<(), LoadError> {
         self.config.set(0, config, 0).map_err(|source| LoadError::Map {
@@ -210,25 +234,7 @@ impl Dataplane {
 
     /// Takes the maps out of the object (once).
     pub fn take_maps(&mut self) -> Result<Maps, LoadError> {
-        fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
-            ebpf.take_map(name).ok_or(LoadError::MissingMap(name))
-        }
-        let e = &mut self.ebpf;
-        let m = |name: &'static str| move |source| LoadError::Map { name, source };
-        Ok(Maps {
-            services: HashMap::try_from(take(e, map_names::SERVICES)?).map_err(m(map_names::SERVICES))?,
-            backends: HashMap::try_from(take(e, map_names::BACKENDS)?).map_err(m(map_names::BACKENDS))?,
-            conntrack: HashMap::try_from(take(e, map_names::CONNTRACK)?).map_err(m(map_names::CONNTRACK))?,
-            maglev: HashMap::try_from(take(e, map_names::MAGLEV)?).map_err(m(map_names::MAGLEV))?,
-            affinity: HashMap::try_from(take(e, map_names::AFFINITY)?).map_err(m(map_names::AFFINITY))?,
-            config: Array::try_from(take(e, map_names::CONFIG)?).map_err(m(map_names::CONFIG))?,
-            names: HashMap::try_from(take(e, map_names::NAMES)?).map_err(m(map_names::NAMES))?,
-            source_ranges: LpmTrie::try_from(take(e, map_names::SOURCE_RANGES)?)
-                .map_err(m(map_names::SOURCE_RANGES))?,
-            service_stats: PerCpuArray::try_from(take(e, map_names::SERVICE_STATS)?)
-                .map_err(m(map_names::SERVICE_STATS))?,
-            reasons: PerCpuArray::try_from(take(e, map_names::REASON_STATS)?).map_err(m(map_names::REASON_STATS))?,
-        })
+        Maps::take(&mut self.ebpf)
     }
 
     /// The file descriptor of a loaded program, for BPF_PROG_TEST_RUN.

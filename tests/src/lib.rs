@@ -2,6 +2,7 @@
 //! agent process, and the loaded programs for BPF_PROG_TEST_RUN.
 
 pub mod agent;
+pub mod bench;
 pub mod fake_api;
 pub mod hostile;
 pub mod manifests;

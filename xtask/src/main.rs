@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask build-ebpf | demo | test | lint | setup | bench-sync`.
+//! Developer tasks: `cargo xtask build-ebpf | demo | test | lint | setup | bench | bench-sync`.
 //!
 //! Each task installs what it is missing (nightly rust-src, bpf-linker,
 //! Debian packages) and says so before it does.
@@ -10,6 +10,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -41,6 +43,17 @@ enum Task {
     /// against a fake API holding 10,000 Services x 4 endpoints; writes
     /// bench-results/control-plane.json (needs root).
     BenchSync,
+    /// Benchmarks (needs root): per-packet cost with BPF_PROG_TEST_RUN, and
+    /// latency/throughput through a VIP against kube-proxy's iptables and
+    /// nftables rules. Writes JSON, SVG plots and summary.md to bench-results/.
+    Bench {
+        /// A few minutes instead of about half an hour.
+        #[arg(long)]
+        quick: bool,
+        /// Only redraw the plots and summary from existing results.
+        #[arg(long)]
+        report_only: bool,
+    },
 }
 
 /// Debian packages used by the demo and tests, with the command that shows
@@ -51,6 +64,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("util-linux", "nsenter"),
 ];
+
+/// What the benchmarks compare against: kube-proxy's two rule backends.
+const BENCH_PACKAGES: &[(&str, &str)] = &[("iptables", "iptables-restore"), ("nftables", "nft")];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -177,7 +193,11 @@ fn ensure_bpf_linker() -> Result<()> {
 }
 
 fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    install_missing(PACKAGES, "network namespaces, offload control, map inspection")
+}
+
+fn install_missing(packages: &[(&str, &str)], why: &str) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, cmd)| !have(cmd))
         .map(|(pkg, _)| *pkg)
@@ -185,10 +205,7 @@ fn ensure_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    say(format!(
-        "installing Debian packages {} (network namespaces, offload control, map inspection)",
-        missing.join(" ")
-    ));
+    say(format!("installing Debian packages {} ({why})", missing.join(" ")));
     if !is_root() {
         bail!(
             "installing {} needs root: run as root, or `apt-get install {}` first",
@@ -322,6 +339,31 @@ fn main() -> Result<()> {
             run(Command::new(root().join("target/release/bench-sync"))
                 .current_dir(root())
                 .env("DATAPLANE_BIN", root().join("target/release/dataplane")))
+        }
+        Task::Bench { quick, report_only } => {
+            let out = std::env::var_os("DP_BENCH_OUT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root().join("bench-results"));
+            if !report_only {
+                require_root("the benchmarks")?;
+                ensure_packages()?;
+                install_missing(BENCH_PACKAGES, "kube-proxy's rule backends, the comparison baseline")?;
+                build_ebpf()?;
+                build_user()?;
+                say(if quick {
+                    "running the benchmarks (--quick: a few minutes)"
+                } else {
+                    "running the benchmarks (about half an hour)"
+                });
+                let mut cmd = Command::new(root().join("target/debug/dp-bench"));
+                cmd.current_dir(root()).arg("--out").arg(&out);
+                if quick {
+                    cmd.arg("--quick");
+                }
+                run(cmd.env("DATAPLANE_BIN", root().join("target/debug/dataplane")))?;
+            }
+            say(format!("drawing plots and summary.md in {}", out.display()));
+            bench::report(&out)
         }
         Task::Test { args } => {
             require_root("the test suite")?;

@@ -1,0 +1,406 @@
+//! Per-packet cost of each datapath path with BPF_PROG_TEST_RUN.
+//!
+//! A repeat loop runs a program again on its own output, and a fixed tuple
+//! hits conntrack after the first run. So every path runs in the bench
+//! object's wrapper (`dataplane-ebpf/src/bin/bench.rs`): the frame is copied
+//! back before each run, new-flow paths get a new source address/port each
+//! run, and the wrapper's own cost (the same copy without the datapath) is
+//! measured right before and subtracted. The reason counters are read around
+//! every measurement: each run must have taken the path it is named after.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Instant};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, HashMap, MapData},
+    programs::{SchedClassifier, Xdp},
+    Ebpf,
+};
+use dataplane::{
+    desired::{Desired, Frontend},
+    loader::Maps,
+    sync::{SyncConfig, Syncer},
+    testrun,
+};
+use dataplane_common::{
+    bench::{names, service_frontend, BenchFrame, FRAME_LEN, VARY_FLOW, VARY_SERVICE},
+    Backend, DpConfig, Reason, ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+};
+use serde_json::{json, Value};
+
+use crate::packet::{Frame, ACK, SYN};
+
+pub struct Config {
+    pub scales: Vec<u32>,
+    pub rounds: usize,
+    pub repeat: u32,
+}
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+/// Source of the new-flow frames (the wrapper adds up to 255 to it), apart
+/// from `CLIENT` so that a varied tuple never hits the established flows.
+const NEW_FLOW_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 101, 0);
+const BACKENDS: usize = 4;
+const BACKEND_PORT: u16 = 8080;
+
+/// A path of the datapath and how to drive it.
+struct PathSpec {
+    name: &'static str,
+    what: &'static str,
+    vary: u32,
+    reason: Reason,
+}
+
+const PATHS: &[PathSpec] = &[
+    PathSpec {
+        name: "no_service",
+        what: "TCP to an address that is no VIP: service miss, reply-conntrack miss, pass",
+        vary: 0,
+        reason: Reason::PassNoService,
+    },
+    PathSpec {
+        name: "tcp_new",
+        what: "TCP SYN, new tuple every run, to the last Service: lookup, Maglev pick, 2 conntrack inserts, DNAT",
+        vary: VARY_FLOW,
+        reason: Reason::NatNewFlow,
+    },
+    PathSpec {
+        name: "tcp_new_any_service",
+        what: "as tcp_new, each run to the next of all N Services (cold map entries)",
+        vary: VARY_FLOW | VARY_SERVICE,
+        reason: Reason::NatNewFlow,
+    },
+    PathSpec {
+        name: "tcp_established",
+        what: "TCP ACK of an existing flow: lookup, conntrack hit, DNAT",
+        vary: 0,
+        reason: Reason::NatEstablished,
+    },
+    PathSpec {
+        name: "tcp_reply",
+        what: "TCP ACK from the backend: service miss, reply-conntrack hit, reverse NAT",
+        vary: 0,
+        reason: Reason::NatReply,
+    },
+    PathSpec {
+        name: "udp_new",
+        what: "UDP datagram, new tuple every run: lookup, Maglev pick, 2 conntrack inserts, DNAT",
+        vary: VARY_FLOW,
+        reason: Reason::NatNewFlow,
+    },
+    PathSpec {
+        name: "udp_established",
+        what: "UDP datagram of an existing flow: conntrack hit, DNAT",
+        vary: 0,
+        reason: Reason::NatEstablished,
+    },
+];
+
+fn ebpf_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release")
+}
+
+fn load_object(name: &str) -> Result<Ebpf> {
+    let path = ebpf_dir().join(name);
+    let bytes = std::fs::read(&path).with_context(|| format!("{}: run `cargo xtask build-ebpf`", path.display()))?;
+    Ebpf::load(&bytes).with_context(|| format!("loading {}", path.display()))
+}
+
+fn load_xdp(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let p: &mut Xdp = ebpf.program_mut(name).context(name.to_string())?.try_into()?;
+    p.load().with_context(|| format!("loading {name}"))
+}
+
+fn load_tc(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let p: &mut SchedClassifier = ebpf.program_mut(name).context(name.to_string())?.try_into()?;
+    p.load().with_context(|| format!("loading {name}"))
+}
+
+fn fd(ebpf: &Ebpf, name: &str) -> Result<i32> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let p = ebpf.program(name).context(name.to_string())?;
+    Ok(p.fd()?.as_fd().as_raw_fd())
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name).with_context(|| format!("map {name} missing"))
+}
+
+/// The bench object's datapath maps, as the agent's sync path wants them.
+fn datapath_maps(ebpf: &mut Ebpf) -> Result<Maps> {
+    Ok(Maps::take(ebpf)?)
+}
+
+fn frame64(f: &Frame) -> [u8; FRAME_LEN] {
+    let mut f = f.clone();
+    let hdr = if f.proto == IPPROTO_TCP { 54 } else { 42 };
+    f.payload = vec![0x5a; FRAME_LEN - hdr];
+    let b = f.build();
+    b.try_into().expect("bench frames are FRAME_LEN bytes")
+}
+
+/// Everything loaded for one scale.
+struct Bench {
+    _obj: Ebpf,
+    _base: Ebpf,
+    maps: Maps,
+    frame: Array<MapData, BenchFrame>,
+    prog: BTreeMap<&'static str, i32>,
+    services: u32,
+}
+
+impl Bench {
+    fn new(services: u32) -> Result<Bench> {
+        let mut obj = load_object("bench")?;
+        for p in [names::WRAP_XDP, names::FRAME_XDP] {
+            load_xdp(&mut obj, p)?;
+        }
+        for p in [names::WRAP_TC, names::FRAME_TC] {
+            load_tc(&mut obj, p)?;
+        }
+        let mut maps = datapath_maps(&mut obj)?;
+        maps.write_config(&DpConfig::defaults())?;
+        let frame = Array::try_from(take_map(&mut obj, names::FRAME)?)?;
+
+        let mut desired = Desired::default();
+        let backends: Vec<Backend> = (1..=BACKENDS)
+            .map(|i| Backend::new(Ipv4Addr::new(198, 18, i as u8, 2), BACKEND_PORT))
+            .collect();
+        let mut keys = Vec::new();
+        for i in 0..services {
+            let (addr, port) = service_frontend(i);
+            keys.push(ServiceKey::new(Ipv4Addr::from(addr), port, IPPROTO_TCP));
+        }
+        // The UDP paths use one more frontend: the last Service's VIP, UDP.
+        let (addr, port) = service_frontend(services - 1);
+        keys.push(ServiceKey::new(Ipv4Addr::from(addr), port, IPPROTO_UDP));
+        for (i, k) in keys.iter().enumerate() {
+            desired.frontends.insert(
+                *k,
+                Frontend {
+                    service: format!("bench/svc-{i}"),
+                    port_name: String::new(),
+                    backends: backends.clone(),
+                    affinity_timeout_s: None,
+                    flags: 0,
+                    source_ranges: Vec::new(),
+                },
+            );
+        }
+        let t = Instant::now();
+        let mut sync = Syncer::with_config(maps, SyncConfig::default());
+        let report = sync.apply(&desired);
+        if !report.errors.is_empty() {
+            bail!(
+                "programming {services} Services: {:?}",
+                &report.errors[..report.errors.len().min(3)]
+            );
+        }
+        eprintln!(
+            "dp-bench: {} frontends programmed through the agent's sync path in {:.2?}",
+            keys.len(),
+            t.elapsed()
+        );
+        let maps = sync.into_writer();
+
+        let mut base = load_object("baseline")?;
+        load_xdp(&mut base, names::EMPTY)?;
+        load_xdp(&mut base, names::PARSE_LOOKUP)?;
+        let mut bl: HashMap<MapData, ServiceKey, ServiceValue> =
+            HashMap::try_from(take_map(&mut base, names::BASELINE_SERVICES)?)?;
+        for (i, k) in keys.iter().enumerate() {
+            let v = ServiceValue {
+                service_id: i as u32,
+                backend_count: BACKENDS as u16,
+                ..Default::default()
+            };
+            bl.insert(k, v, 0)?;
+        }
+
+        let mut prog = BTreeMap::new();
+        for p in [names::WRAP_XDP, names::FRAME_XDP, names::WRAP_TC, names::FRAME_TC] {
+            prog.insert(p, fd(&obj, p)?);
+        }
+        for p in [names::EMPTY, names::PARSE_LOOKUP] {
+            prog.insert(p, fd(&base, p)?);
+        }
+        Ok(Bench {
+            _obj: obj,
+            _base: base,
+            maps,
+            frame,
+            prog,
+            services,
+        })
+    }
+
+    fn set_frame(&mut self, bytes: [u8; FRAME_LEN], vary: u32) -> Result<()> {
+        let f = BenchFrame {
+            vary,
+            services: self.services,
+            bytes,
+        };
+        self.frame.set(0, f, 0)?;
+        Ok(())
+    }
+
+    fn reason(&self, r: Reason) -> Result<u64> {
+        Ok(self.maps.reasons.get(&(r as u32), 0)?.iter().sum())
+    }
+
+    fn reasons(&self) -> Result<Vec<u64>> {
+        Reason::ALL.iter().map(|r| self.reason(*r)).collect()
+    }
+
+    fn clear_conntrack(&mut self) -> Result<()> {
+        let keys: Vec<_> = self.maps.conntrack.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            let _ = self.maps.conntrack.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// One run of the XDP wrapper (to create a flow); returns the output.
+    fn once(&mut self, bytes: [u8; FRAME_LEN]) -> Result<Vec<u8>> {
+        self.set_frame(bytes, 0)?;
+        let r = testrun::run(self.prog[names::WRAP_XDP], &bytes)?;
+        Ok(r.data)
+    }
+}
+
+/// The frames of each path; the reply frame needs the backend the
+/// established flow got, so it is built after that flow exists.
+struct Frames {
+    by_path: BTreeMap<&'static str, [u8; FRAME_LEN]>,
+}
+
+fn frames(b: &mut Bench) -> Result<Frames> {
+    let (vaddr, vport) = service_frontend(b.services - 1);
+    let vip = Ipv4Addr::from(vaddr);
+    let mut m = BTreeMap::new();
+    m.insert(
+        "no_service",
+        frame64(&Frame::tcp((CLIENT, 40000), (Ipv4Addr::new(198, 18, 50, 2), 80), ACK)),
+    );
+    m.insert("tcp_new", frame64(&Frame::tcp((NEW_FLOW_CLIENT, 1), (vip, vport), SYN)));
+    m.insert(
+        "tcp_new_any_service",
+        frame64(&Frame::tcp((NEW_FLOW_CLIENT, 1), (vip, vport), SYN)),
+    );
+    m.insert(
+        "tcp_established",
+        frame64(&Frame::tcp((CLIENT, 40001), (vip, vport), ACK)),
+    );
+    m.insert("udp_new", frame64(&Frame::udp((NEW_FLOW_CLIENT, 1), (vip, vport), b"")));
+    m.insert(
+        "udp_established",
+        frame64(&Frame::udp((CLIENT, 40002), (vip, vport), b"")),
+    );
+    // Placeholder until the flow exists (see `prime`).
+    m.insert("tcp_reply", [0; FRAME_LEN]);
+    Ok(Frames { by_path: m })
+}
+
+/// Creates the established TCP and UDP flows and the reply frame.
+fn prime(b: &mut Bench, f: &mut Frames) -> Result<()> {
+    let (vaddr, vport) = service_frontend(b.services - 1);
+    let vip = Ipv4Addr::from(vaddr);
+    let syn = frame64(&Frame::tcp((CLIENT, 40001), (vip, vport), SYN));
+    let out = b.once(syn)?;
+    let p = crate::packet::parse_and_verify(&out);
+    if p.dst == vip {
+        bail!("the SYN to {vip}:{vport} was not translated");
+    }
+    f.by_path.insert(
+        "tcp_reply",
+        frame64(&Frame::tcp((p.dst, p.dport), (CLIENT, 40001), SYN | ACK)),
+    );
+    let out = b.once(f.by_path["udp_established"])?;
+    if crate::packet::parse_and_verify(&out).dst == vip {
+        bail!("the UDP datagram to {vip}:{vport} was not translated");
+    }
+    Ok(())
+}
+
+/// One measurement of `repeat` runs: ns per run as the kernel reports it.
+fn measure(fd: i32, frame: &[u8], repeat: u32) -> Result<f64> {
+    let r = testrun::run_repeat(fd, frame, repeat)?;
+    Ok(r.duration_ns as f64)
+}
+
+pub fn run(cfg: &Config) -> Result<Value> {
+    let mut scales_out = Vec::new();
+    for &n in &cfg.scales {
+        eprintln!("dp-bench: per-packet, {n} Services");
+        let mut b = Bench::new(n)?;
+        let mut fr = frames(&mut b)?;
+        // raw[series] = per-round values
+        let mut raw: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut push = |k: String, v: f64| raw.entry(k).or_default().push(v);
+        for _round in 0..cfg.rounds {
+            b.clear_conntrack()?;
+            prime(&mut b, &mut fr)?;
+            let any = fr.by_path["tcp_new"];
+            let est = fr.by_path["tcp_established"];
+            let empty = measure(b.prog[names::EMPTY], &any, cfg.repeat)?;
+            let lookup = measure(b.prog[names::PARSE_LOOKUP], &est, cfg.repeat)?;
+            push("baseline_empty".into(), empty);
+            push("baseline_parse_lookup".into(), lookup);
+            // The repeat loop's own per-run cost (the empty program) taken
+            // out, comparable with the wrapped paths, whose wrapper
+            // measurement takes it out too.
+            push("baseline_parse_lookup_net".into(), lookup - empty);
+            for (prog, wrap, frame_only) in [
+                ("xdp", names::WRAP_XDP, names::FRAME_XDP),
+                ("tc", names::WRAP_TC, names::FRAME_TC),
+            ] {
+                for path in PATHS {
+                    let bytes = fr.by_path[path.name];
+                    b.set_frame(bytes, path.vary)?;
+                    let overhead = measure(b.prog[frame_only], &bytes, cfg.repeat)?;
+                    let before = b.reasons()?;
+                    let total = measure(b.prog[wrap], &bytes, cfg.repeat)?;
+                    let after = b.reasons()?;
+                    let took = after[path.reason as usize] - before[path.reason as usize];
+                    if took != cfg.repeat as u64 {
+                        let deltas: Vec<String> = Reason::ALL
+                            .iter()
+                            .zip(before.iter().zip(&after))
+                            .filter(|(_, (b, a))| a != b)
+                            .map(|(r, (b, a))| format!("{r:?}: {}", a - b))
+                            .collect();
+                        bail!(
+                            "{prog} {}: {took} of {} runs counted as {:?} (counted: {}): the path is not what it claims",
+                            path.name,
+                            cfg.repeat,
+                            path.reason,
+                            deltas.join(", ")
+                        );
+                    }
+                    push(format!("{prog}_{}", path.name), total - overhead);
+                    push(format!("{prog}_{}_wrapper", path.name), overhead);
+                }
+            }
+        }
+        let mut series = serde_json::Map::new();
+        for (k, v) in &raw {
+            series.insert(k.clone(), json!({ "raw_ns": v, "summary": super::summary(v) }));
+        }
+        scales_out.push(json!({ "services": n, "series": series }));
+    }
+    let paths: Vec<Value> = PATHS
+        .iter()
+        .map(|p| json!({ "name": p.name, "what": p.what }))
+        .collect();
+    Ok(json!({
+        "part": "per_packet",
+        "unit": "ns per packet (BPF_PROG_TEST_RUN duration / repeat; wrapper cost subtracted)",
+        "method": "Each round: conntrack cleared, established flows created, then every series measured once with `repeat` runs in one BPF_PROG_TEST_RUN call; the frame-restoring wrapper alone is measured just before each path and subtracted. Baselines run directly (they do not rewrite). Reason counters checked: every run took its path.",
+        "repeat": cfg.repeat,
+        "rounds": cfg.rounds,
+        "backends_per_service": BACKENDS,
+        "selection": "maglev (default table size)",
+        "paths": paths,
+        "scales": scales_out,
+    }))
+}

@@ -1,0 +1,502 @@
+//! Latency and throughput through a VIP in network namespaces, for four
+//! contenders built side by side, each in its own copy of the test topology
+//! (client, node, two backends; `netns::Topology`):
+//!
+//! - `dataplane`: the real agent in the node namespace, TC ingress (tcx) on
+//!   every node interface, no iptables/nft rules in that namespace;
+//! - `iptables`: kube-proxy iptables-mode rules (`kube_rules::iptables`)
+//!   loaded with `iptables-restore` in the node namespace, no BPF program;
+//! - `nftables`: kube-proxy nftables-mode rules (`kube_rules::nftables`)
+//!   loaded with `nft -f` in the node namespace, no BPF program;
+//! - `direct`: no rules at all; the client talks to backend 1 directly
+//!   (through the same node): the floor.
+//!
+//! Every Service has both backends as endpoints; the one measured is the
+//! last (the last rule of KUBE-SERVICES). The contenders are measured
+//! interleaved, round after round, so that drift on a shared machine hits
+//! them alike.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::kube_rules::{self, SvcPort};
+use crate::{
+    agent::{Agent, TempDir},
+    manifests,
+    netns::{backend_addr, Netns, Topology},
+};
+
+pub struct Config {
+    pub scales: Vec<usize>,
+    pub rounds: usize,
+    /// New connections per contender per round.
+    pub conns: usize,
+    /// Request/response exchanges per contender per round.
+    pub rr: usize,
+    /// Single-stream send time per contender per round.
+    pub stream: Duration,
+    /// The whole part stops starting new rounds after this.
+    pub deadline: Duration,
+}
+
+const BACKEND_PORT: u16 = 8080;
+const SERVICE_PORT: u16 = 80;
+const MSG: usize = 32;
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+const SERVER_LIFETIME: Duration = Duration::from_secs(3600);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contender {
+    Dataplane,
+    Iptables,
+    Nftables,
+    Direct,
+}
+
+const CONTENDERS: [Contender; 4] = [
+    Contender::Dataplane,
+    Contender::Iptables,
+    Contender::Nftables,
+    Contender::Direct,
+];
+
+impl Contender {
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Dataplane => "dataplane",
+            Contender::Iptables => "iptables",
+            Contender::Nftables => "nftables",
+            Contender::Direct => "direct",
+        }
+    }
+}
+
+/// Service `i`'s VIP: 198.19.0.0/16 from .0.1 on.
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0xc613_0000u32 + 1 + i as u32)
+}
+
+fn services(n: usize) -> Vec<SvcPort> {
+    (0..n)
+        .map(|i| SvcPort {
+            namespace: "bench".into(),
+            name: format!("svc-{i}"),
+            port_name: "http".into(),
+            vip: vip(i),
+            port: SERVICE_PORT,
+            endpoints: vec![(backend_addr(1), BACKEND_PORT), (backend_addr(2), BACKEND_PORT)],
+        })
+        .collect()
+}
+
+/// A backend server: answers every MSG-byte request with MSG bytes; a
+/// connection whose first byte is `S` is a sink that counts what it gets
+/// and answers the count when the sender shuts down. One connection at a
+/// time (the client is sequential), so no thread start in the path.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn server(ns: &Netns, addr: Ipv4Addr) -> Result<Server> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = ns.run(move || {
+        let l = match TcpListener::bind((addr, BACKEND_PORT)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let _ = tx.send(Ok(()));
+        let started = Instant::now();
+        while !s.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
+            let mut pfd = libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+            if n <= 0 {
+                continue;
+            }
+            if let Ok((c, _)) = l.accept() {
+                let _ = serve(c);
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("backend server did not start")?
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("bind {addr}:{BACKEND_PORT}"))?;
+    Ok(Server {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn serve(mut c: TcpStream) -> std::io::Result<()> {
+    c.set_nodelay(true)?;
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let n = c.read(&mut buf)?;
+    if n == 0 {
+        return Ok(());
+    }
+    if buf[0] == b'S' {
+        let mut total = n as u64;
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        return c.write_all(&total.to_be_bytes());
+    }
+    let mut have = n;
+    loop {
+        while have >= MSG {
+            c.write_all(&buf[..MSG])?;
+            have -= MSG;
+        }
+        let n = c.read(&mut buf[have..MSG])?;
+        if n == 0 {
+            return Ok(());
+        }
+        have += n;
+    }
+}
+
+fn exchange(c: &mut TcpStream) -> std::io::Result<()> {
+    let req = [b'E'; MSG];
+    c.write_all(&req)?;
+    let mut resp = [0u8; MSG];
+    c.read_exact(&mut resp)
+}
+
+fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let c = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+    c.set_nodelay(true)?;
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    c.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(c)
+}
+
+/// What one contender measured in one round.
+#[derive(Default)]
+struct RoundResult {
+    new_conn_us: Vec<f64>,
+    rr_us: Vec<f64>,
+    stream_gbps: f64,
+}
+
+fn measure_round(to: SocketAddr, conns: usize, rr: usize, stream: Duration) -> Result<RoundResult> {
+    let mut r = RoundResult::default();
+    for _ in 0..conns {
+        let t = Instant::now();
+        let mut c = connect(to).with_context(|| format!("connect {to}"))?;
+        exchange(&mut c).with_context(|| format!("request to {to}"))?;
+        drop(c);
+        r.new_conn_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let mut c = connect(to)?;
+    exchange(&mut c)?;
+    for _ in 0..rr {
+        let t = Instant::now();
+        exchange(&mut c).with_context(|| format!("request on an open connection to {to}"))?;
+        r.rr_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(c);
+    let mut c = connect(to)?;
+    let buf = vec![b'S'; 128 * 1024];
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while t.elapsed() < stream {
+        c.write_all(&buf).with_context(|| format!("stream to {to}"))?;
+        sent += buf.len() as u64;
+    }
+    c.shutdown(Shutdown::Write)?;
+    let mut got = [0u8; 8];
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.read_exact(&mut got).context("reading the sink's byte count")?;
+    let secs = t.elapsed().as_secs_f64();
+    let received = u64::from_be_bytes(got);
+    if received != sent {
+        bail!("stream to {to}: sent {sent} bytes, the sink counted {received}");
+    }
+    r.stream_gbps = received as f64 * 8.0 / secs / 1e9;
+    Ok(r)
+}
+
+/// One contender's topology with what it needs running.
+struct Setup {
+    who: Contender,
+    topo: Topology,
+    _servers: Vec<Server>,
+    _agent: Option<Agent>,
+    _dir: Option<TempDir>,
+    target: SocketAddr,
+    install_s: Option<f64>,
+    notes: Vec<String>,
+}
+
+fn pipe_into(ns: &Netns, cmd: &[&str], input: &str) -> Result<f64> {
+    let t = Instant::now();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    child.stdin.take().unwrap().write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// What netfilter has in a namespace (for the record and the checks).
+fn ruleset(ns: &Netns) -> (usize, usize) {
+    let ipt = ns.exec(&["iptables-save"]).unwrap_or_default();
+    let nft = ns.exec(&["nft", "list", "ruleset"]).unwrap_or_default();
+    (
+        ipt.lines().filter(|l| l.starts_with("-A")).count(),
+        nft.lines().filter(|l| !l.trim().is_empty()).count(),
+    )
+}
+
+/// Whether any XDP or clsact program is attached in `ns` (bpftool here
+/// does not list tcx links per namespace: the dataplane's are checked in
+/// its log; the other namespaces are fresh and nothing attaches to them).
+fn bpf_attached(ns: &Netns) -> bool {
+    // Every attachment entry names its interface; an empty listing has none.
+    ns.exec(&["bpftool", "net", "show", "-j"])
+        .is_ok_and(|s| s.contains("ifindex"))
+}
+
+fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
+    let topo = Topology::new(2)?;
+    topo.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    let servers = vec![
+        server(&topo.backends[0], backend_addr(1))?,
+        server(&topo.backends[1], backend_addr(2))?,
+    ];
+    let last = svcs.last().expect("at least one Service");
+    let via_vip = SocketAddr::from((last.vip, last.port));
+    let mut s = Setup {
+        who,
+        target: via_vip,
+        _servers: servers,
+        _agent: None,
+        _dir: None,
+        install_s: None,
+        notes: Vec::new(),
+        topo,
+    };
+    match who {
+        Contender::Dataplane => {
+            let dir = TempDir::new("dp-bench");
+            let mut docs = String::new();
+            let ports = [("http", SERVICE_PORT, "TCP")];
+            let slice_ports = [("http", BACKEND_PORT, "TCP")];
+            for p in svcs {
+                docs.push_str("---\n");
+                docs.push_str(&manifests::service(&p.namespace, &p.name, p.vip, &ports));
+                docs.push_str("---\n");
+                docs.push_str(&manifests::slice(
+                    &p.namespace,
+                    &format!("{}-1", p.name),
+                    &p.name,
+                    &slice_ports,
+                    &[backend_addr(1), backend_addr(2)],
+                ));
+            }
+            let t = Instant::now();
+            let agent = Agent::start(&s.topo.node, &s.topo.node_ifaces(), &[], &[("services.yaml", &docs)])?;
+            s.install_s = Some(t.elapsed().as_secs_f64());
+            s.notes.push(
+                "the agent (debug build, file source) with TC ingress (tcx) on the node's interfaces; install time is agent start to first sync, including YAML parsing"
+                    .into(),
+            );
+            s._agent = Some(agent);
+            s._dir = Some(dir);
+        }
+        Contender::Iptables => {
+            let rules = kube_rules::iptables(svcs);
+            s.install_s = Some(pipe_into(&s.topo.node, &["iptables-restore"], &rules)?);
+            let v = s.topo.node.exec(&["iptables-restore", "--version"]).unwrap_or_default();
+            s.notes.push(format!("iptables-restore: {}", v.trim()));
+        }
+        Contender::Nftables => {
+            let rules = kube_rules::nftables(svcs);
+            s.install_s = Some(pipe_into(&s.topo.node, &["nft", "-f", "-"], &rules)?);
+            let v = s.topo.node.exec(&["nft", "--version"]).unwrap_or_default();
+            s.notes.push(v.trim().to_string());
+        }
+        Contender::Direct => {
+            s.target = SocketAddr::from((backend_addr(1), BACKEND_PORT));
+        }
+    }
+    // The rules of the comparison: netfilter rules only for the kube-proxy
+    // contenders, BPF programs only for ours.
+    let (ipt, nft) = ruleset(&s.topo.node);
+    let bpf = bpf_attached(&s.topo.node);
+    match who {
+        Contender::Dataplane if ipt + nft > 0 => bail!("netfilter rules in the dataplane's node namespace"),
+        Contender::Dataplane
+            if s._agent
+                .as_ref()
+                .map(|a| a.log())
+                .unwrap_or_default()
+                .matches("program attached")
+                .count()
+                != s.topo.node_ifaces().len() =>
+        {
+            bail!("the agent did not attach to every node interface")
+        }
+        Contender::Iptables | Contender::Nftables | Contender::Direct if bpf => {
+            bail!("a BPF program is attached in the {} node namespace", who.name())
+        }
+        Contender::Direct if ipt + nft > 0 => bail!("netfilter rules in the direct contender's node namespace"),
+        _ => {}
+    }
+    s.notes.push(format!(
+        "node namespace: {ipt} iptables rules, {nft} lines of nft ruleset, XDP/clsact programs listed by bpftool: {bpf}"
+    ));
+    // Each contender must work before it is timed.
+    let to = s.target;
+    s.topo
+        .client
+        .run(move || -> Result<()> {
+            let mut c = connect(to).with_context(|| format!("connect {to}"))?;
+            exchange(&mut c).with_context(|| format!("request to {to}"))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+        .with_context(|| format!("{} does not answer", who.name()))?;
+    Ok(s)
+}
+
+fn round1(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|x| (x * 10.0).round() / 10.0).collect()
+}
+
+pub fn run(cfg: &Config) -> Result<Value> {
+    let started = Instant::now();
+    let mut scales_out = Vec::new();
+    for &n in &cfg.scales {
+        eprintln!("dp-bench: through the VIP, {n} Services: setting up the four contenders");
+        let svcs = services(n);
+        let mut setups = Vec::new();
+        for who in CONTENDERS {
+            let s = setup(who, &svcs).with_context(|| format!("setting up {} at {n} Services", who.name()))?;
+            if let Some(t) = s.install_s {
+                eprintln!("dp-bench:   {}: installed in {t:.2} s", who.name());
+            }
+            setups.push(s);
+        }
+        let mut results: Vec<Vec<RoundResult>> = (0..setups.len()).map(|_| Vec::new()).collect();
+        let mut rounds_done = 0;
+        for round in 0..cfg.rounds {
+            if started.elapsed() > cfg.deadline {
+                eprintln!("dp-bench: deadline reached, stopping after {round} rounds");
+                break;
+            }
+            for (i, s) in setups.iter().enumerate() {
+                let (to, conns, rr, stream) = (s.target, cfg.conns, cfg.rr, cfg.stream);
+                let r = s
+                    .topo
+                    .client
+                    .run(move || measure_round(to, conns, rr, stream))
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+                    .with_context(|| format!("{} at {n} Services, round {round}", s.who.name()))?;
+                results[i].push(r);
+            }
+            rounds_done += 1;
+            eprintln!("dp-bench:   round {}/{} done", round + 1, cfg.rounds);
+        }
+        let mut contenders = serde_json::Map::new();
+        for (s, rs) in setups.iter().zip(&results) {
+            let conn: Vec<f64> = rs.iter().flat_map(|r| r.new_conn_us.iter().copied()).collect();
+            let rr: Vec<f64> = rs.iter().flat_map(|r| r.rr_us.iter().copied()).collect();
+            let gbps: Vec<f64> = rs.iter().map(|r| r.stream_gbps).collect();
+            contenders.insert(
+                s.who.name().into(),
+                json!({
+                    "target": s.target.to_string(),
+                    "install_s": s.install_s,
+                    "notes": s.notes,
+                    "new_conn_us": { "summary": super::summary(&conn), "raw": round1(&conn) },
+                    "rr_us": { "summary": super::summary(&rr), "raw": round1(&rr) },
+                    "stream_gbps": { "summary": super::summary(&gbps), "raw": gbps },
+                }),
+            );
+        }
+        // Ratios of medians (and p99s) to the direct path.
+        let mut ratios = serde_json::Map::new();
+        let direct = &contenders["direct"];
+        for (name, c) in &contenders {
+            let r = |metric: &str, stat: &str| -> Option<f64> {
+                Some(c[metric]["summary"][stat].as_f64()? / direct[metric]["summary"][stat].as_f64()?)
+            };
+            ratios.insert(
+                name.clone(),
+                json!({
+                    "new_conn_median": r("new_conn_us", "median"),
+                    "new_conn_p99": r("new_conn_us", "p99"),
+                    "rr_median": r("rr_us", "median"),
+                    "rr_p99": r("rr_us", "p99"),
+                    "stream_median": r("stream_gbps", "median"),
+                }),
+            );
+        }
+        scales_out.push(json!({
+            "services": n,
+            "measured": { "vip": vip(n - 1).to_string(), "port": SERVICE_PORT, "endpoints": 2 },
+            "rounds": rounds_done,
+            "contenders": contenders,
+            "ratio_to_direct": ratios,
+        }));
+        drop(setups);
+    }
+    Ok(json!({
+        "part": "through_vip",
+        "method": "Four copies of the topology (client, node, 2 backends), one per contender, built side by side; every round measures each contender in turn (dataplane, iptables, nftables, direct): `conns` new connections (connect, one 32-byte request and response, close), `rr` request/response exchanges on one open connection, and one single-stream send of `stream_s` seconds (128 KiB writes to a sink that reports what it received). Client and servers: Rust, TCP_NODELAY, debug build.",
+        "netfilter_conntrack": "In the iptables and nftables node namespaces the kernel's conntrack tracks every flow (NAT needs it). In the dataplane and direct node namespaces no rule asks for conntrack.",
+        "attach_point": "dataplane: TC ingress (tcx) on the node's client- and backend-side veths",
+        "conns": cfg.conns,
+        "rr": cfg.rr,
+        "stream_s": cfg.stream.as_secs_f64(),
+        "scales": scales_out,
+    }))
+}
