@@ -298,6 +298,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let how = dp.attach_tc(iface)?;
         info!(iface = %iface, %how, "TC ingress program attached");
     }
+    // Replies of NodePort flows leave with a node address as their source,
+    // and SNATed flows (remote backends, hairpin) enter with one: without
+    // accept_local the kernel drops such packets as martians when it
+    // forwards them.
+    for iface in cfg.tc_ifaces.iter().chain(&cfg.xdp_ifaces) {
+        let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+        match std::fs::write(&path, "1") {
+            Ok(()) => {}
+            Err(e) => {
+                warn!(iface = %iface, "setting {path}: {e}; NodePort replies and SNATed flows through it may be dropped")
+            }
+        }
+    }
     // Links of interfaces no longer configured: detach.
     if let Some(p) = &pins {
         for (program, iface, path) in p.pinned_links()? {

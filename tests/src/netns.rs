@@ -224,3 +224,90 @@ impl Topology {
         Ok(())
     }
 }
+
+/// Two nodes and clients outside the cluster:
+///
+/// ```text
+///  [client 198.18.200.5] -- ve 198.18.200.1 [node A] vb1 198.18.1.1 -- [backend a 198.18.1.2]
+///  [client2 198.18.201.5] - ve2 198.18.201.1 [node A]
+///                                  vn 198.18.250.1
+///                                        |
+///                                  vn 198.18.250.2 [node B] vb1 198.18.2.1 -- [backend b 198.18.2.2]
+/// ```
+///
+/// Node B is reached through node A; each node routes the other's pod
+/// subnet over the link between them.
+pub struct TwoNodes {
+    pub client: Netns,
+    pub client2: Netns,
+    pub node_a: Netns,
+    pub node_b: Netns,
+    pub backend_a: Netns,
+    pub backend_b: Netns,
+}
+
+pub const EXT_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 5);
+pub const EXT_CLIENT2: Ipv4Addr = Ipv4Addr::new(198, 18, 201, 5);
+pub const NODE_A_EXT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+pub const NODE_A: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 1);
+pub const NODE_B: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 2);
+pub const BACKEND_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const BACKEND_B: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+
+impl TwoNodes {
+    pub fn new() -> Result<TwoNodes> {
+        let p = unique_prefix();
+        let t = TwoNodes {
+            client: Netns::new(format!("{p}-c1"))?,
+            client2: Netns::new(format!("{p}-c2"))?,
+            node_a: Netns::new(format!("{p}-na"))?,
+            node_b: Netns::new(format!("{p}-nb"))?,
+            backend_a: Netns::new(format!("{p}-ba"))?,
+            backend_b: Netns::new(format!("{p}-bb"))?,
+        };
+        veth(&t.node_a, "ve", NODE_A_EXT, &t.client, "eth0", EXT_CLIENT)?;
+        veth(
+            &t.node_a,
+            "ve2",
+            Ipv4Addr::new(198, 18, 201, 1),
+            &t.client2,
+            "eth0",
+            EXT_CLIENT2,
+        )?;
+        veth(&t.node_a, "vn", NODE_A, &t.node_b, "vn", NODE_B)?;
+        veth(
+            &t.node_a,
+            "vb1",
+            Ipv4Addr::new(198, 18, 1, 1),
+            &t.backend_a,
+            "eth0",
+            BACKEND_A,
+        )?;
+        veth(
+            &t.node_b,
+            "vb1",
+            Ipv4Addr::new(198, 18, 2, 1),
+            &t.backend_b,
+            "eth0",
+            BACKEND_B,
+        )?;
+        for (c, gw) in [(&t.client, "198.18.200.1"), (&t.client2, "198.18.201.1")] {
+            c.ip(&["route", "add", "198.18.0.0/16", "via", gw])?;
+            c.ip(&["route", "add", "198.19.0.0/16", "via", gw])?;
+        }
+        for (b, gw) in [(&t.backend_a, "198.18.1.1"), (&t.backend_b, "198.18.2.1")] {
+            b.ip(&["route", "add", "198.18.0.0/16", "via", gw])?;
+            b.ip(&["route", "add", "198.19.0.0/16", "via", gw])?;
+        }
+        t.node_a.ip(&["route", "add", "198.18.2.0/24", "via", "198.18.250.2"])?;
+        for net in ["198.18.1.0/24", "198.18.200.0/24", "198.18.201.0/24"] {
+            t.node_b.ip(&["route", "add", net, "via", "198.18.250.1"])?;
+        }
+        for n in [&t.node_a, &t.node_b] {
+            n.sysctl("net.ipv4.ip_forward", "1")?;
+            n.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            n.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        }
+        Ok(t)
+    }
+}

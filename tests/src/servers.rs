@@ -72,6 +72,9 @@ pub fn tcp_server(ns: &Netns, addr: Ipv4Addr, port: u16, name: &str) -> Server {
 fn serve_lines(c: TcpStream, name: &str, stop: &AtomicBool) {
     c.set_nonblocking(false).unwrap();
     c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    // The answer carries the client address as this backend sees it, so
+    // tests can tell whether the source was preserved or translated.
+    let peer = c.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let mut w = c.try_clone().unwrap();
     let mut r = BufReader::new(c);
     let started = Instant::now();
@@ -80,7 +83,7 @@ fn serve_lines(c: TcpStream, name: &str, stop: &AtomicBool) {
         match r.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+                if w.write_all(format!("{name} {peer}\n").as_bytes()).is_err() {
                     return;
                 }
                 line.clear();
@@ -137,6 +140,12 @@ impl Conn {
 
     /// One request/response; the answer is the backend's name.
     pub fn ask(&mut self) -> std::io::Result<String> {
+        Ok(self.ask_peer()?.0)
+    }
+
+    /// One request/response: the backend's name and the client address it
+    /// saw.
+    pub fn ask_peer(&mut self) -> std::io::Result<(String, String)> {
         self.w.write_all(b"who\n")?;
         let mut line = String::new();
         if self.r.read_line(&mut line)? == 0 {
@@ -145,7 +154,9 @@ impl Conn {
                 "connection closed",
             ));
         }
-        Ok(line.trim().to_string())
+        let mut parts = line.split_whitespace();
+        let name = parts.next().unwrap_or_default().to_string();
+        Ok((name, parts.next().unwrap_or_default().to_string()))
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -1,0 +1,202 @@
+//! Kubernetes Service semantics end to end, on two nodes: NodePort on every
+//! node address, externalTrafficPolicy Local (client address preserved) and
+//! Cluster (remote backends SNATed), loadBalancerSourceRanges, hairpin,
+//! internalTrafficPolicy Local. Real agents, real sockets.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use dataplane_tests::{
+    agent::Agent,
+    netns::{Netns, TwoNodes, BACKEND_A, BACKEND_B, EXT_CLIENT, NODE_A, NODE_A_EXT, NODE_B},
+    servers::{tcp_server, Conn, Server},
+};
+
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 40);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 1);
+const NODE_PORT: u16 = 30080;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn manifests(external_policy: &str, internal_policy: &str) -> Vec<(&'static str, String)> {
+    let svc = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: edge, namespace: ingress}}
+spec:
+  type: LoadBalancer
+  clusterIP: {CLUSTER_IP}
+  externalTrafficPolicy: {external_policy}
+  internalTrafficPolicy: {internal_policy}
+  loadBalancerSourceRanges: [198.18.200.0/24]
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}]
+status:
+  loadBalancer:
+    ingress: [{{ip: {LB_IP}}}]
+"
+    );
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: edge-abcde
+  namespace: ingress
+  labels: {{kubernetes.io/service-name: edge}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints:
+- addresses: [{BACKEND_A}]
+  conditions: {{ready: true}}
+  nodeName: node-a
+- addresses: [{BACKEND_B}]
+  conditions: {{ready: true}}
+  nodeName: node-b
+"
+    );
+    vec![("service.yaml", svc), ("slice.yaml", slice)]
+}
+
+struct Cluster {
+    t: TwoNodes,
+    _servers: Vec<Server>,
+    _agents: Vec<Agent>,
+}
+
+fn cluster(external_policy: &str, internal_policy: &str) -> Cluster {
+    let t = TwoNodes::new().unwrap();
+    let servers = vec![
+        tcp_server(&t.backend_a, BACKEND_A, 8080, "a"),
+        tcp_server(&t.backend_b, BACKEND_B, 8080, "b"),
+    ];
+    let m = manifests(external_policy, internal_policy);
+    let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let a = Agent::start_with(
+        &t.node_a,
+        &s(&["ve", "ve2", "vn", "vb1"]),
+        &[],
+        &m,
+        &[
+            "--node-name",
+            "node-a",
+            "--snat-ip",
+            "198.18.250.1",
+            "--node-ip",
+            "198.18.200.1,198.18.250.1",
+        ],
+    )
+    .unwrap();
+    let b = Agent::start_with(
+        &t.node_b,
+        &s(&["vn", "vb1"]),
+        &[],
+        &m,
+        &[
+            "--node-name",
+            "node-b",
+            "--snat-ip",
+            "198.18.250.2",
+            "--node-ip",
+            "198.18.250.2",
+        ],
+    )
+    .unwrap();
+    Cluster {
+        t,
+        _servers: servers,
+        _agents: vec![a, b],
+    }
+}
+
+/// `n` connections from `ns` to `to`: (backend, client address it saw) ->
+/// count, or the first error.
+fn connect(ns: &Netns, to: SocketAddr, n: usize) -> Result<BTreeMap<(String, String), usize>, String> {
+    ns.run(move || {
+        let mut seen = BTreeMap::new();
+        for i in 0..n {
+            let mut c = Conn::connect(to, TIMEOUT).map_err(|e| format!("connection {i} to {to}: {e}"))?;
+            let who = c.ask_peer().map_err(|e| format!("connection {i} to {to}: {e}"))?;
+            *seen.entry(who).or_insert(0) += 1;
+        }
+        Ok(seen)
+    })
+    .join()
+    .unwrap()
+}
+
+fn pair(b: &str, peer: Ipv4Addr) -> (String, String) {
+    (b.to_string(), peer.to_string())
+}
+
+#[test]
+fn node_port_with_cluster_policy_on_every_node_snats_remote_backends_only() {
+    let c = cluster("Cluster", "Cluster");
+    for node in [NODE_A_EXT, NODE_A, NODE_B] {
+        let seen = connect(&c.t.client, SocketAddr::from((node, NODE_PORT)), 40).unwrap();
+        eprintln!("via {node}: {seen:?}");
+        assert_eq!(seen.values().sum::<usize>(), 40);
+        // Each node sends local flows with the client's address and SNATs
+        // flows to the other node's backend to its own address.
+        let (local, remote, snat) = if node == NODE_B {
+            ("b", "a", NODE_B)
+        } else {
+            ("a", "b", NODE_A)
+        };
+        for (who, _) in seen.keys() {
+            assert!(who == local || who == remote, "{seen:?}");
+        }
+        assert!(
+            seen.contains_key(&pair(local, EXT_CLIENT)),
+            "via {node}: local backend must see the client: {seen:?}"
+        );
+        assert!(
+            seen.contains_key(&pair(remote, snat)),
+            "via {node}: remote backend must see the node: {seen:?}"
+        );
+        assert_eq!(seen.len(), 2, "via {node}: {seen:?}");
+    }
+}
+
+#[test]
+fn external_policy_local_keeps_traffic_on_the_node_and_the_client_address() {
+    let c = cluster("Local", "Cluster");
+    let via_a = connect(&c.t.client, SocketAddr::from((NODE_A_EXT, NODE_PORT)), 30).unwrap();
+    assert_eq!(via_a, BTreeMap::from([(pair("a", EXT_CLIENT), 30)]));
+    let via_b = connect(&c.t.client, SocketAddr::from((NODE_B, NODE_PORT)), 30).unwrap();
+    assert_eq!(via_b, BTreeMap::from([(pair("b", EXT_CLIENT), 30)]));
+    // The load balancer IP behaves the same (node A is the entry).
+    let lb = connect(&c.t.client, SocketAddr::from((LB_IP, 80)), 20).unwrap();
+    assert_eq!(lb, BTreeMap::from([(pair("a", EXT_CLIENT), 20)]));
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_listed_clients_only() {
+    let c = cluster("Cluster", "Cluster");
+    let ok = connect(&c.t.client, SocketAddr::from((LB_IP, 80)), 10).unwrap();
+    assert_eq!(ok.values().sum::<usize>(), 10);
+    let denied = connect(&c.t.client2, SocketAddr::from((LB_IP, 80)), 1);
+    let err = denied.expect_err("a client outside loadBalancerSourceRanges got through");
+    assert!(err.contains("timed out"), "expected a silent drop (timeout), got {err}");
+    // The NodePort has no source ranges: the same client gets through there.
+    assert_eq!(
+        connect(&c.t.client2, SocketAddr::from((NODE_A_EXT, NODE_PORT)), 5)
+            .unwrap()
+            .values()
+            .sum::<usize>(),
+        5
+    );
+}
+
+#[test]
+fn internal_policy_local_and_hairpin() {
+    let c = cluster("Cluster", "Local");
+    // ClusterIP traffic entering node A only reaches node A's endpoint.
+    let seen = connect(&c.t.client, SocketAddr::from((CLUSTER_IP, 80)), 20).unwrap();
+    assert_eq!(seen.keys().map(|k| k.0.as_str()).collect::<Vec<_>>(), ["a"]);
+    // Backend a reaches its own Service and is chosen itself: the node
+    // SNATs the flow so that a accepts it, and the answer comes back.
+    let hairpin = connect(&c.t.backend_a, SocketAddr::from((CLUSTER_IP, 80)), 10).unwrap();
+    assert_eq!(hairpin, BTreeMap::from([(pair("a", NODE_A), 10)]));
+}
