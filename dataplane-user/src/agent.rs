@@ -21,7 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::{
-    desired, health,
+    desired, health, ifwatch,
     loader::{Dataplane, XdpAttachMode},
     pin::PinRoot,
     source::{files::PolledFiles, kubernetes::KubeSource, Source},
@@ -290,41 +290,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         Syncer::with_config(maps, cfg.sync)
     };
 
-    for iface in &cfg.xdp_ifaces {
-        let how = dp.attach_xdp(iface, cfg.xdp_mode)?;
-        info!(iface = %iface, mode = ?cfg.xdp_mode, %how, "XDP program attached");
-    }
-    for iface in &cfg.tc_ifaces {
-        let how = dp.attach_tc(iface)?;
-        info!(iface = %iface, %how, "TC ingress program attached");
-    }
-    // Replies of NodePort flows leave with a node address as their source,
-    // and SNATed flows (remote backends, hairpin) enter with one: without
-    // accept_local the kernel drops such packets as martians when it
-    // forwards them.
-    for iface in cfg.tc_ifaces.iter().chain(&cfg.xdp_ifaces) {
-        let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
-        match std::fs::write(&path, "1") {
-            Ok(()) => {}
-            Err(e) => {
-                warn!(iface = %iface, "setting {path}: {e}; NodePort replies and SNATed flows through it may be dropped")
-            }
-        }
-    }
-    // Links of interfaces no longer configured: detach.
-    if let Some(p) = &pins {
-        for (program, iface, path) in p.pinned_links()? {
-            let wanted = match program.as_str() {
-                "tc" => cfg.tc_ifaces.contains(&iface),
-                "xdp" => cfg.xdp_ifaces.contains(&iface),
-                _ => false,
-            };
-            if !wanted {
-                PinRoot::unpin_link(&path)?;
-                info!(iface = %iface, program = %program, "detached from an interface no longer configured");
-            }
-        }
-    }
+    let mut attacher = ifwatch::Attacher::new(cfg.tc_ifaces.clone(), cfg.xdp_ifaces.clone(), cfg.xdp_mode);
+    attacher.reconcile(&mut dp, pins.as_ref(), true)?;
     if cfg.tc_ifaces.is_empty() && cfg.xdp_ifaces.is_empty() {
         warn!("no interface attached (--no-attach): the maps are programmed but no traffic is translated");
     }
@@ -337,20 +304,41 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => {}
         }
     };
-    let result = match &cfg.source {
-        SourceConfig::Files { dir, poll_interval } => {
-            info!(dir = %dir.display(), "watching manifests");
-            let mut source = PolledFiles::new(dir, *poll_interval);
-            sync_loop(&mut source, &mut syncer, &node, &state, cfg.debounce, shutdown).await
+    // Interfaces come and go (pods): follow netlink link notifications.
+    let (link_tx, mut link_rx) = tokio::sync::mpsc::channel(16);
+    if !cfg.tc_ifaces.is_empty() || !cfg.xdp_ifaces.is_empty() {
+        ifwatch::watch_links(link_tx).context("subscribing to netlink link notifications")?;
+    }
+    let follow_links = async {
+        while link_rx.recv().await.is_some() {
+            // One rescan covers a burst of notifications.
+            while link_rx.try_recv().is_ok() {}
+            if let Err(e) = attacher.reconcile(&mut dp, pins.as_ref(), false) {
+                warn!("following interfaces: {e}");
+            }
         }
-        SourceConfig::Kubernetes => {
-            let node_name = cfg
-                .node_name
-                .as_deref()
-                .context("the Kubernetes source needs the node name (--node-name or NODE_NAME)")?;
-            let mut source = KubeSource::connect(node_name).await?;
-            sync_loop(&mut source, &mut syncer, &node, &state, cfg.debounce, shutdown).await
+        std::future::pending::<()>().await
+    };
+    let sync = async {
+        match &cfg.source {
+            SourceConfig::Files { dir, poll_interval } => {
+                info!(dir = %dir.display(), "watching manifests");
+                let mut source = PolledFiles::new(dir, *poll_interval);
+                sync_loop(&mut source, &mut syncer, &node, &state, cfg.debounce, shutdown).await
+            }
+            SourceConfig::Kubernetes => {
+                let node_name = cfg
+                    .node_name
+                    .as_deref()
+                    .context("the Kubernetes source needs the node name (--node-name or NODE_NAME)")?;
+                let mut source = KubeSource::connect(node_name).await?;
+                sync_loop(&mut source, &mut syncer, &node, &state, cfg.debounce, shutdown).await
+            }
         }
+    };
+    let result = tokio::select! {
+        r = sync => r,
+        _ = follow_links => unreachable!("follow_links never ends"),
     };
     if let Some(h) = health {
         h.abort();

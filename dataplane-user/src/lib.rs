@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod desired;
 pub mod health;
+pub mod ifwatch;
 pub mod loader;
 pub mod maglev;
 pub mod node;

@@ -187,6 +187,19 @@ impl Topology {
         })
     }
 
+    /// Adds backend `backends.len() + 1` (namespace, veth, routes) to a
+    /// running topology, as a pod starting on the node; returns its index.
+    pub fn add_backend(&mut self) -> Result<usize> {
+        let i = self.backends.len() + 1;
+        let prefix = self.node.name.trim_end_matches("-node").to_string();
+        let b = Netns::new(format!("{prefix}-b{i}"))?;
+        let node_side = Ipv4Addr::new(198, 18, i as u8, 1);
+        veth(&self.node, &backend_iface(i), node_side, &b, "eth0", backend_addr(i))?;
+        b.ip(&["route", "add", "198.18.0.0/16", "via", &node_side.to_string()])?;
+        self.backends.push(b);
+        Ok(i)
+    }
+
     /// Node-side interface names: the client's and every backend's.
     pub fn node_ifaces(&self) -> Vec<String> {
         let mut v = vec![NODE_CLIENT_IFACE.to_string()];

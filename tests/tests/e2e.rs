@@ -278,6 +278,60 @@ fn service_without_endpoints_refuses_tcp_and_udp() {
     }
 }
 
+/// Interfaces selected by a pattern get the program when they appear (a pod
+/// starting) and lose their link when they go, without restarting the agent.
+#[test]
+fn new_interfaces_matching_a_pattern_get_the_program() {
+    let mut t = Topology::new(2).unwrap();
+    let mut servers = start_servers(&t);
+    let m = manifests(&[1, 2]);
+    let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let mut agent = Agent::start(&t.node, &["vc".to_string(), "vb*".to_string()], &[], &m).unwrap();
+    let i = t.add_backend().unwrap();
+    servers.push(tcp_server(&t.backends[i - 1], backend_addr(i), 8080, &format!("b{i}")));
+    let attached = format!("iface=vb{i}");
+    let start = std::time::Instant::now();
+    while !agent
+        .log()
+        .lines()
+        .any(|l| l.contains("attached") && l.contains(&attached))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "vb{i} never got the program:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Without the program on vb3 its replies would not get the VIP back and
+    // every connection it gets would fail.
+    agent.update("slice.yaml", &manifests(&[1, 2, 3])[1].1).unwrap();
+    let counts = connections(&t, 90).unwrap();
+    assert_spread(&counts, 90, &["b1", "b2", "b3"]);
+    // The pod goes away: its interface's link is removed.
+    t.node.ip(&["link", "del", &format!("vb{i}")]).unwrap();
+    let start = std::time::Instant::now();
+    while !agent
+        .log()
+        .contains(&format!("iface=vb{i} program=\"tc\" interface gone"))
+        && !agent
+            .log()
+            .lines()
+            .any(|l| l.contains("interface gone") && l.contains(&attached))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "vb{i}'s removal was not noticed:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !agent.pins.join("links").join(format!("tc-vb{i}")).exists(),
+        "the link pin of a gone interface remains"
+    );
+}
+
 /// Pinned programs keep serving after the agent exits; `dataplane cleanup`
 /// detaches them.
 #[test]
