@@ -35,3 +35,25 @@ pub fn slice(ns: &str, name: &str, svc: &str, ports: &[(&str, u16, &str)], addrs
     }
     s
 }
+
+/// Endpoint conditions: (address, ready, serving, terminating).
+pub type Conditions = (Ipv4Addr, bool, bool, bool);
+
+/// As `slice`, with explicit conditions per endpoint.
+pub fn slice_with_conditions(
+    ns: &str,
+    name: &str,
+    svc: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[Conditions],
+) -> String {
+    let mut s = slice(ns, name, svc, ports, &[]);
+    s.truncate(s.len() - " []\n".len());
+    s.push('\n');
+    for (a, ready, serving, terminating) in endpoints {
+        s.push_str(&format!(
+            "- addresses: [{a}]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n"
+        ));
+    }
+    s
+}

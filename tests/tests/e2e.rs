@@ -9,7 +9,7 @@ use std::{
 
 use dataplane_tests::{
     agent::Agent,
-    manifests::{service, slice},
+    manifests::{service, slice, slice_with_conditions},
     netns::{backend_addr, Topology},
     servers::{tcp_server, udp_server, Conn, Server},
 };
@@ -276,6 +276,54 @@ fn service_without_endpoints_refuses_tcp_and_udp() {
             "{what}: UDP got {udp}"
         );
     }
+}
+
+/// Graceful termination: a terminating endpoint keeps its open connection
+/// but gets no new ones while a ready endpoint exists; when only
+/// terminating endpoints are left, they serve new connections (kube-proxy's
+/// fallback).
+#[test]
+fn terminating_endpoints_keep_their_flows_and_serve_as_a_last_resort() {
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t);
+    let mut agent = start_agent(&t, true, false, &[1, 2]);
+    let (to_main, from_test) = std::sync::mpsc::channel::<()>();
+    let (to_test, from_client) = std::sync::mpsc::channel::<Result<String, String>>();
+    let client = t.client.run(move || {
+        let mut c = Conn::connect(SocketAddr::from((VIP, 80)), TIMEOUT).map_err(|e| e.to_string())?;
+        to_test.send(c.ask().map_err(|e| e.to_string())).unwrap();
+        from_test
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|e| e.to_string())?;
+        (0..10)
+            .map(|_| c.ask().map_err(|e| format!("open connection broke: {e}")))
+            .collect::<Result<Vec<_>, _>>()
+    });
+    let first = from_client.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    let term: usize = first[1..].parse().unwrap();
+    let other = 3 - term;
+    let conds = |t_ready: bool| {
+        let mut v = vec![(backend_addr(term), false, true, true)];
+        v.push((backend_addr(other), t_ready, true, !t_ready));
+        slice_with_conditions("shop", "web-abcde", "web", TARGETS, &v)
+    };
+    agent.update("slice.yaml", &conds(true)).unwrap();
+    to_main.send(()).unwrap();
+    let answers = client.join().unwrap().unwrap();
+    assert!(
+        answers.iter().all(|a| *a == first),
+        "the open connection moved: {answers:?}"
+    );
+    let counts = connections(&t, 30).unwrap();
+    assert_eq!(
+        counts,
+        BTreeMap::from([(format!("b{other}"), 30)]),
+        "a terminating endpoint got new connections"
+    );
+    // Both terminating: both serve.
+    agent.update("slice.yaml", &conds(false)).unwrap();
+    let counts = connections(&t, 60).unwrap();
+    assert_spread(&counts, 60, &["b1", "b2"]);
 }
 
 /// Interfaces selected by a pattern get the program when they appear (a pod
