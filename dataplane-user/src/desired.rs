@@ -246,7 +246,7 @@ pub fn compute_for_node(services: &[Service], slices: &[EndpointSlice], node: &N
     let mut frontends: BTreeMap<ServiceKey, Frontend> = BTreeMap::new();
     let mut services: Vec<&Service> = services.iter().collect();
     // Deterministic winner when two Services claim the same frontend.
-    services.sort_by_key(|s| ns_name(&s.metadata));
+    services.sort_by_cached_key(|s| ns_name(&s.metadata));
 
     for svc in services {
         let Some((ns, name)) = ns_name(&svc.metadata) else {

@@ -65,7 +65,17 @@ struct Cluster {
 }
 
 fn cluster(external_policy: &str, internal_policy: &str) -> Cluster {
+    cluster_with(external_policy, internal_policy, false)
+}
+
+/// With `xdp`, node A's external interfaces get the XDP program instead of
+/// TC (the client's checksum offload is off: XDP sees full checksums only
+/// from real NICs, see README).
+fn cluster_with(external_policy: &str, internal_policy: &str, xdp: bool) -> Cluster {
     let t = TwoNodes::new().unwrap();
+    if xdp {
+        t.client.exec(&["ethtool", "-K", "eth0", "tx", "off"]).unwrap();
+    }
     let servers = vec![
         tcp_server(&t.backend_a, BACKEND_A, 8080, "a"),
         tcp_server(&t.backend_b, BACKEND_B, 8080, "b"),
@@ -73,10 +83,15 @@ fn cluster(external_policy: &str, internal_policy: &str) -> Cluster {
     let m = manifests(external_policy, internal_policy);
     let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let (tc_a, xdp_a) = if xdp {
+        (s(&["vn", "vb1"]), s(&["ve", "ve2"]))
+    } else {
+        (s(&["ve", "ve2", "vn", "vb1"]), vec![])
+    };
     let a = Agent::start_with(
         &t.node_a,
-        &s(&["ve", "ve2", "vn", "vb1"]),
-        &[],
+        &tc_a,
+        &xdp_a,
         &m,
         &[
             "--node-name",
@@ -199,4 +214,20 @@ fn internal_policy_local_and_hairpin() {
     // SNATs the flow so that a accepts it, and the answer comes back.
     let hairpin = connect(&c.t.backend_a, SocketAddr::from((CLUSTER_IP, 80)), 10).unwrap();
     assert_eq!(hairpin, BTreeMap::from([(pair("a", NODE_A), 10)]));
+}
+
+/// The same NodePort, with the lookup done by XDP on node A's external
+/// interface.
+#[test]
+fn node_port_through_xdp_on_the_external_interface() {
+    let c = cluster_with("Cluster", "Cluster", true);
+    let seen = connect(&c.t.client, SocketAddr::from((NODE_A_EXT, NODE_PORT)), 40).unwrap();
+    assert_eq!(seen.values().sum::<usize>(), 40);
+    assert!(seen.contains_key(&pair("a", EXT_CLIENT)), "{seen:?}");
+    assert!(seen.contains_key(&pair("b", NODE_A)), "{seen:?}");
+    assert!(
+        c._agents[0].log().contains("XDP program attached"),
+        "{}",
+        c._agents[0].log()
+    );
 }
