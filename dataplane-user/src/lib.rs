@@ -4,10 +4,13 @@
 pub mod agent;
 pub mod desired;
 pub mod health;
+pub mod inspect;
 pub mod loader;
 pub mod maglev;
+pub mod metrics;
 pub mod node;
 pub mod pin;
 pub mod source;
 pub mod sync;
 pub mod testrun;
+pub mod trace;
