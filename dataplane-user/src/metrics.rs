@@ -129,11 +129,14 @@ fn render_agent(state: &AgentState, out: &mut String) {
     state.sync_duration.render("dataplane_sync_duration_seconds", out);
 }
 
+/// A per-service counter family: name, help, how to read it from a row.
+type PerService = (&'static str, &'static str, fn(&inspect::ServiceRow) -> u64);
+
 /// The datapath's counters and map use.
 pub fn render_maps(maps: &Maps, out: &mut String) -> Result<(), inspect::InspectError> {
     let services = inspect::service_rows(maps)?;
     let stats = inspect::stats(maps)?;
-    let per_service: [(&str, &str, fn(&inspect::ServiceRow) -> u64); 4] = [
+    let per_service: [PerService; 4] = [
         (
             "dataplane_service_packets_total",
             "Packets translated towards a backend, per frontend.",

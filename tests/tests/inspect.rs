@@ -192,7 +192,10 @@ fn cli(root: &Path, args: &[&str]) -> String {
         "dataplane {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap()
+    let text = String::from_utf8(out.stdout).unwrap();
+    // Shown with --nocapture: what the README's examples come from.
+    eprintln!("$ dataplane {}\n{text}", args.join(" "));
+    text
 }
 
 fn json(root: &Path, args: &[&str]) -> Value {
