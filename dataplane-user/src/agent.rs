@@ -55,6 +55,8 @@ pub struct RunConfig {
     pub bpf_object: Option<PathBuf>,
     /// Where `/healthz` and `/readyz` are served; `None` disables them.
     pub health_bind: Option<SocketAddr>,
+    /// Where Prometheus `/metrics` is served; `None` disables it.
+    pub metrics_bind: Option<SocketAddr>,
     /// How long a burst of changes may settle before a sync.
     pub debounce: Duration,
     /// Where maps and links are pinned (bpffs); `None`: nothing is pinned
@@ -100,6 +102,8 @@ pub struct AgentState {
     pub alive: AtomicBool,
     /// Set once the first full sync has been applied.
     pub ready: AtomicBool,
+    /// How long syncs take.
+    pub sync_duration: crate::metrics::SyncHistogram,
 }
 
 /// A copy of [`AgentState`]'s counters.
@@ -194,6 +198,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
         state
             .sync_errors
             .fetch_add(report.errors.len() as u64, Ordering::Relaxed);
+        state.sync_duration.observe(started.elapsed());
         let syncs = state.syncs.fetch_add(1, Ordering::Relaxed) + 1;
         state.ready.store(true, Ordering::Relaxed);
         let backends: usize = syncer.programmed().values().map(|p| p.frontend.backends.len()).sum();
@@ -230,6 +235,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let metrics_listener = match cfg.metrics_bind {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint to {addr}"))?,
+        ),
+        None => None,
+    };
 
     let pins = cfg.pin_root.clone().map(PinRoot::new);
     let (mut dp, adopted) = match &pins {
@@ -240,6 +253,18 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         ),
     };
     let mut maps = dp.take_maps()?;
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            let reader = crate::inspect::reopen(&maps).context("opening the maps for the metrics")?;
+            info!(addr = %listener.local_addr()?, "serving /metrics");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                state.clone(),
+                Some(Arc::new(std::sync::Mutex::new(reader))),
+            )))
+        }
+        None => None,
+    };
     if adopted {
         let previous = maps.config.get(&0, 0).context("reading the pinned configuration")?;
         if previous.abi_version != 0 && previous.abi_version != ABI_VERSION {
@@ -342,6 +367,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     };
     if let Some(h) = health {
         h.abort();
+    }
+    if let Some(m) = metrics {
+        m.abort();
     }
     if pins.is_some() {
         info!("shutting down; pinned programs stay attached and keep serving (`dataplane cleanup` removes them)");

@@ -68,11 +68,14 @@ fn reason(code: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        500 => "Internal Server Error",
         _ => "Service Unavailable",
     }
 }
 
-async fn handle(mut conn: TcpStream, state: &AgentState) -> std::io::Result<()> {
+/// Reads one request head (bounded in size and time) and returns its
+/// request line.
+pub(crate) async fn read_request_line(conn: &mut TcpStream) -> std::io::Result<String> {
     let mut buf = Vec::with_capacity(512);
     let head_end = tokio::time::timeout(READ_TIMEOUT, async {
         let mut chunk = [0u8; 512];
@@ -93,17 +96,32 @@ async fn handle(mut conn: TcpStream, state: &AgentState) -> std::io::Result<()> 
     .await
     .map_err(|_| std::io::Error::other("request head not received in time"))??;
     let head = String::from_utf8_lossy(&buf[..head_end]);
-    let line = head.lines().next().unwrap_or("");
-    let (code, body) = respond(line, state);
-    let head_only = line.starts_with("HEAD ");
+    Ok(head.lines().next().unwrap_or("").to_string())
+}
+
+/// Writes a complete response and closes the connection.
+pub(crate) async fn write_response(
+    conn: &mut TcpStream,
+    code: u16,
+    content_type: &str,
+    body: &str,
+    head_only: bool,
+) -> std::io::Result<()> {
     let response = format!(
-        "HTTP/1.1 {code} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        "HTTP/1.1 {code} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         reason(code),
         body.len(),
         if head_only { "" } else { body }
     );
     conn.write_all(response.as_bytes()).await?;
     conn.shutdown().await
+}
+
+async fn handle(mut conn: TcpStream, state: &AgentState) -> std::io::Result<()> {
+    let line = read_request_line(&mut conn).await?;
+    let (code, body) = respond(&line, state);
+    let head_only = line.starts_with("HEAD ");
+    write_response(&mut conn, code, "text/plain; charset=utf-8", body, head_only).await
 }
 
 #[cfg(test)]

@@ -6,9 +6,11 @@ use std::net::Ipv4Addr;
 
 use dataplane::{
     agent::{self, RunConfig, SourceConfig},
+    inspect,
     loader::XdpAttachMode,
     maglev, pin,
     sync::{Selection, SyncConfig},
+    trace::{self, TraceProgram, TraceRequest},
 };
 use dataplane_common::{timeouts, DpConfig};
 use tracing_subscriber::EnvFilter;
@@ -50,6 +52,108 @@ enum Command {
         #[arg(long, default_value = pin::DEFAULT_ROOT, env = "DATAPLANE_BPFFS_ROOT")]
         bpffs_root: PathBuf,
     },
+    /// Service frontends from the pinned maps: name, VIP:port/proto,
+    /// backends, selection, flags, counters.
+    Services(InspectArgs),
+    /// The backend slots of every frontend's current generation.
+    Backends(InspectArgs),
+    /// Connection tracking entries: direction, tuple, NAT, flags, age.
+    Conntrack(InspectArgs),
+    /// Datapath reason counters, conntrack occupancy, map capacity use.
+    Stats(InspectArgs),
+    /// Run a synthetic packet through a private copy of the programs,
+    /// seeded from the live maps (which it does not change), and explain
+    /// the decision.
+    Trace(TraceArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Aligned columns.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The running agent's pin directory.
+    #[arg(long, default_value = pin::DEFAULT_ROOT, env = "DATAPLANE_BPFFS_ROOT")]
+    bpffs_root: PathBuf,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    #[command(flatten)]
+    inspect: InspectArgs,
+    /// Source address and port of the packet.
+    #[arg(long)]
+    src: std::net::SocketAddrV4,
+    /// Destination address and port (a Service frontend, or a client for a
+    /// reply).
+    #[arg(long)]
+    dst: std::net::SocketAddrV4,
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    proto: Proto,
+    /// TCP flags, comma separated (syn, ack, fin, rst, psh).
+    #[arg(long, default_value = "syn")]
+    flags: String,
+    /// Which program the packet runs through.
+    #[arg(long, value_enum, default_value_t = TraceProgram::Tc)]
+    program: TraceProgram,
+    /// Load this eBPF object for the private copy instead of the one built
+    /// into the binary.
+    #[arg(long, env = "DATAPLANE_BPF_OBJECT")]
+    bpf_object: Option<PathBuf>,
+}
+
+fn print<T: serde::Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    match output {
+        Output::Table => print!("{}", table(value)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+fn inspect_command(command: Command) -> anyhow::Result<()> {
+    let args = match &command {
+        Command::Services(a) | Command::Backends(a) | Command::Conntrack(a) | Command::Stats(a) => a,
+        Command::Trace(t) => &t.inspect,
+        _ => unreachable!("not an inspection command"),
+    };
+    let maps = inspect::open_pinned(&args.bpffs_root)?;
+    match &command {
+        Command::Services(a) => print(a.output, &inspect::service_rows(&maps)?, |r| inspect::services_table(r)),
+        Command::Backends(a) => print(a.output, &inspect::backend_rows(&maps)?, |r| inspect::backends_table(r)),
+        Command::Conntrack(a) => print(a.output, &inspect::conntrack_rows(&maps)?, |r| {
+            inspect::conntrack_table(r)
+        }),
+        Command::Stats(a) => print(a.output, &inspect::stats(&maps)?, inspect::stats_table),
+        Command::Trace(t) => {
+            let req = TraceRequest {
+                src: t.src,
+                dst: t.dst,
+                proto: match t.proto {
+                    Proto::Tcp => dataplane_common::IPPROTO_TCP,
+                    Proto::Udp => dataplane_common::IPPROTO_UDP,
+                },
+                tcp_flags: trace::parse_tcp_flags(&t.flags).map_err(|e| anyhow::anyhow!("--flags: {e}"))?,
+                program: t.program,
+            };
+            let report = trace::trace(&maps, t.bpf_object.as_deref(), &req)?;
+            print(t.inspect.output, &report, trace::trace_table)
+        }
+        _ => unreachable!("not an inspection command"),
+    }
 }
 
 #[derive(Args)]
@@ -88,6 +192,9 @@ struct RunArgs {
     /// Address of the /healthz and /readyz endpoints, or `off`.
     #[arg(long, default_value = "0.0.0.0:10256", env = "DATAPLANE_HEALTH_BIND")]
     health_bind: String,
+    /// Address of the Prometheus /metrics endpoint, or `off`.
+    #[arg(long, default_value = "127.0.0.1:10249", env = "DATAPLANE_METRICS_BIND")]
+    metrics_bind: String,
     /// Where maps and program links are pinned (on bpffs, mounted at
     /// /sys/fs/bpf if missing). A restarted agent adopts them: traffic keeps
     /// flowing and established connections keep their backends.
@@ -169,6 +276,13 @@ impl RunArgs {
                     .with_context(|| format!("--health-bind {a:?}: not an address:port"))?,
             ),
         };
+        let metrics_bind = match self.metrics_bind.as_str() {
+            "off" | "" => None,
+            a => Some(
+                a.parse::<SocketAddr>()
+                    .with_context(|| format!("--metrics-bind {a:?}: not an address:port"))?,
+            ),
+        };
         let node_port_range = parse_port_range(&self.node_port_range)?;
         let maglev_size = maglev::validate_size(self.maglev_table_size).map_err(|e| anyhow::anyhow!("{e}"))?;
         let secs = |s: u64, flag: &str| -> anyhow::Result<u64> {
@@ -200,6 +314,7 @@ impl RunArgs {
             xdp_mode: self.xdp_mode,
             bpf_object: self.bpf_object,
             health_bind,
+            metrics_bind,
             debounce: Duration::from_millis(self.debounce_ms),
         })
     }
@@ -242,6 +357,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        command => inspect_command(command),
     }
 }
 

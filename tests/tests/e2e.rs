@@ -466,3 +466,116 @@ fn agent_restart_under_load_drops_no_connection() {
     );
     assert!(log.contains("program replaced atomically"), "{log}");
 }
+
+/// `GET /metrics` on the agent's default metrics address, from inside the
+/// node namespace: the samples by series (`name{labels}`).
+fn scrape(t: &Topology) -> BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let body = t
+        .node
+        .run(|| {
+            let mut c = std::net::TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 10249)), TIMEOUT)
+                .map_err(|e| format!("connecting to the metrics endpoint 127.0.0.1:10249: {e}"))?;
+            c.set_read_timeout(Some(TIMEOUT)).unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .map_err(|e| e.to_string())?;
+            let mut out = String::new();
+            c.read_to_string(&mut out)
+                .map_err(|e| format!("reading /metrics: {e}"))?;
+            Ok::<String, String>(out)
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    let (head, body) = body.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut samples = BTreeMap::new();
+    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        assert!(samples.insert(series.to_string(), value).is_none(), "{series} twice");
+    }
+    samples
+}
+
+#[test]
+fn metrics_count_connections_per_service_and_reason() {
+    const N: usize = 25;
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t);
+    let agent = start_agent(&t, true, false, &[1, 2]);
+    let before = scrape(&t);
+    let http = r#"{service="shop/web:http",frontend="198.19.0.10:80/tcp"}"#;
+    let get = |m: &BTreeMap<String, f64>, series: &str| {
+        *m.get(series)
+            .unwrap_or_else(|| panic!("no {series} in /metrics: {:?}", m.keys().collect::<Vec<_>>()))
+    };
+    let ports = t
+        .client
+        .run(|| {
+            let mut ports = std::collections::BTreeSet::new();
+            for i in 0..N {
+                let mut c = Conn::connect(SocketAddr::from((VIP, 80)), TIMEOUT)
+                    .map_err(|e| format!("connection {i} to {VIP}:80: {e}"))?;
+                c.ask().map_err(|e| format!("connection {i}: {e}"))?;
+                ports.insert(c.local_addr().port());
+            }
+            Ok::<_, String>(ports)
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    let after = scrape(&t);
+    let delta = |series: &str| get(&after, series) - get(&before, series);
+
+    assert_eq!(delta(&format!("dataplane_service_new_flows_total{http}")), N as f64);
+    assert_eq!(
+        delta(r#"dataplane_datapath_packets_total{reason="nat_new_flow",drop="false"}"#),
+        N as f64
+    );
+    // Each connection: SYN, ACK, request, FIN/ACKs at least.
+    let packets = delta(&format!("dataplane_service_packets_total{http}"));
+    assert!(packets >= 3.0 * N as f64, "{packets} packets for {N} connections");
+    assert!(delta(&format!("dataplane_service_bytes_total{http}")) >= 40.0 * packets);
+    assert!(delta(r#"dataplane_datapath_packets_total{reason="nat_reply",drop="false"}"#) >= 2.0 * N as f64);
+    assert_eq!(delta(&format!("dataplane_service_no_backend_total{http}")), 0.0);
+    // Two entries per flow (one flow per distinct client port).
+    assert_eq!(delta("dataplane_conntrack_entries"), 2.0 * ports.len() as f64);
+    assert_eq!(get(&after, "dataplane_conntrack_capacity"), 262_144.0);
+    assert_eq!(get(&after, r#"dataplane_map_entries{map="DP_SERVICES"}"#), 2.0);
+    assert_eq!(get(&after, r#"dataplane_map_entries{map="DP_BACKENDS"}"#), 4.0);
+    assert_eq!(get(&after, r#"dataplane_map_capacity{map="DP_SERVICES"}"#), 131_072.0);
+    for reason in dataplane_common::Reason::ALL {
+        let series = format!(
+            "dataplane_datapath_packets_total{{reason=\"{}\",drop=\"{}\"}}",
+            reason.name(),
+            reason.is_drop()
+        );
+        get(&after, &series);
+        if reason.is_drop() {
+            assert_eq!(delta(&series), 0.0, "{series} moved");
+        }
+    }
+    let syncs = get(&after, "dataplane_syncs_total");
+    assert!(
+        syncs >= 1.0 && syncs as usize == agent.syncs(),
+        "{syncs} syncs, the log has {}",
+        agent.syncs()
+    );
+    assert_eq!(get(&after, "dataplane_sync_duration_seconds_count"), syncs);
+    assert_eq!(
+        get(&after, r#"dataplane_sync_duration_seconds_bucket{le="+Inf"}"#),
+        syncs
+    );
+    for series in [
+        "dataplane_watch_restarts_total",
+        "dataplane_relists_total",
+        "dataplane_skipped_objects_total",
+        "dataplane_sync_errors_total",
+    ] {
+        assert_eq!(get(&after, series), 0.0, "{series}");
+    }
+    assert_eq!(get(&after, "dataplane_ready"), 1.0);
+}

@@ -1,0 +1,708 @@
+//! Reading the live dataplane state back: the maps a running agent pinned
+//! (or, for the agent's own metrics, second handles on its maps), turned
+//! into plain rows for `dataplane services|backends|conntrack|stats`, their
+//! tables and JSON, and the metrics.
+//!
+//! Nothing here writes to a map.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
+use dataplane_common::{
+    limits, map_names, map_shapes, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue, ABI_VERSION,
+    BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SVC_F_AFFINITY,
+    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{desired::proto_name, loader::Maps, pin::PinRoot};
+
+#[derive(Debug, Error)]
+pub enum InspectError {
+    #[error("no agent state under {root}: is the agent running with --bpffs-root {root}?")]
+    NothingPinned { root: String },
+    #[error("pinned map {name} at {path}: {source}")]
+    Open {
+        name: &'static str,
+        path: String,
+        source: aya::maps::MapError,
+    },
+    #[error(transparent)]
+    Pin(#[from] crate::pin::PinError),
+    #[error(
+        "the pinned maps under {root} were written by an agent with map layout version {found}, this \
+         binary reads version {ABI_VERSION}: use the dataplane binary of the running agent"
+    )]
+    Abi { root: String, found: u32 },
+    #[error("reading map {name}: {source}")]
+    Read {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+fn read_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> InspectError {
+    move |source| InspectError::Read { name, source }
+}
+
+/// Builds typed handles from one `MapData` per map name.
+fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) -> Result<Maps, InspectError> {
+    let mut map = |name: &'static str| -> Result<Map, InspectError> {
+        let data = open(name)?;
+        Map::from_map_data(data).map_err(read_err(name))
+    };
+    Ok(Maps {
+        services: HashMap::try_from(map(map_names::SERVICES)?).map_err(read_err(map_names::SERVICES))?,
+        backends: HashMap::try_from(map(map_names::BACKENDS)?).map_err(read_err(map_names::BACKENDS))?,
+        conntrack: HashMap::try_from(map(map_names::CONNTRACK)?).map_err(read_err(map_names::CONNTRACK))?,
+        maglev: HashMap::try_from(map(map_names::MAGLEV)?).map_err(read_err(map_names::MAGLEV))?,
+        affinity: HashMap::try_from(map(map_names::AFFINITY)?).map_err(read_err(map_names::AFFINITY))?,
+        config: Array::try_from(map(map_names::CONFIG)?).map_err(read_err(map_names::CONFIG))?,
+        source_ranges: LpmTrie::try_from(map(map_names::SOURCE_RANGES)?).map_err(read_err(map_names::SOURCE_RANGES))?,
+        names: HashMap::try_from(map(map_names::NAMES)?).map_err(read_err(map_names::NAMES))?,
+        service_stats: PerCpuArray::try_from(map(map_names::SERVICE_STATS)?)
+            .map_err(read_err(map_names::SERVICE_STATS))?,
+        reasons: PerCpuArray::try_from(map(map_names::REASON_STATS)?).map_err(read_err(map_names::REASON_STATS))?,
+    })
+}
+
+/// Opens the maps a running agent pinned under `root`, refusing maps of
+/// another layout.
+pub fn open_pinned(root: &Path) -> Result<Maps, InspectError> {
+    let pins = PinRoot::new(root);
+    let nothing = || InspectError::NothingPinned {
+        root: root.display().to_string(),
+    };
+    if !pins.map(map_names::SERVICES).exists() {
+        return Err(nothing());
+    }
+    pins.check_maps()?;
+    let maps = typed(|name| {
+        let path: PathBuf = pins.map(name);
+        if !path.exists() {
+            return Err(nothing());
+        }
+        MapData::from_pin(&path).map_err(|source| InspectError::Open {
+            name,
+            path: path.display().to_string(),
+            source,
+        })
+    })?;
+    let config = maps.config.get(&0, 0).map_err(read_err(map_names::CONFIG))?;
+    if config.abi_version != 0 && config.abi_version != ABI_VERSION {
+        return Err(InspectError::Abi {
+            root: root.display().to_string(),
+            found: config.abi_version,
+        });
+    }
+    Ok(maps)
+}
+
+/// Second handles on the maps behind `maps` (by map id), for readers that
+/// run next to the owner (the metrics).
+pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
+    fn id<K: aya::Pod, V>(name: &'static str, m: &impl IterableMap<K, V>) -> Result<(&'static str, u32), InspectError> {
+        Ok((name, m.map().info().map_err(read_err(name))?.id()))
+    }
+    let ids = [
+        id(map_names::SERVICES, &maps.services)?,
+        id(map_names::BACKENDS, &maps.backends)?,
+        id(map_names::CONNTRACK, &maps.conntrack)?,
+        id(map_names::MAGLEV, &maps.maglev)?,
+        id(map_names::AFFINITY, &maps.affinity)?,
+        id(map_names::CONFIG, &maps.config)?,
+        id(map_names::SOURCE_RANGES, &maps.source_ranges)?,
+        id(map_names::NAMES, &maps.names)?,
+        id(map_names::SERVICE_STATS, &maps.service_stats)?,
+        id(map_names::REASON_STATS, &maps.reasons)?,
+    ];
+    typed(|name| {
+        let id = ids
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, id)| *id)
+            .expect("every map has an id");
+        MapData::from_id(id).map_err(|source| InspectError::Open {
+            name,
+            path: format!("map id {id}"),
+            source,
+        })
+    })
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn ip(addr_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr_be.to_ne_bytes())
+}
+
+pub fn endpoint(addr_be: u32, port_be: u16) -> String {
+    format!("{}:{}", ip(addr_be), u16::from_be(port_be))
+}
+
+pub fn frontend(key: &ServiceKey) -> String {
+    format!("{}:{}/{}", key.ip(), key.host_port(), proto_name(key.proto))
+}
+
+/// One frontend, as `dataplane services` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ServiceRow {
+    pub id: u32,
+    /// `namespace/name:port` (empty if the agent wrote none).
+    pub name: String,
+    /// `vip:port/proto`.
+    pub frontend: String,
+    pub backends: u16,
+    pub generation: u16,
+    /// `maglev` or `random` (`none` without backends).
+    pub selection: String,
+    pub maglev_size: u32,
+    /// Flags in words: `affinity=60s`, `external`, `drop-no-local`,
+    /// `source-ranges`.
+    pub flags: Vec<String>,
+    /// loadBalancerSourceRanges, as `addr/len`.
+    pub source_ranges: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub no_backend: u64,
+}
+
+fn service_flags(v: &ServiceValue) -> Vec<String> {
+    let mut f = Vec::new();
+    if v.flags & SVC_F_AFFINITY != 0 {
+        f.push(format!("affinity={}s", v.affinity_timeout_s));
+    }
+    if v.flags & SVC_F_EXTERNAL != 0 {
+        f.push("external".into());
+    }
+    if v.flags & SVC_F_DROP_NO_LOCAL != 0 {
+        f.push("drop-no-local".into());
+    }
+    if v.flags & SVC_F_SOURCE_RANGES != 0 {
+        f.push("source-ranges".into());
+    }
+    f
+}
+
+fn selection(v: &ServiceValue) -> String {
+    if v.flags & SVC_F_RANDOM != 0 {
+        "random".into()
+    } else if v.maglev_size != 0 {
+        "maglev".into()
+    } else if v.backend_count == 0 {
+        "none".into()
+    } else {
+        "random".into()
+    }
+}
+
+/// The service's name from DP_NAMES (empty when missing).
+pub fn name_of(maps: &Maps, id: u32) -> String {
+    maps.names
+        .get(&id, 0)
+        .map(|n| n.as_str().to_string())
+        .unwrap_or_default()
+}
+
+/// Every frontend, sorted by VIP, port, protocol.
+pub fn services(maps: &Maps) -> Result<Vec<(ServiceKey, ServiceValue)>, InspectError> {
+    let mut v: Vec<(ServiceKey, ServiceValue)> = maps
+        .services
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(read_err(map_names::SERVICES))?;
+    v.sort_by_key(|(k, _)| (k.ip(), k.host_port(), k.proto));
+    Ok(v)
+}
+
+/// Source ranges by service id, as `addr/len`.
+fn source_ranges(maps: &Maps) -> Result<std::collections::BTreeMap<u32, Vec<String>>, InspectError> {
+    let mut out: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+    for key in maps.source_ranges.keys() {
+        let key = key.map_err(read_err(map_names::SOURCE_RANGES))?;
+        let data = key.data();
+        out.entry(u32::from_be(data.service_id_be)).or_default().push(format!(
+            "{}/{}",
+            ip(data.addr),
+            key.prefix_len().saturating_sub(32)
+        ));
+    }
+    Ok(out)
+}
+
+pub fn service_rows(maps: &Maps) -> Result<Vec<ServiceRow>, InspectError> {
+    let ranges = source_ranges(maps)?;
+    let mut rows = Vec::new();
+    for (k, v) in services(maps)? {
+        let stats = maps
+            .service_stats
+            .get(&v.service_id, 0)
+            .map_err(read_err(map_names::SERVICE_STATS))?;
+        let (mut packets, mut bytes, mut new_flows, mut no_backend) = (0, 0, 0, 0);
+        for s in stats.iter() {
+            packets += s.packets;
+            bytes += s.bytes;
+            new_flows += s.new_flows;
+            no_backend += s.no_backend;
+        }
+        rows.push(ServiceRow {
+            id: v.service_id,
+            name: name_of(maps, v.service_id),
+            frontend: frontend(&k),
+            backends: v.backend_count,
+            generation: v.generation,
+            selection: selection(&v),
+            maglev_size: v.maglev_size,
+            flags: service_flags(&v),
+            source_ranges: ranges.get(&v.service_id).cloned().unwrap_or_default(),
+            packets,
+            bytes,
+            new_flows,
+            no_backend,
+        });
+    }
+    Ok(rows)
+}
+
+/// One backend slot of a frontend's current generation.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BackendRow {
+    pub service_id: u32,
+    pub name: String,
+    pub frontend: String,
+    pub generation: u16,
+    /// Index within the generation (what the Maglev table holds).
+    pub slot: u32,
+    /// `ip:port`, or `missing` when the slot is absent (never expected).
+    pub backend: String,
+    pub remote: bool,
+}
+
+pub fn backend_rows(maps: &Maps) -> Result<Vec<BackendRow>, InspectError> {
+    let mut rows = Vec::new();
+    for (k, v) in services(maps)? {
+        let name = name_of(maps, v.service_id);
+        for i in 0..u32::from(v.backend_count) {
+            let b = maps
+                .backends
+                .get(&BackendKey::new(v.service_id, v.generation, i), 0)
+                .ok();
+            rows.push(BackendRow {
+                service_id: v.service_id,
+                name: name.clone(),
+                frontend: frontend(&k),
+                generation: v.generation,
+                slot: i,
+                backend: b.map_or("missing".into(), |b| endpoint(b.addr, b.port)),
+                remote: b.is_some_and(|b| b.flags & BACKEND_F_REMOTE != 0),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// One conntrack entry.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ConntrackRow {
+    /// `original` (client -> frontend) or `reply` (backend -> client).
+    pub direction: String,
+    pub proto: String,
+    /// The tuple the entry is keyed by.
+    pub src: String,
+    pub dst: String,
+    /// Original: the backend the destination becomes. Reply: the frontend
+    /// the source becomes.
+    pub nat: String,
+    /// With SNAT. Original: the node address the source becomes. Reply: the
+    /// client the destination becomes.
+    pub snat: Option<String>,
+    /// `seen-reply`, `closing`.
+    pub flags: Vec<String>,
+    pub service_id: u32,
+    pub service: String,
+    pub age_s: f64,
+    pub idle_s: f64,
+}
+
+pub fn ct_direction(flags: u16) -> &'static str {
+    if flags & CT_F_ORIGINAL != 0 {
+        "original"
+    } else if flags & CT_F_REPLY != 0 {
+        "reply"
+    } else {
+        "?"
+    }
+}
+
+pub fn ct_flags(flags: u16) -> Vec<String> {
+    let mut f = Vec::new();
+    if flags & CT_F_SEEN_REPLY != 0 {
+        f.push("seen-reply".to_string());
+    }
+    if flags & CT_F_CLOSING != 0 {
+        f.push("closing".to_string());
+    }
+    f
+}
+
+pub fn conntrack_row(maps: &Maps, k: &CtKey, v: &CtValue, now_ns: u64) -> ConntrackRow {
+    let secs = |ns: u64| (now_ns.saturating_sub(ns) / 1_000_000) as f64 / 1000.0;
+    ConntrackRow {
+        direction: ct_direction(v.flags).into(),
+        proto: proto_name(k.proto).into(),
+        src: endpoint(k.saddr, k.sport),
+        dst: endpoint(k.daddr, k.dport),
+        nat: endpoint(v.nat_addr, v.nat_port),
+        snat: (v.flags & CT_F_SNAT != 0).then(|| endpoint(v.snat_addr, v.snat_port)),
+        flags: ct_flags(v.flags),
+        service_id: v.service_id,
+        service: name_of(maps, v.service_id),
+        age_s: secs(v.created_ns),
+        idle_s: secs(v.last_seen_ns),
+    }
+}
+
+pub fn conntrack_rows(maps: &Maps) -> Result<Vec<ConntrackRow>, InspectError> {
+    let now = monotonic_ns();
+    let mut entries: Vec<(CtKey, CtValue)> = maps
+        .conntrack
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(read_err(map_names::CONNTRACK))?;
+    // Each flow's two entries together: by service, then creation time.
+    entries.sort_by_key(|(k, v)| (v.service_id, v.created_ns, v.flags & CT_F_REPLY, k.saddr, k.sport));
+    Ok(entries.iter().map(|(k, v)| conntrack_row(maps, k, v, now)).collect())
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ReasonRow {
+    pub reason: String,
+    pub drop: bool,
+    pub packets: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MapUse {
+    pub map: String,
+    /// `hash`, `lru_hash`, `lpm_trie`, `array`, `percpu_array`.
+    pub kind: String,
+    /// Entries present; arrays always hold `max_entries`.
+    pub entries: u64,
+    pub max_entries: u32,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    pub reasons: Vec<ReasonRow>,
+    pub conntrack_entries: u64,
+    pub conntrack_max: u32,
+    pub maps: Vec<MapUse>,
+}
+
+pub fn reason_rows(maps: &Maps) -> Result<Vec<ReasonRow>, InspectError> {
+    Reason::ALL
+        .iter()
+        .map(|r| {
+            let v = maps
+                .reasons
+                .get(&(*r as u32), 0)
+                .map_err(read_err(map_names::REASON_STATS))?;
+            Ok(ReasonRow {
+                reason: r.name().into(),
+                drop: r.is_drop(),
+                packets: v.iter().sum(),
+            })
+        })
+        .collect()
+}
+
+pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
+    let count = |name: &'static str, keys: &mut dyn Iterator<Item = Result<(), aya::maps::MapError>>| {
+        let mut n = 0u64;
+        for k in keys {
+            k.map_err(read_err(name))?;
+            n += 1;
+        }
+        Ok::<u64, InspectError>(n)
+    };
+    let max = |name: &str| {
+        map_shapes::ALL
+            .iter()
+            .find(|s| s.name == name)
+            .map_or(0, |s| s.max_entries)
+    };
+    let conntrack = count(map_names::CONNTRACK, &mut maps.conntrack.keys().map(|k| k.map(|_| ())))?;
+    let mut uses = vec![
+        (
+            map_names::SERVICES,
+            "hash",
+            count(map_names::SERVICES, &mut maps.services.keys().map(|k| k.map(|_| ())))?,
+        ),
+        (
+            map_names::BACKENDS,
+            "hash",
+            count(map_names::BACKENDS, &mut maps.backends.keys().map(|k| k.map(|_| ())))?,
+        ),
+        (
+            map_names::MAGLEV,
+            "hash",
+            count(map_names::MAGLEV, &mut maps.maglev.keys().map(|k| k.map(|_| ())))?,
+        ),
+        (map_names::CONNTRACK, "lru_hash", conntrack),
+        (
+            map_names::AFFINITY,
+            "lru_hash",
+            count(map_names::AFFINITY, &mut maps.affinity.keys().map(|k| k.map(|_| ())))?,
+        ),
+        (
+            map_names::SOURCE_RANGES,
+            "lpm_trie",
+            count(
+                map_names::SOURCE_RANGES,
+                &mut maps.source_ranges.keys().map(|k| k.map(|_| ())),
+            )?,
+        ),
+        (
+            map_names::NAMES,
+            "hash",
+            count(map_names::NAMES, &mut maps.names.keys().map(|k| k.map(|_| ())))?,
+        ),
+    ];
+    for (name, kind) in [
+        (map_names::SERVICE_STATS, "percpu_array"),
+        (map_names::REASON_STATS, "percpu_array"),
+        (map_names::CONFIG, "array"),
+    ] {
+        uses.push((name, kind, u64::from(max(name))));
+    }
+    Ok(Stats {
+        reasons: reason_rows(maps)?,
+        conntrack_entries: conntrack,
+        conntrack_max: limits::MAX_CONNTRACK,
+        maps: uses
+            .into_iter()
+            .map(|(name, kind, entries)| MapUse {
+                map: name.into(),
+                kind: kind.into(),
+                entries,
+                max_entries: max(name),
+            })
+            .collect(),
+    })
+}
+
+/// An aligned text table: columns padded to their widest cell, numbers
+/// right-aligned.
+pub struct Table {
+    header: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: Vec<&'static str>) -> Self {
+        Table {
+            header,
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let n = self.header.len();
+        let mut width: Vec<usize> = self.header.iter().map(|h| h.len()).collect();
+        let numeric: Vec<bool> = (0..n)
+            .map(|c| {
+                !self.rows.is_empty()
+                    && self
+                        .rows
+                        .iter()
+                        .all(|r| r[c].parse::<f64>().is_ok() && !r[c].contains(':'))
+            })
+            .collect();
+        for r in &self.rows {
+            for (c, cell) in r.iter().enumerate() {
+                width[c] = width[c].max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let line = |cells: Vec<&str>, out: &mut String| {
+            let mut l = String::new();
+            for (c, cell) in cells.iter().enumerate() {
+                if c > 0 {
+                    l.push_str("  ");
+                }
+                let pad = width[c] - cell.chars().count();
+                if numeric[c] {
+                    l.push_str(&" ".repeat(pad));
+                    l.push_str(cell);
+                } else {
+                    l.push_str(cell);
+                    if c + 1 < n {
+                        l.push_str(&" ".repeat(pad));
+                    }
+                }
+            }
+            out.push_str(l.trim_end());
+            out.push('\n');
+        };
+        line(self.header.clone(), &mut out);
+        for r in &self.rows {
+            line(r.iter().map(String::as_str).collect(), &mut out);
+        }
+        out
+    }
+}
+
+fn or_dash(s: String) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s
+    }
+}
+
+pub fn services_table(rows: &[ServiceRow]) -> String {
+    let mut t = Table::new(vec![
+        "ID",
+        "NAME",
+        "FRONTEND",
+        "BACKENDS",
+        "SELECTION",
+        "FLAGS",
+        "PACKETS",
+        "BYTES",
+        "NEW_FLOWS",
+        "NO_BACKEND",
+    ]);
+    for r in rows {
+        let selection = if r.selection == "maglev" {
+            format!("maglev/{}", r.maglev_size)
+        } else {
+            r.selection.clone()
+        };
+        let mut flags = r.flags.clone();
+        if !r.source_ranges.is_empty() {
+            flags.retain(|f| f != "source-ranges");
+            flags.push(format!("source-ranges={}", r.source_ranges.join(",")));
+        }
+        t.row(vec![
+            r.id.to_string(),
+            or_dash(r.name.clone()),
+            r.frontend.clone(),
+            r.backends.to_string(),
+            selection,
+            or_dash(flags.join(" ")),
+            r.packets.to_string(),
+            r.bytes.to_string(),
+            r.new_flows.to_string(),
+            r.no_backend.to_string(),
+        ]);
+    }
+    t.render()
+}
+
+pub fn backends_table(rows: &[BackendRow]) -> String {
+    let mut t = Table::new(vec!["ID", "NAME", "FRONTEND", "GEN", "SLOT", "BACKEND", "REMOTE"]);
+    for r in rows {
+        t.row(vec![
+            r.service_id.to_string(),
+            or_dash(r.name.clone()),
+            r.frontend.clone(),
+            r.generation.to_string(),
+            r.slot.to_string(),
+            r.backend.clone(),
+            if r.remote { "remote" } else { "local" }.into(),
+        ]);
+    }
+    t.render()
+}
+
+pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
+    let mut t = Table::new(vec![
+        "DIR", "PROTO", "SRC", "DST", "NAT", "SNAT", "FLAGS", "SERVICE", "AGE_S", "IDLE_S",
+    ]);
+    for r in rows {
+        t.row(vec![
+            r.direction.clone(),
+            r.proto.clone(),
+            r.src.clone(),
+            r.dst.clone(),
+            r.nat.clone(),
+            r.snat.clone().unwrap_or_else(|| "-".into()),
+            or_dash(r.flags.join(",")),
+            or_dash(r.service.clone()),
+            format!("{:.1}", r.age_s),
+            format!("{:.1}", r.idle_s),
+        ]);
+    }
+    t.render()
+}
+
+pub fn stats_table(s: &Stats) -> String {
+    let mut t = Table::new(vec!["REASON", "DROP", "PACKETS"]);
+    for r in &s.reasons {
+        t.row(vec![
+            r.reason.clone(),
+            if r.drop { "drop" } else { "-" }.into(),
+            r.packets.to_string(),
+        ]);
+    }
+    let mut out = t.render();
+    out.push_str(&format!(
+        "\nconntrack: {} of {} entries ({:.2}%)\n\n",
+        s.conntrack_entries,
+        s.conntrack_max,
+        100.0 * s.conntrack_entries as f64 / f64::from(s.conntrack_max.max(1))
+    ));
+    let mut t = Table::new(vec!["MAP", "KIND", "ENTRIES", "MAX_ENTRIES", "USE_%"]);
+    for m in &s.maps {
+        t.row(vec![
+            m.map.clone(),
+            m.kind.clone(),
+            m.entries.to_string(),
+            m.max_entries.to_string(),
+            format!("{:.2}", 100.0 * m.entries as f64 / f64::from(m.max_entries.max(1))),
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns_and_right_align_numbers() {
+        let mut t = Table::new(vec!["NAME", "N"]);
+        t.row(vec!["a".into(), "1".into()]);
+        t.row(vec!["longer".into(), "100".into()]);
+        assert_eq!(t.render(), "NAME      N\na         1\nlonger  100\n");
+    }
+
+    #[test]
+    fn flags_in_words() {
+        let v = ServiceValue {
+            flags: SVC_F_AFFINITY | SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
+            affinity_timeout_s: 60,
+            ..Default::default()
+        };
+        assert_eq!(service_flags(&v), ["affinity=60s", "external", "source-ranges"]);
+        assert_eq!(ct_flags(CT_F_SEEN_REPLY | CT_F_CLOSING), ["seen-reply", "closing"]);
+        assert_eq!(ct_direction(CT_F_REPLY), "reply");
+    }
+}

@@ -1,0 +1,638 @@
+//! `dataplane trace`: runs one synthetic packet through the program with
+//! BPF_PROG_TEST_RUN and explains what the datapath decided, without
+//! touching the live state.
+//!
+//! The live maps are only read. A private, unpinned copy of the object is
+//! loaded, and exactly the live entries this packet can look at are copied
+//! into its maps (the service entry, its current generation's backend slots
+//! and Maglev chunks, its source ranges and name, the conntrack entries of
+//! the tuple and of its other direction, the affinity entry of (source,
+//! service), the configuration). The packet runs there; every conntrack,
+//! affinity or counter write lands in the copy, which is dropped after.
+
+use std::{net::SocketAddrV4, path::Path};
+
+use aya::maps::lpm_trie::Key;
+use dataplane_common::{
+    flow_hash, limits, map_names, program_names, AffinityKey, BackendKey, CtKey, CtValue, MaglevKey, Reason,
+    ServiceKey, ServiceValue, SourceRangeKey, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP,
+    SVC_F_AFFINITY, SVC_F_RANDOM,
+};
+use serde::Serialize;
+
+use crate::{
+    desired::proto_name,
+    inspect::{self, conntrack_row, endpoint, frontend, monotonic_ns, ConntrackRow, Table},
+    loader::{Dataplane, Maps},
+    testrun,
+};
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Which program the packet runs through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceProgram {
+    /// The TC ingress program (pod and host interfaces).
+    #[default]
+    Tc,
+    /// The XDP program (external interfaces).
+    Xdp,
+}
+
+/// What to trace.
+#[derive(Clone, Debug)]
+pub struct TraceRequest {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub proto: u8,
+    /// TCP flags (`TCP_*`); ignored for UDP.
+    pub tcp_flags: u8,
+    pub program: TraceProgram,
+}
+
+/// Parses `syn`, `syn,ack`, `ack|psh`, ... into TCP flag bits.
+pub fn parse_tcp_flags(s: &str) -> Result<u8, String> {
+    s.split([',', '|', '+'])
+        .filter(|f| !f.is_empty())
+        .try_fold(0u8, |acc, f| {
+            let bit = match f.trim().to_ascii_lowercase().as_str() {
+                "fin" => TCP_FIN,
+                "syn" => TCP_SYN,
+                "rst" => TCP_RST,
+                "psh" => TCP_PSH,
+                "ack" => TCP_ACK,
+                "none" => 0,
+                other => return Err(format!("unknown TCP flag {other:?} (fin, syn, rst, psh, ack)")),
+            };
+            Ok(acc | bit)
+        })
+}
+
+fn flag_words(flags: u8) -> String {
+    let names = [
+        (TCP_SYN, "syn"),
+        (TCP_ACK, "ack"),
+        (TCP_FIN, "fin"),
+        (TCP_RST, "rst"),
+        (TCP_PSH, "psh"),
+    ];
+    let v: Vec<&str> = names.iter().filter(|(b, _)| flags & b != 0).map(|(_, n)| *n).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(",")
+    }
+}
+
+/// The service a traced packet was addressed to.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TracedService {
+    pub id: u32,
+    pub name: String,
+    pub frontend: String,
+    pub backends: u16,
+    pub generation: u16,
+}
+
+/// The Maglev step of a new flow, computed as the datapath does.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MaglevStep {
+    pub hash: u32,
+    pub table_size: u32,
+    /// `hash % table_size`.
+    pub position: u32,
+    /// The backend slot index the table holds at that position.
+    pub slot: u32,
+    /// The backend in that slot.
+    pub backend: String,
+}
+
+/// Everything `trace` found out.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TraceReport {
+    pub program: TraceProgram,
+    /// The input, e.g. `tcp 198.18.100.2:41000 -> 198.19.0.10:80 flags syn`.
+    pub packet: String,
+    /// The frontend the destination matched, if any.
+    pub service: Option<TracedService>,
+    /// `hit`, `miss`, `expired`, `closed` (a SYN on a closed flow's tuple
+    /// starts a new one).
+    pub conntrack: String,
+    /// The live entry of the tuple, if any.
+    pub conntrack_entry: Option<ConntrackRow>,
+    /// With session affinity: `hit` or `miss` (`expired` when too old).
+    pub affinity: Option<String>,
+    /// The backend the affinity entry remembers.
+    pub affinity_backend: Option<String>,
+    /// The Maglev lookup a new flow makes.
+    pub maglev: Option<MaglevStep>,
+    /// The backend the packet went to (read from the rewritten packet).
+    pub backend: Option<String>,
+    /// The source the packet was translated to, with SNAT.
+    pub snat: Option<String>,
+    /// `pass`, `drop`, `reject` (answered with a RST or ICMP unreachable).
+    pub verdict: String,
+    /// The program's return code.
+    pub retval: u32,
+    /// The reason counters the run moved, by name.
+    pub reasons: Vec<String>,
+    /// The drop reason, if dropped.
+    pub drop_reason: Option<String>,
+    /// The packet as the program left it.
+    pub output: String,
+    /// One sentence per step of the decision.
+    pub explanation: Vec<String>,
+}
+
+/// Ethernet + IPv4 + TCP/UDP, checksums filled in.
+pub fn build_frame(req: &TraceRequest) -> Vec<u8> {
+    let l4_len = if req.proto == IPPROTO_TCP { 20 } else { 8 + 4 };
+    let total = 20 + l4_len;
+    let mut f = Vec::with_capacity(14 + total);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = req.proto;
+    ip[12..16].copy_from_slice(&req.src.ip().octets());
+    ip[16..20].copy_from_slice(&req.dst.ip().octets());
+    let c = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut l4 = vec![0u8; l4_len];
+    l4[0..2].copy_from_slice(&req.src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&req.dst.port().to_be_bytes());
+    let csum_at = if req.proto == IPPROTO_TCP {
+        l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence number
+        l4[12] = 5 << 4;
+        l4[13] = req.tcp_flags;
+        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        16
+    } else {
+        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        l4[8..12].copy_from_slice(b"tron");
+        6
+    };
+    let mut pseudo = 0u32;
+    for w in [req.src.ip().octets(), req.dst.ip().octets()] {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
+    }
+    pseudo += u32::from(req.proto) + l4_len as u32;
+    let c = checksum(&l4, pseudo);
+    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&l4);
+    f
+}
+
+fn checksum(data: &[u8], mut sum: u32) -> u16 {
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The IPv4 addresses, protocol and ports of a frame (None if not IPv4).
+fn describe_frame(f: &[u8]) -> (String, Option<(SocketAddrV4, SocketAddrV4, u8)>) {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] {
+        return ("not an IPv4 frame".into(), None);
+    }
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    let proto = f[23];
+    let src = std::net::Ipv4Addr::new(f[26], f[27], f[28], f[29]);
+    let dst = std::net::Ipv4Addr::new(f[30], f[31], f[32], f[33]);
+    let l4 = 14 + ihl;
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP if f.len() >= l4 + 4 => {
+            let sport = u16::from_be_bytes([f[l4], f[l4 + 1]]);
+            let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
+            let s = SocketAddrV4::new(src, sport);
+            let d = SocketAddrV4::new(dst, dport);
+            let flags = if proto == IPPROTO_TCP && f.len() > l4 + 13 {
+                format!(" flags {}", flag_words(f[l4 + 13]))
+            } else {
+                String::new()
+            };
+            (format!("{} {s} -> {d}{flags}", proto_name(proto)), Some((s, d, proto)))
+        }
+        1 if f.len() >= l4 + 2 => (format!("icmp {src} -> {dst} type {} code {}", f[l4], f[l4 + 1]), None),
+        p => (format!("ip proto {p} {src} -> {dst}"), None),
+    }
+}
+
+fn be(a: &SocketAddrV4) -> (u32, u16) {
+    (u32::from_ne_bytes(a.ip().octets()), a.port().to_be())
+}
+
+fn copy_err(what: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("copying {what} into the private copy: {e}")
+}
+
+/// The other direction's conntrack key of a live entry.
+fn other_direction(k: &CtKey, v: &CtValue) -> CtKey {
+    if v.flags & CT_F_ORIGINAL != 0 {
+        // Reply: backend -> client (or the node's SNAT address).
+        let (daddr, dport) = if v.flags & CT_F_SNAT != 0 {
+            (v.snat_addr, v.snat_port)
+        } else {
+            (k.saddr, k.sport)
+        };
+        CtKey {
+            saddr: v.nat_addr,
+            sport: v.nat_port,
+            daddr,
+            dport,
+            proto: k.proto,
+            _pad: [0; 3],
+        }
+    } else {
+        let (saddr, sport) = if v.flags & CT_F_SNAT != 0 {
+            (v.snat_addr, v.snat_port)
+        } else {
+            (k.daddr, k.dport)
+        };
+        CtKey {
+            saddr,
+            sport,
+            daddr: v.nat_addr,
+            dport: v.nat_port,
+            proto: k.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Runs `req` through a private copy of the dataplane seeded from `live`.
+pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyhow::Result<TraceReport> {
+    let mut dp =
+        Dataplane::load(bpf_object).map_err(|e| anyhow::anyhow!("loading a private copy of the programs: {e}"))?;
+    let mut private = dp.take_maps()?;
+    let now = monotonic_ns();
+    let mut explanation = Vec::new();
+
+    let config = live
+        .config
+        .get(&0, 0)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::CONFIG))?;
+    private.write_config(&config)?;
+
+    let (saddr, sport) = be(&req.src);
+    let (daddr, dport) = be(&req.dst);
+    let svc_key = ServiceKey::new(*req.dst.ip(), req.dst.port(), req.proto);
+    let svc: Option<ServiceValue> = live.services.get(&svc_key, 0).ok();
+    let mut service = None;
+    let mut affinity = None;
+    let mut affinity_backend = None;
+    let mut maglev = None;
+    if let Some(v) = svc {
+        let id = v.service_id;
+        let name = inspect::name_of(live, id);
+        explanation.push(format!(
+            "{} is the frontend of service {} (id {id}, {} backends, generation {})",
+            frontend(&svc_key),
+            if name.is_empty() { "?" } else { &name },
+            v.backend_count,
+            v.generation
+        ));
+        service = Some(TracedService {
+            id,
+            name: name.clone(),
+            frontend: frontend(&svc_key),
+            backends: v.backend_count,
+            generation: v.generation,
+        });
+        private
+            .services
+            .insert(svc_key, v, 0)
+            .map_err(|e| copy_err("the service", e))?;
+        if let Ok(n) = live.names.get(&id, 0) {
+            private.names.insert(id, n, 0).map_err(|e| copy_err("the name", e))?;
+        }
+        for i in 0..u32::from(v.backend_count) {
+            let k = BackendKey::new(id, v.generation, i);
+            if let Ok(b) = live.backends.get(&k, 0) {
+                private
+                    .backends
+                    .insert(k, b, 0)
+                    .map_err(|e| copy_err("a backend slot", e))?;
+            }
+        }
+        for pos in (0..v.maglev_size).step_by(limits::MAGLEV_CHUNK as usize) {
+            let k = MaglevKey::new(id, v.generation, pos);
+            if let Ok(c) = live.maglev.get(&k, 0) {
+                private
+                    .maglev
+                    .insert(k, c, 0)
+                    .map_err(|e| copy_err("a Maglev chunk", e))?;
+            }
+        }
+        for entry in live.source_ranges.iter() {
+            let (k, val) = entry.map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::SOURCE_RANGES))?;
+            let data: SourceRangeKey = k.data();
+            if u32::from_be(data.service_id_be) == id {
+                private
+                    .source_ranges
+                    .insert(&Key::new(k.prefix_len(), data), val, 0)
+                    .map_err(|e| copy_err("a source range", e))?;
+            }
+        }
+        if v.flags & SVC_F_AFFINITY != 0 {
+            let ak = AffinityKey {
+                client: saddr,
+                service_id: id,
+            };
+            match live.affinity.get(&ak, 0) {
+                Ok(a) => {
+                    private
+                        .affinity
+                        .insert(ak, a, 0)
+                        .map_err(|e| copy_err("the affinity entry", e))?;
+                    let idle = now.saturating_sub(a.last_seen_ns);
+                    let fresh = idle <= u64::from(v.affinity_timeout_s) * 1_000_000_000;
+                    affinity = Some(if fresh { "hit" } else { "expired" }.to_string());
+                    affinity_backend = Some(endpoint(a.backend.addr, a.backend.port));
+                }
+                Err(_) => affinity = Some("miss".into()),
+            }
+        }
+        if v.backend_count > 0 && v.maglev_size > 0 && v.flags & SVC_F_RANDOM == 0 {
+            let hash = flow_hash(saddr, daddr, sport, dport, req.proto);
+            let position = hash % v.maglev_size;
+            if let Ok(chunk) = live.maglev.get(&MaglevKey::new(id, v.generation, position), 0) {
+                let slot = u32::from(chunk.entries[(position % limits::MAGLEV_CHUNK) as usize]);
+                let backend = live
+                    .backends
+                    .get(&BackendKey::new(id, v.generation, slot), 0)
+                    .map_or("missing".into(), |b| endpoint(b.addr, b.port));
+                maglev = Some(MaglevStep {
+                    hash,
+                    table_size: v.maglev_size,
+                    position,
+                    slot,
+                    backend,
+                });
+            }
+        }
+    } else {
+        explanation.push(format!(
+            "{}:{}/{} is not a service frontend",
+            req.dst.ip(),
+            req.dst.port(),
+            proto_name(req.proto)
+        ));
+    }
+
+    let ct_key = CtKey::new(*req.src.ip(), req.src.port(), *req.dst.ip(), req.dst.port(), req.proto);
+    let ct = live.conntrack.get(&ct_key, 0).ok();
+    let starts_flow = req.proto == IPPROTO_TCP && req.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let conntrack = match &ct {
+        None => "miss",
+        Some(v) if now.saturating_sub(v.last_seen_ns) > config.timeout_ns(req.proto, v.flags) => "expired",
+        Some(v) if svc.is_some() && starts_flow && v.flags & CT_F_CLOSING != 0 => "closed",
+        Some(_) => "hit",
+    }
+    .to_string();
+    if let Some(v) = ct {
+        private
+            .conntrack
+            .insert(ct_key, v, 0)
+            .map_err(|e| copy_err("the conntrack entry", e))?;
+        let other = other_direction(&ct_key, &v);
+        if let Ok(o) = live.conntrack.get(&other, 0) {
+            private
+                .conntrack
+                .insert(other, o, 0)
+                .map_err(|e| copy_err("the conntrack entry", e))?;
+        }
+    }
+    let conntrack_entry = ct.map(|v| conntrack_row(live, &ct_key, &v, now));
+    match (conntrack.as_str(), &conntrack_entry) {
+        ("hit", Some(e)) if e.direction == "original" => explanation.push(format!(
+            "conntrack hit: an established flow, it keeps backend {}{}",
+            e.nat,
+            e.snat.as_ref().map(|s| format!(" with source {s}")).unwrap_or_default()
+        )),
+        ("hit", Some(e)) => explanation.push(format!(
+            "conntrack hit on a reply entry: the source becomes {}{}",
+            e.nat,
+            e.snat
+                .as_ref()
+                .map(|s| format!(", the destination {s}"))
+                .unwrap_or_default()
+        )),
+        ("expired", _) => explanation.push("conntrack: the tuple's entry is idle past its timeout: a new flow".into()),
+        ("closed", _) => explanation.push("conntrack: a SYN on the tuple of a closed flow starts a new flow".into()),
+        _ => explanation.push("conntrack miss".into()),
+    }
+    let new_flow = svc.is_some() && conntrack != "hit";
+    if new_flow {
+        if let (Some(a), Some(b)) = (&affinity, &affinity_backend) {
+            explanation.push(format!("session affinity {a}: {b}"));
+        } else if affinity.is_some() {
+            explanation.push("session affinity miss: the backend is selected and remembered".into());
+        }
+        if affinity.as_deref() != Some("hit") {
+            if let Some(m) = &maglev {
+                explanation.push(format!(
+                    "Maglev: flow hash {:#010x} % {} = position {}, which holds slot {}: {}",
+                    m.hash, m.table_size, m.position, m.slot, m.backend
+                ));
+            } else if svc.is_some_and(|v| v.backend_count > 0) {
+                explanation.push("random selection among the backends".into());
+            }
+        }
+    }
+
+    let frame = build_frame(req);
+    let prog = match req.program {
+        TraceProgram::Tc => program_names::TC,
+        TraceProgram::Xdp => program_names::XDP,
+    };
+    let fd = dp.program_fd(prog)?;
+    let ran = testrun::run(fd, &frame).map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN on {prog}: {e}"))?;
+
+    let mut moved = Vec::new();
+    for r in Reason::ALL {
+        let n: u64 = private.reasons.get(&(r as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+        if n > 0 {
+            moved.push(r);
+        }
+    }
+    let drop_reason = moved.iter().find(|r| r.is_drop()).map(|r| r.name().to_string());
+    let verdict = match (req.program, ran.retval) {
+        (TraceProgram::Xdp, 1) | (TraceProgram::Tc, 2) => "drop",
+        (TraceProgram::Xdp, 3) | (TraceProgram::Tc, 7) => "reject",
+        (TraceProgram::Xdp, 2) | (TraceProgram::Tc, 0) | (TraceProgram::Tc, u32::MAX) => "pass",
+        _ => "other",
+    }
+    .to_string();
+    let (output, parsed) = describe_frame(&ran.data);
+    let (mut backend, mut snat) = (None, None);
+    let translated = moved
+        .iter()
+        .any(|r| matches!(r, Reason::NatNewFlow | Reason::NatEstablished));
+    if let (true, Some((s, d, _))) = (translated, parsed) {
+        backend = Some(d.to_string());
+        if s != req.src {
+            snat = Some(s.to_string());
+        }
+    }
+    match verdict.as_str() {
+        "drop" => explanation.push(format!(
+            "dropped: {}",
+            drop_reason.as_deref().unwrap_or("no drop reason counted")
+        )),
+        "reject" => explanation.push(format!("rejected (no usable backend): answered with {output}")),
+        _ if translated => explanation.push(format!(
+            "translated to backend {}{}",
+            backend.as_deref().unwrap_or("?"),
+            snat.as_ref()
+                .map(|s| format!(", source {s} (SNAT)"))
+                .unwrap_or_default()
+        )),
+        _ if moved.contains(&Reason::NatReply) => explanation.push(format!("reply translated back: {output}")),
+        _ => explanation.push("passed untouched".into()),
+    }
+    let report = TraceReport {
+        program: req.program,
+        packet: format!(
+            "{} {} -> {}{}",
+            proto_name(req.proto),
+            req.src,
+            req.dst,
+            if req.proto == IPPROTO_TCP {
+                format!(" flags {}", flag_words(req.tcp_flags))
+            } else {
+                String::new()
+            }
+        ),
+        service,
+        conntrack,
+        conntrack_entry,
+        affinity,
+        affinity_backend,
+        maglev,
+        backend,
+        snat,
+        verdict,
+        retval: ran.retval,
+        reasons: moved.iter().map(|r| r.name().to_string()).collect(),
+        drop_reason,
+        output,
+        explanation,
+    };
+    // The private copy (programs and maps) goes away here.
+    drop(private);
+    drop(dp);
+    Ok(report)
+}
+
+/// The report as aligned `key  value` lines, then the explanation.
+pub fn trace_table(r: &TraceReport) -> String {
+    let mut t = Table::new(vec!["STEP", "RESULT"]);
+    let mut row = |k: &str, v: String| t.row(vec![k.to_string(), v]);
+    row(
+        "program",
+        match r.program {
+            TraceProgram::Tc => "tc".into(),
+            TraceProgram::Xdp => "xdp".into(),
+        },
+    );
+    row("packet", r.packet.clone());
+    row(
+        "service",
+        r.service.as_ref().map_or("none".into(), |s| {
+            format!(
+                "{} {} (id {}, {} backends)",
+                if s.name.is_empty() { "?" } else { &s.name },
+                s.frontend,
+                s.id,
+                s.backends
+            )
+        }),
+    );
+    row("conntrack", r.conntrack.clone());
+    if let Some(a) = &r.affinity {
+        row(
+            "affinity",
+            format!(
+                "{a}{}",
+                r.affinity_backend
+                    .as_ref()
+                    .map(|b| format!(" ({b})"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    if let Some(m) = &r.maglev {
+        row(
+            "maglev",
+            format!(
+                "hash {:#010x} position {}/{} slot {} -> {}",
+                m.hash, m.position, m.table_size, m.slot, m.backend
+            ),
+        );
+    }
+    row("backend", r.backend.clone().unwrap_or_else(|| "-".into()));
+    row("snat", r.snat.clone().unwrap_or_else(|| "-".into()));
+    row("verdict", format!("{} (return code {})", r.verdict, r.retval as i32));
+    row("reasons", r.reasons.join(","));
+    if let Some(d) = &r.drop_reason {
+        row("drop reason", d.clone());
+    }
+    row("output", r.output.clone());
+    let mut out = t.render();
+    out.push('\n');
+    for e in &r.explanation {
+        out.push_str("- ");
+        out.push_str(e);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_flags_parse() {
+        assert_eq!(parse_tcp_flags("syn").unwrap(), TCP_SYN);
+        assert_eq!(parse_tcp_flags("syn,ack").unwrap(), TCP_SYN | TCP_ACK);
+        assert_eq!(parse_tcp_flags("ACK|psh").unwrap(), TCP_ACK | TCP_PSH);
+        assert!(parse_tcp_flags("urg").unwrap_err().contains("urg"));
+    }
+
+    #[test]
+    fn frames_carry_valid_checksums() {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let req = TraceRequest {
+                src: "198.18.100.2:41000".parse().unwrap(),
+                dst: "198.19.0.10:80".parse().unwrap(),
+                proto,
+                tcp_flags: TCP_SYN,
+                program: TraceProgram::Tc,
+            };
+            let f = build_frame(&req);
+            assert_eq!(checksum(&f[14..34], 0), 0, "IPv4 header checksum");
+            let l4 = &f[34..];
+            let mut pseudo = 0u32;
+            for w in [[198u8, 18, 100, 2], [198, 19, 0, 10]] {
+                pseudo += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
+            }
+            pseudo += u32::from(proto) + l4.len() as u32;
+            assert_eq!(checksum(l4, pseudo), 0, "L4 checksum of proto {proto}");
+            let (text, parsed) = describe_frame(&f);
+            assert_eq!(parsed, Some((req.src, req.dst, proto)), "{text}");
+        }
+    }
+}
