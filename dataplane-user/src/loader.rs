@@ -140,6 +140,26 @@ pub struct Dataplane {
     pins: Option<PinRoot>,
 }
 
+/// Retries a program load that failed with EAGAIN: the verifier gives up
+/// with EAGAIN when a signal is pending for the loading thread (a child
+/// process exiting, for instance), and succeeds when simply run again, as
+/// libbpf does.
+fn retry_eagain(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut tries = 0;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+            {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// How a program got attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attached {
@@ -216,12 +236,12 @@ impl Dataplane {
             match name {
                 program_names::XDP => {
                     let p: &mut Xdp = prog.try_into().map_err(|source| LoadError::Program { name, source })?;
-                    p.load().map_err(|source| LoadError::Program { name, source })?;
+                    retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
                 }
                 _ => {
                     let p: &mut SchedClassifier =
                         prog.try_into().map_err(|source| LoadError::Program { name, source })?;
-                    p.load().map_err(|source| LoadError::Program { name, source })?;
+                    retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
                 }
             }
         }
