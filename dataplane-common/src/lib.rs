@@ -79,6 +79,11 @@ pub mod map_shapes {
     ];
 }
 
+/// The read-only global the agent sets (at load time) to 1 to make the
+/// programs log their decisions through aya-log (`--bpf-debug-log`). With 0
+/// the verifier removes the logging code: no cost per packet.
+pub const DEBUG_GLOBAL: &str = "DP_DEBUG";
+
 /// Program names (the entry function symbols in the eBPF object).
 pub mod program_names {
     pub const XDP: &str = "dp_xdp";

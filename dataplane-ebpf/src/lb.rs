@@ -2,6 +2,7 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::maps::lpm_trie::Key;
+use aya_log_ebpf::info;
 use dataplane_common::{
     flow_hash, limits, Backend, BackendKey, MaglevKey, Reason, ServiceKey, ServiceValue, SourceRangeKey,
     BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SOURCE_RANGE_FULL_PREFIX, SVC_F_AFFINITY,
@@ -73,11 +74,22 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
             ))
             .is_none()
     {
+        if crate::maps::debug_enabled() {
+            info!(
+                ctx,
+                "source {:i} outside the ranges of service {}",
+                u32::from_be(p.saddr),
+                svc.service_id
+            );
+        }
         stats::count(Reason::DropSourceRange);
         return Verdict::Drop;
     }
     if svc.backend_count == 0 {
         stats::service(svc.service_id, |s| s.no_backend += 1);
+        if crate::maps::debug_enabled() {
+            info!(ctx, "service {} has no backend (flags {:x})", svc.service_id, svc.flags);
+        }
         if svc.flags & SVC_F_DROP_NO_LOCAL != 0 {
             stats::count(Reason::DropNoLocalBackend);
             return Verdict::Drop;
@@ -128,6 +140,10 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
         stats::count(Reason::CtInsertFailed);
     }
     stats::service(svc.service_id, |s| s.new_flows += 1);
+    if crate::maps::debug_enabled() {
+        let (service_id, addr, port) = (svc.service_id, u32::from_be(backend.addr), u16::from_be(backend.port));
+        info!(ctx, "new flow service {} backend {:i}:{}", service_id, addr, port);
+    }
     translate(
         ctx,
         p,

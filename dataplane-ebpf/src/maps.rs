@@ -51,3 +51,15 @@ pub static DP_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =
 /// Service names for inspection; written by the agent, never read here.
 #[map]
 pub static DP_NAMES: HashMap<u32, ServiceName> = HashMap::with_max_entries(limits::MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Set to 1 by the agent at load time to log decisions (aya-log); see
+/// `dataplane_common::DEBUG_GLOBAL`.
+#[no_mangle]
+static DP_DEBUG: u8 = 0;
+
+#[inline(always)]
+pub fn debug_enabled() -> bool {
+    // SAFETY: reading a static; volatile so that the load-time value is
+    // read, not the compile-time 0.
+    unsafe { core::ptr::read_volatile(&DP_DEBUG) != 0 }
+}

@@ -26,7 +26,7 @@ pub enum Side {
 }
 
 /// What the datapath needs from a program context.
-pub trait PacketCtx {
+pub trait PacketCtx: aya_ebpf::EbpfContext {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Rewrites the address and port of one side of `p` to `addr`/`port`

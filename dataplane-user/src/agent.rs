@@ -29,6 +29,16 @@ use crate::{
 };
 use dataplane_common::{DpConfig, ABI_VERSION};
 
+/// The log reader's fd, for tokio's AsyncFd.
+struct LoggerFd(crate::loader::BpfLogger);
+
+impl std::os::fd::AsRawFd for LoggerFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
 /// Where the objects come from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
@@ -57,6 +67,8 @@ pub struct RunConfig {
     pub health_bind: Option<SocketAddr>,
     /// Where Prometheus `/metrics` is served; `None` disables it.
     pub metrics_bind: Option<SocketAddr>,
+    /// Compile the programs' decision logging in (aya-log) and forward it.
+    pub bpf_debug_log: bool,
     /// How long a burst of changes may settle before a sync.
     pub debounce: Duration,
     /// Where maps and links are pinned (bpffs); `None`: nothing is pinned
@@ -245,12 +257,28 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     };
 
     let pins = cfg.pin_root.clone().map(PinRoot::new);
-    let (mut dp, adopted) = match &pins {
-        Some(p) => Dataplane::load_pinned(cfg.bpf_object.as_deref(), p.clone()).context("loading the eBPF programs")?,
-        None => (
-            Dataplane::load(cfg.bpf_object.as_deref()).context("loading the eBPF programs")?,
-            false,
-        ),
+    let (mut dp, adopted) = Dataplane::load_with(cfg.bpf_object.as_deref(), pins.clone(), cfg.bpf_debug_log)
+        .context("loading the eBPF programs")?;
+    // The programs' decision log (--bpf-debug-log), forwarded to our log.
+    let bpf_log = if cfg.bpf_debug_log {
+        let logger = dp.take_logger()?;
+        // SAFETY: the fd stays open as long as the AsyncFd owns the logger,
+        // and nothing else registers it.
+        let mut fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(LoggerFd(logger), tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("watching the programs' log buffer: {}", e.into_parts().1))?;
+        info!("eBPF decision logging on (--bpf-debug-log): one line per new flow, reject and range drop");
+        Some(tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = fd.readable_mut().await else { return };
+                // The logger drains the ring buffer; records go through `log`.
+                ready.get_inner_mut().0.flush();
+                ready.clear_ready();
+            }
+        }))
+    } else {
+        None
     };
     let mut maps = dp.take_maps()?;
     let metrics = match metrics_listener {
@@ -366,6 +394,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         _ = follow_links => unreachable!("follow_links never ends"),
     };
     if let Some(h) = health {
+        h.abort();
+    }
+    if let Some(h) = bpf_log {
         h.abort();
     }
     if let Some(m) = metrics {

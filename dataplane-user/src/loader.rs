@@ -17,7 +17,7 @@ use aya::{
 };
 use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
-    MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey,
+    MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey, DEBUG_GLOBAL,
 };
 use thiserror::Error;
 
@@ -52,6 +52,8 @@ pub enum LoadError {
     MissingMap(&'static str),
     #[error(transparent)]
     Pin(#[from] PinError),
+    #[error("reading the programs' log records: {0}")]
+    Logger(String),
     #[error("attaching {program} to interface {iface}: {source}")]
     Attach {
         program: &'static str,
@@ -160,6 +162,10 @@ fn retry_eagain(
     }
 }
 
+/// The programs' aya-log records (with `--bpf-debug-log`), to be read when
+/// its fd is readable.
+pub type BpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// How a program got attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attached {
@@ -193,20 +199,37 @@ impl Dataplane {
     /// Loads the embedded object, or the one at `path`, with maps of its
     /// own (nothing pinned).
     pub fn load(path: Option<&Path>) -> Result<Self, LoadError> {
-        Self::load_inner(path, None)
+        Self::load_inner(path, None, false)
     }
 
     /// Loads the object with its maps pinned under `pins` (adopting maps
     /// pinned by a previous agent after checking their shapes). Returns
     /// whether pinned maps were adopted.
     pub fn load_pinned(path: Option<&Path>, pins: PinRoot) -> Result<(Self, bool), LoadError> {
-        let adopted = pins.prepare()?;
-        pins.check_maps()?;
-        let dp = Self::load_inner(path, Some(pins))?;
-        Ok((dp, adopted))
+        Self::load_with(path, Some(pins), false)
     }
 
-    fn load_inner(path: Option<&Path>, pins: Option<PinRoot>) -> Result<Self, LoadError> {
+    /// The general form: pinned or not, with the programs' decision logging
+    /// compiled in (`debug_log`; read it with [`Dataplane::take_logger`]) or
+    /// removed by the verifier. Returns whether pinned maps were adopted.
+    pub fn load_with(path: Option<&Path>, pins: Option<PinRoot>, debug_log: bool) -> Result<(Self, bool), LoadError> {
+        let adopted = match &pins {
+            Some(p) => {
+                let adopted = p.prepare()?;
+                p.check_maps()?;
+                adopted
+            }
+            None => false,
+        };
+        Ok((Self::load_inner(path, pins, debug_log)?, adopted))
+    }
+
+    /// The reader of the programs' log records (only with `debug_log`).
+    pub fn take_logger(&mut self) -> Result<BpfLogger, LoadError> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).map_err(|e| LoadError::Logger(e.to_string()))
+    }
+
+    fn load_inner(path: Option<&Path>, pins: Option<PinRoot>, debug_log: bool) -> Result<Self, LoadError> {
         let bytes;
         let object: &[u8] = match path {
             Some(p) => {
@@ -227,6 +250,8 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let debug: u8 = debug_log.into();
+        loader.override_global(DEBUG_GLOBAL, &debug, true);
         let mut ebpf = loader.load(object)?;
         for name in [program_names::XDP, program_names::TC] {
             let prog = ebpf.program_mut(name).ok_or(LoadError::Program {

@@ -195,6 +195,12 @@ struct RunArgs {
     /// Address of the Prometheus /metrics endpoint, or `off`.
     #[arg(long, default_value = "127.0.0.1:10249", env = "DATAPLANE_METRICS_BIND")]
     metrics_bind: String,
+    /// Make the eBPF programs log their decisions (new flows with the chosen
+    /// backend, rejects, source-range drops) into the agent's log (info
+    /// level). Off: the logging code is removed by the verifier, no
+    /// per-packet cost.
+    #[arg(long, env = "DATAPLANE_BPF_DEBUG_LOG")]
+    bpf_debug_log: bool,
     /// Where maps and program links are pinned (on bpffs, mounted at
     /// /sys/fs/bpf if missing). A restarted agent adopts them: traffic keeps
     /// flowing and established connections keep their backends.
@@ -315,6 +321,7 @@ impl RunArgs {
             bpf_object: self.bpf_object,
             health_bind,
             metrics_bind,
+            bpf_debug_log: self.bpf_debug_log,
             debounce: Duration::from_millis(self.debounce_ms),
         })
     }

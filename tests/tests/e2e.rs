@@ -278,6 +278,37 @@ fn service_without_endpoints_refuses_tcp_and_udp() {
     }
 }
 
+/// `--bpf-debug-log` makes the programs log their decisions into the agent's
+/// log; without it they log nothing.
+#[test]
+fn bpf_debug_log_only_when_asked_for() {
+    let t = Topology::new(1).unwrap();
+    let _servers = start_servers(&t);
+    let m = manifests(&[1]);
+    let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let quiet = Agent::start(&t.node, &t.node_ifaces(), &[], &m).unwrap();
+    assert_eq!(connections(&t, 3).unwrap().get("b1"), Some(&3));
+    assert!(!quiet.log().contains("new flow"), "{}", quiet.log());
+    drop(quiet);
+    let loud = Agent::start_with(&t.node, &t.node_ifaces(), &[], &m, &["--bpf-debug-log"]).unwrap();
+    assert_eq!(connections(&t, 3).unwrap().get("b1"), Some(&3));
+    let start = std::time::Instant::now();
+    while loud
+        .log()
+        .lines()
+        .filter(|l| l.contains("new flow") && l.contains("backend 198.18.1.2:8080"))
+        .count()
+        < 3
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no decision log:\n{}",
+            loud.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Graceful termination: a terminating endpoint keeps its open connection
 /// but gets no new ones while a ready endpoint exists; when only
 /// terminating endpoints are left, they serve new connections (kube-proxy's
