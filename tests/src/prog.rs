@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use dataplane::{
     desired::{Desired, Frontend},
     loader::{Dataplane, Maps},
+    pin::{ensure_bpffs, PinRoot},
     sync::{SyncConfig, Syncer},
     testrun::{self, RunResult},
 };
@@ -154,5 +155,34 @@ impl Loaded {
 impl Default for Loaded {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A pin root of a test under /sys/fs/bpf (bpffs mounted if missing),
+/// removed with everything pinned below it on drop, also when the test
+/// fails.
+pub struct PinDir(pub PinRoot);
+
+impl PinDir {
+    pub fn new() -> PinDir {
+        crate::netns::require_root_and_tools();
+        let root = std::path::PathBuf::from("/sys/fs/bpf").join(crate::netns::unique_prefix());
+        ensure_bpffs(&root).expect("bpffs at /sys/fs/bpf");
+        PinDir(PinRoot::new(root))
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.cleanup() {
+            eprintln!("cleanup of {}: {e}", self.0.root.display());
+        }
+        let _ = std::fs::remove_dir_all(&self.0.root);
     }
 }

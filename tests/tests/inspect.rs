@@ -14,7 +14,6 @@ use std::{
 use dataplane::{
     desired::{Desired, Frontend},
     loader::{Dataplane, Maps},
-    pin::{ensure_bpffs, PinRoot},
     sync::Syncer,
     testrun,
 };
@@ -23,34 +22,13 @@ use dataplane_tests::{
     agent::agent_binary,
     netns::{require_root_and_tools, unique_prefix},
     packet::{parse_and_verify, Frame, ACK, SYN, TCP, UDP},
+    prog::PinDir,
 };
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
-
-/// A pin root of this test under /sys/fs/bpf, removed on drop (also when
-/// the test fails).
-struct PinDir(PinRoot);
-
-impl PinDir {
-    fn new() -> PinDir {
-        require_root_and_tools();
-        let root = PathBuf::from("/sys/fs/bpf").join(unique_prefix());
-        ensure_bpffs(&root).expect("bpffs at /sys/fs/bpf");
-        PinDir(PinRoot::new(root))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.cleanup() {
-            eprintln!("cleanup of {}: {e}", self.0.root.display());
-        }
-        let _ = std::fs::remove_dir_all(&self.0.root);
-    }
-}
 
 fn backend(i: u8, port: u16) -> Backend {
     Backend::new(Ipv4Addr::new(198, 18, i, 2), port)

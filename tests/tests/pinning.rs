@@ -2,44 +2,22 @@
 //! rewriting them and keeping established flows; maps of another layout are
 //! refused; cleanup removes everything.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::Command};
+use std::{net::Ipv4Addr, process::Command};
 
 use dataplane::{
     desired::{Desired, Frontend},
     loader::Dataplane,
-    pin::{ensure_bpffs, PinRoot},
     sync::{SyncConfig, Syncer},
     testrun,
 };
 use dataplane_common::{program_names, Backend, BackendKey, ServiceKey};
 use dataplane_tests::{
-    netns::{require_root_and_tools, unique_prefix},
     packet::{parse_and_verify, Frame, ACK, SYN, TCP},
+    prog::PinDir,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
-
-/// A pin root of this test under /sys/fs/bpf, removed on drop.
-struct PinDir(PinRoot);
-
-impl PinDir {
-    fn new() -> PinDir {
-        require_root_and_tools();
-        let root = PathBuf::from("/sys/fs/bpf").join(unique_prefix());
-        ensure_bpffs(&root).expect("bpffs at /sys/fs/bpf");
-        PinDir(PinRoot::new(root))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.cleanup() {
-            eprintln!("cleanup of {}: {e}", self.0.root.display());
-        }
-        let _ = std::fs::remove_dir_all(&self.0.root);
-    }
-}
 
 fn desired() -> Desired {
     let backends: Vec<Backend> = (1..=3)
