@@ -464,7 +464,8 @@ pub struct ServiceStats {
 pub enum Reason {
     /// Not an IPv4 frame (ARP, IPv6 for now, ...): passed untouched.
     PassNotIp = 0,
-    /// IPv4 but neither TCP nor UDP: passed untouched.
+    /// IPv4 but neither TCP nor UDP (nor an ICMP error about a translated
+    /// flow): passed untouched.
     PassNotTcpUdp = 1,
     /// IPv4 fragment (first or later): passed untouched.
     PassFragment = 2,
@@ -500,10 +501,14 @@ pub enum Reason {
     /// Dropped: the flow needed SNAT but no node address is configured or
     /// no free source port was found.
     DropSnatFailed = 15,
+    /// An ICMP error quoting a translated flow was translated back for the
+    /// client (quoted destination -> VIP, from the VIP when the backend sent
+    /// it, SNAT undone).
+    NatIcmpError = 16,
 }
 
 /// Number of `Reason` values; the size of the reason counter array.
-pub const REASON_COUNT: u32 = 16;
+pub const REASON_COUNT: u32 = 17;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -523,6 +528,7 @@ impl Reason {
         Reason::DropNoLocalBackend,
         Reason::DropSourceRange,
         Reason::DropSnatFailed,
+        Reason::NatIcmpError,
     ];
 
     /// A stable snake_case name for CLIs and metrics labels.
@@ -544,6 +550,7 @@ impl Reason {
             Reason::DropNoLocalBackend => "drop_no_local_backend",
             Reason::DropSourceRange => "drop_source_range",
             Reason::DropSnatFailed => "drop_snat_failed",
+            Reason::NatIcmpError => "nat_icmp_error",
         }
     }
 

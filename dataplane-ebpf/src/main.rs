@@ -5,6 +5,7 @@
 
 mod affinity;
 mod conntrack;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -38,6 +39,10 @@ pub fn dp_xdp(ctx: XdpContext) -> u32 {
                 xdp_action::XDP_DROP
             }
         },
+        Err(Reason::PassNotTcpUdp) if icmp::translate(&ctx) => {
+            stats::count(Reason::NatIcmpError);
+            xdp_action::XDP_PASS
+        }
         Err(reason) => {
             stats::count(reason);
             xdp_action::XDP_PASS
@@ -79,11 +84,25 @@ pub fn dp_tc(ctx: TcContext) -> i32 {
                 TC_ACT_SHOT
             }
         },
+        Err(Reason::PassNotTcpUdp) if tc_icmp_error(&ctx) => {
+            stats::count(Reason::NatIcmpError);
+            TC_ACT_UNSPEC
+        }
         Err(reason) => {
             stats::count(reason);
             TC_ACT_UNSPEC
         }
     }
+}
+
+/// ICMP errors in TC: the quoted headers may sit in paged data.
+#[inline(always)]
+fn tc_icmp_error(ctx: &TcContext) -> bool {
+    const WANT: u32 = 70; // Ethernet + IPv4 + ICMP + quoted IPv4 + 8 bytes
+    if ((ctx.data_end() - ctx.data()) as u32) < WANT && ctx.len() >= WANT && ctx.pull_data(WANT).is_err() {
+        return false;
+    }
+    icmp::translate(ctx)
 }
 
 #[cfg(not(test))]

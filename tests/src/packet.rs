@@ -191,6 +191,29 @@ pub fn parse_and_verify(frame: &[u8]) -> Parsed {
     }
 }
 
+/// An Ethernet/IPv4/ICMP error frame from `src` to `dst` of `icmp_type` and
+/// `code`, quoting `quoted` (an IPv4 header and the start of its payload),
+/// with every checksum valid. `rest` fills ICMP bytes 4..8 (the next-hop
+/// MTU of "fragmentation needed").
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8, code: u8, rest: u32, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let c = checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend(ip);
+    f.extend(icmp);
+    f
+}
+
 /// An ICMP error read back from a frame, with both checksums verified.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParsedIcmp {

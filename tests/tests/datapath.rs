@@ -14,7 +14,7 @@ use dataplane_common::{
     SVC_F_SOURCE_RANGES,
 };
 use dataplane_tests::{
-    packet::{parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP},
+    packet::{checksum, icmp_error, parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP},
     prog::{Loaded, Prog},
 };
 
@@ -664,4 +664,76 @@ fn local_policy_without_local_endpoints_drops_instead_of_rejecting() {
         assert_eq!(l.reason(Reason::DropNoLocalBackend), 1);
         assert_eq!(l.reason(Reason::RejectNoBackend), 0);
     }
+}
+
+/// A router between the node and the backend answers a translated packet
+/// with "fragmentation needed": the client must see an error about what it
+/// sent, to the VIP.
+#[test]
+fn icmp_fragmentation_needed_about_a_translated_flow_quotes_the_vip() {
+    for prog in Prog::BOTH {
+        let l = loaded_with_web();
+        let client = (CLIENT, 40900);
+        let fwd = l.run(prog, &Frame::tcp(client, (VIP, 80), ACK).build()).data;
+        let seen_by_backend = parse_and_verify(&fwd);
+        let router = Ipv4Addr::new(198, 18, 9, 1);
+        let err = icmp_error(router, CLIENT, 3, 4, 1400, &fwd[14..14 + 28]);
+        let out = l.run(prog, &err);
+        assert_eq!(out.retval, prog.pass(), "{prog:?}");
+        let icmp = parse_icmp(&out.data);
+        assert_eq!(
+            (icmp.src, icmp.dst, icmp.icmp_type, icmp.code),
+            (router, CLIENT, 3, 4),
+            "{prog:?}"
+        );
+        let q = &icmp.quoted;
+        assert_eq!(checksum(&q[..20], 0), 0, "{prog:?}: quoted IPv4 header checksum");
+        assert_eq!(&q[12..16], &CLIENT.octets(), "{prog:?}");
+        assert_eq!(
+            &q[16..20],
+            &VIP.octets(),
+            "{prog:?}: the quoted destination must be the VIP again"
+        );
+        assert_eq!(u16::from_be_bytes([q[20], q[21]]), 40900);
+        assert_eq!(u16::from_be_bytes([q[22], q[23]]), 80, "{prog:?}");
+        assert_ne!(seen_by_backend.dst, VIP);
+        assert_eq!(l.reason(Reason::NatIcmpError), 1, "{prog:?}");
+    }
+}
+
+/// The backend's own port unreachable for a UDP flow comes from the VIP and
+/// quotes exactly the datagram the client sent (its UDP checksum included).
+#[test]
+fn icmp_port_unreachable_from_the_backend_comes_from_the_vip() {
+    for prog in Prog::BOTH {
+        let l = loaded_with_web();
+        let sent = Frame::udp((CLIENT, 50900), (VIP, 53), b"query").build();
+        let fwd = l.run(prog, &sent).data;
+        let backend = parse_and_verify(&fwd);
+        let err = icmp_error(backend.dst, CLIENT, 3, 3, 0, &fwd[14..14 + 28]);
+        let out = l.run(prog, &err);
+        let icmp = parse_icmp(&out.data);
+        assert_eq!(
+            (icmp.src, icmp.dst),
+            (VIP, CLIENT),
+            "{prog:?}: the error must come from the VIP"
+        );
+        // The quoted IPv4 header (id, flags, TTL, addresses) and UDP header
+        // (ports, length, checksum) are again the client's own.
+        assert_eq!(&icmp.quoted[..20], &sent[14..34], "{prog:?}");
+        assert_eq!(&icmp.quoted[20..28], &sent[34..42], "{prog:?}");
+    }
+}
+
+/// Errors that quote no tracked flow pass untouched and are counted as such.
+#[test]
+fn icmp_errors_about_unknown_flows_pass_untouched() {
+    let l = loaded_with_web();
+    let quoted = Frame::tcp((CLIENT, 41000), (b(1), 8080), ACK).build();
+    let err = icmp_error(Ipv4Addr::new(198, 18, 9, 1), CLIENT, 3, 4, 1400, &quoted[14..42]);
+    for prog in Prog::BOTH {
+        let out = l.run(prog, &err);
+        assert_eq!(out.data, err, "{prog:?}");
+    }
+    assert_eq!(l.reason(Reason::PassNotTcpUdp), 2);
 }

@@ -278,6 +278,42 @@ fn service_without_endpoints_refuses_tcp_and_udp() {
     }
 }
 
+/// The backend's port is closed: its kernel answers with an ICMP port
+/// unreachable quoting client -> backend, which the node translates so that
+/// the client's socket, connected to the VIP, gets ECONNREFUSED.
+#[test]
+fn closed_backend_port_gives_the_udp_client_econnrefused() {
+    for (tc, xdp) in [(true, false), (false, true)] {
+        let t = Topology::new(1).unwrap();
+        let _servers = start_servers(&t);
+        let svc = service("shop", "dns", VIP, &[("dns", 53, "UDP")]);
+        let sl = slice("shop", "dns-abcde", "dns", &[("dns", 5454, "UDP")], &[backend_addr(1)]);
+        let ifaces = t.node_ifaces();
+        let _agent = Agent::start(
+            &t.node,
+            if tc { &ifaces } else { &[] },
+            if xdp { &ifaces } else { &[] },
+            &[("svc.yaml", &svc), ("slice.yaml", &sl)],
+        )
+        .unwrap();
+        let err = t
+            .client
+            .run(|| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                s.connect((VIP, 53)).unwrap();
+                s.send(b"who").unwrap();
+                let mut buf = [0u8; 16];
+                s.recv(&mut buf).map(|_| ())
+            })
+            .join()
+            .unwrap()
+            .expect_err("a closed backend port answered");
+        let what = if tc { "TC" } else { "XDP" };
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{what}: got {err}");
+    }
+}
+
 /// `--bpf-debug-log` makes the programs log their decisions into the agent's
 /// log; without it they log nothing.
 #[test]
