@@ -71,6 +71,8 @@ pub struct RunConfig {
     pub snat_ip: Option<std::net::Ipv4Addr>,
     /// Backend selection and Maglev table size.
     pub sync: SyncConfig,
+    /// Capacities of the maps.
+    pub map_sizes: crate::map_sizes::MapSizes,
     /// Conntrack timeouts (the other fields are filled in by the agent).
     pub datapath: DpConfig,
 }
@@ -246,9 +248,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let pins = cfg.pin_root.clone().map(PinRoot::new);
     let (mut dp, adopted) = match &pins {
-        Some(p) => Dataplane::load_pinned(cfg.bpf_object.as_deref(), p.clone()).context("loading the eBPF programs")?,
+        Some(p) => Dataplane::load_pinned_with(cfg.bpf_object.as_deref(), p.clone(), &cfg.map_sizes)
+            .context("loading the eBPF programs")?,
         None => (
-            Dataplane::load(cfg.bpf_object.as_deref()).context("loading the eBPF programs")?,
+            Dataplane::load_with(cfg.bpf_object.as_deref(), &cfg.map_sizes).context("loading the eBPF programs")?,
             false,
         ),
     };
@@ -314,6 +317,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     } else {
         Syncer::with_config(maps, cfg.sync)
     };
+    syncer.set_max_services(cfg.map_sizes.services);
 
     let mut attacher = ifwatch::Attacher::new(cfg.tc_ifaces.clone(), cfg.xdp_ifaces.clone(), cfg.xdp_mode);
     attacher.reconcile(&mut dp, pins.as_ref(), true)?;

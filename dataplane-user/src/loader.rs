@@ -21,7 +21,10 @@ use dataplane_common::{
 };
 use thiserror::Error;
 
-use crate::pin::{PinError, PinRoot};
+use crate::{
+    map_sizes::MapSizes,
+    pin::{PinError, PinRoot},
+};
 
 /// The object built by `cargo xtask build-ebpf`, embedded at compile time
 /// (empty if it was not built before this crate).
@@ -193,20 +196,31 @@ impl Dataplane {
     /// Loads the embedded object, or the one at `path`, with maps of its
     /// own (nothing pinned).
     pub fn load(path: Option<&Path>) -> Result<Self, LoadError> {
-        Self::load_inner(path, None)
+        Self::load_inner(path, None, &MapSizes::default())
+    }
+
+    /// As `load`, with the given map capacities.
+    pub fn load_with(path: Option<&Path>, sizes: &MapSizes) -> Result<Self, LoadError> {
+        Self::load_inner(path, None, sizes)
     }
 
     /// Loads the object with its maps pinned under `pins` (adopting maps
     /// pinned by a previous agent after checking their shapes). Returns
     /// whether pinned maps were adopted.
     pub fn load_pinned(path: Option<&Path>, pins: PinRoot) -> Result<(Self, bool), LoadError> {
+        Self::load_pinned_with(path, pins, &MapSizes::default())
+    }
+
+    /// As `load_pinned`, with the given map capacities: pinned maps of
+    /// another size are refused.
+    pub fn load_pinned_with(path: Option<&Path>, pins: PinRoot, sizes: &MapSizes) -> Result<(Self, bool), LoadError> {
         let adopted = pins.prepare()?;
-        pins.check_maps()?;
-        let dp = Self::load_inner(path, Some(pins))?;
+        pins.check_maps_with(sizes)?;
+        let dp = Self::load_inner(path, Some(pins), sizes)?;
         Ok((dp, adopted))
     }
 
-    fn load_inner(path: Option<&Path>, pins: Option<PinRoot>) -> Result<Self, LoadError> {
+    fn load_inner(path: Option<&Path>, pins: Option<PinRoot>, sizes: &MapSizes) -> Result<Self, LoadError> {
         let bytes;
         let object: &[u8] = match path {
             Some(p) => {
@@ -226,6 +240,11 @@ impl Dataplane {
         };
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        for shape in &map_shapes::ALL {
+            if let Some(n) = sizes.max_entries(shape.name) {
+                loader.map_max_entries(shape.name, n);
+            }
         }
         let mut ebpf = loader.load(object)?;
         for name in [program_names::XDP, program_names::TC] {
