@@ -83,6 +83,8 @@ pub struct RunConfig {
     pub snat_ip: Option<std::net::Ipv4Addr>,
     /// Backend selection and Maglev table size.
     pub sync: SyncConfig,
+    /// Capacities of the maps.
+    pub map_sizes: crate::map_sizes::MapSizes,
     /// Conntrack timeouts (the other fields are filled in by the agent).
     pub datapath: DpConfig,
 }
@@ -257,8 +259,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     };
 
     let pins = cfg.pin_root.clone().map(PinRoot::new);
-    let (mut dp, adopted) = Dataplane::load_with(cfg.bpf_object.as_deref(), pins.clone(), cfg.bpf_debug_log)
-        .context("loading the eBPF programs")?;
+    let (mut dp, adopted) = Dataplane::load_with(
+        cfg.bpf_object.as_deref(),
+        pins.clone(),
+        &cfg.map_sizes,
+        cfg.bpf_debug_log,
+    )
+    .context("loading the eBPF programs")?;
     // The programs' decision log (--bpf-debug-log), forwarded to our log.
     let bpf_log = if cfg.bpf_debug_log {
         let logger = dp.take_logger()?;
@@ -342,6 +349,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     } else {
         Syncer::with_config(maps, cfg.sync)
     };
+    syncer.set_max_services(cfg.map_sizes.services);
 
     let mut attacher = ifwatch::Attacher::new(cfg.tc_ifaces.clone(), cfg.xdp_ifaces.clone(), cfg.xdp_mode);
     attacher.reconcile(&mut dp, pins.as_ref(), true)?;

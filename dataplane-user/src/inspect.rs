@@ -12,9 +12,9 @@ use std::{
 
 use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
-    limits, map_names, map_shapes, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue, ABI_VERSION,
-    BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SVC_F_AFFINITY,
-    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    map_names, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue, ABI_VERSION, BACKEND_F_REMOTE,
+    CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL,
+    SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -436,12 +436,23 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         }
         Ok::<u64, InspectError>(n)
     };
-    let max = |name: &str| {
-        map_shapes::ALL
-            .iter()
-            .find(|s| s.name == name)
-            .map_or(0, |s| s.max_entries)
+    // Capacities as loaded (the agent's map-size flags), read from the maps.
+    let loaded = |name: &'static str, data: &aya::maps::MapData| {
+        data.info().map(|i| (name, i.max_entries())).map_err(read_err(name))
     };
+    let capacities = [
+        loaded(map_names::SERVICES, maps.services.map())?,
+        loaded(map_names::BACKENDS, maps.backends.map())?,
+        loaded(map_names::MAGLEV, maps.maglev.map())?,
+        loaded(map_names::CONNTRACK, maps.conntrack.map())?,
+        loaded(map_names::AFFINITY, maps.affinity.map())?,
+        loaded(map_names::SOURCE_RANGES, maps.source_ranges.map())?,
+        loaded(map_names::NAMES, maps.names.map())?,
+        loaded(map_names::SERVICE_STATS, maps.service_stats.map())?,
+        loaded(map_names::REASON_STATS, maps.reasons.map())?,
+        loaded(map_names::CONFIG, maps.config.map())?,
+    ];
+    let max = |name: &str| capacities.iter().find(|(n, _)| *n == name).map_or(0, |(_, m)| *m);
     let conntrack = count(map_names::CONNTRACK, &mut maps.conntrack.keys().map(|k| k.map(|_| ())))?;
     let mut uses = vec![
         (
@@ -489,7 +500,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
     Ok(Stats {
         reasons: reason_rows(maps)?,
         conntrack_entries: conntrack,
-        conntrack_max: limits::MAX_CONNTRACK,
+        conntrack_max: max(map_names::CONNTRACK),
         maps: uses
             .into_iter()
             .map(|(name, kind, entries)| MapUse {

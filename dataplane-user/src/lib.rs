@@ -8,6 +8,7 @@ pub mod ifwatch;
 pub mod inspect;
 pub mod loader;
 pub mod maglev;
+pub mod map_sizes;
 pub mod metrics;
 pub mod node;
 pub mod pin;

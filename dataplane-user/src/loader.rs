@@ -21,7 +21,10 @@ use dataplane_common::{
 };
 use thiserror::Error;
 
-use crate::pin::{PinError, PinRoot};
+use crate::{
+    map_sizes::MapSizes,
+    pin::{PinError, PinRoot},
+};
 
 /// The object built by `cargo xtask build-ebpf`, embedded at compile time
 /// (empty if it was not built before this crate).
@@ -199,29 +202,47 @@ impl Dataplane {
     /// Loads the embedded object, or the one at `path`, with maps of its
     /// own (nothing pinned).
     pub fn load(path: Option<&Path>) -> Result<Self, LoadError> {
-        Self::load_inner(path, None, false)
+        Self::load_inner(path, None, &MapSizes::default(), false)
+    }
+
+    /// As `load`, with the given map capacities.
+    pub fn load_sized(path: Option<&Path>, sizes: &MapSizes) -> Result<Self, LoadError> {
+        Self::load_inner(path, None, sizes, false)
     }
 
     /// Loads the object with its maps pinned under `pins` (adopting maps
     /// pinned by a previous agent after checking their shapes). Returns
     /// whether pinned maps were adopted.
     pub fn load_pinned(path: Option<&Path>, pins: PinRoot) -> Result<(Self, bool), LoadError> {
-        Self::load_with(path, Some(pins), false)
+        Self::load_with(path, Some(pins), &MapSizes::default(), false)
     }
 
-    /// The general form: pinned or not, with the programs' decision logging
-    /// compiled in (`debug_log`; read it with [`Dataplane::take_logger`]) or
-    /// removed by the verifier. Returns whether pinned maps were adopted.
-    pub fn load_with(path: Option<&Path>, pins: Option<PinRoot>, debug_log: bool) -> Result<(Self, bool), LoadError> {
+    /// As `load_pinned`, with the given map capacities: pinned maps of
+    /// another size are refused.
+    pub fn load_pinned_with(path: Option<&Path>, pins: PinRoot, sizes: &MapSizes) -> Result<(Self, bool), LoadError> {
+        Self::load_with(path, Some(pins), sizes, false)
+    }
+
+    /// The general form: pinned or not, with the given map capacities
+    /// (pinned maps of another size are refused), with the programs'
+    /// decision logging compiled in (`debug_log`; read it with
+    /// [`Dataplane::take_logger`]) or removed by the verifier. Returns
+    /// whether pinned maps were adopted.
+    pub fn load_with(
+        path: Option<&Path>,
+        pins: Option<PinRoot>,
+        sizes: &MapSizes,
+        debug_log: bool,
+    ) -> Result<(Self, bool), LoadError> {
         let adopted = match &pins {
             Some(p) => {
                 let adopted = p.prepare()?;
-                p.check_maps()?;
+                p.check_maps_with(sizes)?;
                 adopted
             }
             None => false,
         };
-        Ok((Self::load_inner(path, pins, debug_log)?, adopted))
+        Ok((Self::load_inner(path, pins, sizes, debug_log)?, adopted))
     }
 
     /// The reader of the programs' log records (only with `debug_log`).
@@ -229,7 +250,12 @@ impl Dataplane {
         aya_log::EbpfLogger::init(&mut self.ebpf).map_err(|e| LoadError::Logger(e.to_string()))
     }
 
-    fn load_inner(path: Option<&Path>, pins: Option<PinRoot>, debug_log: bool) -> Result<Self, LoadError> {
+    fn load_inner(
+        path: Option<&Path>,
+        pins: Option<PinRoot>,
+        sizes: &MapSizes,
+        debug_log: bool,
+    ) -> Result<Self, LoadError> {
         let bytes;
         let object: &[u8] = match path {
             Some(p) => {
@@ -252,6 +278,11 @@ impl Dataplane {
         }
         let debug: u8 = debug_log.into();
         loader.override_global(DEBUG_GLOBAL, &debug, true);
+        for shape in &map_shapes::ALL {
+            if let Some(n) = sizes.max_entries(shape.name) {
+                loader.map_max_entries(shape.name, n);
+            }
+        }
         let mut ebpf = loader.load(object)?;
         for name in [program_names::XDP, program_names::TC] {
             let prog = ebpf.program_mut(name).ok_or(LoadError::Program {

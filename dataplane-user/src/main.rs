@@ -8,11 +8,13 @@ use dataplane::{
     agent::{self, RunConfig, SourceConfig},
     inspect,
     loader::XdpAttachMode,
-    maglev, pin,
+    maglev,
+    map_sizes::MapSizes,
+    pin,
     sync::{Selection, SyncConfig},
     trace::{self, TraceProgram, TraceRequest},
 };
-use dataplane_common::{timeouts, DpConfig};
+use dataplane_common::{limits, timeouts, DpConfig};
 use tracing_subscriber::EnvFilter;
 
 /// eBPF Service dataplane for Kubernetes: a kube-proxy replacement.
@@ -227,6 +229,24 @@ struct RunArgs {
     /// 8191, 16381, 32749, 65521).
     #[arg(long, default_value_t = maglev::DEFAULT_SIZE, env = "DATAPLANE_MAGLEV_TABLE_SIZE")]
     maglev_table_size: u32,
+    /// Conntrack map entries (LRU, preallocated; two per flow).
+    #[arg(long, default_value_t = limits::MAX_CONNTRACK, env = "DATAPLANE_CT_MAX_ENTRIES")]
+    ct_max_entries: u32,
+    /// Session affinity map entries (LRU, preallocated).
+    #[arg(long, default_value_t = limits::MAX_AFFINITY, env = "DATAPLANE_AFFINITY_MAX_ENTRIES")]
+    affinity_max_entries: u32,
+    /// Service frontends: the service map, its per-service counters and names.
+    #[arg(long, default_value_t = limits::MAX_SERVICES, env = "DATAPLANE_SERVICES_MAX_ENTRIES")]
+    services_max_entries: u32,
+    /// Backend slots, all frontends together (both generations of each).
+    #[arg(long, default_value_t = limits::MAX_BACKEND_SLOTS, env = "DATAPLANE_BACKENDS_MAX_ENTRIES")]
+    backends_max_entries: u32,
+    /// Maglev table chunks of 256 entries, all frontends together.
+    #[arg(long, default_value_t = limits::MAX_MAGLEV_CHUNKS, env = "DATAPLANE_MAGLEV_MAX_CHUNKS")]
+    maglev_max_chunks: u32,
+    /// loadBalancerSourceRanges entries, all frontends together.
+    #[arg(long, default_value_t = limits::MAX_SOURCE_RANGES, env = "DATAPLANE_SOURCE_RANGES_MAX_ENTRIES")]
+    source_ranges_max_entries: u32,
     /// Idle timeout of TCP flows before a reply, in seconds.
     #[arg(long, default_value_t = timeouts::TCP_SYN_S, env = "DATAPLANE_CT_TCP_SYN_TIMEOUT")]
     ct_tcp_syn_timeout: u64,
@@ -303,7 +323,17 @@ impl RunArgs {
             udp_stream_timeout_ns: secs(self.ct_udp_stream_timeout, "--ct-udp-stream-timeout")?,
             ..DpConfig::defaults()
         };
+        let map_sizes = MapSizes {
+            services: self.services_max_entries,
+            backends: self.backends_max_entries,
+            maglev_chunks: self.maglev_max_chunks,
+            conntrack: self.ct_max_entries,
+            affinity: self.affinity_max_entries,
+            source_ranges: self.source_ranges_max_entries,
+        };
+        map_sizes.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(RunConfig {
+            map_sizes,
             pin_root: (!self.no_pin).then_some(self.bpffs_root),
             node_ips: self.node_ips,
             node_port_range,

@@ -90,7 +90,13 @@ impl PinRoot {
     /// built with, so that another version's maps are refused, never
     /// misread.
     pub fn check_maps(&self) -> Result<(), PinError> {
+        self.check_maps_with(&crate::map_sizes::MapSizes::default())
+    }
+
+    /// As `check_maps`, against the configured capacities `sizes`.
+    pub fn check_maps_with(&self, sizes: &crate::map_sizes::MapSizes) -> Result<(), PinError> {
         for shape in &map_shapes::ALL {
+            let max_entries = sizes.max_entries(shape.name).unwrap_or(shape.max_entries);
             let path = self.map(shape.name);
             if !path.exists() {
                 continue;
@@ -119,11 +125,10 @@ impl PinRoot {
                     shape.value_size
                 )));
             }
-            if info.max_entries() != shape.max_entries {
+            if info.max_entries() != max_entries {
                 return Err(mismatch(format!(
-                    "{} entries, expected {}",
+                    "{} entries, expected {max_entries}; the --*-max-entries flags must match the pinned maps",
                     info.max_entries(),
-                    shape.max_entries
                 )));
             }
         }

@@ -143,6 +143,12 @@ impl<W: MapWriter> Syncer<W> {
         }
     }
 
+    /// Follows a service map loaded with `n` entries (`MapSizes::services`):
+    /// service ids stay below it, frontends beyond it are refused.
+    pub fn set_max_services(&mut self, n: u32) {
+        self.max_services = n;
+    }
+
     pub fn programmed(&self) -> &BTreeMap<ServiceKey, Programmed> {
         &self.programmed
     }

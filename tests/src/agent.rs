@@ -141,12 +141,18 @@ impl Agent {
     /// Rewrites manifest `name` and waits until the agent applied it.
     pub fn update(&mut self, name: &str, content: &str) -> Result<()> {
         let before = self.syncs();
+        self.write(name, content)?;
+        self.wait_syncs(before + 1, Duration::from_secs(10))
+    }
+
+    /// Rewrites manifest `name` without waiting for a sync.
+    pub fn write(&self, name: &str, content: &str) -> Result<()> {
         // Write then rename, as kubectl-less tooling should, so the agent
         // never reads a half-written file.
         let tmp = self.manifests.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, content)?;
         std::fs::rename(&tmp, self.manifests.join(name))?;
-        self.wait_syncs(before + 1, Duration::from_secs(10))
+        Ok(())
     }
 
     /// Stops the agent with SIGTERM and returns its exit status. Its pinned

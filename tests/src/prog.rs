@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use dataplane::{
     desired::{Desired, Frontend},
     loader::{Dataplane, Maps},
+    map_sizes::MapSizes,
     pin::{ensure_bpffs, PinRoot},
     sync::{SyncConfig, Syncer},
     testrun::{self, RunResult},
@@ -68,13 +69,20 @@ impl Loaded {
     }
 
     pub fn with_configs(config: SyncConfig, dp_config: DpConfig) -> Loaded {
+        Self::with_sizes(config, dp_config, &MapSizes::default())
+    }
+
+    /// Loaded with the map capacities `sizes`, the syncer following them.
+    pub fn with_sizes(config: SyncConfig, dp_config: DpConfig, sizes: &MapSizes) -> Loaded {
         crate::netns::require_root_and_tools();
-        let mut dp = Dataplane::load(None).unwrap_or_else(|e| panic!("{e}"));
+        let mut dp = Dataplane::load_sized(None, sizes).unwrap_or_else(|e| panic!("{e}"));
         let mut maps = dp.take_maps().unwrap();
         maps.write_config(&dp_config).unwrap();
+        let mut sync = Syncer::with_config(maps, config);
+        sync.set_max_services(sizes.services);
         Loaded {
             dp,
-            sync: Syncer::with_config(maps, config),
+            sync,
             desired: Desired::default(),
         }
     }

@@ -69,6 +69,44 @@ pub fn tcp_server(ns: &Netns, addr: Ipv4Addr, port: u16, name: &str) -> Server {
     }
 }
 
+/// A TCP server on every local address of `ns` at `port`: for every line a
+/// client sends, it answers with the local address the connection reached
+/// (its backend identity when many backend addresses share one namespace).
+pub fn tcp_server_any_addr(ns: &Netns, port: u16) -> Server {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = ns.run(move || {
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap_or_else(|e| panic!("bind *:{port}: {e}"));
+        l.set_nonblocking(true).unwrap();
+        ready_tx.send(()).unwrap();
+        let started = Instant::now();
+        let mut conns: Vec<JoinHandle<()>> = Vec::new();
+        while !s.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
+            match l.accept() {
+                Ok((c, _)) => {
+                    let name = c.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                    let s = s.clone();
+                    conns.retain(|h| !h.is_finished());
+                    conns.push(std::thread::spawn(move || serve_lines(c, &name, &s)));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => panic!("accept on *:{port}: {e}"),
+            }
+        }
+        for c in conns {
+            let _ = c.join();
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("TCP server did not start");
+    Server {
+        stop,
+        thread: Some(thread),
+    }
+}
+
 fn serve_lines(c: TcpStream, name: &str, stop: &AtomicBool) {
     c.set_nonblocking(false).unwrap();
     c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();

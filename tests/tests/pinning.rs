@@ -7,6 +7,7 @@ use std::{net::Ipv4Addr, process::Command};
 use dataplane::{
     desired::{Desired, Frontend},
     loader::Dataplane,
+    map_sizes::MapSizes,
     sync::{SyncConfig, Syncer},
     testrun,
 };
@@ -145,4 +146,33 @@ fn cleanup_removes_every_pin() {
     let removed = pins.0.cleanup().unwrap();
     assert!(removed.iter().any(|r| r == "map DP_CONNTRACK"), "{removed:?}");
     assert!(!pins.0.root.exists(), "{} left behind", pins.0.root.display());
+}
+
+/// Map sizes are configuration: maps pinned with one conntrack size are
+/// adopted with the same size, and refused (with the clear mismatch error)
+/// by an agent configured with another.
+#[test]
+fn pinned_map_of_another_configured_size_is_refused() {
+    let pins = PinDir::new();
+    let small = MapSizes {
+        conntrack: 64,
+        services: 16,
+        ..MapSizes::default()
+    };
+    let (dp, _) = Dataplane::load_pinned_with(None, pins.0.clone(), &small).unwrap();
+    drop(dp);
+    pins.0
+        .check_maps_with(&small)
+        .expect("the maps were not created with the configured sizes");
+    let (dp, adopted) = Dataplane::load_pinned_with(None, pins.0.clone(), &small).unwrap();
+    assert!(adopted);
+    drop(dp);
+    let err = Dataplane::load_pinned(None, pins.0.clone())
+        .err()
+        .expect("a pinned map of another size was adopted");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("entries, expected") && msg.contains("dataplane cleanup"),
+        "{msg}"
+    );
 }
