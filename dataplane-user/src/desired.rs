@@ -5,7 +5,7 @@
 //! step diffs its output against what is programmed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
 };
@@ -692,6 +692,257 @@ pub fn proto_name(proto: u8) -> &'static str {
         IPPROTO_TCP => "tcp",
         IPPROTO_UDP => "udp",
         _ => "?",
+    }
+}
+
+/// The key sources index objects by: `namespace/name`, with the namespace
+/// defaulted as the desired state does (so a slice's Service is found under
+/// `namespace/<service-name label>`).
+pub fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// A source's objects with what changed since the previous
+/// [`Incremental::update`].
+#[derive(Clone, Copy, Debug)]
+pub struct Tracked<'a> {
+    /// [`object_key`] -> position in the Service slice.
+    pub service_index: &'a HashMap<String, usize>,
+    /// [`object_key`] -> position in the EndpointSlice slice.
+    pub slice_index: &'a HashMap<String, usize>,
+    /// Keys of the Services and EndpointSlices added, modified or deleted
+    /// since the previous update; `None`: anything may have changed (first
+    /// list, relist).
+    pub changed: Option<(&'a HashSet<String>, &'a HashSet<String>)>,
+}
+
+/// What the incremental state knows about one slice.
+#[derive(Debug)]
+struct SliceEntry {
+    /// (namespace, service name) it belongs to.
+    owner: Option<(String, String)>,
+    /// Problems of the slice on its own (label, address type, addresses).
+    problems: Vec<Problem>,
+}
+
+/// The desired state kept up to date incrementally: an update recomputes
+/// only the Services whose Service object or slices changed, then resolves
+/// the frontend keys they claimed or released with the same rule as
+/// [`compute_for_node`] (the first Service in namespace/name order wins).
+/// Its result is always equal to `compute_for_node` on the same objects,
+/// given object keys are unique (as in a Kubernetes store).
+#[derive(Debug)]
+pub struct Incremental {
+    node: NodeInfo,
+    /// By the Service's [`object_key`].
+    services: HashMap<String, ServiceFrontends>,
+    /// By the slice's [`object_key`].
+    slices: HashMap<String, SliceEntry>,
+    /// (namespace, service name) -> keys of its slices.
+    by_owner: HashMap<(String, String), BTreeSet<String>>,
+    /// Every claim on a frontend key, in conflict order ((namespace, name),
+    /// claim index), with the claiming Service's object key. The first wins.
+    claims: BTreeMap<ServiceKey, BTreeMap<((String, String), usize), String>>,
+    /// The losing claims' problems, by key.
+    conflicts: BTreeMap<ServiceKey, Vec<Problem>>,
+    desired: Desired,
+}
+
+impl Incremental {
+    pub fn new(node: NodeInfo) -> Self {
+        Incremental {
+            node,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            by_owner: HashMap::new(),
+            claims: BTreeMap::new(),
+            conflicts: BTreeMap::new(),
+            desired: Desired::default(),
+        }
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Brings the state up to date with `services` and `slices`. Returns
+    /// the frontend keys whose entry may have changed, or `None` when
+    /// everything was recomputed.
+    pub fn update(
+        &mut self,
+        services: &[Service],
+        slices: &[EndpointSlice],
+        t: &Tracked<'_>,
+    ) -> Option<BTreeSet<ServiceKey>> {
+        let Some((changed_services, changed_slices)) = t.changed else {
+            self.rebuild(services, slices);
+            return None;
+        };
+        // Services to recompute, by object key.
+        let mut affected: BTreeSet<String> = changed_services.iter().cloned().collect();
+        for key in changed_slices {
+            if let Some(old) = self.slices.remove(key) {
+                if let Some(owner) = old.owner {
+                    if let Some(keys) = self.by_owner.get_mut(&owner) {
+                        keys.remove(key);
+                        if keys.is_empty() {
+                            self.by_owner.remove(&owner);
+                        }
+                    }
+                    affected.insert(format!("{}/{}", owner.0, owner.1));
+                }
+            }
+            if let Some(&i) = t.slice_index.get(key) {
+                let entry = slice_entry(&slices[i]);
+                if let Some(owner) = &entry.owner {
+                    self.by_owner.entry(owner.clone()).or_default().insert(key.clone());
+                    affected.insert(format!("{}/{}", owner.0, owner.1));
+                }
+                self.slices.insert(key.clone(), entry);
+            }
+        }
+        let mut touched = BTreeSet::new();
+        for key in &affected {
+            self.release(key, &mut touched);
+            let Some(&i) = t.service_index.get(key) else { continue };
+            let svc = &services[i];
+            let mine: Vec<Slice> = ns_name(&svc.metadata)
+                .and_then(|owner| self.by_owner.get(&owner))
+                .into_iter()
+                .flatten()
+                .filter_map(|k| t.slice_index.get(k))
+                .filter_map(|&i| prepare_slice(&slices[i], &mut |_, _| {}).map(|(_, s)| s))
+                .collect();
+            let result = service_frontends(svc, &mine, &self.node);
+            self.claim(key, result, &mut touched);
+        }
+        for key in &touched {
+            self.resolve(key);
+        }
+        self.collect_problems();
+        Some(touched)
+    }
+
+    /// Recomputes everything from scratch.
+    fn rebuild(&mut self, services: &[Service], slices: &[EndpointSlice]) {
+        *self = Incremental::new(self.node.clone());
+        let mut by_service: BTreeMap<(String, String), Vec<Slice>> = BTreeMap::new();
+        for s in slices {
+            let key = object_key(&s.metadata);
+            let mut problems = BTreeSet::new();
+            let prepared = prepare_slice(s, &mut |object, reason| {
+                problems.insert(Problem { object, reason });
+            });
+            let owner = prepared.map(|(owner, slice)| {
+                by_service.entry(owner.clone()).or_default().push(slice);
+                self.by_owner.entry(owner.clone()).or_default().insert(key.clone());
+                owner
+            });
+            self.slices.insert(
+                key,
+                SliceEntry {
+                    owner,
+                    problems: problems.into_iter().collect(),
+                },
+            );
+        }
+        let mut touched = BTreeSet::new();
+        for svc in services {
+            let mine = ns_name(&svc.metadata)
+                .and_then(|k| by_service.get(&k))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let result = service_frontends(svc, mine, &self.node);
+            self.claim(&object_key(&svc.metadata), result, &mut touched);
+        }
+        for key in &touched {
+            self.resolve(key);
+        }
+        self.collect_problems();
+    }
+
+    /// Forgets the Service `key`'s claims.
+    fn release(&mut self, key: &str, touched: &mut BTreeSet<ServiceKey>) {
+        let Some(old) = self.services.remove(key) else { return };
+        let Some(order) = old.order else { return };
+        for (i, c) in old.claims.iter().enumerate() {
+            if let Some(claimants) = self.claims.get_mut(&c.key) {
+                claimants.remove(&(order.clone(), i));
+                if claimants.is_empty() {
+                    self.claims.remove(&c.key);
+                }
+            }
+            touched.insert(c.key);
+        }
+    }
+
+    fn claim(&mut self, key: &str, result: ServiceFrontends, touched: &mut BTreeSet<ServiceKey>) {
+        if let Some(order) = &result.order {
+            for (i, c) in result.claims.iter().enumerate() {
+                self.claims
+                    .entry(c.key)
+                    .or_default()
+                    .insert((order.clone(), i), key.to_string());
+                touched.insert(c.key);
+            }
+        }
+        self.services.insert(key.to_string(), result);
+    }
+
+    /// Sets the frontend of `key` to its first claim's, and reports the others.
+    fn resolve(&mut self, key: &ServiceKey) {
+        let claim = |(order, i): &((String, String), usize), owner: &String| {
+            let r = &self.services[owner];
+            debug_assert_eq!(r.order.as_ref(), Some(order));
+            (r, &r.claims[*i])
+        };
+        let mut claimants = self.claims.get(key).into_iter().flatten();
+        let Some((_, wclaim)) = claimants.next().map(|(k, v)| claim(k, v)) else {
+            self.desired.frontends.remove(key);
+            self.conflicts.remove(key);
+            return;
+        };
+        let lost: Vec<Problem> = claimants
+            .map(|(k, v)| {
+                let (r, c) = claim(k, v);
+                r.conflict(c, &wclaim.frontend.service)
+            })
+            .collect();
+        self.desired.frontends.insert(*key, wclaim.frontend.clone());
+        if lost.is_empty() {
+            self.conflicts.remove(key);
+        } else {
+            self.conflicts.insert(*key, lost);
+        }
+    }
+
+    fn collect_problems(&mut self) {
+        let all: BTreeSet<Problem> = self
+            .slices
+            .values()
+            .flat_map(|s| &s.problems)
+            .chain(self.services.values().flat_map(|s| &s.problems))
+            .chain(self.conflicts.values().flatten())
+            .cloned()
+            .collect();
+        self.desired.problems = all.into_iter().collect();
+    }
+}
+
+/// A slice's owner and own problems.
+fn slice_entry(s: &EndpointSlice) -> SliceEntry {
+    let mut problems = BTreeSet::new();
+    let owner = prepare_slice(s, &mut |object, reason| {
+        problems.insert(Problem { object, reason });
+    })
+    .map(|(owner, _)| owner);
+    SliceEntry {
+        owner,
+        problems: problems.into_iter().collect(),
     }
 }
 

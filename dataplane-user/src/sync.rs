@@ -9,7 +9,7 @@
 //!   generation's slots are deleted;
 //! - removed: the service entry first, then its slots.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
     limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue,
@@ -117,6 +117,9 @@ pub struct SyncReport {
 pub struct Syncer<W: MapWriter> {
     writer: W,
     programmed: BTreeMap<ServiceKey, Programmed>,
+    /// Frontends whose last write failed: [`Syncer::apply_changed`] retries
+    /// them.
+    failed: BTreeSet<ServiceKey>,
     free_ids: Vec<u32>,
     next_id: u32,
     max_services: u32,
@@ -136,6 +139,7 @@ impl<W: MapWriter> Syncer<W> {
         Syncer {
             writer,
             programmed: BTreeMap::new(),
+            failed: BTreeSet::new(),
             free_ids: Vec::new(),
             next_id: 0,
             max_services: limits::MAX_SERVICES,
@@ -229,6 +233,7 @@ impl<W: MapWriter> Syncer<W> {
     /// Makes the maps hold exactly `desired.frontends`.
     pub fn apply(&mut self, desired: &Desired) -> SyncReport {
         let mut report = SyncReport::default();
+        let mut failed = BTreeSet::new();
 
         // Removals first: they free ids and map room for additions.
         let gone: Vec<ServiceKey> = self
@@ -238,156 +243,198 @@ impl<W: MapWriter> Syncer<W> {
             .copied()
             .collect();
         for key in gone {
-            let p = self.programmed.remove(&key).expect("key from programmed");
-            if let Err(cause) = self.writer.delete_service(key) {
-                report.errors.push(SyncError {
-                    service: p.frontend.service.clone(),
-                    frontend: describe(&key),
-                    cause: format!("deleting the service entry: {cause}"),
-                });
-                self.programmed.insert(key, p);
-                continue;
-            }
-            self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
-            for (addr, len) in &p.frontend.source_ranges {
-                let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
-            }
-            let _ = self.writer.delete_name(p.service_id);
-            // The id is reused: no affinity may outlive the service.
-            if let Err(cause) = self.writer.prune_affinity(p.service_id, &[]) {
-                report.errors.push(SyncError {
-                    service: p.frontend.service.clone(),
-                    frontend: describe(&key),
-                    cause: format!("deleting session affinity entries: {cause}"),
-                });
-            }
-            self.free_ids.push(p.service_id);
-            report.removed += 1;
+            self.tracked(key, &mut report, &mut failed, |s, r| s.remove_one(key, r));
         }
-
         for (key, fe) in &desired.frontends {
-            let err = |cause: String| SyncError {
-                service: fe.service.clone(),
-                frontend: describe(key),
-                cause,
-            };
-            let maglev_size = self.maglev_size_for(fe);
-            match self.programmed.get(key).cloned() {
-                Some(p) if p.frontend == *fe && p.maglev_size == maglev_size => report.unchanged += 1,
-                Some(p) if same_datapath(&p.frontend, fe) && p.maglev_size == maglev_size => {
-                    // Only names changed (or a restarted agent learns them):
-                    // nothing but the name to write.
-                    if p.frontend.display_name() != fe.display_name() {
-                        if let Err(cause) = self.writer.put_name(p.service_id, &fe.display_name()) {
-                            report.errors.push(err(format!("writing the name: {cause}")));
-                        }
+            self.tracked(*key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+        }
+        self.failed = failed;
+        report
+    }
+
+    /// As [`Syncer::apply`], when only the frontends under `changed` can
+    /// differ from the state last applied (plus those whose writes failed
+    /// then, which are retried): the same writes in the same order, without
+    /// visiting the others.
+    pub fn apply_changed(&mut self, desired: &Desired, changed: &BTreeSet<ServiceKey>) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut failed = BTreeSet::new();
+        let keys: BTreeSet<ServiceKey> = changed.union(&self.failed).copied().collect();
+        for key in &keys {
+            if self.programmed.contains_key(key) && !desired.frontends.contains_key(key) {
+                self.tracked(*key, &mut report, &mut failed, |s, r| s.remove_one(*key, r));
+            }
+        }
+        for key in &keys {
+            if let Some(fe) = desired.frontends.get(key) {
+                self.tracked(*key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+            }
+        }
+        self.failed = failed;
+        report
+    }
+
+    /// Runs `op` on `key`, remembering the key when it reported an error.
+    fn tracked(
+        &mut self,
+        key: ServiceKey,
+        report: &mut SyncReport,
+        failed: &mut BTreeSet<ServiceKey>,
+        op: impl FnOnce(&mut Self, &mut SyncReport),
+    ) {
+        let errors = report.errors.len();
+        op(self, report);
+        if report.errors.len() > errors {
+            failed.insert(key);
+        }
+    }
+
+    /// Removes the frontend `key`: service entry first, then its slots.
+    fn remove_one(&mut self, key: ServiceKey, report: &mut SyncReport) {
+        let p = self.programmed.remove(&key).expect("key from programmed");
+        if let Err(cause) = self.writer.delete_service(key) {
+            report.errors.push(SyncError {
+                service: p.frontend.service.clone(),
+                frontend: describe(&key),
+                cause: format!("deleting the service entry: {cause}"),
+            });
+            self.programmed.insert(key, p);
+            return;
+        }
+        self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+        for (addr, len) in &p.frontend.source_ranges {
+            let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
+        }
+        let _ = self.writer.delete_name(p.service_id);
+        // The id is reused: no affinity may outlive the service.
+        if let Err(cause) = self.writer.prune_affinity(p.service_id, &[]) {
+            report.errors.push(SyncError {
+                service: p.frontend.service.clone(),
+                frontend: describe(&key),
+                cause: format!("deleting session affinity entries: {cause}"),
+            });
+        }
+        self.free_ids.push(p.service_id);
+        report.removed += 1;
+    }
+
+    /// Adds or updates the frontend `key` (see the module doc for the order).
+    fn upsert_one(&mut self, key: &ServiceKey, fe: &Frontend, report: &mut SyncReport) {
+        let err = |cause: String| SyncError {
+            service: fe.service.clone(),
+            frontend: describe(key),
+            cause,
+        };
+        let maglev_size = self.maglev_size_for(fe);
+        match self.programmed.get(key).cloned() {
+            Some(p) if p.frontend == *fe && p.maglev_size == maglev_size => report.unchanged += 1,
+            Some(p) if same_datapath(&p.frontend, fe) && p.maglev_size == maglev_size => {
+                // Only names changed (or a restarted agent learns them):
+                // nothing but the name to write.
+                if p.frontend.display_name() != fe.display_name() {
+                    if let Err(cause) = self.writer.put_name(p.service_id, &fe.display_name()) {
+                        report.errors.push(err(format!("writing the name: {cause}")));
                     }
-                    self.programmed.insert(
-                        *key,
-                        Programmed {
-                            frontend: fe.clone(),
-                            ..p
-                        },
-                    );
-                    report.unchanged += 1;
                 }
-                Some(p) => {
-                    let generation = p.generation ^ 1;
-                    // Partial writes of the new generation are removed again on
-                    // failure; the current generation is never touched before
-                    // the flip.
-                    let value = match self.write_generation(p.service_id, generation, fe) {
-                        Ok(v) => v,
-                        Err(cause) => {
-                            self.delete_generation(
-                                p.service_id,
-                                generation,
-                                fe.backends.len(),
-                                self.config.maglev_size,
-                            );
-                            report
-                                .errors
-                                .push(err(format!("writing backends: {cause}; previous backends kept")));
-                            continue;
-                        }
-                    };
-                    if let Err(cause) = self.writer.put_service(*key, value) {
-                        self.delete_generation(p.service_id, generation, fe.backends.len(), value.maglev_size);
-                        report.errors.push(err(format!(
-                            "updating the service entry: {cause}; previous backends kept"
-                        )));
-                        continue;
+                self.programmed.insert(
+                    *key,
+                    Programmed {
+                        frontend: fe.clone(),
+                        ..p
+                    },
+                );
+                report.unchanged += 1;
+            }
+            Some(p) => {
+                let generation = p.generation ^ 1;
+                // Partial writes of the new generation are removed again on
+                // failure; the current generation is never touched before
+                // the flip.
+                let value = match self.write_generation(p.service_id, generation, fe) {
+                    Ok(v) => v,
+                    Err(cause) => {
+                        self.delete_generation(p.service_id, generation, fe.backends.len(), self.config.maglev_size);
+                        report
+                            .errors
+                            .push(err(format!("writing backends: {cause}; previous backends kept")));
+                        return;
                     }
-                    self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
-                    if p.frontend.display_name() != fe.display_name() {
-                        let _ = self.writer.put_name(p.service_id, &fe.display_name());
-                    }
-                    for (addr, len) in &p.frontend.source_ranges {
-                        if !fe.source_ranges.contains(&(*addr, *len)) {
-                            let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
-                        }
-                    }
-                    // Clients remembered on a backend that left go elsewhere.
-                    if p.frontend.affinity_timeout_s.is_some() {
-                        let keep: &[Backend] = if fe.affinity_timeout_s.is_some() {
-                            &fe.backends
-                        } else {
-                            &[]
-                        };
-                        if let Err(cause) = self.writer.prune_affinity(p.service_id, keep) {
-                            report
-                                .errors
-                                .push(err(format!("pruning session affinity entries: {cause}")));
-                        }
-                    }
-                    self.programmed.insert(
-                        *key,
-                        Programmed {
-                            service_id: p.service_id,
-                            generation,
-                            maglev_size: value.maglev_size,
-                            frontend: fe.clone(),
-                        },
-                    );
-                    report.updated += 1;
+                };
+                if let Err(cause) = self.writer.put_service(*key, value) {
+                    self.delete_generation(p.service_id, generation, fe.backends.len(), value.maglev_size);
+                    report.errors.push(err(format!(
+                        "updating the service entry: {cause}; previous backends kept"
+                    )));
+                    return;
                 }
-                None => {
-                    let Some(id) = self.alloc_id() else {
-                        report.errors.push(err(format!(
-                            "the service map is full ({} frontends); not programmed",
-                            self.max_services
-                        )));
-                        continue;
+                self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+                if p.frontend.display_name() != fe.display_name() {
+                    let _ = self.writer.put_name(p.service_id, &fe.display_name());
+                }
+                for (addr, len) in &p.frontend.source_ranges {
+                    if !fe.source_ranges.contains(&(*addr, *len)) {
+                        let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
+                    }
+                }
+                // Clients remembered on a backend that left go elsewhere.
+                if p.frontend.affinity_timeout_s.is_some() {
+                    let keep: &[Backend] = if fe.affinity_timeout_s.is_some() {
+                        &fe.backends
+                    } else {
+                        &[]
                     };
-                    let written = self
-                        .writer
-                        .reset_service_stats(id)
-                        .and_then(|()| self.writer.put_name(id, &fe.display_name()))
-                        .and_then(|()| self.write_generation(id, 0, fe));
-                    let written = written.and_then(|v| self.writer.put_service(*key, v).map(|()| v));
-                    match written {
-                        Ok(v) => {
-                            self.programmed.insert(
-                                *key,
-                                Programmed {
-                                    service_id: id,
-                                    generation: 0,
-                                    maglev_size: v.maglev_size,
-                                    frontend: fe.clone(),
-                                },
-                            );
-                            report.added += 1;
-                        }
-                        Err(cause) => {
-                            self.delete_generation(id, 0, fe.backends.len(), self.config.maglev_size);
-                            self.free_ids.push(id);
-                            report.errors.push(err(format!("{cause}; not programmed")));
-                        }
+                    if let Err(cause) = self.writer.prune_affinity(p.service_id, keep) {
+                        report
+                            .errors
+                            .push(err(format!("pruning session affinity entries: {cause}")));
+                    }
+                }
+                self.programmed.insert(
+                    *key,
+                    Programmed {
+                        service_id: p.service_id,
+                        generation,
+                        maglev_size: value.maglev_size,
+                        frontend: fe.clone(),
+                    },
+                );
+                report.updated += 1;
+            }
+            None => {
+                let Some(id) = self.alloc_id() else {
+                    report.errors.push(err(format!(
+                        "the service map is full ({} frontends); not programmed",
+                        self.max_services
+                    )));
+                    return;
+                };
+                let written = self
+                    .writer
+                    .reset_service_stats(id)
+                    .and_then(|()| self.writer.put_name(id, &fe.display_name()))
+                    .and_then(|()| self.write_generation(id, 0, fe));
+                let written = written.and_then(|v| self.writer.put_service(*key, v).map(|()| v));
+                match written {
+                    Ok(v) => {
+                        self.programmed.insert(
+                            *key,
+                            Programmed {
+                                service_id: id,
+                                generation: 0,
+                                maglev_size: v.maglev_size,
+                                frontend: fe.clone(),
+                            },
+                        );
+                        report.added += 1;
+                    }
+                    Err(cause) => {
+                        self.delete_generation(id, 0, fe.backends.len(), self.config.maglev_size);
+                        self.free_ids.push(id);
+                        report.errors.push(err(format!("{cause}; not programmed")));
                     }
                 }
             }
         }
-        report
     }
 }
 
