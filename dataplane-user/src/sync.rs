@@ -890,4 +890,208 @@ mod tests {
         assert_eq!(r.errors.len(), 1);
         assert!(r.errors[0].cause.contains("full"));
     }
+
+    /// The incremental path (`desired::Incremental` + `Syncer::apply_changed`)
+    /// against the full one (`compute_for_node` + `Syncer::apply`) over random
+    /// sequences of Service and EndpointSlice adds, changes and deletes.
+    mod incremental {
+        use std::collections::{BTreeMap, HashMap, HashSet};
+        use std::net::Ipv4Addr;
+
+        use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+        use serde_json::json;
+
+        use super::*;
+        use crate::desired::{compute_for_node, object_key, Incremental, NodeInfo, Tracked};
+
+        /// splitmix64: enough randomness for a reproducible test.
+        struct Rng(u64);
+
+        impl Rng {
+            fn next(&mut self) -> u64 {
+                self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = self.0;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^ (z >> 31)
+            }
+            fn below(&mut self, n: usize) -> usize {
+                (self.next() % n as u64) as usize
+            }
+            fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+                &items[self.below(items.len())]
+            }
+        }
+
+        const NAMESPACES: &[&str] = &["a", "b"];
+        const SERVICES: &[&str] = &["s0", "s1", "s2", "s3", "s4"];
+
+        fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
+            // Few addresses and ports: Services often collide on a key.
+            let ip = *rng.pick(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "None", "bogus"]);
+            let ty = *rng.pick(&["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]);
+            let mut ports = vec![];
+            for _ in 0..1 + rng.below(2) {
+                ports.push(json!({
+                    "name": rng.pick(&["http", "dns", ""]),
+                    "port": rng.pick(&[80, 53, 0]),
+                    "protocol": rng.pick(&["TCP", "UDP"]),
+                    "nodePort": rng.pick(&[30000, 30001, 5]),
+                }));
+            }
+            let external: Vec<&str> = (0..rng.below(2))
+                .map(|_| *rng.pick(&["10.0.0.1", "10.0.0.9"]))
+                .collect();
+            serde_json::from_value(json!({
+                "metadata": {"namespace": ns, "name": name},
+                "spec": {
+                    "type": ty,
+                    "clusterIP": ip,
+                    "ports": ports,
+                    "externalIPs": external,
+                    "externalTrafficPolicy": rng.pick(&["Cluster", "Local"]),
+                    "loadBalancerSourceRanges": if rng.below(2) == 0 { vec!["192.0.2.0/24"] } else { vec![] },
+                },
+                "status": {"loadBalancer": {"ingress": [{"ip": rng.pick(&["10.0.0.2", "10.0.0.8"])}]}},
+            }))
+            .unwrap()
+        }
+
+        fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> EndpointSlice {
+            let mut labels = serde_json::Map::new();
+            if rng.below(8) != 0 {
+                labels.insert("kubernetes.io/service-name".into(), json!(rng.pick(SERVICES)));
+            }
+            let endpoints: Vec<_> = (0..rng.below(4))
+                .map(|_| {
+                    json!({
+                        "addresses": [rng.pick(&["192.168.0.1", "192.168.0.2", "192.168.0.3", "nope"])],
+                        "conditions": {"ready": rng.below(3) != 0, "serving": true, "terminating": rng.below(2) == 0},
+                        "nodeName": rng.pick(&["n1", "n2"]),
+                    })
+                })
+                .collect();
+            serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name, "labels": labels},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": rng.pick(&["http", "dns", "other"]), "port": rng.pick(&[8080, 5353]), "protocol": rng.pick(&["TCP", "UDP"])}],
+        }))
+        .unwrap()
+        }
+
+        fn syncer() -> Syncer<Fake> {
+            Syncer::with_config(
+                Fake::default(),
+                SyncConfig {
+                    selection: Selection::Maglev,
+                    maglev_size: 251,
+                },
+            )
+        }
+
+        #[test]
+        fn incremental_path_equals_full_path() {
+            let node = NodeInfo {
+                name: Some("n1".into()),
+                addresses: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(172, 16, 0, 1)],
+                ..NodeInfo::default()
+            };
+            // The sequences must exercise what they are meant to.
+            let (mut conflicts, mut frontends) = (0, 0);
+            for seed in 0..40u64 {
+                let mut rng = Rng(seed);
+                let mut services: BTreeMap<String, Service> = BTreeMap::new();
+                let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+                let mut incremental = Incremental::new(node.clone());
+                let (mut full_sync, mut incr_sync) = (syncer(), syncer());
+                let (mut changed_services, mut changed_slices) = (HashSet::new(), HashSet::new());
+                for step in 0..150 {
+                    // One to three changes per sync, as a debounce folds them.
+                    for _ in 0..1 + rng.below(3) {
+                        let ns = *rng.pick(NAMESPACES);
+                        if rng.below(2) == 0 {
+                            let name = *rng.pick(SERVICES);
+                            let key = format!("{ns}/{name}");
+                            if rng.below(4) == 0 {
+                                services.remove(&key);
+                            } else {
+                                services.insert(key.clone(), random_service(&mut rng, ns, name));
+                            }
+                            changed_services.insert(key);
+                        } else {
+                            let name = format!("e{}", rng.below(8));
+                            let key = format!("{ns}/{name}");
+                            if rng.below(4) == 0 {
+                                slices.remove(&key);
+                            } else {
+                                slices.insert(key.clone(), random_slice(&mut rng, ns, &name));
+                            }
+                            changed_slices.insert(key);
+                        }
+                    }
+                    // Store order is arbitrary: use a shuffled one.
+                    let mut svc_list: Vec<Service> = services.values().cloned().collect();
+                    let mut slice_list: Vec<EndpointSlice> = slices.values().cloned().collect();
+                    let n = svc_list.len();
+                    if n > 1 {
+                        svc_list.swap(rng.below(n), rng.below(n));
+                    }
+                    let n = slice_list.len();
+                    if n > 1 {
+                        slice_list.swap(rng.below(n), rng.below(n));
+                    }
+                    let service_index: HashMap<String, usize> = svc_list
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (object_key(&s.metadata), i))
+                        .collect();
+                    let slice_index: HashMap<String, usize> = slice_list
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (object_key(&s.metadata), i))
+                        .collect();
+                    let tracked = Tracked {
+                        service_index: &service_index,
+                        slice_index: &slice_index,
+                        // The first sync (and now and then a relist) sees everything.
+                        changed: (step != 0 && step % 50 != 0).then_some((&changed_services, &changed_slices)),
+                    };
+
+                    let full = compute_for_node(&svc_list, &slice_list, &node);
+                    full_sync.apply(&full);
+                    let report = match incremental.update(&svc_list, &slice_list, &tracked) {
+                        Some(keys) => incr_sync.apply_changed(incremental.desired(), &keys),
+                        None => incr_sync.apply(incremental.desired()),
+                    };
+                    assert!(report.errors.is_empty(), "{:?}", report.errors);
+                    changed_services.clear();
+                    changed_slices.clear();
+
+                    conflicts += full
+                        .problems
+                        .iter()
+                        .filter(|p| p.reason.contains("already used"))
+                        .count();
+                    frontends += full.frontends.len();
+                    let ctx = format!("seed {seed} step {step}");
+                    assert_eq!(incremental.desired(), &full, "{ctx}");
+                    assert_eq!(incr_sync.programmed(), full_sync.programmed(), "{ctx}");
+                    let (a, b) = (incr_sync.writer(), full_sync.writer());
+                    assert_eq!(a.services, b.services, "{ctx}");
+                    assert_eq!(a.backends, b.backends, "{ctx}");
+                    assert_eq!(
+                        a.maglev.keys().collect::<Vec<_>>(),
+                        b.maglev.keys().collect::<Vec<_>>(),
+                        "{ctx}"
+                    );
+                    assert_eq!(a.names, b.names, "{ctx}");
+                }
+            }
+            assert!(
+                conflicts > 100 && frontends > 1000,
+                "{conflicts} conflicts, {frontends} frontends"
+            );
+        }
+    }
 }
