@@ -720,6 +720,10 @@ pub struct Tracked<'a> {
     pub changed: Option<(&'a HashSet<String>, &'a HashSet<String>)>,
 }
 
+/// The claims on one frontend key: ((namespace, name), claim index) -> the
+/// claiming Service's object key.
+type Claimants = BTreeMap<((String, String), usize), String>;
+
 /// What the incremental state knows about one slice.
 #[derive(Debug)]
 struct SliceEntry {
@@ -746,7 +750,7 @@ pub struct Incremental {
     by_owner: HashMap<(String, String), BTreeSet<String>>,
     /// Every claim on a frontend key, in conflict order ((namespace, name),
     /// claim index), with the claiming Service's object key. The first wins.
-    claims: BTreeMap<ServiceKey, BTreeMap<((String, String), usize), String>>,
+    claims: BTreeMap<ServiceKey, Claimants>,
     /// The losing claims' problems, by key.
     conflicts: BTreeMap<ServiceKey, Vec<Problem>>,
     desired: Desired,
