@@ -175,6 +175,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
     state.alive.store(true, Ordering::Relaxed);
     let _alive = AliveGuard(state);
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut incremental = desired::Incremental::new(node.clone());
     loop {
         tokio::select! {
             r = source.changed() => r?,
@@ -189,18 +190,29 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
             }
         }
         let started = Instant::now();
-        let Some((desired, mut problems)) = source.view(|v| {
-            let d = desired::compute_for_node(v.services, v.slices, node);
-            (d, v.problems.to_vec())
+        let Some((full, changed, mut problems)) = source.view(|v| match &v.tracked {
+            // The source says what changed: recompute only that.
+            Some(t) => {
+                let changed = incremental.update(v.services, v.slices, t);
+                (None, changed, v.problems.to_vec())
+            }
+            None => {
+                let d = desired::compute_for_node(v.services, v.slices, node);
+                (Some(d), None, v.problems.to_vec())
+            }
         }) else {
             continue; // initial lists not complete yet
         };
+        let desired = full.as_ref().unwrap_or_else(|| incremental.desired());
         problems.extend(desired.problems.iter().cloned());
         for p in &problems {
             warn!(object = %p.object, "{}", p.reason);
         }
         let computed = started.elapsed();
-        let report = syncer.apply(&desired);
+        let report = match &changed {
+            Some(keys) => syncer.apply_changed(desired, keys),
+            None => syncer.apply(desired),
+        };
         for e in &report.errors {
             error!("{e}");
         }

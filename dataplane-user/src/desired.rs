@@ -5,7 +5,7 @@
 //! step diffs its output against what is programmed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
 };
@@ -189,350 +189,91 @@ pub fn compute_for_node(services: &[Service], slices: &[EndpointSlice], node: &N
     // Slices by (namespace, service name).
     let mut by_service: BTreeMap<(String, String), Vec<Slice>> = BTreeMap::new();
     for s in slices {
-        let Some((ns, name)) = ns_name(&s.metadata) else {
-            problem(
-                "EndpointSlice (unnamed)".into(),
-                "metadata.name is missing; ignored".into(),
-            );
-            continue;
-        };
-        let object = format!("EndpointSlice {ns}/{name}");
-        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            problem(object, format!("no {SERVICE_NAME_LABEL} label; ignored"));
-            continue;
-        };
-        match s.address_type.as_str() {
-            "IPv4" => {}
-            // The IPv6 datapath comes later; FQDN slices are not for proxies.
-            "IPv6" | "FQDN" => continue,
-            other => {
-                problem(object, format!("unknown addressType {other:?}; ignored"));
-                continue;
-            }
+        if let Some((owner, slice)) = prepare_slice(s, &mut problem) {
+            by_service.entry(owner).or_default().push(slice);
         }
-        let mut endpoints = Vec::new();
-        for ep in &s.endpoints {
-            let Some(first) = ep.addresses.first() else {
-                problem(object.clone(), "an endpoint has no address; skipped".into());
-                continue;
-            };
-            let addr = match first.parse::<IpAddr>() {
-                Ok(IpAddr::V4(a)) => a,
-                _ => {
-                    problem(
-                        object.clone(),
-                        format!("endpoint address {first:?} is not a valid IPv4 address; skipped"),
-                    );
-                    continue;
-                }
-            };
-            let c = ep.conditions.clone().unwrap_or_default();
-            let ready = c.ready.unwrap_or(true);
-            endpoints.push(Endpoint {
-                addr,
-                node_name: ep.node_name.clone(),
-                ready,
-                serving: c.serving.unwrap_or(ready),
-                terminating: c.terminating.unwrap_or(false),
-            });
-        }
-        by_service.entry((ns, svc.clone())).or_default().push(Slice {
-            name,
-            obj: s,
-            endpoints,
-        });
     }
 
-    let mut frontends: BTreeMap<ServiceKey, Frontend> = BTreeMap::new();
     let mut services: Vec<&Service> = services.iter().collect();
     // Deterministic winner when two Services claim the same frontend.
     services.sort_by_cached_key(|s| ns_name(&s.metadata));
+    let results: Vec<ServiceFrontends> = services
+        .into_iter()
+        .map(|svc| {
+            let slices = ns_name(&svc.metadata)
+                .and_then(|k| by_service.get(&k))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            service_frontends(svc, slices, node)
+        })
+        .collect();
+    merge(results.iter(), problems)
+}
 
-    for svc in services {
-        let Some((ns, name)) = ns_name(&svc.metadata) else {
-            problem("Service (unnamed)".into(), "metadata.name is missing; ignored".into());
-            continue;
-        };
-        let object = format!("Service {ns}/{name}");
-        let Some(spec) = &svc.spec else { continue };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
-        }
-        let ips: Vec<String> = match &spec.cluster_ips {
-            Some(ips) if !ips.is_empty() => ips.clone(),
-            _ => spec.cluster_ip.iter().cloned().collect(),
-        };
-        if ips.is_empty() || ips.iter().any(|ip| ip == "None" || ip.is_empty()) {
-            continue; // headless
-        }
-        let mut vips = Vec::new();
-        for ip in &ips {
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(a)) => vips.push(a),
-                Ok(IpAddr::V6(_)) => {} // IPv6 datapath not there yet.
-                Err(_) => problem(
-                    object.clone(),
-                    format!("clusterIP {ip:?} is not a valid IP address; ignored"),
-                ),
-            }
-        }
-        let slices = by_service
-            .get(&(ns.clone(), name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        let affinity_timeout_s = match spec.session_affinity.as_deref() {
-            Some("ClientIP") => {
-                let t = spec
-                    .session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds);
-                match t {
-                    None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
-                    Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S as i32).contains(&t) => Some(t as u32),
-                    Some(t) => {
-                        problem(
-                            object.clone(),
-                            format!(
-                                "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1-{MAX_AFFINITY_TIMEOUT_S}; \
-                                 using {DEFAULT_AFFINITY_TIMEOUT_S}"
-                            ),
-                        );
-                        Some(DEFAULT_AFFINITY_TIMEOUT_S)
-                    }
-                }
-            }
-            Some("None") | None => None,
-            Some(other) => {
-                problem(
-                    object.clone(),
-                    format!("unknown sessionAffinity {other:?}; treated as None"),
-                );
-                None
-            }
-        };
+/// One frontend key a Service asks for, in the order it asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Claim {
+    key: ServiceKey,
+    frontend: Frontend,
+    /// "clusterIP", "externalIP", ... for the conflict message.
+    what: &'static str,
+}
 
-        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-        let parse_ips = |ips: Vec<String>, what: &str, problem: &mut dyn FnMut(String, String)| {
-            let mut out = Vec::new();
-            for ip in ips {
-                match ip.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(a)) => out.push(a),
-                    Ok(IpAddr::V6(_)) => {}
-                    Err(_) => problem(
-                        object.clone(),
-                        format!("{what} {ip:?} is not a valid IP address; ignored"),
-                    ),
-                }
-            }
-            out
-        };
-        let external_ips = parse_ips(
-            spec.external_ips.clone().unwrap_or_default(),
-            "externalIP",
-            &mut problem,
-        );
-        let lb_ips = if svc_type == "LoadBalancer" {
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|l| l.ingress.clone())
-                .unwrap_or_default();
-            // ipMode Proxy: the load balancer proxies to the nodes itself;
-            // kube-proxy does not program such IPs either.
-            let ips = ingress
-                .into_iter()
-                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-                .filter_map(|i| i.ip)
-                .collect();
-            parse_ips(ips, "load balancer ingress IP", &mut problem)
-        } else {
-            Vec::new()
-        };
-        let mut source_ranges = Vec::new();
-        if svc_type == "LoadBalancer" {
-            for r in spec.load_balancer_source_ranges.clone().unwrap_or_default() {
-                match parse_cidr(r.trim()) {
-                    Some(Some(c)) => source_ranges.push(c),
-                    Some(None) => {} // IPv6 range: IPv6 datapath not there yet.
-                    None => problem(
-                        object.clone(),
-                        format!("loadBalancerSourceRanges entry {r:?} is not a valid CIDR; ignored"),
-                    ),
-                }
-            }
-            source_ranges.sort();
-            source_ranges.dedup();
-        }
-        let ports = spec.ports.as_deref().unwrap_or(&[]);
-        let known: BTreeSet<(String, u8)> = ports
-            .iter()
-            .filter_map(|p| {
-                Some((
-                    p.name.clone().unwrap_or_default(),
-                    protocol(p.protocol.as_deref()).ok()?,
-                ))
-            })
-            .collect();
-        for sl in slices {
-            for sp in sl.obj.ports.as_deref().unwrap_or(&[]) {
-                let pname = sp.name.clone().unwrap_or_default();
-                if let Ok(proto) = protocol(sp.protocol.as_deref()) {
-                    if !known.contains(&(pname.clone(), proto)) {
-                        problem(
-                            format!("EndpointSlice {ns}/{}", sl.name),
-                            format!("port {pname:?} is not a port of Service {ns}/{name}; ignored"),
-                        );
-                    }
-                }
-            }
-        }
+/// One Service's share of the desired state, before conflicts between
+/// Services are resolved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceFrontends {
+    /// (namespace, name): the conflict order. `None` for an unnamed Service.
+    order: Option<(String, String)>,
+    claims: Vec<Claim>,
+    problems: Vec<Problem>,
+}
 
-        for port in ports {
-            let pname = port.name.clone().unwrap_or_default();
-            let proto = match protocol(port.protocol.as_deref()) {
-                Ok(p) => p,
-                Err(e) => {
-                    problem(object.clone(), format!("port {pname:?}: {e}; skipped"));
-                    continue;
-                }
-            };
-            let Some(svc_port) = valid_port(port.port) else {
-                problem(
-                    object.clone(),
-                    format!("port {pname:?}: {} is outside 1-65535; skipped", port.port),
-                );
-                continue;
-            };
+impl ServiceFrontends {
+    fn object(&self) -> String {
+        match &self.order {
+            Some((ns, name)) => format!("Service {ns}/{name}"),
+            None => "Service (unnamed)".into(),
+        }
+    }
 
-            // Endpoints by readiness and locality.
-            let mut sets = EndpointSets::default();
-            for sl in slices {
-                let Some(sp) = sl.obj.ports.as_deref().unwrap_or(&[]).iter().find(|sp| {
-                    sp.name.clone().unwrap_or_default() == pname && protocol(sp.protocol.as_deref()) == Ok(proto)
-                }) else {
-                    continue;
-                };
-                let Some(target) = sp.port.and_then(valid_port) else {
-                    problem(
-                        format!("EndpointSlice {ns}/{}", sl.name),
-                        format!(
-                            "port {pname:?}: port number {:?} is missing or outside 1-65535; skipped",
-                            sp.port
-                        ),
-                    );
-                    continue;
-                };
-                for ep in &sl.endpoints {
-                    let local = node.is_local(ep.node_name.as_deref());
-                    let mut b = Backend::new(ep.addr, target);
-                    if !local {
-                        b.flags |= BACKEND_F_REMOTE;
-                    }
-                    sets.add(b, local, ep.ready, ep.serving && ep.terminating);
+    /// The problem reported when `claim` loses its key to `winner`.
+    fn conflict(&self, claim: &Claim, winner: &str) -> Problem {
+        Problem {
+            object: self.object(),
+            reason: format!(
+                "{} {}:{}/{} is already used by {winner}; skipped",
+                claim.what,
+                claim.key.ip(),
+                claim.key.host_port(),
+                proto_name(claim.key.proto)
+            ),
+        }
+    }
+}
+
+fn out(order: Option<(String, String)>, claims: Vec<Claim>, problems: BTreeSet<Problem>) -> ServiceFrontends {
+    ServiceFrontends {
+        order,
+        claims,
+        problems: problems.into_iter().collect(),
+    }
+}
+
+/// Merges per-Service results given in (namespace, name) order: the first
+/// Service to claim a key gets it, later claims are reported.
+fn merge<'a>(results: impl Iterator<Item = &'a ServiceFrontends>, mut problems: BTreeSet<Problem>) -> Desired {
+    let mut frontends: BTreeMap<ServiceKey, Frontend> = BTreeMap::new();
+    for r in results {
+        problems.extend(r.problems.iter().cloned());
+        for c in &r.claims {
+            match frontends.get(&c.key) {
+                Some(other) => {
+                    problems.insert(r.conflict(c, &other.service));
                 }
-            }
-            let mut truncated = |mut backends: Vec<Backend>| {
-                let max = limits::MAX_BACKENDS_PER_SERVICE as usize;
-                if backends.len() > max {
-                    problem(
-                        object.clone(),
-                        format!(
-                            "port {pname:?}: {} endpoints, only the first {max} are used",
-                            backends.len()
-                        ),
-                    );
-                    backends.truncate(max);
+                None => {
+                    frontends.insert(c.key, c.frontend.clone());
                 }
-                backends
-            };
-            let any = !sets.pick(false).is_empty();
-            // internalTrafficPolicy for the ClusterIPs, externalTrafficPolicy
-            // for everything reached from outside.
-            let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-            let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-            let internal = truncated(sets.pick(internal_local));
-            let external = truncated(sets.pick(external_local));
-            let base = Frontend {
-                service: format!("{ns}/{name}"),
-                port_name: pname.clone(),
-                backends: internal,
-                affinity_timeout_s,
-                flags: 0,
-                source_ranges: Vec::new(),
-            };
-            let internal_fe = Frontend {
-                flags: if internal_local && any && base.backends.is_empty() {
-                    SVC_F_DROP_NO_LOCAL
-                } else {
-                    0
-                },
-                ..base.clone()
-            };
-            let mut external_fe = Frontend {
-                backends: external.clone(),
-                flags: if external_local {
-                    if any && external.is_empty() {
-                        SVC_F_DROP_NO_LOCAL
-                    } else {
-                        0
-                    }
-                } else {
-                    SVC_F_EXTERNAL
-                },
-                ..base.clone()
-            };
-            let node_port = match port
-                .node_port
-                .filter(|_| matches!(svc_type, "NodePort" | "LoadBalancer"))
-            {
-                None => None,
-                Some(np) => {
-                    let (lo, hi) = node.node_port_range;
-                    let valid = u16::try_from(np).ok().filter(|p| (lo..=hi).contains(p));
-                    if valid.is_none() {
-                        problem(
-                            object.clone(),
-                            format!("port {pname:?}: nodePort {np} is outside the node port range {lo}-{hi}; skipped"),
-                        );
-                    }
-                    valid
-                }
-            };
-            let mut conflicts = Vec::new();
-            let mut add = |ip: Ipv4Addr, port: u16, fe: &Frontend, what: &str| {
-                let key = ServiceKey::new(ip, port, proto);
-                if let Some(other) = frontends.get(&key) {
-                    conflicts.push(format!(
-                        "{what} {ip}:{port}/{} is already used by {}; skipped",
-                        proto_name(proto),
-                        other.service
-                    ));
-                    return;
-                }
-                frontends.insert(key, fe.clone());
-            };
-            for vip in &vips {
-                add(*vip, svc_port, &internal_fe, "clusterIP");
-            }
-            for ip in &external_ips {
-                add(*ip, svc_port, &external_fe, "externalIP");
-            }
-            if let Some(np) = node_port {
-                for ip in &node.addresses {
-                    add(*ip, np, &external_fe, "nodePort on");
-                }
-            }
-            if !source_ranges.is_empty() {
-                external_fe.flags |= SVC_F_SOURCE_RANGES;
-                external_fe.source_ranges = source_ranges.clone();
-            }
-            for ip in &lb_ips {
-                add(*ip, svc_port, &external_fe, "load balancer IP");
-            }
-            for c in conflicts {
-                problem(object.clone(), c);
             }
         }
     }
@@ -540,6 +281,356 @@ pub fn compute_for_node(services: &[Service], slices: &[EndpointSlice], node: &N
         frontends,
         problems: problems.into_iter().collect(),
     }
+}
+
+/// Validates one slice: the Service it belongs to (namespace, name) and its
+/// usable endpoints; `None` when it is ignored.
+fn prepare_slice<'a>(
+    s: &'a EndpointSlice,
+    problem: &mut dyn FnMut(String, String),
+) -> Option<((String, String), Slice<'a>)> {
+    let Some((ns, name)) = ns_name(&s.metadata) else {
+        problem(
+            "EndpointSlice (unnamed)".into(),
+            "metadata.name is missing; ignored".into(),
+        );
+        return None;
+    };
+    let object = format!("EndpointSlice {ns}/{name}");
+    let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        problem(object, format!("no {SERVICE_NAME_LABEL} label; ignored"));
+        return None;
+    };
+    match s.address_type.as_str() {
+        "IPv4" => {}
+        // The IPv6 datapath comes later; FQDN slices are not for proxies.
+        "IPv6" | "FQDN" => return None,
+        other => {
+            problem(object, format!("unknown addressType {other:?}; ignored"));
+            return None;
+        }
+    }
+    let mut endpoints = Vec::new();
+    for ep in &s.endpoints {
+        let Some(first) = ep.addresses.first() else {
+            problem(object.clone(), "an endpoint has no address; skipped".into());
+            continue;
+        };
+        let addr = match first.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => a,
+            _ => {
+                problem(
+                    object.clone(),
+                    format!("endpoint address {first:?} is not a valid IPv4 address; skipped"),
+                );
+                continue;
+            }
+        };
+        let c = ep.conditions.clone().unwrap_or_default();
+        let ready = c.ready.unwrap_or(true);
+        endpoints.push(Endpoint {
+            addr,
+            node_name: ep.node_name.clone(),
+            ready,
+            serving: c.serving.unwrap_or(ready),
+            terminating: c.terminating.unwrap_or(false),
+        });
+    }
+    Some((
+        (ns, svc.clone()),
+        Slice {
+            name,
+            obj: s,
+            endpoints,
+        },
+    ))
+}
+
+/// The frontends one Service asks for, from its slices, with its own
+/// problems (conflicts with other Services are the merge's business).
+fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> ServiceFrontends {
+    let mut claims = Vec::new();
+    let mut problems = BTreeSet::new();
+    let mut problem = |object: String, reason: String| {
+        problems.insert(Problem { object, reason });
+    };
+    let Some((ns, name)) = ns_name(&svc.metadata) else {
+        problem("Service (unnamed)".into(), "metadata.name is missing; ignored".into());
+        return out(None, claims, problems);
+    };
+    let object = format!("Service {ns}/{name}");
+    let order = Some((ns.clone(), name.clone()));
+    let Some(spec) = &svc.spec else {
+        return out(order, claims, problems);
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return out(order, claims, problems);
+    }
+    let ips: Vec<String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.clone(),
+        _ => spec.cluster_ip.iter().cloned().collect(),
+    };
+    if ips.is_empty() || ips.iter().any(|ip| ip == "None" || ip.is_empty()) {
+        return out(order, claims, problems); // headless
+    }
+    let mut vips = Vec::new();
+    for ip in &ips {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => vips.push(a),
+            Ok(IpAddr::V6(_)) => {} // IPv6 datapath not there yet.
+            Err(_) => problem(
+                object.clone(),
+                format!("clusterIP {ip:?} is not a valid IP address; ignored"),
+            ),
+        }
+    }
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S as i32).contains(&t) => Some(t as u32),
+                Some(t) => {
+                    problem(
+                        object.clone(),
+                        format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1-{MAX_AFFINITY_TIMEOUT_S}; \
+                             using {DEFAULT_AFFINITY_TIMEOUT_S}"
+                        ),
+                    );
+                    Some(DEFAULT_AFFINITY_TIMEOUT_S)
+                }
+            }
+        }
+        Some("None") | None => None,
+        Some(other) => {
+            problem(
+                object.clone(),
+                format!("unknown sessionAffinity {other:?}; treated as None"),
+            );
+            None
+        }
+    };
+
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let parse_ips = |ips: Vec<String>, what: &str, problem: &mut dyn FnMut(String, String)| {
+        let mut out = Vec::new();
+        for ip in ips {
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(a)) => out.push(a),
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => problem(
+                    object.clone(),
+                    format!("{what} {ip:?} is not a valid IP address; ignored"),
+                ),
+            }
+        }
+        out
+    };
+    let external_ips = parse_ips(
+        spec.external_ips.clone().unwrap_or_default(),
+        "externalIP",
+        &mut problem,
+    );
+    let lb_ips = if svc_type == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.clone())
+            .unwrap_or_default();
+        // ipMode Proxy: the load balancer proxies to the nodes itself;
+        // kube-proxy does not program such IPs either.
+        let ips = ingress
+            .into_iter()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip)
+            .collect();
+        parse_ips(ips, "load balancer ingress IP", &mut problem)
+    } else {
+        Vec::new()
+    };
+    let mut source_ranges = Vec::new();
+    if svc_type == "LoadBalancer" {
+        for r in spec.load_balancer_source_ranges.clone().unwrap_or_default() {
+            match parse_cidr(r.trim()) {
+                Some(Some(c)) => source_ranges.push(c),
+                Some(None) => {} // IPv6 range: IPv6 datapath not there yet.
+                None => problem(
+                    object.clone(),
+                    format!("loadBalancerSourceRanges entry {r:?} is not a valid CIDR; ignored"),
+                ),
+            }
+        }
+        source_ranges.sort();
+        source_ranges.dedup();
+    }
+    let ports = spec.ports.as_deref().unwrap_or(&[]);
+    let known: BTreeSet<(String, u8)> = ports
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p.name.clone().unwrap_or_default(),
+                protocol(p.protocol.as_deref()).ok()?,
+            ))
+        })
+        .collect();
+    for sl in slices {
+        for sp in sl.obj.ports.as_deref().unwrap_or(&[]) {
+            let pname = sp.name.clone().unwrap_or_default();
+            if let Ok(proto) = protocol(sp.protocol.as_deref()) {
+                if !known.contains(&(pname.clone(), proto)) {
+                    problem(
+                        format!("EndpointSlice {ns}/{}", sl.name),
+                        format!("port {pname:?} is not a port of Service {ns}/{name}; ignored"),
+                    );
+                }
+            }
+        }
+    }
+
+    for port in ports {
+        let pname = port.name.clone().unwrap_or_default();
+        let proto = match protocol(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                problem(object.clone(), format!("port {pname:?}: {e}; skipped"));
+                continue;
+            }
+        };
+        let Some(svc_port) = valid_port(port.port) else {
+            problem(
+                object.clone(),
+                format!("port {pname:?}: {} is outside 1-65535; skipped", port.port),
+            );
+            continue;
+        };
+
+        // Endpoints by readiness and locality.
+        let mut sets = EndpointSets::default();
+        for sl in slices {
+            let Some(sp) = sl.obj.ports.as_deref().unwrap_or(&[]).iter().find(|sp| {
+                sp.name.clone().unwrap_or_default() == pname && protocol(sp.protocol.as_deref()) == Ok(proto)
+            }) else {
+                continue;
+            };
+            let Some(target) = sp.port.and_then(valid_port) else {
+                problem(
+                    format!("EndpointSlice {ns}/{}", sl.name),
+                    format!(
+                        "port {pname:?}: port number {:?} is missing or outside 1-65535; skipped",
+                        sp.port
+                    ),
+                );
+                continue;
+            };
+            for ep in &sl.endpoints {
+                let local = node.is_local(ep.node_name.as_deref());
+                let mut b = Backend::new(ep.addr, target);
+                if !local {
+                    b.flags |= BACKEND_F_REMOTE;
+                }
+                sets.add(b, local, ep.ready, ep.serving && ep.terminating);
+            }
+        }
+        let mut truncated = |mut backends: Vec<Backend>| {
+            let max = limits::MAX_BACKENDS_PER_SERVICE as usize;
+            if backends.len() > max {
+                problem(
+                    object.clone(),
+                    format!(
+                        "port {pname:?}: {} endpoints, only the first {max} are used",
+                        backends.len()
+                    ),
+                );
+                backends.truncate(max);
+            }
+            backends
+        };
+        let any = !sets.pick(false).is_empty();
+        // internalTrafficPolicy for the ClusterIPs, externalTrafficPolicy
+        // for everything reached from outside.
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let internal = truncated(sets.pick(internal_local));
+        let external = truncated(sets.pick(external_local));
+        let base = Frontend {
+            service: format!("{ns}/{name}"),
+            port_name: pname.clone(),
+            backends: internal,
+            affinity_timeout_s,
+            flags: 0,
+            source_ranges: Vec::new(),
+        };
+        let internal_fe = Frontend {
+            flags: if internal_local && any && base.backends.is_empty() {
+                SVC_F_DROP_NO_LOCAL
+            } else {
+                0
+            },
+            ..base.clone()
+        };
+        let mut external_fe = Frontend {
+            backends: external.clone(),
+            flags: if external_local {
+                if any && external.is_empty() {
+                    SVC_F_DROP_NO_LOCAL
+                } else {
+                    0
+                }
+            } else {
+                SVC_F_EXTERNAL
+            },
+            ..base.clone()
+        };
+        let node_port = match port
+            .node_port
+            .filter(|_| matches!(svc_type, "NodePort" | "LoadBalancer"))
+        {
+            None => None,
+            Some(np) => {
+                let (lo, hi) = node.node_port_range;
+                let valid = u16::try_from(np).ok().filter(|p| (lo..=hi).contains(p));
+                if valid.is_none() {
+                    problem(
+                        object.clone(),
+                        format!("port {pname:?}: nodePort {np} is outside the node port range {lo}-{hi}; skipped"),
+                    );
+                }
+                valid
+            }
+        };
+        let mut add = |ip: Ipv4Addr, port: u16, fe: &Frontend, what: &'static str| {
+            claims.push(Claim {
+                key: ServiceKey::new(ip, port, proto),
+                frontend: fe.clone(),
+                what,
+            });
+        };
+        for vip in &vips {
+            add(*vip, svc_port, &internal_fe, "clusterIP");
+        }
+        for ip in &external_ips {
+            add(*ip, svc_port, &external_fe, "externalIP");
+        }
+        if let Some(np) = node_port {
+            for ip in &node.addresses {
+                add(*ip, np, &external_fe, "nodePort on");
+            }
+        }
+        if !source_ranges.is_empty() {
+            external_fe.flags |= SVC_F_SOURCE_RANGES;
+            external_fe.source_ranges = source_ranges.clone();
+        }
+        for ip in &lb_ips {
+            add(*ip, svc_port, &external_fe, "load balancer IP");
+        }
+    }
+    out(order, claims, problems)
 }
 
 /// Endpoints of one Service port by readiness and locality.
@@ -601,6 +692,261 @@ pub fn proto_name(proto: u8) -> &'static str {
         IPPROTO_TCP => "tcp",
         IPPROTO_UDP => "udp",
         _ => "?",
+    }
+}
+
+/// The key sources index objects by: `namespace/name`, with the namespace
+/// defaulted as the desired state does (so a slice's Service is found under
+/// `namespace/<service-name label>`).
+pub fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// A source's objects with what changed since the previous
+/// [`Incremental::update`].
+#[derive(Clone, Copy, Debug)]
+pub struct Tracked<'a> {
+    /// [`object_key`] -> position in the Service slice.
+    pub service_index: &'a HashMap<String, usize>,
+    /// [`object_key`] -> position in the EndpointSlice slice.
+    pub slice_index: &'a HashMap<String, usize>,
+    /// Keys of the Services and EndpointSlices added, modified or deleted
+    /// since the previous update; `None`: anything may have changed (first
+    /// list, relist).
+    pub changed: Option<(&'a HashSet<String>, &'a HashSet<String>)>,
+}
+
+/// The claims on one frontend key: ((namespace, name), claim index) -> the
+/// claiming Service's object key.
+type Claimants = BTreeMap<((String, String), usize), String>;
+
+/// What the incremental state knows about one slice.
+#[derive(Debug)]
+struct SliceEntry {
+    /// (namespace, service name) it belongs to.
+    owner: Option<(String, String)>,
+    /// Problems of the slice on its own (label, address type, addresses).
+    problems: Vec<Problem>,
+}
+
+/// The desired state kept up to date incrementally: an update recomputes
+/// only the Services whose Service object or slices changed, then resolves
+/// the frontend keys they claimed or released with the same rule as
+/// [`compute_for_node`] (the first Service in namespace/name order wins).
+/// Its result is always equal to `compute_for_node` on the same objects,
+/// given object keys are unique (as in a Kubernetes store).
+#[derive(Debug)]
+pub struct Incremental {
+    node: NodeInfo,
+    /// By the Service's [`object_key`].
+    services: HashMap<String, ServiceFrontends>,
+    /// By the slice's [`object_key`].
+    slices: HashMap<String, SliceEntry>,
+    /// (namespace, service name) -> keys of its slices.
+    by_owner: HashMap<(String, String), BTreeSet<String>>,
+    /// Every claim on a frontend key, in conflict order ((namespace, name),
+    /// claim index), with the claiming Service's object key. The first wins.
+    claims: BTreeMap<ServiceKey, Claimants>,
+    /// The losing claims' problems, by key.
+    conflicts: BTreeMap<ServiceKey, Vec<Problem>>,
+    desired: Desired,
+}
+
+impl Incremental {
+    pub fn new(node: NodeInfo) -> Self {
+        Incremental {
+            node,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            by_owner: HashMap::new(),
+            claims: BTreeMap::new(),
+            conflicts: BTreeMap::new(),
+            desired: Desired::default(),
+        }
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Brings the state up to date with `services` and `slices`. Returns
+    /// the frontend keys whose entry may have changed, or `None` when
+    /// everything was recomputed.
+    pub fn update(
+        &mut self,
+        services: &[Service],
+        slices: &[EndpointSlice],
+        t: &Tracked<'_>,
+    ) -> Option<BTreeSet<ServiceKey>> {
+        let Some((changed_services, changed_slices)) = t.changed else {
+            self.rebuild(services, slices);
+            return None;
+        };
+        // Services to recompute, by object key.
+        let mut affected: BTreeSet<String> = changed_services.iter().cloned().collect();
+        for key in changed_slices {
+            if let Some(old) = self.slices.remove(key) {
+                if let Some(owner) = old.owner {
+                    if let Some(keys) = self.by_owner.get_mut(&owner) {
+                        keys.remove(key);
+                        if keys.is_empty() {
+                            self.by_owner.remove(&owner);
+                        }
+                    }
+                    affected.insert(format!("{}/{}", owner.0, owner.1));
+                }
+            }
+            if let Some(&i) = t.slice_index.get(key) {
+                let entry = slice_entry(&slices[i]);
+                if let Some(owner) = &entry.owner {
+                    self.by_owner.entry(owner.clone()).or_default().insert(key.clone());
+                    affected.insert(format!("{}/{}", owner.0, owner.1));
+                }
+                self.slices.insert(key.clone(), entry);
+            }
+        }
+        let mut touched = BTreeSet::new();
+        for key in &affected {
+            self.release(key, &mut touched);
+            let Some(&i) = t.service_index.get(key) else { continue };
+            let svc = &services[i];
+            let mine: Vec<Slice> = ns_name(&svc.metadata)
+                .and_then(|owner| self.by_owner.get(&owner))
+                .into_iter()
+                .flatten()
+                .filter_map(|k| t.slice_index.get(k))
+                .filter_map(|&i| prepare_slice(&slices[i], &mut |_, _| {}).map(|(_, s)| s))
+                .collect();
+            let result = service_frontends(svc, &mine, &self.node);
+            self.claim(key, result, &mut touched);
+        }
+        for key in &touched {
+            self.resolve(key);
+        }
+        self.collect_problems();
+        Some(touched)
+    }
+
+    /// Recomputes everything from scratch.
+    fn rebuild(&mut self, services: &[Service], slices: &[EndpointSlice]) {
+        *self = Incremental::new(self.node.clone());
+        let mut by_service: BTreeMap<(String, String), Vec<Slice>> = BTreeMap::new();
+        for s in slices {
+            let key = object_key(&s.metadata);
+            let mut problems = BTreeSet::new();
+            let prepared = prepare_slice(s, &mut |object, reason| {
+                problems.insert(Problem { object, reason });
+            });
+            let owner = prepared.map(|(owner, slice)| {
+                by_service.entry(owner.clone()).or_default().push(slice);
+                self.by_owner.entry(owner.clone()).or_default().insert(key.clone());
+                owner
+            });
+            self.slices.insert(
+                key,
+                SliceEntry {
+                    owner,
+                    problems: problems.into_iter().collect(),
+                },
+            );
+        }
+        let mut touched = BTreeSet::new();
+        for svc in services {
+            let mine = ns_name(&svc.metadata)
+                .and_then(|k| by_service.get(&k))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let result = service_frontends(svc, mine, &self.node);
+            self.claim(&object_key(&svc.metadata), result, &mut touched);
+        }
+        for key in &touched {
+            self.resolve(key);
+        }
+        self.collect_problems();
+    }
+
+    /// Forgets the Service `key`'s claims.
+    fn release(&mut self, key: &str, touched: &mut BTreeSet<ServiceKey>) {
+        let Some(old) = self.services.remove(key) else { return };
+        let Some(order) = old.order else { return };
+        for (i, c) in old.claims.iter().enumerate() {
+            if let Some(claimants) = self.claims.get_mut(&c.key) {
+                claimants.remove(&(order.clone(), i));
+                if claimants.is_empty() {
+                    self.claims.remove(&c.key);
+                }
+            }
+            touched.insert(c.key);
+        }
+    }
+
+    fn claim(&mut self, key: &str, result: ServiceFrontends, touched: &mut BTreeSet<ServiceKey>) {
+        if let Some(order) = &result.order {
+            for (i, c) in result.claims.iter().enumerate() {
+                self.claims
+                    .entry(c.key)
+                    .or_default()
+                    .insert((order.clone(), i), key.to_string());
+                touched.insert(c.key);
+            }
+        }
+        self.services.insert(key.to_string(), result);
+    }
+
+    /// Sets the frontend of `key` to its first claim's, and reports the others.
+    fn resolve(&mut self, key: &ServiceKey) {
+        let claim = |(order, i): &((String, String), usize), owner: &String| {
+            let r = &self.services[owner];
+            debug_assert_eq!(r.order.as_ref(), Some(order));
+            (r, &r.claims[*i])
+        };
+        let mut claimants = self.claims.get(key).into_iter().flatten();
+        let Some((_, wclaim)) = claimants.next().map(|(k, v)| claim(k, v)) else {
+            self.desired.frontends.remove(key);
+            self.conflicts.remove(key);
+            return;
+        };
+        let lost: Vec<Problem> = claimants
+            .map(|(k, v)| {
+                let (r, c) = claim(k, v);
+                r.conflict(c, &wclaim.frontend.service)
+            })
+            .collect();
+        self.desired.frontends.insert(*key, wclaim.frontend.clone());
+        if lost.is_empty() {
+            self.conflicts.remove(key);
+        } else {
+            self.conflicts.insert(*key, lost);
+        }
+    }
+
+    fn collect_problems(&mut self) {
+        let all: BTreeSet<Problem> = self
+            .slices
+            .values()
+            .flat_map(|s| &s.problems)
+            .chain(self.services.values().flat_map(|s| &s.problems))
+            .chain(self.conflicts.values().flatten())
+            .cloned()
+            .collect();
+        self.desired.problems = all.into_iter().collect();
+    }
+}
+
+/// A slice's owner and own problems.
+fn slice_entry(s: &EndpointSlice) -> SliceEntry {
+    let mut problems = BTreeSet::new();
+    let owner = prepare_slice(s, &mut |object, reason| {
+        problems.insert(Problem { object, reason });
+    })
+    .map(|(owner, _)| owner);
+    SliceEntry {
+        owner,
+        problems: problems.into_iter().collect(),
     }
 }
 

@@ -9,7 +9,7 @@
 //!   generation's slots are deleted;
 //! - removed: the service entry first, then its slots.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
     limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue,
@@ -117,6 +117,9 @@ pub struct SyncReport {
 pub struct Syncer<W: MapWriter> {
     writer: W,
     programmed: BTreeMap<ServiceKey, Programmed>,
+    /// Frontends whose last write failed: [`Syncer::apply_changed`] retries
+    /// them.
+    failed: BTreeSet<ServiceKey>,
     free_ids: Vec<u32>,
     next_id: u32,
     max_services: u32,
@@ -136,6 +139,7 @@ impl<W: MapWriter> Syncer<W> {
         Syncer {
             writer,
             programmed: BTreeMap::new(),
+            failed: BTreeSet::new(),
             free_ids: Vec::new(),
             next_id: 0,
             max_services: limits::MAX_SERVICES,
@@ -235,6 +239,7 @@ impl<W: MapWriter> Syncer<W> {
     /// Makes the maps hold exactly `desired.frontends`.
     pub fn apply(&mut self, desired: &Desired) -> SyncReport {
         let mut report = SyncReport::default();
+        let mut failed = BTreeSet::new();
 
         // Removals first: they free ids and map room for additions.
         let gone: Vec<ServiceKey> = self
@@ -244,156 +249,198 @@ impl<W: MapWriter> Syncer<W> {
             .copied()
             .collect();
         for key in gone {
-            let p = self.programmed.remove(&key).expect("key from programmed");
-            if let Err(cause) = self.writer.delete_service(key) {
-                report.errors.push(SyncError {
-                    service: p.frontend.service.clone(),
-                    frontend: describe(&key),
-                    cause: format!("deleting the service entry: {cause}"),
-                });
-                self.programmed.insert(key, p);
-                continue;
-            }
-            self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
-            for (addr, len) in &p.frontend.source_ranges {
-                let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
-            }
-            let _ = self.writer.delete_name(p.service_id);
-            // The id is reused: no affinity may outlive the service.
-            if let Err(cause) = self.writer.prune_affinity(p.service_id, &[]) {
-                report.errors.push(SyncError {
-                    service: p.frontend.service.clone(),
-                    frontend: describe(&key),
-                    cause: format!("deleting session affinity entries: {cause}"),
-                });
-            }
-            self.free_ids.push(p.service_id);
-            report.removed += 1;
+            self.tracked(key, &mut report, &mut failed, |s, r| s.remove_one(key, r));
         }
-
         for (key, fe) in &desired.frontends {
-            let err = |cause: String| SyncError {
-                service: fe.service.clone(),
-                frontend: describe(key),
-                cause,
-            };
-            let maglev_size = self.maglev_size_for(fe);
-            match self.programmed.get(key).cloned() {
-                Some(p) if p.frontend == *fe && p.maglev_size == maglev_size => report.unchanged += 1,
-                Some(p) if same_datapath(&p.frontend, fe) && p.maglev_size == maglev_size => {
-                    // Only names changed (or a restarted agent learns them):
-                    // nothing but the name to write.
-                    if p.frontend.display_name() != fe.display_name() {
-                        if let Err(cause) = self.writer.put_name(p.service_id, &fe.display_name()) {
-                            report.errors.push(err(format!("writing the name: {cause}")));
-                        }
+            self.tracked(*key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+        }
+        self.failed = failed;
+        report
+    }
+
+    /// As [`Syncer::apply`], when only the frontends under `changed` can
+    /// differ from the state last applied (plus those whose writes failed
+    /// then, which are retried): the same writes in the same order, without
+    /// visiting the others.
+    pub fn apply_changed(&mut self, desired: &Desired, changed: &BTreeSet<ServiceKey>) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut failed = BTreeSet::new();
+        let keys: BTreeSet<ServiceKey> = changed.union(&self.failed).copied().collect();
+        for key in &keys {
+            if self.programmed.contains_key(key) && !desired.frontends.contains_key(key) {
+                self.tracked(*key, &mut report, &mut failed, |s, r| s.remove_one(*key, r));
+            }
+        }
+        for key in &keys {
+            if let Some(fe) = desired.frontends.get(key) {
+                self.tracked(*key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+            }
+        }
+        self.failed = failed;
+        report
+    }
+
+    /// Runs `op` on `key`, remembering the key when it reported an error.
+    fn tracked(
+        &mut self,
+        key: ServiceKey,
+        report: &mut SyncReport,
+        failed: &mut BTreeSet<ServiceKey>,
+        op: impl FnOnce(&mut Self, &mut SyncReport),
+    ) {
+        let errors = report.errors.len();
+        op(self, report);
+        if report.errors.len() > errors {
+            failed.insert(key);
+        }
+    }
+
+    /// Removes the frontend `key`: service entry first, then its slots.
+    fn remove_one(&mut self, key: ServiceKey, report: &mut SyncReport) {
+        let p = self.programmed.remove(&key).expect("key from programmed");
+        if let Err(cause) = self.writer.delete_service(key) {
+            report.errors.push(SyncError {
+                service: p.frontend.service.clone(),
+                frontend: describe(&key),
+                cause: format!("deleting the service entry: {cause}"),
+            });
+            self.programmed.insert(key, p);
+            return;
+        }
+        self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+        for (addr, len) in &p.frontend.source_ranges {
+            let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
+        }
+        let _ = self.writer.delete_name(p.service_id);
+        // The id is reused: no affinity may outlive the service.
+        if let Err(cause) = self.writer.prune_affinity(p.service_id, &[]) {
+            report.errors.push(SyncError {
+                service: p.frontend.service.clone(),
+                frontend: describe(&key),
+                cause: format!("deleting session affinity entries: {cause}"),
+            });
+        }
+        self.free_ids.push(p.service_id);
+        report.removed += 1;
+    }
+
+    /// Adds or updates the frontend `key` (see the module doc for the order).
+    fn upsert_one(&mut self, key: &ServiceKey, fe: &Frontend, report: &mut SyncReport) {
+        let err = |cause: String| SyncError {
+            service: fe.service.clone(),
+            frontend: describe(key),
+            cause,
+        };
+        let maglev_size = self.maglev_size_for(fe);
+        match self.programmed.get(key).cloned() {
+            Some(p) if p.frontend == *fe && p.maglev_size == maglev_size => report.unchanged += 1,
+            Some(p) if same_datapath(&p.frontend, fe) && p.maglev_size == maglev_size => {
+                // Only names changed (or a restarted agent learns them):
+                // nothing but the name to write.
+                if p.frontend.display_name() != fe.display_name() {
+                    if let Err(cause) = self.writer.put_name(p.service_id, &fe.display_name()) {
+                        report.errors.push(err(format!("writing the name: {cause}")));
                     }
-                    self.programmed.insert(
-                        *key,
-                        Programmed {
-                            frontend: fe.clone(),
-                            ..p
-                        },
-                    );
-                    report.unchanged += 1;
                 }
-                Some(p) => {
-                    let generation = p.generation ^ 1;
-                    // Partial writes of the new generation are removed again on
-                    // failure; the current generation is never touched before
-                    // the flip.
-                    let value = match self.write_generation(p.service_id, generation, fe) {
-                        Ok(v) => v,
-                        Err(cause) => {
-                            self.delete_generation(
-                                p.service_id,
-                                generation,
-                                fe.backends.len(),
-                                self.config.maglev_size,
-                            );
-                            report
-                                .errors
-                                .push(err(format!("writing backends: {cause}; previous backends kept")));
-                            continue;
-                        }
-                    };
-                    if let Err(cause) = self.writer.put_service(*key, value) {
-                        self.delete_generation(p.service_id, generation, fe.backends.len(), value.maglev_size);
-                        report.errors.push(err(format!(
-                            "updating the service entry: {cause}; previous backends kept"
-                        )));
-                        continue;
+                self.programmed.insert(
+                    *key,
+                    Programmed {
+                        frontend: fe.clone(),
+                        ..p
+                    },
+                );
+                report.unchanged += 1;
+            }
+            Some(p) => {
+                let generation = p.generation ^ 1;
+                // Partial writes of the new generation are removed again on
+                // failure; the current generation is never touched before
+                // the flip.
+                let value = match self.write_generation(p.service_id, generation, fe) {
+                    Ok(v) => v,
+                    Err(cause) => {
+                        self.delete_generation(p.service_id, generation, fe.backends.len(), self.config.maglev_size);
+                        report
+                            .errors
+                            .push(err(format!("writing backends: {cause}; previous backends kept")));
+                        return;
                     }
-                    self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
-                    if p.frontend.display_name() != fe.display_name() {
-                        let _ = self.writer.put_name(p.service_id, &fe.display_name());
-                    }
-                    for (addr, len) in &p.frontend.source_ranges {
-                        if !fe.source_ranges.contains(&(*addr, *len)) {
-                            let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
-                        }
-                    }
-                    // Clients remembered on a backend that left go elsewhere.
-                    if p.frontend.affinity_timeout_s.is_some() {
-                        let keep: &[Backend] = if fe.affinity_timeout_s.is_some() {
-                            &fe.backends
-                        } else {
-                            &[]
-                        };
-                        if let Err(cause) = self.writer.prune_affinity(p.service_id, keep) {
-                            report
-                                .errors
-                                .push(err(format!("pruning session affinity entries: {cause}")));
-                        }
-                    }
-                    self.programmed.insert(
-                        *key,
-                        Programmed {
-                            service_id: p.service_id,
-                            generation,
-                            maglev_size: value.maglev_size,
-                            frontend: fe.clone(),
-                        },
-                    );
-                    report.updated += 1;
+                };
+                if let Err(cause) = self.writer.put_service(*key, value) {
+                    self.delete_generation(p.service_id, generation, fe.backends.len(), value.maglev_size);
+                    report.errors.push(err(format!(
+                        "updating the service entry: {cause}; previous backends kept"
+                    )));
+                    return;
                 }
-                None => {
-                    let Some(id) = self.alloc_id() else {
-                        report.errors.push(err(format!(
-                            "the service map is full ({} frontends); not programmed",
-                            self.max_services
-                        )));
-                        continue;
+                self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+                if p.frontend.display_name() != fe.display_name() {
+                    let _ = self.writer.put_name(p.service_id, &fe.display_name());
+                }
+                for (addr, len) in &p.frontend.source_ranges {
+                    if !fe.source_ranges.contains(&(*addr, *len)) {
+                        let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
+                    }
+                }
+                // Clients remembered on a backend that left go elsewhere.
+                if p.frontend.affinity_timeout_s.is_some() {
+                    let keep: &[Backend] = if fe.affinity_timeout_s.is_some() {
+                        &fe.backends
+                    } else {
+                        &[]
                     };
-                    let written = self
-                        .writer
-                        .reset_service_stats(id)
-                        .and_then(|()| self.writer.put_name(id, &fe.display_name()))
-                        .and_then(|()| self.write_generation(id, 0, fe));
-                    let written = written.and_then(|v| self.writer.put_service(*key, v).map(|()| v));
-                    match written {
-                        Ok(v) => {
-                            self.programmed.insert(
-                                *key,
-                                Programmed {
-                                    service_id: id,
-                                    generation: 0,
-                                    maglev_size: v.maglev_size,
-                                    frontend: fe.clone(),
-                                },
-                            );
-                            report.added += 1;
-                        }
-                        Err(cause) => {
-                            self.delete_generation(id, 0, fe.backends.len(), self.config.maglev_size);
-                            self.free_ids.push(id);
-                            report.errors.push(err(format!("{cause}; not programmed")));
-                        }
+                    if let Err(cause) = self.writer.prune_affinity(p.service_id, keep) {
+                        report
+                            .errors
+                            .push(err(format!("pruning session affinity entries: {cause}")));
+                    }
+                }
+                self.programmed.insert(
+                    *key,
+                    Programmed {
+                        service_id: p.service_id,
+                        generation,
+                        maglev_size: value.maglev_size,
+                        frontend: fe.clone(),
+                    },
+                );
+                report.updated += 1;
+            }
+            None => {
+                let Some(id) = self.alloc_id() else {
+                    report.errors.push(err(format!(
+                        "the service map is full ({} frontends); not programmed",
+                        self.max_services
+                    )));
+                    return;
+                };
+                let written = self
+                    .writer
+                    .reset_service_stats(id)
+                    .and_then(|()| self.writer.put_name(id, &fe.display_name()))
+                    .and_then(|()| self.write_generation(id, 0, fe));
+                let written = written.and_then(|v| self.writer.put_service(*key, v).map(|()| v));
+                match written {
+                    Ok(v) => {
+                        self.programmed.insert(
+                            *key,
+                            Programmed {
+                                service_id: id,
+                                generation: 0,
+                                maglev_size: v.maglev_size,
+                                frontend: fe.clone(),
+                            },
+                        );
+                        report.added += 1;
+                    }
+                    Err(cause) => {
+                        self.delete_generation(id, 0, fe.backends.len(), self.config.maglev_size);
+                        self.free_ids.push(id);
+                        report.errors.push(err(format!("{cause}; not programmed")));
                     }
                 }
             }
         }
-        report
     }
 }
 
@@ -848,5 +895,209 @@ mod tests {
         assert_eq!(r.added, 1);
         assert_eq!(r.errors.len(), 1);
         assert!(r.errors[0].cause.contains("full"));
+    }
+
+    /// The incremental path (`desired::Incremental` + `Syncer::apply_changed`)
+    /// against the full one (`compute_for_node` + `Syncer::apply`) over random
+    /// sequences of Service and EndpointSlice adds, changes and deletes.
+    mod incremental {
+        use std::collections::{BTreeMap, HashMap, HashSet};
+        use std::net::Ipv4Addr;
+
+        use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+        use serde_json::json;
+
+        use super::*;
+        use crate::desired::{compute_for_node, object_key, Incremental, NodeInfo, Tracked};
+
+        /// splitmix64: enough randomness for a reproducible test.
+        struct Rng(u64);
+
+        impl Rng {
+            fn next(&mut self) -> u64 {
+                self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = self.0;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^ (z >> 31)
+            }
+            fn below(&mut self, n: usize) -> usize {
+                (self.next() % n as u64) as usize
+            }
+            fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+                &items[self.below(items.len())]
+            }
+        }
+
+        const NAMESPACES: &[&str] = &["a", "b"];
+        const SERVICES: &[&str] = &["s0", "s1", "s2", "s3", "s4"];
+
+        fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
+            // Few addresses and ports: Services often collide on a key.
+            let ip = *rng.pick(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "None", "bogus"]);
+            let ty = *rng.pick(&["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]);
+            let mut ports = vec![];
+            for _ in 0..1 + rng.below(2) {
+                ports.push(json!({
+                    "name": rng.pick(&["http", "dns", ""]),
+                    "port": rng.pick(&[80, 53, 0]),
+                    "protocol": rng.pick(&["TCP", "UDP"]),
+                    "nodePort": rng.pick(&[30000, 30001, 5]),
+                }));
+            }
+            let external: Vec<&str> = (0..rng.below(2))
+                .map(|_| *rng.pick(&["10.0.0.1", "10.0.0.9"]))
+                .collect();
+            serde_json::from_value(json!({
+                "metadata": {"namespace": ns, "name": name},
+                "spec": {
+                    "type": ty,
+                    "clusterIP": ip,
+                    "ports": ports,
+                    "externalIPs": external,
+                    "externalTrafficPolicy": rng.pick(&["Cluster", "Local"]),
+                    "loadBalancerSourceRanges": if rng.below(2) == 0 { vec!["192.0.2.0/24"] } else { vec![] },
+                },
+                "status": {"loadBalancer": {"ingress": [{"ip": rng.pick(&["10.0.0.2", "10.0.0.8"])}]}},
+            }))
+            .unwrap()
+        }
+
+        fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> EndpointSlice {
+            let mut labels = serde_json::Map::new();
+            if rng.below(8) != 0 {
+                labels.insert("kubernetes.io/service-name".into(), json!(rng.pick(SERVICES)));
+            }
+            let endpoints: Vec<_> = (0..rng.below(4))
+                .map(|_| {
+                    json!({
+                        "addresses": [rng.pick(&["192.168.0.1", "192.168.0.2", "192.168.0.3", "nope"])],
+                        "conditions": {"ready": rng.below(3) != 0, "serving": true, "terminating": rng.below(2) == 0},
+                        "nodeName": rng.pick(&["n1", "n2"]),
+                    })
+                })
+                .collect();
+            serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name, "labels": labels},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": rng.pick(&["http", "dns", "other"]), "port": rng.pick(&[8080, 5353]), "protocol": rng.pick(&["TCP", "UDP"])}],
+        }))
+        .unwrap()
+        }
+
+        fn syncer() -> Syncer<Fake> {
+            Syncer::with_config(
+                Fake::default(),
+                SyncConfig {
+                    selection: Selection::Maglev,
+                    maglev_size: 251,
+                },
+            )
+        }
+
+        #[test]
+        fn incremental_path_equals_full_path() {
+            let node = NodeInfo {
+                name: Some("n1".into()),
+                addresses: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(172, 16, 0, 1)],
+                ..NodeInfo::default()
+            };
+            // The sequences must exercise what they are meant to.
+            let (mut conflicts, mut frontends) = (0, 0);
+            for seed in 0..40u64 {
+                let mut rng = Rng(seed);
+                let mut services: BTreeMap<String, Service> = BTreeMap::new();
+                let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+                let mut incremental = Incremental::new(node.clone());
+                let (mut full_sync, mut incr_sync) = (syncer(), syncer());
+                let (mut changed_services, mut changed_slices) = (HashSet::new(), HashSet::new());
+                for step in 0..150 {
+                    // One to three changes per sync, as a debounce folds them.
+                    for _ in 0..1 + rng.below(3) {
+                        let ns = *rng.pick(NAMESPACES);
+                        if rng.below(2) == 0 {
+                            let name = *rng.pick(SERVICES);
+                            let key = format!("{ns}/{name}");
+                            if rng.below(4) == 0 {
+                                services.remove(&key);
+                            } else {
+                                services.insert(key.clone(), random_service(&mut rng, ns, name));
+                            }
+                            changed_services.insert(key);
+                        } else {
+                            let name = format!("e{}", rng.below(8));
+                            let key = format!("{ns}/{name}");
+                            if rng.below(4) == 0 {
+                                slices.remove(&key);
+                            } else {
+                                slices.insert(key.clone(), random_slice(&mut rng, ns, &name));
+                            }
+                            changed_slices.insert(key);
+                        }
+                    }
+                    // Store order is arbitrary: use a shuffled one.
+                    let mut svc_list: Vec<Service> = services.values().cloned().collect();
+                    let mut slice_list: Vec<EndpointSlice> = slices.values().cloned().collect();
+                    let n = svc_list.len();
+                    if n > 1 {
+                        svc_list.swap(rng.below(n), rng.below(n));
+                    }
+                    let n = slice_list.len();
+                    if n > 1 {
+                        slice_list.swap(rng.below(n), rng.below(n));
+                    }
+                    let service_index: HashMap<String, usize> = svc_list
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (object_key(&s.metadata), i))
+                        .collect();
+                    let slice_index: HashMap<String, usize> = slice_list
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (object_key(&s.metadata), i))
+                        .collect();
+                    let tracked = Tracked {
+                        service_index: &service_index,
+                        slice_index: &slice_index,
+                        // The first sync (and now and then a relist) sees everything.
+                        changed: (step != 0 && step % 50 != 0).then_some((&changed_services, &changed_slices)),
+                    };
+
+                    let full = compute_for_node(&svc_list, &slice_list, &node);
+                    full_sync.apply(&full);
+                    let report = match incremental.update(&svc_list, &slice_list, &tracked) {
+                        Some(keys) => incr_sync.apply_changed(incremental.desired(), &keys),
+                        None => incr_sync.apply(incremental.desired()),
+                    };
+                    assert!(report.errors.is_empty(), "{:?}", report.errors);
+                    changed_services.clear();
+                    changed_slices.clear();
+
+                    conflicts += full
+                        .problems
+                        .iter()
+                        .filter(|p| p.reason.contains("already used"))
+                        .count();
+                    frontends += full.frontends.len();
+                    let ctx = format!("seed {seed} step {step}");
+                    assert_eq!(incremental.desired(), &full, "{ctx}");
+                    assert_eq!(incr_sync.programmed(), full_sync.programmed(), "{ctx}");
+                    let (a, b) = (incr_sync.writer(), full_sync.writer());
+                    assert_eq!(a.services, b.services, "{ctx}");
+                    assert_eq!(a.backends, b.backends, "{ctx}");
+                    assert_eq!(
+                        a.maglev.keys().collect::<Vec<_>>(),
+                        b.maglev.keys().collect::<Vec<_>>(),
+                        "{ctx}"
+                    );
+                    assert_eq!(a.names, b.names, "{ctx}");
+                }
+            }
+            assert!(
+                conflicts > 100 && frontends > 1000,
+                "{conflicts} conflicts, {frontends} frontends"
+            );
+        }
     }
 }

@@ -267,6 +267,7 @@ impl Source for PolledFiles {
     fn view<R>(&mut self, f: impl FnOnce(View<'_>) -> R) -> Option<R> {
         let (objects, problems) = self.current.as_ref()?;
         Some(f(View {
+            tracked: None,
             services: &objects.services,
             slices: &objects.slices,
             problems,

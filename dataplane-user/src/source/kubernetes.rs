@@ -17,7 +17,7 @@
 //! like the reflector does.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
@@ -39,6 +39,7 @@ use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{Source, SourceCounters, View};
+use crate::desired::Tracked;
 
 /// The annotation kubectl keeps a whole copy of the object in: dropped to
 /// save memory, nothing here reads it.
@@ -57,6 +58,11 @@ pub struct Store<K> {
     listed: bool,
     /// Completed lists so far.
     lists: u64,
+    /// Keys of the objects added, modified or deleted since the last
+    /// [`Store::take_changes`].
+    changed: HashSet<String>,
+    /// Set by a completed list: everything may have changed.
+    all_changed: bool,
 }
 
 impl<K> Default for Store<K> {
@@ -67,17 +73,15 @@ impl<K> Default for Store<K> {
             pending: None,
             listed: false,
             lists: 0,
+            changed: HashSet::new(),
+            all_changed: true,
         }
     }
 }
 
+/// The desired state's key, so it can find objects by it.
 fn key<K: Resource>(obj: &K) -> String {
-    let meta = obj.meta();
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or(""),
-        meta.name.as_deref().unwrap_or("")
-    )
+    crate::desired::object_key(obj.meta())
 }
 
 impl<K: Resource> Store<K> {
@@ -87,6 +91,23 @@ impl<K: Resource> Store<K> {
 
     pub fn listed(&self) -> bool {
         self.listed
+    }
+
+    /// `namespace/name` -> position in [`Store::items`].
+    pub fn index(&self) -> &HashMap<String, usize> {
+        &self.index
+    }
+
+    /// The keys changed since the previous call, `None` when a list
+    /// replaced everything meanwhile.
+    pub fn changes(&self) -> Option<&HashSet<String>> {
+        (!self.all_changed).then_some(&self.changed)
+    }
+
+    /// Forgets the changes: the caller has seen the current items.
+    pub fn take_changes(&mut self) {
+        self.changed.clear();
+        self.all_changed = false;
     }
 
     /// Applies one watcher event. Returns true when the visible set changed
@@ -110,14 +131,23 @@ impl<K: Resource> Store<K> {
                 }
                 self.listed = true;
                 self.lists += 1;
+                self.all_changed = true;
+                self.changed.clear();
                 true
             }
             watcher::Event::Apply(obj) => {
+                if !self.all_changed {
+                    self.changed.insert(key(&obj));
+                }
                 self.upsert(obj);
                 true
             }
             watcher::Event::Delete(obj) => {
-                self.remove(&key(&obj));
+                let k = key(&obj);
+                self.remove(&k);
+                if !self.all_changed {
+                    self.changed.insert(k);
+                }
                 true
             }
         }
@@ -344,15 +374,24 @@ impl Source for KubeSource {
     }
 
     fn view<R>(&mut self, f: impl FnOnce(View<'_>) -> R) -> Option<R> {
-        let cache = self.shared.lock();
+        let mut cache = self.shared.lock();
         if !cache.complete() {
             return None;
         }
-        Some(f(View {
+        let changed = cache.services.changes().zip(cache.slices.changes());
+        let r = f(View {
             services: cache.services.items(),
             slices: cache.slices.items(),
             problems: &[],
-        }))
+            tracked: Some(Tracked {
+                service_index: cache.services.index(),
+                slice_index: cache.slices.index(),
+                changed,
+            }),
+        });
+        cache.services.take_changes();
+        cache.slices.take_changes();
+        Some(r)
     }
 
     fn counters(&self) -> SourceCounters {

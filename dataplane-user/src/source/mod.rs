@@ -12,7 +12,7 @@ use std::future::Future;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::desired::Problem;
+use crate::desired::{Problem, Tracked};
 
 /// Services and EndpointSlices read from a source.
 #[derive(Clone, Debug, Default)]
@@ -36,6 +36,10 @@ pub struct View<'a> {
     /// Problems the source itself found (unparsable files); the
     /// desired-state function reports the rest.
     pub problems: &'a [Problem],
+    /// Indexes and what changed since the previous view, when the source
+    /// tracks them (the Kubernetes source): the sync then recomputes only
+    /// the Services concerned. `None`: the whole state is recomputed.
+    pub tracked: Option<Tracked<'a>>,
 }
 
 /// Counters a source keeps about its own connection to the objects.
@@ -58,6 +62,8 @@ pub trait Source {
     /// Runs `f` on the current objects, or returns `None` while the source
     /// has no complete view yet (initial lists still running): programming a
     /// partial view would remove Services that are merely not listed yet.
+    /// A source that fills [`View::tracked`] reports the changes since the
+    /// previous call that ran `f`.
     fn view<R>(&mut self, f: impl FnOnce(View<'_>) -> R) -> Option<R>;
 
     fn counters(&self) -> SourceCounters;
