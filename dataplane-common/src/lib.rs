@@ -74,7 +74,7 @@ pub mod map_shapes {
         shape::<CtKey, CtValue>(map_names::CONNTRACK, limits::MAX_CONNTRACK),
         shape::<AffinityKey, AffinityValue>(map_names::AFFINITY, limits::MAX_AFFINITY),
         shape::<u32, ServiceStats>(map_names::SERVICE_STATS, limits::MAX_SERVICES),
-        shape::<u32, u64>(map_names::REASON_STATS, REASON_COUNT),
+        shape::<u32, u64>(map_names::REASON_STATS, counters::ENTRIES),
         shape::<u32, DpConfig>(map_names::CONFIG, 1),
     ];
 }
@@ -509,6 +509,19 @@ pub enum Reason {
 
 /// Number of `Reason` values; the size of the reason counter array.
 pub const REASON_COUNT: u32 = 17;
+
+/// Counters kept in the reason array after the reasons (per CPU, like them;
+/// not reasons: a packet moves one reason and possibly some of these).
+pub mod counters {
+    use super::REASON_COUNT;
+    /// Conntrack entries written for new flows (two per flow).
+    pub const CT_CREATED: u32 = REASON_COUNT;
+    /// Of those, entries written over an existing one (an expired entry, a
+    /// SYN reusing a closed tuple): they evicted nothing.
+    pub const CT_REPLACED: u32 = REASON_COUNT + 1;
+    /// Size of the reason array.
+    pub const ENTRIES: u32 = REASON_COUNT + 2;
+}
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [

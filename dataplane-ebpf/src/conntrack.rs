@@ -7,7 +7,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use dataplane_common::{
-    Backend, CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
+    counters, Backend, CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
 };
 
 use crate::{
@@ -169,7 +169,15 @@ pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<(u32,
             },
         ),
     };
+    // Entries written over existing ones evict nothing: counted apart, so
+    // that evictions (created - replaced - present) can be told.
+    let replaced = DP_CONNTRACK.get_ptr(reply_key).is_some() as u64 + DP_CONNTRACK.get_ptr(tuple(p)).is_some() as u64;
     // Reply first: once the original exists, replies must translate.
     DP_CONNTRACK.insert(reply_key, reply, 0)?;
-    DP_CONNTRACK.insert(tuple(p), original, 0)
+    DP_CONNTRACK.insert(tuple(p), original, 0)?;
+    crate::stats::add(counters::CT_CREATED, 2);
+    if replaced != 0 {
+        crate::stats::add(counters::CT_REPLACED, replaced);
+    }
+    Ok(())
 }

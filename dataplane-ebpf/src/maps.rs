@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig, MaglevChunk, MaglevKey,
-    ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey, REASON_COUNT,
+    counters, limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig, MaglevChunk,
+    MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey,
 };
 
 /// Hash maps written by the agent are not preallocated: an updated element is
@@ -34,7 +34,7 @@ pub static DP_CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entri
 pub static DP_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(limits::MAX_SERVICES, 0);
 
 #[map]
-pub static DP_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+pub static DP_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::ENTRIES, 0);
 
 #[map]
 pub static DP_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(limits::MAX_AFFINITY, 0);

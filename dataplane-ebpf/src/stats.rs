@@ -12,6 +12,15 @@ pub fn count(reason: Reason) {
     }
 }
 
+/// Adds `n` to one of the `dataplane_common::counters`.
+#[inline(always)]
+pub fn add(counter: u32, n: u64) {
+    if let Some(c) = DP_REASONS.get_ptr_mut(counter) {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        unsafe { *c += n };
+    }
+}
+
 #[inline(always)]
 pub fn service<F: FnOnce(&mut ServiceStats)>(service_id: u32, f: F) {
     if let Some(s) = DP_SVC_STATS.get_ptr_mut(service_id) {

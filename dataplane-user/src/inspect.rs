@@ -12,7 +12,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
-    map_names, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue, ABI_VERSION, BACKEND_F_REMOTE,
+    counters, map_names, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue, ABI_VERSION, BACKEND_F_REMOTE,
     CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL,
     SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
@@ -407,6 +407,11 @@ pub struct Stats {
     pub reasons: Vec<ReasonRow>,
     pub conntrack_entries: u64,
     pub conntrack_max: u32,
+    /// Conntrack entries written for new flows since the maps were created.
+    pub conntrack_created: u64,
+    /// Of those, evicted by the LRU to make room (created, minus those
+    /// written over an existing entry, minus those present).
+    pub conntrack_evicted: u64,
     pub maps: Vec<MapUse>,
 }
 
@@ -497,7 +502,19 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
     ] {
         uses.push((name, kind, u64::from(max(name))));
     }
+    let counter = |index: u32| -> Result<u64, InspectError> {
+        Ok(maps
+            .reasons
+            .get(&index, 0)
+            .map_err(read_err(map_names::REASON_STATS))?
+            .iter()
+            .sum())
+    };
+    let created = counter(counters::CT_CREATED)?;
+    let replaced = counter(counters::CT_REPLACED)?;
     Ok(Stats {
+        conntrack_created: created,
+        conntrack_evicted: created.saturating_sub(replaced).saturating_sub(conntrack),
         reasons: reason_rows(maps)?,
         conntrack_entries: conntrack,
         conntrack_max: max(map_names::CONNTRACK),
@@ -674,10 +691,12 @@ pub fn stats_table(s: &Stats) -> String {
     }
     let mut out = t.render();
     out.push_str(&format!(
-        "\nconntrack: {} of {} entries ({:.2}%)\n\n",
+        "\nconntrack: {} of {} entries ({:.2}%), {} created, {} evicted\n\n",
         s.conntrack_entries,
         s.conntrack_max,
-        100.0 * s.conntrack_entries as f64 / f64::from(s.conntrack_max.max(1))
+        100.0 * s.conntrack_entries as f64 / f64::from(s.conntrack_max.max(1)),
+        s.conntrack_created,
+        s.conntrack_evicted
     ));
     let mut t = Table::new(vec!["MAP", "KIND", "ENTRIES", "MAX_ENTRIES", "USE_%"]);
     for m in &s.maps {

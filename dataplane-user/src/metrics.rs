@@ -194,6 +194,20 @@ pub fn render_maps(maps: &Maps, out: &mut String) -> Result<(), inspect::Inspect
     let _ = writeln!(out, "dataplane_conntrack_capacity {}", stats.conntrack_max);
     family(
         out,
+        "dataplane_conntrack_created_total",
+        "counter",
+        "Conntrack entries written for new flows (two per flow).",
+    );
+    let _ = writeln!(out, "dataplane_conntrack_created_total {}", stats.conntrack_created);
+    family(
+        out,
+        "dataplane_conntrack_evictions_total",
+        "counter",
+        "Conntrack entries the LRU evicted to make room (created - written over an existing entry - present).",
+    );
+    let _ = writeln!(out, "dataplane_conntrack_evictions_total {}", stats.conntrack_evicted);
+    family(
+        out,
         "dataplane_map_entries",
         "gauge",
         "Entries in each map (arrays are always full).",

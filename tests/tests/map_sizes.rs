@@ -43,6 +43,12 @@ fn full_conntrack_evicts_and_new_flows_keep_working() {
     }
     let n = l.conntrack_len();
     assert!(n <= 64, "conntrack holds {n} entries in a 64-entry map");
+    // The evictions are visible (metrics, `dataplane stats`): every entry
+    // created and no longer present was evicted.
+    let s = dataplane::inspect::stats(l.sync.writer()).unwrap();
+    assert_eq!(s.conntrack_created, 1280, "two entries per new flow");
+    assert_eq!(s.conntrack_entries, n as u64);
+    assert_eq!(s.conntrack_evicted, 1280 - n as u64);
 }
 
 #[test]
