@@ -1,5 +1,5 @@
 //! Control-plane benchmark (not a test): the real `dataplane` binary with
-//! `--source kubernetes --no-attach` against the in-process fake API server,
+//! `--source kubernetes --no-attach --no-pin` against the in-process fake API server,
 //! 10,000 Services x 4 endpoints. Reports
 //!
 //! - cold start: from spawning the agent to the first sync that programmed
@@ -274,7 +274,15 @@ async fn bench(bin: &Path) -> Result<Value> {
     eprintln!("bench: starting {} --source kubernetes --no-attach", bin.display());
     let spawned_us = now_us();
     let child = Command::new(bin)
-        .args(["--log-format", "json", "run", "--source", "kubernetes", "--no-attach"])
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--source",
+            "kubernetes",
+            "--no-attach",
+            "--no-pin",
+        ])
         .args(["--node-name", NODE, "--health-bind", "127.0.0.1:10256"])
         .env("KUBECONFIG", &kubeconfig)
         .env("DATAPLANE_LOG", "info")
