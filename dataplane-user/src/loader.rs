@@ -145,6 +145,18 @@ pub struct Dataplane {
     pins: Option<PinRoot>,
 }
 
+/// Pins a new link at `pin`, so that it outlives the agent.
+fn pin_link(fd: FdLink, pin: &Path) -> Result<(), LoadError> {
+    fd.pin(pin).map(drop).map_err(|e| pin_error(pin, e))
+}
+
+fn pin_error(pin: &Path, e: impl std::fmt::Display) -> LoadError {
+    LoadError::Pin(PinError::Io {
+        path: pin.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 /// Retries a program load that failed with EAGAIN: the verifier gives up
 /// with EAGAIN when a signal is pending for the loading thread (a child
 /// process exiting, for instance), and succeeds when simply run again, as
@@ -367,12 +379,7 @@ impl Dataplane {
         let link = p.take_link(id).map_err(attach_err)?;
         match FdLink::try_from(link) {
             Ok(fd) => {
-                fd.pin(&pin).map_err(|e| {
-                    LoadError::Pin(PinError::Io {
-                        path: pin.display().to_string(),
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                })?;
+                pin_link(fd, &pin)?;
                 Ok(Attached {
                     mode: AttachMode::XdpLink,
                     replaced: false,
@@ -437,18 +444,8 @@ impl Dataplane {
                     });
                 };
                 let link = p.take_link(id).map_err(attach_err)?;
-                let fd = FdLink::try_from(link).map_err(|e| {
-                    LoadError::Pin(PinError::Io {
-                        path: pin.display().to_string(),
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                })?;
-                fd.pin(&pin).map_err(|e| {
-                    LoadError::Pin(PinError::Io {
-                        path: pin.display().to_string(),
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                })?;
+                let fd = FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?;
+                pin_link(fd, &pin)?;
                 Ok(Attached {
                     mode: AttachMode::Tcx,
                     replaced: false,
