@@ -125,6 +125,21 @@ pub fn first_reply(key: &CtKey) -> bool {
     }
 }
 
+/// Inserts an entry; returns 1 when it was written over an existing one
+/// (which evicts nothing: counted apart so that evictions, created -
+/// replaced - present, can be told). New keys, the common case, cost one
+/// insert and no lookup.
+#[inline(always)]
+fn insert_counting_replaced(key: &CtKey, value: &CtValue) -> Result<u64, i32> {
+    const BPF_NOEXIST: u64 = 1;
+    const EEXIST: i32 = 17;
+    match DP_CONNTRACK.insert(key, value, BPF_NOEXIST) {
+        Ok(()) => Ok(0),
+        Err(e) if e == -EEXIST => DP_CONNTRACK.insert(key, value, 0).map(|()| 1),
+        Err(e) => Err(e),
+    }
+}
+
 /// Creates both entries of a new flow from client `p` (towards the VIP) to
 /// `backend`, with the source translated to `snat` when given.
 #[inline(always)]
@@ -169,12 +184,8 @@ pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<(u32,
             },
         ),
     };
-    // Entries written over existing ones evict nothing: counted apart, so
-    // that evictions (created - replaced - present) can be told.
-    let replaced = DP_CONNTRACK.get_ptr(reply_key).is_some() as u64 + DP_CONNTRACK.get_ptr(tuple(p)).is_some() as u64;
     // Reply first: once the original exists, replies must translate.
-    DP_CONNTRACK.insert(reply_key, reply, 0)?;
-    DP_CONNTRACK.insert(tuple(p), original, 0)?;
+    let replaced = insert_counting_replaced(&reply_key, &reply)? + insert_counting_replaced(&tuple(p), &original)?;
     crate::stats::add(counters::CT_CREATED, 2);
     if replaced != 0 {
         crate::stats::add(counters::CT_REPLACED, replaced);

@@ -171,6 +171,11 @@ fn syn_after_close_picks_a_backend_again() {
     l.set_service(VIP, 80, TCP, &others);
     let again = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
     assert_ne!(again.dst, first.dst);
+    // The second flow wrote over the first one's original entry: that is
+    // no eviction (4 entries created, 1 written over, 3 present).
+    let s = dataplane::inspect::stats(l.sync.writer()).unwrap();
+    assert_eq!((s.conntrack_created, s.conntrack_entries), (4, 3));
+    assert_eq!(s.conntrack_evicted, 0);
 }
 
 #[test]
