@@ -224,27 +224,34 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
 }
 
-fn build_ebpf() -> Result<()> {
-    ensure_nightly()?;
-    ensure_bpf_linker()?;
-    say("building the eBPF programs (dataplane-ebpf, bpfel-unknown-none, release)");
-    let root = root();
-    run(Command::new("cargo")
-        .current_dir(root.join("dataplane-ebpf"))
+/// `cargo +nightly SUBCOMMAND` on the eBPF crate, for its target, with
+/// build-std and the shared target directory. The eBPF crate must not
+/// inherit host flags (coverage, sanitizers).
+fn ebpf_cargo(root: &Path, subcommand: &str) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root.join("dataplane-ebpf"))
         .args([
             "+nightly",
-            "build",
+            subcommand,
             "--release",
             "--target",
             "bpfel-unknown-none",
             "-Z",
             "build-std=core",
-            "--target-dir",
         ])
+        .arg("--target-dir")
         .arg(root.join("target/ebpf"))
-        // The eBPF crate must not inherit host flags (coverage, sanitizers).
         .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS"))?;
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd
+}
+
+fn build_ebpf() -> Result<()> {
+    ensure_nightly()?;
+    ensure_bpf_linker()?;
+    say("building the eBPF programs (dataplane-ebpf, bpfel-unknown-none, release)");
+    let root = root();
+    run(&mut ebpf_cargo(&root, "build"))?;
     say(format!(
         "eBPF object: {}",
         root.join("target/ebpf/bpfel-unknown-none/release/dataplane").display()
@@ -276,21 +283,7 @@ fn lint() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(Command::new("cargo")
-        .current_dir(root.join("dataplane-ebpf"))
-        .args([
-            "+nightly",
-            "clippy",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--target-dir",
-        ])
-        .arg(root.join("target/ebpf"))
-        .args(["--", "-D", "warnings"])
-        .env_remove("RUSTFLAGS"))
+    run(ebpf_cargo(&root, "clippy").args(["--", "-D", "warnings"]))
 }
 
 fn require_root(what: &str) -> Result<()> {
