@@ -10,16 +10,52 @@
 //! exactly as they appear in packets (the datapath compares them without
 //! swapping). Use the constructors on the user side, which take host-order
 //! values.
+//!
+//! Both address families share every map and every code path: an address is
+//! an [`Addr`] of 16 bytes, an IPv4 address in its first 4 bytes and zeros
+//! after; keys that could otherwise collide across families (service and
+//! conntrack keys) carry the family ([`FAMILY_V4`] / [`FAMILY_V6`]). Values
+//! reached through such a key (a service's backends, its affinity and
+//! source-range entries) are of the key's family.
 #![no_std]
 
 use bytemuck::{Pod, Zeroable};
 
 /// Bumped whenever a map layout below changes in an incompatible way.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// IP protocol numbers used in keys.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Address family tags in keys (the IP version number).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// An IPv4 or IPv6 address as four 32-bit words in network byte order, as
+/// the bytes appear in a packet. IPv4: word 0, words 1-3 zero.
+pub type Addr = [u32; 4];
+
+/// The IPv4 address `a` (network order) as an [`Addr`].
+#[inline(always)]
+pub const fn v4_addr(a: u32) -> Addr {
+    [a, 0, 0, 0]
+}
+
+/// `a == b`, word by word (no `memcmp`, which eBPF does not have).
+#[inline(always)]
+pub const fn addr_eq(a: &Addr, b: &Addr) -> bool {
+    ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0
+}
+
+/// The four words of `a` folded into one (XOR). For an IPv4 [`Addr`] this is
+/// the IPv4 address itself.
+#[inline(always)]
+pub const fn fold_addr(a: &Addr) -> u32 {
+    a[0] ^ a[1] ^ a[2] ^ a[3]
+}
 
 /// Map names as they appear in the eBPF object (the symbol names of the map
 /// statics). The kernel truncates names to 15 bytes; all of these fit.
@@ -34,6 +70,8 @@ pub mod map_names {
     pub const CONFIG: &str = "DP_CONFIG";
     pub const SERVICE_STATS: &str = "DP_SVC_STATS";
     pub const REASON_STATS: &str = "DP_REASONS";
+    /// Kernel-side scratch space (`CtScratch`), never pinned.
+    pub const SCRATCH: &str = "DP_SCRATCH";
 }
 
 /// The shape of every map: what a pinned map must match to be adopted by a
@@ -120,13 +158,14 @@ pub mod limits {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ServiceKey {
-    /// Virtual IPv4 address, network byte order.
-    pub addr: u32,
+    /// Virtual address (VIP, node address, ...).
+    pub addr: Addr,
     /// Frontend port, network byte order.
     pub port: u16,
     /// IPPROTO_TCP or IPPROTO_UDP.
     pub proto: u8,
-    pub _pad: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
 }
 
 /// Value of the service map.
@@ -179,8 +218,9 @@ impl BackendKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct Backend {
-    /// Backend IPv4 address, network byte order.
-    pub addr: u32,
+    /// Backend address, of the family of the service it belongs to
+    /// (`BACKEND_F_V6` says which, for readers without the service).
+    pub addr: Addr,
     /// Backend port, network byte order.
     pub port: u16,
     /// `BACKEND_F_*` bits.
@@ -195,12 +235,14 @@ pub struct Backend {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CtKey {
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: u16,
 }
 
 /// Connection tracking value.
@@ -208,26 +250,38 @@ pub struct CtKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtValue {
     /// Original entry: the backend address the destination is rewritten to.
-    /// Reply entry: the VIP the source is rewritten to. Network byte order.
-    pub nat_addr: u32,
-    /// As `nat_addr`, for the port.
-    pub nat_port: u16,
-    /// `CT_F_*` bits: direction, TCP state, SNAT.
-    pub flags: u16,
-    /// The frontend this flow was created for (counters).
-    pub service_id: u32,
+    /// Reply entry: the VIP the source is rewritten to. Of the key's family.
+    pub nat_addr: Addr,
     /// With `CT_F_SNAT`. Original entry: the node address the source is
     /// rewritten to. Reply entry: the client address the destination is
-    /// rewritten back to. Network byte order.
-    pub snat_addr: u32,
+    /// rewritten back to.
+    pub snat_addr: Addr,
     /// `bpf_ktime_get_ns()` at creation.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns()` at the last packet seen in the entry's
     /// direction (refreshed at most once a second).
     pub last_seen_ns: u64,
+    /// The frontend this flow was created for (counters).
+    pub service_id: u32,
+    /// As `nat_addr`, for the port (network byte order).
+    pub nat_port: u16,
+    /// `CT_F_*` bits: direction, TCP state, SNAT.
+    pub flags: u16,
     /// As `snat_addr`, for the port.
     pub snat_port: u16,
     pub _pad: [u16; 3],
+}
+
+/// Per-CPU scratch space of the programs (one entry of a per-CPU array
+/// that is neither pinned nor read by the agent): conntrack keys and values
+/// are built here rather than on the 512-byte eBPF stack. Programs of one
+/// CPU do not interleave (XDP and TC ingress run in softirq context), so
+/// one entry per CPU suffices.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtScratch {
+    pub key: CtKey,
+    pub value: CtValue,
 }
 
 /// Service flag bits (`ServiceValue::flags`).
@@ -257,12 +311,13 @@ pub const SVC_F_SOURCE_RANGES: u32 = 1 << 4;
 pub struct SourceRangeKey {
     /// Big-endian, so that the trie matches it as the leading 32 bits.
     pub service_id_be: u32,
-    /// Network byte order.
-    pub addr: u32,
+    /// Of the service's family (an IPv4 prefix covers at most the first 4
+    /// bytes; the zeros after never take part in its match).
+    pub addr: Addr,
 }
 
 impl SourceRangeKey {
-    pub const fn new(service_id: u32, addr: u32) -> Self {
+    pub const fn new(service_id: u32, addr: Addr) -> Self {
         SourceRangeKey {
             service_id_be: service_id.to_be(),
             addr,
@@ -270,15 +325,16 @@ impl SourceRangeKey {
     }
 }
 
-/// The prefix length that looks up one address of one service.
-pub const SOURCE_RANGE_FULL_PREFIX: u32 = 64;
+/// The prefix length that looks up one address of one service (either
+/// family: IPv4 entries have prefixes of at most 32 + 32 bits).
+pub const SOURCE_RANGE_FULL_PREFIX: u32 = 32 + 128;
 
 /// Key of the session affinity map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct AffinityKey {
-    /// Client address, network byte order.
-    pub client: u32,
+    /// Client address, of the service's family.
+    pub client: Addr,
     pub service_id: u32,
 }
 
@@ -290,6 +346,7 @@ pub struct AffinityValue {
     /// index, so it stays valid when the backend set changes; the agent
     /// deletes entries whose backend left the service.
     pub backend: Backend,
+    pub _pad: u32,
     /// `bpf_ktime_get_ns()` of the client's last new flow to the service.
     pub last_seen_ns: u64,
 }
@@ -315,6 +372,9 @@ pub struct DpConfig {
     pub udp_timeout_ns: u64,
     /// UDP flows that have seen a reply.
     pub udp_stream_timeout_ns: u64,
+    /// This node's IPv6 address for SNAT of IPv6 flows; all zero: no SNAT
+    /// for IPv6.
+    pub snat_addr6: Addr,
 }
 
 /// Default conntrack timeouts, in seconds (netfilter's for UDP and SYN,
@@ -338,6 +398,7 @@ impl DpConfig {
             tcp_closing_timeout_ns: timeouts::TCP_CLOSING_S * NS,
             udp_timeout_ns: timeouts::UDP_S * NS,
             udp_stream_timeout_ns: timeouts::UDP_STREAM_S * NS,
+            snat_addr6: [0; 4],
         }
     }
 
@@ -430,6 +491,8 @@ pub struct MaglevChunk {
 pub const BACKEND_F_NONE: u16 = 0;
 /// The backend runs on another node.
 pub const BACKEND_F_REMOTE: u16 = 1 << 0;
+/// The backend's address is IPv6.
+pub const BACKEND_F_V6: u16 = 1 << 1;
 
 /// Conntrack flag bits (`CtValue::flags`).
 pub const CT_F_ORIGINAL: u16 = 1 << 0;
@@ -462,12 +525,13 @@ pub struct ServiceStats {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
-    /// Not an IPv4 frame (ARP, IPv6 for now, ...): passed untouched.
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): passed untouched.
     PassNotIp = 0,
-    /// IPv4 but neither TCP nor UDP (nor an ICMP error about a translated
-    /// flow): passed untouched.
+    /// IP but neither TCP nor UDP (nor an ICMP/ICMPv6 error about a
+    /// translated flow): passed untouched.
     PassNotTcpUdp = 1,
-    /// IPv4 fragment (first or later): passed untouched.
+    /// IPv4 fragment or IPv6 packet with a fragment header (first or
+    /// later): passed untouched.
     PassFragment = 2,
     /// Headers shorter than they claim: passed untouched.
     PassTruncated = 3,
@@ -505,10 +569,14 @@ pub enum Reason {
     /// client (quoted destination -> VIP, from the VIP when the backend sent
     /// it, SNAT undone).
     NatIcmpError = 16,
+    /// IPv6 whose extension headers the datapath does not walk through
+    /// (more than it follows, an unknown one, or a routing header with
+    /// segments left: the destination is not final): passed untouched.
+    PassExtHeaders = 17,
 }
 
 /// Number of `Reason` values; the size of the reason counter array.
-pub const REASON_COUNT: u32 = 17;
+pub const REASON_COUNT: u32 = 18;
 
 /// Counters kept in the reason array after the reasons (per CPU, like them;
 /// not reasons: a packet moves one reason and possibly some of these).
@@ -542,6 +610,7 @@ impl Reason {
         Reason::DropSourceRange,
         Reason::DropSnatFailed,
         Reason::NatIcmpError,
+        Reason::PassExtHeaders,
     ];
 
     /// A stable snake_case name for CLIs and metrics labels.
@@ -564,6 +633,7 @@ impl Reason {
             Reason::DropSourceRange => "drop_source_range",
             Reason::DropSnatFailed => "drop_snat_failed",
             Reason::NatIcmpError => "nat_icmp_error",
+            Reason::PassExtHeaders => "pass_ext_headers",
         }
     }
 
@@ -581,7 +651,8 @@ impl Reason {
 }
 
 /// The hash that picks a backend for a new flow, from the original 5-tuple
-/// (fields in network byte order, as in `CtKey`). Shared so that the agent
+/// (fields in network byte order, as in `CtKey`; addresses folded with
+/// [`fold_addr`], see [`flow_hash_key`]). Shared so that the agent
 /// (`trace`, tests) predicts exactly what the datapath chooses.
 ///
 /// A multiply-xorshift mix: cheap in eBPF (no loops), and well spread in its
@@ -595,6 +666,12 @@ pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u
     h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     h ^= h >> 32;
     h as u32
+}
+
+/// [`flow_hash`] of a conntrack key (either family).
+#[inline(always)]
+pub fn flow_hash_key(k: &CtKey) -> u32 {
+    flow_hash(fold_addr(&k.saddr), fold_addr(&k.daddr), k.sport, k.dport, k.proto)
 }
 
 /// Internet checksum helpers for incremental updates (RFC 1624), used by the
@@ -690,7 +767,11 @@ pub mod bench {
 }
 
 #[cfg(feature = "user")]
-mod user {
+pub use user::{addr_of, family_of, ip_of};
+
+/// User-side constructors and conversions (feature `user`).
+#[cfg(feature = "user")]
+pub mod user {
     use super::*;
 
     // SAFETY: every type below is #[repr(C)], has no padding bytes that are
@@ -711,35 +792,87 @@ mod user {
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for bench::BenchFrame {}
 
-    impl ServiceKey {
-        /// From host-order values.
-        pub fn new(addr: core::net::Ipv4Addr, port: u16, proto: u8) -> Self {
-            ServiceKey {
-                addr: u32::from_ne_bytes(addr.octets()),
-                port: port.to_be(),
-                proto,
-                _pad: 0,
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    /// `ip` as an [`Addr`] and its family tag.
+    pub fn addr_of(ip: IpAddr) -> (Addr, u8) {
+        match ip {
+            IpAddr::V4(a) => (v4_addr(u32::from_ne_bytes(a.octets())), FAMILY_V4),
+            IpAddr::V6(a) => {
+                let o = a.octets();
+                let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                ([w(0), w(4), w(8), w(12)], FAMILY_V6)
             }
         }
-        pub fn ip(&self) -> core::net::Ipv4Addr {
-            core::net::Ipv4Addr::from(self.addr.to_ne_bytes())
+    }
+
+    /// The address `a` of `family` (`FAMILY_V6`, anything else is IPv4).
+    pub fn ip_of(a: &Addr, family: u8) -> IpAddr {
+        if family == FAMILY_V6 {
+            let mut o = [0u8; 16];
+            for (i, w) in a.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(o))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(a[0].to_ne_bytes()))
+        }
+    }
+
+    /// The family tag of `ip`.
+    pub fn family_of(ip: IpAddr) -> u8 {
+        if ip.is_ipv6() {
+            FAMILY_V6
+        } else {
+            FAMILY_V4
+        }
+    }
+
+    impl ServiceKey {
+        /// From host-order values.
+        pub fn new(addr: impl Into<IpAddr>, port: u16, proto: u8) -> Self {
+            let (addr, family) = addr_of(addr.into());
+            ServiceKey {
+                addr,
+                port: port.to_be(),
+                proto,
+                family,
+            }
+        }
+        pub fn ip(&self) -> IpAddr {
+            ip_of(&self.addr, self.family)
         }
         pub fn host_port(&self) -> u16 {
             u16::from_be(self.port)
+        }
+        pub fn is_v6(&self) -> bool {
+            self.family == FAMILY_V6
         }
     }
 
     impl Backend {
         /// From host-order values.
-        pub fn new(addr: core::net::Ipv4Addr, port: u16) -> Self {
+        pub fn new(addr: impl Into<IpAddr>, port: u16) -> Self {
+            let (addr, family) = addr_of(addr.into());
             Backend {
-                addr: u32::from_ne_bytes(addr.octets()),
+                addr,
                 port: port.to_be(),
-                flags: BACKEND_F_NONE,
+                flags: if family == FAMILY_V6 {
+                    BACKEND_F_V6
+                } else {
+                    BACKEND_F_NONE
+                },
             }
         }
-        pub fn ip(&self) -> core::net::Ipv4Addr {
-            core::net::Ipv4Addr::from(self.addr.to_ne_bytes())
+        pub fn ip(&self) -> IpAddr {
+            ip_of(&self.addr, self.family())
+        }
+        pub fn family(&self) -> u8 {
+            if self.flags & BACKEND_F_V6 != 0 {
+                FAMILY_V6
+            } else {
+                FAMILY_V4
+            }
         }
         pub fn host_port(&self) -> u16 {
             u16::from_be(self.port)
@@ -747,16 +880,37 @@ mod user {
     }
 
     impl CtKey {
-        /// From host-order values.
-        pub fn new(saddr: core::net::Ipv4Addr, sport: u16, daddr: core::net::Ipv4Addr, dport: u16, proto: u8) -> Self {
+        /// From host-order values; both addresses of one family.
+        pub fn new(saddr: impl Into<IpAddr>, sport: u16, daddr: impl Into<IpAddr>, dport: u16, proto: u8) -> Self {
+            let (saddr, family) = addr_of(saddr.into());
+            let (daddr, _) = addr_of(daddr.into());
             CtKey {
-                saddr: u32::from_ne_bytes(saddr.octets()),
-                daddr: u32::from_ne_bytes(daddr.octets()),
+                saddr,
+                daddr,
                 sport: sport.to_be(),
                 dport: dport.to_be(),
                 proto,
-                _pad: [0; 3],
+                family,
+                _pad: 0,
             }
+        }
+        pub fn src_ip(&self) -> IpAddr {
+            ip_of(&self.saddr, self.family)
+        }
+        pub fn dst_ip(&self) -> IpAddr {
+            ip_of(&self.daddr, self.family)
+        }
+    }
+
+    impl DpConfig {
+        /// The SNAT address of `family`, `None` when unset.
+        pub fn snat_ip(&self, family: u8) -> Option<IpAddr> {
+            let a = if family == FAMILY_V6 {
+                self.snat_addr6
+            } else {
+                v4_addr(self.snat_addr)
+            };
+            (a != [0; 4]).then(|| ip_of(&a, family))
         }
     }
 }
@@ -772,11 +926,12 @@ mod tests {
     // ABI_VERSION.
     #[test]
     fn service_key_layout() {
-        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(align_of::<ServiceKey>(), 4);
         assert_eq!(offset_of!(ServiceKey, addr), 0);
-        assert_eq!(offset_of!(ServiceKey, port), 4);
-        assert_eq!(offset_of!(ServiceKey, proto), 6);
+        assert_eq!(offset_of!(ServiceKey, port), 16);
+        assert_eq!(offset_of!(ServiceKey, proto), 18);
+        assert_eq!(offset_of!(ServiceKey, family), 19);
     }
 
     #[test]
@@ -792,11 +947,12 @@ mod tests {
 
     #[test]
     fn affinity_and_config_layout() {
-        assert_eq!(size_of::<AffinityKey>(), 8);
-        assert_eq!(offset_of!(AffinityKey, service_id), 4);
-        assert_eq!(size_of::<AffinityValue>(), 16);
-        assert_eq!(offset_of!(AffinityValue, last_seen_ns), 8);
-        assert_eq!(size_of::<DpConfig>(), 48);
+        assert_eq!(size_of::<AffinityKey>(), 20);
+        assert_eq!(offset_of!(AffinityKey, service_id), 16);
+        assert_eq!(size_of::<AffinityValue>(), 32);
+        assert_eq!(offset_of!(AffinityValue, last_seen_ns), 24);
+        assert_eq!(size_of::<DpConfig>(), 64);
+        assert_eq!(offset_of!(DpConfig, snat_addr6), 48);
         assert_eq!(offset_of!(DpConfig, snat_addr), 4);
         assert_eq!(offset_of!(DpConfig, tcp_syn_timeout_ns), 8);
         assert_eq!(offset_of!(DpConfig, udp_stream_timeout_ns), 40);
@@ -851,31 +1007,32 @@ mod tests {
     fn backend_layout() {
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(offset_of!(BackendKey, slot), 4);
-        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(offset_of!(Backend, addr), 0);
-        assert_eq!(offset_of!(Backend, port), 4);
-        assert_eq!(offset_of!(Backend, flags), 6);
+        assert_eq!(offset_of!(Backend, port), 16);
+        assert_eq!(offset_of!(Backend, flags), 18);
     }
 
     #[test]
     fn conntrack_layout() {
-        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(offset_of!(CtKey, saddr), 0);
-        assert_eq!(offset_of!(CtKey, daddr), 4);
-        assert_eq!(offset_of!(CtKey, sport), 8);
-        assert_eq!(offset_of!(CtKey, dport), 10);
-        assert_eq!(offset_of!(CtKey, proto), 12);
-        assert_eq!(size_of::<CtValue>(), 40);
+        assert_eq!(offset_of!(CtKey, daddr), 16);
+        assert_eq!(offset_of!(CtKey, sport), 32);
+        assert_eq!(offset_of!(CtKey, dport), 34);
+        assert_eq!(offset_of!(CtKey, proto), 36);
+        assert_eq!(offset_of!(CtKey, family), 37);
+        assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(align_of::<CtValue>(), 8);
         assert_eq!(offset_of!(CtValue, nat_addr), 0);
-        assert_eq!(offset_of!(CtValue, nat_port), 4);
-        assert_eq!(offset_of!(CtValue, flags), 6);
-        assert_eq!(offset_of!(CtValue, service_id), 8);
-        assert_eq!(offset_of!(CtValue, snat_addr), 12);
-        assert_eq!(offset_of!(CtValue, created_ns), 16);
-        assert_eq!(offset_of!(CtValue, last_seen_ns), 24);
-        assert_eq!(offset_of!(CtValue, snat_port), 32);
-        assert_eq!(size_of::<SourceRangeKey>(), 8);
+        assert_eq!(offset_of!(CtValue, snat_addr), 16);
+        assert_eq!(offset_of!(CtValue, created_ns), 32);
+        assert_eq!(offset_of!(CtValue, last_seen_ns), 40);
+        assert_eq!(offset_of!(CtValue, service_id), 48);
+        assert_eq!(offset_of!(CtValue, nat_port), 52);
+        assert_eq!(offset_of!(CtValue, flags), 54);
+        assert_eq!(offset_of!(CtValue, snat_port), 56);
+        assert_eq!(size_of::<SourceRangeKey>(), 20);
         assert_eq!(offset_of!(SourceRangeKey, addr), 4);
     }
 
@@ -929,6 +1086,41 @@ mod tests {
         let updated = csum::replace2(updated, words[0], 0x4501);
         words[0] = 0x4501;
         assert_eq!(updated, full_csum(&words));
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn addresses_round_trip_in_both_families() {
+        use core::net::IpAddr;
+        for s in ["198.19.0.10", "2001:db8::10", "fd00::1:2:3:4", "0.0.0.1"] {
+            let ip: IpAddr = s.parse().unwrap();
+            let (a, f) = user::addr_of(ip);
+            assert_eq!(user::ip_of(&a, f), ip, "{s}");
+        }
+        // IPv4 sits in word 0 in packet byte order, the rest is zero.
+        let (a, f) = user::addr_of("198.19.0.10".parse().unwrap());
+        assert_eq!(f, FAMILY_V4);
+        assert_eq!(a, [u32::from_ne_bytes([198, 19, 0, 10]), 0, 0, 0]);
+        let k4 = ServiceKey::new(core::net::Ipv4Addr::new(198, 19, 0, 10), 80, IPPROTO_TCP);
+        let k6 = ServiceKey::new("c613:a::".parse::<core::net::Ipv6Addr>().unwrap(), 80, IPPROTO_TCP);
+        assert_ne!(k4, k6, "the family keeps look-alike keys apart");
+        let b = Backend::new("2001:db8::5".parse::<IpAddr>().unwrap(), 8080);
+        assert_eq!(b.ip(), "2001:db8::5".parse::<IpAddr>().unwrap());
+        assert_eq!(b.host_port(), 8080);
+    }
+
+    #[test]
+    fn flow_hash_of_an_ipv4_key_is_the_ipv4_hash() {
+        let k = CtKey {
+            saddr: v4_addr(0x0102_0304),
+            daddr: v4_addr(0x0506_0708),
+            sport: 1,
+            dport: 2,
+            proto: 6,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        assert_eq!(flow_hash_key(&k), flow_hash(0x0102_0304, 0x0506_0708, 1, 2, 6));
     }
 
     #[test]

@@ -18,7 +18,7 @@ fn key(p: &Packet, svc: &ServiceValue) -> AffinityKey {
 }
 
 /// The backend remembered for this client, if not expired; refreshes it.
-#[inline(always)]
+#[inline(never)]
 pub fn lookup(p: &Packet, svc: &ServiceValue) -> Option<Backend> {
     let e = DP_AFFINITY.get_ptr_mut(key(p, svc))?;
     // SAFETY: helper without preconditions; the LRU value stays valid for
@@ -34,7 +34,7 @@ pub fn lookup(p: &Packet, svc: &ServiceValue) -> Option<Backend> {
 }
 
 /// Remembers `backend` for this client.
-#[inline(always)]
+#[inline(never)]
 pub fn remember(p: &Packet, svc: &ServiceValue, backend: Backend) {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -43,6 +43,7 @@ pub fn remember(p: &Packet, svc: &ServiceValue, backend: Backend) {
         key(p, svc),
         AffinityValue {
             backend,
+            _pad: 0,
             last_seen_ns: now,
         },
         0,

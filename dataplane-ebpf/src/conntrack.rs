@@ -5,13 +5,18 @@
 //! client, records the VIP. An established flow therefore keeps its backend
 //! whatever happens to the service's backend set.
 
+// Keys are passed to the map helpers by reference into the scratch entry:
+// the by-value form clippy prefers would copy them onto the stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use dataplane_common::{
-    counters, Backend, CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
+    counters, Addr, Backend, CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY,
+    CT_F_SNAT,
 };
 
 use crate::{
-    maps::{DP_CONFIG, DP_CONNTRACK},
+    maps::{scratch, DP_CONFIG, DP_CONNTRACK},
     parse::{Packet, TCP_FIN, TCP_RST},
 };
 
@@ -19,15 +24,23 @@ use crate::{
 /// do not write a shared cache line on every packet.
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// Writes a key into this CPU's scratch entry and returns it. Keys and
+/// values live there, not on the stack (see `CtScratch`); each use fills
+/// the key it needs right before its map call.
 #[inline(always)]
-pub fn tuple(p: &Packet) -> CtKey {
-    CtKey {
-        saddr: p.saddr,
-        daddr: p.daddr,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        _pad: [0; 3],
+fn key_of(saddr: &Addr, daddr: &Addr, sport: u16, dport: u16, p: &Packet) -> Option<*mut CtKey> {
+    let s = scratch()?;
+    // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
+    unsafe {
+        let k = &mut (*s).key;
+        k.saddr = *saddr;
+        k.daddr = *daddr;
+        k.sport = sport;
+        k.dport = dport;
+        k.proto = p.proto;
+        k.family = p.family;
+        k._pad = 0;
+        Some(k)
     }
 }
 
@@ -45,13 +58,16 @@ fn timeout_ns(proto: u8, flags: u16) -> u64 {
     }
 }
 
-/// Looks up the entry of `key`, refreshes it for packet `p` and returns a
-/// copy of it. An entry idle for longer than its state's timeout counts as
-/// missing (expiry needs no sweep: the next packet of the tuple overwrites
-/// it, and LRU eviction reclaims the rest).
+/// Looks up the entry of `p`'s own tuple, refreshes it for `p` and returns
+/// it (in the map: read what is needed, do not keep it beyond this run).
+/// An entry idle for longer than its state's timeout counts as missing
+/// (expiry needs no sweep: the next packet of the tuple overwrites it, and
+/// LRU eviction reclaims the rest).
 #[inline(always)]
-pub fn lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
-    let e = DP_CONNTRACK.get_ptr_mut(key)?;
+pub fn lookup(p: &Packet) -> Option<*mut CtValue> {
+    let key = key_of(&p.saddr, &p.daddr, p.sport, p.dport, p)?;
+    // SAFETY: the key was just written to the scratch entry.
+    let e = DP_CONNTRACK.get_ptr_mut(unsafe { &*key })?;
     // SAFETY: LRU map values stay valid for the program run; concurrent
     // writers only touch last_seen/flags, where a lost update is harmless.
     unsafe {
@@ -66,62 +82,48 @@ pub fn lookup(key: &CtKey, p: &Packet) -> Option<CtValue> {
         if closes(p) && (*e).flags & CT_F_CLOSING == 0 {
             (*e).flags |= CT_F_CLOSING;
         }
-        Some(*e)
     }
-}
-
-/// The original entry's key of a flow, from its reply entry.
-#[inline(always)]
-fn original_key(reply: &Packet, ct: &CtValue) -> CtKey {
-    let (client, client_port) = if ct.flags & CT_F_SNAT != 0 {
-        (ct.snat_addr, ct.snat_port)
-    } else {
-        (reply.daddr, reply.dport)
-    };
-    CtKey {
-        saddr: client,
-        daddr: ct.nat_addr,
-        sport: client_port,
-        dport: ct.nat_port,
-        proto: reply.proto,
-        _pad: [0; 3],
-    }
+    Some(e)
 }
 
 /// Sets `flags` on the original entry of a flow, from one of its replies
 /// (reply seen, closing).
 #[inline(always)]
 pub fn flag_original(reply: &Packet, ct: &CtValue, flags: u16) {
-    if let Some(e) = DP_CONNTRACK.get_ptr_mut(original_key(reply, ct)) {
+    let (client, client_port) = if ct.flags & CT_F_SNAT != 0 {
+        (&ct.snat_addr, ct.snat_port)
+    } else {
+        (&reply.daddr, reply.dport)
+    };
+    let Some(key) = key_of(client, &ct.nat_addr, client_port, ct.nat_port, reply) else {
+        return;
+    };
+    // SAFETY: the key was just written to the scratch entry.
+    if let Some(e) = DP_CONNTRACK.get_ptr_mut(unsafe { &*key }) {
         // SAFETY: as in `lookup`.
         unsafe { (*e).flags |= flags };
     }
 }
 
-/// The key replies from `backend` to `addr:port` are tracked under.
+/// Whether replies from `backend` to `addr:port` (a candidate SNAT source)
+/// are already tracked for another flow.
 #[inline(always)]
-pub fn reply_key(backend: &Backend, proto: u8, addr: u32, port: u16) -> CtKey {
-    CtKey {
-        saddr: backend.addr,
-        daddr: addr,
-        sport: backend.port,
-        dport: port,
-        proto,
-        _pad: [0; 3],
+pub fn reply_tuple_in_use(p: &Packet, backend: &Backend, addr: &Addr, port: u16) -> bool {
+    match key_of(&backend.addr, addr, backend.port, port, p) {
+        // SAFETY: the key was just written to the scratch entry.
+        Some(key) => DP_CONNTRACK.get_ptr(unsafe { &*key }).is_some(),
+        None => true,
     }
 }
 
 /// Marks a reply entry as having seen a reply; returns whether it had not.
 #[inline(always)]
-pub fn first_reply(key: &CtKey) -> bool {
-    match DP_CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: as in `lookup`.
-        Some(e) => unsafe {
-            let first = (*e).flags & CT_F_SEEN_REPLY == 0;
-            (*e).flags |= CT_F_SEEN_REPLY;
-            first
-        },
-        None => false,
+pub fn first_reply(e: *mut CtValue) -> bool {
+    // SAFETY: an entry returned by `lookup` in this run.
+    unsafe {
+        let first = (*e).flags & CT_F_SEEN_REPLY == 0;
+        (*e).flags |= CT_F_SEEN_REPLY;
+        first
     }
 }
 
@@ -141,51 +143,56 @@ fn insert_counting_replaced(key: &CtKey, value: &CtValue) -> Result<u64, i32> {
 }
 
 /// Creates both entries of a new flow from client `p` (towards the VIP) to
-/// `backend`, with the source translated to `snat` when given.
-#[inline(always)]
-pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<(u32, u16)>) -> Result<(), i32> {
+/// `backend`, with the source translated to `snat` when given. The key and
+/// value are built in the scratch entry and changed in place between the
+/// two inserts.
+#[inline(never)]
+pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<&(Addr, u16)>) -> Result<(), i32> {
+    // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (snat_flag, (snat_addr, snat_port)) = match snat {
-        Some(s) => (CT_F_SNAT, s),
-        None => (0, (0, 0)),
-    };
-    let original = CtValue {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        flags: CT_F_ORIGINAL | snat_flag,
-        service_id,
-        snat_addr,
-        created_ns: now,
-        last_seen_ns: now,
-        snat_port,
-        _pad: [0; 3],
-    };
-    let (reply_key, reply) = match snat {
-        Some((node, port)) => (
-            reply_key(backend, p.proto, node, port),
-            CtValue {
-                nat_addr: p.daddr,
-                nat_port: p.dport,
-                flags: CT_F_REPLY | CT_F_SNAT,
-                snat_addr: p.saddr,
-                snat_port: p.sport,
-                ..original
-            },
-        ),
-        None => (
-            reply_key(backend, p.proto, p.saddr, p.sport),
-            CtValue {
-                nat_addr: p.daddr,
-                nat_port: p.dport,
-                flags: CT_F_REPLY,
-                snat_addr: 0,
-                snat_port: 0,
-                ..original
-            },
-        ),
-    };
-    // Reply first: once the original exists, replies must translate.
-    let replaced = insert_counting_replaced(&reply_key, &reply)? + insert_counting_replaced(&tuple(p), &original)?;
+    let s = scratch().ok_or(-1)?;
+    // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
+    let (key, v) = unsafe { (&mut (*s).key, &mut (*s).value) };
+    // The reply entry first: once the original exists, replies must
+    // translate.
+    key.saddr = backend.addr;
+    key.daddr = p.saddr;
+    key.sport = backend.port;
+    key.dport = p.sport;
+    key.proto = p.proto;
+    key.family = p.family;
+    key._pad = 0;
+    v.nat_addr = p.daddr;
+    v.nat_port = p.dport;
+    v.flags = CT_F_REPLY;
+    v.service_id = service_id;
+    v.snat_addr = [0; 4];
+    v.snat_port = 0;
+    v.created_ns = now;
+    v.last_seen_ns = now;
+    v._pad = [0; 3];
+    if let Some((node, port)) = snat {
+        key.daddr = *node;
+        key.dport = *port;
+        v.flags |= CT_F_SNAT;
+        v.snat_addr = p.saddr;
+        v.snat_port = p.sport;
+    }
+    let mut replaced = insert_counting_replaced(key, v)?;
+
+    key.saddr = p.saddr;
+    key.daddr = p.daddr;
+    key.sport = p.sport;
+    key.dport = p.dport;
+    v.nat_addr = backend.addr;
+    v.nat_port = backend.port;
+    v.flags = CT_F_ORIGINAL;
+    if let Some((node, port)) = snat {
+        v.flags |= CT_F_SNAT;
+        v.snat_addr = *node;
+        v.snat_port = *port;
+    }
+    replaced += insert_counting_replaced(key, v)?;
     crate::stats::add(counters::CT_CREATED, 2);
     if replaced != 0 {
         crate::stats::add(counters::CT_REPLACED, replaced);

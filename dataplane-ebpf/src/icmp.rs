@@ -9,32 +9,83 @@
 //! source too when the error came from the backend, and for SNATed flows the
 //! quoted source and the outer destination become the client again.
 //!
-//! Only IPv4 headers without options are handled (outer and quoted); other
-//! errors pass untouched. Every checksum is updated incrementally: the outer
-//! IPv4 header's, the quoted IPv4 header's, the quoted UDP checksum when
-//! present, and the ICMP checksum over all of it (ICMP has no pseudo-header,
-//! and ICMP packets never carry partial checksums).
+//! Both families are handled by one implementation instantiated for each
+//! (`V6`): ICMP errors (destination unreachable incl. fragmentation needed,
+//! time exceeded, parameter problem) and ICMPv6 errors (destination
+//! unreachable, packet too big, time exceeded, parameter problem). Only
+//! IPv4 headers without options and IPv6 headers without extension headers
+//! are handled (outer and quoted); other errors pass untouched. Every
+//! checksum is updated incrementally: the outer IPv4 header's, the quoted
+//! IPv4 header's, the quoted UDP checksum when present, and the ICMP
+//! checksum over all of it (ICMPv6's also covers a pseudo-header with the
+//! outer addresses; ICMP packets never carry partial checksums).
 
-use dataplane_common::{csum, CtKey, CT_F_REPLY, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP};
+use dataplane_common::{
+    csum, v4_addr, Addr, CtKey, CT_F_REPLY, CT_F_SNAT, FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP,
+};
 
-use crate::{maps::DP_CONNTRACK, nat::PacketCtx, parse::ETH_HLEN};
+use crate::{
+    maps::{scratch, DP_CONNTRACK},
+    nat::{csum_replace_addr, PacketCtx},
+    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
+};
 
-const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
-/// Offsets from the start of the frame, with option-less IPv4 headers.
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+const ICMPV6_PARAMPROB: u8 = 4;
+
+/// The layout of an error of one family: offsets from the start of the
+/// frame of the outer IP header, the ICMP header, the quoted IP header and
+/// the quoted L4 header, and where addresses sit in an IP header.
+struct Layout {
+    l3: usize,
+    saddr: usize,
+    daddr: usize,
+    words: usize,
+}
+
+const fn layout(v6: bool) -> Layout {
+    if v6 {
+        Layout {
+            l3: 40,
+            saddr: 8,
+            daddr: 24,
+            words: 4,
+        }
+    } else {
+        Layout {
+            l3: 20,
+            saddr: 12,
+            daddr: 16,
+            words: 1,
+        }
+    }
+}
+
 const OUTER: usize = ETH_HLEN;
-const ICMP: usize = OUTER + 20;
-const INNER: usize = ICMP + 8;
-const INNER_L4: usize = INNER + 20;
-/// The frame must hold the quoted IPv4 header and 8 bytes of its payload.
-const MIN_LEN: usize = INNER_L4 + 8;
+const fn icmp_off(v6: bool) -> usize {
+    OUTER + layout(v6).l3
+}
+const fn inner_off(v6: bool) -> usize {
+    icmp_off(v6) + 8
+}
+const fn inner_l4_off(v6: bool) -> usize {
+    inner_off(v6) + layout(v6).l3
+}
+/// The frame must hold the quoted IP header and 8 bytes of its payload.
+pub const fn min_len(v6: bool) -> usize {
+    inner_l4_off(v6) + 8
+}
 
 #[inline(always)]
 fn at<T: Copy>(data: usize, off: usize) -> T {
-    // SAFETY: callers check `data + MIN_LEN <= data_end` first, and every
-    // offset used is below MIN_LEN.
+    // SAFETY: callers check `data + min_len <= data_end` first, and every
+    // offset used is below min_len of the family.
     unsafe { core::ptr::read_unaligned((data + off) as *const T) }
 }
 
@@ -45,55 +96,121 @@ fn put<T>(data: usize, off: usize, v: T) {
     unsafe { core::ptr::write_unaligned((data + off) as *mut T, v) }
 }
 
-/// Translates an ICMP error about a tracked, translated flow. Returns
-/// whether the frame was rewritten.
+#[inline(always)]
+fn get_addr<const V6: bool>(data: usize, off: usize) -> Addr {
+    if V6 {
+        at(data, off)
+    } else {
+        v4_addr(at(data, off))
+    }
+}
+
+#[inline(always)]
+fn put_addr<const V6: bool>(data: usize, off: usize, a: &Addr) {
+    if V6 {
+        put(data, off, *a)
+    } else {
+        put(data, off, a[0])
+    }
+}
+
+/// Translates an ICMP or ICMPv6 error about a tracked, translated flow.
+/// Returns whether the frame was rewritten.
 #[inline(always)]
 pub fn translate<C: PacketCtx>(ctx: &C) -> bool {
     let data = ctx.data();
-    if data + MIN_LEN > ctx.data_end() {
+    if data + 14 > ctx.data_end() {
         return false;
     }
-    if at::<u16>(data, 12) != 0x0800u16.to_be()
-        || at::<u8>(data, OUTER) != 0x45
-        || at::<u8>(data, OUTER + 9) != IPPROTO_ICMP
-        || at::<u16>(data, OUTER + 6) & 0x3fffu16.to_be() != 0
-        || !matches!(
-            at::<u8>(data, ICMP),
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
-        )
-        || at::<u8>(data, INNER) != 0x45
-    {
+    let ethertype: u16 = at(data, 12);
+    if ethertype == ETH_P_IP.to_be() {
+        translate_family::<false, C>(ctx)
+    } else if ethertype == ETH_P_IPV6.to_be() {
+        translate_family::<true, C>(ctx)
+    } else {
+        false
+    }
+}
+
+/// Whether the frame is an error this module translates: the outer header
+/// carries ICMP(v6) directly, of an error type, quoting TCP or UDP. Returns
+/// the quoted protocol.
+#[inline(always)]
+fn quoted_proto<const V6: bool>(data: usize) -> Option<u8> {
+    let (icmp, inner) = (icmp_off(V6), inner_off(V6));
+    let proto: u8 = if V6 {
+        if at::<u8>(data, OUTER) >> 4 != 6
+            || at::<u8>(data, OUTER + 6) != IPPROTO_ICMPV6
+            || !matches!(
+                at::<u8>(data, icmp),
+                ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB
+            )
+            || at::<u8>(data, inner) >> 4 != 6
+        {
+            return None;
+        }
+        at(data, inner + 6)
+    } else {
+        if at::<u8>(data, OUTER) != 0x45
+            || at::<u8>(data, OUTER + 9) != IPPROTO_ICMP
+            || at::<u16>(data, OUTER + 6) & 0x3fffu16.to_be() != 0
+            || !matches!(
+                at::<u8>(data, icmp),
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+            )
+            || at::<u8>(data, inner) != 0x45
+        {
+            return None;
+        }
+        at(data, inner + 9)
+    };
+    (proto == IPPROTO_TCP || proto == IPPROTO_UDP).then_some(proto)
+}
+
+#[inline(never)]
+fn translate_family<const V6: bool, C: PacketCtx>(ctx: &C) -> bool {
+    let data = ctx.data();
+    if data + min_len(V6) > ctx.data_end() {
         return false;
     }
-    let proto: u8 = at(data, INNER + 9);
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    let Some(proto) = quoted_proto::<V6>(data) else {
         return false;
-    }
-    let (in_saddr, in_daddr): (u32, u32) = (at(data, INNER + 12), at(data, INNER + 16));
-    let (in_sport, in_dport): (u16, u16) = (at(data, INNER_L4), at(data, INNER_L4 + 2));
+    };
+    let l = layout(V6);
+    let (icmp, inner, inner_l4) = (icmp_off(V6), inner_off(V6), inner_l4_off(V6));
+    let in_saddr = get_addr::<V6>(data, inner + l.saddr);
+    let in_daddr = get_addr::<V6>(data, inner + l.daddr);
+    let (in_sport, in_dport): (u16, u16) = (at(data, inner_l4), at(data, inner_l4 + 2));
     // The quoted packet went client -> backend: its reverse is the flow's
     // reply entry, which holds the VIP (and the client, when SNATed).
-    let key = CtKey {
+    let Some(s) = scratch() else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch entry (see `CtScratch`).
+    let key = unsafe { &mut (*s).key };
+    *key = CtKey {
         saddr: in_daddr,
         daddr: in_saddr,
         sport: in_dport,
         dport: in_sport,
         proto,
-        _pad: [0; 3],
+        family: if V6 { FAMILY_V6 } else { FAMILY_V4 },
+        _pad: 0,
     };
     let ct = match DP_CONNTRACK.get_ptr(key) {
-        // SAFETY: LRU values stay valid for the program run; copied out.
-        Some(e) => unsafe { *e },
+        // SAFETY: LRU values stay valid for the program run.
+        Some(e) => unsafe { &*e },
         None => return false,
     };
     if ct.flags & CT_F_REPLY == 0 {
         return false;
     }
-    let outer_saddr: u32 = at(data, OUTER + 12);
-    let mut icmp_csum: u16 = at(data, ICMP + 2);
-    let mut inner_ip_csum: u16 = at(data, INNER + 10);
+    let outer_saddr = get_addr::<V6>(data, OUTER + l.saddr);
+    let outer_daddr = get_addr::<V6>(data, OUTER + l.daddr);
+    let mut icmp_csum: u16 = at(data, icmp + 2);
+    let mut inner_ip_csum: u16 = if V6 { 0 } else { at(data, inner + 10) };
     let mut udp_csum: u16 = if proto == IPPROTO_UDP {
-        at(data, INNER_L4 + 6)
+        at(data, inner_l4 + 6)
     } else {
         0
     };
@@ -101,47 +218,68 @@ pub fn translate<C: PacketCtx>(ctx: &C) -> bool {
     let old_udp_csum = udp_csum;
 
     // Quoted destination: backend -> VIP.
-    inner_ip_csum = csum::replace4(inner_ip_csum, in_daddr, ct.nat_addr);
-    icmp_csum = csum::replace4(icmp_csum, in_daddr, ct.nat_addr);
+    if !V6 {
+        inner_ip_csum = csum::replace4(inner_ip_csum, in_daddr[0], ct.nat_addr[0]);
+    }
+    icmp_csum = csum_replace_addr(icmp_csum, &in_daddr, &ct.nat_addr, l.words);
     icmp_csum = csum::replace2(icmp_csum, in_dport, ct.nat_port);
     if udp_csum != 0 {
-        udp_csum = csum::replace2(csum::replace4(udp_csum, in_daddr, ct.nat_addr), in_dport, ct.nat_port);
+        udp_csum = csum::replace2(
+            csum_replace_addr(udp_csum, &in_daddr, &ct.nat_addr, l.words),
+            in_dport,
+            ct.nat_port,
+        );
     }
-    put(data, INNER + 16, ct.nat_addr);
-    put(data, INNER_L4 + 2, ct.nat_port);
+    put_addr::<V6>(data, inner + l.daddr, &ct.nat_addr);
+    put(data, inner_l4 + 2, ct.nat_port);
 
-    let snat = ct.flags & CT_F_SNAT != 0;
-    if snat {
+    if ct.flags & CT_F_SNAT != 0 {
         // Quoted source: node -> client; and the error goes to the client.
-        inner_ip_csum = csum::replace4(inner_ip_csum, in_saddr, ct.snat_addr);
-        icmp_csum = csum::replace4(icmp_csum, in_saddr, ct.snat_addr);
+        if !V6 {
+            inner_ip_csum = csum::replace4(inner_ip_csum, in_saddr[0], ct.snat_addr[0]);
+        }
+        icmp_csum = csum_replace_addr(icmp_csum, &in_saddr, &ct.snat_addr, l.words);
         icmp_csum = csum::replace2(icmp_csum, in_sport, ct.snat_port);
         if udp_csum != 0 {
-            udp_csum = csum::replace2(csum::replace4(udp_csum, in_saddr, ct.snat_addr), in_sport, ct.snat_port);
+            udp_csum = csum::replace2(
+                csum_replace_addr(udp_csum, &in_saddr, &ct.snat_addr, l.words),
+                in_sport,
+                ct.snat_port,
+            );
         }
-        put(data, INNER + 12, ct.snat_addr);
-        put(data, INNER_L4, ct.snat_port);
-        let outer_daddr: u32 = at(data, OUTER + 16);
-        let c: u16 = at(data, OUTER + 10);
-        put(data, OUTER + 10, csum::replace4(c, outer_daddr, ct.snat_addr));
-        put(data, OUTER + 16, ct.snat_addr);
+        put_addr::<V6>(data, inner + l.saddr, &ct.snat_addr);
+        put(data, inner_l4, ct.snat_port);
+        if V6 {
+            // The outer destination is in ICMPv6's pseudo-header.
+            icmp_csum = csum_replace_addr(icmp_csum, &outer_daddr, &ct.snat_addr, 4);
+        } else {
+            let c: u16 = at(data, OUTER + 10);
+            put(data, OUTER + 10, csum::replace4(c, outer_daddr[0], ct.snat_addr[0]));
+        }
+        put_addr::<V6>(data, OUTER + l.daddr, &ct.snat_addr);
     }
     if proto == IPPROTO_UDP && old_udp_csum != 0 {
         if udp_csum == 0 {
             udp_csum = 0xffff;
         }
         icmp_csum = csum::replace2(icmp_csum, old_udp_csum, udp_csum);
-        put(data, INNER_L4 + 6, udp_csum);
+        put(data, inner_l4 + 6, udp_csum);
     }
-    icmp_csum = csum::replace2(icmp_csum, old_inner_ip_csum, inner_ip_csum);
-    put(data, INNER + 10, inner_ip_csum);
-    put(data, ICMP + 2, icmp_csum);
+    if !V6 {
+        icmp_csum = csum::replace2(icmp_csum, old_inner_ip_csum, inner_ip_csum);
+        put(data, inner + 10, inner_ip_csum);
+    }
 
     // An error from the backend itself must come from the VIP.
-    if outer_saddr == in_daddr {
-        let c: u16 = at(data, OUTER + 10);
-        put(data, OUTER + 10, csum::replace4(c, outer_saddr, ct.nat_addr));
-        put(data, OUTER + 12, ct.nat_addr);
+    if dataplane_common::addr_eq(&outer_saddr, &in_daddr) {
+        if V6 {
+            icmp_csum = csum_replace_addr(icmp_csum, &outer_saddr, &ct.nat_addr, 4);
+        } else {
+            let c: u16 = at(data, OUTER + 10);
+            put(data, OUTER + 10, csum::replace4(c, outer_saddr[0], ct.nat_addr[0]));
+        }
+        put_addr::<V6>(data, OUTER + l.saddr, &ct.nat_addr);
     }
+    put(data, icmp + 2, icmp_csum);
     true
 }

@@ -4,16 +4,16 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_log_ebpf::info;
 use dataplane_common::{
-    flow_hash, limits, Backend, BackendKey, MaglevKey, Reason, ServiceKey, ServiceValue, SourceRangeKey,
-    BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SOURCE_RANGE_FULL_PREFIX, SVC_F_AFFINITY,
-    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    addr_eq, flow_hash, fold_addr, limits, Addr, Backend, BackendKey, MaglevKey, Reason, ServiceKey, ServiceValue,
+    SourceRangeKey, BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SOURCE_RANGE_FULL_PREFIX,
+    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     affinity, conntrack,
-    maps::{DP_BACKENDS, DP_CONFIG, DP_CONNTRACK, DP_MAGLEV, DP_SERVICES, DP_SRC_RANGES},
+    maps::{DP_BACKENDS, DP_CONFIG, DP_MAGLEV, DP_SERVICES, DP_SRC_RANGES},
     nat::{PacketCtx, Side},
-    parse::{self, Packet, TCP_ACK, TCP_SYN},
+    parse::{Packet, TCP_ACK, TCP_SYN},
     stats,
 };
 
@@ -33,7 +33,7 @@ pub fn process<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
         addr: p.daddr,
         port: p.dport,
         proto: p.proto,
-        _pad: 0,
+        family: p.family,
     };
     // Copy the value out: the agent may replace it at any time.
     let svc = match DP_SERVICES.get_ptr(key) {
@@ -46,20 +46,21 @@ pub fn process<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
 }
 
 /// A packet addressed to a service frontend.
-#[inline(always)]
+#[inline(never)]
 fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict {
-    let ct_key = conntrack::tuple(p);
     let starts_flow = p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(ct) = conntrack::lookup(&ct_key, p) {
+    if let Some(ct) = conntrack::lookup(p) {
+        // SAFETY: an entry of this run's lookup.
+        let ct = unsafe { &*ct };
         // A SYN on a tuple whose connection was closed starts a new flow
         // (port reuse); anything else follows the recorded backend.
         if !(starts_flow && ct.flags & CT_F_CLOSING != 0) {
-            let snat = (ct.flags & CT_F_SNAT != 0).then_some((ct.snat_addr, ct.snat_port));
+            let snat = (ct.flags & CT_F_SNAT != 0).then_some((&ct.snat_addr, ct.snat_port));
             return translate(
                 ctx,
                 p,
                 svc.service_id,
-                (ct.nat_addr, ct.nat_port),
+                (&ct.nat_addr, ct.nat_port),
                 snat,
                 Reason::NatEstablished,
             );
@@ -75,12 +76,13 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
             .is_none()
     {
         if crate::maps::debug_enabled() {
-            info!(
-                ctx,
-                "source {:i} outside the ranges of service {}",
-                u32::from_be(p.saddr),
-                svc.service_id
-            );
+            if p.is_v6() {
+                let a = as_bytes(&p.saddr);
+                info!(ctx, "source {:i} outside the ranges of service {}", a, svc.service_id);
+            } else {
+                let a = u32::from_be(p.saddr[0]);
+                info!(ctx, "source {:i} outside the ranges of service {}", a, svc.service_id);
+            }
         }
         stats::count(Reason::DropSourceRange);
         return Verdict::Drop;
@@ -121,7 +123,7 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
     // a backend reaching itself through its Service (hairpin: it would drop
     // a packet from its own address).
     let needs_snat =
-        (svc.flags & SVC_F_EXTERNAL != 0 && backend.flags & BACKEND_F_REMOTE != 0) || p.saddr == backend.addr;
+        (svc.flags & SVC_F_EXTERNAL != 0 && backend.flags & BACKEND_F_REMOTE != 0) || addr_eq(&p.saddr, &backend.addr);
     let snat = if needs_snat {
         match snat_source(p, &backend) {
             Some(s) => Some(s),
@@ -133,7 +135,7 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
     } else {
         None
     };
-    if conntrack::create(p, svc.service_id, &backend, snat).is_err() {
+    if conntrack::create(p, svc.service_id, &backend, snat.as_ref()).is_err() {
         // The packet still goes to the chosen backend; the next one of the
         // flow picks the same backend again by hash as long as the set is
         // unchanged.
@@ -141,17 +143,30 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
     }
     stats::service(svc.service_id, |s| s.new_flows += 1);
     if crate::maps::debug_enabled() {
-        let (service_id, addr, port) = (svc.service_id, u32::from_be(backend.addr), u16::from_be(backend.port));
-        info!(ctx, "new flow service {} backend {:i}:{}", service_id, addr, port);
+        let (service_id, port) = (svc.service_id, u16::from_be(backend.port));
+        if p.is_v6() {
+            let addr = as_bytes(&backend.addr);
+            info!(ctx, "new flow service {} backend [{:i}]:{}", service_id, addr, port);
+        } else {
+            let addr = u32::from_be(backend.addr[0]);
+            info!(ctx, "new flow service {} backend {:i}:{}", service_id, addr, port);
+        }
     }
     translate(
         ctx,
         p,
         svc.service_id,
-        (backend.addr, backend.port),
-        snat,
+        (&backend.addr, backend.port),
+        snat.as_ref().map(|(a, port)| (a, *port)),
         Reason::NatNewFlow,
     )
+}
+
+/// An address as its 16 bytes (aya-log prints `[u8; 16]` as IPv6).
+#[inline(always)]
+fn as_bytes(a: &Addr) -> [u8; 16] {
+    // SAFETY: same size, both plain data.
+    unsafe { core::mem::transmute(*a) }
 }
 
 /// Candidate source ports tried for one SNATed flow.
@@ -161,18 +176,22 @@ const SNAT_PORT_SPAN: u32 = 28232; // 32768..=60999, Linux's ephemeral range
 
 /// This node's address and a source port no other flow to `backend` uses
 /// with it (the reply tuple must be unique).
-#[inline(always)]
-fn snat_source(p: &Packet, backend: &Backend) -> Option<(u32, u16)> {
-    let node = DP_CONFIG.get(0).map(|c| c.snat_addr).unwrap_or(0);
-    if node == 0 {
+#[inline(never)]
+fn snat_source(p: &Packet, backend: &Backend) -> Option<(Addr, u16)> {
+    let config = DP_CONFIG.get(0)?;
+    let node = if p.is_v6() {
+        config.snat_addr6
+    } else {
+        dataplane_common::v4_addr(config.snat_addr)
+    };
+    if addr_eq(&node, &[0; 4]) {
         return None;
     }
-    let h = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let h = hash(p);
     let mut i = 0;
     while i < SNAT_TRIES {
         let port = ((SNAT_PORT_MIN + h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % SNAT_PORT_SPAN) as u16).to_be();
-        let key = conntrack::reply_key(backend, p.proto, node, port);
-        if DP_CONNTRACK.get_ptr(key).is_none() {
+        if !conntrack::reply_tuple_in_use(p, backend, &node, port) {
             return Some((node, port));
         }
         i += 1;
@@ -180,16 +199,24 @@ fn snat_source(p: &Packet, backend: &Backend) -> Option<(u32, u16)> {
     None
 }
 
+/// `dataplane_common::flow_hash_key` of the packet's tuple.
+#[inline(always)]
+fn hash(p: &Packet) -> u32 {
+    flow_hash(fold_addr(&p.saddr), fold_addr(&p.daddr), p.sport, p.dport, p.proto)
+}
+
 /// The index of the backend slot a new flow goes to: the Maglev table's
 /// entry for the flow's hash, or a random one.
-#[inline(always)]
+#[inline(never)]
 fn select(p: &Packet, svc: &ServiceValue) -> Option<u32> {
     let count = svc.backend_count as u32;
     if svc.flags & SVC_F_RANDOM != 0 || svc.maglev_size == 0 {
         // SAFETY: helper without preconditions.
-        return Some(unsafe { bpf_get_prandom_u32() } % count);
+        return unsafe { bpf_get_prandom_u32() }.checked_rem(count);
     }
-    let pos = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto) % svc.maglev_size;
+    // (Checked: a zero divisor must not become a panic path, which the
+    // verifier rejects in a function of its own.)
+    let pos = hash(p).checked_rem(svc.maglev_size)?;
     let chunk = DP_MAGLEV.get_ptr(MaglevKey::new(svc.service_id, svc.generation, pos))?;
     let i = (pos % limits::MAGLEV_CHUNK) as usize;
     // SAFETY: the value stays valid (RCU, not preallocated) for this run; the
@@ -204,8 +231,8 @@ fn translate<C: PacketCtx>(
     ctx: &C,
     p: &Packet,
     service_id: u32,
-    dst: (u32, u16),
-    snat: Option<(u32, u16)>,
+    dst: (&Addr, u16),
+    snat: Option<(&Addr, u16)>,
     reason: Reason,
 ) -> Verdict {
     let mut ok = ctx.rewrite(p, Side::Dst, dst.0, dst.1).is_ok();
@@ -226,25 +253,26 @@ fn translate<C: PacketCtx>(
 
 /// A packet not addressed to a service: a reply of a tracked flow gets the
 /// VIP back as its source; anything else passes untouched.
-#[inline(always)]
+#[inline(never)]
 fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
-    let key = conntrack::tuple(p);
-    match conntrack::lookup(&key, p) {
+    let entry = conntrack::lookup(p);
+    // SAFETY: an entry of this run's lookup.
+    match entry.map(|e| unsafe { &*e }) {
         Some(ct) if ct.flags & CT_F_REPLY != 0 => {
             let mut flags = 0;
-            if ct.flags & CT_F_SEEN_REPLY == 0 && conntrack::first_reply(&key) {
+            if ct.flags & CT_F_SEEN_REPLY == 0 && entry.is_some_and(conntrack::first_reply) {
                 flags |= CT_F_SEEN_REPLY;
             }
             if conntrack::closes(p) {
                 flags |= CT_F_CLOSING;
             }
             if flags != 0 {
-                conntrack::flag_original(p, &ct, flags);
+                conntrack::flag_original(p, ct, flags);
             }
-            let mut ok = ctx.rewrite(p, Side::Src, ct.nat_addr, ct.nat_port).is_ok();
+            let mut ok = ctx.rewrite(p, Side::Src, &ct.nat_addr, ct.nat_port).is_ok();
             if ct.flags & CT_F_SNAT != 0 {
                 // Back to the client the node translated the source of.
-                ok = ok && ctx.rewrite(p, Side::Dst, ct.snat_addr, ct.snat_port).is_ok();
+                ok = ok && ctx.rewrite(p, Side::Dst, &ct.snat_addr, ct.snat_port).is_ok();
             }
             if !ok {
                 stats::count(Reason::DropRewriteFailed);
@@ -258,13 +286,4 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
             Verdict::Pass
         }
     }
-}
-
-/// Parses and processes one frame. The packet is returned with the verdict
-/// (kept out of the enum: a payload-carrying enum let LLVM read
-/// uninitialised registers on other variants, which the verifier rejects).
-#[inline(always)]
-pub fn handle<C: PacketCtx>(ctx: &C) -> Result<(Verdict, Packet), Reason> {
-    let p = parse::parse(ctx.data(), ctx.data_end())?;
-    Ok((process(ctx, &p), p))
 }

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    counters, limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig, MaglevChunk,
-    MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey,
+    counters, limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtScratch, CtValue, DpConfig,
+    MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey,
 };
 
 /// Hash maps written by the agent are not preallocated: an updated element is
@@ -38,6 +38,16 @@ pub static DP_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters
 
 #[map]
 pub static DP_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(limits::MAX_AFFINITY, 0);
+
+/// Index 0: where conntrack keys and values are built (see `CtScratch`).
+#[map]
+pub static DP_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch entry.
+#[inline(always)]
+pub fn scratch() -> Option<*mut CtScratch> {
+    DP_SCRATCH.get_ptr_mut(0)
+}
 
 /// Index 0: the agent's `DpConfig`.
 #[map]

@@ -74,13 +74,14 @@ pub struct RunConfig {
     /// Where maps and links are pinned (bpffs); `None`: nothing is pinned
     /// and the programs are detached when the agent exits.
     pub pin_root: Option<PathBuf>,
-    /// Addresses NodePorts are served on; empty: every IPv4 address of the
-    /// node's interfaces but loopback.
-    pub node_ips: Vec<std::net::Ipv4Addr>,
+    /// Addresses NodePorts are served on; empty: every address of the
+    /// node's interfaces but loopback and IPv6 link-local ones.
+    pub node_ips: Vec<std::net::IpAddr>,
     /// The NodePort range (inclusive).
     pub node_port_range: (u16, u16),
-    /// The source address for SNAT; `None`: the first node address.
-    pub snat_ip: Option<std::net::Ipv4Addr>,
+    /// The source addresses for SNAT, at most one per family; a family
+    /// without one: the first node address of that family.
+    pub snat_ips: Vec<std::net::IpAddr>,
     /// Backend selection and Maglev table size.
     pub sync: SyncConfig,
     /// Capacities of the maps.
@@ -330,20 +331,25 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
 
     let node_ips = if cfg.node_ips.is_empty() {
-        crate::node::local_ipv4_addresses().context("listing the node's addresses")?
+        crate::node::local_addresses().context("listing the node's addresses")?
     } else {
         cfg.node_ips.clone()
     };
-    let snat_ip = cfg.snat_ip.or_else(|| node_ips.first().copied());
+    let snat_for = |v6: bool| {
+        let first = |ips: &[std::net::IpAddr]| ips.iter().find(|ip| ip.is_ipv6() == v6).copied();
+        first(&cfg.snat_ips).or_else(|| first(&node_ips))
+    };
+    let (snat_ip, snat_ip6) = (snat_for(false), snat_for(true));
     let node = desired::NodeInfo {
         name: cfg.node_name.clone(),
         addresses: node_ips.clone(),
         node_port_range: cfg.node_port_range,
     };
-    info!(addresses = ?node_ips, snat = ?snat_ip, "node addresses (NodePorts, SNAT)");
+    info!(addresses = ?node_ips, snat = ?snat_ip, snat6 = ?snat_ip6, "node addresses (NodePorts, SNAT)");
     let datapath = DpConfig {
         abi_version: ABI_VERSION,
-        snat_addr: snat_ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+        snat_addr: snat_ip.map_or(0, |ip| dataplane_common::addr_of(ip).0[0]),
+        snat_addr6: snat_ip6.map_or([0; 4], |ip| dataplane_common::addr_of(ip).0),
         ..cfg.datapath
     };
     maps.write_config(&datapath)?;

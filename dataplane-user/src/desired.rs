@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use dataplane_common::{
@@ -34,7 +34,7 @@ pub struct Frontend {
     pub flags: u32,
     /// loadBalancerSourceRanges (with `SVC_F_SOURCE_RANGES`): (network,
     /// prefix length), sorted.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
 /// What the desired state needs to know about the node the agent runs on.
@@ -44,8 +44,8 @@ pub struct NodeInfo {
     /// from remote ones. `None`: every endpoint counts as local (a single
     /// node, as in the file-source demo).
     pub name: Option<String>,
-    /// Addresses NodePort Services are served on.
-    pub addresses: Vec<Ipv4Addr>,
+    /// Addresses NodePort Services are served on (either family).
+    pub addresses: Vec<IpAddr>,
     /// The NodePort range (inclusive).
     pub node_port_range: (u16, u16),
 }
@@ -139,7 +139,7 @@ fn valid_port(p: i32) -> Option<u16> {
 
 /// An endpoint of a slice, reduced to what selection needs.
 struct Endpoint {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     node_name: Option<String>,
     ready: bool,
     serving: bool,
@@ -157,8 +157,11 @@ struct Slice<'a> {
 ///
 /// Rules (as kube-proxy applies them):
 /// - ExternalName and headless Services have no VIP: ignored.
-/// - Only the ClusterIPs are frontends for now; IPv6 addresses are ignored
-///   until the IPv6 datapath exists.
+/// - Every address of a Service (ClusterIPs, externalIPs, load balancer
+///   ingress IPs, node addresses for NodePorts) is a frontend, IPv4 and
+///   IPv6 alike; a frontend only gets endpoints of its own family (from
+///   slices of `addressType` IPv4 or IPv6), so a dual-stack Service's IPv4
+///   VIP never picks an IPv6 backend and vice versa.
 /// - A slice belongs to the Service named by its `kubernetes.io/service-name`
 ///   label in the same namespace; several slices are merged.
 /// - Slice ports are matched to Service ports by name and protocol; the
@@ -301,15 +304,16 @@ fn prepare_slice<'a>(
         problem(object, format!("no {SERVICE_NAME_LABEL} label; ignored"));
         return None;
     };
-    match s.address_type.as_str() {
-        "IPv4" => {}
-        // The IPv6 datapath comes later; FQDN slices are not for proxies.
-        "IPv6" | "FQDN" => return None,
+    let v6 = match s.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        // FQDN slices are not for proxies.
+        "FQDN" => return None,
         other => {
             problem(object, format!("unknown addressType {other:?}; ignored"));
             return None;
         }
-    }
+    };
     let mut endpoints = Vec::new();
     for ep in &s.endpoints {
         let Some(first) = ep.addresses.first() else {
@@ -317,11 +321,14 @@ fn prepare_slice<'a>(
             continue;
         };
         let addr = match first.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => a,
+            Ok(a) if a.is_ipv6() == v6 => a,
             _ => {
                 problem(
                     object.clone(),
-                    format!("endpoint address {first:?} is not a valid IPv4 address; skipped"),
+                    format!(
+                        "endpoint address {first:?} is not a valid {} address; skipped",
+                        s.address_type
+                    ),
                 );
                 continue;
             }
@@ -376,8 +383,7 @@ fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> Servic
     let mut vips = Vec::new();
     for ip in &ips {
         match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => vips.push(a),
-            Ok(IpAddr::V6(_)) => {} // IPv6 datapath not there yet.
+            Ok(a) => vips.push(a),
             Err(_) => problem(
                 object.clone(),
                 format!("clusterIP {ip:?} is not a valid IP address; ignored"),
@@ -421,8 +427,7 @@ fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> Servic
         let mut out = Vec::new();
         for ip in ips {
             match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(a)) => out.push(a),
-                Ok(IpAddr::V6(_)) => {}
+                Ok(a) => out.push(a),
                 Err(_) => problem(
                     object.clone(),
                     format!("{what} {ip:?} is not a valid IP address; ignored"),
@@ -458,8 +463,7 @@ fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> Servic
     if svc_type == "LoadBalancer" {
         for r in spec.load_balancer_source_ranges.clone().unwrap_or_default() {
             match parse_cidr(r.trim()) {
-                Some(Some(c)) => source_ranges.push(c),
-                Some(None) => {} // IPv6 range: IPv6 datapath not there yet.
+                Some(c) => source_ranges.push(c),
                 None => problem(
                     object.clone(),
                     format!("loadBalancerSourceRanges entry {r:?} is not a valid CIDR; ignored"),
@@ -510,8 +514,8 @@ fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> Servic
             continue;
         };
 
-        // Endpoints by readiness and locality.
-        let mut sets = EndpointSets::default();
+        // Endpoints by family, readiness and locality.
+        let mut sets = [EndpointSets::default(), EndpointSets::default()];
         for sl in slices {
             let Some(sp) = sl.obj.ports.as_deref().unwrap_or(&[]).iter().find(|sp| {
                 sp.name.clone().unwrap_or_default() == pname && protocol(sp.protocol.as_deref()) == Ok(proto)
@@ -534,7 +538,7 @@ fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> Servic
                 if !local {
                     b.flags |= BACKEND_F_REMOTE;
                 }
-                sets.add(b, local, ep.ready, ep.serving && ep.terminating);
+                sets[ep.addr.is_ipv6() as usize].add(b, local, ep.ready, ep.serving && ep.terminating);
             }
         }
         let mut truncated = |mut backends: Vec<Backend>| {
@@ -551,42 +555,61 @@ fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> Servic
             }
             backends
         };
-        let any = !sets.pick(false).is_empty();
         // internalTrafficPolicy for the ClusterIPs, externalTrafficPolicy
         // for everything reached from outside.
         let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let internal = truncated(sets.pick(internal_local));
-        let external = truncated(sets.pick(external_local));
-        let base = Frontend {
-            service: format!("{ns}/{name}"),
-            port_name: pname.clone(),
-            backends: internal,
-            affinity_timeout_s,
-            flags: 0,
-            source_ranges: Vec::new(),
-        };
-        let internal_fe = Frontend {
-            flags: if internal_local && any && base.backends.is_empty() {
-                SVC_F_DROP_NO_LOCAL
-            } else {
-                0
-            },
-            ..base.clone()
-        };
-        let mut external_fe = Frontend {
-            backends: external.clone(),
-            flags: if external_local {
-                if any && external.is_empty() {
+        // One internal and one external frontend per family, each with the
+        // endpoints of its family only.
+        let mut frontends = |sets: &EndpointSets, v6: bool| {
+            let any = !sets.pick(false).is_empty();
+            let internal = truncated(sets.pick(internal_local));
+            let external = truncated(sets.pick(external_local));
+            let base = Frontend {
+                service: format!("{ns}/{name}"),
+                port_name: pname.clone(),
+                backends: internal,
+                affinity_timeout_s,
+                flags: 0,
+                source_ranges: Vec::new(),
+            };
+            let internal_fe = Frontend {
+                flags: if internal_local && any && base.backends.is_empty() {
                     SVC_F_DROP_NO_LOCAL
                 } else {
                     0
-                }
-            } else {
-                SVC_F_EXTERNAL
-            },
-            ..base.clone()
+                },
+                ..base.clone()
+            };
+            let external_fe = Frontend {
+                backends: external.clone(),
+                flags: if external_local {
+                    if any && external.is_empty() {
+                        SVC_F_DROP_NO_LOCAL
+                    } else {
+                        0
+                    }
+                } else {
+                    SVC_F_EXTERNAL
+                },
+                ..base.clone()
+            };
+            // Load balancer IPs: loadBalancerSourceRanges of the frontend's
+            // family; as kube-proxy does, a family without ranges is not
+            // restricted, and externalIPs and NodePorts never are.
+            let mut lb_fe = external_fe.clone();
+            let ranges: Vec<(IpAddr, u8)> = source_ranges
+                .iter()
+                .filter(|(a, _)| a.is_ipv6() == v6)
+                .copied()
+                .collect();
+            if !ranges.is_empty() {
+                lb_fe.flags |= SVC_F_SOURCE_RANGES;
+                lb_fe.source_ranges = ranges;
+            }
+            [internal_fe, external_fe, lb_fe]
         };
+        let by_family = [frontends(&sets[0], false), frontends(&sets[1], true)];
         let node_port = match port
             .node_port
             .filter(|_| matches!(svc_type, "NodePort" | "LoadBalancer"))
@@ -604,30 +627,28 @@ fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> Servic
                 valid
             }
         };
-        let mut add = |ip: Ipv4Addr, port: u16, fe: &Frontend, what: &'static str| {
+        // Which of a family's frontends: 0 internal, 1 external, 2 load
+        // balancer.
+        let mut add = |ip: IpAddr, port: u16, which: usize, what: &'static str| {
             claims.push(Claim {
                 key: ServiceKey::new(ip, port, proto),
-                frontend: fe.clone(),
+                frontend: by_family[ip.is_ipv6() as usize][which].clone(),
                 what,
             });
         };
         for vip in &vips {
-            add(*vip, svc_port, &internal_fe, "clusterIP");
+            add(*vip, svc_port, 0, "clusterIP");
         }
         for ip in &external_ips {
-            add(*ip, svc_port, &external_fe, "externalIP");
+            add(*ip, svc_port, 1, "externalIP");
         }
         if let Some(np) = node_port {
             for ip in &node.addresses {
-                add(*ip, np, &external_fe, "nodePort on");
+                add(*ip, np, 1, "nodePort on");
             }
         }
-        if !source_ranges.is_empty() {
-            external_fe.flags |= SVC_F_SOURCE_RANGES;
-            external_fe.source_ranges = source_ranges.clone();
-        }
         for ip in &lb_ips {
-            add(*ip, svc_port, &external_fe, "load balancer IP");
+            add(*ip, svc_port, 2, "load balancer IP");
         }
     }
     out(order, claims, problems)
@@ -671,17 +692,20 @@ impl EndpointSets {
     }
 }
 
-/// Parses `a.b.c.d/len`: `Some(Some(..))` for IPv4, `Some(None)` for a
-/// valid IPv6 CIDR, `None` when invalid. Host bits are cleared.
-fn parse_cidr(s: &str) -> Option<Option<(Ipv4Addr, u8)>> {
+/// Parses an IPv4 or IPv6 CIDR (`addr/len`); `None` when invalid. Host
+/// bits are cleared.
+fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     let (ip, len) = s.split_once('/')?;
     let len: u8 = len.parse().ok()?;
     match ip.parse::<IpAddr>().ok()? {
         IpAddr::V4(a) if len <= 32 => {
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            Some(Some((Ipv4Addr::from(u32::from(a) & mask), len)))
+            Some((IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)), len))
         }
-        IpAddr::V6(_) if len <= 128 => Some(None),
+        IpAddr::V6(a) if len <= 128 => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            Some((IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask)), len))
+        }
         _ => None,
     }
 }
@@ -1073,7 +1097,7 @@ mod tests {
     fn node(name: &str) -> NodeInfo {
         NodeInfo {
             name: Some(name.into()),
-            addresses: vec![Ipv4Addr::new(198, 18, 50, 1)],
+            addresses: vec![Ipv4Addr::new(198, 18, 50, 1).into()],
             node_port_range: DEFAULT_NODE_PORT_RANGE,
         }
     }
@@ -1108,7 +1132,7 @@ mod tests {
         assert_eq!(fe(&d, [198, 19, 1, 5], 443, IPPROTO_TCP).flags, 0);
         let lb = fe(&d, [198, 19, 2, 1], 443, IPPROTO_TCP);
         assert_eq!(lb.flags, SVC_F_SOURCE_RANGES);
-        assert_eq!(lb.source_ranges, vec![(Ipv4Addr::new(198, 18, 200, 0), 24)]);
+        assert_eq!(lb.source_ranges, vec![(Ipv4Addr::new(198, 18, 200, 0).into(), 24)]);
         assert_eq!(d.frontends.len(), 8, "{:?}", d.frontends.keys().collect::<Vec<_>>());
 
         // A node without local endpoints drops external traffic (kube-proxy).
@@ -1158,12 +1182,71 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_service_feeds_ipv4_frontend_from_ipv4_slice_only() {
+    fn dual_stack_service_feeds_each_family_from_its_own_slices() {
         let d = examples(&["dual.yaml"]);
-        assert_eq!(d.frontends.len(), 1);
+        assert_eq!(d.frontends.len(), 2, "{:?}", d.frontends.keys().collect::<Vec<_>>());
         assert_eq!(
             fe(&d, [198, 19, 0, 30], 50051, IPPROTO_TCP).backends,
             vec![b(1, 9, 50051)]
+        );
+        let v6 = &d.frontends[&ServiceKey::new("2001:db8:19::30".parse::<Ipv6Addr>().unwrap(), 50051, IPPROTO_TCP)];
+        assert_eq!(
+            v6.backends,
+            vec![Backend::new("2001:db8:18:1::9".parse::<Ipv6Addr>().unwrap(), 50051)]
+        );
+        assert!(v6.backends.iter().all(|b| b.ip().is_ipv6()));
+    }
+
+    #[test]
+    fn ipv6_node_ports_source_ranges_and_mismatched_endpoints() {
+        let svc = service(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: n}\nspec:\n  type: LoadBalancer\n  \
+             clusterIP: 198.19.0.40\n  clusterIPs: [198.19.0.40, \"fd00:198:19::40\"]\n  \
+             loadBalancerSourceRanges: [198.18.200.0/24, \"2001:db8:200::/48\", \"2001:db8:77::7/128\"]\n  \
+             ports: [{port: 443, protocol: TCP, nodePort: 30443}]\n\
+             status: {loadBalancer: {ingress: [{ip: \"2001:db8:19:2::1\"}]}}\n",
+        );
+        let s6 = slice(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: lb-6, namespace: n, labels: \
+             {kubernetes.io/service-name: lb}}\naddressType: IPv6\nports: [{port: 8443, protocol: TCP}]\nendpoints:\n\
+             - addresses: [\"2001:db8:18:1::2\"]\n- addresses: [198.18.1.2]\n",
+        );
+        let node = NodeInfo {
+            name: None,
+            addresses: vec!["198.18.50.1".parse().unwrap(), "2001:db8:50::1".parse().unwrap()],
+            ..NodeInfo::default()
+        };
+        let d = compute_for_node(&[svc], &[s6], &node);
+        let key = |ip: &str, port| ServiceKey::new(ip.parse::<IpAddr>().unwrap(), port, IPPROTO_TCP);
+        let be6 = Backend::new("2001:db8:18:1::2".parse::<Ipv6Addr>().unwrap(), 8443);
+        // The IPv6 ClusterIP, NodePort on the IPv6 node address and the
+        // IPv6 ingress IP get the IPv6 endpoint; the IPv4 ones get none
+        // (there is no IPv4 slice) and an IPv4 address in an IPv6 slice is
+        // reported and skipped.
+        assert_eq!(d.frontends[&key("fd00:198:19::40", 443)].backends, vec![be6]);
+        assert_eq!(d.frontends[&key("2001:db8:50::1", 30443)].backends, vec![be6]);
+        assert!(d.frontends[&key("198.18.50.1", 30443)].backends.is_empty());
+        assert!(d.frontends[&key("198.19.0.40", 443)].backends.is_empty());
+        let lb6 = &d.frontends[&key("2001:db8:19:2::1", 443)];
+        assert_eq!(lb6.backends, vec![be6]);
+        assert_eq!(lb6.flags, SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES);
+        assert_eq!(
+            lb6.source_ranges,
+            vec![
+                ("2001:db8:77::7".parse().unwrap(), 128),
+                ("2001:db8:200::".parse().unwrap(), 48)
+            ],
+            "only the IPv6 ranges, sorted"
+        );
+        // NodePorts are not restricted (kube-proxy applies the ranges to
+        // load balancer IPs only).
+        assert_eq!(d.frontends[&key("2001:db8:50::1", 30443)].flags, SVC_F_EXTERNAL);
+        assert!(
+            d.problems
+                .iter()
+                .any(|p| p.to_string().contains("198.18.1.2") && p.to_string().contains("IPv6")),
+            "{:?}",
+            d.problems
         );
     }
 

@@ -6,15 +6,15 @@
 //! Nothing here writes to a map.
 
 use std::{
-    net::Ipv4Addr,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
 use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
-    counters, map_names, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue, ABI_VERSION, BACKEND_F_REMOTE,
-    CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL,
-    SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    counters, ip_of, map_names, Addr, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue, ABI_VERSION,
+    BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, FAMILY_V4, SVC_F_AFFINITY,
+    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -142,16 +142,17 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-pub fn ip(addr_be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(addr_be.to_ne_bytes())
-}
-
-pub fn endpoint(addr_be: u32, port_be: u16) -> String {
-    format!("{}:{}", ip(addr_be), u16::from_be(port_be))
+/// `ip:port` (IPv4) or `[ip]:port` (IPv6), from map fields.
+pub fn endpoint(addr: &Addr, port_be: u16, family: u8) -> String {
+    SocketAddr::new(ip_of(addr, family), u16::from_be(port_be)).to_string()
 }
 
 pub fn frontend(key: &ServiceKey) -> String {
-    format!("{}:{}/{}", key.ip(), key.host_port(), proto_name(key.proto))
+    format!(
+        "{}/{}",
+        SocketAddr::new(key.ip(), key.host_port()),
+        proto_name(key.proto)
+    )
 }
 
 /// One frontend, as `dataplane services` shows it.
@@ -229,12 +230,17 @@ pub fn services(maps: &Maps) -> Result<Vec<(ServiceKey, ServiceValue)>, InspectE
 /// Source ranges by service id, as `addr/len`.
 fn source_ranges(maps: &Maps) -> Result<std::collections::BTreeMap<u32, Vec<String>>, InspectError> {
     let mut out: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+    // The family of a range is its service's.
+    let families: std::collections::BTreeMap<u32, u8> =
+        services(maps)?.iter().map(|(k, v)| (v.service_id, k.family)).collect();
     for key in maps.source_ranges.keys() {
         let key = key.map_err(read_err(map_names::SOURCE_RANGES))?;
         let data = key.data();
-        out.entry(u32::from_be(data.service_id_be)).or_default().push(format!(
+        let id = u32::from_be(data.service_id_be);
+        let family = families.get(&id).copied().unwrap_or(FAMILY_V4);
+        out.entry(id).or_default().push(format!(
             "{}/{}",
-            ip(data.addr),
+            ip_of(&data.addr, family),
             key.prefix_len().saturating_sub(32)
         ));
     }
@@ -304,7 +310,7 @@ pub fn backend_rows(maps: &Maps) -> Result<Vec<BackendRow>, InspectError> {
                 frontend: frontend(&k),
                 generation: v.generation,
                 slot: i,
-                backend: b.map_or("missing".into(), |b| endpoint(b.addr, b.port)),
+                backend: b.map_or("missing".into(), |b| endpoint(&b.addr, b.port, b.family())),
                 remote: b.is_some_and(|b| b.flags & BACKEND_F_REMOTE != 0),
             });
         }
@@ -361,10 +367,10 @@ pub fn conntrack_row(maps: &Maps, k: &CtKey, v: &CtValue, now_ns: u64) -> Conntr
     ConntrackRow {
         direction: ct_direction(v.flags).into(),
         proto: proto_name(k.proto).into(),
-        src: endpoint(k.saddr, k.sport),
-        dst: endpoint(k.daddr, k.dport),
-        nat: endpoint(v.nat_addr, v.nat_port),
-        snat: (v.flags & CT_F_SNAT != 0).then(|| endpoint(v.snat_addr, v.snat_port)),
+        src: endpoint(&k.saddr, k.sport, k.family),
+        dst: endpoint(&k.daddr, k.dport, k.family),
+        nat: endpoint(&v.nat_addr, v.nat_port, k.family),
+        snat: (v.flags & CT_F_SNAT != 0).then(|| endpoint(&v.snat_addr, v.snat_port, k.family)),
         flags: ct_flags(v.flags),
         service_id: v.service_id,
         service: name_of(maps, v.service_id),

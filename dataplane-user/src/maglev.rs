@@ -35,10 +35,12 @@ fn hash64(data: &[u8], seed: u64) -> u64 {
     h
 }
 
-fn identity(b: &Backend) -> [u8; 6] {
-    let mut id = [0u8; 6];
-    id[..4].copy_from_slice(&b.addr.to_ne_bytes());
-    id[4..].copy_from_slice(&b.port.to_ne_bytes());
+fn identity(b: &Backend) -> [u8; 18] {
+    let mut id = [0u8; 18];
+    for (i, w) in b.addr.iter().enumerate() {
+        id[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    id[16..].copy_from_slice(&b.port.to_ne_bytes());
     id
 }
 

@@ -2,7 +2,7 @@ use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use dataplane::{
     agent::{self, RunConfig, SourceConfig},
@@ -99,11 +99,11 @@ struct TraceArgs {
     inspect: InspectArgs,
     /// Source address and port of the packet.
     #[arg(long)]
-    src: std::net::SocketAddrV4,
+    src: std::net::SocketAddr,
     /// Destination address and port (a Service frontend, or a client for a
     /// reply).
     #[arg(long)]
-    dst: std::net::SocketAddrV4,
+    dst: std::net::SocketAddr,
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     proto: Proto,
     /// TCP flags, comma separated (syn, ack, fin, rst, psh).
@@ -211,17 +211,19 @@ struct RunArgs {
     /// Pin nothing: the programs detach when the agent exits.
     #[arg(long, env = "DATAPLANE_NO_PIN")]
     no_pin: bool,
-    /// Addresses NodePort Services are served on (repeatable or comma
-    /// separated); default: every IPv4 address of the node but loopback.
+    /// Addresses NodePort Services are served on, IPv4 and IPv6 (repeatable
+    /// or comma separated); default: every address of the node but loopback
+    /// and IPv6 link-local ones.
     #[arg(long = "node-ip", env = "DATAPLANE_NODE_IPS", value_delimiter = ',')]
-    node_ips: Vec<Ipv4Addr>,
+    node_ips: Vec<IpAddr>,
     /// The NodePort range, as the API server's --service-node-port-range.
     #[arg(long, default_value = "30000-32767", env = "DATAPLANE_NODE_PORT_RANGE")]
     node_port_range: String,
-    /// Source address for flows SNATed to remote backends (and hairpin);
-    /// default: the first node address.
-    #[arg(long, env = "DATAPLANE_SNAT_IP")]
-    snat_ip: Option<Ipv4Addr>,
+    /// Source address for flows SNATed to remote backends (and hairpin), at
+    /// most one per family (repeatable or comma separated); default: the
+    /// first node address of each family.
+    #[arg(long = "snat-ip", env = "DATAPLANE_SNAT_IP", value_delimiter = ',')]
+    snat_ips: Vec<IpAddr>,
     /// How new flows pick a backend.
     #[arg(long, value_enum, default_value_t = Selection::Maglev, env = "DATAPLANE_LB_ALGORITHM")]
     lb_algorithm: Selection,
@@ -337,7 +339,7 @@ impl RunArgs {
             pin_root: (!self.no_pin).then_some(self.bpffs_root),
             node_ips: self.node_ips,
             node_port_range,
-            snat_ip: self.snat_ip,
+            snat_ips: self.snat_ips,
             sync: SyncConfig {
                 selection: self.lb_algorithm,
                 maglev_size,

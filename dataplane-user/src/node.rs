@@ -1,11 +1,12 @@
 //! Facts about the node the agent runs on.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// The IPv4 addresses of this network namespace's interfaces, loopback
-/// excluded, in interface order and without duplicates: where NodePort
-/// Services are served when no `--node-ip` is given.
-pub fn local_ipv4_addresses() -> std::io::Result<Vec<Ipv4Addr>> {
+/// The IPv4 and IPv6 addresses of this network namespace's interfaces, in
+/// interface order and without duplicates, loopback and IPv6 link-local
+/// addresses excluded: where NodePort Services are served when no
+/// `--node-ip` is given.
+pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a linked list we free with freeifaddrs; every
@@ -17,10 +18,19 @@ pub fn local_ipv4_addresses() -> std::io::Result<Vec<Ipv4Addr>> {
         let mut cur = ifap;
         while !cur.is_null() {
             let a = (*cur).ifa_addr;
-            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
+            let ip = if a.is_null() {
+                None
+            } else if (*a).sa_family as i32 == libc::AF_INET {
                 let sin = &*(a as *const libc::sockaddr_in);
-                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if !ip.is_loopback() && !out.contains(&ip) {
+                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
+            } else if (*a).sa_family as i32 == libc::AF_INET6 {
+                let sin6 = &*(a as *const libc::sockaddr_in6);
+                Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+            } else {
+                None
+            };
+            if let Some(ip) = ip {
+                if usable(&ip) && !out.contains(&ip) {
                     out.push(ip);
                 }
             }
@@ -31,11 +41,23 @@ pub fn local_ipv4_addresses() -> std::io::Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
+/// Not loopback, not IPv6 link-local (fe80::/10: one per interface, not
+/// an address clients reach a node on).
+fn usable(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !a.is_loopback(),
+        IpAddr::V6(a) => !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
-    fn lists_no_loopback_address() {
-        let addrs = super::local_ipv4_addresses().unwrap();
-        assert!(addrs.iter().all(|a| !a.is_loopback()), "{addrs:?}");
+    fn lists_no_loopback_or_link_local_address() {
+        let addrs = super::local_addresses().unwrap();
+        assert!(addrs.iter().all(super::usable), "{addrs:?}");
+        assert!(!super::usable(&"fe80::1".parse().unwrap()));
+        assert!(!super::usable(&"::1".parse().unwrap()));
+        assert!(super::usable(&"2001:db8::1".parse().unwrap()));
     }
 }

@@ -38,8 +38,8 @@ pub trait MapWriter {
     fn put_name(&mut self, service_id: u32, name: &str) -> Result<(), String>;
     fn delete_name(&mut self, service_id: u32) -> Result<(), String>;
     /// Allows sources in `addr/len` for `service_id` (loadBalancerSourceRanges).
-    fn put_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String>;
-    fn delete_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String>;
+    fn put_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String>;
+    fn delete_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String>;
     /// Zeroes the per-service counters of a newly allocated id.
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String>;
 }
@@ -467,12 +467,16 @@ impl Syncer<crate::loader::Maps> {
             .collect::<Result<_, _>>()
             .map_err(|e| format!("reading services: {e}"))?;
         let mut live: BTreeMap<u32, ServiceValue> = BTreeMap::new();
-        let mut ranges: BTreeMap<u32, Vec<(std::net::Ipv4Addr, u8)>> = BTreeMap::new();
+        let mut ranges: BTreeMap<u32, Vec<(std::net::IpAddr, u8)>> = BTreeMap::new();
+        // A range has the family of its service.
+        let families: BTreeMap<u32, u8> = services.iter().map(|(k, v)| (v.service_id, k.family)).collect();
         for key in maps.source_ranges.keys() {
             let key = key.map_err(|e| format!("reading source ranges: {e}"))?;
             let data = key.data();
-            ranges.entry(u32::from_be(data.service_id_be)).or_default().push((
-                std::net::Ipv4Addr::from(data.addr.to_ne_bytes()),
+            let id = u32::from_be(data.service_id_be);
+            let family = families.get(&id).copied().unwrap_or(dataplane_common::FAMILY_V4);
+            ranges.entry(id).or_default().push((
+                dataplane_common::ip_of(&data.addr, family),
                 (key.prefix_len() - 32) as u8,
             ));
         }
@@ -591,17 +595,17 @@ impl MapWriter for crate::loader::Maps {
     fn delete_name(&mut self, service_id: u32) -> Result<(), String> {
         self.names.remove(&service_id).map_err(|e| e.to_string())
     }
-    fn put_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String> {
+    fn put_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
         let key = aya::maps::lpm_trie::Key::new(
             32 + len as u32,
-            SourceRangeKey::new(service_id, u32::from_ne_bytes(addr.octets())),
+            SourceRangeKey::new(service_id, dataplane_common::addr_of(addr).0),
         );
         self.source_ranges.insert(&key, 1, 0).map_err(|e| e.to_string())
     }
-    fn delete_source_range(&mut self, service_id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String> {
+    fn delete_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
         let key = aya::maps::lpm_trie::Key::new(
             32 + len as u32,
-            SourceRangeKey::new(service_id, u32::from_ne_bytes(addr.octets())),
+            SourceRangeKey::new(service_id, dataplane_common::addr_of(addr).0),
         );
         self.source_ranges.remove(&key).map_err(|e| e.to_string())
     }
@@ -694,11 +698,11 @@ mod tests {
             self.names.remove(&id);
             Ok(())
         }
-        fn put_source_range(&mut self, id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String> {
+        fn put_source_range(&mut self, id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
             self.log.push(format!("put_source_range {id} {addr}/{len}"));
             Ok(())
         }
-        fn delete_source_range(&mut self, id: u32, addr: std::net::Ipv4Addr, len: u8) -> Result<(), String> {
+        fn delete_source_range(&mut self, id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
             self.log.push(format!("delete_source_range {id} {addr}/{len}"));
             Ok(())
         }
@@ -1000,7 +1004,7 @@ mod tests {
         fn incremental_path_equals_full_path() {
             let node = NodeInfo {
                 name: Some("n1".into()),
-                addresses: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(172, 16, 0, 1)],
+                addresses: vec![Ipv4Addr::new(198, 18, 0, 1).into(), Ipv4Addr::new(198, 18, 0, 2).into()],
                 ..NodeInfo::default()
             };
             // The sequences must exercise what they are meant to.

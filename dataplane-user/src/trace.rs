@@ -10,13 +10,16 @@
 //! service), the configuration). The packet runs there; every conntrack,
 //! affinity or counter write lands in the copy, which is dropped after.
 
-use std::{net::SocketAddrV4, path::Path};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use aya::maps::lpm_trie::Key;
 use dataplane_common::{
-    flow_hash, limits, map_names, program_names, AffinityKey, BackendKey, CtKey, CtValue, MaglevKey, Reason,
-    ServiceKey, ServiceValue, SourceRangeKey, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP,
-    SVC_F_AFFINITY, SVC_F_RANDOM,
+    addr_of, flow_hash, fold_addr, limits, map_names, program_names, AffinityKey, BackendKey, CtKey, CtValue,
+    MaglevKey, Reason, ServiceKey, ServiceValue, SourceRangeKey, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_SNAT, IPPROTO_TCP,
+    IPPROTO_UDP, SVC_F_AFFINITY, SVC_F_RANDOM,
 };
 use serde::Serialize;
 
@@ -47,8 +50,9 @@ pub enum TraceProgram {
 /// What to trace.
 #[derive(Clone, Debug)]
 pub struct TraceRequest {
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    /// Source and destination, of one family.
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
     pub proto: u8,
     /// TCP flags (`TCP_*`); ignored for UDP.
     pub tcp_flags: u8,
@@ -149,23 +153,36 @@ pub struct TraceReport {
     pub explanation: Vec<String>,
 }
 
-/// Ethernet + IPv4 + TCP/UDP, checksums filled in.
+/// Ethernet + IPv4 or IPv6 + TCP/UDP, checksums filled in.
 pub fn build_frame(req: &TraceRequest) -> Vec<u8> {
     let l4_len = if req.proto == IPPROTO_TCP { 20 } else { 8 + 4 };
-    let total = 20 + l4_len;
-    let mut f = Vec::with_capacity(14 + total);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = 64;
-    ip[9] = req.proto;
-    ip[12..16].copy_from_slice(&req.src.ip().octets());
-    ip[16..20].copy_from_slice(&req.dst.ip().octets());
-    let c = checksum(&ip, 0);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
+    let mut f = Vec::with_capacity(14 + 40 + l4_len);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01]);
+    let (src, dst) = (ip_bytes(req.src.ip()), ip_bytes(req.dst.ip()));
+    if req.src.is_ipv6() {
+        f.extend_from_slice(&[0x86, 0xdd]);
+        let mut ip = [0u8; 40];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        ip[6] = req.proto;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&src);
+        ip[24..40].copy_from_slice(&dst);
+        f.extend_from_slice(&ip);
+    } else {
+        f.extend_from_slice(&[0x08, 0x00]);
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+        ip[6] = 0x40; // DF
+        ip[8] = 64;
+        ip[9] = req.proto;
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&dst);
+        let c = checksum(&ip, 0);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+    }
     let mut l4 = vec![0u8; l4_len];
     l4[0..2].copy_from_slice(&req.src.port().to_be_bytes());
     l4[2..4].copy_from_slice(&req.dst.port().to_be_bytes());
@@ -180,15 +197,23 @@ pub fn build_frame(req: &TraceRequest) -> Vec<u8> {
         l4[8..12].copy_from_slice(b"tron");
         6
     };
+    // The pseudo-header sums alike in both families.
     let mut pseudo = 0u32;
-    for w in [req.src.ip().octets(), req.dst.ip().octets()] {
-        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
+    for w in src.chunks(2).chain(dst.chunks(2)) {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
     }
     pseudo += u32::from(req.proto) + l4_len as u32;
     let c = checksum(&l4, pseudo);
     l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&l4);
     f
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
 }
 
 fn checksum(data: &[u8], mut sum: u32) -> u16 {
@@ -201,22 +226,24 @@ fn checksum(data: &[u8], mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
-/// The IPv4 addresses, protocol and ports of a frame (None if not IPv4).
-fn describe_frame(f: &[u8]) -> (String, Option<(SocketAddrV4, SocketAddrV4, u8)>) {
-    if f.len() < 34 || f[12..14] != [0x08, 0x00] {
-        return ("not an IPv4 frame".into(), None);
-    }
-    let ihl = usize::from(f[14] & 0x0f) * 4;
-    let proto = f[23];
-    let src = std::net::Ipv4Addr::new(f[26], f[27], f[28], f[29]);
-    let dst = std::net::Ipv4Addr::new(f[30], f[31], f[32], f[33]);
-    let l4 = 14 + ihl;
+/// The addresses, protocol and ports of a frame (None if not IP, or for
+/// IPv6 with extension headers).
+fn describe_frame(f: &[u8]) -> (String, Option<(SocketAddr, SocketAddr, u8)>) {
+    let (proto, src, dst, l4): (u8, IpAddr, IpAddr, usize) = if f.len() >= 34 && f[12..14] == [0x08, 0x00] {
+        let a = |o: usize| IpAddr::from([f[o], f[o + 1], f[o + 2], f[o + 3]]);
+        (f[23], a(26), a(30), 14 + usize::from(f[14] & 0x0f) * 4)
+    } else if f.len() >= 54 && f[12..14] == [0x86, 0xdd] {
+        let a = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&f[o..o + 16]).unwrap());
+        (f[20], a(22), a(38), 54)
+    } else {
+        return ("not an IP frame".into(), None);
+    };
     match proto {
         IPPROTO_TCP | IPPROTO_UDP if f.len() >= l4 + 4 => {
             let sport = u16::from_be_bytes([f[l4], f[l4 + 1]]);
             let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
-            let s = SocketAddrV4::new(src, sport);
-            let d = SocketAddrV4::new(dst, dport);
+            let s = SocketAddr::new(src, sport);
+            let d = SocketAddr::new(dst, dport);
             let flags = if proto == IPPROTO_TCP && f.len() > l4 + 13 {
                 format!(" flags {}", flag_words(f[l4 + 13]))
             } else {
@@ -225,12 +252,15 @@ fn describe_frame(f: &[u8]) -> (String, Option<(SocketAddrV4, SocketAddrV4, u8)>
             (format!("{} {s} -> {d}{flags}", proto_name(proto)), Some((s, d, proto)))
         }
         1 if f.len() >= l4 + 2 => (format!("icmp {src} -> {dst} type {} code {}", f[l4], f[l4 + 1]), None),
+        58 if f.len() >= l4 + 2 => (format!("icmpv6 {src} -> {dst} type {} code {}", f[l4], f[l4 + 1]), None),
         p => (format!("ip proto {p} {src} -> {dst}"), None),
     }
 }
 
-fn be(a: &SocketAddrV4) -> (u32, u16) {
-    (u32::from_ne_bytes(a.ip().octets()), a.port().to_be())
+/// The address as in a map (folded for the flow hash) and the port in
+/// network order.
+fn be(a: &SocketAddr) -> (u32, u16) {
+    (fold_addr(&addr_of(a.ip()).0), a.port().to_be())
 }
 
 fn copy_err(what: &str, e: impl std::fmt::Display) -> anyhow::Error {
@@ -252,7 +282,8 @@ fn other_direction(k: &CtKey, v: &CtValue) -> CtKey {
             daddr,
             dport,
             proto: k.proto,
-            _pad: [0; 3],
+            family: k.family,
+            _pad: 0,
         }
     } else {
         let (saddr, sport) = if v.flags & CT_F_SNAT != 0 {
@@ -266,7 +297,8 @@ fn other_direction(k: &CtKey, v: &CtValue) -> CtKey {
             daddr: v.nat_addr,
             dport: v.nat_port,
             proto: k.proto,
-            _pad: [0; 3],
+            family: k.family,
+            _pad: 0,
         }
     }
 }
@@ -287,7 +319,14 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
 
     let (saddr, sport) = be(&req.src);
     let (daddr, dport) = be(&req.dst);
-    let svc_key = ServiceKey::new(*req.dst.ip(), req.dst.port(), req.proto);
+    if req.src.is_ipv6() != req.dst.is_ipv6() {
+        anyhow::bail!(
+            "source {} and destination {} are of different families",
+            req.src,
+            req.dst
+        );
+    }
+    let svc_key = ServiceKey::new(req.dst.ip(), req.dst.port(), req.proto);
     let svc: Option<ServiceValue> = live.services.get(&svc_key, 0).ok();
     let mut service = None;
     let mut affinity = None;
@@ -347,7 +386,7 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
         }
         if v.flags & SVC_F_AFFINITY != 0 {
             let ak = AffinityKey {
-                client: saddr,
+                client: addr_of(req.src.ip()).0,
                 service_id: id,
             };
             match live.affinity.get(&ak, 0) {
@@ -359,7 +398,7 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
                     let idle = now.saturating_sub(a.last_seen_ns);
                     let fresh = idle <= u64::from(v.affinity_timeout_s) * 1_000_000_000;
                     affinity = Some(if fresh { "hit" } else { "expired" }.to_string());
-                    affinity_backend = Some(endpoint(a.backend.addr, a.backend.port));
+                    affinity_backend = Some(endpoint(&a.backend.addr, a.backend.port, a.backend.family()));
                 }
                 Err(_) => affinity = Some("miss".into()),
             }
@@ -372,7 +411,7 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
                 let backend = live
                     .backends
                     .get(&BackendKey::new(id, v.generation, slot), 0)
-                    .map_or("missing".into(), |b| endpoint(b.addr, b.port));
+                    .map_or("missing".into(), |b| endpoint(&b.addr, b.port, b.family()));
                 maglev = Some(MaglevStep {
                     hash,
                     table_size: v.maglev_size,
@@ -384,14 +423,13 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
         }
     } else {
         explanation.push(format!(
-            "{}:{}/{} is not a service frontend",
-            req.dst.ip(),
-            req.dst.port(),
+            "{}/{} is not a service frontend",
+            req.dst,
             proto_name(req.proto)
         ));
     }
 
-    let ct_key = CtKey::new(*req.src.ip(), req.src.port(), *req.dst.ip(), req.dst.port(), req.proto);
+    let ct_key = CtKey::new(req.src.ip(), req.src.port(), req.dst.ip(), req.dst.port(), req.proto);
     let ct = live.conntrack.get(&ct_key, 0).ok();
     let starts_flow = req.proto == IPPROTO_TCP && req.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let conntrack = match &ct {
@@ -630,6 +668,34 @@ mod tests {
                 pseudo += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
             }
             pseudo += u32::from(proto) + l4.len() as u32;
+            assert_eq!(checksum(l4, pseudo), 0, "L4 checksum of proto {proto}");
+            let (text, parsed) = describe_frame(&f);
+            assert_eq!(parsed, Some((req.src, req.dst, proto)), "{text}");
+        }
+    }
+
+    #[test]
+    fn ipv6_frames_carry_valid_checksums() {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let req = TraceRequest {
+                src: "[2001:db8:100::2]:41000".parse().unwrap(),
+                dst: "[fd00:198:19::10]:80".parse().unwrap(),
+                proto,
+                tcp_flags: TCP_SYN,
+                program: TraceProgram::Tc,
+            };
+            let f = build_frame(&req);
+            assert_eq!(&f[12..14], &[0x86, 0xdd]);
+            assert_eq!(
+                usize::from(u16::from_be_bytes([f[18], f[19]])),
+                f.len() - 54,
+                "payload length"
+            );
+            let l4 = &f[54..];
+            let mut pseudo = u32::from(proto) + l4.len() as u32;
+            for w in f[22..54].chunks(2) {
+                pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
+            }
             assert_eq!(checksum(l4, pseudo), 0, "L4 checksum of proto {proto}");
             let (text, parsed) = describe_frame(&f);
             assert_eq!(parsed, Some((req.src, req.dst, proto)), "{text}");

@@ -1,7 +1,7 @@
 //! Service and EndpointSlice manifests for tests, shaped like the ones in
 //! deploy/examples.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// A ClusterIP Service `ns/name` with one port per (name, port, protocol).
 pub fn service(ns: &str, name: &str, vip: Ipv4Addr, ports: &[(&str, u16, &str)]) -> String {
@@ -10,6 +10,48 @@ pub fn service(ns: &str, name: &str, vip: Ipv4Addr, ports: &[(&str, u16, &str)])
     );
     for (pname, port, proto) in ports {
         s.push_str(&format!("  - {{name: {pname}, port: {port}, protocol: {proto}}}\n"));
+    }
+    s
+}
+
+/// A ClusterIP Service `ns/name` with one ClusterIP per address in `vips`
+/// (one family: single-stack; both: dual-stack, `ipFamilies` in the order
+/// given, as the API server writes it).
+pub fn service_ips(ns: &str, name: &str, vips: &[IpAddr], ports: &[(&str, u16, &str)]) -> String {
+    let ips: Vec<String> = vips.iter().map(|v| format!("\"{v}\"")).collect();
+    let families: Vec<&str> = vips.iter().map(|v| if v.is_ipv6() { "IPv6" } else { "IPv4" }).collect();
+    let policy = if vips.len() > 1 {
+        "RequireDualStack"
+    } else {
+        "SingleStack"
+    };
+    let mut s = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  type: ClusterIP\n  clusterIP: {}\n  clusterIPs: [{}]\n  ipFamilies: [{}]\n  ipFamilyPolicy: {policy}\n  ports:\n",
+        ips[0],
+        ips.join(", "),
+        families.join(", ")
+    );
+    for (pname, port, proto) in ports {
+        s.push_str(&format!("  - {{name: {pname}, port: {port}, protocol: {proto}}}\n"));
+    }
+    s
+}
+
+/// As `slice`, for endpoints of either family: `addressType` is the family
+/// of the addresses (all of one family, as in a real slice).
+pub fn slice_ips(ns: &str, name: &str, svc: &str, ports: &[(&str, u16, &str)], addrs: &[IpAddr]) -> String {
+    let v4: Vec<Ipv4Addr> = Vec::new();
+    let mut s = slice(ns, name, svc, ports, &v4);
+    if addrs.first().is_some_and(|a| a.is_ipv6()) {
+        s = s.replace("addressType: IPv4", "addressType: IPv6");
+    }
+    if !addrs.is_empty() {
+        s = s.replace("endpoints: []\n", "endpoints:\n");
+    }
+    for a in addrs {
+        s.push_str(&format!(
+            "- addresses: [\"{a}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n"
+        ));
     }
     s
 }

@@ -2,7 +2,7 @@
 //! maps, so a test can check what the datapath would see while the sync
 //! loop that owns the maps keeps running.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, IterableMap, Map, MapData};
@@ -11,7 +11,7 @@ use dataplane_common::{Backend, BackendKey, ServiceKey, ServiceValue};
 
 /// A frontend as the datapath resolves it: (VIP, port, protocol) and the
 /// backends of its current generation, in slot order.
-pub type Programmed = BTreeMap<(Ipv4Addr, u16, u8), Vec<(Ipv4Addr, u16)>>;
+pub type Programmed = BTreeMap<(IpAddr, u16, u8), Vec<(IpAddr, u16)>>;
 
 pub struct MapView {
     services: HashMap<MapData, ServiceKey, ServiceValue>,

@@ -125,6 +125,21 @@ pub fn veth(a: &Netns, a_name: &str, a_addr: Ipv4Addr, b: &Netns, b_name: &str, 
     Ok(())
 }
 
+/// Adds IPv6 address `addr` (prefix length 64, no duplicate address
+/// detection: usable at once) to `iface` in `ns`.
+pub fn addr6(ns: &Netns, iface: &str, addr: &str) -> Result<()> {
+    ns.ip(&["-6", "addr", "add", &format!("{addr}/64"), "dev", iface, "nodad"])?;
+    Ok(())
+}
+
+/// IPv6 addresses of the one-machine cluster (2001:db8::/32, VIPs in
+/// fd00::/8): the client's, the node's side towards it, and backend `i`'s.
+pub const CLIENT_ADDR6: &str = "2001:db8:100::2";
+pub const NODE_CLIENT_SIDE6: &str = "2001:db8:100::1";
+pub fn backend_addr6(i: usize) -> std::net::Ipv6Addr {
+    format!("2001:db8:18:{i}::2").parse().unwrap()
+}
+
 /// The one-machine cluster:
 ///
 /// ```text
@@ -198,6 +213,31 @@ impl Topology {
         b.ip(&["route", "add", "198.18.0.0/16", "via", &node_side.to_string()])?;
         self.backends.push(b);
         Ok(i)
+    }
+
+    /// Makes the topology dual-stack: IPv6 addresses on every link
+    /// (`CLIENT_ADDR6`, `NODE_CLIENT_SIDE6`, `backend_addr6(i)` with the
+    /// node side at `2001:db8:18:i::1`), routes to 2001:db8::/32 and the
+    /// VIP range fd00::/8 via the node, and IPv6 forwarding on the node.
+    pub fn enable_ipv6(&self) -> Result<()> {
+        for ns in std::iter::once(&self.client).chain(&self.backends).chain([&self.node]) {
+            ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
+        }
+        self.node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        addr6(&self.node, NODE_CLIENT_IFACE, NODE_CLIENT_SIDE6)?;
+        addr6(&self.client, "eth0", CLIENT_ADDR6)?;
+        self.client
+            .ip(&["-6", "route", "add", "2001:db8::/32", "via", NODE_CLIENT_SIDE6])?;
+        self.client
+            .ip(&["-6", "route", "add", "fd00::/8", "via", NODE_CLIENT_SIDE6])?;
+        for (i, b) in self.backends.iter().enumerate() {
+            let i = i + 1;
+            let node_side = format!("2001:db8:18:{i}::1");
+            addr6(&self.node, &backend_iface(i), &node_side)?;
+            addr6(b, "eth0", &backend_addr6(i).to_string())?;
+            b.ip(&["-6", "route", "add", "2001:db8::/32", "via", &node_side])?;
+        }
+        Ok(())
     }
 
     /// Node-side interface names: the client's and every backend's.

@@ -1,7 +1,7 @@
 //! The real eBPF object, loaded (not attached) for BPF_PROG_TEST_RUN, with
 //! its maps programmed through the agent's own sync path.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use dataplane::{
     desired::{Desired, Frontend},
@@ -89,17 +89,23 @@ impl Loaded {
 
     /// Sets the backends of frontend `vip:port/proto` (creating it) and
     /// programs the maps.
-    pub fn set_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, backends: &[(Ipv4Addr, u16)]) {
+    pub fn set_service<B: Into<IpAddr> + Copy>(
+        &mut self,
+        vip: impl Into<IpAddr>,
+        port: u16,
+        proto: u8,
+        backends: &[(B, u16)],
+    ) {
         self.set_service_with(vip, port, proto, backends, None)
     }
 
     /// As `set_service`, with sessionAffinity ClientIP when `affinity_s` is set.
-    pub fn set_service_with(
+    pub fn set_service_with<B: Into<IpAddr> + Copy>(
         &mut self,
-        vip: Ipv4Addr,
+        vip: impl Into<IpAddr>,
         port: u16,
         proto: u8,
-        backends: &[(Ipv4Addr, u16)],
+        backends: &[(B, u16)],
         affinity_s: Option<u32>,
     ) {
         let mut b: Vec<Backend> = backends.iter().map(|(a, p)| Backend::new(*a, *p)).collect();
@@ -127,14 +133,14 @@ impl Loaded {
         assert!(r.errors.is_empty(), "{:?}", r.errors);
     }
 
-    pub fn remove_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8) {
+    pub fn remove_service(&mut self, vip: impl Into<IpAddr>, port: u16, proto: u8) {
         self.desired.frontends.remove(&ServiceKey::new(vip, port, proto));
         let r = self.sync.apply(&self.desired);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
     }
 
     /// The backends of a frontend in the order the datapath indexes them.
-    pub fn backends(&self, vip: Ipv4Addr, port: u16, proto: u8) -> Vec<Backend> {
+    pub fn backends(&self, vip: impl Into<IpAddr>, port: u16, proto: u8) -> Vec<Backend> {
         self.desired.frontends[&ServiceKey::new(vip, port, proto)]
             .backends
             .clone()

@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -34,7 +34,8 @@ impl Drop for Server {
 
 /// A TCP server at `addr:port` in `ns`: for every line a client sends, it
 /// answers `name` and a newline. Connections are served on their own threads.
-pub fn tcp_server(ns: &Netns, addr: Ipv4Addr, port: u16, name: &str) -> Server {
+pub fn tcp_server(ns: &Netns, addr: impl Into<IpAddr>, port: u16, name: &str) -> Server {
+    let addr: IpAddr = addr.into();
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     let name = name.to_string();
@@ -133,7 +134,8 @@ fn serve_lines(c: TcpStream, name: &str, stop: &AtomicBool) {
 }
 
 /// A UDP server at `addr:port` in `ns` that answers every datagram with `name`.
-pub fn udp_server(ns: &Netns, addr: Ipv4Addr, port: u16, name: &str) -> Server {
+pub fn udp_server(ns: &Netns, addr: impl Into<IpAddr>, port: u16, name: &str) -> Server {
+    let addr: IpAddr = addr.into();
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     let name = name.to_string();

@@ -2,7 +2,7 @@
 //! BPF_PROG_TEST_RUN; output bytes are checked with checksums recomputed
 //! from scratch.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use dataplane::{
     desired::Frontend,
@@ -10,27 +10,29 @@ use dataplane::{
     sync::{Selection, SyncConfig},
 };
 use dataplane_common::{
-    flow_hash, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
-    SVC_F_SOURCE_RANGES,
+    addr_of, flow_hash, fold_addr, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_DROP_NO_LOCAL,
+    SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
 };
 use dataplane_tests::{
-    packet::{checksum, icmp_error, parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP},
+    packet::{
+        checksum, icmp_error, octets, parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP,
+    },
     prog::{Loaded, Prog},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10));
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 100, 2));
 
-fn b(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, i, 2)
+fn b(i: u8) -> IpAddr {
+    Ipv4Addr::new(198, 18, i, 2).into()
 }
 
 /// The backend the datapath must pick for a new flow: the Maglev table
 /// computed in userspace, at the position of the shared flow hash.
-fn expected(backends: &[Backend], src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> Backend {
+fn expected(backends: &[Backend], src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8) -> Backend {
     let h = flow_hash(
-        u32::from_ne_bytes(src.0.octets()),
-        u32::from_ne_bytes(dst.0.octets()),
+        fold_addr(&addr_of(src.0).0),
+        fold_addr(&addr_of(dst.0).0),
         src.1.to_be(),
         dst.1.to_be(),
         proto,
@@ -95,7 +97,7 @@ fn udp_to_vip_is_dnated_and_zero_checksum_stays_zero() {
         f.udp_zero_csum = true;
         let out = l.run(prog, &f.build());
         let p = parse_and_verify(&out.data);
-        assert_eq!(p.dst.octets()[..2], [198, 18], "{prog:?}: translated");
+        assert_eq!(octets(p.dst)[..2], [198, 18], "{prog:?}: translated");
         assert_eq!(
             p.l4_csum, 0,
             "{prog:?}: a zero UDP checksum means none and must stay zero"
@@ -162,7 +164,7 @@ fn syn_after_close_picks_a_backend_again() {
     l.run(prog, &Frame::tcp(client, (VIP, 80), FIN | ACK).build());
     // The old backend is gone; a new connection reusing the port must not
     // follow the closed flow's entry.
-    let others: Vec<(Ipv4Addr, u16)> = l
+    let others: Vec<(IpAddr, u16)> = l
         .backends(VIP, 80, TCP)
         .iter()
         .filter(|x| x.ip() != first.dst)
@@ -201,7 +203,7 @@ fn maglev_keeps_most_flows_on_their_backend_when_one_is_added() {
     // New-flow assignments (no conntrack involved: a fresh program each
     // time) before and after adding a 4th backend: about 1/4 move.
     let flows: Vec<u16> = (30000..30400).collect();
-    let assign = |backends: &[(Ipv4Addr, u16)]| -> Vec<Ipv4Addr> {
+    let assign = |backends: &[(IpAddr, u16)]| -> Vec<IpAddr> {
         let mut l = Loaded::new();
         l.set_service(VIP, 80, TCP, backends);
         flows
@@ -249,7 +251,7 @@ fn random_selection_spreads_new_flows() {
 fn tcp_to_a_service_without_backends_is_answered_with_a_rst() {
     for prog in Prog::BOTH {
         let mut l = Loaded::new();
-        l.set_service(VIP, 80, TCP, &[]);
+        l.set_service::<IpAddr>(VIP, 80, TCP, &[]);
         // A SYN with IP options: the RST is a fresh 54-byte frame.
         let mut syn = Frame::tcp((CLIENT, 40300), (VIP, 80), SYN);
         syn.ip_options = vec![1, 1, 1, 0];
@@ -290,7 +292,7 @@ fn tcp_to_a_service_without_backends_is_answered_with_a_rst() {
 fn udp_to_a_service_without_backends_is_answered_with_icmp_port_unreachable() {
     for prog in Prog::BOTH {
         let mut l = Loaded::new();
-        l.set_service(VIP, 53, UDP, &[]);
+        l.set_service::<IpAddr>(VIP, 53, UDP, &[]);
         for payload in [&b""[..], b"a query longer than twenty-eight bytes, to be cut"] {
             let input = Frame::udp((CLIENT, 50300), (VIP, 53), payload).build();
             let out = l.run(prog, &input);
@@ -411,7 +413,7 @@ fn client_ip_affinity_keeps_a_client_on_one_backend() {
             );
         }
         // Another client is not bound by it.
-        let other = (Ipv4Addr::new(198, 18, 100, 3), 32000);
+        let other = (IpAddr::from([198, 18, 100, 3]), 32000);
         let p = parse_and_verify(&l.run(prog, &Frame::tcp(other, (VIP, 80), SYN).build()).data);
         assert_eq!(p.dst, expected(&l.backends(VIP, 80, TCP), other, (VIP, 80), TCP).ip());
         // The remembered backend leaves: the client goes elsewhere, and
@@ -508,14 +510,14 @@ fn conntrack_entries_expire_by_protocol_and_state() {
     }
 }
 
-const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 1);
-const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 5);
+const NODE: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 50, 1));
+const EXTERNAL_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 200, 5));
 
 fn node_config() -> Loaded {
     Loaded::with_configs(
         SyncConfig::default(),
         DpConfig {
-            snat_addr: u32::from_ne_bytes(NODE.octets()),
+            snat_addr: addr_of(NODE).0[0],
             ..DpConfig::defaults()
         },
     )
@@ -532,7 +534,7 @@ fn frontend(backends: Vec<Backend>, flags: u32) -> Frontend {
     }
 }
 
-fn remote(a: Ipv4Addr, port: u16) -> Backend {
+fn remote(a: IpAddr, port: u16) -> Backend {
     Backend {
         flags: BACKEND_F_REMOTE,
         ..Backend::new(a, port)
@@ -566,7 +568,7 @@ fn remote_backend_of_an_external_frontend_is_snated_and_reversed() {
         let again = parse_and_verify(&l.run(prog, &Frame::tcp(client, (NODE, 30443), ACK).build()).data);
         assert_eq!((again.src, again.sport, again.dst), (NODE, out.sport, b(2)), "{prog:?}");
         // A second client with the same source port gets another SNAT port.
-        let other = (Ipv4Addr::new(198, 18, 200, 6), 40700);
+        let other = (IpAddr::from([198, 18, 200, 6]), 40700);
         let o = parse_and_verify(&l.run(prog, &Frame::tcp(other, (NODE, 30443), SYN).build()).data);
         assert_eq!(o.src, NODE);
         assert_ne!(o.sport, out.sport, "{prog:?}: two flows share a reply tuple");
@@ -638,15 +640,15 @@ fn load_balancer_source_ranges_admit_only_listed_sources() {
         let lb = Ipv4Addr::new(198, 19, 2, 1);
         let mut fe = frontend(vec![Backend::new(b(1), 8443)], SVC_F_SOURCE_RANGES);
         fe.source_ranges = vec![
-            (Ipv4Addr::new(198, 18, 200, 0), 24),
-            (Ipv4Addr::new(198, 18, 77, 7), 32),
+            (Ipv4Addr::new(198, 18, 200, 0).into(), 24),
+            (Ipv4Addr::new(198, 18, 77, 7).into(), 32),
         ];
         l.set_frontend(ServiceKey::new(lb, 443, TCP), fe);
         for (src, allowed) in [
             (EXTERNAL_CLIENT, true),
-            (Ipv4Addr::new(198, 18, 77, 7), true),
-            (Ipv4Addr::new(198, 18, 77, 8), false),
-            (Ipv4Addr::new(198, 18, 201, 5), false),
+            (Ipv4Addr::new(198, 18, 77, 7).into(), true),
+            (Ipv4Addr::new(198, 18, 77, 8).into(), false),
+            (Ipv4Addr::new(198, 18, 201, 5).into(), false),
         ] {
             let out = l.run(prog, &Frame::tcp((src, 41000), (lb, 443), SYN).build());
             if allowed {
@@ -681,7 +683,7 @@ fn icmp_fragmentation_needed_about_a_translated_flow_quotes_the_vip() {
         let client = (CLIENT, 40900);
         let fwd = l.run(prog, &Frame::tcp(client, (VIP, 80), ACK).build()).data;
         let seen_by_backend = parse_and_verify(&fwd);
-        let router = Ipv4Addr::new(198, 18, 9, 1);
+        let router = IpAddr::from([198, 18, 9, 1]);
         let err = icmp_error(router, CLIENT, 3, 4, 1400, &fwd[14..14 + 28]);
         let out = l.run(prog, &err);
         assert_eq!(out.retval, prog.pass(), "{prog:?}");
@@ -693,10 +695,10 @@ fn icmp_fragmentation_needed_about_a_translated_flow_quotes_the_vip() {
         );
         let q = &icmp.quoted;
         assert_eq!(checksum(&q[..20], 0), 0, "{prog:?}: quoted IPv4 header checksum");
-        assert_eq!(&q[12..16], &CLIENT.octets(), "{prog:?}");
+        assert_eq!(&q[12..16], &octets(CLIENT)[..], "{prog:?}");
         assert_eq!(
             &q[16..20],
-            &VIP.octets(),
+            &octets(VIP)[..],
             "{prog:?}: the quoted destination must be the VIP again"
         );
         assert_eq!(u16::from_be_bytes([q[20], q[21]]), 40900);

@@ -475,14 +475,14 @@ proptest! {
         let (mut all_services, mut all_slices) = examples();
         let before = desired::compute(&all_services, &all_slices);
         prop_assert!(!before.frontends.is_empty());
-        let vips: BTreeSet<Ipv4Addr> = before.frontends.keys().map(|k| k.ip()).collect();
+        let vips: BTreeSet<std::net::IpAddr> = before.frontends.keys().map(|k| k.ip()).collect();
         // A garbage Service claiming a valid VIP is a conflict with defined
         // winner (namespace/name order), not garbage: moved off the VIPs.
         let services: Vec<Service> = services
             .into_iter()
             .map(|mut s| {
                 let spec = s.spec.as_mut().unwrap();
-                let taken = |ip: &String| ip.parse::<Ipv4Addr>().is_ok_and(|a| vips.contains(&a));
+                let taken = |ip: &String| ip.parse::<std::net::IpAddr>().is_ok_and(|a| vips.contains(&a));
                 if spec.cluster_ip.as_ref().is_some_and(taken) {
                     spec.cluster_ip = Some("198.19.99.99".into());
                 }
@@ -563,10 +563,10 @@ impl MapWriter for Maps {
     fn delete_name(&mut self, _service_id: u32) -> Result<(), String> {
         Ok(())
     }
-    fn put_source_range(&mut self, _service_id: u32, _addr: Ipv4Addr, _len: u8) -> Result<(), String> {
+    fn put_source_range(&mut self, _service_id: u32, _addr: std::net::IpAddr, _len: u8) -> Result<(), String> {
         self.put_ok()
     }
-    fn delete_source_range(&mut self, _service_id: u32, _addr: Ipv4Addr, _len: u8) -> Result<(), String> {
+    fn delete_source_range(&mut self, _service_id: u32, _addr: std::net::IpAddr, _len: u8) -> Result<(), String> {
         Ok(())
     }
     fn prune_affinity(&mut self, _service_id: u32, _keep: &[Backend]) -> Result<(), String> {

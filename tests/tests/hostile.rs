@@ -49,7 +49,7 @@ fn no_expiry() -> DpConfig {
 fn loaded(model: &Model) -> Loaded {
     let mut l = Loaded::with_configs(SyncConfig::default(), no_expiry());
     for s in &model.services {
-        let b: Vec<(Ipv4Addr, u16)> = s.backends.iter().map(|b| (b.ip(), b.host_port())).collect();
+        let b: Vec<(std::net::IpAddr, u16)> = s.backends.iter().map(|b| (b.ip(), b.host_port())).collect();
         l.set_service(s.vip, s.port, s.proto, &b);
         assert_eq!(
             l.backends(s.vip, s.port, s.proto),
@@ -192,8 +192,8 @@ fn a_million_hostile_packets_follow_the_reference_model() {
     for kv in l.sync.writer().conntrack.iter() {
         let (k, v) = kv.unwrap();
         let t = Tuple {
-            saddr: k.saddr.to_ne_bytes(),
-            daddr: k.daddr.to_ne_bytes(),
+            saddr: k.saddr[0].to_ne_bytes(),
+            daddr: k.daddr[0].to_ne_bytes(),
             sport: u16::from_be(k.sport),
             dport: u16::from_be(k.dport),
             proto: k.proto,
@@ -201,7 +201,7 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         real.insert(
             t,
             (
-                Ipv4Addr::from(v.nat_addr.to_ne_bytes()),
+                Ipv4Addr::from(v.nat_addr[0].to_ne_bytes()),
                 u16::from_be(v.nat_port),
                 v.flags,
             ),

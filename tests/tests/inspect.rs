@@ -61,7 +61,7 @@ fn desired() -> Desired {
         ServiceKey::new(EMPTY_VIP, 80, TCP),
         Frontend {
             flags: SVC_F_SOURCE_RANGES,
-            source_ranges: vec![(Ipv4Addr::new(198, 18, 100, 0), 24)],
+            source_ranges: vec![(Ipv4Addr::new(198, 18, 100, 0).into(), 24)],
             ..fe("shop/empty", "http", vec![])
         },
     );
@@ -230,7 +230,7 @@ fn traffic(live: &Live) -> Backend {
     let syn = parse_and_verify(&live.run(&Frame::tcp((CLIENT, 41000), (VIP, 80), SYN).build()).data);
     let reply = Frame::tcp((syn.dst, syn.dport), (CLIENT, 41000), SYN | ACK).build();
     let back = parse_and_verify(&live.run(&reply).data);
-    assert_eq!((back.src, back.sport), (VIP, 80), "the reply is translated back");
+    assert_eq!((back.src, back.sport), (VIP.into(), 80), "the reply is translated back");
     parse_and_verify(&live.run(&Frame::udp((CLIENT, 41001), (VIP, 53), b"hi").build()).data);
     Backend::new(syn.dst, syn.dport)
 }

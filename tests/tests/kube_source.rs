@@ -7,7 +7,7 @@
 //! for (see its doc comment).
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -151,9 +151,9 @@ fn want(entries: &[(Ipv4Addr, u16, u8, &[Ipv4Addr], u16)]) -> Programmed {
     entries
         .iter()
         .map(|(v, p, proto, bs, bp)| {
-            let mut b: Vec<(Ipv4Addr, u16)> = bs.iter().map(|a| (*a, *bp)).collect();
+            let mut b: Vec<(IpAddr, u16)> = bs.iter().map(|a| (IpAddr::V4(*a), *bp)).collect();
             b.sort();
-            ((*v, *p, *proto), b)
+            ((IpAddr::V4(*v), *p, *proto), b)
         })
         .collect()
 }
@@ -183,7 +183,7 @@ async fn initial_list_over_several_pages_programs_every_service() {
         .map(|i| {
             let v = Ipv4Addr::new(198, 19, 10 + (i / 250) as u8, (i % 250) as u8 + 1);
             let b = Ipv4Addr::new(198, 18, 10 + (i / 250) as u8, (i % 250) as u8 + 1);
-            ((v, 80, IPPROTO_TCP), vec![(b, 8080)])
+            ((v.into(), 80, IPPROTO_TCP), vec![(b.into(), 8080)])
         })
         .collect();
     rig.expect("initial list", &expected).await;

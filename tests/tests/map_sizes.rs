@@ -29,7 +29,7 @@ fn full_conntrack_evicts_and_new_flows_keep_working() {
         (Ipv4Addr::new(198, 18, 2, 2), 8080),
     ];
     l.set_service(vip, 80, TCP, &backends);
-    let is_backend = |a: Ipv4Addr| backends.iter().any(|(b, _)| *b == a);
+    let is_backend = |a: std::net::IpAddr| backends.iter().any(|(b, _)| a == *b);
     // Ten times the map's capacity in new flows: each is translated, and
     // its next packet follows it.
     for port in 0..640u16 {

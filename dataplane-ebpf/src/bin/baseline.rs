@@ -35,7 +35,7 @@ pub fn bl_parse_lookup(ctx: XdpContext) -> u32 {
         addr: p.daddr,
         port: p.dport,
         proto: p.proto,
-        _pad: 0,
+        family: p.family,
     };
     // The result decides the verdict, so the lookup cannot be optimised away.
     match BL_SERVICES.get_ptr(key) {

@@ -14,6 +14,10 @@
 mod affinity;
 #[path = "../conntrack.rs"]
 mod conntrack;
+#[path = "../entry.rs"]
+mod entry;
+#[path = "../icmp.rs"]
+mod icmp;
 #[path = "../lb.rs"]
 mod lb;
 #[path = "../maps.rs"]
@@ -28,18 +32,14 @@ mod reject;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{xdp_action, TC_ACT_SHOT},
     macros::{classifier, map, xdp},
     maps::Array,
     programs::{TcContext, XdpContext},
 };
-use dataplane_common::{
-    bench::{
-        service_frontend, BenchFrame, DADDR_OFF, DPORT_OFF, FRAME_LEN, SADDR_OFF, SPORT_OFF, VARY_FLOW, VARY_SERVICE,
-    },
-    Reason,
+use dataplane_common::bench::{
+    service_frontend, BenchFrame, DADDR_OFF, DPORT_OFF, FRAME_LEN, SADDR_OFF, SPORT_OFF, VARY_FLOW, VARY_SERVICE,
 };
-use lb::Verdict;
 use nat::PacketCtx;
 
 #[map]
@@ -105,24 +105,7 @@ pub fn bench_xdp(ctx: XdpContext) -> u32 {
     if restore(&ctx).is_none() {
         return xdp_action::XDP_ABORTED;
     }
-    match lb::handle(&ctx) {
-        Ok((Verdict::Pass, _)) => xdp_action::XDP_PASS,
-        Ok((Verdict::Drop, _)) => xdp_action::XDP_DROP,
-        Ok((Verdict::Reject, p)) => match reject::xdp(&ctx, &p) {
-            Ok(action) => {
-                stats::count(Reason::RejectNoBackend);
-                action
-            }
-            Err(_) => {
-                stats::count(Reason::DropNoBackend);
-                xdp_action::XDP_DROP
-            }
-        },
-        Err(reason) => {
-            stats::count(reason);
-            xdp_action::XDP_PASS
-        }
-    }
+    entry::xdp(&ctx)
 }
 
 #[classifier]
@@ -133,31 +116,14 @@ pub fn bench_frame_tc(ctx: TcContext) -> i32 {
     }
 }
 
-/// The frame restored, then what `dp_tc` does on a linear frame (the bench
-/// frames never need the pull).
+/// The frame restored, then exactly what `dp_tc` does (the bench frames
+/// never need its pull).
 #[classifier]
 pub fn bench_tc(ctx: TcContext) -> i32 {
     if restore(&ctx).is_none() {
         return TC_ACT_SHOT;
     }
-    match lb::handle(&ctx) {
-        Ok((Verdict::Pass, _)) => TC_ACT_UNSPEC,
-        Ok((Verdict::Drop, _)) => TC_ACT_SHOT,
-        Ok((Verdict::Reject, p)) => match reject::tc(&ctx, &p) {
-            Ok(action) => {
-                stats::count(Reason::RejectNoBackend);
-                action
-            }
-            Err(_) => {
-                stats::count(Reason::DropNoBackend);
-                TC_ACT_SHOT
-            }
-        },
-        Err(reason) => {
-            stats::count(reason);
-            TC_ACT_UNSPEC
-        }
-    }
+    entry::tc(&ctx)
 }
 
 #[cfg(not(test))]

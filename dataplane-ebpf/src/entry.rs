@@ -1,0 +1,131 @@
+//! The bodies of the XDP and TC programs, shared by the dataplane's entry
+//! points and the bench wrappers (which must run exactly the same code).
+//!
+//! Stack: eBPF allows 512 bytes for a program and the functions it calls
+//! together. Parsing, the service path (`lb::to_service`, `lb::reply`), the
+//! reject builders and the ICMP error translation are separate functions
+//! called from here side by side, not nested, so that only one of them adds
+//! its frame at a time; conntrack keys and values are built in a per-CPU
+//! scratch entry (`maps::scratch`).
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    programs::{TcContext, XdpContext},
+};
+use dataplane_common::Reason;
+
+use crate::{
+    icmp,
+    lb::{self, Verdict},
+    nat::PacketCtx,
+    parse::{self, Packet},
+    reject, stats,
+};
+
+#[inline(never)]
+fn xdp_reject(ctx: &XdpContext, p: &Packet) -> Result<u32, reject::NoReject> {
+    reject::xdp(ctx, p)
+}
+
+#[inline(never)]
+fn tc_reject(ctx: &TcContext, p: &Packet) -> Result<i32, reject::NoReject> {
+    reject::tc(ctx, p)
+}
+
+/// Parsing in a frame of its own (it takes the context, not the packet
+/// pointers: those must stay pointers, see `nat::PacketCtx`).
+#[inline(never)]
+fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Reason> {
+    parse::parse(ctx.data(), ctx.data_end())
+}
+
+/// What `dp_xdp` does.
+#[inline(always)]
+pub fn xdp(ctx: &XdpContext) -> u32 {
+    let p = match parse(ctx) {
+        Ok(p) => p,
+        Err(Reason::PassNotTcpUdp) if icmp::translate(ctx) => {
+            stats::count(Reason::NatIcmpError);
+            return xdp_action::XDP_PASS;
+        }
+        Err(reason) => {
+            stats::count(reason);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    match lb::process(ctx, &p) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Reject => match xdp_reject(ctx, &p) {
+            Ok(action) => {
+                stats::count(Reason::RejectNoBackend);
+                action
+            }
+            Err(_) => {
+                stats::count(Reason::DropNoBackend);
+                xdp_action::XDP_DROP
+            }
+        },
+    }
+}
+
+/// Headers the TC program needs in the linear part of the skb: Ethernet,
+/// IPv4 with maximal options or IPv6 with some extension headers, TCP
+/// without options.
+const TC_PULL_LEN: u32 = (parse::ETH_HLEN + 128 + 20) as u32;
+
+/// What `dp_tc` does. Untouched and translated packets continue
+/// (TC_ACT_UNSPEC: next program, or the stack); drops are final.
+#[inline(always)]
+pub fn tc(ctx: &TcContext) -> i32 {
+    let mut res = parse(ctx);
+    if matches!(res, Err(Reason::PassTruncated)) {
+        // The headers may sit in paged data: pull them into the linear part
+        // once and look again.
+        let want = if ctx.len() < TC_PULL_LEN {
+            ctx.len()
+        } else {
+            TC_PULL_LEN
+        };
+        if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_ok() {
+            res = parse(ctx);
+        }
+    }
+    let p = match res {
+        Ok(p) => p,
+        Err(Reason::PassNotTcpUdp) if tc_icmp_error(ctx) => {
+            stats::count(Reason::NatIcmpError);
+            return TC_ACT_UNSPEC;
+        }
+        Err(reason) => {
+            stats::count(reason);
+            return TC_ACT_UNSPEC;
+        }
+    };
+    match lb::process(ctx, &p) {
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Reject => match tc_reject(ctx, &p) {
+            Ok(action) => {
+                stats::count(Reason::RejectNoBackend);
+                action
+            }
+            Err(_) => {
+                stats::count(Reason::DropNoBackend);
+                TC_ACT_SHOT
+            }
+        },
+    }
+}
+
+/// ICMP errors in TC: the quoted headers may sit in paged data.
+#[inline(always)]
+fn tc_icmp_error(ctx: &TcContext) -> bool {
+    // Ethernet + IPv6 + ICMPv6 + quoted IPv6 + 8 bytes (IPv4: less).
+    const MAX: u32 = icmp::min_len(true) as u32;
+    let want = if ctx.len() < MAX { ctx.len() } else { MAX };
+    if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_err() {
+        return false;
+    }
+    icmp::translate(ctx)
+}
