@@ -408,9 +408,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     };
     let sync = async {
         match (&cfg.source, kube_source) {
-            (_, Some(mut source)) => {
-                sync_loop(&mut source, &mut syncer, &node, &state, cfg.debounce, shutdown).await
-            }
+            (_, Some(mut source)) => sync_loop(&mut source, &mut syncer, &node, &state, cfg.debounce, shutdown).await,
             (SourceConfig::Files { dir, poll_interval }, None) => {
                 info!(dir = %dir.display(), "watching manifests");
                 let mut source = PolledFiles::new(dir, *poll_interval);
