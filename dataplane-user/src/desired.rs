@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use dataplane_common::{
@@ -233,25 +234,26 @@ pub struct ServiceFrontends {
 }
 
 impl ServiceFrontends {
-    fn object(&self) -> String {
-        match &self.order {
-            Some((ns, name)) => format!("Service {ns}/{name}"),
-            None => "Service (unnamed)".into(),
-        }
-    }
-
     /// The problem reported when `claim` loses its key to `winner`.
     fn conflict(&self, claim: &Claim, winner: &str) -> Problem {
-        Problem {
-            object: self.object(),
-            reason: format!(
-                "{} {}:{}/{} is already used by {winner}; skipped",
-                claim.what,
-                claim.key.ip(),
-                claim.key.host_port(),
-                proto_name(claim.key.proto)
-            ),
-        }
+        conflict(self.order.as_ref(), &claim.key, claim.what, winner)
+    }
+}
+
+/// The problem reported when the Service `order` loses its claim on `key`
+/// (a `what`: "clusterIP", ...) to `winner`.
+fn conflict(order: Option<&(String, String)>, key: &ServiceKey, what: &str, winner: &str) -> Problem {
+    Problem {
+        object: match order {
+            Some((ns, name)) => format!("Service {ns}/{name}"),
+            None => "Service (unnamed)".into(),
+        },
+        reason: format!(
+            "{what} {}:{}/{} is already used by {winner}; skipped",
+            key.ip(),
+            key.host_port(),
+            proto_name(key.proto)
+        ),
     }
 }
 
@@ -744,17 +746,49 @@ pub struct Tracked<'a> {
     pub changed: Option<(&'a HashSet<String>, &'a HashSet<String>)>,
 }
 
-/// The claims on one frontend key: ((namespace, name), claim index) -> the
-/// claiming Service's object key.
-type Claimants = BTreeMap<((String, String), usize), String>;
+/// One claim on a frontend key, as the incremental state indexes it.
+/// Ordered as the conflict rule: (namespace, name), then the claim's index
+/// within its Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claimant {
+    order: Arc<(String, String)>,
+    index: u32,
+    /// The claiming Service's [`object_key`].
+    owner: Arc<str>,
+}
+
+/// What the incremental state keeps of one Service: the keys it claims,
+/// not their frontends. A winning claim's frontend is in the desired state;
+/// a losing one's is computed again when it comes to win.
+#[derive(Debug)]
+struct KeptService {
+    /// (namespace, name): the conflict order. `None` for an unnamed Service.
+    order: Option<Arc<(String, String)>>,
+    /// The claimed keys in claim order, with what they are ("clusterIP",
+    /// ...) for conflict messages.
+    claims: Vec<(ServiceKey, &'static str)>,
+    problems: Vec<Problem>,
+}
 
 /// What the incremental state knows about one slice.
 #[derive(Debug)]
 struct SliceEntry {
-    /// (namespace, service name) it belongs to.
-    owner: Option<(String, String)>,
+    /// The [`object_key`] of the Service it belongs to.
+    owner: Option<String>,
     /// Problems of the slice on its own (label, address type, addresses).
     problems: Vec<Problem>,
+}
+
+/// The bookkeeping of one [`Incremental::update`].
+#[derive(Default)]
+struct Round {
+    /// Keys whose claims changed.
+    touched: BTreeSet<ServiceKey>,
+    /// For each touched key, the Service that won it before this update.
+    before: HashMap<ServiceKey, Option<Arc<str>>>,
+    /// The claims, frontends included, of the Services computed in this
+    /// update, by object key.
+    fresh: HashMap<Arc<str>, Vec<Claim>>,
 }
 
 /// The desired state kept up to date incrementally: an update recomputes
@@ -763,21 +797,29 @@ struct SliceEntry {
 /// [`compute_for_node`] (the first Service in namespace/name order wins).
 /// Its result is always equal to `compute_for_node` on the same objects,
 /// given object keys are unique (as in a Kubernetes store).
+///
+/// Each frontend is held once, in the desired state: the claims index and
+/// the per-Service records hold keys only (at 10,000 Services a second
+/// copy of every frontend and a B-tree per key cost some 20 MB).
 #[derive(Debug)]
 pub struct Incremental {
     node: NodeInfo,
     /// By the Service's [`object_key`].
-    services: HashMap<String, ServiceFrontends>,
+    services: HashMap<Arc<str>, KeptService>,
     /// By the slice's [`object_key`].
-    slices: HashMap<String, SliceEntry>,
-    /// (namespace, service name) -> keys of its slices.
-    by_owner: HashMap<(String, String), BTreeSet<String>>,
-    /// Every claim on a frontend key, in conflict order ((namespace, name),
-    /// claim index), with the claiming Service's object key. The first wins.
-    claims: BTreeMap<ServiceKey, Claimants>,
+    slices: HashMap<Arc<str>, SliceEntry>,
+    /// A Service's [`object_key`] -> keys of its slices, sorted.
+    by_owner: HashMap<String, Vec<Arc<str>>>,
+    /// Every claim on a frontend key, in conflict order. The first wins.
+    claims: BTreeMap<ServiceKey, Vec<Claimant>>,
     /// The losing claims' problems, by key.
     conflicts: BTreeMap<ServiceKey, Vec<Problem>>,
     desired: Desired,
+}
+
+/// `namespace/name` of a Service, as [`object_key`] gives it.
+fn owner_key((ns, name): &(String, String)) -> String {
+    format!("{ns}/{name}")
 }
 
 impl Incremental {
@@ -813,61 +855,100 @@ impl Incremental {
         // Services to recompute, by object key.
         let mut affected: BTreeSet<String> = changed_services.iter().cloned().collect();
         for key in changed_slices {
-            if let Some(old) = self.slices.remove(key) {
+            if let Some((key, old)) = self.slices.remove_entry(key.as_str()) {
                 if let Some(owner) = old.owner {
                     if let Some(keys) = self.by_owner.get_mut(&owner) {
-                        keys.remove(key);
+                        if let Ok(pos) = keys.binary_search(&key) {
+                            keys.remove(pos);
+                        }
                         if keys.is_empty() {
                             self.by_owner.remove(&owner);
                         }
                     }
-                    affected.insert(format!("{}/{}", owner.0, owner.1));
+                    affected.insert(owner);
                 }
             }
             if let Some(&i) = t.slice_index.get(key) {
+                let key: Arc<str> = key.as_str().into();
                 let entry = slice_entry(&slices[i]);
                 if let Some(owner) = &entry.owner {
-                    self.by_owner.entry(owner.clone()).or_default().insert(key.clone());
-                    affected.insert(format!("{}/{}", owner.0, owner.1));
+                    let keys = self.by_owner.entry(owner.clone()).or_default();
+                    if let Err(pos) = keys.binary_search(&key) {
+                        keys.insert(pos, key.clone());
+                    }
+                    affected.insert(owner.clone());
                 }
-                self.slices.insert(key.clone(), entry);
+                self.slices.insert(key, entry);
             }
         }
-        let mut touched = BTreeSet::new();
+        let mut round = Round::default();
         for key in &affected {
-            self.release(key, &mut touched);
-            let Some(&i) = t.service_index.get(key) else { continue };
-            let svc = &services[i];
-            let mine: Vec<Slice> = ns_name(&svc.metadata)
-                .and_then(|owner| self.by_owner.get(&owner))
-                .into_iter()
-                .flatten()
-                .filter_map(|k| t.slice_index.get(k))
-                .filter_map(|&i| prepare_slice(&slices[i], &mut |_, _| {}).map(|(_, s)| s))
-                .collect();
-            let result = service_frontends(svc, &mine, &self.node);
-            self.claim(key, result, &mut touched);
+            self.release(key, &mut round);
+            if let Some(result) = self.compute_service(key, services, slices, t) {
+                self.claim(key, result, &mut round);
+            }
         }
-        for key in &touched {
-            self.resolve(key);
+        // A key whose winner was not computed in this update and did not
+        // win it before needs that Service's frontends: compute them (its
+        // claims are the same, or it would have been recomputed).
+        let mut pending = Vec::new();
+        for key in &round.touched {
+            if !self.resolve(key, &round) {
+                pending.push(*key);
+            }
+        }
+        for key in &pending {
+            let owner = self.claims[key][0].owner.clone();
+            if let std::collections::hash_map::Entry::Vacant(e) = round.fresh.entry(owner) {
+                let result = self
+                    .compute_service(e.key(), services, slices, t)
+                    .expect("a claiming Service is in the store");
+                e.insert(result.claims);
+            }
+            let resolved = self.resolve(key, &round);
+            debug_assert!(resolved);
         }
         self.collect_problems();
-        Some(touched)
+        Some(round.touched)
     }
 
-    /// Recomputes everything from scratch.
+    /// The frontends the Service `key` asks for now (`None`: not in the
+    /// store).
+    fn compute_service(
+        &self,
+        key: &str,
+        services: &[Service],
+        slices: &[EndpointSlice],
+        t: &Tracked<'_>,
+    ) -> Option<ServiceFrontends> {
+        let svc = &services[*t.service_index.get(key)?];
+        let mine: Vec<Slice> = ns_name(&svc.metadata)
+            .and_then(|owner| self.by_owner.get(&owner_key(&owner)))
+            .into_iter()
+            .flatten()
+            .filter_map(|k| t.slice_index.get(&**k))
+            .filter_map(|&i| prepare_slice(&slices[i], &mut |_, _| {}).map(|(_, s)| s))
+            .collect();
+        Some(service_frontends(svc, &mine, &self.node))
+    }
+
+    /// Recomputes everything from scratch. Services are visited in conflict
+    /// order, so the first claim on a key wins as it is made and each
+    /// Service's frontends are dropped (or moved into the desired state) as
+    /// soon as it is done.
     fn rebuild(&mut self, services: &[Service], slices: &[EndpointSlice]) {
         *self = Incremental::new(self.node.clone());
-        let mut by_service: BTreeMap<(String, String), Vec<Slice>> = BTreeMap::new();
+        let mut by_service: HashMap<String, Vec<Slice>> = HashMap::new();
         for s in slices {
-            let key = object_key(&s.metadata);
+            let key: Arc<str> = object_key(&s.metadata).into();
             let mut problems = BTreeSet::new();
             let prepared = prepare_slice(s, &mut |object, reason| {
                 problems.insert(Problem { object, reason });
             });
             let owner = prepared.map(|(owner, slice)| {
+                let owner = owner_key(&owner);
                 by_service.entry(owner.clone()).or_default().push(slice);
-                self.by_owner.entry(owner.clone()).or_default().insert(key.clone());
+                self.by_owner.entry(owner.clone()).or_default().push(key.clone());
                 owner
             });
             self.slices.insert(
@@ -878,74 +959,153 @@ impl Incremental {
                 },
             );
         }
-        let mut touched = BTreeSet::new();
-        for svc in services {
-            let mine = ns_name(&svc.metadata)
-                .and_then(|k| by_service.get(&k))
+        for keys in self.by_owner.values_mut() {
+            keys.sort();
+            keys.dedup();
+        }
+        let mut ordered: Vec<(Option<(String, String)>, &Service)> =
+            services.iter().map(|s| (ns_name(&s.metadata), s)).collect();
+        ordered.sort_by(|a, b| a.0.cmp(&b.0));
+        for (order, svc) in ordered {
+            let mine = order
+                .as_ref()
+                .and_then(|o| by_service.get(&owner_key(o)))
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
             let result = service_frontends(svc, mine, &self.node);
-            self.claim(&object_key(&svc.metadata), result, &mut touched);
-        }
-        for key in &touched {
-            self.resolve(key);
+            let owner: Arc<str> = object_key(&svc.metadata).into();
+            let order = result.order.map(Arc::new);
+            let mut kept = Vec::with_capacity(result.claims.len());
+            for (i, c) in result.claims.into_iter().enumerate() {
+                kept.push((c.key, c.what));
+                let Some(order) = &order else { continue };
+                let claimants = self.claims.entry(c.key).or_default();
+                match self.desired.frontends.get(&c.key) {
+                    Some(winner) => self.conflicts.entry(c.key).or_default().push(conflict(
+                        Some(order),
+                        &c.key,
+                        c.what,
+                        &winner.service,
+                    )),
+                    None => {
+                        self.desired.frontends.insert(c.key, c.frontend);
+                    }
+                }
+                claimants.push(Claimant {
+                    order: order.clone(),
+                    index: i as u32,
+                    owner: owner.clone(),
+                });
+            }
+            self.services.insert(
+                owner,
+                KeptService {
+                    order,
+                    claims: kept,
+                    problems: result.problems,
+                },
+            );
         }
         self.collect_problems();
     }
 
+    /// Notes that `key`'s claims change in this round (first: who won it).
+    fn touch(&self, key: ServiceKey, round: &mut Round) {
+        if round.touched.insert(key) {
+            let winner = self.claims.get(&key).and_then(|c| c.first()).map(|c| c.owner.clone());
+            round.before.insert(key, winner);
+        }
+    }
+
     /// Forgets the Service `key`'s claims.
-    fn release(&mut self, key: &str, touched: &mut BTreeSet<ServiceKey>) {
-        let Some(old) = self.services.remove(key) else { return };
-        let Some(order) = old.order else { return };
-        for (i, c) in old.claims.iter().enumerate() {
-            if let Some(claimants) = self.claims.get_mut(&c.key) {
-                claimants.remove(&(order.clone(), i));
-                if claimants.is_empty() {
-                    self.claims.remove(&c.key);
-                }
-            }
-            touched.insert(c.key);
-        }
-    }
-
-    fn claim(&mut self, key: &str, result: ServiceFrontends, touched: &mut BTreeSet<ServiceKey>) {
-        if let Some(order) = &result.order {
-            for (i, c) in result.claims.iter().enumerate() {
-                self.claims
-                    .entry(c.key)
-                    .or_default()
-                    .insert((order.clone(), i), key.to_string());
-                touched.insert(c.key);
-            }
-        }
-        self.services.insert(key.to_string(), result);
-    }
-
-    /// Sets the frontend of `key` to its first claim's, and reports the others.
-    fn resolve(&mut self, key: &ServiceKey) {
-        let claim = |(order, i): &((String, String), usize), owner: &String| {
-            let r = &self.services[owner];
-            debug_assert_eq!(r.order.as_ref(), Some(order));
-            (r, &r.claims[*i])
-        };
-        let mut claimants = self.claims.get(key).into_iter().flatten();
-        let Some((_, wclaim)) = claimants.next().map(|(k, v)| claim(k, v)) else {
-            self.desired.frontends.remove(key);
-            self.conflicts.remove(key);
+    fn release(&mut self, key: &str, round: &mut Round) {
+        let Some((owner, old)) = self.services.remove_entry(key) else {
             return;
         };
-        let lost: Vec<Problem> = claimants
-            .map(|(k, v)| {
-                let (r, c) = claim(k, v);
-                r.conflict(c, &wclaim.frontend.service)
+        let Some(order) = old.order else { return };
+        for (i, (k, _)) in old.claims.iter().enumerate() {
+            self.touch(*k, round);
+            if let Some(claimants) = self.claims.get_mut(k) {
+                let gone = Claimant {
+                    order: order.clone(),
+                    index: i as u32,
+                    owner: owner.clone(),
+                };
+                if let Ok(pos) = claimants.binary_search(&gone) {
+                    claimants.remove(pos);
+                }
+                if claimants.is_empty() {
+                    self.claims.remove(k);
+                }
+            }
+        }
+    }
+
+    fn claim(&mut self, key: &str, result: ServiceFrontends, round: &mut Round) {
+        let owner: Arc<str> = key.into();
+        let order = result.order.map(Arc::new);
+        if let Some(order) = &order {
+            for (i, c) in result.claims.iter().enumerate() {
+                self.touch(c.key, round);
+                let claimants = self.claims.entry(c.key).or_default();
+                let new = Claimant {
+                    order: order.clone(),
+                    index: i as u32,
+                    owner: owner.clone(),
+                };
+                if let Err(pos) = claimants.binary_search(&new) {
+                    claimants.insert(pos, new);
+                }
+            }
+        }
+        let claims = result.claims.iter().map(|c| (c.key, c.what)).collect();
+        round.fresh.insert(owner.clone(), result.claims);
+        self.services.insert(
+            owner,
+            KeptService {
+                order,
+                claims,
+                problems: result.problems,
+            },
+        );
+    }
+
+    /// Sets the frontend of `key` to its first claim's, and reports the
+    /// others. Returns false, changing nothing, when the winner's frontend
+    /// is not at hand (see [`Incremental::update`]).
+    fn resolve(&mut self, key: &ServiceKey, round: &Round) -> bool {
+        let Some(claimants) = self.claims.get(key).filter(|c| !c.is_empty()) else {
+            self.desired.frontends.remove(key);
+            self.conflicts.remove(key);
+            return true;
+        };
+        let w = &claimants[0];
+        let frontend = match round.fresh.get(&w.owner) {
+            Some(claims) => Some(claims[w.index as usize].frontend.clone()),
+            // It won before and did not change: its frontend is in place.
+            None if round.before.get(key).and_then(Option::as_ref) == Some(&w.owner) => None,
+            None => return false,
+        };
+        let winner = match &frontend {
+            Some(fe) => fe.service.clone(),
+            None => self.desired.frontends[key].service.clone(),
+        };
+        let lost: Vec<Problem> = claimants[1..]
+            .iter()
+            .map(|c| {
+                let what = self.services[&c.owner].claims[c.index as usize].1;
+                conflict(Some(&c.order), key, what, &winner)
             })
             .collect();
-        self.desired.frontends.insert(*key, wclaim.frontend.clone());
+        if let Some(fe) = frontend {
+            self.desired.frontends.insert(*key, fe);
+        }
         if lost.is_empty() {
             self.conflicts.remove(key);
         } else {
             self.conflicts.insert(*key, lost);
         }
+        true
     }
 
     fn collect_problems(&mut self) {
@@ -967,7 +1127,7 @@ fn slice_entry(s: &EndpointSlice) -> SliceEntry {
     let owner = prepare_slice(s, &mut |object, reason| {
         problems.insert(Problem { object, reason });
     })
-    .map(|(owner, _)| owner);
+    .map(|(owner, _)| owner_key(&owner));
     SliceEntry {
         owner,
         problems: problems.into_iter().collect(),

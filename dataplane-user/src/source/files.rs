@@ -18,8 +18,31 @@ pub use super::Objects;
 use super::{Source, SourceCounters, View};
 use crate::desired::Problem;
 
-/// What identifies a version of a file without reading it.
-type Fingerprint = (SystemTime, u64);
+/// What identifies a version of a file without reading it: modification
+/// time and length, plus the inode (a file replaced by a rename, as
+/// editors and ConfigMap volume updates do) and the change time (a rewrite
+/// that keeps the length and restores the mtime still moves the ctime).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    mtime: SystemTime,
+    len: u64,
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+impl Fingerprint {
+    fn of(m: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Fingerprint {
+            mtime: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            len: m.len(),
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
 
 struct CachedFile {
     fingerprint: Fingerprint,
@@ -153,7 +176,7 @@ impl FileSource {
         for path in paths {
             let name = path.strip_prefix(&self.dir).unwrap_or(&path).display().to_string();
             let fp = match fs::metadata(&path) {
-                Ok(m) => (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()),
+                Ok(m) => Fingerprint::of(&m),
                 Err(_) => continue, // vanished between list and stat
             };
             let old = self.files.remove(&path);
@@ -306,6 +329,56 @@ mod tests {
             "{}",
             p[0]
         );
+    }
+
+    /// A service file whose VIP ends in `last` (same length for 1-9).
+    fn svc_file(last: u8) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: a, namespace: x}}\nspec: {{clusterIP: 198.19.0.{last}, ports: [{{port: 80}}]}}\n")
+    }
+
+    fn vip(o: &Objects) -> String {
+        o.services[0].spec.as_ref().unwrap().cluster_ip.clone().unwrap()
+    }
+
+    #[test]
+    fn same_length_rewrites_with_the_old_mtime_are_seen() {
+        let dir = std::env::temp_dir().join(format!("dataplane-files-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("svc.yaml");
+        fs::write(&path, svc_file(1)).unwrap();
+        let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+        let mut src = FileSource::new(&dir);
+        let (o, _) = src.poll().unwrap().expect("first poll reports");
+        assert_eq!(vip(&o), "198.19.0.1");
+        assert!(src.poll().unwrap().is_none(), "nothing changed");
+
+        // Rewritten in place: same length, mtime set back (only the ctime
+        // tells).
+        fs::write(&path, svc_file(2)).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let (o, _) = src.poll().unwrap().expect("in-place rewrite seen");
+        assert_eq!(vip(&o), "198.19.0.2");
+
+        // Replaced by a rename: a new inode with the same length and mtime.
+        let tmp = dir.join(".svc.tmp");
+        fs::write(&tmp, svc_file(3)).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        let (o, _) = src.poll().unwrap().expect("replacement seen");
+        assert_eq!(vip(&o), "198.19.0.3");
+        assert!(src.poll().unwrap().is_none(), "nothing changed");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -124,11 +124,7 @@ impl<K: Resource> Store<K> {
             }
             watcher::Event::InitDone => {
                 let items = self.pending.take().unwrap_or_default();
-                self.index.clear();
-                self.items.clear();
-                for obj in items {
-                    self.upsert(obj);
-                }
+                self.replace(items);
                 self.listed = true;
                 self.lists += 1;
                 self.all_changed = true;
@@ -151,6 +147,32 @@ impl<K: Resource> Store<K> {
                 true
             }
         }
+    }
+
+    /// Makes `items` (a complete list) the store's objects. The list's
+    /// `Vec` becomes the store's own (no second copy of 10,000 objects at
+    /// the peak); a key listed twice keeps its first position and its last
+    /// object, as upserting each in turn would.
+    fn replace(&mut self, mut items: Vec<K>) {
+        // The old objects go first: they and the new ones are not both
+        // held longer than needed.
+        self.items = Vec::new();
+        self.index = HashMap::with_capacity(items.len());
+        let mut kept = 0;
+        for i in 0..items.len() {
+            let k = key(&items[i]);
+            match self.index.get(&k) {
+                // Slots from `kept` up to `i` hold discarded objects.
+                Some(&first) => items.swap(first, i),
+                None => {
+                    self.index.insert(k, kept);
+                    items.swap(kept, i);
+                    kept += 1;
+                }
+            }
+        }
+        items.truncate(kept);
+        self.items = items;
     }
 
     fn upsert(&mut self, obj: K) {
@@ -472,5 +494,26 @@ mod tests {
         s.apply(watcher::Event::InitDone);
         assert_eq!(names(&s), ["b", "d"]);
         assert_eq!(s.lists, 2);
+    }
+
+    #[test]
+    fn a_key_listed_twice_keeps_its_first_slot_and_last_object() {
+        let mut s = Store::default();
+        s.apply(watcher::Event::Init);
+        for (name, ip) in [("a", "1"), ("b", "2"), ("a", "3"), ("c", "4"), ("b", "5"), ("d", "6")] {
+            s.apply(watcher::Event::InitApply(svc(name, ip)));
+        }
+        s.apply(watcher::Event::InitDone);
+        let items: Vec<(String, String)> = s
+            .items()
+            .iter()
+            .map(|o| (o.name_any(), o.spec.as_ref().unwrap().cluster_ip.clone().unwrap()))
+            .collect();
+        let expect = [("a", "3"), ("b", "5"), ("c", "4"), ("d", "6")];
+        assert_eq!(items, expect.map(|(n, ip)| (n.to_string(), ip.to_string())));
+        for (i, o) in s.items().iter().enumerate() {
+            assert_eq!(s.index()[&key(o)], i);
+        }
+        assert_eq!(s.index().len(), 4);
     }
 }

@@ -151,6 +151,22 @@ impl AgentProc {
         )
     }
 
+    /// The log's lines up to `until_us` as (µs since `from_us`, message
+    /// and fields): where the cold start's time goes.
+    fn phases(&self, from_us: i64, until_us: i64) -> Vec<(f64, String)> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| {
+                let at = parse_ts(v["timestamp"].as_str()?)?;
+                let mut f = v["fields"].as_object()?.clone();
+                let msg = f.remove("message")?.as_str()?.to_string();
+                let rest: Vec<String> = f.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                (at <= until_us).then(|| ((at - from_us) as f64 / 1000.0, format!("{msg} {}", rest.join(" "))))
+            })
+            .collect()
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -304,6 +320,10 @@ async fn bench(bin: &Path) -> Result<Value> {
         cold.sync,
         cold.elapsed_us / 1000
     );
+    let phases = agent.phases(spawned_us, cold.at_us);
+    for (ms, line) in &phases {
+        eprintln!("bench:   {ms:8.1} ms  {line}");
+    }
     fake.wait_watches(Kind::EndpointSlice, 1, COLD_TIMEOUT).await?;
 
     let mut latencies_ms = Vec::new();
@@ -344,6 +364,8 @@ async fn bench(bin: &Path) -> Result<Value> {
         "agent_pid": pid,
         "cold_start_to_all_programmed_ms": cold_ms,
         "cold_start_sync_compute_and_apply_ms": cold.elapsed_us as f64 / 1000.0,
+        "cold_start_sync_compute_only_ms": cold.compute_us as f64 / 1000.0,
+        "cold_start_log_ms": phases.iter().map(|(ms, line)| json!([ms, line])).collect::<Vec<_>>(),
         "endpoint_change_to_map_write_ms": {
             "changes": CHANGES,
             "median": med,
