@@ -713,14 +713,14 @@ pub mod csum {
 pub mod bench {
     use super::*;
 
-    /// Every bench frame is exactly this long (headers plus padding payload).
-    pub const FRAME_LEN: usize = 64;
-    /// Offsets of the fields the wrapper varies (Ethernet + IPv4 without
-    /// options).
-    pub const SADDR_OFF: usize = 26;
-    pub const DADDR_OFF: usize = 30;
-    pub const SPORT_OFF: usize = 34;
-    pub const DPORT_OFF: usize = 36;
+    /// Every bench frame is exactly this long (headers plus padding
+    /// payload; an IPv6 TCP frame needs 74).
+    pub const FRAME_LEN: usize = 96;
+    /// Offsets of the fields the wrapper varies, Ethernet + IPv4 without
+    /// options: (source address, destination address, source port,
+    /// destination port); for IPv6 the low 32-bit word of each address.
+    pub const OFFSETS_V4: [u32; 4] = [26, 30, 34, 36];
+    pub const OFFSETS_V6: [u32; 4] = [14 + 8 + 12, 14 + 24 + 12, 54, 56];
 
     /// Every run gets a new source address/port: every run is a new flow.
     pub const VARY_FLOW: u32 = 1;
@@ -741,6 +741,8 @@ pub mod bench {
         pub vary: u32,
         /// How many Services `VARY_SERVICE` walks over (at least 1).
         pub services: u32,
+        /// Where the varied fields are: `OFFSETS_V4` or `OFFSETS_V6`.
+        pub offsets: [u32; 4],
         pub bytes: [u8; FRAME_LEN],
     }
 

@@ -38,7 +38,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::bench::{
-    service_frontend, BenchFrame, DADDR_OFF, DPORT_OFF, FRAME_LEN, SADDR_OFF, SPORT_OFF, VARY_FLOW, VARY_SERVICE,
+    service_frontend, BenchFrame, FRAME_LEN, OFFSETS_V4, OFFSETS_V6, VARY_FLOW, VARY_SERVICE,
 };
 use nat::PacketCtx;
 
@@ -50,6 +50,30 @@ static BENCH_SEQ: Array<u64> = Array::with_max_entries(1, 0);
 
 /// TC_ACT_OK: what the frame-only TC program returns.
 const TC_ACT_OK: i32 = 0;
+
+/// Applies the variations of run `n` to the frame at `data` (at least
+/// FRAME_LEN bytes, checked by the caller), with the varied fields at the
+/// given offsets.
+#[inline(always)]
+unsafe fn vary<const SADDR: usize, const DADDR: usize, const SPORT: usize, const DPORT: usize>(
+    data: usize,
+    f: &BenchFrame,
+    n: u64,
+) {
+    if f.vary & VARY_FLOW != 0 {
+        // 2^16 source ports per source address; the address walks up from
+        // the template's.
+        let saddr = u32::from_be(core::ptr::read_unaligned((data + SADDR) as *const u32));
+        let saddr = saddr.wrapping_add(((n >> 16) & 0xff) as u32);
+        core::ptr::write_unaligned((data + SADDR) as *mut u32, saddr.to_be());
+        core::ptr::write_unaligned((data + SPORT) as *mut u16, (n as u16).to_be());
+    }
+    if f.vary & VARY_SERVICE != 0 && f.services != 0 {
+        let (addr, port) = service_frontend((n % f.services as u64) as u32);
+        core::ptr::write_unaligned((data + DADDR) as *mut u32, addr.to_be());
+        core::ptr::write_unaligned((data + DPORT) as *mut u16, port.to_be());
+    }
+}
 
 /// Copies the template frame over the packet and applies the variations.
 #[inline(always)]
@@ -72,19 +96,21 @@ fn restore<C: PacketCtx>(ctx: &C) -> Option<()> {
         if f.vary != 0 {
             let seq = BENCH_SEQ.get_ptr_mut(0)?;
             *seq += 1;
-            let n = *seq;
-            if f.vary & VARY_FLOW != 0 {
-                // 2^16 source ports per source address; the address walks
-                // up from the template's.
-                let saddr = u32::from_be(core::ptr::read_unaligned((data + SADDR_OFF) as *const u32));
-                let saddr = saddr.wrapping_add(((n >> 16) & 0xff) as u32);
-                core::ptr::write_unaligned((data + SADDR_OFF) as *mut u32, saddr.to_be());
-                core::ptr::write_unaligned((data + SPORT_OFF) as *mut u16, (n as u16).to_be());
-            }
-            if f.vary & VARY_SERVICE != 0 && f.services != 0 {
-                let (addr, port) = service_frontend((n % f.services as u64) as u32);
-                core::ptr::write_unaligned((data + DADDR_OFF) as *mut u32, addr.to_be());
-                core::ptr::write_unaligned((data + DPORT_OFF) as *mut u16, port.to_be());
+            // Constant offsets per family: inside the frame checked above.
+            if f.offsets[0] == OFFSETS_V6[0] {
+                vary::<
+                    { OFFSETS_V6[0] as usize },
+                    { OFFSETS_V6[1] as usize },
+                    { OFFSETS_V6[2] as usize },
+                    { OFFSETS_V6[3] as usize },
+                >(data, f, *seq);
+            } else {
+                vary::<
+                    { OFFSETS_V4[0] as usize },
+                    { OFFSETS_V4[1] as usize },
+                    { OFFSETS_V4[2] as usize },
+                    { OFFSETS_V4[3] as usize },
+                >(data, f, *seq);
             }
         }
     }

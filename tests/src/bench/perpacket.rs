@@ -8,7 +8,12 @@
 //! measured right before and subtracted. The reason counters are read around
 //! every measurement: each run must have taken the path it is named after.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Instant};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::Instant,
+};
 
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -23,7 +28,7 @@ use dataplane::{
     testrun,
 };
 use dataplane_common::{
-    bench::{names, service_frontend, BenchFrame, FRAME_LEN, VARY_FLOW, VARY_SERVICE},
+    bench::{names, service_frontend, BenchFrame, FRAME_LEN, OFFSETS_V4, OFFSETS_V6, VARY_FLOW, VARY_SERVICE},
     Backend, DpConfig, Reason, ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde_json::{json, Value};
@@ -41,6 +46,10 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 /// from `CLIENT` so that a varied tuple never hits the established flows.
 const NEW_FLOW_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 101, 0);
 const BACKENDS: usize = 4;
+/// The IPv6 paths' frontend (TCP and UDP), client and new-flow client.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x19, 0, 0, 0, 0, 0x10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 2);
+const NEW_FLOW_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x101, 0, 0, 0, 0, 0);
 const BACKEND_PORT: u16 = 8080;
 
 /// A path of the datapath and how to drive it.
@@ -94,6 +103,30 @@ const PATHS: &[PathSpec] = &[
         vary: 0,
         reason: Reason::NatEstablished,
     },
+    PathSpec {
+        name: "tcp6_new",
+        what: "as tcp_new over IPv6 (one IPv6 frontend besides the N IPv4 Services)",
+        vary: VARY_FLOW,
+        reason: Reason::NatNewFlow,
+    },
+    PathSpec {
+        name: "tcp6_established",
+        what: "as tcp_established over IPv6",
+        vary: 0,
+        reason: Reason::NatEstablished,
+    },
+    PathSpec {
+        name: "tcp6_reply",
+        what: "as tcp_reply over IPv6",
+        vary: 0,
+        reason: Reason::NatReply,
+    },
+    PathSpec {
+        name: "udp6_new",
+        what: "as udp_new over IPv6",
+        vary: VARY_FLOW,
+        reason: Reason::NatNewFlow,
+    },
 ];
 
 fn ebpf_dir() -> std::path::PathBuf {
@@ -133,7 +166,8 @@ fn datapath_maps(ebpf: &mut Ebpf) -> Result<Maps> {
 
 fn frame64(f: &Frame) -> [u8; FRAME_LEN] {
     let mut f = f.clone();
-    let hdr = if f.proto == IPPROTO_TCP { 54 } else { 42 };
+    let l3 = if f.src.is_ipv6() { 40 } else { 20 };
+    let hdr = 14 + l3 + if f.proto == IPPROTO_TCP { 20 } else { 8 };
     f.payload = vec![0x5a; FRAME_LEN - hdr];
     let b = f.build();
     b.try_into().expect("bench frames are FRAME_LEN bytes")
@@ -174,13 +208,19 @@ impl Bench {
         // The UDP paths use one more frontend: the last Service's VIP, UDP.
         let (addr, port) = service_frontend(services - 1);
         keys.push(ServiceKey::new(Ipv4Addr::from(addr), port, IPPROTO_UDP));
+        // The IPv6 paths: one IPv6 VIP, TCP and UDP, with IPv6 backends.
+        keys.push(ServiceKey::new(VIP6, 80, IPPROTO_TCP));
+        keys.push(ServiceKey::new(VIP6, 80, IPPROTO_UDP));
+        let backends6: Vec<Backend> = (1..=BACKENDS)
+            .map(|i| Backend::new(Ipv6Addr::new(0x2001, 0xdb8, 0x18, i as u16, 0, 0, 0, 2), BACKEND_PORT))
+            .collect();
         for (i, k) in keys.iter().enumerate() {
             desired.frontends.insert(
                 *k,
                 Frontend {
                     service: format!("bench/svc-{i}"),
                     port_name: String::new(),
-                    backends: backends.clone(),
+                    backends: if k.is_v6() { backends6.clone() } else { backends.clone() },
                     affinity_timeout_s: None,
                     flags: 0,
                     source_ranges: Vec::new(),
@@ -235,9 +275,11 @@ impl Bench {
     }
 
     fn set_frame(&mut self, bytes: [u8; FRAME_LEN], vary: u32) -> Result<()> {
+        let v6 = bytes[12..14] == [0x86, 0xdd];
         let f = BenchFrame {
             vary,
             services: self.services,
+            offsets: if v6 { OFFSETS_V6 } else { OFFSETS_V4 },
             bytes,
         };
         self.frame.set(0, f, 0)?;
@@ -296,8 +338,15 @@ fn frames(b: &mut Bench) -> Result<Frames> {
         "udp_established",
         frame64(&Frame::udp((CLIENT, 40002), (vip, vport), b"")),
     );
-    // Placeholder until the flow exists (see `prime`).
+    m.insert("tcp6_new", frame64(&Frame::tcp((NEW_FLOW_CLIENT6, 1), (VIP6, 80), SYN)));
+    m.insert(
+        "tcp6_established",
+        frame64(&Frame::tcp((CLIENT6, 40001), (VIP6, 80), ACK)),
+    );
+    m.insert("udp6_new", frame64(&Frame::udp((NEW_FLOW_CLIENT6, 1), (VIP6, 80), b"")));
+    // Placeholders until the flows exist (see `prime`).
     m.insert("tcp_reply", [0; FRAME_LEN]);
+    m.insert("tcp6_reply", [0; FRAME_LEN]);
     Ok(Frames { by_path: m })
 }
 
@@ -319,6 +368,15 @@ fn prime(b: &mut Bench, f: &mut Frames) -> Result<()> {
     if crate::packet::parse_and_verify(&out).dst == vip {
         bail!("the UDP datagram to {vip}:{vport} was not translated");
     }
+    let out = b.once(frame64(&Frame::tcp((CLIENT6, 40001), (VIP6, 80), SYN)))?;
+    let p = crate::packet::parse_and_verify(&out);
+    if p.dst == VIP6 {
+        bail!("the SYN to [{VIP6}]:80 was not translated");
+    }
+    f.by_path.insert(
+        "tcp6_reply",
+        frame64(&Frame::tcp((p.dst, p.dport), (CLIENT6, 40001), SYN | ACK)),
+    );
     Ok(())
 }
 
