@@ -379,7 +379,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         );
         syncer
     } else {
-        Syncer::with_config(maps, cfg.sync)
+        // Nothing pinned was adopted: the maps were created by this load.
+        Syncer::with_config(maps, cfg.sync).with_fresh_maps()
     };
     syncer.set_max_services(cfg.map_sizes.services);
 

@@ -2,6 +2,7 @@
 //! over it, and the tests and benchmarks call it directly.
 
 pub mod agent;
+pub mod batch;
 pub mod desired;
 pub mod health;
 pub mod ifwatch;

@@ -26,10 +26,20 @@ use crate::{
 /// for a recording fake.
 pub trait MapWriter {
     fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), String>;
+    /// Several backend slots (one generation of a frontend); the real maps
+    /// write them in one batch call.
+    fn put_backends(&mut self, keys: &[BackendKey], values: &[Backend]) -> Result<(), String> {
+        keys.iter().zip(values).try_for_each(|(k, v)| self.put_backend(*k, *v))
+    }
     fn delete_backend(&mut self, key: BackendKey) -> Result<(), String>;
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), String>;
     fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), String>;
+    /// A whole Maglev table (one generation); one batch call for the real
+    /// maps.
+    fn put_maglev_chunks(&mut self, keys: &[MaglevKey], values: &[MaglevChunk]) -> Result<(), String> {
+        keys.iter().zip(values).try_for_each(|(k, v)| self.put_maglev(*k, *v))
+    }
     fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String>;
     /// Deletes the session affinity entries of `service_id` whose backend is
     /// not in `keep` (all of them when `keep` is empty).
@@ -122,6 +132,10 @@ pub struct Syncer<W: MapWriter> {
     failed: BTreeSet<ServiceKey>,
     free_ids: Vec<u32>,
     next_id: u32,
+    /// Ids from here up were never used in these maps (they were created
+    /// empty by this process: see [`Syncer::with_fresh_maps`]): their
+    /// counters are known to be zero and need no reset. `u32::MAX`: unknown.
+    fresh_ids_from: u32,
     max_services: u32,
     config: SyncConfig,
 }
@@ -142,9 +156,18 @@ impl<W: MapWriter> Syncer<W> {
             failed: BTreeSet::new(),
             free_ids: Vec::new(),
             next_id: 0,
+            fresh_ids_from: u32::MAX,
             max_services: limits::MAX_SERVICES,
             config,
         }
+    }
+
+    /// Tells the syncer the maps were just created, empty: ids it allocates
+    /// for the first time skip the counter reset (one syscall per frontend
+    /// on a cold start). Recycled ids are still reset.
+    pub fn with_fresh_maps(mut self) -> Self {
+        self.fresh_ids_from = self.next_id;
+        self
     }
 
     /// Follows a service map loaded with `n` entries (`MapSizes::services`):
@@ -186,23 +209,26 @@ impl<W: MapWriter> Syncer<W> {
     /// Writes one generation of `fe` (backend slots, Maglev table) and
     /// returns the service value that makes it current.
     fn write_generation(&mut self, id: u32, generation: u16, fe: &Frontend) -> Result<ServiceValue, String> {
-        for (i, b) in fe.backends.iter().enumerate() {
-            self.writer.put_backend(BackendKey::new(id, generation, i as u32), *b)?;
-        }
+        let keys: Vec<BackendKey> = (0..fe.backends.len())
+            .map(|i| BackendKey::new(id, generation, i as u32))
+            .collect();
+        self.writer.put_backends(&keys, &fe.backends)?;
         let (flags, maglev_size) = match self.config.selection {
             Selection::Random => (SVC_F_RANDOM, 0),
             Selection::Maglev if fe.backends.is_empty() => (SVC_F_NONE, 0),
             Selection::Maglev => {
                 let size = self.config.maglev_size;
                 let table = maglev::table(&fe.backends, size);
+                let (mut keys, mut chunks) = (Vec::new(), Vec::new());
                 for (c, part) in table.chunks(limits::MAGLEV_CHUNK as usize).enumerate() {
                     let mut chunk = MaglevChunk {
                         entries: [0; limits::MAGLEV_CHUNK as usize],
                     };
                     chunk.entries[..part.len()].copy_from_slice(part);
-                    let pos = c as u32 * limits::MAGLEV_CHUNK;
-                    self.writer.put_maglev(MaglevKey::new(id, generation, pos), chunk)?;
+                    keys.push(MaglevKey::new(id, generation, c as u32 * limits::MAGLEV_CHUNK));
+                    chunks.push(chunk);
                 }
+                self.writer.put_maglev_chunks(&keys, &chunks)?;
                 (SVC_F_NONE, size)
             }
         };
@@ -407,6 +433,9 @@ impl<W: MapWriter> Syncer<W> {
                 report.updated += 1;
             }
             None => {
+                // An id from the free list was used before; a new one from
+                // fresh maps never was.
+                let recycled = !self.free_ids.is_empty();
                 let Some(id) = self.alloc_id() else {
                     report.errors.push(err(format!(
                         "the service map is full ({} frontends); not programmed",
@@ -414,9 +443,12 @@ impl<W: MapWriter> Syncer<W> {
                     )));
                     return;
                 };
-                let written = self
-                    .writer
-                    .reset_service_stats(id)
+                let reset = if !recycled && id >= self.fresh_ids_from {
+                    Ok(())
+                } else {
+                    self.writer.reset_service_stats(id)
+                };
+                let written = reset
                     .and_then(|()| self.writer.put_name(id, &fe.display_name()))
                     .and_then(|()| self.write_generation(id, 0, fe));
                 let written = written.and_then(|v| self.writer.put_service(*key, v).map(|()| v));
@@ -572,6 +604,18 @@ impl MapWriter for crate::loader::Maps {
     fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), String> {
         self.backends.insert(key, value, 0).map_err(|e| e.to_string())
     }
+    fn put_backends(&mut self, keys: &[BackendKey], values: &[Backend]) -> Result<(), String> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.backends.map().fd().as_fd();
+        crate::batch::update(fd, keys, values).map_err(|e| e.to_string())
+    }
+    fn put_maglev_chunks(&mut self, keys: &[MaglevKey], values: &[MaglevChunk]) -> Result<(), String> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.maglev.map().fd().as_fd();
+        crate::batch::update(fd, keys, values).map_err(|e| e.to_string())
+    }
     fn delete_backend(&mut self, key: BackendKey) -> Result<(), String> {
         self.backends.remove(&key).map_err(|e| e.to_string())
     }
@@ -624,7 +668,11 @@ impl MapWriter for crate::loader::Maps {
         Ok(())
     }
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e.to_string())?;
+        // Read once: aya reads /sys/devices/system/cpu/possible per call.
+        static CPUS: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
+        let cpus = CPUS
+            .get_or_init(|| aya::util::nr_cpus().map_err(|(_, e)| e.to_string()))
+            .clone()?;
         let zeros =
             aya::maps::PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| e.to_string())?;
         self.service_stats.set(service_id, zeros, 0).map_err(|e| e.to_string())
@@ -706,7 +754,8 @@ mod tests {
             self.log.push(format!("delete_source_range {id} {addr}/{len}"));
             Ok(())
         }
-        fn reset_service_stats(&mut self, _: u32) -> Result<(), String> {
+        fn reset_service_stats(&mut self, id: u32) -> Result<(), String> {
+            self.log.push(format!("reset_service_stats {id}"));
             Ok(())
         }
     }
@@ -771,6 +820,30 @@ mod tests {
         }
     }
 
+    /// Maps this process created start with zeroed counters: first-time
+    /// ids skip the reset, recycled ones do not.
+    #[test]
+    fn fresh_maps_reset_the_counters_of_recycled_ids_only() {
+        let mut s = syncer().with_fresh_maps();
+        s.apply(&desired(&[(key(1), &[1]), (key(2), &[1])]));
+        assert!(
+            !s.writer().log.iter().any(|l| l.starts_with("reset")),
+            "{:?}",
+            s.writer().log
+        );
+        s.apply(&desired(&[(key(1), &[1])]));
+        s.writer.log.clear();
+        s.apply(&desired(&[(key(1), &[1]), (key(3), &[1])]));
+        assert!(
+            s.writer().log.contains(&"reset_service_stats 1".to_string()),
+            "id 1 was used by key 2: {:?}",
+            s.writer().log
+        );
+        let mut unknown = syncer();
+        unknown.apply(&desired(&[(key(1), &[1])]));
+        assert!(unknown.writer().log.contains(&"reset_service_stats 0".to_string()));
+    }
+
     #[test]
     fn new_service_writes_slots_before_the_service_entry() {
         let mut s = syncer();
@@ -779,6 +852,7 @@ mod tests {
         assert_eq!(
             s.writer().log,
             [
+                "reset_service_stats 0",
                 "put_backend 0 0",
                 "put_backend 0 1",
                 "put_maglev 0 0",
