@@ -54,6 +54,29 @@ pub struct Config {
     pub contenders: Vec<Contender>,
 }
 
+/// The CPU the client and both backend servers of every contender run on.
+/// Left to the scheduler, a client and its server sometimes share a CPU and
+/// sometimes not: on this VM a request/response then took 17 µs or 50-60 µs
+/// depending on the round, for every contender alike (a cross-CPU wakeup of
+/// an idle vCPU), which swamped the differences measured. On one CPU every
+/// exchange is the same path: sender, veths, node forwarding and receiver
+/// in softirq and a context switch, no wakeup of another CPU.
+pub const PIN_CPU: usize = 0;
+
+/// Pins the calling thread to `cpu`.
+fn pin_thread(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+    // within it; sched_setaffinity(0) affects the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("sched_setaffinity to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 const BACKEND_PORT: u16 = 8080;
 const SERVICE_PORT: u16 = 80;
 const MSG: usize = 32;
@@ -160,6 +183,10 @@ fn server(ns: &Netns, addr: Ipv4Addr) -> Result<Server> {
     let s = stop.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = ns.run(move || {
+        if let Err(e) = pin_thread(PIN_CPU) {
+            let _ = tx.send(Err(e.to_string()));
+            return;
+        }
         let l = match TcpListener::bind((addr, BACKEND_PORT)) {
             Ok(l) => l,
             Err(e) => {
@@ -252,6 +279,7 @@ struct RoundResult {
 }
 
 fn measure_round(to: SocketAddr, conns: usize, rr: usize, stream: Duration) -> Result<RoundResult> {
+    pin_thread(PIN_CPU)?;
     let mut r = RoundResult::default();
     for _ in 0..conns {
         let t = Instant::now();
@@ -570,7 +598,8 @@ pub fn run(cfg: &Config) -> Result<Value> {
     }
     Ok(json!({
         "part": "through_vip",
-        "method": "One copy of the topology (client, node, 2 backends) per contender, built side by side; every round measures each contender in turn (the order rotates by one from round to round): `conns` new connections (connect, one 32-byte request and response, close), `rr` request/response exchanges on one open connection, and one single-stream send of `stream_s` seconds (128 KiB writes to a sink that reports what it received). Client and servers: Rust, TCP_NODELAY, in dp-bench.",
+        "method": "One copy of the topology (client, node, 2 backends) per contender, built side by side; every round measures each contender in turn (the order rotates by one from round to round): `conns` new connections (connect, one 32-byte request and response, close), `rr` request/response exchanges on one open connection, and one single-stream send of `stream_s` seconds (128 KiB writes to a sink that reports what it received). Client and servers: Rust, TCP_NODELAY, in dp-bench, all pinned to one CPU (PIN_CPU): unpinned, request/response took 17 or 50-60 µs depending on whether client and server shared a CPU, for every contender alike.",
+        "pinned_cpu": PIN_CPU,
         "dp_bench_build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "netfilter_conntrack": "In the iptables and nftables node namespaces the kernel's conntrack tracks every flow (NAT needs it). In the dataplane and direct node namespaces no rule asks for conntrack.",
         "attach_point": "dataplane: TC ingress (tcx) on the node's client- and backend-side veths; dataplane-xdp (if measured): XDP, auto mode",
