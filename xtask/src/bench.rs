@@ -282,10 +282,11 @@ fn per_packet(dir: &Path, md: &mut String) -> Result<()> {
 
 /// In table order; investigations (`dp-bench --contenders`) may measure
 /// only some of them, or the XDP and alternative-object variants.
-const CONTENDERS: [&str; 6] = [
+const CONTENDERS: [&str; 7] = [
     "dataplane",
     "dataplane-xdp",
     "dataplane-alt",
+    "direct-tc",
     "iptables",
     "nftables",
     "direct",

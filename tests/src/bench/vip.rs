@@ -94,6 +94,10 @@ pub enum Contender {
     /// The agent (TC) loading the eBPF object named by `DP_BENCH_ALT_OBJECT`
     /// (`--bpf-object`): an A/B of a kernel-side change in one run.
     DataplaneAlt,
+    /// The agent (TC) attached with the same Services, but the client talks
+    /// to backend 1 directly, as `direct`: every packet crosses the TC
+    /// program and finds no Service (hook, parse, two lookups, counters).
+    DirectTc,
     Iptables,
     Nftables,
     Direct,
@@ -106,10 +110,11 @@ pub const DEFAULT_CONTENDERS: [Contender; 4] = [
     Contender::Direct,
 ];
 
-const ALL_CONTENDERS: [Contender; 6] = [
+const ALL_CONTENDERS: [Contender; 7] = [
     Contender::Dataplane,
     Contender::DataplaneXdp,
     Contender::DataplaneAlt,
+    Contender::DirectTc,
     Contender::Iptables,
     Contender::Nftables,
     Contender::Direct,
@@ -124,6 +129,7 @@ impl Contender {
             Contender::Dataplane => "dataplane",
             Contender::DataplaneXdp => "dataplane-xdp",
             Contender::DataplaneAlt => "dataplane-alt",
+            Contender::DirectTc => "direct-tc",
             Contender::Iptables => "iptables",
             Contender::Nftables => "nftables",
             Contender::Direct => "direct",
@@ -137,7 +143,7 @@ impl Contender {
     fn is_dataplane(self) -> bool {
         matches!(
             self,
-            Contender::Dataplane | Contender::DataplaneXdp | Contender::DataplaneAlt
+            Contender::Dataplane | Contender::DataplaneXdp | Contender::DataplaneAlt | Contender::DirectTc
         )
     }
 }
@@ -402,7 +408,10 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
         topo,
     };
     match who {
-        Contender::Dataplane | Contender::DataplaneXdp | Contender::DataplaneAlt => {
+        Contender::Dataplane | Contender::DataplaneXdp | Contender::DataplaneAlt | Contender::DirectTc => {
+            if who == Contender::DirectTc {
+                s.target = SocketAddr::from((backend_addr(1), BACKEND_PORT));
+            }
             let dir = TempDir::new("dp-bench");
             let mut docs = String::new();
             let ports = [("http", SERVICE_PORT, "TCP")];
