@@ -111,6 +111,11 @@ impl Agent {
         self.wait_syncs(before + 1, Duration::from_secs(20))
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: runs `dp-bench` (per-packet cost, latency and
-//! throughput through the VIP), then draws the plots and the summary tables
+//! throughput through the VIP, control plane), then draws the plots and the summary tables
 //! from the JSON it wrote. Nothing here edits numbers: plots and tables are
 //! derived from the result files only.
 
@@ -42,13 +42,14 @@ fn chart(
     let xs: Vec<f64> = series.iter().flat_map(|(_, p)| p.iter().map(|x| x.0)).collect();
     let ys: Vec<f64> = series.iter().flat_map(|(_, p)| p.iter().map(|x| x.1)).collect();
     let x_max = xs.iter().cloned().fold(1.0, f64::max) * 1.5;
+    let x_min = xs.iter().cloned().fold(f64::INFINITY, f64::min).min(x_max) / 1.5;
     let y_max = ys.iter().cloned().fold(0.0, f64::max) * 1.15 + 1e-9;
     let mut c = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((0.7f64..x_max).log_scale(), 0f64..y_max)
+        .build_cartesian_2d((x_min..x_max).log_scale(), 0f64..y_max)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     c.configure_mesh()
         .x_desc("Services")
@@ -72,6 +73,123 @@ fn chart(
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+/// A point that was not measured because its command was stopped at a
+/// time limit: (Services, limit), drawn as a triangle at the limit.
+type Stopped = Vec<(String, f64, f64)>;
+
+/// A line chart with log x (Services) and log y axes, for times spanning
+/// milliseconds to minutes; `stopped` points are marked, not joined.
+fn chart_log(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    title: &str,
+    y_desc: &str,
+    series: &Series,
+    stopped: &Stopped,
+) -> Result<()> {
+    let xs: Vec<f64> = series.iter().flat_map(|(_, p)| p.iter().map(|x| x.0)).collect();
+    let ys: Vec<f64> = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .chain(stopped.iter().map(|s| s.2))
+        .filter(|y| *y > 0.0)
+        .collect();
+    let x_max = xs.iter().cloned().fold(1.0, f64::max) * 1.5;
+    let x_min = xs.iter().cloned().fold(f64::INFINITY, f64::min).min(x_max) / 1.5;
+    let y_max = ys.iter().cloned().fold(1e-3, f64::max) * 6.0;
+    let y_min = ys.iter().cloned().fold(f64::INFINITY, f64::min).min(y_max) / 3.0;
+    let mut c = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    c.configure_mesh()
+        .x_desc("Services")
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y}"))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        c.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (k, (who, x, limit)) in stopped.iter().enumerate().filter(|(_, s)| &s.0 == name) {
+            // Several stopped commands at one scale: markers side by side,
+            // labels stacked, to the left of the point.
+            let same_x: Vec<usize> = (0..stopped.len()).filter(|&j| stopped[j].1 == *x).collect();
+            let rank = same_x.iter().position(|&j| j == k).unwrap_or(0) as i32;
+            let at = (*x * 1.08f64.powi(rank), *limit);
+            c.draw_series(std::iter::once(TriangleMarker::new(at, 7, color.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            c.draw_series(std::iter::once(Text::new(
+                format!("{who}: > {limit:.0} s, stopped"),
+                (*x / 9.0, *limit * 1.5f64.powi(rank + 1)),
+                ("sans-serif", 13).into_font().color(&color),
+            )))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// When the scales of a result file come from different runs (a part
+/// re-run for some scales only), says which came from which.
+fn provenance(v: &Value) -> Option<String> {
+    let scales = v["scales"].as_array()?;
+    let mut runs: Vec<(String, Vec<String>)> = Vec::new();
+    for s in scales {
+        let r = &s["run"];
+        let key = format!(
+            "`{}` on {}",
+            r["command"].as_str().unwrap_or("?"),
+            r["unix_time"].as_i64().map(utc).unwrap_or("?".into())
+        );
+        let n = s["services"].to_string();
+        match runs.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, ns)) => ns.push(n),
+            None => runs.push((key, vec![n])),
+        }
+    }
+    (runs.len() > 1).then(|| {
+        let parts: Vec<String> = runs
+            .iter()
+            .map(|(k, ns)| format!("{} Services: {k}", ns.join(", ")))
+            .collect();
+        format!(
+            "Scales from different runs (a part re-run for some scales): {}.\n",
+            parts.join("; ")
+        )
+    })
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM UTC` (civil-from-days, Howard
+/// Hinnant's algorithm).
+fn utc(t: i64) -> String {
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", secs / 3600, secs % 3600 / 60)
 }
 
 fn machine_line(v: &Value) -> String {
@@ -124,6 +242,9 @@ fn per_packet(dir: &Path, md: &mut String) -> Result<()> {
     writeln!(md, "### Per-packet cost (BPF_PROG_TEST_RUN)\n")?;
     writeln!(md, "Machine: {}. Command: `{}`. {} rounds of {} runs per series; ns per packet, median of rounds [min-max]; wrapper cost subtracted.\n",
         machine_line(&v), v["command"].as_str().unwrap_or("?"), v["rounds"], v["repeat"])?;
+    if let Some(p) = provenance(&v) {
+        writeln!(md, "{p}")?;
+    }
     let header: Vec<String> = scales.iter().map(|s| format!("{} Services", s["services"])).collect();
     writeln!(md, "| path | {} | largest / 1 |", header.join(" | "))?;
     writeln!(md, "|---|{}---|", "---|".repeat(header.len()))?;
@@ -159,7 +280,17 @@ fn per_packet(dir: &Path, md: &mut String) -> Result<()> {
     Ok(())
 }
 
-const CONTENDERS: [&str; 4] = ["dataplane", "iptables", "nftables", "direct"];
+/// In table order; investigations (`dp-bench --contenders`) may measure
+/// only some of them, or the XDP and alternative-object variants.
+const CONTENDERS: [&str; 7] = [
+    "dataplane",
+    "dataplane-xdp",
+    "dataplane-alt",
+    "direct-tc",
+    "iptables",
+    "nftables",
+    "direct",
+];
 
 fn through_vip(dir: &Path, md: &mut String) -> Result<()> {
     let v = load(&dir.join("through-vip.json"))?;
@@ -179,6 +310,7 @@ fn through_vip(dir: &Path, md: &mut String) -> Result<()> {
                     .collect();
                 (c.to_string(), pts)
             })
+            .filter(|(_, pts): &(String, Vec<(f64, f64)>)| !pts.is_empty())
             .collect()
     };
     let file = dir.join("through-vip.svg");
@@ -209,11 +341,17 @@ fn through_vip(dir: &Path, md: &mut String) -> Result<()> {
     writeln!(md, "### Through the VIP in network namespaces\n")?;
     writeln!(md, "Machine: {}. Command: `{}`. {} new connections, {} exchanges and one {} s stream per contender per round, contenders interleaved; median (p99), ratio of medians to direct.\n",
         machine_line(&v), v["command"].as_str().unwrap_or("?"), v["conns"], v["rr"], v["stream_s"])?;
+    if let Some(p) = provenance(&v) {
+        writeln!(md, "{p}")?;
+    }
     writeln!(md, "| Services | contender | new conn µs | ratio | req/resp µs | ratio | stream Gbit/s | ratio | rules installed in |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     for s in scales {
         for c in CONTENDERS {
             let x = &s["contenders"][c];
+            if x.is_null() {
+                continue;
+            }
             let r = &s["ratio_to_direct"][c];
             let f = |v: &Value| v.as_f64().map(|x| format!("{x:.1}")).unwrap_or("-".into());
             let f2 = |v: &Value| v.as_f64().map(|x| format!("{x:.2}")).unwrap_or("-".into());
@@ -240,6 +378,129 @@ fn through_vip(dir: &Path, md: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// An install time record (`{"status": "done", "seconds": x}` or
+/// `{"status": "stopped", "limit_s": l}`) as a table cell.
+fn install_cell(v: &Value) -> String {
+    match v["status"].as_str() {
+        Some("done") => v["seconds"].as_f64().map(|t| format!("{t:.2} s")).unwrap_or("-".into()),
+        Some("stopped") => format!("> {:.0} s, stopped", v["limit_s"].as_f64().unwrap_or(f64::NAN)),
+        _ => "-".into(),
+    }
+}
+
+fn control_plane(dir: &Path, md: &mut String) -> Result<()> {
+    let v = load(&dir.join("control-plane.json"))?;
+    let scales = v["scales"].as_array().context("no scales")?;
+    let pts = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
+        scales
+            .iter()
+            .filter_map(|s| Some((s["services"].as_f64()?, f(s)?)))
+            .collect()
+    };
+    let agent = |k: &'static str, stat: &'static str, scale: f64| {
+        move |s: &Value| s["agent"][k][stat].as_f64().map(|x| x * scale)
+    };
+    let install = |tool: &'static str| move |s: &Value| s[tool]["seconds"].as_f64();
+    let mut stopped: Stopped = Vec::new();
+    for s in scales {
+        for (tool, label) in [("iptables_restore", "iptables-restore"), ("nft", "nft -f")] {
+            if s[tool]["status"] == "stopped" {
+                stopped.push((
+                    label.to_string(),
+                    s["services"].as_f64().unwrap_or(0.0),
+                    s[tool]["limit_s"].as_f64().unwrap_or(0.0),
+                ));
+            }
+        }
+    }
+    let file = dir.join("control-plane.svg");
+    let root = SVGBackend::new(&file, (1500, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let areas = root.split_evenly((1, 3));
+    chart_log(
+        &areas[0],
+        "programming N Services x 4 endpoints from cold",
+        "seconds",
+        &vec![
+            (
+                "agent: start to all programmed".into(),
+                pts(&agent("cold_start_to_all_programmed_ms", "median", 1e-3)),
+            ),
+            (
+                "agent: first sync's compute + map writes".into(),
+                pts(&agent("cold_sync_compute_and_apply_ms", "median", 1e-3)),
+            ),
+            ("iptables-restore".into(), pts(&install("iptables_restore"))),
+            ("nft -f".into(), pts(&install("nft"))),
+        ],
+        &stopped,
+    )?;
+    chart(
+        &areas[1],
+        "one EndpointSlice change to its map write",
+        "ms",
+        &vec![
+            ("median".into(), pts(&agent("change_to_map_write_ms", "median", 1.0))),
+            ("p99".into(), pts(&agent("change_to_map_write_ms", "p99", 1.0))),
+            (
+                "sync's own compute + map writes (median)".into(),
+                pts(&agent("change_sync_compute_and_apply_ms", "median", 1.0)),
+            ),
+        ],
+    )?;
+    chart(
+        &areas[2],
+        "agent peak RSS (VmHWM)",
+        "MiB",
+        &vec![("peak RSS".into(), pts(&agent("peak_rss_mib", "median", 1.0)))],
+    )?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    writeln!(md, "### Control plane\n")?;
+    writeln!(md, "Machine: {}. Command: `{}`. The release agent against the fake API server, {} agent run(s) per scale with {} EndpointSlice changes each (2 ms debounce included); `iptables-restore` and `nft -f` install kube-proxy's rules for the same Services and endpoints in a fresh namespace, stopped after {} s. Agent figures: median over runs [min-max]; changes: median (p99) over all changes.\n",
+        machine_line(&v), v["command"].as_str().unwrap_or("?"), v["rounds"], v["changes"], v["install_limit_s"])?;
+    if let Some(p) = provenance(&v) {
+        writeln!(md, "{p}")?;
+    }
+    writeln!(md, "| Services x 4 endpoints | agent start to all programmed | first sync: compute + map writes | one change to map write | agent peak RSS | iptables-restore | nft -f |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for s in scales {
+        let a = &s["agent"];
+        let spread = |k: &str, unit: &str, scale: f64| {
+            let x = &a[k];
+            match (
+                x["median"].as_f64(),
+                x["min"].as_f64(),
+                x["max"].as_f64(),
+                x["n"].as_u64(),
+            ) {
+                (Some(m), _, _, Some(1)) => format!("{:.0} {unit}", m * scale),
+                (Some(m), Some(lo), Some(hi), _) => {
+                    format!("{:.0} {unit} [{:.0}-{:.0}]", m * scale, lo * scale, hi * scale)
+                }
+                _ => "-".into(),
+            }
+        };
+        let ch = &a["change_to_map_write_ms"];
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            s["services"],
+            spread("cold_start_to_all_programmed_ms", "ms", 1.0),
+            spread("cold_sync_compute_and_apply_ms", "ms", 1.0),
+            match (ch["median"].as_f64(), ch["p99"].as_f64()) {
+                (Some(m), Some(p)) => format!("{m:.1} ms ({p:.1})"),
+                _ => "-".into(),
+            },
+            spread("peak_rss_mib", "MiB", 1.0),
+            install_cell(&s["iptables_restore"]),
+            install_cell(&s["nft"]),
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
 /// Draws every plot and writes `summary.md` from the result files in `dir`.
 pub fn report(dir: &Path) -> Result<()> {
     let mut md = String::from("<!-- written by `cargo xtask bench` from the JSON files next to it -->\n\n");
@@ -249,6 +510,22 @@ pub fn report(dir: &Path) -> Result<()> {
     if dir.join("through-vip.json").exists() {
         through_vip(dir, &mut md)?;
     }
+    // Only the new layout (one entry per scale); the single-size file of
+    // the former `bench-sync` is not drawn.
+    let cp = dir.join("control-plane.json");
+    if cp.exists() && load(&cp)?["part"] == "control_plane" {
+        control_plane(dir, &mut md)?;
+    }
     std::fs::write(dir.join("summary.md"), md)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00 UTC");
+        // 2024-02-29 12:34:56 UTC, a leap day.
+        assert_eq!(super::utc(1_709_210_096), "2024-02-29 12:34 UTC");
+    }
 }

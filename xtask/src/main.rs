@@ -39,13 +39,16 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Control-plane benchmark: the release agent with the Kubernetes source
-    /// against a fake API holding 10,000 Services x 4 endpoints; writes
+    /// The control-plane part of `bench` alone at one size:
+    /// `bench --only control-plane --scales $BENCH_SERVICES` (default
+    /// 10,000 Services x 4 endpoints), merged into
     /// bench-results/control-plane.json (needs root).
     BenchSync,
-    /// Benchmarks (needs root): per-packet cost with BPF_PROG_TEST_RUN, and
+    /// Benchmarks (needs root): per-packet cost with BPF_PROG_TEST_RUN,
     /// latency/throughput through a VIP against kube-proxy's iptables and
-    /// nftables rules. Writes JSON, SVG plots and summary.md to bench-results/.
+    /// nftables rules, and the control plane (cold sync, one change, agent
+    /// memory; iptables-restore and nft -f install times). Writes JSON, SVG
+    /// plots and summary.md to bench-results/.
     Bench {
         /// A few minutes instead of about half an hour.
         #[arg(long)]
@@ -53,7 +56,32 @@ enum Task {
         /// Only redraw the plots and summary from existing results.
         #[arg(long)]
         report_only: bool,
+        /// Run only these parts (repeat or comma-separate); the others'
+        /// results stay as they are and the report covers all.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<BenchPart>,
+        /// Run only these numbers of Services (comma-separated), replacing
+        /// those scales in the results and keeping the others.
+        #[arg(long)]
+        scales: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchPart {
+    PerPacket,
+    ThroughVip,
+    ControlPlane,
+}
+
+impl BenchPart {
+    fn name(self) -> &'static str {
+        match self {
+            BenchPart::PerPacket => "per-packet",
+            BenchPart::ThroughVip => "through-vip",
+            BenchPart::ControlPlane => "control-plane",
+        }
+    }
 }
 
 /// Debian packages used by the demo and tests, with the command that shows
@@ -293,6 +321,63 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+fn bench(quick: bool, report_only: bool, only: &[BenchPart], scales: Option<String>) -> Result<()> {
+    let out = std::env::var_os("DP_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("bench-results"));
+    if !report_only {
+        require_root("the benchmarks")?;
+        ensure_packages()?;
+        install_missing(BENCH_PACKAGES, "kube-proxy's rule backends, the comparison baseline")?;
+        build_ebpf()?;
+        let parts: Vec<BenchPart> = if only.is_empty() {
+            vec![BenchPart::PerPacket, BenchPart::ThroughVip, BenchPart::ControlPlane]
+        } else {
+            only.to_vec()
+        };
+        // Release builds: the control-plane part times the agent against
+        // the fake API server inside dp-bench, whose list responses a debug
+        // build would make several times slower; the through-VIP client and
+        // servers and the agent there are the same release builds.
+        say("building the agent and dp-bench in release");
+        run(Command::new("cargo").current_dir(root()).args([
+            "build",
+            "--release",
+            "-p",
+            "dataplane-user",
+            "--bin",
+            "dataplane",
+            "-p",
+            "dataplane-tests",
+            "--bin",
+            "dp-bench",
+        ]))?;
+        say(if quick {
+            "running the benchmarks (--quick: about 5 minutes for all parts)"
+        } else {
+            "running the benchmarks (about 25 minutes for all parts, estimated)"
+        });
+        let mut cmd = Command::new(root().join("target/release/dp-bench"));
+        cmd.current_dir(root())
+            .arg("--out")
+            .arg(&out)
+            .arg("--release-agent")
+            .arg(root().join("target/release/dataplane"));
+        for p in parts {
+            cmd.args(["--part", p.name()]);
+        }
+        if let Some(s) = scales {
+            cmd.args(["--scales", &s]);
+        }
+        if quick {
+            cmd.arg("--quick");
+        }
+        run(cmd.env("DATAPLANE_BIN", root().join("target/release/dataplane")))?;
+    }
+    say(format!("drawing plots and summary.md in {}", out.display()));
+    bench::report(&out)
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
@@ -312,52 +397,15 @@ fn main() -> Result<()> {
             run(Command::new(root().join("target/debug/dp-demo")).current_dir(root()))
         }
         Task::BenchSync => {
-            require_root("the control-plane benchmark")?;
-            ensure_packages()?;
-            build_ebpf()?;
-            say("building the agent and the benchmark in release");
-            run(Command::new("cargo").current_dir(root()).args([
-                "build",
-                "--release",
-                "-p",
-                "dataplane-user",
-                "--bin",
-                "dataplane",
-                "-p",
-                "dataplane-tests",
-                "--bin",
-                "bench-sync",
-            ]))?;
-            say("running the control-plane benchmark");
-            run(Command::new(root().join("target/release/bench-sync"))
-                .current_dir(root())
-                .env("DATAPLANE_BIN", root().join("target/release/dataplane")))
+            let n = std::env::var("BENCH_SERVICES").unwrap_or_else(|_| "10000".into());
+            bench(false, false, &[BenchPart::ControlPlane], Some(n))
         }
-        Task::Bench { quick, report_only } => {
-            let out = std::env::var_os("DP_BENCH_OUT")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root().join("bench-results"));
-            if !report_only {
-                require_root("the benchmarks")?;
-                ensure_packages()?;
-                install_missing(BENCH_PACKAGES, "kube-proxy's rule backends, the comparison baseline")?;
-                build_ebpf()?;
-                build_user()?;
-                say(if quick {
-                    "running the benchmarks (--quick: a few minutes)"
-                } else {
-                    "running the benchmarks (about half an hour)"
-                });
-                let mut cmd = Command::new(root().join("target/debug/dp-bench"));
-                cmd.current_dir(root()).arg("--out").arg(&out);
-                if quick {
-                    cmd.arg("--quick");
-                }
-                run(cmd.env("DATAPLANE_BIN", root().join("target/debug/dataplane")))?;
-            }
-            say(format!("drawing plots and summary.md in {}", out.display()));
-            bench::report(&out)
-        }
+        Task::Bench {
+            quick,
+            report_only,
+            only,
+            scales,
+        } => bench(quick, report_only, &only, scales),
         Task::Test { args } => {
             require_root("the test suite")?;
             ensure_packages()?;

@@ -3,6 +3,7 @@
 //! network namespaces against kube-proxy's iptables and nftables rules.
 //! They report; they never assert a speed.
 
+pub mod control;
 pub mod kube_rules;
 pub mod perpacket;
 pub mod vip;
@@ -65,4 +66,71 @@ pub fn unix_time() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Where one scale's numbers came from: the run's command, mode and time.
+fn run_of(v: &Value) -> Value {
+    json!({ "command": v["command"], "quick": v["quick"], "unix_time": v["unix_time"] })
+}
+
+/// Merges a new result file of one part into the previous one (if any), so
+/// that a part can be re-run for some scales only: every scale of `new`
+/// replaces the same scale (number of Services) of `old`, the others are
+/// kept. Each scale carries the run it came from (`run`); the rest of the
+/// file (method, settings, machine) is the new run's.
+pub fn merge(old: Option<&Value>, mut new: Value) -> Value {
+    let new_run = run_of(&new);
+    let mut scales: Vec<Value> = new["scales"].as_array().cloned().unwrap_or_default();
+    for s in &mut scales {
+        s["run"] = new_run.clone();
+    }
+    if let Some(old) = old.filter(|o| o["part"] == new["part"]) {
+        let old_run = run_of(old);
+        for s in old["scales"].as_array().into_iter().flatten() {
+            if scales.iter().any(|n| n["services"] == s["services"]) {
+                continue;
+            }
+            let mut s = s.clone();
+            if s.get("run").is_none() {
+                s["run"] = old_run.clone();
+            }
+            scales.push(s);
+        }
+    }
+    scales.sort_by_key(|s| s["services"].as_u64().unwrap_or(0));
+    new["scales"] = Value::Array(scales);
+    new
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_replaces_measured_scales_and_keeps_the_others() {
+        let old = json!({"part": "p", "command": "old", "quick": true, "unix_time": 1,
+            "scales": [{"services": 1, "x": "old"}, {"services": 1000, "x": "old"}]});
+        let new = json!({"part": "p", "command": "new", "quick": false, "unix_time": 2,
+            "scales": [{"services": 1000, "x": "new"}, {"services": 100000, "x": "new"}]});
+        let m = merge(Some(&old), new.clone());
+        let s = m["scales"].as_array().unwrap();
+        let got: Vec<(u64, &str, &str)> = s
+            .iter()
+            .map(|s| {
+                (
+                    s["services"].as_u64().unwrap(),
+                    s["x"].as_str().unwrap(),
+                    s["run"]["command"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![(1, "old", "old"), (1000, "new", "new"), (100000, "new", "new")]
+        );
+        // Another part's file is not merged in.
+        let other = json!({"part": "q", "scales": [{"services": 5}]});
+        assert_eq!(merge(Some(&other), new.clone())["scales"].as_array().unwrap().len(), 2);
+        assert_eq!(merge(None, new)["scales"].as_array().unwrap().len(), 2);
+    }
 }

@@ -129,8 +129,12 @@ const PATHS: &[PathSpec] = &[
     },
 ];
 
+/// The eBPF objects: `DP_BENCH_EBPF_DIR` (to compare a changed build), else
+/// what `cargo xtask build-ebpf` wrote.
 fn ebpf_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release")
+    std::env::var_os("DP_BENCH_EBPF_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release"))
 }
 
 fn load_object(name: &str) -> Result<Ebpf> {

@@ -50,6 +50,31 @@ pub struct Config {
     pub stream: Duration,
     /// The whole part stops starting new rounds after this.
     pub deadline: Duration,
+    /// Who is measured, in this order every round; must include `direct`.
+    pub contenders: Vec<Contender>,
+}
+
+/// The CPU the client and both backend servers of every contender run on.
+/// Left to the scheduler, a client and its server sometimes share a CPU and
+/// sometimes not: on this VM a request/response then took 17 µs or 50-60 µs
+/// depending on the round, for every contender alike (a cross-CPU wakeup of
+/// an idle vCPU), which swamped the differences measured. On one CPU every
+/// exchange is the same path: sender, veths, node forwarding and receiver
+/// in softirq and a context switch, no wakeup of another CPU.
+pub const PIN_CPU: usize = 0;
+
+/// Pins the calling thread to `cpu`.
+fn pin_thread(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+    // within it; sched_setaffinity(0) affects the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("sched_setaffinity to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 const BACKEND_PORT: u16 = 8080;
@@ -58,29 +83,68 @@ const MSG: usize = 32;
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 const SERVER_LIFETIME: Duration = Duration::from_secs(3600);
 
+/// Who is measured. The default set is `DEFAULT_CONTENDERS`; the others
+/// are for investigations (`dp-bench --contenders ...`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Contender {
+pub enum Contender {
     Dataplane,
+    /// The agent with XDP (auto mode: native on veth) on the node's
+    /// interfaces instead of TC.
+    DataplaneXdp,
+    /// The agent (TC) loading the eBPF object named by `DP_BENCH_ALT_OBJECT`
+    /// (`--bpf-object`): an A/B of a kernel-side change in one run.
+    DataplaneAlt,
+    /// The agent (TC) attached with the same Services, but the client talks
+    /// to backend 1 directly, as `direct`: every packet crosses the TC
+    /// program and finds no Service (hook, parse, two lookups, counters).
+    DirectTc,
     Iptables,
     Nftables,
     Direct,
 }
 
-const CONTENDERS: [Contender; 4] = [
+pub const DEFAULT_CONTENDERS: [Contender; 4] = [
     Contender::Dataplane,
     Contender::Iptables,
     Contender::Nftables,
     Contender::Direct,
 ];
 
+const ALL_CONTENDERS: [Contender; 7] = [
+    Contender::Dataplane,
+    Contender::DataplaneXdp,
+    Contender::DataplaneAlt,
+    Contender::DirectTc,
+    Contender::Iptables,
+    Contender::Nftables,
+    Contender::Direct,
+];
+
+/// The environment variable naming the eBPF object of `dataplane-alt`.
+pub const ALT_OBJECT_ENV: &str = "DP_BENCH_ALT_OBJECT";
+
 impl Contender {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Contender::Dataplane => "dataplane",
+            Contender::DataplaneXdp => "dataplane-xdp",
+            Contender::DataplaneAlt => "dataplane-alt",
+            Contender::DirectTc => "direct-tc",
             Contender::Iptables => "iptables",
             Contender::Nftables => "nftables",
             Contender::Direct => "direct",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Contender> {
+        ALL_CONTENDERS.into_iter().find(|c| c.name() == name)
+    }
+
+    fn is_dataplane(self) -> bool {
+        matches!(
+            self,
+            Contender::Dataplane | Contender::DataplaneXdp | Contender::DataplaneAlt | Contender::DirectTc
+        )
     }
 }
 
@@ -125,6 +189,10 @@ fn server(ns: &Netns, addr: Ipv4Addr) -> Result<Server> {
     let s = stop.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = ns.run(move || {
+        if let Err(e) = pin_thread(PIN_CPU) {
+            let _ = tx.send(Err(e.to_string()));
+            return;
+        }
         let l = match TcpListener::bind((addr, BACKEND_PORT)) {
             Ok(l) => l,
             Err(e) => {
@@ -217,6 +285,7 @@ struct RoundResult {
 }
 
 fn measure_round(to: SocketAddr, conns: usize, rr: usize, stream: Duration) -> Result<RoundResult> {
+    pin_thread(PIN_CPU)?;
     let mut r = RoundResult::default();
     for _ in 0..conns {
         let t = Instant::now();
@@ -264,6 +333,22 @@ struct Setup {
     target: SocketAddr,
     install_s: Option<f64>,
     notes: Vec<String>,
+}
+
+impl Setup {
+    /// CPU time (user + system) the agent process used so far.
+    fn agent_cpu_s(&self) -> Option<f64> {
+        let pid = self._agent.as_ref()?.pid();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name; utime and stime are
+        // fields 14 and 15 of the line.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Some(ticks / hz)
+    }
 }
 
 fn pipe_into(ns: &Netns, cmd: &[&str], input: &str) -> Result<f64> {
@@ -323,7 +408,10 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
         topo,
     };
     match who {
-        Contender::Dataplane => {
+        Contender::Dataplane | Contender::DataplaneXdp | Contender::DataplaneAlt | Contender::DirectTc => {
+            if who == Contender::DirectTc {
+                s.target = SocketAddr::from((backend_addr(1), BACKEND_PORT));
+            }
             let dir = TempDir::new("dp-bench");
             let mut docs = String::new();
             let ports = [("http", SERVICE_PORT, "TCP")];
@@ -340,13 +428,27 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
                     &[backend_addr(1), backend_addr(2)],
                 ));
             }
+            let ifaces = s.topo.node_ifaces();
+            let (tc, xdp): (&[String], &[String]) = match who {
+                Contender::DataplaneXdp => (&[], &ifaces),
+                _ => (&ifaces, &[]),
+            };
+            let mut extra = Vec::new();
+            if who == Contender::DataplaneAlt {
+                let obj = std::env::var(ALT_OBJECT_ENV)
+                    .with_context(|| format!("dataplane-alt needs {ALT_OBJECT_ENV}=PATH of an eBPF object"))?;
+                s.notes.push(format!("eBPF object: {obj}"));
+                extra = vec!["--bpf-object".to_string(), obj];
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             let t = Instant::now();
-            let agent = Agent::start(&s.topo.node, &s.topo.node_ifaces(), &[], &[("services.yaml", &docs)])?;
+            let agent = Agent::start_with(&s.topo.node, tc, xdp, &[("services.yaml", &docs)], &extra)?;
             s.install_s = Some(t.elapsed().as_secs_f64());
-            s.notes.push(
-                "the agent (debug build, file source) with TC ingress (tcx) on the node's interfaces; install time is agent start to first sync, including YAML parsing"
-                    .into(),
-            );
+            s.notes.push(format!(
+                "the agent ({}, file source) with {} on the node's interfaces; install time is agent start to first sync, including YAML parsing",
+                crate::agent::agent_binary().display(),
+                if xdp.is_empty() { "TC ingress (tcx)" } else { "XDP (auto mode)" }
+            ));
             s._agent = Some(agent);
             s._dir = Some(dir);
         }
@@ -371,9 +473,9 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
     let (ipt, nft) = ruleset(&s.topo.node);
     let bpf = bpf_attached(&s.topo.node);
     match who {
-        Contender::Dataplane if ipt + nft > 0 => bail!("netfilter rules in the dataplane's node namespace"),
-        Contender::Dataplane
-            if s._agent
+        w if w.is_dataplane() && ipt + nft > 0 => bail!("netfilter rules in the dataplane's node namespace"),
+        w if w.is_dataplane()
+            && s._agent
                 .as_ref()
                 .map(|a| a.log())
                 .unwrap_or_default()
@@ -411,13 +513,16 @@ fn round1(v: &[f64]) -> Vec<f64> {
 }
 
 pub fn run(cfg: &Config) -> Result<Value> {
+    if !cfg.contenders.contains(&Contender::Direct) {
+        bail!("through the VIP: the contenders must include direct (the ratios are to it)");
+    }
     let started = Instant::now();
     let mut scales_out = Vec::new();
     for &n in &cfg.scales {
         eprintln!("dp-bench: through the VIP, {n} Services: setting up the four contenders");
         let svcs = services(n);
         let mut setups = Vec::new();
-        for who in CONTENDERS {
+        for &who in &cfg.contenders {
             let s = setup(who, &svcs).with_context(|| format!("setting up {} at {n} Services", who.name()))?;
             if let Some(t) = s.install_s {
                 eprintln!("dp-bench:   {}: installed in {t:.2} s", who.name());
@@ -425,13 +530,18 @@ pub fn run(cfg: &Config) -> Result<Value> {
             setups.push(s);
         }
         let mut results: Vec<Vec<RoundResult>> = (0..setups.len()).map(|_| Vec::new()).collect();
+        let cpu_before: Vec<Option<f64>> = setups.iter().map(Setup::agent_cpu_s).collect();
         let mut rounds_done = 0;
         for round in 0..cfg.rounds {
             if started.elapsed() > cfg.deadline {
                 eprintln!("dp-bench: deadline reached, stopping after {round} rounds");
                 break;
             }
-            for (i, s) in setups.iter().enumerate() {
+            // The order rotates from round to round, so that no contender
+            // always follows the same one (or the setup).
+            for k in 0..setups.len() {
+                let i = (k + round) % setups.len();
+                let s = &setups[i];
                 let (to, conns, rr, stream) = (s.target, cfg.conns, cfg.rr, cfg.stream);
                 let r = s
                     .topo
@@ -445,8 +555,13 @@ pub fn run(cfg: &Config) -> Result<Value> {
             rounds_done += 1;
             eprintln!("dp-bench:   round {}/{} done", round + 1, cfg.rounds);
         }
+        let agent_cpu: Vec<Option<f64>> = setups
+            .iter()
+            .zip(&cpu_before)
+            .map(|(s, b)| Some(s.agent_cpu_s()? - (*b)?))
+            .collect();
         let mut contenders = serde_json::Map::new();
-        for (s, rs) in setups.iter().zip(&results) {
+        for ((s, rs), cpu) in setups.iter().zip(&results).zip(&agent_cpu) {
             let conn: Vec<f64> = rs.iter().flat_map(|r| r.new_conn_us.iter().copied()).collect();
             let rr: Vec<f64> = rs.iter().flat_map(|r| r.rr_us.iter().copied()).collect();
             let gbps: Vec<f64> = rs.iter().map(|r| r.stream_gbps).collect();
@@ -455,6 +570,7 @@ pub fn run(cfg: &Config) -> Result<Value> {
                 json!({
                     "target": s.target.to_string(),
                     "install_s": s.install_s,
+                    "agent_cpu_s_during_rounds": cpu,
                     "notes": s.notes,
                     "new_conn_us": { "summary": super::summary(&conn), "raw": round1(&conn) },
                     "rr_us": { "summary": super::summary(&rr), "raw": round1(&rr) },
@@ -491,9 +607,12 @@ pub fn run(cfg: &Config) -> Result<Value> {
     }
     Ok(json!({
         "part": "through_vip",
-        "method": "Four copies of the topology (client, node, 2 backends), one per contender, built side by side; every round measures each contender in turn (dataplane, iptables, nftables, direct): `conns` new connections (connect, one 32-byte request and response, close), `rr` request/response exchanges on one open connection, and one single-stream send of `stream_s` seconds (128 KiB writes to a sink that reports what it received). Client and servers: Rust, TCP_NODELAY, debug build.",
+        "method": "One copy of the topology (client, node, 2 backends) per contender, built side by side; every round measures each contender in turn (the order rotates by one from round to round): `conns` new connections (connect, one 32-byte request and response, close), `rr` request/response exchanges on one open connection, and one single-stream send of `stream_s` seconds (128 KiB writes to a sink that reports what it received). Client and servers: Rust, TCP_NODELAY, in dp-bench, all pinned to one CPU (PIN_CPU): unpinned, request/response took 17 or 50-60 µs depending on whether client and server shared a CPU, for every contender alike.",
+        "pinned_cpu": PIN_CPU,
+        "dp_bench_build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "netfilter_conntrack": "In the iptables and nftables node namespaces the kernel's conntrack tracks every flow (NAT needs it). In the dataplane and direct node namespaces no rule asks for conntrack.",
-        "attach_point": "dataplane: TC ingress (tcx) on the node's client- and backend-side veths",
+        "attach_point": "dataplane: TC ingress (tcx) on the node's client- and backend-side veths; dataplane-xdp (if measured): XDP, auto mode",
+        "contenders": cfg.contenders.iter().map(|c| c.name()).collect::<Vec<_>>(),
         "conns": cfg.conns,
         "rr": cfg.rr,
         "stream_s": cfg.stream.as_secs_f64(),

@@ -1,18 +1,31 @@
 //! `dp-bench`: the benchmarks behind `cargo xtask bench`. Writes one JSON
-//! file per part into the output directory; the plots are drawn by xtask.
+//! file per part into the output directory, merged with what is there (a
+//! part or a scale measured now replaces the same one, the others stay);
+//! the plots are drawn by xtask.
 
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context, Result};
-use dataplane_tests::bench::{self, perpacket, vip};
+use dataplane_tests::bench::{self, control, perpacket, vip};
 
 struct Args {
     quick: bool,
     out: PathBuf,
     parts: Vec<String>,
-    /// Overrides the per-packet scales (for trying things out).
+    /// Overrides the scales of every part run (for re-running some).
     scales: Option<Vec<u32>>,
+    /// Overrides the through-VIP contenders (for investigations).
+    contenders: Option<Vec<vip::Contender>>,
+    /// Overrides the number of through-VIP rounds.
+    rounds: Option<usize>,
+    /// The release agent, for the control-plane part.
+    release_agent: PathBuf,
 }
+
+const PARTS: [&str; 3] = ["per-packet", "through-vip", "control-plane"];
 
 fn args() -> Result<Args> {
     let mut a = Args {
@@ -20,42 +33,81 @@ fn args() -> Result<Args> {
         out: PathBuf::from("bench-results"),
         parts: Vec::new(),
         scales: None,
+        contenders: None,
+        rounds: None,
+        release_agent: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/dataplane"),
     };
+    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane (repeatable or comma-separated), --scales N,N, --contenders a,b, --rounds N, --release-agent PATH";
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => a.quick = true,
             "--out" => a.out = PathBuf::from(it.next().context("--out needs a directory")?),
-            "--part" => a.parts.push(it.next().context("--part needs per-packet or vip")?),
+            "--part" | "--only" => {
+                let v = it
+                    .next()
+                    .context("--part needs per-packet, through-vip or control-plane")?;
+                for p in v.split(',') {
+                    let p = if p == "vip" { "through-vip" } else { p };
+                    if !PARTS.contains(&p) {
+                        bail!("unknown part {p:?}: {}", PARTS.join(", "));
+                    }
+                    a.parts.push(p.to_string());
+                }
+            }
             "--scales" => {
                 let v = it.next().context("--scales needs a list, e.g. 1,1000")?;
                 a.scales = Some(v.split(',').map(|s| s.parse()).collect::<Result<_, _>>()?);
             }
-            other => {
-                bail!("unknown argument {other:?} (expected --quick, --out DIR, --part per-packet|vip, --scales N,N)")
+            "--contenders" => {
+                let v = it.next().context("--contenders needs a list, e.g. dataplane,direct")?;
+                a.contenders = Some(
+                    v.split(',')
+                        .map(|c| vip::Contender::from_name(c).with_context(|| format!("unknown contender {c:?}")))
+                        .collect::<Result<_>>()?,
+                );
             }
+            "--rounds" => a.rounds = Some(it.next().context("--rounds needs a number")?.parse()?),
+            "--release-agent" => {
+                a.release_agent = PathBuf::from(it.next().context("--release-agent needs a path")?);
+            }
+            other => bail!("unknown argument {other:?} ({usage})"),
         }
     }
     if a.parts.is_empty() {
-        a.parts = vec!["per-packet".into(), "vip".into()];
+        a.parts = PARTS.iter().map(|p| p.to_string()).collect();
     }
     Ok(a)
 }
 
-fn write(out: &std::path::Path, name: &str, mut v: serde_json::Value, quick: bool) -> Result<()> {
+/// Writes one part's result, merged with the file already there.
+fn write(out: &Path, name: &str, mut v: serde_json::Value, a: &Args, elapsed: Duration) -> Result<()> {
+    let quick = a.quick;
+    // The equivalent xtask command line.
+    let mut command = String::from("cargo xtask bench");
+    if quick {
+        command.push_str(" --quick");
+    }
+    if a.parts.len() < PARTS.len() {
+        command.push_str(&format!(" --only {}", a.parts.join(",")));
+    }
+    if let Some(s) = &a.scales {
+        let s: Vec<String> = s.iter().map(u32::to_string).collect();
+        command.push_str(&format!(" --scales {}", s.join(",")));
+    }
     v["machine"] = bench::machine();
     v["quick"] = quick.into();
     v["unix_time"] = bench::unix_time().into();
-    v["command"] = if quick {
-        "cargo xtask bench --quick"
-    } else {
-        "cargo xtask bench"
-    }
-    .into();
+    v["elapsed_s"] = elapsed.as_secs_f64().round().into();
+    v["command"] = command.into();
     std::fs::create_dir_all(out)?;
     let path = out.join(name);
-    std::fs::write(&path, serde_json::to_string_pretty(&v)? + "\n")?;
-    eprintln!("dp-bench: wrote {}", path.display());
+    let old = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    let merged = bench::merge(old.as_ref(), v);
+    std::fs::write(&path, serde_json::to_string_pretty(&merged)? + "\n")?;
+    eprintln!("dp-bench: wrote {} ({:.0} s)", path.display(), elapsed.as_secs_f64());
     Ok(())
 }
 
@@ -63,6 +115,7 @@ fn main() -> Result<()> {
     let a = args()?;
     dataplane_tests::netns::require_root_and_tools();
     for part in &a.parts {
+        let started = Instant::now();
         match part.as_str() {
             "per-packet" => {
                 let cfg = if a.quick {
@@ -82,26 +135,31 @@ fn main() -> Result<()> {
                     scales: a.scales.clone().unwrap_or(cfg.scales),
                     ..cfg
                 };
-                write(&a.out, "per-packet.json", perpacket::run(&cfg)?, a.quick)?;
+                let v = perpacket::run(&cfg)?;
+                write(&a.out, "per-packet.json", v, &a, started.elapsed())?;
             }
-            "vip" => {
+            "through-vip" => {
                 let cfg = if a.quick {
                     vip::Config {
                         scales: vec![1, 1_000, 10_000],
                         rounds: 5,
-                        conns: 200,
+                        // New connections take about 0.1 ms each: many
+                        // cost little next to the stream.
+                        conns: 500,
                         rr: 500,
-                        stream: std::time::Duration::from_secs(1),
-                        deadline: std::time::Duration::from_secs(600),
+                        stream: Duration::from_secs(1),
+                        deadline: Duration::from_secs(600),
+                        contenders: vip::DEFAULT_CONTENDERS.to_vec(),
                     }
                 } else {
                     vip::Config {
                         scales: vec![1, 1_000, 10_000],
                         rounds: 15,
-                        conns: 500,
+                        conns: 2_000,
                         rr: 2_000,
-                        stream: std::time::Duration::from_secs(3),
-                        deadline: std::time::Duration::from_secs(3600),
+                        stream: Duration::from_secs(3),
+                        deadline: Duration::from_secs(3600),
+                        contenders: vip::DEFAULT_CONTENDERS.to_vec(),
                     }
                 };
                 let cfg = vip::Config {
@@ -110,9 +168,45 @@ fn main() -> Result<()> {
                         .clone()
                         .map(|v| v.into_iter().map(|n| n as usize).collect())
                         .unwrap_or(cfg.scales),
+                    contenders: a.contenders.clone().unwrap_or(cfg.contenders),
+                    rounds: a.rounds.unwrap_or(cfg.rounds),
                     ..cfg
                 };
-                write(&a.out, "through-vip.json", vip::run(&cfg)?, a.quick)?;
+                let v = vip::run(&cfg)?;
+                write(&a.out, "through-vip.json", v, &a, started.elapsed())?;
+            }
+            "control-plane" => {
+                let cfg = if a.quick {
+                    control::Config {
+                        scales: vec![1_000, 10_000],
+                        rounds: 1,
+                        changes: 50,
+                        install_limit: Duration::from_secs(120),
+                        cold_timeout: Duration::from_secs(120),
+                    }
+                } else {
+                    control::Config {
+                        scales: vec![1_000, 10_000, 100_000],
+                        rounds: 3,
+                        changes: 50,
+                        // nft -f took 84-109 s for 10,000 Services here
+                        // and grows about quadratically: at 100,000 both
+                        // tools are stopped at this limit.
+                        install_limit: Duration::from_secs(180),
+                        cold_timeout: Duration::from_secs(300),
+                    }
+                };
+                let cfg = control::Config {
+                    scales: a
+                        .scales
+                        .clone()
+                        .map(|v| v.into_iter().map(|n| n as usize).collect())
+                        .unwrap_or(cfg.scales),
+                    rounds: a.rounds.unwrap_or(cfg.rounds),
+                    ..cfg
+                };
+                let v = control::run(&cfg, &a.release_agent)?;
+                write(&a.out, "control-plane.json", v, &a, started.elapsed())?;
             }
             other => bail!("unknown part {other:?}"),
         }

@@ -1,0 +1,578 @@
+//! Control-plane benchmark: the real release `dataplane` binary with
+//! `--source kubernetes --no-attach --no-pin` against the in-process fake
+//! API server, N Services x 4 endpoints (one EndpointSlice each), and, for
+//! comparison, the time `iptables-restore` and `nft -f` take to install
+//! kube-proxy's rules for the same Services (`kube_rules`). Per scale it
+//! reports
+//!
+//! - cold start: from spawning the agent to the first sync that programmed
+//!   every frontend (process start, BPF load, list, compute, map writes),
+//!   and that sync's own compute + map-write time;
+//! - change latency: from one EndpointSlice change in the API to the sync
+//!   that wrote it, over `changes` changes;
+//! - the agent's peak RSS (VmHWM);
+//! - `iptables-restore` and `nft -f` wall time for the same rule sets, each
+//!   in a fresh namespace, stopped after `install_limit` (then reported as
+//!   stopped, not as a number).
+//!
+//! Agent times come from its JSON log timestamps and this process's wall
+//! clock (the same clock). Everything runs inside network namespaces
+//! created here (the fake listens on a namespace's loopback); nothing is
+//! attached.
+
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context, Result};
+use dataplane_common::bench::service_frontend;
+use serde_json::{json, Value};
+
+use super::kube_rules::{self, SvcPort};
+use crate::{
+    agent::TempDir,
+    fake_api::{objects, FakeApi, Kind},
+    netns::{self, Netns},
+};
+
+#[derive(Clone)]
+pub struct Config {
+    pub scales: Vec<usize>,
+    /// Agent runs (cold start + changes) per scale.
+    pub rounds: usize,
+    /// EndpointSlice changes timed per agent run.
+    pub changes: usize,
+    /// `iptables-restore` / `nft -f` are stopped after this.
+    pub install_limit: Duration,
+    /// Bound on one cold start (the agent is stopped and the run fails).
+    pub cold_timeout: Duration,
+}
+
+pub const ENDPOINTS: usize = 4;
+pub const BACKEND_PORT: u16 = 8080;
+const NODE: &str = "bench-node";
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+const DEBOUNCE_MS: u64 = 2;
+
+/// Service `i`'s frontend: the per-packet benchmark's layout, VIP
+/// 198.19.0.0 + (i mod 65536), port 80 + i / 65536, so that 100,000 fit in
+/// 198.19.0.0/16 (above 65,536 two Services share a VIP on different
+/// ports, which Kubernetes would not allow but changes nothing here).
+fn frontend(i: usize) -> (Ipv4Addr, u16) {
+    let (addr, port) = service_frontend(i as u32);
+    (Ipv4Addr::from(addr), port)
+}
+
+/// Endpoint `j` of Service `i`; `gen` shifts the address so a change is a
+/// real change.
+fn endpoint(i: usize, j: usize, gen: usize) -> Ipv4Addr {
+    let n = (i * ENDPOINTS + j + gen * 7) % (250 * 250);
+    Ipv4Addr::new(198, 18, (n / 250) as u8, (n % 250 + 1) as u8)
+}
+
+fn namespace(i: usize) -> String {
+    format!("ns{}", i % 50)
+}
+
+fn slice(i: usize, gen: usize) -> Value {
+    let addrs: Vec<String> = (0..ENDPOINTS).map(|j| endpoint(i, j, gen).to_string()).collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    objects::slice(
+        &namespace(i),
+        &format!("svc{i}-abcde"),
+        &format!("svc{i}"),
+        &[("http", BACKEND_PORT, "TCP")],
+        &refs,
+    )
+}
+
+/// The same Services as kube-proxy sees them (for its rule sets).
+fn svc_ports(n: usize) -> Vec<SvcPort> {
+    (0..n)
+        .map(|i| {
+            let (vip, port) = frontend(i);
+            SvcPort {
+                namespace: namespace(i),
+                name: format!("svc{i}"),
+                port_name: "http".into(),
+                vip,
+                port,
+                endpoints: (0..ENDPOINTS).map(|j| (endpoint(i, j, 0), BACKEND_PORT)).collect(),
+            }
+        })
+        .collect()
+}
+
+/// Parses tracing-subscriber's RFC 3339 UTC timestamp
+/// (`2026-05-02T10:11:12.123456Z`) into microseconds since the epoch.
+pub fn parse_ts(ts: &str) -> Option<i64> {
+    let (date, time) = ts.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, dd) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>());
+    let (h, mi, s) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    // Fraction to microseconds, whatever its number of digits.
+    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+    let us: i64 = digits.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + h * 3600 + mi * 60 + s) * 1_000_000) + us)
+}
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as i64
+}
+
+/// One `sync applied` line of the agent's JSON log.
+#[derive(Debug, Clone, Copy)]
+struct SyncLine {
+    at_us: i64,
+    sync: u64,
+    frontends: u64,
+    backends: u64,
+    updated: u64,
+    /// The desired-state computation's share of `elapsed_us`.
+    compute_us: u64,
+    elapsed_us: u64,
+    /// A relist or a watch error during the run would distort the numbers.
+    relists: u64,
+    watch_restarts: u64,
+}
+
+struct AgentProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    fn syncs(&self) -> Vec<SyncLine> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("sync applied"))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == "sync applied")
+            .filter_map(|v| {
+                let f = &v["fields"];
+                Some(SyncLine {
+                    at_us: parse_ts(v["timestamp"].as_str()?)?,
+                    sync: f["sync"].as_u64()?,
+                    frontends: f["frontends"].as_u64()?,
+                    backends: f["backends"].as_u64()?,
+                    updated: f["updated"].as_u64()?,
+                    compute_us: f["compute_us"].as_u64()?,
+                    elapsed_us: f["elapsed_us"].as_u64()?,
+                    relists: f["relists"].as_u64()?,
+                    watch_restarts: f["watch_restarts"].as_u64()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The log's lines up to `until_us` as (ms since `from_us`, message and
+    /// fields): where the cold start's time goes.
+    fn phases(&self, from_us: i64, until_us: i64) -> Vec<(f64, String)> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| {
+                let at = parse_ts(v["timestamp"].as_str()?)?;
+                let mut f = v["fields"].as_object()?.clone();
+                let msg = f.remove("message")?.as_str()?.to_string();
+                let rest: Vec<String> = f.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                (at <= until_us).then(|| ((at - from_us) as f64 / 1000.0, format!("{msg} {}", rest.join(" "))))
+            })
+            .collect()
+    }
+
+    /// Waits for a sync line matching `pred`, polling the log every 200 µs
+    /// (the timestamps, not the polling, give the times).
+    fn wait_sync(&mut self, timeout: Duration, pred: impl Fn(&SyncLine) -> bool) -> Result<SyncLine> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(s) = self.syncs().into_iter().find(&pred) {
+                return Ok(s);
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!("the agent exited ({st}); its log:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        bail!(
+            "no matching sync within {timeout:?}; the end of the agent's log:\n{}",
+            self.log_tail()
+        )
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// (VmHWM, VmRSS) in KiB.
+    fn memory_kib(&self) -> Result<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{name} not in /proc/PID/status"))
+        };
+        Ok((field("VmHWM:")?, field("VmRSS:")?))
+    }
+
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: kill on the PID of our own, not yet reaped, child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The fake API with `n` Services in it, running in the current namespace.
+async fn fill(n: usize) -> Result<FakeApi> {
+    let fake = FakeApi::start().await?;
+    fake.apply(Kind::Node, objects::node(NODE, "198.18.0.1".parse()?));
+    for i in 0..n {
+        let (vip, port) = frontend(i);
+        fake.apply(
+            Kind::Service,
+            objects::service(
+                &namespace(i),
+                &format!("svc{i}"),
+                &vip.to_string(),
+                &[("http", port, "TCP")],
+            ),
+        );
+        fake.apply(Kind::EndpointSlice, slice(i, 0));
+    }
+    // The initial objects come from the list, not from a replayed history.
+    fake.compact();
+    Ok(fake)
+}
+
+/// One agent run against `fake` (which holds `n` Services): cold start,
+/// then `changes` EndpointSlice changes with generations from `gen0` on.
+async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Config, gen0: usize) -> Result<Value> {
+    let dir = TempDir::new("dataplane-bench");
+    let kubeconfig = dir.0.join("kubeconfig");
+    std::fs::write(&kubeconfig, fake.kubeconfig())?;
+    let log = dir.0.join("agent.log");
+    let logf = std::fs::File::create(&log)?;
+    let spawned_us = now_us();
+    let child = Command::new(bin)
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--source",
+            "kubernetes",
+            "--no-attach",
+            "--no-pin",
+        ])
+        .args(["--node-name", NODE, "--health-bind", "127.0.0.1:10256"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("DATAPLANE_LOG", "info")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut agent = AgentProc { child, log };
+
+    let full = (n as u64, (n * ENDPOINTS) as u64);
+    let cold =
+        tokio::task::block_in_place(|| agent.wait_sync(cfg.cold_timeout, |s| (s.frontends, s.backends) == full))?;
+    let cold_ms = (cold.at_us - spawned_us) as f64 / 1000.0;
+    eprintln!(
+        "dp-bench:   agent: all {n} Services programmed {cold_ms:.0} ms after start (first sync's compute + map writes {:.0} ms)",
+        cold.elapsed_us as f64 / 1000.0
+    );
+    let phases = agent.phases(spawned_us, cold.at_us);
+    for (ms, line) in &phases {
+        eprintln!("dp-bench:     {ms:8.1} ms  {line}");
+    }
+    fake.wait_watches(Kind::EndpointSlice, round + 1, cfg.cold_timeout)
+        .await?;
+
+    let mut latencies_ms = Vec::new();
+    let mut sync_work_ms = Vec::new();
+    let mut compute_ms = Vec::new();
+    let mut last_sync = agent.syncs().last().map_or(0, |s| s.sync);
+    for c in 0..cfg.changes {
+        let i = (c * 197) % n;
+        let before = now_us();
+        fake.apply(Kind::EndpointSlice, slice(i, gen0 + c + 1));
+        let s =
+            tokio::task::block_in_place(|| agent.wait_sync(CHANGE_TIMEOUT, |s| s.sync > last_sync && s.updated >= 1))?;
+        latencies_ms.push((s.at_us - before) as f64 / 1000.0);
+        sync_work_ms.push(s.elapsed_us as f64 / 1000.0);
+        compute_ms.push(s.compute_us as f64 / 1000.0);
+        last_sync = agent.syncs().last().map_or(s.sync, |l| l.sync);
+        // Let the change settle so the next one is a separate sync.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (hwm_kib, rss_kib) = agent.memory_kib()?;
+    let last = agent.syncs().last().copied();
+    agent.stop();
+    if !latencies_ms.is_empty() {
+        eprintln!(
+            "dp-bench:   agent: {} changes, median {:.1} ms to the map write; peak RSS {:.0} MiB",
+            latencies_ms.len(),
+            median(&latencies_ms),
+            hwm_kib as f64 / 1024.0
+        );
+    }
+    Ok(json!({
+        "cold_start_to_all_programmed_ms": cold_ms,
+        "cold_sync_compute_and_apply_ms": cold.elapsed_us as f64 / 1000.0,
+        "cold_sync_compute_ms": cold.compute_us as f64 / 1000.0,
+        "cold_start_log_ms": phases.iter().map(|(ms, line)| json!([ms, line])).collect::<Vec<_>>(),
+        "change_to_map_write_ms": latencies_ms,
+        "change_sync_compute_and_apply_ms": sync_work_ms,
+        "change_sync_compute_ms": compute_ms,
+        "peak_rss_mib": hwm_kib as f64 / 1024.0,
+        "rss_at_end_mib": rss_kib as f64 / 1024.0,
+        "agent_relists": last.map_or(0, |l| l.relists),
+        "agent_watch_restarts": last.map_or(0, |l| l.watch_restarts),
+    }))
+}
+
+/// Runs `cmd` in a fresh namespace with `input` on stdin; stops it (by its
+/// PID) after `limit`. Returns the JSON record of what happened.
+pub fn timed_install(cmd: &[&str], input: String, limit: Duration) -> Result<Value> {
+    let ns = Netns::new(format!("{}-install", netns::unique_prefix()))?;
+    // stderr to a file: a full pipe must not stall the command.
+    let dir = TempDir::new("dp-bench-install");
+    let err_path = dir.0.join("stderr");
+    let err_file = std::fs::File::create(&err_path)?;
+    let t = Instant::now();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(err_file)
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    // A writer thread, so that a command that stops reading cannot block
+    // the time limit.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break Some(st);
+        }
+        if t.elapsed() > limit {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = t.elapsed().as_secs_f64();
+    let out = match status {
+        Some(st) => {
+            if !st.success() {
+                let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+                bail!("{cmd:?} failed ({st}): {}", err.trim());
+            }
+            json!({ "status": "done", "seconds": elapsed })
+        }
+        None => {
+            // `ip netns exec` execs the command: this PID is the command's.
+            let _ = child.kill();
+            let _ = child.wait();
+            json!({ "status": "stopped", "limit_s": limit.as_secs_f64(), "seconds": Value::Null })
+        }
+    };
+    let _ = writer.join();
+    drop(ns);
+    Ok(out)
+}
+
+fn tool_version(cmd: &[&str]) -> String {
+    Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn summary_of(runs: &[Value], key: &str) -> Value {
+    let v: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| match &r[key] {
+            Value::Array(a) => a.iter().filter_map(Value::as_f64).collect::<Vec<_>>(),
+            x => x.as_f64().into_iter().collect(),
+        })
+        .collect();
+    super::summary(&v)
+}
+
+/// One scale: the fake API and the agent runs in one namespace, then the
+/// two rule installs each in a fresh one.
+fn scale(bin: &Path, n: usize, cfg: &Config) -> Result<Value> {
+    let ns = Netns::new(format!("{}-cp", netns::unique_prefix()))?;
+    let bin = bin.to_path_buf();
+    let cfg2 = cfg.clone();
+    // This thread enters the namespace before the runtime starts, so the
+    // runtime's threads and the agent (a child) are in it too.
+    let runs = ns
+        .run(move || -> Result<Vec<Value>> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let t = Instant::now();
+                let fake = fill(n).await?;
+                eprintln!(
+                    "dp-bench:   fake API holds {n} Services x {ENDPOINTS} endpoints ({:.1} s to create)",
+                    t.elapsed().as_secs_f64()
+                );
+                let mut runs = Vec::new();
+                for round in 0..cfg2.rounds {
+                    runs.push(agent_run(&bin, &fake, n, round, &cfg2, round * cfg2.changes).await?);
+                }
+                Ok(runs)
+            })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("control-plane thread panicked"))??;
+    drop(ns);
+
+    let svcs = svc_ports(n);
+    eprintln!(
+        "dp-bench:   iptables-restore of the same {n} Services (limit {} s)",
+        cfg.install_limit.as_secs()
+    );
+    let ipt = timed_install(&["iptables-restore"], kube_rules::iptables(&svcs), cfg.install_limit)?;
+    eprintln!("dp-bench:     {ipt}");
+    eprintln!(
+        "dp-bench:   nft -f of the same {n} Services (limit {} s)",
+        cfg.install_limit.as_secs()
+    );
+    let nft = timed_install(&["nft", "-f", "-"], kube_rules::nftables(&svcs), cfg.install_limit)?;
+    eprintln!("dp-bench:     {nft}");
+
+    let changes_all: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r["change_to_map_write_ms"].as_array().cloned().unwrap_or_default())
+        .filter_map(|x| x.as_f64())
+        .collect();
+    let mut sorted = changes_all.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    Ok(json!({
+        "services": n,
+        "endpoints_per_service": ENDPOINTS,
+        "agent_runs": runs.len(),
+        "agent": {
+            "cold_start_to_all_programmed_ms": summary_of(&runs, "cold_start_to_all_programmed_ms"),
+            "cold_sync_compute_and_apply_ms": summary_of(&runs, "cold_sync_compute_and_apply_ms"),
+            "change_to_map_write_ms": super::summary(&changes_all),
+            "change_to_map_write_ms_p90": super::percentile(&sorted, 90.0),
+            "change_sync_compute_and_apply_ms": summary_of(&runs, "change_sync_compute_and_apply_ms"),
+            "peak_rss_mib": summary_of(&runs, "peak_rss_mib"),
+            "runs": runs,
+        },
+        "iptables_restore": ipt,
+        "nft": nft,
+    }))
+}
+
+pub fn run(cfg: &Config, agent: &Path) -> Result<Value> {
+    if !agent.exists() {
+        bail!(
+            "release agent {} not found: `cargo xtask bench` builds it",
+            agent.display()
+        );
+    }
+    if let Some(&n) = cfg.scales.iter().find(|&&n| n == 0 || n > 131_072) {
+        bail!("control plane: {n} Services: must be within 1..=131072 (the agent's default map size)");
+    }
+    let mut scales = Vec::new();
+    for &n in &cfg.scales {
+        eprintln!("dp-bench: control plane, {n} Services x {ENDPOINTS} endpoints");
+        scales.push(scale(agent, n, cfg).with_context(|| format!("control plane at {n} Services"))?);
+    }
+    Ok(json!({
+        "part": "control_plane",
+        "method": "Per scale: the fake API server (in-process, on a namespace's loopback) holds N Services x 4 endpoints (one EndpointSlice each); the release agent (`dataplane run --source kubernetes --no-attach --no-pin`) starts against it: time from spawning it to the first sync that programmed every frontend and backend (the agent's JSON log timestamps), that sync's own compute + map writes, then `changes` single-EndpointSlice changes each timed from the API write to the sync that wrote it (2 ms debounce included), and the agent's VmHWM. Then kube-proxy's rules for the same Services and endpoints (tests/src/bench/kube_rules.rs) are piped into `iptables-restore` and `nft -f -`, each in a fresh namespace, wall time of the command, stopped after `install_limit_s`.",
+        "agent": agent.display().to_string(),
+        "rounds": cfg.rounds,
+        "changes": cfg.changes,
+        "debounce_ms": DEBOUNCE_MS,
+        "install_limit_s": cfg.install_limit.as_secs_f64(),
+        "iptables_version": tool_version(&["iptables-restore", "--version"]),
+        "nft_version": tool_version(&["nft", "--version"]),
+        "targets": {"cold_start_ms_at_10000": 1000, "change_ms": 10, "peak_rss_mib_at_10000": 100},
+        "scales": scales,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_parse_to_epoch_micros() {
+        assert_eq!(parse_ts("1970-01-01T00:00:00.000001Z"), Some(1));
+        // 2024-02-29 (leap day) 12:34:56.5 UTC
+        assert_eq!(parse_ts("2024-02-29T12:34:56.500000Z"), Some(1_709_210_096_500_000));
+        assert_eq!(parse_ts("2024-02-29T12:34:56Z"), Some(1_709_210_096_000_000));
+        assert_eq!(parse_ts("garbage"), None);
+    }
+
+    #[test]
+    fn frontends_are_distinct_up_to_100k() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..100_000 {
+            assert!(seen.insert(frontend(i)));
+        }
+        assert_eq!(svc_ports(3)[2].endpoints.len(), ENDPOINTS);
+    }
+}
