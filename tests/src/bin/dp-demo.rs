@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
     time::{Duration, Instant},
 };
@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use dataplane_tests::{
     agent::Agent,
-    netns::{backend_addr, require_root_and_tools, Topology, CLIENT_ADDR},
+    netns::{addr6, backend_addr, require_root_and_tools, Topology, CLIENT_ADDR},
     servers::{tcp_server, Conn},
 };
 
@@ -24,13 +24,19 @@ fn step(msg: &str) {
 }
 
 fn spread(t: &Topology, n: usize) -> Result<BTreeMap<String, usize>> {
+    spread_to(t, SocketAddr::from((VIP, 80)), n)
+}
+
+/// `n` connections to `to`, one question each: answers by backend.
+fn spread_to(t: &Topology, to: SocketAddr, n: usize) -> Result<BTreeMap<String, usize>> {
     t.client
         .run(move || {
             let mut counts = BTreeMap::new();
             for i in 0..n {
-                let mut c = Conn::connect(SocketAddr::from((VIP, 80)), Duration::from_secs(3))
-                    .with_context(|| format!("connection {i} to {VIP}:80"))?;
-                *counts.entry(c.ask()?).or_insert(0) += 1;
+                let mut c =
+                    Conn::connect(to, Duration::from_secs(3)).with_context(|| format!("connection {i} to {to}"))?;
+                let (who, peer) = c.ask_peer()?;
+                *counts.entry(format!("{who} (sees {peer})")).or_insert(0) += 1;
             }
             Ok(counts)
         })
@@ -39,10 +45,13 @@ fn spread(t: &Topology, n: usize) -> Result<BTreeMap<String, usize>> {
 }
 
 fn print_spread(counts: &BTreeMap<String, usize>, n: usize, elapsed: Duration) {
-    println!("    {:<24} {:>6}  share", "backend", "conns");
+    println!(
+        "    {:<48} {:>6}  share",
+        "backend (and the client address it sees)", "conns"
+    );
     for (who, c) in counts {
         let bar = "#".repeat(c * 40 / n);
-        println!("    {who:<24} {c:>6}  {bar}");
+        println!("    {who:<48} {c:>6}  {bar}");
     }
     println!("    {n} connections, all answered, in {:.2} s", elapsed.as_secs_f64());
 }
@@ -60,10 +69,15 @@ fn main() -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let web = std::fs::read_to_string(root.join("deploy/examples/web.yaml"))?;
     let skip = std::fs::read_to_string(root.join("deploy/examples/skip.yaml"))?;
+    let dual = std::fs::read_to_string(root.join("deploy/examples/dual.yaml"))?;
 
     step("Building the one-machine cluster: client, node and 5 backend namespaces");
     let t = Topology::new(5)?;
-    println!("    client {CLIENT_ADDR} --veth-- node (eBPF programs) --veth-- backends 198.18.{{1..5}}.2");
+    t.enable_ipv6()?;
+    println!(
+        "    client {CLIENT_ADDR} / 2001:db8:100::2 --veth-- node (eBPF programs) --veth-- backends \
+         198.18.{{1..5}}.2 / 2001:db8:18:{{1..5}}::2"
+    );
     // Ports as deploy/examples/web.yaml's EndpointSlices serve them: the
     // named target port "http" is 8080 in one slice and 8081 in the other.
     let ports = [8080, 8080, 8081, 8081, 8080];
@@ -73,13 +87,25 @@ fn main() -> Result<()> {
         let port = ports[i];
         servers.push(tcp_server(ns, addr, port, &format!("{addr}:{port}")));
     }
+    // deploy/examples/dual.yaml's endpoints (grpc 50051), both on backend 1.
+    let b1 = &t.backends[0];
+    b1.ip(&["addr", "add", "198.18.1.9/24", "dev", "eth0"])?;
+    addr6(b1, "eth0", "2001:db8:18:1::9")?;
+    for addr in ["198.18.1.9", "2001:db8:18:1::9"] {
+        let ip: IpAddr = addr.parse()?;
+        servers.push(tcp_server(b1, ip, 50051, &SocketAddr::new(ip, 50051).to_string()));
+    }
 
-    step("Starting the agent in the node namespace with deploy/examples/{web,skip}.yaml");
+    step("Starting the agent in the node namespace with deploy/examples/{web,skip,dual}.yaml");
     let mut agent = Agent::start(
         &t.node,
         &t.node_ifaces(),
         &[],
-        &[("web.yaml", web.as_str()), ("skip.yaml", skip.as_str())],
+        &[
+            ("web.yaml", web.as_str()),
+            ("skip.yaml", skip.as_str()),
+            ("dual.yaml", dual.as_str()),
+        ],
     )?;
     for line in agent.log().lines() {
         if line.contains("attached") || line.contains("WARN") || line.contains("sync applied") {
@@ -94,6 +120,15 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let counts = spread(&t, CONNECTIONS)?;
     print_spread(&counts, CONNECTIONS, started.elapsed());
+
+    step("The dual-stack Service default/api: 50 connections to each of its ClusterIPs");
+    println!("    each ClusterIP reaches only the endpoint of its own family (an EndpointSlice per family)");
+    for vip in ["198.19.0.30", "2001:db8:19::30"] {
+        let to = SocketAddr::new(vip.parse()?, 50051);
+        let started = Instant::now();
+        println!("    to {to}:");
+        print_spread(&spread_to(&t, to, 50)?, 50, started.elapsed());
+    }
 
     step("An open connection, then its backend is removed from the EndpointSlice");
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
