@@ -97,7 +97,8 @@ enum Proto {
 struct TraceArgs {
     #[command(flatten)]
     inspect: InspectArgs,
-    /// Source address and port of the packet.
+    /// Source address and port of the packet (IPv6: `[2001:db8::1]:40000`;
+    /// both ends of one family).
     #[arg(long)]
     src: std::net::SocketAddr,
     /// Destination address and port (a Service frontend, or a client for a
