@@ -167,6 +167,46 @@ fn quoted_proto<const V6: bool>(data: usize) -> Option<u8> {
     (proto == IPPROTO_TCP || proto == IPPROTO_UDP).then_some(proto)
 }
 
+/// The checksums an error's translation updates: the ICMP one, the quoted
+/// IPv4 header's (IPv4 only) and the quoted UDP one (0: none).
+struct Sums {
+    icmp: u16,
+    inner_ip: u16,
+    udp: u16,
+}
+
+impl Sums {
+    /// Rewrites one quoted endpoint, its address at `at.0` and its port at
+    /// `at.1`, from `old` to `new`, folding the change into the checksums
+    /// that cover it (the quoted UDP checksum's pseudo-header included).
+    #[inline(always)]
+    fn quoted<const V6: bool>(&mut self, data: usize, at: (usize, usize), old: (&Addr, u16), new: (&Addr, u16)) {
+        let words = layout(V6).words;
+        if !V6 {
+            self.inner_ip = csum::replace4(self.inner_ip, old.0[0], new.0[0]);
+        }
+        self.icmp = csum::replace2(csum_replace_addr(self.icmp, old.0, new.0, words), old.1, new.1);
+        if self.udp != 0 {
+            self.udp = csum::replace2(csum_replace_addr(self.udp, old.0, new.0, words), old.1, new.1);
+        }
+        put_addr::<V6>(data, at.0, new.0);
+        put(data, at.1, new.1);
+    }
+
+    /// Rewrites an outer address at `off` from `old` to `new`: in the IPv4
+    /// header checksum, or in ICMPv6's pseudo-header.
+    #[inline(always)]
+    fn outer<const V6: bool>(&mut self, data: usize, off: usize, old: &Addr, new: &Addr) {
+        if V6 {
+            self.icmp = csum_replace_addr(self.icmp, old, new, 4);
+        } else {
+            let c: u16 = at(data, OUTER + 10);
+            put(data, OUTER + 10, csum::replace4(c, old[0], new[0]));
+        }
+        put_addr::<V6>(data, off, new);
+    }
+}
+
 #[inline(never)]
 fn translate_family<const V6: bool, C: PacketCtx>(ctx: &C) -> bool {
     let data = ctx.data();
@@ -207,79 +247,42 @@ fn translate_family<const V6: bool, C: PacketCtx>(ctx: &C) -> bool {
     }
     let outer_saddr = get_addr::<V6>(data, OUTER + l.saddr);
     let outer_daddr = get_addr::<V6>(data, OUTER + l.daddr);
-    let mut icmp_csum: u16 = at(data, icmp + 2);
-    let mut inner_ip_csum: u16 = if V6 { 0 } else { at(data, inner + 10) };
-    let mut udp_csum: u16 = if proto == IPPROTO_UDP {
-        at(data, inner_l4 + 6)
-    } else {
-        0
+    let mut sums = Sums {
+        icmp: at(data, icmp + 2),
+        inner_ip: if V6 { 0 } else { at(data, inner + 10) },
+        udp: if proto == IPPROTO_UDP {
+            at(data, inner_l4 + 6)
+        } else {
+            0
+        },
     };
-    let old_inner_ip_csum = inner_ip_csum;
-    let old_udp_csum = udp_csum;
+    let (old_inner_ip_csum, old_udp_csum) = (sums.inner_ip, sums.udp);
 
     // Quoted destination: backend -> VIP.
-    if !V6 {
-        inner_ip_csum = csum::replace4(inner_ip_csum, in_daddr[0], ct.nat_addr[0]);
-    }
-    icmp_csum = csum_replace_addr(icmp_csum, &in_daddr, &ct.nat_addr, l.words);
-    icmp_csum = csum::replace2(icmp_csum, in_dport, ct.nat_port);
-    if udp_csum != 0 {
-        udp_csum = csum::replace2(
-            csum_replace_addr(udp_csum, &in_daddr, &ct.nat_addr, l.words),
-            in_dport,
-            ct.nat_port,
-        );
-    }
-    put_addr::<V6>(data, inner + l.daddr, &ct.nat_addr);
-    put(data, inner_l4 + 2, ct.nat_port);
-
+    let dst = (inner + l.daddr, inner_l4 + 2);
+    sums.quoted::<V6>(data, dst, (&in_daddr, in_dport), (&ct.nat_addr, ct.nat_port));
     if ct.flags & CT_F_SNAT != 0 {
         // Quoted source: node -> client; and the error goes to the client.
-        if !V6 {
-            inner_ip_csum = csum::replace4(inner_ip_csum, in_saddr[0], ct.snat_addr[0]);
-        }
-        icmp_csum = csum_replace_addr(icmp_csum, &in_saddr, &ct.snat_addr, l.words);
-        icmp_csum = csum::replace2(icmp_csum, in_sport, ct.snat_port);
-        if udp_csum != 0 {
-            udp_csum = csum::replace2(
-                csum_replace_addr(udp_csum, &in_saddr, &ct.snat_addr, l.words),
-                in_sport,
-                ct.snat_port,
-            );
-        }
-        put_addr::<V6>(data, inner + l.saddr, &ct.snat_addr);
-        put(data, inner_l4, ct.snat_port);
-        if V6 {
-            // The outer destination is in ICMPv6's pseudo-header.
-            icmp_csum = csum_replace_addr(icmp_csum, &outer_daddr, &ct.snat_addr, 4);
-        } else {
-            let c: u16 = at(data, OUTER + 10);
-            put(data, OUTER + 10, csum::replace4(c, outer_daddr[0], ct.snat_addr[0]));
-        }
-        put_addr::<V6>(data, OUTER + l.daddr, &ct.snat_addr);
+        let src = (inner + l.saddr, inner_l4);
+        sums.quoted::<V6>(data, src, (&in_saddr, in_sport), (&ct.snat_addr, ct.snat_port));
+        sums.outer::<V6>(data, OUTER + l.daddr, &outer_daddr, &ct.snat_addr);
     }
     if proto == IPPROTO_UDP && old_udp_csum != 0 {
-        if udp_csum == 0 {
-            udp_csum = 0xffff;
+        if sums.udp == 0 {
+            sums.udp = 0xffff;
         }
-        icmp_csum = csum::replace2(icmp_csum, old_udp_csum, udp_csum);
-        put(data, inner_l4 + 6, udp_csum);
+        sums.icmp = csum::replace2(sums.icmp, old_udp_csum, sums.udp);
+        put(data, inner_l4 + 6, sums.udp);
     }
     if !V6 {
-        icmp_csum = csum::replace2(icmp_csum, old_inner_ip_csum, inner_ip_csum);
-        put(data, inner + 10, inner_ip_csum);
+        sums.icmp = csum::replace2(sums.icmp, old_inner_ip_csum, sums.inner_ip);
+        put(data, inner + 10, sums.inner_ip);
     }
-
     // An error from the backend itself must come from the VIP.
     if dataplane_common::addr_eq(&outer_saddr, &in_daddr) {
-        if V6 {
-            icmp_csum = csum_replace_addr(icmp_csum, &outer_saddr, &ct.nat_addr, 4);
-        } else {
-            let c: u16 = at(data, OUTER + 10);
-            put(data, OUTER + 10, csum::replace4(c, outer_saddr[0], ct.nat_addr[0]));
-        }
-        put_addr::<V6>(data, OUTER + l.saddr, &ct.nat_addr);
+        sums.outer::<V6>(data, OUTER + l.saddr, &outer_saddr, &ct.nat_addr);
     }
+    let icmp_csum = sums.icmp;
     put(data, icmp + 2, icmp_csum);
     true
 }

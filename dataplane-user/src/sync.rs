@@ -132,10 +132,10 @@ pub struct Syncer<W: MapWriter> {
     failed: BTreeSet<ServiceKey>,
     free_ids: Vec<u32>,
     next_id: u32,
-    /// Ids from here up were never used in these maps (they were created
-    /// empty by this process: see [`Syncer::with_fresh_maps`]): their
-    /// counters are known to be zero and need no reset. `u32::MAX`: unknown.
-    fresh_ids_from: u32,
+    /// The maps were created empty by this process (see
+    /// [`Syncer::with_fresh_maps`]): ids not taken from `free_ids` were
+    /// never used, their counters are known to be zero.
+    fresh_maps: bool,
     max_services: u32,
     config: SyncConfig,
 }
@@ -156,7 +156,7 @@ impl<W: MapWriter> Syncer<W> {
             failed: BTreeSet::new(),
             free_ids: Vec::new(),
             next_id: 0,
-            fresh_ids_from: u32::MAX,
+            fresh_maps: false,
             max_services: limits::MAX_SERVICES,
             config,
         }
@@ -166,7 +166,7 @@ impl<W: MapWriter> Syncer<W> {
     /// for the first time skip the counter reset (one syscall per frontend
     /// on a cold start). Recycled ids are still reset.
     pub fn with_fresh_maps(mut self) -> Self {
-        self.fresh_ids_from = self.next_id;
+        self.fresh_maps = true;
         self
     }
 
@@ -443,7 +443,7 @@ impl<W: MapWriter> Syncer<W> {
                     )));
                     return;
                 };
-                let reset = if !recycled && id >= self.fresh_ids_from {
+                let reset = if self.fresh_maps && !recycled {
                     Ok(())
                 } else {
                     self.writer.reset_service_stats(id)

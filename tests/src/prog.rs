@@ -6,12 +6,28 @@ use std::net::IpAddr;
 use dataplane::{
     desired::{Desired, Frontend},
     loader::{Dataplane, Maps},
+    maglev,
     map_sizes::MapSizes,
     pin::{ensure_bpffs, PinRoot},
     sync::{SyncConfig, Syncer},
     testrun::{self, RunResult},
 };
-use dataplane_common::{program_names, Backend, DpConfig, Reason, ServiceKey};
+use dataplane_common::{addr_of, flow_hash, fold_addr, program_names, Backend, DpConfig, Reason, ServiceKey};
+
+/// The backend the datapath must pick for a new flow of either family: the
+/// Maglev table (default size) computed in userspace, at the position of
+/// the shared flow hash.
+pub fn expected(backends: &[Backend], src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8) -> Backend {
+    let h = flow_hash(
+        fold_addr(&addr_of(src.0).0),
+        fold_addr(&addr_of(dst.0).0),
+        src.1.to_be(),
+        dst.1.to_be(),
+        proto,
+    );
+    let table = maglev::table(backends, maglev::DEFAULT_SIZE);
+    backends[table[(h % maglev::DEFAULT_SIZE) as usize] as usize]
+}
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;

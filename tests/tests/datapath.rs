@@ -10,14 +10,14 @@ use dataplane::{
     sync::{Selection, SyncConfig},
 };
 use dataplane_common::{
-    addr_of, flow_hash, fold_addr, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_DROP_NO_LOCAL,
-    SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
+    addr_of, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
+    SVC_F_SOURCE_RANGES,
 };
 use dataplane_tests::{
     packet::{
         checksum, icmp_error, octets, parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP,
     },
-    prog::{Loaded, Prog},
+    prog::{expected, Loaded, Prog},
 };
 
 const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10));
@@ -25,20 +25,6 @@ const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 100, 2));
 
 fn b(i: u8) -> IpAddr {
     Ipv4Addr::new(198, 18, i, 2).into()
-}
-
-/// The backend the datapath must pick for a new flow: the Maglev table
-/// computed in userspace, at the position of the shared flow hash.
-fn expected(backends: &[Backend], src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8) -> Backend {
-    let h = flow_hash(
-        fold_addr(&addr_of(src.0).0),
-        fold_addr(&addr_of(dst.0).0),
-        src.1.to_be(),
-        dst.1.to_be(),
-        proto,
-    );
-    let table = maglev::table(backends, maglev::DEFAULT_SIZE);
-    backends[table[(h % maglev::DEFAULT_SIZE) as usize] as usize]
 }
 
 fn loaded_with_web() -> Loaded {

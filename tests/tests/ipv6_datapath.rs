@@ -6,14 +6,13 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use dataplane::{desired::Frontend, maglev};
+use dataplane::desired::Frontend;
 use dataplane_common::{
-    addr_of, flow_hash, fold_addr, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_EXTERNAL,
-    SVC_F_SOURCE_RANGES,
+    addr_of, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
 };
 use dataplane_tests::{
     packet::{icmp_error, octets, parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP},
-    prog::{Loaded, Prog},
+    prog::{expected, Loaded, Prog},
 };
 
 fn v6(s: &str) -> IpAddr {
@@ -30,20 +29,6 @@ fn client() -> IpAddr {
 
 fn b(i: u8) -> IpAddr {
     v6(&format!("2001:db8:18:{i}::2"))
-}
-
-/// The backend the datapath must pick for a new flow (shared hash, Maglev
-/// table computed in userspace).
-fn expected(backends: &[Backend], src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8) -> Backend {
-    let h = flow_hash(
-        fold_addr(&addr_of(src.0).0),
-        fold_addr(&addr_of(dst.0).0),
-        src.1.to_be(),
-        dst.1.to_be(),
-        proto,
-    );
-    let table = maglev::table(backends, maglev::DEFAULT_SIZE);
-    backends[table[(h % maglev::DEFAULT_SIZE) as usize] as usize]
 }
 
 fn loaded() -> Loaded {
