@@ -72,6 +72,13 @@ pub mod map_names {
     pub const REASON_STATS: &str = "DP_REASONS";
     /// Kernel-side scratch space (`CtScratch`), never pinned.
     pub const SCRATCH: &str = "DP_SCRATCH";
+    /// Socket-level load balancing: per-socket translations
+    /// (`SockNatKey` -> `SockNatValue`).
+    pub const SOCK_NAT: &str = "DP_SOCK_NAT";
+    /// Socket-level session affinity (`SockAffinityKey` -> `AffinityValue`).
+    pub const SOCK_AFFINITY: &str = "DP_SOCK_AFFIN";
+    /// Socket-level counters, one per `SockEvent`, per CPU.
+    pub const SOCK_STATS: &str = "DP_SOCK_STATS";
 }
 
 /// The shape of every map: what a pinned map must match to be adopted by a
@@ -97,7 +104,7 @@ pub mod map_shapes {
         }
     }
 
-    pub const ALL: [MapShape; 10] = [
+    pub const ALL: [MapShape; 13] = [
         shape::<u32, ServiceName>(map_names::NAMES, limits::MAX_SERVICES),
         // LPM trie keys carry a u32 prefix length in front of the data.
         MapShape {
@@ -114,6 +121,9 @@ pub mod map_shapes {
         shape::<u32, ServiceStats>(map_names::SERVICE_STATS, limits::MAX_SERVICES),
         shape::<u32, u64>(map_names::REASON_STATS, counters::ENTRIES),
         shape::<u32, DpConfig>(map_names::CONFIG, 1),
+        shape::<SockNatKey, SockNatValue>(map_names::SOCK_NAT, limits::MAX_SOCK_NAT),
+        shape::<SockAffinityKey, AffinityValue>(map_names::SOCK_AFFINITY, limits::MAX_AFFINITY),
+        shape::<u32, u64>(map_names::SOCK_STATS, SOCK_EVENT_COUNT),
     ];
 }
 
@@ -126,6 +136,28 @@ pub const DEBUG_GLOBAL: &str = "DP_DEBUG";
 pub mod program_names {
     pub const XDP: &str = "dp_xdp";
     pub const TC: &str = "dp_tc";
+    /// Socket-level load balancing (cgroup sock_addr programs), with the
+    /// hook each attaches to.
+    pub const CONNECT4: &str = "dp_connect4";
+    pub const CONNECT6: &str = "dp_connect6";
+    pub const SENDMSG4: &str = "dp_sendmsg4";
+    pub const SENDMSG6: &str = "dp_sendmsg6";
+    pub const RECVMSG4: &str = "dp_recvmsg4";
+    pub const RECVMSG6: &str = "dp_recvmsg6";
+    pub const GETPEERNAME4: &str = "dp_getpeername4";
+    pub const GETPEERNAME6: &str = "dp_getpeername6";
+    /// Every socket-level program, as (program, hook name used in pins and
+    /// messages).
+    pub const SOCK: [(&str, &str); 8] = [
+        (CONNECT4, "connect4"),
+        (CONNECT6, "connect6"),
+        (SENDMSG4, "sendmsg4"),
+        (SENDMSG6, "sendmsg6"),
+        (RECVMSG4, "recvmsg4"),
+        (RECVMSG6, "recvmsg6"),
+        (GETPEERNAME4, "getpeername4"),
+        (GETPEERNAME6, "getpeername6"),
+    ];
 }
 
 /// Default map capacities. The agent may override them at load time; the
@@ -152,6 +184,9 @@ pub mod limits {
     /// Entries of the Maglev chunk map (the map is not preallocated: this is
     /// a ceiling, memory follows use).
     pub const MAX_MAGLEV_CHUNKS: u32 = 1_048_576;
+    /// Socket-level translations (one per socket connected to a Service,
+    /// two per unconnected UDP socket and Service it sends to).
+    pub const MAX_SOCK_NAT: u32 = 131_072;
 }
 
 /// Key of the service map: a frontend as clients address it.
@@ -349,6 +384,131 @@ pub struct AffinityValue {
     pub _pad: u32,
     /// `bpf_ktime_get_ns()` of the client's last new flow to the service.
     pub last_seen_ns: u64,
+}
+
+/// Key of the socket translation map (`map_names::SOCK_NAT`), written by
+/// the socket-level programs only.
+///
+/// A socket that connected to (or sent to) a Service frontend got a
+/// backend instead; the entries remember that per socket:
+/// - `SOCK_NAT_REVERSE`: `addr`/`port` are the backend; the value is the
+///   frontend, shown to the application instead of the backend
+///   (getpeername, the source of received datagrams);
+/// - `SOCK_NAT_FORWARD`: `addr`/`port` are the frontend; the value is the
+///   backend an unconnected UDP socket's datagrams to it go to (so that
+///   they stick to one backend while the socket keeps talking).
+///
+/// Both families share the map; a socket of the IPv6 API talking to an
+/// IPv4 Service through an IPv4-mapped address (`::ffff:a.b.c.d`) has
+/// entries of family `FAMILY_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockNatKey {
+    /// `bpf_get_socket_cookie()`: unique per socket while the kernel runs.
+    pub cookie: u64,
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// `SOCK_NAT_REVERSE` or `SOCK_NAT_FORWARD`.
+    pub dir: u8,
+    pub _pad: u32,
+}
+
+/// `SockNatKey::dir`: backend -> frontend.
+pub const SOCK_NAT_REVERSE: u8 = 0;
+/// `SockNatKey::dir`: frontend -> backend (unconnected UDP).
+pub const SOCK_NAT_FORWARD: u8 = 1;
+
+/// Value of the socket translation map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockNatValue {
+    /// Reverse entry: the frontend address. Forward entry: the backend.
+    pub addr: Addr,
+    /// As `addr`, network byte order.
+    pub port: u16,
+    /// `SOCK_F_*` bits.
+    pub flags: u16,
+    /// The frontend's service id (counters, inspection).
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns()` when the entry was written or last used (forward
+    /// entries expire after the UDP conntrack timeouts of `DpConfig`).
+    pub last_seen_ns: u64,
+}
+
+/// `SockNatValue::flags`: a datagram from the backend reached the socket
+/// (forward entries then live `udp_stream_timeout_ns`, as conntrack).
+pub const SOCK_F_SEEN_REPLY: u16 = 1 << 0;
+
+/// Key of the socket-level session affinity map: sockets have no client
+/// address when they connect, so a client is its network namespace (a pod,
+/// or the node itself), as Cilium's socket-level affinity does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockAffinityKey {
+    /// `bpf_get_netns_cookie()` of the socket's network namespace.
+    pub netns_cookie: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// What the socket-level programs did: each value indexes a per-CPU
+/// counter in the `SOCK_STATS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SockEvent {
+    /// A connect() to a frontend was sent to a backend instead.
+    ConnectTranslated = 0,
+    /// A UDP datagram sent to a frontend went to a backend.
+    SendmsgTranslated = 1,
+    /// A datagram received from a backend was shown as from the frontend.
+    ReplyRestored = 2,
+    /// getpeername() of a translated socket returned the frontend.
+    PeerRestored = 3,
+    /// connect() or sendmsg() to a frontend without endpoints failed with
+    /// ECONNREFUSED (kube-proxy rejects such traffic too).
+    RejectNoBackend = 4,
+    /// A frontend the socket programs leave to the per-packet path
+    /// (loadBalancerSourceRanges, a Local policy without local endpoints):
+    /// not translated here.
+    LeftToDatapath = 5,
+    /// The backend slot the service points at was missing: not translated.
+    BackendMissing = 6,
+    /// The socket was translated but its entry could not be stored:
+    /// getpeername()/recvmsg() will show the backend.
+    NatEntryFailed = 7,
+}
+
+/// Number of `SockEvent` values; the size of the socket counter array.
+pub const SOCK_EVENT_COUNT: u32 = 8;
+
+impl SockEvent {
+    pub const ALL: [SockEvent; SOCK_EVENT_COUNT as usize] = [
+        SockEvent::ConnectTranslated,
+        SockEvent::SendmsgTranslated,
+        SockEvent::ReplyRestored,
+        SockEvent::PeerRestored,
+        SockEvent::RejectNoBackend,
+        SockEvent::LeftToDatapath,
+        SockEvent::BackendMissing,
+        SockEvent::NatEntryFailed,
+    ];
+
+    /// A stable snake_case name for CLIs and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SockEvent::ConnectTranslated => "connect_translated",
+            SockEvent::SendmsgTranslated => "sendmsg_translated",
+            SockEvent::ReplyRestored => "reply_restored",
+            SockEvent::PeerRestored => "peer_restored",
+            SockEvent::RejectNoBackend => "reject_no_backend",
+            SockEvent::LeftToDatapath => "left_to_datapath",
+            SockEvent::BackendMissing => "backend_missing",
+            SockEvent::NatEntryFailed => "nat_entry_failed",
+        }
+    }
 }
 
 /// Datapath settings written by the agent (one entry, index 0, of the
@@ -793,6 +953,9 @@ pub mod user {
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for bench::BenchFrame {}
+    unsafe impl aya::Pod for SockNatKey {}
+    unsafe impl aya::Pod for SockNatValue {}
+    unsafe impl aya::Pod for SockAffinityKey {}
 
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -945,6 +1108,27 @@ mod tests {
         assert_eq!(offset_of!(ServiceValue, generation), 6);
         assert_eq!(offset_of!(ServiceValue, flags), 8);
         assert_eq!(offset_of!(ServiceValue, maglev_size), 12);
+    }
+
+    #[test]
+    fn socket_lb_layout() {
+        assert_eq!(size_of::<SockNatKey>(), 32);
+        assert_eq!(offset_of!(SockNatKey, cookie), 0);
+        assert_eq!(offset_of!(SockNatKey, addr), 8);
+        assert_eq!(offset_of!(SockNatKey, port), 24);
+        assert_eq!(offset_of!(SockNatKey, family), 26);
+        assert_eq!(offset_of!(SockNatKey, dir), 27);
+        assert_eq!(size_of::<SockNatValue>(), 32);
+        assert_eq!(offset_of!(SockNatValue, port), 16);
+        assert_eq!(offset_of!(SockNatValue, flags), 18);
+        assert_eq!(offset_of!(SockNatValue, service_id), 20);
+        assert_eq!(offset_of!(SockNatValue, last_seen_ns), 24);
+        assert_eq!(size_of::<SockAffinityKey>(), 16);
+        assert_eq!(offset_of!(SockAffinityKey, service_id), 8);
+        for (i, e) in SockEvent::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i);
+            assert!(SockEvent::ALL[..i].iter().all(|o| o.name() != e.name()));
+        }
     }
 
     #[test]

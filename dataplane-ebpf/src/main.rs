@@ -2,6 +2,10 @@
 //! logic lives in one module per concern (parse, lb, conntrack, nat, stats).
 #![no_std]
 #![no_main]
+// `sock.rs` adds to counters with an atomic add: the bpf target has no
+// atomic read-modify-write methods on `AtomicU64`, only the intrinsic.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod affinity;
 mod conntrack;
@@ -12,11 +16,12 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// XDP on external interfaces. Declares frags support so that attaching it
@@ -31,6 +36,49 @@ pub fn dp_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn dp_tc(ctx: TcContext) -> i32 {
     entry::tc(&ctx)
+}
+
+/// Socket-level load balancing (`sock.rs`), attached to a cgroup: sockets
+/// of processes in it reach Service frontends through a backend chosen at
+/// connect()/sendmsg() time.
+#[cgroup_sock_addr(connect4)]
+pub fn dp_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn dp_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn dp_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn dp_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn dp_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::recvmsg(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn dp_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::recvmsg(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn dp_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::getpeername(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn dp_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::getpeername(&ctx, true)
 }
 
 #[cfg(not(test))]

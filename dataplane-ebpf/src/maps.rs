@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     counters, limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtScratch, CtValue, DpConfig,
-    MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey,
+    MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
+    SockNatValue, SourceRangeKey, SOCK_EVENT_COUNT,
 };
 
 /// Hash maps written by the agent are not preallocated: an updated element is
@@ -38,6 +39,20 @@ pub static DP_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters
 
 #[map]
 pub static DP_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(limits::MAX_AFFINITY, 0);
+
+/// Socket-level load balancing (`sock.rs`): what each translated socket
+/// talks to, see `SockNatKey`.
+#[map]
+pub static DP_SOCK_NAT: LruHashMap<SockNatKey, SockNatValue> = LruHashMap::with_max_entries(limits::MAX_SOCK_NAT, 0);
+
+/// Socket-level sessionAffinity ClientIP, per network namespace.
+#[map]
+pub static DP_SOCK_AFFIN: LruHashMap<SockAffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(limits::MAX_AFFINITY, 0);
+
+/// Socket-level counters, one per `SockEvent`.
+#[map]
+pub static DP_SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SOCK_EVENT_COUNT, 0);
 
 /// Index 0: where conntrack keys and values are built (see `CtScratch`).
 #[map]

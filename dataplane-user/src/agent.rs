@@ -61,6 +61,10 @@ pub struct RunConfig {
     /// Interfaces that get the XDP program (external side).
     pub xdp_ifaces: Vec<String>,
     pub xdp_mode: XdpAttachMode,
+    /// Where the socket-level programs attach (a cgroup v2 directory);
+    /// `None`: socket-level load balancing is off (and links a previous
+    /// agent pinned for it are removed).
+    pub socket_lb_cgroup: Option<PathBuf>,
     /// Load this object instead of the embedded one.
     pub bpf_object: Option<PathBuf>,
     /// Where `/healthz` and `/readyz` are served; `None` disables them.
@@ -386,8 +390,33 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let mut attacher = ifwatch::Attacher::new(cfg.tc_ifaces.clone(), cfg.xdp_ifaces.clone(), cfg.xdp_mode);
     attacher.reconcile(&mut dp, pins.as_ref(), true)?;
+    match (&cfg.socket_lb_cgroup, pins.as_ref()) {
+        (Some(cgroup), _) => {
+            let attached = dp
+                .attach_socket_lb(cgroup)
+                .context("attaching the socket-level programs")?;
+            let how = attached.first().map(|(_, a)| a.to_string()).unwrap_or_default();
+            let hooks: Vec<&str> = attached.iter().map(|(h, _)| *h).collect();
+            info!(
+                cgroup = %cgroup.display(),
+                hooks = ?hooks,
+                "socket-level load balancing attached ({how})"
+            );
+        }
+        (None, Some(pins)) => {
+            let removed = pins.unpin_socket_links()?;
+            if !removed.is_empty() {
+                info!(hooks = ?removed, "socket-level load balancing is off: removed the links a previous agent pinned");
+            }
+        }
+        (None, None) => {}
+    }
     if cfg.tc_ifaces.is_empty() && cfg.xdp_ifaces.is_empty() {
-        warn!("no interface attached (--no-attach): the maps are programmed but no traffic is translated");
+        if cfg.socket_lb_cgroup.is_some() {
+            info!("no interface attached: only sockets in the cgroup are load-balanced, no packet is translated");
+        } else {
+            warn!("no interface attached (--no-attach): the maps are programmed but no traffic is translated");
+        }
     }
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

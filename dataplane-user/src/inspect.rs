@@ -12,9 +12,9 @@ use std::{
 
 use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
-    counters, ip_of, map_names, Addr, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue, ABI_VERSION,
-    BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, FAMILY_V4, SVC_F_AFFINITY,
-    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    counters, ip_of, map_names, Addr, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue, SockEvent,
+    ABI_VERSION, BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, FAMILY_V4,
+    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -67,6 +67,9 @@ fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) ->
         service_stats: PerCpuArray::try_from(map(map_names::SERVICE_STATS)?)
             .map_err(read_err(map_names::SERVICE_STATS))?,
         reasons: PerCpuArray::try_from(map(map_names::REASON_STATS)?).map_err(read_err(map_names::REASON_STATS))?,
+        sock_nat: HashMap::try_from(map(map_names::SOCK_NAT)?).map_err(read_err(map_names::SOCK_NAT))?,
+        sock_affinity: HashMap::try_from(map(map_names::SOCK_AFFINITY)?).map_err(read_err(map_names::SOCK_AFFINITY))?,
+        sock_stats: PerCpuArray::try_from(map(map_names::SOCK_STATS)?).map_err(read_err(map_names::SOCK_STATS))?,
     })
 }
 
@@ -119,6 +122,9 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
         id(map_names::NAMES, &maps.names)?,
         id(map_names::SERVICE_STATS, &maps.service_stats)?,
         id(map_names::REASON_STATS, &maps.reasons)?,
+        id(map_names::SOCK_NAT, &maps.sock_nat)?,
+        id(map_names::SOCK_AFFINITY, &maps.sock_affinity)?,
+        id(map_names::SOCK_STATS, &maps.sock_stats)?,
     ];
     typed(|name| {
         let id = ids
@@ -418,7 +424,31 @@ pub struct Stats {
     /// Of those, evicted by the LRU to make room (created, minus those
     /// written over an existing entry, minus those present).
     pub conntrack_evicted: u64,
+    /// What the socket-level programs did (`SockEvent`), all CPUs summed.
+    pub socket_lb: Vec<SockEventRow>,
     pub maps: Vec<MapUse>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SockEventRow {
+    pub event: String,
+    pub count: u64,
+}
+
+pub fn sock_event_rows(maps: &Maps) -> Result<Vec<SockEventRow>, InspectError> {
+    SockEvent::ALL
+        .iter()
+        .map(|e| {
+            let v = maps
+                .sock_stats
+                .get(&(*e as u32), 0)
+                .map_err(read_err(map_names::SOCK_STATS))?;
+            Ok(SockEventRow {
+                event: e.name().into(),
+                count: v.iter().sum(),
+            })
+        })
+        .collect()
 }
 
 pub fn reason_rows(maps: &Maps) -> Result<Vec<ReasonRow>, InspectError> {
@@ -462,6 +492,9 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         loaded(map_names::SERVICE_STATS, maps.service_stats.map())?,
         loaded(map_names::REASON_STATS, maps.reasons.map())?,
         loaded(map_names::CONFIG, maps.config.map())?,
+        loaded(map_names::SOCK_NAT, maps.sock_nat.map())?,
+        loaded(map_names::SOCK_AFFINITY, maps.sock_affinity.map())?,
+        loaded(map_names::SOCK_STATS, maps.sock_stats.map())?,
     ];
     let max = |name: &str| capacities.iter().find(|(n, _)| *n == name).map_or(0, |(_, m)| *m);
     let conntrack = count(map_names::CONNTRACK, &mut maps.conntrack.keys().map(|k| k.map(|_| ())))?;
@@ -500,11 +533,25 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
             "hash",
             count(map_names::NAMES, &mut maps.names.keys().map(|k| k.map(|_| ())))?,
         ),
+        (
+            map_names::SOCK_NAT,
+            "lru_hash",
+            count(map_names::SOCK_NAT, &mut maps.sock_nat.keys().map(|k| k.map(|_| ())))?,
+        ),
+        (
+            map_names::SOCK_AFFINITY,
+            "lru_hash",
+            count(
+                map_names::SOCK_AFFINITY,
+                &mut maps.sock_affinity.keys().map(|k| k.map(|_| ())),
+            )?,
+        ),
     ];
     for (name, kind) in [
         (map_names::SERVICE_STATS, "percpu_array"),
         (map_names::REASON_STATS, "percpu_array"),
         (map_names::CONFIG, "array"),
+        (map_names::SOCK_STATS, "percpu_array"),
     ] {
         uses.push((name, kind, u64::from(max(name))));
     }
@@ -522,6 +569,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         conntrack_created: created,
         conntrack_evicted: created.saturating_sub(replaced).saturating_sub(conntrack),
         reasons: reason_rows(maps)?,
+        socket_lb: sock_event_rows(maps)?,
         conntrack_entries: conntrack,
         conntrack_max: max(map_names::CONNTRACK),
         maps: uses
@@ -704,6 +752,12 @@ pub fn stats_table(s: &Stats) -> String {
         s.conntrack_created,
         s.conntrack_evicted
     ));
+    let mut t = Table::new(vec!["SOCKET_LB_EVENT", "COUNT"]);
+    for e in &s.socket_lb {
+        t.row(vec![e.event.clone(), e.count.to_string()]);
+    }
+    out.push_str(&t.render());
+    out.push('\n');
     let mut t = Table::new(vec!["MAP", "KIND", "ENTRIES", "MAX_ENTRIES", "USE_%"]);
     for m in &s.maps {
         t.row(vec![

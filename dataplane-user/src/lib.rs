@@ -13,6 +13,7 @@ pub mod map_sizes;
 pub mod metrics;
 pub mod node;
 pub mod pin;
+pub mod socklb;
 pub mod source;
 pub mod sync;
 pub mod testrun;

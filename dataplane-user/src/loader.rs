@@ -11,13 +11,14 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink},
         xdp::XdpLink,
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
-    MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey, DEBUG_GLOBAL,
+    MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
+    SockNatValue, SourceRangeKey, DEBUG_GLOBAL,
 };
 use thiserror::Error;
 
@@ -63,6 +64,8 @@ pub enum LoadError {
         iface: String,
         source: aya::programs::ProgramError,
     },
+    #[error("socket-level load balancing (--socket-lb-cgroup): {0}")]
+    SocketLb(String),
 }
 
 /// How the XDP program is attached.
@@ -99,6 +102,9 @@ pub struct Maps {
     pub names: HashMap<MapData, u32, ServiceName>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
     pub reasons: PerCpuArray<MapData, u64>,
+    pub sock_nat: HashMap<MapData, SockNatKey, SockNatValue>,
+    pub sock_affinity: HashMap<MapData, SockAffinityKey, AffinityValue>,
+    pub sock_stats: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
@@ -123,6 +129,10 @@ impl Maps {
             service_stats: PerCpuArray::try_from(take(e, map_names::SERVICE_STATS)?)
                 .map_err(m(map_names::SERVICE_STATS))?,
             reasons: PerCpuArray::try_from(take(e, map_names::REASON_STATS)?).map_err(m(map_names::REASON_STATS))?,
+            sock_nat: HashMap::try_from(take(e, map_names::SOCK_NAT)?).map_err(m(map_names::SOCK_NAT))?,
+            sock_affinity: HashMap::try_from(take(e, map_names::SOCK_AFFINITY)?)
+                .map_err(m(map_names::SOCK_AFFINITY))?,
+            sock_stats: PerCpuArray::try_from(take(e, map_names::SOCK_STATS)?).map_err(m(map_names::SOCK_STATS))?,
         })
     }
 
@@ -143,6 +153,8 @@ impl Maps {
 pub struct Dataplane {
     ebpf: Ebpf,
     pins: Option<PinRoot>,
+    /// Whether the socket-level programs were loaded (on first attach).
+    sock_loaded: bool,
 }
 
 /// Pins a new link at `pin`, so that it outlives the agent.
@@ -199,6 +211,7 @@ impl std::fmt::Display for Attached {
             AttachMode::Clsact => "clsact",
             AttachMode::XdpLink => "XDP link",
             AttachMode::XdpNetlink => "XDP (netlink)",
+            AttachMode::CgroupLink => "cgroup link",
         })?;
         if self.replaced {
             f.write_str(", pinned link adopted, program replaced atomically")
@@ -313,7 +326,11 @@ impl Dataplane {
                 }
             }
         }
-        Ok(Dataplane { ebpf, pins })
+        Ok(Dataplane {
+            ebpf,
+            pins,
+            sock_loaded: false,
+        })
     }
 
     pub fn pins(&self) -> Option<&PinRoot> {
@@ -333,6 +350,84 @@ impl Dataplane {
         })?;
         let fd = prog.fd().map_err(|source| LoadError::Program { name, source })?;
         Ok(fd.as_fd().as_raw_fd())
+    }
+
+    /// Attaches the socket-level programs (`program_names::SOCK`) to the
+    /// cgroup v2 directory `cgroup`: sockets of every process in it and its
+    /// descendants reach Service frontends through a backend chosen when
+    /// they connect or send. With pins, links pinned by a previous agent on
+    /// the same cgroup get these programs atomically; links pinned on
+    /// another cgroup are removed first; new links are pinned. Returns each
+    /// hook with how it got attached.
+    pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<Vec<(&'static str, Attached)>, LoadError> {
+        let cgroup_id = crate::socklb::cgroup_id(cgroup).map_err(LoadError::SocketLb)?;
+        if !self.sock_loaded {
+            for (name, _) in program_names::SOCK {
+                let p: &mut CgroupSockAddr = self
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or(LoadError::Program {
+                        name,
+                        source: aya::programs::ProgramError::UnexpectedProgramType,
+                    })?
+                    .try_into()
+                    .map_err(|source| LoadError::Program { name, source })?;
+                retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
+            }
+            self.sock_loaded = true;
+        }
+        let mut out = Vec::new();
+        for (name, hook) in program_names::SOCK {
+            let pin = self.pins.as_ref().map(|p| p.socket_link(hook));
+            let p: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .expect("loaded above")
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            let attach_err = |source| LoadError::Attach {
+                program: name,
+                iface: format!("cgroup {}", cgroup.display()),
+                source,
+            };
+            if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+                if replace_cgroup_link(pin, p, cgroup_id, hook) {
+                    out.push((
+                        hook,
+                        Attached {
+                            mode: AttachMode::CgroupLink,
+                            replaced: true,
+                            pinned: true,
+                        },
+                    ));
+                    continue;
+                }
+                // Attached to another cgroup (the flag changed), or stale.
+                PinRoot::unpin_link(pin)?;
+            }
+            let dir = std::fs::File::open(cgroup)
+                .map_err(|e| LoadError::SocketLb(format!("opening {}: {e}", cgroup.display())))?;
+            // Cgroup links always let other programs run next to ours.
+            let id = p.attach(&dir, CgroupAttachMode::Single).map_err(attach_err)?;
+            let pinned = match pin {
+                Some(pin) => {
+                    let link = p.take_link(id).map_err(attach_err)?;
+                    let fd = FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?;
+                    pin_link(fd, &pin)?;
+                    true
+                }
+                None => false,
+            };
+            out.push((
+                hook,
+                Attached {
+                    mode: AttachMode::CgroupLink,
+                    replaced: false,
+                    pinned,
+                },
+            ));
+        }
+        Ok(out)
     }
 
     /// Attaches the XDP program to `iface`. With pins, a link pinned by a
@@ -472,6 +567,25 @@ impl Dataplane {
     }
 }
 
+/// Gives the cgroup link pinned at `pin` the program `p`, if that link is
+/// attached to cgroup `cgroup_id` at `hook`. Returns whether it did.
+fn replace_cgroup_link(pin: &Path, p: &CgroupSockAddr, cgroup_id: u64, hook: &str) -> bool {
+    let Ok(link) = crate::socklb::obj_get(pin) else {
+        return false;
+    };
+    let same = crate::socklb::cgroup_link_info(link.as_fd())
+        .ok()
+        .flatten()
+        .is_some_and(|i| i.cgroup_id == cgroup_id && Some(i.attach_type) == crate::socklb::attach_type(hook));
+    if !same {
+        return false;
+    }
+    match p.fd() {
+        Ok(fd) => crate::socklb::link_update(link.as_fd(), fd.as_fd()).is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// The kind of attachment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -483,4 +597,7 @@ pub enum AttachMode {
     XdpLink,
     /// A netlink XDP attachment (kernels without XDP links).
     XdpNetlink,
+    /// A cgroup link (socket-level programs): pinnable, atomically
+    /// replaceable.
+    CgroupLink,
 }

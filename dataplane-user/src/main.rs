@@ -181,8 +181,19 @@ struct RunArgs {
     xdp_mode: XdpAttachMode,
     /// Attach to no interface: only program the maps. For benchmarks and
     /// tests of the control plane; no traffic is translated.
-    #[arg(long, env = "DATAPLANE_NO_ATTACH", conflicts_with_all = ["tc_ifaces", "xdp_ifaces"])]
+    #[arg(
+        long,
+        env = "DATAPLANE_NO_ATTACH",
+        conflicts_with_all = ["tc_ifaces", "xdp_ifaces", "socket_lb_cgroup"]
+    )]
     no_attach: bool,
+    /// Socket-level load balancing: attach the connect/sendmsg/recvmsg/
+    /// getpeername programs to this cgroup v2 directory, so that sockets of
+    /// its processes (pods and host processes, with the cgroup root) reach
+    /// Services through a backend chosen at connect time, with no
+    /// per-packet translation. Off when not given.
+    #[arg(long, env = "DATAPLANE_SOCKET_LB_CGROUP")]
+    socket_lb_cgroup: Option<PathBuf>,
     /// Load this eBPF object instead of the one built into the binary.
     #[arg(long, env = "DATAPLANE_BPF_OBJECT")]
     bpf_object: Option<PathBuf>,
@@ -250,6 +261,10 @@ struct RunArgs {
     /// loadBalancerSourceRanges entries, all frontends together.
     #[arg(long, default_value_t = limits::MAX_SOURCE_RANGES, env = "DATAPLANE_SOURCE_RANGES_MAX_ENTRIES")]
     source_ranges_max_entries: u32,
+    /// Socket-level translations (LRU, preallocated): one per socket
+    /// connected to a Service, two per unconnected UDP socket and Service.
+    #[arg(long, default_value_t = limits::MAX_SOCK_NAT, env = "DATAPLANE_SOCK_NAT_MAX_ENTRIES")]
+    sock_nat_max_entries: u32,
     /// Idle timeout of TCP flows before a reply, in seconds.
     #[arg(long, default_value_t = timeouts::TCP_SYN_S, env = "DATAPLANE_CT_TCP_SYN_TIMEOUT")]
     ct_tcp_syn_timeout: u64,
@@ -286,9 +301,11 @@ fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
 
 impl RunArgs {
     fn into_config(self) -> anyhow::Result<RunConfig> {
-        if self.tc_ifaces.is_empty() && self.xdp_ifaces.is_empty() && !self.no_attach {
+        if self.tc_ifaces.is_empty() && self.xdp_ifaces.is_empty() && self.socket_lb_cgroup.is_none() && !self.no_attach
+        {
             anyhow::bail!(
-                "no interface to attach to: pass --tc-iface and/or --xdp-iface (or --no-attach to only program the maps)"
+                "nothing to attach to: pass --tc-iface, --xdp-iface and/or --socket-lb-cgroup (or --no-attach to only \
+                 program the maps)"
             );
         }
         let source = match self.source {
@@ -333,6 +350,7 @@ impl RunArgs {
             conntrack: self.ct_max_entries,
             affinity: self.affinity_max_entries,
             source_ranges: self.source_ranges_max_entries,
+            sock_nat: self.sock_nat_max_entries,
         };
         map_sizes.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(RunConfig {
@@ -351,6 +369,7 @@ impl RunArgs {
             tc_ifaces: self.tc_ifaces,
             xdp_ifaces: self.xdp_ifaces,
             xdp_mode: self.xdp_mode,
+            socket_lb_cgroup: self.socket_lb_cgroup,
             bpf_object: self.bpf_object,
             health_bind,
             metrics_bind,
@@ -442,7 +461,31 @@ mod tests {
         let e = parse(&["dataplane", "run", "--source", "files", "--tc-iface", "eth0"]).unwrap_err();
         assert!(e.contains("--dir"), "{e}");
         let e = parse(&["dataplane", "run", "--dir", "/tmp"]).unwrap_err();
-        assert!(e.contains("no interface"), "{e}");
+        assert!(e.contains("nothing to attach to"), "{e}");
+        let c = parse(&[
+            "dataplane",
+            "run",
+            "--dir",
+            "/tmp",
+            "--socket-lb-cgroup",
+            "/sys/fs/cgroup",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.socket_lb_cgroup.as_deref(),
+            Some(std::path::Path::new("/sys/fs/cgroup"))
+        );
+        let e = parse(&[
+            "dataplane",
+            "run",
+            "--dir",
+            "/tmp",
+            "--no-attach",
+            "--socket-lb-cgroup",
+            "/x",
+        ])
+        .unwrap_err();
+        assert!(e.contains("cannot be used with"), "{e}");
         let c = parse(&["dataplane", "run", "--dir", "/tmp", "--no-attach"]).unwrap();
         assert!(c.tc_ifaces.is_empty() && c.xdp_ifaces.is_empty());
         assert_eq!(c.health_bind, Some("0.0.0.0:10256".parse().unwrap()));

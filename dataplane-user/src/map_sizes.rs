@@ -14,6 +14,7 @@ pub struct MapSizes {
     pub conntrack: u32,
     pub affinity: u32,
     pub source_ranges: u32,
+    pub sock_nat: u32,
 }
 
 impl Default for MapSizes {
@@ -25,6 +26,7 @@ impl Default for MapSizes {
             conntrack: limits::MAX_CONNTRACK,
             affinity: limits::MAX_AFFINITY,
             source_ranges: limits::MAX_SOURCE_RANGES,
+            sock_nat: limits::MAX_SOCK_NAT,
         }
     }
 }
@@ -38,7 +40,8 @@ impl MapSizes {
             map_names::BACKENDS => self.backends,
             map_names::MAGLEV => self.maglev_chunks,
             map_names::CONNTRACK => self.conntrack,
-            map_names::AFFINITY => self.affinity,
+            map_names::AFFINITY | map_names::SOCK_AFFINITY => self.affinity,
+            map_names::SOCK_NAT => self.sock_nat,
             map_names::SOURCE_RANGES => self.source_ranges,
             _ => return None,
         })
@@ -53,6 +56,7 @@ impl MapSizes {
             ("--ct-max-entries", self.conntrack),
             ("--affinity-max-entries", self.affinity),
             ("--source-ranges-max-entries", self.source_ranges),
+            ("--sock-nat-max-entries", self.sock_nat),
         ] {
             if v == 0 {
                 return Err(format!("{flag} must be at least 1"));

@@ -185,6 +185,19 @@ pub fn render_maps(maps: &Maps, out: &mut String) -> Result<(), inspect::Inspect
     }
     family(
         out,
+        "dataplane_socket_lb_events_total",
+        "counter",
+        "What the socket-level programs did (--socket-lb-cgroup): connects and datagrams translated, replies and peer names restored, rejects.",
+    );
+    for e in &stats.socket_lb {
+        let _ = writeln!(
+            out,
+            "dataplane_socket_lb_events_total{{event=\"{}\"}} {}",
+            e.event, e.count
+        );
+    }
+    family(
+        out,
         "dataplane_conntrack_entries",
         "gauge",
         "Conntrack entries (two per flow).",

@@ -13,6 +13,9 @@ use aya::{maps::MapData, programs::links::PinnedLink};
 use dataplane_common::map_shapes;
 use thiserror::Error;
 
+/// The "program" part of socket-level link pins: `links/sock-connect4`.
+pub const SOCKET_LINK_PREFIX: &str = "sock";
+
 /// Where the agent pins by default.
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/dataplane";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -74,6 +77,25 @@ impl PinRoot {
     /// The pin of the link attaching `program` ("tc" or "xdp") to `iface`.
     pub fn link(&self, program: &str, iface: &str) -> PathBuf {
         self.links().join(format!("{program}-{iface}"))
+    }
+
+    /// The pin of the link attaching the socket-level program of `hook`
+    /// (`connect4`, ...) to its cgroup.
+    pub fn socket_link(&self, hook: &str) -> PathBuf {
+        self.link(SOCKET_LINK_PREFIX, hook)
+    }
+
+    /// Removes the socket-level links (socket load balancing turned off).
+    /// Returns the hooks that were detached.
+    pub fn unpin_socket_links(&self) -> Result<Vec<String>, PinError> {
+        let mut removed = Vec::new();
+        for (program, hook, path) in self.pinned_links()? {
+            if program == SOCKET_LINK_PREFIX {
+                Self::unpin_link(&path)?;
+                removed.push(hook);
+            }
+        }
+        Ok(removed)
     }
 
     /// Makes sure the root is on bpffs (mounting bpffs at /sys/fs/bpf when
@@ -177,7 +199,11 @@ impl PinRoot {
         }
         for (program, iface, path) in self.pinned_links()? {
             Self::unpin_link(&path)?;
-            removed.push(format!("link {program} on {iface}"));
+            if program == SOCKET_LINK_PREFIX {
+                removed.push(format!("link socket-lb {iface} on its cgroup"));
+            } else {
+                removed.push(format!("link {program} on {iface}"));
+            }
         }
         if let Ok(entries) = fs::read_dir(self.maps()) {
             for entry in entries.flatten() {

@@ -665,6 +665,17 @@ impl MapWriter for crate::loader::Maps {
             // Evicted meanwhile by the LRU: fine.
             let _ = self.affinity.remove(&k);
         }
+        // The socket-level programs' affinity (per network namespace).
+        let mut stale = Vec::new();
+        for entry in self.sock_affinity.iter() {
+            let (k, v) = entry.map_err(|e| e.to_string())?;
+            if k.service_id == service_id && !keep.contains(&v.backend) {
+                stale.push(k);
+            }
+        }
+        for k in stale {
+            let _ = self.sock_affinity.remove(&k);
+        }
         Ok(())
     }
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String> {

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod cgroup;
 pub mod fake_api;
 pub mod hostile;
 pub mod manifests;

@@ -176,3 +176,49 @@ fn pinned_map_of_another_configured_size_is_refused() {
         "{msg}"
     );
 }
+
+/// Socket-level links follow the configured cgroup: a restart with another
+/// cgroup moves them (the old one runs nothing of ours any more), a
+/// restart without socket load balancing removes them, and without pins
+/// they live as long as the loader.
+#[test]
+fn socket_links_follow_the_configured_cgroup() {
+    use dataplane::socklb::attached_programs;
+    use dataplane_tests::cgroup::TestCgroup;
+    let (cg1, cg2) = (TestCgroup::new().unwrap(), TestCgroup::new().unwrap());
+    let count = |cg: &TestCgroup| -> usize {
+        program_names::SOCK
+            .iter()
+            .map(|(_, hook)| attached_programs(cg.path(), hook).unwrap().len())
+            .sum()
+    };
+    let pins = PinDir::new();
+    let (mut dp, _) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
+    let attached = dp.attach_socket_lb(cg1.path()).unwrap();
+    assert_eq!(attached.len(), program_names::SOCK.len());
+    assert!(attached.iter().all(|(_, a)| a.pinned && !a.replaced), "{attached:?}");
+    drop(dp);
+    assert_eq!(count(&cg1), 8, "the pinned links went with the loader");
+
+    let (mut dp, _) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
+    let attached = dp.attach_socket_lb(cg1.path()).unwrap();
+    assert!(attached.iter().all(|(_, a)| a.replaced), "{attached:?}");
+    assert_eq!(count(&cg1), 8);
+    drop(dp);
+
+    let (mut dp, _) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
+    let attached = dp.attach_socket_lb(cg2.path()).unwrap();
+    assert!(attached.iter().all(|(_, a)| !a.replaced), "{attached:?}");
+    assert_eq!((count(&cg1), count(&cg2)), (0, 8), "the links did not move");
+    drop(dp);
+
+    let removed = pins.0.unpin_socket_links().unwrap();
+    assert_eq!(removed.len(), 8, "{removed:?}");
+    assert_eq!(count(&cg2), 0);
+
+    let mut dp = Dataplane::load(None).unwrap();
+    dp.attach_socket_lb(cg1.path()).unwrap();
+    assert_eq!(count(&cg1), 8);
+    drop(dp);
+    assert_eq!(count(&cg1), 0, "unpinned links outlived their loader");
+}

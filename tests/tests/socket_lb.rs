@@ -1,0 +1,421 @@
+//! Socket-level load balancing (`dataplane run --socket-lb-cgroup`): the
+//! real agent attaches its cgroup programs to the test's own cgroup, and
+//! real TCP/UDP clients (`dp-client`, a process in that cgroup and in the
+//! client namespace) reach Services through a backend chosen when they
+//! connect or send. The packets then carry the backend's address from the
+//! client on: the node's TC program (attached too) finds no Service in
+//! them.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
+
+use dataplane::{inspect, socklb};
+use dataplane_tests::{
+    agent::Agent,
+    cgroup::TestCgroup,
+    manifests::{service, service_ips, slice, slice_ips},
+    netns::{backend_addr, backend_addr6, Topology, CLIENT_ADDR},
+    servers::{tcp_server, udp_server, Conn, Server},
+};
+use serde_json::Value;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x19, 0, 0, 0, 0, 0x10);
+const PORTS: &[(&str, u16, &str)] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
+const TARGETS: &[(&str, u16, &str)] = &[("http", 8080, "TCP"), ("dns", 5353, "UDP")];
+
+/// Backend i (1-based) answers with its name "b{i}" on TCP 8080 and UDP
+/// 5353, on its IPv4 address and (with `v6`) its IPv6 one.
+fn start_servers(t: &Topology, v6: bool) -> Vec<Server> {
+    let mut v = Vec::new();
+    for (i, ns) in t.backends.iter().enumerate() {
+        let name = format!("b{}", i + 1);
+        let mut addrs = vec![IpAddr::from(backend_addr(i + 1))];
+        if v6 {
+            addrs.push(backend_addr6(i + 1).into());
+        }
+        for a in addrs {
+            v.push(tcp_server(ns, a, 8080, &name));
+            v.push(udp_server(ns, a, 5353, &name));
+        }
+    }
+    v
+}
+
+fn manifests(backends: &[usize]) -> Vec<(String, String)> {
+    let addrs: Vec<Ipv4Addr> = backends.iter().map(|i| backend_addr(*i)).collect();
+    vec![
+        ("service.yaml".into(), service("shop", "web", VIP, PORTS)),
+        ("slice.yaml".into(), slice("shop", "web-abcde", "web", TARGETS, &addrs)),
+    ]
+}
+
+/// The agent with TC on the node's interfaces and the socket programs on
+/// `cg`.
+fn start_agent(t: &Topology, cg: &TestCgroup, files: &[(String, String)]) -> Agent {
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (n.as_str(), c.as_str())).collect();
+    let cg = cg.path().display().to_string();
+    Agent::start_with(&t.node, &t.node_ifaces(), &[], &files, &["--socket-lb-cgroup", &cg]).unwrap()
+}
+
+/// `dp-client ARGS` in the client namespace, as a process in `cg`: its
+/// JSON lines.
+fn client(t: &Topology, cg: &TestCgroup, args: &[&str]) -> Vec<Value> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &t.client.name, env!("CARGO_BIN_EXE_dp-client")])
+        .args(args);
+    let out = cg.output(&mut cmd, Duration::from_secs(60)).unwrap();
+    assert!(
+        out.status.success(),
+        "dp-client {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("dp-client printed {l:?}: {e}")))
+        .collect()
+}
+
+fn all_ok(results: &[Value], what: &str) {
+    for r in results {
+        assert_eq!(r["ok"], true, "{what}: {r}");
+    }
+}
+
+fn backends_of(results: &[Value]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in results {
+        *m.entry(r["backend"].as_str().unwrap_or_default().to_string())
+            .or_insert(0) += 1;
+    }
+    m
+}
+
+/// The socket-level counters and the packet reasons of the agent's maps.
+fn counters(agent: &Agent) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+    let maps = inspect::open_pinned(&agent.pins).unwrap();
+    let s = inspect::stats(&maps).unwrap();
+    (
+        s.socket_lb.into_iter().map(|e| (e.event, e.count)).collect(),
+        s.reasons.into_iter().map(|r| (r.reason, r.packets)).collect(),
+    )
+}
+
+/// TCP: each connection is translated when it connects (spread over both
+/// backends), the application still sees the VIP as its peer, the backend
+/// sees the client's own address, and no packet of these connections is
+/// translated by the TC program. A client outside the cgroup (this test
+/// process) is not affected by the socket programs and still reaches the
+/// Service through the per-packet path.
+#[test]
+fn tcp_is_translated_at_connect_time_and_the_peer_stays_the_vip() {
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t, false);
+    let cg = TestCgroup::new().unwrap();
+    let agent = start_agent(&t, &cg, &manifests(&[1, 2]));
+    let (sock0, reasons0) = counters(&agent);
+
+    let r = client(&t, &cg, &["tcp", "198.19.0.10:80", "40"]);
+    assert_eq!(r.len(), 40);
+    all_ok(&r, "connection through the VIP");
+    let spread = backends_of(&r);
+    assert!(
+        spread.get("b1").copied().unwrap_or(0) > 0 && spread.get("b2").copied().unwrap_or(0) > 0,
+        "40 connections did not reach both backends: {spread:?}"
+    );
+    for c in &r {
+        assert_eq!(c["peer"], "198.19.0.10:80", "getpeername() showed the backend: {c}");
+        assert_eq!(
+            c["seen_as"],
+            CLIENT_ADDR.to_string(),
+            "the backend saw another source: {c}"
+        );
+    }
+    let (sock, reasons) = counters(&agent);
+    let d = |m: &BTreeMap<String, u64>, m0: &BTreeMap<String, u64>, k: &str| m[k] - m0[k];
+    assert_eq!(d(&sock, &sock0, "connect_translated"), 40, "{sock:?}");
+    assert!(d(&sock, &sock0, "peer_restored") >= 40, "{sock:?}");
+    assert_eq!(
+        d(&reasons, &reasons0, "nat_new_flow"),
+        0,
+        "TC translated a flow: {reasons:?}"
+    );
+    assert_eq!(d(&reasons, &reasons0, "nat_established"), 0, "{reasons:?}");
+    assert!(
+        d(&reasons, &reasons0, "pass_no_service") > 0,
+        "the TC program saw none of the packets: {reasons:?}"
+    );
+
+    // A process outside the cgroup: per-packet translation.
+    let who = t
+        .client
+        .run(|| {
+            let mut c = Conn::connect(SocketAddr::from((VIP, 80)), Duration::from_secs(3)).unwrap();
+            c.ask().unwrap()
+        })
+        .join()
+        .unwrap();
+    assert!(who == "b1" || who == "b2", "{who}");
+    let (sock2, reasons2) = counters(&agent);
+    assert_eq!(sock2["connect_translated"], sock["connect_translated"], "{sock2:?}");
+    assert_eq!(d(&reasons2, &reasons, "nat_new_flow"), 1, "{reasons2:?}");
+}
+
+/// UDP: an unconnected socket's datagrams to the VIP go to one backend
+/// while it keeps talking, and the answers come from the VIP (recvmsg
+/// restores it); new sockets spread over the backends; a connected socket
+/// gets the VIP back from recvfrom and getpeername.
+#[test]
+fn udp_datagrams_stick_to_one_backend_per_socket_and_answers_come_from_the_vip() {
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t, false);
+    let cg = TestCgroup::new().unwrap();
+    let agent = start_agent(&t, &cg, &manifests(&[1, 2]));
+    let (sock0, _) = counters(&agent);
+
+    let r = client(&t, &cg, &["udp", "198.19.0.10:53", "20"]);
+    assert_eq!(r.len(), 20);
+    all_ok(&r, "datagram through the VIP");
+    assert_eq!(backends_of(&r).len(), 1, "one socket's datagrams spread: {r:?}");
+    for d in &r {
+        assert_eq!(d["from"], "198.19.0.10:53", "the answer came from the backend: {d}");
+    }
+
+    let r = client(&t, &cg, &["udp-each", "198.19.0.10:53", "24"]);
+    all_ok(&r, "datagram from a new socket");
+    assert_eq!(backends_of(&r).len(), 2, "24 sockets all reached one backend: {r:?}");
+
+    let r = client(&t, &cg, &["udp-connected", "198.19.0.10:53", "10"]);
+    all_ok(&r, "datagram on a connected socket");
+    assert_eq!(backends_of(&r).len(), 1, "{r:?}");
+    for d in &r {
+        assert_eq!(d["from"], "198.19.0.10:53", "{d}");
+        assert_eq!(d["peer"], "198.19.0.10:53", "{d}");
+    }
+    let (sock, _) = counters(&agent);
+    let d = |k: &str| sock[k] - sock0[k];
+    // 20 + 24 sendmsg calls with an address; the connected socket is
+    // translated once, when it connects.
+    assert_eq!(d("sendmsg_translated"), 44, "{sock:?}");
+    assert_eq!(d("connect_translated"), 1, "{sock:?}");
+    assert!(d("reply_restored") >= 54, "{sock:?}");
+}
+
+/// A Service without endpoints: connect() and sendto() fail at once with
+/// ECONNREFUSED, as kube-proxy's reject does for packets; counted per
+/// Service and as socket-level rejects.
+#[test]
+fn service_without_endpoints_refuses_connect_and_sendto() {
+    let t = Topology::new(1).unwrap();
+    let _servers = start_servers(&t, false);
+    let cg = TestCgroup::new().unwrap();
+    let agent = start_agent(&t, &cg, &manifests(&[]));
+    let r = client(&t, &cg, &["tcp", "198.19.0.10:80", "3"]);
+    for c in &r {
+        assert_eq!(c["errno"], libc::ECONNREFUSED, "{c}");
+    }
+    let r = client(&t, &cg, &["udp", "198.19.0.10:53", "2"]);
+    for c in &r {
+        assert_eq!(c["op"], "send", "{c}");
+        assert_eq!(c["errno"], libc::ECONNREFUSED, "{c}");
+    }
+    let (sock, reasons) = counters(&agent);
+    assert_eq!(sock["reject_no_backend"], 5, "{sock:?}");
+    assert_eq!(reasons["reject_no_backend"], 0, "the packet path saw them: {reasons:?}");
+    let maps = inspect::open_pinned(&agent.pins).unwrap();
+    let rows = inspect::service_rows(&maps).unwrap();
+    let no_backend: u64 = rows.iter().map(|r| r.no_backend).sum();
+    assert_eq!(no_backend, 5, "{rows:?}");
+}
+
+/// IPv6 Services from IPv6 sockets, and an IPv4 Service from an IPv6
+/// socket through its IPv4-mapped address (`::ffff:198.19.0.10`): both
+/// translated at connect time, the peer shown as the address connected to.
+#[test]
+fn ipv6_and_ipv4_mapped_addresses() {
+    let t = Topology::new(2).unwrap();
+    t.enable_ipv6().unwrap();
+    let _servers = start_servers(&t, true);
+    let cg = TestCgroup::new().unwrap();
+    let v6: Vec<IpAddr> = (1..=2).map(|i| backend_addr6(i).into()).collect();
+    let v4: Vec<IpAddr> = (1..=2).map(|i| backend_addr(i).into()).collect();
+    let files = vec![
+        (
+            "service.yaml".to_string(),
+            service_ips("shop", "web", &[VIP.into(), VIP6.into()], PORTS),
+        ),
+        (
+            "slice4.yaml".to_string(),
+            slice_ips("shop", "web-v4", "web", TARGETS, &v4),
+        ),
+        (
+            "slice6.yaml".to_string(),
+            slice_ips("shop", "web-v6", "web", TARGETS, &v6),
+        ),
+    ];
+    let agent = start_agent(&t, &cg, &files);
+    let (sock0, _) = counters(&agent);
+
+    let to6 = format!("[{VIP6}]:80");
+    let r = client(&t, &cg, &["tcp", &to6, "20"]);
+    all_ok(&r, "IPv6 connection");
+    assert_eq!(backends_of(&r).len(), 2, "{r:?}");
+    for c in &r {
+        assert_eq!(c["peer"], to6.as_str(), "{c}");
+    }
+    let r = client(&t, &cg, &["udp", &format!("[{VIP6}]:53"), "5"]);
+    all_ok(&r, "IPv6 datagram");
+    for d in &r {
+        assert_eq!(d["from"], format!("[{VIP6}]:53"), "{d}");
+    }
+
+    let mapped = "[::ffff:198.19.0.10]:80";
+    let r = client(&t, &cg, &["tcp", mapped, "20"]);
+    all_ok(&r, "IPv4-mapped connection");
+    assert_eq!(backends_of(&r).len(), 2, "{r:?}");
+    for c in &r {
+        assert_eq!(c["peer"], mapped, "{c}");
+    }
+    let r = client(&t, &cg, &["udp", "[::ffff:198.19.0.10]:53", "5"]);
+    all_ok(&r, "IPv4-mapped datagram");
+    for d in &r {
+        assert_eq!(d["from"], "[::ffff:198.19.0.10]:53", "{d}");
+    }
+    let (sock, _) = counters(&agent);
+    assert_eq!(sock["connect_translated"] - sock0["connect_translated"], 40, "{sock:?}");
+    assert_eq!(sock["sendmsg_translated"] - sock0["sendmsg_translated"], 10, "{sock:?}");
+}
+
+/// sessionAffinity ClientIP: a client (its network namespace) keeps its
+/// backend across connections; without affinity the same 30 connections
+/// spread (see the TCP test).
+#[test]
+fn client_ip_affinity_keeps_a_namespace_on_one_backend() {
+    let t = Topology::new(3).unwrap();
+    let _servers = start_servers(&t, false);
+    let cg = TestCgroup::new().unwrap();
+    let svc = service("shop", "web", VIP, PORTS).replace(
+        "  type: ClusterIP\n",
+        "  type: ClusterIP\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}\n",
+    );
+    let addrs: Vec<Ipv4Addr> = (1..=3).map(backend_addr).collect();
+    let files = vec![
+        ("service.yaml".to_string(), svc),
+        (
+            "slice.yaml".to_string(),
+            slice("shop", "web-abcde", "web", TARGETS, &addrs),
+        ),
+    ];
+    let _agent = start_agent(&t, &cg, &files);
+    let r = client(&t, &cg, &["tcp", "198.19.0.10:80", "30"]);
+    all_ok(&r, "connection with affinity");
+    assert_eq!(
+        backends_of(&r).len(),
+        1,
+        "connections spread despite ClientIP affinity: {r:?}"
+    );
+    let r2 = client(&t, &cg, &["udp-each", "198.19.0.10:53", "10"]);
+    all_ok(&r2, "datagram with affinity");
+    assert_eq!(backends_of(&r2).len(), 1, "{r2:?}");
+}
+
+/// An open connection keeps its backend when that backend leaves the
+/// Service (as conntrack keeps it in the packet path); new connections go
+/// to the remaining one.
+#[test]
+fn an_open_connection_keeps_its_backend_and_new_ones_avoid_a_removed_one() {
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t, false);
+    let cg = TestCgroup::new().unwrap();
+    let mut agent = start_agent(&t, &cg, &manifests(&[1]));
+    std::thread::scope(|s| {
+        let hold = s.spawn(|| client(&t, &cg, &["tcp-hold", "198.19.0.10:80", "2.0"]));
+        std::thread::sleep(Duration::from_millis(400));
+        let new = manifests(&[2]);
+        agent.update("slice.yaml", &new[1].1).unwrap();
+        let r = client(&t, &cg, &["tcp", "198.19.0.10:80", "20"]);
+        all_ok(&r, "new connection after the change");
+        assert_eq!(backends_of(&r).keys().collect::<Vec<_>>(), ["b2"], "{r:?}");
+        let held = hold.join().unwrap();
+        assert_eq!(held.len(), 1, "{held:?}");
+        let held = &held[0];
+        assert_eq!(held["ok"], true, "the open connection broke: {held}");
+        assert_eq!(held["backends"], serde_json::json!(["b1"]), "{held}");
+        assert!(held["exchanges"].as_u64().unwrap() > 20, "{held}");
+    });
+}
+
+/// The pinned cgroup links survive the agent: killed and restarted, it
+/// adopts them (one program per hook on the cgroup, never two, never
+/// none), and connections made meanwhile are still translated; `dataplane
+/// cleanup` detaches them.
+#[test]
+fn restart_adopts_the_cgroup_links_and_cleanup_detaches_them() {
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t, false);
+    let cg = TestCgroup::new().unwrap();
+    let mut agent = start_agent(&t, &cg, &manifests(&[1, 2]));
+    let progs = |hook: &str| socklb::attached_programs(cg.path(), hook).unwrap();
+    for (_, hook) in dataplane_common::program_names::SOCK {
+        assert_eq!(progs(hook).len(), 1, "{hook}: {:?}", progs(hook));
+    }
+    let before = progs("connect4");
+    agent.kill_and_restart().unwrap();
+    assert!(
+        agent
+            .log()
+            .contains("socket-level load balancing attached (cgroup link, pinned link adopted"),
+        "{}",
+        agent.log()
+    );
+    for (_, hook) in dataplane_common::program_names::SOCK {
+        assert_eq!(progs(hook).len(), 1, "{hook} after the restart: {:?}", progs(hook));
+    }
+    assert_ne!(
+        progs("connect4"),
+        before,
+        "the restarted agent did not replace the program"
+    );
+    let r = client(&t, &cg, &["tcp", "198.19.0.10:80", "10"]);
+    all_ok(&r, "connection after the restart");
+    for c in &r {
+        assert_eq!(c["peer"], "198.19.0.10:80", "{c}");
+    }
+    agent.stop().unwrap();
+    // Stopped, the pinned programs keep serving.
+    let r = client(&t, &cg, &["tcp", "198.19.0.10:80", "5"]);
+    all_ok(&r, "connection with the agent stopped");
+    let out = agent.cleanup().unwrap();
+    assert!(out.contains("link socket-lb connect4"), "{out}");
+    for (_, hook) in dataplane_common::program_names::SOCK {
+        assert!(progs(hook).is_empty(), "{hook} still attached after cleanup");
+    }
+}
+
+/// A path that is no cgroup v2 directory stops the agent with a message
+/// that names it.
+#[test]
+fn a_directory_that_is_no_cgroup_is_refused_by_name() {
+    let t = Topology::new(1).unwrap();
+    let files = manifests(&[1]);
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (n.as_str(), c.as_str())).collect();
+    let dir = std::env::temp_dir();
+    let err = match Agent::start_with(
+        &t.node,
+        &t.node_ifaces(),
+        &[],
+        &files,
+        &["--socket-lb-cgroup", &dir.display().to_string()],
+    ) {
+        Ok(_) => panic!("the agent started with --socket-lb-cgroup {}", dir.display()),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(&format!("{} is not a cgroup v2 directory", dir.display())),
+        "{err}"
+    );
+}
