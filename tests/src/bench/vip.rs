@@ -2,19 +2,29 @@
 //! contenders built side by side, each in its own copy of the test topology
 //! (client, node, two backends; `netns::Topology`):
 //!
-//! - `dataplane`: the real agent in the node namespace, TC ingress (tcx) on
-//!   every node interface, no iptables/nft rules in that namespace;
+//! - `dataplane-socket`: the real agent as deployed: socket-level load
+//!   balancing on a cgroup the client process runs in (the Service is
+//!   translated when the client connects) and TC ingress (tcx) on every
+//!   node interface, no iptables/nft rules in the node namespace;
+//! - `dataplane`: the agent with TC only: every packet of the connection is
+//!   translated by the per-packet path (what traffic from outside the
+//!   node, or from pods outside the cgroup, gets);
 //! - `iptables`: kube-proxy iptables-mode rules (`kube_rules::iptables`)
 //!   loaded with `iptables-restore` in the node namespace, no BPF program;
 //! - `nftables`: kube-proxy nftables-mode rules (`kube_rules::nftables`)
 //!   loaded with `nft -f` in the node namespace, no BPF program;
 //! - `direct`: no rules at all; the client talks to backend 1 directly
-//!   (through the same node): the floor.
+//!   (through the same node): the floor;
+//! - `direct-both`: no rules; each new connection goes directly to backend
+//!   1 or 2 in turn: the floor with the spread a VIP gives.
 //!
 //! Every Service has both backends as endpoints; the one measured is the
 //! last (the last rule of KUBE-SERVICES). The contenders are measured
 //! interleaved, round after round, so that drift on a shared machine hits
-//! them alike.
+//! them alike. The client of every contender is a process of its own
+//! (`dp-bench --client-round`, started in the client namespace for each
+//! round), so that the socket-level contender's client can run in its
+//! cgroup and every contender's client is the same kind of process.
 
 use std::{
     io::{Read, Write},
@@ -87,6 +97,10 @@ const SERVER_LIFETIME: Duration = Duration::from_secs(3600);
 /// are for investigations (`dp-bench --contenders ...`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contender {
+    /// The agent with socket-level load balancing on the client's cgroup
+    /// and TC on the node's interfaces (as deployed).
+    DataplaneSocket,
+    /// The agent with TC only (the per-packet path).
     Dataplane,
     /// The agent with XDP (auto mode: native on veth) on the node's
     /// interfaces instead of TC.
@@ -101,16 +115,22 @@ pub enum Contender {
     Iptables,
     Nftables,
     Direct,
+    /// No rules; each new connection goes directly to backend 1 or 2 in
+    /// turn, as a VIP spreads them: the floor with the same spread.
+    DirectBoth,
 }
 
-pub const DEFAULT_CONTENDERS: [Contender; 4] = [
+pub const DEFAULT_CONTENDERS: [Contender; 6] = [
+    Contender::DataplaneSocket,
     Contender::Dataplane,
     Contender::Iptables,
     Contender::Nftables,
     Contender::Direct,
+    Contender::DirectBoth,
 ];
 
-const ALL_CONTENDERS: [Contender; 7] = [
+const ALL_CONTENDERS: [Contender; 9] = [
+    Contender::DataplaneSocket,
     Contender::Dataplane,
     Contender::DataplaneXdp,
     Contender::DataplaneAlt,
@@ -118,6 +138,7 @@ const ALL_CONTENDERS: [Contender; 7] = [
     Contender::Iptables,
     Contender::Nftables,
     Contender::Direct,
+    Contender::DirectBoth,
 ];
 
 /// The environment variable naming the eBPF object of `dataplane-alt`.
@@ -126,6 +147,7 @@ pub const ALT_OBJECT_ENV: &str = "DP_BENCH_ALT_OBJECT";
 impl Contender {
     pub fn name(self) -> &'static str {
         match self {
+            Contender::DataplaneSocket => "dataplane-socket",
             Contender::Dataplane => "dataplane",
             Contender::DataplaneXdp => "dataplane-xdp",
             Contender::DataplaneAlt => "dataplane-alt",
@@ -133,6 +155,7 @@ impl Contender {
             Contender::Iptables => "iptables",
             Contender::Nftables => "nftables",
             Contender::Direct => "direct",
+            Contender::DirectBoth => "direct-both",
         }
     }
 
@@ -143,7 +166,11 @@ impl Contender {
     fn is_dataplane(self) -> bool {
         matches!(
             self,
-            Contender::Dataplane | Contender::DataplaneXdp | Contender::DataplaneAlt | Contender::DirectTc
+            Contender::DataplaneSocket
+                | Contender::Dataplane
+                | Contender::DataplaneXdp
+                | Contender::DataplaneAlt
+                | Contender::DirectTc
         )
     }
 }
@@ -284,10 +311,83 @@ struct RoundResult {
     stream_gbps: f64,
 }
 
-fn measure_round(to: SocketAddr, conns: usize, rr: usize, stream: Duration) -> Result<RoundResult> {
+/// The hidden `dp-bench` argument that runs one round's client (see
+/// `client_main`).
+pub const CLIENT_ROUND_ARG: &str = "--client-round";
+
+/// `dp-bench --client-round TARGET ALT|- CONNS RR STREAM_S`: one round of
+/// `measure_round` in this process (started by `client_round` in the
+/// client namespace, and in a cgroup for the socket-level contender);
+/// prints the result as one JSON object.
+pub fn client_main(args: &[String]) -> Result<()> {
+    let [to, alt, conns, rr, stream] = args else {
+        bail!("{CLIENT_ROUND_ARG} needs TARGET ALT|- CONNS RR STREAM_S, got {args:?}");
+    };
+    let to: SocketAddr = to.parse()?;
+    let alt: Option<SocketAddr> = if alt == "-" { None } else { Some(alt.parse()?) };
+    let r = measure_round(
+        to,
+        alt,
+        conns.parse()?,
+        rr.parse()?,
+        Duration::from_secs_f64(stream.parse()?),
+    )?;
+    println!(
+        "{}",
+        json!({ "new_conn_us": r.new_conn_us, "rr_us": r.rr_us, "stream_gbps": r.stream_gbps })
+    );
+    Ok(())
+}
+
+/// One round of contender `s`'s client, as a process of its own in the
+/// client namespace (and in the contender's cgroup, if it has one).
+fn client_round(s: &Setup, conns: usize, rr: usize, stream: Duration) -> Result<RoundResult> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &s.topo.client.name])
+        .arg(std::env::current_exe().context("finding dp-bench")?)
+        .arg(CLIENT_ROUND_ARG)
+        .arg(s.target.to_string())
+        .arg(s.alt_target.map_or("-".to_string(), |a| a.to_string()))
+        .args([conns.to_string(), rr.to_string(), stream.as_secs_f64().to_string()]);
+    let limit = Duration::from_secs(60) + stream + Duration::from_millis((conns + rr) as u64 * 20);
+    let out = match &s.cgroup {
+        Some(cg) => cg.output(&mut cmd, limit)?,
+        None => crate::cgroup::output_with_limit(&mut cmd, limit)?,
+    };
+    if !out.status.success() {
+        bail!(
+            "the client round failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("the client round's output")?;
+    let floats = |k: &str| -> Vec<f64> {
+        v[k].as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    Ok(RoundResult {
+        new_conn_us: floats("new_conn_us"),
+        rr_us: floats("rr_us"),
+        stream_gbps: v["stream_gbps"].as_f64().unwrap_or(0.0),
+    })
+}
+
+fn measure_round(
+    to: SocketAddr,
+    alt: Option<SocketAddr>,
+    conns: usize,
+    rr: usize,
+    stream: Duration,
+) -> Result<RoundResult> {
     pin_thread(PIN_CPU)?;
     let mut r = RoundResult::default();
-    for _ in 0..conns {
+    for i in 0..conns {
+        let to = match alt {
+            Some(a) if i % 2 == 1 => a,
+            _ => to,
+        };
         let t = Instant::now();
         let mut c = connect(to).with_context(|| format!("connect {to}"))?;
         exchange(&mut c).with_context(|| format!("request to {to}"))?;
@@ -311,6 +411,9 @@ fn measure_round(to: SocketAddr, conns: usize, rr: usize, stream: Duration) -> R
         sent += buf.len() as u64;
     }
     c.shutdown(Shutdown::Write)?;
+    if sent == 0 {
+        return Ok(r);
+    }
     let mut got = [0u8; 8];
     c.set_read_timeout(Some(Duration::from_secs(10)))?;
     c.read_exact(&mut got).context("reading the sink's byte count")?;
@@ -330,7 +433,11 @@ struct Setup {
     _servers: Vec<Server>,
     _agent: Option<Agent>,
     _dir: Option<TempDir>,
+    /// The socket-level contender's cgroup (its client runs in it).
+    cgroup: Option<crate::cgroup::TestCgroup>,
     target: SocketAddr,
+    /// Every other new connection goes here instead (`direct-both`).
+    alt_target: Option<SocketAddr>,
     install_s: Option<f64>,
     notes: Vec<String>,
 }
@@ -400,15 +507,21 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
     let mut s = Setup {
         who,
         target: via_vip,
+        alt_target: None,
         _servers: servers,
         _agent: None,
         _dir: None,
+        cgroup: None,
         install_s: None,
         notes: Vec::new(),
         topo,
     };
     match who {
-        Contender::Dataplane | Contender::DataplaneXdp | Contender::DataplaneAlt | Contender::DirectTc => {
+        Contender::DataplaneSocket
+        | Contender::Dataplane
+        | Contender::DataplaneXdp
+        | Contender::DataplaneAlt
+        | Contender::DirectTc => {
             if who == Contender::DirectTc {
                 s.target = SocketAddr::from((backend_addr(1), BACKEND_PORT));
             }
@@ -440,14 +553,24 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
                 s.notes.push(format!("eBPF object: {obj}"));
                 extra = vec!["--bpf-object".to_string(), obj];
             }
+            if who == Contender::DataplaneSocket {
+                let cg = crate::cgroup::TestCgroup::new()?;
+                extra = vec!["--socket-lb-cgroup".to_string(), cg.path().display().to_string()];
+                s.cgroup = Some(cg);
+            }
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             let t = Instant::now();
             let agent = Agent::start_with(&s.topo.node, tc, xdp, &[("services.yaml", &docs)], &extra)?;
             s.install_s = Some(t.elapsed().as_secs_f64());
             s.notes.push(format!(
-                "the agent ({}, file source) with {} on the node's interfaces; install time is agent start to first sync, including YAML parsing",
+                "the agent ({}, file source) with {} on the node's interfaces{}; install time is agent start to first sync, including YAML parsing",
                 crate::agent::agent_binary().display(),
-                if xdp.is_empty() { "TC ingress (tcx)" } else { "XDP (auto mode)" }
+                if xdp.is_empty() { "TC ingress (tcx)" } else { "XDP (auto mode)" },
+                if who == Contender::DataplaneSocket {
+                    " and socket-level load balancing on the client process's cgroup"
+                } else {
+                    ""
+                }
             ));
             s._agent = Some(agent);
             s._dir = Some(dir);
@@ -467,6 +590,10 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
         Contender::Direct => {
             s.target = SocketAddr::from((backend_addr(1), BACKEND_PORT));
         }
+        Contender::DirectBoth => {
+            s.target = SocketAddr::from((backend_addr(1), BACKEND_PORT));
+            s.alt_target = Some(SocketAddr::from((backend_addr(2), BACKEND_PORT)));
+        }
     }
     // The rules of the comparison: netfilter rules only for the kube-proxy
     // contenders, BPF programs only for ours.
@@ -485,27 +612,61 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
         {
             bail!("the agent did not attach to every node interface")
         }
-        Contender::Iptables | Contender::Nftables | Contender::Direct if bpf => {
+        Contender::Iptables | Contender::Nftables | Contender::Direct | Contender::DirectBoth if bpf => {
             bail!("a BPF program is attached in the {} node namespace", who.name())
         }
-        Contender::Direct if ipt + nft > 0 => bail!("netfilter rules in the direct contender's node namespace"),
+        Contender::Direct | Contender::DirectBoth if ipt + nft > 0 => {
+            bail!("netfilter rules in the direct contender's node namespace")
+        }
         _ => {}
     }
     s.notes.push(format!(
         "node namespace: {ipt} iptables rules, {nft} lines of nft ruleset, XDP/clsact programs listed by bpftool: {bpf}"
     ));
-    // Each contender must work before it is timed.
-    let to = s.target;
-    s.topo
-        .client
-        .run(move || -> Result<()> {
-            let mut c = connect(to).with_context(|| format!("connect {to}"))?;
-            exchange(&mut c).with_context(|| format!("request to {to}"))
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("client thread panicked"))?
-        .with_context(|| format!("{} does not answer", who.name()))?;
+    // Each contender must work before it is timed, and the dataplane
+    // contenders must take the path they are named after.
+    let before = s._agent.as_ref().map(translations).transpose()?;
+    client_round(&s, 5, 1, Duration::ZERO).with_context(|| format!("{} does not answer", who.name()))?;
+    if let (Some(a), Some((sock0, nat0))) = (s._agent.as_ref(), before) {
+        let (sock, nat) = translations(a)?;
+        let (by_socket, by_packet) = (sock - sock0, nat - nat0);
+        // A round opens `conns` connections, one for the exchanges and one
+        // for the stream.
+        let conns = 5 + 2;
+        let expected = match who {
+            Contender::DataplaneSocket => (conns, 0),
+            Contender::DirectTc => (0, 0),
+            _ => (0, conns),
+        };
+        if (by_socket, by_packet) != expected {
+            bail!(
+                "{}: {conns} connections were translated {by_socket} times at connect time and {by_packet} times per packet, expected {expected:?}",
+                who.name()
+            );
+        }
+        s.notes.push(format!(
+            "checked before timing: {conns} connections translated {by_socket} times at connect time, {by_packet} times per packet"
+        ));
+    }
     Ok(s)
+}
+
+/// Connections the agent translated at connect time and new flows it
+/// translated per packet, so far.
+fn translations(a: &Agent) -> Result<(u64, u64)> {
+    let maps = dataplane::inspect::open_pinned(&a.pins)?;
+    let st = dataplane::inspect::stats(&maps)?;
+    let sock = st
+        .socket_lb
+        .iter()
+        .find(|e| e.event == "connect_translated")
+        .map_or(0, |e| e.count);
+    let nat = st
+        .reasons
+        .iter()
+        .find(|r| r.reason == "nat_new_flow")
+        .map_or(0, |r| r.packets);
+    Ok((sock, nat))
 }
 
 fn round1(v: &[f64]) -> Vec<f64> {
@@ -519,7 +680,10 @@ pub fn run(cfg: &Config) -> Result<Value> {
     let started = Instant::now();
     let mut scales_out = Vec::new();
     for &n in &cfg.scales {
-        eprintln!("dp-bench: through the VIP, {n} Services: setting up the four contenders");
+        eprintln!(
+            "dp-bench: through the VIP, {n} Services: setting up {} contenders",
+            cfg.contenders.len()
+        );
         let svcs = services(n);
         let mut setups = Vec::new();
         for &who in &cfg.contenders {
@@ -542,13 +706,7 @@ pub fn run(cfg: &Config) -> Result<Value> {
             for k in 0..setups.len() {
                 let i = (k + round) % setups.len();
                 let s = &setups[i];
-                let (to, conns, rr, stream) = (s.target, cfg.conns, cfg.rr, cfg.stream);
-                let r = s
-                    .topo
-                    .client
-                    .run(move || measure_round(to, conns, rr, stream))
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+                let r = client_round(s, cfg.conns, cfg.rr, cfg.stream)
                     .with_context(|| format!("{} at {n} Services, round {round}", s.who.name()))?;
                 results[i].push(r);
             }
@@ -578,7 +736,11 @@ pub fn run(cfg: &Config) -> Result<Value> {
                 }),
             );
         }
-        // Ratios of medians (and p99s) to the direct path.
+        // Ratios of medians (and p99s) to the direct path, and of new
+        // connections to the direct path with the same spread.
+        let both_conn = contenders
+            .get("direct-both")
+            .and_then(|d| d["new_conn_us"]["summary"]["median"].as_f64());
         let mut ratios = serde_json::Map::new();
         let direct = &contenders["direct"];
         for (name, c) in &contenders {
@@ -593,6 +755,8 @@ pub fn run(cfg: &Config) -> Result<Value> {
                     "rr_median": r("rr_us", "median"),
                     "rr_p99": r("rr_us", "p99"),
                     "stream_median": r("stream_gbps", "median"),
+                    "new_conn_median_to_direct_both": both_conn
+                        .and_then(|b| Some(c["new_conn_us"]["summary"]["median"].as_f64()? / b)),
                 }),
             );
         }
@@ -607,11 +771,11 @@ pub fn run(cfg: &Config) -> Result<Value> {
     }
     Ok(json!({
         "part": "through_vip",
-        "method": "One copy of the topology (client, node, 2 backends) per contender, built side by side; every round measures each contender in turn (the order rotates by one from round to round): `conns` new connections (connect, one 32-byte request and response, close), `rr` request/response exchanges on one open connection, and one single-stream send of `stream_s` seconds (128 KiB writes to a sink that reports what it received). Client and servers: Rust, TCP_NODELAY, in dp-bench, all pinned to one CPU (PIN_CPU): unpinned, request/response took 17 or 50-60 µs depending on whether client and server shared a CPU, for every contender alike.",
+        "method": "One copy of the topology (client, node, 2 backends) per contender, built side by side; every round measures each contender in turn (the order rotates by one from round to round): `conns` new connections (connect, one 32-byte request and response, close), `rr` request/response exchanges on one open connection, and one single-stream send of `stream_s` seconds (128 KiB writes to a sink that reports what it received). The client of each round is a process of its own (`dp-bench --client-round`) in the client namespace (and, for dataplane-socket, in the cgroup the agent's socket programs are attached to); servers are threads of dp-bench in the backend namespaces. Rust, TCP_NODELAY; client and servers all pinned to one CPU (PIN_CPU): unpinned, request/response took 17 or 50-60 µs depending on whether client and server shared a CPU, for every contender alike. Before timing, 5 connections per dataplane contender check the path it is named after (translated at connect time or per packet) from the agent's counters.",
         "pinned_cpu": PIN_CPU,
         "dp_bench_build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "netfilter_conntrack": "In the iptables and nftables node namespaces the kernel's conntrack tracks every flow (NAT needs it). In the dataplane and direct node namespaces no rule asks for conntrack.",
-        "attach_point": "dataplane: TC ingress (tcx) on the node's client- and backend-side veths; dataplane-xdp (if measured): XDP, auto mode",
+        "attach_point": "dataplane-socket: cgroup connect/sendmsg/recvmsg/getpeername programs on the client's cgroup plus TC ingress (tcx) on the node's veths; dataplane: TC ingress (tcx) on the node's client- and backend-side veths only; dataplane-xdp (if measured): XDP, auto mode",
         "contenders": cfg.contenders.iter().map(|c| c.name()).collect::<Vec<_>>(),
         "conns": cfg.conns,
         "rr": cfg.rr,

@@ -112,6 +112,12 @@ fn write(out: &Path, name: &str, mut v: serde_json::Value, a: &Args, elapsed: Du
 }
 
 fn main() -> Result<()> {
+    // One round's client of the through-VIP part, started by dp-bench
+    // itself in the client namespace (see `vip::client_round`).
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if raw.first().map(String::as_str) == Some(vip::CLIENT_ROUND_ARG) {
+        return vip::client_main(&raw[1..]);
+    }
     let a = args()?;
     dataplane_tests::netns::require_root_and_tools();
     for part in &a.parts {
