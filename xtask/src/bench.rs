@@ -245,9 +245,23 @@ fn per_packet(dir: &Path, md: &mut String) -> Result<()> {
     if let Some(p) = provenance(&v) {
         writeln!(md, "{p}")?;
     }
+    let first = &scales[0];
+    let last = &scales[scales.len() - 1];
+    let (n_first, n_last) = (&first["services"], &last["services"]);
+    // Files written before the scales were interleaved have no
+    // `round_orders` and no paired ratios; they are drawn as before.
+    if v.get("round_orders").is_some() {
+        writeln!(md, "Scales interleaved: every round measures each scale in turn, the order rotating by one from round to round. Paired ratio: per round, a series' value at {n_last} Services over its value at 1 Service in the same round (adjacent in time, so the machine's drift between rounds cancels); median over rounds [p25-p75]. Ratio of medians: the median at {n_last} over the median at {n_first}, over the same rounds.\n")?;
+    } else {
+        writeln!(md, "Scales measured one after the other (a file from before the interleaved method): the ratio of medians includes the machine's drift between scales; no paired ratios.\n")?;
+    }
     let header: Vec<String> = scales.iter().map(|s| format!("{} Services", s["services"])).collect();
-    writeln!(md, "| path | {} | largest / 1 |", header.join(" | "))?;
-    writeln!(md, "|---|{}---|", "---|".repeat(header.len()))?;
+    writeln!(
+        md,
+        "| path | {} | {n_last} / 1, paired (median [p25-p75]) | {n_last} / {n_first}, ratio of medians |",
+        header.join(" | ")
+    )?;
+    writeln!(md, "|---|{}---|---|", "---|".repeat(header.len()))?;
     let mut rows: Vec<String> = Vec::new();
     for prog in ["xdp", "tc"] {
         for p in &paths {
@@ -268,13 +282,16 @@ fn per_packet(dir: &Path, md: &mut String) -> Result<()> {
                 x["max"].as_f64().unwrap_or(f64::NAN)
             ));
         }
-        let first = median(&scales[0]["series"][&r]);
-        let last = median(&scales[scales.len() - 1]["series"][&r]);
-        let ratio = match (first, last) {
+        let ratio = match (median(&first["series"][&r]), median(&last["series"][&r])) {
             (Some(a), Some(b)) if a > 0.0 => format!("{:.2}", b / a),
             _ => "-".into(),
         };
-        writeln!(md, "| {r} | {} | {ratio} |", cells.join(" | "))?;
+        let p = &last["paired_ratio_to_1"][&r]["summary"];
+        let paired = match (p["median"].as_f64(), p["p25"].as_f64(), p["p75"].as_f64()) {
+            (Some(m), Some(lo), Some(hi)) => format!("{m:.2} [{lo:.2}-{hi:.2}]"),
+            _ => "-".into(),
+        };
+        writeln!(md, "| {r} | {} | {paired} | {ratio} |", cells.join(" | "))?;
     }
     writeln!(md)?;
     Ok(())
@@ -522,6 +539,51 @@ pub fn report(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
+    /// A per-packet file with two scales, `xdp_x` measured in two rounds,
+    /// with paired ratios when `paired` (the interleaved method) or as the
+    /// sequential method wrote them.
+    fn per_packet_file(paired: bool) -> serde_json::Value {
+        let series =
+            |a: f64, b: f64| json!({ "xdp_x": { "raw_ns": [a, b], "summary": { "median": a, "min": a, "max": b } } });
+        let mut v = json!({
+            "part": "per_packet", "command": "t", "rounds": 2, "repeat": 10, "machine": {},
+            "paths": [{ "name": "x" }],
+            "scales": [
+                { "services": 1, "series": series(100.0, 200.0) },
+                { "services": 1000, "series": series(110.0, 210.0) },
+            ],
+        });
+        if paired {
+            v["round_orders"] = json!([[1, 1000], [1000, 1]]);
+            v["scales"][1]["paired_ratio_to_1"] =
+                json!({ "xdp_x": { "raw": [1.1, 1.05], "summary": { "median": 1.05, "p25": 1.05, "p75": 1.1 } } });
+        }
+        v
+    }
+
+    #[test]
+    fn per_packet_table_old_and_new_files() {
+        for paired in [false, true] {
+            let dir = std::env::temp_dir().join(format!("xtask-pp-{}-{paired}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("per-packet.json"), per_packet_file(paired).to_string()).unwrap();
+            let mut md = String::new();
+            let r = super::per_packet(&dir, &mut md);
+            std::fs::remove_dir_all(&dir).unwrap();
+            r.unwrap();
+            let row = md.lines().find(|l| l.starts_with("| xdp_x |")).unwrap();
+            if paired {
+                assert!(md.contains("Scales interleaved"));
+                assert!(row.ends_with("| 1.05 [1.05-1.10] | 1.10 |"), "{row}");
+            } else {
+                assert!(md.contains("one after the other"));
+                assert!(row.ends_with("| - | 1.10 |"), "{row}");
+            }
+        }
+    }
+
     #[test]
     fn utc_dates() {
         assert_eq!(super::utc(0), "1970-01-01 00:00 UTC");

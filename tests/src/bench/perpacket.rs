@@ -7,6 +7,12 @@
 //! run, and the wrapper's own cost (the same copy without the datapath) is
 //! measured right before and subtracted. The reason counters are read around
 //! every measurement: each run must have taken the path it is named after.
+//!
+//! The scales (numbers of Services) are all loaded at once and measured
+//! interleaved: every round gives each scale a turn, in an order that
+//! rotates from round to round, so that the machine's drift over the run
+//! hits every scale alike; the ratio of a scale to 1 Service is also taken
+//! per round (`paired_ratio_to_1`), between measurements adjacent in time.
 
 use std::{
     collections::BTreeMap,
@@ -390,65 +396,212 @@ fn measure(fd: i32, frame: &[u8], repeat: u32) -> Result<f64> {
     Ok(r.duration_ns as f64)
 }
 
-pub fn run(cfg: &Config) -> Result<Value> {
-    let mut scales_out = Vec::new();
-    for &n in &cfg.scales {
-        eprintln!("dp-bench: per-packet, {n} Services");
-        let mut b = Bench::new(n)?;
-        let mut fr = frames(&mut b)?;
-        // raw[series] = per-round values
-        let mut raw: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+/// The kernel memory of the BPF maps and programs this process holds, by
+/// object (`("map", id)` or `("prog", id)`): the `memlock` line of
+/// `/proc/self/fdinfo/*` (for maps the kernel's own usage estimate,
+/// entries actually allocated for the maps that do not preallocate).
+fn bpf_objects() -> BTreeMap<(&'static str, u32), u64> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+        };
+        let id = match (field("map_id:"), field("prog_id:")) {
+            (Some(id), _) => ("map", id as u32),
+            (None, Some(id)) => ("prog", id as u32),
+            _ => continue,
+        };
+        if let Some(m) = field("memlock:") {
+            out.insert(id, m);
+        }
+    }
+    out
+}
+
+/// This process's resident memory in bytes (`VmRSS`).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// One scale, loaded for the whole run, and what it measured.
+struct Scale {
+    bench: Bench,
+    frames: Frames,
+    /// raw[series] = one value per round.
+    raw: BTreeMap<String, Vec<f64>>,
+    /// Kernel memory of this scale's maps and programs, and the growth of
+    /// the process's RSS while loading it.
+    bpf_bytes: u64,
+    rss_bytes: u64,
+}
+
+impl Scale {
+    fn load(n: u32) -> Result<Scale> {
+        let objects = bpf_objects();
+        let rss = rss_bytes();
+        let mut bench = Bench::new(n)?;
+        let frames = frames(&mut bench)?;
+        let bpf_bytes = bpf_objects()
+            .iter()
+            .filter(|(id, _)| !objects.contains_key(id))
+            .map(|(_, m)| m)
+            .sum();
+        let rss_bytes = rss_bytes().saturating_sub(rss);
+        eprintln!(
+            "dp-bench: per-packet, {n} Services loaded: BPF maps and programs {:.1} MiB, process RSS +{:.1} MiB",
+            bpf_bytes as f64 / MIB,
+            rss_bytes as f64 / MIB
+        );
+        Ok(Scale {
+            bench,
+            frames,
+            raw: BTreeMap::new(),
+            bpf_bytes,
+            rss_bytes,
+        })
+    }
+
+    /// This scale's turn in a round: conntrack cleared, the established
+    /// flows created again, then every series measured once.
+    fn turn(&mut self, repeat: u32) -> Result<()> {
+        let (b, fr) = (&mut self.bench, &mut self.frames);
+        let raw = &mut self.raw;
         let mut push = |k: String, v: f64| raw.entry(k).or_default().push(v);
-        for _round in 0..cfg.rounds {
-            b.clear_conntrack()?;
-            prime(&mut b, &mut fr)?;
-            let any = fr.by_path["tcp_new"];
-            let est = fr.by_path["tcp_established"];
-            let empty = measure(b.prog[names::EMPTY], &any, cfg.repeat)?;
-            let lookup = measure(b.prog[names::PARSE_LOOKUP], &est, cfg.repeat)?;
-            push("baseline_empty".into(), empty);
-            push("baseline_parse_lookup".into(), lookup);
-            // The repeat loop's own per-run cost (the empty program) taken
-            // out, comparable with the wrapped paths, whose wrapper
-            // measurement takes it out too.
-            push("baseline_parse_lookup_net".into(), lookup - empty);
-            for (prog, wrap, frame_only) in [
-                ("xdp", names::WRAP_XDP, names::FRAME_XDP),
-                ("tc", names::WRAP_TC, names::FRAME_TC),
-            ] {
-                for path in PATHS {
-                    let bytes = fr.by_path[path.name];
-                    b.set_frame(bytes, path.vary)?;
-                    let overhead = measure(b.prog[frame_only], &bytes, cfg.repeat)?;
-                    let before = b.reasons()?;
-                    let total = measure(b.prog[wrap], &bytes, cfg.repeat)?;
-                    let after = b.reasons()?;
-                    let took = after[path.reason as usize] - before[path.reason as usize];
-                    if took != cfg.repeat as u64 {
-                        let deltas: Vec<String> = Reason::ALL
-                            .iter()
-                            .zip(before.iter().zip(&after))
-                            .filter(|(_, (b, a))| a != b)
-                            .map(|(r, (b, a))| format!("{r:?}: {}", a - b))
-                            .collect();
-                        bail!(
-                            "{prog} {}: {took} of {} runs counted as {:?} (counted: {}): the path is not what it claims",
-                            path.name,
-                            cfg.repeat,
-                            path.reason,
-                            deltas.join(", ")
-                        );
-                    }
-                    push(format!("{prog}_{}", path.name), total - overhead);
-                    push(format!("{prog}_{}_wrapper", path.name), overhead);
+        b.clear_conntrack()?;
+        prime(b, fr)?;
+        let any = fr.by_path["tcp_new"];
+        let est = fr.by_path["tcp_established"];
+        let empty = measure(b.prog[names::EMPTY], &any, repeat)?;
+        let lookup = measure(b.prog[names::PARSE_LOOKUP], &est, repeat)?;
+        push("baseline_empty".into(), empty);
+        push("baseline_parse_lookup".into(), lookup);
+        // The repeat loop's own per-run cost (the empty program) taken
+        // out, comparable with the wrapped paths, whose wrapper
+        // measurement takes it out too.
+        push("baseline_parse_lookup_net".into(), lookup - empty);
+        for (prog, wrap, frame_only) in [
+            ("xdp", names::WRAP_XDP, names::FRAME_XDP),
+            ("tc", names::WRAP_TC, names::FRAME_TC),
+        ] {
+            for path in PATHS {
+                let bytes = fr.by_path[path.name];
+                b.set_frame(bytes, path.vary)?;
+                let overhead = measure(b.prog[frame_only], &bytes, repeat)?;
+                let before = b.reasons()?;
+                let total = measure(b.prog[wrap], &bytes, repeat)?;
+                let after = b.reasons()?;
+                let took = after[path.reason as usize] - before[path.reason as usize];
+                if took != repeat as u64 {
+                    let deltas: Vec<String> = Reason::ALL
+                        .iter()
+                        .zip(before.iter().zip(&after))
+                        .filter(|(_, (b, a))| a != b)
+                        .map(|(r, (b, a))| format!("{r:?}: {}", a - b))
+                        .collect();
+                    bail!(
+                        "{prog} {} at {} Services: {took} of {repeat} runs counted as {:?} (counted: {}): the path is not what it claims",
+                        path.name,
+                        b.services,
+                        path.reason,
+                        deltas.join(", ")
+                    );
                 }
+                push(format!("{prog}_{}", path.name), total - overhead);
+                push(format!("{prog}_{}_wrapper", path.name), overhead);
             }
         }
+        Ok(())
+    }
+}
+
+/// Per round, the value at a scale over the value at the reference scale in
+/// the same round (measured minutes apart at most, so drift of the machine
+/// between rounds cancels). Not finite (a reference of 0) becomes `null`
+/// in the JSON and is left out of the summary.
+fn paired_ratios(values: &[f64], reference: &[f64]) -> Vec<f64> {
+    values
+        .iter()
+        .zip(reference)
+        .map(|(v, r)| (v / r * 1e4).round() / 1e4)
+        .collect()
+}
+
+pub fn run(cfg: &Config) -> Result<Value> {
+    // Every scale is loaded up front and kept for the whole run, so that
+    // each round can measure all of them in turn.
+    let mut scales: Vec<Scale> = Vec::new();
+    for &n in &cfg.scales {
+        scales.push(Scale::load(n)?);
+    }
+    let bpf_total: u64 = scales.iter().map(|s| s.bpf_bytes).sum();
+    eprintln!(
+        "dp-bench: per-packet, {} scales loaded together: BPF maps and programs {:.1} MiB, process RSS {:.1} MiB",
+        scales.len(),
+        bpf_total as f64 / MIB,
+        rss_bytes() as f64 / MIB
+    );
+    let mut orders: Vec<Vec<u32>> = Vec::new();
+    for round in 0..cfg.rounds {
+        // The order rotates by one from round to round, so that no scale
+        // always comes first or always follows the same one.
+        let order: Vec<usize> = (0..scales.len()).map(|k| (k + round) % scales.len()).collect();
+        for &i in &order {
+            scales[i].turn(cfg.repeat)?;
+        }
+        orders.push(order.iter().map(|&i| scales[i].bench.services).collect());
+        eprintln!("dp-bench:   per-packet round {}/{} done", round + 1, cfg.rounds);
+    }
+    // Paired ratios need the 1-Service scale measured in the same rounds.
+    let reference = scales.iter().position(|s| s.bench.services == 1);
+    if reference.is_none() {
+        eprintln!(
+            "dp-bench: per-packet: 1 Service not among the scales measured, so no paired ratios (add 1 to --scales)"
+        );
+    }
+    let mut scales_out = Vec::new();
+    for s in &scales {
         let mut series = serde_json::Map::new();
-        for (k, v) in &raw {
+        for (k, v) in &s.raw {
             series.insert(k.clone(), json!({ "raw_ns": v, "summary": super::summary(v) }));
         }
-        scales_out.push(json!({ "services": n, "series": series }));
+        let mut out = json!({
+            "services": s.bench.services,
+            "series": series,
+            "memory": {
+                "bpf_bytes": s.bpf_bytes,
+                "rss_growth_bytes": s.rss_bytes,
+            },
+        });
+        if let Some(one) = reference {
+            let mut ratios = serde_json::Map::new();
+            for (k, v) in &s.raw {
+                let r = paired_ratios(v, &scales[one].raw[k]);
+                ratios.insert(k.clone(), json!({ "raw": r, "summary": super::summary(&r) }));
+            }
+            out["paired_ratio_to_1"] = ratios.into();
+        }
+        scales_out.push(out);
     }
     let paths: Vec<Value> = PATHS
         .iter()
@@ -457,9 +610,10 @@ pub fn run(cfg: &Config) -> Result<Value> {
     Ok(json!({
         "part": "per_packet",
         "unit": "ns per packet (BPF_PROG_TEST_RUN duration / repeat; wrapper cost subtracted)",
-        "method": "Each round: conntrack cleared, established flows created, then every series measured once with `repeat` runs in one BPF_PROG_TEST_RUN call; the frame-restoring wrapper alone is measured just before each path and subtracted. Baselines run directly (they do not rewrite). Reason counters checked: every run took its path.",
+        "method": "All scales (numbers of Services) loaded at once, each in its own copy of the bench and baseline objects; every round measures each scale in turn, the order of the scales rotating by one from round to round (`round_orders`), so that drift of the machine hits every scale alike. A scale's turn: conntrack cleared, established flows created, then every series measured once with `repeat` runs in one BPF_PROG_TEST_RUN call; the frame-restoring wrapper alone is measured just before each path and subtracted. Baselines run directly (they do not rewrite). Reason counters checked: every run took its path. `paired_ratio_to_1`: per round, a series' value at a scale over its value at 1 Service in the same round, to 4 decimals (present when 1 was measured in the same run).",
         "repeat": cfg.repeat,
         "rounds": cfg.rounds,
+        "round_orders": orders,
         "backends_per_service": BACKENDS,
         "selection": "maglev (default table size)",
         "paths": paths,
