@@ -299,7 +299,8 @@ fn per_packet(dir: &Path, md: &mut String) -> Result<()> {
 
 /// In table order; investigations (`dp-bench --contenders`) may measure
 /// only some of them, or the XDP and alternative-object variants.
-const CONTENDERS: [&str; 7] = [
+const CONTENDERS: [&str; 9] = [
+    "dataplane-socket",
     "dataplane",
     "dataplane-xdp",
     "dataplane-alt",
@@ -307,6 +308,7 @@ const CONTENDERS: [&str; 7] = [
     "iptables",
     "nftables",
     "direct",
+    "direct-both",
 ];
 
 fn through_vip(dir: &Path, md: &mut String) -> Result<()> {
@@ -356,13 +358,13 @@ fn through_vip(dir: &Path, md: &mut String) -> Result<()> {
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
 
     writeln!(md, "### Through the VIP in network namespaces\n")?;
-    writeln!(md, "Machine: {}. Command: `{}`. {} new connections, {} exchanges and one {} s stream per contender per round, contenders interleaved; median (p99), ratio of medians to direct.\n",
+    writeln!(md, "Machine: {}. Command: `{}`. {} new connections, {} exchanges and one {} s stream per contender per round, contenders interleaved; median (p99), ratio of medians to direct (and, for new connections, to direct-both: the same two backends in turn).\n",
         machine_line(&v), v["command"].as_str().unwrap_or("?"), v["conns"], v["rr"], v["stream_s"])?;
     if let Some(p) = provenance(&v) {
         writeln!(md, "{p}")?;
     }
-    writeln!(md, "| Services | contender | new conn µs | ratio | req/resp µs | ratio | stream Gbit/s | ratio | rules installed in |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| Services | contender | new conn µs | ratio | vs direct-both | req/resp µs | ratio | stream Gbit/s | ratio | rules installed in |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
     for s in scales {
         for c in CONTENDERS {
             let x = &s["contenders"][c];
@@ -374,11 +376,12 @@ fn through_vip(dir: &Path, md: &mut String) -> Result<()> {
             let f2 = |v: &Value| v.as_f64().map(|x| format!("{x:.2}")).unwrap_or("-".into());
             writeln!(
                 md,
-                "| {} | {c} | {} ({}) | {} | {} ({}) | {} | {} | {} | {} |",
+                "| {} | {c} | {} ({}) | {} | {} | {} ({}) | {} | {} | {} | {} |",
                 s["services"],
                 f(&x["new_conn_us"]["summary"]["median"]),
                 f(&x["new_conn_us"]["summary"]["p99"]),
                 f2(&r["new_conn_median"]),
+                f2(&r["new_conn_median_to_direct_both"]),
                 f(&x["rr_us"]["summary"]["median"]),
                 f(&x["rr_us"]["summary"]["p99"]),
                 f2(&r["rr_median"]),
