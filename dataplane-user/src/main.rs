@@ -300,7 +300,9 @@ fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
 }
 
 impl RunArgs {
-    fn into_config(self) -> anyhow::Result<RunConfig> {
+    fn into_config(mut self) -> anyhow::Result<RunConfig> {
+        // An empty value (DATAPLANE_SOCKET_LB_CGROUP="") turns it off.
+        self.socket_lb_cgroup = self.socket_lb_cgroup.filter(|p| !p.as_os_str().is_empty());
         if self.tc_ifaces.is_empty() && self.xdp_ifaces.is_empty() && self.socket_lb_cgroup.is_none() && !self.no_attach
         {
             anyhow::bail!(

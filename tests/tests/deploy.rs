@@ -29,6 +29,9 @@ const HEALTH_PORT: i32 = 10256;
 const AGENT_COMMAND: [&str; 4] = ["/usr/local/bin/dataplane", "run", "--source", "kubernetes"];
 const BPFFS: &str = "/sys/fs/bpf";
 const BTF: &str = "/sys/kernel/btf";
+/// The host directory whose cgroup v2 hierarchy the socket-level programs
+/// attach to.
+const HOST_CGROUP: &str = "/sys/fs/cgroup";
 
 /// What the agent may do: these verbs on these (apiGroup, resource) pairs,
 /// and nothing else.
@@ -36,10 +39,11 @@ const RBAC_RESOURCES: [(&str, &str); 3] = [("", "services"), ("", "nodes"), ("di
 const RBAC_VERBS: [&str; 3] = ["get", "list", "watch"];
 
 /// Settings the agent reads from its environment, all in the ConfigMap.
-const CONFIG_KEYS: [&str; 6] = [
+const CONFIG_KEYS: [&str; 7] = [
     "DATAPLANE_TC_IFACES",
     "DATAPLANE_XDP_IFACES",
     "DATAPLANE_XDP_MODE",
+    "DATAPLANE_SOCKET_LB_CGROUP",
     "DATAPLANE_LOG",
     "DATAPLANE_LOG_FORMAT",
     "DATAPLANE_HEALTH_BIND",
@@ -468,6 +472,44 @@ fn check_mounts(m: &Manifests) -> Vec<String> {
     problems
 }
 
+/// Socket-level load balancing, when configured, attaches to a directory
+/// under a read-only mount of the host's /sys/fs/cgroup (inside the
+/// container the node's own cgroup tree is not visible otherwise).
+fn check_socket_lb(m: &Manifests) -> Vec<String> {
+    let (ds, pod, c) = match agent(m) {
+        Ok(a) => a,
+        Err(e) => return vec![e],
+    };
+    let Some(cm) = m.config_maps.iter().find(|cm| name_of(&cm.metadata) == CONFIG_MAP) else {
+        return vec![format!("no ConfigMap {CONFIG_MAP}")];
+    };
+    let Some(path) = cm.data.as_ref().and_then(|d| d.get("DATAPLANE_SOCKET_LB_CGROUP")) else {
+        return vec![format!("ConfigMap {CONFIG_MAP}: no key DATAPLANE_SOCKET_LB_CGROUP")];
+    };
+    if path.is_empty() {
+        return Vec::new(); // turned off
+    }
+    let at = format!("DaemonSet {}", name_of(&ds.metadata));
+    let mount = c.volume_mounts.iter().flatten().find(|vm| {
+        Path::new(path).starts_with(&vm.mount_path)
+            && pod
+                .volumes
+                .iter()
+                .flatten()
+                .any(|v| v.name == vm.name && v.host_path.as_ref().is_some_and(|hp| hp.path == HOST_CGROUP))
+    });
+    match mount {
+        None => vec![format!(
+            "{at}: DATAPLANE_SOCKET_LB_CGROUP {path:?} is not under a mount of the host's {HOST_CGROUP}"
+        )],
+        Some(vm) if !vm.read_only.unwrap_or(false) => vec![format!(
+            "{at}: the host's {HOST_CGROUP} is mounted writable at {}; attaching needs only read access",
+            vm.mount_path
+        )],
+        Some(_) => Vec::new(),
+    }
+}
+
 /// A probe's port as a number, resolving a named container port.
 fn probe_port(c: &Container, port: &IntOrString) -> Option<i32> {
     match port {
@@ -567,7 +609,10 @@ fn check_config(m: &Manifests) -> Vec<String> {
     for key in CONFIG_KEYS {
         match data.get(key) {
             None => problems.push(format!("{at}: no key {key}")),
-            Some(v) if v.trim().is_empty() => problems.push(format!("{at}: {key} is empty")),
+            // An empty socket-LB cgroup turns socket-level load balancing off.
+            Some(v) if v.trim().is_empty() && key != "DATAPLANE_SOCKET_LB_CGROUP" => {
+                problems.push(format!("{at}: {key} is empty"))
+            }
             Some(_) => {}
         }
     }
@@ -779,6 +824,47 @@ fn agent_runs_privileged_on_the_host_network() {
 #[test]
 fn agent_mounts_bpffs_bidirectional_and_btf_read_only() {
     assert_clean("mounts", check_mounts(&load()));
+}
+
+#[test]
+fn socket_load_balancing_attaches_under_a_read_only_mount_of_the_host_cgroup_tree() {
+    assert_clean("socket lb", check_socket_lb(&load()));
+}
+
+#[test]
+fn socket_lb_check_catches_a_missing_or_writable_cgroup_mount() {
+    assert_catches(
+        "cgroup not mounted",
+        check_socket_lb,
+        |m| {
+            let vm = container_mut(m).volume_mounts.as_mut().unwrap();
+            vm.retain(|v| !v.mount_path.starts_with("/run/dataplane/cgroupv2"));
+        },
+        "DATAPLANE_SOCKET_LB_CGROUP \"/run/dataplane/cgroupv2\" is not under a mount of the host's /sys/fs/cgroup",
+    );
+    assert_catches(
+        "cgroup path outside the mount",
+        check_socket_lb,
+        |m| {
+            config_map_mut(m).insert("DATAPLANE_SOCKET_LB_CGROUP".into(), "/sys/fs/cgroup".into());
+        },
+        "is not under a mount of the host's /sys/fs/cgroup",
+    );
+    assert_catches(
+        "cgroup writable",
+        check_socket_lb,
+        |m| {
+            for vm in container_mut(m).volume_mounts.as_mut().unwrap() {
+                if vm.mount_path.starts_with("/run/dataplane/cgroupv2") {
+                    vm.read_only = None;
+                }
+            }
+        },
+        "mounted writable",
+    );
+    let mut m = load();
+    config_map_mut(&mut m).insert("DATAPLANE_SOCKET_LB_CGROUP".into(), String::new());
+    assert_clean("socket lb off", check_socket_lb(&m));
 }
 
 #[test]
