@@ -199,3 +199,43 @@ pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<&(Add
     }
     Ok(())
 }
+
+/// A TCP SYN of a flow the datapath does not translate (a client talking to
+/// a backend directly, or through the socket-level programs) whose reply
+/// tuple is the reply tuple of a translated flow that is closing: that
+/// flow is over and its tuple is taken by this one (the backend cannot tell
+/// the two apart), so both of its entries go. Otherwise this flow's
+/// SYN-ACK would match the old reply entry and reach the client rewritten
+/// to the old flow's VIP. Entries that are not closing are kept: the same
+/// SYN may be a translated flow's own (XDP and TC on one interface see it
+/// twice, translated the second time).
+#[inline(always)]
+pub fn remove_closing_reply(p: &Packet) {
+    let Some(key) = key_of(&p.daddr, &p.saddr, p.dport, p.sport, p) else {
+        return;
+    };
+    // SAFETY: the key was just written to the scratch entry.
+    let Some(e) = DP_CONNTRACK.get_ptr(unsafe { &*key }) else {
+        return;
+    };
+    // SAFETY: an LRU value, valid for this run; read before the scratch
+    // key is rewritten below.
+    let (flags, vip, vport, client, cport) =
+        unsafe { ((*e).flags, (*e).nat_addr, (*e).nat_port, (*e).snat_addr, (*e).snat_port) };
+    if flags & (CT_F_REPLY | CT_F_CLOSING) != CT_F_REPLY | CT_F_CLOSING {
+        return;
+    }
+    // SAFETY: as above.
+    let _ = DP_CONNTRACK.remove(unsafe { &*key });
+    // The original entry: client -> VIP (the client is the SNATed source
+    // when the flow was SNATed, else this SYN's own source).
+    let (client, cport) = if flags & CT_F_SNAT != 0 {
+        (client, cport)
+    } else {
+        (p.saddr, p.sport)
+    };
+    if let Some(key) = key_of(&client, &vip, cport, vport, p) {
+        // SAFETY: as above.
+        let _ = DP_CONNTRACK.remove(unsafe { &*key });
+    }
+}

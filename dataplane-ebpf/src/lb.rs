@@ -282,6 +282,9 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
             Verdict::Pass
         }
         _ => {
+            if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                conntrack::remove_closing_reply(p);
+            }
             stats::count(Reason::PassNoService);
             Verdict::Pass
         }

@@ -368,13 +368,13 @@ impl Model {
     /// back; the original entry learns that a reply was seen / the flow closes.
     fn reply(&mut self, p: &L4, closes: bool) -> Expect {
         let Some(e) = self.ct.get_mut(&p.tuple) else {
-            return Expect::Pass(Reason::PassNoService);
+            return self.pass_no_service(p);
         };
         if closes {
             e.flags |= CT_F_CLOSING;
         }
         if e.flags & CT_F_REPLY == 0 {
-            return Expect::Pass(Reason::PassNoService);
+            return self.pass_no_service(p);
         }
         let mut learn = 0;
         if e.flags & CT_F_SEEN_REPLY == 0 {
@@ -401,6 +401,37 @@ impl Model {
             port: vport,
             reason: Reason::NatReply,
         }
+    }
+}
+
+impl Model {
+    /// Passing untouched; a TCP SYN whose reversed tuple is the reply entry
+    /// of a closing flow removes that flow's entries (its tuple is taken).
+    fn pass_no_service(&mut self, p: &L4) -> Expect {
+        let t = &p.tuple;
+        if t.proto == TCP && p.flags & (SYN | ACK) == SYN {
+            let reversed = Tuple {
+                saddr: t.daddr,
+                daddr: t.saddr,
+                sport: t.dport,
+                dport: t.sport,
+                proto: t.proto,
+            };
+            let both = CT_F_REPLY | CT_F_CLOSING;
+            if let Some(e) = self.ct.get(&reversed).filter(|e| e.flags & both == both) {
+                let original = Tuple {
+                    saddr: t.saddr,
+                    daddr: e.nat_addr,
+                    sport: t.sport,
+                    dport: e.nat_port,
+                    proto: t.proto,
+                };
+                self.ct.remove(&reversed);
+                self.ct.remove(&original);
+                self.flows.retain(|f| *f != original);
+            }
+        }
+        Expect::Pass(Reason::PassNoService)
     }
 }
 
@@ -676,6 +707,9 @@ pub enum Kind {
     ToService,
     Established,
     Reply,
+    /// From a tracked flow's client and port straight to its backend (a
+    /// connection that does not go through the VIP, reusing the port).
+    DirectToBackend,
     NoServicePort,
     Random5Tuple,
     Arp,
@@ -915,7 +949,8 @@ impl Generator {
             30..=44 => Kind::Established,
             45..=59 => Kind::Reply,
             60..=64 => Kind::NoServicePort,
-            65..=72 => Kind::Random5Tuple,
+            65..=68 => Kind::DirectToBackend,
+            69..=72 => Kind::Random5Tuple,
             73..=75 => Kind::Arp,
             76..=79 => Kind::Vlan,
             80..=84 => Kind::Ipv6,
@@ -923,7 +958,8 @@ impl Generator {
             89..=91 => Kind::OtherProto,
             _ => Kind::Garbage,
         };
-        let kind = if model.flows.is_empty() && matches!(kind, Kind::Established | Kind::Reply) {
+        let kind = if model.flows.is_empty() && matches!(kind, Kind::Established | Kind::Reply | Kind::DirectToBackend)
+        {
             Kind::ToService
         } else {
             kind
@@ -969,6 +1005,24 @@ impl Generator {
                     dst: t.saddr,
                     sport: e.nat_port,
                     dport: t.sport,
+                    proto: t.proto,
+                    flags,
+                };
+                self.valid_or_broken(&s)
+            }
+            Kind::DirectToBackend => {
+                let t = *self.rng.pick(&model.flows);
+                let e = model.ct[&t];
+                let flags = if t.proto == TCP {
+                    *self.rng.pick(&[SYN, SYN, ACK, FIN | ACK])
+                } else {
+                    0
+                };
+                let s = Spec {
+                    src: t.saddr,
+                    dst: e.nat_addr,
+                    sport: t.sport,
+                    dport: e.nat_port,
                     proto: t.proto,
                     flags,
                 };

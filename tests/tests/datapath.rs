@@ -166,6 +166,46 @@ fn syn_after_close_picks_a_backend_again() {
     assert_eq!(s.conntrack_evicted, 0);
 }
 
+/// A closed translated flow's reply tuple, taken by a new connection that
+/// goes to the backend directly from the same port (a client using the
+/// socket-level programs, or talking to the pod's address): the new
+/// connection's SYN removes the closing entries, so its SYN-ACK reaches
+/// the client from the backend, untouched, not rewritten to the old VIP.
+/// The entries of a flow that is not closing stay (the same SYN seen at a
+/// second hook after its translation must not undo it).
+#[test]
+fn a_direct_connection_takes_over_the_reply_tuple_of_a_closed_flow() {
+    for prog in Prog::BOTH {
+        let l = loaded_with_web();
+        let client = (CLIENT, 40300);
+        let fwd = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+        let backend = (fwd.dst, fwd.dport);
+        l.run(prog, &Frame::tcp(backend, client, SYN | ACK).build());
+        l.run(prog, &Frame::tcp(client, (VIP, 80), FIN | ACK).build());
+        let closed = l.run(prog, &Frame::tcp(backend, client, FIN | ACK).build());
+        assert_eq!(parse_and_verify(&closed.data).src, VIP, "{prog:?}: the old flow's FIN");
+        assert_eq!(l.conntrack_len(), 2);
+
+        // The same client port, straight to the backend.
+        let syn = Frame::tcp(client, backend, SYN).build();
+        let out = l.run(prog, &syn);
+        assert_eq!(out.data, syn, "{prog:?}: the direct SYN must pass untouched");
+        assert_eq!(l.conntrack_len(), 0, "{prog:?}: the closed flow's entries stay");
+        let syn_ack = Frame::tcp(backend, client, SYN | ACK).build();
+        let out = l.run(prog, &syn_ack);
+        assert_eq!(out.data, syn_ack, "{prog:?}: the SYN-ACK was rewritten to the old VIP");
+
+        // A flow that is not closing keeps its entries.
+        let client = (CLIENT, 40301);
+        let fwd = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+        let backend = (fwd.dst, fwd.dport);
+        l.run(prog, &Frame::tcp(client, backend, SYN).build());
+        assert_eq!(l.conntrack_len(), 2, "{prog:?}");
+        let reply = parse_and_verify(&l.run(prog, &Frame::tcp(backend, client, SYN | ACK).build()).data);
+        assert_eq!((reply.src, reply.sport), (VIP, 80), "{prog:?}");
+    }
+}
+
 #[test]
 fn spread_over_backends_follows_the_hash() {
     let l = loaded_with_web();
