@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: a one-machine cluster in network namespaces, the real
 //! agent fed with deploy/examples manifests, and real connections through
-//! the Service VIP, load-balanced by the eBPF program.
+//! the Service VIP, load-balanced by the eBPF programs: per packet (TC) and,
+//! for a client process in the agent's cgroup, at connect time.
 
 use std::{
     collections::BTreeMap,
@@ -9,9 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use dataplane_tests::{
     agent::Agent,
+    cgroup::TestCgroup,
     netns::{addr6, backend_addr, require_root_and_tools, Topology, CLIENT_ADDR},
     servers::{tcp_server, Conn},
 };
@@ -56,6 +58,61 @@ fn print_spread(counts: &BTreeMap<String, usize>, n: usize, elapsed: Duration) {
     println!("    {n} connections, all answered, in {:.2} s", elapsed.as_secs_f64());
 }
 
+/// The agent's count of connections translated at connect time and of new
+/// flows translated per packet.
+fn translations(agent: &Agent) -> Result<(u64, u64)> {
+    let s = dataplane::inspect::stats(&dataplane::inspect::open_pinned(&agent.pins)?)?;
+    let sock = s
+        .socket_lb
+        .iter()
+        .find(|e| e.event == "connect_translated")
+        .map_or(0, |e| e.count);
+    let nat = s
+        .reasons
+        .iter()
+        .find(|r| r.reason == "nat_new_flow")
+        .map_or(0, |r| r.packets);
+    Ok((sock, nat))
+}
+
+/// `n` connections to the VIP from `dp-client`, a process in `cg` (the
+/// cgroup the socket-level programs are attached to): answers by backend,
+/// and the peer address the client's sockets reported.
+fn spread_from_cgroup(t: &Topology, cg: &TestCgroup, n: usize) -> Result<(BTreeMap<String, usize>, Vec<String>)> {
+    let client = std::env::current_exe()?.with_file_name("dp-client");
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &t.client.name])
+        .arg(&client)
+        .args(["tcp", &format!("{VIP}:80"), &n.to_string()]);
+    let out = cg.output(&mut cmd, Duration::from_secs(60))?;
+    let mut counts = BTreeMap::new();
+    let mut peers = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v["ok"] != true {
+            bail!("a connection from the cgroup failed: {v}");
+        }
+        let key = format!(
+            "{} (sees {})",
+            v["backend"].as_str().unwrap_or("?"),
+            v["seen_as"].as_str().unwrap_or("?")
+        );
+        *counts.entry(key).or_insert(0) += 1;
+        let peer = v["peer"].as_str().unwrap_or("?").to_string();
+        if !peers.contains(&peer) {
+            peers.push(peer);
+        }
+    }
+    if counts.values().sum::<usize>() != n {
+        bail!(
+            "{} of {n} connections answered: {}",
+            counts.values().sum::<usize>(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((counts, peers))
+}
+
 /// `text` without the endpoint entry whose address is `addr`.
 fn remove_endpoint(text: &str, addr: &str) -> String {
     text.split("\n- addresses: ")
@@ -97,7 +154,12 @@ fn main() -> Result<()> {
     }
 
     step("Starting the agent in the node namespace with deploy/examples/{web,skip,dual}.yaml");
-    let mut agent = Agent::start(
+    // The socket-level programs act on processes of one cgroup: the demo's
+    // own (a node attaches them to its cgroup root instead).
+    let cg = TestCgroup::new()?;
+    let cg_path = cg.path().display().to_string();
+    println!("    TC ingress on the node's interfaces; socket-level programs on cgroup {cg_path}");
+    let mut agent = Agent::start_with(
         &t.node,
         &t.node_ifaces(),
         &[],
@@ -106,6 +168,7 @@ fn main() -> Result<()> {
             ("skip.yaml", skip.as_str()),
             ("dual.yaml", dual.as_str()),
         ],
+        &["--socket-lb-cgroup", &cg_path],
     )?;
     for line in agent.log().lines() {
         if line.contains("attached") || line.contains("WARN") || line.contains("sync applied") {
@@ -115,11 +178,38 @@ fn main() -> Result<()> {
     println!("    (198.18.2.2 is terminating and ready ones exist: it gets no new flows)");
 
     step(&format!(
-        "{CONNECTIONS} TCP connections from the client to Service shop/web at {VIP}:80"
+        "{CONNECTIONS} TCP connections from the client to Service shop/web at {VIP}:80 (per-packet path: TC)"
     ));
+    let before = translations(&agent)?;
     let started = Instant::now();
     let counts = spread(&t, CONNECTIONS)?;
     print_spread(&counts, CONNECTIONS, started.elapsed());
+    let after = translations(&agent)?;
+    println!(
+        "    agent counters: {} new flows translated by the TC program, {} connections at connect time",
+        after.1 - before.1,
+        after.0 - before.0
+    );
+
+    step(&format!(
+        "The same {CONNECTIONS} connections from a client process in the cgroup (socket-level load balancing)"
+    ));
+    let started = Instant::now();
+    let (counts, peers) = spread_from_cgroup(&t, &cg, CONNECTIONS)?;
+    print_spread(&counts, CONNECTIONS, started.elapsed());
+    let later = translations(&agent)?;
+    println!(
+        "    agent counters: {} connections got their backend at connect(), {} new flows translated per packet",
+        later.0 - after.0,
+        later.1 - after.1
+    );
+    println!(
+        "    the client's sockets report their peer as {} (getpeername shows the VIP, not the backend)",
+        peers.join(", ")
+    );
+    if later.0 - after.0 != CONNECTIONS as u64 || later.1 != after.1 {
+        bail!("the cgroup's connections were not all translated at connect time");
+    }
 
     step("The dual-stack Service default/api: 50 connections to each of its ClusterIPs");
     println!("    each ClusterIP reaches only the endpoint of its own family (an EndpointSlice per family)");
@@ -177,6 +267,7 @@ fn main() -> Result<()> {
             .collect::<String>()
     );
     drop(servers);
+    drop(cg);
     drop(t);
     println!("    done");
     Ok(())
