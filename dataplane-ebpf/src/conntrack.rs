@@ -181,11 +181,20 @@ pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<&(Add
     v.nat_port = p.dport;
     v.flags = CT_F_REPLY;
     v.service_id = service_id;
-    v.snat_addr = [0; 4];
     v.snat_port = 0;
     v.created_ns = now;
     v.last_seen_ns = now;
-    v._pad = [0; 3];
+    // Zeroed with volatile stores: LLVM merges plain zero stores of these
+    // arrays into `memset` calls, a byte-by-byte loop on BPF.
+    // SAFETY: fields of this CPU's scratch value.
+    unsafe {
+        for w in v.snat_addr.iter_mut() {
+            core::ptr::write_volatile(w, 0);
+        }
+        for w in v._pad.iter_mut() {
+            core::ptr::write_volatile(w, 0);
+        }
+    }
     if let Some((node, port)) = snat {
         key.daddr = *node;
         key.dport = *port;
