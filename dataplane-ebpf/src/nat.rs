@@ -89,6 +89,13 @@ fn is_zero(folded: u16) -> bool {
     folded == 0xffff || folded == 0
 }
 
+/// Whether two 16-bit one's complement sums are equal (0 and 0xffff are
+/// both zero).
+#[inline(always)]
+fn same_sum(a: u16, b: u16) -> bool {
+    a == b || (is_zero(a) && is_zero(b))
+}
+
 /// 32-bit words of an address of the packet's family: 1 or 4.
 #[inline(always)]
 pub fn addr_words(p: &Packet) -> usize {
@@ -250,6 +257,36 @@ impl PacketCtx for XdpContext {
     }
 }
 
+/// Direct access to the L4 checksum field of a TC packet (at `off` from
+/// the start of the frame), bounds-checked against the current packet.
+trait TcCsum {
+    fn l4_csum(&self, off: usize) -> Result<u16, ()>;
+    fn put_l4_csum(&self, off: usize, c: u16) -> Result<(), ()>;
+}
+
+impl TcCsum for TcContext {
+    #[inline(always)]
+    fn l4_csum(&self, off: usize) -> Result<u16, ()> {
+        let at = TcContext::data(self) + off;
+        if at + 2 > TcContext::data_end(self) {
+            return Err(());
+        }
+        // SAFETY: inside the packet, checked just above.
+        Ok(unsafe { core::ptr::read_unaligned(at as *const u16) })
+    }
+
+    #[inline(always)]
+    fn put_l4_csum(&self, off: usize, c: u16) -> Result<(), ()> {
+        let at = TcContext::data(self) + off;
+        if at + 2 > TcContext::data_end(self) {
+            return Err(());
+        }
+        // SAFETY: inside the packet, checked just above; TC may write it.
+        unsafe { core::ptr::write_unaligned(at as *mut u16, c) };
+        Ok(())
+    }
+}
+
 impl PacketCtx for TcContext {
     #[inline(always)]
     fn data(&self) -> usize {
@@ -269,11 +306,15 @@ impl PacketCtx for TcContext {
     /// The L4 checksum goes through `bpf_l4_csum_replace`, which alone
     /// knows whether the field holds a full checksum or, for
     /// `CHECKSUM_PARTIAL` skbs from local sockets, only the pseudo-header
-    /// sum: one call with the address difference (`BPF_F_PSEUDO_HDR`:
-    /// applied in both cases, and to `skb->csum` under `CHECKSUM_COMPLETE`)
-    /// and one with the port difference (not applied to a partial
-    /// checksum), each skipped when it is zero. Both take the difference
-    /// (size 0), so a rewrite of both ends costs two calls as well.
+    /// sum: one call with the address difference (size 0: by difference,
+    /// so one call for both ends; `BPF_F_PSEUDO_HDR`: applied in both
+    /// cases, and to `skb->csum` under `CHECKSUM_COMPLETE`). The port
+    /// difference must reach a full checksum only. How the helper changed
+    /// the field tells which kind it holds, so the ports are folded in
+    /// here, directly, instead of by a second call (which would do nothing
+    /// to a partial checksum); without an address change the second call
+    /// remains. Under `CHECKSUM_COMPLETE` the port write and the field
+    /// change cancel out in `skb->csum`, as with the helper.
     #[inline(always)]
     fn rewrite(&self, p: &Packet, dst: Option<Endpoint>, src: Option<Endpoint>) -> Result<(), ()> {
         let d = delta(p, dst, src);
@@ -285,14 +326,31 @@ impl PacketCtx for TcContext {
         let udp_flags = if p.is_tcp() { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
         let csum_off = p.l4_csum_off();
         let addr = csum::fold(d.addr);
-        if !is_zero(addr) {
-            self.l4_csum_replace(csum_off, 0, addr as u64, BPF_F_PSEUDO_HDR as u64 | udp_flags)
-                .map_err(|_| ())?;
-        }
         let port = csum::fold(d.port);
-        if !is_zero(port) {
-            self.l4_csum_replace(csum_off, 0, port as u64, udp_flags)
-                .map_err(|_| ())?;
+        if is_zero(addr) {
+            if !is_zero(port) {
+                self.l4_csum_replace(csum_off, 0, port as u64, udp_flags)
+                    .map_err(|_| ())?;
+            }
+            return Ok(());
+        }
+        let before = self.l4_csum(csum_off)?;
+        self.l4_csum_replace(csum_off, 0, addr as u64, BPF_F_PSEUDO_HDR as u64 | udp_flags)
+            .map_err(|_| ())?;
+        if is_zero(port) || (!p.is_tcp() && before == 0) {
+            return Ok(());
+        }
+        // What the helper did to the field tells which kind of sum it
+        // holds: a full checksum became `before - addr`, a partial one
+        // (pseudo-header only) `before + addr`; the two differ for any
+        // non-zero `addr`. Only a full checksum covers the ports.
+        let after = self.l4_csum(csum_off)?;
+        if same_sum(csum::fold(after as u32 + addr as u32), before) {
+            let mut c = apply(after, d.port);
+            if !p.is_tcp() && c == 0 {
+                c = 0xffff;
+            }
+            self.put_l4_csum(csum_off, c)?;
         }
         Ok(())
     }
