@@ -291,9 +291,9 @@ pub struct CtValue {
     /// rewritten to. Reply entry: the client address the destination is
     /// rewritten back to.
     pub snat_addr: Addr,
-    /// `bpf_ktime_get_ns()` at creation.
+    /// CLOCK_MONOTONIC at creation (`bpf_ktime_get_coarse_ns()`: tick resolution).
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` at the last packet seen in the entry's
+    /// The same clock at the last packet seen in the entry's
     /// direction (refreshed at most once a second).
     pub last_seen_ns: u64,
     /// The frontend this flow was created for (counters).
@@ -382,7 +382,7 @@ pub struct AffinityValue {
     /// deletes entries whose backend left the service.
     pub backend: Backend,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the client's last new flow to the service.
+    /// `bpf_ktime_get_coarse_ns()` of the client's last new flow to the service.
     pub last_seen_ns: u64,
 }
 

@@ -2,10 +2,9 @@
 //! backend its previous flow went to, while it comes back within the
 //! timeout (kube-proxy refreshes on every new connection; so do we).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use dataplane_common::{AffinityKey, AffinityValue, Backend, ServiceValue};
 
-use crate::{maps::DP_AFFINITY, parse::Packet};
+use crate::{conntrack::now_ns, maps::DP_AFFINITY, parse::Packet};
 
 const NS_PER_S: u64 = 1_000_000_000;
 
@@ -21,11 +20,11 @@ fn key(p: &Packet, svc: &ServiceValue) -> AffinityKey {
 #[inline(never)]
 pub fn lookup(p: &Packet, svc: &ServiceValue) -> Option<Backend> {
     let e = DP_AFFINITY.get_ptr_mut(key(p, svc))?;
-    // SAFETY: helper without preconditions; the LRU value stays valid for
-    // this run and a racing refresh of last_seen is harmless.
+    // SAFETY: the LRU value stays valid for this run and a racing refresh
+    // of last_seen is harmless.
     unsafe {
-        let now = bpf_ktime_get_ns();
-        if now.wrapping_sub((*e).last_seen_ns) > svc.affinity_timeout_s as u64 * NS_PER_S {
+        let now = now_ns();
+        if now.saturating_sub((*e).last_seen_ns) > svc.affinity_timeout_s as u64 * NS_PER_S {
             return None;
         }
         (*e).last_seen_ns = now;
@@ -36,8 +35,7 @@ pub fn lookup(p: &Packet, svc: &ServiceValue) -> Option<Backend> {
 /// Remembers `backend` for this client.
 #[inline(never)]
 pub fn remember(p: &Packet, svc: &ServiceValue, backend: Backend) {
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     // Best effort: without the entry the next flow is simply selected again.
     let _ = DP_AFFINITY.insert(
         key(p, svc),

@@ -27,7 +27,7 @@ use dataplane_common::{
 
 use crate::{
     maps::{scratch, DP_CONNTRACK},
-    nat::{csum_replace_addr, PacketCtx},
+    nat::{self, csum_replace_addr, PacketCtx},
     parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
 };
 
@@ -108,7 +108,8 @@ fn get_addr<const V6: bool>(data: usize, off: usize) -> Addr {
 #[inline(always)]
 fn put_addr<const V6: bool>(data: usize, off: usize, a: &Addr) {
     if V6 {
-        put(data, off, *a)
+        // SAFETY: as for `put`.
+        unsafe { nat::put_addr16(data + off, a) }
     } else {
         put(data, off, a[0])
     }

@@ -12,7 +12,7 @@ use dataplane_common::{
 use crate::{
     affinity, conntrack,
     maps::{DP_BACKENDS, DP_CONFIG, DP_MAGLEV, DP_SERVICES, DP_SRC_RANGES},
-    nat::{PacketCtx, Side},
+    nat::{Endpoint, PacketCtx},
     parse::{Packet, TCP_ACK, TCP_SYN},
     stats,
 };
@@ -231,15 +231,11 @@ fn translate<C: PacketCtx>(
     ctx: &C,
     p: &Packet,
     service_id: u32,
-    dst: (&Addr, u16),
-    snat: Option<(&Addr, u16)>,
+    dst: Endpoint,
+    snat: Option<Endpoint>,
     reason: Reason,
 ) -> Verdict {
-    let mut ok = ctx.rewrite(p, Side::Dst, dst.0, dst.1).is_ok();
-    if let Some((addr, port)) = snat {
-        ok = ok && ctx.rewrite(p, Side::Src, addr, port).is_ok();
-    }
-    if !ok {
+    if ctx.rewrite(p, Some(dst), snat).is_err() {
         stats::count(Reason::DropRewriteFailed);
         return Verdict::Drop;
     }
@@ -269,12 +265,10 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
             if flags != 0 {
                 conntrack::flag_original(p, ct, flags);
             }
-            let mut ok = ctx.rewrite(p, Side::Src, &ct.nat_addr, ct.nat_port).is_ok();
-            if ct.flags & CT_F_SNAT != 0 {
-                // Back to the client the node translated the source of.
-                ok = ok && ctx.rewrite(p, Side::Dst, &ct.snat_addr, ct.snat_port).is_ok();
-            }
-            if !ok {
+            // With SNAT, also back to the client the node translated the
+            // source of.
+            let client = (ct.flags & CT_F_SNAT != 0).then_some((&ct.snat_addr, ct.snat_port));
+            if ctx.rewrite(p, client, Some((&ct.nat_addr, ct.nat_port))).is_err() {
                 stats::count(Reason::DropRewriteFailed);
                 return Verdict::Drop;
             }

@@ -1,10 +1,14 @@
 //! Address/port rewrites with checksum updates, for XDP and for TC.
 //!
+//! Both ends of a packet are rewritten at once (DNAT, and SNAT or its
+//! reverse when the flow needs it), their changes summed into one
+//! difference for the addresses and one for the ports.
 //! XDP has no checksum helpers and sees frames from the wire with complete
 //! checksums: it writes directly and updates checksums incrementally.
 //! TC may see `CHECKSUM_PARTIAL` skbs from local sockets, where the L4
-//! checksum field holds only the pseudo-header sum: there the kernel helpers
-//! with `BPF_F_PSEUDO_HDR` do the right thing for each case.
+//! checksum field holds only the pseudo-header sum: there the L4 checksum
+//! goes through the kernel helper, with `BPF_F_PSEUDO_HDR` for the
+//! addresses, which does the right thing for each case.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -17,36 +21,79 @@ use crate::parse::{
     TCP_CSUM_OFF, UDP_CSUM_OFF,
 };
 
-/// Which end of the packet is rewritten.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// Destination: DNAT of a packet towards a backend.
-    Dst,
-    /// Source: reverse NAT of a reply, so it comes from the VIP.
-    Src,
-}
+/// The new address and port of one end of a packet (network order, the
+/// address of the packet's family).
+pub type Endpoint<'a> = (&'a Addr, u16);
 
 /// What the datapath needs from a program context.
 pub trait PacketCtx: aya_ebpf::EbpfContext {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
-    /// Rewrites the address and port of one side of `p` to `addr`/`port`
-    /// (network order, `addr` of the packet's family), keeping the IPv4
-    /// header checksum and the L4 checksum (whose pseudo-header holds the
-    /// addresses, in both families) valid.
-    fn rewrite(&self, p: &Packet, side: Side, addr: &Addr, port: u16) -> Result<(), ()>;
+    /// Rewrites the destination of `p` to `dst` and its source to `src`
+    /// (each when given), keeping the IPv4 header checksum and the L4
+    /// checksum (whose pseudo-header holds the addresses, in both families)
+    /// valid.
+    fn rewrite(&self, p: &Packet, dst: Option<Endpoint>, src: Option<Endpoint>) -> Result<(), ()>;
 }
 
-/// Where one side's address and port sit (offsets from the IP header and
-/// the L4 header) and their current values.
+/// What a rewrite changes, as one's complement sums of `!old + new` over
+/// 16-bit words (RFC 1624): of the addresses, which the IPv4 header
+/// checksum and the L4 pseudo-header cover, and of the ports, which only
+/// the L4 checksum covers. Unfolded; at most 32 words, so no overflow.
+#[derive(Clone, Copy)]
+struct Delta {
+    addr: u32,
+    port: u32,
+}
+
 #[inline(always)]
-fn side_fields(p: &Packet, side: Side) -> (usize, usize, Addr, u16) {
-    match (side, p.is_v6()) {
-        (Side::Dst, false) => (IP_DADDR_OFF, L4_DPORT_OFF, p.daddr, p.dport),
-        (Side::Src, false) => (IP_SADDR_OFF, L4_SPORT_OFF, p.saddr, p.sport),
-        (Side::Dst, true) => (IP6_DADDR_OFF, L4_DPORT_OFF, p.daddr, p.dport),
-        (Side::Src, true) => (IP6_SADDR_OFF, L4_SPORT_OFF, p.saddr, p.sport),
+fn add_word32(sum: u32, old: u32, new: u32) -> u32 {
+    sum + ((!old) >> 16) + ((!old) & 0xffff) + (new >> 16) + (new & 0xffff)
+}
+
+#[inline(always)]
+fn delta(p: &Packet, dst: Option<Endpoint>, src: Option<Endpoint>) -> Delta {
+    let words = addr_words(p);
+    let mut d = Delta { addr: 0, port: 0 };
+    let mut i = 0;
+    while i < 4 {
+        if i < words {
+            if let Some((a, _)) = dst {
+                d.addr = add_word32(d.addr, p.daddr[i], a[i]);
+            }
+            if let Some((a, _)) = src {
+                d.addr = add_word32(d.addr, p.saddr[i], a[i]);
+            }
+        }
+        i += 1;
     }
+    if let Some((_, port)) = dst {
+        d.port += (!p.dport) as u32 + port as u32;
+    }
+    if let Some((_, port)) = src {
+        d.port += (!p.sport) as u32 + port as u32;
+    }
+    d
+}
+
+/// `check` (a full checksum) after the fields summed in `diff` changed.
+#[inline(always)]
+fn apply(check: u16, diff: u32) -> u16 {
+    !csum::fold((!check) as u32 + diff)
+}
+
+/// Whether a folded difference changes nothing: `!x + x` words sum to
+/// 0xffff, the one's complement zero (0 only for an empty sum).
+#[inline(always)]
+fn is_zero(folded: u16) -> bool {
+    folded == 0xffff || folded == 0
+}
+
+/// Whether two 16-bit one's complement sums are equal (0 and 0xffff are
+/// both zero).
+#[inline(always)]
+fn same_sum(a: u16, b: u16) -> bool {
+    a == b || (is_zero(a) && is_zero(b))
 }
 
 /// 32-bit words of an address of the packet's family: 1 or 4.
@@ -73,6 +120,90 @@ pub fn csum_replace_addr(mut check: u16, from: &Addr, to: &Addr, words: usize) -
     check
 }
 
+/// Writes a 16-byte address to `ptr` (packet memory) as four 32-bit
+/// stores. A 16-byte `write_unaligned` of the value becomes a call to
+/// `memmove` (LLVM cannot rule out that the source overlaps the packet),
+/// which on BPF is a byte-by-byte loop of some 130 instructions. The words
+/// are read with volatile loads: `a` may sit on the stack at a 4-byte
+/// boundary, and LLVM would otherwise merge pairs of them into 8-byte
+/// loads (misaligned accesses are enabled for packet data), which the
+/// verifier rejects on the stack.
+///
+/// # Safety
+/// `ptr..ptr + 16` must be writable packet memory checked against its end.
+#[inline(always)]
+pub unsafe fn put_addr16(ptr: usize, a: &Addr) {
+    let w0 = core::ptr::read_volatile(&a[0]);
+    let w1 = core::ptr::read_volatile(&a[1]);
+    let w2 = core::ptr::read_volatile(&a[2]);
+    let w3 = core::ptr::read_volatile(&a[3]);
+    core::ptr::write_unaligned(ptr as *mut u32, w0);
+    core::ptr::write_unaligned((ptr + 4) as *mut u32, w1);
+    core::ptr::write_unaligned((ptr + 8) as *mut u32, w2);
+    core::ptr::write_unaligned((ptr + 12) as *mut u32, w3);
+}
+
+/// Writes the new addresses and ports of a rewrite into the packet and
+/// updates the IPv4 header checksum; the L4 checksum is left to the caller.
+/// `data`/`end` are the packet bounds of the running program.
+///
+/// # Safety
+/// `data`/`end` must be the context's current packet bounds, and the
+/// program must be allowed to write the packet (XDP; TC with direct packet
+/// access).
+#[inline(always)]
+unsafe fn write_fields(
+    p: &Packet,
+    data: usize,
+    end: usize,
+    dst: Option<Endpoint>,
+    src: Option<Endpoint>,
+    d: Delta,
+) -> Result<(), ()> {
+    let l3 = data + p.l3_off;
+    let l4 = data + p.l4_off;
+    // Each access below lies inside a range checked against `end` just
+    // before it, in the same branch.
+    if l4 + L4_PORTS_LEN > end {
+        return Err(());
+    }
+    if let Some((_, port)) = dst {
+        core::ptr::write_unaligned((l4 + L4_DPORT_OFF) as *mut u16, port);
+    }
+    if let Some((_, port)) = src {
+        core::ptr::write_unaligned((l4 + L4_SPORT_OFF) as *mut u16, port);
+    }
+    if p.is_v6() {
+        if l3 + 40 > end {
+            return Err(());
+        }
+        // No header checksum in IPv6.
+        if let Some((a, _)) = dst {
+            put_addr16(l3 + IP6_DADDR_OFF, a);
+        }
+        if let Some((a, _)) = src {
+            put_addr16(l3 + IP6_SADDR_OFF, a);
+        }
+    } else {
+        if l3 + 20 > end {
+            return Err(());
+        }
+        let c = core::ptr::read_unaligned((l3 + IP_CSUM_OFF) as *const u16);
+        core::ptr::write_unaligned((l3 + IP_CSUM_OFF) as *mut u16, apply(c, d.addr));
+        if let Some((a, _)) = dst {
+            core::ptr::write_unaligned((l3 + IP_DADDR_OFF) as *mut u32, a[0]);
+        }
+        if let Some((a, _)) = src {
+            core::ptr::write_unaligned((l3 + IP_SADDR_OFF) as *mut u32, a[0]);
+        }
+    }
+    Ok(())
+}
+
+/// Source and destination port: the part of the L4 header every rewrite
+/// writes.
+const L4_PORTS_LEN: usize = 4;
+
 // `data()`/`data_end()` read the context with volatile loads: the
 // datapath's larger steps are functions of their own (stack), and LLVM would
 // otherwise hoist these 32-bit context loads into the caller and pass them
@@ -92,14 +223,12 @@ impl PacketCtx for XdpContext {
     }
 
     #[inline(always)]
-    fn rewrite(&self, p: &Packet, side: Side, addr: &Addr, port: u16) -> Result<(), ()> {
-        let (addr_off, port_off, old_addr, old_port) = side_fields(p, side);
-        let words = addr_words(p);
+    fn rewrite(&self, p: &Packet, dst: Option<Endpoint>, src: Option<Endpoint>) -> Result<(), ()> {
+        let d = delta(p, dst, src);
         let data = XdpContext::data(self);
         let end = XdpContext::data_end(self);
-        let l3 = data + p.l3_off;
         let l4 = data + p.l4_off;
-        // SAFETY (all writes below): each access lies inside a range checked
+        // SAFETY (all accesses below): each lies inside a range checked
         // against data_end just before it, in the same branch.
         unsafe {
             if p.is_tcp() {
@@ -107,9 +236,7 @@ impl PacketCtx for XdpContext {
                     return Err(());
                 }
                 let c = core::ptr::read_unaligned((l4 + TCP_CSUM_OFF) as *const u16);
-                let c = csum::replace2(csum_replace_addr(c, &old_addr, addr, words), old_port, port);
-                core::ptr::write_unaligned((l4 + TCP_CSUM_OFF) as *mut u16, c);
-                core::ptr::write_unaligned((l4 + port_off) as *mut u16, port);
+                core::ptr::write_unaligned((l4 + TCP_CSUM_OFF) as *mut u16, apply(c, d.addr + d.port));
             } else {
                 if l4 + 8 > end {
                     return Err(());
@@ -118,29 +245,44 @@ impl PacketCtx for XdpContext {
                 // A zero UDP checksum means "none" (IPv4 only) and stays
                 // zero; a computed zero is sent as 0xffff.
                 if c != 0 {
-                    let mut c = csum::replace2(csum_replace_addr(c, &old_addr, addr, words), old_port, port);
+                    let mut c = apply(c, d.addr + d.port);
                     if c == 0 {
                         c = 0xffff;
                     }
                     core::ptr::write_unaligned((l4 + UDP_CSUM_OFF) as *mut u16, c);
                 }
-                core::ptr::write_unaligned((l4 + port_off) as *mut u16, port);
             }
-            if p.is_v6() {
-                if l3 + 40 > end {
-                    return Err(());
-                }
-                // No header checksum in IPv6.
-                core::ptr::write_unaligned((l3 + addr_off) as *mut Addr, *addr);
-            } else {
-                if l3 + 20 > end {
-                    return Err(());
-                }
-                let c = core::ptr::read_unaligned((l3 + IP_CSUM_OFF) as *const u16);
-                core::ptr::write_unaligned((l3 + IP_CSUM_OFF) as *mut u16, csum::replace4(c, old_addr[0], addr[0]));
-                core::ptr::write_unaligned((l3 + addr_off) as *mut u32, addr[0]);
-            }
+            write_fields(p, data, end, dst, src, d)
         }
+    }
+}
+
+/// Direct access to the L4 checksum field of a TC packet (at `off` from
+/// the start of the frame), bounds-checked against the current packet.
+trait TcCsum {
+    fn l4_csum(&self, off: usize) -> Result<u16, ()>;
+    fn put_l4_csum(&self, off: usize, c: u16) -> Result<(), ()>;
+}
+
+impl TcCsum for TcContext {
+    #[inline(always)]
+    fn l4_csum(&self, off: usize) -> Result<u16, ()> {
+        let at = TcContext::data(self) + off;
+        if at + 2 > TcContext::data_end(self) {
+            return Err(());
+        }
+        // SAFETY: inside the packet, checked just above.
+        Ok(unsafe { core::ptr::read_unaligned(at as *const u16) })
+    }
+
+    #[inline(always)]
+    fn put_l4_csum(&self, off: usize, c: u16) -> Result<(), ()> {
+        let at = TcContext::data(self) + off;
+        if at + 2 > TcContext::data_end(self) {
+            return Err(());
+        }
+        // SAFETY: inside the packet, checked just above; TC may write it.
+        unsafe { core::ptr::write_unaligned(at as *mut u16, c) };
         Ok(())
     }
 }
@@ -158,37 +300,58 @@ impl PacketCtx for TcContext {
         unsafe { core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize }
     }
 
+    /// Addresses, ports and the IPv4 header checksum are written directly
+    /// (this program writes the packet directly anyway: the ICMP error
+    /// translation; the verifier's prologue unclones a cloned skb first).
+    /// The L4 checksum goes through `bpf_l4_csum_replace`, which alone
+    /// knows whether the field holds a full checksum or, for
+    /// `CHECKSUM_PARTIAL` skbs from local sockets, only the pseudo-header
+    /// sum: one call with the address difference (size 0: by difference,
+    /// so one call for both ends; `BPF_F_PSEUDO_HDR`: applied in both
+    /// cases, and to `skb->csum` under `CHECKSUM_COMPLETE`). The port
+    /// difference must reach a full checksum only. How the helper changed
+    /// the field tells which kind it holds, so the ports are folded in
+    /// here, directly, instead of by a second call (which would do nothing
+    /// to a partial checksum); without an address change the second call
+    /// remains. Under `CHECKSUM_COMPLETE` the port write and the field
+    /// change cancel out in `skb->csum`, as with the helper.
     #[inline(always)]
-    fn rewrite(&self, p: &Packet, side: Side, addr: &Addr, port: u16) -> Result<(), ()> {
-        let (addr_off, port_off, old_addr, old_port) = side_fields(p, side);
-        let words = addr_words(p);
+    fn rewrite(&self, p: &Packet, dst: Option<Endpoint>, src: Option<Endpoint>) -> Result<(), ()> {
+        let d = delta(p, dst, src);
+        // SAFETY: the bounds are this program's; TC may write the packet
+        // directly.
+        unsafe { write_fields(p, TcContext::data(self), TcContext::data_end(self), dst, src, d)? };
         // For UDP, MARK_MANGLED_0 leaves a zero ("no checksum") field alone
         // and turns a computed zero into 0xffff.
         let udp_flags = if p.is_tcp() { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
         let csum_off = p.l4_csum_off();
-        let mut i = 0;
-        while i < 4 {
-            if i < words {
-                self.l4_csum_replace(
-                    csum_off,
-                    old_addr[i] as u64,
-                    addr[i] as u64,
-                    BPF_F_PSEUDO_HDR as u64 | udp_flags | 4,
-                )
-                .map_err(|_| ())?;
+        let addr = csum::fold(d.addr);
+        let port = csum::fold(d.port);
+        if is_zero(addr) {
+            if !is_zero(port) {
+                self.l4_csum_replace(csum_off, 0, port as u64, udp_flags)
+                    .map_err(|_| ())?;
             }
-            i += 1;
+            return Ok(());
         }
-        self.l4_csum_replace(csum_off, old_port as u64, port as u64, udp_flags | 2)
+        let before = self.l4_csum(csum_off)?;
+        self.l4_csum_replace(csum_off, 0, addr as u64, BPF_F_PSEUDO_HDR as u64 | udp_flags)
             .map_err(|_| ())?;
-        if p.is_v6() {
-            self.store(p.l3_off + addr_off, addr, 0).map_err(|_| ())?;
-        } else {
-            self.l3_csum_replace(p.l3_off + IP_CSUM_OFF, old_addr[0] as u64, addr[0] as u64, 4)
-                .map_err(|_| ())?;
-            self.store(p.l3_off + addr_off, &addr[0], 0).map_err(|_| ())?;
+        if is_zero(port) || (!p.is_tcp() && before == 0) {
+            return Ok(());
         }
-        self.store(p.l4_off + port_off, &port, 0).map_err(|_| ())?;
+        // What the helper did to the field tells which kind of sum it
+        // holds: a full checksum became `before - addr`, a partial one
+        // (pseudo-header only) `before + addr`; the two differ for any
+        // non-zero `addr`. Only a full checksum covers the ports.
+        let after = self.l4_csum(csum_off)?;
+        if same_sum(csum::fold(after as u32 + addr as u32), before) {
+            let mut c = apply(after, d.port);
+            if !p.is_tcp() && c == 0 {
+                c = 0xffff;
+            }
+            self.put_l4_csum(csum_off, c)?;
+        }
         Ok(())
     }
 }

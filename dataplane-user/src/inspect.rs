@@ -140,7 +140,8 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
     })
 }
 
-/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns()`.
+/// `CLOCK_MONOTONIC` in ns: the clock of the programs' timestamps
+/// (`bpf_ktime_get_coarse_ns()`, which lags it by at most a tick).
 pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
