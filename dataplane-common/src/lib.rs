@@ -433,8 +433,9 @@ pub struct SockNatValue {
     pub flags: u16,
     /// The frontend's service id (counters, inspection).
     pub service_id: u32,
-    /// `bpf_ktime_get_ns()` when the entry was written or last used (forward
-    /// entries expire after the UDP conntrack timeouts of `DpConfig`).
+    /// When the entry was written or last used, on the clock of conntrack
+    /// entries (`bpf_ktime_get_coarse_ns()`); forward entries expire after
+    /// the UDP conntrack timeouts of `DpConfig`.
     pub last_seen_ns: u64,
 }
 

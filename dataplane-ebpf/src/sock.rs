@@ -24,7 +24,7 @@ use core::{
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
     EbpfContext,
 };
@@ -34,7 +34,10 @@ use dataplane_common::{
     SOCK_NAT_REVERSE, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_SOURCE_RANGES,
 };
 
-use crate::maps::{DP_BACKENDS, DP_CONFIG, DP_SERVICES, DP_SOCK_AFFIN, DP_SOCK_NAT, DP_SOCK_STATS, DP_SVC_STATS};
+use crate::{
+    conntrack::now_ns,
+    maps::{DP_BACKENDS, DP_CONFIG, DP_SERVICES, DP_SOCK_AFFIN, DP_SOCK_NAT, DP_SOCK_STATS, DP_SVC_STATS},
+};
 
 /// A stack value written as 64-bit words with volatile stores.
 ///
@@ -337,7 +340,7 @@ fn pick(netns_cookie: u64, svc: &Svc, now: u64) -> Pick {
             // SAFETY: the LRU value stays valid for this run; a racing
             // refresh of last_seen is harmless.
             unsafe {
-                if now.wrapping_sub((*e).last_seen_ns) <= svc.affinity_timeout_s as u64 * NS_PER_S {
+                if now.saturating_sub((*e).last_seen_ns) <= svc.affinity_timeout_s as u64 * NS_PER_S {
                     (*e).last_seen_ns = now;
                     return Pick::To(Chosen::read(&raw const (*e).backend));
                 }
@@ -398,7 +401,7 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     };
     // SAFETY: helpers valid for sock_addr programs.
-    let (netns, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
+    let (netns, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), now_ns()) };
     match pick(netns, &svc, now) {
         Pick::To(b) => {
             write_addr(sa, v6, &to, &b.addr, b.port);
@@ -455,14 +458,14 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
         return ALLOW;
     };
     // SAFETY: helpers valid for sock_addr programs.
-    let (cookie, now) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
+    let (cookie, now) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), now_ns()) };
     let fwd = nat_key(cookie, &to.addr, to.port, to.family, SOCK_NAT_FORWARD);
     if let Some(e) = DP_SOCK_NAT.get_ptr_mut(fwd.as_ref::<SockNatKey>()) {
         // SAFETY: the LRU value stays valid for this run; concurrent
         // writers only refresh last_seen/flags, where a lost update is
         // harmless.
         unsafe {
-            let idle = now.wrapping_sub((*e).last_seen_ns);
+            let idle = now.saturating_sub((*e).last_seen_ns);
             if idle <= udp_timeout_ns((*e).flags) && (*e).service_id == svc.service_id {
                 if idle > REFRESH_NS {
                     (*e).last_seen_ns = now;
@@ -531,7 +534,7 @@ pub fn recvmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
         unsafe {
             if (*e).flags & SOCK_F_SEEN_REPLY == 0 {
                 (*e).flags |= SOCK_F_SEEN_REPLY;
-                (*e).last_seen_ns = bpf_ktime_get_ns();
+                (*e).last_seen_ns = now_ns();
             }
         }
     }
