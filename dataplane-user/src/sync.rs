@@ -138,6 +138,37 @@ pub struct Syncer<W: MapWriter> {
     fresh_maps: bool,
     max_services: u32,
     config: SyncConfig,
+    /// Maglev tables computed ahead of the writes of one apply (in
+    /// parallel, see [`Syncer::precompute_tables`]), by frontend.
+    tables: BTreeMap<ServiceKey, Vec<u16>>,
+}
+
+/// Below this many tables to compute, one thread does them all.
+const PARALLEL_TABLES_MIN: usize = 64;
+
+/// Maglev tables for `work` (frontend, backends), computed on every CPU.
+fn tables_in_parallel(work: &[(ServiceKey, &[Backend])], size: u32) -> Vec<(ServiceKey, Vec<u16>)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    if threads < 2 || work.len() < PARALLEL_TABLES_MIN {
+        return work.iter().map(|(k, b)| (*k, maglev::table(b, size))).collect();
+    }
+    let per = work.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = work
+            .chunks(per)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|(k, b)| (*k, maglev::table(b, size)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("maglev table thread panicked"))
+            .collect()
+    })
 }
 
 fn describe(key: &ServiceKey) -> String {
@@ -159,6 +190,7 @@ impl<W: MapWriter> Syncer<W> {
             fresh_maps: false,
             max_services: limits::MAX_SERVICES,
             config,
+            tables: BTreeMap::new(),
         }
     }
 
@@ -208,7 +240,13 @@ impl<W: MapWriter> Syncer<W> {
 
     /// Writes one generation of `fe` (backend slots, Maglev table) and
     /// returns the service value that makes it current.
-    fn write_generation(&mut self, id: u32, generation: u16, fe: &Frontend) -> Result<ServiceValue, String> {
+    fn write_generation(
+        &mut self,
+        key: &ServiceKey,
+        id: u32,
+        generation: u16,
+        fe: &Frontend,
+    ) -> Result<ServiceValue, String> {
         let keys: Vec<BackendKey> = (0..fe.backends.len())
             .map(|i| BackendKey::new(id, generation, i as u32))
             .collect();
@@ -218,7 +256,10 @@ impl<W: MapWriter> Syncer<W> {
             Selection::Maglev if fe.backends.is_empty() => (SVC_F_NONE, 0),
             Selection::Maglev => {
                 let size = self.config.maglev_size;
-                let table = maglev::table(&fe.backends, size);
+                let table = match self.tables.remove(key) {
+                    Some(t) => t,
+                    None => maglev::table(&fe.backends, size),
+                };
                 let (mut keys, mut chunks) = (Vec::new(), Vec::new());
                 for (c, part) in table.chunks(limits::MAGLEV_CHUNK as usize).enumerate() {
                     let mut chunk = MaglevChunk {
@@ -262,10 +303,34 @@ impl<W: MapWriter> Syncer<W> {
         }
     }
 
+    /// Computes, on every CPU, the Maglev tables of the frontends among
+    /// `keys` that the coming writes will give a new generation (new ones,
+    /// and those whose datapath state changed): at 10,000 new frontends
+    /// that is most of a cold sync's CPU time outside the kernel.
+    fn precompute_tables<'a>(&mut self, desired: &Desired, keys: impl Iterator<Item = &'a ServiceKey>) {
+        self.tables.clear();
+        if self.config.selection != Selection::Maglev {
+            return;
+        }
+        let size = self.config.maglev_size;
+        let work: Vec<(ServiceKey, &[Backend])> = keys
+            .filter_map(|k| {
+                let fe = desired.frontends.get(k)?;
+                let needs = match self.programmed.get(k) {
+                    None => true,
+                    Some(p) => !same_datapath(&p.frontend, fe) || p.maglev_size != self.maglev_size_for(fe),
+                };
+                (needs && !fe.backends.is_empty()).then_some((*k, fe.backends.as_slice()))
+            })
+            .collect();
+        self.tables = tables_in_parallel(&work, size).into_iter().collect();
+    }
+
     /// Makes the maps hold exactly `desired.frontends`.
     pub fn apply(&mut self, desired: &Desired) -> SyncReport {
         let mut report = SyncReport::default();
         let mut failed = BTreeSet::new();
+        self.precompute_tables(desired, desired.frontends.keys());
 
         // Removals first: they free ids and map room for additions.
         let gone: Vec<ServiceKey> = self
@@ -280,6 +345,7 @@ impl<W: MapWriter> Syncer<W> {
         for (key, fe) in &desired.frontends {
             self.tracked(*key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
         }
+        self.tables.clear();
         self.failed = failed;
         report
     }
@@ -292,6 +358,7 @@ impl<W: MapWriter> Syncer<W> {
         let mut report = SyncReport::default();
         let mut failed = BTreeSet::new();
         let keys: BTreeSet<ServiceKey> = changed.union(&self.failed).copied().collect();
+        self.precompute_tables(desired, keys.iter());
         for key in &keys {
             if self.programmed.contains_key(key) && !desired.frontends.contains_key(key) {
                 self.tracked(*key, &mut report, &mut failed, |s, r| s.remove_one(*key, r));
@@ -302,6 +369,7 @@ impl<W: MapWriter> Syncer<W> {
                 self.tracked(*key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
             }
         }
+        self.tables.clear();
         self.failed = failed;
         report
     }
@@ -382,7 +450,7 @@ impl<W: MapWriter> Syncer<W> {
                 // Partial writes of the new generation are removed again on
                 // failure; the current generation is never touched before
                 // the flip.
-                let value = match self.write_generation(p.service_id, generation, fe) {
+                let value = match self.write_generation(key, p.service_id, generation, fe) {
                     Ok(v) => v,
                     Err(cause) => {
                         self.delete_generation(p.service_id, generation, fe.backends.len(), self.config.maglev_size);
@@ -450,7 +518,7 @@ impl<W: MapWriter> Syncer<W> {
                 };
                 let written = reset
                     .and_then(|()| self.writer.put_name(id, &fe.display_name()))
-                    .and_then(|()| self.write_generation(id, 0, fe));
+                    .and_then(|()| self.write_generation(key, id, 0, fe));
                 let written = written.and_then(|v| self.writer.put_service(*key, v).map(|()| v));
                 match written {
                     Ok(v) => {
@@ -853,6 +921,30 @@ mod tests {
         let mut unknown = syncer();
         unknown.apply(&desired(&[(key(1), &[1])]));
         assert!(unknown.writer().log.contains(&"reset_service_stats 0".to_string()));
+    }
+
+    /// Above `PARALLEL_TABLES_MIN` frontends the Maglev tables are computed
+    /// on several threads: every chunk written is still the table of its
+    /// own frontend's backends, and the same as a one-by-one apply writes.
+    #[test]
+    fn tables_computed_in_parallel_are_each_frontends_own() {
+        let n = 3 * PARALLEL_TABLES_MIN as u8;
+        let entries: Vec<(ServiceKey, Vec<u8>)> = (1..=n).map(|i| (key(i), vec![i, i.wrapping_add(7), 200])).collect();
+        let refs: Vec<(ServiceKey, &[u8])> = entries.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+        let mut s = syncer();
+        assert_eq!(s.apply(&desired(&refs)).added, n as usize);
+        // One new frontend per apply: one table each, on this thread.
+        let mut one_by_one = syncer();
+        for i in 1..=refs.len() {
+            assert_eq!(one_by_one.apply(&desired(&refs[..i])).added, 1);
+        }
+        assert_eq!(s.writer().maglev, one_by_one.writer().maglev);
+        for (k, b) in &refs {
+            let id = s.programmed()[k].service_id;
+            let table = maglev::table(&backends(b), 251);
+            let chunk0 = &s.writer().maglev[&MaglevKey::new(id, 0, 0)];
+            assert_eq!(&chunk0.entries[..table.len()], &table[..], "{k:?}");
+        }
     }
 
     #[test]
