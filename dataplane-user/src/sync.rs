@@ -143,6 +143,11 @@ pub struct Syncer<W: MapWriter> {
     tables: BTreeMap<ServiceKey, Vec<u16>>,
 }
 
+/// Frontends whose tables are computed together, just before they are
+/// written: bounds the memory the tables take (256 x 2 KiB at the default
+/// size) while keeping every CPU busy.
+const TABLE_BATCH: usize = 256;
+
 /// Below this many tables to compute, one thread does them all.
 const PARALLEL_TABLES_MIN: usize = 64;
 
@@ -304,9 +309,10 @@ impl<W: MapWriter> Syncer<W> {
     }
 
     /// Computes, on every CPU, the Maglev tables of the frontends among
-    /// `keys` that the coming writes will give a new generation (new ones,
-    /// and those whose datapath state changed): at 10,000 new frontends
-    /// that is most of a cold sync's CPU time outside the kernel.
+    /// `keys` (one batch of `TABLE_BATCH`) that the coming writes will give
+    /// a new generation (new ones, and those whose datapath state changed):
+    /// at 10,000 new frontends that is most of a cold sync's CPU time
+    /// outside the kernel.
     fn precompute_tables<'a>(&mut self, desired: &Desired, keys: impl Iterator<Item = &'a ServiceKey>) {
         self.tables.clear();
         if self.config.selection != Selection::Maglev {
@@ -330,7 +336,6 @@ impl<W: MapWriter> Syncer<W> {
     pub fn apply(&mut self, desired: &Desired) -> SyncReport {
         let mut report = SyncReport::default();
         let mut failed = BTreeSet::new();
-        self.precompute_tables(desired, desired.frontends.keys());
 
         // Removals first: they free ids and map room for additions.
         let gone: Vec<ServiceKey> = self
@@ -342,8 +347,12 @@ impl<W: MapWriter> Syncer<W> {
         for key in gone {
             self.tracked(key, &mut report, &mut failed, |s, r| s.remove_one(key, r));
         }
-        for (key, fe) in &desired.frontends {
-            self.tracked(*key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+        let entries: Vec<(&ServiceKey, &Frontend)> = desired.frontends.iter().collect();
+        for batch in entries.chunks(TABLE_BATCH) {
+            self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
+            for (key, fe) in batch {
+                self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+            }
         }
         self.tables.clear();
         self.failed = failed;
@@ -358,15 +367,17 @@ impl<W: MapWriter> Syncer<W> {
         let mut report = SyncReport::default();
         let mut failed = BTreeSet::new();
         let keys: BTreeSet<ServiceKey> = changed.union(&self.failed).copied().collect();
-        self.precompute_tables(desired, keys.iter());
         for key in &keys {
             if self.programmed.contains_key(key) && !desired.frontends.contains_key(key) {
                 self.tracked(*key, &mut report, &mut failed, |s, r| s.remove_one(*key, r));
             }
         }
-        for key in &keys {
-            if let Some(fe) = desired.frontends.get(key) {
-                self.tracked(*key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+        let upserts: Vec<&ServiceKey> = keys.iter().filter(|k| desired.frontends.contains_key(k)).collect();
+        for batch in upserts.chunks(TABLE_BATCH) {
+            self.precompute_tables(desired, batch.iter().copied());
+            for key in batch {
+                let fe = &desired.frontends[*key];
+                self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
             }
         }
         self.tables.clear();
