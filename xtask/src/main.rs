@@ -353,9 +353,9 @@ fn bench(quick: bool, report_only: bool, only: &[BenchPart], scales: Option<Stri
             "dp-bench",
         ]))?;
         say(if quick {
-            "running the benchmarks (--quick: about 5 minutes for all parts)"
+            "running the benchmarks (--quick: about 10 minutes for all parts, estimated)"
         } else {
-            "running the benchmarks (about 25 minutes for all parts, estimated)"
+            "running the benchmarks (about 30 minutes for all parts; 28 here)"
         });
         let mut cmd = Command::new(root().join("target/release/dp-bench"));
         cmd.current_dir(root())
