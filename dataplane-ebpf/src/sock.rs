@@ -408,15 +408,30 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
             // SAFETY: as above.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             remember_reverse(cookie, &to, &b, svc.service_id, now);
-            count(SockEvent::ConnectTranslated);
-            count_new_flow(svc.service_id);
-            ALLOW
+            translated(SockEvent::ConnectTranslated, svc.service_id)
         }
-        Pick::Leave => {
+        other => not_translated(other, svc.service_id),
+    }
+}
+
+/// Counts a call sent to a newly picked backend; lets it go on.
+#[inline(always)]
+fn translated(event: SockEvent, service_id: u32) -> i32 {
+    count(event);
+    count_new_flow(service_id);
+    ALLOW
+}
+
+/// A frontend left to the packet path goes on untouched; one without
+/// endpoints is refused.
+#[inline(always)]
+fn not_translated(pick: Pick, service_id: u32) -> i32 {
+    match pick {
+        Pick::Reject => reject(service_id),
+        _ => {
             count(SockEvent::LeftToDatapath);
             ALLOW
         }
-        Pick::Reject => reject(svc.service_id),
     }
 }
 
@@ -490,15 +505,9 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
                 count(SockEvent::NatEntryFailed);
             }
             remember_reverse(cookie, &to, &b, svc.service_id, now);
-            count(SockEvent::SendmsgTranslated);
-            count_new_flow(svc.service_id);
-            ALLOW
+            translated(SockEvent::SendmsgTranslated, svc.service_id)
         }
-        Pick::Leave => {
-            count(SockEvent::LeftToDatapath);
-            ALLOW
-        }
-        Pick::Reject => reject(svc.service_id),
+        other => not_translated(other, svc.service_id),
     }
 }
 

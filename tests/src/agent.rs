@@ -111,6 +111,24 @@ impl Agent {
         self.wait_syncs(before + 1, Duration::from_secs(20))
     }
 
+    /// From the agent's pinned maps: connections translated at connect
+    /// time (socket-level programs) and new flows translated per packet,
+    /// so far.
+    pub fn translations(&self) -> Result<(u64, u64)> {
+        let s = dataplane::inspect::stats(&dataplane::inspect::open_pinned(&self.pins)?)?;
+        let sock = s
+            .socket_lb
+            .iter()
+            .find(|e| e.event == "connect_translated")
+            .map_or(0, |e| e.count);
+        let nat = s
+            .reasons
+            .iter()
+            .find(|r| r.reason == "nat_new_flow")
+            .map_or(0, |r| r.packets);
+        Ok((sock, nat))
+    }
+
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -625,10 +625,10 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
     ));
     // Each contender must work before it is timed, and the dataplane
     // contenders must take the path they are named after.
-    let before = s._agent.as_ref().map(translations).transpose()?;
+    let before = s._agent.as_ref().map(Agent::translations).transpose()?;
     client_round(&s, 5, 1, Duration::ZERO).with_context(|| format!("{} does not answer", who.name()))?;
     if let (Some(a), Some((sock0, nat0))) = (s._agent.as_ref(), before) {
-        let (sock, nat) = translations(a)?;
+        let (sock, nat) = a.translations()?;
         let (by_socket, by_packet) = (sock - sock0, nat - nat0);
         // A round opens `conns` connections, one for the exchanges and one
         // for the stream.
@@ -649,24 +649,6 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
         ));
     }
     Ok(s)
-}
-
-/// Connections the agent translated at connect time and new flows it
-/// translated per packet, so far.
-fn translations(a: &Agent) -> Result<(u64, u64)> {
-    let maps = dataplane::inspect::open_pinned(&a.pins)?;
-    let st = dataplane::inspect::stats(&maps)?;
-    let sock = st
-        .socket_lb
-        .iter()
-        .find(|e| e.event == "connect_translated")
-        .map_or(0, |e| e.count);
-    let nat = st
-        .reasons
-        .iter()
-        .find(|r| r.reason == "nat_new_flow")
-        .map_or(0, |r| r.packets);
-    Ok((sock, nat))
 }
 
 fn round1(v: &[f64]) -> Vec<f64> {

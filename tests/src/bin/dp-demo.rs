@@ -58,23 +58,6 @@ fn print_spread(counts: &BTreeMap<String, usize>, n: usize, elapsed: Duration) {
     println!("    {n} connections, all answered, in {:.2} s", elapsed.as_secs_f64());
 }
 
-/// The agent's count of connections translated at connect time and of new
-/// flows translated per packet.
-fn translations(agent: &Agent) -> Result<(u64, u64)> {
-    let s = dataplane::inspect::stats(&dataplane::inspect::open_pinned(&agent.pins)?)?;
-    let sock = s
-        .socket_lb
-        .iter()
-        .find(|e| e.event == "connect_translated")
-        .map_or(0, |e| e.count);
-    let nat = s
-        .reasons
-        .iter()
-        .find(|r| r.reason == "nat_new_flow")
-        .map_or(0, |r| r.packets);
-    Ok((sock, nat))
-}
-
 /// `n` connections to the VIP from `dp-client`, a process in `cg` (the
 /// cgroup the socket-level programs are attached to): answers by backend,
 /// and the peer address the client's sockets reported.
@@ -180,11 +163,11 @@ fn main() -> Result<()> {
     step(&format!(
         "{CONNECTIONS} TCP connections from the client to Service shop/web at {VIP}:80 (per-packet path: TC)"
     ));
-    let before = translations(&agent)?;
+    let before = agent.translations()?;
     let started = Instant::now();
     let counts = spread(&t, CONNECTIONS)?;
     print_spread(&counts, CONNECTIONS, started.elapsed());
-    let after = translations(&agent)?;
+    let after = agent.translations()?;
     println!(
         "    agent counters: {} new flows translated by the TC program, {} connections at connect time",
         after.1 - before.1,
@@ -197,7 +180,7 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let (counts, peers) = spread_from_cgroup(&t, &cg, CONNECTIONS)?;
     print_spread(&counts, CONNECTIONS, started.elapsed());
-    let later = translations(&agent)?;
+    let later = agent.translations()?;
     println!(
         "    agent counters: {} connections got their backend at connect(), {} new flows translated per packet",
         later.0 - after.0,
