@@ -240,7 +240,11 @@ fn per_packet(dir: &Path, md: &mut String) -> Result<()> {
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     writeln!(md, "### Per-packet cost (BPF_PROG_TEST_RUN)\n")?;
-    writeln!(md, "Machine: {}. Command: `{}`. {} rounds of {} runs per series; ns per packet, median of rounds [min-max]; wrapper cost subtracted.\n",
+    let pinned = match v["pinned_cpu"].as_u64() {
+        Some(cpu) => format!(" The measuring thread pinned to CPU {cpu}."),
+        None => String::new(),
+    };
+    writeln!(md, "Machine: {}. Command: `{}`. {} rounds of {} runs per series; ns per packet, median of rounds [min-max]; wrapper cost subtracted.{pinned}\n",
         machine_line(&v), v["command"].as_str().unwrap_or("?"), v["rounds"], v["repeat"])?;
     if let Some(p) = provenance(&v) {
         writeln!(md, "{p}")?;
@@ -251,7 +255,7 @@ fn per_packet(dir: &Path, md: &mut String) -> Result<()> {
     // Files written before the scales were interleaved have no
     // `round_orders` and no paired ratios; they are drawn as before.
     if v.get("round_orders").is_some() {
-        writeln!(md, "Scales interleaved: every round measures each scale in turn, the order rotating by one from round to round. Paired ratio: per round, a series' value at {n_last} Services over its value at 1 Service in the same round (adjacent in time, so the machine's drift between rounds cancels); median over rounds [p25-p75]. Ratio of medians: the median at {n_last} over the median at {n_first}, over the same rounds.\n")?;
+        writeln!(md, "Scales interleaved: in every round each series is measured at every scale in turn, the order of the scales rotating by one from round to round. Paired ratio: per round, a series' value at {n_last} Services over its value at 1 Service in the same round (milliseconds apart, so the machine's drift cancels); median over rounds [p25-p75]. Ratio of medians: the median at {n_last} over the median at {n_first}, over the same rounds.\n")?;
     } else {
         writeln!(md, "Scales measured one after the other (a file from before the interleaved method): the ratio of medians includes the machine's drift between scales; no paired ratios.\n")?;
     }

@@ -353,7 +353,7 @@ fn bench(quick: bool, report_only: bool, only: &[BenchPart], scales: Option<Stri
             "dp-bench",
         ]))?;
         say(if quick {
-            "running the benchmarks (--quick: about 10 minutes for all parts, estimated)"
+            "running the benchmarks (--quick: about 6 minutes for all parts here)"
         } else {
             "running the benchmarks (about 30 minutes for all parts; 28 here)"
         });

@@ -8,7 +8,70 @@ pub mod kube_rules;
 pub mod perpacket;
 pub mod vip;
 
+use anyhow::{bail, Result};
 use serde_json::{json, Value};
+
+/// The CPU the benchmarks' measuring threads run on.
+///
+/// Through the VIP: left to the scheduler, a client and its server
+/// sometimes share a CPU and sometimes not: on this VM a request/response
+/// then took 17 µs or 50-60 µs depending on the round, for every contender
+/// alike (a cross-CPU wakeup of an idle vCPU), which swamped the
+/// differences measured. On one CPU every exchange is the same path:
+/// sender, veths, node forwarding and receiver in softirq and a context
+/// switch, no wakeup of another CPU.
+///
+/// Per packet: BPF_PROG_TEST_RUN runs the program on the calling thread's
+/// CPU; pinned, every series runs on the same CPU at every scale and in
+/// every round, so no migration falls between the two values of a paired
+/// ratio. (The rounds still fall into two groups on this VM, an
+/// established flow at about 112 or about 155 ns, changing within seconds
+/// whichever CPU is used: the host's doing, which the interleaving of the
+/// scales is there to cancel.)
+pub const PIN_CPU: usize = 0;
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_thread(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+    // within it; sched_setaffinity(0) affects the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("sched_setaffinity to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The calling thread pinned to `cpu` until dropped, then allowed the
+/// CPUs it had before (threads started meanwhile keep the pin).
+pub struct Pinned(libc::cpu_set_t);
+
+impl Pinned {
+    pub fn to(cpu: usize) -> Result<Pinned> {
+        // SAFETY: sched_getaffinity(0) fills a cpu_set_t of the size given
+        // for the calling thread.
+        let before = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+            }
+            set
+        };
+        pin_thread(cpu)?;
+        Ok(Pinned(before))
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: the set sched_getaffinity gave for this thread.
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0);
+        }
+    }
+}
 
 /// Summary of a sample: median, spread and tail.
 pub fn summary(samples: &[f64]) -> Value {

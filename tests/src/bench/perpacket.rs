@@ -9,10 +9,12 @@
 //! every measurement: each run must have taken the path it is named after.
 //!
 //! The scales (numbers of Services) are all loaded at once and measured
-//! interleaved: every round gives each scale a turn, in an order that
-//! rotates from round to round, so that the machine's drift over the run
-//! hits every scale alike; the ratio of a scale to 1 Service is also taken
-//! per round (`paired_ratio_to_1`), between measurements adjacent in time.
+//! interleaved: in every round each series is measured at every scale in
+//! turn, in an order of the scales that rotates from round to round, so
+//! that the machine's drift over the run hits every scale alike; the ratio
+//! of a scale to 1 Service is also taken per round (`paired_ratio_to_1`),
+//! between measurements milliseconds apart. The rounds run on one CPU
+//! (`PIN_CPU`).
 
 use std::{
     collections::BTreeMap,
@@ -482,57 +484,86 @@ impl Scale {
         })
     }
 
-    /// This scale's turn in a round: conntrack cleared, the established
-    /// flows created again, then every series measured once.
-    fn turn(&mut self, repeat: u32) -> Result<()> {
-        let (b, fr) = (&mut self.bench, &mut self.frames);
-        let raw = &mut self.raw;
-        let mut push = |k: String, v: f64| raw.entry(k).or_default().push(v);
-        b.clear_conntrack()?;
-        prime(b, fr)?;
-        let any = fr.by_path["tcp_new"];
-        let est = fr.by_path["tcp_established"];
-        let empty = measure(b.prog[names::EMPTY], &any, repeat)?;
-        let lookup = measure(b.prog[names::PARSE_LOOKUP], &est, repeat)?;
-        push("baseline_empty".into(), empty);
-        push("baseline_parse_lookup".into(), lookup);
+    fn push(&mut self, series: String, value: f64) {
+        self.raw.entry(series).or_default().push(value);
+    }
+
+    /// The start of this scale's part of a round: conntrack cleared, the
+    /// established flows created again.
+    fn prepare(&mut self) -> Result<()> {
+        self.bench.clear_conntrack()?;
+        prime(&mut self.bench, &mut self.frames)
+    }
+
+    /// The baselines, run directly (they do not rewrite).
+    fn baselines(&mut self, repeat: u32) -> Result<()> {
+        let any = self.frames.by_path["tcp_new"];
+        let est = self.frames.by_path["tcp_established"];
+        let empty = measure(self.bench.prog[names::EMPTY], &any, repeat)?;
+        let lookup = measure(self.bench.prog[names::PARSE_LOOKUP], &est, repeat)?;
+        self.push("baseline_empty".into(), empty);
+        self.push("baseline_parse_lookup".into(), lookup);
         // The repeat loop's own per-run cost (the empty program) taken
         // out, comparable with the wrapped paths, whose wrapper
         // measurement takes it out too.
-        push("baseline_parse_lookup_net".into(), lookup - empty);
-        for (prog, wrap, frame_only) in [
-            ("xdp", names::WRAP_XDP, names::FRAME_XDP),
-            ("tc", names::WRAP_TC, names::FRAME_TC),
-        ] {
-            for path in PATHS {
-                let bytes = fr.by_path[path.name];
-                b.set_frame(bytes, path.vary)?;
-                let overhead = measure(b.prog[frame_only], &bytes, repeat)?;
-                let before = b.reasons()?;
-                let total = measure(b.prog[wrap], &bytes, repeat)?;
-                let after = b.reasons()?;
-                let took = after[path.reason as usize] - before[path.reason as usize];
-                if took != repeat as u64 {
-                    let deltas: Vec<String> = Reason::ALL
-                        .iter()
-                        .zip(before.iter().zip(&after))
-                        .filter(|(_, (b, a))| a != b)
-                        .map(|(r, (b, a))| format!("{r:?}: {}", a - b))
-                        .collect();
-                    bail!(
-                        "{prog} {} at {} Services: {took} of {repeat} runs counted as {:?} (counted: {}): the path is not what it claims",
-                        path.name,
-                        b.services,
-                        path.reason,
-                        deltas.join(", ")
-                    );
-                }
-                push(format!("{prog}_{}", path.name), total - overhead);
-                push(format!("{prog}_{}_wrapper", path.name), overhead);
-            }
-        }
+        self.push("baseline_parse_lookup_net".into(), lookup - empty);
         Ok(())
     }
+
+    /// One series once: the frame-restoring wrapper alone, then the
+    /// program through it, every run checked to have taken `path`.
+    fn series(&mut self, prog: &str, wrap: &str, frame_only: &str, path: &PathSpec, repeat: u32) -> Result<()> {
+        let b = &mut self.bench;
+        let bytes = self.frames.by_path[path.name];
+        b.set_frame(bytes, path.vary)?;
+        let overhead = measure(b.prog[frame_only], &bytes, repeat)?;
+        let before = b.reasons()?;
+        let total = measure(b.prog[wrap], &bytes, repeat)?;
+        let after = b.reasons()?;
+        let took = after[path.reason as usize] - before[path.reason as usize];
+        if took != repeat as u64 {
+            let deltas: Vec<String> = Reason::ALL
+                .iter()
+                .zip(before.iter().zip(&after))
+                .filter(|(_, (b, a))| a != b)
+                .map(|(r, (b, a))| format!("{r:?}: {}", a - b))
+                .collect();
+            bail!(
+                "{prog} {} at {} Services: {took} of {repeat} runs counted as {:?} (counted: {}): the path is not what it claims",
+                path.name,
+                b.services,
+                path.reason,
+                deltas.join(", ")
+            );
+        }
+        self.push(format!("{prog}_{}", path.name), total - overhead);
+        self.push(format!("{prog}_{}_wrapper", path.name), overhead);
+        Ok(())
+    }
+}
+
+/// One round: every scale prepared, then each series measured at every
+/// scale in turn (`order`), so that the values a paired ratio divides are
+/// milliseconds apart. Each scale still sees the same sequence of series
+/// every round (its own maps, its own conntrack).
+fn measure_round(scales: &mut [Scale], order: &[usize], repeat: u32) -> Result<()> {
+    for &i in order {
+        scales[i].prepare()?;
+    }
+    for &i in order {
+        scales[i].baselines(repeat)?;
+    }
+    for (prog, wrap, frame_only) in [
+        ("xdp", names::WRAP_XDP, names::FRAME_XDP),
+        ("tc", names::WRAP_TC, names::FRAME_TC),
+    ] {
+        for path in PATHS {
+            for &i in order {
+                scales[i].series(prog, wrap, frame_only, path, repeat)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Per round, the value at a scale over the value at the reference scale in
@@ -561,17 +592,19 @@ pub fn run(cfg: &Config) -> Result<Value> {
         bpf_total as f64 / MIB,
         rss_bytes() as f64 / MIB
     );
+    // Loading may use every CPU (the agent's table computation); the rounds
+    // run on one (see `PIN_CPU`).
+    let pinned = super::Pinned::to(super::PIN_CPU)?;
     let mut orders: Vec<Vec<u32>> = Vec::new();
     for round in 0..cfg.rounds {
         // The order rotates by one from round to round, so that no scale
         // always comes first or always follows the same one.
         let order: Vec<usize> = (0..scales.len()).map(|k| (k + round) % scales.len()).collect();
-        for &i in &order {
-            scales[i].turn(cfg.repeat)?;
-        }
+        measure_round(&mut scales, &order, cfg.repeat)?;
         orders.push(order.iter().map(|&i| scales[i].bench.services).collect());
         eprintln!("dp-bench:   per-packet round {}/{} done", round + 1, cfg.rounds);
     }
+    drop(pinned);
     // Paired ratios need the 1-Service scale measured in the same rounds.
     let reference = scales.iter().position(|s| s.bench.services == 1);
     if reference.is_none() {
@@ -610,8 +643,9 @@ pub fn run(cfg: &Config) -> Result<Value> {
     Ok(json!({
         "part": "per_packet",
         "unit": "ns per packet (BPF_PROG_TEST_RUN duration / repeat; wrapper cost subtracted)",
-        "method": "All scales (numbers of Services) loaded at once, each in its own copy of the bench and baseline objects; every round measures each scale in turn, the order of the scales rotating by one from round to round (`round_orders`), so that drift of the machine hits every scale alike. A scale's turn: conntrack cleared, established flows created, then every series measured once with `repeat` runs in one BPF_PROG_TEST_RUN call; the frame-restoring wrapper alone is measured just before each path and subtracted. Baselines run directly (they do not rewrite). Reason counters checked: every run took its path. `paired_ratio_to_1`: per round, a series' value at a scale over its value at 1 Service in the same round, to 4 decimals (present when 1 was measured in the same run).",
+        "method": "All scales (numbers of Services) loaded at once, each in its own copy of the bench and baseline objects; a round first clears each scale's conntrack and creates its established flows again, then measures each series once at every scale in turn (`repeat` runs in one BPF_PROG_TEST_RUN call each), the order of the scales rotating by one from round to round (`round_orders`), so that drift of the machine hits every scale alike and the values a paired ratio divides are milliseconds apart; the frame-restoring wrapper alone is measured just before each path and subtracted. Baselines run directly (they do not rewrite). The rounds run on one CPU (`pinned_cpu`): BPF_PROG_TEST_RUN runs the program on the calling thread's CPU, so no migration falls between the two values of a paired ratio. Reason counters checked: every run took its path. `paired_ratio_to_1`: per round, a series' value at a scale over its value at 1 Service in the same round, to 4 decimals (present when 1 was measured in the same run).",
         "repeat": cfg.repeat,
+        "pinned_cpu": super::PIN_CPU,
         "rounds": cfg.rounds,
         "round_orders": orders,
         "backends_per_service": BACKENDS,

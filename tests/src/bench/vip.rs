@@ -42,7 +42,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::kube_rules::{self, SvcPort};
+use super::{
+    kube_rules::{self, SvcPort},
+    pin_thread, PIN_CPU,
+};
 use crate::{
     agent::{Agent, TempDir},
     manifests,
@@ -62,29 +65,6 @@ pub struct Config {
     pub deadline: Duration,
     /// Who is measured, in this order every round; must include `direct`.
     pub contenders: Vec<Contender>,
-}
-
-/// The CPU the client and both backend servers of every contender run on.
-/// Left to the scheduler, a client and its server sometimes share a CPU and
-/// sometimes not: on this VM a request/response then took 17 µs or 50-60 µs
-/// depending on the round, for every contender alike (a cross-CPU wakeup of
-/// an idle vCPU), which swamped the differences measured. On one CPU every
-/// exchange is the same path: sender, veths, node forwarding and receiver
-/// in softirq and a context switch, no wakeup of another CPU.
-pub const PIN_CPU: usize = 0;
-
-/// Pins the calling thread to `cpu`.
-fn pin_thread(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
-    // within it; sched_setaffinity(0) affects the calling thread only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("sched_setaffinity to CPU {cpu}: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 const BACKEND_PORT: u16 = 8080;

@@ -19,7 +19,7 @@ struct Args {
     scales: Option<Vec<u32>>,
     /// Overrides the through-VIP contenders (for investigations).
     contenders: Option<Vec<vip::Contender>>,
-    /// Overrides the number of through-VIP rounds.
+    /// Overrides the number of rounds of every part run.
     rounds: Option<usize>,
     /// The release agent, for the control-plane part.
     release_agent: PathBuf,
@@ -139,6 +139,7 @@ fn main() -> Result<()> {
                 };
                 let cfg = perpacket::Config {
                     scales: a.scales.clone().unwrap_or(cfg.scales),
+                    rounds: a.rounds.unwrap_or(cfg.rounds),
                     ..cfg
                 };
                 let v = perpacket::run(&cfg)?;
