@@ -242,6 +242,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
             removed = report.removed,
             unchanged = report.unchanged,
             errors = report.errors.len(),
+            udp_flows_cleared = report.udp_flows_cleared,
             skipped = problems.len(),
             watch_restarts = sc.watch_restarts,
             relists = sc.relists,

@@ -36,6 +36,12 @@ pub struct Frontend {
     /// loadBalancerSourceRanges (with `SVC_F_SOURCE_RANGES`): (network,
     /// prefix length), sorted.
     pub source_ranges: Vec<(IpAddr, u8)>,
+    /// UDP only: endpoints not in `backends` that are still serving (ready
+    /// ones a Local policy leaves out, terminating ones that still serve),
+    /// sorted. A UDP flow whose backend is in neither list any more is
+    /// cleared, as kube-proxy clears stale UDP conntrack entries; flows to
+    /// these keep going. Not written to the maps.
+    pub also_serving: Vec<Backend>,
 }
 
 /// What the desired state needs to know about the node the agent runs on.
@@ -567,9 +573,14 @@ fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> Servic
             let any = !sets.pick(false).is_empty();
             let internal = truncated(sets.pick(internal_local));
             let external = truncated(sets.pick(external_local));
+            // Only UDP flows are cleared when their endpoint leaves: TCP
+            // frontends carry no list (no memory at scale).
+            let udp = proto == IPPROTO_UDP;
+            let serving = |picked: &[Backend]| if udp { sets.serving_besides(picked) } else { Vec::new() };
             let base = Frontend {
                 service: format!("{ns}/{name}"),
                 port_name: pname.clone(),
+                also_serving: serving(&internal),
                 backends: internal,
                 affinity_timeout_s,
                 flags: 0,
@@ -584,6 +595,7 @@ fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> Servic
                 ..base.clone()
             };
             let external_fe = Frontend {
+                also_serving: serving(&external),
                 backends: external.clone(),
                 flags: if external_local {
                     if any && external.is_empty() {
@@ -678,6 +690,16 @@ impl EndpointSets {
                 self.terminating_local.insert(b);
             }
         }
+    }
+
+    /// Every serving endpoint (ready, or terminating and serving), local
+    /// or not, that is not in `picked`.
+    fn serving_besides(&self, picked: &[Backend]) -> Vec<Backend> {
+        self.ready
+            .union(&self.terminating)
+            .filter(|b| !picked.contains(b))
+            .copied()
+            .collect()
     }
 
     /// The backends for new flows: ready ones, or when none is ready the
@@ -1427,6 +1449,27 @@ mod tests {
         );
         let d = compute(&[service(SVC)], &[sl]);
         assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends, vec![b(0, 1, 8080)]);
+    }
+
+    /// A UDP frontend lists the serving endpoints that get no new flows
+    /// (terminating ones while others are ready): their flows are kept,
+    /// those of endpoints in neither list are cleared. TCP lists none.
+    #[test]
+    fn udp_frontends_list_the_endpoints_still_serving() {
+        let svc = SVC.replace(
+            "ports: [{port: 80, protocol: TCP}]",
+            "ports: [{name: dns, port: 53, protocol: UDP}, {name: web, port: 80, protocol: TCP}]",
+        );
+        let sl = slice(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: n, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{name: dns, port: 5353, protocol: UDP}, {name: web, port: 8080, protocol: TCP}]\nendpoints:\n- addresses: [198.18.0.1]\n  conditions: {ready: false, serving: true, terminating: true}\n- addresses: [198.18.0.2]\n  conditions: {ready: true, serving: true, terminating: false}\n- addresses: [198.18.0.3]\n  conditions: {ready: false, serving: false, terminating: true}\n",
+        );
+        let d = compute(&[service(&svc)], &[sl]);
+        let udp = fe(&d, [198, 19, 0, 1], 53, IPPROTO_UDP);
+        assert_eq!(udp.backends, vec![b(0, 2, 5353)]);
+        assert_eq!(udp.also_serving, vec![b(0, 1, 5353)]);
+        let tcp = fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP);
+        assert_eq!(tcp.backends, vec![b(0, 2, 8080)]);
+        assert!(tcp.also_serving.is_empty());
     }
 
     #[test]

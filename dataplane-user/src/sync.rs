@@ -12,8 +12,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
-    limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue,
-    SourceRangeKey, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    limits, map_names, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats,
+    ServiceValue, SourceRangeKey, CT_F_ORIGINAL, CT_F_REPLY, IPPROTO_UDP, SOCK_NAT_FORWARD, SVC_F_AFFINITY,
+    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 use thiserror::Error;
 
@@ -52,6 +53,12 @@ pub trait MapWriter {
     fn delete_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String>;
     /// Zeroes the per-service counters of a newly allocated id.
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String>;
+    /// Deletes the UDP flows of each `(service_id, backend)` in `stale`
+    /// (an endpoint that stopped serving): both conntrack entries, and the
+    /// socket-level forward entries that send an unconnected socket's
+    /// datagrams to it. Returns how many flows and socket entries it
+    /// deleted.
+    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String>;
 }
 
 /// The service flags that come from the desired state (the others come
@@ -59,6 +66,23 @@ pub trait MapWriter {
 const FRONTEND_FLAGS: u32 = SVC_F_EXTERNAL | SVC_F_DROP_NO_LOCAL | SVC_F_SOURCE_RANGES;
 
 /// Whether two frontends program the same datapath state (names aside).
+/// The endpoints `old` kept flows to (backends, or still serving) that
+/// `new` does not: a UDP frontend's flows to them are cleared.
+fn left_serving(old: &Frontend, new: &Frontend) -> Vec<Backend> {
+    let kept = |b: &Backend| {
+        new.backends
+            .iter()
+            .chain(&new.also_serving)
+            .any(|n| n.addr == b.addr && n.port == b.port)
+    };
+    old.backends
+        .iter()
+        .chain(&old.also_serving)
+        .filter(|b| !kept(b))
+        .copied()
+        .collect()
+}
+
 fn same_datapath(a: &Frontend, b: &Frontend) -> bool {
     a.backends == b.backends
         && a.affinity_timeout_s == b.affinity_timeout_s
@@ -121,6 +145,19 @@ pub struct SyncReport {
     /// Frontends that could not be (fully) written; their previous state, if
     /// any, stays in place.
     pub errors: Vec<SyncError>,
+    /// UDP flows (and socket-level forward entries) deleted because their
+    /// endpoint stopped serving.
+    pub udp_flows_cleared: usize,
+}
+
+/// Endpoints of one UDP frontend that stopped serving, whose flows are
+/// still to be cleared.
+#[derive(Clone, Debug)]
+struct StaleUdp {
+    key: ServiceKey,
+    service: String,
+    service_id: u32,
+    backends: Vec<Backend>,
 }
 
 /// Keeps the maps equal to the last desired state it was given.
@@ -141,6 +178,9 @@ pub struct Syncer<W: MapWriter> {
     /// Maglev tables computed ahead of the writes of one apply (in
     /// parallel, see [`Syncer::precompute_tables`]), by frontend.
     tables: BTreeMap<ServiceKey, Vec<u16>>,
+    /// Collected by the upserts of one apply, cleared at its end (kept for
+    /// the next apply when that failed).
+    stale_udp: Vec<StaleUdp>,
 }
 
 /// Frontends whose tables are computed together, just before they are
@@ -196,6 +236,7 @@ impl<W: MapWriter> Syncer<W> {
             max_services: limits::MAX_SERVICES,
             config,
             tables: BTreeMap::new(),
+            stale_udp: Vec::new(),
         }
     }
 
@@ -356,6 +397,7 @@ impl<W: MapWriter> Syncer<W> {
         }
         self.tables.clear();
         self.failed = failed;
+        self.clear_stale_udp(&mut report);
         report
     }
 
@@ -382,7 +424,38 @@ impl<W: MapWriter> Syncer<W> {
         }
         self.tables.clear();
         self.failed = failed;
+        self.clear_stale_udp(&mut report);
         report
+    }
+
+    /// Deletes the UDP flows to the endpoints that stopped serving in this
+    /// apply, in one pass over the maps. The frontends' new state is
+    /// already written, so a datagram that finds no flow any more starts a
+    /// new one to a serving endpoint.
+    fn clear_stale_udp(&mut self, report: &mut SyncReport) {
+        if self.stale_udp.is_empty() {
+            return;
+        }
+        let stale = std::mem::take(&mut self.stale_udp);
+        let pairs: Vec<(u32, Backend)> = stale
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| (s.service_id, *b)))
+            .collect();
+        match self.writer.clear_udp_flows(&pairs) {
+            Ok(n) => report.udp_flows_cleared += n,
+            Err(cause) => {
+                for s in &stale {
+                    report.errors.push(SyncError {
+                        service: s.service.clone(),
+                        frontend: describe(&s.key),
+                        cause: format!(
+                            "clearing the UDP flows to endpoints that stopped serving: {cause}; retried at the next sync"
+                        ),
+                    });
+                }
+                self.stale_udp = stale;
+            }
+        }
     }
 
     /// Runs `op` on `key`, remembering the key when it reported an error.
@@ -437,6 +510,34 @@ impl<W: MapWriter> Syncer<W> {
             cause,
         };
         let maglev_size = self.maglev_size_for(fe);
+        let before = self.programmed.get(key).map(|p| (p.service_id, p.frontend.clone()));
+        self.upsert_inner(key, fe, maglev_size, &err, report);
+        // UDP flows to endpoints that stopped serving go (once the new
+        // state is written: the flows' next datagrams pick among it).
+        if let Some((service_id, old)) = before {
+            let written = self.programmed.get(key).is_some_and(|p| p.frontend == *fe);
+            if key.proto == IPPROTO_UDP && written {
+                let backends = left_serving(&old, fe);
+                if !backends.is_empty() {
+                    self.stale_udp.push(StaleUdp {
+                        key: *key,
+                        service: fe.service.clone(),
+                        service_id,
+                        backends,
+                    });
+                }
+            }
+        }
+    }
+
+    fn upsert_inner(
+        &mut self,
+        key: &ServiceKey,
+        fe: &Frontend,
+        maglev_size: u32,
+        err: &dyn Fn(String) -> SyncError,
+        report: &mut SyncReport,
+    ) {
         match self.programmed.get(key).cloned() {
             Some(p) if p.frontend == *fe && p.maglev_size == maglev_size => report.unchanged += 1,
             Some(p) if same_datapath(&p.frontend, fe) && p.maglev_size == maglev_size => {
@@ -628,6 +729,7 @@ impl Syncer<crate::loader::Maps> {
                         affinity_timeout_s,
                         flags: value.flags & FRONTEND_FLAGS,
                         source_ranges: ranges.remove(&value.service_id).unwrap_or_default(),
+                        also_serving: Vec::new(),
                     },
                 },
             );
@@ -757,6 +859,49 @@ impl MapWriter for crate::loader::Maps {
         }
         Ok(())
     }
+    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String> {
+        let is_stale = |service_id: u32, addr: &dataplane_common::Addr, port: u16| {
+            stale
+                .iter()
+                .any(|(id, b)| *id == service_id && b.addr == *addr && b.port == port)
+        };
+        // Original entries carry the backend as their translation; reply
+        // entries come from it.
+        let mut gone = Vec::new();
+        for entry in self.conntrack.iter() {
+            let (k, v) = entry.map_err(|e| format!("reading {}: {e}", map_names::CONNTRACK))?;
+            let stale = k.proto == IPPROTO_UDP
+                && ((v.flags & CT_F_ORIGINAL != 0 && is_stale(v.service_id, &v.nat_addr, v.nat_port))
+                    || (v.flags & CT_F_REPLY != 0 && is_stale(v.service_id, &k.saddr, k.sport)));
+            if stale {
+                gone.push(k);
+            }
+        }
+        let mut cleared = 0;
+        for k in gone {
+            // Evicted or expired meanwhile: fine.
+            if self.conntrack.remove(&k).is_ok() {
+                cleared += 1;
+            }
+        }
+        // Unconnected UDP sockets of the socket-level programs: the next
+        // datagram to the frontend picks a backend again. (The reverse
+        // entries stay: a late answer from the old backend still shows
+        // the frontend. Connected sockets keep their backend: see README.)
+        let mut gone = Vec::new();
+        for entry in self.sock_nat.iter() {
+            let (k, v) = entry.map_err(|e| format!("reading {}: {e}", map_names::SOCK_NAT))?;
+            if k.dir == SOCK_NAT_FORWARD && is_stale(v.service_id, &v.addr, v.port) {
+                gone.push(k);
+            }
+        }
+        for k in gone {
+            if self.sock_nat.remove(&k).is_ok() {
+                cleared += 1;
+            }
+        }
+        Ok(cleared)
+    }
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String> {
         // Read once: aya reads /sys/devices/system/cpu/possible per call.
         static CPUS: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
@@ -844,6 +989,11 @@ mod tests {
             self.log.push(format!("delete_source_range {id} {addr}/{len}"));
             Ok(())
         }
+        fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String> {
+            let list: Vec<String> = stale.iter().map(|(id, b)| format!("{id} {}", b.ip())).collect();
+            self.log.push(format!("clear_udp_flows {}", list.join(", ")));
+            Ok(stale.len())
+        }
         fn reset_service_stats(&mut self, id: u32) -> Result<(), String> {
             self.log.push(format!("reset_service_stats {id}"));
             Ok(())
@@ -902,12 +1052,58 @@ mod tests {
                             affinity_timeout_s: None,
                             flags: 0,
                             source_ranges: vec![],
+                            also_serving: Vec::new(),
                         },
                     )
                 })
                 .collect(),
             problems: vec![],
         }
+    }
+
+    /// A UDP frontend's flows to an endpoint are cleared when it stops
+    /// serving, not while it still serves (terminating, or left out by a
+    /// Local policy), and never for TCP; one call per apply.
+    #[test]
+    fn udp_flows_are_cleared_when_their_endpoint_stops_serving() {
+        let udp = ServiceKey::new(Ipv4Addr::new(198, 19, 0, 53), 53, IPPROTO_UDP);
+        let state = |entries: &[(ServiceKey, &[u8], &[u8])]| {
+            let mut d = desired(&entries.iter().map(|(k, b, _)| (*k, *b)).collect::<Vec<_>>());
+            for (k, _, serving) in entries {
+                d.frontends.get_mut(k).unwrap().also_serving = backends(serving);
+            }
+            d
+        };
+        let clears = |s: &mut Syncer<Fake>| -> Vec<String> {
+            let log = std::mem::take(&mut s.writer.log);
+            log.into_iter().filter(|l| l.starts_with("clear_udp_flows")).collect()
+        };
+        let mut s = syncer();
+        let r = s.apply(&state(&[(udp, &[1, 2], &[]), (key(1), &[1, 2], &[])]));
+        assert_eq!((r.added, r.udp_flows_cleared), (2, 0));
+        let id = s.programmed()[&udp].service_id;
+        assert!(clears(&mut s).is_empty());
+        // 2 terminating but serving: no new flows, its flows stay.
+        s.apply(&state(&[(udp, &[1], &[2]), (key(1), &[1], &[])]));
+        assert!(clears(&mut s).is_empty());
+        // 2 gone; 1 ready -> still serving (a Local policy left it out),
+        // 3 new: 2 is cleared, TCP's 2 is not.
+        s.apply(&state(&[(udp, &[3], &[1]), (key(1), &[3], &[])]));
+        assert_eq!(clears(&mut s), [format!("clear_udp_flows {id} 198.18.1.2")]);
+        // 1 stops serving with the backends unchanged (the names-only
+        // path: nothing to write to the maps), TCP's 1 left as well.
+        let r = s.apply(&state(&[(udp, &[3], &[]), (key(1), &[3], &[])]));
+        assert_eq!(clears(&mut s), [format!("clear_udp_flows {id} 198.18.1.1")]);
+        assert_eq!(r.udp_flows_cleared, 1);
+        // Several at once, through the incremental path: one call.
+        s.apply(&state(&[(udp, &[3, 4, 5], &[]), (key(1), &[3], &[])]));
+        clears(&mut s);
+        let changed: BTreeSet<ServiceKey> = [udp].into();
+        s.apply_changed(&state(&[(udp, &[5], &[]), (key(1), &[3], &[])]), &changed);
+        assert_eq!(
+            clears(&mut s),
+            [format!("clear_udp_flows {id} 198.18.1.3, {id} 198.18.1.4")]
+        );
     }
 
     /// Maps this process created start with zeroed counters: first-time

@@ -271,6 +271,35 @@ impl Model {
         }
     }
 
+    /// Service `i` gets `next`'s backends, as the agent's sync writes them:
+    /// if it is UDP, the flows to endpoints that left are cleared (both
+    /// conntrack entries), as the sync does for endpoints that stop
+    /// serving; TCP flows stay.
+    pub fn replace_service(&mut self, i: usize, next: Svc) {
+        let old = std::mem::replace(&mut self.services[i], next);
+        let new = &self.services[i];
+        if old.proto != UDP {
+            return;
+        }
+        let gone: Vec<([u8; 4], u16)> = old
+            .backends
+            .iter()
+            .filter(|b| !new.backends.iter().any(|n| n.addr == b.addr && n.port == b.port))
+            .map(|b| (v4_octets(b.ip()), b.host_port()))
+            .collect();
+        let (vip, port) = (old.vip.octets(), old.port);
+        let is_gone = |a: [u8; 4], p: u16| gone.contains(&(a, p));
+        self.ct.retain(|t, e| {
+            let original =
+                e.flags & CT_F_ORIGINAL != 0 && t.daddr == vip && t.dport == port && is_gone(e.nat_addr, e.nat_port);
+            let reply =
+                e.flags & CT_F_REPLY != 0 && e.nat_addr == vip && e.nat_port == port && is_gone(t.saddr, t.sport);
+            !(t.proto == UDP && (original || reply))
+        });
+        let ct = &self.ct;
+        self.flows.retain(|f| ct.contains_key(f));
+    }
+
     fn service(&self, t: &Tuple) -> Option<&Svc> {
         self.services
             .iter()

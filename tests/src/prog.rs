@@ -135,6 +135,7 @@ impl Loaded {
                 affinity_timeout_s: affinity_s,
                 flags: 0,
                 source_ranges: Vec::new(),
+                also_serving: Vec::new(),
             },
         );
         let r = self.sync.apply(&self.desired);

@@ -557,6 +557,7 @@ fn frontend(backends: Vec<Backend>, flags: u32) -> Frontend {
         affinity_timeout_s: None,
         flags,
         source_ranges: vec![],
+        also_serving: Vec::new(),
     }
 }
 

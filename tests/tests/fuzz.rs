@@ -575,6 +575,10 @@ impl MapWriter for Maps {
     fn reset_service_stats(&mut self, _service_id: u32) -> Result<(), String> {
         Ok(())
     }
+    fn clear_udp_flows(&mut self, _stale: &[(u32, Backend)]) -> Result<usize, String> {
+        // The model keeps no flows.
+        Ok(0)
+    }
 }
 
 /// The maps hold exactly what `programmed` says: one service entry per
@@ -682,6 +686,7 @@ fn desired_state() -> impl Strategy<Value = Desired> {
                         affinity_timeout_s: affinity,
                         flags: 0,
                         source_ranges: vec![],
+                        also_serving: Vec::new(),
                     },
                 )
             })

@@ -65,9 +65,10 @@ const CHURN_EVERY: u64 = 50_000;
 
 /// Changes backend sets under the flows: the first TCP frontend gains and
 /// loses a 4th backend, the first UDP frontend loses all its endpoints and
-/// gets them back. Established flows must keep their backend, new flows
-/// follow the new set, and flows to a frontend left without endpoints are
-/// rejected unless tracked.
+/// gets them back. Established TCP flows must keep their backend, UDP
+/// flows to endpoints that left are cleared by the sync (the model drops
+/// them too), new flows follow the new set, and flows to a frontend left
+/// without endpoints are rejected unless tracked.
 fn churn(l: &mut Loaded, model: &mut Model, round: u64) {
     let b = |i: u8| Ipv4Addr::new(198, 18, i, 2);
     let tcp: &[(Ipv4Addr, u16)] = if round % 2 == 1 {
@@ -85,7 +86,7 @@ fn churn(l: &mut Loaded, model: &mut Model, round: u64) {
         let next = Svc::new(s.vip, s.port, s.proto, backends);
         l.set_service(next.vip, next.port, next.proto, backends);
         assert_eq!(l.backends(next.vip, next.port, next.proto), next.backends);
-        model.services[i] = next;
+        model.replace_service(i, next);
     }
 }
 

@@ -44,6 +44,7 @@ fn desired() -> Desired {
         affinity_timeout_s: None,
         flags: 0,
         source_ranges: vec![],
+        also_serving: Vec::new(),
     };
     let mut d = Desired::default();
     d.frontends.insert(
@@ -62,6 +63,7 @@ fn desired() -> Desired {
         Frontend {
             flags: SVC_F_SOURCE_RANGES,
             source_ranges: vec![(Ipv4Addr::new(198, 18, 100, 0).into(), 24)],
+            also_serving: Vec::new(),
             ..fe("shop/empty", "http", vec![])
         },
     );

@@ -265,6 +265,7 @@ fn remote_ipv6_backend_of_an_external_frontend_is_snated_and_reversed() {
                 affinity_timeout_s: None,
                 flags: SVC_F_EXTERNAL,
                 source_ranges: vec![],
+                also_serving: Vec::new(),
             },
         );
         let c = (outside, 40700);
@@ -299,6 +300,7 @@ fn ipv6_source_ranges_admit_only_listed_sources() {
                 affinity_timeout_s: None,
                 flags: SVC_F_SOURCE_RANGES,
                 source_ranges: vec![(v6("2001:db8:200::"), 48), (v6("2001:db8:77::7"), 128)],
+                also_serving: Vec::new(),
             },
         );
         for (src, admitted) in [

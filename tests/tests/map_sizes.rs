@@ -68,6 +68,7 @@ fn full_service_map_refuses_the_overflow_per_frontend_and_keeps_the_rest() {
                 affinity_timeout_s: None,
                 flags: 0,
                 source_ranges: Vec::new(),
+                also_serving: Vec::new(),
             },
         );
     }

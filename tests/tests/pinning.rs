@@ -34,6 +34,7 @@ fn desired() -> Desired {
             affinity_timeout_s: Some(60),
             flags: 0,
             source_ranges: vec![],
+            also_serving: Vec::new(),
         },
     );
     d

@@ -68,7 +68,11 @@ fn client(t: &Topology, cg: &TestCgroup, args: &[&str]) -> Vec<Value> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &t.client.name, env!("CARGO_BIN_EXE_dp-client")])
         .args(args);
-    let out = cg.output(&mut cmd, Duration::from_secs(60)).unwrap();
+    json_lines(cg.output(&mut cmd, Duration::from_secs(60)).unwrap(), args)
+}
+
+/// What a `dp-client` run printed, one JSON value per line.
+fn json_lines(out: std::process::Output, args: &[&str]) -> Vec<Value> {
     assert!(
         out.status.success(),
         "dp-client {args:?} failed: {}",
@@ -347,6 +351,106 @@ fn an_open_connection_keeps_its_backend_and_new_ones_avoid_a_removed_one() {
         assert_eq!(held["backends"], serde_json::json!(["b1"]), "{held}");
         assert!(held["exchanges"].as_u64().unwrap() > 20, "{held}");
     });
+}
+
+/// `dp-client ARGS` in the client namespace but outside the cgroup (the
+/// packet path): its JSON lines.
+fn client_outside(t: &Topology, args: &[&str]) -> Vec<Value> {
+    // dp-client bounds its own run (60 s at most).
+    let out = Command::new("ip")
+        .args(["netns", "exec", &t.client.name, env!("CARGO_BIN_EXE_dp-client")])
+        .args(args)
+        .output()
+        .unwrap();
+    json_lines(out, args)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// UDP flows leave an endpoint once it stops serving, as kube-proxy clears
+/// stale UDP conntrack entries; while it is terminating but still serving,
+/// they stay. Both paths at once: an unconnected socket in the cgroup
+/// (the socket programs' forward entry) and one outside it (the TC
+/// program's conntrack), each a datagram every 20 ms from one port.
+#[test]
+fn udp_flows_leave_an_endpoint_once_it_stops_serving() {
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t, false);
+    let cg = TestCgroup::new().unwrap();
+    let mut agent = start_agent(&t, &cg, &manifests(&[1]));
+    let both = slice("shop", "web-abcde", "web", TARGETS, &[backend_addr(1), backend_addr(2)]);
+    let ready = "conditions: {ready: true, serving: true, terminating: false}";
+    assert!(both.contains(ready), "{both}");
+    let terminating = both.replacen(ready, "conditions: {ready: false, serving: true, terminating: true}", 1);
+    let only_b2 = manifests(&[2]).remove(1).1;
+    let hold = ["udp-hold", "198.19.0.10:53", "3.5"];
+    let (results, marks) = std::thread::scope(|s| {
+        let socket = s.spawn(|| client(&t, &cg, &hold));
+        let packet = s.spawn(|| client_outside(&t, &hold));
+        std::thread::sleep(Duration::from_millis(700));
+        // b1 terminating (still serving), b2 ready: new flows go to b2,
+        // b1's flows stay.
+        agent.update("slice.yaml", &terminating).unwrap();
+        let terminating_at = unix_ms();
+        std::thread::sleep(Duration::from_millis(900));
+        // b1 gone: its flows are cleared, the next datagrams go to b2.
+        let gone_from = unix_ms();
+        agent.update("slice.yaml", &only_b2).unwrap();
+        let gone_at = unix_ms();
+        let results = [("socket", socket.join().unwrap()), ("packet", packet.join().unwrap())];
+        (results, (terminating_at, gone_from, gone_at))
+    });
+    let (terminating_at, gone_from, gone_at) = marks;
+    for (path, r) in &results {
+        assert_eq!(r.len(), 1, "{path}: {r:?}");
+        let answers: Vec<(u64, &str)> = r[0]["answers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| (a[0].as_u64().unwrap(), a[1].as_str().unwrap()))
+            .collect();
+        assert_eq!(r[0]["from"], serde_json::json!(["198.19.0.10:53"]), "{path}: {}", r[0]);
+        // The answers that arrived within (from, to) Unix ms: at least 10,
+        // all from `want`.
+        let window = |from: u64, to: u64, want: &str, what: &str| {
+            let w: Vec<&str> = answers
+                .iter()
+                .filter(|(ms, _)| (from + 1..to).contains(ms))
+                .map(|(_, b)| *b)
+                .collect();
+            assert!(w.len() >= 10, "{path}: only {} answers {what}: {}", w.len(), r[0]);
+            assert!(
+                w.iter().all(|b| *b == want),
+                "{path}: not all from {want} {what}: {}",
+                r[0]
+            );
+        };
+        window(
+            terminating_at,
+            gone_from,
+            "b1",
+            "while b1 was terminating (its flows stay)",
+        );
+        // One datagram may be in flight while the sync clears the flow.
+        window(gone_at + 100, u64::MAX, "b2", "after b1 stopped serving");
+    }
+    // The packet path's flow (its original and reply conntrack entries)
+    // and the socket's forward entry.
+    let last = agent
+        .log()
+        .lines()
+        .rfind(|l| l.contains("sync applied"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        last.contains("udp_flows_cleared=3"),
+        "the last sync did not report 3 entries cleared: {last}"
+    );
 }
 
 /// The pinned cgroup links survive the agent: killed and restarted, it

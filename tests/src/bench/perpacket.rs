@@ -236,6 +236,7 @@ impl Bench {
                     affinity_timeout_s: None,
                     flags: 0,
                     source_ranges: Vec::new(),
+                    also_serving: Vec::new(),
                 },
             );
         }

@@ -10,6 +10,8 @@
 //! dp-client udp-connected ADDR:PORT COUNT one connected socket: COUNT send/recv, getpeername
 //! dp-client udp-each ADDR:PORT COUNT     COUNT unconnected sockets, one sendto/recvfrom each
 //! dp-client tcp-hold ADDR:PORT SECONDS   one connection, a request every 20 ms
+//! dp-client udp-hold ADDR:PORT SECONDS   one unconnected socket, a datagram every 20 ms;
+//!                                        one line: every answer (Unix ms, backend)
 //! ```
 //!
 //! The servers (`dataplane_tests::servers`) answer a TCP line with "NAME
@@ -125,9 +127,45 @@ fn tcp_hold(to: SocketAddr, secs: f64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One unconnected UDP socket talking to `to` for `secs`: a datagram every
+/// 20 ms, each answer recorded with its arrival time (Unix milliseconds)
+/// so that a test can tell what was answered before and after a change.
+fn udp_hold(to: SocketAddr, secs: f64) -> std::io::Result<()> {
+    let bind: SocketAddr = if to.is_ipv6() {
+        "[::]:0".parse().unwrap()
+    } else {
+        "0.0.0.0:0".parse().unwrap()
+    };
+    let s = UdpSocket::bind(bind)?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let started = Instant::now();
+    let limit = Duration::from_secs_f64(secs).min(LIMIT);
+    let (mut answers, mut lost, mut from) = (Vec::new(), 0u64, std::collections::BTreeSet::new());
+    let mut buf = [0u8; 2048];
+    while started.elapsed() < limit {
+        s.send_to(b"who", to)?;
+        match s.recv_from(&mut buf) {
+            Ok((n, src)) => {
+                let ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                answers.push(json!([ms, String::from_utf8_lossy(&buf[..n])]));
+                from.insert(src.to_string());
+            }
+            Err(_) => lost += 1,
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "{}",
+        json!({ "ok": true, "answers": answers, "lost": lost, "from": from })
+    );
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: dp-client tcp|udp|udp-connected|udp-each ADDR:PORT COUNT | tcp-hold ADDR:PORT SECONDS";
+    let usage = "usage: dp-client tcp|udp|udp-connected|udp-each ADDR:PORT COUNT | tcp-hold|udp-hold ADDR:PORT SECONDS";
     let (Some(mode), Some(to), Some(n)) = (args.first(), args.get(1), args.get(2)) else {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -155,6 +193,7 @@ fn main() {
         "udp-connected" => udp(to, n.parse().expect("COUNT"), true),
         "udp-each" => (0..n.parse::<usize>().expect("COUNT")).try_for_each(|_| udp(to, 1, false)),
         "tcp-hold" => tcp_hold(to, n.parse().expect("SECONDS")),
+        "udp-hold" => udp_hold(to, n.parse().expect("SECONDS")),
         _ => {
             eprintln!("{usage}");
             std::process::exit(2);
