@@ -65,7 +65,6 @@ pub trait MapWriter {
 /// from the sync's own configuration).
 const FRONTEND_FLAGS: u32 = SVC_F_EXTERNAL | SVC_F_DROP_NO_LOCAL | SVC_F_SOURCE_RANGES;
 
-/// Whether two frontends program the same datapath state (names aside).
 /// The endpoints `old` kept flows to (backends, or still serving) that
 /// `new` does not: a UDP frontend's flows to them are cleared.
 fn left_serving(old: &Frontend, new: &Frontend) -> Vec<Backend> {
@@ -83,6 +82,7 @@ fn left_serving(old: &Frontend, new: &Frontend) -> Vec<Backend> {
         .collect()
 }
 
+/// Whether two frontends program the same datapath state (names aside).
 fn same_datapath(a: &Frontend, b: &Frontend) -> bool {
     a.backends == b.backends
         && a.affinity_timeout_s == b.affinity_timeout_s
@@ -510,13 +510,18 @@ impl<W: MapWriter> Syncer<W> {
             cause,
         };
         let maglev_size = self.maglev_size_for(fe);
-        let before = self.programmed.get(key).map(|p| (p.service_id, p.frontend.clone()));
+        // UDP only: the state before, to tell which endpoints stopped
+        // serving.
+        let before = match key.proto {
+            IPPROTO_UDP => self.programmed.get(key).map(|p| (p.service_id, p.frontend.clone())),
+            _ => None,
+        };
         self.upsert_inner(key, fe, maglev_size, &err, report);
         // UDP flows to endpoints that stopped serving go (once the new
         // state is written: the flows' next datagrams pick among it).
         if let Some((service_id, old)) = before {
             let written = self.programmed.get(key).is_some_and(|p| p.frontend == *fe);
-            if key.proto == IPPROTO_UDP && written {
+            if written {
                 let backends = left_serving(&old, fe);
                 if !backends.is_empty() {
                     self.stale_udp.push(StaleUdp {
@@ -860,11 +865,10 @@ impl MapWriter for crate::loader::Maps {
         Ok(())
     }
     fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String> {
-        let is_stale = |service_id: u32, addr: &dataplane_common::Addr, port: u16| {
-            stale
-                .iter()
-                .any(|(id, b)| *id == service_id && b.addr == *addr && b.port == port)
-        };
+        let stale: std::collections::HashSet<(u32, dataplane_common::Addr, u16)> =
+            stale.iter().map(|(id, b)| (*id, b.addr, b.port)).collect();
+        let is_stale =
+            |service_id: u32, addr: &dataplane_common::Addr, port: u16| stale.contains(&(service_id, *addr, port));
         // Original entries carry the backend as their translation; reply
         // entries come from it.
         let mut gone = Vec::new();
