@@ -12,9 +12,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
-    limits, map_names, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats,
-    ServiceValue, SourceRangeKey, CT_F_ORIGINAL, CT_F_REPLY, IPPROTO_UDP, SOCK_NAT_FORWARD, SVC_F_AFFINITY,
-    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    limits, map_names, Backend, BackendKey, CtKey, CtValue, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
+    ServiceStats, ServiceValue, SockNatKey, SockNatValue, SourceRangeKey, CT_F_ORIGINAL, CT_F_REPLY, IPPROTO_UDP,
+    SOCK_NAT_FORWARD, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM,
+    SVC_F_SOURCE_RANGES,
 };
 use thiserror::Error;
 
@@ -871,9 +872,12 @@ impl MapWriter for crate::loader::Maps {
             |service_id: u32, addr: &dataplane_common::Addr, port: u16| stale.contains(&(service_id, *addr, port));
         // Original entries carry the backend as their translation; reply
         // entries come from it.
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let entries: Vec<(CtKey, CtValue)> = crate::batch::lookup_all(self.conntrack.map().fd().as_fd())
+            .map_err(|e| format!("reading {}: {e}", map_names::CONNTRACK))?;
         let mut gone = Vec::new();
-        for entry in self.conntrack.iter() {
-            let (k, v) = entry.map_err(|e| format!("reading {}: {e}", map_names::CONNTRACK))?;
+        for (k, v) in entries {
             let stale = k.proto == IPPROTO_UDP
                 && ((v.flags & CT_F_ORIGINAL != 0 && is_stale(v.service_id, &v.nat_addr, v.nat_port))
                     || (v.flags & CT_F_REPLY != 0 && is_stale(v.service_id, &k.saddr, k.sport)));
@@ -892,9 +896,10 @@ impl MapWriter for crate::loader::Maps {
         // datagram to the frontend picks a backend again. (The reverse
         // entries stay: a late answer from the old backend still shows
         // the frontend. Connected sockets keep their backend: see README.)
+        let entries: Vec<(SockNatKey, SockNatValue)> = crate::batch::lookup_all(self.sock_nat.map().fd().as_fd())
+            .map_err(|e| format!("reading {}: {e}", map_names::SOCK_NAT))?;
         let mut gone = Vec::new();
-        for entry in self.sock_nat.iter() {
-            let (k, v) = entry.map_err(|e| format!("reading {}: {e}", map_names::SOCK_NAT))?;
+        for (k, v) in entries {
             if k.dir == SOCK_NAT_FORWARD && is_stale(v.service_id, &v.addr, v.port) {
                 gone.push(k);
             }

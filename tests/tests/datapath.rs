@@ -771,3 +771,105 @@ fn icmp_errors_about_unknown_flows_pass_untouched() {
     }
     assert_eq!(l.reason(Reason::PassNotTcpUdp), 2);
 }
+
+/// The sync's UDP flow clearing on the real maps, more entries than one
+/// batch read holds: exactly the flows (both conntrack entries) and the
+/// socket-level forward entries of the (service, endpoint) pairs named go;
+/// TCP flows, other services' flows to the same endpoint, other endpoints'
+/// flows and reverse socket entries stay.
+#[test]
+fn udp_flow_clearing_deletes_exactly_the_flows_of_endpoints_that_stopped_serving() {
+    use dataplane::sync::MapWriter;
+    use dataplane_common::{
+        CtKey, CtValue, SockNatKey, SockNatValue, CT_F_ORIGINAL, CT_F_REPLY, FAMILY_V4, SOCK_NAT_FORWARD,
+        SOCK_NAT_REVERSE,
+    };
+    let Loaded { dp: _dp, sync, .. } = Loaded::new();
+    let mut maps = sync.into_writer();
+    let ip = |c: u8, d: u8| addr_of(Ipv4Addr::new(198, 18, c, d).into()).0;
+    let vip = addr_of(VIP).0;
+    let (a, b) = (ip(1, 2), ip(2, 2));
+    let be = |p: u16| p.to_be();
+    // One flow: its original entry (client -> VIP) and reply entry
+    // (backend -> client).
+    let mut flow = |client: [u32; 4], sport: u16, proto: u8, backend: [u32; 4], service_id: u32| {
+        let key = |saddr, daddr, sport, dport| CtKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        let value = |nat_addr, nat_port, flags| CtValue {
+            nat_addr,
+            nat_port,
+            flags,
+            service_id,
+            ..CtValue::default()
+        };
+        let original = key(client, vip, be(sport), be(53));
+        let reply = key(backend, client, be(5353), be(sport));
+        maps.conntrack
+            .insert(original, value(backend, be(5353), CT_F_ORIGINAL), 0)
+            .unwrap();
+        maps.conntrack.insert(reply, value(vip, be(53), CT_F_REPLY), 0).unwrap();
+    };
+    const N: u16 = 2500;
+    for i in 0..N {
+        let sport = 10_000 + i;
+        flow(ip(100, 2), sport, UDP, a, 1); // cleared
+        flow(ip(101, 2), sport, UDP, b, 1); // another endpoint
+        flow(ip(102, 2), sport, TCP, a, 1); // TCP
+        flow(ip(103, 2), sport, UDP, a, 2); // another service
+    }
+    let sock = |cookie: u64, addr, port: u16, dir, value_addr, value_port: u16, service_id| {
+        let k = SockNatKey {
+            cookie,
+            addr,
+            port: be(port),
+            family: FAMILY_V4,
+            dir,
+            _pad: 0,
+        };
+        let v = SockNatValue {
+            addr: value_addr,
+            port: be(value_port),
+            service_id,
+            ..SockNatValue::default()
+        };
+        (k, v)
+    };
+    for cookie in 1..=300u64 {
+        let backend = if cookie % 3 == 0 { b } else { a };
+        for (k, v) in [
+            sock(cookie, vip, 53, SOCK_NAT_FORWARD, backend, 5353, 1),
+            sock(cookie, backend, 5353, SOCK_NAT_REVERSE, vip, 53, 1),
+        ] {
+            maps.sock_nat.insert(k, v, 0).unwrap();
+        }
+    }
+    let ct_before = maps.conntrack.keys().count();
+    assert_eq!(ct_before, 8 * N as usize);
+
+    let cleared = maps
+        .clear_udp_flows(&[(1, Backend::new(Ipv4Addr::new(198, 18, 1, 2), 5353))])
+        .unwrap();
+
+    // 2 entries per cleared flow, and the 200 forward entries to a.
+    assert_eq!(cleared, 2 * N as usize + 200);
+    let left: Vec<(CtKey, CtValue)> = maps.conntrack.iter().map(|e| e.unwrap()).collect();
+    assert_eq!(left.len(), 6 * N as usize);
+    for (k, v) in &left {
+        let cleared_flow = k.proto == UDP
+            && v.service_id == 1
+            && ((v.flags & CT_F_ORIGINAL != 0 && v.nat_addr == a) || (v.flags & CT_F_REPLY != 0 && k.saddr == a));
+        assert!(!cleared_flow, "left behind: {k:?} {v:?}");
+    }
+    let socks: Vec<(SockNatKey, SockNatValue)> = maps.sock_nat.iter().map(|e| e.unwrap()).collect();
+    assert_eq!(socks.len(), 600 - 200);
+    assert!(socks
+        .iter()
+        .all(|(k, v)| k.dir == SOCK_NAT_REVERSE || (v.addr == b && v.service_id == 1)));
+}
