@@ -12,10 +12,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
-    limits, map_names, Backend, BackendKey, CtKey, CtValue, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
-    ServiceStats, ServiceValue, SockNatKey, SockNatValue, SourceRangeKey, CT_F_ORIGINAL, CT_F_REPLY, IPPROTO_UDP,
-    SOCK_NAT_FORWARD, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM,
-    SVC_F_SOURCE_RANGES,
+    limits, map_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, MaglevChunk, MaglevKey,
+    ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRangeKey,
+    CT_F_ORIGINAL, CT_F_REPLY, IPPROTO_UDP, SOCK_NAT_FORWARD, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
+    SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 use thiserror::Error;
 
@@ -841,27 +841,25 @@ impl MapWriter for crate::loader::Maps {
         self.source_ranges.remove(&key).map_err(|e| e.to_string())
     }
     fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String> {
-        let mut stale = Vec::new();
-        for entry in self.affinity.iter() {
-            let (k, v) = entry.map_err(|e| e.to_string())?;
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        // Read in batches (see `batch::lookup_all`), deleted one by one.
+        let entries: Vec<(AffinityKey, AffinityValue)> = crate::batch::lookup_all(self.affinity.map().fd().as_fd())
+            .map_err(|e| format!("reading {}: {e}", map_names::AFFINITY))?;
+        for (k, v) in entries {
             if k.service_id == service_id && !keep.contains(&v.backend) {
-                stale.push(k);
+                // Evicted meanwhile by the LRU: fine.
+                let _ = self.affinity.remove(&k);
             }
-        }
-        for k in stale {
-            // Evicted meanwhile by the LRU: fine.
-            let _ = self.affinity.remove(&k);
         }
         // The socket-level programs' affinity (per network namespace).
-        let mut stale = Vec::new();
-        for entry in self.sock_affinity.iter() {
-            let (k, v) = entry.map_err(|e| e.to_string())?;
+        let entries: Vec<(SockAffinityKey, AffinityValue)> =
+            crate::batch::lookup_all(self.sock_affinity.map().fd().as_fd())
+                .map_err(|e| format!("reading {}: {e}", map_names::SOCK_AFFINITY))?;
+        for (k, v) in entries {
             if k.service_id == service_id && !keep.contains(&v.backend) {
-                stale.push(k);
+                let _ = self.sock_affinity.remove(&k);
             }
-        }
-        for k in stale {
-            let _ = self.sock_affinity.remove(&k);
         }
         Ok(())
     }
