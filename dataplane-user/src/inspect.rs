@@ -43,6 +43,8 @@ pub enum InspectError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("reading map {name}: {source}")]
+    ReadBatch { name: &'static str, source: std::io::Error },
 }
 
 fn read_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> InspectError {
@@ -388,11 +390,16 @@ pub fn conntrack_row(maps: &Maps, k: &CtKey, v: &CtValue, now_ns: u64) -> Conntr
 
 pub fn conntrack_rows(maps: &Maps) -> Result<Vec<ConntrackRow>, InspectError> {
     let now = monotonic_ns();
-    let mut entries: Vec<(CtKey, CtValue)> = maps
-        .conntrack
-        .iter()
-        .collect::<Result<_, _>>()
-        .map_err(read_err(map_names::CONNTRACK))?;
+    // In batches: a busy table does not restart the walk (see
+    // `batch::lookup_all`).
+    let mut entries: Vec<(CtKey, CtValue)> = {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        crate::batch::lookup_all(maps.conntrack.map().fd().as_fd()).map_err(|source| InspectError::ReadBatch {
+            name: map_names::CONNTRACK,
+            source,
+        })?
+    };
     // Each flow's two entries together: by service, then creation time.
     entries.sort_by_key(|(k, v)| (v.service_id, v.created_ns, v.flags & CT_F_REPLY, k.saddr, k.sport));
     Ok(entries.iter().map(|(k, v)| conntrack_row(maps, k, v, now)).collect())
