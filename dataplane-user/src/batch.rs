@@ -68,13 +68,25 @@ pub fn update<K: aya::Pod, V: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K], values: 
 const LOOKUP_BATCH: usize = 4096;
 
 /// Every entry of the hash map behind `fd` (key and value types of the
-/// map's exact sizes; not per-CPU maps), in bucket order. Entries added or
-/// removed while it reads may or may not be in the result; none is
-/// returned twice.
+/// map's exact sizes; not per-CPU maps), in bucket order.
 pub fn lookup_all<K: aya::Pod + bytemuck::Zeroable, V: aya::Pod + bytemuck::Zeroable>(
     fd: BorrowedFd<'_>,
 ) -> std::io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
+    for_each_entry(fd, |k: &K, v: &V| out.push((*k, *v)))?;
+    Ok(out)
+}
+
+/// Calls `f` on every entry of the hash map behind `fd` (key and value
+/// types of the map's exact sizes; not per-CPU maps), in bucket order,
+/// reading `LOOKUP_BATCH` entries at a time: a full conntrack table is
+/// never held in memory at once. Entries added or removed while it reads
+/// may or may not be seen; none is seen twice. Returns how many it saw.
+pub fn for_each_entry<K: aya::Pod + bytemuck::Zeroable, V: aya::Pod + bytemuck::Zeroable>(
+    fd: BorrowedFd<'_>,
+    mut f: impl FnMut(&K, &V),
+) -> std::io::Result<usize> {
+    let mut seen = 0;
     let mut keys: Vec<K> = vec![K::zeroed(); LOOKUP_BATCH];
     let mut values: Vec<V> = vec![V::zeroed(); LOOKUP_BATCH];
     // The position between calls, opaque (a bucket index for hash maps);
@@ -103,22 +115,21 @@ pub fn lookup_all<K: aya::Pod + bytemuck::Zeroable, V: aya::Pod + bytemuck::Zero
             )
         };
         let err = (rc < 0).then(std::io::Error::last_os_error);
+        let end = err.as_ref().is_some_and(|e| e.raw_os_error() == Some(libc::ENOENT));
+        if let Some(e) = err.filter(|_| !end) {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("{e} (batch lookup, after {seen} entries)"),
+            ));
+        }
         // On ENOENT (the end) `count` still says how many it read.
-        let read = match &err {
-            None => attr.count as usize,
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => attr.count as usize,
-            Some(_) => 0,
-        };
-        out.extend(keys[..read].iter().copied().zip(values[..read].iter().copied()));
-        match err {
-            None => {}
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-            Some(e) => {
-                return Err(std::io::Error::new(
-                    e.kind(),
-                    format!("{e} (batch lookup, after {} entries)", out.len()),
-                ))
-            }
+        let read = attr.count as usize;
+        for (k, v) in keys[..read].iter().zip(&values[..read]) {
+            f(k, v);
+        }
+        seen += read;
+        if end {
+            return Ok(seen);
         }
         token_in = token_out;
         first = false;

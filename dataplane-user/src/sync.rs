@@ -844,22 +844,33 @@ impl MapWriter for crate::loader::Maps {
         use aya::maps::IterableMap;
         use std::os::fd::AsFd;
         // Read in batches (see `batch::lookup_all`), deleted one by one.
-        let entries: Vec<(AffinityKey, AffinityValue)> = crate::batch::lookup_all(self.affinity.map().fd().as_fd())
-            .map_err(|e| format!("reading {}: {e}", map_names::AFFINITY))?;
-        for (k, v) in entries {
-            if k.service_id == service_id && !keep.contains(&v.backend) {
-                // Evicted meanwhile by the LRU: fine.
-                let _ = self.affinity.remove(&k);
-            }
+        let mut stale = Vec::new();
+        crate::batch::for_each_entry(
+            self.affinity.map().fd().as_fd(),
+            |k: &AffinityKey, v: &AffinityValue| {
+                if k.service_id == service_id && !keep.contains(&v.backend) {
+                    stale.push(*k);
+                }
+            },
+        )
+        .map_err(|e| format!("reading {}: {e}", map_names::AFFINITY))?;
+        for k in stale {
+            // Evicted meanwhile by the LRU: fine.
+            let _ = self.affinity.remove(&k);
         }
         // The socket-level programs' affinity (per network namespace).
-        let entries: Vec<(SockAffinityKey, AffinityValue)> =
-            crate::batch::lookup_all(self.sock_affinity.map().fd().as_fd())
-                .map_err(|e| format!("reading {}: {e}", map_names::SOCK_AFFINITY))?;
-        for (k, v) in entries {
-            if k.service_id == service_id && !keep.contains(&v.backend) {
-                let _ = self.sock_affinity.remove(&k);
-            }
+        let mut stale = Vec::new();
+        crate::batch::for_each_entry(
+            self.sock_affinity.map().fd().as_fd(),
+            |k: &SockAffinityKey, v: &AffinityValue| {
+                if k.service_id == service_id && !keep.contains(&v.backend) {
+                    stale.push(*k);
+                }
+            },
+        )
+        .map_err(|e| format!("reading {}: {e}", map_names::SOCK_AFFINITY))?;
+        for k in stale {
+            let _ = self.sock_affinity.remove(&k);
         }
         Ok(())
     }
@@ -872,17 +883,16 @@ impl MapWriter for crate::loader::Maps {
         // entries come from it.
         use aya::maps::IterableMap;
         use std::os::fd::AsFd;
-        let entries: Vec<(CtKey, CtValue)> = crate::batch::lookup_all(self.conntrack.map().fd().as_fd())
-            .map_err(|e| format!("reading {}: {e}", map_names::CONNTRACK))?;
         let mut gone = Vec::new();
-        for (k, v) in entries {
+        crate::batch::for_each_entry(self.conntrack.map().fd().as_fd(), |k: &CtKey, v: &CtValue| {
             let stale = k.proto == IPPROTO_UDP
                 && ((v.flags & CT_F_ORIGINAL != 0 && is_stale(v.service_id, &v.nat_addr, v.nat_port))
                     || (v.flags & CT_F_REPLY != 0 && is_stale(v.service_id, &k.saddr, k.sport)));
             if stale {
-                gone.push(k);
+                gone.push(*k);
             }
-        }
+        })
+        .map_err(|e| format!("reading {}: {e}", map_names::CONNTRACK))?;
         let mut cleared = 0;
         for k in gone {
             // Evicted or expired meanwhile: fine.
@@ -894,14 +904,13 @@ impl MapWriter for crate::loader::Maps {
         // datagram to the frontend picks a backend again. (The reverse
         // entries stay: a late answer from the old backend still shows
         // the frontend. Connected sockets keep their backend: see README.)
-        let entries: Vec<(SockNatKey, SockNatValue)> = crate::batch::lookup_all(self.sock_nat.map().fd().as_fd())
-            .map_err(|e| format!("reading {}: {e}", map_names::SOCK_NAT))?;
         let mut gone = Vec::new();
-        for (k, v) in entries {
+        crate::batch::for_each_entry(self.sock_nat.map().fd().as_fd(), |k: &SockNatKey, v: &SockNatValue| {
             if k.dir == SOCK_NAT_FORWARD && is_stale(v.service_id, &v.addr, v.port) {
-                gone.push(k);
+                gone.push(*k);
             }
-        }
+        })
+        .map_err(|e| format!("reading {}: {e}", map_names::SOCK_NAT))?;
         for k in gone {
             if self.sock_nat.remove(&k).is_ok() {
                 cleared += 1;
