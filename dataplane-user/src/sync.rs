@@ -12,10 +12,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
-    limits, map_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, MaglevChunk, MaglevKey,
-    ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey, SockNatValue, SourceRangeKey,
-    CT_F_ORIGINAL, CT_F_REPLY, IPPROTO_UDP, SOCK_NAT_FORWARD, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
-    SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    limits, map_names, AffinityValue, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
+    ServiceStats, ServiceValue, SourceRangeKey, CT_F_ORIGINAL, CT_F_REPLY, IPPROTO_UDP, SOCK_NAT_FORWARD,
+    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 use thiserror::Error;
 
@@ -786,6 +785,31 @@ impl Syncer<crate::loader::Maps> {
     }
 }
 
+/// Deletes the entries of hash map `map` (named `name` in errors) that
+/// `doomed` picks: read in batches (see `batch::for_each_entry`), deleted
+/// one by one. Returns how many it deleted; entries gone meanwhile
+/// (evicted by an LRU, say) are fine and not counted.
+fn delete_where<K, V>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    name: &str,
+    mut doomed: impl FnMut(&K, &V) -> bool,
+) -> Result<usize, String>
+where
+    K: aya::Pod + bytemuck::Zeroable,
+    V: aya::Pod + bytemuck::Zeroable,
+{
+    use aya::maps::IterableMap;
+    use std::os::fd::AsFd;
+    let mut gone = Vec::new();
+    crate::batch::for_each_entry(map.map().fd().as_fd(), |k: &K, v: &V| {
+        if doomed(k, v) {
+            gone.push(*k);
+        }
+    })
+    .map_err(|e| format!("reading {name}: {e}"))?;
+    Ok(gone.into_iter().filter(|k| map.remove(k).is_ok()).count())
+}
+
 /// The real maps.
 impl MapWriter for crate::loader::Maps {
     fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), String> {
@@ -841,37 +865,12 @@ impl MapWriter for crate::loader::Maps {
         self.source_ranges.remove(&key).map_err(|e| e.to_string())
     }
     fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String> {
-        use aya::maps::IterableMap;
-        use std::os::fd::AsFd;
-        // Read in batches (see `batch::lookup_all`), deleted one by one.
-        let mut stale = Vec::new();
-        crate::batch::for_each_entry(
-            self.affinity.map().fd().as_fd(),
-            |k: &AffinityKey, v: &AffinityValue| {
-                if k.service_id == service_id && !keep.contains(&v.backend) {
-                    stale.push(*k);
-                }
-            },
-        )
-        .map_err(|e| format!("reading {}: {e}", map_names::AFFINITY))?;
-        for k in stale {
-            // Evicted meanwhile by the LRU: fine.
-            let _ = self.affinity.remove(&k);
-        }
+        let stale = |id: u32, v: &AffinityValue| id == service_id && !keep.contains(&v.backend);
+        delete_where(&mut self.affinity, map_names::AFFINITY, |k, v| stale(k.service_id, v))?;
         // The socket-level programs' affinity (per network namespace).
-        let mut stale = Vec::new();
-        crate::batch::for_each_entry(
-            self.sock_affinity.map().fd().as_fd(),
-            |k: &SockAffinityKey, v: &AffinityValue| {
-                if k.service_id == service_id && !keep.contains(&v.backend) {
-                    stale.push(*k);
-                }
-            },
-        )
-        .map_err(|e| format!("reading {}: {e}", map_names::SOCK_AFFINITY))?;
-        for k in stale {
-            let _ = self.sock_affinity.remove(&k);
-        }
+        delete_where(&mut self.sock_affinity, map_names::SOCK_AFFINITY, |k, v| {
+            stale(k.service_id, v)
+        })?;
         Ok(())
     }
     fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String> {
@@ -881,42 +880,19 @@ impl MapWriter for crate::loader::Maps {
             |service_id: u32, addr: &dataplane_common::Addr, port: u16| stale.contains(&(service_id, *addr, port));
         // Original entries carry the backend as their translation; reply
         // entries come from it.
-        use aya::maps::IterableMap;
-        use std::os::fd::AsFd;
-        let mut gone = Vec::new();
-        crate::batch::for_each_entry(self.conntrack.map().fd().as_fd(), |k: &CtKey, v: &CtValue| {
-            let stale = k.proto == IPPROTO_UDP
+        let flows = delete_where(&mut self.conntrack, map_names::CONNTRACK, |k, v| {
+            k.proto == IPPROTO_UDP
                 && ((v.flags & CT_F_ORIGINAL != 0 && is_stale(v.service_id, &v.nat_addr, v.nat_port))
-                    || (v.flags & CT_F_REPLY != 0 && is_stale(v.service_id, &k.saddr, k.sport)));
-            if stale {
-                gone.push(*k);
-            }
-        })
-        .map_err(|e| format!("reading {}: {e}", map_names::CONNTRACK))?;
-        let mut cleared = 0;
-        for k in gone {
-            // Evicted or expired meanwhile: fine.
-            if self.conntrack.remove(&k).is_ok() {
-                cleared += 1;
-            }
-        }
+                    || (v.flags & CT_F_REPLY != 0 && is_stale(v.service_id, &k.saddr, k.sport)))
+        })?;
         // Unconnected UDP sockets of the socket-level programs: the next
         // datagram to the frontend picks a backend again. (The reverse
         // entries stay: a late answer from the old backend still shows
         // the frontend. Connected sockets keep their backend: see README.)
-        let mut gone = Vec::new();
-        crate::batch::for_each_entry(self.sock_nat.map().fd().as_fd(), |k: &SockNatKey, v: &SockNatValue| {
-            if k.dir == SOCK_NAT_FORWARD && is_stale(v.service_id, &v.addr, v.port) {
-                gone.push(*k);
-            }
-        })
-        .map_err(|e| format!("reading {}: {e}", map_names::SOCK_NAT))?;
-        for k in gone {
-            if self.sock_nat.remove(&k).is_ok() {
-                cleared += 1;
-            }
-        }
-        Ok(cleared)
+        let sockets = delete_where(&mut self.sock_nat, map_names::SOCK_NAT, |k, v| {
+            k.dir == SOCK_NAT_FORWARD && is_stale(v.service_id, &v.addr, v.port)
+        })?;
+        Ok(flows + sockets)
     }
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String> {
         // Read once: aya reads /sys/devices/system/cpu/possible per call.
