@@ -9,10 +9,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
@@ -20,17 +17,22 @@ use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
+pub use crate::state::{AgentState, Counters};
 use crate::{
-    desired, health, ifwatch,
-    loader::{Dataplane, XdpAttachMode},
-    pin::PinRoot,
+    bpf::{
+        ifwatch,
+        loader::{Dataplane, XdpAttachMode},
+        pin::PinRoot,
+    },
+    http::health,
+    model,
+    reconcile::{MapWriter, SyncConfig, Syncer},
     source::{files::PolledFiles, kubernetes::KubeSource, Source},
-    sync::{MapWriter, SyncConfig, Syncer},
 };
 use dataplane_common::{DpConfig, ABI_VERSION};
 
 /// The log reader's fd, for tokio's AsyncFd.
-struct LoggerFd(crate::loader::BpfLogger);
+struct LoggerFd(crate::bpf::loader::BpfLogger);
 
 impl std::os::fd::AsRawFd for LoggerFd {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
@@ -89,7 +91,7 @@ pub struct RunConfig {
     /// Backend selection and Maglev table size.
     pub sync: SyncConfig,
     /// Capacities of the maps.
-    pub map_sizes: crate::map_sizes::MapSizes,
+    pub map_sizes: crate::bpf::map_sizes::MapSizes,
     /// Conntrack timeouts (the other fields are filled in by the agent).
     pub datapath: DpConfig,
 }
@@ -98,65 +100,6 @@ pub struct RunConfig {
 /// one `kubectl apply` (Service, then its slices) into one sync, short
 /// enough to stay far below the 10 ms change-to-map target.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(2);
-
-/// The agent's counters and health, shared with the health endpoints (and
-/// later the metrics).
-#[derive(Debug, Default)]
-pub struct AgentState {
-    /// Syncs applied so far.
-    pub syncs: AtomicU64,
-    /// Objects (or parts of objects) skipped or cut in the last sync.
-    pub skipped_objects: AtomicU64,
-    /// Sum over all syncs of the objects skipped in each (an object that
-    /// stays bad counts once per sync).
-    pub skipped_total: AtomicU64,
-    /// Watch failures after which the source retried (see
-    /// [`crate::source::SourceCounters`]).
-    pub watch_restarts: AtomicU64,
-    /// Relists after the first list (410 Gone).
-    pub relists: AtomicU64,
-    /// Frontends whose map writes failed, summed over syncs.
-    pub sync_errors: AtomicU64,
-    /// Set while the sync loop runs.
-    pub alive: AtomicBool,
-    /// Set once the first full sync has been applied.
-    pub ready: AtomicBool,
-    /// How long syncs take.
-    pub sync_duration: crate::metrics::SyncHistogram,
-}
-
-/// A copy of [`AgentState`]'s counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub syncs: u64,
-    pub skipped_objects: u64,
-    pub skipped_total: u64,
-    pub watch_restarts: u64,
-    pub relists: u64,
-    pub sync_errors: u64,
-}
-
-impl AgentState {
-    pub fn counters(&self) -> Counters {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Counters {
-            syncs: l(&self.syncs),
-            skipped_objects: l(&self.skipped_objects),
-            skipped_total: l(&self.skipped_total),
-            watch_restarts: l(&self.watch_restarts),
-            relists: l(&self.relists),
-            sync_errors: l(&self.sync_errors),
-        }
-    }
-
-    pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Relaxed)
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-}
 
 /// Clears `alive` when the loop ends, whichever way it ends.
 struct AliveGuard<'a>(&'a AgentState);
@@ -172,7 +115,7 @@ impl Drop for AliveGuard<'_> {
 pub async fn sync_loop<S: Source, W: MapWriter>(
     source: &mut S,
     syncer: &mut Syncer<W>,
-    node: &desired::NodeInfo,
+    node: &model::NodeInfo,
     state: &AgentState,
     debounce: Duration,
     shutdown: impl Future<Output = ()>,
@@ -180,7 +123,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
     state.alive.store(true, Ordering::Relaxed);
     let _alive = AliveGuard(state);
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut incremental = desired::Incremental::new(node.clone());
+    let mut incremental = model::Incremental::new(node.clone());
     loop {
         tokio::select! {
             r = source.changed() => r?,
@@ -202,7 +145,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
                 (None, changed, v.problems.to_vec())
             }
             None => {
-                let d = desired::compute_for_node(v.services, v.slices, node);
+                let d = model::compute_for_node(v.services, v.slices, node);
                 (Some(d), None, v.problems.to_vec())
             }
         }) else {
@@ -324,7 +267,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         Some(listener) => {
             let reader = crate::inspect::reopen(&maps).context("opening the maps for the metrics")?;
             info!(addr = %listener.local_addr()?, "serving /metrics");
-            Some(tokio::spawn(crate::metrics::serve(
+            Some(tokio::spawn(crate::http::metrics::serve(
                 listener,
                 state.clone(),
                 Some(Arc::new(std::sync::Mutex::new(reader))),
@@ -359,7 +302,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         first(&cfg.snat_ips).or_else(|| first(&node_ips))
     };
     let (snat_ip, snat_ip6) = (snat_for(false), snat_for(true));
-    let node = desired::NodeInfo {
+    let node = model::NodeInfo {
         name: cfg.node_name.clone(),
         addresses: node_ips.clone(),
         node_port_range: cfg.node_port_range,

@@ -9,7 +9,7 @@
 
 use std::{collections::HashMap, fmt::Write as _, net::Ipv4Addr};
 
-use dataplane::maglev;
+use dataplane::model::maglev;
 use dataplane_common::{flow_hash, Backend, Reason, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY};
 
 use crate::packet::{checksum, ACK, FIN, RST, SYN, TCP, UDP};

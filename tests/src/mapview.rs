@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, IterableMap, Map, MapData};
-use dataplane::loader::Maps;
+use dataplane::bpf::loader::Maps;
 use dataplane_common::{Backend, BackendKey, ServiceKey, ServiceValue};
 
 /// A frontend as the datapath resolves it: (VIP, port, protocol) and the

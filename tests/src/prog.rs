@@ -4,13 +4,13 @@
 use std::net::IpAddr;
 
 use dataplane::{
-    desired::{Desired, Frontend},
-    loader::{Dataplane, Maps},
-    maglev,
-    map_sizes::MapSizes,
-    pin::{ensure_bpffs, PinRoot},
-    sync::{SyncConfig, Syncer},
-    testrun::{self, RunResult},
+    bpf::loader::{Dataplane, Maps},
+    bpf::map_sizes::MapSizes,
+    bpf::pin::{ensure_bpffs, PinRoot},
+    bpf::testrun::{self, RunResult},
+    model::maglev,
+    model::{Desired, Frontend},
+    reconcile::{SyncConfig, Syncer},
 };
 use dataplane_common::{addr_of, flow_hash, fold_addr, program_names, Backend, DpConfig, Reason, ServiceKey};
 

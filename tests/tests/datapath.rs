@@ -5,9 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use dataplane::{
-    desired::Frontend,
-    maglev,
-    sync::{Selection, SyncConfig},
+    model::maglev,
+    model::Frontend,
+    reconcile::{Selection, SyncConfig},
 };
 use dataplane_common::{
     addr_of, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
@@ -779,7 +779,7 @@ fn icmp_errors_about_unknown_flows_pass_untouched() {
 /// flows and reverse socket entries stay.
 #[test]
 fn udp_flow_clearing_deletes_exactly_the_flows_of_endpoints_that_stopped_serving() {
-    use dataplane::sync::MapWriter;
+    use dataplane::reconcile::MapWriter;
     use dataplane_common::{
         CtKey, CtValue, SockNatKey, SockNatValue, CT_F_ORIGINAL, CT_F_REPLY, FAMILY_V4, SOCK_NAT_FORWARD,
         SOCK_NAT_REVERSE,

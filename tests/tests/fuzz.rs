@@ -2,7 +2,7 @@
 //! parsing, the desired-state function and the map sync.
 //!
 //! - arbitrary text, YAML-ish documents and mutations of deploy/examples
-//!   never panic `parse_manifests` or `desired::compute`;
+//!   never panic `parse_manifests` or `model::compute`;
 //! - Services and EndpointSlices with arbitrary field values never panic
 //!   `compute`, every frontend it returns is well formed, and adding such
 //!   objects never changes the frontends of the valid Services around them;
@@ -19,10 +19,10 @@ use std::{
 };
 
 use dataplane::{
-    desired::{self, Desired, Frontend, SERVICE_NAME_LABEL},
-    maglev,
+    model::maglev,
+    model::{self, Desired, Frontend, SERVICE_NAME_LABEL},
+    reconcile::{MapWriter, Selection, SyncConfig, Syncer},
     source::files::parse_manifests,
-    sync::{MapWriter, Selection, SyncConfig, Syncer},
 };
 use dataplane_common::{
     limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
@@ -75,7 +75,7 @@ fn well_formed(d: &Desired) -> Result<(), String> {
         }
         if fe
             .affinity_timeout_s
-            .is_some_and(|t| t == 0 || t > desired::MAX_AFFINITY_TIMEOUT_S)
+            .is_some_and(|t| t == 0 || t > model::MAX_AFFINITY_TIMEOUT_S)
         {
             return Err(format!("{k:?}: affinity timeout {:?}", fe.affinity_timeout_s));
         }
@@ -404,7 +404,7 @@ proptest! {
     #[test]
     fn arbitrary_text_never_panics_the_parser(s in any::<String>()) {
         if let Ok((o, _)) = parse_manifests("fuzz.yaml", &s) {
-            let d = desired::compute(&o.services, &o.slices);
+            let d = model::compute(&o.services, &o.slices);
             prop_assert_eq!(well_formed(&d), Ok(()));
         }
     }
@@ -413,7 +413,7 @@ proptest! {
     fn yamlish_documents_never_panic(docs in prop::collection::vec(yamlish_doc(), 1..4)) {
         let text = docs.join("\n---\n");
         if let Ok((o, _)) = parse_manifests("fuzz.yaml", &text) {
-            let d = desired::compute(&o.services, &o.slices);
+            let d = model::compute(&o.services, &o.slices);
             prop_assert_eq!(well_formed(&d), Ok(()));
         }
     }
@@ -425,7 +425,7 @@ proptest! {
             text = apply_edit(&text, e);
         }
         if let Ok((o, _)) = parse_manifests(EXAMPLES[file], &text) {
-            let d = desired::compute(&o.services, &o.slices);
+            let d = model::compute(&o.services, &o.slices);
             prop_assert_eq!(well_formed(&d), Ok(()));
         }
     }
@@ -441,7 +441,7 @@ proptest! {
             0..8,
         ),
     ) {
-        let d = desired::compute(&services, &slices);
+        let d = model::compute(&services, &slices);
         prop_assert_eq!(well_formed(&d), Ok(()));
         // The same objects in another order give the same frontends (for
         // distinct names: two objects with the same namespace/name, which
@@ -452,12 +452,12 @@ proptest! {
             .into_iter()
             .filter(|s| seen.insert((s.metadata.namespace.clone(), s.metadata.name.clone())))
             .collect();
-        let d = desired::compute(&services, &slices);
+        let d = model::compute(&services, &slices);
         let mut rs = services.clone();
         rs.reverse();
         let mut rl = slices.clone();
         rl.reverse();
-        prop_assert_eq!(desired::compute(&rs, &rl).frontends, d.frontends);
+        prop_assert_eq!(model::compute(&rs, &rl).frontends, d.frontends);
     }
 
     #[test]
@@ -473,7 +473,7 @@ proptest! {
         ),
     ) {
         let (mut all_services, mut all_slices) = examples();
-        let before = desired::compute(&all_services, &all_slices);
+        let before = model::compute(&all_services, &all_slices);
         prop_assert!(!before.frontends.is_empty());
         let vips: BTreeSet<std::net::IpAddr> = before.frontends.keys().map(|k| k.ip()).collect();
         // A garbage Service claiming a valid VIP is a conflict with defined
@@ -496,7 +496,7 @@ proptest! {
             .collect();
         all_services.extend(services);
         all_slices.extend(slices);
-        let after = desired::compute(&all_services, &all_slices);
+        let after = model::compute(&all_services, &all_slices);
         prop_assert_eq!(well_formed(&after), Ok(()));
         for (k, fe) in &before.frontends {
             prop_assert_eq!(after.frontends.get(k), Some(fe), "frontend {:?} changed", k);

@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
 
-use dataplane::{sync::SyncConfig, testrun};
+use dataplane::{bpf::testrun, reconcile::SyncConfig};
 use dataplane_common::{limits, program_names, DpConfig, Reason};
 use dataplane_tests::{
     hostile::{check, hex, services, Expect, Generator, Hook, Kind, Model, Svc, Tuple},

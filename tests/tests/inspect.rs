@@ -12,10 +12,10 @@ use std::{
 };
 
 use dataplane::{
-    desired::{Desired, Frontend},
-    loader::{Dataplane, Maps},
-    sync::Syncer,
-    testrun,
+    bpf::loader::{Dataplane, Maps},
+    bpf::testrun,
+    model::{Desired, Frontend},
+    reconcile::Syncer,
 };
 use dataplane_common::{program_names, Backend, DpConfig, ServiceKey, SVC_F_SOURCE_RANGES};
 use dataplane_tests::{

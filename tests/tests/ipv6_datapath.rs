@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use dataplane::desired::Frontend;
+use dataplane::model::Frontend;
 use dataplane_common::{
     addr_of, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
 };

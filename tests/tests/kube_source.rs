@@ -14,10 +14,10 @@ use std::{
 
 use dataplane::{
     agent::{sync_loop, AgentState},
-    desired::NodeInfo,
-    loader::Dataplane,
+    bpf::loader::Dataplane,
+    model::NodeInfo,
+    reconcile::Syncer,
     source::kubernetes::KubeSource,
-    sync::Syncer,
 };
 use dataplane_common::{IPPROTO_TCP, IPPROTO_UDP};
 use dataplane_tests::{
@@ -566,7 +566,7 @@ async fn bad_objects_are_skipped_without_disturbing_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real cluster: set KUBECONFIG and run with --ignored (see the doc comment)"]
 async fn real_cluster_when_kubeconfig_is_set() {
-    use dataplane::desired;
+    use dataplane::model;
     use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
     use kube::{api::ListParams, Api};
 
@@ -611,7 +611,7 @@ async fn real_cluster_when_kubeconfig_is_set() {
             .list(&ListParams::default())
             .await
             .unwrap();
-        let d = desired::compute(&services.items, &slices.items);
+        let d = model::compute(&services.items, &slices.items);
         want = d
             .frontends
             .iter()

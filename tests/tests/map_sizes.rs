@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use dataplane::{desired::Frontend, map_sizes::MapSizes, sync::SyncConfig};
+use dataplane::{bpf::map_sizes::MapSizes, model::Frontend, reconcile::SyncConfig};
 use dataplane_common::{Backend, DpConfig, ServiceKey};
 use dataplane_tests::{
     packet::{parse_and_verify, Frame, ACK, SYN, TCP},

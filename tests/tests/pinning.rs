@@ -5,11 +5,11 @@
 use std::{net::Ipv4Addr, process::Command};
 
 use dataplane::{
-    desired::{Desired, Frontend},
-    loader::Dataplane,
-    map_sizes::MapSizes,
-    sync::{SyncConfig, Syncer},
-    testrun,
+    bpf::loader::Dataplane,
+    bpf::map_sizes::MapSizes,
+    bpf::testrun,
+    model::{Desired, Frontend},
+    reconcile::{SyncConfig, Syncer},
 };
 use dataplane_common::{program_names, Backend, BackendKey, ServiceKey};
 use dataplane_tests::{
@@ -184,7 +184,7 @@ fn pinned_map_of_another_configured_size_is_refused() {
 /// they live as long as the loader.
 #[test]
 fn socket_links_follow_the_configured_cgroup() {
-    use dataplane::socklb::attached_programs;
+    use dataplane::bpf::cgroup::attached_programs;
     use dataplane_tests::cgroup::TestCgroup;
     let (cg1, cg2) = (TestCgroup::new().unwrap(), TestCgroup::new().unwrap());
     let count = |cg: &TestCgroup| -> usize {

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use dataplane::{inspect, socklb};
+use dataplane::{bpf::cgroup, inspect};
 use dataplane_tests::{
     agent::Agent,
     cgroup::TestCgroup,
@@ -463,7 +463,7 @@ fn restart_adopts_the_cgroup_links_and_cleanup_detaches_them() {
     let _servers = start_servers(&t, false);
     let cg = TestCgroup::new().unwrap();
     let mut agent = start_agent(&t, &cg, &manifests(&[1, 2]));
-    let progs = |hook: &str| socklb::attached_programs(cg.path(), hook).unwrap();
+    let progs = |hook: &str| cgroup::attached_programs(cg.path(), hook).unwrap();
     for (_, hook) in dataplane_common::program_names::SOCK {
         assert_eq!(progs(hook).len(), 1, "{hook}: {:?}", progs(hook));
     }

@@ -9,7 +9,7 @@
 
 use std::os::fd::RawFd;
 
-use dataplane::loader::Dataplane;
+use dataplane::bpf::loader::Dataplane;
 use dataplane_common::program_names;
 
 /// The verifier's limit on processed instructions (BPF_COMPLEXITY_LIMIT_INSNS).

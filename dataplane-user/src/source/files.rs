@@ -16,7 +16,7 @@ use tracing::warn;
 
 pub use super::Objects;
 use super::{Source, SourceCounters, View};
-use crate::desired::Problem;
+use crate::model::Problem;
 
 /// What identifies a version of a file without reading it: modification
 /// time and length, plus the inode (a file replaced by a rename, as

@@ -39,7 +39,7 @@ use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{Source, SourceCounters, View};
-use crate::desired::Tracked;
+use crate::model::Tracked;
 
 /// The annotation kubectl keeps a whole copy of the object in: dropped to
 /// save memory, nothing here reads it.
@@ -81,7 +81,7 @@ impl<K> Default for Store<K> {
 
 /// The desired state's key, so it can find objects by it.
 fn key<K: Resource>(obj: &K) -> String {
-    crate::desired::object_key(obj.meta())
+    crate::model::object_key(obj.meta())
 }
 
 impl<K: Resource> Store<K> {

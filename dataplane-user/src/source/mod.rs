@@ -7,7 +7,7 @@
 //! (`desired::Incremental` -> `Syncer::apply_changed`: only the Services
 //! touched are recomputed and written); the others (the file source) the
 //! full one (`desired::compute_for_node` -> `Syncer::apply`). Both give the
-//! same maps (a randomized test in `sync.rs` checks it).
+//! same maps (a randomized test in `reconcile/tests.rs` checks it).
 
 pub mod files;
 pub mod kubernetes;
@@ -16,7 +16,7 @@ use std::future::Future;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::desired::{Problem, Tracked};
+use crate::model::{Problem, Tracked};
 
 /// Services and EndpointSlices read from a source.
 #[derive(Clone, Debug, Default)]

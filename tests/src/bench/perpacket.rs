@@ -30,10 +30,10 @@ use aya::{
     Ebpf,
 };
 use dataplane::{
-    desired::{Desired, Frontend},
-    loader::Maps,
-    sync::{SyncConfig, Syncer},
-    testrun,
+    bpf::loader::Maps,
+    bpf::testrun,
+    model::{Desired, Frontend},
+    reconcile::{SyncConfig, Syncer},
 };
 use dataplane_common::{
     bench::{names, service_frontend, BenchFrame, FRAME_LEN, OFFSETS_V4, OFFSETS_V6, VARY_FLOW, VARY_SERVICE},

@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, io, os::fd::FromRawFd};
 
 use tracing::{info, warn};
 
-use crate::{
+use crate::bpf::{
     loader::{Dataplane, LoadError, XdpAttachMode},
     pin::{PinError, PinRoot},
 };

@@ -24,10 +24,13 @@ use dataplane_common::{
 use serde::Serialize;
 
 use crate::{
-    desired::proto_name,
-    inspect::{self, conntrack_row, endpoint, frontend, monotonic_ns, ConntrackRow, Table},
-    loader::{Dataplane, Maps},
-    testrun,
+    bpf::{
+        loader::{Dataplane, Maps},
+        testrun,
+    },
+    cli::tables::Table,
+    inspect::{self, conntrack_row, endpoint, frontend, monotonic_ns, ConntrackRow},
+    model::proto_name,
 };
 
 pub const TCP_FIN: u8 = 0x01;

@@ -22,7 +22,7 @@ use dataplane_common::{
 };
 use thiserror::Error;
 
-use crate::{
+use crate::bpf::{
     map_sizes::MapSizes,
     pin::{PinError, PinRoot},
 };
@@ -360,7 +360,7 @@ impl Dataplane {
     /// another cgroup are removed first; new links are pinned. Returns each
     /// hook with how it got attached.
     pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<Vec<(&'static str, Attached)>, LoadError> {
-        let cgroup_id = crate::socklb::cgroup_id(cgroup).map_err(LoadError::SocketLb)?;
+        let cgroup_id = crate::bpf::cgroup::cgroup_id(cgroup).map_err(LoadError::SocketLb)?;
         if !self.sock_loaded {
             for (name, _) in program_names::SOCK {
                 let p: &mut CgroupSockAddr = self
@@ -570,18 +570,18 @@ impl Dataplane {
 /// Gives the cgroup link pinned at `pin` the program `p`, if that link is
 /// attached to cgroup `cgroup_id` at `hook`. Returns whether it did.
 fn replace_cgroup_link(pin: &Path, p: &CgroupSockAddr, cgroup_id: u64, hook: &str) -> bool {
-    let Ok(link) = crate::socklb::obj_get(pin) else {
+    let Ok(link) = crate::bpf::cgroup::obj_get(pin) else {
         return false;
     };
-    let same = crate::socklb::cgroup_link_info(link.as_fd())
+    let same = crate::bpf::cgroup::cgroup_link_info(link.as_fd())
         .ok()
         .flatten()
-        .is_some_and(|i| i.cgroup_id == cgroup_id && Some(i.attach_type) == crate::socklb::attach_type(hook));
+        .is_some_and(|i| i.cgroup_id == cgroup_id && Some(i.attach_type) == crate::bpf::cgroup::attach_type(hook));
     if !same {
         return false;
     }
     match p.fd() {
-        Ok(fd) => crate::socklb::link_update(link.as_fd(), fd.as_fd()).is_ok(),
+        Ok(fd) => crate::bpf::cgroup::link_update(link.as_fd(), fd.as_fd()).is_ok(),
         Err(_) => false,
     }
 }

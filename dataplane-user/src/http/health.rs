@@ -14,7 +14,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::agent::AgentState;
+use crate::state::AgentState;
 
 /// Longest request head read; probes send a few hundred bytes.
 const MAX_HEAD: usize = 8 * 1024;

@@ -112,11 +112,11 @@ impl PinRoot {
     /// built with, so that another version's maps are refused, never
     /// misread.
     pub fn check_maps(&self) -> Result<(), PinError> {
-        self.check_maps_with(&crate::map_sizes::MapSizes::default())
+        self.check_maps_with(&crate::bpf::map_sizes::MapSizes::default())
     }
 
     /// As `check_maps`, against the configured capacities `sizes`.
-    pub fn check_maps_with(&self, sizes: &crate::map_sizes::MapSizes) -> Result<(), PinError> {
+    pub fn check_maps_with(&self, sizes: &crate::bpf::map_sizes::MapSizes) -> Result<(), PinError> {
         for shape in &map_shapes::ALL {
             let max_entries = sizes.max_entries(shape.name).unwrap_or(shape.max_entries);
             let path = self.map(shape.name);

@@ -1,0 +1,539 @@
+//! The desired state of one node, computed in full from the objects.
+
+use super::conflicts::{merge, out, Claim, ServiceFrontends};
+use super::*;
+
+pub(super) fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<(String, String)> {
+    Some((
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone()?,
+    ))
+}
+
+pub(super) fn protocol(p: Option<&str>) -> Result<u8, String> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(IPPROTO_TCP),
+        "UDP" => Ok(IPPROTO_UDP),
+        other => Err(format!("protocol {other} is not supported (TCP and UDP are)")),
+    }
+}
+
+pub(super) fn valid_port(p: i32) -> Option<u16> {
+    (1..=65535).contains(&p).then_some(p as u16)
+}
+
+/// An endpoint of a slice, reduced to what selection needs.
+pub(super) struct Endpoint {
+    pub(super) addr: IpAddr,
+    pub(super) node_name: Option<String>,
+    pub(super) ready: bool,
+    pub(super) serving: bool,
+    pub(super) terminating: bool,
+}
+
+/// A slice, validated once: its usable endpoints and its ports by name.
+pub(super) struct Slice<'a> {
+    pub(super) name: String,
+    pub(super) obj: &'a EndpointSlice,
+    pub(super) endpoints: Vec<Endpoint>,
+}
+
+/// Computes the frontends for `services` from `slices`.
+///
+/// Rules (as kube-proxy applies them):
+/// - ExternalName and headless Services have no VIP: ignored.
+/// - Every address of a Service (ClusterIPs, externalIPs, load balancer
+///   ingress IPs, node addresses for NodePorts) is a frontend, IPv4 and
+///   IPv6 alike; a frontend only gets endpoints of its own family (from
+///   slices of `addressType` IPv4 or IPv6), so a dual-stack Service's IPv4
+///   VIP never picks an IPv6 backend and vice versa.
+/// - A slice belongs to the Service named by its `kubernetes.io/service-name`
+///   label in the same namespace; several slices are merged.
+/// - Slice ports are matched to Service ports by name and protocol; the
+///   slice's port number is the backend port (so named targetPorts resolve
+///   per slice).
+/// - New flows go to ready endpoints (`ready` unset counts as ready); when
+///   none is ready, to endpoints that are serving and terminating.
+pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> Desired {
+    compute_for_node(
+        services,
+        slices,
+        &NodeInfo {
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+            ..NodeInfo::default()
+        },
+    )
+}
+
+/// As [`compute`], for the node described by `node`: NodePorts on its
+/// addresses, Local traffic policies against its endpoints, and remote
+/// backends flagged for SNAT.
+pub fn compute_for_node(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Desired {
+    let mut problems = BTreeSet::new();
+    let mut problem = |object: String, reason: String| {
+        problems.insert(Problem { object, reason });
+    };
+
+    // Slices by (namespace, service name).
+    let mut by_service: BTreeMap<(String, String), Vec<Slice>> = BTreeMap::new();
+    for s in slices {
+        if let Some((owner, slice)) = prepare_slice(s, &mut problem) {
+            by_service.entry(owner).or_default().push(slice);
+        }
+    }
+
+    let mut services: Vec<&Service> = services.iter().collect();
+    // Deterministic winner when two Services claim the same frontend.
+    services.sort_by_cached_key(|s| ns_name(&s.metadata));
+    let results: Vec<ServiceFrontends> = services
+        .into_iter()
+        .map(|svc| {
+            let slices = ns_name(&svc.metadata)
+                .and_then(|k| by_service.get(&k))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            service_frontends(svc, slices, node)
+        })
+        .collect();
+    merge(results.iter(), problems)
+}
+
+/// Validates one slice: the Service it belongs to (namespace, name) and its
+/// usable endpoints; `None` when it is ignored.
+pub(super) fn prepare_slice<'a>(
+    s: &'a EndpointSlice,
+    problem: &mut dyn FnMut(String, String),
+) -> Option<((String, String), Slice<'a>)> {
+    let Some((ns, name)) = ns_name(&s.metadata) else {
+        problem(
+            "EndpointSlice (unnamed)".into(),
+            "metadata.name is missing; ignored".into(),
+        );
+        return None;
+    };
+    let object = format!("EndpointSlice {ns}/{name}");
+    let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        problem(object, format!("no {SERVICE_NAME_LABEL} label; ignored"));
+        return None;
+    };
+    let v6 = match s.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        // FQDN slices are not for proxies.
+        "FQDN" => return None,
+        other => {
+            problem(object, format!("unknown addressType {other:?}; ignored"));
+            return None;
+        }
+    };
+    let mut endpoints = Vec::new();
+    for ep in &s.endpoints {
+        let Some(first) = ep.addresses.first() else {
+            problem(object.clone(), "an endpoint has no address; skipped".into());
+            continue;
+        };
+        let addr = match first.parse::<IpAddr>() {
+            Ok(a) if a.is_ipv6() == v6 => a,
+            _ => {
+                problem(
+                    object.clone(),
+                    format!(
+                        "endpoint address {first:?} is not a valid {} address; skipped",
+                        s.address_type
+                    ),
+                );
+                continue;
+            }
+        };
+        let c = ep.conditions.clone().unwrap_or_default();
+        let ready = c.ready.unwrap_or(true);
+        endpoints.push(Endpoint {
+            addr,
+            node_name: ep.node_name.clone(),
+            ready,
+            serving: c.serving.unwrap_or(ready),
+            terminating: c.terminating.unwrap_or(false),
+        });
+    }
+    Some((
+        (ns, svc.clone()),
+        Slice {
+            name,
+            obj: s,
+            endpoints,
+        },
+    ))
+}
+
+/// The frontends one Service asks for, from its slices, with its own
+/// problems (conflicts with other Services are the merge's business).
+pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> ServiceFrontends {
+    let mut claims = Vec::new();
+    let mut problems = BTreeSet::new();
+    let mut problem = |object: String, reason: String| {
+        problems.insert(Problem { object, reason });
+    };
+    let Some((ns, name)) = ns_name(&svc.metadata) else {
+        problem("Service (unnamed)".into(), "metadata.name is missing; ignored".into());
+        return out(None, claims, problems);
+    };
+    let object = format!("Service {ns}/{name}");
+    let order = Some((ns.clone(), name.clone()));
+    let Some(spec) = &svc.spec else {
+        return out(order, claims, problems);
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return out(order, claims, problems);
+    }
+    let ips: Vec<String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.clone(),
+        _ => spec.cluster_ip.iter().cloned().collect(),
+    };
+    if ips.is_empty() || ips.iter().any(|ip| ip == "None" || ip.is_empty()) {
+        return out(order, claims, problems); // headless
+    }
+    let mut vips = Vec::new();
+    for ip in &ips {
+        match ip.parse::<IpAddr>() {
+            Ok(a) => vips.push(a),
+            Err(_) => problem(
+                object.clone(),
+                format!("clusterIP {ip:?} is not a valid IP address; ignored"),
+            ),
+        }
+    }
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S as i32).contains(&t) => Some(t as u32),
+                Some(t) => {
+                    problem(
+                        object.clone(),
+                        format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1-{MAX_AFFINITY_TIMEOUT_S}; \
+                             using {DEFAULT_AFFINITY_TIMEOUT_S}"
+                        ),
+                    );
+                    Some(DEFAULT_AFFINITY_TIMEOUT_S)
+                }
+            }
+        }
+        Some("None") | None => None,
+        Some(other) => {
+            problem(
+                object.clone(),
+                format!("unknown sessionAffinity {other:?}; treated as None"),
+            );
+            None
+        }
+    };
+
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let parse_ips = |ips: Vec<String>, what: &str, problem: &mut dyn FnMut(String, String)| {
+        let mut out = Vec::new();
+        for ip in ips {
+            match ip.parse::<IpAddr>() {
+                Ok(a) => out.push(a),
+                Err(_) => problem(
+                    object.clone(),
+                    format!("{what} {ip:?} is not a valid IP address; ignored"),
+                ),
+            }
+        }
+        out
+    };
+    let external_ips = parse_ips(
+        spec.external_ips.clone().unwrap_or_default(),
+        "externalIP",
+        &mut problem,
+    );
+    let lb_ips = if svc_type == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.clone())
+            .unwrap_or_default();
+        // ipMode Proxy: the load balancer proxies to the nodes itself;
+        // kube-proxy does not program such IPs either.
+        let ips = ingress
+            .into_iter()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip)
+            .collect();
+        parse_ips(ips, "load balancer ingress IP", &mut problem)
+    } else {
+        Vec::new()
+    };
+    let mut source_ranges = Vec::new();
+    if svc_type == "LoadBalancer" {
+        for r in spec.load_balancer_source_ranges.clone().unwrap_or_default() {
+            match parse_cidr(r.trim()) {
+                Some(c) => source_ranges.push(c),
+                None => problem(
+                    object.clone(),
+                    format!("loadBalancerSourceRanges entry {r:?} is not a valid CIDR; ignored"),
+                ),
+            }
+        }
+        source_ranges.sort();
+        source_ranges.dedup();
+    }
+    let ports = spec.ports.as_deref().unwrap_or(&[]);
+    let known: BTreeSet<(String, u8)> = ports
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p.name.clone().unwrap_or_default(),
+                protocol(p.protocol.as_deref()).ok()?,
+            ))
+        })
+        .collect();
+    for sl in slices {
+        for sp in sl.obj.ports.as_deref().unwrap_or(&[]) {
+            let pname = sp.name.clone().unwrap_or_default();
+            if let Ok(proto) = protocol(sp.protocol.as_deref()) {
+                if !known.contains(&(pname.clone(), proto)) {
+                    problem(
+                        format!("EndpointSlice {ns}/{}", sl.name),
+                        format!("port {pname:?} is not a port of Service {ns}/{name}; ignored"),
+                    );
+                }
+            }
+        }
+    }
+
+    for port in ports {
+        let pname = port.name.clone().unwrap_or_default();
+        let proto = match protocol(port.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                problem(object.clone(), format!("port {pname:?}: {e}; skipped"));
+                continue;
+            }
+        };
+        let Some(svc_port) = valid_port(port.port) else {
+            problem(
+                object.clone(),
+                format!("port {pname:?}: {} is outside 1-65535; skipped", port.port),
+            );
+            continue;
+        };
+
+        // Endpoints by family, readiness and locality.
+        let mut sets = [EndpointSets::default(), EndpointSets::default()];
+        for sl in slices {
+            let Some(sp) = sl.obj.ports.as_deref().unwrap_or(&[]).iter().find(|sp| {
+                sp.name.clone().unwrap_or_default() == pname && protocol(sp.protocol.as_deref()) == Ok(proto)
+            }) else {
+                continue;
+            };
+            let Some(target) = sp.port.and_then(valid_port) else {
+                problem(
+                    format!("EndpointSlice {ns}/{}", sl.name),
+                    format!(
+                        "port {pname:?}: port number {:?} is missing or outside 1-65535; skipped",
+                        sp.port
+                    ),
+                );
+                continue;
+            };
+            for ep in &sl.endpoints {
+                let local = node.is_local(ep.node_name.as_deref());
+                let mut b = Backend::new(ep.addr, target);
+                if !local {
+                    b.flags |= BACKEND_F_REMOTE;
+                }
+                sets[ep.addr.is_ipv6() as usize].add(b, local, ep.ready, ep.serving && ep.terminating);
+            }
+        }
+        let mut truncated = |mut backends: Vec<Backend>| {
+            let max = limits::MAX_BACKENDS_PER_SERVICE as usize;
+            if backends.len() > max {
+                problem(
+                    object.clone(),
+                    format!(
+                        "port {pname:?}: {} endpoints, only the first {max} are used",
+                        backends.len()
+                    ),
+                );
+                backends.truncate(max);
+            }
+            backends
+        };
+        // internalTrafficPolicy for the ClusterIPs, externalTrafficPolicy
+        // for everything reached from outside.
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        // One internal and one external frontend per family, each with the
+        // endpoints of its family only.
+        let mut frontends = |sets: &EndpointSets, v6: bool| {
+            let any = !sets.pick(false).is_empty();
+            let internal = truncated(sets.pick(internal_local));
+            let external = truncated(sets.pick(external_local));
+            // Only UDP flows are cleared when their endpoint leaves: TCP
+            // frontends carry no list (no memory at scale).
+            let udp = proto == IPPROTO_UDP;
+            let serving = |picked: &[Backend]| if udp { sets.serving_besides(picked) } else { Vec::new() };
+            let base = Frontend {
+                service: format!("{ns}/{name}"),
+                port_name: pname.clone(),
+                also_serving: serving(&internal),
+                backends: internal,
+                affinity_timeout_s,
+                flags: 0,
+                source_ranges: Vec::new(),
+            };
+            let internal_fe = Frontend {
+                flags: if internal_local && any && base.backends.is_empty() {
+                    SVC_F_DROP_NO_LOCAL
+                } else {
+                    0
+                },
+                ..base.clone()
+            };
+            let external_fe = Frontend {
+                also_serving: serving(&external),
+                backends: external.clone(),
+                flags: if external_local {
+                    if any && external.is_empty() {
+                        SVC_F_DROP_NO_LOCAL
+                    } else {
+                        0
+                    }
+                } else {
+                    SVC_F_EXTERNAL
+                },
+                ..base.clone()
+            };
+            // Load balancer IPs: loadBalancerSourceRanges of the frontend's
+            // family; as kube-proxy does, a family without ranges is not
+            // restricted, and externalIPs and NodePorts never are.
+            let mut lb_fe = external_fe.clone();
+            let ranges: Vec<(IpAddr, u8)> = source_ranges
+                .iter()
+                .filter(|(a, _)| a.is_ipv6() == v6)
+                .copied()
+                .collect();
+            if !ranges.is_empty() {
+                lb_fe.flags |= SVC_F_SOURCE_RANGES;
+                lb_fe.source_ranges = ranges;
+            }
+            [internal_fe, external_fe, lb_fe]
+        };
+        let by_family = [frontends(&sets[0], false), frontends(&sets[1], true)];
+        let node_port = match port
+            .node_port
+            .filter(|_| matches!(svc_type, "NodePort" | "LoadBalancer"))
+        {
+            None => None,
+            Some(np) => {
+                let (lo, hi) = node.node_port_range;
+                let valid = u16::try_from(np).ok().filter(|p| (lo..=hi).contains(p));
+                if valid.is_none() {
+                    problem(
+                        object.clone(),
+                        format!("port {pname:?}: nodePort {np} is outside the node port range {lo}-{hi}; skipped"),
+                    );
+                }
+                valid
+            }
+        };
+        // Which of a family's frontends: 0 internal, 1 external, 2 load
+        // balancer.
+        let mut add = |ip: IpAddr, port: u16, which: usize, what: &'static str| {
+            claims.push(Claim {
+                key: ServiceKey::new(ip, port, proto),
+                frontend: by_family[ip.is_ipv6() as usize][which].clone(),
+                what,
+            });
+        };
+        for vip in &vips {
+            add(*vip, svc_port, 0, "clusterIP");
+        }
+        for ip in &external_ips {
+            add(*ip, svc_port, 1, "externalIP");
+        }
+        if let Some(np) = node_port {
+            for ip in &node.addresses {
+                add(*ip, np, 1, "nodePort on");
+            }
+        }
+        for ip in &lb_ips {
+            add(*ip, svc_port, 2, "load balancer IP");
+        }
+    }
+    out(order, claims, problems)
+}
+
+/// Endpoints of one Service port by readiness and locality.
+#[derive(Default)]
+pub(super) struct EndpointSets {
+    pub(super) ready: BTreeSet<Backend>,
+    pub(super) terminating: BTreeSet<Backend>,
+    pub(super) ready_local: BTreeSet<Backend>,
+    pub(super) terminating_local: BTreeSet<Backend>,
+}
+
+impl EndpointSets {
+    fn add(&mut self, b: Backend, local: bool, ready: bool, serving_terminating: bool) {
+        if ready {
+            self.ready.insert(b);
+            if local {
+                self.ready_local.insert(b);
+            }
+        } else if serving_terminating {
+            self.terminating.insert(b);
+            if local {
+                self.terminating_local.insert(b);
+            }
+        }
+    }
+
+    /// Every serving endpoint (ready, or terminating and serving), local
+    /// or not, that is not in `picked`.
+    fn serving_besides(&self, picked: &[Backend]) -> Vec<Backend> {
+        self.ready
+            .union(&self.terminating)
+            .filter(|b| !picked.contains(b))
+            .copied()
+            .collect()
+    }
+
+    /// The backends for new flows: ready ones, or when none is ready the
+    /// serving terminating ones (kube-proxy's fallback), among local
+    /// endpoints only when `local`.
+    fn pick(&self, local: bool) -> Vec<Backend> {
+        let (ready, terminating) = if local {
+            (&self.ready_local, &self.terminating_local)
+        } else {
+            (&self.ready, &self.terminating)
+        };
+        let set = if ready.is_empty() { terminating } else { ready };
+        set.iter().copied().collect()
+    }
+}
+
+/// Parses an IPv4 or IPv6 CIDR (`addr/len`); `None` when invalid. Host
+/// bits are cleared.
+pub(super) fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (ip, len) = s.split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    match ip.parse::<IpAddr>().ok()? {
+        IpAddr::V4(a) if len <= 32 => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            Some((IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask)), len))
+        }
+        IpAddr::V6(a) if len <= 128 => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            Some((IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask)), len))
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,85 @@
+//! Conflicts between Services that claim the same frontend key: the first
+//! Service in namespace/name order wins, later claims are reported.
+
+use super::*;
+
+/// One frontend key a Service asks for, in the order it asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Claim {
+    pub(super) key: ServiceKey,
+    pub(super) frontend: Frontend,
+    /// "clusterIP", "externalIP", ... for the conflict message.
+    pub(super) what: &'static str,
+}
+
+/// One Service's share of the desired state, before conflicts between
+/// Services are resolved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceFrontends {
+    /// (namespace, name): the conflict order. `None` for an unnamed Service.
+    pub(super) order: Option<(String, String)>,
+    pub(super) claims: Vec<Claim>,
+    pub(super) problems: Vec<Problem>,
+}
+
+impl ServiceFrontends {
+    /// The problem reported when `claim` loses its key to `winner`.
+    fn conflict(&self, claim: &Claim, winner: &str) -> Problem {
+        conflict(self.order.as_ref(), &claim.key, claim.what, winner)
+    }
+}
+
+/// The problem reported when the Service `order` loses its claim on `key`
+/// (a `what`: "clusterIP", ...) to `winner`.
+pub(super) fn conflict(order: Option<&(String, String)>, key: &ServiceKey, what: &str, winner: &str) -> Problem {
+    Problem {
+        object: match order {
+            Some((ns, name)) => format!("Service {ns}/{name}"),
+            None => "Service (unnamed)".into(),
+        },
+        reason: format!(
+            "{what} {}:{}/{} is already used by {winner}; skipped",
+            key.ip(),
+            key.host_port(),
+            proto_name(key.proto)
+        ),
+    }
+}
+
+pub(super) fn out(
+    order: Option<(String, String)>,
+    claims: Vec<Claim>,
+    problems: BTreeSet<Problem>,
+) -> ServiceFrontends {
+    ServiceFrontends {
+        order,
+        claims,
+        problems: problems.into_iter().collect(),
+    }
+}
+
+/// Merges per-Service results given in (namespace, name) order: the first
+/// Service to claim a key gets it, later claims are reported.
+pub(super) fn merge<'a>(
+    results: impl Iterator<Item = &'a ServiceFrontends>,
+    mut problems: BTreeSet<Problem>,
+) -> Desired {
+    let mut frontends: BTreeMap<ServiceKey, Frontend> = BTreeMap::new();
+    for r in results {
+        problems.extend(r.problems.iter().cloned());
+        for c in &r.claims {
+            match frontends.get(&c.key) {
+                Some(other) => {
+                    problems.insert(r.conflict(c, &other.service));
+                }
+                None => {
+                    frontends.insert(c.key, c.frontend.clone());
+                }
+            }
+        }
+    }
+    Desired {
+        frontends,
+        problems: problems.into_iter().collect(),
+    }
+}

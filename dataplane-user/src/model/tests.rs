@@ -1,0 +1,368 @@
+use super::*;
+use crate::source::files::parse_manifests;
+use dataplane_common::{SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES};
+
+fn example(name: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let path = format!("{}/../deploy/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let (o, p) = parse_manifests(name, &text).unwrap();
+    assert!(p.is_empty(), "{p:?}");
+    (o.services, o.slices)
+}
+
+fn examples(names: &[&str]) -> Desired {
+    let (mut svcs, mut slices) = (vec![], vec![]);
+    for n in names {
+        let (s, e) = example(n);
+        svcs.extend(s);
+        slices.extend(e);
+    }
+    compute(&svcs, &slices)
+}
+
+fn fe(d: &Desired, vip: [u8; 4], port: u16, proto: u8) -> &Frontend {
+    d.frontends
+        .get(&ServiceKey::new(Ipv4Addr::from(vip), port, proto))
+        .unwrap_or_else(|| {
+            panic!(
+                "no frontend {vip:?}:{port}; have {:?}",
+                d.frontends.values().collect::<Vec<_>>()
+            )
+        })
+}
+
+fn b(last3: u8, last4: u8, port: u16) -> Backend {
+    Backend::new(Ipv4Addr::new(198, 18, last3, last4), port)
+}
+
+fn sorted(mut v: Vec<Backend>) -> Vec<Backend> {
+    v.sort();
+    v
+}
+
+#[test]
+fn slices_merge_and_named_ports_resolve_per_slice() {
+    let d = examples(&["web.yaml"]);
+    assert_eq!(d.frontends.len(), 2);
+    let http = fe(&d, [198, 19, 0, 10], 80, IPPROTO_TCP);
+    assert_eq!(http.service, "shop/web");
+    assert_eq!(http.display_name(), "shop/web:http");
+    // 198.18.2.2 is terminating while others are ready: no new flows.
+    assert_eq!(http.backends, sorted(vec![b(1, 2, 8080), b(3, 2, 8081), b(4, 2, 8081)]));
+    let metrics = fe(&d, [198, 19, 0, 10], 9090, IPPROTO_TCP);
+    assert_eq!(
+        metrics.backends,
+        sorted(vec![b(1, 2, 9090), b(3, 2, 9090), b(4, 2, 9090)])
+    );
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+}
+
+#[test]
+fn objects_to_skip_are_skipped_with_named_reasons() {
+    let d = examples(&["web.yaml", "skip.yaml"]);
+    // Headless and ExternalName Services produce nothing.
+    assert!(
+        d.frontends.values().all(|f| f.service == "shop/web"),
+        "{:?}",
+        d.frontends
+    );
+    let problems: Vec<String> = d.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        problems.contains(&"EndpointSlice shop/orphan-abc12: no kubernetes.io/service-name label; ignored".into()),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("EndpointSlice shop/web-bad01: endpoint address \"198.18.300.1\"")),
+        "{problems:?}"
+    );
+    // The valid endpoint of the bad slice is still used.
+    let http = fe(&d, [198, 19, 0, 10], 80, IPPROTO_TCP);
+    assert!(http.backends.contains(&b(5, 2, 8080)), "{:?}", http.backends);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+}
+
+#[test]
+fn every_port_and_protocol_of_a_service_is_a_frontend() {
+    let d = examples(&["edge.yaml"]);
+    let tcp = fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP);
+    let udp = fe(&d, [198, 19, 0, 20], 443, IPPROTO_UDP);
+    assert_eq!(tcp.backends, sorted(vec![b(1, 7, 8443), b(2, 7, 8443)]));
+    assert_eq!(udp.backends, tcp.backends);
+    assert_eq!(udp.port_name, "quic");
+}
+
+#[test]
+fn client_ip_affinity_and_its_timeout() {
+    let d = examples(&["edge.yaml", "web.yaml"]);
+    assert_eq!(fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP).affinity_timeout_s, Some(600));
+    assert_eq!(fe(&d, [198, 19, 0, 10], 80, IPPROTO_TCP).affinity_timeout_s, None);
+    let default = service(&SVC.replace("spec:\n", "spec:\n  sessionAffinity: ClientIP\n"));
+    let d = compute(&[default], &[]);
+    assert_eq!(
+        fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).affinity_timeout_s,
+        Some(10_800)
+    );
+    let bad = service(&SVC.replace(
+        "spec:\n",
+        "spec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n",
+    ));
+    let d = compute(&[bad], &[]);
+    assert_eq!(
+        fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).affinity_timeout_s,
+        Some(10_800)
+    );
+    assert!(d.problems[0].reason.contains("timeoutSeconds 0"), "{:?}", d.problems);
+}
+
+fn node(name: &str) -> NodeInfo {
+    NodeInfo {
+        name: Some(name.into()),
+        addresses: vec![Ipv4Addr::new(198, 18, 50, 1).into()],
+        node_port_range: DEFAULT_NODE_PORT_RANGE,
+    }
+}
+
+fn remote(b: Backend) -> Backend {
+    Backend {
+        flags: BACKEND_F_REMOTE,
+        ..b
+    }
+}
+
+#[test]
+fn load_balancer_frontends_with_local_external_policy() {
+    let (svcs, slices) = example("edge.yaml");
+    let d = compute_for_node(&svcs, &slices, &node("node-a"));
+    // ClusterIP: internalTrafficPolicy Cluster, every endpoint, the
+    // remote one flagged.
+    let cluster = fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP);
+    assert_eq!(cluster.backends, sorted(vec![b(1, 7, 8443), remote(b(2, 7, 8443))]));
+    assert_eq!(cluster.flags, 0);
+    // externalTrafficPolicy Local: only node-a's endpoint, no SNAT, on
+    // the externalIP, the node's address and the load balancer IP.
+    for (vip, port) in [
+        ([198, 19, 1, 5], 443),
+        ([198, 18, 50, 1], 30443),
+        ([198, 19, 2, 1], 443),
+    ] {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            assert_eq!(fe(&d, vip, port, proto).backends, vec![b(1, 7, 8443)], "{vip:?}:{port}");
+        }
+    }
+    assert_eq!(fe(&d, [198, 19, 1, 5], 443, IPPROTO_TCP).flags, 0);
+    let lb = fe(&d, [198, 19, 2, 1], 443, IPPROTO_TCP);
+    assert_eq!(lb.flags, SVC_F_SOURCE_RANGES);
+    assert_eq!(lb.source_ranges, vec![(Ipv4Addr::new(198, 18, 200, 0).into(), 24)]);
+    assert_eq!(d.frontends.len(), 8, "{:?}", d.frontends.keys().collect::<Vec<_>>());
+
+    // A node without local endpoints drops external traffic (kube-proxy).
+    let d = compute_for_node(&svcs, &slices, &node("node-c"));
+    let lb = fe(&d, [198, 19, 2, 1], 443, IPPROTO_TCP);
+    assert!(lb.backends.is_empty());
+    assert_eq!(lb.flags, SVC_F_DROP_NO_LOCAL | SVC_F_SOURCE_RANGES);
+    assert_eq!(fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP).backends.len(), 2);
+}
+
+#[test]
+fn cluster_external_policy_snats_remote_backends_and_internal_local_filters() {
+    let (mut svcs, slices) = example("edge.yaml");
+    let spec = svcs[0].spec.as_mut().unwrap();
+    spec.external_traffic_policy = Some("Cluster".into());
+    spec.internal_traffic_policy = Some("Local".into());
+    let d = compute_for_node(&svcs, &slices, &node("node-b"));
+    let np = fe(&d, [198, 18, 50, 1], 30443, IPPROTO_TCP);
+    assert_eq!(np.flags, SVC_F_EXTERNAL);
+    assert_eq!(np.backends, sorted(vec![remote(b(1, 7, 8443)), b(2, 7, 8443)]));
+    assert_eq!(fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP).backends, vec![b(2, 7, 8443)]);
+    let d = compute_for_node(&svcs, &slices, &node("node-c"));
+    let cluster = fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP);
+    assert!(cluster.backends.is_empty());
+    assert_eq!(
+        cluster.flags, SVC_F_DROP_NO_LOCAL,
+        "internalTrafficPolicy Local without local endpoints drops"
+    );
+}
+
+#[test]
+fn node_ports_outside_the_range_are_reported() {
+    let (svcs, slices) = example("edge.yaml");
+    let mut n = node("node-a");
+    n.node_port_range = (31000, 32000);
+    let d = compute_for_node(&svcs, &slices, &n);
+    assert!(!d
+        .frontends
+        .contains_key(&ServiceKey::new(Ipv4Addr::new(198, 18, 50, 1), 30443, IPPROTO_TCP)));
+    assert!(
+        d.problems.iter().any(|p| p
+            .reason
+            .contains("nodePort 30443 is outside the node port range 31000-32000")),
+        "{:?}",
+        d.problems
+    );
+}
+
+#[test]
+fn dual_stack_service_feeds_each_family_from_its_own_slices() {
+    let d = examples(&["dual.yaml"]);
+    assert_eq!(d.frontends.len(), 2, "{:?}", d.frontends.keys().collect::<Vec<_>>());
+    assert_eq!(
+        fe(&d, [198, 19, 0, 30], 50051, IPPROTO_TCP).backends,
+        vec![b(1, 9, 50051)]
+    );
+    let v6 = &d.frontends[&ServiceKey::new("2001:db8:19::30".parse::<Ipv6Addr>().unwrap(), 50051, IPPROTO_TCP)];
+    assert_eq!(
+        v6.backends,
+        vec![Backend::new("2001:db8:18:1::9".parse::<Ipv6Addr>().unwrap(), 50051)]
+    );
+    assert!(v6.backends.iter().all(|b| b.ip().is_ipv6()));
+}
+
+#[test]
+fn ipv6_node_ports_source_ranges_and_mismatched_endpoints() {
+    let svc = service(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: n}\nspec:\n  type: LoadBalancer\n  \
+         clusterIP: 198.19.0.40\n  clusterIPs: [198.19.0.40, \"fd00:198:19::40\"]\n  \
+         loadBalancerSourceRanges: [198.18.200.0/24, \"2001:db8:200::/48\", \"2001:db8:77::7/128\"]\n  \
+         ports: [{port: 443, protocol: TCP, nodePort: 30443}]\n\
+         status: {loadBalancer: {ingress: [{ip: \"2001:db8:19:2::1\"}]}}\n",
+    );
+    let s6 = slice(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: lb-6, namespace: n, labels: \
+         {kubernetes.io/service-name: lb}}\naddressType: IPv6\nports: [{port: 8443, protocol: TCP}]\nendpoints:\n\
+         - addresses: [\"2001:db8:18:1::2\"]\n- addresses: [198.18.1.2]\n",
+    );
+    let node = NodeInfo {
+        name: None,
+        addresses: vec!["198.18.50.1".parse().unwrap(), "2001:db8:50::1".parse().unwrap()],
+        ..NodeInfo::default()
+    };
+    let d = compute_for_node(&[svc], &[s6], &node);
+    let key = |ip: &str, port| ServiceKey::new(ip.parse::<IpAddr>().unwrap(), port, IPPROTO_TCP);
+    let be6 = Backend::new("2001:db8:18:1::2".parse::<Ipv6Addr>().unwrap(), 8443);
+    // The IPv6 ClusterIP, NodePort on the IPv6 node address and the
+    // IPv6 ingress IP get the IPv6 endpoint; the IPv4 ones get none
+    // (there is no IPv4 slice) and an IPv4 address in an IPv6 slice is
+    // reported and skipped.
+    assert_eq!(d.frontends[&key("fd00:198:19::40", 443)].backends, vec![be6]);
+    assert_eq!(d.frontends[&key("2001:db8:50::1", 30443)].backends, vec![be6]);
+    assert!(d.frontends[&key("198.18.50.1", 30443)].backends.is_empty());
+    assert!(d.frontends[&key("198.19.0.40", 443)].backends.is_empty());
+    let lb6 = &d.frontends[&key("2001:db8:19:2::1", 443)];
+    assert_eq!(lb6.backends, vec![be6]);
+    assert_eq!(lb6.flags, SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES);
+    assert_eq!(
+        lb6.source_ranges,
+        vec![
+            ("2001:db8:77::7".parse().unwrap(), 128),
+            ("2001:db8:200::".parse().unwrap(), 48)
+        ],
+        "only the IPv6 ranges, sorted"
+    );
+    // NodePorts are not restricted (kube-proxy applies the ranges to
+    // load balancer IPs only).
+    assert_eq!(d.frontends[&key("2001:db8:50::1", 30443)].flags, SVC_F_EXTERNAL);
+    assert!(
+        d.problems
+            .iter()
+            .any(|p| p.to_string().contains("198.18.1.2") && p.to_string().contains("IPv6")),
+        "{:?}",
+        d.problems
+    );
+}
+
+fn service(yaml: &str) -> Service {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+fn slice(yaml: &str) -> EndpointSlice {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: n}\nspec:\n  clusterIP: 198.19.0.1\n  ports: [{port: 80, protocol: TCP}]\n";
+
+#[test]
+fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+    let sl = slice(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: n, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.0.1]\n  conditions: {ready: false, serving: true, terminating: true}\n- addresses: [198.18.0.2]\n  conditions: {ready: false, serving: false, terminating: true}\n- addresses: [198.18.0.3]\n  conditions: {ready: false, serving: false, terminating: false}\n",
+    );
+    let d = compute(&[service(SVC)], &[sl]);
+    assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends, vec![b(0, 1, 8080)]);
+}
+
+/// A UDP frontend lists the serving endpoints that get no new flows
+/// (terminating ones while others are ready): their flows are kept,
+/// those of endpoints in neither list are cleared. TCP lists none.
+#[test]
+fn udp_frontends_list_the_endpoints_still_serving() {
+    let svc = SVC.replace(
+        "ports: [{port: 80, protocol: TCP}]",
+        "ports: [{name: dns, port: 53, protocol: UDP}, {name: web, port: 80, protocol: TCP}]",
+    );
+    let sl = slice(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: n, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{name: dns, port: 5353, protocol: UDP}, {name: web, port: 8080, protocol: TCP}]\nendpoints:\n- addresses: [198.18.0.1]\n  conditions: {ready: false, serving: true, terminating: true}\n- addresses: [198.18.0.2]\n  conditions: {ready: true, serving: true, terminating: false}\n- addresses: [198.18.0.3]\n  conditions: {ready: false, serving: false, terminating: true}\n",
+    );
+    let d = compute(&[service(&svc)], &[sl]);
+    let udp = fe(&d, [198, 19, 0, 1], 53, IPPROTO_UDP);
+    assert_eq!(udp.backends, vec![b(0, 2, 5353)]);
+    assert_eq!(udp.also_serving, vec![b(0, 1, 5353)]);
+    let tcp = fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP);
+    assert_eq!(tcp.backends, vec![b(0, 2, 8080)]);
+    assert!(tcp.also_serving.is_empty());
+}
+
+#[test]
+fn service_without_slices_has_a_frontend_with_no_backends() {
+    let d = compute(&[service(SVC)], &[]);
+    assert!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends.is_empty());
+}
+
+#[test]
+fn duplicate_slices_do_not_duplicate_backends() {
+    let text = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: NAME, namespace: n, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.0.1]\n";
+    let d = compute(
+        &[service(SVC)],
+        &[slice(&text.replace("NAME", "a")), slice(&text.replace("NAME", "b"))],
+    );
+    assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends, vec![b(0, 1, 8080)]);
+}
+
+#[test]
+fn bad_ports_and_conflicts_are_reported_and_others_kept() {
+    let bad = service(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: n}\nspec:\n  clusterIP: 198.19.0.2\n  ports: [{name: a, port: 70000}, {name: b, port: 53, protocol: SCTP}, {name: c, port: 53, protocol: UDP}]\n",
+    );
+    let clash = service(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: t, namespace: n}\nspec:\n  clusterIP: 198.19.0.1\n  ports: [{port: 80}]\n",
+    );
+    let d = compute(&[service(SVC), bad, clash], &[]);
+    let problems: Vec<String> = d.problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        problems,
+        [
+            "Service n/bad: port \"a\": 70000 is outside 1-65535; skipped",
+            "Service n/bad: port \"b\": protocol SCTP is not supported (TCP and UDP are); skipped",
+            "Service n/t: clusterIP 198.19.0.1:80/tcp is already used by n/s; skipped",
+        ]
+    );
+    assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).service, "n/s");
+    fe(&d, [198, 19, 0, 2], 53, IPPROTO_UDP);
+}
+
+#[test]
+fn backend_sets_larger_than_a_service_holds_are_truncated() {
+    let mut eps = String::new();
+    for i in 0..(limits::MAX_BACKENDS_PER_SERVICE + 5) {
+        eps.push_str(&format!("- addresses: [198.18.{}.{}]\n", i / 250, i % 250 + 1));
+    }
+    let sl = slice(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, namespace: n, labels: {{kubernetes.io/service-name: s}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{eps}"
+    ));
+    let d = compute(&[service(SVC)], &[sl]);
+    assert_eq!(
+        fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends.len(),
+        limits::MAX_BACKENDS_PER_SERVICE as usize
+    );
+    assert!(d.problems[0].reason.contains("only the first 1024"), "{:?}", d.problems);
+}

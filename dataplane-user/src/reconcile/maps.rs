@@ -1,0 +1,124 @@
+//! The real BPF maps as the reconciler's [`MapWriter`].
+
+use super::*;
+
+/// Deletes the entries of hash map `map` (named `name` in errors) that
+/// `doomed` picks: read in batches (see `batch::for_each_entry`), deleted
+/// one by one. Returns how many it deleted; entries gone meanwhile
+/// (evicted by an LRU, say) are fine and not counted.
+fn delete_where<K, V>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    name: &str,
+    mut doomed: impl FnMut(&K, &V) -> bool,
+) -> Result<usize, String>
+where
+    K: aya::Pod + bytemuck::Zeroable,
+    V: aya::Pod + bytemuck::Zeroable,
+{
+    use aya::maps::IterableMap;
+    use std::os::fd::AsFd;
+    let mut gone = Vec::new();
+    crate::bpf::batch::for_each_entry(map.map().fd().as_fd(), |k: &K, v: &V| {
+        if doomed(k, v) {
+            gone.push(*k);
+        }
+    })
+    .map_err(|e| format!("reading {name}: {e}"))?;
+    Ok(gone.into_iter().filter(|k| map.remove(k).is_ok()).count())
+}
+
+/// The real maps.
+impl MapWriter for crate::bpf::loader::Maps {
+    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), String> {
+        self.backends.insert(key, value, 0).map_err(|e| e.to_string())
+    }
+    fn put_backends(&mut self, keys: &[BackendKey], values: &[Backend]) -> Result<(), String> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.backends.map().fd().as_fd();
+        crate::bpf::batch::update(fd, keys, values).map_err(|e| e.to_string())
+    }
+    fn put_maglev_chunks(&mut self, keys: &[MaglevKey], values: &[MaglevChunk]) -> Result<(), String> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.maglev.map().fd().as_fd();
+        crate::bpf::batch::update(fd, keys, values).map_err(|e| e.to_string())
+    }
+    fn delete_backend(&mut self, key: BackendKey) -> Result<(), String> {
+        self.backends.remove(&key).map_err(|e| e.to_string())
+    }
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String> {
+        self.services.insert(key, value, 0).map_err(|e| e.to_string())
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), String> {
+        self.services.remove(&key).map_err(|e| e.to_string())
+    }
+    fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), String> {
+        self.maglev.insert(key, value, 0).map_err(|e| e.to_string())
+    }
+    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String> {
+        self.maglev.remove(&key).map_err(|e| e.to_string())
+    }
+    fn put_name(&mut self, service_id: u32, name: &str) -> Result<(), String> {
+        self.names
+            .insert(service_id, ServiceName::new(name), 0)
+            .map_err(|e| e.to_string())
+    }
+    fn delete_name(&mut self, service_id: u32) -> Result<(), String> {
+        self.names.remove(&service_id).map_err(|e| e.to_string())
+    }
+    fn put_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
+        let key = aya::maps::lpm_trie::Key::new(
+            32 + len as u32,
+            SourceRangeKey::new(service_id, dataplane_common::addr_of(addr).0),
+        );
+        self.source_ranges.insert(&key, 1, 0).map_err(|e| e.to_string())
+    }
+    fn delete_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
+        let key = aya::maps::lpm_trie::Key::new(
+            32 + len as u32,
+            SourceRangeKey::new(service_id, dataplane_common::addr_of(addr).0),
+        );
+        self.source_ranges.remove(&key).map_err(|e| e.to_string())
+    }
+    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String> {
+        let stale = |id: u32, v: &AffinityValue| id == service_id && !keep.contains(&v.backend);
+        delete_where(&mut self.affinity, map_names::AFFINITY, |k, v| stale(k.service_id, v))?;
+        // The socket-level programs' affinity (per network namespace).
+        delete_where(&mut self.sock_affinity, map_names::SOCK_AFFINITY, |k, v| {
+            stale(k.service_id, v)
+        })?;
+        Ok(())
+    }
+    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String> {
+        let stale: std::collections::HashSet<(u32, dataplane_common::Addr, u16)> =
+            stale.iter().map(|(id, b)| (*id, b.addr, b.port)).collect();
+        let is_stale =
+            |service_id: u32, addr: &dataplane_common::Addr, port: u16| stale.contains(&(service_id, *addr, port));
+        // Original entries carry the backend as their translation; reply
+        // entries come from it.
+        let flows = delete_where(&mut self.conntrack, map_names::CONNTRACK, |k, v| {
+            k.proto == IPPROTO_UDP
+                && ((v.flags & CT_F_ORIGINAL != 0 && is_stale(v.service_id, &v.nat_addr, v.nat_port))
+                    || (v.flags & CT_F_REPLY != 0 && is_stale(v.service_id, &k.saddr, k.sport)))
+        })?;
+        // Unconnected UDP sockets of the socket-level programs: the next
+        // datagram to the frontend picks a backend again. (The reverse
+        // entries stay: a late answer from the old backend still shows
+        // the frontend. Connected sockets keep their backend: see README.)
+        let sockets = delete_where(&mut self.sock_nat, map_names::SOCK_NAT, |k, v| {
+            k.dir == SOCK_NAT_FORWARD && is_stale(v.service_id, &v.addr, v.port)
+        })?;
+        Ok(flows + sockets)
+    }
+    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String> {
+        // Read once: aya reads /sys/devices/system/cpu/possible per call.
+        static CPUS: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
+        let cpus = CPUS
+            .get_or_init(|| aya::util::nr_cpus().map_err(|(_, e)| e.to_string()))
+            .clone()?;
+        let zeros =
+            aya::maps::PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| e.to_string())?;
+        self.service_stats.set(service_id, zeros, 0).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,666 @@
+//! Programming the maps: diff the desired frontends against what is
+//! programmed and write only the difference, in an order the datapath can
+//! never observe half done.
+//!
+//! Order of writes for one frontend:
+//! - new: backend slots of generation 0, then the service entry;
+//! - changed backends: slots of the other generation, then the service entry
+//!   (count and generation flip in one atomic map update), then the old
+//!   generation's slots are deleted;
+//! - removed: the service entry first, then its slots.
+
+mod adopt;
+mod maps;
+#[cfg(test)]
+mod tests;
+
+pub use adopt::AdoptReport;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use dataplane_common::{
+    limits, map_names, AffinityValue, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
+    ServiceStats, ServiceValue, SourceRangeKey, CT_F_ORIGINAL, CT_F_REPLY, IPPROTO_UDP, SOCK_NAT_FORWARD,
+    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+};
+use thiserror::Error;
+
+use crate::model::{maglev, proto_name, Desired, Frontend};
+
+/// Where the sync writes. Implemented for the real BPF maps and, in tests,
+/// for a recording fake.
+pub trait MapWriter {
+    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), String>;
+    /// Several backend slots (one generation of a frontend); the real maps
+    /// write them in one batch call.
+    fn put_backends(&mut self, keys: &[BackendKey], values: &[Backend]) -> Result<(), String> {
+        keys.iter().zip(values).try_for_each(|(k, v)| self.put_backend(*k, *v))
+    }
+    fn delete_backend(&mut self, key: BackendKey) -> Result<(), String>;
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String>;
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), String>;
+    fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), String>;
+    /// A whole Maglev table (one generation); one batch call for the real
+    /// maps.
+    fn put_maglev_chunks(&mut self, keys: &[MaglevKey], values: &[MaglevChunk]) -> Result<(), String> {
+        keys.iter().zip(values).try_for_each(|(k, v)| self.put_maglev(*k, *v))
+    }
+    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String>;
+    /// Deletes the session affinity entries of `service_id` whose backend is
+    /// not in `keep` (all of them when `keep` is empty).
+    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String>;
+    /// Records `namespace/name:port` of `service_id` for inspection.
+    fn put_name(&mut self, service_id: u32, name: &str) -> Result<(), String>;
+    fn delete_name(&mut self, service_id: u32) -> Result<(), String>;
+    /// Allows sources in `addr/len` for `service_id` (loadBalancerSourceRanges).
+    fn put_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String>;
+    fn delete_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String>;
+    /// Zeroes the per-service counters of a newly allocated id.
+    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String>;
+    /// Deletes the UDP flows of each `(service_id, backend)` in `stale`
+    /// (an endpoint that stopped serving): both conntrack entries, and the
+    /// socket-level forward entries that send an unconnected socket's
+    /// datagrams to it. Returns how many flows and socket entries it
+    /// deleted.
+    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String>;
+}
+
+/// The service flags that come from the desired state (the others come
+/// from the sync's own configuration).
+const FRONTEND_FLAGS: u32 = SVC_F_EXTERNAL | SVC_F_DROP_NO_LOCAL | SVC_F_SOURCE_RANGES;
+
+/// The endpoints `old` kept flows to (backends, or still serving) that
+/// `new` does not: a UDP frontend's flows to them are cleared.
+fn left_serving(old: &Frontend, new: &Frontend) -> Vec<Backend> {
+    let kept = |b: &Backend| {
+        new.backends
+            .iter()
+            .chain(&new.also_serving)
+            .any(|n| n.addr == b.addr && n.port == b.port)
+    };
+    old.backends
+        .iter()
+        .chain(&old.also_serving)
+        .filter(|b| !kept(b))
+        .copied()
+        .collect()
+}
+
+/// Whether two frontends program the same datapath state (names aside).
+fn same_datapath(a: &Frontend, b: &Frontend) -> bool {
+    a.backends == b.backends
+        && a.affinity_timeout_s == b.affinity_timeout_s
+        && a.flags == b.flags
+        && a.source_ranges == b.source_ranges
+}
+
+/// A frontend as programmed in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Programmed {
+    pub service_id: u32,
+    pub generation: u16,
+    /// Size of the Maglev table written for this generation (0: none).
+    pub maglev_size: u32,
+    pub frontend: Frontend,
+}
+
+/// How new flows pick a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Selection {
+    /// Maglev consistent hashing: minimal disruption when backends change.
+    #[default]
+    Maglev,
+    /// Uniformly random among the backends.
+    Random,
+}
+
+/// Settings of the sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncConfig {
+    pub selection: Selection,
+    /// One of `maglev::SIZES`.
+    pub maglev_size: u32,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            selection: Selection::Maglev,
+            maglev_size: maglev::DEFAULT_SIZE,
+        }
+    }
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("service {service} ({frontend}): {cause}")]
+pub struct SyncError {
+    pub service: String,
+    pub frontend: String,
+    pub cause: String,
+}
+
+/// What one `apply` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+    /// Frontends that could not be (fully) written; their previous state, if
+    /// any, stays in place.
+    pub errors: Vec<SyncError>,
+    /// UDP flows (and socket-level forward entries) deleted because their
+    /// endpoint stopped serving.
+    pub udp_flows_cleared: usize,
+}
+
+/// Endpoints of one UDP frontend that stopped serving, whose flows are
+/// still to be cleared.
+#[derive(Clone, Debug)]
+struct StaleUdp {
+    key: ServiceKey,
+    service: String,
+    service_id: u32,
+    backends: Vec<Backend>,
+}
+
+/// Keeps the maps equal to the last desired state it was given.
+pub struct Syncer<W: MapWriter> {
+    writer: W,
+    programmed: BTreeMap<ServiceKey, Programmed>,
+    /// Frontends whose last write failed: [`Syncer::apply_changed`] retries
+    /// them.
+    failed: BTreeSet<ServiceKey>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+    /// The maps were created empty by this process (see
+    /// [`Syncer::with_fresh_maps`]): ids not taken from `free_ids` were
+    /// never used, their counters are known to be zero.
+    fresh_maps: bool,
+    max_services: u32,
+    config: SyncConfig,
+    /// Maglev tables computed ahead of the writes of one apply (in
+    /// parallel, see [`Syncer::precompute_tables`]), by frontend.
+    tables: BTreeMap<ServiceKey, Vec<u16>>,
+    /// Collected by the upserts of one apply, cleared at its end (kept for
+    /// the next apply when that failed).
+    stale_udp: Vec<StaleUdp>,
+}
+
+/// Frontends whose tables are computed together, just before they are
+/// written: bounds the memory the tables take (256 x 2 KiB at the default
+/// size) while keeping every CPU busy.
+const TABLE_BATCH: usize = 256;
+
+/// Below this many tables to compute, one thread does them all.
+const PARALLEL_TABLES_MIN: usize = 64;
+
+/// Maglev tables for `work` (frontend, backends), computed on every CPU.
+fn tables_in_parallel(work: &[(ServiceKey, &[Backend])], size: u32) -> Vec<(ServiceKey, Vec<u16>)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    if threads < 2 || work.len() < PARALLEL_TABLES_MIN {
+        return work.iter().map(|(k, b)| (*k, maglev::table(b, size))).collect();
+    }
+    let per = work.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = work
+            .chunks(per)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|(k, b)| (*k, maglev::table(b, size)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("maglev table thread panicked"))
+            .collect()
+    })
+}
+
+fn describe(key: &ServiceKey) -> String {
+    format!("{}:{}/{}", key.ip(), key.host_port(), proto_name(key.proto))
+}
+
+impl<W: MapWriter> Syncer<W> {
+    pub fn new(writer: W) -> Self {
+        Self::with_config(writer, SyncConfig::default())
+    }
+
+    pub fn with_config(writer: W, config: SyncConfig) -> Self {
+        Syncer {
+            writer,
+            programmed: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            free_ids: Vec::new(),
+            next_id: 0,
+            fresh_maps: false,
+            max_services: limits::MAX_SERVICES,
+            config,
+            tables: BTreeMap::new(),
+            stale_udp: Vec::new(),
+        }
+    }
+
+    /// Tells the syncer the maps were just created, empty: ids it allocates
+    /// for the first time skip the counter reset (one syscall per frontend
+    /// on a cold start). Recycled ids are still reset.
+    pub fn with_fresh_maps(mut self) -> Self {
+        self.fresh_maps = true;
+        self
+    }
+
+    /// Follows a service map loaded with `n` entries (`MapSizes::services`):
+    /// service ids stay below it, frontends beyond it are refused.
+    pub fn set_max_services(&mut self, n: u32) {
+        self.max_services = n;
+    }
+
+    pub fn programmed(&self) -> &BTreeMap<ServiceKey, Programmed> {
+        &self.programmed
+    }
+
+    pub fn writer(&self) -> &W {
+        &self.writer
+    }
+
+    pub fn into_writer(self) -> W {
+        self.writer
+    }
+
+    fn alloc_id(&mut self) -> Option<u32> {
+        if let Some(id) = self.free_ids.pop() {
+            return Some(id);
+        }
+        (self.next_id < self.max_services).then(|| {
+            self.next_id += 1;
+            self.next_id - 1
+        })
+    }
+
+    /// The Maglev table size `fe` gets (0: none).
+    fn maglev_size_for(&self, fe: &Frontend) -> u32 {
+        match self.config.selection {
+            Selection::Maglev if !fe.backends.is_empty() => self.config.maglev_size,
+            _ => 0,
+        }
+    }
+
+    /// Writes one generation of `fe` (backend slots, Maglev table) and
+    /// returns the service value that makes it current.
+    fn write_generation(
+        &mut self,
+        key: &ServiceKey,
+        id: u32,
+        generation: u16,
+        fe: &Frontend,
+    ) -> Result<ServiceValue, String> {
+        let keys: Vec<BackendKey> = (0..fe.backends.len())
+            .map(|i| BackendKey::new(id, generation, i as u32))
+            .collect();
+        self.writer.put_backends(&keys, &fe.backends)?;
+        let (flags, maglev_size) = match self.config.selection {
+            Selection::Random => (SVC_F_RANDOM, 0),
+            Selection::Maglev if fe.backends.is_empty() => (SVC_F_NONE, 0),
+            Selection::Maglev => {
+                let size = self.config.maglev_size;
+                let table = match self.tables.remove(key) {
+                    Some(t) => t,
+                    None => maglev::table(&fe.backends, size),
+                };
+                let (mut keys, mut chunks) = (Vec::new(), Vec::new());
+                for (c, part) in table.chunks(limits::MAGLEV_CHUNK as usize).enumerate() {
+                    let mut chunk = MaglevChunk {
+                        entries: [0; limits::MAGLEV_CHUNK as usize],
+                    };
+                    chunk.entries[..part.len()].copy_from_slice(part);
+                    keys.push(MaglevKey::new(id, generation, c as u32 * limits::MAGLEV_CHUNK));
+                    chunks.push(chunk);
+                }
+                self.writer.put_maglev_chunks(&keys, &chunks)?;
+                (SVC_F_NONE, size)
+            }
+        };
+        let flags = flags | (fe.flags & FRONTEND_FLAGS);
+        for (addr, len) in &fe.source_ranges {
+            self.writer.put_source_range(id, *addr, *len)?;
+        }
+        let (flags, affinity_timeout_s) = match fe.affinity_timeout_s {
+            Some(t) => (flags | SVC_F_AFFINITY, t),
+            None => (flags, 0),
+        };
+        Ok(ServiceValue {
+            service_id: id,
+            backend_count: fe.backends.len() as u16,
+            generation,
+            flags,
+            maglev_size,
+            affinity_timeout_s,
+            _pad: 0,
+        })
+    }
+
+    /// Deletes one generation's backend slots and Maglev chunks.
+    fn delete_generation(&mut self, id: u32, generation: u16, backends: usize, maglev_size: u32) {
+        // Missing entries are already what we want.
+        for i in 0..backends {
+            let _ = self.writer.delete_backend(BackendKey::new(id, generation, i as u32));
+        }
+        for pos in (0..maglev_size).step_by(limits::MAGLEV_CHUNK as usize) {
+            let _ = self.writer.delete_maglev(MaglevKey::new(id, generation, pos));
+        }
+    }
+
+    /// Computes, on every CPU, the Maglev tables of the frontends among
+    /// `keys` (one batch of `TABLE_BATCH`) that the coming writes will give
+    /// a new generation (new ones, and those whose datapath state changed):
+    /// at 10,000 new frontends that is most of a cold sync's CPU time
+    /// outside the kernel.
+    fn precompute_tables<'a>(&mut self, desired: &Desired, keys: impl Iterator<Item = &'a ServiceKey>) {
+        self.tables.clear();
+        if self.config.selection != Selection::Maglev {
+            return;
+        }
+        let size = self.config.maglev_size;
+        let work: Vec<(ServiceKey, &[Backend])> = keys
+            .filter_map(|k| {
+                let fe = desired.frontends.get(k)?;
+                let needs = match self.programmed.get(k) {
+                    None => true,
+                    Some(p) => !same_datapath(&p.frontend, fe) || p.maglev_size != self.maglev_size_for(fe),
+                };
+                (needs && !fe.backends.is_empty()).then_some((*k, fe.backends.as_slice()))
+            })
+            .collect();
+        self.tables = tables_in_parallel(&work, size).into_iter().collect();
+    }
+
+    /// Makes the maps hold exactly `desired.frontends`.
+    pub fn apply(&mut self, desired: &Desired) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut failed = BTreeSet::new();
+
+        // Removals first: they free ids and map room for additions.
+        let gone: Vec<ServiceKey> = self
+            .programmed
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.tracked(key, &mut report, &mut failed, |s, r| s.remove_one(key, r));
+        }
+        let entries: Vec<(&ServiceKey, &Frontend)> = desired.frontends.iter().collect();
+        for batch in entries.chunks(TABLE_BATCH) {
+            self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
+            for (key, fe) in batch {
+                self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+            }
+        }
+        self.tables.clear();
+        self.failed = failed;
+        self.clear_stale_udp(&mut report);
+        report
+    }
+
+    /// As [`Syncer::apply`], when only the frontends under `changed` can
+    /// differ from the state last applied (plus those whose writes failed
+    /// then, which are retried): the same writes in the same order, without
+    /// visiting the others.
+    pub fn apply_changed(&mut self, desired: &Desired, changed: &BTreeSet<ServiceKey>) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut failed = BTreeSet::new();
+        let keys: BTreeSet<ServiceKey> = changed.union(&self.failed).copied().collect();
+        for key in &keys {
+            if self.programmed.contains_key(key) && !desired.frontends.contains_key(key) {
+                self.tracked(*key, &mut report, &mut failed, |s, r| s.remove_one(*key, r));
+            }
+        }
+        let upserts: Vec<&ServiceKey> = keys.iter().filter(|k| desired.frontends.contains_key(k)).collect();
+        for batch in upserts.chunks(TABLE_BATCH) {
+            self.precompute_tables(desired, batch.iter().copied());
+            for key in batch {
+                let fe = &desired.frontends[*key];
+                self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+            }
+        }
+        self.tables.clear();
+        self.failed = failed;
+        self.clear_stale_udp(&mut report);
+        report
+    }
+
+    /// Deletes the UDP flows to the endpoints that stopped serving in this
+    /// apply, in one pass over the maps. The frontends' new state is
+    /// already written, so a datagram that finds no flow any more starts a
+    /// new one to a serving endpoint.
+    fn clear_stale_udp(&mut self, report: &mut SyncReport) {
+        if self.stale_udp.is_empty() {
+            return;
+        }
+        let stale = std::mem::take(&mut self.stale_udp);
+        let pairs: Vec<(u32, Backend)> = stale
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| (s.service_id, *b)))
+            .collect();
+        match self.writer.clear_udp_flows(&pairs) {
+            Ok(n) => report.udp_flows_cleared += n,
+            Err(cause) => {
+                for s in &stale {
+                    report.errors.push(SyncError {
+                        service: s.service.clone(),
+                        frontend: describe(&s.key),
+                        cause: format!(
+                            "clearing the UDP flows to endpoints that stopped serving: {cause}; retried at the next sync"
+                        ),
+                    });
+                }
+                self.stale_udp = stale;
+            }
+        }
+    }
+
+    /// Runs `op` on `key`, remembering the key when it reported an error.
+    fn tracked(
+        &mut self,
+        key: ServiceKey,
+        report: &mut SyncReport,
+        failed: &mut BTreeSet<ServiceKey>,
+        op: impl FnOnce(&mut Self, &mut SyncReport),
+    ) {
+        let errors = report.errors.len();
+        op(self, report);
+        if report.errors.len() > errors {
+            failed.insert(key);
+        }
+    }
+
+    /// Removes the frontend `key`: service entry first, then its slots.
+    fn remove_one(&mut self, key: ServiceKey, report: &mut SyncReport) {
+        let p = self.programmed.remove(&key).expect("key from programmed");
+        if let Err(cause) = self.writer.delete_service(key) {
+            report.errors.push(SyncError {
+                service: p.frontend.service.clone(),
+                frontend: describe(&key),
+                cause: format!("deleting the service entry: {cause}"),
+            });
+            self.programmed.insert(key, p);
+            return;
+        }
+        self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+        for (addr, len) in &p.frontend.source_ranges {
+            let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
+        }
+        let _ = self.writer.delete_name(p.service_id);
+        // The id is reused: no affinity may outlive the service.
+        if let Err(cause) = self.writer.prune_affinity(p.service_id, &[]) {
+            report.errors.push(SyncError {
+                service: p.frontend.service.clone(),
+                frontend: describe(&key),
+                cause: format!("deleting session affinity entries: {cause}"),
+            });
+        }
+        self.free_ids.push(p.service_id);
+        report.removed += 1;
+    }
+
+    /// Adds or updates the frontend `key` (see the module doc for the order).
+    fn upsert_one(&mut self, key: &ServiceKey, fe: &Frontend, report: &mut SyncReport) {
+        let err = |cause: String| SyncError {
+            service: fe.service.clone(),
+            frontend: describe(key),
+            cause,
+        };
+        let maglev_size = self.maglev_size_for(fe);
+        // UDP only: the state before, to tell which endpoints stopped
+        // serving.
+        let before = match key.proto {
+            IPPROTO_UDP => self.programmed.get(key).map(|p| (p.service_id, p.frontend.clone())),
+            _ => None,
+        };
+        self.upsert_inner(key, fe, maglev_size, &err, report);
+        // UDP flows to endpoints that stopped serving go (once the new
+        // state is written: the flows' next datagrams pick among it).
+        if let Some((service_id, old)) = before {
+            let written = self.programmed.get(key).is_some_and(|p| p.frontend == *fe);
+            if written {
+                let backends = left_serving(&old, fe);
+                if !backends.is_empty() {
+                    self.stale_udp.push(StaleUdp {
+                        key: *key,
+                        service: fe.service.clone(),
+                        service_id,
+                        backends,
+                    });
+                }
+            }
+        }
+    }
+
+    fn upsert_inner(
+        &mut self,
+        key: &ServiceKey,
+        fe: &Frontend,
+        maglev_size: u32,
+        err: &dyn Fn(String) -> SyncError,
+        report: &mut SyncReport,
+    ) {
+        match self.programmed.get(key).cloned() {
+            Some(p) if p.frontend == *fe && p.maglev_size == maglev_size => report.unchanged += 1,
+            Some(p) if same_datapath(&p.frontend, fe) && p.maglev_size == maglev_size => {
+                // Only names changed (or a restarted agent learns them):
+                // nothing but the name to write.
+                if p.frontend.display_name() != fe.display_name() {
+                    if let Err(cause) = self.writer.put_name(p.service_id, &fe.display_name()) {
+                        report.errors.push(err(format!("writing the name: {cause}")));
+                    }
+                }
+                self.programmed.insert(
+                    *key,
+                    Programmed {
+                        frontend: fe.clone(),
+                        ..p
+                    },
+                );
+                report.unchanged += 1;
+            }
+            Some(p) => {
+                let generation = p.generation ^ 1;
+                // Partial writes of the new generation are removed again on
+                // failure; the current generation is never touched before
+                // the flip.
+                let value = match self.write_generation(key, p.service_id, generation, fe) {
+                    Ok(v) => v,
+                    Err(cause) => {
+                        self.delete_generation(p.service_id, generation, fe.backends.len(), self.config.maglev_size);
+                        report
+                            .errors
+                            .push(err(format!("writing backends: {cause}; previous backends kept")));
+                        return;
+                    }
+                };
+                if let Err(cause) = self.writer.put_service(*key, value) {
+                    self.delete_generation(p.service_id, generation, fe.backends.len(), value.maglev_size);
+                    report.errors.push(err(format!(
+                        "updating the service entry: {cause}; previous backends kept"
+                    )));
+                    return;
+                }
+                self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+                if p.frontend.display_name() != fe.display_name() {
+                    let _ = self.writer.put_name(p.service_id, &fe.display_name());
+                }
+                for (addr, len) in &p.frontend.source_ranges {
+                    if !fe.source_ranges.contains(&(*addr, *len)) {
+                        let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
+                    }
+                }
+                // Clients remembered on a backend that left go elsewhere.
+                if p.frontend.affinity_timeout_s.is_some() {
+                    let keep: &[Backend] = if fe.affinity_timeout_s.is_some() {
+                        &fe.backends
+                    } else {
+                        &[]
+                    };
+                    if let Err(cause) = self.writer.prune_affinity(p.service_id, keep) {
+                        report
+                            .errors
+                            .push(err(format!("pruning session affinity entries: {cause}")));
+                    }
+                }
+                self.programmed.insert(
+                    *key,
+                    Programmed {
+                        service_id: p.service_id,
+                        generation,
+                        maglev_size: value.maglev_size,
+                        frontend: fe.clone(),
+                    },
+                );
+                report.updated += 1;
+            }
+            None => {
+                // An id from the free list was used before; a new one from
+                // fresh maps never was.
+                let recycled = !self.free_ids.is_empty();
+                let Some(id) = self.alloc_id() else {
+                    report.errors.push(err(format!(
+                        "the service map is full ({} frontends); not programmed",
+                        self.max_services
+                    )));
+                    return;
+                };
+                let reset = if self.fresh_maps && !recycled {
+                    Ok(())
+                } else {
+                    self.writer.reset_service_stats(id)
+                };
+                let written = reset
+                    .and_then(|()| self.writer.put_name(id, &fe.display_name()))
+                    .and_then(|()| self.write_generation(key, id, 0, fe));
+                let written = written.and_then(|v| self.writer.put_service(*key, v).map(|()| v));
+                match written {
+                    Ok(v) => {
+                        self.programmed.insert(
+                            *key,
+                            Programmed {
+                                service_id: id,
+                                generation: 0,
+                                maglev_size: v.maglev_size,
+                                frontend: fe.clone(),
+                            },
+                        );
+                        report.added += 1;
+                    }
+                    Err(cause) => {
+                        self.delete_generation(id, 0, fe.backends.len(), self.config.maglev_size);
+                        self.free_ids.push(id);
+                        report.errors.push(err(format!("{cause}; not programmed")));
+                    }
+                }
+            }
+        }
+    }
+}

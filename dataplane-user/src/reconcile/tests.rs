@@ -1,0 +1,572 @@
+use std::net::Ipv4Addr;
+
+use dataplane_common::IPPROTO_TCP;
+
+use super::*;
+
+/// Records every write, and models the two maps.
+#[derive(Default)]
+struct Fake {
+    log: Vec<String>,
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    backends: BTreeMap<BackendKey, Backend>,
+    maglev: BTreeMap<MaglevKey, MaglevChunk>,
+    names: BTreeMap<u32, String>,
+    fail_backend_writes: bool,
+}
+
+impl MapWriter for Fake {
+    fn put_backend(&mut self, k: BackendKey, v: Backend) -> Result<(), String> {
+        if self.fail_backend_writes {
+            return Err("map full".into());
+        }
+        self.log.push(format!("put_backend {} {}", k.service_id, k.slot));
+        self.backends.insert(k, v);
+        Ok(())
+    }
+    fn delete_backend(&mut self, k: BackendKey) -> Result<(), String> {
+        self.log.push(format!("delete_backend {} {}", k.service_id, k.slot));
+        self.backends.remove(&k).map(|_| ()).ok_or_else(|| "not found".into())
+    }
+    fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), String> {
+        self.log.push(format!(
+            "put_service {} gen {} count {}",
+            v.service_id, v.generation, v.backend_count
+        ));
+        self.services.insert(k, v);
+        Ok(())
+    }
+    fn delete_service(&mut self, k: ServiceKey) -> Result<(), String> {
+        self.log.push("delete_service".into());
+        self.services.remove(&k);
+        Ok(())
+    }
+    fn put_maglev(&mut self, k: MaglevKey, v: MaglevChunk) -> Result<(), String> {
+        self.log.push(format!("put_maglev {} {}", k.service_id, k.chunk));
+        self.maglev.insert(k, v);
+        Ok(())
+    }
+    fn delete_maglev(&mut self, k: MaglevKey) -> Result<(), String> {
+        self.log.push(format!("delete_maglev {} {}", k.service_id, k.chunk));
+        self.maglev.remove(&k).map(|_| ()).ok_or_else(|| "not found".into())
+    }
+    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String> {
+        self.log
+            .push(format!("prune_affinity {service_id} keep {}", keep.len()));
+        Ok(())
+    }
+    fn put_name(&mut self, id: u32, name: &str) -> Result<(), String> {
+        self.names.insert(id, name.to_string());
+        Ok(())
+    }
+    fn delete_name(&mut self, id: u32) -> Result<(), String> {
+        self.names.remove(&id);
+        Ok(())
+    }
+    fn put_source_range(&mut self, id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
+        self.log.push(format!("put_source_range {id} {addr}/{len}"));
+        Ok(())
+    }
+    fn delete_source_range(&mut self, id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
+        self.log.push(format!("delete_source_range {id} {addr}/{len}"));
+        Ok(())
+    }
+    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String> {
+        let list: Vec<String> = stale.iter().map(|(id, b)| format!("{id} {}", b.ip())).collect();
+        self.log.push(format!("clear_udp_flows {}", list.join(", ")));
+        Ok(stale.len())
+    }
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), String> {
+        self.log.push(format!("reset_service_stats {id}"));
+        Ok(())
+    }
+}
+
+impl Fake {
+    /// What the datapath would select from: the backends behind `key`.
+    fn visible(&self, key: &ServiceKey) -> Vec<Backend> {
+        let Some(v) = self.services.get(key) else { return vec![] };
+        // Every Maglev position points at a slot of the same generation.
+        for pos in (0..v.maglev_size).step_by(limits::MAGLEV_CHUNK as usize) {
+            let chunk = self.maglev[&MaglevKey::new(v.service_id, v.generation, pos)];
+            let n = (v.maglev_size - pos).min(limits::MAGLEV_CHUNK) as usize;
+            assert!(chunk.entries[..n].iter().all(|e| *e < v.backend_count));
+        }
+        (0..v.backend_count as u32)
+            .map(|i| self.backends[&BackendKey::new(v.service_id, v.generation, i)])
+            .collect()
+    }
+}
+
+/// Maglev with the smallest table: one chunk per generation.
+fn syncer() -> Syncer<Fake> {
+    Syncer::with_config(
+        Fake::default(),
+        SyncConfig {
+            selection: Selection::Maglev,
+            maglev_size: 251,
+        },
+    )
+}
+
+fn key(last: u8) -> ServiceKey {
+    ServiceKey::new(Ipv4Addr::new(198, 19, 0, last), 80, IPPROTO_TCP)
+}
+
+fn backends(lasts: &[u8]) -> Vec<Backend> {
+    lasts
+        .iter()
+        .map(|l| Backend::new(Ipv4Addr::new(198, 18, 1, *l), 8080))
+        .collect()
+}
+
+fn desired(entries: &[(ServiceKey, &[u8])]) -> Desired {
+    Desired {
+        frontends: entries
+            .iter()
+            .map(|(k, b)| {
+                (
+                    *k,
+                    Frontend {
+                        service: "shop/web".into(),
+                        port_name: "http".into(),
+                        backends: backends(b),
+                        affinity_timeout_s: None,
+                        flags: 0,
+                        source_ranges: vec![],
+                        also_serving: Vec::new(),
+                    },
+                )
+            })
+            .collect(),
+        problems: vec![],
+    }
+}
+
+/// A UDP frontend's flows to an endpoint are cleared when it stops
+/// serving, not while it still serves (terminating, or left out by a
+/// Local policy), and never for TCP; one call per apply.
+#[test]
+fn udp_flows_are_cleared_when_their_endpoint_stops_serving() {
+    let udp = ServiceKey::new(Ipv4Addr::new(198, 19, 0, 53), 53, IPPROTO_UDP);
+    let state = |entries: &[(ServiceKey, &[u8], &[u8])]| {
+        let mut d = desired(&entries.iter().map(|(k, b, _)| (*k, *b)).collect::<Vec<_>>());
+        for (k, _, serving) in entries {
+            d.frontends.get_mut(k).unwrap().also_serving = backends(serving);
+        }
+        d
+    };
+    let clears = |s: &mut Syncer<Fake>| -> Vec<String> {
+        let log = std::mem::take(&mut s.writer.log);
+        log.into_iter().filter(|l| l.starts_with("clear_udp_flows")).collect()
+    };
+    let mut s = syncer();
+    let r = s.apply(&state(&[(udp, &[1, 2], &[]), (key(1), &[1, 2], &[])]));
+    assert_eq!((r.added, r.udp_flows_cleared), (2, 0));
+    let id = s.programmed()[&udp].service_id;
+    assert!(clears(&mut s).is_empty());
+    // 2 terminating but serving: no new flows, its flows stay.
+    s.apply(&state(&[(udp, &[1], &[2]), (key(1), &[1], &[])]));
+    assert!(clears(&mut s).is_empty());
+    // 2 gone; 1 ready -> still serving (a Local policy left it out),
+    // 3 new: 2 is cleared, TCP's 2 is not.
+    s.apply(&state(&[(udp, &[3], &[1]), (key(1), &[3], &[])]));
+    assert_eq!(clears(&mut s), [format!("clear_udp_flows {id} 198.18.1.2")]);
+    // 1 stops serving with the backends unchanged (the names-only
+    // path: nothing to write to the maps), TCP's 1 left as well.
+    let r = s.apply(&state(&[(udp, &[3], &[]), (key(1), &[3], &[])]));
+    assert_eq!(clears(&mut s), [format!("clear_udp_flows {id} 198.18.1.1")]);
+    assert_eq!(r.udp_flows_cleared, 1);
+    // Several at once, through the incremental path: one call.
+    s.apply(&state(&[(udp, &[3, 4, 5], &[]), (key(1), &[3], &[])]));
+    clears(&mut s);
+    let changed: BTreeSet<ServiceKey> = [udp].into();
+    s.apply_changed(&state(&[(udp, &[5], &[]), (key(1), &[3], &[])]), &changed);
+    assert_eq!(
+        clears(&mut s),
+        [format!("clear_udp_flows {id} 198.18.1.3, {id} 198.18.1.4")]
+    );
+}
+
+/// Maps this process created start with zeroed counters: first-time
+/// ids skip the reset, recycled ones do not.
+#[test]
+fn fresh_maps_reset_the_counters_of_recycled_ids_only() {
+    let mut s = syncer().with_fresh_maps();
+    s.apply(&desired(&[(key(1), &[1]), (key(2), &[1])]));
+    assert!(
+        !s.writer().log.iter().any(|l| l.starts_with("reset")),
+        "{:?}",
+        s.writer().log
+    );
+    s.apply(&desired(&[(key(1), &[1])]));
+    s.writer.log.clear();
+    s.apply(&desired(&[(key(1), &[1]), (key(3), &[1])]));
+    assert!(
+        s.writer().log.contains(&"reset_service_stats 1".to_string()),
+        "id 1 was used by key 2: {:?}",
+        s.writer().log
+    );
+    let mut unknown = syncer();
+    unknown.apply(&desired(&[(key(1), &[1])]));
+    assert!(unknown.writer().log.contains(&"reset_service_stats 0".to_string()));
+}
+
+/// Above `PARALLEL_TABLES_MIN` frontends the Maglev tables are computed
+/// on several threads: every chunk written is still the table of its
+/// own frontend's backends, and the same as a one-by-one apply writes.
+#[test]
+fn tables_computed_in_parallel_are_each_frontends_own() {
+    let n = 3 * PARALLEL_TABLES_MIN as u8;
+    let entries: Vec<(ServiceKey, Vec<u8>)> = (1..=n).map(|i| (key(i), vec![i, i.wrapping_add(7), 200])).collect();
+    let refs: Vec<(ServiceKey, &[u8])> = entries.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+    let mut s = syncer();
+    assert_eq!(s.apply(&desired(&refs)).added, n as usize);
+    // One new frontend per apply: one table each, on this thread.
+    let mut one_by_one = syncer();
+    for i in 1..=refs.len() {
+        assert_eq!(one_by_one.apply(&desired(&refs[..i])).added, 1);
+    }
+    assert_eq!(s.writer().maglev, one_by_one.writer().maglev);
+    for (k, b) in &refs {
+        let id = s.programmed()[k].service_id;
+        let table = maglev::table(&backends(b), 251);
+        let chunk0 = &s.writer().maglev[&MaglevKey::new(id, 0, 0)];
+        assert_eq!(&chunk0.entries[..table.len()], &table[..], "{k:?}");
+    }
+}
+
+#[test]
+fn new_service_writes_slots_before_the_service_entry() {
+    let mut s = syncer();
+    let r = s.apply(&desired(&[(key(1), &[1, 2])]));
+    assert_eq!(r.added, 1);
+    assert_eq!(
+        s.writer().log,
+        [
+            "reset_service_stats 0",
+            "put_backend 0 0",
+            "put_backend 0 1",
+            "put_maglev 0 0",
+            "put_service 0 gen 0 count 2"
+        ]
+    );
+    assert_eq!(s.writer().visible(&key(1)), backends(&[1, 2]));
+}
+
+#[test]
+fn backend_change_flips_generation_then_deletes_old_slots() {
+    let mut s = syncer();
+    s.apply(&desired(&[(key(1), &[1, 2])]));
+    let before = s.writer().log.len();
+    let r = s.apply(&desired(&[(key(1), &[2, 3, 4])]));
+    assert_eq!((r.updated, r.added, r.removed), (1, 0, 0));
+    let slot1 = limits::MAX_BACKENDS_PER_SERVICE;
+    let chunk1 = limits::MAGLEV_MAX_CHUNKS;
+    assert_eq!(
+        s.writer().log[before..],
+        [
+            format!("put_backend 0 {slot1}"),
+            format!("put_backend 0 {}", slot1 + 1),
+            format!("put_backend 0 {}", slot1 + 2),
+            format!("put_maglev 0 {chunk1}"),
+            "put_service 0 gen 1 count 3".to_string(),
+            "delete_backend 0 0".to_string(),
+            "delete_backend 0 1".to_string(),
+            "delete_maglev 0 0".to_string(),
+        ]
+    );
+    assert_eq!(s.writer().visible(&key(1)), backends(&[2, 3, 4]));
+    assert_eq!(s.writer().backends.len(), 3, "old generation left behind");
+    assert_eq!(s.writer().maglev.len(), 1, "old generation left behind");
+}
+
+#[test]
+fn unchanged_state_writes_nothing() {
+    let mut s = syncer();
+    s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
+    let before = s.writer().log.len();
+    let r = s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
+    assert_eq!(r.unchanged, 2);
+    assert_eq!(s.writer().log.len(), before);
+}
+
+#[test]
+fn removal_deletes_service_before_slots_and_reuses_the_id() {
+    let mut s = syncer();
+    s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
+    let before = s.writer().log.len();
+    let r = s.apply(&desired(&[(key(2), &[2])]));
+    assert_eq!(r.removed, 1);
+    assert_eq!(
+        s.writer().log[before..],
+        [
+            "delete_service",
+            "delete_backend 0 0",
+            "delete_maglev 0 0",
+            "prune_affinity 0 keep 0"
+        ]
+    );
+    assert!(!s.writer().services.contains_key(&key(1)));
+    s.apply(&desired(&[(key(2), &[2]), (key(3), &[3])]));
+    assert_eq!(s.programmed()[&key(3)].service_id, 0, "freed id reused");
+}
+
+#[test]
+fn failed_backend_write_keeps_previous_backends() {
+    let mut s = syncer();
+    s.apply(&desired(&[(key(1), &[1, 2])]));
+    s.writer.fail_backend_writes = true;
+    let r = s.apply(&desired(&[(key(1), &[3])]));
+    assert_eq!(r.errors.len(), 1);
+    assert!(r.errors[0].to_string().contains("shop/web"), "{}", r.errors[0]);
+    assert!(r.errors[0].to_string().contains("198.19.0.1:80/tcp"), "{}", r.errors[0]);
+    assert_eq!(s.writer().visible(&key(1)), backends(&[1, 2]));
+    // Once writes work again, the next apply converges.
+    s.writer.fail_backend_writes = false;
+    let r = s.apply(&desired(&[(key(1), &[3])]));
+    assert_eq!(r.updated, 1);
+    assert_eq!(s.writer().visible(&key(1)), backends(&[3]));
+}
+
+#[test]
+fn names_are_written_renamed_and_deleted() {
+    let mut s = syncer();
+    s.apply(&desired(&[(key(1), &[1])]));
+    assert_eq!(s.writer().names[&0], "shop/web:http");
+    let mut d = desired(&[(key(1), &[1])]);
+    d.frontends.get_mut(&key(1)).unwrap().port_name = "web".into();
+    let r = s.apply(&d);
+    assert_eq!((r.unchanged, r.updated), (1, 0));
+    assert_eq!(s.writer().names[&0], "shop/web:web");
+    s.apply(&desired(&[]));
+    assert!(s.writer().names.is_empty());
+}
+
+#[test]
+fn random_selection_writes_no_maglev_table() {
+    let mut s = Syncer::with_config(
+        Fake::default(),
+        SyncConfig {
+            selection: Selection::Random,
+            maglev_size: 251,
+        },
+    );
+    s.apply(&desired(&[(key(1), &[1, 2])]));
+    assert!(s.writer().maglev.is_empty());
+    assert_eq!(s.writer().services[&key(1)].flags, SVC_F_RANDOM);
+}
+
+#[test]
+fn service_ids_are_bounded() {
+    let mut s = syncer();
+    s.max_services = 1;
+    let r = s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
+    assert_eq!(r.added, 1);
+    assert_eq!(r.errors.len(), 1);
+    assert!(r.errors[0].cause.contains("full"));
+}
+
+/// The incremental path (`desired::Incremental` + `Syncer::apply_changed`)
+/// against the full one (`compute_for_node` + `Syncer::apply`) over random
+/// sequences of Service and EndpointSlice adds, changes and deletes.
+mod incremental {
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    use std::net::Ipv4Addr;
+
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{compute_for_node, object_key, Incremental, NodeInfo, Tracked};
+
+    /// splitmix64: enough randomness for a reproducible test.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len())]
+        }
+    }
+
+    const NAMESPACES: &[&str] = &["a", "b"];
+    const SERVICES: &[&str] = &["s0", "s1", "s2", "s3", "s4"];
+
+    fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
+        // Few addresses and ports: Services often collide on a key.
+        let ip = *rng.pick(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "None", "bogus"]);
+        let ty = *rng.pick(&["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]);
+        let mut ports = vec![];
+        for _ in 0..1 + rng.below(2) {
+            ports.push(json!({
+                "name": rng.pick(&["http", "dns", ""]),
+                "port": rng.pick(&[80, 53, 0]),
+                "protocol": rng.pick(&["TCP", "UDP"]),
+                "nodePort": rng.pick(&[30000, 30001, 5]),
+            }));
+        }
+        let external: Vec<&str> = (0..rng.below(2))
+            .map(|_| *rng.pick(&["10.0.0.1", "10.0.0.9"]))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {
+                "type": ty,
+                "clusterIP": ip,
+                "ports": ports,
+                "externalIPs": external,
+                "externalTrafficPolicy": rng.pick(&["Cluster", "Local"]),
+                "loadBalancerSourceRanges": if rng.below(2) == 0 { vec!["192.0.2.0/24"] } else { vec![] },
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": rng.pick(&["10.0.0.2", "10.0.0.8"])}]}},
+        }))
+        .unwrap()
+    }
+
+    fn random_slice(rng: &mut Rng, ns: &str, name: &str) -> EndpointSlice {
+        let mut labels = serde_json::Map::new();
+        if rng.below(8) != 0 {
+            labels.insert("kubernetes.io/service-name".into(), json!(rng.pick(SERVICES)));
+        }
+        let endpoints: Vec<_> = (0..rng.below(4))
+            .map(|_| {
+                json!({
+                    "addresses": [rng.pick(&["192.168.0.1", "192.168.0.2", "192.168.0.3", "nope"])],
+                    "conditions": {"ready": rng.below(3) != 0, "serving": true, "terminating": rng.below(2) == 0},
+                    "nodeName": rng.pick(&["n1", "n2"]),
+                })
+            })
+            .collect();
+        serde_json::from_value(json!({
+        "metadata": {"namespace": ns, "name": name, "labels": labels},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": rng.pick(&["http", "dns", "other"]), "port": rng.pick(&[8080, 5353]), "protocol": rng.pick(&["TCP", "UDP"])}],
+    }))
+    .unwrap()
+    }
+
+    fn syncer() -> Syncer<Fake> {
+        Syncer::with_config(
+            Fake::default(),
+            SyncConfig {
+                selection: Selection::Maglev,
+                maglev_size: 251,
+            },
+        )
+    }
+
+    #[test]
+    fn incremental_path_equals_full_path() {
+        let node = NodeInfo {
+            name: Some("n1".into()),
+            addresses: vec![Ipv4Addr::new(198, 18, 0, 1).into(), Ipv4Addr::new(198, 18, 0, 2).into()],
+            ..NodeInfo::default()
+        };
+        // The sequences must exercise what they are meant to.
+        let (mut conflicts, mut frontends) = (0, 0);
+        for seed in 0..40u64 {
+            let mut rng = Rng(seed);
+            let mut services: BTreeMap<String, Service> = BTreeMap::new();
+            let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+            let mut incremental = Incremental::new(node.clone());
+            let (mut full_sync, mut incr_sync) = (syncer(), syncer());
+            let (mut changed_services, mut changed_slices) = (HashSet::new(), HashSet::new());
+            for step in 0..150 {
+                // One to three changes per sync, as a debounce folds them.
+                for _ in 0..1 + rng.below(3) {
+                    let ns = *rng.pick(NAMESPACES);
+                    if rng.below(2) == 0 {
+                        let name = *rng.pick(SERVICES);
+                        let key = format!("{ns}/{name}");
+                        if rng.below(4) == 0 {
+                            services.remove(&key);
+                        } else {
+                            services.insert(key.clone(), random_service(&mut rng, ns, name));
+                        }
+                        changed_services.insert(key);
+                    } else {
+                        let name = format!("e{}", rng.below(8));
+                        let key = format!("{ns}/{name}");
+                        if rng.below(4) == 0 {
+                            slices.remove(&key);
+                        } else {
+                            slices.insert(key.clone(), random_slice(&mut rng, ns, &name));
+                        }
+                        changed_slices.insert(key);
+                    }
+                }
+                // Store order is arbitrary: use a shuffled one.
+                let mut svc_list: Vec<Service> = services.values().cloned().collect();
+                let mut slice_list: Vec<EndpointSlice> = slices.values().cloned().collect();
+                let n = svc_list.len();
+                if n > 1 {
+                    svc_list.swap(rng.below(n), rng.below(n));
+                }
+                let n = slice_list.len();
+                if n > 1 {
+                    slice_list.swap(rng.below(n), rng.below(n));
+                }
+                let service_index: HashMap<String, usize> = svc_list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (object_key(&s.metadata), i))
+                    .collect();
+                let slice_index: HashMap<String, usize> = slice_list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (object_key(&s.metadata), i))
+                    .collect();
+                let tracked = Tracked {
+                    service_index: &service_index,
+                    slice_index: &slice_index,
+                    // The first sync (and now and then a relist) sees everything.
+                    changed: (step != 0 && step % 50 != 0).then_some((&changed_services, &changed_slices)),
+                };
+
+                let full = compute_for_node(&svc_list, &slice_list, &node);
+                full_sync.apply(&full);
+                let report = match incremental.update(&svc_list, &slice_list, &tracked) {
+                    Some(keys) => incr_sync.apply_changed(incremental.desired(), &keys),
+                    None => incr_sync.apply(incremental.desired()),
+                };
+                assert!(report.errors.is_empty(), "{:?}", report.errors);
+                changed_services.clear();
+                changed_slices.clear();
+
+                conflicts += full
+                    .problems
+                    .iter()
+                    .filter(|p| p.reason.contains("already used"))
+                    .count();
+                frontends += full.frontends.len();
+                let ctx = format!("seed {seed} step {step}");
+                assert_eq!(incremental.desired(), &full, "{ctx}");
+                assert_eq!(incr_sync.programmed(), full_sync.programmed(), "{ctx}");
+                let (a, b) = (incr_sync.writer(), full_sync.writer());
+                assert_eq!(a.services, b.services, "{ctx}");
+                assert_eq!(a.backends, b.backends, "{ctx}");
+                assert_eq!(
+                    a.maglev.keys().collect::<Vec<_>>(),
+                    b.maglev.keys().collect::<Vec<_>>(),
+                    "{ctx}"
+                );
+                assert_eq!(a.names, b.names, "{ctx}");
+            }
+        }
+        assert!(
+            conflicts > 100 && frontends > 1000,
+            "{conflicts} conflicts, {frontends} frontends"
+        );
+    }
+}
