@@ -1,0 +1,77 @@
+//! Connection tracking entries: two per translated flow.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::*;
+
+/// Connection tracking key: a 5-tuple exactly as it appears in a packet.
+///
+/// Each translated flow has two entries: the original direction
+/// (client -> VIP, `CT_F_ORIGINAL`) and the reply direction
+/// (backend -> client, `CT_F_REPLY`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// Connection tracking value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtValue {
+    /// Original entry: the backend address the destination is rewritten to.
+    /// Reply entry: the VIP the source is rewritten to. Of the key's family.
+    pub nat_addr: Addr,
+    /// With `CT_F_SNAT`. Original entry: the node address the source is
+    /// rewritten to. Reply entry: the client address the destination is
+    /// rewritten back to.
+    pub snat_addr: Addr,
+    /// CLOCK_MONOTONIC at creation (`bpf_ktime_get_coarse_ns()`: tick resolution).
+    pub created_ns: u64,
+    /// The same clock at the last packet seen in the entry's
+    /// direction (refreshed at most once a second).
+    pub last_seen_ns: u64,
+    /// The frontend this flow was created for (counters).
+    pub service_id: u32,
+    /// As `nat_addr`, for the port (network byte order).
+    pub nat_port: u16,
+    /// `CT_F_*` bits: direction, TCP state, SNAT.
+    pub flags: u16,
+    /// As `snat_addr`, for the port.
+    pub snat_port: u16,
+    pub _pad: [u16; 3],
+}
+
+/// Per-CPU scratch space of the programs (one entry of a per-CPU array
+/// that is neither pinned nor read by the agent): conntrack keys and values
+/// are built here rather than on the 512-byte eBPF stack. Programs of one
+/// CPU do not interleave (XDP and TC ingress run in softirq context), so
+/// one entry per CPU suffices.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtScratch {
+    pub key: CtKey,
+    pub value: CtValue,
+}
+
+/// Conntrack flag bits (`CtValue::flags`).
+pub const CT_F_ORIGINAL: u16 = 1 << 0;
+
+pub const CT_F_REPLY: u16 = 1 << 1;
+
+/// A FIN or RST was seen: a new SYN on the same tuple starts a new flow.
+pub const CT_F_CLOSING: u16 = 1 << 2;
+
+/// A reply was seen (set on both entries of the flow).
+pub const CT_F_SEEN_REPLY: u16 = 1 << 3;
+
+/// The flow's source is translated too (remote backend of an external
+/// frontend, or hairpin): see `CtValue::snat_addr`.
+pub const CT_F_SNAT: u16 = 1 << 4;

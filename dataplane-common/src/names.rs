@@ -1,0 +1,106 @@
+//! Names shared with the eBPF object: maps, programs, globals.
+
+use crate::*;
+
+/// Map names as they appear in the eBPF object (the symbol names of the map
+/// statics). The kernel truncates names to 15 bytes; all of these fit.
+pub mod map_names {
+    pub const SERVICES: &str = "DP_SERVICES";
+    pub const BACKENDS: &str = "DP_BACKENDS";
+    pub const CONNTRACK: &str = "DP_CONNTRACK";
+    pub const MAGLEV: &str = "DP_MAGLEV";
+    pub const AFFINITY: &str = "DP_AFFINITY";
+    pub const SOURCE_RANGES: &str = "DP_SRC_RANGES";
+    pub const NAMES: &str = "DP_NAMES";
+    pub const CONFIG: &str = "DP_CONFIG";
+    pub const SERVICE_STATS: &str = "DP_SVC_STATS";
+    pub const REASON_STATS: &str = "DP_REASONS";
+    /// Kernel-side scratch space (`CtScratch`), never pinned.
+    pub const SCRATCH: &str = "DP_SCRATCH";
+    /// Socket-level load balancing: per-socket translations
+    /// (`SockNatKey` -> `SockNatValue`).
+    pub const SOCK_NAT: &str = "DP_SOCK_NAT";
+    /// Socket-level session affinity (`SockAffinityKey` -> `AffinityValue`).
+    pub const SOCK_AFFINITY: &str = "DP_SOCK_AFFIN";
+    /// Socket-level counters, one per `SockEvent`, per CPU.
+    pub const SOCK_STATS: &str = "DP_SOCK_STATS";
+}
+
+/// The shape of every map: what a pinned map must match to be adopted by a
+/// restarted agent (name, key size, value size, max entries).
+pub mod map_shapes {
+    use core::mem::size_of;
+
+    use super::*;
+
+    pub struct MapShape {
+        pub name: &'static str,
+        pub key_size: u32,
+        pub value_size: u32,
+        pub max_entries: u32,
+    }
+
+    const fn shape<K, V>(name: &'static str, max_entries: u32) -> MapShape {
+        MapShape {
+            name,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+        }
+    }
+
+    pub const ALL: [MapShape; 13] = [
+        shape::<u32, ServiceName>(map_names::NAMES, limits::MAX_SERVICES),
+        // LPM trie keys carry a u32 prefix length in front of the data.
+        MapShape {
+            name: map_names::SOURCE_RANGES,
+            key_size: 4 + size_of::<SourceRangeKey>() as u32,
+            value_size: 1,
+            max_entries: limits::MAX_SOURCE_RANGES,
+        },
+        shape::<ServiceKey, ServiceValue>(map_names::SERVICES, limits::MAX_SERVICES),
+        shape::<BackendKey, Backend>(map_names::BACKENDS, limits::MAX_BACKEND_SLOTS),
+        shape::<MaglevKey, MaglevChunk>(map_names::MAGLEV, limits::MAX_MAGLEV_CHUNKS),
+        shape::<CtKey, CtValue>(map_names::CONNTRACK, limits::MAX_CONNTRACK),
+        shape::<AffinityKey, AffinityValue>(map_names::AFFINITY, limits::MAX_AFFINITY),
+        shape::<u32, ServiceStats>(map_names::SERVICE_STATS, limits::MAX_SERVICES),
+        shape::<u32, u64>(map_names::REASON_STATS, counters::ENTRIES),
+        shape::<u32, DpConfig>(map_names::CONFIG, 1),
+        shape::<SockNatKey, SockNatValue>(map_names::SOCK_NAT, limits::MAX_SOCK_NAT),
+        shape::<SockAffinityKey, AffinityValue>(map_names::SOCK_AFFINITY, limits::MAX_AFFINITY),
+        shape::<u32, u64>(map_names::SOCK_STATS, SOCK_EVENT_COUNT),
+    ];
+}
+
+/// The read-only global the agent sets (at load time) to 1 to make the
+/// programs log their decisions through aya-log (`--bpf-debug-log`). With 0
+/// the verifier removes the logging code: no cost per packet.
+pub const DEBUG_GLOBAL: &str = "DP_DEBUG";
+
+/// Program names (the entry function symbols in the eBPF object).
+pub mod program_names {
+    pub const XDP: &str = "dp_xdp";
+    pub const TC: &str = "dp_tc";
+    /// Socket-level load balancing (cgroup sock_addr programs), with the
+    /// hook each attaches to.
+    pub const CONNECT4: &str = "dp_connect4";
+    pub const CONNECT6: &str = "dp_connect6";
+    pub const SENDMSG4: &str = "dp_sendmsg4";
+    pub const SENDMSG6: &str = "dp_sendmsg6";
+    pub const RECVMSG4: &str = "dp_recvmsg4";
+    pub const RECVMSG6: &str = "dp_recvmsg6";
+    pub const GETPEERNAME4: &str = "dp_getpeername4";
+    pub const GETPEERNAME6: &str = "dp_getpeername6";
+    /// Every socket-level program, as (program, hook name used in pins and
+    /// messages).
+    pub const SOCK: [(&str, &str); 8] = [
+        (CONNECT4, "connect4"),
+        (CONNECT6, "connect6"),
+        (SENDMSG4, "sendmsg4"),
+        (SENDMSG6, "sendmsg6"),
+        (RECVMSG4, "recvmsg4"),
+        (RECVMSG6, "recvmsg6"),
+        (GETPEERNAME4, "getpeername4"),
+        (GETPEERNAME6, "getpeername6"),
+    ];
+}

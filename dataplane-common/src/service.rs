@@ -1,0 +1,232 @@
+//! Services as the datapath looks them up: frontends, backend slots, Maglev
+//! tables, session affinity, source ranges and per-service counters.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::*;
+
+/// Key of the service map: a frontend as clients address it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ServiceKey {
+    /// Virtual address (VIP, node address, ...).
+    pub addr: Addr,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+
+/// Value of the service map.
+///
+/// Backends of a service live in the backend map under
+/// `BackendKey { service_id, slot: generation * MAX_BACKENDS_PER_SERVICE + i }`
+/// for `i < backend_count`. The agent writes a new generation's slots first
+/// and then replaces this value in one map update (hash map updates are
+/// atomic for readers), so the datapath sees either the old backend set or the
+/// new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceValue {
+    /// Stable id of this frontend: index into the per-service counters and
+    /// part of every backend key. Below `limits::MAX_SERVICES`.
+    pub service_id: u32,
+    /// Number of backends usable for new flows. 0 means "no endpoints".
+    pub backend_count: u16,
+    /// Which half of the slot space holds the current backend set (0 or 1).
+    pub generation: u16,
+    /// `SVC_F_*` bits.
+    pub flags: u32,
+    /// Size of the service's Maglev table (a prime), 0 when it has none.
+    pub maglev_size: u32,
+    /// sessionAffinity ClientIP timeout in seconds (with `SVC_F_AFFINITY`).
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
+}
+
+/// Key of the backend slot map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+impl BackendKey {
+    /// The key of backend `index` in `generation` of `service_id`.
+    #[inline(always)]
+    pub fn new(service_id: u32, generation: u16, index: u32) -> Self {
+        BackendKey {
+            service_id,
+            slot: (generation as u32 & 1) * limits::MAX_BACKENDS_PER_SERVICE + index,
+        }
+    }
+}
+
+/// Value of the backend slot map: where a flow is translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Backend {
+    /// Backend address, of the family of the service it belongs to
+    /// (`BACKEND_F_V6` says which, for readers without the service).
+    pub addr: Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// `BACKEND_F_*` bits.
+    pub flags: u16,
+}
+
+/// Service flag bits (`ServiceValue::flags`).
+pub const SVC_F_NONE: u32 = 0;
+
+/// New flows pick a backend at random instead of by Maglev.
+pub const SVC_F_RANDOM: u32 = 1 << 0;
+
+/// sessionAffinity ClientIP: new flows from a client go to the backend its
+/// previous flow to this frontend went to, within `affinity_timeout_s`.
+pub const SVC_F_AFFINITY: u32 = 1 << 1;
+
+/// A frontend for traffic from outside the cluster (NodePort, LoadBalancer
+/// ingress IP, externalIP) with externalTrafficPolicy Cluster: flows to a
+/// backend on another node are SNATed to this node's address so that
+/// replies come back through it.
+pub const SVC_F_EXTERNAL: u32 = 1 << 2;
+
+/// The backend set is empty because of a Local traffic policy (endpoints
+/// exist on other nodes): drop, as kube-proxy does, instead of rejecting.
+pub const SVC_F_DROP_NO_LOCAL: u32 = 1 << 3;
+
+/// New flows must come from a source in `DP_SRC_RANGES` for this service
+/// (loadBalancerSourceRanges); others are dropped.
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 4;
+
+/// The data part of a source range map key (an LPM trie, whose keys are
+/// this behind a `u32` prefix length): the prefix length counts the 32 bits
+/// of `service_id_be`, always matched whole, plus the prefix of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    /// Big-endian, so that the trie matches it as the leading 32 bits.
+    pub service_id_be: u32,
+    /// Of the service's family (an IPv4 prefix covers at most the first 4
+    /// bytes; the zeros after never take part in its match).
+    pub addr: Addr,
+}
+
+impl SourceRangeKey {
+    pub const fn new(service_id: u32, addr: Addr) -> Self {
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            addr,
+        }
+    }
+}
+
+/// The prefix length that looks up one address of one service (either
+/// family: IPv4 entries have prefixes of at most 32 + 32 bits).
+pub const SOURCE_RANGE_FULL_PREFIX: u32 = 32 + 128;
+
+/// Key of the session affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    /// Client address, of the service's family.
+    pub client: Addr,
+    pub service_id: u32,
+}
+
+/// Value of the session affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityValue {
+    /// The backend the client's flows go to. Stored by address, not slot
+    /// index, so it stays valid when the backend set changes; the agent
+    /// deletes entries whose backend left the service.
+    pub backend: Backend,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns()` of the client's last new flow to the service.
+    pub last_seen_ns: u64,
+}
+
+/// Value of the names map (service id -> `namespace/name:port`), written by
+/// the agent for inspection (CLI, bpftool) and for a restarted agent; the
+/// programs never read it. NUL-padded UTF-8, cut at 128 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceName {
+    pub bytes: [u8; 128],
+}
+
+impl ServiceName {
+    pub fn new(s: &str) -> Self {
+        let mut bytes = [0u8; 128];
+        let mut n = s.len().min(128);
+        // Cut on a character boundary.
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
+        ServiceName { bytes }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self.bytes.iter().position(|b| *b == 0).unwrap_or(self.bytes.len());
+        core::str::from_utf8(&self.bytes[..end]).unwrap_or("")
+    }
+}
+
+/// Key of the Maglev map: one chunk of one generation of a service's table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct MaglevKey {
+    pub service_id: u32,
+    /// `generation * MAGLEV_MAX_CHUNKS + chunk index`.
+    pub chunk: u32,
+}
+
+impl MaglevKey {
+    /// The key of the chunk holding table position `pos`.
+    #[inline(always)]
+    pub fn new(service_id: u32, generation: u16, pos: u32) -> Self {
+        MaglevKey {
+            service_id,
+            chunk: (generation as u32 & 1) * limits::MAGLEV_MAX_CHUNKS + pos / limits::MAGLEV_CHUNK,
+        }
+    }
+}
+
+// The largest supported table (65521) fits one generation's chunk range.
+const _: () = assert!(65521 <= limits::MAGLEV_CHUNK * limits::MAGLEV_MAX_CHUNKS);
+
+/// Value of the Maglev map: for each table position, the index of the
+/// backend (in the same generation's backend slots) it maps to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct MaglevChunk {
+    pub entries: [u16; limits::MAGLEV_CHUNK as usize],
+}
+
+/// Backend flag bits (`Backend::flags`).
+pub const BACKEND_F_NONE: u16 = 0;
+
+/// The backend runs on another node.
+pub const BACKEND_F_REMOTE: u16 = 1 << 0;
+
+/// The backend's address is IPv6.
+pub const BACKEND_F_V6: u16 = 1 << 1;
+
+/// Per-service counters, one per CPU, indexed by `service_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceStats {
+    /// Packets translated towards a backend (new and established).
+    pub packets: u64,
+    /// Bytes of those packets (L3 length).
+    pub bytes: u64,
+    /// New flows created.
+    pub new_flows: u64,
+    /// Packets rejected or dropped because the service had no usable backend.
+    pub no_backend: u64,
+}

@@ -1,0 +1,240 @@
+extern crate std;
+use crate::*;
+use core::mem::{align_of, offset_of, size_of};
+
+// These pin the ABI: the eBPF object was compiled against these layouts,
+// and the agent writes maps with them. A change here must bump
+// ABI_VERSION.
+#[test]
+fn service_key_layout() {
+    assert_eq!(size_of::<ServiceKey>(), 20);
+    assert_eq!(align_of::<ServiceKey>(), 4);
+    assert_eq!(offset_of!(ServiceKey, addr), 0);
+    assert_eq!(offset_of!(ServiceKey, port), 16);
+    assert_eq!(offset_of!(ServiceKey, proto), 18);
+    assert_eq!(offset_of!(ServiceKey, family), 19);
+}
+
+#[test]
+fn service_value_layout() {
+    assert_eq!(size_of::<ServiceValue>(), 24);
+    assert_eq!(offset_of!(ServiceValue, affinity_timeout_s), 16);
+    assert_eq!(offset_of!(ServiceValue, service_id), 0);
+    assert_eq!(offset_of!(ServiceValue, backend_count), 4);
+    assert_eq!(offset_of!(ServiceValue, generation), 6);
+    assert_eq!(offset_of!(ServiceValue, flags), 8);
+    assert_eq!(offset_of!(ServiceValue, maglev_size), 12);
+}
+
+#[test]
+fn socket_lb_layout() {
+    assert_eq!(size_of::<SockNatKey>(), 32);
+    assert_eq!(offset_of!(SockNatKey, cookie), 0);
+    assert_eq!(offset_of!(SockNatKey, addr), 8);
+    assert_eq!(offset_of!(SockNatKey, port), 24);
+    assert_eq!(offset_of!(SockNatKey, family), 26);
+    assert_eq!(offset_of!(SockNatKey, dir), 27);
+    assert_eq!(size_of::<SockNatValue>(), 32);
+    assert_eq!(offset_of!(SockNatValue, port), 16);
+    assert_eq!(offset_of!(SockNatValue, flags), 18);
+    assert_eq!(offset_of!(SockNatValue, service_id), 20);
+    assert_eq!(offset_of!(SockNatValue, last_seen_ns), 24);
+    assert_eq!(size_of::<SockAffinityKey>(), 16);
+    assert_eq!(offset_of!(SockAffinityKey, service_id), 8);
+    for (i, e) in SockEvent::ALL.iter().enumerate() {
+        assert_eq!(*e as usize, i);
+        assert!(SockEvent::ALL[..i].iter().all(|o| o.name() != e.name()));
+    }
+}
+
+#[test]
+fn affinity_and_config_layout() {
+    assert_eq!(size_of::<AffinityKey>(), 20);
+    assert_eq!(offset_of!(AffinityKey, service_id), 16);
+    assert_eq!(size_of::<AffinityValue>(), 32);
+    assert_eq!(offset_of!(AffinityValue, last_seen_ns), 24);
+    assert_eq!(size_of::<DpConfig>(), 64);
+    assert_eq!(offset_of!(DpConfig, snat_addr6), 48);
+    assert_eq!(offset_of!(DpConfig, snat_addr), 4);
+    assert_eq!(offset_of!(DpConfig, tcp_syn_timeout_ns), 8);
+    assert_eq!(offset_of!(DpConfig, udp_stream_timeout_ns), 40);
+}
+
+#[test]
+fn service_names_round_trip_and_cut_on_char_boundaries() {
+    assert_eq!(ServiceName::new("shop/web:http").as_str(), "shop/web:http");
+    let long = "é".repeat(100); // 200 bytes
+    let n = ServiceName::new(&long);
+    assert_eq!(n.as_str().len(), 128);
+    assert_eq!(size_of::<ServiceName>(), 128);
+}
+
+#[test]
+fn timeouts_follow_state() {
+    let c = DpConfig::defaults();
+    let s = 1_000_000_000;
+    assert_eq!(c.timeout_ns(IPPROTO_TCP, CT_F_ORIGINAL), 60 * s);
+    assert_eq!(c.timeout_ns(IPPROTO_TCP, CT_F_ORIGINAL | CT_F_SEEN_REPLY), 86_400 * s);
+    assert_eq!(c.timeout_ns(IPPROTO_TCP, CT_F_SEEN_REPLY | CT_F_CLOSING), 10 * s);
+    assert_eq!(c.timeout_ns(IPPROTO_UDP, CT_F_ORIGINAL), 30 * s);
+    assert_eq!(c.timeout_ns(IPPROTO_UDP, CT_F_SEEN_REPLY), 120 * s);
+    let unset = DpConfig::default();
+    assert_eq!(
+        unset.timeout_ns(IPPROTO_UDP, CT_F_ORIGINAL),
+        30 * s,
+        "zero means default"
+    );
+    let short = DpConfig {
+        udp_timeout_ns: 5,
+        ..DpConfig::default()
+    };
+    assert_eq!(short.timeout_ns(IPPROTO_UDP, CT_F_ORIGINAL), 5);
+}
+
+#[test]
+fn maglev_layout() {
+    assert_eq!(size_of::<MaglevKey>(), 8);
+    assert_eq!(offset_of!(MaglevKey, chunk), 4);
+    assert_eq!(size_of::<MaglevChunk>(), 2 * limits::MAGLEV_CHUNK as usize);
+    assert_eq!(
+        MaglevKey::new(1, 1, 300),
+        MaglevKey {
+            service_id: 1,
+            chunk: limits::MAGLEV_MAX_CHUNKS + 1
+        }
+    );
+}
+
+#[test]
+fn backend_layout() {
+    assert_eq!(size_of::<BackendKey>(), 8);
+    assert_eq!(offset_of!(BackendKey, slot), 4);
+    assert_eq!(size_of::<Backend>(), 20);
+    assert_eq!(offset_of!(Backend, addr), 0);
+    assert_eq!(offset_of!(Backend, port), 16);
+    assert_eq!(offset_of!(Backend, flags), 18);
+}
+
+#[test]
+fn conntrack_layout() {
+    assert_eq!(size_of::<CtKey>(), 40);
+    assert_eq!(offset_of!(CtKey, saddr), 0);
+    assert_eq!(offset_of!(CtKey, daddr), 16);
+    assert_eq!(offset_of!(CtKey, sport), 32);
+    assert_eq!(offset_of!(CtKey, dport), 34);
+    assert_eq!(offset_of!(CtKey, proto), 36);
+    assert_eq!(offset_of!(CtKey, family), 37);
+    assert_eq!(size_of::<CtValue>(), 64);
+    assert_eq!(align_of::<CtValue>(), 8);
+    assert_eq!(offset_of!(CtValue, nat_addr), 0);
+    assert_eq!(offset_of!(CtValue, snat_addr), 16);
+    assert_eq!(offset_of!(CtValue, created_ns), 32);
+    assert_eq!(offset_of!(CtValue, last_seen_ns), 40);
+    assert_eq!(offset_of!(CtValue, service_id), 48);
+    assert_eq!(offset_of!(CtValue, nat_port), 52);
+    assert_eq!(offset_of!(CtValue, flags), 54);
+    assert_eq!(offset_of!(CtValue, snat_port), 56);
+    assert_eq!(size_of::<SourceRangeKey>(), 20);
+    assert_eq!(offset_of!(SourceRangeKey, addr), 4);
+}
+
+#[test]
+fn stats_layout() {
+    assert_eq!(size_of::<ServiceStats>(), 32);
+    assert_eq!(offset_of!(ServiceStats, new_flows), 16);
+}
+
+#[test]
+fn reasons_are_dense_and_named_uniquely() {
+    for (i, r) in Reason::ALL.iter().enumerate() {
+        assert_eq!(*r as u32, i as u32, "{r:?} is out of place");
+    }
+    let mut names: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), REASON_COUNT as usize);
+}
+
+#[test]
+fn backend_key_generations_do_not_overlap() {
+    let a = BackendKey::new(7, 0, limits::MAX_BACKENDS_PER_SERVICE - 1);
+    let b = BackendKey::new(7, 1, 0);
+    assert!(a.slot < b.slot);
+    assert_eq!(BackendKey::new(7, 2, 3), BackendKey::new(7, 0, 3));
+}
+
+/// Reference: the full Internet checksum of `words`.
+fn full_csum(words: &[u16]) -> u16 {
+    let mut sum: u32 = 0;
+    for w in words {
+        sum += *w as u32;
+    }
+    !csum::fold(sum)
+}
+
+#[test]
+fn incremental_checksum_matches_recomputation() {
+    let mut words = [
+        0x4500u16, 0x0073, 0x0000, 0x4000, 0x4011, 0, 0xc0a8, 0x0001, 0xc0a8, 0x00c7,
+    ];
+    words[5] = full_csum(&words);
+    let old = ((words[8] as u32) << 16) | words[9] as u32;
+    let new = 0xc613_0a0bu32;
+    let updated = csum::replace4(words[5], old, new);
+    words[8] = (new >> 16) as u16;
+    words[9] = new as u16;
+    words[5] = 0;
+    assert_eq!(updated, full_csum(&words));
+    let updated = csum::replace2(updated, words[0], 0x4501);
+    words[0] = 0x4501;
+    assert_eq!(updated, full_csum(&words));
+}
+
+#[cfg(feature = "user")]
+#[test]
+fn addresses_round_trip_in_both_families() {
+    use core::net::IpAddr;
+    for s in ["198.19.0.10", "2001:db8::10", "fd00::1:2:3:4", "0.0.0.1"] {
+        let ip: IpAddr = s.parse().unwrap();
+        let (a, f) = user::addr_of(ip);
+        assert_eq!(user::ip_of(&a, f), ip, "{s}");
+    }
+    // IPv4 sits in word 0 in packet byte order, the rest is zero.
+    let (a, f) = user::addr_of("198.19.0.10".parse().unwrap());
+    assert_eq!(f, FAMILY_V4);
+    assert_eq!(a, [u32::from_ne_bytes([198, 19, 0, 10]), 0, 0, 0]);
+    let k4 = ServiceKey::new(core::net::Ipv4Addr::new(198, 19, 0, 10), 80, IPPROTO_TCP);
+    let k6 = ServiceKey::new("c613:a::".parse::<core::net::Ipv6Addr>().unwrap(), 80, IPPROTO_TCP);
+    assert_ne!(k4, k6, "the family keeps look-alike keys apart");
+    let b = Backend::new("2001:db8::5".parse::<IpAddr>().unwrap(), 8080);
+    assert_eq!(b.ip(), "2001:db8::5".parse::<IpAddr>().unwrap());
+    assert_eq!(b.host_port(), 8080);
+}
+
+#[test]
+fn flow_hash_of_an_ipv4_key_is_the_ipv4_hash() {
+    let k = CtKey {
+        saddr: v4_addr(0x0102_0304),
+        daddr: v4_addr(0x0506_0708),
+        sport: 1,
+        dport: 2,
+        proto: 6,
+        family: FAMILY_V4,
+        _pad: 0,
+    };
+    assert_eq!(flow_hash_key(&k), flow_hash(0x0102_0304, 0x0506_0708, 1, 2, 6));
+}
+
+#[test]
+fn flow_hash_spreads_over_small_moduli() {
+    // 3 backends, 3000 flows differing only in source port: each backend
+    // must get a fair share (the e2e tests rely on a spread).
+    let mut buckets = [0u32; 3];
+    for p in 0..3000u16 {
+        let h = flow_hash(0x0102_0304, 0x0506_0708, (32768 + p).to_be(), 80u16.to_be(), 6);
+        buckets[(h % 3) as usize] += 1;
+    }
+    for b in buckets {
+        assert!((800..1200).contains(&b), "unbalanced: {buckets:?}");
+    }
+}
