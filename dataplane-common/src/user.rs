@@ -18,6 +18,7 @@ unsafe impl aya::Pod for AffinityValue {}
 unsafe impl aya::Pod for DpConfig {}
 unsafe impl aya::Pod for SourceRangeKey {}
 unsafe impl aya::Pod for ServiceName {}
+#[cfg(feature = "bench")]
 unsafe impl aya::Pod for bench::BenchFrame {}
 unsafe impl aya::Pod for SockNatKey {}
 unsafe impl aya::Pod for SockNatValue {}

@@ -623,13 +623,18 @@ pub fn checksums_valid(f: &[u8]) -> bool {
 
 /// Checks a program's answer against the model's expectation; `Err` says
 /// what differs.
-pub fn check(hook: Hook, input: &[u8], expect: &Expect, ran: std::io::Result<(u32, Vec<u8>)>) -> Result<(), String> {
+pub fn check(
+    hook: Hook,
+    input: &[u8],
+    expect: &Expect,
+    ran: Result<(u32, Vec<u8>), dataplane::bpf::sys::SysError>,
+) -> Result<(), String> {
     let (pass, drop, bounce) = match hook {
         Hook::Xdp => (2u32, 1u32, 3u32),
         Hook::Tc => (u32::MAX, 2, 7),
     };
     let (retval, out) = match (expect, ran) {
-        (Expect::Refused, Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(()),
+        (Expect::Refused, Err(e)) if e.errno() == Some(libc::EINVAL) => return Ok(()),
         (Expect::Refused, r) => return Err(format!("expected EINVAL from BPF_PROG_TEST_RUN, got {r:?}")),
         (_, Err(e)) => return Err(format!("BPF_PROG_TEST_RUN failed: {e}")),
         (_, Ok(r)) => r,

@@ -21,7 +21,7 @@ use std::{
 use dataplane::{
     model::maglev,
     model::{self, Desired, Frontend, SERVICE_NAME_LABEL},
-    reconcile::{MapWriter, Selection, SyncConfig, Syncer},
+    reconcile::{MapWriter, Selection, SyncConfig, Syncer, WriteError},
     source::files::parse_manifests,
 };
 use dataplane_common::{
@@ -519,63 +519,63 @@ struct Maps {
 }
 
 impl Maps {
-    fn put_ok(&mut self) -> Result<(), String> {
+    fn put_ok(&mut self) -> Result<(), WriteError> {
         self.puts += 1;
         let fail = self.fail.borrow();
         if !fail.is_empty() && fail[self.puts % fail.len()] {
-            return Err("injected failure (map full)".into());
+            return Err(WriteError::Refused("injected failure (map full)".into()));
         }
         Ok(())
     }
 }
 
 impl MapWriter for Maps {
-    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), String> {
+    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), WriteError> {
         self.put_ok()?;
         self.backends.insert(key, value);
         Ok(())
     }
-    fn delete_backend(&mut self, key: BackendKey) -> Result<(), String> {
+    fn delete_backend(&mut self, key: BackendKey) -> Result<(), WriteError> {
         self.backends.remove(&key);
         Ok(())
     }
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String> {
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), WriteError> {
         self.put_ok()?;
         self.services.insert(key, value);
         Ok(())
     }
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), String> {
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
         self.services.remove(&key);
         Ok(())
     }
-    fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), String> {
+    fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), WriteError> {
         self.put_ok()?;
         self.maglev.insert(key, value);
         Ok(())
     }
-    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String> {
+    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), WriteError> {
         self.maglev.remove(&key);
         Ok(())
     }
-    fn put_name(&mut self, _service_id: u32, _name: &str) -> Result<(), String> {
+    fn put_name(&mut self, _service_id: u32, _name: &str) -> Result<(), WriteError> {
         self.put_ok()
     }
-    fn delete_name(&mut self, _service_id: u32) -> Result<(), String> {
+    fn delete_name(&mut self, _service_id: u32) -> Result<(), WriteError> {
         Ok(())
     }
-    fn put_source_range(&mut self, _service_id: u32, _addr: std::net::IpAddr, _len: u8) -> Result<(), String> {
+    fn put_source_range(&mut self, _service_id: u32, _addr: std::net::IpAddr, _len: u8) -> Result<(), WriteError> {
         self.put_ok()
     }
-    fn delete_source_range(&mut self, _service_id: u32, _addr: std::net::IpAddr, _len: u8) -> Result<(), String> {
+    fn delete_source_range(&mut self, _service_id: u32, _addr: std::net::IpAddr, _len: u8) -> Result<(), WriteError> {
         Ok(())
     }
-    fn prune_affinity(&mut self, _service_id: u32, _keep: &[Backend]) -> Result<(), String> {
+    fn prune_affinity(&mut self, _service_id: u32, _keep: &[Backend]) -> Result<(), WriteError> {
         Ok(())
     }
-    fn reset_service_stats(&mut self, _service_id: u32) -> Result<(), String> {
+    fn reset_service_stats(&mut self, _service_id: u32) -> Result<(), WriteError> {
         Ok(())
     }
-    fn clear_udp_flows(&mut self, _stale: &[(u32, Backend)]) -> Result<usize, String> {
+    fn clear_udp_flows(&mut self, _stale: &[(u32, Backend)]) -> Result<usize, WriteError> {
         // The model keeps no flows.
         Ok(0)
     }

@@ -7,9 +7,9 @@
 //! The counts are printed (`cargo test -p dataplane-tests --test verifier
 //! -- --nocapture`) and recorded in the README.
 
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 
-use dataplane::bpf::loader::Dataplane;
+use dataplane::bpf::{loader::Dataplane, sys};
 use dataplane_common::program_names;
 
 /// The verifier's limit on processed instructions (BPF_COMPLEXITY_LIMIT_INSNS).
@@ -17,37 +17,14 @@ const KERNEL_LIMIT: u32 = 1_000_000;
 /// Each program may use at most a quarter of it.
 const BUDGET: u32 = KERNEL_LIMIT / 4;
 
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-
-/// The `info` member of `union bpf_attr`.
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
 /// The kernel id of the program behind `fd`: the second u32 of
 /// `struct bpf_prog_info` (after `type`).
 fn program_id(fd: RawFd) -> u32 {
-    let mut info = [0u32; 2];
-    let mut attr = InfoAttr {
-        bpf_fd: fd as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: attr is a live, correctly laid out struct; info points at
-    // info_len writable bytes that outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            std::mem::size_of::<InfoAttr>() as u32,
-        )
-    };
-    assert!(rc == 0, "BPF_OBJ_GET_INFO_BY_FD: {}", std::io::Error::last_os_error());
-    info[1]
+    let mut info = [0u64; 1];
+    // SAFETY: the loaded program keeps its fd open while this runs.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    sys::obj_get_info_by_fd(fd, &mut info).unwrap_or_else(|e| panic!("{e}"));
+    (info[0] >> 32) as u32
 }
 
 #[test]

@@ -65,7 +65,7 @@ pub enum LoadError {
         source: aya::programs::ProgramError,
     },
     #[error("socket-level load balancing (--socket-lb-cgroup): {0}")]
-    SocketLb(String),
+    SocketLb(#[from] crate::bpf::cgroup::CgroupError),
 }
 
 /// How the XDP program is attached.
@@ -360,7 +360,7 @@ impl Dataplane {
     /// another cgroup are removed first; new links are pinned. Returns each
     /// hook with how it got attached.
     pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<Vec<(&'static str, Attached)>, LoadError> {
-        let cgroup_id = crate::bpf::cgroup::cgroup_id(cgroup).map_err(LoadError::SocketLb)?;
+        let cgroup_id = crate::bpf::cgroup::cgroup_id(cgroup)?;
         if !self.sock_loaded {
             for (name, _) in program_names::SOCK {
                 let p: &mut CgroupSockAddr = self
@@ -405,8 +405,10 @@ impl Dataplane {
                 // Attached to another cgroup (the flag changed), or stale.
                 PinRoot::unpin_link(pin)?;
             }
-            let dir = std::fs::File::open(cgroup)
-                .map_err(|e| LoadError::SocketLb(format!("opening {}: {e}", cgroup.display())))?;
+            let dir = std::fs::File::open(cgroup).map_err(|source| crate::bpf::cgroup::CgroupError::Stat {
+                path: cgroup.to_path_buf(),
+                source,
+            })?;
             // Cgroup links always let other programs run next to ours.
             let id = p.attach(&dir, CgroupAttachMode::Single).map_err(attach_err)?;
             let pinned = match pin {

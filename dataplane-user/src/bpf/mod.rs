@@ -8,4 +8,5 @@ pub mod ifwatch;
 pub mod loader;
 pub mod map_sizes;
 pub mod pin;
+pub mod sys;
 pub mod testrun;

@@ -47,7 +47,10 @@ pub enum InspectError {
         source: aya::maps::MapError,
     },
     #[error("reading map {name}: {source}")]
-    ReadBatch { name: &'static str, source: std::io::Error },
+    ReadBatch {
+        name: &'static str,
+        source: crate::bpf::sys::SysError,
+    },
 }
 
 fn read_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> InspectError {

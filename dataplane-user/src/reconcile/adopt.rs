@@ -17,20 +17,26 @@ impl Syncer<crate::bpf::loader::Maps> {
     /// Rebuilds the programmed state from maps a previous agent left pinned,
     /// instead of wiping them: the next `apply` then writes only what
     /// changed meanwhile. Entries no service points at are deleted.
-    pub fn adopt(maps: crate::bpf::loader::Maps, config: SyncConfig) -> Result<(Self, AdoptReport), String> {
+    pub fn adopt(maps: crate::bpf::loader::Maps, config: SyncConfig) -> Result<(Self, AdoptReport), WriteError> {
         let mut report = AdoptReport::default();
         let mut programmed = BTreeMap::new();
-        let services: Vec<(ServiceKey, ServiceValue)> = maps
-            .services
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("reading services: {e}"))?;
+        let services: Vec<(ServiceKey, ServiceValue)> =
+            maps.services
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(|source| WriteError::Map {
+                    map: map_names::SERVICES,
+                    source,
+                })?;
         let mut live: BTreeMap<u32, ServiceValue> = BTreeMap::new();
         let mut ranges: BTreeMap<u32, Vec<(std::net::IpAddr, u8)>> = BTreeMap::new();
         // A range has the family of its service.
         let families: BTreeMap<u32, u8> = services.iter().map(|(k, v)| (v.service_id, k.family)).collect();
         for key in maps.source_ranges.keys() {
-            let key = key.map_err(|e| format!("reading source ranges: {e}"))?;
+            let key = key.map_err(|source| WriteError::Map {
+                map: map_names::SOURCE_RANGES,
+                source,
+            })?;
             let data = key.data();
             let id = u32::from_be(data.service_id_be);
             let family = families.get(&id).copied().unwrap_or(dataplane_common::FAMILY_V4);

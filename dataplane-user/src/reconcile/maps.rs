@@ -1,6 +1,7 @@
 //! The real BPF maps as the reconciler's [`MapWriter`].
 
 use super::*;
+use crate::bpf::sys::SysError;
 
 /// Deletes the entries of hash map `map` (named `name` in errors) that
 /// `doomed` picks: read in batches (see `batch::for_each_entry`), deleted
@@ -8,9 +9,9 @@ use super::*;
 /// (evicted by an LRU, say) are fine and not counted.
 fn delete_where<K, V>(
     map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
-    name: &str,
+    name: &'static str,
     mut doomed: impl FnMut(&K, &V) -> bool,
-) -> Result<usize, String>
+) -> Result<usize, WriteError>
 where
     K: aya::Pod + bytemuck::Zeroable,
     V: aya::Pod + bytemuck::Zeroable,
@@ -23,65 +24,81 @@ where
             gone.push(*k);
         }
     })
-    .map_err(|e| format!("reading {name}: {e}"))?;
+    .map_err(sys_err(name))?;
     Ok(gone.into_iter().filter(|k| map.remove(k).is_ok()).count())
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {
+    move |source| WriteError::Map { map, source }
+}
+
+fn sys_err(map: &'static str) -> impl Fn(SysError) -> WriteError {
+    move |source| WriteError::Sys { map, source }
 }
 
 /// The real maps.
 impl MapWriter for crate::bpf::loader::Maps {
-    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), String> {
-        self.backends.insert(key, value, 0).map_err(|e| e.to_string())
+    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), WriteError> {
+        self.backends
+            .insert(key, value, 0)
+            .map_err(map_err(map_names::BACKENDS))
     }
-    fn put_backends(&mut self, keys: &[BackendKey], values: &[Backend]) -> Result<(), String> {
+    fn put_backends(&mut self, keys: &[BackendKey], values: &[Backend]) -> Result<(), WriteError> {
         use aya::maps::IterableMap;
         use std::os::fd::AsFd;
         let fd = self.backends.map().fd().as_fd();
-        crate::bpf::batch::update(fd, keys, values).map_err(|e| e.to_string())
+        crate::bpf::batch::update(fd, keys, values).map_err(sys_err(map_names::BACKENDS))
     }
-    fn put_maglev_chunks(&mut self, keys: &[MaglevKey], values: &[MaglevChunk]) -> Result<(), String> {
+    fn put_maglev_chunks(&mut self, keys: &[MaglevKey], values: &[MaglevChunk]) -> Result<(), WriteError> {
         use aya::maps::IterableMap;
         use std::os::fd::AsFd;
         let fd = self.maglev.map().fd().as_fd();
-        crate::bpf::batch::update(fd, keys, values).map_err(|e| e.to_string())
+        crate::bpf::batch::update(fd, keys, values).map_err(sys_err(map_names::MAGLEV))
     }
-    fn delete_backend(&mut self, key: BackendKey) -> Result<(), String> {
-        self.backends.remove(&key).map_err(|e| e.to_string())
+    fn delete_backend(&mut self, key: BackendKey) -> Result<(), WriteError> {
+        self.backends.remove(&key).map_err(map_err(map_names::BACKENDS))
     }
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String> {
-        self.services.insert(key, value, 0).map_err(|e| e.to_string())
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), WriteError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_err(map_names::SERVICES))
     }
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), String> {
-        self.services.remove(&key).map_err(|e| e.to_string())
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
+        self.services.remove(&key).map_err(map_err(map_names::SERVICES))
     }
-    fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), String> {
-        self.maglev.insert(key, value, 0).map_err(|e| e.to_string())
+    fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), WriteError> {
+        self.maglev.insert(key, value, 0).map_err(map_err(map_names::MAGLEV))
     }
-    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String> {
-        self.maglev.remove(&key).map_err(|e| e.to_string())
+    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), WriteError> {
+        self.maglev.remove(&key).map_err(map_err(map_names::MAGLEV))
     }
-    fn put_name(&mut self, service_id: u32, name: &str) -> Result<(), String> {
+    fn put_name(&mut self, service_id: u32, name: &str) -> Result<(), WriteError> {
         self.names
             .insert(service_id, ServiceName::new(name), 0)
-            .map_err(|e| e.to_string())
+            .map_err(map_err(map_names::NAMES))
     }
-    fn delete_name(&mut self, service_id: u32) -> Result<(), String> {
-        self.names.remove(&service_id).map_err(|e| e.to_string())
+    fn delete_name(&mut self, service_id: u32) -> Result<(), WriteError> {
+        self.names.remove(&service_id).map_err(map_err(map_names::NAMES))
     }
-    fn put_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
+    fn put_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError> {
         let key = aya::maps::lpm_trie::Key::new(
             32 + len as u32,
             SourceRangeKey::new(service_id, dataplane_common::addr_of(addr).0),
         );
-        self.source_ranges.insert(&key, 1, 0).map_err(|e| e.to_string())
+        self.source_ranges
+            .insert(&key, 1, 0)
+            .map_err(map_err(map_names::SOURCE_RANGES))
     }
-    fn delete_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
+    fn delete_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError> {
         let key = aya::maps::lpm_trie::Key::new(
             32 + len as u32,
             SourceRangeKey::new(service_id, dataplane_common::addr_of(addr).0),
         );
-        self.source_ranges.remove(&key).map_err(|e| e.to_string())
+        self.source_ranges
+            .remove(&key)
+            .map_err(map_err(map_names::SOURCE_RANGES))
     }
-    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String> {
+    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), WriteError> {
         let stale = |id: u32, v: &AffinityValue| id == service_id && !keep.contains(&v.backend);
         delete_where(&mut self.affinity, map_names::AFFINITY, |k, v| stale(k.service_id, v))?;
         // The socket-level programs' affinity (per network namespace).
@@ -90,7 +107,7 @@ impl MapWriter for crate::bpf::loader::Maps {
         })?;
         Ok(())
     }
-    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String> {
+    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, WriteError> {
         let stale: std::collections::HashSet<(u32, dataplane_common::Addr, u16)> =
             stale.iter().map(|(id, b)| (*id, b.addr, b.port)).collect();
         let is_stale =
@@ -111,14 +128,17 @@ impl MapWriter for crate::bpf::loader::Maps {
         })?;
         Ok(flows + sockets)
     }
-    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String> {
+    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), WriteError> {
         // Read once: aya reads /sys/devices/system/cpu/possible per call.
         static CPUS: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();
         let cpus = CPUS
-            .get_or_init(|| aya::util::nr_cpus().map_err(|(_, e)| e.to_string()))
-            .clone()?;
-        let zeros =
-            aya::maps::PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| e.to_string())?;
-        self.service_stats.set(service_id, zeros, 0).map_err(|e| e.to_string())
+            .get_or_init(|| aya::util::nr_cpus().map_err(|(path, e)| format!("{path}: {e}")))
+            .clone()
+            .map_err(WriteError::Cpus)?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![ServiceStats::default(); cpus])
+            .map_err(|e| WriteError::Cpus(e.to_string()))?;
+        self.service_stats
+            .set(service_id, zeros, 0)
+            .map_err(map_err(map_names::SERVICE_STATS))
     }
 }

@@ -27,42 +27,68 @@ use thiserror::Error;
 
 use crate::model::{maglev, proto_name, Desired, Frontend};
 
+/// Why a map write failed.
+#[derive(Debug, Error)]
+pub enum WriteError {
+    /// A map operation through aya, on the map named.
+    #[error("{map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A raw bpf(2) command (batched reads and writes), on the map named.
+    #[error("{map}: {source}")]
+    Sys {
+        map: &'static str,
+        #[source]
+        source: crate::bpf::sys::SysError,
+    },
+    /// The possible CPUs (the size of a per-CPU value) could not be read.
+    #[error("reading the possible CPUs: {0}")]
+    Cpus(String),
+    /// A writer other than the BPF maps refused the write (the tests'
+    /// recording writers inject failures this way).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Where the sync writes. Implemented for the real BPF maps and, in tests,
 /// for a recording fake.
 pub trait MapWriter {
-    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), String>;
+    fn put_backend(&mut self, key: BackendKey, value: Backend) -> Result<(), WriteError>;
     /// Several backend slots (one generation of a frontend); the real maps
     /// write them in one batch call.
-    fn put_backends(&mut self, keys: &[BackendKey], values: &[Backend]) -> Result<(), String> {
+    fn put_backends(&mut self, keys: &[BackendKey], values: &[Backend]) -> Result<(), WriteError> {
         keys.iter().zip(values).try_for_each(|(k, v)| self.put_backend(*k, *v))
     }
-    fn delete_backend(&mut self, key: BackendKey) -> Result<(), String>;
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), String>;
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), String>;
-    fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), String>;
+    fn delete_backend(&mut self, key: BackendKey) -> Result<(), WriteError>;
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), WriteError>;
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError>;
+    fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), WriteError>;
     /// A whole Maglev table (one generation); one batch call for the real
     /// maps.
-    fn put_maglev_chunks(&mut self, keys: &[MaglevKey], values: &[MaglevChunk]) -> Result<(), String> {
+    fn put_maglev_chunks(&mut self, keys: &[MaglevKey], values: &[MaglevChunk]) -> Result<(), WriteError> {
         keys.iter().zip(values).try_for_each(|(k, v)| self.put_maglev(*k, *v))
     }
-    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), String>;
+    fn delete_maglev(&mut self, key: MaglevKey) -> Result<(), WriteError>;
     /// Deletes the session affinity entries of `service_id` whose backend is
     /// not in `keep` (all of them when `keep` is empty).
-    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String>;
+    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), WriteError>;
     /// Records `namespace/name:port` of `service_id` for inspection.
-    fn put_name(&mut self, service_id: u32, name: &str) -> Result<(), String>;
-    fn delete_name(&mut self, service_id: u32) -> Result<(), String>;
+    fn put_name(&mut self, service_id: u32, name: &str) -> Result<(), WriteError>;
+    fn delete_name(&mut self, service_id: u32) -> Result<(), WriteError>;
     /// Allows sources in `addr/len` for `service_id` (loadBalancerSourceRanges).
-    fn put_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String>;
-    fn delete_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String>;
+    fn put_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError>;
+    fn delete_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError>;
     /// Zeroes the per-service counters of a newly allocated id.
-    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), String>;
+    fn reset_service_stats(&mut self, service_id: u32) -> Result<(), WriteError>;
     /// Deletes the UDP flows of each `(service_id, backend)` in `stale`
     /// (an endpoint that stopped serving): both conntrack entries, and the
     /// socket-level forward entries that send an unconnected socket's
     /// datagrams to it. Returns how many flows and socket entries it
     /// deleted.
-    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String>;
+    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, WriteError>;
 }
 
 /// The service flags that come from the desired state (the others come
@@ -296,7 +322,7 @@ impl<W: MapWriter> Syncer<W> {
         id: u32,
         generation: u16,
         fe: &Frontend,
-    ) -> Result<ServiceValue, String> {
+    ) -> Result<ServiceValue, WriteError> {
         let keys: Vec<BackendKey> = (0..fe.backends.len())
             .map(|i| BackendKey::new(id, generation, i as u32))
             .collect();

@@ -16,19 +16,22 @@ struct Fake {
 }
 
 impl MapWriter for Fake {
-    fn put_backend(&mut self, k: BackendKey, v: Backend) -> Result<(), String> {
+    fn put_backend(&mut self, k: BackendKey, v: Backend) -> Result<(), WriteError> {
         if self.fail_backend_writes {
-            return Err("map full".into());
+            return Err(WriteError::Refused("map full".into()));
         }
         self.log.push(format!("put_backend {} {}", k.service_id, k.slot));
         self.backends.insert(k, v);
         Ok(())
     }
-    fn delete_backend(&mut self, k: BackendKey) -> Result<(), String> {
+    fn delete_backend(&mut self, k: BackendKey) -> Result<(), WriteError> {
         self.log.push(format!("delete_backend {} {}", k.service_id, k.slot));
-        self.backends.remove(&k).map(|_| ()).ok_or_else(|| "not found".into())
+        self.backends
+            .remove(&k)
+            .map(|_| ())
+            .ok_or_else(|| WriteError::Refused("not found".into()))
     }
-    fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), String> {
+    fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), WriteError> {
         self.log.push(format!(
             "put_service {} gen {} count {}",
             v.service_id, v.generation, v.backend_count
@@ -36,47 +39,50 @@ impl MapWriter for Fake {
         self.services.insert(k, v);
         Ok(())
     }
-    fn delete_service(&mut self, k: ServiceKey) -> Result<(), String> {
+    fn delete_service(&mut self, k: ServiceKey) -> Result<(), WriteError> {
         self.log.push("delete_service".into());
         self.services.remove(&k);
         Ok(())
     }
-    fn put_maglev(&mut self, k: MaglevKey, v: MaglevChunk) -> Result<(), String> {
+    fn put_maglev(&mut self, k: MaglevKey, v: MaglevChunk) -> Result<(), WriteError> {
         self.log.push(format!("put_maglev {} {}", k.service_id, k.chunk));
         self.maglev.insert(k, v);
         Ok(())
     }
-    fn delete_maglev(&mut self, k: MaglevKey) -> Result<(), String> {
+    fn delete_maglev(&mut self, k: MaglevKey) -> Result<(), WriteError> {
         self.log.push(format!("delete_maglev {} {}", k.service_id, k.chunk));
-        self.maglev.remove(&k).map(|_| ()).ok_or_else(|| "not found".into())
+        self.maglev
+            .remove(&k)
+            .map(|_| ())
+            .ok_or_else(|| WriteError::Refused("not found".into()))
     }
-    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), String> {
+    fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), WriteError> {
         self.log
             .push(format!("prune_affinity {service_id} keep {}", keep.len()));
         Ok(())
     }
-    fn put_name(&mut self, id: u32, name: &str) -> Result<(), String> {
+    fn put_name(&mut self, id: u32, name: &str) -> Result<(), WriteError> {
         self.names.insert(id, name.to_string());
         Ok(())
     }
-    fn delete_name(&mut self, id: u32) -> Result<(), String> {
+    fn delete_name(&mut self, id: u32) -> Result<(), WriteError> {
         self.names.remove(&id);
         Ok(())
     }
-    fn put_source_range(&mut self, id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
+    fn put_source_range(&mut self, id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError> {
         self.log.push(format!("put_source_range {id} {addr}/{len}"));
         Ok(())
     }
-    fn delete_source_range(&mut self, id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), String> {
+    fn delete_source_range(&mut self, id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError> {
         self.log.push(format!("delete_source_range {id} {addr}/{len}"));
         Ok(())
     }
-    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, String> {
+    fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, WriteError> {
         let list: Vec<String> = stale.iter().map(|(id, b)| format!("{id} {}", b.ip())).collect();
         self.log.push(format!("clear_udp_flows {}", list.join(", ")));
         Ok(stale.len())
     }
-    fn reset_service_stats(&mut self, id: u32) -> Result<(), String> {
+    fn reset_service_stats(&mut self, id: u32) -> Result<(), WriteError> {
         self.log.push(format!("reset_service_stats {id}"));
         Ok(())
     }

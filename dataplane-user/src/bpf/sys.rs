@@ -1,0 +1,353 @@
+//! Every raw `bpf(2)` call of the agent: the commands aya 0.14 has no
+//! wrapper for (batched map reads and writes, test runs, pinned-object and
+//! link commands, program queries). One place builds each command's
+//! `union bpf_attr` member (include/uapi/linux/bpf.h) and one place makes
+//! the call, so every failure comes back as a [`SysError`] that names the
+//! command and keeps the kernel's errno.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+use thiserror::Error;
+
+/// The `bpf(2)` commands used here (`enum bpf_cmd`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Cmd {
+    ObjGet = 7,
+    ProgTestRun = 10,
+    ObjGetInfoByFd = 15,
+    ProgQuery = 16,
+    MapLookupBatch = 24,
+    MapUpdateBatch = 26,
+    LinkUpdate = 29,
+}
+
+impl Cmd {
+    /// The command's name in the kernel's headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cmd::ObjGet => "BPF_OBJ_GET",
+            Cmd::ProgTestRun => "BPF_PROG_TEST_RUN",
+            Cmd::ObjGetInfoByFd => "BPF_OBJ_GET_INFO_BY_FD",
+            Cmd::ProgQuery => "BPF_PROG_QUERY",
+            Cmd::MapLookupBatch => "BPF_MAP_LOOKUP_BATCH",
+            Cmd::MapUpdateBatch => "BPF_MAP_UPDATE_BATCH",
+            Cmd::LinkUpdate => "BPF_LINK_UPDATE",
+        }
+    }
+}
+
+/// A failed `bpf(2)` call: the command, what it was about, and the kernel's
+/// error with its errno.
+#[derive(Debug, Error)]
+#[error("{}{}: {source}", cmd.name(), if context.is_empty() { String::new() } else { format!(" ({context})") })]
+pub struct SysError {
+    pub cmd: Cmd,
+    /// What the call was about (a path, how far a batch got); may be empty.
+    pub context: String,
+    #[source]
+    pub source: io::Error,
+}
+
+impl SysError {
+    fn new(cmd: Cmd, source: io::Error) -> Self {
+        SysError {
+            cmd,
+            context: String::new(),
+            source,
+        }
+    }
+
+    /// The same error with `context` added.
+    pub fn context(mut self, context: impl Into<String>) -> Self {
+        self.context = context.into();
+        self
+    }
+
+    /// The kernel's errno (`ENOENT`, `EPERM`, ...), when the call got one.
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+/// Makes one `bpf(2)` call.
+///
+/// # Safety
+///
+/// `attr` must be laid out as the kernel's `union bpf_attr` member for
+/// `cmd`, and every pointer in it must point at memory of the size it
+/// states that stays valid during the call.
+unsafe fn bpf<A>(cmd: Cmd, attr: &mut A) -> Result<libc::c_long, SysError> {
+    // SAFETY: the caller's contract above; the size passed is A's.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut A,
+            size_of::<A>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(SysError::new(cmd, io::Error::last_os_error()))
+    } else {
+        Ok(rc)
+    }
+}
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_UPDATE_BATCH`: writes `keys[i] -> values[i]` into the map
+/// behind `map` (key and value types of the map's exact sizes). On an
+/// error, the entries before the failing one are written; the error's
+/// context says how many.
+pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), SysError> {
+    assert_eq!(keys.len(), values.len());
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: keys and values point at `count` contiguous Pod elements
+    // each, of the map's key and value sizes, borrowed for the call.
+    unsafe { bpf(Cmd::MapUpdateBatch, &mut attr) }
+        .map(drop)
+        .map_err(|e| e.context(format!("after {} of {} entries", attr.count, keys.len())))
+}
+
+/// Where a batched lookup stands between calls: an opaque token (a bucket
+/// index for hash maps; 8 bytes cover every map type's).
+#[derive(Default)]
+pub struct BatchCursor {
+    started: bool,
+    token: u64,
+}
+
+/// `BPF_MAP_LOOKUP_BATCH`: reads up to `keys.len()` entries of the map
+/// behind `map` from where `cursor` stands and moves it on. Returns how
+/// many it read and whether the map has no more (`ENOENT` from the kernel,
+/// which still reports what it read).
+pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    cursor: &mut BatchCursor,
+    keys: &mut [K],
+    values: &mut [V],
+) -> Result<(usize, bool), SysError> {
+    assert_eq!(keys.len(), values.len());
+    let token_in = cursor.token;
+    let mut token_out = 0u64;
+    let mut attr = BatchAttr {
+        in_batch: if cursor.started {
+            &token_in as *const u64 as u64
+        } else {
+            0
+        },
+        out_batch: &mut token_out as *mut u64 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: keys and values have room for `count` elements of the map's
+    // key and value sizes, the tokens for 8 bytes; all outlive the call.
+    let end = match unsafe { bpf(Cmd::MapLookupBatch, &mut attr) } {
+        Ok(_) => false,
+        Err(e) if e.errno() == Some(libc::ENOENT) => true,
+        Err(e) => return Err(e),
+    };
+    cursor.started = true;
+    cursor.token = token_out;
+    Ok((attr.count as usize, end))
+}
+
+/// The `test` member of `union bpf_attr`. Fields after `ctx_out` are left
+/// out; the kernel zero-fills a shorter attr.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+}
+
+/// What `BPF_PROG_TEST_RUN` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRunOut {
+    /// The program's return value.
+    pub retval: u32,
+    /// Bytes of `data_out` the program's output fills.
+    pub size_out: usize,
+    /// Average run time in ns (over `repeat` runs).
+    pub duration_ns: u32,
+}
+
+/// `BPF_PROG_TEST_RUN`: runs the loaded program `prog` `repeat` times on
+/// `data_in`, its output frame written to `data_out`.
+pub fn prog_test_run(
+    prog: BorrowedFd<'_>,
+    data_in: &[u8],
+    data_out: &mut [u8],
+    repeat: u32,
+) -> Result<TestRunOut, SysError> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: data_in.len() as u32,
+        data_size_out: data_out.len() as u32,
+        data_in: data_in.as_ptr() as u64,
+        data_out: data_out.as_mut_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    // SAFETY: data_in/data_out point at buffers of the sizes given, borrowed
+    // for the call.
+    unsafe { bpf(Cmd::ProgTestRun, &mut attr) }?;
+    Ok(TestRunOut {
+        retval: attr.retval,
+        size_out: (attr.data_size_out as usize).min(data_out.len()),
+        duration_ns: attr.duration,
+    })
+}
+
+fn c_path(cmd: Cmd, path: &Path) -> Result<CString, SysError> {
+    CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| {
+        SysError::new(cmd, io::Error::new(io::ErrorKind::InvalidInput, e)).context(path.display().to_string())
+    })
+}
+
+/// `BPF_OBJ_GET`: opens a pinned BPF object (map, program or link).
+pub fn obj_get(pin: &Path) -> Result<OwnedFd, SysError> {
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let c = c_path(Cmd::ObjGet, pin)?;
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: pathname points at a NUL-terminated string that outlives the
+    // call.
+    let fd = unsafe { bpf(Cmd::ObjGet, &mut attr) }.map_err(|e| e.context(pin.display().to_string()))?;
+    // SAFETY: a new fd the kernel just returned to us, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD`: fills `info` with the kernel's info struct of
+/// the object behind `fd` (`struct bpf_link_info` for a link, ...). A
+/// buffer larger than the kernel's struct is accepted; its tail stays zero.
+pub fn obj_get_info_by_fd(fd: BorrowedFd<'_>, info: &mut [u64]) -> Result<(), SysError> {
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = Attr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: info points at info_len writable bytes borrowed for the call.
+    unsafe { bpf(Cmd::ObjGetInfoByFd, &mut attr) }.map(drop)
+}
+
+/// `BPF_LINK_UPDATE`: replaces the program of a link atomically (no moment
+/// without one).
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<(), SysError> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = Attr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: plain integers only.
+    unsafe { bpf(Cmd::LinkUpdate, &mut attr) }.map(drop)
+}
+
+/// `BPF_PROG_QUERY`: the ids of the programs attached to `target` (a cgroup
+/// directory's fd) at `attach_type`, at most `ids.len()`. Returns how many
+/// it wrote.
+pub fn prog_query(target: BorrowedFd<'_>, attach_type: u32, ids: &mut [u32]) -> Result<usize, SysError> {
+    #[repr(C)]
+    struct Attr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    let mut attr = Attr {
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _pad: 0,
+    };
+    // SAFETY: prog_ids has room for prog_cnt ids, borrowed for the call.
+    unsafe { bpf(Cmd::ProgQuery, &mut attr) }?;
+    Ok((attr.prog_cnt as usize).min(ids.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_command_and_keep_the_errno() {
+        let e = obj_get(Path::new("/nonexistent/dataplane-pin")).unwrap_err();
+        assert_eq!(e.cmd, Cmd::ObjGet);
+        assert_eq!(e.errno(), Some(libc::ENOENT));
+        let text = e.to_string();
+        assert!(text.starts_with("BPF_OBJ_GET (/nonexistent/dataplane-pin): "), "{text}");
+    }
+}
