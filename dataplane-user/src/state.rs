@@ -3,10 +3,11 @@
 //! `/healthz`, `/readyz` and `/metrics`.
 
 use std::{
-    fmt::Write,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
+
+use prometheus_client::metrics::histogram::Histogram;
 
 /// The agent's counters and health, shared with the health
 /// endpoints and the metrics.
@@ -72,63 +73,18 @@ pub const SYNC_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// A lock-free histogram of sync durations.
-#[derive(Debug, Default)]
-pub struct SyncHistogram {
-    /// Observations per bucket (not cumulative; summed when rendered).
-    buckets: [AtomicU64; SYNC_BUCKETS.len()],
-    count: AtomicU64,
-    sum_ns: AtomicU64,
+/// The histogram of sync durations (lock-free; `/metrics` encodes it).
+#[derive(Clone, Debug)]
+pub struct SyncHistogram(pub Histogram);
+
+impl Default for SyncHistogram {
+    fn default() -> Self {
+        SyncHistogram(Histogram::new(SYNC_BUCKETS))
+    }
 }
 
 impl SyncHistogram {
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        if let Some(i) = SYNC_BUCKETS.iter().position(|b| s <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn render(&self, name: &str, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time one sync took (desired state, diff, map writes)."
-        );
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (b, n) in SYNC_BUCKETS.iter().zip(&self.buckets) {
-            cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = SyncHistogram::default();
-        h.observe(Duration::from_micros(300));
-        h.observe(Duration::from_millis(3));
-        h.observe(Duration::from_secs(10));
-        let mut out = String::new();
-        h.render("x", &mut out);
-        assert!(out.contains("x_bucket{le=\"0.0005\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.005\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"2.5\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_count 3\n"), "{out}");
+        self.0.observe(d.as_secs_f64());
     }
 }

@@ -1,281 +1,353 @@
 //! Prometheus metrics on `/metrics` (default 127.0.0.1:10249, like
-//! kube-proxy's), in the text exposition format, written by hand: a few
-//! counter families do not need a metrics crate.
+//! kube-proxy's), encoded by prometheus-client in the Prometheus text
+//! format 0.0.4.
 //!
-//! Datapath counters are read at scrape time from second handles on the
-//! agent's maps (opened by map id, so this works pinned or not); the
-//! agent's own counters come from [`AgentState`].
+//! Nothing is copied into metric objects ahead of time: two collectors read
+//! at scrape time what the agent already keeps, the agent's counters from
+//! [`AgentState`] and the datapath's counters from second handles on the
+//! agent's maps (opened by map id, so this works pinned or not).
 
 use std::{
-    fmt::Write as _,
+    fmt,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use hyper::StatusCode;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{prometheus_text, DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::{
-    bpf::loader::Maps,
-    http::health::{read_request_line, write_response},
-    inspect,
-    state::AgentState,
-};
+use super::{Handler, Reply};
+use crate::{bpf::loader::Maps, inspect, state::AgentState};
 
-/// A label value, escaped as the exposition format wants.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// Encodes one unlabelled counter; `name` without `_total` (the encoder
+/// adds it).
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// Encodes one unlabelled gauge.
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    let g = ConstGauge::new(v as i64);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
-/// The agent's own counters.
-fn render_agent(state: &AgentState, out: &mut String) {
-    let c = state.counters();
-    for (name, kind, help, v) in [
-        ("dataplane_syncs_total", "counter", "Syncs applied.", c.syncs),
-        (
-            "dataplane_watch_restarts_total",
-            "counter",
-            "Watch or list failures the source retried.",
-            c.watch_restarts,
-        ),
-        (
-            "dataplane_relists_total",
-            "counter",
-            "Full relists after the first list (410 Gone).",
-            c.relists,
-        ),
-        (
-            "dataplane_skipped_objects",
-            "gauge",
-            "Objects (or parts) skipped as invalid in the last sync.",
-            c.skipped_objects,
-        ),
-        (
-            "dataplane_skipped_objects_total",
-            "counter",
-            "Objects skipped as invalid, summed over syncs.",
-            c.skipped_total,
-        ),
-        (
-            "dataplane_sync_errors_total",
-            "counter",
-            "Frontends whose map writes failed, summed over syncs.",
-            c.sync_errors,
-        ),
-        (
-            "dataplane_ready",
-            "gauge",
-            "1 once the first full sync is programmed.",
-            u64::from(state.is_ready()),
-        ),
-    ] {
-        family(out, name, kind, help);
-        let _ = writeln!(out, "{name} {v}");
-    }
-    state.sync_duration.render("dataplane_sync_duration_seconds", out);
-}
+/// Label pairs of one sample.
+type Labels = Vec<(&'static str, String)>;
 
-/// A per-service counter family: name, help, how to read it from a row.
-type PerService = (&'static str, &'static str, fn(&inspect::ServiceRow) -> u64);
-
-/// The datapath's counters and map use.
-pub fn render_maps(maps: &Maps, out: &mut String) -> Result<(), inspect::InspectError> {
-    let services = inspect::service_rows(maps)?;
-    let stats = inspect::stats(maps)?;
-    let per_service: [PerService; 4] = [
-        (
-            "dataplane_service_packets_total",
-            "Packets translated towards a backend, per frontend.",
-            |r| r.packets,
-        ),
-        (
-            "dataplane_service_bytes_total",
-            "Bytes (L3) of the packets translated towards a backend, per frontend.",
-            |r| r.bytes,
-        ),
-        (
-            "dataplane_service_new_flows_total",
-            "New flows created, per frontend.",
-            |r| r.new_flows,
-        ),
-        (
-            "dataplane_service_no_backend_total",
-            "Packets rejected or dropped for lack of a usable backend, per frontend.",
-            |r| r.no_backend,
-        ),
-    ];
-    for (name, help, get) in per_service {
-        family(out, name, "counter", help);
-        for r in &services {
-            let _ = writeln!(
-                out,
-                "{name}{{service=\"{}\",frontend=\"{}\"}} {}",
-                label(&r.name),
-                label(&r.frontend),
-                get(r)
-            );
+/// Encodes a labelled family of `kind` (counter or gauge), one sample per
+/// (labels, value).
+fn family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl Iterator<Item = (Labels, u64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in samples {
+        let sample = m.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(v).encode(sample)?,
+            _ => ConstGauge::new(v as i64).encode(sample)?,
         }
-    }
-    family(
-        out,
-        "dataplane_datapath_packets_total",
-        "counter",
-        "Packets seen by the programs, by reason (drop=\"true\" for drops).",
-    );
-    for r in &stats.reasons {
-        let _ = writeln!(
-            out,
-            "dataplane_datapath_packets_total{{reason=\"{}\",drop=\"{}\"}} {}",
-            r.reason, r.drop, r.packets
-        );
-    }
-    family(
-        out,
-        "dataplane_socket_lb_events_total",
-        "counter",
-        "What the socket-level programs did (--socket-lb-cgroup): connects and datagrams translated, replies and peer names restored, rejects.",
-    );
-    for e in &stats.socket_lb {
-        let _ = writeln!(
-            out,
-            "dataplane_socket_lb_events_total{{event=\"{}\"}} {}",
-            e.event, e.count
-        );
-    }
-    family(
-        out,
-        "dataplane_conntrack_entries",
-        "gauge",
-        "Conntrack entries (two per flow).",
-    );
-    let _ = writeln!(out, "dataplane_conntrack_entries {}", stats.conntrack_entries);
-    family(out, "dataplane_conntrack_capacity", "gauge", "Conntrack map size.");
-    let _ = writeln!(out, "dataplane_conntrack_capacity {}", stats.conntrack_max);
-    family(
-        out,
-        "dataplane_conntrack_created_total",
-        "counter",
-        "Conntrack entries written for new flows (two per flow).",
-    );
-    let _ = writeln!(out, "dataplane_conntrack_created_total {}", stats.conntrack_created);
-    family(
-        out,
-        "dataplane_conntrack_evictions_total",
-        "counter",
-        "Conntrack entries the LRU evicted to make room (created - written over an existing entry - present).",
-    );
-    let _ = writeln!(out, "dataplane_conntrack_evictions_total {}", stats.conntrack_evicted);
-    family(
-        out,
-        "dataplane_map_entries",
-        "gauge",
-        "Entries in each map (arrays are always full).",
-    );
-    for m in &stats.maps {
-        let _ = writeln!(out, "dataplane_map_entries{{map=\"{}\"}} {}", m.map, m.entries);
-    }
-    family(out, "dataplane_map_capacity", "gauge", "max_entries of each map.");
-    for m in &stats.maps {
-        let _ = writeln!(out, "dataplane_map_capacity{{map=\"{}\"}} {}", m.map, m.max_entries);
     }
     Ok(())
 }
 
-/// The whole exposition.
-pub fn render(state: &AgentState, maps: Option<&Maps>) -> String {
-    let mut out = String::new();
-    render_agent(state, &mut out);
-    if let Some(maps) = maps {
-        let mut part = String::new();
-        match render_maps(maps, &mut part) {
-            Ok(()) => out.push_str(&part),
-            Err(e) => {
-                family(
-                    &mut out,
-                    "dataplane_map_read_errors",
-                    "gauge",
-                    "1 when the maps could not be read.",
-                );
-                let _ = writeln!(out, "# {}", e.to_string().replace('\n', " "));
-                let _ = writeln!(out, "dataplane_map_read_errors 1");
-            }
-        }
+/// The agent's own counters, read from [`AgentState`] at scrape time.
+#[derive(Debug)]
+struct AgentCollector(Arc<AgentState>);
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let state = &self.0;
+        let c = state.counters();
+        counter(&mut enc, "dataplane_syncs", "Syncs applied.", c.syncs)?;
+        counter(
+            &mut enc,
+            "dataplane_watch_restarts",
+            "Watch or list failures the source retried.",
+            c.watch_restarts,
+        )?;
+        counter(
+            &mut enc,
+            "dataplane_relists",
+            "Full relists after the first list (410 Gone).",
+            c.relists,
+        )?;
+        gauge(
+            &mut enc,
+            "dataplane_skipped_objects",
+            "Objects (or parts) skipped as invalid in the last sync.",
+            c.skipped_objects,
+        )?;
+        counter(
+            &mut enc,
+            "dataplane_skipped_objects",
+            "Objects skipped as invalid, summed over syncs.",
+            c.skipped_total,
+        )?;
+        counter(
+            &mut enc,
+            "dataplane_sync_errors",
+            "Frontends whose map writes failed, summed over syncs.",
+            c.sync_errors,
+        )?;
+        gauge(
+            &mut enc,
+            "dataplane_ready",
+            "1 once the first full sync is programmed.",
+            u64::from(state.is_ready()),
+        )?;
+        let h = &state.sync_duration.0;
+        h.encode(enc.encode_descriptor(
+            "dataplane_sync_duration_seconds",
+            "Time one sync took (desired state, diff, map writes).",
+            None,
+            h.metric_type(),
+        )?)
     }
+}
+
+/// A per-service counter family: name (without `_total`), help, how to read
+/// it from a row.
+type PerService = (&'static str, &'static str, fn(&inspect::ServiceRow) -> u64);
+
+const PER_SERVICE: [PerService; 4] = [
+    (
+        "dataplane_service_packets",
+        "Packets translated towards a backend, per frontend.",
+        |r| r.packets,
+    ),
+    (
+        "dataplane_service_bytes",
+        "Bytes (L3) of the packets translated towards a backend, per frontend.",
+        |r| r.bytes,
+    ),
+    ("dataplane_service_new_flows", "New flows created, per frontend.", |r| {
+        r.new_flows
+    }),
+    (
+        "dataplane_service_no_backend",
+        "Packets rejected or dropped for lack of a usable backend, per frontend.",
+        |r| r.no_backend,
+    ),
+];
+
+/// The datapath's counters and map use, read from the maps at scrape time.
+struct MapsCollector(Arc<Mutex<Maps>>);
+
+impl fmt::Debug for MapsCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MapsCollector")
+    }
+}
+
+impl Collector for MapsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let maps = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Read everything first: a read error then leaves no half-written
+        // family behind.
+        let read = inspect::service_rows(&maps).and_then(|rows| Ok((rows, inspect::stats(&maps)?)));
+        let (services, stats) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "metrics: reading the maps failed");
+                return gauge(
+                    &mut enc,
+                    "dataplane_map_read_errors",
+                    "1 when the maps could not be read.",
+                    1,
+                );
+            }
+        };
+        for (name, help, get) in PER_SERVICE {
+            family(
+                &mut enc,
+                name,
+                help,
+                MetricType::Counter,
+                services.iter().map(|r| {
+                    (
+                        vec![("service", r.name.clone()), ("frontend", r.frontend.clone())],
+                        get(r),
+                    )
+                }),
+            )?;
+        }
+        family(
+            &mut enc,
+            "dataplane_datapath_packets",
+            "Packets seen by the programs, by reason (drop=\"true\" for drops).",
+            MetricType::Counter,
+            stats.reasons.iter().map(|r| {
+                (
+                    vec![("reason", r.reason.to_string()), ("drop", r.drop.to_string())],
+                    r.packets,
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "dataplane_socket_lb_events",
+            "What the socket-level programs did (--socket-lb-cgroup): connects and datagrams translated, replies and peer names restored, rejects.",
+            MetricType::Counter,
+            stats.socket_lb.iter().map(|e| (vec![("event", e.event.to_string())], e.count)),
+        )?;
+        gauge(
+            &mut enc,
+            "dataplane_conntrack_entries",
+            "Conntrack entries (two per flow).",
+            stats.conntrack_entries,
+        )?;
+        gauge(
+            &mut enc,
+            "dataplane_conntrack_capacity",
+            "Conntrack map size.",
+            stats.conntrack_max.into(),
+        )?;
+        counter(
+            &mut enc,
+            "dataplane_conntrack_created",
+            "Conntrack entries written for new flows (two per flow).",
+            stats.conntrack_created,
+        )?;
+        counter(
+            &mut enc,
+            "dataplane_conntrack_evictions",
+            "Conntrack entries the LRU evicted to make room (created - written over an existing entry - present).",
+            stats.conntrack_evicted,
+        )?;
+        family(
+            &mut enc,
+            "dataplane_map_entries",
+            "Entries in each map (arrays are always full).",
+            MetricType::Gauge,
+            stats.maps.iter().map(|m| (vec![("map", m.map.to_string())], m.entries)),
+        )?;
+        family(
+            &mut enc,
+            "dataplane_map_capacity",
+            "max_entries of each map.",
+            MetricType::Gauge,
+            stats
+                .maps
+                .iter()
+                .map(|m| (vec![("map", m.map.to_string())], m.max_entries.into())),
+        )
+    }
+}
+
+/// The metrics of one agent: its counters, and the datapath's when `maps`
+/// (second, read-only handles on the agent's maps) are given.
+pub struct Metrics(Arc<Registry>);
+
+impl Metrics {
+    pub fn new(state: Arc<AgentState>, maps: Option<Arc<Mutex<Maps>>>) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(AgentCollector(state)));
+        if let Some(maps) = maps {
+            registry.register_collector(Box::new(MapsCollector(maps)));
+        }
+        Metrics(Arc::new(registry))
+    }
+
+    /// The whole exposition.
+    pub fn render(&self) -> String {
+        render(&self.0)
+    }
+}
+
+fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail; the collectors turn read errors
+    // into a metric.
+    prometheus_text::encode(&mut out, registry).expect("encoding into a String");
     out
 }
 
-/// Serves `/metrics` until the task is aborted. `maps` are the agent's
-/// second handles (read only).
-pub async fn serve(listener: TcpListener, state: Arc<AgentState>, maps: Option<Arc<Mutex<Maps>>>) {
-    loop {
-        let (conn, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                debug!(error = %e, "metrics endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (state, maps) = (state.clone(), maps.clone());
-        tokio::spawn(async move {
-            if let Err(e) = handle(conn, state, maps).await {
-                debug!(%peer, error = %e, "metrics endpoint: request failed");
-            }
-        });
+impl Handler for Metrics {
+    async fn get(&self, path: &str) -> Reply {
+        if path != "/metrics" {
+            return Reply::text(StatusCode::NOT_FOUND, "not found\n");
+        }
+        // Reading the maps is syscalls: keep it off the async workers.
+        let registry = self.0.clone();
+        match tokio::task::spawn_blocking(move || render(&registry)).await {
+            Ok(body) => Reply {
+                status: StatusCode::OK,
+                content_type: prometheus_text::CONTENT_TYPE,
+                body,
+            },
+            Err(e) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        }
     }
 }
 
-async fn handle(mut conn: TcpStream, state: Arc<AgentState>, maps: Option<Arc<Mutex<Maps>>>) -> std::io::Result<()> {
-    let line = read_request_line(&mut conn).await?;
-    let mut parts = line.split_ascii_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or(target);
-    let head_only = method == "HEAD";
-    if method != "GET" && !head_only {
-        return write_response(&mut conn, 405, "text/plain", "method not allowed\n", false).await;
-    }
-    if path != "/metrics" {
-        return write_response(&mut conn, 404, "text/plain", "not found\n", head_only).await;
-    }
-    // Iterating the maps is a few syscalls per entry: keep it off the
-    // async workers.
-    let body = tokio::task::spawn_blocking(move || {
-        let guard = maps.as_ref().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
-        render(&state, guard.as_deref())
-    })
-    .await
-    .map_err(std::io::Error::other)?;
-    write_response(
-        &mut conn,
-        200,
-        "text/plain; version=0.0.4; charset=utf-8",
-        &body,
-        head_only,
-    )
-    .await
+/// Serves `/metrics` until the task is aborted.
+pub async fn serve(listener: TcpListener, state: Arc<AgentState>, maps: Option<Arc<Mutex<Maps>>>) {
+    super::serve(listener, Arc::new(Metrics::new(state, maps)), "metrics").await
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
+    use std::{sync::atomic::Ordering, time::Duration};
 
     use super::*;
 
     #[test]
     fn agent_counters_render_without_maps() {
-        let s = AgentState::default();
+        let s = Arc::new(AgentState::default());
         s.syncs.store(4, Ordering::Relaxed);
-        let out = render(&s, None);
+        let out = Metrics::new(s, None).render();
         assert!(
             out.contains("# TYPE dataplane_syncs_total counter\ndataplane_syncs_total 4\n"),
             "{out}"
         );
         assert!(out.contains("dataplane_sync_duration_seconds_count 0"), "{out}");
-        assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let s = Arc::new(AgentState::default());
+        s.sync_duration.observe(Duration::from_micros(300));
+        s.sync_duration.observe(Duration::from_millis(3));
+        s.sync_duration.observe(Duration::from_secs(10));
+        let out = Metrics::new(s, None).render();
+        let x = "dataplane_sync_duration_seconds";
+        assert!(out.contains(&format!("{x}_bucket{{le=\"0.0005\"}} 1\n")), "{out}");
+        assert!(out.contains(&format!("{x}_bucket{{le=\"0.005\"}} 2\n")), "{out}");
+        assert!(out.contains(&format!("{x}_bucket{{le=\"2.5\"}} 2\n")), "{out}");
+        assert!(out.contains(&format!("{x}_bucket{{le=\"+Inf\"}} 3\n")), "{out}");
+        assert!(out.contains(&format!("{x}_count 3\n")), "{out}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = String::new();
+        let mut registry = Registry::default();
+        #[derive(Debug)]
+        struct One;
+        impl Collector for One {
+            fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+                family(
+                    &mut enc,
+                    "x",
+                    "h",
+                    MetricType::Counter,
+                    std::iter::once((vec![("service", "a\"b\\c".to_string())], 1)),
+                )
+            }
+        }
+        registry.register_collector(Box::new(One));
+        prometheus_text::encode(&mut out, &registry).unwrap();
+        assert!(out.contains("x_total{service=\"a\\\"b\\\\c\"} 1\n"), "{out}");
     }
 }
