@@ -273,11 +273,11 @@ fn ipv6_node_ports_source_ranges_and_mismatched_endpoints() {
 }
 
 fn service(yaml: &str) -> Service {
-    serde_yaml::from_str(yaml).unwrap()
+    serde_yaml_ng::from_str(yaml).unwrap()
 }
 
 fn slice(yaml: &str) -> EndpointSlice {
-    serde_yaml::from_str(yaml).unwrap()
+    serde_yaml_ng::from_str(yaml).unwrap()
 }
 
 const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: n}\nspec:\n  clusterIP: 198.19.0.1\n  ports: [{port: 80, protocol: TCP}]\n";

@@ -96,8 +96,8 @@ pub fn parse_manifests(name: &str, text: &str) -> Result<(Objects, Vec<Problem>)
     let mut objects = Objects::default();
     let mut problems = Vec::new();
     let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("{name}: {e}"))?;
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let value = serde_yaml_ng::Value::deserialize(doc).map_err(|e| format!("{name}: {e}"))?;
         docs.push(value);
     }
     for (i, value) in docs.into_iter().enumerate() {
@@ -106,7 +106,7 @@ pub fn parse_manifests(name: &str, text: &str) -> Result<(Objects, Vec<Problem>)
     Ok((objects, problems))
 }
 
-fn add_object(file: &str, doc: usize, value: serde_yaml::Value, objects: &mut Objects, problems: &mut Vec<Problem>) {
+fn add_object(file: &str, doc: usize, value: serde_yaml_ng::Value, objects: &mut Objects, problems: &mut Vec<Problem>) {
     if value.is_null() {
         return; // empty document
     }
@@ -119,14 +119,14 @@ fn add_object(file: &str, doc: usize, value: serde_yaml::Value, objects: &mut Ob
         .to_string();
     let object = format!("{file} document {doc} ({kind} {name})");
     match kind.as_str() {
-        "Service" => match serde_yaml::from_value::<Service>(value) {
+        "Service" => match serde_yaml_ng::from_value::<Service>(value) {
             Ok(s) => objects.services.push(s),
             Err(e) => problems.push(Problem {
                 object,
                 reason: format!("not a valid Service: {e}; skipped"),
             }),
         },
-        "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value) {
+        "EndpointSlice" => match serde_yaml_ng::from_value::<EndpointSlice>(value) {
             Ok(s) => objects.slices.push(s),
             Err(e) => problems.push(Problem {
                 object,
@@ -134,7 +134,7 @@ fn add_object(file: &str, doc: usize, value: serde_yaml::Value, objects: &mut Ob
             }),
         },
         "List" | "ServiceList" | "EndpointSliceList" => {
-            if let Some(serde_yaml::Value::Sequence(items)) = value.get("items").cloned() {
+            if let Some(serde_yaml_ng::Value::Sequence(items)) = value.get("items").cloned() {
                 for item in items {
                     add_object(file, doc, item, objects, problems);
                 }
