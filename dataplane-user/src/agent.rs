@@ -197,6 +197,13 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    info!(
+        version = crate::version::VERSION,
+        commit = crate::version::COMMIT,
+        abi = crate::version::ABI,
+        "{} starting",
+        crate::version::describe()
+    );
     let state = Arc::new(AgentState::default());
     // Bind first: a port conflict should stop the agent before it loads
     // anything.

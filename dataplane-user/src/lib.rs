@@ -13,7 +13,7 @@
 //! - [`reconcile`]: the difference between desired and programmed, written
 //!   to the maps in an order the datapath never sees half done.
 //! - [`inspect`]: the live maps read back as rows (CLI and metrics).
-//! - [`state`]: the agent's counters and health.
+//! - [`state`]: the agent's counters and health; [`version`]: what it is.
 //! - [`http`]: `/healthz`, `/readyz`, `/livez` and `/metrics`.
 //! - [`agent`]: `dataplane run`, tying the above together.
 //! - [`cli`]: the command line, its tables and `trace`.
@@ -21,6 +21,7 @@
 pub mod model;
 pub mod node;
 pub mod source;
+pub mod version;
 
 pub mod bpf;
 pub mod reconcile;

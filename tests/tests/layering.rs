@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("node", 0),
     ("bpf", 0),
     ("state", 0),
+    ("version", 0),
     ("source", 1),
     ("reconcile", 2),
     ("inspect", 2),

@@ -66,6 +66,12 @@ pub enum Command {
     /// seeded from the live maps (which it does not change), and explain
     /// the decision.
     Trace(TraceArgs),
+    /// The release, the commit it was built from and the map layout
+    /// version (JSON with `--output json`).
+    Version {
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -91,6 +91,14 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Version { output } => {
+            let v = serde_json::json!({
+                "version": crate::version::VERSION,
+                "commit": crate::version::COMMIT,
+                "abi": crate::version::ABI,
+            });
+            print(output, &v, |_| format!("{}\n", crate::version::describe()))
+        }
         command => inspect_command(command),
     }
 }

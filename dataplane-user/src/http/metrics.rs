@@ -68,6 +68,20 @@ struct AgentCollector(Arc<AgentState>);
 impl Collector for AgentCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let state = &self.0;
+        family(
+            &mut enc,
+            "dataplane_build_info",
+            "The agent's release, commit and map layout version; always 1.",
+            MetricType::Gauge,
+            std::iter::once((
+                vec![
+                    ("version", crate::version::VERSION.to_string()),
+                    ("commit", crate::version::COMMIT.to_string()),
+                    ("abi", crate::version::ABI.to_string()),
+                ],
+                1,
+            )),
+        )?;
         let c = state.counters();
         counter(&mut enc, "dataplane_syncs", "Syncs applied.", c.syncs)?;
         counter(
@@ -312,6 +326,13 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("dataplane_sync_duration_seconds_count 0"), "{out}");
+        let info = format!(
+            "dataplane_build_info{{version=\"{}\",commit=\"{}\",abi=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION"),
+            crate::version::COMMIT,
+            dataplane_common::ABI_VERSION
+        );
+        assert!(out.contains(&info), "{out}");
     }
 
     #[test]
