@@ -72,6 +72,18 @@ pub mod map_shapes {
     ];
 }
 
+/// The previous conntrack map while a migration of conntrack to a new size
+/// is under way (see `CT_MIGRATE_GLOBAL`); never pinned under its own name.
+pub const CT_PREV_MAP: &str = "DP_CT_PREV";
+
+/// The read-only global the agent sets (at load time) to 1 while it
+/// migrates conntrack to a map of another size: the programs then read
+/// `CT_PREV_MAP` (the old map) on a miss and write new flows to both maps,
+/// so a flow started by the old programs is found by the new ones and the
+/// other way round while the links are swapped one by one. With 0 the
+/// verifier removes that code.
+pub const CT_MIGRATE_GLOBAL: &str = "DP_CT_MIGRATE";
+
 /// The read-only global the agent sets (at load time) to 1 to make the
 /// programs log their decisions through aya-log (`--bpf-debug-log`). With 0
 /// the verifier removes the logging code: no cost per packet.

@@ -16,7 +16,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    maps::{scratch, DP_CONFIG, DP_CONNTRACK},
+    maps::{ct_migrating, scratch, DP_CONFIG, DP_CONNTRACK, DP_CT_PREV},
     parse::{Packet, TCP_FIN, TCP_RST},
 };
 
@@ -65,6 +65,28 @@ pub fn closes(p: &Packet) -> bool {
     p.is_tcp() && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
+/// The entry of `key`. While conntrack migrates to a map of another size
+/// (`ct_migrating`), an entry missing from the new map is looked up in the
+/// old one, where the old programs, still attached to some interfaces,
+/// keep writing until their links are swapped.
+#[inline(always)]
+pub fn entry(key: &CtKey) -> Option<*mut CtValue> {
+    match DP_CONNTRACK.get_ptr_mut(key) {
+        Some(e) => Some(e),
+        None if ct_migrating() => DP_CT_PREV.get_ptr_mut(key),
+        None => None,
+    }
+}
+
+/// Removes the entry of `key` (from both maps while migrating).
+#[inline(always)]
+fn remove(key: &CtKey) {
+    let _ = DP_CONNTRACK.remove(key);
+    if ct_migrating() {
+        let _ = DP_CT_PREV.remove(key);
+    }
+}
+
 /// How long entries live, from the agent's configuration.
 #[inline(always)]
 fn timeout_ns(proto: u8, flags: u16) -> u64 {
@@ -83,7 +105,7 @@ fn timeout_ns(proto: u8, flags: u16) -> u64 {
 pub fn lookup(p: &Packet) -> Option<*mut CtValue> {
     let key = key_of(&p.saddr, &p.daddr, p.sport, p.dport, p)?;
     // SAFETY: the key was just written to the scratch entry.
-    let e = DP_CONNTRACK.get_ptr_mut(unsafe { &*key })?;
+    let e = entry(unsafe { &*key })?;
     // SAFETY: LRU map values stay valid for the program run; concurrent
     // writers only touch last_seen/flags, where a lost update is harmless.
     unsafe {
@@ -115,7 +137,7 @@ pub fn flag_original(reply: &Packet, ct: &CtValue, flags: u16) {
         return;
     };
     // SAFETY: the key was just written to the scratch entry.
-    if let Some(e) = DP_CONNTRACK.get_ptr_mut(unsafe { &*key }) {
+    if let Some(e) = entry(unsafe { &*key }) {
         // SAFETY: as in `lookup`.
         unsafe { (*e).flags |= flags };
     }
@@ -127,7 +149,7 @@ pub fn flag_original(reply: &Packet, ct: &CtValue, flags: u16) {
 pub fn reply_tuple_in_use(p: &Packet, backend: &Backend, addr: &Addr, port: u16) -> bool {
     match key_of(&backend.addr, addr, backend.port, port, p) {
         // SAFETY: the key was just written to the scratch entry.
-        Some(key) => DP_CONNTRACK.get_ptr(unsafe { &*key }).is_some(),
+        Some(key) => entry(unsafe { &*key }).is_some(),
         None => true,
     }
 }
@@ -151,11 +173,16 @@ pub fn first_reply(e: *mut CtValue) -> bool {
 fn insert_counting_replaced(key: &CtKey, value: &CtValue) -> Result<u64, i32> {
     const BPF_NOEXIST: u64 = 1;
     const EEXIST: i32 = 17;
-    match DP_CONNTRACK.insert(key, value, BPF_NOEXIST) {
+    let replaced = match DP_CONNTRACK.insert(key, value, BPF_NOEXIST) {
         Ok(()) => Ok(0),
         Err(e) if e == -EEXIST => DP_CONNTRACK.insert(key, value, 0).map(|()| 1),
         Err(e) => Err(e),
+    };
+    // While migrating, the old programs must see the new flows too.
+    if ct_migrating() && replaced.is_ok() {
+        let _ = DP_CT_PREV.insert(key, value, 0);
     }
+    replaced
 }
 
 /// Creates both entries of a new flow from client `p` (towards the VIP) to
@@ -239,7 +266,7 @@ pub fn remove_closing_reply(p: &Packet) {
         return;
     };
     // SAFETY: the key was just written to the scratch entry.
-    let Some(e) = DP_CONNTRACK.get_ptr(unsafe { &*key }) else {
+    let Some(e) = entry(unsafe { &*key }) else {
         return;
     };
     // SAFETY: an LRU value, valid for this run; read before the scratch
@@ -250,7 +277,7 @@ pub fn remove_closing_reply(p: &Packet) {
         return;
     }
     // SAFETY: as above.
-    let _ = DP_CONNTRACK.remove(unsafe { &*key });
+    remove(unsafe { &*key });
     // The original entry: client -> VIP (the client is the SNATed source
     // when the flow was SNATed, else this SYN's own source).
     let (client, cport) = if flags & CT_F_SNAT != 0 {
@@ -260,6 +287,6 @@ pub fn remove_closing_reply(p: &Packet) {
     };
     if let Some(key) = key_of(&client, &vip, cport, vport, p) {
         // SAFETY: as above.
-        let _ = DP_CONNTRACK.remove(unsafe { &*key });
+        remove(unsafe { &*key });
     }
 }

@@ -26,7 +26,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    maps::{scratch, DP_CONNTRACK},
+    maps::scratch,
     nat::{self, csum_replace_addr, PacketCtx},
     parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
 };
@@ -238,7 +238,7 @@ fn translate_family<const V6: bool, C: PacketCtx>(ctx: &C) -> bool {
         family: if V6 { FAMILY_V6 } else { FAMILY_V4 },
         _pad: 0,
     };
-    let ct = match DP_CONNTRACK.get_ptr(key) {
+    let ct = match crate::conntrack::entry(key) {
         // SAFETY: LRU values stay valid for the program run.
         Some(e) => unsafe { &*e },
         None => return false,

@@ -77,6 +77,24 @@ pub static DP_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =
 #[map]
 pub static DP_NAMES: HashMap<u32, ServiceName> = HashMap::with_max_entries(limits::MAX_SERVICES, BPF_F_NO_PREALLOC);
 
+/// The old conntrack map while conntrack migrates to another size (the
+/// agent pins this name to it); a one-entry placeholder otherwise. See
+/// `dataplane_common::CT_MIGRATE_GLOBAL`.
+#[map]
+pub static DP_CT_PREV: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(1, 0);
+
+/// Set to 1 by the agent at load time while conntrack migrates; see
+/// `dataplane_common::CT_MIGRATE_GLOBAL`.
+#[no_mangle]
+static DP_CT_MIGRATE: u8 = 0;
+
+#[inline(always)]
+pub fn ct_migrating() -> bool {
+    // SAFETY: reading a static; volatile so that the load-time value is
+    // read, not the compile-time 0.
+    unsafe { core::ptr::read_volatile(&DP_CT_MIGRATE) != 0 }
+}
+
 /// Set to 1 by the agent at load time to log decisions (aya-log); see
 /// `dataplane_common::DEBUG_GLOBAL`.
 #[no_mangle]

@@ -362,6 +362,46 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         (None, None) => {}
     }
+    // Every program now runs from this agent's object: the maps of a
+    // migration are the live ones, and the old ones can go.
+    if let Some(migration) = dp.take_migration() {
+        let reload = migration.dual_conntrack();
+        let moved: Vec<&str> = migration.moves.iter().map(|m| m.map).collect();
+        let lost: usize = migration.copied.iter().map(|c| c.lost).sum();
+        let kept: usize = migration.copied.iter().map(|c| c.kept).sum();
+        state.migration_lost.fetch_add(lost as u64, Ordering::Relaxed);
+        migration
+            .finish()
+            .context("finishing the migration of the pinned maps")?;
+        info!(
+            maps = ?moved,
+            entries = kept,
+            lost,
+            "pinned maps migrated with their entries; every program now uses the new maps"
+        );
+        if reload {
+            // The programs still look up the old conntrack map on a miss:
+            // load them again without that, and swap them in the same way.
+            let (mut fresh, _) = Dataplane::load_with(
+                cfg.bpf_object.as_deref(),
+                pins.clone(),
+                &cfg.map_sizes,
+                cfg.bpf_debug_log,
+            )
+            .context("loading the eBPF programs again after the migration")?;
+            let mut fresh_attacher =
+                ifwatch::Attacher::new(cfg.tc_ifaces.clone(), cfg.xdp_ifaces.clone(), cfg.xdp_mode);
+            fresh_attacher.reconcile(&mut fresh, pins.as_ref(), false)?;
+            if let Some(cgroup) = &cfg.socket_lb_cgroup {
+                fresh
+                    .attach_socket_lb(cgroup)
+                    .context("attaching the socket-level programs")?;
+            }
+            dp = fresh;
+            attacher = fresh_attacher;
+            info!("programs loaded again without the migration's look-ups in the old conntrack map");
+        }
+    }
     if cfg.tc_ifaces.is_empty() && cfg.xdp_ifaces.is_empty() {
         if cfg.socket_lb_cgroup.is_some() {
             info!("no interface attached: only sockets in the cgroup are load-balanced, no packet is translated");

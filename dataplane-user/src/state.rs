@@ -27,6 +27,9 @@ pub struct AgentState {
     pub relists: AtomicU64,
     /// Frontends whose map writes failed, summed over syncs.
     pub sync_errors: AtomicU64,
+    /// Entries a migration of the pinned maps could not keep (a smaller
+    /// map); each named in the log.
+    pub migration_lost: AtomicU64,
     /// Set while the sync loop runs.
     pub alive: AtomicBool,
     /// Set once the first full sync has been applied.

@@ -31,7 +31,11 @@ pub struct Agent {
     pub manifests: PathBuf,
     /// The agent's pin directory under /sys/fs/bpf (removed on drop).
     pub pins: PathBuf,
+    /// The binary it runs: `agent_binary()`, or another release's agent.
+    binary: PathBuf,
     args: Vec<String>,
+    /// Where the extra arguments of `start_with` begin in `args`.
+    extra_at: usize,
     netns: String,
     _dir: TempDir,
 }
@@ -69,6 +73,18 @@ impl Agent {
         manifests: &[(&str, &str)],
         extra: &[&str],
     ) -> Result<Agent> {
+        Self::start_binary(&agent_binary(), ns, tc_ifaces, xdp_ifaces, manifests, extra)
+    }
+
+    /// As `start_with`, running `binary` (another release of the agent).
+    pub fn start_binary(
+        binary: &Path,
+        ns: &Netns,
+        tc_ifaces: &[String],
+        xdp_ifaces: &[String],
+        manifests: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Result<Agent> {
         let dir = TempDir::new("dataplane-test");
         let mdir = dir.0.join("manifests");
         std::fs::create_dir_all(&mdir)?;
@@ -84,15 +100,18 @@ impl Agent {
         for i in xdp_ifaces {
             args.extend(["--xdp-iface".into(), i.clone()]);
         }
+        let extra_at = args.len();
         args.extend(extra.iter().map(|a| a.to_string()));
         let log = dir.0.join("agent.log");
-        let child = spawn(&ns.name, &args, &log)?;
+        let child = spawn(binary, &ns.name, &args, &log)?;
         let mut a = Agent {
             child,
             log,
             manifests: mdir,
             pins,
+            binary: binary.to_path_buf(),
             args,
+            extra_at,
             netns: ns.name.clone(),
             _dir: dir,
         };
@@ -107,8 +126,23 @@ impl Agent {
         self.child.kill()?;
         self.child.wait()?;
         let before = self.syncs();
-        self.child = spawn(&self.netns, &self.args, &self.log)?;
+        self.child = spawn(&self.binary, &self.netns, &self.args, &self.log)?;
         self.wait_syncs(before + 1, Duration::from_secs(20))
+    }
+
+    /// Stops the agent with SIGTERM (its pinned programs stay attached, as
+    /// when a DaemonSet replaces its pod), then starts `binary` in its
+    /// place with the same pins, manifests and interfaces and `extra`
+    /// instead of the previous extra arguments, and waits for its first
+    /// sync: an upgrade, a rollback, or a restart with other flags.
+    pub fn replace(&mut self, binary: &Path, extra: &[&str]) -> Result<()> {
+        self.terminate()?;
+        let before = self.syncs();
+        self.args.truncate(self.extra_at);
+        self.args.extend(extra.iter().map(|a| a.to_string()));
+        self.binary = binary.to_path_buf();
+        self.child = spawn(&self.binary, &self.netns, &self.args, &self.log)?;
+        self.wait_syncs(before + 1, Duration::from_secs(30))
     }
 
     /// From the agent's pinned maps: connections translated at connect
@@ -226,8 +260,9 @@ impl Drop for Agent {
     }
 }
 
-/// Starts `dataplane ARGS` in namespace `netns`, its stderr appended to `log`.
-fn spawn(netns: &str, args: &[String], log: &Path) -> Result<Child> {
+/// Starts `binary ARGS` (an agent) in namespace `netns`, its stderr appended
+/// to `log`.
+fn spawn(binary: &Path, netns: &str, args: &[String], log: &Path) -> Result<Child> {
     let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     // nsenter enters only the network namespace. `ip netns exec` would also
     // give the agent a private mount namespace with its own /sys, where a
@@ -237,7 +272,7 @@ fn spawn(netns: &str, args: &[String], log: &Path) -> Result<Child> {
     Command::new("nsenter")
         .arg(format!("--net=/run/netns/{netns}"))
         .arg("--")
-        .arg(agent_binary())
+        .arg(binary)
         .args(args)
         .env("DATAPLANE_LOG", "info")
         .stdin(Stdio::null())

@@ -1,6 +1,6 @@
 //! Pinned state: a second agent adopts the maps a first one pinned, without
-//! rewriting them and keeping established flows; maps of another layout are
-//! refused; cleanup removes everything.
+//! rewriting them and keeping established flows; maps of other sizes are
+//! migrated with their entries; cleanup removes everything.
 
 use std::{net::Ipv4Addr, process::Command};
 
@@ -11,7 +11,7 @@ use dataplane::{
     model::{Desired, Frontend},
     reconcile::{SyncConfig, Syncer},
 };
-use dataplane_common::{program_names, Backend, BackendKey, ServiceKey};
+use dataplane_common::{program_names, Backend, BackendKey, CtKey, CtValue, ServiceKey};
 use dataplane_tests::{
     packet::{parse_and_verify, Frame, ACK, SYN, TCP},
     prog::PinDir,
@@ -149,33 +149,101 @@ fn cleanup_removes_every_pin() {
     assert!(!pins.0.root.exists(), "{} left behind", pins.0.root.display());
 }
 
-/// Map sizes are configuration: maps pinned with one conntrack size are
-/// adopted with the same size, and refused (with the clear mismatch error)
-/// by an agent configured with another.
+/// A conntrack entry of flow `i` (a made-up client port).
+fn ct_entry(i: u16) -> (CtKey, CtValue) {
+    let key = CtKey {
+        saddr: dataplane_common::v4_addr(u32::from(CLIENT).to_be()),
+        daddr: dataplane_common::v4_addr(u32::from(VIP).to_be()),
+        sport: (40_000 + i).to_be(),
+        dport: 80u16.to_be(),
+        proto: TCP,
+        family: dataplane_common::FAMILY_V4,
+        _pad: 0,
+    };
+    let value = CtValue {
+        nat_port: 8080u16.to_be(),
+        flags: dataplane_common::CT_F_ORIGINAL,
+        service_id: u32::from(i),
+        ..Default::default()
+    };
+    (key, value)
+}
+
+/// Map sizes are configuration: maps pinned with one size are adopted with
+/// the same size; an agent configured with other sizes migrates them: its
+/// new maps hold every entry of the old ones, and once its programs are
+/// attached the old maps are gone. A map made too small keeps what fits
+/// and counts the rest.
 #[test]
-fn pinned_map_of_another_configured_size_is_refused() {
+fn pinned_maps_of_another_configured_size_are_migrated_with_their_entries() {
+    use dataplane::bpf::migrate::OLD_DIR;
+    use dataplane_common::map_names;
     let pins = PinDir::new();
     let small = MapSizes {
         conntrack: 64,
         services: 16,
         ..MapSizes::default()
     };
-    let (dp, _) = Dataplane::load_pinned_with(None, pins.0.clone(), &small).unwrap();
-    drop(dp);
+    let (mut dp, _) = Dataplane::load_pinned_with(None, pins.0.clone(), &small).unwrap();
+    let mut maps = dp.take_maps().unwrap();
+    for i in 0..10 {
+        let (k, v) = ct_entry(i);
+        maps.conntrack.insert(k, v, 0).unwrap();
+    }
+    drop((maps, dp));
     pins.0
         .check_maps_with(&small)
         .expect("the maps were not created with the configured sizes");
     let (dp, adopted) = Dataplane::load_pinned_with(None, pins.0.clone(), &small).unwrap();
     assert!(adopted);
     drop(dp);
-    let err = Dataplane::load_pinned(None, pins.0.clone())
-        .err()
-        .expect("a pinned map of another size was adopted");
-    let msg = err.to_string();
+
+    // Default sizes: conntrack and the three maps sized by --services-max-entries move.
+    let (mut dp, adopted) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
+    assert!(adopted);
+    let m = dp.take_migration().expect("maps of another size are migrated");
+    let moved: Vec<&str> = m.moves.iter().map(|mv| mv.map).collect();
+    for name in [
+        map_names::CONNTRACK,
+        map_names::SERVICES,
+        map_names::NAMES,
+        map_names::SERVICE_STATS,
+    ] {
+        assert!(moved.contains(&name), "{name} not migrated: {moved:?}");
+    }
+    let ct = m.copied.iter().find(|c| c.map == map_names::CONNTRACK).unwrap();
+    assert_eq!((ct.read, ct.kept, ct.lost), (10, 10, 0));
     assert!(
-        msg.contains("entries, expected") && msg.contains("dataplane cleanup"),
-        "{msg}"
+        pins.0.root.join(OLD_DIR).exists(),
+        "the old maps wait until the programs are swapped"
     );
+    m.finish().unwrap();
+    assert!(!pins.0.root.join(OLD_DIR).exists());
+    pins.0.check_maps().expect("the pinned maps have the default sizes now");
+    let maps = dp.take_maps().unwrap();
+    for i in 0..10 {
+        let (k, v) = ct_entry(i);
+        assert_eq!(maps.conntrack.get(&k, 0).unwrap(), v, "flow {i}");
+    }
+    drop((maps, dp));
+
+    // Too small: 4 of the 10 entries fit (an LRU map may keep fewer than
+    // its capacity: what matters is that every entry is either there or
+    // counted).
+    let tiny = MapSizes {
+        conntrack: 4,
+        ..MapSizes::default()
+    };
+    let (mut dp, _) = Dataplane::load_pinned_with(None, pins.0.clone(), &tiny).unwrap();
+    let m = dp.take_migration().expect("a smaller conntrack is a migration too");
+    let ct = m.copied.iter().find(|c| c.map == map_names::CONNTRACK).unwrap();
+    let maps = dp.take_maps().unwrap();
+    let present = (0..10)
+        .filter(|i| maps.conntrack.get(&ct_entry(*i).0, 0).is_ok())
+        .count();
+    assert_eq!((ct.read, ct.kept, ct.lost), (10, present, 10 - present), "{ct:?}");
+    assert!(ct.lost >= 6, "{ct:?}");
+    m.finish().unwrap();
 }
 
 /// Socket-level links follow the configured cgroup: a restart with another

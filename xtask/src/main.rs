@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod release;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -27,6 +28,10 @@ enum Task {
     BuildEbpf,
     /// Install the Debian packages the demo and the tests need.
     Setup,
+    /// Build (once; cached under target/releases/) the agent of the newest
+    /// release in CHANGELOG.md from its commit, for the upgrade and rollback
+    /// tests, and print its path. `test` does this itself.
+    PreviousRelease,
     /// Build everything and show a Service load-balanced by the eBPF program
     /// across backends in network namespaces (needs root).
     Demo,
@@ -383,6 +388,13 @@ fn main() -> Result<()> {
     match cli.task {
         Task::BuildEbpf => build_ebpf(),
         Task::Setup => ensure_packages(),
+        Task::PreviousRelease => {
+            ensure_nightly()?;
+            ensure_bpf_linker()?;
+            let (release, bin) = release::previous_agent()?;
+            println!("{} {}", release.version, bin.display());
+            Ok(())
+        }
         Task::Lint => {
             ensure_nightly()?;
             ensure_bpf_linker()?;
@@ -412,13 +424,16 @@ fn main() -> Result<()> {
             build_ebpf()?;
             build_user()?;
             lint()?;
+            let (previous, previous_bin) = release::previous_agent()?;
             say("running every test: unit, BPF_PROG_TEST_RUN, end-to-end in network namespaces");
             run(Command::new("cargo")
                 .current_dir(root())
                 .args(["test", "--workspace", "--no-fail-fast"])
                 .arg("--")
                 .args(&args)
-                .env("DATAPLANE_BIN", root().join("target/debug/dataplane")))
+                .env("DATAPLANE_BIN", root().join("target/debug/dataplane"))
+                .env("DATAPLANE_PREV_BIN", previous_bin)
+                .env("DATAPLANE_PREV_VERSION", previous.version))
         }
     }
 }

@@ -18,7 +18,7 @@ use aya::{
 use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
-    SockNatValue, SourceRangeKey, DEBUG_GLOBAL,
+    SockNatValue, SourceRangeKey, CT_MIGRATE_GLOBAL, CT_PREV_MAP, DEBUG_GLOBAL,
 };
 use thiserror::Error;
 
@@ -56,6 +56,8 @@ pub enum LoadError {
     MissingMap(&'static str),
     #[error(transparent)]
     Pin(#[from] PinError),
+    #[error(transparent)]
+    Migrate(#[from] Box<crate::bpf::migrate::MigrateError>),
     #[error("reading the programs' log records: {0}")]
     Logger(String),
     #[error("attaching {program} to interface {iface}: {source}")]
@@ -155,6 +157,9 @@ pub struct Dataplane {
     pins: Option<PinRoot>,
     /// Whether the socket-level programs were loaded (on first attach).
     sock_loaded: bool,
+    /// Pinned maps of another size or layout being migrated: copied into
+    /// the new maps at load, finished once the programs are swapped.
+    migration: Option<crate::bpf::migrate::Migration>,
 }
 
 /// Pins a new link at `pin`, so that it outlives the agent.
@@ -227,12 +232,12 @@ impl Dataplane {
     /// Loads the embedded object, or the one at `path`, with maps of its
     /// own (nothing pinned).
     pub fn load(path: Option<&Path>) -> Result<Self, LoadError> {
-        Self::load_inner(path, None, &MapSizes::default(), false)
+        Self::load_inner(path, None, &MapSizes::default(), false, None)
     }
 
     /// As `load`, with the given map capacities.
     pub fn load_sized(path: Option<&Path>, sizes: &MapSizes) -> Result<Self, LoadError> {
-        Self::load_inner(path, None, sizes, false)
+        Self::load_inner(path, None, sizes, false, None)
     }
 
     /// Loads the object with its maps pinned under `pins` (adopting maps
@@ -248,26 +253,51 @@ impl Dataplane {
         Self::load_with(path, Some(pins), sizes, false)
     }
 
-    /// The general form: pinned or not, with the given map capacities
-    /// (pinned maps of another size are refused), with the programs'
-    /// decision logging compiled in (`debug_log`; read it with
-    /// [`Dataplane::take_logger`]) or removed by the verifier. Returns
-    /// whether pinned maps were adopted.
+    /// The general form: pinned or not, with the given map capacities,
+    /// with the programs' decision logging compiled in (`debug_log`; read
+    /// it with [`Dataplane::take_logger`]) or removed by the verifier.
+    /// Pinned maps of other capacities are migrated (see
+    /// [`crate::bpf::migrate`]): their entries are in the new maps when
+    /// this returns, and [`Dataplane::take_migration`] gives what remains
+    /// to do once the programs are attached. Returns whether pinned maps
+    /// were adopted.
     pub fn load_with(
         path: Option<&Path>,
         pins: Option<PinRoot>,
         sizes: &MapSizes,
         debug_log: bool,
     ) -> Result<(Self, bool), LoadError> {
-        let adopted = match &pins {
+        let (adopted, migration) = match &pins {
             Some(p) => {
                 let adopted = p.prepare()?;
+                let migration = crate::bpf::migrate::prepare(p, sizes).map_err(Box::new)?;
                 p.check_maps_with(sizes)?;
-                adopted
+                (adopted, migration)
             }
-            None => false,
+            None => (false, None),
         };
-        Ok((Self::load_inner(path, pins, sizes, debug_log)?, adopted))
+        // Conntrack migrating to another size: the new programs also read
+        // and write the old map until every link runs them.
+        let ct_prev = match (&migration, &pins) {
+            (Some(m), Some(p)) if m.dual_conntrack() => Some(crate::bpf::migrate::old_map(p, map_names::CONNTRACK)),
+            _ => None,
+        };
+        let mut dp = Self::load_inner(path, pins, sizes, debug_log, ct_prev.as_deref())?;
+        let mut migration = migration;
+        if let Some(m) = &mut migration {
+            if !m.swapped {
+                m.copy().map_err(Box::new)?;
+            }
+        }
+        dp.migration = migration;
+        Ok((dp, adopted))
+    }
+
+    /// The migration of pinned maps this load started, if any: call
+    /// [`crate::bpf::migrate::Migration::finish`] once every program is
+    /// attached.
+    pub fn take_migration(&mut self) -> Option<crate::bpf::migrate::Migration> {
+        self.migration.take()
     }
 
     /// The reader of the programs' log records (only with `debug_log`).
@@ -280,6 +310,7 @@ impl Dataplane {
         pins: Option<PinRoot>,
         sizes: &MapSizes,
         debug_log: bool,
+        ct_prev: Option<&Path>,
     ) -> Result<Self, LoadError> {
         let bytes;
         let object: &[u8] = match path {
@@ -303,6 +334,11 @@ impl Dataplane {
         }
         let debug: u8 = debug_log.into();
         loader.override_global(DEBUG_GLOBAL, &debug, true);
+        let migrating: u8 = ct_prev.is_some().into();
+        loader.override_global(CT_MIGRATE_GLOBAL, &migrating, true);
+        if let Some(old) = ct_prev {
+            loader.map_pin_path(CT_PREV_MAP, old);
+        }
         for shape in &map_shapes::ALL {
             if let Some(n) = sizes.max_entries(shape.name) {
                 loader.map_max_entries(shape.name, n);
@@ -330,6 +366,7 @@ impl Dataplane {
             ebpf,
             pins,
             sock_loaded: false,
+            migration: None,
         })
     }
 

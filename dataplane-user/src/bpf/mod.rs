@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod ifwatch;
 pub mod loader;
 pub mod map_sizes;
+pub mod migrate;
 pub mod pin;
 pub mod sys;
 pub mod testrun;

@@ -18,6 +18,9 @@ use thiserror::Error;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(i32)]
 pub enum Cmd {
+    MapLookupElem = 1,
+    MapUpdateElem = 2,
+    MapGetNextKey = 4,
     ObjGet = 7,
     ProgTestRun = 10,
     ObjGetInfoByFd = 15,
@@ -31,6 +34,9 @@ impl Cmd {
     /// The command's name in the kernel's headers.
     pub fn name(self) -> &'static str {
         match self {
+            Cmd::MapLookupElem => "BPF_MAP_LOOKUP_ELEM",
+            Cmd::MapUpdateElem => "BPF_MAP_UPDATE_ELEM",
+            Cmd::MapGetNextKey => "BPF_MAP_GET_NEXT_KEY",
             Cmd::ObjGet => "BPF_OBJ_GET",
             Cmd::ProgTestRun => "BPF_PROG_TEST_RUN",
             Cmd::ObjGetInfoByFd => "BPF_OBJ_GET_INFO_BY_FD",
@@ -123,18 +129,34 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     values: &[V],
 ) -> Result<(), SysError> {
     assert_eq!(keys.len(), values.len());
+    map_update_batch_raw(map, bytes_of(keys), bytes_of(values), keys.len(), 0)
+}
+
+/// [`map_update_batch`] on raw bytes: `count` keys and values of the map's
+/// key and value sizes (per-CPU values: the value size rounded up to 8,
+/// times the possible CPUs), with `elem_flags` (`BPF_ANY`,
+/// `BPF_NOEXIST`, ...).
+pub fn map_update_batch_raw(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+    elem_flags: u64,
+) -> Result<(), SysError> {
     let mut attr = BatchAttr {
         keys: keys.as_ptr() as u64,
         values: values.as_ptr() as u64,
-        count: keys.len() as u32,
+        count: count as u32,
         map_fd: map.as_raw_fd() as u32,
+        elem_flags,
         ..Default::default()
     };
-    // SAFETY: keys and values point at `count` contiguous Pod elements
-    // each, of the map's key and value sizes, borrowed for the call.
+    // SAFETY: keys and values hold `count` keys and values of the map's
+    // sizes (the callers' contract, checked by the kernel against the
+    // map), borrowed for the call.
     unsafe { bpf(Cmd::MapUpdateBatch, &mut attr) }
         .map(drop)
-        .map_err(|e| e.context(format!("after {} of {} entries", attr.count, keys.len())))
+        .map_err(|e| e.context(format!("after {} of {count} entries", attr.count)))
 }
 
 /// Where a batched lookup stands between calls: an opaque token (a bucket
@@ -156,6 +178,19 @@ pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
     values: &mut [V],
 ) -> Result<(usize, bool), SysError> {
     assert_eq!(keys.len(), values.len());
+    let n = keys.len();
+    map_lookup_batch_raw(map, cursor, bytes_of_mut(keys), bytes_of_mut(values), n)
+}
+
+/// [`map_lookup_batch`] on raw bytes: room for `count` keys and values of
+/// the map's sizes (per-CPU values as for [`map_update_batch_raw`]).
+pub fn map_lookup_batch_raw(
+    map: BorrowedFd<'_>,
+    cursor: &mut BatchCursor,
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: usize,
+) -> Result<(usize, bool), SysError> {
     let token_in = cursor.token;
     let mut token_out = 0u64;
     let mut attr = BatchAttr {
@@ -167,12 +202,13 @@ pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
         out_batch: &mut token_out as *mut u64 as u64,
         keys: keys.as_mut_ptr() as u64,
         values: values.as_mut_ptr() as u64,
-        count: keys.len() as u32,
+        count: count as u32,
         map_fd: map.as_raw_fd() as u32,
         ..Default::default()
     };
-    // SAFETY: keys and values have room for `count` elements of the map's
-    // key and value sizes, the tokens for 8 bytes; all outlive the call.
+    // SAFETY: keys and values have room for `count` keys and values of the
+    // map's sizes (the callers' contract), the tokens for 8 bytes; all
+    // outlive the call.
     let end = match unsafe { bpf(Cmd::MapLookupBatch, &mut attr) } {
         Ok(_) => false,
         Err(e) if e.errno() == Some(libc::ENOENT) => true,
@@ -181,6 +217,79 @@ pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
     cursor.started = true;
     cursor.token = token_out;
     Ok((attr.count as usize, end))
+}
+
+/// The `elem` member of `union bpf_attr` (lookup, update, next key).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value_or_next_key: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_GET_NEXT_KEY`: the key after `key` (the first with `None`)
+/// into `next`; `false` at the end. For maps without batch operations
+/// (LPM tries).
+pub fn map_get_next_key_raw(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> Result<bool, SysError> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.map_or(0, |k| k.as_ptr() as u64),
+        value_or_next_key: next.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: key and next are of the map's key size (the callers'
+    // contract), borrowed for the call.
+    match unsafe { bpf(Cmd::MapGetNextKey, &mut attr) } {
+        Ok(_) => Ok(true),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` on raw bytes; `false` when the key is absent.
+pub fn map_lookup_elem_raw(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> Result<bool, SysError> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value_or_next_key: value.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: key and value are of the map's sizes (the callers' contract),
+    // borrowed for the call.
+    match unsafe { bpf(Cmd::MapLookupElem, &mut attr) } {
+        Ok(_) => Ok(true),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_UPDATE_ELEM` on raw bytes with `flags` (`BPF_ANY`,
+/// `BPF_NOEXIST`, ...).
+pub fn map_update_elem_raw(map: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> Result<(), SysError> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value_or_next_key: value.as_ptr() as u64,
+        flags,
+        ..Default::default()
+    };
+    // SAFETY: key and value are of the map's sizes (the callers' contract),
+    // borrowed for the call.
+    unsafe { bpf(Cmd::MapUpdateElem, &mut attr) }.map(drop)
+}
+
+fn bytes_of<T: aya::Pod>(s: &[T]) -> &[u8] {
+    // SAFETY: aya::Pod types are plain data without padding bytes that are
+    // not fields; a slice of them is readable as bytes.
+    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, size_of_val(s)) }
+}
+
+fn bytes_of_mut<T: aya::Pod>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: as bytes_of; any bytes the kernel writes are a valid T (Pod).
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut u8, size_of_val(s)) }
 }
 
 /// The `test` member of `union bpf_attr`. Fields after `ctx_out` are left

@@ -114,6 +114,12 @@ impl Collector for AgentCollector {
             "Frontends whose map writes failed, summed over syncs.",
             c.sync_errors,
         )?;
+        counter(
+            &mut enc,
+            "dataplane_migration_lost_entries",
+            "Entries of pinned maps a migration to new sizes could not keep (each named in the log).",
+            state.migration_lost.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
         gauge(
             &mut enc,
             "dataplane_ready",
