@@ -165,9 +165,49 @@ pub fn merge(old: Option<&Value>, mut new: Value) -> Value {
     new
 }
 
+/// Arrays of raw samples longer than this are kept out of the committed
+/// results (`compact`); per-round values (a few dozen) stay.
+pub const RAW_IN_GIT: usize = 1000;
+
+/// Where a result file keeps its raw samples: `<dir>/raw/<name>`
+/// (git-ignored).
+pub fn raw_path(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    dir.join("raw").join(name)
+}
+
+/// The result without its long arrays of raw samples (every `"raw"` array
+/// longer than `RAW_IN_GIT`): what is committed. The report reads only the
+/// summaries next to them.
+pub fn compact(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, x)| !(k.as_str() == "raw" && x.as_array().is_some_and(|a| a.len() > RAW_IN_GIT)))
+                .map(|(k, x)| (k.clone(), compact(x)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(compact).collect()),
+        x => x.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compact_drops_only_long_raw_arrays() {
+        let long: Vec<u32> = (0..2000).collect();
+        let v = serde_json::json!({
+            "a": { "raw": long, "summary": { "median": 1 } },
+            "b": { "raw": [1, 2, 3] },
+            "raw_count": 7
+        });
+        let c = compact(&v);
+        assert_eq!(c["a"], serde_json::json!({ "summary": { "median": 1 } }));
+        assert_eq!(c["b"]["raw"], serde_json::json!([1, 2, 3]));
+        assert_eq!(c["raw_count"], 7);
+    }
 
     #[test]
     fn merge_replaces_measured_scales_and_keeps_the_others() {

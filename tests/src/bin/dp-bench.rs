@@ -100,14 +100,52 @@ fn write(out: &Path, name: &str, mut v: serde_json::Value, a: &Args, elapsed: Du
     v["unix_time"] = bench::unix_time().into();
     v["elapsed_s"] = elapsed.as_secs_f64().round().into();
     v["command"] = command.into();
-    std::fs::create_dir_all(out)?;
     let path = out.join(name);
-    let old = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    let raw = bench::raw_path(out, name);
+    std::fs::create_dir_all(raw.parent().unwrap())?;
+    // Merge into the raw file when there is one (same scales kept with
+    // their samples), else into the committed, compact one.
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+    };
+    let old = read(&raw).or_else(|| read(&path));
     let merged = bench::merge(old.as_ref(), v);
-    std::fs::write(&path, serde_json::to_string_pretty(&merged)? + "\n")?;
-    eprintln!("dp-bench: wrote {} ({:.0} s)", path.display(), elapsed.as_secs_f64());
+    std::fs::write(&raw, serde_json::to_string_pretty(&merged)? + "\n")?;
+    std::fs::write(&path, serde_json::to_string_pretty(&bench::compact(&merged))? + "\n")?;
+    eprintln!(
+        "dp-bench: wrote {} (raw samples: {}, not in git) ({:.0} s)",
+        path.display(),
+        raw.display(),
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `dp-bench --compact [--out DIR]`: rewrites result files that still hold
+/// their raw samples in the compact form, the full file moved to `raw/`.
+fn compact_results(out: &Path) -> Result<()> {
+    for name in ["per-packet.json", "through-vip.json", "control-plane.json"] {
+        let path = out.join(name);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let c = bench::compact(&v);
+        if c == v {
+            continue;
+        }
+        let raw = bench::raw_path(out, name);
+        std::fs::create_dir_all(raw.parent().unwrap())?;
+        std::fs::write(&raw, text)?;
+        std::fs::write(&path, serde_json::to_string_pretty(&c)? + "\n")?;
+        eprintln!(
+            "dp-bench: {} compacted, raw samples moved to {}",
+            path.display(),
+            raw.display()
+        );
+    }
     Ok(())
 }
 
@@ -117,6 +155,13 @@ fn main() -> Result<()> {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     if raw.first().map(String::as_str) == Some(vip::CLIENT_ROUND_ARG) {
         return vip::client_main(&raw[1..]);
+    }
+    if raw.first().map(String::as_str) == Some("--compact") {
+        let out = match raw.get(1).map(String::as_str) {
+            Some("--out") => PathBuf::from(raw.get(2).context("--out needs a directory")?),
+            _ => PathBuf::from("bench-results"),
+        };
+        return compact_results(&out);
     }
     let a = args()?;
     dataplane_tests::netns::require_root_and_tools();
