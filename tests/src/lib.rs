@@ -9,6 +9,7 @@ pub mod hostile;
 pub mod manifests;
 pub mod mapview;
 pub mod netns;
+pub mod oracle;
 pub mod packet;
 pub mod prog;
 pub mod servers;
