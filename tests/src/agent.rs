@@ -2,6 +2,7 @@
 //! namespace with the file source. Stopped (by its PID) on drop.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -125,9 +126,8 @@ impl Agent {
     pub fn kill_and_restart(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
-        let before = self.syncs();
         self.child = spawn(&self.binary, &self.netns, &self.args, &self.log)?;
-        self.wait_syncs(before + 1, Duration::from_secs(20))
+        self.wait_syncs(1, Duration::from_secs(20))
     }
 
     /// Stops the agent with SIGTERM (its pinned programs stay attached, as
@@ -137,12 +137,11 @@ impl Agent {
     /// sync: an upgrade, a rollback, or a restart with other flags.
     pub fn replace(&mut self, binary: &Path, extra: &[&str]) -> Result<()> {
         self.terminate()?;
-        let before = self.syncs();
         self.args.truncate(self.extra_at);
         self.args.extend(extra.iter().map(|a| a.to_string()));
         self.binary = binary.to_path_buf();
         self.child = spawn(&self.binary, &self.netns, &self.args, &self.log)?;
-        self.wait_syncs(before + 1, Duration::from_secs(30))
+        self.wait_syncs(1, Duration::from_secs(30))
     }
 
     /// From the agent's pinned maps: connections translated at connect
@@ -172,12 +171,58 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// How many syncs the agent reported applying.
+    /// `GET /metrics` of the running agent (its default 127.0.0.1:10249,
+    /// inside its namespace): the samples by series (`name{labels}`).
+    pub fn metrics(&self) -> Result<BTreeMap<String, f64>> {
+        let ns = format!("/run/netns/{}", self.netns);
+        let body = std::thread::spawn(move || -> Result<String> {
+            use std::io::{Read, Write};
+            crate::netns::enter(&ns);
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 10249));
+            let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+            let mut out = String::new();
+            c.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the scrape thread panicked"))??;
+        let (head, body) = body.split_once("\r\n\r\n").context("no HTTP response from /metrics")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("/metrics answered {head}");
+        }
+        let mut samples = BTreeMap::new();
+        for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .with_context(|| format!("bad sample line {line:?}"))?;
+            samples.insert(
+                series.to_string(),
+                value.parse().with_context(|| format!("bad value in {line:?}"))?,
+            );
+        }
+        Ok(samples)
+    }
+
+    /// Syncs the running agent process applied (`dataplane_syncs_total`);
+    /// 0 while its metrics endpoint is not up yet.
     pub fn syncs(&self) -> usize {
+        self.metrics()
+            .ok()
+            .and_then(|m| m.get("dataplane_syncs_total").copied())
+            .unwrap_or(0.0) as usize
+    }
+
+    /// `sync applied` lines in the agent's log, over every process the
+    /// log has seen: a second account of the syncs, for the tests that
+    /// compare the two.
+    pub fn logged_syncs(&self) -> usize {
         self.log().lines().filter(|l| l.contains("sync applied")).count()
     }
 
-    /// Waits until the agent has applied at least `n` syncs.
+    /// Waits until the running agent process has applied at least `n`
+    /// syncs (by its metrics).
     pub fn wait_syncs(&mut self, n: usize, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < timeout {

@@ -282,11 +282,12 @@ fn endpoint_churn_at_100_changes_per_second_keeps_every_connection_correct() {
         }
     }
     let churn_took = start.elapsed();
-    // Until the last write is known to be programmed, rewrite a slice
-    // unchanged (a new file, so the agent syncs again).
-    let last_write = SystemTime::now();
+    // Until the last write is known to be programmed (by the agent's
+    // metrics: two more syncs, the second of which began after the write),
+    // rewrite a slice unchanged (a new file, so the agent syncs again).
+    let written_at = agent.syncs();
     let settle = Instant::now();
-    while programmed(&syncs(&agent.log()), last_write).is_none() {
+    while agent.syncs() < written_at + 2 {
         assert!(
             settle.elapsed() < Duration::from_secs(10),
             "the agent stopped syncing; its log:\n{}",

@@ -338,7 +338,16 @@ fn an_open_connection_keeps_its_backend_and_new_ones_avoid_a_removed_one() {
     let mut agent = start_agent(&t, &cg, &manifests(&[1]));
     std::thread::scope(|s| {
         let hold = s.spawn(|| client(&t, &cg, &["tcp-hold", "198.19.0.10:80", "2.0"]));
-        std::thread::sleep(Duration::from_millis(400));
+        // The held connection is open once the agent's counters show it
+        // translated at connect().
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while agent.translations().unwrap().0 < 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the held connection never connected"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let new = manifests(&[2]);
         agent.update("slice.yaml", &new[1].1).unwrap();
         let r = client(&t, &cg, &["tcp", "198.19.0.10:80", "20"]);
@@ -392,6 +401,9 @@ fn udp_flows_leave_an_endpoint_once_it_stops_serving() {
     let (results, marks) = std::thread::scope(|s| {
         let socket = s.spawn(|| client(&t, &cg, &hold));
         let packet = s.spawn(|| client_outside(&t, &hold));
+        // Phases of the held UDP flows (they send for 3.5 s): a stretch of
+        // time with each endpoint set, so each phase carries datagrams; the
+        // checks below use the marks, not these durations.
         std::thread::sleep(Duration::from_millis(700));
         // b1 terminating (still serving), b2 ready: new flows go to b2,
         // b1's flows stay.
