@@ -28,7 +28,7 @@ impl Rng {
     }
     fn backend(&mut self) -> Backend {
         let port = 1 + (self.next() % 65535) as u16;
-        if self.next() % 4 == 0 {
+        if self.next().is_multiple_of(4) {
             let a = Ipv6Addr::new(
                 0x2001,
                 0xdb8,
@@ -81,6 +81,9 @@ fn the_agents_flow_hash_equals_its_documented_definition() {
     }
 }
 
+/// (name, backends, table size, fingerprint, first 16 entries).
+type Vector<'a> = (&'a str, &'a [Backend], u32, u32, [u16; 16]);
+
 fn v4(a: [u8; 4], port: u16) -> Backend {
     Backend::new(Ipv4Addr::from(a), port)
 }
@@ -100,7 +103,7 @@ fn maglev_tables_match_fixed_vectors() {
     let six: Vec<Backend> = (1..=6)
         .map(|i| Backend::new(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x18, i, 0, 0, 0, 2)), 8080))
         .collect();
-    let cases: [(&str, &[Backend], u32, u32, [u16; 16]); 5] = [
+    let cases: [Vector; 5] = [
         ("three", &three, 251, FP[0], HEAD[0]),
         ("three reversed", &reversed, 251, FP[1], HEAD[1]),
         ("three", &three, 1021, FP[2], HEAD[2]),
