@@ -13,6 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use clap::Parser;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, DaemonSetUpdateStrategy},
@@ -38,7 +39,8 @@ const HOST_CGROUP: &str = "/sys/fs/cgroup";
 const RBAC_RESOURCES: [(&str, &str); 3] = [("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices")];
 const RBAC_VERBS: [&str; 3] = ["get", "list", "watch"];
 
-/// Settings the agent reads from its environment, all in the ConfigMap.
+/// Settings the deployment must set explicitly in the ConfigMap (which
+/// keys exist at all comes from the agent's parser, see `check_config`).
 const CONFIG_KEYS: [&str; 7] = [
     "DATAPLANE_TC_IFACES",
     "DATAPLANE_XDP_IFACES",
@@ -118,7 +120,7 @@ fn load_dir(dir: &Path) -> Result<Manifests, String> {
 
 /// The `resources` and the `images[].name`s of a kustomization.
 fn parse_kustomization(text: &str) -> Result<(Vec<String>, Vec<String>), String> {
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     let resources = value
         .get("resources")
         .and_then(|r| r.as_sequence())
@@ -149,9 +151,9 @@ fn parse_kustomization(text: &str) -> Result<(Vec<String>, Vec<String>), String>
 
 /// Parses every document of one file into the type of its kind.
 fn parse_manifests(file: &str, text: &str, m: &mut Manifests) -> Result<(), String> {
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let at = format!("{file} document {}", i + 1);
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("{at}: invalid YAML: {e}"))?;
+        let value = serde_yaml_ng::Value::deserialize(doc).map_err(|e| format!("{at}: invalid YAML: {e}"))?;
         if value.is_null() {
             continue;
         }
@@ -178,8 +180,8 @@ fn parse_manifests(file: &str, text: &str, m: &mut Manifests) -> Result<(), Stri
 /// Deserializes into `T` and requires the result to serialize back to the
 /// same document: k8s-openapi ignores fields it does not know, so a
 /// misspelt field (`mountPropogation`) would otherwise vanish silently.
-fn typed<T: DeserializeOwned + Serialize>(at: &str, value: &serde_yaml::Value) -> Result<T, String> {
-    let object: T = serde_yaml::from_value(value.clone()).map_err(|e| format!("{at}: {e}"))?;
+fn typed<T: DeserializeOwned + Serialize>(at: &str, value: &serde_yaml_ng::Value) -> Result<T, String> {
+    let object: T = serde_yaml_ng::from_value(value.clone()).map_err(|e| format!("{at}: {e}"))?;
     let written = serde_json::to_value(value).map_err(|e| format!("{at}: {e}"))?;
     let read = serde_json::to_value(&object).map_err(|e| format!("{at}: {e}"))?;
     match first_difference("", &written, &read) {
@@ -597,7 +599,27 @@ fn check_env(m: &Manifests) -> Vec<String> {
     problems
 }
 
-/// Every setting present, with a value the agent accepts; nothing else.
+/// The environment variables of the agent's real command line
+/// (`dataplane::cli::args::Cli`, global flags and those of `dataplane run`):
+/// variable -> (long flag, whether it takes a value).
+fn agent_settings() -> BTreeMap<String, (String, bool)> {
+    use clap::CommandFactory;
+    let cli = dataplane::cli::args::Cli::command();
+    let run = cli.find_subcommand("run").expect("`dataplane run` exists").clone();
+    cli.get_arguments()
+        .chain(run.get_arguments())
+        .filter_map(|a| {
+            let env = a.get_env()?.to_string_lossy().into_owned();
+            Some((env, (a.get_long()?.to_string(), a.get_action().takes_values())))
+        })
+        .collect()
+}
+
+/// Every required setting present; every key one the agent reads (an
+/// environment variable of a flag of its real parser, or one read by its
+/// logger or by kube); the values accepted by that parser and by the
+/// agent's own validation (`RunArgs::into_config`), as the DaemonSet runs
+/// it; and the deploy-specific rules (interface names, the probes' port).
 fn check_config(m: &Manifests) -> Vec<String> {
     let Some(cm) = m.config_maps.iter().find(|cm| name_of(&cm.metadata) == CONFIG_MAP) else {
         return vec![format!("no ConfigMap {CONFIG_MAP}")];
@@ -616,10 +638,61 @@ fn check_config(m: &Manifests) -> Vec<String> {
             Some(_) => {}
         }
     }
-    for key in data.keys() {
-        if !CONFIG_KEYS.contains(&key.as_str()) && !OPTIONAL_CONFIG_KEYS.contains(&key.as_str()) {
-            problems.push(format!("{at}: key {key} is not a setting the agent reads"));
+    // The command line the pod runs, with the ConfigMap's values as the
+    // flags their variables stand for (the process environment is not
+    // touched: tests run in parallel).
+    let settings = agent_settings();
+    let mut global = vec!["dataplane".to_string()];
+    let mut run: Vec<String> = AGENT_COMMAND[1..].iter().map(|s| s.to_string()).collect();
+    run.extend(["--node-name".into(), "node-1".into()]);
+    for (key, value) in data {
+        match key.as_str() {
+            "NODE_NAME" => problems.push(format!(
+                "{at}: key NODE_NAME is not a setting for the ConfigMap: it is per node (the downward API sets it)"
+            )),
+            // Read by the agent's logger (tracing's EnvFilter), not a flag.
+            "DATAPLANE_LOG" => {
+                if let Err(e) = tracing_subscriber::EnvFilter::try_new(value) {
+                    problems.push(format!("{at}: DATAPLANE_LOG={value:?} is not a log filter: {e}"));
+                }
+            }
+            k if OPTIONAL_CONFIG_KEYS.contains(&k) => {}
+            k => match settings.get(k) {
+                None => problems.push(format!(
+                    "{at}: key {k} is not a setting the agent reads (no flag of `dataplane run` has this variable)"
+                )),
+                Some((long, takes_value)) => {
+                    let args = if k == "DATAPLANE_LOG_FORMAT" {
+                        &mut global
+                    } else {
+                        &mut run
+                    };
+                    match (takes_value, value.as_str()) {
+                        // An empty value is an absent one, as the agent documents.
+                        (true, "") => {}
+                        (true, v) => args.extend([format!("--{long}"), v.to_string()]),
+                        (false, "true") => args.push(format!("--{long}")),
+                        (false, _) => {}
+                    }
+                }
+            },
         }
+    }
+    global.extend(run);
+    match dataplane::cli::args::Cli::try_parse_from(&global) {
+        Err(e) => problems.push(format!(
+            "{at}: refused by the agent's parser ({}): {}",
+            global.join(" "),
+            e.to_string().lines().next().unwrap_or_default()
+        )),
+        Ok(cli) => match cli.command {
+            dataplane::cli::args::Command::Run(args) => {
+                if let Err(e) = args.into_config() {
+                    problems.push(format!("{at}: refused by the agent: {e:#}"));
+                }
+            }
+            _ => problems.push(format!("{at}: the pod does not run `dataplane run`")),
+        },
     }
     for key in ["DATAPLANE_TC_IFACES", "DATAPLANE_XDP_IFACES"] {
         if let Some(v) = data.get(key) {
@@ -632,16 +705,6 @@ fn check_config(m: &Manifests) -> Vec<String> {
             }
         }
     }
-    for (key, allowed) in [
-        ("DATAPLANE_XDP_MODE", &["auto", "native", "generic"][..]),
-        ("DATAPLANE_LOG_FORMAT", &["text", "json"][..]),
-    ] {
-        if let Some(v) = data.get(key) {
-            if !allowed.contains(&v.as_str()) {
-                problems.push(format!("{at}: {key} {v:?} is not one of {allowed:?}"));
-            }
-        }
-    }
     if let Some(v) = data.get("DATAPLANE_HEALTH_BIND") {
         match v.parse::<SocketAddr>() {
             // With hostNetwork the kubelet probes the node's address.
@@ -649,7 +712,7 @@ fn check_config(m: &Manifests) -> Vec<String> {
             Ok(_) => problems.push(format!(
                 "{at}: DATAPLANE_HEALTH_BIND {v:?} is not reachable by the probes (expected 0.0.0.0:{HEALTH_PORT})"
             )),
-            Err(e) => problems.push(format!("{at}: DATAPLANE_HEALTH_BIND {v:?}: {e}")),
+            Err(_) => {} // the parser's refusal above names it
         }
     }
     problems
@@ -1331,7 +1394,7 @@ fn config_check_catches_missing_unknown_and_invalid_settings() {
             "typo key",
             "DATAPLANE_XDP_IFACE",
             "eth0",
-            "key DATAPLANE_XDP_IFACE is not a setting",
+            "key DATAPLANE_XDP_IFACE is not a setting the agent reads",
         ),
         (
             "empty TC list",
@@ -1355,13 +1418,13 @@ fn config_check_catches_missing_unknown_and_invalid_settings() {
             "bad XDP mode",
             "DATAPLANE_XDP_MODE",
             "skb",
-            "DATAPLANE_XDP_MODE \"skb\" is not one of",
+            "refused by the agent's parser",
         ),
         (
             "bad log format",
             "DATAPLANE_LOG_FORMAT",
             "logfmt",
-            "DATAPLANE_LOG_FORMAT \"logfmt\"",
+            "invalid value 'logfmt' for '--log-format",
         ),
         (
             "loopback health",
@@ -1376,10 +1439,22 @@ fn config_check_catches_missing_unknown_and_invalid_settings() {
             "not reachable by the probes",
         ),
         (
+            "zero conntrack size",
+            "DATAPLANE_CT_MAX_ENTRIES",
+            "0",
+            "refused by the agent",
+        ),
+        (
+            "conntrack size not a number",
+            "DATAPLANE_CT_MAX_ENTRIES",
+            "lots",
+            "refused by the agent's parser",
+        ),
+        (
             "health not an address",
             "DATAPLANE_HEALTH_BIND",
             ":10256",
-            "DATAPLANE_HEALTH_BIND \":10256\": ",
+            "refused by the agent: --health-bind",
         ),
     ] {
         assert_catches(case, check_config, set(key, value), expect);
@@ -1388,7 +1463,7 @@ fn config_check_catches_missing_unknown_and_invalid_settings() {
         "NODE_NAME in the ConfigMap",
         check_config,
         set("NODE_NAME", "node-1"),
-        "key NODE_NAME is not a setting",
+        "key NODE_NAME is not a setting for the ConfigMap",
     );
 }
 
