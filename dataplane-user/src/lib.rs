@@ -6,6 +6,7 @@
 //!
 //! - [`model`]: Services and EndpointSlices -> desired frontends and their
 //!   Maglev tables; pure, no kernel.
+//! - [`packet`]: building and reading frames (trace, tests), on etherparse.
 //! - [`source`]: where the objects come from (a manifest directory, the
 //!   Kubernetes API).
 //! - [`bpf`]: the kernel side as the agent sees it: loading, pinning,
@@ -20,6 +21,7 @@
 
 pub mod model;
 pub mod node;
+pub mod packet;
 pub mod source;
 pub mod version;
 

@@ -13,6 +13,7 @@ use std::{
 const LAYERS: &[(&str, u32)] = &[
     ("model", 0),
     ("node", 0),
+    ("packet", 0),
     ("bpf", 0),
     ("state", 0),
     ("version", 0),

@@ -10,10 +10,7 @@
 //! service), the configuration). The packet runs there; every conntrack,
 //! affinity or counter write lands in the copy, which is dropped after.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::Path,
-};
+use std::{net::SocketAddr, path::Path};
 
 use aya::maps::lpm_trie::Key;
 use dataplane_common::{
@@ -31,6 +28,7 @@ use crate::{
     cli::tables::Table,
     inspect::{self, conntrack_row, endpoint, frontend, monotonic_ns, ConntrackRow},
     model::proto_name,
+    packet::{self, Frame},
 };
 
 pub const TCP_FIN: u8 = 0x01;
@@ -156,106 +154,38 @@ pub struct TraceReport {
     pub explanation: Vec<String>,
 }
 
-/// Ethernet + IPv4 or IPv6 + TCP/UDP, checksums filled in.
+/// Ethernet + IPv4 or IPv6 + TCP/UDP, checksums filled in (by the shared
+/// packet module).
 pub fn build_frame(req: &TraceRequest) -> Vec<u8> {
-    let l4_len = if req.proto == IPPROTO_TCP { 20 } else { 8 + 4 };
-    let mut f = Vec::with_capacity(14 + 40 + l4_len);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01]);
-    let (src, dst) = (ip_bytes(req.src.ip()), ip_bytes(req.dst.ip()));
-    if req.src.is_ipv6() {
-        f.extend_from_slice(&[0x86, 0xdd]);
-        let mut ip = [0u8; 40];
-        ip[0] = 0x60;
-        ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        ip[6] = req.proto;
-        ip[7] = 64;
-        ip[8..24].copy_from_slice(&src);
-        ip[24..40].copy_from_slice(&dst);
-        f.extend_from_slice(&ip);
+    let (src, dst) = ((req.src.ip(), req.src.port()), (req.dst.ip(), req.dst.port()));
+    if req.proto == IPPROTO_TCP {
+        Frame::tcp(src, dst, req.tcp_flags).build()
     } else {
-        f.extend_from_slice(&[0x08, 0x00]);
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
-        ip[6] = 0x40; // DF
-        ip[8] = 64;
-        ip[9] = req.proto;
-        ip[12..16].copy_from_slice(&src);
-        ip[16..20].copy_from_slice(&dst);
-        let c = checksum(&ip, 0);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        f.extend_from_slice(&ip);
-    }
-    let mut l4 = vec![0u8; l4_len];
-    l4[0..2].copy_from_slice(&req.src.port().to_be_bytes());
-    l4[2..4].copy_from_slice(&req.dst.port().to_be_bytes());
-    let csum_at = if req.proto == IPPROTO_TCP {
-        l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence number
-        l4[12] = 5 << 4;
-        l4[13] = req.tcp_flags;
-        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
-        16
-    } else {
-        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        l4[8..12].copy_from_slice(b"tron");
-        6
-    };
-    // The pseudo-header sums alike in both families.
-    let mut pseudo = 0u32;
-    for w in src.chunks(2).chain(dst.chunks(2)) {
-        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    pseudo += u32::from(req.proto) + l4_len as u32;
-    let c = checksum(&l4, pseudo);
-    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&l4);
-    f
-}
-
-fn ip_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
+        Frame::udp(src, dst, b"tron").build()
     }
 }
 
-fn checksum(data: &[u8], mut sum: u32) -> u16 {
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// The addresses, protocol and ports of a frame (None if not IP, or for
-/// IPv6 with extension headers).
+/// The addresses, protocol and ports of a frame (None if it is not TCP or
+/// UDP over IP).
 fn describe_frame(f: &[u8]) -> (String, Option<(SocketAddr, SocketAddr, u8)>) {
-    let (proto, src, dst, l4): (u8, IpAddr, IpAddr, usize) = if f.len() >= 34 && f[12..14] == [0x08, 0x00] {
-        let a = |o: usize| IpAddr::from([f[o], f[o + 1], f[o + 2], f[o + 3]]);
-        (f[23], a(26), a(30), 14 + usize::from(f[14] & 0x0f) * 4)
-    } else if f.len() >= 54 && f[12..14] == [0x86, 0xdd] {
-        let a = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&f[o..o + 16]).unwrap());
-        (f[20], a(22), a(38), 54)
-    } else {
+    let Ok((src, dst, proto, l4)) = packet::ip_payload(f) else {
         return ("not an IP frame".into(), None);
     };
     match proto {
-        IPPROTO_TCP | IPPROTO_UDP if f.len() >= l4 + 4 => {
-            let sport = u16::from_be_bytes([f[l4], f[l4 + 1]]);
-            let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
+        IPPROTO_TCP | IPPROTO_UDP if l4.len() >= 4 => {
+            let sport = u16::from_be_bytes([l4[0], l4[1]]);
+            let dport = u16::from_be_bytes([l4[2], l4[3]]);
             let s = SocketAddr::new(src, sport);
             let d = SocketAddr::new(dst, dport);
-            let flags = if proto == IPPROTO_TCP && f.len() > l4 + 13 {
-                format!(" flags {}", flag_words(f[l4 + 13]))
+            let flags = if proto == IPPROTO_TCP && l4.len() > 13 {
+                format!(" flags {}", flag_words(l4[13]))
             } else {
                 String::new()
             };
             (format!("{} {s} -> {d}{flags}", proto_name(proto)), Some((s, d, proto)))
         }
-        1 if f.len() >= l4 + 2 => (format!("icmp {src} -> {dst} type {} code {}", f[l4], f[l4 + 1]), None),
-        58 if f.len() >= l4 + 2 => (format!("icmpv6 {src} -> {dst} type {} code {}", f[l4], f[l4 + 1]), None),
+        1 if l4.len() >= 2 => (format!("icmp {src} -> {dst} type {} code {}", l4[0], l4[1]), None),
+        58 if l4.len() >= 2 => (format!("icmpv6 {src} -> {dst} type {} code {}", l4[0], l4[1]), None),
         p => (format!("ip proto {p} {src} -> {dst}"), None),
     }
 }
@@ -654,54 +584,32 @@ mod tests {
     }
 
     #[test]
-    fn frames_carry_valid_checksums() {
-        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
-            let req = TraceRequest {
-                src: "198.18.100.2:41000".parse().unwrap(),
-                dst: "198.19.0.10:80".parse().unwrap(),
-                proto,
-                tcp_flags: TCP_SYN,
-                program: TraceProgram::Tc,
-            };
-            let f = build_frame(&req);
-            assert_eq!(checksum(&f[14..34], 0), 0, "IPv4 header checksum");
-            let l4 = &f[34..];
-            let mut pseudo = 0u32;
-            for w in [[198u8, 18, 100, 2], [198, 19, 0, 10]] {
-                pseudo += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
+    fn frames_carry_valid_checksums_and_read_back() {
+        for (src, dst) in [
+            ("198.18.100.2:41000", "198.19.0.10:80"),
+            ("[2001:db8:100::2]:41000", "[fd00:198:19::10]:80"),
+        ] {
+            for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+                let req = TraceRequest {
+                    src: src.parse().unwrap(),
+                    dst: dst.parse().unwrap(),
+                    proto,
+                    tcp_flags: TCP_SYN,
+                    program: TraceProgram::Tc,
+                };
+                let f = build_frame(&req);
+                let p = packet::parse_and_verify(&f).unwrap();
+                assert_eq!(
+                    (
+                        SocketAddr::new(p.src, p.sport),
+                        SocketAddr::new(p.dst, p.dport),
+                        p.proto
+                    ),
+                    (req.src, req.dst, proto)
+                );
+                let (text, parsed) = describe_frame(&f);
+                assert_eq!(parsed, Some((req.src, req.dst, proto)), "{text}");
             }
-            pseudo += u32::from(proto) + l4.len() as u32;
-            assert_eq!(checksum(l4, pseudo), 0, "L4 checksum of proto {proto}");
-            let (text, parsed) = describe_frame(&f);
-            assert_eq!(parsed, Some((req.src, req.dst, proto)), "{text}");
-        }
-    }
-
-    #[test]
-    fn ipv6_frames_carry_valid_checksums() {
-        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
-            let req = TraceRequest {
-                src: "[2001:db8:100::2]:41000".parse().unwrap(),
-                dst: "[fd00:198:19::10]:80".parse().unwrap(),
-                proto,
-                tcp_flags: TCP_SYN,
-                program: TraceProgram::Tc,
-            };
-            let f = build_frame(&req);
-            assert_eq!(&f[12..14], &[0x86, 0xdd]);
-            assert_eq!(
-                usize::from(u16::from_be_bytes([f[18], f[19]])),
-                f.len() - 54,
-                "payload length"
-            );
-            let l4 = &f[54..];
-            let mut pseudo = u32::from(proto) + l4.len() as u32;
-            for w in f[22..54].chunks(2) {
-                pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
-            }
-            assert_eq!(checksum(l4, pseudo), 0, "L4 checksum of proto {proto}");
-            let (text, parsed) = describe_frame(&f);
-            assert_eq!(parsed, Some((req.src, req.dst, proto)), "{text}");
         }
     }
 }
