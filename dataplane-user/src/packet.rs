@@ -195,29 +195,14 @@ fn ipv6(s: std::net::Ipv6Addr, d: std::net::Ipv6Addr, next: u8, payload_length: 
 /// headers walked over. Nothing is verified.
 pub fn ip_payload(frame: &[u8]) -> Result<(IpAddr, IpAddr, u8, &[u8]), String> {
     let p = SlicedPacket::from_ethernet(frame).map_err(|e| format!("not a valid frame: {e}"))?;
-    match p.net {
-        Some(NetSlice::Ipv4(ip)) => {
-            let h = ip.header();
-            let payload = ip.payload();
-            Ok((
-                IpAddr::from(h.source_addr()),
-                IpAddr::from(h.destination_addr()),
-                payload.ip_number.0,
-                payload.payload,
-            ))
-        }
-        Some(NetSlice::Ipv6(ip)) => {
-            let h = ip.header();
-            let payload = ip.payload();
-            Ok((
-                IpAddr::from(h.source_addr()),
-                IpAddr::from(h.destination_addr()),
-                payload.ip_number.0,
-                payload.payload,
-            ))
-        }
-        _ => Err("not an IP frame".into()),
-    }
+    let net = p.net.ok_or("not an IP frame")?;
+    let (src, dst) = match &net {
+        NetSlice::Ipv4(ip) => (ip.header().source_addr().into(), ip.header().destination_addr().into()),
+        NetSlice::Ipv6(ip) => (ip.header().source_addr().into(), ip.header().destination_addr().into()),
+        _ => return Err("not an IP frame".into()),
+    };
+    let payload = net.ip_payload_ref().ok_or("not an IP frame")?;
+    Ok((src, dst, payload.ip_number.0, payload.payload))
 }
 
 /// What a frame says, read back from bytes.
@@ -266,68 +251,51 @@ pub fn parse_and_verify(frame: &[u8]) -> Result<Parsed, String> {
         }
         _ => return Err("not an IP frame".into()),
     };
-    let octets = |a: IpAddr| match a {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    };
-    let (s, d) = (octets(src), octets(dst));
-    match &p.transport {
+    // (what, ports, the checksum found, the checksum it should be; None:
+    // none to check, a zero UDP checksum over IPv4), by etherparse.
+    let (what, sport, dport, found, want, tcp_flags) = match &p.transport {
         Some(TransportSlice::Tcp(t)) => {
             let h = t.to_header();
-            let want = if src.is_ipv4() {
-                h.calc_checksum_ipv4_raw(s[..4].try_into().unwrap(), d[..4].try_into().unwrap(), t.payload())
-            } else {
-                h.calc_checksum_ipv6_raw(s[..].try_into().unwrap(), d[..].try_into().unwrap(), t.payload())
+            let want = match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => h.calc_checksum_ipv4_raw(s.octets(), d.octets(), t.payload()),
+                (IpAddr::V6(s), IpAddr::V6(d)) => h.calc_checksum_ipv6_raw(s.octets(), d.octets(), t.payload()),
+                _ => unreachable!("one IP header"),
             }
             .map_err(|e| e.to_string())?;
-            if want != h.checksum {
-                return Err(format!(
-                    "TCP checksum {:#06x} invalid for {src} -> {dst} (should be {want:#06x})",
-                    h.checksum
-                ));
-            }
             let flags = [(h.fin, FIN), (h.syn, SYN), (h.rst, RST), (h.psh, PSH), (h.ack, ACK)]
                 .iter()
                 .filter(|(set, _)| *set)
                 .fold(0, |f, (_, bit)| f | bit);
-            Ok(Parsed {
-                src,
-                dst,
-                sport: h.source_port,
-                dport: h.destination_port,
-                proto,
-                l4_csum: h.checksum,
-                tcp_flags: flags,
-            })
+            ("TCP", h.source_port, h.destination_port, h.checksum, Some(want), flags)
         }
         Some(TransportSlice::Udp(u)) => {
             let h = u.to_header();
-            if !(h.checksum == 0 && src.is_ipv4()) {
-                let want = if src.is_ipv4() {
-                    h.calc_checksum_ipv4_raw(s[..4].try_into().unwrap(), d[..4].try_into().unwrap(), u.payload())
-                } else {
-                    h.calc_checksum_ipv6_raw(s[..].try_into().unwrap(), d[..].try_into().unwrap(), u.payload())
-                }
-                .map_err(|e| e.to_string())?;
-                if want != h.checksum {
-                    return Err(format!(
-                        "UDP checksum {:#06x} invalid for {src} -> {dst} (should be {want:#06x})",
-                        h.checksum
-                    ));
-                }
+            let want = match (src, dst) {
+                (IpAddr::V4(_), _) if h.checksum == 0 => None,
+                (IpAddr::V4(s), IpAddr::V4(d)) => Some(h.calc_checksum_ipv4_raw(s.octets(), d.octets(), u.payload())),
+                (IpAddr::V6(s), IpAddr::V6(d)) => Some(h.calc_checksum_ipv6_raw(s.octets(), d.octets(), u.payload())),
+                _ => unreachable!("one IP header"),
             }
-            Ok(Parsed {
-                src,
-                dst,
-                sport: h.source_port,
-                dport: h.destination_port,
-                proto,
-                l4_csum: h.checksum,
-                tcp_flags: 0,
-            })
+            .transpose()
+            .map_err(|e| e.to_string())?;
+            ("UDP", h.source_port, h.destination_port, h.checksum, want, 0)
         }
-        _ => Err(format!("protocol {proto} is neither TCP nor UDP ({src} -> {dst})")),
+        _ => return Err(format!("protocol {proto} is neither TCP nor UDP ({src} -> {dst})")),
+    };
+    if let Some(want) = want.filter(|w| *w != found) {
+        return Err(format!(
+            "{what} checksum {found:#06x} invalid for {src} -> {dst} (should be {want:#06x})"
+        ));
     }
+    Ok(Parsed {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        l4_csum: found,
+        tcp_flags,
+    })
 }
 
 #[cfg(test)]

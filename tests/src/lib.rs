@@ -13,3 +13,4 @@ pub mod oracle;
 pub mod packet;
 pub mod prog;
 pub mod servers;
+pub mod web;

@@ -11,33 +11,13 @@ use dataplane_tests::{
     agent::Agent,
     manifests::{service, slice, slice_with_conditions},
     netns::{backend_addr, Topology},
-    servers::{tcp_server, udp_server, Conn, Server},
+    servers::{tcp_server, Conn},
+    web::{manifests, start_servers, PORTS, TARGETS, VIP},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const TIMEOUT: Duration = Duration::from_secs(3);
-const PORTS: &[(&str, u16, &str)] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
-const TARGETS: &[(&str, u16, &str)] = &[("http", 8080, "TCP"), ("dns", 5353, "UDP")];
 
 /// Backend i (1-based) answers with its name "b{i}" on TCP 8080 and UDP 5353.
-fn start_servers(t: &Topology) -> Vec<Server> {
-    let mut v = Vec::new();
-    for (i, ns) in t.backends.iter().enumerate() {
-        let name = format!("b{}", i + 1);
-        v.push(tcp_server(ns, backend_addr(i + 1), 8080, &name));
-        v.push(udp_server(ns, backend_addr(i + 1), 5353, &name));
-    }
-    v
-}
-
-fn manifests(backends: &[usize]) -> Vec<(&'static str, String)> {
-    let addrs: Vec<Ipv4Addr> = backends.iter().map(|i| backend_addr(*i)).collect();
-    vec![
-        ("service.yaml", service("shop", "web", VIP, PORTS)),
-        ("slice.yaml", slice("shop", "web-abcde", "web", TARGETS, &addrs)),
-    ]
-}
-
 fn start_agent(t: &Topology, tc: bool, xdp: bool, backends: &[usize]) -> Agent {
     let m = manifests(backends);
     let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();

@@ -6,7 +6,7 @@
 //! UDP flow must keep their backends throughout.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -20,15 +20,12 @@ use aya::maps::MapData;
 use dataplane_common::map_names;
 use dataplane_tests::{
     agent::{agent_binary, Agent},
-    manifests::{service, slice},
-    netns::{backend_addr, Topology},
-    servers::{tcp_server, udp_server, Conn, Server},
+    netns::Topology,
+    servers::Conn,
+    web::{manifests, start_servers, VIP},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const TIMEOUT: Duration = Duration::from_secs(3);
-const PORTS: &[(&str, u16, &str)] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
-const TARGETS: &[(&str, u16, &str)] = &[("http", 8080, "TCP"), ("dns", 5353, "UDP")];
 /// Long-lived TCP connections kept open through every step.
 const LONG_LIVED: usize = 3;
 
@@ -48,26 +45,8 @@ fn previous_release() -> (PathBuf, String) {
     (bin, version)
 }
 
-fn start_servers(t: &Topology) -> Vec<Server> {
-    let mut v = Vec::new();
-    for (i, ns) in t.backends.iter().enumerate() {
-        let name = format!("b{}", i + 1);
-        v.push(tcp_server(ns, backend_addr(i + 1), 8080, &name));
-        v.push(udp_server(ns, backend_addr(i + 1), 5353, &name));
-    }
-    v
-}
-
-fn manifests() -> Vec<(&'static str, String)> {
-    let addrs: Vec<Ipv4Addr> = (1..=3).map(backend_addr).collect();
-    vec![
-        ("service.yaml", service("shop", "web", VIP, PORTS)),
-        ("slice.yaml", slice("shop", "web-abcde", "web", TARGETS, &addrs)),
-    ]
-}
-
 fn start_agent(t: &Topology, binary: &std::path::Path, extra: &[&str]) -> Agent {
-    let m = manifests();
+    let m = manifests(&[1, 2, 3]);
     let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
     Agent::start_binary(binary, &t.node, &t.node_ifaces(), &[], &m, extra).unwrap()
 }
