@@ -183,7 +183,7 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "L4 checksum")]
+    #[should_panic(expected = "TCP checksum")]
     fn corrupted_frames_do_not_verify() {
         let mut bytes = Frame::tcp(
             (Ipv4Addr::new(198, 18, 0, 1), 1),
