@@ -1700,8 +1700,11 @@ fn check_container_build(dockerfile: &str, dockerignore: &str) -> Vec<String> {
     {
         problems.push("Dockerfile: no release build of dataplane-user".into());
     }
-    if !lines.iter().any(|l| l.contains("cargo +nightly install bpf-linker")) {
-        problems.push("Dockerfile: bpf-linker is not built with the nightly toolchain".into());
+    if !lines
+        .iter()
+        .any(|l| l.contains("cargo \"+$NIGHTLY\" install bpf-linker"))
+    {
+        problems.push("Dockerfile: bpf-linker is not built with the pinned nightly toolchain".into());
     }
     let binary = AGENT_COMMAND[0];
     let runtime_start = lines.iter().rposition(|l| l.starts_with("FROM ")).unwrap_or(0);
@@ -1751,7 +1754,7 @@ fn container_build_installs_the_binary_the_daemonset_runs() {
         ),
         (
             "stable bpf-linker",
-            "cargo +nightly install bpf-linker",
+            "cargo \"+$NIGHTLY\" install bpf-linker",
             "cargo install bpf-linker",
             "bpf-linker is not built",
         ),
@@ -1769,4 +1772,24 @@ fn container_build_installs_the_binary_the_daemonset_runs() {
         problems.iter().any(|p| p.contains("target/ is not excluded")),
         "{problems:?}"
     );
+}
+
+/// The container build pins the toolchain the repository pins: the nightly
+/// of dataplane-ebpf/rust-toolchain.toml and xtask's bpf-linker release.
+#[test]
+fn container_build_pins_the_same_toolchain_as_the_repository() {
+    let root = deploy_dir().parent().unwrap().to_path_buf();
+    let read = |p: &str| fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let value_after = |text: &str, prefix: &str, end: char| -> String {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(|v| v.trim_matches(|c| c == '"' || c == end || c == ';').to_string())
+            .unwrap_or_else(|| panic!("no line starting with {prefix:?}"))
+    };
+    let dockerfile = read("deploy/Dockerfile");
+    let channel = value_after(&read("dataplane-ebpf/rust-toolchain.toml"), "channel = ", '"');
+    let linker = value_after(&read("xtask/src/main.rs"), "pub const BPF_LINKER_VERSION: &str = ", '"');
+    assert!(channel.starts_with("nightly-20"), "not a dated nightly: {channel}");
+    assert_eq!(value_after(&dockerfile, "ARG NIGHTLY=", '"'), channel);
+    assert_eq!(value_after(&dockerfile, "ARG BPF_LINKER_VERSION=", '"'), linker);
 }

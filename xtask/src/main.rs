@@ -138,9 +138,33 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The bpf-linker release the eBPF object is linked with (deploy/Dockerfile
+/// pins the same one).
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// The pinned nightly of the eBPF crate: the `channel` of
+/// dataplane-ebpf/rust-toolchain.toml.
+fn nightly() -> String {
+    let path = root().join("dataplane-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("channel = \"")?
+                .strip_suffix('"')
+                .map(String::from)
+        })
+        .unwrap_or_else(|| panic!("{}: no `channel = \"...\"` line", path.display()))
+}
+
+/// `+nightly-YYYY-MM-DD` for cargo and rustc.
+fn nightly_arg() -> String {
+    format!("+{}", nightly())
+}
+
 /// The LLVM major version of the nightly rustc (bpf-linker must match it).
 fn nightly_llvm_major() -> Result<u32> {
-    let v = output(Command::new("rustc").args(["+nightly", "-vV"]))
+    let v = output(Command::new("rustc").args([&nightly_arg(), "-vV"]))
         .context("`rustc +nightly -vV` failed: is the nightly toolchain installed?")?;
     let line = v
         .lines()
@@ -154,22 +178,90 @@ fn nightly_llvm_major() -> Result<u32> {
         .context("parsing the LLVM version of rustc +nightly")
 }
 
+/// The build date of an installed toolchain, from its rustup manifest
+/// (`date = "YYYY-MM-DD"`).
+fn toolchain_date(toolchain: &str) -> Option<String> {
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{toolchain}"))
+            .args(["--print", "sysroot"]),
+    )?;
+    let manifest = Path::new(sysroot.trim()).join("lib/rustlib/multirust-channel-manifest.toml");
+    std::fs::read_to_string(manifest)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("date = \"")?.strip_suffix('"').map(String::from))
+}
+
+/// Makes sure the pinned nightly (with rust-src and clippy) is there. A
+/// `nightly` toolchain of the same build date is the same toolchain: it is
+/// linked under the pinned name instead of downloading it again (machines
+/// that reach no toolchain server have it this way).
 fn ensure_nightly() -> Result<()> {
+    let pinned = nightly();
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is not available")?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        say("the nightly toolchain is missing; installing it (the eBPF crate needs nightly for build-std)");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    let have = |name: &str| {
+        toolchains
+            .lines()
+            .any(|l| l.split_whitespace().next().is_some_and(|t| t.starts_with(name)))
+    };
+    if !have(&pinned) {
+        let date = pinned.trim_start_matches("nightly-");
+        if have("nightly-") && toolchain_date("nightly").as_deref() == Some(date) {
+            // rustup refuses `toolchain link` under an official name, but
+            // takes a toolchain directory of that name as installed.
+            let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).unwrap_or_default();
+            let sysroot = Path::new(sysroot.trim());
+            let dir_name = sysroot
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("nightly-"))
+                .map(|host| format!("{pinned}-{host}"))
+                .context("the nightly toolchain's directory is not named nightly-<host>")?;
+            let alias = sysroot.with_file_name(dir_name);
+            say(format!(
+                "the installed `nightly` is the pinned {pinned} (same build date); making it known under that name: {}",
+                alias.display()
+            ));
+            std::os::unix::fs::symlink(sysroot, &alias).with_context(|| format!("linking {}", alias.display()))?;
+        } else {
+            say(format!(
+                "the pinned toolchain {pinned} is missing; installing it (the eBPF crate needs nightly for build-std)"
+            ));
+            run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                &pinned,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src,clippy,rustfmt",
+            ]))?;
+        }
     }
-    let components =
-        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-            .unwrap_or_default();
-    for (component, why) in [
-        ("rust-src", "needed for -Z build-std=core"),
-        ("clippy", "lints the eBPF crate"),
+    // Components are files in the sysroot (a linked toolchain has no
+    // component list of its own).
+    let sysroot = output(Command::new("rustc").arg(nightly_arg()).args(["--print", "sysroot"]))
+        .context("rustc of the pinned nightly")?;
+    let sysroot = Path::new(sysroot.trim());
+    for (component, file, why) in [
+        (
+            "rust-src",
+            "lib/rustlib/src/rust/library",
+            "needed for -Z build-std=core",
+        ),
+        ("clippy", "bin/cargo-clippy", "lints the eBPF crate"),
+        ("rustfmt", "bin/rustfmt", "formats the eBPF crate"),
     ] {
-        if !components.lines().any(|l| l.starts_with(component)) {
-            say(format!("nightly {component} is missing; installing it ({why})"));
-            run(Command::new("rustup").args(["component", "add", component, "--toolchain", "nightly"]))?;
+        if !sysroot.join(file).exists() {
+            say(format!("{pinned} lacks {component}; installing it ({why})"));
+            // A linked toolchain takes components through the one it links to.
+            let nightly_sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]));
+            let owner = match nightly_sysroot {
+                Some(s) if Path::new(s.trim()) == sysroot => "nightly".to_string(),
+                _ => pinned.clone(),
+            };
+            run(Command::new("rustup").args(["component", "add", component, "--toolchain", &owner]))?;
         }
     }
     Ok(())
@@ -182,14 +274,18 @@ fn ensure_bpf_linker() -> Result<()> {
     let installed = output(Command::new("bpf-linker").arg("--version"));
     // bpf-linker is linked against the nightly's libLLVM by path: if it
     // runs, it matches the nightly; after a nightly update it no longer
-    // starts and is rebuilt.
-    if installed.is_some() {
+    // starts and is rebuilt. It must also be the pinned release.
+    if installed
+        .as_deref()
+        .is_some_and(|v| v.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION))
+    {
         return Ok(());
     }
     say(format!(
-        "bpf-linker is missing (or no longer runs); building it against nightly's LLVM {major} (about a minute)"
+        "bpf-linker {BPF_LINKER_VERSION} is missing (or another version, or it no longer runs: {installed:?}); \
+         building it against the pinned nightly's LLVM {major} (about a minute)"
     ));
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+    let sysroot = output(Command::new("rustc").args([&nightly_arg(), "--print", "sysroot"]))
         .context("rustc +nightly --print sysroot")?
         .trim()
         .to_string();
@@ -213,9 +309,12 @@ fn ensure_bpf_linker() -> Result<()> {
     let rustflags = format!("-C link-arg=-L{l} -C link-arg=-l{llvm_lib} -C link-arg=-Wl,-rpath,{l}");
     run(Command::new("cargo")
         .args([
-            "+nightly",
+            &nightly_arg(),
             "install",
             "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
             "--force",
             "--no-default-features",
             "--features",
@@ -264,7 +363,7 @@ fn ebpf_cargo(root: &Path, subcommand: &str) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root.join("dataplane-ebpf"))
         .args([
-            "+nightly",
+            &nightly_arg(),
             subcommand,
             "--release",
             "--target",
