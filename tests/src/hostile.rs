@@ -272,9 +272,9 @@ impl Model {
     }
 
     /// Service `i` gets `next`'s backends, as the agent's sync writes them:
-    /// if it is UDP, the flows to endpoints that left are cleared (both
-    /// conntrack entries), as the sync does for endpoints that stop
-    /// serving; TCP flows stay.
+    /// if it is UDP, the flows to endpoints that left are cleared (their
+    /// original entries; the reply entries stay for answers on their way),
+    /// as the sync does for endpoints that stop serving; TCP flows stay.
     pub fn replace_service(&mut self, i: usize, next: Svc) {
         let old = std::mem::replace(&mut self.services[i], next);
         let new = &self.services[i];
@@ -292,9 +292,7 @@ impl Model {
         self.ct.retain(|t, e| {
             let original =
                 e.flags & CT_F_ORIGINAL != 0 && t.daddr == vip && t.dport == port && is_gone(e.nat_addr, e.nat_port);
-            let reply =
-                e.flags & CT_F_REPLY != 0 && e.nat_addr == vip && e.nat_port == port && is_gone(t.saddr, t.sport);
-            !(t.proto == UDP && (original || reply))
+            !(t.proto == UDP && original)
         });
         let ct = &self.ct;
         self.flows.retain(|f| ct.contains_key(f));

@@ -112,12 +112,14 @@ impl MapWriter for crate::bpf::loader::Maps {
             stale.iter().map(|(id, b)| (*id, b.addr, b.port)).collect();
         let is_stale =
             |service_id: u32, addr: &dataplane_common::Addr, port: u16| stale.contains(&(service_id, *addr, port));
-        // Original entries carry the backend as their translation; reply
-        // entries come from it.
+        // The original entries, which carry the endpoint as their
+        // translation: the client's next datagram starts a new flow. The
+        // reply entries stay: an answer already on its way from the old
+        // endpoint still comes back from the frontend's address, and they
+        // age out with the UDP timeout (or a new flow of the same tuple
+        // takes them over).
         let flows = delete_where(&mut self.conntrack, map_names::CONNTRACK, |k, v| {
-            k.proto == IPPROTO_UDP
-                && ((v.flags & CT_F_ORIGINAL != 0 && is_stale(v.service_id, &v.nat_addr, v.nat_port))
-                    || (v.flags & CT_F_REPLY != 0 && is_stale(v.service_id, &k.saddr, k.sport)))
+            k.proto == IPPROTO_UDP && v.flags & CT_F_ORIGINAL != 0 && is_stale(v.service_id, &v.nat_addr, v.nat_port)
         })?;
         // Unconnected UDP sockets of the socket-level programs: the next
         // datagram to the frontend picks a backend again. (The reverse

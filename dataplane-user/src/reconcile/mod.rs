@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
     limits, map_names, AffinityValue, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
-    ServiceStats, ServiceValue, SourceRangeKey, CT_F_ORIGINAL, CT_F_REPLY, IPPROTO_UDP, SOCK_NAT_FORWARD,
-    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    ServiceStats, ServiceValue, SourceRangeKey, CT_F_ORIGINAL, IPPROTO_UDP, SOCK_NAT_FORWARD, SVC_F_AFFINITY,
+    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 use thiserror::Error;
 
@@ -84,7 +84,8 @@ pub trait MapWriter {
     /// Zeroes the per-service counters of a newly allocated id.
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), WriteError>;
     /// Deletes the UDP flows of each `(service_id, backend)` in `stale`
-    /// (an endpoint that stopped serving): both conntrack entries, and the
+    /// (an endpoint that stopped serving): the original conntrack entries
+    /// (the reply entries stay for answers already on their way), and the
     /// socket-level forward entries that send an unconnected socket's
     /// datagrams to it. Returns how many flows and socket entries it
     /// deleted.
