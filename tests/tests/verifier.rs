@@ -30,8 +30,13 @@ fn program_id(fd: RawFd) -> u32 {
 #[test]
 fn every_program_verifies_well_within_the_instruction_limit() {
     dataplane_tests::netns::require_root_and_tools();
-    let dp = Dataplane::load(None).unwrap_or_else(|e| panic!("{e}"));
-    for name in [program_names::XDP, program_names::TC] {
+    let mut dp = Dataplane::load(None).unwrap_or_else(|e| panic!("{e}"));
+    dp.load_socket_programs().unwrap_or_else(|e| panic!("{e}"));
+    let socket_programs = program_names::SOCK.iter().map(|(name, _)| *name);
+    for name in [program_names::XDP, program_names::TC]
+        .into_iter()
+        .chain(socket_programs)
+    {
         let id = program_id(dp.program_fd(name).unwrap());
         let info = aya::programs::loaded_programs()
             .filter_map(Result::ok)

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod kernels;
 mod release;
 
 #[derive(Parser)]
@@ -38,11 +39,20 @@ enum Task {
     /// Check formatting and clippy on every crate, the eBPF one included.
     Lint,
     /// Run the whole test suite: unit, program (BPF_PROG_TEST_RUN) and
-    /// end-to-end tests in network namespaces (needs root).
+    /// end-to-end tests in network namespaces, then the program and
+    /// end-to-end tests on Debian's 6.1 kernel in qemu (needs root).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// The program and end-to-end tests on other kernels (Debian's 5.10,
+    /// 6.1 and 6.12), each booted in qemu with virtme-ng: installs qemu,
+    /// busybox and virtme-ng if missing, fetches and caches the kernels
+    /// under target/kernels/ (needs root).
+    TestKernels {
+        /// Only these kernels (5.10, 6.1, 6.12); all by default.
+        names: Vec<String>,
     },
     /// The control-plane part of `bench` alone at one size:
     /// `bench --only control-plane --scales $BENCH_SERVICES` (default
@@ -487,6 +497,12 @@ fn main() -> Result<()> {
     match cli.task {
         Task::BuildEbpf => build_ebpf(),
         Task::Setup => ensure_packages(),
+        Task::TestKernels { names } => {
+            require_root("booting kernels and loading programs")?;
+            ensure_packages()?;
+            build_ebpf()?;
+            kernels::test_kernels(&names)
+        }
         Task::PreviousRelease => {
             ensure_nightly()?;
             ensure_bpf_linker()?;
@@ -532,7 +548,15 @@ fn main() -> Result<()> {
                 .args(&args)
                 .env("DATAPLANE_BIN", root().join("target/debug/dataplane"))
                 .env("DATAPLANE_PREV_BIN", previous_bin)
-                .env("DATAPLANE_PREV_VERSION", previous.version))
+                .env("DATAPLANE_PREV_VERSION", previous.version))?;
+            // One kernel other than this machine's, every full run (the
+            // whole matrix: `cargo xtask test-kernels`).
+            if !args.is_empty() {
+                say("a filtered run: the tests on other kernels are left out (`cargo xtask test-kernels`)");
+                return Ok(());
+            }
+            say("the program and end-to-end tests on Debian's 6.1 kernel in qemu (`cargo xtask test-kernels` runs 5.10, 6.1 and 6.12)");
+            kernels::test_kernels(&["6.1".to_string()])
         }
     }
 }

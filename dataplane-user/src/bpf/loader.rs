@@ -379,6 +379,28 @@ impl Dataplane {
         Maps::take(&mut self.ebpf)
     }
 
+    /// Loads the socket-level programs (`program_names::SOCK`) into the
+    /// kernel without attaching them (once; attaching does it too).
+    pub fn load_socket_programs(&mut self) -> Result<(), LoadError> {
+        if self.sock_loaded {
+            return Ok(());
+        }
+        for (name, _) in program_names::SOCK {
+            let p: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoadError::Program {
+                    name,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
+        }
+        self.sock_loaded = true;
+        Ok(())
+    }
+
     /// The file descriptor of a loaded program, for BPF_PROG_TEST_RUN.
     pub fn program_fd(&self, name: &'static str) -> Result<RawFd, LoadError> {
         let prog = self.ebpf.program(name).ok_or(LoadError::Program {
@@ -398,21 +420,7 @@ impl Dataplane {
     /// hook with how it got attached.
     pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<Vec<(&'static str, Attached)>, LoadError> {
         let cgroup_id = crate::bpf::cgroup::cgroup_id(cgroup)?;
-        if !self.sock_loaded {
-            for (name, _) in program_names::SOCK {
-                let p: &mut CgroupSockAddr = self
-                    .ebpf
-                    .program_mut(name)
-                    .ok_or(LoadError::Program {
-                        name,
-                        source: aya::programs::ProgramError::UnexpectedProgramType,
-                    })?
-                    .try_into()
-                    .map_err(|source| LoadError::Program { name, source })?;
-                retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
-            }
-            self.sock_loaded = true;
-        }
+        self.load_socket_programs()?;
         let mut out = Vec::new();
         for (name, hook) in program_names::SOCK {
             let pin = self.pins.as_ref().map(|p| p.socket_link(hook));
