@@ -150,7 +150,7 @@ fn kernel_image(k: &Kernel) -> Result<(PathBuf, String)> {
         .lines()
         .filter(|n| n.ends_with("-amd64-unsigned") && !n.contains("-rt-") && !n.contains("-cloud-"))
         .collect();
-    candidates.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    candidates.sort_by_key(|n| version_key(n));
     let package = candidates
         .last()
         .with_context(|| format!("no {}*-amd64-unsigned package in Debian {}", k.package_prefix, k.suite))?
