@@ -302,9 +302,11 @@ pub fn test_kernels(names: &[String]) -> Result<()> {
         );
     }
     say("building the test binaries and the agent");
+    // The same build as `cargo xtask test`'s (the same features: nothing
+    // is compiled twice).
     run(Command::new("cargo")
         .current_dir(root())
-        .args(["build", "-p", "dataplane-user"]))?;
+        .args(["build", "--workspace", "--bins"]))?;
     let binaries = test_binaries()?;
     let mut table = Vec::new();
     let mut failed_any = false;
