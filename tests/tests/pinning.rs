@@ -243,7 +243,17 @@ fn pinned_maps_of_another_configured_size_are_migrated_with_their_entries() {
         .count();
     assert_eq!((ct.read, ct.kept, ct.lost), (10, present, 10 - present), "{ct:?}");
     assert!(ct.lost >= 6, "{ct:?}");
-    m.finish().unwrap();
+    // An agent that stops before finishing leaves maps-old/ behind:
+    // cleanup removes it with the rest.
+    drop((maps, dp, m));
+    assert!(pins.0.root.join(OLD_DIR).exists());
+    let removed = pins.0.cleanup().unwrap();
+    assert_eq!(
+        removed.iter().filter(|r| *r == "map DP_CONNTRACK").count(),
+        2,
+        "{removed:?}"
+    );
+    assert!(!pins.0.root.exists(), "{removed:?}");
 }
 
 /// Socket-level links follow the configured cgroup: a restart with another

@@ -170,6 +170,11 @@ fn pinned_layout(path: &Path) -> u32 {
 /// all match.
 pub fn prepare(pins: &PinRoot, sizes: &MapSizes) -> Result<Option<Migration>, MigrateError> {
     let old = old_dir(pins);
+    if !old.exists() && mark(pins).exists() {
+        // A migration that ended between removing its old maps and its
+        // mark: nothing is left to do but the mark.
+        fs::remove_dir(mark(pins)).map_err(io_err(&mark(pins)))?;
+    }
     if old.exists() {
         if mark(pins).exists() {
             let moves = fs::read_dir(&old)

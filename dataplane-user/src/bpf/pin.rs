@@ -205,13 +205,18 @@ impl PinRoot {
                 removed.push(format!("link {program} on {iface}"));
             }
         }
-        if let Ok(entries) = fs::read_dir(self.maps()) {
-            for entry in entries.flatten() {
-                fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
-                removed.push(format!("map {}", entry.file_name().to_string_lossy()));
+        // The maps, and those of a migration that did not finish.
+        let old_maps = self.root.join(crate::bpf::migrate::OLD_DIR);
+        for dir in [self.maps(), old_maps.clone()] {
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+                    removed.push(format!("map {}", entry.file_name().to_string_lossy()));
+                }
             }
         }
-        for dir in [self.links(), self.maps(), self.root.clone()] {
+        let mark = self.root.join(crate::bpf::migrate::SWAPPED_MARK);
+        for dir in [self.links(), self.maps(), old_maps, mark, self.root.clone()] {
             match fs::remove_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
