@@ -82,6 +82,12 @@ pub enum MigrateError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("migrating map {map}: reading what it is: {source}")]
+    Info {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error(
         "pinned map {map} at {path} has key/value sizes {found}, this agent (map layout {ABI_VERSION}) expects \
          {expected}, and it knows no conversion from the pinned layout {layout}; run the agent of that layout, or \
@@ -405,11 +411,7 @@ fn read_all(fd: BorrowedFd<'_>, map_type: MapType, key_size: usize, value_size: 
 /// counted as lost when they hold anything.
 fn copy_map(name: &'static str, from: &MapData, to: &MapData, flags: u64) -> Result<Copied, MigrateError> {
     let sys_err = |source| MigrateError::Sys { map: name, source };
-    let open_err = |source| MigrateError::Open {
-        map: name,
-        path: String::new(),
-        source,
-    };
+    let open_err = |source| MigrateError::Info { map: name, source };
     let info = from.info().map_err(open_err)?;
     let new_info = to.info().map_err(open_err)?;
     let map_type = info.map_type().map_err(open_err)?;
