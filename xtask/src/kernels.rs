@@ -70,16 +70,26 @@ const VM_PACKAGES: &[(&str, &str)] = &[
     ("kmod", "depmod"),
 ];
 
-fn ensure_tools() -> Result<()> {
+/// `vng` on PATH, else in the script directory of the python3 that pip
+/// installs into (a pyenv shim may not exist yet right after the install).
+fn vng() -> Option<PathBuf> {
+    if output(Command::new("vng").arg("--version")).is_some() {
+        return Some(PathBuf::from("vng"));
+    }
+    let scripts =
+        output(Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]))?;
+    let path = Path::new(scripts.trim()).join("vng");
+    output(Command::new(&path).arg("--version")).map(|_| path)
+}
+
+/// Installs what the VMs need and returns the `vng` to run.
+fn ensure_tools() -> Result<PathBuf> {
     install_missing(VM_PACKAGES, "booting other kernels in qemu")?;
-    if output(Command::new("vng").arg("--version")).is_none() {
+    if vng().is_none() {
         say("virtme-ng is missing; installing it with pip (boots a kernel over this root filesystem)");
         run(Command::new("python3").args(["-m", "pip", "install", "-q", "virtme-ng"]))?;
     }
-    if output(Command::new("vng").arg("--version")).is_none() {
-        bail!("virtme-ng installed but `vng` is not on PATH; add pip's script directory to PATH");
-    }
-    Ok(())
+    vng().context("virtme-ng is installed but its `vng` runs neither from PATH nor from pip's script directory")
 }
 
 /// The Debian mirror the machine's own sources use (deb822 `URIs:` of the
@@ -220,7 +230,12 @@ fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
 
 /// Runs the suite in a VM booted on `image`; returns (test, passed, failed)
 /// per line of SUITE, read from the report the VM writes.
-fn run_in_vm(image: &Path, binaries: &[(String, PathBuf)], report: &Path) -> Result<Vec<(String, u64, u64)>> {
+fn run_in_vm(
+    vng: &Path,
+    image: &Path,
+    binaries: &[(String, PathBuf)],
+    report: &Path,
+) -> Result<Vec<(String, u64, u64)>> {
     let agent = root().join("target/debug/dataplane");
     let mut script = String::from("set +e\n");
     for (i, (test, filter, _)) in SUITE.iter().enumerate() {
@@ -240,7 +255,7 @@ fn run_in_vm(image: &Path, binaries: &[(String, PathBuf)], report: &Path) -> Res
     std::fs::write(&script_path, script)?;
     let status = Command::new("timeout")
         .arg("1500")
-        .arg("vng")
+        .arg(vng)
         .args(["--disable-kvm", "--memory", "2G", "--rwdir"])
         // The guest sees this machine's root read-only; the reports go
         // to a directory it may write.
@@ -290,7 +305,7 @@ fn run_in_vm(image: &Path, binaries: &[(String, PathBuf)], report: &Path) -> Res
 /// `cargo xtask test-kernels [NAME...]`: every kernel of the matrix, or
 /// the ones named (5.10, 6.1, 6.12).
 pub fn test_kernels(names: &[String]) -> Result<()> {
-    ensure_tools()?;
+    let vng = ensure_tools()?;
     let kernels: Vec<&Kernel> = KERNELS
         .iter()
         .filter(|k| names.is_empty() || names.iter().any(|n| n == k.name))
@@ -317,7 +332,7 @@ pub fn test_kernels(names: &[String]) -> Result<()> {
             k.suite
         ));
         let report = root().join("target/kernels").join(format!("results-{version}"));
-        let results = run_in_vm(&image, &binaries, &report)?;
+        let results = run_in_vm(&vng, &image, &binaries, &report)?;
         for (test, passed, failed) in results {
             failed_any |= failed > 0;
             table.push(format!(
