@@ -103,14 +103,21 @@ fn write(out: &Path, name: &str, mut v: serde_json::Value, a: &Args, elapsed: Du
     let path = out.join(name);
     let raw = bench::raw_path(out, name);
     std::fs::create_dir_all(raw.parent().unwrap())?;
-    // Merge into the raw file when there is one (same scales kept with
-    // their samples), else into the committed, compact one.
     let read = |p: &Path| {
         std::fs::read_to_string(p)
             .ok()
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
     };
-    let old = read(&raw).or_else(|| read(&path));
+    let raw_old = read(&raw);
+    let had_raw = raw_old.is_some();
+    let (old, from_raw) = merge_base(raw_old, read(&path));
+    if had_raw && !from_raw {
+        eprintln!(
+            "dp-bench: {} is not the full form of {} (left by another run): not merged in",
+            raw.display(),
+            path.display()
+        );
+    }
     let merged = bench::merge(old.as_ref(), v);
     std::fs::write(&raw, serde_json::to_string_pretty(&merged)? + "\n")?;
     std::fs::write(&path, serde_json::to_string_pretty(&bench::compact(&merged))? + "\n")?;
@@ -121,6 +128,22 @@ fn write(out: &Path, name: &str, mut v: serde_json::Value, a: &Args, elapsed: Du
         elapsed.as_secs_f64()
     );
     Ok(())
+}
+
+/// What a new result is merged into: the committed file, or the raw file
+/// when it is the full form of exactly that file (then the scales not
+/// re-run keep their samples). A raw file left by another run (the
+/// committed one since checked out, pulled or discarded) is not used, or
+/// its scales would come back; the committed file is the state, `raw/`
+/// only adds samples to it. Also says whether the raw file is the base.
+fn merge_base(
+    raw: Option<serde_json::Value>,
+    committed: Option<serde_json::Value>,
+) -> (Option<serde_json::Value>, bool) {
+    match (raw, committed) {
+        (Some(r), Some(c)) if bench::compact(&r) == c => (Some(r), true),
+        (_, c) => (c, false),
+    }
 }
 
 /// `dp-bench --compact [--out DIR]`: rewrites result files that still hold
@@ -264,4 +287,40 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn merged_into_the_raw_file_only_when_it_is_the_committed_one() {
+        let samples: Vec<f64> = (0..2000).map(f64::from).collect();
+        let raw = json!({ "scales": [{ "services": 1, "x": { "raw": samples, "summary": { "median": 999.0 } } }] });
+        let committed = bench::compact(&raw);
+        assert_eq!(
+            merge_base(Some(raw.clone()), Some(committed.clone())),
+            (Some(raw.clone()), true)
+        );
+        // The committed file changed since (another run, checked out or
+        // discarded): it is the base, the stale raw file is not.
+        let mut other = committed.clone();
+        other["scales"][0]["x"]["summary"]["median"] = json!(5.0);
+        assert_eq!(merge_base(Some(raw.clone()), Some(other.clone())), (Some(other), false));
+        assert_eq!(merge_base(Some(raw), None), (None, false));
+        assert_eq!(merge_base(None, Some(committed.clone())), (Some(committed), false));
+    }
+
+    /// Result files are read back (merge, `--compact`): a number read and
+    /// written again is the same number (serde_json's default parsing is
+    /// off by one ulp for some, as this one was in through-vip.json).
+    #[test]
+    fn result_files_keep_numbers_exactly() {
+        for s in ["0.9961077162739417", "1.1166654081401495", "1.3923648641119641"] {
+            let v: serde_json::Value = serde_json::from_str(s).unwrap();
+            assert_eq!(serde_json::to_string(&bench::compact(&v)).unwrap(), s);
+        }
+    }
 }
