@@ -591,6 +591,31 @@ mod tests {
         }
     }
 
+    /// Bench results in git stay small: the raw samples go to the
+    /// git-ignored `bench-results/raw/` (dp-bench), the committed JSON keeps
+    /// the summaries and per-round values the report is drawn from.
+    #[test]
+    fn committed_bench_results_stay_small() {
+        fn size(p: &std::path::Path) -> u64 {
+            match std::fs::read_dir(p) {
+                Ok(d) => d.flatten().map(|e| size(&e.path())).sum(),
+                Err(_) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+            }
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results");
+        let total: u64 = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            // Git-ignored (.gitignore).
+            .filter(|e| e.file_name() != "raw" && e.file_name() != "tmp")
+            .map(|e| size(&e.path()))
+            .sum();
+        assert!(
+            total < 2 << 20,
+            "bench-results/ outside raw/ holds {total} bytes (2 MiB at most): raw samples in a result file? `dp-bench --compact` moves them to raw/"
+        );
+    }
+
     #[test]
     fn utc_dates() {
         assert_eq!(super::utc(0), "1970-01-01 00:00 UTC");
