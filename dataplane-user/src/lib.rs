@@ -6,7 +6,8 @@
 //!
 //! - [`model`]: Services and EndpointSlices -> desired frontends and their
 //!   Maglev tables; pure, no kernel.
-//! - [`packet`]: building and reading frames (trace, tests), on etherparse.
+//! - [`packet`]: building and reading frames (trace, tests), on etherparse;
+//!   pure, no kernel.
 //! - [`source`]: where the objects come from (a manifest directory, the
 //!   Kubernetes API).
 //! - [`bpf`]: the kernel side as the agent sees it: loading, pinning,

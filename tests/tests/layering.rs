@@ -25,8 +25,10 @@ const LAYERS: &[(&str, u32)] = &[
     ("cli", 5),
 ];
 
-/// Crates a layer must not use: the model is pure (no kernel, no runtime).
-const FORBIDDEN: &[(&str, &[&str])] = &[("model", &["aya", "tokio", "libc", "kube"])];
+/// Crates a module must not use: the model and the packet module are pure
+/// (no kernel, no runtime, no syscalls).
+const PURE: &[&str] = &["aya", "tokio", "libc", "kube"];
+const FORBIDDEN: &[(&str, &[&str])] = &[("model", PURE), ("packet", PURE)];
 
 fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../dataplane-user/src")

@@ -16,7 +16,7 @@ use aya::maps::lpm_trie::Key;
 use dataplane_common::{
     addr_of, flow_hash, fold_addr, limits, map_names, program_names, AffinityKey, BackendKey, CtKey, CtValue,
     MaglevKey, Reason, ServiceKey, ServiceValue, SourceRangeKey, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_SNAT, IPPROTO_TCP,
-    IPPROTO_UDP, SVC_F_AFFINITY, SVC_F_RANDOM,
+    SVC_F_AFFINITY, SVC_F_RANDOM,
 };
 use serde::Serialize;
 
@@ -28,14 +28,8 @@ use crate::{
     cli::tables::Table,
     inspect::{self, conntrack_row, endpoint, frontend, monotonic_ns, ConntrackRow},
     model::proto_name,
-    packet::{self, Frame},
+    packet::{self, Frame, ACK, FIN, PSH, RST, SYN},
 };
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_PSH: u8 = 0x08;
-pub const TCP_ACK: u8 = 0x10;
 
 /// Which program the packet runs through.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -55,7 +49,7 @@ pub struct TraceRequest {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub proto: u8,
-    /// TCP flags (`TCP_*`); ignored for UDP.
+    /// TCP flags (`packet::SYN | packet::ACK`, ...); ignored for UDP.
     pub tcp_flags: u8,
     pub program: TraceProgram,
 }
@@ -66,32 +60,16 @@ pub fn parse_tcp_flags(s: &str) -> Result<u8, String> {
         .filter(|f| !f.is_empty())
         .try_fold(0u8, |acc, f| {
             let bit = match f.trim().to_ascii_lowercase().as_str() {
-                "fin" => TCP_FIN,
-                "syn" => TCP_SYN,
-                "rst" => TCP_RST,
-                "psh" => TCP_PSH,
-                "ack" => TCP_ACK,
+                "fin" => FIN,
+                "syn" => SYN,
+                "rst" => RST,
+                "psh" => PSH,
+                "ack" => ACK,
                 "none" => 0,
                 other => return Err(format!("unknown TCP flag {other:?} (fin, syn, rst, psh, ack)")),
             };
             Ok(acc | bit)
         })
-}
-
-fn flag_words(flags: u8) -> String {
-    let names = [
-        (TCP_SYN, "syn"),
-        (TCP_ACK, "ack"),
-        (TCP_FIN, "fin"),
-        (TCP_RST, "rst"),
-        (TCP_PSH, "psh"),
-    ];
-    let v: Vec<&str> = names.iter().filter(|(b, _)| flags & b != 0).map(|(_, n)| *n).collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(",")
-    }
 }
 
 /// The service a traced packet was addressed to.
@@ -165,29 +143,18 @@ pub fn build_frame(req: &TraceRequest) -> Vec<u8> {
     }
 }
 
-/// The addresses, protocol and ports of a frame (None if it is not TCP or
-/// UDP over IP).
+/// What the program left: one line about it, and its addresses, ports
+/// and protocol if it is TCP or UDP over IP (read by the shared packet
+/// module, nothing verified).
 fn describe_frame(f: &[u8]) -> (String, Option<(SocketAddr, SocketAddr, u8)>) {
-    let Ok((src, dst, proto, l4)) = packet::ip_payload(f) else {
-        return ("not an IP frame".into(), None);
-    };
-    match proto {
-        IPPROTO_TCP | IPPROTO_UDP if l4.len() >= 4 => {
-            let sport = u16::from_be_bytes([l4[0], l4[1]]);
-            let dport = u16::from_be_bytes([l4[2], l4[3]]);
-            let s = SocketAddr::new(src, sport);
-            let d = SocketAddr::new(dst, dport);
-            let flags = if proto == IPPROTO_TCP && l4.len() > 13 {
-                format!(" flags {}", flag_words(l4[13]))
-            } else {
-                String::new()
-            };
-            (format!("{} {s} -> {d}{flags}", proto_name(proto)), Some((s, d, proto)))
-        }
-        1 if l4.len() >= 2 => (format!("icmp {src} -> {dst} type {} code {}", l4[0], l4[1]), None),
-        58 if l4.len() >= 2 => (format!("icmpv6 {src} -> {dst} type {} code {}", l4[0], l4[1]), None),
-        p => (format!("ip proto {p} {src} -> {dst}"), None),
-    }
+    let tuple = packet::parse(f).ok().map(|p| {
+        (
+            SocketAddr::new(p.src, p.sport),
+            SocketAddr::new(p.dst, p.dport),
+            p.proto,
+        )
+    });
+    (packet::summary(f), tuple)
 }
 
 /// The address as in a map (folded for the flow hash) and the port in
@@ -364,7 +331,7 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
 
     let ct_key = CtKey::new(req.src.ip(), req.src.port(), req.dst.ip(), req.dst.port(), req.proto);
     let ct = live.conntrack.get(&ct_key, 0).ok();
-    let starts_flow = req.proto == IPPROTO_TCP && req.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let starts_flow = req.proto == IPPROTO_TCP && req.tcp_flags & (SYN | ACK) == SYN;
     let conntrack = match &ct {
         None => "miss",
         Some(v) if now.saturating_sub(v.last_seen_ns) > config.timeout_ns(req.proto, v.flags) => "expired",
@@ -475,17 +442,7 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
     }
     let report = TraceReport {
         program: req.program,
-        packet: format!(
-            "{} {} -> {}{}",
-            proto_name(req.proto),
-            req.src,
-            req.dst,
-            if req.proto == IPPROTO_TCP {
-                format!(" flags {}", flag_words(req.tcp_flags))
-            } else {
-                String::new()
-            }
-        ),
+        packet: packet::summary(&frame),
         service,
         conntrack,
         conntrack_entry,
@@ -574,12 +531,13 @@ pub fn trace_table(r: &TraceReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dataplane_common::IPPROTO_UDP;
 
     #[test]
     fn tcp_flags_parse() {
-        assert_eq!(parse_tcp_flags("syn").unwrap(), TCP_SYN);
-        assert_eq!(parse_tcp_flags("syn,ack").unwrap(), TCP_SYN | TCP_ACK);
-        assert_eq!(parse_tcp_flags("ACK|psh").unwrap(), TCP_ACK | TCP_PSH);
+        assert_eq!(parse_tcp_flags("syn").unwrap(), SYN);
+        assert_eq!(parse_tcp_flags("syn,ack").unwrap(), SYN | ACK);
+        assert_eq!(parse_tcp_flags("ACK|psh").unwrap(), ACK | PSH);
         assert!(parse_tcp_flags("urg").unwrap_err().contains("urg"));
     }
 
@@ -594,7 +552,7 @@ mod tests {
                     src: src.parse().unwrap(),
                     dst: dst.parse().unwrap(),
                     proto,
-                    tcp_flags: TCP_SYN,
+                    tcp_flags: SYN,
                     program: TraceProgram::Tc,
                 };
                 let f = build_frame(&req);
@@ -609,6 +567,9 @@ mod tests {
                 );
                 let (text, parsed) = describe_frame(&f);
                 assert_eq!(parsed, Some((req.src, req.dst, proto)), "{text}");
+                let flags = if proto == IPPROTO_TCP { " flags syn" } else { "" };
+                let name = if proto == IPPROTO_TCP { "tcp" } else { "udp" };
+                assert_eq!(text, format!("{name} {} -> {}{flags}", req.src, req.dst));
             }
         }
     }
