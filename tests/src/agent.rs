@@ -240,6 +240,25 @@ impl Agent {
         )
     }
 
+    /// Waits until `cond` holds (polled every 20 ms), failing with `what`
+    /// and the agent's log if the agent exits or `timeout` passes first:
+    /// for conditions on the maps, pins or interfaces the agent manages.
+    pub fn wait_until(&mut self, what: &str, timeout: Duration, mut cond: impl FnMut(&Agent) -> bool) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if cond(self) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the agent exited ({status}) before {what}; its log:\n{}", self.log());
+            }
+            if start.elapsed() >= timeout {
+                bail!("not within {timeout:?}: {what}; the agent's log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Rewrites manifest `name` and waits until the agent applied it.
     pub fn update(&mut self, name: &str, content: &str) -> Result<()> {
         let before = self.syncs();
