@@ -205,13 +205,15 @@ impl Agent {
         Ok(samples)
     }
 
-    /// Syncs the running agent process applied (`dataplane_syncs_total`);
-    /// 0 while its metrics endpoint is not up yet.
-    pub fn syncs(&self) -> usize {
-        self.metrics()
-            .ok()
-            .and_then(|m| m.get("dataplane_syncs_total").copied())
-            .unwrap_or(0.0) as usize
+    /// Syncs the running agent process applied (`dataplane_syncs_total`).
+    /// An error if its metrics cannot be read: a count taken as the base
+    /// of a wait must not silently be 0.
+    pub fn syncs(&self) -> Result<usize> {
+        let m = self.metrics()?;
+        let n = m
+            .get("dataplane_syncs_total")
+            .context("no dataplane_syncs_total in /metrics")?;
+        Ok(*n as usize)
     }
 
     /// `sync applied` lines in the agent's log, over every process the
@@ -226,7 +228,8 @@ impl Agent {
     pub fn wait_syncs(&mut self, n: usize, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < timeout {
-            if self.syncs() >= n {
+            // Not up yet (a starting agent) counts as no sync yet.
+            if self.syncs().is_ok_and(|s| s >= n) {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
@@ -261,7 +264,10 @@ impl Agent {
 
     /// Rewrites manifest `name` and waits until the agent applied it.
     pub fn update(&mut self, name: &str, content: &str) -> Result<()> {
-        let before = self.syncs();
+        // The file source polls only between syncs, and each sync applies
+        // what its poll read: with no other write pending, the next sync
+        // after `before` is the one that applies this write.
+        let before = self.syncs()?;
         self.write(name, content)?;
         self.wait_syncs(before + 1, Duration::from_secs(10))
     }

@@ -289,9 +289,9 @@ fn endpoint_churn_at_100_changes_per_second_keeps_every_connection_correct() {
     // Until the last write is known to be programmed (by the agent's
     // metrics: two more syncs, the second of which began after the write),
     // rewrite a slice unchanged (a new file, so the agent syncs again).
-    let written_at = agent.syncs();
+    let written_at = agent.syncs().unwrap();
     let settle = Instant::now();
-    while agent.syncs() < written_at + 2 {
+    while agent.syncs().unwrap() < written_at + 2 {
         assert!(
             settle.elapsed() < Duration::from_secs(10),
             "the agent stopped syncing; its log:\n{}",
