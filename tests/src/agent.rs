@@ -205,13 +205,15 @@ impl Agent {
         Ok(samples)
     }
 
-    /// Syncs the running agent process applied (`dataplane_syncs_total`);
-    /// 0 while its metrics endpoint is not up yet.
-    pub fn syncs(&self) -> usize {
-        self.metrics()
-            .ok()
-            .and_then(|m| m.get("dataplane_syncs_total").copied())
-            .unwrap_or(0.0) as usize
+    /// Syncs the running agent process applied (`dataplane_syncs_total`).
+    /// An error if its metrics cannot be read: a count taken as the base
+    /// of a wait must not silently be 0.
+    pub fn syncs(&self) -> Result<usize> {
+        let m = self.metrics()?;
+        let n = m
+            .get("dataplane_syncs_total")
+            .context("no dataplane_syncs_total in /metrics")?;
+        Ok(*n as usize)
     }
 
     /// `sync applied` lines in the agent's log, over every process the
@@ -226,7 +228,8 @@ impl Agent {
     pub fn wait_syncs(&mut self, n: usize, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < timeout {
-            if self.syncs() >= n {
+            // Not up yet (a starting agent) counts as no sync yet.
+            if self.syncs().is_ok_and(|s| s >= n) {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
@@ -240,9 +243,31 @@ impl Agent {
         )
     }
 
+    /// Waits until `cond` holds (polled every 20 ms), failing with `what`
+    /// and the agent's log if the agent exits or `timeout` passes first:
+    /// for conditions on the maps, pins or interfaces the agent manages.
+    pub fn wait_until(&mut self, what: &str, timeout: Duration, mut cond: impl FnMut(&Agent) -> bool) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if cond(self) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the agent exited ({status}) before {what}; its log:\n{}", self.log());
+            }
+            if start.elapsed() >= timeout {
+                bail!("not within {timeout:?}: {what}; the agent's log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Rewrites manifest `name` and waits until the agent applied it.
     pub fn update(&mut self, name: &str, content: &str) -> Result<()> {
-        let before = self.syncs();
+        // The file source polls only between syncs, and each sync applies
+        // what its poll read: with no other write pending, the next sync
+        // after `before` is the one that applies this write.
+        let before = self.syncs()?;
         self.write(name, content)?;
         self.wait_syncs(before + 1, Duration::from_secs(10))
     }

@@ -245,6 +245,8 @@ fn endpoint_churn_at_100_changes_per_second_keeps_every_connection_correct() {
                 if problems.len() > 10 {
                     break;
                 }
+                // Paces the requests on the held connections (the loop is
+                // bounded by CLIENT_MAX_TIME); not a synchronisation.
                 std::thread::sleep(Duration::from_millis(50));
             }
             (problems, asked)
@@ -256,6 +258,8 @@ fn endpoint_churn_at_100_changes_per_second_keeps_every_connection_correct() {
     let start = Instant::now();
     let steps = (CHURN_FOR.as_millis() / STEP.as_millis()) as u32;
     for k in 0..steps {
+        // The churn's schedule (one change every STEP): the load itself,
+        // not a synchronisation.
         if let Some(wait) = (STEP * k).checked_sub(start.elapsed()) {
             std::thread::sleep(wait);
         }
@@ -285,9 +289,9 @@ fn endpoint_churn_at_100_changes_per_second_keeps_every_connection_correct() {
     // Until the last write is known to be programmed (by the agent's
     // metrics: two more syncs, the second of which began after the write),
     // rewrite a slice unchanged (a new file, so the agent syncs again).
-    let written_at = agent.syncs();
+    let written_at = agent.syncs().unwrap();
     let settle = Instant::now();
-    while agent.syncs() < written_at + 2 {
+    while agent.syncs().unwrap() < written_at + 2 {
         assert!(
             settle.elapsed() < Duration::from_secs(10),
             "the agent stopped syncing; its log:\n{}",
@@ -300,6 +304,15 @@ fn endpoint_churn_at_100_changes_per_second_keeps_every_connection_correct() {
     let records: Vec<Record> = short.into_iter().flat_map(|h| h.join().unwrap()).collect();
     let long: Vec<(Vec<String>, usize)> = long.into_iter().map(|h| h.join().unwrap()).collect();
 
+    // No sync failed, by the agent's metrics; the log's `sync applied`
+    // lines below give the times at which removals were programmed.
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metrics.get("dataplane_sync_errors_total"),
+        Some(&0.0),
+        "syncs failed; agent log:\n{}",
+        agent.log()
+    );
     let syncs = syncs(&agent.log());
     let failed_syncs: Vec<_> = syncs.iter().filter(|(_, e)| *e > 0).collect();
     assert!(

@@ -231,6 +231,84 @@ fn spread_over_backends_follows_the_hash() {
     assert!(counts.values().all(|c| (318..=482).contains(c)), "{counts:?}");
 }
 
+/// New flows of `loaded_with_web` reach fixed backends, through both
+/// programs: expectations that no code computes at test time. Computed once
+/// (2026-12-05) from the Maglev paper and the documented flow hash (by
+/// `dataplane_tests::oracle` and by a third, throw-away implementation),
+/// for the default table size (1021). DO NOT UPDATE THEM to make a test
+/// pass: a node running a release that picks other backends for the same
+/// flows breaks connections during every rolling update.
+#[test]
+fn new_flows_reach_the_backends_of_fixed_vectors() {
+    let tcp: [(u16, [u8; 4], u16); 8] = [
+        (40000, [198, 18, 3, 2], 8081),
+        (40001, [198, 18, 1, 2], 8080),
+        (40002, [198, 18, 2, 2], 8080),
+        (40003, [198, 18, 2, 2], 8080),
+        (40004, [198, 18, 1, 2], 8080),
+        (40005, [198, 18, 2, 2], 8080),
+        (40006, [198, 18, 3, 2], 8081),
+        (40007, [198, 18, 1, 2], 8080),
+    ];
+    let udp: [(u16, [u8; 4], u16); 4] = [
+        (50000, [198, 18, 1, 2], 5353),
+        (50001, [198, 18, 1, 2], 5353),
+        (50002, [198, 18, 1, 2], 5353),
+        (50003, [198, 18, 2, 2], 5353),
+    ];
+    for prog in Prog::BOTH {
+        let l = loaded_with_web();
+        for (proto, vport, vectors) in [(TCP, 80, &tcp[..]), (UDP, 53, &udp[..])] {
+            for (cport, addr, port) in vectors {
+                let frame = if proto == TCP {
+                    Frame::tcp((CLIENT, *cport), (VIP, vport), SYN).build()
+                } else {
+                    Frame::udp((CLIENT, *cport), (VIP, vport), b"q").build()
+                };
+                let p = parse_and_verify(&l.run(prog, &frame).data);
+                assert_eq!(
+                    (p.dst, p.dport),
+                    (IpAddr::from(*addr), *port),
+                    "{prog:?}: {CLIENT}:{cport} -> {VIP}:{vport}/{proto}"
+                );
+            }
+        }
+        assert_eq!(l.reason(Reason::NatNewFlow), 12, "{prog:?}");
+    }
+}
+
+/// 2,100 new flows (21 clients, 100 ports each) over 7 backends, through
+/// both programs: each backend's count is binomial(2100, 1/7) (mean 300,
+/// sd 16.0), here within 5 sd, whatever the table looks like; and every
+/// flow goes where the independent implementation says.
+#[test]
+fn new_flows_spread_binomially_over_seven_backends() {
+    let backends: Vec<(IpAddr, u16)> = (1..=7).map(|i| (b(i), 8080 + u16::from(i % 2))).collect();
+    for prog in Prog::BOTH {
+        let mut l = Loaded::new();
+        l.set_service(VIP, 80, TCP, &backends);
+        let programmed = l.backends(VIP, 80, TCP);
+        let mut counts = std::collections::BTreeMap::new();
+        for client in 0..21u8 {
+            let src = IpAddr::from([198, 18, 100, 10 + client]);
+            for port in 20000..20100u16 {
+                let p = parse_and_verify(&l.run(prog, &Frame::tcp((src, port), (VIP, 80), SYN).build()).data);
+                let oracle = dataplane_tests::oracle::expected(&programmed, 1021, (src, port), (VIP, 80), TCP);
+                assert_eq!(
+                    (p.dst, p.dport),
+                    (oracle.ip(), oracle.host_port()),
+                    "{prog:?}: {src}:{port}"
+                );
+                *counts.entry((p.dst, p.dport)).or_insert(0u32) += 1;
+            }
+        }
+        let want: std::collections::BTreeSet<_> = backends.iter().copied().collect();
+        assert_eq!(counts.keys().copied().collect::<std::collections::BTreeSet<_>>(), want);
+        assert!(counts.values().all(|c| (220..=380).contains(c)), "{prog:?}: {counts:?}");
+        eprintln!("{prog:?}: {counts:?}");
+    }
+}
+
 #[test]
 fn maglev_keeps_most_flows_on_their_backend_when_one_is_added() {
     // New-flow assignments (no conntrack involved: a fresh program each

@@ -304,18 +304,25 @@ fn bpf_debug_log_only_when_asked_for() {
     let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
     let quiet = Agent::start(&t.node, &t.node_ifaces(), &[], &m).unwrap();
     assert_eq!(connections(&t, 3).unwrap().get("b1"), Some(&3));
+    // Not a synchronisation: a negative assertion needs a window. A
+    // logging agent's decision lines reach its log within milliseconds of
+    // the packets (measured below); a quiet one must show none in 500 ms.
+    std::thread::sleep(Duration::from_millis(500));
     assert!(!quiet.log().contains("new flow"), "{}", quiet.log());
     drop(quiet);
     let loud = Agent::start_with(&t.node, &t.node_ifaces(), &[], &m, &["--bpf-debug-log"]).unwrap();
     assert_eq!(connections(&t, 3).unwrap().get("b1"), Some(&3));
+    // The log text is what this test is about (the programs' decisions
+    // forwarded to the agent's log), so here the wait is on the log, with
+    // a deadline.
     let start = std::time::Instant::now();
-    while loud
-        .log()
-        .lines()
-        .filter(|l| l.contains("new flow") && l.contains("backend 198.18.1.2:8080"))
-        .count()
-        < 3
-    {
+    let decisions = |a: &Agent| {
+        a.log()
+            .lines()
+            .filter(|l| l.contains("new flow") && l.contains("backend 198.18.1.2:8080"))
+            .count()
+    };
+    while decisions(&loud) < 3 {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "no decision log:\n{}",
@@ -323,6 +330,10 @@ fn bpf_debug_log_only_when_asked_for() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    eprintln!(
+        "the 3 decision lines were in the log {:?} after the connections",
+        start.elapsed()
+    );
 }
 
 /// Graceful termination: a terminating endpoint keeps its open connection
@@ -384,46 +395,50 @@ fn new_interfaces_matching_a_pattern_get_the_program() {
     let mut agent = Agent::start(&t.node, &["vc".to_string(), "vb*".to_string()], &[], &m).unwrap();
     let i = t.add_backend().unwrap();
     servers.push(tcp_server(&t.backends[i - 1], backend_addr(i), 8080, &format!("b{i}")));
-    let attached = format!("iface=vb{i}");
-    let start = std::time::Instant::now();
-    while !agent
-        .log()
-        .lines()
-        .any(|l| l.contains("attached") && l.contains(&attached))
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "vb{i} never got the program:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let iface = format!("vb{i}");
+    let pin = agent.pins.join("links").join(format!("tc-{iface}"));
+    // Attached: the agent pinned the program's link on the new interface,
+    // then let it accept local source addresses (the last step of an
+    // attach, see `ifwatch::Attacher::reconcile`).
+    let node = format!("/run/netns/{}", t.node.name);
+    let accept_local = move |iface: &str| {
+        let (node, path) = (node.clone(), format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"));
+        std::thread::spawn(move || {
+            dataplane_tests::netns::enter(&node);
+            std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1")
+        })
+        .join()
+        .unwrap()
+    };
+    agent
+        .wait_until(&format!("{iface} gets the program"), Duration::from_secs(10), |_| {
+            pin.exists() && accept_local(&iface)
+        })
+        .unwrap();
     // Without the program on vb3 its replies would not get the VIP back and
     // every connection it gets would fail.
     agent.update("slice.yaml", &manifests(&[1, 2, 3])[1].1).unwrap();
     let counts = connections(&t, 90).unwrap();
     assert_spread(&counts, 90, &["b1", "b2", "b3"]);
-    // The pod goes away: its interface's link is removed.
-    t.node.ip(&["link", "del", &format!("vb{i}")]).unwrap();
-    let start = std::time::Instant::now();
-    while !agent
-        .log()
-        .contains(&format!("iface=vb{i} program=\"tc\" interface gone"))
-        && !agent
+    // The pod goes away: its interface's link pin is removed.
+    t.node.ip(&["link", "del", &iface]).unwrap();
+    agent
+        .wait_until(
+            &format!("the link pin of the gone {iface} is removed"),
+            Duration::from_secs(10),
+            |_| !pin.exists(),
+        )
+        .unwrap();
+    // For people reading the log: the attach was logged (before the
+    // removal began, so it is there by now).
+    let attached = format!("iface={iface}");
+    assert!(
+        agent
             .log()
             .lines()
-            .any(|l| l.contains("interface gone") && l.contains(&attached))
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "vb{i}'s removal was not noticed:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        !agent.pins.join("links").join(format!("tc-vb{i}")).exists(),
-        "the link pin of a gone interface remains"
+            .any(|l| l.contains("program attached") && l.contains(&attached)),
+        "the attach to {iface} was not logged:\n{}",
+        agent.log()
     );
 }
 

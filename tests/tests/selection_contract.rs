@@ -47,23 +47,68 @@ impl Rng {
     }
 }
 
+/// Fails, saying where, unless the agent's table for `backends` equals
+/// the paper's.
+fn same_table(backends: &[Backend], size: u32) {
+    let (agent, paper) = (maglev::table(backends, size), oracle::maglev(backends, size));
+    if agent != paper {
+        let differ: Vec<usize> = (0..paper.len()).filter(|i| agent.get(*i) != paper.get(*i)).collect();
+        panic!(
+            "{} backends, table size {size}: the agent's table ({} entries) differs from the paper's at {} positions, \
+             first {:?}; backends: {backends:?}",
+            backends.len(),
+            agent.len(),
+            differ.len(),
+            &differ[..differ.len().min(8)]
+        );
+    }
+}
+
+/// Every table size the agent accepts, written out here rather than taken
+/// from the agent.
+const ALL_SIZES: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
+
 #[test]
 fn the_agents_maglev_tables_equal_the_papers_algorithm() {
     let mut rng = Rng(0x0dd_ba11);
-    for size in [251, 1021, 4093] {
-        for _ in 0..40 {
+    let mut compared = 0;
+    for size in ALL_SIZES {
+        // Fewer sets for the large tables: the oracle builds every
+        // backend's whole permutation (M x N entries).
+        let sets = if size <= 4093 { 40 } else { 8 };
+        for _ in 0..sets {
             let n = 1 + (rng.next() % 60) as usize;
             let mut backends: Vec<Backend> = (0..n).map(|_| rng.backend()).collect();
             backends.sort();
             backends.dedup();
-            assert_eq!(
-                maglev::table(&backends, size),
-                oracle::maglev(&backends, size),
-                "{} backends, table size {size}: {backends:?}",
-                backends.len()
-            );
+            // The agent is given them in any order: not sorted.
+            backends.reverse();
+            same_table(&backends, size);
+            compared += 1;
         }
     }
+    // Edge cases: one backend; one address on many ports; more backends
+    // than positions (a Service may have up to 1024 endpoints, the
+    // smallest table has 251 positions); many backends in a mid-size table.
+    let one_address: Vec<Backend> = (0..20).map(|p| v4([198, 18, 7, 7], 8000 + p)).collect();
+    let many = |n: usize, rng: &mut Rng| -> Vec<Backend> {
+        let mut b: Vec<Backend> = (0..n).map(|_| rng.backend()).collect();
+        b.sort();
+        b.dedup();
+        b
+    };
+    let edge: [(Vec<Backend>, u32); 5] = [
+        (vec![v4([198, 18, 0, 1], 1)], 251),
+        (vec![v4([198, 18, 0, 1], 1)], 65521),
+        (one_address, 1021),
+        (many(300, &mut rng), 251),
+        (many(1000, &mut rng), 4093),
+    ];
+    for (backends, size) in &edge {
+        same_table(backends, *size);
+        compared += 1;
+    }
+    eprintln!("{compared} backend sets compared over {} table sizes", ALL_SIZES.len());
 }
 
 #[test]
@@ -103,12 +148,18 @@ fn maglev_tables_match_fixed_vectors() {
     let six: Vec<Backend> = (1..=6)
         .map(|i| Backend::new(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x18, i, 0, 0, 0, 2)), 8080))
         .collect();
-    let cases: [Vector; 5] = [
+    let hundred: Vec<Backend> = (0..100u16)
+        .map(|i| v4([198, 18, (i / 50 + 1) as u8, (i % 50 + 2) as u8], 8080 + i % 3))
+        .collect();
+    let ports: Vec<Backend> = (9000..9008).map(|p| v4([198, 18, 7, 7], p)).collect();
+    let cases: [Vector; 7] = [
         ("three", &three, 251, FP[0], HEAD[0]),
         ("three reversed", &reversed, 251, FP[1], HEAD[1]),
         ("three", &three, 1021, FP[2], HEAD[2]),
         ("ten", &ten, 1021, FP[3], HEAD[3]),
         ("six ipv6", &six, 4093, FP[4], HEAD[4]),
+        ("hundred", &hundred, 65521, FP[5], HEAD[5]),
+        ("one address, eight ports", &ports, 16381, FP[6], HEAD[6]),
     ];
     // The order the endpoints are listed in changes nothing: position by
     // position, the same backend.
@@ -182,13 +233,55 @@ fn flow_hashes_match_fixed_vectors() {
     }
 }
 
-// Computed once (2026-12-05) by `oracle::maglev` and `oracle::flow_hash`.
-const FP: [u32; 5] = [0xaf40037f, 0x5b2f821d, 0x461d177d, 0x60346165, 0xf0ff12ed];
-const HEAD: [[u16; 16]; 5] = [
+/// Raw inputs (as the datapath passes them: folded addresses, ports as
+/// stored) -> flow hash, fixed; the whole range of every field.
+#[test]
+fn flow_hashes_of_raw_inputs_match_fixed_vectors() {
+    // (saddr, daddr, sport, dport, proto, hash): computed once like FH.
+    // The fields overlap in the 64-bit word (the destination's low bits
+    // with the protocol, the ports with the addresses), so (0, 1, 0, 0, 0)
+    // and (0, 0, 0, 0, 1) collide: that too is part of the contract.
+    let cases: [(u32, u32, u16, u16, u8, u32); 8] = [
+        (0, 0, 0, 0, 0, 0x0000_0000),
+        (u32::MAX, u32::MAX, u16::MAX, u16::MAX, u8::MAX, 0x946c_839b),
+        (1, 0, 0, 0, 0, 0x7442_383e),
+        (0, 1, 0, 0, 0, 0xf87d_8879),
+        (0, 0, 1, 0, 0, 0xa50f_59e7),
+        (0, 0, 0, 1, 0, 0xce40_5c9a),
+        (0, 0, 0, 0, 1, 0xf87d_8879),
+        (0x1234_5678, 0x9abc_def0, 0x1357, 0x2468, 17, 0xf66c_b216),
+    ];
+    for (s, d, sp, dp, proto, want) in cases {
+        assert_eq!(
+            oracle::flow_hash(s, d, sp, dp, proto),
+            want,
+            "oracle: {s:#x} {d:#x} {sp} {dp} {proto}"
+        );
+        assert_eq!(
+            flow_hash(s, d, sp, dp, proto),
+            want,
+            "agent: {s:#x} {d:#x} {sp} {dp} {proto}"
+        );
+    }
+}
+
+// Computed once (2026-12-05) by `oracle::maglev` and `oracle::flow_hash`,
+// and checked then against a third, throw-away implementation of the same
+// definitions. DO NOT UPDATE THESE to make a test pass: a different table
+// or hash sends flows to other backends on nodes running another release,
+// which breaks connections during every rolling update (and between nodes
+// of one cluster). A deliberate change of the contract needs a migration
+// plan and a changelog entry, not new numbers here.
+const FP: [u32; 7] = [
+    0xaf40037f, 0x5b2f821d, 0x461d177d, 0x60346165, 0xf0ff12ed, 0xfaf08e79, 0x800559f1,
+];
+const HEAD: [[u16; 16]; 7] = [
     [2, 2, 1, 1, 2, 2, 0, 0, 2, 2, 1, 1, 0, 0, 2, 1],
     [0, 0, 1, 1, 0, 0, 2, 2, 0, 0, 1, 1, 2, 2, 0, 1],
     [0, 1, 2, 2, 1, 2, 2, 0, 2, 2, 2, 2, 1, 1, 2, 2],
     [6, 3, 1, 3, 7, 4, 2, 8, 3, 5, 8, 7, 0, 2, 7, 3],
     [3, 4, 0, 5, 2, 2, 0, 4, 2, 1, 1, 3, 2, 1, 1, 3],
+    [94, 42, 78, 74, 11, 12, 92, 49, 27, 15, 84, 0, 14, 85, 33, 16],
+    [7, 1, 2, 4, 7, 2, 0, 4, 7, 3, 6, 2, 7, 6, 6, 5],
 ];
 const FH: [u32; 4] = [0xd40a6e94, 0x0fb9ea64, 0x0a82457d, 0x7d07c8a8];
