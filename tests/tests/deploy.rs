@@ -1,11 +1,12 @@
 //! The `deploy/` manifests and container build against the agent's
 //! contract. Every manifest is parsed into the k8s-openapi type of its kind
 //! (a field the type does not know is an error); each concern is a check
-//! ([`CHECKS`]) that lists the problems it finds. The real files must pass every check,
-//! and [`CASES`] break them one edit at a time and require the named check to
-//! notice, so no check can pass vacuously. The ConfigMap is checked against
-//! the agent's own command line (`dataplane::cli::args::Cli`), not a list
-//! kept here. `deploy/examples/` is not read (the unit tests and the demo use it).
+//! ([`CHECKS`]) that lists the problems it finds. The real files must pass
+//! every check, and [`CASES`] break them one edit at a time and require the
+//! named check to notice, so no check can pass vacuously. The ConfigMap is
+//! checked against the agent's own command line (`dataplane::cli::args::Cli`),
+//! not a list kept here. `deploy/examples/` is not read (the unit tests and
+//! the demo use it).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -140,11 +141,8 @@ fn parse_manifests(file: &str, text: &str, m: &mut Manifests) -> Result<(), Stri
         let at = format!("{file} document {}", i + 1);
         let value = Value::deserialize(doc).map_err(|e| format!("{at}: invalid YAML: {e}"))?;
         let field = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_string();
-        let kind = field(value.get("kind"));
-        let at = format!(
-            "{at} ({kind} {})",
-            field(value.get("metadata").and_then(|md| md.get("name")))
-        );
+        let (kind, md) = (field(value.get("kind")), value.get("metadata"));
+        let at = format!("{at} ({kind} {})", field(md.and_then(|md| md.get("name"))));
         match kind.as_str() {
             _ if value.is_null() => {}
             "Namespace" => m.namespaces.push(typed(&at, value)?),
@@ -213,11 +211,8 @@ fn agent(m: &Manifests) -> Result<(&DaemonSet, &PodSpec, &Container), String> {
 /// The data of the agent's ConfigMap.
 fn config(m: &Manifests) -> Result<BTreeMap<String, String>, String> {
     let cm = m.config_maps.iter().find(|cm| name(&cm.metadata) == CONFIG_MAP);
-    Ok(cm
-        .ok_or(format!("no ConfigMap {CONFIG_MAP}"))?
-        .data
-        .clone()
-        .unwrap_or_default())
+    let cm = cm.ok_or(format!("no ConfigMap {CONFIG_MAP}"))?;
+    Ok(cm.data.clone().unwrap_or_default())
 }
 
 /// The host path of the pod's volume `volume`, if it is a hostPath volume.
@@ -314,11 +309,10 @@ fn check_rbac(m: &Manifests, p: &mut Vec<String>) -> Result<(), String> {
             let (urls, names) = (all(non_resource_urls), all(resource_names));
             require!(p, urls.is_empty(), "{at}: grants non-resource URLs {urls:?}");
             require!(p, names.is_empty(), "{at}: limited to resourceNames {names:?}");
-            for (g, r) in all(api_groups)
-                .iter()
-                .flat_map(|g| all(resources).iter().map(move |r| (g, r)))
-            {
-                granted.extend(verbs.iter().map(|v| grant(g, r, v)));
+            for g in all(api_groups) {
+                for r in all(resources) {
+                    granted.extend(verbs.iter().map(|v| grant(g, r, v)));
+                }
             }
         }
     }
@@ -340,12 +334,10 @@ fn check_rbac(m: &Manifests, p: &mut Vec<String>) -> Result<(), String> {
 fn check_binding(m: &Manifests, p: &mut Vec<String>) -> Result<(), String> {
     let (ds, pod, _) = agent(m)?;
     let subject = |kind: &str, ns: &Option<String>, n: &str| format!("{kind} {}/{n}", ns.as_deref().unwrap_or(""));
-    let account = |md: &ObjectMeta, n: &str| subject("ServiceAccount", &md.namespace, n);
-    let runs_as = account(&ds.metadata, pod.service_account_name.as_deref().unwrap_or("default"));
-    let created = m
-        .service_accounts
-        .iter()
-        .any(|sa| account(&sa.metadata, name(&sa.metadata)) == runs_as);
+    let account = pod.service_account_name.as_deref().unwrap_or("default");
+    let runs_as = subject("ServiceAccount", &ds.metadata.namespace, account);
+    let sa = |md: &ObjectMeta| subject("ServiceAccount", &md.namespace, name(md));
+    let created = m.service_accounts.iter().any(|a| sa(&a.metadata) == runs_as);
     require!(p, created, "the DaemonSet runs as {runs_as}, not created by deploy/");
     let roles: Vec<&str> = m.cluster_roles.iter().map(|r| name(&r.metadata)).collect();
     for b in &m.bindings {
@@ -354,14 +346,8 @@ fn check_binding(m: &Manifests, p: &mut Vec<String>) -> Result<(), String> {
         let subjects: Vec<String> = all(&b.subjects).iter().map(of).collect();
         want(p, &format!("{at} subjects"), subjects, vec![runs_as.clone()]);
         let cluster_role = r.api_group == "rbac.authorization.k8s.io" && r.kind == "ClusterRole";
-        let known = cluster_role && roles.contains(&r.name.as_str());
-        require!(
-            p,
-            known,
-            "{at}: refers to {} {}, not created by deploy/",
-            r.kind,
-            r.name
-        );
+        let known = cluster_role && roles.contains(&&*r.name);
+        require!(p, known, "{at}: refers to {} {}, not in deploy/", r.kind, r.name);
     }
     for role in roles {
         let refers = |b: &ClusterRoleBinding| b.role_ref.kind == "ClusterRole" && b.role_ref.name == role;
@@ -392,12 +378,8 @@ fn check_mounts(m: &Manifests, p: &mut Vec<String>) -> Result<(), String> {
         };
         let what = |field: &str| format!("mount {path} {field}");
         if propagation.is_some() {
-            want(
-                p,
-                &what("mountPropagation"),
-                mount.mount_propagation.as_deref(),
-                propagation,
-            );
+            let actual = mount.mount_propagation.as_deref();
+            want(p, &what("mountPropagation"), actual, propagation);
         }
         want(p, &what("readOnly"), mount.read_only.unwrap_or(false), read_only);
         want(p, &what("hostPath"), host_path(pod, &mount.name), Some(path));
@@ -419,12 +401,10 @@ fn check_socket_lb(m: &Manifests, p: &mut Vec<String>) -> Result<(), String> {
         _ if path.is_empty() => {}
         None => p.push(format!("{path:?} is under no mount of the host's {HOST_CGROUP}")),
         // Attaching needs only a directory fd.
-        Some(vm) => want(
-            p,
-            &format!("{HOST_CGROUP} at {} readOnly", vm.mount_path),
-            vm.read_only,
-            Some(true),
-        ),
+        Some(vm) => {
+            let what = format!("{HOST_CGROUP} at {} readOnly", vm.mount_path);
+            want(p, &what, vm.read_only, Some(true));
+        }
     }
     Ok(())
 }
@@ -541,11 +521,7 @@ fn check_config(m: &Manifests, p: &mut Vec<String>) -> Result<(), String> {
     // is no address at all is the refusal above.)
     if let Some(Ok(addr)) = data.get("DATAPLANE_HEALTH_BIND").map(|v| v.parse::<SocketAddr>()) {
         let reachable = addr.ip().is_unspecified() && i32::from(addr.port()) == HEALTH_PORT;
-        require!(
-            p,
-            reachable,
-            "DATAPLANE_HEALTH_BIND {addr} is not reachable by the probes"
-        );
+        require!(p, reachable, "health bind {addr} is not reachable by the probes");
     }
     Ok(())
 }
@@ -578,16 +554,15 @@ fn check_scheduling(m: &Manifests, p: &mut Vec<String>) -> Result<(), String> {
     let surge = rolling.max_surge.unwrap_or(IntOrString::Int(0));
     want(p, "maxSurge", surge, IntOrString::Int(0));
     let grace = pod.termination_grace_period_seconds;
-    require!(
-        p,
-        grace.is_some_and(|s| s > 0),
-        "terminationGracePeriodSeconds {grace:?}"
-    );
+    let graceful = grace.is_some_and(|s| s > 0);
+    require!(p, graceful, "terminationGracePeriodSeconds {grace:?}");
     let r = c.resources.clone().unwrap_or_default();
-    for (kind, list, resource) in [("requests", &r.requests, "cpu"), ("requests", &r.requests, "memory")]
-        .into_iter()
-        .chain([("limits", &r.limits, "memory")])
-    {
+    let (requests, limits) = (&r.requests, &r.limits);
+    for (kind, list, resource) in [
+        ("requests", requests, "cpu"),
+        ("requests", requests, "memory"),
+        ("limits", limits, "memory"),
+    ] {
         let set = list.as_ref().is_some_and(|l| l.contains_key(resource));
         require!(p, set, "no {resource} in resources.{kind}");
     }
@@ -638,19 +613,15 @@ fn check_build(m: &Manifests, p: &mut Vec<String>) -> Result<(), String> {
     require!(p, release, "Dockerfile: no release build of dataplane-user");
     let linker = at("cargo \"+$NIGHTLY\" install bpf-linker").is_some();
     require!(p, linker, "Dockerfile: bpf-linker not built with the pinned nightly");
-    let copy = |l: &&str| l.starts_with("COPY --from=") && l.ends_with(&format!(" {}", AGENT_COMMAND[0]));
-    require!(
-        p,
-        runtime.iter().any(copy),
-        "Dockerfile: runtime stage has no agent at {}",
-        AGENT_COMMAND[0]
-    );
-    let mut ignored = text(m, "../.dockerignore")?.lines();
-    require!(
-        p,
-        ignored.any(|l| l.trim().trim_matches('/') == "target"),
-        ".dockerignore: no target/"
-    );
+    let binary = AGENT_COMMAND[0];
+    let copies = runtime
+        .iter()
+        .any(|l| l.starts_with("COPY --from=") && l.ends_with(&format!(" {binary}")));
+    require!(p, copies, "Dockerfile: runtime stage has no agent at {binary}");
+    let ignored = text(m, "../.dockerignore")?
+        .lines()
+        .any(|l| l.trim().trim_matches('/') == "target");
+    require!(p, ignored, ".dockerignore: no target/");
     Ok(())
 }
 
@@ -677,15 +648,12 @@ fn check_toolchain(m: &Manifests, p: &mut Vec<String>) -> Result<(), String> {
 #[test]
 fn the_deployment_meets_the_agents_contract() {
     let m = parse(&load()).unwrap_or_else(|e| panic!("{e}"));
-    let problems: Vec<String> = CHECKS
-        .iter()
-        .flat_map(|(name, check)| problems(*check, &m).into_iter().map(move |p| format!("{name}: {p}")))
-        .collect();
-    assert!(
-        problems.is_empty(),
-        "deploy/ breaks the contract:\n  {}",
-        problems.join("\n  ")
-    );
+    let mut failures = Vec::new();
+    for (name, check) in CHECKS {
+        failures.extend(problems(check, &m).into_iter().map(|p| format!("{name}: {p}")));
+    }
+    let report = format!("deploy/ breaks the contract:\n  {}", failures.join("\n  "));
+    assert!(failures.is_empty(), "{report}");
 }
 
 /// Edits of the real files, one a line: `check | file | text | replacement
@@ -706,6 +674,10 @@ Objects | serviceaccount.yaml | * | | number of ServiceAccounts: 0, expected 1
 Objects | namespace.yaml | name: dataplane-system | name: kube-system | no Namespace dataplane-system
 Objects | configmap.yaml | namespace: dataplane-system | namespace: default | ConfigMap dataplane-config namespace: Some("default")
 Objects | namespace.yaml | | ---\n | -
+Objects | namespace.yaml | | ---\napiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n | number of Namespaces: 2, expected 1
+Objects | clusterrole.yaml | * | | number of ClusterRoles: 0, expected 1
+Objects | clusterrolebinding.yaml | * | | number of ClusterRoleBindings: 0, expected 1
+Objects | configmap.yaml | | ---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: other, namespace: dataplane-system}\n | number of ConfigMaps: 2, expected 1
 Rbac | clusterrole.yaml | "nodes"]\n    verbs: ["get", "list", "watch"] | "nodes"]\n    verbs: ["get", "list"] | verb watch on services (apiGroup "") is not granted
 Rbac | clusterrole.yaml | "nodes"]\n    verbs: ["get", "list", "watch"] | "nodes"]\n    verbs: ["list", "watch"] | verb get on nodes (apiGroup "") is not granted
 Rbac | clusterrole.yaml | ["endpointslices"]\n    verbs: ["get", "list", "watch"] | ["endpointslices"]\n    verbs: ["get", "watch"] | verb list on endpointslices
@@ -725,7 +697,7 @@ Binding | daemonset.yaml | serviceAccountName: dataplane | serviceAccountName: o
 Binding | daemonset.yaml | \n      serviceAccountName: dataplane | | runs as ServiceAccount dataplane-system/default
 Binding | clusterrolebinding.yaml | \n    name: dataplane | \n    name: other | subjects: ["ServiceAccount dataplane-system/other"], expected ["ServiceAccount dataplane-system/dataplane"]
 Binding | clusterrolebinding.yaml | namespace: dataplane-system | namespace: kube-system | subjects: ["ServiceAccount kube-system/dataplane"]
-Binding | clusterrolebinding.yaml | kind: ClusterRole\n  name: dataplane | kind: ClusterRole\n  name: cluster-admin | ClusterRoleBinding dataplane: refers to ClusterRole cluster-admin, not created by deploy/
+Binding | clusterrolebinding.yaml | kind: ClusterRole\n  name: dataplane | kind: ClusterRole\n  name: cluster-admin | ClusterRoleBinding dataplane: refers to ClusterRole cluster-admin, not in deploy/
 Binding | clusterrolebinding.yaml | kind: ClusterRole\n | kind: Role\n | ClusterRole dataplane is not bound
 Binding | clusterrolebinding.yaml | \nsubjects:\n | \nsubjects:\n  - {kind: ServiceAccount, name: default, namespace: dataplane-system}\n | subjects: ["ServiceAccount dataplane-system/default", "ServiceAccount dataplane-system/dataplane"]
 Binding | clusterrolebinding.yaml | \nsubjects:\n | \nsubjects:\n  - {kind: Group, name: "system:nodes"}\n | subjects: ["Group /system:nodes", "ServiceAccount dataplane-system/dataplane"]
@@ -769,8 +741,8 @@ Config | configmap.yaml | \ndata:\n | \ndata:\n  DATAPLANE_CT_MAX_ENTRIES: "0"\n
 Config | configmap.yaml | \ndata:\n | \ndata:\n  DATAPLANE_CT_MAX_ENTRIES: "lots"\n | refused by the agent's parser
 Config | configmap.yaml | \ndata:\n | \ndata:\n  DATAPLANE_NO_ATTACH: "true"\n | refused by the agent's parser
 Config | configmap.yaml | DATAPLANE_HEALTH_BIND: "0.0.0.0:10256" | DATAPLANE_HEALTH_BIND: ":10256" | refused by the agent: --health-bind ":10256"
-Config | configmap.yaml | DATAPLANE_HEALTH_BIND: "0.0.0.0:10256" | DATAPLANE_HEALTH_BIND: "127.0.0.1:10256" | not reachable by the probes
-Config | configmap.yaml | DATAPLANE_HEALTH_BIND: "0.0.0.0:10256" | DATAPLANE_HEALTH_BIND: "0.0.0.0:8080" | not reachable by the probes
+Config | configmap.yaml | DATAPLANE_HEALTH_BIND: "0.0.0.0:10256" | DATAPLANE_HEALTH_BIND: "127.0.0.1:10256" | health bind 127.0.0.1:10256 is not reachable by the probes
+Config | configmap.yaml | DATAPLANE_HEALTH_BIND: "0.0.0.0:10256" | DATAPLANE_HEALTH_BIND: "0.0.0.0:8080" | health bind 0.0.0.0:8080 is not reachable by the probes
 Config | configmap.yaml | DATAPLANE_TC_IFACES: "cni0" | DATAPLANE_TC_IFACES: "" | DATAPLANE_TC_IFACES is empty
 Config | configmap.yaml | DATAPLANE_XDP_IFACES: "eth0" | DATAPLANE_XDP_IFACES: "eth0," | not a comma-separated list
 Config | configmap.yaml | DATAPLANE_TC_IFACES: "cni0" | DATAPLANE_TC_IFACES: "eth0, cni0" | not a comma-separated list
@@ -817,18 +789,9 @@ fn cases() -> Vec<[String; 5]> {
         let fields: Vec<String> = l.split('|').map(|f| f.trim().replace("\\n", "\n")).collect();
         fields.try_into().unwrap_or_else(|_| panic!("not 5 fields: {l}"))
     };
-    let mut cases: Vec<_> = CASES.lines().filter(|l| !l.is_empty()).map(row).collect();
-    for key in CONFIG_KEYS {
-        let (from, to) = (format!("\n  {key}:"), format!("\n  # {key}:"));
-        cases.push([
-            "Config".into(),
-            "configmap.yaml".into(),
-            from,
-            to,
-            format!("no key {key}"),
-        ]);
-    }
-    cases
+    let removals = CONFIG_KEYS.map(|k| format!("Config | configmap.yaml | \\n  {k}: | \\n  # {k}: | no key {k}"));
+    let lines = CASES.lines().chain(removals.iter().map(String::as_str));
+    lines.filter(|l| !l.is_empty()).map(row).collect()
 }
 
 /// What `check` reports once `from` in `file` is replaced by `to`
@@ -868,13 +831,13 @@ fn every_check_notices_when_the_deployment_breaks() {
             _ => {}
         }
     }
-    assert!(
-        failures.is_empty(),
+    let report = format!(
         "{} of {} cases failed:\n  {}",
         failures.len(),
         cases.len(),
         failures.join("\n  ")
     );
+    assert!(failures.is_empty(), "{report}");
 }
 
 #[test]
