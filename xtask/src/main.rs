@@ -560,3 +560,62 @@ fn main() -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, fs};
+
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every `cargo xtask ...` in the README and docs/ (code blocks and
+    /// inline code, up to a `#` comment), as (where, words after `cargo`).
+    fn shown() -> Vec<(String, Vec<String>)> {
+        let docs = fs::read_dir(root().join("docs")).unwrap().map(|e| e.unwrap().path());
+        let mut out = Vec::new();
+        for path in docs
+            .chain([root().join("README.md")])
+            .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        {
+            let text = fs::read_to_string(&path).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                for (_, rest) in line.match_indices("cargo xtask").map(|(i, _)| line.split_at(i)) {
+                    let cmd = rest.split(['`', '#']).next().unwrap().trim();
+                    if cmd == "cargo xtask" {
+                        continue; // the tool named, no command
+                    }
+                    let at = format!("{}:{}: {cmd}", path.strip_prefix(root()).unwrap().display(), n + 1);
+                    out.push((at, cmd.split_whitespace().skip(1).map(String::from).collect()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn docs_show_only_commands_xtask_accepts() {
+        let shown = shown();
+        assert!(
+            shown.len() >= 10,
+            "only {} commands found: is the search broken?",
+            shown.len()
+        );
+        let refused: Vec<String> = shown
+            .iter()
+            .filter_map(|(at, words)| Cli::try_parse_from(words).err().map(|e| format!("{at}\n    {e}")))
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "refused by xtask's parser:\n  {}",
+            refused.join("\n  ")
+        );
+        let used: BTreeSet<&str> = shown.iter().filter_map(|(_, w)| w.get(1).map(String::as_str)).collect();
+        let missing: Vec<String> = Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .filter(|name| name != "help" && !used.contains(name.as_str()))
+            .collect();
+        assert!(missing.is_empty(), "xtask subcommands no page shows: {missing:?}");
+    }
+}
