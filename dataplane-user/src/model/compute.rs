@@ -146,12 +146,13 @@ pub(super) fn prepare_slice<'a>(
             }
         };
         let c = ep.conditions.clone().unwrap_or_default();
-        let ready = c.ready.unwrap_or(true);
+        // Unset: ready and serving, not terminating (the API's field docs;
+        // kube-proxy reads them the same way).
         endpoints.push(Endpoint {
             addr,
             node_name: ep.node_name.clone(),
-            ready,
-            serving: c.serving.unwrap_or(ready),
+            ready: c.ready.unwrap_or(true),
+            serving: c.serving.unwrap_or(true),
             terminating: c.terminating.unwrap_or(false),
         });
     }

@@ -291,6 +291,24 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
     assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends, vec![b(0, 1, 8080)]);
 }
 
+/// The API: "serving ... A nil value should be interpreted as true"
+/// (EndpointConditions), as kube-proxy does (`Serving == nil || *Serving`);
+/// `ready` unset is true too, `terminating` unset false.
+#[test]
+fn unset_conditions_mean_what_the_api_says() {
+    let sl = slice(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: n, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.0.1]\n  conditions: {ready: false, terminating: true}\n- addresses: [198.18.0.2]\n  conditions: {ready: false}\n",
+    );
+    let d = compute(&[service(SVC)], &[sl.clone()]);
+    // Nothing ready: the terminating endpoint with `serving` unset is the fallback.
+    assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends, vec![b(0, 1, 8080)]);
+    let mut sl = sl;
+    sl.endpoints.push(serde_yaml_ng::from_str("addresses: [198.18.0.3]").unwrap());
+    let d = compute(&[service(SVC)], &[sl]);
+    // No conditions at all: ready, so the only backend.
+    assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends, vec![b(0, 3, 8080)]);
+}
+
 /// A UDP frontend lists the serving endpoints that get no new flows
 /// (terminating ones while others are ready): their flows are kept,
 /// those of endpoints in neither list are cleared. TCP lists none.
