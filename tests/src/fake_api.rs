@@ -12,7 +12,7 @@
 //! get wrong); watch bodies are chunked, one JSON event per chunk.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -94,6 +94,9 @@ pub struct Seen {
     pub gone: u64,
     /// Requests answered 500 while unavailable.
     pub unavailable: u64,
+    /// The label selectors of list and watch requests, per kind (the fake
+    /// does not apply them).
+    pub label_selectors: BTreeMap<&'static str, BTreeSet<String>>,
 }
 
 struct State {
@@ -460,6 +463,8 @@ async fn handle(mut conn: TcpStream, inner: Arc<Inner>) -> Result<()> {
     }
     let down = {
         let mut st = inner.state.lock().unwrap();
+        let labels = req.query.get("labelSelector").cloned().unwrap_or_default();
+        st.seen.label_selectors.entry(kind.name()).or_default().insert(labels);
         st.seen.unavailable += u64::from(st.unavailable);
         st.unavailable
     };

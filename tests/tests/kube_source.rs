@@ -7,6 +7,7 @@
 //! for (see its doc comment).
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::{Duration, Instant},
@@ -190,6 +191,21 @@ async fn initial_list_over_several_pages_programs_every_service() {
     let seen = rig.fake.seen();
     assert_eq!(seen.lists.get("Service"), Some(&2), "two pages of Services: {seen:?}");
     assert_eq!(seen.lists.get("EndpointSlice"), Some(&2), "{seen:?}");
+    // Like kube-proxy, objects of another proxy and headless slices are
+    // not asked for (the API server filters them).
+    // (kube-proxy: `labels.NewRequirement(..., selection.DoesNotExist, nil)`
+    // for both, cmd/kube-proxy/app/server.go.)
+    let requirements = |kind: &str| -> Vec<BTreeSet<&str>> {
+        let sent = seen.label_selectors.get(kind).into_iter().flatten();
+        sent.map(|s| s.split(',').filter(|r| !r.is_empty()).collect()).collect()
+    };
+    let ours = BTreeSet::from([
+        "!service.kubernetes.io/headless",
+        "!service.kubernetes.io/service-proxy-name",
+    ]);
+    assert_eq!(requirements("Service"), [ours.clone()], "{seen:?}");
+    assert_eq!(requirements("EndpointSlice"), [ours], "{seen:?}");
+    assert_eq!(requirements("Node"), [BTreeSet::new()], "{seen:?}");
     assert!(rig.state.is_ready());
     assert_eq!(rig.view.backend_slots(), n as usize, "one generation of slots only");
     rig.stop().await;

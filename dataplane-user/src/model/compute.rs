@@ -41,7 +41,9 @@ pub(super) struct Slice<'a> {
 /// Computes the frontends for `services` from `slices`.
 ///
 /// Rules (as kube-proxy applies them):
-/// - ExternalName and headless Services have no VIP: ignored.
+/// - ExternalName and headless Services have no VIP: ignored. Services and
+///   slices with a label of `NOT_OURS_LABELS` belong to another proxy:
+///   ignored.
 /// - Every address of a Service (ClusterIPs, externalIPs, load balancer
 ///   ingress IPs, node addresses for NodePorts) is a frontend, IPv4 and
 ///   IPv6 alike; a frontend only gets endpoints of its own family (from
@@ -111,6 +113,9 @@ pub(super) fn prepare_slice<'a>(
         );
         return None;
     };
+    if super::not_ours(&s.metadata) {
+        return None;
+    }
     let object = format!("EndpointSlice {ns}/{name}");
     let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
         problem(object, format!("no {SERVICE_NAME_LABEL} label; ignored"));
@@ -183,7 +188,7 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
     let Some(spec) = &svc.spec else {
         return out(order, claims, problems);
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    if spec.type_.as_deref() == Some("ExternalName") || super::not_ours(&svc.metadata) {
         return out(order, claims, problems);
     }
     let ips: Vec<String> = match &spec.cluster_ips {

@@ -33,6 +33,28 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// Labels that put a Service (and its EndpointSlices, which carry the
+/// Service's labels) out of this proxy's hands, whatever their value, as
+/// kube-proxy does: another proxy implementation owns Services labelled
+/// `service.kubernetes.io/service-proxy-name`; `service.kubernetes.io/headless`
+/// marks the slices of headless Services.
+pub const NOT_OURS_LABELS: [&str; 2] = [
+    "service.kubernetes.io/service-proxy-name",
+    "service.kubernetes.io/headless",
+];
+
+/// The label selector for [`NOT_OURS_LABELS`] (objects without them), as
+/// the Kubernetes source lists and watches with it.
+pub const OURS_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// Whether an object carries one of [`NOT_OURS_LABELS`]: it is left alone,
+/// silently (kube-proxy never even receives it).
+pub fn not_ours(md: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    md.labels
+        .as_ref()
+        .is_some_and(|l| NOT_OURS_LABELS.iter().any(|k| l.contains_key(*k)))
+}
+
 /// One frontend (VIP, port, protocol) and the backends new flows go to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {

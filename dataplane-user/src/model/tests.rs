@@ -303,10 +303,37 @@ fn unset_conditions_mean_what_the_api_says() {
     // Nothing ready: the terminating endpoint with `serving` unset is the fallback.
     assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends, vec![b(0, 1, 8080)]);
     let mut sl = sl;
-    sl.endpoints.push(serde_yaml_ng::from_str("addresses: [198.18.0.3]").unwrap());
+    sl.endpoints
+        .push(serde_yaml_ng::from_str("addresses: [198.18.0.3]").unwrap());
     let d = compute(&[service(SVC)], &[sl]);
     // No conditions at all: ready, so the only backend.
     assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends, vec![b(0, 3, 8080)]);
+}
+
+/// kube-proxy lists and watches with `!service.kubernetes.io/service-proxy-name`
+/// and `!service.kubernetes.io/headless` (cmd/kube-proxy/app/server.go):
+/// objects with either label, whatever its value, do not exist for it.
+#[test]
+fn services_and_slices_of_another_proxy_are_left_alone() {
+    let labelled =
+        |label: &str| service(&SVC.replace("namespace: n}", &format!("namespace: n, labels: {{{label}: other}}}}")));
+    let sl = |label: &str| {
+        slice(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, namespace: n, labels: {{kubernetes.io/service-name: s{label}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n- addresses: [198.18.0.1]\n"
+        ))
+    };
+    let d = compute(&[service(SVC)], &[sl("")]);
+    assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends, vec![b(0, 1, 8080)]);
+    for label in [
+        "service.kubernetes.io/service-proxy-name",
+        "service.kubernetes.io/headless",
+    ] {
+        let d = compute(&[labelled(label)], &[sl("")]);
+        assert!(d.frontends.is_empty(), "{label}: {:?}", d.frontends);
+        assert!(d.problems.is_empty(), "{label}: left alone silently: {:?}", d.problems);
+        let d = compute(&[service(SVC)], &[sl(&format!(", {label}: x"))]);
+        assert!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends.is_empty(), "{label}");
+    }
 }
 
 /// A UDP frontend lists the serving endpoints that get no new flows

@@ -39,7 +39,7 @@ use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{Source, SourceCounters, View};
-use crate::model::Tracked;
+use crate::model::{self, Tracked};
 
 /// The annotation kubectl keeps a whole copy of the object in: dropped to
 /// save memory, nothing here reads it.
@@ -254,9 +254,11 @@ impl KubeSource {
     pub fn start(client: Client, node_name: &str) -> Self {
         let shared = Arc::new(Shared::default());
         let tasks = vec![
+            // Objects of another proxy are not even sent (the model also
+            // ignores them, for the file source).
             spawn_watcher(
                 Api::<Service>::all(client.clone()),
-                watcher::Config::default(),
+                watcher::Config::default().labels(model::OURS_SELECTOR),
                 shared.clone(),
                 |c| &mut c.services,
                 |s: &mut Service| {
@@ -271,7 +273,7 @@ impl KubeSource {
             ),
             spawn_watcher(
                 Api::<EndpointSlice>::all(client.clone()),
-                watcher::Config::default(),
+                watcher::Config::default().labels(model::OURS_SELECTOR),
                 shared.clone(),
                 |c| &mut c.slices,
                 |s: &mut EndpointSlice| {
