@@ -138,19 +138,31 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
             }
         }
         let started = Instant::now();
-        let Some((full, changed, mut problems)) = source.view(|v| match &v.tracked {
-            // The source says what changed: recompute only that.
-            Some(t) => {
-                let changed = incremental.update(v.services, v.slices, t);
-                (None, changed, v.problems.to_vec())
-            }
-            None => {
-                let d = model::compute_for_node(v.services, v.slices, node);
-                (Some(d), None, v.problems.to_vec())
+        let Some((full, changed, mut problems, eligible)) = source.view(|v| {
+            let eligible = v.node.is_none_or(model::node_eligible);
+            match &v.tracked {
+                // The source says what changed: recompute only that.
+                Some(t) => {
+                    let changed = incremental.update(v.services, v.slices, t);
+                    (None, changed, v.problems.to_vec(), eligible)
+                }
+                None => {
+                    let d = model::compute_for_node(v.services, v.slices, node);
+                    (Some(d), None, v.problems.to_vec(), eligible)
+                }
             }
         }) else {
             continue; // initial lists not complete yet
         };
+        if state.node_ineligible.swap(!eligible, Ordering::Relaxed) == eligible {
+            match eligible {
+                false => warn!(
+                    "this Node is being deleted or tainted {}: /healthz answers 503 so that load balancers drain it",
+                    model::TO_BE_DELETED_TAINT
+                ),
+                true => info!("this Node is eligible again: /healthz answers 200"),
+            }
+        }
         let desired = full.as_ref().unwrap_or_else(|| incremental.desired());
         problems.extend(desired.problems.iter().cloned());
         for p in &problems {
@@ -174,6 +186,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
             .fetch_add(report.errors.len() as u64, Ordering::Relaxed);
         state.sync_duration.observe(started.elapsed());
         let syncs = state.syncs.fetch_add(1, Ordering::Relaxed) + 1;
+        state.last_sync_ms.store(unix_ms(), Ordering::Relaxed);
         state.ready.store(true, Ordering::Relaxed);
         let backends: usize = syncer.programmed().values().map(|p| p.frontend.backends.len()).sum();
         info!(
@@ -465,4 +478,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     drop(syncer);
     drop(dp);
     result
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| d.as_millis() as u64)
 }

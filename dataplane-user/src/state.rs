@@ -34,6 +34,13 @@ pub struct AgentState {
     pub alive: AtomicBool,
     /// Set once the first full sync has been applied.
     pub ready: AtomicBool,
+    /// Cleared while this node is being deleted or is tainted
+    /// `ToBeDeletedByClusterAutoscaler` (set until a Node says otherwise,
+    /// as kube-proxy does): `/healthz` then answers 503 so that load
+    /// balancers drain the node.
+    pub node_ineligible: AtomicBool,
+    /// Unix time (ms) of the last applied sync; 0 before the first.
+    pub last_sync_ms: AtomicU64,
     /// How long syncs take.
     pub sync_duration: SyncHistogram,
 }
@@ -68,6 +75,10 @@ impl AgentState {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn node_eligible(&self) -> bool {
+        !self.node_ineligible.load(Ordering::Relaxed)
     }
 }
 

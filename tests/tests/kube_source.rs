@@ -203,11 +203,76 @@ async fn initial_list_over_several_pages_programs_every_service() {
         "!service.kubernetes.io/headless",
         "!service.kubernetes.io/service-proxy-name",
     ]);
-    assert_eq!(requirements("Service"), [ours.clone()], "{seen:?}");
-    assert_eq!(requirements("EndpointSlice"), [ours], "{seen:?}");
+    assert_eq!(requirements("Service"), vec![ours.clone()], "{seen:?}");
+    assert_eq!(requirements("EndpointSlice"), vec![ours], "{seen:?}");
     assert_eq!(requirements("Node"), [BTreeSet::new()], "{seen:?}");
     assert!(rig.state.is_ready());
     assert_eq!(rig.view.backend_slots(), n as usize, "one generation of slots only");
+    rig.stop().await;
+}
+
+/// One HTTP/1.1 GET; (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n");
+    c.write_all(req.as_bytes()).await.expect("send");
+    let mut text = String::new();
+    c.read_to_string(&mut text).await.expect("receive");
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (
+        code,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+/// kube-proxy's `/healthz` (proxy_health.go) answers 503 while this Node is
+/// being deleted or tainted `ToBeDeletedByClusterAutoscaler`, so that load
+/// balancers drain it; `/livez` ignores the Node. The Node changes arrive
+/// through the watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_503_while_the_node_is_going_away() {
+    let rig = Rig::start(|_| {}).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(dataplane::http::health::serve(listener, rig.state.clone()));
+    rig.wait_syncs_above(0).await;
+    let expect = |path: &'static str, code: u16, why: &'static str| async move {
+        let start = Instant::now();
+        loop {
+            let (have, body) = http_get(addr, path).await;
+            if have == code {
+                return body;
+            }
+            assert!(
+                start.elapsed() < CONVERGE,
+                "{why}: {path} answers {have}, not {code}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let body = expect("/healthz", 200, "a node in service").await;
+    assert!(body.contains(r#""nodeEligible":true"#), "{body}");
+
+    let node = objects::node(NODE, Ipv4Addr::new(198, 18, 0, 1));
+    let mut tainted = node.clone();
+    tainted["spec"] = serde_json::json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1764925200", "effect": "NoSchedule"}]});
+    rig.fake.apply(Kind::Node, tainted);
+    let body = expect("/healthz", 503, "tainted by the autoscaler").await;
+    assert!(body.contains(r#""nodeEligible":false"#), "{body}");
+    expect("/livez", 200, "tainted by the autoscaler").await;
+
+    rig.fake.apply(Kind::Node, node.clone());
+    expect("/healthz", 200, "the taint removed").await;
+
+    let mut deleting = node;
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-05T09:00:00Z".into();
+    rig.fake.apply(Kind::Node, deleting);
+    expect("/healthz", 503, "being deleted").await;
+    expect("/livez", 200, "being deleted").await;
+    server.abort();
     rig.stop().await;
 }
 

@@ -1,11 +1,20 @@
-//! Health endpoints, like kube-proxy's on port 10256:
+//! Health endpoints, like kube-proxy's on port 10256 (its
+//! `pkg/proxy/healthcheck/proxy_health.go`):
 //!
-//! - `GET /healthz`: 200 while the sync loop runs, else 503;
+//! - `GET /healthz`: 200 while the sync loop runs and this node is
+//!   eligible (not being deleted, not tainted
+//!   `ToBeDeletedByClusterAutoscaler`), else 503; a JSON body with
+//!   `lastUpdated`, `currentTime` and `nodeEligible`. Cloud load balancers
+//!   probe it to choose nodes for `externalTrafficPolicy: Cluster` Services.
+//! - `GET /livez`: the same without the node's eligibility (a node being
+//!   drained is not a reason to restart the agent).
 //! - `GET /readyz`: 503 until the first full sync is programmed, then 200.
 
-use std::sync::Arc;
+use std::sync::{atomic::Ordering, Arc};
 
 use hyper::StatusCode;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::json;
 use tokio::net::TcpListener;
 
 use super::{Handler, Reply};
@@ -22,14 +31,33 @@ impl Handler for Health {
 
 /// The answer for `path`.
 pub fn respond(path: &str, state: &AgentState) -> Reply {
-    let (status, body) = match path {
-        "/healthz" if state.is_alive() => (StatusCode::OK, "ok\n"),
-        "/healthz" => (StatusCode::SERVICE_UNAVAILABLE, "sync loop not running\n"),
-        "/readyz" if state.is_ready() => (StatusCode::OK, "ok\n"),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "first sync not programmed yet\n"),
-        _ => (StatusCode::NOT_FOUND, "not found\n"),
+    let status = |ok: bool| match ok {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
     };
-    Reply::text(status, body)
+    let now = Timestamp::now();
+    // As kube-proxy: while healthy, lastUpdated is the current time.
+    let last = |healthy: bool| match (healthy, state.last_sync_ms.load(Ordering::Relaxed)) {
+        (true, _) => now.to_string(),
+        (false, 0) => String::new(),
+        (false, ms) => Timestamp::from_millisecond(ms as i64).map_or(String::new(), |t| t.to_string()),
+    };
+    match path {
+        "/healthz" => {
+            let eligible = state.node_eligible();
+            let healthy = state.is_alive() && eligible;
+            let body = json!({"lastUpdated": last(healthy), "currentTime": now.to_string(), "nodeEligible": eligible});
+            Reply::json(status(healthy), &body)
+        }
+        "/livez" => {
+            let healthy = state.is_alive();
+            let body = json!({"lastUpdated": last(healthy), "currentTime": now.to_string()});
+            Reply::json(status(healthy), &body)
+        }
+        "/readyz" if state.is_ready() => Reply::text(StatusCode::OK, "ok\n"),
+        "/readyz" => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "first sync not programmed yet\n"),
+        _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+    }
 }
 
 /// Serves the health endpoints until the task is aborted.
@@ -39,8 +67,6 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
-
     use super::*;
     use crate::http::testing::raw;
 
@@ -48,8 +74,12 @@ mod tests {
         raw(addr, request).await
     }
 
+    fn json(body: &str) -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+    }
+
     #[tokio::test]
-    async fn healthz_and_readyz_follow_the_agent_state() {
+    async fn healthz_livez_and_readyz_follow_the_agent_state() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(AgentState::default());
@@ -58,11 +88,21 @@ mod tests {
 
         // Before the loop runs: neither alive nor ready.
         assert_eq!(get(addr, &req("/healthz")).await.0, 503);
+        assert_eq!(get(addr, &req("/livez")).await.0, 503);
         assert_eq!(get(addr, &req("/readyz")).await.0, 503);
 
         // Loop running, first sync not applied yet.
         state.alive.store(true, Ordering::Relaxed);
-        assert_eq!(get(addr, &req("/healthz")).await, (200, "ok\n".into()));
+        let (code, body) = get(addr, &req("/healthz")).await;
+        assert_eq!(code, 200);
+        assert_eq!(json(&body)["nodeEligible"], true, "{body}");
+        assert!(
+            json(&body)["currentTime"]
+                .as_str()
+                .is_some_and(|t| t.parse::<Timestamp>().is_ok()),
+            "{body}"
+        );
+        assert_eq!(get(addr, &req("/livez")).await.0, 200);
         let (code, body) = get(addr, &req("/readyz")).await;
         assert_eq!(code, 503);
         assert!(body.contains("first sync"), "{body}");
@@ -71,9 +111,18 @@ mod tests {
         assert_eq!(get(addr, &req("/readyz")).await, (200, "ok\n".into()));
         assert_eq!(get(addr, &req("/readyz?verbose")).await.0, 200);
 
+        // The Node is being deleted: /healthz says so, /livez does not care.
+        state.node_ineligible.store(true, Ordering::Relaxed);
+        let (code, body) = get(addr, &req("/healthz")).await;
+        assert_eq!((code, &json(&body)["nodeEligible"]), (503, &json!(false)), "{body}");
+        assert_eq!(get(addr, &req("/livez")).await.0, 200);
+        state.node_ineligible.store(false, Ordering::Relaxed);
+        assert_eq!(get(addr, &req("/healthz")).await.0, 200);
+
         // Loop ended (e.g. the source failed for good).
         state.alive.store(false, Ordering::Relaxed);
         assert_eq!(get(addr, &req("/healthz")).await.0, 503);
+        assert_eq!(get(addr, &req("/livez")).await.0, 503);
 
         assert_eq!(get(addr, &req("/metrics")).await.0, 404);
         assert_eq!(
@@ -83,5 +132,20 @@ mod tests {
         let (code, body) = get(addr, &crate::http::testing::request("HEAD", "/readyz")).await;
         assert_eq!((code, body.as_str()), (200, ""));
         server.abort();
+    }
+
+    /// kube-proxy's node eligibility (`ProxyHealthServer.SyncNode`).
+    #[test]
+    fn a_node_being_deleted_or_tainted_for_deletion_is_not_eligible() {
+        use k8s_openapi::api::core::v1::Node;
+        let node = |yaml: &str| -> Node { serde_yaml_ng::from_str(yaml).unwrap() };
+        assert!(crate::model::node_eligible(&node("metadata: {name: n}")));
+        let other_taint =
+            "metadata: {name: n}\nspec: {taints: [{key: node.kubernetes.io/unschedulable, effect: NoSchedule}]}";
+        assert!(crate::model::node_eligible(&node(other_taint)));
+        let autoscaler = "metadata: {name: n}\nspec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}]}";
+        assert!(!crate::model::node_eligible(&node(autoscaler)));
+        let deleting = "metadata: {name: n, deletionTimestamp: \"2026-12-05T09:00:00Z\"}";
+        assert!(!crate::model::node_eligible(&node(deleting)));
     }
 }

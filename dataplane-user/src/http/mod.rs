@@ -39,6 +39,15 @@ impl Reply {
             body: body.into(),
         }
     }
+
+    /// A JSON reply.
+    pub fn json(status: StatusCode, body: &serde_json::Value) -> Self {
+        Reply {
+            status,
+            content_type: "application/json",
+            body: format!("{body}\n"),
+        }
+    }
 }
 
 /// One server's endpoints: answers `GET` (and `HEAD`) for a path, the query

@@ -47,6 +47,21 @@ pub const NOT_OURS_LABELS: [&str; 2] = [
 /// the Kubernetes source lists and watches with it.
 pub const OURS_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether load balancers may keep sending traffic to this node, as
+/// kube-proxy's `/healthz` decides it: not when the Node is being deleted
+/// (`deletionTimestamp` set) or carries [`TO_BE_DELETED_TAINT`].
+pub fn node_eligible(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    node.metadata.deletion_timestamp.is_none() && !tainted
+}
+
 /// Whether an object carries one of [`NOT_OURS_LABELS`]: it is left alone,
 /// silently (kube-proxy never even receives it).
 pub fn not_ours(md: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {

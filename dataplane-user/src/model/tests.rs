@@ -299,7 +299,7 @@ fn unset_conditions_mean_what_the_api_says() {
     let sl = slice(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: n, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.0.1]\n  conditions: {ready: false, terminating: true}\n- addresses: [198.18.0.2]\n  conditions: {ready: false}\n",
     );
-    let d = compute(&[service(SVC)], &[sl.clone()]);
+    let d = compute(&[service(SVC)], std::slice::from_ref(&sl));
     // Nothing ready: the terminating endpoint with `serving` unset is the fallback.
     assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends, vec![b(0, 1, 8080)]);
     let mut sl = sl;

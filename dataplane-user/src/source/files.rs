@@ -289,6 +289,7 @@ impl Source for PolledFiles {
         let (objects, problems) = self.current.as_ref()?;
         Some(f(View {
             tracked: None,
+            node: None,
             services: &objects.services,
             slices: &objects.slices,
             problems,

@@ -412,6 +412,7 @@ impl Source for KubeSource {
                 slice_index: cache.slices.index(),
                 changed,
             }),
+            node: cache.nodes.items().first(),
         });
         cache.services.take_changes();
         cache.slices.take_changes();

@@ -14,7 +14,10 @@ pub mod kubernetes;
 
 use std::future::Future;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
 use crate::model::{Problem, Tracked};
 
@@ -44,6 +47,8 @@ pub struct View<'a> {
     /// tracks them (the Kubernetes source): the sync then recomputes only
     /// the Services concerned. `None`: the whole state is recomputed.
     pub tracked: Option<Tracked<'a>>,
+    /// This node's Node object, when the source watches it (Kubernetes).
+    pub node: Option<&'a Node>,
 }
 
 /// Counters a source keeps about its own connection to the objects.
