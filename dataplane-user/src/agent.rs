@@ -6,6 +6,7 @@
 //! from the source's objects, apply the difference to the maps.
 
 use std::{
+    collections::BTreeSet,
     future::Future,
     net::SocketAddr,
     path::PathBuf,
@@ -124,6 +125,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
     let _alive = AliveGuard(state);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut incremental = model::Incremental::new(node.clone());
+    let mut reported = BTreeSet::new();
     loop {
         tokio::select! {
             r = source.changed() => r?,
@@ -165,9 +167,18 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
         }
         let desired = full.as_ref().unwrap_or_else(|| incremental.desired());
         problems.extend(desired.problems.iter().cloned());
-        for p in &problems {
+        // Each problem once, when it appears (or its reason changes), not
+        // at every sync; its end is said too.
+        let now: BTreeSet<model::Problem> = problems.iter().cloned().collect();
+        for p in now.difference(&reported) {
             warn!(object = %p.object, "{}", p.reason);
         }
+        for p in reported.difference(&now) {
+            if !now.iter().any(|n| n.object == p.object) {
+                info!(object = %p.object, "no longer skipped: {}", p.reason);
+            }
+        }
+        reported = now;
         let computed = started.elapsed();
         let report = match &changed {
             Some(keys) => syncer.apply_changed(desired, keys),

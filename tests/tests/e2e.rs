@@ -621,3 +621,30 @@ fn metrics_count_connections_per_service_and_reason() {
     }
     assert_eq!(get(&after, "dataplane_ready"), 1.0);
 }
+
+/// A skipped object is named once when it appears, not again at every
+/// sync, and its end is said once (issue: 17 problems made 157 warnings).
+#[test]
+fn a_skipped_object_is_named_once_not_at_every_sync() {
+    let t = Topology::new(2).unwrap();
+    let mut agent = start_agent(&t, true, false, &[1]);
+    let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: shop}\nspec:\n  clusterIP: 198.19.0.77\n  ports: [{name: http, port: 70000, protocol: TCP}]\n";
+    agent.update("bad.yaml", bad).unwrap();
+    // Three more syncs, each changing the good Service's endpoints.
+    for backends in [&[1, 2][..], &[2], &[1]] {
+        let m = manifests(backends);
+        agent.update("slice.yaml", &m[1].1).unwrap();
+    }
+    let warned = |agent: &Agent| {
+        agent
+            .log()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("Service shop/bad") && l.contains("70000"))
+            .count()
+    };
+    assert_eq!(warned(&agent), 1, "named once over four syncs:\n{}", agent.log());
+    agent.update("bad.yaml", &bad.replace("70000", "80")).unwrap();
+    let ended = agent.log().lines().filter(|l| l.contains("no longer skipped")).count();
+    assert_eq!(ended, 1, "{}", agent.log());
+    assert_eq!(warned(&agent), 1, "{}", agent.log());
+}

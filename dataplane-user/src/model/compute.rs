@@ -10,6 +10,15 @@ pub(super) fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Obj
     ))
 }
 
+/// The API's name of an IP protocol number of [`protocol`].
+pub(super) fn protocol_name(p: u8) -> &'static str {
+    match p {
+        IPPROTO_TCP => "TCP",
+        IPPROTO_UDP => "UDP",
+        _ => "?",
+    }
+}
+
 pub(super) fn protocol(p: Option<&str>) -> Result<u8, String> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(IPPROTO_TCP),
@@ -306,9 +315,17 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
             let pname = sp.name.clone().unwrap_or_default();
             if let Ok(proto) = protocol(sp.protocol.as_deref()) {
                 if !known.contains(&(pname.clone(), proto)) {
+                    let theirs: Vec<String> = known
+                        .iter()
+                        .map(|(n, p)| format!("{n:?}/{}", protocol_name(*p)))
+                        .collect();
                     problem(
                         format!("EndpointSlice {ns}/{}", sl.name),
-                        format!("port {pname:?} is not a port of Service {ns}/{name}; ignored"),
+                        format!(
+                            "port {pname:?}/{} is not a port of Service {ns}/{name} (its ports: {}); ignored",
+                            protocol_name(proto),
+                            theirs.join(", ")
+                        ),
                     );
                 }
             }
@@ -341,12 +358,13 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
                 continue;
             };
             let Some(target) = sp.port.and_then(valid_port) else {
+                let number = match sp.port {
+                    Some(n) => format!("port number {n} is outside 1-65535"),
+                    None => "no port number".to_string(),
+                };
                 problem(
                     format!("EndpointSlice {ns}/{}", sl.name),
-                    format!(
-                        "port {pname:?}: port number {:?} is missing or outside 1-65535; skipped",
-                        sp.port
-                    ),
+                    format!("port {pname:?}/{}: {number}; skipped", protocol_name(proto)),
                 );
                 continue;
             };

@@ -10,7 +10,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde::Deserialize;
 use tracing::warn;
 
@@ -232,8 +235,38 @@ impl FileSource {
         }
         let mut all = Objects::default();
         let mut problems = Vec::new();
-        for f in self.files.values() {
-            all.extend(&f.objects);
+        // An object defined twice (same kind, namespace and name) is kept
+        // from the first file in path order only, and both files named:
+        // the API server would hold one object, not two.
+        let mut defined: BTreeMap<(&str, String, String), &Path> = BTreeMap::new();
+        for (path, f) in &self.files {
+            let mut first = |kind: &'static str, md: &ObjectMeta| {
+                let ns = md.namespace.clone().unwrap_or_else(|| "default".into());
+                let key = (kind, ns.clone(), md.name.clone().unwrap_or_default());
+                match defined.get(&key) {
+                    Some(earlier) => {
+                        let name = |p: &Path| p.strip_prefix(&self.dir).unwrap_or(p).display().to_string();
+                        problems.push(Problem {
+                            object: format!("{kind} {ns}/{}", key.2),
+                            reason: format!(
+                                "defined in both {} and {}; the one in {} is ignored",
+                                name(earlier),
+                                name(path),
+                                name(path)
+                            ),
+                        });
+                        false
+                    }
+                    None => {
+                        defined.insert(key, path);
+                        true
+                    }
+                }
+            };
+            let services = f.objects.services.iter().filter(|o| first("Service", &o.metadata));
+            all.services.extend(services.cloned());
+            let slices = f.objects.slices.iter().filter(|o| first("EndpointSlice", &o.metadata));
+            all.slices.extend(slices.cloned());
             problems.extend(f.problems.iter().cloned());
         }
         Ok(Some((all, problems)))
@@ -404,6 +437,25 @@ mod tests {
         assert_eq!(names, ["a", "b2"]);
         assert!(src.poll().unwrap().is_none());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The API server holds one object per kind, namespace and name: the
+    /// same Service in two files is one Service, named with both files.
+    #[test]
+    fn an_object_defined_in_two_files_is_kept_once_and_both_files_named() {
+        let dir = std::env::temp_dir().join(format!("dp-files-dup-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("a.yaml"), svc_file(1)).unwrap();
+        fs::write(dir.join("b.yaml"), svc_file(2)).unwrap();
+        let (objects, problems) = FileSource::new(&dir).poll().unwrap().unwrap();
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(vip(&objects), "198.19.0.1", "the first file in path order");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let p = &problems[0];
+        assert!(p.reason.contains("a.yaml") && p.reason.contains("b.yaml"), "{p}");
+        assert!(p.object.starts_with("Service "), "{p}");
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

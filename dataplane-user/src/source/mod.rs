@@ -28,13 +28,6 @@ pub struct Objects {
     pub slices: Vec<EndpointSlice>,
 }
 
-impl Objects {
-    pub(crate) fn extend(&mut self, other: &Objects) {
-        self.services.extend(other.services.iter().cloned());
-        self.slices.extend(other.slices.iter().cloned());
-    }
-}
-
 /// A borrowed view of a source's current objects.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
