@@ -89,9 +89,32 @@ pub const CT_MIGRATE_GLOBAL: &str = "DP_CT_MIGRATE";
 /// the verifier removes the logging code: no cost per packet.
 pub const DEBUG_GLOBAL: &str = "DP_DEBUG";
 
+/// The read-only global the agent sets (at load time) to the helpers this
+/// kernel offers that the programs use when present ([`kernel_features`]).
+/// A feature's bit at 0 makes the programs take the older path, and the
+/// verifier removes the newer one, so the object loads on kernels that lack
+/// the helper.
+pub const KERNEL_GLOBAL: &str = "DP_KERNEL";
+
+/// Bits of [`KERNEL_GLOBAL`].
+pub mod kernel_features {
+    /// `bpf_ktime_get_coarse_ns` (5.11): else `bpf_ktime_get_ns`, the same
+    /// clock (CLOCK_MONOTONIC) read precisely, 10-20 ns dearer.
+    pub const COARSE_CLOCK: u32 = 1;
+    /// `bpf_set_retval` in cgroup sock_addr programs (5.18): a connect() to
+    /// a Service without endpoints fails with ECONNREFUSED; else with EPERM,
+    /// the error of a refusing cgroup program.
+    pub const SET_RETVAL: u32 = 2;
+}
+
 /// Program names (the entry function symbols in the eBPF object).
 pub mod program_names {
+    /// XDP, loaded with `BPF_F_XDP_HAS_FRAGS` (5.18).
     pub const XDP: &str = "dp_xdp";
+    /// The same XDP program without the frags flag (names are cut at 15
+    /// bytes by the kernel: this one fits), for kernels before
+    /// 5.18 (the agent loads it when the kernel refuses [`XDP`]).
+    pub const XDP_NO_FRAGS: &str = "dp_xdp_nofrags";
     pub const TC: &str = "dp_tc";
     /// Socket-level load balancing (cgroup sock_addr programs), with the
     /// hook each attaches to.

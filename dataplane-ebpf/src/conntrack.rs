@@ -9,14 +9,14 @@
 // the by-value form clippy prefers would copy them onto the stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use dataplane_common::{
-    counters, Addr, Backend, CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY,
-    CT_F_SNAT,
+    counters, kernel_features, Addr, Backend, CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY,
+    CT_F_SEEN_REPLY, CT_F_SNAT,
 };
 
 use crate::{
-    maps::{ct_migrating, scratch, DP_CONFIG, DP_CONNTRACK, DP_CT_PREV},
+    maps::{ct_migrating, kernel_has, scratch, DP_CONFIG, DP_CONNTRACK, DP_CT_PREV},
     parse::{Packet, TCP_FIN, TCP_RST},
 };
 
@@ -33,11 +33,18 @@ const REFRESH_NS: u64 = 1_000_000_000;
 /// the agent's CLOCK_MONOTONIC (`inspect::monotonic_ns`), never leads it;
 /// ages are computed with saturating subtractions so that a timestamp a
 /// tick ahead (written by a program using the precise clock, before an
-/// upgrade) counts as fresh, not as expired.
+/// upgrade) counts as fresh, not as expired. Kernels before 5.11 lack the
+/// coarse helper: there the precise one is read (same clock).
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    // SAFETY: helper without preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // SAFETY: helpers without preconditions.
+    unsafe {
+        if kernel_has(kernel_features::COARSE_CLOCK) {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_ns()
+        }
+    }
 }
 
 /// Writes a key into this CPU's scratch entry and returns it. Keys and

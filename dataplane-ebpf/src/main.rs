@@ -32,6 +32,15 @@ pub fn dp_xdp(ctx: XdpContext) -> u32 {
     entry::xdp(&ctx)
 }
 
+/// `dp_xdp` without the frags flag, for kernels before 5.18, which refuse
+/// it (`dataplane_common::program_names::XDP_NO_FRAGS`). Such an XDP
+/// program cannot attach to an interface whose MTU needs several buffers
+/// per frame, and attaching it to a veth turns GSO off on the peer.
+#[xdp]
+pub fn dp_xdp_nofrags(ctx: XdpContext) -> u32 {
+    entry::xdp(&ctx)
+}
+
 /// TC ingress on pod/host interfaces.
 #[classifier]
 pub fn dp_tc(ctx: TcContext) -> i32 {

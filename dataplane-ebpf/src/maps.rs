@@ -95,6 +95,20 @@ pub fn ct_migrating() -> bool {
     unsafe { core::ptr::read_volatile(&DP_CT_MIGRATE) != 0 }
 }
 
+/// Set by the agent at load time to the helpers the kernel has; see
+/// `dataplane_common::KERNEL_GLOBAL`.
+#[no_mangle]
+static DP_KERNEL: u32 = 0;
+
+/// Whether the kernel has the helpers of `feature`
+/// (`dataplane_common::kernel_features`).
+#[inline(always)]
+pub fn kernel_has(feature: u32) -> bool {
+    // SAFETY: reading a static; volatile so that the load-time value is
+    // read, not the compile-time 0.
+    unsafe { core::ptr::read_volatile(&DP_KERNEL) & feature != 0 }
+}
+
 /// Set to 1 by the agent at load time to log decisions (aya-log); see
 /// `dataplane_common::DEBUG_GLOBAL`.
 #[no_mangle]

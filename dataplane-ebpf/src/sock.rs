@@ -29,14 +29,14 @@ use aya_ebpf::{
     EbpfContext,
 };
 use dataplane_common::{
-    Addr, AffinityValue, Backend, BackendKey, DpConfig, ServiceKey, ServiceValue, SockAffinityKey, SockEvent,
-    SockNatKey, SockNatValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_SEEN_REPLY, SOCK_NAT_FORWARD,
-    SOCK_NAT_REVERSE, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_SOURCE_RANGES,
+    kernel_features, Addr, AffinityValue, Backend, BackendKey, DpConfig, ServiceKey, ServiceValue, SockAffinityKey,
+    SockEvent, SockNatKey, SockNatValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_SEEN_REPLY,
+    SOCK_NAT_FORWARD, SOCK_NAT_REVERSE, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     conntrack::now_ns,
-    maps::{DP_BACKENDS, DP_CONFIG, DP_SERVICES, DP_SOCK_AFFIN, DP_SOCK_NAT, DP_SOCK_STATS, DP_SVC_STATS},
+    maps::{kernel_has, DP_BACKENDS, DP_CONFIG, DP_SERVICES, DP_SOCK_AFFIN, DP_SOCK_NAT, DP_SOCK_STATS, DP_SVC_STATS},
 };
 
 /// A stack value written as 64-bit words with volatile stores.
@@ -137,7 +137,7 @@ const _: () = {
 
 /// Let the call go on (with the address as the program left it).
 const ALLOW: i32 = 1;
-/// Fail the call with the error set by `bpf_set_retval`.
+/// Fail the call: with the error set by `bpf_set_retval`, else EPERM.
 const DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const NS_PER_S: u64 = 1_000_000_000;
@@ -383,8 +383,11 @@ fn remember_reverse(cookie: u64, to: &SockAddr, b: &Chosen, service_id: u32, now
 fn reject(service_id: u32) -> i32 {
     count(SockEvent::RejectNoBackend);
     count_no_backend(service_id);
-    // SAFETY: allowed in connect and sendmsg programs (kernel 5.18+).
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    // Before 5.18 (no bpf_set_retval) the call fails with EPERM.
+    if kernel_has(kernel_features::SET_RETVAL) {
+        // SAFETY: allowed in connect and sendmsg programs (kernel 5.18+).
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
     DENY
 }
 

@@ -165,7 +165,7 @@ impl Loaded {
 
     pub fn run(&self, prog: Prog, frame: &[u8]) -> RunResult {
         let name = match prog {
-            Prog::Xdp => program_names::XDP,
+            Prog::Xdp => self.dp.xdp_program(),
             Prog::Tc => program_names::TC,
         };
         let fd = self.dp.program_fd(name).unwrap();

@@ -97,7 +97,7 @@ fn a_million_hostile_packets_follow_the_reference_model() {
     eprintln!("hostile packets: seed {seed:#x}, {packets} frames (DATAPLANE_FUZZ_SEED / DATAPLANE_FUZZ_PACKETS)");
     let mut model = Model::new(services());
     let mut l = loaded(&model);
-    let xdp = l.dp.program_fd(program_names::XDP).unwrap();
+    let xdp = l.dp.program_fd(l.dp.xdp_program()).unwrap();
     let tc = l.dp.program_fd(program_names::TC).unwrap();
     let mut gen = Generator::new(seed);
     let mut kinds: BTreeMap<Kind, u64> = BTreeMap::new();

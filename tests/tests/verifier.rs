@@ -33,19 +33,24 @@ fn every_program_verifies_well_within_the_instruction_limit() {
     let mut dp = Dataplane::load(None).unwrap_or_else(|e| panic!("{e}"));
     dp.load_socket_programs().unwrap_or_else(|e| panic!("{e}"));
     let socket_programs = program_names::SOCK.iter().map(|(name, _)| *name);
-    for name in [program_names::XDP, program_names::TC]
-        .into_iter()
-        .chain(socket_programs)
-    {
+    for name in [dp.xdp_program(), program_names::TC].into_iter().chain(socket_programs) {
         let id = program_id(dp.program_fd(name).unwrap());
         let info = aya::programs::loaded_programs()
             .filter_map(Result::ok)
             .find(|p| p.id() == id)
             .unwrap_or_else(|| panic!("{name}: program id {id} not among the loaded programs"));
         assert_eq!(info.name_as_str(), Some(name), "program id {id}");
-        let insns = info
-            .verified_instruction_count()
-            .unwrap_or_else(|| panic!("{name}: the kernel reports no verified_insns (needs 5.16+)"));
+        let Some(insns) = info.verified_instruction_count() else {
+            // Kernels before 5.16 do not report the count: there the load
+            // itself (above) is what this test shows.
+            let v = aya::util::KernelVersion::current().expect("the kernel's version");
+            assert!(
+                v < aya::util::KernelVersion::new(5, 16, 0),
+                "{name}: kernel {v:?} reports no verified_insns"
+            );
+            println!("{name}: verified (kernel {v:?} does not report the instruction count; 5.16+ does)");
+            continue;
+        };
         let xlated = info.size_translated().unwrap_or(0) / 8;
         println!(
             "{name}: {insns} instructions verified ({:.1} % of the {KERNEL_LIMIT} limit, budget {BUDGET}); {xlated} instructions after translation",

@@ -18,7 +18,7 @@ use aya::{
 use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
-    SockNatValue, SourceRangeKey, CT_MIGRATE_GLOBAL, CT_PREV_MAP, DEBUG_GLOBAL,
+    SockNatValue, SourceRangeKey, CT_MIGRATE_GLOBAL, CT_PREV_MAP, DEBUG_GLOBAL, KERNEL_GLOBAL,
 };
 use thiserror::Error;
 
@@ -157,9 +157,44 @@ pub struct Dataplane {
     pins: Option<PinRoot>,
     /// Whether the socket-level programs were loaded (on first attach).
     sock_loaded: bool,
+    /// The XDP program this kernel took: `program_names::XDP`, or
+    /// `XDP_NO_FRAGS` before 5.18.
+    xdp: &'static str,
     /// Pinned maps of another size or layout being migrated: copied into
     /// the new maps at load, finished once the programs are swapped.
     migration: Option<crate::bpf::migrate::Migration>,
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::programs::Program, LoadError> {
+    ebpf.program_mut(name).ok_or(LoadError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })
+}
+
+/// Loads the XDP program with frags support, or, when the kernel refuses
+/// that (before 5.18: EINVAL for the flag), the same code without it.
+/// Returns the name of the one loaded.
+fn load_xdp(ebpf: &mut Ebpf) -> Result<&'static str, LoadError> {
+    let mut first = None;
+    for name in [program_names::XDP, program_names::XDP_NO_FRAGS] {
+        let p: &mut Xdp = program(ebpf, name)?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        match retry_eagain(|| p.load()) {
+            Ok(()) if first.is_none() => return Ok(name),
+            Ok(()) => {
+                tracing::warn!(
+                    refused = %first.unwrap_or_default(),
+                    "this kernel refuses XDP with frags support (5.18+); loaded {name} instead: it cannot attach to an interface whose MTU needs more than one buffer per frame"
+                );
+                return Ok(name);
+            }
+            Err(source) if first.is_none() => first = Some(format!("{name}: {source}")),
+            Err(source) => return Err(LoadError::Program { name, source }),
+        }
+    }
+    unreachable!("the loop returns on its second program")
 }
 
 /// Pins a new link at `pin`, so that it outlives the agent.
@@ -336,6 +371,8 @@ impl Dataplane {
         loader.override_global(DEBUG_GLOBAL, &debug, true);
         let migrating: u8 = ct_prev.is_some().into();
         loader.override_global(CT_MIGRATE_GLOBAL, &migrating, true);
+        let features = crate::bpf::kernel::features();
+        loader.override_global(KERNEL_GLOBAL, &features, true);
         if let Some(old) = ct_prev {
             loader.map_pin_path(CT_PREV_MAP, old);
         }
@@ -345,29 +382,25 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(object)?;
-        for name in [program_names::XDP, program_names::TC] {
-            let prog = ebpf.program_mut(name).ok_or(LoadError::Program {
-                name,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?;
-            match name {
-                program_names::XDP => {
-                    let p: &mut Xdp = prog.try_into().map_err(|source| LoadError::Program { name, source })?;
-                    retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
-                }
-                _ => {
-                    let p: &mut SchedClassifier =
-                        prog.try_into().map_err(|source| LoadError::Program { name, source })?;
-                    retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
-                }
-            }
-        }
+        let xdp = load_xdp(&mut ebpf)?;
+        let name = program_names::TC;
+        let p: &mut SchedClassifier = program(&mut ebpf, name)?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
         Ok(Dataplane {
             ebpf,
             pins,
             sock_loaded: false,
+            xdp,
             migration: None,
         })
+    }
+
+    /// The name of the XDP program this kernel took (`program_names::XDP`,
+    /// or `XDP_NO_FRAGS` on kernels before 5.18).
+    pub fn xdp_program(&self) -> &'static str {
+        self.xdp
     }
 
     pub fn pins(&self) -> Option<&PinRoot> {
@@ -480,7 +513,7 @@ impl Dataplane {
     /// Attaches the XDP program to `iface`. With pins, a link pinned by a
     /// previous agent gets this program atomically; a new link is pinned.
     pub fn attach_xdp(&mut self, iface: &str, mode: XdpAttachMode) -> Result<Attached, LoadError> {
-        let name = program_names::XDP;
+        let name = self.xdp;
         let pin = self.pins.as_ref().map(|p| p.link("xdp", iface));
         let p: &mut Xdp = self
             .ebpf

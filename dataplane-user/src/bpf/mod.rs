@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod cgroup;
 pub mod ifwatch;
+pub mod kernel;
 pub mod loader;
 pub mod map_sizes;
 pub mod migrate;

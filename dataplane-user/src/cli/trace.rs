@@ -393,7 +393,7 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
     let frame = build_frame(req);
     let prog = match req.program {
         TraceProgram::Tc => program_names::TC,
-        TraceProgram::Xdp => program_names::XDP,
+        TraceProgram::Xdp => dp.xdp_program(),
     };
     let fd = dp.program_fd(prog)?;
     let ran = testrun::run(fd, &frame).map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN on {prog}: {e}"))?;
