@@ -25,7 +25,7 @@ use crate::{
         loader::{Dataplane, XdpAttachMode},
         pin::PinRoot,
     },
-    http::health,
+    http::{health, service_health::HealthCheckServers},
     model,
     reconcile::{MapWriter, SyncConfig, Syncer},
     source::{files::PolledFiles, kubernetes::KubeSource, Source},
@@ -119,6 +119,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
     node: &model::NodeInfo,
     state: &AgentState,
     debounce: Duration,
+    mut health_checks: Option<&mut HealthCheckServers>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     state.alive.store(true, Ordering::Relaxed);
@@ -140,22 +141,32 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
             }
         }
         let started = Instant::now();
-        let Some((full, changed, mut problems, eligible)) = source.view(|v| {
+        let Some((full, changed, mut problems, eligible, checks)) = source.view(|v| {
             let eligible = v.node.is_none_or(model::node_eligible);
+            let (checks, mut problems) = match health_checks {
+                Some(_) => model::health_checks(v.services, v.slices, node),
+                None => Default::default(),
+            };
+            problems.extend(v.problems.iter().cloned());
             match &v.tracked {
                 // The source says what changed: recompute only that.
                 Some(t) => {
                     let changed = incremental.update(v.services, v.slices, t);
-                    (None, changed, v.problems.to_vec(), eligible)
+                    (None, changed, problems, eligible, checks)
                 }
                 None => {
                     let d = model::compute_for_node(v.services, v.slices, node);
-                    (Some(d), None, v.problems.to_vec(), eligible)
+                    (Some(d), None, problems, eligible, checks)
                 }
             }
         }) else {
             continue; // initial lists not complete yet
         };
+        if let Some(servers) = health_checks.as_deref_mut() {
+            for e in servers.sync(&checks).await {
+                error!("{e}");
+            }
+        }
         if state.node_ineligible.swap(!eligible, Ordering::Relaxed) == eligible {
             match eligible {
                 false => warn!(
@@ -457,13 +468,35 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         std::future::pending::<()>().await
     };
+    // healthCheckNodePorts on every address, as kube-proxy serves them.
+    let mut health_checks = HealthCheckServers::new(std::net::Ipv4Addr::UNSPECIFIED.into(), state.clone());
     let sync = async {
         match (&cfg.source, kube_source) {
-            (_, Some(mut source)) => sync_loop(&mut source, &mut syncer, &node, &state, cfg.debounce, shutdown).await,
+            (_, Some(mut source)) => {
+                sync_loop(
+                    &mut source,
+                    &mut syncer,
+                    &node,
+                    &state,
+                    cfg.debounce,
+                    Some(&mut health_checks),
+                    shutdown,
+                )
+                .await
+            }
             (SourceConfig::Files { dir, poll_interval }, None) => {
                 info!(dir = %dir.display(), "watching manifests");
                 let mut source = PolledFiles::new(dir, *poll_interval);
-                sync_loop(&mut source, &mut syncer, &node, &state, cfg.debounce, shutdown).await
+                sync_loop(
+                    &mut source,
+                    &mut syncer,
+                    &node,
+                    &state,
+                    cfg.debounce,
+                    Some(&mut health_checks),
+                    shutdown,
+                )
+                .await
             }
             (SourceConfig::Kubernetes, None) => unreachable!("connected above"),
         }

@@ -72,6 +72,7 @@ impl Rig {
                 &NodeInfo::default(),
                 &st,
                 Duration::from_millis(2),
+                None,
                 shutdown,
             )
             .await
@@ -676,6 +677,7 @@ async fn real_cluster_when_kubeconfig_is_set() {
             &NodeInfo::default(),
             &st,
             Duration::from_millis(2),
+            None,
             shutdown,
         )
         .await

@@ -18,9 +18,16 @@ use dataplane_tests::{
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 40);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 1);
 const NODE_PORT: u16 = 30080;
+const HEALTH_CHECK_PORT: u16 = 30999;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn manifests(external_policy: &str, internal_policy: &str) -> Vec<(&'static str, String)> {
+    // The API server allocates one to every LoadBalancer Service with
+    // externalTrafficPolicy Local.
+    let health_check = match external_policy {
+        "Local" => format!("\n  healthCheckNodePort: {HEALTH_CHECK_PORT}"),
+        _ => String::new(),
+    };
     let svc = format!(
         "apiVersion: v1
 kind: Service
@@ -29,7 +36,7 @@ spec:
   type: LoadBalancer
   clusterIP: {CLUSTER_IP}
   externalTrafficPolicy: {external_policy}
-  internalTrafficPolicy: {internal_policy}
+  internalTrafficPolicy: {internal_policy}{health_check}
   loadBalancerSourceRanges: [198.18.200.0/24]
   ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}]
 status:
@@ -184,6 +191,89 @@ fn external_policy_local_keeps_traffic_on_the_node_and_the_client_address() {
     // The load balancer IP behaves the same (node A is the entry).
     let lb = connect(&c.t.client, SocketAddr::from((LB_IP, 80)), 20).unwrap();
     assert_eq!(lb, BTreeMap::from([(pair("a", EXT_CLIENT), 20)]));
+}
+
+/// `curl` from `ns`: (HTTP status, body).
+/// A refused connection is status 0 (curl prints 000).
+fn curl(ns: &Netns, url: &str) -> (u16, String) {
+    let args = [
+        "netns",
+        "exec",
+        &ns.name,
+        "curl",
+        "-s",
+        "--max-time",
+        "3",
+        "-w",
+        "\n%{http_code}",
+        url,
+    ];
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = out
+        .rsplit_once('\n')
+        .unwrap_or_else(|| panic!("no output from curl (apt-get install curl): {out:?}"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Polls `url` from `ns` until it answers `code` (at most 10 s).
+fn curl_until(ns: &Netns, url: &str, code: u16) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let (have, body) = curl(ns, url);
+        if have == code {
+            return body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{url}: {have}, not {code}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// kube-proxy's `healthCheckNodePort` (service_health.go): every node
+/// answers on it, 200 with its count of local ready endpoints while it has
+/// one, 503 once it has none, so a cloud load balancer sends the Service's
+/// traffic only to nodes with a local endpoint. Asked with curl from the
+/// node itself and from outside, as a load balancer's probe would.
+#[test]
+fn health_check_node_port_answers_by_local_endpoints() {
+    let mut c = cluster("Local", "Cluster");
+    let url = |node: Ipv4Addr| format!("http://{node}:{HEALTH_CHECK_PORT}/");
+    let body = curl_until(&c.t.node_a, &format!("http://127.0.0.1:{HEALTH_CHECK_PORT}/"), 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"service": {"namespace": "ingress", "name": "edge"}, "localEndpoints": 1, "serviceProxyHealthy": true})
+    );
+    assert_eq!(curl(&c.t.client, &url(NODE_A_EXT)).0, 200);
+    assert_eq!(curl(&c.t.client, &url(NODE_B)).0, 200);
+
+    // Node B's endpoint goes away: node B answers 503, node A still 200.
+    let m = manifests("Local", "Cluster");
+    let slice = m[1].1.replace(
+        &format!("- addresses: [{BACKEND_B}]\n  conditions: {{ready: true}}\n  nodeName: node-b\n"),
+        "",
+    );
+    assert!(!slice.contains("node-b"), "{slice}");
+    c._agents[1].update("slice.yaml", &slice).unwrap();
+    let body = curl_until(&c.t.client, &url(NODE_B), 503);
+    assert!(body.contains(r#""localEndpoints":0"#), "{body}");
+    assert_eq!(curl(&c.t.client, &url(NODE_A_EXT)).0, 200);
+    // And traffic through node A keeps working meanwhile.
+    let lb = connect(&c.t.client, SocketAddr::from((LB_IP, 80)), 5).unwrap();
+    assert_eq!(lb, BTreeMap::from([(pair("a", EXT_CLIENT), 5)]));
+
+    // Policy Cluster: no health-check port (the API server frees it).
+    c._agents[1]
+        .update("service.yaml", &manifests("Cluster", "Cluster")[0].1)
+        .unwrap();
+    let (code, _) = curl(&c.t.client, &url(NODE_B));
+    assert_eq!(code, 0, "the port is closed: curl gets no HTTP answer");
 }
 
 #[test]

@@ -106,6 +106,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("bpftool", "bpftool"),
     ("util-linux", "nsenter"),
+    ("curl", "curl"),
 ];
 
 /// What the benchmarks compare against: kube-proxy's two rule backends.

@@ -6,6 +6,7 @@
 
 pub mod health;
 pub mod metrics;
+pub mod service_health;
 
 use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 

@@ -8,6 +8,7 @@
 
 mod compute;
 mod conflicts;
+mod health;
 mod incremental;
 pub mod maglev;
 #[cfg(test)]
@@ -15,6 +16,7 @@ mod tests;
 
 pub use compute::{compute, compute_for_node};
 pub use conflicts::ServiceFrontends;
+pub use health::{health_checks, HealthCheck};
 pub use incremental::{Incremental, Tracked};
 
 use std::{

@@ -411,3 +411,61 @@ fn backend_sets_larger_than_a_service_holds_are_truncated() {
     );
     assert!(d.problems[0].reason.contains("only the first 1024"), "{:?}", d.problems);
 }
+
+/// kube-proxy's health-check ports (service_health.go and the endpoints
+/// map's `LocalReadyEndpoints`): LoadBalancer Services with
+/// `externalTrafficPolicy: Local` and a `healthCheckNodePort`; the count is
+/// of local ready endpoints, once per Service port they serve.
+#[test]
+fn health_check_ports_count_local_ready_endpoints_per_port() {
+    let lb = |name: &str, policy: &str, hc: u32| {
+        service(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: n}}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.19.0.{}\n  externalTrafficPolicy: {policy}\n  healthCheckNodePort: {hc}\n  ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 53, protocol: UDP}}]\n",
+            name.len()
+        ))
+    };
+    let sl = |svc: &str| {
+        slice(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, namespace: n, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints:\n- {{addresses: [198.18.0.1], nodeName: node-1}}\n- {{addresses: [198.18.0.2], nodeName: node-1}}\n- {{addresses: [198.18.0.3], nodeName: node-1, conditions: {{ready: false}}}}\n- {{addresses: [198.18.0.4], nodeName: node-2}}\n"
+        ))
+    };
+    let hc = |ns: &str, name: &str, port: u16, local_endpoints: usize| HealthCheck {
+        namespace: ns.into(),
+        name: name.into(),
+        port,
+        local_endpoints,
+    };
+    // Two local ready endpoints, two ports: 4, as kube-proxy reports.
+    let (checks, problems) = health_checks(&[lb("a", "Local", 30100)], &[sl("a")], &node("node-1"));
+    assert_eq!(checks, vec![hc("n", "a", 30100, 4)]);
+    assert!(problems.is_empty(), "{problems:?}");
+    // node-2 has one ready endpoint (2 over two ports); node-3 none.
+    let (checks, _) = health_checks(&[lb("a", "Local", 30100)], &[sl("a")], &node("node-2"));
+    assert_eq!(checks, vec![hc("n", "a", 30100, 2)]);
+    let (checks, _) = health_checks(&[lb("a", "Local", 30100)], &[sl("a")], &node("node-3"));
+    assert_eq!(checks, vec![hc("n", "a", 30100, 0)]);
+    // Cluster policy: no health check, whatever the field says.
+    let (checks, _) = health_checks(&[lb("a", "Cluster", 30100)], &[sl("a")], &node("node-1"));
+    assert!(checks.is_empty());
+    // Outside the node port range, or taken by another Service: named.
+    let (checks, problems) = health_checks(&[lb("a", "Local", 29999)], &[sl("a")], &node("node-1"));
+    assert!(checks.is_empty());
+    assert!(
+        problems.len() == 1 && problems[0].object == "Service n/a" && problems[0].reason.contains("29999"),
+        "{problems:?}"
+    );
+    let (checks, problems) = health_checks(
+        &[
+            lb("bb", "Local", 30100),
+            lb("a", "Local", 30100),
+            lb("ccc", "Local", 30101),
+        ],
+        &[sl("a"), sl("bb")],
+        &node("node-1"),
+    );
+    assert_eq!(checks, vec![hc("n", "a", 30100, 4), hc("n", "ccc", 30101, 0)]);
+    assert!(
+        problems.len() == 1 && problems[0].object == "Service n/bb" && problems[0].reason.contains("Service n/a"),
+        "{problems:?}"
+    );
+}
