@@ -125,6 +125,8 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
     state.alive.store(true, Ordering::Relaxed);
     let _alive = AliveGuard(state);
     let mut shutdown = std::pin::pin!(shutdown);
+    // The node as the source describes it may change (its zone label).
+    let mut node = node.clone();
     let mut incremental = model::Incremental::new(node.clone());
     let mut reported = BTreeSet::new();
     loop {
@@ -143,19 +145,31 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
         let started = Instant::now();
         let Some((full, changed, mut problems, eligible, checks)) = source.view(|v| {
             let eligible = v.node.is_none_or(model::node_eligible);
+            // A new zone changes every Service's topology: start over.
+            let zone = v.node.and_then(model::node_zone);
+            let rezoned = zone != node.zone;
+            if rezoned {
+                info!(zone = zone.as_deref().unwrap_or("<none>"), "this node's topology zone");
+                node.zone = zone;
+                incremental = model::Incremental::new(node.clone());
+            }
             let (checks, mut problems) = match health_checks {
-                Some(_) => model::health_checks(v.services, v.slices, node),
+                Some(_) => model::health_checks(v.services, v.slices, &node),
                 None => Default::default(),
             };
             problems.extend(v.problems.iter().cloned());
             match &v.tracked {
                 // The source says what changed: recompute only that.
                 Some(t) => {
-                    let changed = incremental.update(v.services, v.slices, t);
+                    let t = model::Tracked {
+                        changed: t.changed.filter(|_| !rezoned),
+                        ..*t
+                    };
+                    let changed = incremental.update(v.services, v.slices, &t);
                     (None, changed, problems, eligible, checks)
                 }
                 None => {
-                    let d = model::compute_for_node(v.services, v.slices, node);
+                    let d = model::compute_for_node(v.services, v.slices, &node);
                     (Some(d), None, problems, eligible, checks)
                 }
             }
@@ -348,6 +362,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         name: cfg.node_name.clone(),
         addresses: node_ips.clone(),
         node_port_range: cfg.node_port_range,
+        zone: None,
     };
     info!(addresses = ?node_ips, snat = ?snat_ip, snat6 = ?snat_ip6, "node addresses (NodePorts, SNAT)");
     let datapath = DpConfig {

@@ -306,6 +306,50 @@ fn internal_policy_local_and_hairpin() {
     assert_eq!(hairpin, BTreeMap::from([(pair("a", NODE_A), 10)]));
 }
 
+/// Topology hints (`trafficDistribution: PreferSameZone` or topology-aware
+/// routing, written into the slice by the EndpointSlice controller) keep
+/// Cluster-policy traffic entering node A in node A's zone, by kube-proxy's
+/// rule; the zone is the `topology.kubernetes.io/zone` label of the Node
+/// (here a Node manifest in the agent's directory) and follows its changes.
+#[test]
+fn zone_hints_keep_cluster_ip_traffic_in_the_zone_of_the_node() {
+    let mut c = cluster("Cluster", "Cluster");
+    let backends = |seen: BTreeMap<(String, String), usize>| {
+        let names: std::collections::BTreeSet<String> = seen.into_keys().map(|(b, _)| b).collect();
+        names.into_iter().collect::<Vec<_>>()
+    };
+    let to_vip = SocketAddr::from((CLUSTER_IP, 80));
+    // Without hints: both backends (30 connections miss one with p = 2^-29).
+    assert_eq!(backends(connect(&c.t.client, to_vip, 30).unwrap()), ["a", "b"]);
+
+    let node = |zone: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-a, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n"
+        )
+    };
+    let hinted = manifests("Cluster", "Cluster")[1]
+        .1
+        .replace(
+            "nodeName: node-a\n",
+            "nodeName: node-a\n  hints: {forZones: [{name: zone-a}]}\n",
+        )
+        .replace(
+            "nodeName: node-b\n",
+            "nodeName: node-b\n  hints: {forZones: [{name: zone-b}]}\n",
+        );
+    assert_eq!(hinted.matches("forZones").count(), 2, "{hinted}");
+    let a = &mut c._agents[0];
+    a.update("node.yaml", &node("zone-a")).unwrap();
+    a.update("slice.yaml", &hinted).unwrap();
+    assert_eq!(backends(connect(&c.t.client, to_vip, 20).unwrap()), ["a"]);
+    // The node's label changes: the traffic follows.
+    c._agents[0].update("node.yaml", &node("zone-b")).unwrap();
+    assert_eq!(backends(connect(&c.t.client, to_vip, 20).unwrap()), ["b"]);
+    // A zone no endpoint is hinted for: every endpoint again.
+    c._agents[0].update("node.yaml", &node("zone-c")).unwrap();
+    assert_eq!(backends(connect(&c.t.client, to_vip, 30).unwrap()), ["a", "b"]);
+}
+
 /// The same NodePort, with the lookup done by XDP on node A's external
 /// interface.
 #[test]

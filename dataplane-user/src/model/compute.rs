@@ -38,6 +38,9 @@ pub(super) struct Endpoint {
     pub(super) ready: bool,
     pub(super) serving: bool,
     pub(super) terminating: bool,
+    /// `hints.forNodes` and `hints.forZones` names (empty: no hint).
+    pub(super) for_nodes: Vec<String>,
+    pub(super) for_zones: Vec<String>,
 }
 
 /// A slice, validated once: its usable endpoints and its ports by name.
@@ -168,6 +171,18 @@ pub(super) fn prepare_slice<'a>(
             ready: c.ready.unwrap_or(true),
             serving: c.serving.unwrap_or(true),
             terminating: c.terminating.unwrap_or(false),
+            for_nodes: ep
+                .hints
+                .iter()
+                .flat_map(|h| h.for_nodes.iter().flatten())
+                .map(|n| n.name.clone())
+                .collect(),
+            for_zones: ep
+                .hints
+                .iter()
+                .flat_map(|h| h.for_zones.iter().flatten())
+                .map(|z| z.name.clone())
+                .collect(),
         });
     }
     Some((
@@ -351,6 +366,7 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
 
         // Endpoints by family, readiness and locality.
         let mut sets = [EndpointSets::default(), EndpointSets::default()];
+        let mut port_endpoints: Vec<(&Endpoint, u16)> = Vec::new();
         for sl in slices {
             let Some(sp) = sl.obj.ports.as_deref().unwrap_or(&[]).iter().find(|sp| {
                 sp.name.clone().unwrap_or_default() == pname && protocol(sp.protocol.as_deref()) == Ok(proto)
@@ -368,14 +384,25 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
                 );
                 continue;
             };
-            for ep in &sl.endpoints {
-                let local = node.is_local(ep.node_name.as_deref());
-                let mut b = Backend::new(ep.addr, target);
-                if !local {
-                    b.flags |= BACKEND_F_REMOTE;
-                }
-                sets[ep.addr.is_ipv6() as usize].add(b, local, ep.ready, ep.serving && ep.terminating);
+            port_endpoints.extend(sl.endpoints.iter().map(|ep| (ep, target)));
+        }
+        // Topology (kube-proxy's `CategorizeEndpoints`), per family: which
+        // ready endpoints Cluster-policy traffic from this node may use.
+        let modes = [false, true].map(|v6| {
+            let ready = port_endpoints
+                .iter()
+                .filter(|(ep, _)| ep.ready && ep.addr.is_ipv6() == v6);
+            topology_mode(ready.map(|(ep, _)| *ep), node)
+        });
+        for (ep, target) in &port_endpoints {
+            let local = node.is_local(ep.node_name.as_deref());
+            let mut b = Backend::new(ep.addr, *target);
+            if !local {
+                b.flags |= BACKEND_F_REMOTE;
             }
+            let family = ep.addr.is_ipv6() as usize;
+            let in_topology = modes[family].admits(ep, node);
+            sets[family].add(b, local, ep.ready, ep.serving && ep.terminating, in_topology);
         }
         let mut truncated = |mut backends: Vec<Backend>| {
             let max = limits::MAX_BACKENDS_PER_SERVICE as usize;
@@ -503,12 +530,68 @@ pub(super) struct EndpointSets {
     pub(super) terminating: BTreeSet<Backend>,
     pub(super) ready_local: BTreeSet<Backend>,
     pub(super) terminating_local: BTreeSet<Backend>,
+    /// Ready endpoints the topology leaves out (still serving).
+    pub(super) ready_elsewhere: BTreeSet<Backend>,
+}
+
+/// Which ready endpoints Cluster-policy traffic from this node uses, from
+/// the slices' hints, by kube-proxy's rule (`pkg/proxy/topology.go`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Topology {
+    /// Every ready endpoint.
+    All,
+    /// Those hinted for this node (`hints.forNodes`).
+    SameNode,
+    /// Those hinted for this node's zone (`hints.forZones`).
+    SameZone,
+}
+
+impl Topology {
+    fn admits(self, ep: &Endpoint, node: &NodeInfo) -> bool {
+        let has = |names: &[String], me: Option<&String>| me.is_some_and(|me| names.contains(me));
+        match self {
+            Topology::All => true,
+            Topology::SameNode => has(&ep.for_nodes, node.name.as_ref()),
+            Topology::SameZone => has(&ep.for_zones, node.zone.as_ref()),
+        }
+    }
+}
+
+/// The topology of a Service port's `ready` endpoints: same node when
+/// every one has a node hint and one is hinted for this node; else same
+/// zone when every one has a zone hint and one is hinted for this node's
+/// zone; else all. (Hints come from the EndpointSlice controller, for
+/// `trafficDistribution: PreferSameNode` / `PreferSameZone` /
+/// `PreferClose` and topology-aware routing.)
+pub(super) fn topology_mode<'a>(ready: impl Iterator<Item = &'a Endpoint> + Clone, node: &NodeInfo) -> Topology {
+    let mut any = false;
+    let (mut all_node, mut for_node, mut all_zone, mut for_zone) = (true, false, true, false);
+    for ep in ready {
+        any = true;
+        all_node &= !ep.for_nodes.is_empty();
+        for_node |= Topology::SameNode.admits(ep, node);
+        all_zone &= !ep.for_zones.is_empty();
+        for_zone |= Topology::SameZone.admits(ep, node);
+    }
+    match (any, all_node && for_node, all_zone && for_zone) {
+        (false, _, _) => Topology::All,
+        (true, true, _) => Topology::SameNode,
+        (true, false, true) => Topology::SameZone,
+        _ => Topology::All,
+    }
 }
 
 impl EndpointSets {
-    fn add(&mut self, b: Backend, local: bool, ready: bool, serving_terminating: bool) {
+    /// `in_topology`: a ready endpoint Cluster-policy traffic may use
+    /// ([`Topology`]); the fallback to terminating endpoints and the Local
+    /// sets ignore topology, as kube-proxy's do.
+    fn add(&mut self, b: Backend, local: bool, ready: bool, serving_terminating: bool, in_topology: bool) {
         if ready {
-            self.ready.insert(b);
+            if in_topology {
+                self.ready.insert(b);
+            } else {
+                self.ready_elsewhere.insert(b);
+            }
             if local {
                 self.ready_local.insert(b);
             }
@@ -523,11 +606,9 @@ impl EndpointSets {
     /// Every serving endpoint (ready, or terminating and serving), local
     /// or not, that is not in `picked`.
     fn serving_besides(&self, picked: &[Backend]) -> Vec<Backend> {
-        self.ready
-            .union(&self.terminating)
-            .filter(|b| !picked.contains(b))
-            .copied()
-            .collect()
+        let ready = self.ready.iter().chain(&self.ready_elsewhere);
+        let all: BTreeSet<&Backend> = ready.chain(&self.terminating).collect();
+        all.into_iter().filter(|b| !picked.contains(b)).copied().collect()
     }
 
     /// The backends for new flows: ready ones, or when none is ready the

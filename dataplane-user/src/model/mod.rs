@@ -64,6 +64,14 @@ pub fn node_eligible(node: &k8s_openapi::api::core::v1::Node) -> bool {
     node.metadata.deletion_timestamp.is_none() && !tainted
 }
 
+/// The label naming a node's zone, for `hints.forZones`.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// A Node's [`ZONE_LABEL`].
+pub fn node_zone(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
+    node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned()
+}
+
 /// Whether an object carries one of [`NOT_OURS_LABELS`]: it is left alone,
 /// silently (kube-proxy never even receives it).
 pub fn not_ours(md: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
@@ -107,6 +115,8 @@ pub struct NodeInfo {
     pub addresses: Vec<IpAddr>,
     /// The NodePort range (inclusive).
     pub node_port_range: (u16, u16),
+    /// The node's `topology.kubernetes.io/zone` label, for zone hints.
+    pub zone: Option<String>,
 }
 
 /// kube-apiserver's default `--service-node-port-range`.
@@ -118,6 +128,7 @@ impl Default for NodeInfo {
             name: None,
             addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
+            zone: None,
         }
     }
 }

@@ -121,6 +121,7 @@ fn node(name: &str) -> NodeInfo {
         name: Some(name.into()),
         addresses: vec![Ipv4Addr::new(198, 18, 50, 1).into()],
         node_port_range: DEFAULT_NODE_PORT_RANGE,
+        zone: None,
     }
 }
 
@@ -467,5 +468,125 @@ fn health_check_ports_count_local_ready_endpoints_per_port() {
     assert!(
         problems.len() == 1 && problems[0].object == "Service n/bb" && problems[0].reason.contains("Service n/a"),
         "{problems:?}"
+    );
+}
+
+/// Topology hints by kube-proxy's rule (`pkg/proxy/topology.go`,
+/// `CategorizeEndpoints` and `topologyModeFromHints`): node hints when every
+/// ready endpoint has one and one names this node; else zone hints when
+/// every ready endpoint has one and one names this node's zone; else all.
+/// Expected sets written from that rule, case by case.
+#[test]
+fn topology_hints_choose_endpoints_as_kube_proxy_does() {
+    // (address last byte, ready, serving+terminating, nodeName, forNodes, forZones)
+    type Ep<'a> = (u8, bool, bool, &'a str, &'a [&'a str], &'a [&'a str]);
+    let slice_of = |eps: &[Ep]| {
+        let mut yaml = String::from("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: n, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n");
+        for (last, ready, term, node_name, nodes, zones) in eps {
+            let list = |v: &[&str]| {
+                v.iter()
+                    .map(|n| format!("{{name: {n}}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            yaml += &format!(
+                "- addresses: [198.18.0.{last}]\n  nodeName: {node_name}\n  conditions: {{ready: {ready}, serving: {}, terminating: {term}}}\n",
+                *ready || *term
+            );
+            if !nodes.is_empty() || !zones.is_empty() {
+                yaml += &format!(
+                    "  hints: {{forNodes: [{}], forZones: [{}]}}\n",
+                    list(nodes),
+                    list(zones)
+                );
+            }
+        }
+        slice(&yaml)
+    };
+    let on = |name: &str, zone: Option<&str>| NodeInfo {
+        zone: zone.map(String::from),
+        ..node(name)
+    };
+    let picked = |eps: &[Ep], n: &NodeInfo, svc: &str| -> Vec<u8> {
+        let d = compute_for_node(&[service(svc)], &[slice_of(eps)], n);
+        let f = fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP);
+        let mut v: Vec<u8> = f
+            .backends
+            .iter()
+            .map(|b| b.ip().to_string().rsplit('.').next().unwrap().parse().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let zone_a = on("n1", Some("a"));
+    let zoned: &[Ep] = &[
+        (1, true, false, "n1", &[], &["a"]),
+        (2, true, false, "n2", &[], &["b"]),
+        (3, true, false, "n3", &[], &["a"]),
+    ];
+    assert_eq!(
+        picked(zoned, &zone_a, SVC),
+        [1, 3],
+        "zone hints: the endpoints for zone a"
+    );
+    assert_eq!(picked(zoned, &on("n2", Some("b")), SVC), [2]);
+    assert_eq!(
+        picked(zoned, &on("n9", Some("c")), SVC),
+        [1, 2, 3],
+        "no endpoint for zone c: all"
+    );
+    assert_eq!(
+        picked(zoned, &on("n1", None), SVC),
+        [1, 2, 3],
+        "node without a zone label: all"
+    );
+    let one_unhinted: &[Ep] = &[(1, true, false, "n1", &[], &["a"]), (2, true, false, "n2", &[], &[])];
+    assert_eq!(
+        picked(one_unhinted, &zone_a, SVC),
+        [1, 2],
+        "a ready endpoint without a hint: all"
+    );
+    let unready_unhinted: &[Ep] = &[
+        (1, true, false, "n1", &[], &["a"]),
+        (2, true, false, "n2", &[], &["b"]),
+        (4, false, false, "n1", &[], &[]),
+    ];
+    assert_eq!(
+        picked(unready_unhinted, &zone_a, SVC),
+        [1],
+        "only ready endpoints' hints count"
+    );
+    let by_node: &[Ep] = &[
+        (1, true, false, "n1", &["n1"], &["a"]),
+        (2, true, false, "n2", &["n2"], &["a"]),
+        (3, true, false, "n3", &["n3"], &["b"]),
+    ];
+    assert_eq!(picked(by_node, &zone_a, SVC), [1], "node hints first");
+    assert_eq!(
+        picked(by_node, &on("n4", Some("a")), SVC),
+        [1, 2],
+        "no endpoint for this node: zone hints"
+    );
+    // The fallback to serving terminating endpoints ignores topology.
+    let terminating: &[Ep] = &[(1, false, true, "n2", &[], &["b"]), (2, false, true, "n3", &[], &["c"])];
+    assert_eq!(picked(terminating, &zone_a, SVC), [1, 2]);
+    // externalTrafficPolicy Local takes the local endpoints, hints or not
+    // (the external frontend; internal traffic still follows the hints).
+    let lb = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: n}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.19.0.1\n  externalTrafficPolicy: Local\n  externalIPs: [198.19.5.5]\n  ports: [{port: 80, protocol: TCP}]\n";
+    let d = compute_for_node(&[service(lb)], &[slice_of(zoned)], &on("n2", Some("a")));
+    let external: Vec<String> = fe(&d, [198, 19, 5, 5], 80, IPPROTO_TCP)
+        .backends
+        .iter()
+        .map(|b| b.ip().to_string())
+        .collect();
+    assert_eq!(
+        external,
+        ["198.18.0.2"],
+        "Local: the endpoint on n2, though hinted for zone b"
+    );
+    assert_eq!(
+        picked(zoned, &on("n2", Some("a")), lb),
+        [1, 3],
+        "internal traffic: zone a"
     );
 }

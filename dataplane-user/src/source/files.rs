@@ -11,7 +11,10 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Deserialize;
@@ -134,6 +137,15 @@ fn add_object(file: &str, doc: usize, value: serde_yaml_ng::Value, objects: &mut
             Err(e) => problems.push(Problem {
                 object,
                 reason: format!("not a valid EndpointSlice: {e}; skipped"),
+            }),
+        },
+        // The node the agent runs on, described by the directory (its
+        // labels: the topology zone; its deletion state: /healthz).
+        "Node" => match serde_yaml_ng::from_value::<Node>(value) {
+            Ok(n) => objects.nodes.push(n),
+            Err(e) => problems.push(Problem {
+                object,
+                reason: format!("not a valid Node: {e}; skipped"),
             }),
         },
         "List" | "ServiceList" | "EndpointSliceList" => {
@@ -267,6 +279,8 @@ impl FileSource {
             all.services.extend(services.cloned());
             let slices = f.objects.slices.iter().filter(|o| first("EndpointSlice", &o.metadata));
             all.slices.extend(slices.cloned());
+            let nodes = f.objects.nodes.iter().filter(|o| first("Node", &o.metadata));
+            all.nodes.extend(nodes.cloned());
             problems.extend(f.problems.iter().cloned());
         }
         Ok(Some((all, problems)))
@@ -322,7 +336,7 @@ impl Source for PolledFiles {
         let (objects, problems) = self.current.as_ref()?;
         Some(f(View {
             tracked: None,
-            node: None,
+            node: objects.nodes.first(),
             services: &objects.services,
             slices: &objects.slices,
             problems,

@@ -26,6 +26,8 @@ use crate::model::{Problem, Tracked};
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// Node objects (the file source: the node the agent runs on).
+    pub nodes: Vec<Node>,
 }
 
 /// A borrowed view of a source's current objects.
