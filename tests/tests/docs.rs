@@ -244,3 +244,36 @@ fn docs_name_only_test_targets_and_tests_that_exist() {
     );
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+/// Every test a page names as `suite::test_name` (a file of `tests/tests/`)
+/// exists there, so a renamed or removed test cannot stay cited.
+#[test]
+fn docs_name_only_tests_that_exist() {
+    let mut bad = Vec::new();
+    let mut checked = 0;
+    for (page, text) in pages() {
+        for (n, line) in text.lines().enumerate() {
+            for span in line.split('`').skip(1).step_by(2) {
+                let Some((suite, test)) = span.split_once("::") else {
+                    continue;
+                };
+                let word = |s: &str| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                };
+                let file = root().join(format!("tests/tests/{suite}.rs"));
+                if !word(suite) || !word(test) || !file.exists() {
+                    continue;
+                }
+                checked += 1;
+                let source = fs::read_to_string(&file).unwrap();
+                if !source.contains(&format!("fn {test}(")) {
+                    bad.push(format!("{page}:{}: no test {test} in tests/tests/{suite}.rs", n + 1));
+                }
+            }
+        }
+    }
+    assert!(checked > 40, "only {checked} test names found: is the parser broken?");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
