@@ -261,7 +261,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the health endpoints to {addr}"))?;
-            info!(addr = %listener.local_addr()?, "serving /healthz and /readyz");
+            info!(addr = %listener.local_addr()?, "serving /healthz, /livez and /readyz");
             Some(tokio::spawn(health::serve(listener, state.clone())))
         }
         None => None,

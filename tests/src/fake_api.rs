@@ -21,8 +21,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpListener,
     sync::broadcast,
     task::JoinHandle,
 };
@@ -200,10 +200,51 @@ impl Tx<'_> {
     }
 }
 
+/// A connection the fake serves: plain TCP or TLS over it.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// A certificate authority and a server certificate it signed for one IP
+/// address: what in-cluster clients need (`ca.crt`) and what the fake
+/// serves HTTPS with.
+pub struct Tls {
+    /// The CA certificate (PEM), as a pod's service-account `ca.crt`.
+    pub ca_pem: String,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl Tls {
+    /// A fresh CA and a certificate for `ip` signed by it.
+    pub fn for_ip(ip: std::net::IpAddr) -> Result<Tls> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut leaf = CertificateParams::new(Vec::<String>::new())?;
+        leaf.subject_alt_names = vec![SanType::IpAddress(ip)];
+        let leaf = leaf.signed_by(&key, &ca, &ca_key)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )?;
+        Ok(Tls {
+            ca_pem: ca.pem(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
 /// The fake API server; stops on drop.
 pub struct FakeApi {
     inner: Arc<Inner>,
     addr: SocketAddr,
+    https: bool,
     server: JoinHandle<()>,
 }
 
@@ -222,7 +263,19 @@ impl FakeApi {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding the fake API server")?;
+        Self::serve(listener, None)
+    }
+
+    /// Starts the server with HTTPS on `listener` (bound by the caller, for
+    /// example inside a network namespace), in the current tokio runtime.
+    pub fn start_tls(listener: std::net::TcpListener, tls: &Tls) -> Result<FakeApi> {
+        listener.set_nonblocking(true)?;
+        Self::serve(TcpListener::from_std(listener)?, Some(tls.acceptor.clone()))
+    }
+
+    fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<FakeApi> {
         let addr = listener.local_addr()?;
+        let https = tls.is_some();
         // Large enough for a benchmark's bursts; a watch that falls further
         // behind is dropped and resumes from its resourceVersion.
         let (events, _) = broadcast::channel(65536);
@@ -244,18 +297,35 @@ impl FakeApi {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                let i = i.clone();
+                let (i, tls) = (i.clone(), tls.clone());
                 tokio::spawn(async move {
                     // Errors here are the client going away.
-                    let _ = handle(conn, i).await;
+                    let _ = match tls {
+                        Some(tls) => match tls.accept(conn).await {
+                            Ok(conn) => handle(conn, i).await,
+                            Err(e) => Err(e.into()),
+                        },
+                        None => handle(conn, i).await,
+                    };
                 });
             }
         });
-        Ok(FakeApi { inner, addr, server })
+        Ok(FakeApi {
+            inner,
+            addr,
+            https,
+            server,
+        })
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// A kube client for this server.
@@ -377,7 +447,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn read_request(conn: &mut TcpStream) -> Result<Request> {
+async fn read_request<S: Stream>(conn: &mut S) -> Result<Request> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     let end = loop {
@@ -414,7 +484,7 @@ async fn read_request(conn: &mut TcpStream) -> Result<Request> {
     })
 }
 
-async fn respond_json(conn: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
+async fn respond_json<S: Stream>(conn: &mut S, code: u16, body: &Value) -> Result<()> {
     let body = body.to_string();
     let reason = match code {
         200 => "OK",
@@ -448,7 +518,7 @@ fn name_selector(q: &BTreeMap<String, String>) -> Result<Option<String>, String>
     }
 }
 
-async fn handle(mut conn: TcpStream, inner: Arc<Inner>) -> Result<()> {
+async fn handle<S: Stream>(mut conn: S, inner: Arc<Inner>) -> Result<()> {
     let req = read_request(&mut conn).await?;
     let Some(kind) = Kind::ALL.into_iter().find(|k| k.collection_path() == req.path) else {
         return respond_json(
@@ -537,13 +607,13 @@ fn list(inner: &Inner, kind: Kind, req: &Request, selector: Option<&str>) -> Val
            "metadata": meta, "items": items})
 }
 
-async fn write_chunk(conn: &mut TcpStream, data: &str) -> std::io::Result<()> {
+async fn write_chunk<S: Stream>(conn: &mut S, data: &str) -> std::io::Result<()> {
     conn.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())
         .await
 }
 
-async fn serve_watch(
-    mut conn: TcpStream,
+async fn serve_watch<S: Stream>(
+    mut conn: S,
     inner: Arc<Inner>,
     kind: Kind,
     req: &Request,

@@ -107,6 +107,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("util-linux", "nsenter"),
     ("curl", "curl"),
+    ("runc", "runc"),
 ];
 
 /// What the benchmarks compare against: kube-proxy's two rule backends.

@@ -157,7 +157,13 @@ pub struct RunArgs {
     /// its processes (pods and host processes, with the cgroup root) reach
     /// Services through a backend chosen at connect time, with no
     /// per-packet translation. Off when not given.
-    #[arg(long, env = "DATAPLANE_SOCKET_LB_CGROUP")]
+    /// An empty value (`DATAPLANE_SOCKET_LB_CGROUP=""`, as the ConfigMap
+    /// documents) turns it off.
+    #[arg(
+        long,
+        env = "DATAPLANE_SOCKET_LB_CGROUP",
+        value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from)
+    )]
     pub socket_lb_cgroup: Option<PathBuf>,
     /// Load this eBPF object instead of the one built into the binary.
     #[arg(long, env = "DATAPLANE_BPF_OBJECT")]
@@ -380,6 +386,26 @@ mod tests {
         assert!(matches!(c.source, SourceConfig::Kubernetes));
         assert_eq!(c.node_name.as_deref(), Some("n1"));
         assert_eq!(c.tc_ifaces, ["eth0", "cni0"]);
+    }
+
+    /// deploy/configmap.yaml: `Set it to "" to turn it off`. (clap's path
+    /// parser refuses an empty value: found by the pod test.)
+    #[test]
+    fn an_empty_socket_lb_cgroup_turns_it_off() {
+        let c = parse(&[
+            "dataplane",
+            "run",
+            "--dir",
+            "/tmp",
+            "--tc-iface",
+            "eth0",
+            "--socket-lb-cgroup",
+            "",
+        ])
+        .unwrap();
+        assert_eq!(c.socket_lb_cgroup, None);
+        let e = parse(&["dataplane", "run", "--dir", "/tmp", "--socket-lb-cgroup", ""]).unwrap_err();
+        assert!(e.contains("nothing to attach to"), "{e}");
     }
 
     #[test]
