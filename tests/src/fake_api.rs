@@ -8,8 +8,11 @@
 //! Neither kube's `tower-test` mocking (one scripted request/response at a
 //! time) nor the `kube-fake-client` crate (no watch) covers watch
 //! semantics, so this is a small HTTP/1.1 server on tokio. It listens on
-//! 127.0.0.1 only. Every response closes its connection (no keep-alive to
-//! get wrong); watch bodies are chunked, one JSON event per chunk.
+//! 127.0.0.1 with plain HTTP, or (`start_tls`, for in-cluster clients) with
+//! HTTPS and a bearer token on a listener the caller bound, for example in
+//! a test node's namespace. Every response closes its connection (no
+//! keep-alive to get wrong); watch bodies are chunked, one JSON event per
+//! chunk.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -94,6 +97,9 @@ pub struct Seen {
     pub gone: u64,
     /// Requests answered 500 while unavailable.
     pub unavailable: u64,
+    /// Requests answered 401 for a missing or wrong bearer token (HTTPS
+    /// mode).
+    pub unauthorized: u64,
     /// The label selectors of list and watch requests, per kind (the fake
     /// does not apply them).
     pub label_selectors: BTreeMap<&'static str, BTreeSet<String>>,
@@ -113,6 +119,8 @@ struct State {
 struct Inner {
     state: Mutex<State>,
     events: broadcast::Sender<Msg>,
+    /// The bearer token every request must carry (HTTPS mode only).
+    token: Option<String>,
 }
 
 /// Changes made under the fake's lock, so a group of them is atomic with
@@ -263,17 +271,20 @@ impl FakeApi {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding the fake API server")?;
-        Self::serve(listener, None)
+        Self::serve(listener, None, None)
     }
 
     /// Starts the server with HTTPS on `listener` (bound by the caller, for
     /// example inside a network namespace), in the current tokio runtime.
-    pub fn start_tls(listener: std::net::TcpListener, tls: &Tls) -> Result<FakeApi> {
+    /// As an API server authenticates a pod's service account, every
+    /// request must carry `Authorization: Bearer <token>`; others get 401.
+    pub fn start_tls(listener: std::net::TcpListener, tls: &Tls, token: &str) -> Result<FakeApi> {
         listener.set_nonblocking(true)?;
-        Self::serve(TcpListener::from_std(listener)?, Some(tls.acceptor.clone()))
+        let listener = TcpListener::from_std(listener)?;
+        Self::serve(listener, Some(tls.acceptor.clone()), Some(token.to_string()))
     }
 
-    fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<FakeApi> {
+    fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, token: Option<String>) -> Result<FakeApi> {
         let addr = listener.local_addr()?;
         let https = tls.is_some();
         // Large enough for a benchmark's bursts; a watch that falls further
@@ -289,6 +300,7 @@ impl FakeApi {
                 seen: Seen::default(),
             }),
             events,
+            token,
         });
         let i = inner.clone();
         let server = tokio::spawn(async move {
@@ -416,6 +428,8 @@ struct Request {
     method: String,
     path: String,
     query: BTreeMap<String, String>,
+    /// The `Authorization` header's value.
+    authorization: Option<String>,
 }
 
 fn percent_decode(s: &str) -> String {
@@ -469,6 +483,11 @@ async fn read_request<S: Stream>(conn: &mut S) -> Result<Request> {
     let method = parts.next().unwrap_or("").to_string();
     let target = parts.next().unwrap_or("");
     let (path, qs) = target.split_once('?').unwrap_or((target, ""));
+    let authorization = head.lines().skip(1).find_map(|h| {
+        let (name, value) = h.split_once(':')?;
+        name.eq_ignore_ascii_case("authorization")
+            .then(|| value.trim().to_string())
+    });
     let query = qs
         .split('&')
         .filter(|p| !p.is_empty())
@@ -481,6 +500,7 @@ async fn read_request<S: Stream>(conn: &mut S) -> Result<Request> {
         method,
         path: path.to_string(),
         query,
+        authorization,
     })
 }
 
@@ -489,6 +509,7 @@ async fn respond_json<S: Stream>(conn: &mut S, code: u16, body: &Value) -> Resul
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         _ => "Internal Server Error",
     };
@@ -520,6 +541,13 @@ fn name_selector(q: &BTreeMap<String, String>) -> Result<Option<String>, String>
 
 async fn handle<S: Stream>(mut conn: S, inner: Arc<Inner>) -> Result<()> {
     let req = read_request(&mut conn).await?;
+    if let Some(token) = &inner.token {
+        if req.authorization.as_deref() != Some(&format!("Bearer {token}")) {
+            inner.state.lock().unwrap().seen.unauthorized += 1;
+            let why = format!("{} without the service-account token", req.path);
+            return respond_json(&mut conn, 401, &status(401, "Unauthorized", &why)).await;
+        }
+    }
     let Some(kind) = Kind::ALL.into_iter().find(|k| k.collection_path() == req.path) else {
         return respond_json(
             &mut conn,

@@ -412,7 +412,8 @@ async fn the_agent_runs_in_a_container_as_the_daemonset_describes_and_survives_a
     let dir = TempDir::new("dataplane-pod");
 
     // The API server, HTTPS on the node's loopback (what the agent reaches
-    // through in-cluster configuration), with a CA of the test's own.
+    // through in-cluster configuration), with a CA of the test's own; it
+    // answers only requests with the service account's token.
     let listener = t
         .node
         .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
@@ -421,7 +422,8 @@ async fn the_agent_runs_in_a_container_as_the_daemonset_describes_and_survives_a
         .unwrap();
     let api = listener.local_addr().unwrap();
     let tls = Tls::for_ip(api.ip()).unwrap();
-    let fake = FakeApi::start_tls(listener, &tls).unwrap();
+    let token = format!("token-{}", dataplane_tests::netns::unique_prefix());
+    let fake = FakeApi::start_tls(listener, &tls, &token).unwrap();
     fake.apply(Kind::Node, objects::node(NODE_NAME, Ipv4Addr::new(198, 18, 100, 1)));
     let http = &[("http", 80, "TCP")];
     fake.apply(Kind::Service, objects::service("shop", "web", &VIP.to_string(), http));
@@ -435,7 +437,7 @@ async fn the_agent_runs_in_a_container_as_the_daemonset_describes_and_survives_a
     // The pod's files: service account, host path stand-ins, bundle.
     let sa = dir.0.join("serviceaccount");
     fs::create_dir_all(&sa).unwrap();
-    fs::write(sa.join("token"), "test-token").unwrap();
+    fs::write(sa.join("token"), &token).unwrap();
     fs::write(sa.join("ca.crt"), &tls.ca_pem).unwrap();
     fs::write(sa.join("namespace"), "dataplane-system").unwrap();
     let bpffs = Bpffs::new(dir.0.join("bpffs"));
