@@ -74,9 +74,11 @@ impl Runc {
             .stderr(log)
             .status()
             .unwrap();
+        // Before the check: a container created but not started is deleted
+        // on drop too.
+        self.started.push(id.to_string());
         let text = fs::read_to_string(log_path).unwrap_or_default();
         assert!(out.success(), "runc run {id} failed ({out}):\n{text}");
-        self.started.push(id.to_string());
     }
 
     fn status(&self, id: &str) -> String {
@@ -363,15 +365,26 @@ fn metric(t: &Topology, series: &'static str) -> Option<f64> {
         .unwrap()
 }
 
-fn wait(what: &str, log: &Path, mut cond: impl FnMut() -> bool) {
+/// Waits until `cond` holds; fails with the container's output (and what
+/// the API server refused) when the deadline passes or the container
+/// exits first.
+fn wait(what: &str, runc: &Runc, id: &str, log: &Path, fake: &FakeApi, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
+        let status = runc.status(id);
+        let failed = if status != "running" {
+            format!("container {id} is {status}")
+        } else if start.elapsed() > DEADLINE {
+            format!("not within {DEADLINE:?}")
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let refused = fake.seen().unauthorized;
         let log = fs::read_to_string(log).unwrap_or_default();
-        assert!(
-            start.elapsed() < DEADLINE,
-            "not within {DEADLINE:?}: {what}; the container's output:\n{log}"
+        panic!(
+            "{failed}: {what}; API requests refused for want of the token: {refused}; the container's output:\n{log}"
         );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -470,7 +483,7 @@ async fn the_agent_runs_in_a_container_as_the_daemonset_describes_and_survives_a
 
     // Attached and synced through in-cluster configuration.
     let pins = bpffs.0.join("dataplane");
-    wait("the first sync", &log, || {
+    wait("the first sync", &runc, &id, &log, &fake, || {
         metric(&t, "dataplane_syncs_total").is_some_and(|n| n >= 1.0)
     });
     for iface in t.node_ifaces() {
@@ -490,7 +503,7 @@ async fn the_agent_runs_in_a_container_as_the_daemonset_describes_and_survives_a
     // The next pod adopts the pins (same maps) and follows changes again.
     let id2 = format!("{id}-2");
     runc.run(&bundle, &id2, &log);
-    wait("the first sync of the new container", &log, || {
+    wait("the first sync of the new container", &runc, &id2, &log, &fake, || {
         metric(&t, "dataplane_syncs_total").is_some_and(|n| n >= 1.0)
     });
     assert_eq!(
