@@ -5,15 +5,19 @@
 //! the host's network: here the test node's namespace, the volume mounts
 //! with their propagation and read-only flags, the service-account token
 //! and CA), and reaches the fake API server over HTTPS through in-cluster
-//! configuration (`KUBERNETES_SERVICE_HOST`/`_PORT`). It must attach, sync,
-//! carry traffic, and survive a container restart with its pins: the
-//! programs keep serving while no container runs, and the next container
-//! adopts the pinned maps.
+//! configuration (`KUBERNETES_SERVICE_HOST`/`_PORT`; the server checks the
+//! token, the CA checks the server). It must sync, attach (tcx links on the
+//! node's interfaces, pinned in the test's bpffs through the bidirectional
+//! mount), answer the DaemonSet's probes, carry traffic, and survive a
+//! container restart with its pins: the programs keep serving while no
+//! container runs, and the next container adopts the pinned maps and links
+//! (its programs swapped in) and follows changes again.
 
 use std::{
     collections::BTreeMap,
     fs,
     net::{Ipv4Addr, SocketAddr},
+    os::{fd::AsFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -26,7 +30,10 @@ use dataplane_tests::{
     servers::Conn,
     web::start_servers,
 };
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
+use k8s_openapi::{
+    api::{apps::v1::DaemonSet, core::v1::ConfigMap},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 use serde_json::{json, Value};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 4, 10);
@@ -316,6 +323,15 @@ fn oci_config(
         });
         mounts.push(json!({"destination": m.mount_path, "type": "bind", "source": source, "options": options}));
     }
+    // The container's "host network" is the test node's namespace, never
+    // the one this test runs in.
+    let netns_path = format!("/var/run/netns/{netns}");
+    let ns_id = |p: &str| fs::metadata(p).map(|m| (m.dev(), m.ino())).unwrap();
+    assert_ne!(
+        ns_id(&netns_path),
+        ns_id("/proc/self/ns/net"),
+        "{netns_path} is the test's own namespace"
+    );
     let caps = all_capabilities();
     json!({
         "ociVersion": "1.0.2",
@@ -334,7 +350,7 @@ fn oci_config(
         "linux": {
             "namespaces": [
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                {"type": "network", "path": format!("/var/run/netns/{netns}")}
+                {"type": "network", "path": netns_path}
             ],
             // Bidirectional mounts need a shared root, as container
             // runtimes set it for such pods.
@@ -344,25 +360,107 @@ fn oci_config(
     })
 }
 
-/// A Prometheus series of the agent in the node's namespace (its metrics
-/// listen on 127.0.0.1 there), or `None` while it does not answer.
-fn metric(t: &Topology, series: &'static str) -> Option<f64> {
+/// `GET path` on 127.0.0.1:`port` in the node's namespace: the status code
+/// and the response, or `None` while nothing answers.
+fn http_get(t: &Topology, port: u16, path: &str) -> Option<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n");
     t.node
         .run(move || {
             use std::io::{Read, Write};
-            let mut c =
-                std::net::TcpStream::connect_timeout(&"127.0.0.1:10249".parse().unwrap(), Duration::from_secs(1))
-                    .ok()?;
+            let to = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok()?;
             c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
-                .ok()?;
+            c.write_all(request.as_bytes()).ok()?;
             let mut text = String::new();
             c.read_to_string(&mut text).ok()?;
-            let line = text.lines().find(|l| l.split_whitespace().next() == Some(series))?;
-            line.split_whitespace().nth(1)?.parse().ok()
+            let code = text.split_whitespace().nth(1)?.parse().ok()?;
+            Some((code, text))
         })
         .join()
         .unwrap()
+}
+
+/// A Prometheus series of the agent in the node's namespace (its metrics
+/// listen on 127.0.0.1:10249 there), or `None` while it does not answer.
+fn metric(t: &Topology, series: &str) -> Option<f64> {
+    let (_, text) = http_get(t, 10249, "/metrics")?;
+    let line = text.lines().find(|l| l.split_whitespace().next() == Some(series))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The DaemonSet's liveness and readiness probes (path and port of their
+/// `httpGet`), as the kubelet runs them against a host-network pod.
+fn probes() -> Vec<(String, u16)> {
+    let ds: DaemonSet =
+        serde_yaml_ng::from_str(&fs::read_to_string(root().join("deploy/daemonset.yaml")).unwrap()).unwrap();
+    let c = ds.spec.unwrap().template.spec.unwrap().containers.remove(0);
+    [c.liveness_probe, c.readiness_probe]
+        .into_iter()
+        .map(|p| {
+            let get = p.and_then(|p| p.http_get).expect("an httpGet probe");
+            let port = match get.port {
+                IntOrString::Int(p) => u16::try_from(p).unwrap(),
+                IntOrString::String(name) => panic!("probe port {name}: this test reads numeric ports only"),
+            };
+            (get.path.expect("a probe path"), port)
+        })
+        .collect()
+}
+
+/// A pinned TC link as the kernel reports it (bpftool 7.1 does not know
+/// tcx links, so its info is read with `BPF_OBJ_GET_INFO_BY_FD`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Link {
+    id: u32,
+    prog_id: u32,
+    ifindex: u32,
+}
+
+fn link(pin: &Path) -> Link {
+    // From linux/bpf.h.
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    const BPF_TCX_INGRESS: u32 = 46;
+    let fd = dataplane::bpf::sys::obj_get(pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    // struct bpf_link_info: u32 type, id, prog_id, then (8-aligned) a union
+    // whose tcx member is { u32 ifindex; u32 attach_type; }.
+    let mut info = [0u64; 32];
+    dataplane::bpf::sys::obj_get_info_by_fd(fd.as_fd(), &mut info).unwrap();
+    let (link_type, attach_type) = (info[0] as u32, (info[2] >> 32) as u32);
+    assert_eq!(
+        (link_type, attach_type),
+        (BPF_LINK_TYPE_TCX, BPF_TCX_INGRESS),
+        "the link pinned at {} is no tcx ingress link",
+        pin.display()
+    );
+    Link {
+        id: (info[0] >> 32) as u32,
+        prog_id: info[1] as u32,
+        ifindex: info[2] as u32,
+    }
+}
+
+/// The index of `iface` in the node's namespace.
+fn ifindex(t: &Topology, iface: &str) -> u32 {
+    let out = t.node.ip(&["-j", "link", "show", iface]).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v[0]["ifindex"].as_u64().and_then(|i| u32::try_from(i).ok()).unwrap()
+}
+/// The TC links pinned in `pins`, one per node interface, each checked to
+/// be attached to that interface of the node's namespace.
+fn tc_links(t: &Topology, pins: &Path) -> BTreeMap<String, Link> {
+    let links = t.node_ifaces().into_iter().map(|iface| {
+        let pin = pins.join(format!("links/tc-{iface}"));
+        let listing = fs::read_dir(pins.join("links")).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>());
+        assert!(
+            pin.exists(),
+            "no TC link for {iface} pinned at {} (the test's bpffs, mounted at /sys/fs/bpf in the container); links there: {listing:?}",
+            pin.display()
+        );
+        let l = link(&pin);
+        assert_eq!(l.ifindex, ifindex(t, &iface), "the link pinned for {iface} is on another interface");
+        (iface, l)
+    });
+    links.collect()
 }
 
 /// Waits until `cond` holds; fails with the container's output (and what
@@ -481,16 +579,17 @@ async fn the_agent_runs_in_a_container_as_the_daemonset_describes_and_survives_a
     let id = format!("dataplane-{}", dataplane_tests::netns::unique_prefix());
     runc.run(&bundle, &id, &log);
 
-    // Attached and synced through in-cluster configuration.
+    // Synced through in-cluster configuration, attached to the node's
+    // interfaces with links pinned in the test's bpffs, ready by the
+    // DaemonSet's own probes, carrying traffic.
     let pins = bpffs.0.join("dataplane");
     wait("the first sync", &runc, &id, &log, &fake, || {
         metric(&t, "dataplane_syncs_total").is_some_and(|n| n >= 1.0)
     });
-    for iface in t.node_ifaces() {
-        assert!(
-            pins.join(format!("links/tc-{iface}")).exists(),
-            "no pinned TC link for {iface}"
-        );
+    let links = tc_links(&t, &pins);
+    for (path, port) in probes() {
+        let answer = http_get(&t, port, &path).map(|(code, _)| code);
+        assert_eq!(answer, Some(200), "the probe GET {path} on port {port}");
     }
     assert_eq!(backends(&t, 10).unwrap(), ["b1"]);
     let services = map_id(&pins.join("maps/DP_SERVICES"));
@@ -498,9 +597,12 @@ async fn the_agent_runs_in_a_container_as_the_daemonset_describes_and_survives_a
     // The pod goes away: the programs and maps stay pinned and serve.
     runc.stop(&id);
     assert!(metric(&t, "dataplane_syncs_total").is_none(), "the agent still answers");
+    assert_eq!(tc_links(&t, &pins), links, "the pinned links changed with no agent");
+    assert_eq!(map_id(&pins.join("maps/DP_SERVICES")), services);
     assert_eq!(backends(&t, 10).unwrap(), ["b1"], "served while no agent runs");
 
-    // The next pod adopts the pins (same maps) and follows changes again.
+    // The next pod adopts the pins: the same maps, the same links with its
+    // own programs swapped in; it follows changes again.
     let id2 = format!("{id}-2");
     runc.run(&bundle, &id2, &log);
     wait("the first sync of the new container", &runc, &id2, &log, &fake, || {
@@ -511,15 +613,23 @@ async fn the_agent_runs_in_a_container_as_the_daemonset_describes_and_survives_a
         services,
         "the maps were recreated, not adopted"
     );
+    for (iface, now) in tc_links(&t, &pins) {
+        let before = links[&iface];
+        assert_eq!(now.id, before.id, "the link on {iface} was recreated, not adopted");
+        assert_ne!(
+            now.prog_id, before.prog_id,
+            "the new agent left the old program on {iface}"
+        );
+    }
     fake.apply(Kind::EndpointSlice, slice(&[backend_addr(1), backend_addr(2)]));
     let start = Instant::now();
-    loop {
+    for attempt in 0.. {
         let seen = backends(&t, 30).unwrap();
         if seen == ["b1", "b2"] {
             break;
         }
         assert!(
-            start.elapsed() < DEADLINE,
+            start.elapsed() < DEADLINE && attempt < 100,
             "the new endpoint never got traffic: {seen:?}"
         );
     }
