@@ -15,9 +15,20 @@ pub struct ServiceKey {
     pub port: u16,
     /// IPPROTO_TCP or IPPROTO_UDP.
     pub proto: u8,
-    /// `FAMILY_V4` or `FAMILY_V6`.
+    /// `FAMILY_V4` or `FAMILY_V6`, with `KEY_IN_CLUSTER` for the view of
+    /// an external frontend that sources inside the cluster get.
     pub family: u8,
 }
+
+/// Set in `ServiceKey::family` of the in-cluster view of an external
+/// frontend (NodePort, externalIP, load balancer IP) of a Service with
+/// `externalTrafficPolicy: Local`: the same address, port and protocol,
+/// served by the cluster-wide endpoints. The datapath looks it up when the
+/// frontend has `SVC_F_IN_CLUSTER_VIEW` and the packet comes from inside
+/// the cluster (a source in the `--cluster-cidr` ranges, or any socket of
+/// the node at the socket level), as kube-proxy short-circuits "pod traffic
+/// for external destinations" and the node's own traffic.
+pub const KEY_IN_CLUSTER: u8 = 0x80;
 
 /// Value of the service map.
 ///
@@ -101,6 +112,24 @@ pub const SVC_F_DROP_NO_LOCAL: u32 = 1 << 3;
 /// New flows must come from a source in `DP_SRC_RANGES` for this service
 /// (loadBalancerSourceRanges); others are dropped.
 pub const SVC_F_SOURCE_RANGES: u32 = 1 << 4;
+
+/// The entry of a ClusterIP for the ports its Service does not define: key
+/// port 0 and protocol 0, no backends. The datapath looks it up when a
+/// packet matches no frontend and no tracked flow, and rejects the packet
+/// (TCP RST / ICMP port unreachable), as kube-proxy's nftables mode rejects
+/// traffic to invalid ports of ClusterIPs.
+pub const SVC_F_OTHER_PORTS: u32 = 1 << 5;
+
+/// The frontend has an in-cluster view (its key with `KEY_IN_CLUSTER`):
+/// packets from inside the cluster use that entry instead.
+pub const SVC_F_IN_CLUSTER_VIEW: u32 = 1 << 6;
+
+/// Service ids no frontend gets (ids stay below the service map's size):
+/// under them `DP_SRC_RANGES` holds the cluster's pod CIDRs
+/// (`--cluster-cidr`), one id per family so that an IPv6 source never
+/// matches an IPv4 prefix.
+pub const CLUSTER_CIDRS_V4: u32 = u32::MAX;
+pub const CLUSTER_CIDRS_V6: u32 = u32::MAX - 1;
 
 /// The data part of a source range map key (an LPM trie, whose keys are
 /// this behind a `u32` prefix length): the prefix length counts the 32 bits

@@ -72,13 +72,23 @@ impl ServiceKey {
         }
     }
     pub fn ip(&self) -> IpAddr {
-        ip_of(&self.addr, self.family)
+        ip_of(&self.addr, self.family & !KEY_IN_CLUSTER)
     }
     pub fn host_port(&self) -> u16 {
         u16::from_be(self.port)
     }
     pub fn is_v6(&self) -> bool {
-        self.family == FAMILY_V6
+        self.family & !KEY_IN_CLUSTER == FAMILY_V6
+    }
+    /// The in-cluster view of this (external) frontend.
+    pub fn in_cluster(self) -> Self {
+        ServiceKey {
+            family: self.family | KEY_IN_CLUSTER,
+            ..self
+        }
+    }
+    pub fn is_in_cluster(&self) -> bool {
+        self.family & KEY_IN_CLUSTER != 0
     }
 }
 

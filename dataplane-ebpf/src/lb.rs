@@ -5,8 +5,9 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_log_ebpf::info;
 use dataplane_common::{
     addr_eq, flow_hash, fold_addr, limits, Addr, Backend, BackendKey, MaglevKey, Reason, ServiceKey, ServiceValue,
-    SourceRangeKey, BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SOURCE_RANGE_FULL_PREFIX,
-    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    SourceRangeKey, BACKEND_F_REMOTE, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY,
+    CT_F_SNAT, KEY_IN_CLUSTER, SOURCE_RANGE_FULL_PREFIX, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
+    SVC_F_IN_CLUSTER_VIEW, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -36,13 +37,34 @@ pub fn process<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
         family: p.family,
     };
     // Copy the value out: the agent may replace it at any time.
-    let svc = match DP_SERVICES.get_ptr(key) {
+    let mut svc = match DP_SERVICES.get_ptr(key) {
         // SAFETY: the map is not preallocated, so the element stays valid
         // (RCU) for this program run.
         Some(v) => unsafe { *v },
         None => return reply(ctx, p),
     };
+    if svc.flags & SVC_F_IN_CLUSTER_VIEW != 0 {
+        if let Some(v) = in_cluster_view(p) {
+            // SAFETY: as above.
+            svc = unsafe { *v };
+        }
+    }
     to_service(ctx, p, &svc)
+}
+
+/// The in-cluster view of an external frontend of a Local-policy Service,
+/// when the packet comes from inside the cluster (a source in the cluster
+/// CIDRs): kube-proxy sends such traffic to every endpoint.
+#[inline(never)]
+fn in_cluster_view(p: &Packet) -> Option<*const ServiceValue> {
+    let cidrs = if p.is_v6() { CLUSTER_CIDRS_V6 } else { CLUSTER_CIDRS_V4 };
+    DP_SRC_RANGES.get(Key::new(SOURCE_RANGE_FULL_PREFIX, SourceRangeKey::new(cidrs, p.saddr)))?;
+    DP_SERVICES.get_ptr(ServiceKey {
+        addr: p.daddr,
+        port: p.dport,
+        proto: p.proto,
+        family: p.family | KEY_IN_CLUSTER,
+    })
 }
 
 /// A packet addressed to a service frontend.
@@ -278,6 +300,20 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
         _ => {
             if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
                 conntrack::remove_closing_reply(p);
+            }
+            // A ClusterIP on a port its Service does not define
+            // (`SVC_F_OTHER_PORTS`): rejected, not passed to the node.
+            let other_ports = ServiceKey {
+                addr: p.daddr,
+                port: 0,
+                proto: 0,
+                family: p.family,
+            };
+            if let Some(v) = DP_SERVICES.get_ptr(other_ports) {
+                // SAFETY: as for the service value in `process`.
+                let id = unsafe { (*v).service_id };
+                stats::service(id, |s| s.no_backend += 1);
+                return Verdict::Reject;
             }
             stats::count(Reason::PassNoService);
             Verdict::Pass

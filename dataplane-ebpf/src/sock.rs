@@ -30,8 +30,9 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     kernel_features, Addr, AffinityValue, Backend, BackendKey, DpConfig, ServiceKey, ServiceValue, SockAffinityKey,
-    SockEvent, SockNatKey, SockNatValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_SEEN_REPLY,
-    SOCK_NAT_FORWARD, SOCK_NAT_REVERSE, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_SOURCE_RANGES,
+    SockEvent, SockNatKey, SockNatValue, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, KEY_IN_CLUSTER,
+    SOCK_F_SEEN_REPLY, SOCK_NAT_FORWARD, SOCK_NAT_REVERSE, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_IN_CLUSTER_VIEW,
+    SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -304,7 +305,18 @@ struct Svc {
 #[inline(always)]
 fn frontend(to: &SockAddr, proto: u32) -> Option<Svc> {
     let key = service_key(&to.addr, to.port, proto as u8, to.family);
-    let v: *const ServiceValue = DP_SERVICES.get_ptr(key.as_ref::<ServiceKey>())?;
+    let mut v: *const ServiceValue = DP_SERVICES.get_ptr(key.as_ref::<ServiceKey>())?;
+    // Every socket here is inside the cluster (the node's, or a pod's on
+    // this node): an external frontend of a Local-policy Service is reached
+    // through its in-cluster view, every endpoint (kube-proxy
+    // short-circuits the node's traffic to external destinations).
+    // SAFETY: as below.
+    if unsafe { (*v).flags } & SVC_F_IN_CLUSTER_VIEW != 0 {
+        let key = service_key(&to.addr, to.port, proto as u8, to.family | KEY_IN_CLUSTER);
+        if let Some(view) = DP_SERVICES.get_ptr(key.as_ref::<ServiceKey>()) {
+            v = view;
+        }
+    }
     // SAFETY: not preallocated: the value stays valid (RCU) for this run;
     // read field by field (see `Words`).
     unsafe {

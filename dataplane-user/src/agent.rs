@@ -84,6 +84,9 @@ pub struct RunConfig {
     /// Addresses NodePorts are served on; empty: every address of the
     /// node's interfaces but loopback and IPv6 link-local ones.
     pub node_ips: Vec<std::net::IpAddr>,
+    /// The cluster's pod CIDRs (`--cluster-cidr`): sources inside the
+    /// cluster, for the in-cluster view of external frontends.
+    pub cluster_cidrs: Vec<(std::net::IpAddr, u8)>,
     /// The NodePort range (inclusive).
     pub node_port_range: (u16, u16),
     /// The source addresses for SNAT, at most one per family; a family
@@ -372,6 +375,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         ..cfg.datapath
     };
     maps.write_config(&datapath)?;
+    maps.write_cluster_cidrs(&cfg.cluster_cidrs)?;
+    let cidrs: Vec<String> = cfg.cluster_cidrs.iter().map(|(a, l)| format!("{a}/{l}")).collect();
+    info!(
+        ?cidrs,
+        "cluster CIDRs: their sources reach Local-policy external frontends through every endpoint"
+    );
 
     let mut syncer = if adopted {
         let (syncer, report) =

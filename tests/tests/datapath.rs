@@ -11,7 +11,7 @@ use dataplane::{
 };
 use dataplane_common::{
     addr_of, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
-    SVC_F_SOURCE_RANGES,
+    SVC_F_IN_CLUSTER_VIEW, SVC_F_OTHER_PORTS, SVC_F_SOURCE_RANGES,
 };
 use dataplane_tests::{
     packet::{
@@ -428,6 +428,56 @@ fn udp_to_a_service_without_backends_is_answered_with_icmp_port_unreachable() {
     }
 }
 
+/// A ClusterIP's entry for the ports its Service lacks (`SVC_F_OTHER_PORTS`,
+/// key port 0 protocol 0): a TCP SYN or a UDP datagram to another port is
+/// answered from the VIP (RST, ICMP port unreachable) as kube-proxy's
+/// nftables mode rejects it; the defined ports, replies of tracked flows
+/// and addresses without such an entry are untouched.
+#[test]
+fn a_port_the_cluster_ip_lacks_is_rejected_from_the_vip() {
+    for prog in Prog::BOTH {
+        let mut l = loaded_with_web();
+        let other = Frontend {
+            service: "shop/web".into(),
+            port_name: String::new(),
+            backends: Vec::new(),
+            affinity_timeout_s: None,
+            flags: SVC_F_OTHER_PORTS,
+            source_ranges: Vec::new(),
+            also_serving: Vec::new(),
+        };
+        l.set_frontend(ServiceKey::new(VIP, 0, 0), other);
+        let syn = Frame::tcp((CLIENT, 40310), (VIP, 81), SYN).build();
+        let out = l.run(prog, &syn);
+        assert_eq!(out.retval, prog.bounce(), "{prog:?}");
+        let p = parse_and_verify(&out.data);
+        assert_eq!((p.src, p.sport, p.dst, p.dport), (VIP, 81, CLIENT, 40310), "{prog:?}");
+        assert_eq!(tcp_fields(&out.data).0, RST | ACK, "{prog:?}");
+        // UDP to a port only TCP uses, and to another port.
+        for port in [80, 54] {
+            let input = Frame::udp((CLIENT, 50310), (VIP, port), b"q").build();
+            let out = l.run(prog, &input);
+            assert_eq!(out.retval, prog.bounce(), "{prog:?} udp {port}");
+            let icmp = parse_icmp(&out.data);
+            assert_eq!(
+                (icmp.src, icmp.dst, icmp.icmp_type, icmp.code),
+                (VIP, CLIENT, 3, 3),
+                "{prog:?}"
+            );
+            assert_eq!(icmp.quoted, &input[14..14 + 28], "{prog:?}");
+        }
+        assert_eq!(l.reason(Reason::RejectNoBackend), 3, "{prog:?}");
+        // The Service's own ports are served as before.
+        let out = l.run(prog, &Frame::tcp((CLIENT, 40311), (VIP, 80), SYN).build());
+        assert_eq!(out.retval, prog.pass(), "{prog:?}");
+        assert_ne!(parse_and_verify(&out.data).dst, VIP, "{prog:?}: translated");
+        // Another address: passed untouched.
+        let elsewhere = Frame::tcp((CLIENT, 40312), (IpAddr::from(Ipv4Addr::new(198, 19, 9, 9)), 81), SYN).build();
+        let out = l.run(prog, &elsewhere);
+        assert_eq!((out.retval, out.data), (prog.pass(), elsewhere), "{prog:?}");
+    }
+}
+
 /// Frames that are not Service flows come out byte for byte as they went in,
 /// with the reason counted.
 #[test]
@@ -650,9 +700,10 @@ fn frontend(backends: Vec<Backend>, flags: u32) -> Frontend {
 }
 
 fn remote(a: IpAddr, port: u16) -> Backend {
+    let b = Backend::new(a, port);
     Backend {
-        flags: BACKEND_F_REMOTE,
-        ..Backend::new(a, port)
+        flags: b.flags | BACKEND_F_REMOTE,
+        ..b
     }
 }
 
@@ -785,6 +836,62 @@ fn local_policy_without_local_endpoints_drops_instead_of_rejecting() {
         assert_eq!(out.retval, prog.drop_code(), "{prog:?}");
         assert_eq!(l.reason(Reason::DropNoLocalBackend), 1);
         assert_eq!(l.reason(Reason::RejectNoBackend), 0);
+    }
+}
+
+/// externalTrafficPolicy Local, a node without local endpoints: traffic
+/// from outside the cluster is dropped (above), but a source inside the
+/// cluster CIDRs (a pod) reaches the frontend's in-cluster view, every
+/// endpoint, with its own address kept (kube-proxy's short-circuit of pod
+/// traffic for external destinations). Both families; an IPv6 source whose
+/// first bytes spell an IPv4 pod address is not taken for one.
+#[test]
+fn pod_traffic_to_a_local_policy_external_frontend_uses_every_endpoint() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    // (node address, pod inside the CIDR, external client, CIDR)
+    let cases = [
+        (NODE, ip("198.18.100.2"), EXTERNAL_CLIENT, (ip("198.18.100.0"), 24)),
+        (
+            ip("2001:db8:50::1"),
+            ip("fd00:100::2"),
+            // c612:6402:: starts with the bytes of 198.18.100.2.
+            ip("c612:6402::5"),
+            (ip("fd00:100::"), 64),
+        ),
+    ];
+    for (node, pod, outside, cidr) in cases {
+        for prog in Prog::BOTH {
+            let mut l = node_config();
+            l.sync
+                .writer_mut()
+                .write_cluster_cidrs(&[(ip("198.18.100.0"), 24), cidr])
+                .unwrap();
+            let be = |n: u8| match node {
+                IpAddr::V4(_) => IpAddr::from([198, 18, 7, n]),
+                IpAddr::V6(_) => ip(&format!("2001:db8:7::{n}")),
+            };
+            let every = vec![remote(be(1), 8443), remote(be(2), 8443)];
+            let key = ServiceKey::new(node, 30443, TCP);
+            l.set_frontend(key, frontend(vec![], SVC_F_DROP_NO_LOCAL | SVC_F_IN_CLUSTER_VIEW));
+            l.set_frontend(key.in_cluster(), frontend(every.clone(), 0));
+            let mut every = every;
+            every.sort();
+            for port in 41200..41210 {
+                let out = l.run(prog, &Frame::tcp((pod, port), (node, 30443), SYN).build());
+                assert_eq!(out.retval, prog.pass(), "{prog:?} {pod}");
+                let p = parse_and_verify(&out.data);
+                let want = expected(&every, (pod, port), (node, 30443), TCP);
+                assert_eq!(
+                    (p.src, p.sport, p.dst, p.dport),
+                    (pod, port, want.ip(), 8443),
+                    "{prog:?}: the pod's flow goes to the Maglev choice among every endpoint, unSNATed"
+                );
+            }
+            let out = l.run(prog, &Frame::tcp((outside, 41300), (node, 30443), SYN).build());
+            assert_eq!(out.retval, prog.drop_code(), "{prog:?} {outside}: outside the cluster");
+            assert_eq!(l.reason(Reason::DropNoLocalBackend), 1, "{prog:?}");
+            assert_eq!(l.reason(Reason::NatNewFlow), 10, "{prog:?}");
+        }
     }
 }
 

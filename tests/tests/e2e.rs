@@ -258,6 +258,56 @@ fn service_without_endpoints_refuses_tcp_and_udp() {
     }
 }
 
+/// A ClusterIP on a port its Service does not define (81/TCP; 53/TCP,
+/// which the Service has for UDP only; 54/UDP) is refused from the VIP, as
+/// kube-proxy's nftables mode rejects it ("Reject traffic to invalid ports
+/// of ClusterIPs"), instead of going into the node and timing out; the
+/// Service's ports keep working.
+#[test]
+fn cluster_ip_refuses_the_ports_its_service_lacks() {
+    for (tc, xdp) in [(true, false), (false, true)] {
+        let t = Topology::new(1).unwrap();
+        let _servers = start_servers(&t);
+        let _agent = start_agent(&t, tc, xdp, &[1]);
+        // As above: the client's veth end needs an XDP program to receive
+        // what XDP_TX sends back.
+        let _client_xdp = xdp.then(|| Agent::start(&t.client, &[], &["eth0".to_string()], &[]).unwrap());
+        let what = if tc { "TC" } else { "XDP" };
+        assert_eq!(
+            connections(&t, 1).map(|c| c.into_keys().collect::<Vec<_>>()),
+            Ok(vec!["b1".to_string()]),
+            "{what}: the Service's own port"
+        );
+        let (tcp, udp) = t
+            .client
+            .run(|| {
+                let tcp: Vec<_> = [81, 53]
+                    .map(|port| {
+                        std::net::TcpStream::connect_timeout(&SocketAddr::from((VIP, port)), TIMEOUT).map(|_| ())
+                    })
+                    .into();
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                s.connect((VIP, 54)).unwrap();
+                s.send(b"who").unwrap();
+                let mut buf = [0u8; 16];
+                (tcp, s.recv(&mut buf).map(|_| ()))
+            })
+            .join()
+            .unwrap();
+        for (port, r) in [81, 53].iter().zip(tcp) {
+            let e = r.expect_err("TCP connect to a port the Service lacks succeeded");
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "{what}: TCP {VIP}:{port} got {e}"
+            );
+        }
+        let e = udp.expect_err("UDP to a port the Service lacks was answered");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{what}: UDP got {e}");
+    }
+}
+
 /// The backend's port is closed: its kernel answers with an ICMP port
 /// unreachable quoting client -> backend, which the node translates so that
 /// the client's socket, connected to the VIP, gets ECONNREFUSED.
@@ -586,7 +636,8 @@ fn metrics_count_connections_per_service_and_reason() {
     // Two entries per flow (one flow per distinct client port).
     assert_eq!(delta("dataplane_conntrack_entries"), 2.0 * ports.len() as f64);
     assert_eq!(get(&after, "dataplane_conntrack_capacity"), 262_144.0);
-    assert_eq!(get(&after, r#"dataplane_map_entries{map="DP_SERVICES"}"#), 2.0);
+    // Two ports, and the ClusterIP's entry for the ports the Service lacks.
+    assert_eq!(get(&after, r#"dataplane_map_entries{map="DP_SERVICES"}"#), 3.0);
     assert_eq!(get(&after, r#"dataplane_map_entries{map="DP_BACKENDS"}"#), 4.0);
     assert_eq!(get(&after, r#"dataplane_map_capacity{map="DP_SERVICES"}"#), 131_072.0);
     for reason in dataplane_common::Reason::ALL {
@@ -600,6 +651,19 @@ fn metrics_count_connections_per_service_and_reason() {
             assert_eq!(delta(&series), 0.0, "{series} moved");
         }
     }
+    // A connection to a port the Service lacks is refused and counted
+    // against the ClusterIP's entry for other ports.
+    let other = r#"dataplane_service_no_backend_total{service="shop/web",frontend="198.19.0.10:*"}"#;
+    let refused = t
+        .client
+        .run(|| Conn::connect(SocketAddr::from((VIP, 81)), TIMEOUT).map(drop))
+        .join()
+        .unwrap();
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "{refused:?}"
+    );
+    assert_eq!(get(&agent.metrics().unwrap(), other) - get(&after, other), 1.0);
     let syncs = get(&after, "dataplane_syncs_total");
     assert!(
         syncs >= 1.0 && syncs as usize == agent.logged_syncs(),

@@ -26,7 +26,7 @@ use dataplane::{
 };
 use dataplane_common::{
     limits, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
-    SVC_F_AFFINITY, SVC_F_RANDOM,
+    SVC_F_AFFINITY, SVC_F_OTHER_PORTS, SVC_F_RANDOM,
 };
 use k8s_openapi::{
     api::{
@@ -58,6 +58,14 @@ fn examples() -> (Vec<Service>, Vec<EndpointSlice>) {
 /// What every frontend `compute` returns must satisfy, whatever its input.
 fn well_formed(d: &Desired) -> Result<(), String> {
     for (k, fe) in &d.frontends {
+        // A ClusterIP's entry for the ports its Service lacks: port 0,
+        // protocol 0, the flag, nothing else.
+        if fe.flags & SVC_F_OTHER_PORTS != 0 || (k.port, k.proto) == (0, 0) {
+            if (k.port, k.proto, fe.flags) != (0, 0, SVC_F_OTHER_PORTS) || !fe.backends.is_empty() {
+                return Err(format!("{k:?}: a malformed other-ports entry {fe:?}"));
+            }
+            continue;
+        }
         if k.proto != IPPROTO_TCP && k.proto != IPPROTO_UDP {
             return Err(format!("{k:?}: protocol {}", k.proto));
         }

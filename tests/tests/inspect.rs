@@ -17,7 +17,10 @@ use dataplane::{
     model::{Desired, Frontend},
     reconcile::Syncer,
 };
-use dataplane_common::{program_names, Backend, DpConfig, ServiceKey, SVC_F_SOURCE_RANGES};
+use dataplane_common::{
+    program_names, Backend, DpConfig, ServiceKey, SVC_F_DROP_NO_LOCAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_OTHER_PORTS,
+    SVC_F_SOURCE_RANGES,
+};
 use dataplane_tests::{
     agent::agent_binary,
     netns::{require_root_and_tools, unique_prefix},
@@ -586,4 +589,59 @@ fn trace_predicts_the_backend_and_changes_no_live_map() {
     // The real packet gets the backend trace announced.
     let real = parse_and_verify(&live.run(&Frame::tcp((new_client, 42000), (VIP, 80), SYN).build()).data);
     assert_eq!(format!("{}:{}", real.dst, real.dport), traced);
+}
+
+/// `trace` follows what the programs do with the newer entries: the
+/// in-cluster view of a Local-policy external frontend for a source in the
+/// cluster CIDRs (and the frontend itself for others), and the ClusterIP's
+/// entry for ports its Service lacks.
+#[test]
+fn trace_follows_in_cluster_views_and_rejects_ports_a_cluster_ip_lacks() {
+    let mut live = Live::new();
+    let external = Ipv4Addr::new(198, 19, 5, 5);
+    let fe = |backends: Vec<Backend>, flags: u32| Frontend {
+        service: "shop/edge".into(),
+        port_name: "http".into(),
+        backends,
+        affinity_timeout_s: None,
+        flags,
+        source_ranges: vec![],
+        also_serving: Vec::new(),
+    };
+    let mut d = desired();
+    let key = ServiceKey::new(external, 80, TCP);
+    d.frontends
+        .insert(key, fe(vec![], SVC_F_DROP_NO_LOCAL | SVC_F_IN_CLUSTER_VIEW));
+    d.frontends.insert(key.in_cluster(), fe(vec![backend(7, 8080)], 0));
+    d.frontends.insert(
+        ServiceKey::new(VIP, 0, 0),
+        Frontend {
+            port_name: String::new(),
+            ..fe(vec![], SVC_F_OTHER_PORTS)
+        },
+    );
+    let r = live.sync.apply(&d);
+    assert!(r.errors.is_empty(), "{r:?}");
+    live.sync
+        .writer_mut()
+        .write_cluster_cidrs(&[(Ipv4Addr::new(198, 18, 100, 0).into(), 24)])
+        .unwrap();
+    let root = live.root();
+    let before = live.dump();
+
+    let trace = |src: &str, dst: &str| json(root, &["trace", "--src", src, "--dst", dst, "--flags", "syn"]);
+    let t = trace("198.18.100.3:42000", "198.19.5.5:80");
+    assert_eq!(
+        (t["verdict"].as_str(), t["backend"].as_str()),
+        (Some("pass"), Some("198.18.7.2:8080")),
+        "{t}"
+    );
+    assert_eq!(t["service"]["frontend"], "198.19.5.5:80/tcp(in-cluster)", "{t}");
+    let t = trace("198.18.7.2:42000", "198.19.5.5:80");
+    assert_eq!(t["verdict"], "drop", "{t}");
+    assert_eq!(t["drop_reason"], "drop_no_local_backend", "{t}");
+    let t = trace("198.18.100.3:42001", "198.19.0.10:81");
+    assert_eq!(t["verdict"], "reject", "{t}");
+    assert_eq!(t["reasons"], serde_json::json!(["reject_no_backend"]), "{t}");
+    assert_eq!(live.dump(), before, "trace changed a live map entry");
 }

@@ -150,14 +150,24 @@ fn be(n: u8) -> Ipv4Addr {
 
 /// Builds an expected map state: (vip, port, proto, backends on a port).
 fn want(entries: &[(Ipv4Addr, u16, u8, &[Ipv4Addr], u16)]) -> Programmed {
-    entries
-        .iter()
-        .map(|(v, p, proto, bs, bp)| {
-            let mut b: Vec<(IpAddr, u16)> = bs.iter().map(|a| (IpAddr::V4(*a), *bp)).collect();
-            b.sort();
-            ((IpAddr::V4(*v), *p, *proto), b)
-        })
-        .collect()
+    with_other_ports(
+        entries
+            .iter()
+            .map(|(v, p, proto, bs, bp)| {
+                let mut b: Vec<(IpAddr, u16)> = bs.iter().map(|a| (IpAddr::V4(*a), *bp)).collect();
+                b.sort();
+                ((IpAddr::V4(*v), *p, *proto), b)
+            })
+            .collect(),
+    )
+}
+
+/// `frontends` plus the entry each of their ClusterIPs has for the ports
+/// its Service lacks (port 0, protocol 0, no backends).
+fn with_other_ports(mut frontends: Programmed) -> Programmed {
+    let vips: BTreeSet<IpAddr> = frontends.keys().map(|k| k.0).collect();
+    frontends.extend(vips.into_iter().map(|v| ((v, 0, 0), Vec::new())));
+    frontends
 }
 
 fn s(a: Ipv4Addr) -> String {
@@ -188,6 +198,7 @@ async fn initial_list_over_several_pages_programs_every_service() {
             ((v.into(), 80, IPPROTO_TCP), vec![(b.into(), 8080)])
         })
         .collect();
+    let expected = with_other_ports(expected);
     rig.expect("initial list", &expected).await;
     let seen = rig.fake.seen();
     assert_eq!(seen.lists.get("Service"), Some(&2), "two pages of Services: {seen:?}");

@@ -79,6 +79,11 @@ fn cluster(external_policy: &str, internal_policy: &str) -> Cluster {
 /// TC (the client's checksum offload is off: XDP sees full checksums only
 /// from real NICs, see README).
 fn cluster_with(external_policy: &str, internal_policy: &str, xdp: bool) -> Cluster {
+    cluster_of(manifests(external_policy, internal_policy), xdp, &[])
+}
+
+/// Both nodes' agents on `m`; node A's agent gets `args_a` too.
+fn cluster_of(m: Vec<(&'static str, String)>, xdp: bool, args_a: &[&str]) -> Cluster {
     let t = TwoNodes::new().unwrap();
     if xdp {
         t.client.exec(&["ethtool", "-K", "eth0", "tx", "off"]).unwrap();
@@ -87,7 +92,6 @@ fn cluster_with(external_policy: &str, internal_policy: &str, xdp: bool) -> Clus
         tcp_server(&t.backend_a, BACKEND_A, 8080, "a"),
         tcp_server(&t.backend_b, BACKEND_B, 8080, "b"),
     ];
-    let m = manifests(external_policy, internal_policy);
     let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let (tc_a, xdp_a) = if xdp {
@@ -95,21 +99,16 @@ fn cluster_with(external_policy: &str, internal_policy: &str, xdp: bool) -> Clus
     } else {
         (s(&["ve", "ve2", "vn", "vb1"]), vec![])
     };
-    let a = Agent::start_with(
-        &t.node_a,
-        &tc_a,
-        &xdp_a,
-        &m,
-        &[
-            "--node-name",
-            "node-a",
-            "--snat-ip",
-            "198.18.250.1",
-            "--node-ip",
-            "198.18.200.1,198.18.250.1",
-        ],
-    )
-    .unwrap();
+    let mut args = vec![
+        "--node-name",
+        "node-a",
+        "--snat-ip",
+        "198.18.250.1",
+        "--node-ip",
+        "198.18.200.1,198.18.250.1",
+    ];
+    args.extend_from_slice(args_a);
+    let a = Agent::start_with(&t.node_a, &tc_a, &xdp_a, &m, &args).unwrap();
     let b = Agent::start_with(
         &t.node_b,
         &s(&["vn", "vb1"]),
@@ -191,6 +190,36 @@ fn external_policy_local_keeps_traffic_on_the_node_and_the_client_address() {
     // The load balancer IP behaves the same (node A is the entry).
     let lb = connect(&c.t.client, SocketAddr::from((LB_IP, 80)), 20).unwrap();
     assert_eq!(lb, BTreeMap::from([(pair("a", EXT_CLIENT), 20)]));
+}
+
+/// kube-proxy's short-circuit of "pod traffic for external destinations":
+/// with externalTrafficPolicy Local and the only endpoint on node B, a pod
+/// on node A (inside `--cluster-cidr`) reaching the load balancer IP or node
+/// A's NodePort gets node B's endpoint, with its own address, while the
+/// same addresses from outside the cluster stay dropped on node A (no
+/// local endpoint).
+#[test]
+fn pods_reach_external_addresses_of_a_local_policy_service_through_every_endpoint() {
+    let mut m = manifests("Local", "Cluster");
+    let a_endpoint = format!("- addresses: [{BACKEND_A}]\n  conditions: {{ready: true}}\n  nodeName: node-a\n");
+    assert!(m[1].1.contains(&a_endpoint), "{}", m[1].1);
+    m[1].1 = m[1].1.replace(&a_endpoint, "");
+    // The load balancer admits node A's pods too (its source ranges apply
+    // to pods as well, in kube-proxy as here).
+    m[0].1 = m[0].1.replace("[198.18.200.0/24]", "[198.18.200.0/24, 198.18.1.0/24]");
+    // The pods' addresses (node A's behind vb1, node B's).
+    let c = cluster_of(m, false, &["--cluster-cidr", "198.18.1.0/24,198.18.2.0/24"]);
+    for to in [SocketAddr::from((LB_IP, 80)), SocketAddr::from((NODE_A, NODE_PORT))] {
+        let seen = connect(&c.t.backend_a, to, 10).unwrap();
+        assert_eq!(
+            seen,
+            BTreeMap::from([(pair("b", BACKEND_A), 10)]),
+            "pod on node A to {to}"
+        );
+    }
+    // From outside, node A has no local endpoint: dropped, as kube-proxy.
+    let outside = connect(&c.t.client, SocketAddr::from((NODE_A_EXT, NODE_PORT)), 1);
+    assert!(outside.is_err(), "{outside:?}");
 }
 
 /// `curl` from `ns`: (HTTP status, body).

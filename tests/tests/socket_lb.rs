@@ -236,6 +236,78 @@ fn service_without_endpoints_refuses_connect_and_sendto() {
     assert_eq!(no_backend, 5, "{rows:?}");
 }
 
+/// A socket on the node reaching an externalIP of an
+/// externalTrafficPolicy Local Service whose endpoints are all on other
+/// nodes: kube-proxy short-circuits the node's own traffic to the
+/// cluster-wide endpoints, so the connection succeeds (the per-packet path
+/// would drop it: no local endpoint, and this client is in no cluster CIDR).
+#[test]
+fn sockets_reach_external_addresses_of_a_local_policy_service_through_every_endpoint() {
+    let t = Topology::new(1).unwrap();
+    let _servers = start_servers(&t, false);
+    let cg = TestCgroup::new().unwrap();
+    let files = [
+        (
+            "service.yaml",
+            "apiVersion: v1
+kind: Service
+metadata: {name: edge, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.10
+  externalIPs: [198.19.5.5]
+  externalTrafficPolicy: Local
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}]
+"
+            .to_string(),
+        ),
+        (
+            "slice.yaml",
+            format!(
+                "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: edge-abcde
+  namespace: shop
+  labels: {{kubernetes.io/service-name: edge}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints:
+- addresses: [{}]
+  conditions: {{ready: true}}
+  nodeName: node-2
+",
+                backend_addr(1)
+            ),
+        ),
+    ];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let cgroup = cg.path().display().to_string();
+    let agent = Agent::start_with(
+        &t.node,
+        &t.node_ifaces(),
+        &[],
+        &files,
+        &["--socket-lb-cgroup", &cgroup, "--node-name", "node-1"],
+    )
+    .unwrap();
+    let r = client(&t, &cg, &["tcp", "198.19.5.5:80", "3"]);
+    all_ok(&r, "connection to the externalIP from a socket of the node");
+    assert_eq!(backends_of(&r), BTreeMap::from([("b1".to_string(), 3)]));
+    let (sock, _) = counters(&agent);
+    assert_eq!(sock["connect_translated"], 3, "{sock:?}");
+    // The per-packet path, from the same namespace outside the cgroup: no
+    // local endpoint and no cluster CIDR, dropped as traffic from outside.
+    let outside = t
+        .client
+        .run(|| Conn::connect(SocketAddr::from(([198, 19, 5, 5], 80)), Duration::from_secs(1)).map(drop))
+        .join()
+        .unwrap();
+    assert!(outside.is_err(), "{outside:?}");
+    let (_, reasons) = counters(&agent);
+    assert!(reasons["drop_no_local_backend"] >= 1, "{reasons:?}");
+}
+
 /// IPv6 Services from IPv6 sockets, and an IPv4 Service from an IPv6
 /// socket through its IPv4-mapped address (`::ffff:198.19.0.10`): both
 /// translated at connect time, the peer shown as the address connected to.

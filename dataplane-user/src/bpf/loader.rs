@@ -18,7 +18,8 @@ use aya::{
 use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
-    SockNatValue, SourceRangeKey, CT_MIGRATE_GLOBAL, CT_PREV_MAP, DEBUG_GLOBAL, KERNEL_GLOBAL,
+    SockNatValue, SourceRangeKey, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_MIGRATE_GLOBAL, CT_PREV_MAP, DEBUG_GLOBAL,
+    KERNEL_GLOBAL,
 };
 use thiserror::Error;
 
@@ -144,6 +145,49 @@ impl Maps {
             name: map_names::CONFIG,
             source,
         })
+    }
+
+    /// Makes the cluster's pod CIDRs in `DP_SRC_RANGES` (under the reserved
+    /// ids `CLUSTER_CIDRS_V4` / `CLUSTER_CIDRS_V6`) exactly `cidrs`:
+    /// entries a previous agent wrote for other CIDRs are removed.
+    pub fn write_cluster_cidrs(&mut self, cidrs: &[(std::net::IpAddr, u8)]) -> Result<(), LoadError> {
+        let err = |source| LoadError::Map {
+            name: map_names::SOURCE_RANGES,
+            source,
+        };
+        let key = |(ip, len): (std::net::IpAddr, u8)| {
+            let id = if ip.is_ipv6() {
+                CLUSTER_CIDRS_V6
+            } else {
+                CLUSTER_CIDRS_V4
+            };
+            aya::maps::lpm_trie::Key::new(
+                32 + len as u32,
+                SourceRangeKey::new(id, dataplane_common::addr_of(ip).0),
+            )
+        };
+        let want: Vec<_> = cidrs.iter().map(|c| key(*c)).collect();
+        let same = |a: &aya::maps::lpm_trie::Key<SourceRangeKey>, b: &aya::maps::lpm_trie::Key<SourceRangeKey>| {
+            a.prefix_len() == b.prefix_len() && a.data() == b.data()
+        };
+        let stale: Vec<_> = self
+            .source_ranges
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?
+            .into_iter()
+            .filter(|k| {
+                let id = u32::from_be(k.data().service_id_be);
+                (id == CLUSTER_CIDRS_V4 || id == CLUSTER_CIDRS_V6) && !want.iter().any(|w| same(w, k))
+            })
+            .collect();
+        for k in &stale {
+            self.source_ranges.remove(k).map_err(err)?;
+        }
+        for k in &want {
+            self.source_ranges.insert(k, 1, 0).map_err(err)?;
+        }
+        Ok(())
     }
 }
 

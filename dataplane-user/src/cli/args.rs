@@ -199,6 +199,14 @@ pub struct RunArgs {
     /// and IPv6 link-local ones.
     #[arg(long = "node-ip", env = "DATAPLANE_NODE_IPS", value_delimiter = ',')]
     pub node_ips: Vec<IpAddr>,
+    /// The cluster's pod CIDRs, IPv4 and IPv6 (repeatable or comma
+    /// separated), as kube-proxy's --cluster-cidr: packets from these
+    /// sources to a NodePort, externalIP or load balancer IP of an
+    /// externalTrafficPolicy Local Service use every endpoint of the
+    /// cluster, not only this node's. Empty: only the node's own sockets do
+    /// (socket-level load balancing).
+    #[arg(long = "cluster-cidr", env = "DATAPLANE_CLUSTER_CIDR", value_delimiter = ',', value_parser = cidr)]
+    pub cluster_cidrs: Vec<(IpAddr, u8)>,
     /// The NodePort range, as the API server's --service-node-port-range.
     #[arg(long, default_value = "30000-32767", env = "DATAPLANE_NODE_PORT_RANGE")]
     pub node_port_range: String,
@@ -330,6 +338,7 @@ impl RunArgs {
             map_sizes,
             pin_root: (!self.no_pin).then_some(self.bpffs_root),
             node_ips: self.node_ips,
+            cluster_cidrs: self.cluster_cidrs,
             node_port_range,
             snat_ips: self.snat_ips,
             sync: SyncConfig {
@@ -481,4 +490,9 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("--health-bind"), "{e}");
     }
+}
+
+/// `--cluster-cidr`: an IPv4 or IPv6 CIDR.
+fn cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    crate::model::parse_cidr(s.trim()).ok_or_else(|| format!("{s:?} is not a CIDR (address/prefix length)"))
 }

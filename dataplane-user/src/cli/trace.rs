@@ -15,8 +15,8 @@ use std::{net::SocketAddr, path::Path};
 use aya::maps::lpm_trie::Key;
 use dataplane_common::{
     addr_of, flow_hash, fold_addr, limits, map_names, program_names, AffinityKey, BackendKey, CtKey, CtValue,
-    MaglevKey, Reason, ServiceKey, ServiceValue, SourceRangeKey, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_SNAT, IPPROTO_TCP,
-    SVC_F_AFFINITY, SVC_F_RANDOM,
+    MaglevKey, Reason, ServiceKey, SourceRangeKey, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_F_CLOSING, CT_F_ORIGINAL,
+    CT_F_SNAT, IPPROTO_TCP, SOURCE_RANGE_FULL_PREFIX, SVC_F_AFFINITY, SVC_F_IN_CLUSTER_VIEW, SVC_F_RANDOM,
 };
 use serde::Serialize;
 
@@ -226,8 +226,55 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
             req.dst
         );
     }
-    let svc_key = ServiceKey::new(req.dst.ip(), req.dst.port(), req.proto);
-    let svc: Option<ServiceValue> = live.services.get(&svc_key, 0).ok();
+    let base_key = ServiceKey::new(req.dst.ip(), req.dst.port(), req.proto);
+    // The entry the programs will use: the frontend, its in-cluster view
+    // for a source in the cluster CIDRs, or the ClusterIP's entry for the
+    // ports its Service lacks.
+    let (svc_key, svc) = match live.services.get(&base_key, 0).ok() {
+        Some(base) if base.flags & SVC_F_IN_CLUSTER_VIEW != 0 => {
+            let cidrs = if req.src.is_ipv6() {
+                CLUSTER_CIDRS_V6
+            } else {
+                CLUSTER_CIDRS_V4
+            };
+            let key = Key::new(
+                SOURCE_RANGE_FULL_PREFIX,
+                SourceRangeKey::new(cidrs, addr_of(req.src.ip()).0),
+            );
+            let view = live.services.get(&base_key.in_cluster(), 0).ok();
+            match view.filter(|_| live.source_ranges.get(&key, 0).is_ok()) {
+                Some(view) => {
+                    explanation.push(format!(
+                        "{} is inside the cluster CIDRs: the in-cluster view of {} is used (every endpoint)",
+                        req.src.ip(),
+                        frontend(&base_key)
+                    ));
+                    private
+                        .services
+                        .insert(base_key, base, 0)
+                        .map_err(|e| copy_err("the service", e))?;
+                    (base_key.in_cluster(), Some(view))
+                }
+                None => (base_key, Some(base)),
+            }
+        }
+        Some(base) => (base_key, Some(base)),
+        None => {
+            let other_ports = ServiceKey::new(req.dst.ip(), 0, 0);
+            match live.services.get(&other_ports, 0) {
+                Ok(v) => {
+                    explanation.push(format!(
+                        "{}/{} is not a service frontend, but {} is a ClusterIP: ports its Service lacks are rejected",
+                        req.dst,
+                        proto_name(req.proto),
+                        req.dst.ip()
+                    ));
+                    (other_ports, Some(v))
+                }
+                Err(_) => (base_key, None),
+            }
+        }
+    };
     let mut service = None;
     let mut affinity = None;
     let mut affinity_backend = None;
@@ -277,7 +324,7 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
         for entry in live.source_ranges.iter() {
             let (k, val) = entry.map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::SOURCE_RANGES))?;
             let data: SourceRangeKey = k.data();
-            if u32::from_be(data.service_id_be) == id {
+            if [id, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6].contains(&u32::from_be(data.service_id_be)) {
                 private
                     .source_ranges
                     .insert(&Key::new(k.prefix_len(), data), val, 0)

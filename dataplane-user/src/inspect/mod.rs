@@ -6,15 +6,16 @@
 //! Nothing here writes to a map.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
 use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
-    counters, ip_of, map_names, Addr, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue, SockEvent,
-    ABI_VERSION, BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, FAMILY_V4,
-    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    counters, family_of, ip_of, map_names, Addr, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue,
+    SockEvent, ABI_VERSION, BACKEND_F_REMOTE, CLUSTER_CIDRS_V6, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY,
+    CT_F_SEEN_REPLY, CT_F_SNAT, FAMILY_V4, FAMILY_V6, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
+    SVC_F_IN_CLUSTER_VIEW, SVC_F_OTHER_PORTS, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -163,10 +164,20 @@ pub fn endpoint(addr: &Addr, port_be: u16, family: u8) -> String {
 }
 
 pub fn frontend(key: &ServiceKey) -> String {
+    if (key.port, key.proto) == (0, 0) {
+        // A ClusterIP's entry for the ports its Service lacks.
+        return match key.ip() {
+            IpAddr::V6(a) => format!("[{a}]:*"),
+            a => format!("{a}:*"),
+        };
+    }
     format!(
-        "{}/{}",
+        "{}/{}{}",
         SocketAddr::new(key.ip(), key.host_port()),
-        proto_name(key.proto)
+        proto_name(key.proto),
+        // The view of an external frontend that sources inside the cluster
+        // get (externalTrafficPolicy Local).
+        if key.is_in_cluster() { "(in-cluster)" } else { "" }
     )
 }
 
@@ -208,6 +219,12 @@ fn service_flags(v: &ServiceValue) -> Vec<String> {
     if v.flags & SVC_F_SOURCE_RANGES != 0 {
         f.push("source-ranges".into());
     }
+    if v.flags & SVC_F_IN_CLUSTER_VIEW != 0 {
+        f.push("in-cluster-view".into());
+    }
+    if v.flags & SVC_F_OTHER_PORTS != 0 {
+        f.push("other-ports-rejected".into());
+    }
     f
 }
 
@@ -246,13 +263,18 @@ pub fn services(maps: &Maps) -> Result<Vec<(ServiceKey, ServiceValue)>, InspectE
 fn source_ranges(maps: &Maps) -> Result<std::collections::BTreeMap<u32, Vec<String>>, InspectError> {
     let mut out: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
     // The family of a range is its service's.
-    let families: std::collections::BTreeMap<u32, u8> =
-        services(maps)?.iter().map(|(k, v)| (v.service_id, k.family)).collect();
+    let families: std::collections::BTreeMap<u32, u8> = services(maps)?
+        .iter()
+        .map(|(k, v)| (v.service_id, family_of(k.ip())))
+        .collect();
     for key in maps.source_ranges.keys() {
         let key = key.map_err(read_err(map_names::SOURCE_RANGES))?;
         let data = key.data();
         let id = u32::from_be(data.service_id_be);
-        let family = families.get(&id).copied().unwrap_or(FAMILY_V4);
+        let family = match id {
+            CLUSTER_CIDRS_V6 => FAMILY_V6,
+            _ => families.get(&id).copied().unwrap_or(FAMILY_V4),
+        };
         out.entry(id).or_default().push(format!(
             "{}/{}",
             ip_of(&data.addr, family),

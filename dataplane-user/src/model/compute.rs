@@ -453,14 +453,29 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
                 also_serving: serving(&external),
                 backends: external.clone(),
                 flags: if external_local {
-                    if any && external.is_empty() {
-                        SVC_F_DROP_NO_LOCAL
-                    } else {
-                        0
-                    }
+                    // Sources inside the cluster use the in-cluster view.
+                    SVC_F_IN_CLUSTER_VIEW
+                        | if any && external.is_empty() {
+                            SVC_F_DROP_NO_LOCAL
+                        } else {
+                            0
+                        }
                 } else {
                     SVC_F_EXTERNAL
                 },
+                ..base.clone()
+            };
+            // The in-cluster view of a Local-policy external frontend:
+            // kube-proxy sends pod and node traffic for external
+            // destinations to the cluster-wide endpoints (its
+            // `UsesClusterEndpoints`: "we need Cluster endpoints to
+            // implement short circuiting"). No SNAT: such flows start on
+            // this node, so their replies come back through it.
+            let cluster = truncated(sets.pick(false));
+            let in_cluster_fe = Frontend {
+                also_serving: serving(&cluster),
+                backends: cluster,
+                flags: 0,
                 ..base.clone()
             };
             // Load balancer IPs: loadBalancerSourceRanges of the frontend's
@@ -472,11 +487,15 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
                 .filter(|(a, _)| a.is_ipv6() == v6)
                 .copied()
                 .collect();
+            let mut in_cluster_lb_fe = in_cluster_fe.clone();
             if !ranges.is_empty() {
                 lb_fe.flags |= SVC_F_SOURCE_RANGES;
-                lb_fe.source_ranges = ranges;
+                lb_fe.source_ranges = ranges.clone();
+                // kube-proxy checks the ranges before any short-circuit.
+                in_cluster_lb_fe.flags |= SVC_F_SOURCE_RANGES;
+                in_cluster_lb_fe.source_ranges = ranges;
             }
-            [internal_fe, external_fe, lb_fe]
+            [internal_fe, external_fe, lb_fe, in_cluster_fe, in_cluster_lb_fe]
         };
         let by_family = [frontends(&sets[0], false), frontends(&sets[1], true)];
         let node_port = match port
@@ -497,13 +516,21 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
             }
         };
         // Which of a family's frontends: 0 internal, 1 external, 2 load
-        // balancer.
+        // balancer (3 and 4: their in-cluster views).
         let mut add = |ip: IpAddr, port: u16, which: usize, what: &'static str| {
+            let key = ServiceKey::new(ip, port, proto);
             claims.push(Claim {
-                key: ServiceKey::new(ip, port, proto),
+                key,
                 frontend: by_family[ip.is_ipv6() as usize][which].clone(),
                 what,
             });
+            if which > 0 && external_local {
+                claims.push(Claim {
+                    key: key.in_cluster(),
+                    frontend: by_family[ip.is_ipv6() as usize][which + 2].clone(),
+                    what,
+                });
+            }
         };
         for vip in &vips {
             add(*vip, svc_port, 0, "clusterIP");
@@ -519,6 +546,29 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
         for ip in &lb_ips {
             add(*ip, svc_port, 2, "load balancer IP");
         }
+    }
+    // Every ClusterIP rejects the ports its Service does not define, once
+    // the Service has a port of that family (kube-proxy's `cluster-ips` set
+    // is filled from the Service's ports).
+    let with_ports: Vec<IpAddr> = vips
+        .iter()
+        .copied()
+        .filter(|vip| claims.iter().any(|c| c.key.ip() == *vip))
+        .collect();
+    for vip in &with_ports {
+        claims.push(Claim {
+            key: ServiceKey::new(*vip, 0, 0),
+            frontend: Frontend {
+                service: format!("{ns}/{name}"),
+                port_name: String::new(),
+                backends: Vec::new(),
+                affinity_timeout_s: None,
+                flags: SVC_F_OTHER_PORTS,
+                source_ranges: Vec::new(),
+                also_serving: Vec::new(),
+            },
+            what: "clusterIP",
+        });
     }
     out(order, claims, problems)
 }
@@ -627,7 +677,7 @@ impl EndpointSets {
 
 /// Parses an IPv4 or IPv6 CIDR (`addr/len`); `None` when invalid. Host
 /// bits are cleared.
-pub(super) fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     let (ip, len) = s.split_once('/')?;
     let len: u8 = len.parse().ok()?;
     match ip.parse::<IpAddr>().ok()? {

@@ -37,12 +37,15 @@ pub(super) fn conflict(order: Option<&(String, String)>, key: &ServiceKey, what:
             Some((ns, name)) => format!("Service {ns}/{name}"),
             None => "Service (unnamed)".into(),
         },
-        reason: format!(
-            "{what} {}:{}/{} is already used by {winner}; skipped",
-            key.ip(),
-            key.host_port(),
-            proto_name(key.proto)
-        ),
+        reason: match key.port {
+            0 => format!("{what} {} is already used by {winner}; skipped", key.ip()),
+            _ => format!(
+                "{what} {}:{}/{} is already used by {winner}; skipped",
+                key.ip(),
+                key.host_port(),
+                proto_name(key.proto)
+            ),
+        },
     }
 }
 

@@ -14,7 +14,7 @@ pub mod maglev;
 #[cfg(test)]
 mod tests;
 
-pub use compute::{compute, compute_for_node};
+pub use compute::{compute, compute_for_node, parse_cidr};
 pub use conflicts::ServiceFrontends;
 pub use health::{health_checks, HealthCheck};
 pub use incremental::{Incremental, Tracked};
@@ -28,7 +28,7 @@ use std::{
 
 use dataplane_common::{
     limits, Backend, ServiceKey, BACKEND_F_REMOTE, IPPROTO_TCP, IPPROTO_UDP, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
-    SVC_F_SOURCE_RANGES,
+    SVC_F_IN_CLUSTER_VIEW, SVC_F_OTHER_PORTS, SVC_F_SOURCE_RANGES,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -193,6 +193,7 @@ pub fn proto_name(proto: u8) -> &'static str {
     match proto {
         IPPROTO_TCP => "tcp",
         IPPROTO_UDP => "udp",
+        0 => "any",
         _ => "?",
     }
 }

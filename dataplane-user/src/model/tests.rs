@@ -1,6 +1,6 @@
 use super::*;
 use crate::source::files::parse_manifests;
-use dataplane_common::{SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES};
+use dataplane_common::{SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_SOURCE_RANGES};
 
 fn example(name: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
     let path = format!("{}/../deploy/examples/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -43,7 +43,8 @@ fn sorted(mut v: Vec<Backend>) -> Vec<Backend> {
 #[test]
 fn slices_merge_and_named_ports_resolve_per_slice() {
     let d = examples(&["web.yaml"]);
-    assert_eq!(d.frontends.len(), 2);
+    // Two ports, and the ClusterIP's entry for the ports it lacks.
+    assert_eq!(d.frontends.len(), 3);
     let http = fe(&d, [198, 19, 0, 10], 80, IPPROTO_TCP);
     assert_eq!(http.service, "shop/web");
     assert_eq!(http.display_name(), "shop/web:http");
@@ -152,18 +153,53 @@ fn load_balancer_frontends_with_local_external_policy() {
             assert_eq!(fe(&d, vip, port, proto).backends, vec![b(1, 7, 8443)], "{vip:?}:{port}");
         }
     }
-    assert_eq!(fe(&d, [198, 19, 1, 5], 443, IPPROTO_TCP).flags, 0);
+    assert_eq!(fe(&d, [198, 19, 1, 5], 443, IPPROTO_TCP).flags, SVC_F_IN_CLUSTER_VIEW);
     let lb = fe(&d, [198, 19, 2, 1], 443, IPPROTO_TCP);
-    assert_eq!(lb.flags, SVC_F_SOURCE_RANGES);
+    assert_eq!(lb.flags, SVC_F_SOURCE_RANGES | SVC_F_IN_CLUSTER_VIEW);
     assert_eq!(lb.source_ranges, vec![(Ipv4Addr::new(198, 18, 200, 0).into(), 24)]);
-    assert_eq!(d.frontends.len(), 8, "{:?}", d.frontends.keys().collect::<Vec<_>>());
+    // Each external frontend has an in-cluster view with every endpoint,
+    // no SNAT (kube-proxy's short-circuit of pod and node traffic); the
+    // load balancer IP's keeps its source ranges (checked first there).
+    let every = sorted(vec![b(1, 7, 8443), remote(b(2, 7, 8443))]);
+    for (vip, port) in [
+        ([198, 19, 1, 5], 443),
+        ([198, 18, 50, 1], 30443),
+        ([198, 19, 2, 1], 443),
+    ] {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let view = &d.frontends[&ServiceKey::new(Ipv4Addr::from(vip), port, proto).in_cluster()];
+            assert_eq!(view.backends, every, "{vip:?}:{port}");
+            let ranges = if vip == [198, 19, 2, 1] { SVC_F_SOURCE_RANGES } else { 0 };
+            assert_eq!(view.flags, ranges, "{vip:?}:{port}");
+        }
+    }
+    // 8 port frontends, their 6 external ones' in-cluster views, and the
+    // ClusterIP's entry for other ports.
+    assert_eq!(d.frontends.len(), 15, "{:?}", d.frontends.keys().collect::<Vec<_>>());
 
-    // A node without local endpoints drops external traffic (kube-proxy).
+    // A node without local endpoints drops external traffic (kube-proxy),
+    // but not what comes from inside the cluster.
     let d = compute_for_node(&svcs, &slices, &node("node-c"));
-    let lb = fe(&d, [198, 19, 2, 1], 443, IPPROTO_TCP);
+    let lb_key = ServiceKey::new(Ipv4Addr::new(198, 19, 2, 1), 443, IPPROTO_TCP);
+    let lb = &d.frontends[&lb_key];
     assert!(lb.backends.is_empty());
-    assert_eq!(lb.flags, SVC_F_DROP_NO_LOCAL | SVC_F_SOURCE_RANGES);
+    assert_eq!(
+        lb.flags,
+        SVC_F_DROP_NO_LOCAL | SVC_F_SOURCE_RANGES | SVC_F_IN_CLUSTER_VIEW
+    );
+    let view = &d.frontends[&lb_key.in_cluster()];
+    assert_eq!(
+        view.backends,
+        sorted(vec![remote(b(1, 7, 8443)), remote(b(2, 7, 8443))])
+    );
     assert_eq!(fe(&d, [198, 19, 0, 20], 443, IPPROTO_TCP).backends.len(), 2);
+
+    // externalTrafficPolicy Cluster: no views.
+    let mut cluster = svcs.clone();
+    cluster[0].spec.as_mut().unwrap().external_traffic_policy = Some("Cluster".into());
+    let d = compute_for_node(&cluster, &slices, &node("node-a"));
+    assert!(d.frontends.keys().all(|k| !k.is_in_cluster()));
+    assert!(d.frontends.values().all(|f| f.flags & SVC_F_IN_CLUSTER_VIEW == 0));
 }
 
 #[test]
@@ -207,7 +243,8 @@ fn node_ports_outside_the_range_are_reported() {
 #[test]
 fn dual_stack_service_feeds_each_family_from_its_own_slices() {
     let d = examples(&["dual.yaml"]);
-    assert_eq!(d.frontends.len(), 2, "{:?}", d.frontends.keys().collect::<Vec<_>>());
+    // One port per family, and each ClusterIP's entry for other ports.
+    assert_eq!(d.frontends.len(), 4, "{:?}", d.frontends.keys().collect::<Vec<_>>());
     assert_eq!(
         fe(&d, [198, 19, 0, 30], 50051, IPPROTO_TCP).backends,
         vec![b(1, 9, 50051)]
@@ -389,6 +426,7 @@ fn bad_ports_and_conflicts_are_reported_and_others_kept() {
         [
             "Service n/bad: port \"a\": 70000 is outside 1-65535; skipped",
             "Service n/bad: port \"b\": protocol SCTP is not supported (TCP and UDP are); skipped",
+            "Service n/t: clusterIP 198.19.0.1 is already used by n/s; skipped",
             "Service n/t: clusterIP 198.19.0.1:80/tcp is already used by n/s; skipped",
         ]
     );
@@ -589,4 +627,42 @@ fn topology_hints_choose_endpoints_as_kube_proxy_does() {
         [1, 3],
         "internal traffic: zone a"
     );
+}
+
+/// kube-proxy's nftables mode rejects traffic to a ClusterIP on a port its
+/// Service does not define ("Reject traffic to invalid ports of ClusterIPs"):
+/// every ClusterIP, of either family, gets one entry (port 0, protocol 0, no
+/// backends, `SVC_F_OTHER_PORTS`); externalIPs, load balancer IPs and node
+/// addresses do not.
+#[test]
+fn every_cluster_ip_rejects_the_ports_its_service_lacks() {
+    let d = examples(&["web.yaml", "dual.yaml"]);
+    let others: Vec<(IpAddr, u16, u8)> = d
+        .frontends
+        .iter()
+        .filter(|(_, f)| f.flags & SVC_F_OTHER_PORTS != 0)
+        .map(|(k, _)| (k.ip(), k.host_port(), k.proto))
+        .collect();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(
+        others,
+        [
+            (ip("198.19.0.10"), 0, 0),
+            (ip("198.19.0.30"), 0, 0),
+            (ip("2001:db8:19::30"), 0, 0)
+        ]
+    );
+    assert!(d
+        .frontends
+        .iter()
+        .filter(|(k, _)| k.port == 0)
+        .all(|(_, f)| f.backends.is_empty()));
+    // A Service without ports has no entry (kube-proxy fills its
+    // `cluster-ips` set from Service ports).
+    let portless = service("metadata: {name: p, namespace: n}\nspec: {clusterIP: 198.19.0.77}");
+    let d = compute_for_node(&[portless], &[], &node("node-a"));
+    assert!(d.frontends.is_empty(), "{:?}", d.frontends.keys().collect::<Vec<_>>());
+    let lb = examples(&["edge.yaml"]);
+    let zero: Vec<IpAddr> = lb.frontends.keys().filter(|k| k.port == 0).map(|k| k.ip()).collect();
+    assert_eq!(zero.len(), 1, "only the ClusterIP: {zero:?}");
 }

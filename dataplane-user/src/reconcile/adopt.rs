@@ -31,7 +31,10 @@ impl Syncer<crate::bpf::loader::Maps> {
         let mut live: BTreeMap<u32, ServiceValue> = BTreeMap::new();
         let mut ranges: BTreeMap<u32, Vec<(std::net::IpAddr, u8)>> = BTreeMap::new();
         // A range has the family of its service.
-        let families: BTreeMap<u32, u8> = services.iter().map(|(k, v)| (v.service_id, k.family)).collect();
+        let families: BTreeMap<u32, u8> = services
+            .iter()
+            .map(|(k, v)| (v.service_id, dataplane_common::family_of(k.ip())))
+            .collect();
         for key in maps.source_ranges.keys() {
             let key = key.map_err(|source| WriteError::Map {
                 map: map_names::SOURCE_RANGES,

@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use dataplane_common::{
     limits, map_names, AffinityValue, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
     ServiceStats, ServiceValue, SourceRangeKey, CT_F_ORIGINAL, IPPROTO_UDP, SOCK_NAT_FORWARD, SVC_F_AFFINITY,
-    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_NONE, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_NONE, SVC_F_OTHER_PORTS, SVC_F_RANDOM,
+    SVC_F_SOURCE_RANGES,
 };
 use thiserror::Error;
 
@@ -94,7 +95,8 @@ pub trait MapWriter {
 
 /// The service flags that come from the desired state (the others come
 /// from the sync's own configuration).
-const FRONTEND_FLAGS: u32 = SVC_F_EXTERNAL | SVC_F_DROP_NO_LOCAL | SVC_F_SOURCE_RANGES;
+const FRONTEND_FLAGS: u32 =
+    SVC_F_EXTERNAL | SVC_F_DROP_NO_LOCAL | SVC_F_SOURCE_RANGES | SVC_F_OTHER_PORTS | SVC_F_IN_CLUSTER_VIEW;
 
 /// The endpoints `old` kept flows to (backends, or still serving) that
 /// `new` does not: a UDP frontend's flows to them are cleared.
@@ -291,6 +293,11 @@ impl<W: MapWriter> Syncer<W> {
 
     pub fn writer(&self) -> &W {
         &self.writer
+    }
+
+    /// The maps, for settings outside the desired state (cluster CIDRs).
+    pub fn writer_mut(&mut self) -> &mut W {
+        &mut self.writer
     }
 
     pub fn into_writer(self) -> W {
