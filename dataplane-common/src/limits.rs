@@ -5,7 +5,12 @@
 pub const MAX_SERVICES: u32 = 131_072;
 /// Backends one frontend can hold. Larger backend sets are truncated by
 /// the agent with a logged reason.
-pub const MAX_BACKENDS_PER_SERVICE: u32 = 1024;
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 16_384;
+/// Backends per generation in the first range of backend slots (the whole
+/// slot space of releases up to 0.2.0, so that the slots of their
+/// frontends keep their numbers); indexes from here on live in a second
+/// range (see `BackendKey::new`).
+pub const SLOTS_FIRST_RANGE: u32 = 1024;
 /// Entries of the backend slot map (both generations of every service).
 pub const MAX_BACKEND_SLOTS: u32 = 524_288;
 /// Connection tracking entries (two per flow: original and reply).

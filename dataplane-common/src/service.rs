@@ -33,7 +33,7 @@ pub const KEY_IN_CLUSTER: u8 = 0x80;
 /// Value of the service map.
 ///
 /// Backends of a service live in the backend map under
-/// `BackendKey { service_id, slot: generation * MAX_BACKENDS_PER_SERVICE + i }`
+/// `BackendKey::new(service_id, generation, i)`
 /// for `i < backend_count`. The agent writes a new generation's slots first
 /// and then replaces this value in one map update (hash map updates are
 /// atomic for readers), so the datapath sees either the old backend set or the
@@ -66,12 +66,34 @@ pub struct BackendKey {
 }
 
 impl BackendKey {
-    /// The key of backend `index` in `generation` of `service_id`.
+    /// The key of backend `index` (below `MAX_BACKENDS_PER_SERVICE`) in
+    /// `generation` of `service_id`. The first `SLOTS_FIRST_RANGE` indexes
+    /// of each generation keep the numbering of earlier releases
+    /// (`generation * 1024 + index`), so their maps stay valid; the rest
+    /// follow both generations' first ranges.
     #[inline(always)]
     pub fn new(service_id: u32, generation: u16, index: u32) -> Self {
-        BackendKey {
-            service_id,
-            slot: (generation as u32 & 1) * limits::MAX_BACKENDS_PER_SERVICE + index,
+        const FIRST: u32 = limits::SLOTS_FIRST_RANGE;
+        const REST: u32 = limits::MAX_BACKENDS_PER_SERVICE - FIRST;
+        let g = generation as u32 & 1;
+        let slot = if index < FIRST {
+            g * FIRST + index
+        } else {
+            2 * FIRST + g * REST + (index - FIRST)
+        };
+        BackendKey { service_id, slot }
+    }
+
+    /// The inverse of [`BackendKey::new`]: (generation, index) of a slot.
+    pub fn generation_and_index(&self) -> (u16, u32) {
+        const FIRST: u32 = limits::SLOTS_FIRST_RANGE;
+        const REST: u32 = limits::MAX_BACKENDS_PER_SERVICE - FIRST;
+        let s = self.slot;
+        if s < 2 * FIRST {
+            ((s / FIRST) as u16, s % FIRST)
+        } else {
+            let r = s - 2 * FIRST;
+            ((r / REST) as u16, FIRST + r % REST)
         }
     }
 }

@@ -157,10 +157,33 @@ fn reasons_are_dense_and_named_uniquely() {
 
 #[test]
 fn backend_key_generations_do_not_overlap() {
-    let a = BackendKey::new(7, 0, limits::MAX_BACKENDS_PER_SERVICE - 1);
-    let b = BackendKey::new(7, 1, 0);
-    assert!(a.slot < b.slot);
+    // Fixed vectors: the first 1,024 slots of each generation keep the
+    // numbers releases up to 0.2.0 wrote (generation * 1024 + index), so a
+    // new agent reads their maps as they are.
+    for (g, i, slot) in [
+        (0, 0, 0),
+        (0, 5, 5),
+        (0, 1023, 1023),
+        (1, 0, 1024),
+        (1, 5, 1029),
+        (1, 1023, 2047),
+    ] {
+        assert_eq!(BackendKey::new(7, g, i), BackendKey { service_id: 7, slot }, "{g} {i}");
+    }
+    // Beyond: after both first ranges, generation 0 then generation 1.
+    assert_eq!(BackendKey::new(7, 0, 1024).slot, 2048);
+    assert_eq!(BackendKey::new(7, 1, 1024).slot, 2048 + 16_384 - 1024);
     assert_eq!(BackendKey::new(7, 2, 3), BackendKey::new(7, 0, 3));
+    // Every (generation, index) has its own slot, and the inverse finds it.
+    let mut seen = std::collections::BTreeSet::new();
+    for g in 0..2u16 {
+        for i in 0..limits::MAX_BACKENDS_PER_SERVICE {
+            let k = BackendKey::new(7, g, i);
+            assert!(seen.insert(k.slot), "slot {} twice", k.slot);
+            assert_eq!(k.generation_and_index(), (g, i));
+        }
+    }
+    assert_eq!(seen.len(), 2 * limits::MAX_BACKENDS_PER_SERVICE as usize);
 }
 
 /// Reference: the full Internet checksum of `words`.

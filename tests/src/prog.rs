@@ -18,6 +18,18 @@ use dataplane_common::{addr_of, flow_hash, fold_addr, program_names, Backend, Dp
 /// Maglev table (default size) computed in userspace, at the position of
 /// the shared flow hash.
 pub fn expected(backends: &[Backend], src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8) -> Backend {
+    expected_in(maglev::DEFAULT_SIZE, backends, src, dst, proto)
+}
+
+/// As [`expected`], with a table of `size` entries.
+pub fn expected_in(size: u32, backends: &[Backend], src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8) -> Backend {
+    backends[expected_index(&maglev::table(backends, size), src, dst, proto)]
+}
+
+/// The index into the backends of the entry of `table` (a Maglev table of
+/// those backends) that a new flow uses: at the position of the shared
+/// flow hash.
+pub fn expected_index(table: &[u16], src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8) -> usize {
     let h = flow_hash(
         fold_addr(&addr_of(src.0).0),
         fold_addr(&addr_of(dst.0).0),
@@ -25,8 +37,7 @@ pub fn expected(backends: &[Backend], src: (IpAddr, u16), dst: (IpAddr, u16), pr
         dst.1.to_be(),
         proto,
     );
-    let table = maglev::table(backends, maglev::DEFAULT_SIZE);
-    backends[table[(h % maglev::DEFAULT_SIZE) as usize] as usize]
+    table[(h % table.len() as u32) as usize] as usize
 }
 
 pub const XDP_DROP: u32 = 1;

@@ -17,7 +17,7 @@ use dataplane_tests::{
     packet::{
         checksum, icmp_error, octets, parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP,
     },
-    prog::{expected, Loaded, Prog},
+    prog::{expected, expected_index, Loaded, Prog},
 };
 
 const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10));
@@ -475,6 +475,47 @@ fn a_port_the_cluster_ip_lacks_is_rejected_from_the_vip() {
         let elsewhere = Frame::tcp((CLIENT, 40312), (IpAddr::from(Ipv4Addr::new(198, 19, 9, 9)), 81), SYN).build();
         let out = l.run(prog, &elsewhere);
         assert_eq!((out.retval, out.data), (prog.pass(), elsewhere), "{prog:?}");
+    }
+}
+
+/// A Service port with 10,000 endpoints (kube-proxy uses them all): the
+/// frontend gets a 65,521-entry table, and new flows go to the Maglev
+/// choice among all 10,000, including the indexes past the first 1,024
+/// slots of each generation, before and after an update flips the
+/// generation.
+#[test]
+fn ten_thousand_backends_are_all_reachable_through_both_generations() {
+    let mut l = Loaded::new();
+    let all: Vec<(IpAddr, u16)> = (0..10_000u32)
+        .map(|i| (IpAddr::from(Ipv4Addr::from(0xc612_0000 + i)), 8080))
+        .collect();
+    for (round, backends) in [&all[..], &all[1..]].into_iter().enumerate() {
+        l.set_service(VIP, 80, TCP, backends);
+        let p = &l.sync.programmed()[&ServiceKey::new(VIP, 80, TCP)];
+        assert_eq!((p.maglev_size, p.generation), (65521, round as u16));
+        let set = l.backends(VIP, 80, TCP);
+        assert_eq!(set.len(), backends.len());
+        // The table computed once, independently of the agent's writes.
+        let table = dataplane::model::maglev::table(&set, 65521);
+        let mut past_first_range = 0;
+        for port in 0..600u16 {
+            // New flows: no conntrack entry of the first round applies.
+            let client = (CLIENT, 20_000 + round as u16 * 1000 + port);
+            let out = l.run(Prog::Tc, &Frame::tcp(client, (VIP, 80), SYN).build());
+            let seen = parse_and_verify(&out.data);
+            let index = expected_index(&table, client, (VIP, 80), TCP);
+            assert_eq!(
+                (seen.dst, seen.dport),
+                (set[index].ip(), 8080),
+                "round {round}, client port {}",
+                client.1
+            );
+            past_first_range += (index >= 1024) as usize;
+        }
+        assert!(
+            past_first_range > 400,
+            "round {round}: {past_first_range} of 600 past index 1024"
+        );
     }
 }
 

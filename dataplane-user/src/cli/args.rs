@@ -361,6 +361,11 @@ impl RunArgs {
     }
 }
 
+/// `--cluster-cidr`: an IPv4 or IPv6 CIDR.
+fn cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    crate::model::parse_cidr(s.trim()).ok_or_else(|| format!("{s:?} is not a CIDR (address/prefix length)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,9 +495,4 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("--health-bind"), "{e}");
     }
-}
-
-/// `--cluster-cidr`: an IPv4 or IPv6 CIDR.
-fn cidr(s: &str) -> Result<(IpAddr, u8), String> {
-    crate::model::parse_cidr(s.trim()).ok_or_else(|| format!("{s:?} is not a CIDR (address/prefix length)"))
 }

@@ -410,11 +410,15 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
                 problem(
                     object.clone(),
                     format!(
-                        "port {pname:?}: {} endpoints, only the first {max} are used",
+                        "port {pname:?}: {} endpoints, more than the {max} one frontend holds; the {max} lowest addresses are used",
                         backends.len()
                     ),
                 );
+                // The lowest addresses (then ports), kept in the set's
+                // own order.
+                backends.sort_by_key(|b| (b.ip(), b.host_port()));
                 backends.truncate(max);
+                backends.sort();
             }
             backends
         };

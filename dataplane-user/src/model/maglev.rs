@@ -21,6 +21,28 @@ pub const SIZES: &[u32] = &[251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 6552
 /// The default: balanced within 1 % up to 10 backends, within 10 % up to 100.
 pub const DEFAULT_SIZE: u32 = 1021;
 
+/// Table positions per backend a frontend gets at least once it has more
+/// backends than the configured size serves (up to the largest size):
+/// each backend then owns 6 or 7 positions, a spread of at most 1/6.
+pub const MIN_POSITIONS_PER_BACKEND: u32 = 6;
+
+/// The table size of a frontend with `n` backends under the configured
+/// `size`: `size` itself while every backend gets a position (`n <= size`;
+/// the tables of earlier releases, unchanged), else the smallest of
+/// [`SIZES`] with at least [`MIN_POSITIONS_PER_BACKEND`] positions per
+/// backend, or the largest.
+pub fn size_for(size: u32, n: usize) -> u32 {
+    if n as u64 <= size as u64 {
+        return size;
+    }
+    let want = n as u64 * MIN_POSITIONS_PER_BACKEND as u64;
+    SIZES
+        .iter()
+        .copied()
+        .find(|s| *s as u64 >= want && *s >= size)
+        .unwrap_or(SIZES[SIZES.len() - 1])
+}
+
 /// FNV-1a, 64 bit, with a final avalanche: stable across runs and versions
 /// (std's hashers are not).
 fn hash64(data: &[u8], seed: u64) -> u64 {
@@ -195,6 +217,35 @@ mod tests {
             for c in &counts {
                 assert!(*c == fair || *c == fair + 1, "n={n} size={size}: {counts:?}");
             }
+        }
+    }
+
+    /// Frontends with more backends than the configured size get a larger
+    /// table, so that every backend owns positions (6 or 7 each at 10,000
+    /// backends), and frontends the configured size serves keep it.
+    #[test]
+    fn large_backend_sets_get_a_table_where_every_backend_has_positions() {
+        assert_eq!(size_for(1021, 0), 1021);
+        assert_eq!(size_for(1021, 1021), 1021);
+        assert_eq!(size_for(1021, 1022), 8191);
+        assert_eq!(size_for(1021, 2000), 16381);
+        assert_eq!(size_for(1021, 10_000), 65521);
+        assert_eq!(size_for(251, 300), 2039);
+        assert_eq!(size_for(65521, 16_384), 65521);
+        let n = 10_000;
+        let b: Vec<Backend> = (0..n)
+            .map(|i| Backend::new(Ipv4Addr::from(0xc612_0000u32 + i as u32), 8080))
+            .collect();
+        let size = size_for(DEFAULT_SIZE, n);
+        let t = table(&b, size);
+        let mut counts = vec![0usize; n];
+        for i in &t {
+            counts[*i as usize] += 1;
+        }
+        let fair = size as usize / n;
+        assert_eq!(fair, 6);
+        for (i, c) in counts.iter().enumerate() {
+            assert!(*c == fair || *c == fair + 1, "backend {i}: {c} positions");
         }
     }
 

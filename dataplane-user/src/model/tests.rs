@@ -434,21 +434,42 @@ fn bad_ports_and_conflicts_are_reported_and_others_kept() {
     fe(&d, [198, 19, 0, 2], 53, IPPROTO_UDP);
 }
 
+/// kube-proxy uses every endpoint of a Service port; so do we, up to
+/// `MAX_BACKENDS_PER_SERVICE` (16,384) per frontend: 10,000 endpoints are
+/// all kept, 50,000 (bad input for one Service) are cut to the lowest
+/// addresses with a message naming both numbers.
 #[test]
-fn backend_sets_larger_than_a_service_holds_are_truncated() {
-    let mut eps = String::new();
-    for i in 0..(limits::MAX_BACKENDS_PER_SERVICE + 5) {
-        eps.push_str(&format!("- addresses: [198.18.{}.{}]\n", i / 250, i % 250 + 1));
-    }
-    let sl = slice(&format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s-1, namespace: n, labels: {{kubernetes.io/service-name: s}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{eps}"
-    ));
-    let d = compute(&[service(SVC)], &[sl]);
+fn large_services_keep_every_endpoint_up_to_the_limit() {
+    let slice_of = |n: u32| {
+        let mut sl = slice(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s-1, namespace: n, labels: {kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: []",
+        );
+        sl.endpoints = (0..n)
+            .map(|i| k8s_openapi::api::discovery::v1::Endpoint {
+                addresses: vec![Ipv4Addr::from(0xc612_0000 + i).to_string()],
+                ..Default::default()
+            })
+            .collect();
+        sl
+    };
+    let d = compute(&[service(SVC)], &[slice_of(10_000)]);
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends.len(), 10_000);
+
+    let d = compute(&[service(SVC)], &[slice_of(50_000)]);
+    let kept = &fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends;
+    assert_eq!(kept.len(), limits::MAX_BACKENDS_PER_SERVICE as usize);
+    // The lowest addresses: 198.18.0.0 to 198.18.63.255.
     assert_eq!(
-        fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends.len(),
-        limits::MAX_BACKENDS_PER_SERVICE as usize
+        kept.iter().map(|b| b.ip()).max(),
+        Some(Ipv4Addr::from(0xc612_0000 + 16_383).into())
     );
-    assert!(d.problems[0].reason.contains("only the first 1024"), "{:?}", d.problems);
+    assert_eq!(
+        d.problems.iter().map(|p| format!("{}: {}", p.object, p.reason)).collect::<Vec<_>>(),
+        [
+            "Service n/s: port \"\": 50000 endpoints, more than the 16384 one frontend holds; the 16384 lowest addresses are used"
+        ]
+    );
 }
 
 /// kube-proxy's health-check ports (service_health.go and the endpoints

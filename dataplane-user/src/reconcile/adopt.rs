@@ -95,8 +95,8 @@ impl Syncer<crate::bpf::loader::Maps> {
         let mut maps = maps;
         let current_slot = |k: &BackendKey| {
             live.get(&k.service_id).is_some_and(|v| {
-                let base = BackendKey::new(v.service_id, v.generation, 0).slot;
-                (base..base + v.backend_count as u32).contains(&k.slot)
+                let (generation, index) = k.generation_and_index();
+                generation == v.generation & 1 && index < v.backend_count as u32
             })
         };
         let stale: Vec<BackendKey> = maps

@@ -225,22 +225,19 @@ const TABLE_BATCH: usize = 256;
 const PARALLEL_TABLES_MIN: usize = 64;
 
 /// Maglev tables for `work` (frontend, backends), computed on every CPU.
+/// Maglev tables of `work`, each sized for its backends under the
+/// configured `size` (`maglev::size_for`).
 fn tables_in_parallel(work: &[(ServiceKey, &[Backend])], size: u32) -> Vec<(ServiceKey, Vec<u16>)> {
+    let table = |b: &[Backend]| maglev::table(b, maglev::size_for(size, b.len()));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     if threads < 2 || work.len() < PARALLEL_TABLES_MIN {
-        return work.iter().map(|(k, b)| (*k, maglev::table(b, size))).collect();
+        return work.iter().map(|(k, b)| (*k, table(b))).collect();
     }
     let per = work.len().div_ceil(threads);
     std::thread::scope(|scope| {
         let handles: Vec<_> = work
             .chunks(per)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|(k, b)| (*k, maglev::table(b, size)))
-                        .collect::<Vec<_>>()
-                })
-            })
+            .map(|part| scope.spawn(move || part.iter().map(|(k, b)| (*k, table(b))).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
@@ -317,7 +314,9 @@ impl<W: MapWriter> Syncer<W> {
     /// The Maglev table size `fe` gets (0: none).
     fn maglev_size_for(&self, fe: &Frontend) -> u32 {
         match self.config.selection {
-            Selection::Maglev if !fe.backends.is_empty() => self.config.maglev_size,
+            Selection::Maglev if !fe.backends.is_empty() => {
+                maglev::size_for(self.config.maglev_size, fe.backends.len())
+            }
             _ => 0,
         }
     }
@@ -339,7 +338,7 @@ impl<W: MapWriter> Syncer<W> {
             Selection::Random => (SVC_F_RANDOM, 0),
             Selection::Maglev if fe.backends.is_empty() => (SVC_F_NONE, 0),
             Selection::Maglev => {
-                let size = self.config.maglev_size;
+                let size = maglev::size_for(self.config.maglev_size, fe.backends.len());
                 let table = match self.tables.remove(key) {
                     Some(t) => t,
                     None => maglev::table(&fe.backends, size),
@@ -608,7 +607,7 @@ impl<W: MapWriter> Syncer<W> {
                 let value = match self.write_generation(key, p.service_id, generation, fe) {
                     Ok(v) => v,
                     Err(cause) => {
-                        self.delete_generation(p.service_id, generation, fe.backends.len(), self.config.maglev_size);
+                        self.delete_generation(p.service_id, generation, fe.backends.len(), maglev_size);
                         report
                             .errors
                             .push(err(format!("writing backends: {cause}; previous backends kept")));
@@ -689,7 +688,7 @@ impl<W: MapWriter> Syncer<W> {
                         report.added += 1;
                     }
                     Err(cause) => {
-                        self.delete_generation(id, 0, fe.backends.len(), self.config.maglev_size);
+                        self.delete_generation(id, 0, fe.backends.len(), maglev_size);
                         self.free_ids.push(id);
                         report.errors.push(err(format!("{cause}; not programmed")));
                     }

@@ -267,7 +267,7 @@ fn backend_change_flips_generation_then_deletes_old_slots() {
     let before = s.writer().log.len();
     let r = s.apply(&desired(&[(key(1), &[2, 3, 4])]));
     assert_eq!((r.updated, r.added, r.removed), (1, 0, 0));
-    let slot1 = limits::MAX_BACKENDS_PER_SERVICE;
+    let slot1 = limits::SLOTS_FIRST_RANGE;
     let chunk1 = limits::MAGLEV_MAX_CHUNKS;
     assert_eq!(
         s.writer().log[before..],
