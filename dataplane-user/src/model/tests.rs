@@ -456,7 +456,13 @@ fn large_services_keep_every_endpoint_up_to_the_limit() {
     assert!(d.problems.is_empty(), "{:?}", d.problems);
     assert_eq!(fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends.len(), 10_000);
 
-    let d = compute(&[service(SVC)], &[slice_of(50_000)]);
+    // Bad input for one Service disturbs no other.
+    let other = service(&SVC.replace("name: s,", "name: t,").replace("198.19.0.1", "198.19.0.2"));
+    let mut other_slice = slice_of(2);
+    other_slice.metadata.name = Some("t-1".into());
+    other_slice.metadata.labels = Some([("kubernetes.io/service-name".to_string(), "t".to_string())].into());
+    let d = compute(&[service(SVC), other], &[slice_of(50_000), other_slice]);
+    assert_eq!(fe(&d, [198, 19, 0, 2], 80, IPPROTO_TCP).backends.len(), 2);
     let kept = &fe(&d, [198, 19, 0, 1], 80, IPPROTO_TCP).backends;
     assert_eq!(kept.len(), limits::MAX_BACKENDS_PER_SERVICE as usize);
     // The lowest addresses: 198.18.0.0 to 198.18.63.255.
