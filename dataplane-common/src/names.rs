@@ -96,6 +96,18 @@ pub const DEBUG_GLOBAL: &str = "DP_DEBUG";
 /// the helper.
 pub const KERNEL_GLOBAL: &str = "DP_KERNEL";
 
+/// Read-only global: the source ports SNAT picks from, `low | high << 16`
+/// (host order, inclusive), set by the agent at load time; 0 means
+/// [`DEFAULT_SNAT_PORTS`].
+pub const SNAT_PORTS_GLOBAL: &str = "DP_SNAT_PORTS";
+
+/// SNAT source ports when the loader sets none: below kube-apiserver's
+/// default NodePort range (30000-32767) and Linux's default ephemeral
+/// range (32768-60999), so that no socket of the node picks one of them
+/// for a connection of its own. The agent computes its range from the
+/// node's actual settings (`dataplane::node::snat_ports`).
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 29999);
+
 /// Bits of [`KERNEL_GLOBAL`].
 pub mod kernel_features {
     /// `bpf_ktime_get_coarse_ns` (5.11): else `bpf_ktime_get_ns`, the same

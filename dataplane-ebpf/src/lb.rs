@@ -193,8 +193,6 @@ fn as_bytes(a: &Addr) -> [u8; 16] {
 
 /// Candidate source ports tried for one SNATed flow.
 const SNAT_TRIES: u32 = 8;
-const SNAT_PORT_MIN: u32 = 32768;
-const SNAT_PORT_SPAN: u32 = 28232; // 32768..=60999, Linux's ephemeral range
 
 /// This node's address and a source port no other flow to `backend` uses
 /// with it (the reply tuple must be unique).
@@ -209,10 +207,18 @@ fn snat_source(p: &Packet, backend: &Backend) -> Option<(Addr, u16)> {
     if addr_eq(&node, &[0; 4]) {
         return None;
     }
+    // Outside the node's ephemeral ports (`--snat-port-range`): no socket
+    // of the node can hold the same tuple and receive a stranger's replies.
+    let (first, span) = crate::maps::snat_ports();
     let h = hash(p);
     let mut i = 0;
     while i < SNAT_TRIES {
-        let port = ((SNAT_PORT_MIN + h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % SNAT_PORT_SPAN) as u16).to_be();
+        // (Checked: a zero divisor must not become a panic path.)
+        let offset = h
+            .wrapping_add(i.wrapping_mul(0x9e37_79b1))
+            .checked_rem(span)
+            .unwrap_or(0);
+        let port = ((first + offset) as u16).to_be();
         if !conntrack::reply_tuple_in_use(p, backend, &node, port) {
             return Some((node, port));
         }

@@ -109,6 +109,30 @@ pub fn kernel_has(feature: u32) -> bool {
     unsafe { core::ptr::read_volatile(&DP_KERNEL) & feature != 0 }
 }
 
+/// Set by the agent at load time to the SNAT source port range; see
+/// `dataplane_common::SNAT_PORTS_GLOBAL`.
+#[no_mangle]
+static DP_SNAT_PORTS: u32 = 0;
+
+/// The SNAT source port range: (first port, number of ports).
+#[inline(always)]
+pub fn snat_ports() -> (u32, u32) {
+    // SAFETY: reading a static; volatile so that the load-time value is
+    // read, not the compile-time 0.
+    let v = unsafe { core::ptr::read_volatile(&DP_SNAT_PORTS) };
+    let (lo, hi) = match v {
+        0 => (
+            dataplane_common::DEFAULT_SNAT_PORTS.0 as u32,
+            dataplane_common::DEFAULT_SNAT_PORTS.1 as u32,
+        ),
+        v => (v & 0xffff, v >> 16),
+    };
+    if hi < lo {
+        return (dataplane_common::DEFAULT_SNAT_PORTS.0 as u32, 1);
+    }
+    (lo, hi - lo + 1)
+}
+
 /// Set to 1 by the agent at load time to log decisions (aya-log); see
 /// `dataplane_common::DEBUG_GLOBAL`.
 #[no_mangle]

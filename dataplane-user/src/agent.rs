@@ -89,6 +89,9 @@ pub struct RunConfig {
     pub cluster_cidrs: Vec<(std::net::IpAddr, u8)>,
     /// The NodePort range (inclusive).
     pub node_port_range: (u16, u16),
+    /// SNAT source ports (inclusive); `None`: chosen outside the node's
+    /// ephemeral port range and the NodePort range.
+    pub snat_port_range: Option<(u16, u16)>,
     /// The source addresses for SNAT, at most one per family; a family
     /// without one: the first node address of that family.
     pub snat_ips: Vec<std::net::IpAddr>,
@@ -292,12 +295,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         SourceConfig::Files { .. } => None,
     };
 
+    let snat_ports = crate::node::snat_ports(cfg.snat_port_range, cfg.node_port_range)?;
+    info!(
+        first = snat_ports.0,
+        last = snat_ports.1,
+        "SNAT source ports (outside the node's ephemeral ports and the NodePort range)"
+    );
     let pins = cfg.pin_root.clone().map(PinRoot::new);
     let (mut dp, adopted) = Dataplane::load_with(
         cfg.bpf_object.as_deref(),
         pins.clone(),
         &cfg.map_sizes,
         cfg.bpf_debug_log,
+        snat_ports,
     )
     .context("loading the eBPF programs")?;
     // The programs' decision log (--bpf-debug-log), forwarded to our log.
@@ -446,6 +456,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 pins.clone(),
                 &cfg.map_sizes,
                 cfg.bpf_debug_log,
+                snat_ports,
             )
             .context("loading the eBPF programs again after the migration")?;
             let mut fresh_attacher =

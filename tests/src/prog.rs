@@ -102,7 +102,19 @@ impl Loaded {
     /// Loaded with the map capacities `sizes`, the syncer following them.
     pub fn with_sizes(config: SyncConfig, dp_config: DpConfig, sizes: &MapSizes) -> Loaded {
         crate::netns::require_root_and_tools();
-        let mut dp = Dataplane::load_sized(None, sizes).unwrap_or_else(|e| panic!("{e}"));
+        let dp = Dataplane::load_sized(None, sizes).unwrap_or_else(|e| panic!("{e}"));
+        Self::from_dataplane(dp, config, dp_config, sizes)
+    }
+
+    /// Loaded with SNAT taking source ports from `snat_ports` (inclusive).
+    pub fn with_snat_ports(dp_config: DpConfig, snat_ports: (u16, u16)) -> Loaded {
+        crate::netns::require_root_and_tools();
+        let sizes = MapSizes::default();
+        let (dp, _) = Dataplane::load_with(None, None, &sizes, false, snat_ports).unwrap_or_else(|e| panic!("{e}"));
+        Self::from_dataplane(dp, SyncConfig::default(), dp_config, &sizes)
+    }
+
+    fn from_dataplane(mut dp: Dataplane, config: SyncConfig, dp_config: DpConfig, sizes: &MapSizes) -> Loaded {
         let mut maps = dp.take_maps().unwrap();
         maps.write_config(&dp_config).unwrap();
         let mut sync = Syncer::with_config(maps, config);

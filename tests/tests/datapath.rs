@@ -760,7 +760,9 @@ fn remote_backend_of_an_external_frontend_is_snated_and_reversed() {
         let out = parse_and_verify(&l.run(prog, &Frame::tcp(client, (NODE, 30443), SYN).build()).data);
         assert_eq!((out.dst, out.dport), (b(2), 8443), "{prog:?}");
         assert_eq!(out.src, NODE, "{prog:?}: source must be the node");
-        assert!((32768..61000).contains(&out.sport), "{prog:?}: SNAT port {}", out.sport);
+        // Below kube-apiserver's default NodePort range and Linux's default
+        // ephemeral ports (the loader's default, DEFAULT_SNAT_PORTS).
+        assert!((1024..30000).contains(&out.sport), "{prog:?}: SNAT port {}", out.sport);
         // The backend answers the node; the client gets it from the frontend.
         let reply = parse_and_verify(
             &l.run(prog, &Frame::tcp((b(2), 8443), (NODE, out.sport), SYN | ACK).build())
@@ -779,6 +781,43 @@ fn remote_backend_of_an_external_frontend_is_snated_and_reversed() {
         let o = parse_and_verify(&l.run(prog, &Frame::tcp(other, (NODE, 30443), SYN).build()).data);
         assert_eq!(o.src, NODE);
         assert_ne!(o.sport, out.sport, "{prog:?}: two flows share a reply tuple");
+    }
+}
+
+/// SNAT takes its source ports from the range the loader gives (the
+/// agent's `--snat-port-range`, or its choice outside the node's ephemeral
+/// ports), never from elsewhere: 60 flows to one backend through a range
+/// of 64 ports.
+#[test]
+fn snat_source_ports_come_from_the_configured_range() {
+    for prog in Prog::BOTH {
+        let mut l = Loaded::with_snat_ports(
+            DpConfig {
+                snat_addr: addr_of(NODE).0[0],
+                ..DpConfig::defaults()
+            },
+            (61000, 61063),
+        );
+        l.set_frontend(
+            ServiceKey::new(NODE, 30443, TCP),
+            frontend(vec![remote(b(2), 8443)], SVC_F_EXTERNAL),
+        );
+        let mut ports = std::collections::BTreeSet::new();
+        for i in 0..60u16 {
+            let out = l.run(
+                prog,
+                &Frame::tcp((EXTERNAL_CLIENT, 42000 + i), (NODE, 30443), SYN).build(),
+            );
+            if out.retval != prog.pass() {
+                // All 8 candidates taken: dropped, counted.
+                continue;
+            }
+            let p = parse_and_verify(&out.data);
+            assert!((61000..=61063).contains(&p.sport), "{prog:?}: SNAT port {}", p.sport);
+            assert!(ports.insert(p.sport), "{prog:?}: port {} twice", p.sport);
+        }
+        assert!(ports.len() >= 40, "{prog:?}: only {} flows SNATed", ports.len());
+        assert_eq!(ports.len() as u64 + l.reason(Reason::DropSnatFailed), 60, "{prog:?}");
     }
 }
 

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use dataplane::inspect;
 use dataplane_tests::{
     agent::Agent,
     netns::{Netns, TwoNodes, BACKEND_A, BACKEND_B, EXT_CLIENT, NODE_A, NODE_A_EXT, NODE_B},
@@ -79,12 +80,14 @@ fn cluster(external_policy: &str, internal_policy: &str) -> Cluster {
 /// TC (the client's checksum offload is off: XDP sees full checksums only
 /// from real NICs, see README).
 fn cluster_with(external_policy: &str, internal_policy: &str, xdp: bool) -> Cluster {
-    cluster_of(manifests(external_policy, internal_policy), xdp, &[])
+    cluster_of(manifests(external_policy, internal_policy), xdp, &[], |_| {})
 }
 
-/// Both nodes' agents on `m`; node A's agent gets `args_a` too.
-fn cluster_of(m: Vec<(&'static str, String)>, xdp: bool, args_a: &[&str]) -> Cluster {
+/// Both nodes' agents on `m`, started after `setup`; node A's agent gets
+/// `args_a` too.
+fn cluster_of(m: Vec<(&'static str, String)>, xdp: bool, args_a: &[&str], setup: impl FnOnce(&TwoNodes)) -> Cluster {
     let t = TwoNodes::new().unwrap();
+    setup(&t);
     if xdp {
         t.client.exec(&["ethtool", "-K", "eth0", "tx", "off"]).unwrap();
     }
@@ -208,7 +211,7 @@ fn pods_reach_external_addresses_of_a_local_policy_service_through_every_endpoin
     // to pods as well, in kube-proxy as here).
     m[0].1 = m[0].1.replace("[198.18.200.0/24]", "[198.18.200.0/24, 198.18.1.0/24]");
     // The pods' addresses (node A's behind vb1, node B's).
-    let c = cluster_of(m, false, &["--cluster-cidr", "198.18.1.0/24,198.18.2.0/24"]);
+    let c = cluster_of(m, false, &["--cluster-cidr", "198.18.1.0/24,198.18.2.0/24"], |_| {});
     for to in [SocketAddr::from((LB_IP, 80)), SocketAddr::from((NODE_A, NODE_PORT))] {
         let seen = connect(&c.t.backend_a, to, 10).unwrap();
         assert_eq!(
@@ -220,6 +223,32 @@ fn pods_reach_external_addresses_of_a_local_policy_service_through_every_endpoin
     // From outside, node A has no local endpoint: dropped, as kube-proxy.
     let outside = connect(&c.t.client, SocketAddr::from((NODE_A_EXT, NODE_PORT)), 1);
     assert!(outside.is_err(), "{outside:?}");
+}
+
+/// SNAT source ports stay out of the node's ephemeral ports: with node A's
+/// `ip_local_port_range` moved to 20000-40000, its agent takes 40001-65535
+/// (the largest range of 1024-65535 outside it and the NodePort range),
+/// and the flows it SNATs to node B's backend use ports from there.
+#[test]
+fn snat_ports_avoid_the_nodes_ephemeral_ports() {
+    let c = cluster_of(manifests("Cluster", "Cluster"), false, &[], |t| {
+        t.node_a.sysctl("net.ipv4.ip_local_port_range", "20000 40000").unwrap()
+    });
+    let seen = connect(&c.t.client, SocketAddr::from((NODE_A_EXT, NODE_PORT)), 30).unwrap();
+    assert!(
+        seen.contains_key(&pair("b", NODE_A)),
+        "no SNATed flow to node B: {seen:?}"
+    );
+    let maps = inspect::open_pinned(&c._agents[0].pins).unwrap();
+    let ports: Vec<u16> = inspect::conntrack_rows(&maps)
+        .unwrap()
+        .iter()
+        .filter(|r| r.direction == "original")
+        .filter_map(|r| r.snat.as_ref())
+        .map(|s| s.rsplit(':').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(!ports.is_empty());
+    assert!(ports.iter().all(|p| *p > 40000), "SNAT ports {ports:?}");
 }
 
 /// `curl` from `ns`: (HTTP status, body).

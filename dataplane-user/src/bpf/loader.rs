@@ -19,7 +19,7 @@ use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
     SockNatValue, SourceRangeKey, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_MIGRATE_GLOBAL, CT_PREV_MAP, DEBUG_GLOBAL,
-    KERNEL_GLOBAL,
+    DEFAULT_SNAT_PORTS, KERNEL_GLOBAL, SNAT_PORTS_GLOBAL,
 };
 use thiserror::Error;
 
@@ -311,30 +311,31 @@ impl Dataplane {
     /// Loads the embedded object, or the one at `path`, with maps of its
     /// own (nothing pinned).
     pub fn load(path: Option<&Path>) -> Result<Self, LoadError> {
-        Self::load_inner(path, None, &MapSizes::default(), false, None)
+        Self::load_inner(path, None, &MapSizes::default(), false, DEFAULT_SNAT_PORTS, None)
     }
 
     /// As `load`, with the given map capacities.
     pub fn load_sized(path: Option<&Path>, sizes: &MapSizes) -> Result<Self, LoadError> {
-        Self::load_inner(path, None, sizes, false, None)
+        Self::load_inner(path, None, sizes, false, DEFAULT_SNAT_PORTS, None)
     }
 
     /// Loads the object with its maps pinned under `pins` (adopting maps
     /// pinned by a previous agent after checking their shapes). Returns
     /// whether pinned maps were adopted.
     pub fn load_pinned(path: Option<&Path>, pins: PinRoot) -> Result<(Self, bool), LoadError> {
-        Self::load_with(path, Some(pins), &MapSizes::default(), false)
+        Self::load_with(path, Some(pins), &MapSizes::default(), false, DEFAULT_SNAT_PORTS)
     }
 
     /// As `load_pinned`, with the given map capacities: pinned maps of
     /// another size are refused.
     pub fn load_pinned_with(path: Option<&Path>, pins: PinRoot, sizes: &MapSizes) -> Result<(Self, bool), LoadError> {
-        Self::load_with(path, Some(pins), sizes, false)
+        Self::load_with(path, Some(pins), sizes, false, DEFAULT_SNAT_PORTS)
     }
 
     /// The general form: pinned or not, with the given map capacities,
     /// with the programs' decision logging compiled in (`debug_log`; read
-    /// it with [`Dataplane::take_logger`]) or removed by the verifier.
+    /// it with [`Dataplane::take_logger`]) or removed by the verifier, and
+    /// SNAT taking source ports from `snat_ports` (inclusive).
     /// Pinned maps of other capacities are migrated (see
     /// [`crate::bpf::migrate`]): their entries are in the new maps when
     /// this returns, and [`Dataplane::take_migration`] gives what remains
@@ -345,6 +346,7 @@ impl Dataplane {
         pins: Option<PinRoot>,
         sizes: &MapSizes,
         debug_log: bool,
+        snat_ports: (u16, u16),
     ) -> Result<(Self, bool), LoadError> {
         let (adopted, migration) = match &pins {
             Some(p) => {
@@ -361,7 +363,7 @@ impl Dataplane {
             (Some(m), Some(p)) if m.dual_conntrack() => Some(crate::bpf::migrate::old_map(p, map_names::CONNTRACK)),
             _ => None,
         };
-        let mut dp = Self::load_inner(path, pins, sizes, debug_log, ct_prev.as_deref())?;
+        let mut dp = Self::load_inner(path, pins, sizes, debug_log, snat_ports, ct_prev.as_deref())?;
         let mut migration = migration;
         if let Some(m) = &mut migration {
             if !m.swapped {
@@ -389,6 +391,7 @@ impl Dataplane {
         pins: Option<PinRoot>,
         sizes: &MapSizes,
         debug_log: bool,
+        snat_ports: (u16, u16),
         ct_prev: Option<&Path>,
     ) -> Result<Self, LoadError> {
         let bytes;
@@ -417,6 +420,8 @@ impl Dataplane {
         loader.override_global(CT_MIGRATE_GLOBAL, &migrating, true);
         let features = crate::bpf::kernel::features();
         loader.override_global(KERNEL_GLOBAL, &features, true);
+        let snat = snat_ports.0 as u32 | (snat_ports.1 as u32) << 16;
+        loader.override_global(SNAT_PORTS_GLOBAL, &snat, true);
         if let Some(old) = ct_prev {
             loader.map_pin_path(CT_PREV_MAP, old);
         }

@@ -215,6 +215,13 @@ pub struct RunArgs {
     /// first node address of each family.
     #[arg(long = "snat-ip", env = "DATAPLANE_SNAT_IP", value_delimiter = ',')]
     pub snat_ips: Vec<IpAddr>,
+    /// Source ports for SNATed flows, LOW-HIGH. They must lie outside the
+    /// node's ephemeral ports (net.ipv4.ip_local_port_range) and the
+    /// NodePort range, so that no socket of the node can use the same tuple
+    /// and receive a stranger's replies. Default: the largest range of
+    /// 1024-65535 outside both, read at start.
+    #[arg(long, env = "DATAPLANE_SNAT_PORT_RANGE")]
+    pub snat_port_range: Option<String>,
     /// How new flows pick a backend.
     #[arg(long, value_enum, default_value_t = Selection::Maglev, env = "DATAPLANE_LB_ALGORITHM")]
     pub lb_algorithm: Selection,
@@ -263,18 +270,23 @@ pub struct RunArgs {
 
 /// Parses `LOW-HIGH`.
 pub fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
+    parse_range("--node-port-range", s)
+}
+
+/// A `LOW-HIGH` port range given to `flag`.
+fn parse_range(flag: &str, s: &str) -> anyhow::Result<(u16, u16)> {
     let (lo, hi) = s
         .split_once('-')
-        .with_context(|| format!("--node-port-range {s:?}: expected LOW-HIGH, e.g. 30000-32767"))?;
+        .with_context(|| format!("{flag} {s:?}: expected LOW-HIGH, e.g. 30000-32767"))?;
     let lo: u16 = lo
         .trim()
         .parse()
-        .with_context(|| format!("--node-port-range {s:?}: bad low port"))?;
+        .with_context(|| format!("{flag} {s:?}: bad low port"))?;
     let hi: u16 = hi
         .trim()
         .parse()
-        .with_context(|| format!("--node-port-range {s:?}: bad high port"))?;
-    anyhow::ensure!(lo >= 1 && lo <= hi, "--node-port-range {s:?}: need 1 <= LOW <= HIGH");
+        .with_context(|| format!("{flag} {s:?}: bad high port"))?;
+    anyhow::ensure!(lo >= 1 && lo <= hi, "{flag} {s:?}: need 1 <= LOW <= HIGH");
     Ok((lo, hi))
 }
 
@@ -340,6 +352,10 @@ impl RunArgs {
             node_ips: self.node_ips,
             cluster_cidrs: self.cluster_cidrs,
             node_port_range,
+            snat_port_range: match self.snat_port_range.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(s) => Some(parse_range("--snat-port-range", s)?),
+            },
             snat_ips: self.snat_ips,
             sync: SyncConfig {
                 selection: self.lb_algorithm,
