@@ -29,7 +29,8 @@ pub enum Reason {
     /// rewrite).
     DropNoBackend = 8,
     /// Dropped: the backend slot the service points at is missing (the
-    /// agent's writes are ordered so this should never be counted).
+    /// agent writes new slots before the flip and deletes old ones a grace
+    /// period after it, so this should never be counted).
     DropBackendMissing = 9,
     /// Dropped: a packet rewrite or checksum helper failed.
     DropRewriteFailed = 10,

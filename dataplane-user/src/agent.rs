@@ -119,6 +119,14 @@ impl Drop for AliveGuard<'_> {
 
 /// The source-agnostic sync loop: runs until `shutdown` resolves or the
 /// source fails for good.
+/// Sleeps until `at`; forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 pub async fn sync_loop<S: Source, W: MapWriter>(
     source: &mut S,
     syncer: &mut Syncer<W>,
@@ -136,8 +144,15 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
     let mut incremental = model::Incremental::new(node.clone());
     let mut reported = BTreeSet::new();
     loop {
+        // Retired backend generations are deleted after their grace period
+        // even when nothing else changes.
+        let reap = syncer.next_reap();
         tokio::select! {
             r = source.changed() => r?,
+            _ = sleep_until(reap) => {
+                syncer.reap();
+                continue;
+            }
             _ = &mut shutdown => return Ok(()),
         }
         if !debounce.is_zero() {

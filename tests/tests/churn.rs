@@ -313,6 +313,13 @@ fn endpoint_churn_at_100_changes_per_second_keeps_every_connection_correct() {
         "syncs failed; agent log:\n{}",
         agent.log()
     );
+    // No packet missed a backend slot: old generations outlive the flip
+    // of their service entry by a grace period (`RETIRE_GRACE`).
+    assert_eq!(
+        metrics.get(r#"dataplane_datapath_packets_total{reason="drop_backend_missing",drop="true"}"#),
+        Some(&0.0),
+        "packets found a backend slot missing under churn"
+    );
     let syncs = syncs(&agent.log());
     let failed_syncs: Vec<_> = syncs.iter().filter(|(_, e)| *e > 0).collect();
     assert!(

@@ -16,7 +16,10 @@ mod tests;
 
 pub use adopt::AdoptReport;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
 
 use dataplane_common::{
     limits, map_names, AffinityValue, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
@@ -214,6 +217,27 @@ pub struct Syncer<W: MapWriter> {
     /// Collected by the upserts of one apply, cleared at its end (kept for
     /// the next apply when that failed).
     stale_udp: Vec<StaleUdp>,
+    /// Generations no service entry points at any more, deleted once
+    /// [`RETIRE_GRACE`] has passed (see [`Syncer::reap_at`]).
+    retired: Vec<Retired>,
+}
+
+/// How long the backend slots and Maglev chunks of a generation stay after
+/// the service entry stopped pointing at them: a packet that read the old
+/// entry just before the flip (or the removal) still finds them. A program
+/// run lasts microseconds; the margin is for preempted runs.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(1);
+
+/// One generation waiting for its deletion.
+#[derive(Clone, Debug)]
+struct Retired {
+    id: u32,
+    generation: u16,
+    /// Backend indexes to delete.
+    backends: std::ops::Range<usize>,
+    /// Maglev positions to delete (chunk starts from `.start`).
+    maglev: std::ops::Range<u32>,
+    since: Instant,
 }
 
 /// Frontends whose tables are computed together, just before they are
@@ -267,6 +291,7 @@ impl<W: MapWriter> Syncer<W> {
             config,
             tables: BTreeMap::new(),
             stale_udp: Vec::new(),
+            retired: Vec::new(),
         }
     }
 
@@ -330,6 +355,8 @@ impl<W: MapWriter> Syncer<W> {
         generation: u16,
         fe: &Frontend,
     ) -> Result<ServiceValue, WriteError> {
+        let maglev_size = self.maglev_size_for(fe);
+        self.reclaim(id, generation, fe.backends.len(), maglev_size);
         let keys: Vec<BackendKey> = (0..fe.backends.len())
             .map(|i| BackendKey::new(id, generation, i as u32))
             .collect();
@@ -377,13 +404,71 @@ impl<W: MapWriter> Syncer<W> {
 
     /// Deletes one generation's backend slots and Maglev chunks.
     fn delete_generation(&mut self, id: u32, generation: u16, backends: usize, maglev_size: u32) {
+        self.delete_slots(id, generation, 0..backends, 0..maglev_size);
+    }
+
+    /// Deletes some backend slots and Maglev chunks of one generation.
+    fn delete_slots(
+        &mut self,
+        id: u32,
+        generation: u16,
+        backends: std::ops::Range<usize>,
+        maglev: std::ops::Range<u32>,
+    ) {
         // Missing entries are already what we want.
-        for i in 0..backends {
+        for i in backends {
             let _ = self.writer.delete_backend(BackendKey::new(id, generation, i as u32));
         }
-        for pos in (0..maglev_size).step_by(limits::MAGLEV_CHUNK as usize) {
+        for pos in maglev.step_by(limits::MAGLEV_CHUNK as usize) {
             let _ = self.writer.delete_maglev(MaglevKey::new(id, generation, pos));
         }
+    }
+
+    /// A generation the service entry no longer points at: deleted once
+    /// [`RETIRE_GRACE`] has passed, so that no packet still using it misses.
+    fn retire(&mut self, id: u32, generation: u16, backends: usize, maglev_size: u32) {
+        self.retired.push(Retired {
+            id,
+            generation: generation & 1,
+            backends: 0..backends,
+            maglev: 0..maglev_size,
+            since: Instant::now(),
+        });
+    }
+
+    /// `generation` of `id` is about to be written with `backends` slots and
+    /// a table of `maglev_size`: a retired set there (the id's generation
+    /// before last, or a removed frontend's whose id is reused) keeps only
+    /// what the new one does not overwrite.
+    fn reclaim(&mut self, id: u32, generation: u16, backends: usize, maglev_size: u32) {
+        let chunks_end = maglev_size.div_ceil(limits::MAGLEV_CHUNK) * limits::MAGLEV_CHUNK;
+        for r in self.retired.iter_mut() {
+            if r.id == id && r.generation == generation & 1 {
+                r.backends.start = r.backends.start.max(backends);
+                r.maglev.start = r.maglev.start.max(chunks_end);
+            }
+        }
+    }
+
+    /// Deletes the retired generations older than [`RETIRE_GRACE`] at `now`.
+    pub fn reap_at(&mut self, now: Instant) {
+        let (due, keep): (Vec<Retired>, Vec<Retired>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|r| now.saturating_duration_since(r.since) >= RETIRE_GRACE);
+        self.retired = keep;
+        for r in due {
+            self.delete_slots(r.id, r.generation, r.backends, r.maglev);
+        }
+    }
+
+    /// [`Syncer::reap_at`] now.
+    pub fn reap(&mut self) {
+        self.reap_at(Instant::now());
+    }
+
+    /// When the oldest retired generation is due, if any.
+    pub fn next_reap(&self) -> Option<Instant> {
+        self.retired.iter().map(|r| r.since + RETIRE_GRACE).min()
     }
 
     /// Computes, on every CPU, the Maglev tables of the frontends among
@@ -412,6 +497,7 @@ impl<W: MapWriter> Syncer<W> {
 
     /// Makes the maps hold exactly `desired.frontends`.
     pub fn apply(&mut self, desired: &Desired) -> SyncReport {
+        self.reap();
         let mut report = SyncReport::default();
         let mut failed = BTreeSet::new();
 
@@ -443,6 +529,7 @@ impl<W: MapWriter> Syncer<W> {
     /// then, which are retried): the same writes in the same order, without
     /// visiting the others.
     pub fn apply_changed(&mut self, desired: &Desired, changed: &BTreeSet<ServiceKey>) -> SyncReport {
+        self.reap();
         let mut report = SyncReport::default();
         let mut failed = BTreeSet::new();
         let keys: BTreeSet<ServiceKey> = changed.union(&self.failed).copied().collect();
@@ -522,7 +609,7 @@ impl<W: MapWriter> Syncer<W> {
             self.programmed.insert(key, p);
             return;
         }
-        self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+        self.retire(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
         for (addr, len) in &p.frontend.source_ranges {
             let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
         }
@@ -621,7 +708,7 @@ impl<W: MapWriter> Syncer<W> {
                     )));
                     return;
                 }
-                self.delete_generation(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+                self.retire(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
                 if p.frontend.display_name() != fe.display_name() {
                     let _ = self.writer.put_name(p.service_id, &fe.display_name());
                 }

@@ -277,14 +277,46 @@ fn backend_change_flips_generation_then_deletes_old_slots() {
             format!("put_backend 0 {}", slot1 + 2),
             format!("put_maglev 0 {chunk1}"),
             "put_service 0 gen 1 count 3".to_string(),
-            "delete_backend 0 0".to_string(),
-            "delete_backend 0 1".to_string(),
-            "delete_maglev 0 0".to_string(),
         ]
     );
     assert_eq!(s.writer().visible(&key(1)), backends(&[2, 3, 4]));
+    // The old generation stays for the grace period: a packet that read
+    // the old service entry still finds its slots.
+    let flipped = std::time::Instant::now();
+    s.reap_at(flipped);
+    assert_eq!(
+        s.writer().backends.len(),
+        5,
+        "old generation deleted under in-flight packets"
+    );
+    assert!(s
+        .next_reap()
+        .is_some_and(|t| t >= flipped + RETIRE_GRACE - std::time::Duration::from_millis(50)));
+    let before = s.writer().log.len();
+    s.reap_at(flipped + RETIRE_GRACE);
+    assert_eq!(
+        s.writer().log[before..],
+        ["delete_backend 0 0", "delete_backend 0 1", "delete_maglev 0 0"]
+    );
     assert_eq!(s.writer().backends.len(), 3, "old generation left behind");
     assert_eq!(s.writer().maglev.len(), 1, "old generation left behind");
+    assert_eq!(s.next_reap(), None);
+}
+
+/// An id whose generation is still retired is written again (its frontend
+/// flipped twice within the grace period, or it was removed and the id
+/// reused): the reaping later spares what the new set wrote.
+#[test]
+fn reaping_spares_slots_written_again_within_the_grace_period() {
+    let mut s = syncer();
+    s.apply(&desired(&[(key(1), &[1, 2, 3]), (key(2), &[9])]));
+    // key(1) removed (id 0 retired with 3 slots), key(3) takes id 0.
+    s.apply(&desired(&[(key(2), &[9]), (key(3), &[4])]));
+    assert_eq!(s.programmed()[&key(3)].service_id, 0);
+    s.reap_at(std::time::Instant::now() + RETIRE_GRACE);
+    assert_eq!(s.writer().visible(&key(3)), backends(&[4]));
+    // Only the slots the new set does not use went.
+    assert_eq!(s.writer().backends.len(), 2, "{:?}", s.writer().backends);
 }
 
 #[test]
@@ -304,16 +336,12 @@ fn removal_deletes_service_before_slots_and_reuses_the_id() {
     let before = s.writer().log.len();
     let r = s.apply(&desired(&[(key(2), &[2])]));
     assert_eq!(r.removed, 1);
-    assert_eq!(
-        s.writer().log[before..],
-        [
-            "delete_service",
-            "delete_backend 0 0",
-            "delete_maglev 0 0",
-            "prune_affinity 0 keep 0"
-        ]
-    );
+    assert_eq!(s.writer().log[before..], ["delete_service", "prune_affinity 0 keep 0"]);
     assert!(!s.writer().services.contains_key(&key(1)));
+    // The slots go after the grace period.
+    let before = s.writer().log.len();
+    s.reap_at(std::time::Instant::now() + RETIRE_GRACE);
+    assert_eq!(s.writer().log[before..], ["delete_backend 0 0", "delete_maglev 0 0"]);
     s.apply(&desired(&[(key(2), &[2]), (key(3), &[3])]));
     assert_eq!(s.programmed()[&key(3)].service_id, 0, "freed id reused");
 }
