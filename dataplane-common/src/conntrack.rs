@@ -75,3 +75,30 @@ pub const CT_F_SEEN_REPLY: u16 = 1 << 3;
 /// The flow's source is translated too (remote backend of an external
 /// frontend, or hairpin): see `CtValue::snat_addr`.
 pub const CT_F_SNAT: u16 = 1 << 4;
+
+/// Conntrack events the programs count (per CPU, `DP_CT_EVENTS`), apart
+/// from the packet reasons.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtEvent {
+    /// A new flow's reply tuple was held by another live flow (one client
+    /// port to two frontends sharing a backend, or two SNATed flows
+    /// racing): the new flow got another source port, as netfilter
+    /// resolves NAT clashes, instead of taking the other flow's replies.
+    ClashResolved = 0,
+}
+
+/// Slots of the conntrack event array: room for events to come without
+/// resizing the pinned map.
+pub const CT_EVENT_SLOTS: u32 = 8;
+
+impl CtEvent {
+    pub const ALL: [CtEvent; 1] = [CtEvent::ClashResolved];
+
+    /// A stable snake_case name for CLIs and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            CtEvent::ClashResolved => "clash_resolved",
+        }
+    }
+}

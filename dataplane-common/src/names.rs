@@ -24,6 +24,8 @@ pub mod map_names {
     pub const SOCK_AFFINITY: &str = "DP_SOCK_AFFIN";
     /// Socket-level counters, one per `SockEvent`, per CPU.
     pub const SOCK_STATS: &str = "DP_SOCK_STATS";
+    /// Conntrack event counters, one per `CtEvent`, per CPU.
+    pub const CT_EVENTS: &str = "DP_CT_EVENTS";
 }
 
 /// The shape of every map: what a pinned map must match to be adopted by a
@@ -49,7 +51,7 @@ pub mod map_shapes {
         }
     }
 
-    pub const ALL: [MapShape; 13] = [
+    pub const ALL: [MapShape; 14] = [
         shape::<u32, ServiceName>(map_names::NAMES, limits::MAX_SERVICES),
         // LPM trie keys carry a u32 prefix length in front of the data.
         MapShape {
@@ -69,6 +71,7 @@ pub mod map_shapes {
         shape::<SockNatKey, SockNatValue>(map_names::SOCK_NAT, limits::MAX_SOCK_NAT),
         shape::<SockAffinityKey, AffinityValue>(map_names::SOCK_AFFINITY, limits::MAX_AFFINITY),
         shape::<u32, u64>(map_names::SOCK_STATS, SOCK_EVENT_COUNT),
+        shape::<u32, u64>(map_names::CT_EVENTS, CT_EVENT_SLOTS),
     ];
 }
 

@@ -11,8 +11,8 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use dataplane_common::{
-    counters, kernel_features, Addr, Backend, CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY,
-    CT_F_SEEN_REPLY, CT_F_SNAT,
+    addr_eq, counters, kernel_features, Addr, Backend, CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL,
+    CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
 };
 
 use crate::{
@@ -150,6 +150,25 @@ pub fn flag_original(reply: &Packet, ct: &CtValue, flags: u16) {
     }
 }
 
+/// Sets `flags` on the reply entry of a flow, from one of its packets in
+/// the original direction (closing).
+#[inline(never)]
+pub fn flag_reply(orig: &Packet, ct: &CtValue, flags: u16) {
+    let (client, client_port) = if ct.flags & CT_F_SNAT != 0 {
+        (&ct.snat_addr, ct.snat_port)
+    } else {
+        (&orig.saddr, orig.sport)
+    };
+    let Some(key) = key_of(&ct.nat_addr, client, ct.nat_port, client_port, orig) else {
+        return;
+    };
+    // SAFETY: the key was just written to the scratch entry.
+    if let Some(e) = entry(unsafe { &*key }) {
+        // SAFETY: as in `lookup`.
+        unsafe { (*e).flags |= flags };
+    }
+}
+
 /// Whether replies from `backend` to `addr:port` (a candidate SNAT source)
 /// are already tracked for another flow.
 #[inline(always)]
@@ -192,10 +211,60 @@ fn insert_counting_replaced(key: &CtKey, value: &CtValue) -> Result<u64, i32> {
     replaced
 }
 
+/// What [`create`] returns when the new flow's reply tuple belongs to
+/// another live flow: nothing was written; the caller picks another source
+/// port and tries again.
+pub const CLASH: i32 = i32::MIN;
+
+/// Whether the entry at the reply key of a new flow belongs to another flow
+/// that is still live: replies must keep going to it. An entry of the same
+/// flow (its original entry was evicted) or of a flow that closed or
+/// expired may be written over.
+#[inline(always)]
+fn held_by_another_flow(existing: &CtValue, new: &CtValue, proto: u8) -> bool {
+    let idle = now_ns().saturating_sub(existing.last_seen_ns);
+    let live = existing.flags & CT_F_CLOSING == 0 && idle <= timeout_ns(proto, existing.flags);
+    let same = existing.nat_port == new.nat_port
+        && addr_eq(&existing.nat_addr, &new.nat_addr)
+        && existing.flags & CT_F_SNAT == new.flags & CT_F_SNAT
+        && existing.snat_port == new.snat_port
+        && addr_eq(&existing.snat_addr, &new.snat_addr);
+    live && !same
+}
+
+/// [`insert_counting_replaced`] for the reply entry of a new flow: an
+/// existing entry is written over only when no other live flow holds it
+/// ([`CLASH`] otherwise, nothing written).
+#[inline(always)]
+fn insert_reply(key: &CtKey, value: &CtValue, proto: u8) -> Result<u64, i32> {
+    const BPF_NOEXIST: u64 = 1;
+    const EEXIST: i32 = 17;
+    let replaced = match DP_CONNTRACK.insert(key, value, BPF_NOEXIST) {
+        Ok(()) => 0,
+        Err(e) if e == -EEXIST => {
+            if let Some(old) = DP_CONNTRACK.get_ptr(key) {
+                // SAFETY: an LRU value, valid for this run.
+                if held_by_another_flow(unsafe { &*old }, value, proto) {
+                    return Err(CLASH);
+                }
+            }
+            DP_CONNTRACK.insert(key, value, 0)?;
+            1
+        }
+        Err(e) => return Err(e),
+    };
+    // While migrating, the old programs must see the new flows too.
+    if ct_migrating() {
+        let _ = DP_CT_PREV.insert(key, value, 0);
+    }
+    Ok(replaced)
+}
+
 /// Creates both entries of a new flow from client `p` (towards the VIP) to
 /// `backend`, with the source translated to `snat` when given. The key and
 /// value are built in the scratch entry and changed in place between the
-/// two inserts.
+/// two inserts. Never writes over the reply entry of another live flow:
+/// returns [`CLASH`] instead, having written nothing.
 #[inline(never)]
 pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<&(Addr, u16)>) -> Result<(), i32> {
     let now = now_ns();
@@ -236,7 +305,7 @@ pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<&(Add
         v.snat_addr = p.saddr;
         v.snat_port = p.sport;
     }
-    let mut replaced = insert_counting_replaced(key, v)?;
+    let mut replaced = insert_reply(key, v, p.proto)?;
 
     key.saddr = p.saddr;
     key.daddr = p.daddr;

@@ -35,17 +35,12 @@ fn tc_reject(ctx: &TcContext, p: &Packet) -> Result<i32, reject::NoReject> {
 }
 
 /// Parsing in a frame of its own (it takes the context, not the packet
-/// pointers: those must stay pointers, see `nat::PacketCtx`).
-#[inline(never)]
-fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Reason> {
-    parse::parse(ctx.data(), ctx.data_end())
-}
-
-/// `parse` into the caller's packet: the result is not copied into the
-/// caller's frame a second time. For XDP, whose entry frame is on the
-/// deepest call chain (entry, `lb::to_service`, `conntrack::create`): with
-/// the copy, that chain needs 544 bytes of stack as kernels before 6.8
-/// count it (each frame rounded up to 32 bytes), over the 512 allowed.
+/// pointers: those must stay pointers, see `nat::PacketCtx`), into the
+/// caller's packet: the result is not copied into the caller's frame a
+/// second time. The entry frames are on the deepest call chain (entry,
+/// `lb::to_service`, `conntrack::create`): with the copy, that chain needs
+/// 544 bytes of stack as kernels before 6.8 count it (each frame rounded
+/// up to 32 bytes), over the 512 allowed.
 #[inline(never)]
 fn parse_into<C: PacketCtx>(ctx: &C, out: &mut MaybeUninit<Packet>) -> Result<(), Reason> {
     out.write(parse::parse(ctx.data(), ctx.data_end())?);
@@ -93,7 +88,10 @@ const TC_PULL_LEN: u32 = (parse::ETH_HLEN + 128 + 20) as u32;
 /// (TC_ACT_UNSPEC: next program, or the stack); drops are final.
 #[inline(always)]
 pub fn tc(ctx: &TcContext) -> i32 {
-    let mut res = parse(ctx);
+    // Parsed into this frame, not copied into it (see `parse_into`): the TC
+    // entry frame is on the deepest chain too.
+    let mut packet = MaybeUninit::uninit();
+    let mut res = parse_into(ctx, &mut packet);
     if matches!(res, Err(Reason::PassTruncated)) {
         // The headers may sit in paged data: pull them into the linear part
         // once and look again.
@@ -103,11 +101,12 @@ pub fn tc(ctx: &TcContext) -> i32 {
             TC_PULL_LEN
         };
         if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_ok() {
-            res = parse(ctx);
+            res = parse_into(ctx, &mut packet);
         }
     }
     let p = match res {
-        Ok(p) => p,
+        // SAFETY: `parse_into` wrote the packet.
+        Ok(()) => unsafe { packet.assume_init_ref() },
         Err(Reason::PassNotTcpUdp) if tc_icmp_error(ctx) => {
             stats::count(Reason::NatIcmpError);
             return TC_ACT_UNSPEC;
@@ -117,10 +116,10 @@ pub fn tc(ctx: &TcContext) -> i32 {
             return TC_ACT_UNSPEC;
         }
     };
-    match lb::process(ctx, &p) {
+    match lb::process(ctx, p) {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT,
-        Verdict::Reject => match tc_reject(ctx, &p) {
+        Verdict::Reject => match tc_reject(ctx, p) {
             Ok(action) => {
                 stats::count(Reason::RejectNoBackend);
                 action

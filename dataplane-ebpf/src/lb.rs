@@ -4,10 +4,10 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_log_ebpf::info;
 use dataplane_common::{
-    addr_eq, flow_hash, fold_addr, limits, Addr, Backend, BackendKey, MaglevKey, Reason, ServiceKey, ServiceValue,
-    SourceRangeKey, BACKEND_F_REMOTE, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_F_CLOSING, CT_F_REPLY, CT_F_SEEN_REPLY,
-    CT_F_SNAT, KEY_IN_CLUSTER, SOURCE_RANGE_FULL_PREFIX, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
-    SVC_F_IN_CLUSTER_VIEW, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
+    addr_eq, flow_hash, fold_addr, limits, Addr, Backend, BackendKey, CtEvent, MaglevKey, Reason, ServiceKey,
+    ServiceValue, SourceRangeKey, BACKEND_F_REMOTE, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_F_CLOSING, CT_F_REPLY,
+    CT_F_SEEN_REPLY, CT_F_SNAT, KEY_IN_CLUSTER, SOURCE_RANGE_FULL_PREFIX, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL,
+    SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -77,6 +77,12 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
         // A SYN on a tuple whose connection was closed starts a new flow
         // (port reuse); anything else follows the recorded backend.
         if !(starts_flow && ct.flags & CT_F_CLOSING != 0) {
+            if conntrack::closes(p) {
+                // The flow's reply entry closes with it: its tuple is free
+                // for a new flow once the closing timeout passes or a SYN
+                // reuses it.
+                conntrack::flag_reply(p, ct, CT_F_CLOSING);
+            }
             let snat = (ct.flags & CT_F_SNAT != 0).then_some((&ct.snat_addr, ct.snat_port));
             return translate(
                 ctx,
@@ -146,7 +152,7 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
     // a packet from its own address).
     let needs_snat =
         (svc.flags & SVC_F_EXTERNAL != 0 && backend.flags & BACKEND_F_REMOTE != 0) || addr_eq(&p.saddr, &backend.addr);
-    let snat = if needs_snat {
+    let mut snat = if needs_snat {
         match snat_source(p, &backend) {
             Some(s) => Some(s),
             None => {
@@ -157,7 +163,17 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
     } else {
         None
     };
-    if conntrack::create(p, svc.service_id, &backend, snat.as_ref()).is_err() {
+    let mut created = conntrack::create(p, svc.service_id, &backend, snat.as_ref());
+    if created == Err(conntrack::CLASH) {
+        snat = clash_source(p, &backend, snat.as_ref());
+        if snat.is_none() {
+            stats::count(Reason::DropSnatFailed);
+            return Verdict::Drop;
+        }
+        stats::ct_event(CtEvent::ClashResolved);
+        created = conntrack::create(p, svc.service_id, &backend, snat.as_ref());
+    }
+    if created.is_err() {
         // The packet still goes to the chosen backend; the next one of the
         // flow picks the same backend again by hash as long as the set is
         // unchanged.
@@ -199,16 +215,42 @@ const SNAT_TRIES: u32 = 8;
 #[inline(never)]
 fn snat_source(p: &Packet, backend: &Backend) -> Option<(Addr, u16)> {
     let config = DP_CONFIG.get(0)?;
-    let node = if p.is_v6() {
+    // 8-byte aligned: LLVM merges the zero words into one 8-byte store,
+    // which the verifier refuses at a 4-byte aligned stack slot.
+    #[repr(C, align(8))]
+    struct Aligned(Addr);
+    let node = Aligned(if p.is_v6() {
         config.snat_addr6
     } else {
         dataplane_common::v4_addr(config.snat_addr)
-    };
-    if addr_eq(&node, &[0; 4]) {
+    });
+    if addr_eq(&node.0, &[0; 4]) {
         return None;
     }
-    // Outside the node's ephemeral ports (`--snat-port-range`): no socket
-    // of the node can hold the same tuple and receive a stranger's replies.
+    free_source(p, backend, &node.0)
+}
+
+/// Another live flow translates to the same reply tuple as this new one
+/// (this client port to another frontend with this backend, or a SNATed
+/// flow that won a race): as netfilter does, the new flow gets another
+/// source port, on the node's address when it was SNATed, else on the
+/// client's own, and the other flow keeps its replies. `None` when no port
+/// is free.
+#[inline(never)]
+fn clash_source(p: &Packet, backend: &Backend, snat: Option<&(Addr, u16)>) -> Option<(Addr, u16)> {
+    let addr = match snat {
+        Some((a, _)) => a,
+        None => &p.saddr,
+    };
+    free_source(p, backend, addr)
+}
+
+/// A source port on `addr` that no other flow to `backend` uses with it.
+#[inline(always)]
+fn free_source(p: &Packet, backend: &Backend, addr: &Addr) -> Option<(Addr, u16)> {
+    // From the SNAT port range (`--snat-port-range`), outside the node's
+    // ephemeral ports: no socket of the node can hold the same tuple and
+    // receive a stranger's replies.
     let (first, span) = crate::maps::snat_ports();
     let h = hash(p);
     let mut i = 0;
@@ -219,8 +261,8 @@ fn snat_source(p: &Packet, backend: &Backend) -> Option<(Addr, u16)> {
             .checked_rem(span)
             .unwrap_or(0);
         let port = ((first + offset) as u16).to_be();
-        if !conntrack::reply_tuple_in_use(p, backend, &node, port) {
-            return Some((node, port));
+        if !conntrack::reply_tuple_in_use(p, backend, addr, port) {
+            return Some((*addr, port));
         }
         i += 1;
     }

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use dataplane_common::{
     counters, limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtScratch, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
-    SockNatValue, SourceRangeKey, SOCK_EVENT_COUNT,
+    SockNatValue, SourceRangeKey, CT_EVENT_SLOTS, SOCK_EVENT_COUNT,
 };
 
 /// Hash maps written by the agent are not preallocated: an updated element is
@@ -53,6 +53,10 @@ pub static DP_SOCK_AFFIN: LruHashMap<SockAffinityKey, AffinityValue> =
 /// Socket-level counters, one per `SockEvent`.
 #[map]
 pub static DP_SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SOCK_EVENT_COUNT, 0);
+
+/// Conntrack event counters, one per `CtEvent`.
+#[map]
+pub static DP_CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);
 
 /// Index 0: where conntrack keys and values are built (see `CtScratch`).
 #[map]

@@ -1,8 +1,8 @@
 //! Per-CPU counters: one per `Reason`, and one block per service.
 
-use dataplane_common::{Reason, ServiceStats};
+use dataplane_common::{CtEvent, Reason, ServiceStats};
 
-use crate::maps::{DP_REASONS, DP_SVC_STATS};
+use crate::maps::{DP_CT_EVENTS, DP_REASONS, DP_SVC_STATS};
 
 #[inline(always)]
 pub fn count(reason: Reason) {
@@ -18,6 +18,15 @@ pub fn add(counter: u32, n: u64) {
     if let Some(c) = DP_REASONS.get_ptr_mut(counter) {
         // SAFETY: per-CPU value, only this CPU writes it while we run.
         unsafe { *c += n };
+    }
+}
+
+/// Counts one conntrack event.
+#[inline(always)]
+pub fn ct_event(e: CtEvent) {
+    if let Some(c) = DP_CT_EVENTS.get_ptr_mut(e as u32) {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        unsafe { *c += 1 };
     }
 }
 

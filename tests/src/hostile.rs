@@ -333,10 +333,24 @@ impl Model {
             // Port reuse after a close starts a new flow; anything else
             // follows the entry.
             if !(starts && e.flags & CT_F_CLOSING != 0) {
+                let (addr, port) = (e.nat_addr, e.nat_port);
+                // A FIN or RST closes the flow's reply entry too.
+                if closes {
+                    let reply_key = Tuple {
+                        saddr: addr,
+                        daddr: p.tuple.saddr,
+                        sport: port,
+                        dport: p.tuple.sport,
+                        proto: p.tuple.proto,
+                    };
+                    if let Some(r) = self.ct.get_mut(&reply_key) {
+                        r.flags |= CT_F_CLOSING;
+                    }
+                }
                 return Expect::Translate {
                     side: Side::Dst,
-                    addr: e.nat_addr,
-                    port: e.nat_port,
+                    addr,
+                    port,
                     reason: Reason::NatEstablished,
                 };
             }

@@ -201,6 +201,12 @@ impl Loaded {
         v.iter().sum()
     }
 
+    /// A conntrack event's count, all CPUs summed.
+    pub fn ct_event(&self, e: dataplane_common::CtEvent) -> u64 {
+        let v = self.sync.writer().ct_events.get(&(e as u32), 0).unwrap();
+        v.iter().sum()
+    }
+
     pub fn conntrack_len(&self) -> usize {
         self.sync.writer().conntrack.keys().count()
     }

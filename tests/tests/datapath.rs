@@ -10,7 +10,7 @@ use dataplane::{
     reconcile::{Selection, SyncConfig},
 };
 use dataplane_common::{
-    addr_of, Backend, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
+    addr_of, Backend, CtEvent, DpConfig, Reason, ServiceKey, BACKEND_F_REMOTE, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
     SVC_F_IN_CLUSTER_VIEW, SVC_F_OTHER_PORTS, SVC_F_SOURCE_RANGES,
 };
 use dataplane_tests::{
@@ -425,6 +425,65 @@ fn udp_to_a_service_without_backends_is_answered_with_icmp_port_unreachable() {
         assert_eq!(l.run(prog, &f.build()).retval, prog.drop_code());
         assert_eq!(l.reason(Reason::RejectNoBackend), 2, "{prog:?}");
         assert_eq!(l.reason(Reason::DropNoBackend), 1, "{prog:?}");
+    }
+}
+
+/// One client port to two frontends that share their only backend: both
+/// flows translate to the same reply tuple. The second must not take the
+/// first one's replies (netfilter's NAT clash): it gets another source
+/// port, counted as `clash_resolved`, and each flow's replies come back
+/// from its own frontend. Once the first flow has closed, its tuple is
+/// free again.
+#[test]
+fn a_reply_tuple_clash_moves_the_new_flow_to_another_source_port() {
+    for prog in Prog::BOTH {
+        let mut l = Loaded::new();
+        let vip2 = IpAddr::from([198, 19, 0, 12]);
+        l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
+        l.set_service(vip2, 80, TCP, &[(b(1), 8080)]);
+        let client = (CLIENT, 40500);
+        let first = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+        assert_eq!(
+            (first.src, first.sport, first.dst, first.dport),
+            (CLIENT, 40500, b(1), 8080)
+        );
+        let second = parse_and_verify(&l.run(prog, &Frame::tcp(client, (vip2, 80), SYN).build()).data);
+        assert_eq!((second.src, second.dst, second.dport), (CLIENT, b(1), 8080), "{prog:?}");
+        assert_ne!(second.sport, 40500, "{prog:?}: both flows have one reply tuple");
+        assert!((1024..30000).contains(&second.sport), "{prog:?}: port {}", second.sport);
+        assert_eq!(l.ct_event(CtEvent::ClashResolved), 1, "{prog:?}");
+        // Each flow's replies come from its own frontend, to the client's
+        // own port.
+        let reply = |l: &Loaded, sport: u16| {
+            let out = l.run(prog, &Frame::tcp((b(1), 8080), (CLIENT, sport), SYN | ACK).build());
+            let r = parse_and_verify(&out.data);
+            (r.src, r.sport, r.dst, r.dport)
+        };
+        assert_eq!(
+            reply(&l, 40500),
+            (VIP, 80, CLIENT, 40500),
+            "{prog:?}: the first flow's replies"
+        );
+        assert_eq!(
+            reply(&l, second.sport),
+            (vip2, 80, CLIENT, 40500),
+            "{prog:?}: the second's"
+        );
+        // Both flows keep their translations.
+        let again = parse_and_verify(&l.run(prog, &Frame::tcp(client, (vip2, 80), ACK).build()).data);
+        assert_eq!((again.sport, again.dst), (second.sport, b(1)), "{prog:?}");
+        let again = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), ACK).build()).data);
+        assert_eq!((again.sport, again.dst), (40500, b(1)), "{prog:?}");
+
+        // A closed flow frees its tuple: a third frontend's new flow from
+        // the same port keeps it.
+        l.run(prog, &Frame::tcp(client, (VIP, 80), RST).build());
+        let vip3 = IpAddr::from([198, 19, 0, 13]);
+        l.set_service(vip3, 80, TCP, &[(b(1), 8080)]);
+        let third = parse_and_verify(&l.run(prog, &Frame::tcp(client, (vip3, 80), SYN).build()).data);
+        assert_eq!((third.sport, third.dst), (40500, b(1)), "{prog:?}");
+        assert_eq!(l.ct_event(CtEvent::ClashResolved), 1, "{prog:?}");
+        assert_eq!(reply(&l, 40500), (vip3, 80, CLIENT, 40500), "{prog:?}");
     }
 }
 

@@ -108,6 +108,7 @@ pub struct Maps {
     pub sock_nat: HashMap<MapData, SockNatKey, SockNatValue>,
     pub sock_affinity: HashMap<MapData, SockAffinityKey, AffinityValue>,
     pub sock_stats: PerCpuArray<MapData, u64>,
+    pub ct_events: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
@@ -136,6 +137,7 @@ impl Maps {
             sock_affinity: HashMap::try_from(take(e, map_names::SOCK_AFFINITY)?)
                 .map_err(m(map_names::SOCK_AFFINITY))?,
             sock_stats: PerCpuArray::try_from(take(e, map_names::SOCK_STATS)?).map_err(m(map_names::SOCK_STATS))?,
+            ct_events: PerCpuArray::try_from(take(e, map_names::CT_EVENTS)?).map_err(m(map_names::CT_EVENTS))?,
         })
     }
 

@@ -170,6 +170,12 @@ pub fn stats_table(s: &Stats) -> String {
         s.conntrack_created,
         s.conntrack_evicted
     ));
+    let mut t = Table::new(vec!["CONNTRACK_EVENT", "COUNT"]);
+    for e in &s.conntrack_events {
+        t.row(vec![e.event.clone(), e.count.to_string()]);
+    }
+    out.push_str(&t.render());
+    out.push('\n');
     let mut t = Table::new(vec!["SOCKET_LB_EVENT", "COUNT"]);
     for e in &s.socket_lb {
         t.row(vec![e.event.clone(), e.count.to_string()]);

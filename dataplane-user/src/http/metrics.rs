@@ -216,6 +216,16 @@ impl Collector for MapsCollector {
         )?;
         family(
             &mut enc,
+            "dataplane_conntrack_events",
+            "Conntrack events: clash_resolved counts new flows given another source port because another live flow held their reply tuple.",
+            MetricType::Counter,
+            stats
+                .conntrack_events
+                .iter()
+                .map(|e| (vec![("event", e.event.to_string())], e.count)),
+        )?;
+        family(
+            &mut enc,
             "dataplane_socket_lb_events",
             "What the socket-level programs did (--socket-lb-cgroup): connects and datagrams translated, replies and peer names restored, rejects.",
             MetricType::Counter,

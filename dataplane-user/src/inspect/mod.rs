@@ -12,7 +12,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
-    counters, family_of, ip_of, map_names, Addr, BackendKey, CtKey, CtValue, Reason, ServiceKey, ServiceValue,
+    counters, family_of, ip_of, map_names, Addr, BackendKey, CtEvent, CtKey, CtValue, Reason, ServiceKey, ServiceValue,
     SockEvent, ABI_VERSION, BACKEND_F_REMOTE, CLUSTER_CIDRS_V6, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY,
     CT_F_SEEN_REPLY, CT_F_SNAT, FAMILY_V4, FAMILY_V6, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
     SVC_F_IN_CLUSTER_VIEW, SVC_F_OTHER_PORTS, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
@@ -79,6 +79,7 @@ fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) ->
         sock_nat: HashMap::try_from(map(map_names::SOCK_NAT)?).map_err(read_err(map_names::SOCK_NAT))?,
         sock_affinity: HashMap::try_from(map(map_names::SOCK_AFFINITY)?).map_err(read_err(map_names::SOCK_AFFINITY))?,
         sock_stats: PerCpuArray::try_from(map(map_names::SOCK_STATS)?).map_err(read_err(map_names::SOCK_STATS))?,
+        ct_events: PerCpuArray::try_from(map(map_names::CT_EVENTS)?).map_err(read_err(map_names::CT_EVENTS))?,
     })
 }
 
@@ -134,6 +135,7 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
         id(map_names::SOCK_NAT, &maps.sock_nat)?,
         id(map_names::SOCK_AFFINITY, &maps.sock_affinity)?,
         id(map_names::SOCK_STATS, &maps.sock_stats)?,
+        id(map_names::CT_EVENTS, &maps.ct_events)?,
     ];
     typed(|name| {
         let id = ids
@@ -462,6 +464,8 @@ pub struct Stats {
     pub conntrack_evicted: u64,
     /// What the socket-level programs did (`SockEvent`), all CPUs summed.
     pub socket_lb: Vec<SockEventRow>,
+    /// Conntrack events (`CtEvent`), all CPUs summed.
+    pub conntrack_events: Vec<SockEventRow>,
     pub maps: Vec<MapUse>,
 }
 
@@ -479,6 +483,22 @@ pub fn sock_event_rows(maps: &Maps) -> Result<Vec<SockEventRow>, InspectError> {
                 .sock_stats
                 .get(&(*e as u32), 0)
                 .map_err(read_err(map_names::SOCK_STATS))?;
+            Ok(SockEventRow {
+                event: e.name().into(),
+                count: v.iter().sum(),
+            })
+        })
+        .collect()
+}
+
+pub fn ct_event_rows(maps: &Maps) -> Result<Vec<SockEventRow>, InspectError> {
+    CtEvent::ALL
+        .iter()
+        .map(|e| {
+            let v = maps
+                .ct_events
+                .get(&(*e as u32), 0)
+                .map_err(read_err(map_names::CT_EVENTS))?;
             Ok(SockEventRow {
                 event: e.name().into(),
                 count: v.iter().sum(),
@@ -531,6 +551,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         loaded(map_names::SOCK_NAT, maps.sock_nat.map())?,
         loaded(map_names::SOCK_AFFINITY, maps.sock_affinity.map())?,
         loaded(map_names::SOCK_STATS, maps.sock_stats.map())?,
+        loaded(map_names::CT_EVENTS, maps.ct_events.map())?,
     ];
     let max = |name: &str| capacities.iter().find(|(n, _)| *n == name).map_or(0, |(_, m)| *m);
     let conntrack = count(map_names::CONNTRACK, &mut maps.conntrack.keys().map(|k| k.map(|_| ())))?;
@@ -588,6 +609,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         (map_names::REASON_STATS, "percpu_array"),
         (map_names::CONFIG, "array"),
         (map_names::SOCK_STATS, "percpu_array"),
+        (map_names::CT_EVENTS, "percpu_array"),
     ] {
         uses.push((name, kind, u64::from(max(name))));
     }
@@ -606,6 +628,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         conntrack_evicted: created.saturating_sub(replaced).saturating_sub(conntrack),
         reasons: reason_rows(maps)?,
         socket_lb: sock_event_rows(maps)?,
+        conntrack_events: ct_event_rows(maps)?,
         conntrack_entries: conntrack,
         conntrack_max: max(map_names::CONNTRACK),
         maps: uses
