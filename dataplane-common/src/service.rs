@@ -153,6 +153,27 @@ pub const SVC_F_IN_CLUSTER_VIEW: u32 = 1 << 6;
 pub const CLUSTER_CIDRS_V4: u32 = u32::MAX;
 pub const CLUSTER_CIDRS_V6: u32 = u32::MAX - 1;
 
+/// Words of the ClusterIP filter (`VipFilter`): 65,536 bits.
+pub const VIP_FILTER_WORDS: usize = 1024;
+
+/// A bitmap of the addresses that have an entry for the ports their
+/// Service lacks (`SVC_F_OTHER_PORTS`), one bit per hash
+/// (`vip_filter_bit`): a packet that matches no frontend and no flow looks
+/// that entry up only when its destination's bit is set, so that traffic
+/// to other addresses pays one array read, not a hash lookup. False
+/// positives only cost the lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipFilter {
+    pub bits: [u64; VIP_FILTER_WORDS],
+}
+
+/// The bit of `addr` in a `VipFilter` (below `64 * VIP_FILTER_WORDS`).
+#[inline(always)]
+pub fn vip_filter_bit(addr: &Addr) -> u32 {
+    fold_addr(addr).wrapping_mul(0x9e37_79b1) >> 16
+}
+
 /// The data part of a source range map key (an LPM trie, whose keys are
 /// this behind a `u32` prefix length): the prefix length counts the 32 bits
 /// of `service_id_be`, always matched whole, plus the prefix of `addr`.

@@ -6,6 +6,7 @@ use crate::*;
 // not explicit fields, and is bytemuck::Pod (checked by the derive).
 unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for ServiceValue {}
+unsafe impl aya::Pod for VipFilter {}
 unsafe impl aya::Pod for BackendKey {}
 unsafe impl aya::Pod for Backend {}
 unsafe impl aya::Pod for CtKey {}

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use dataplane_common::{
     counters, limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtScratch, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
-    SockNatValue, SourceRangeKey, CT_EVENT_SLOTS, SOCK_EVENT_COUNT,
+    SockNatValue, SourceRangeKey, VipFilter, CT_EVENT_SLOTS, SOCK_EVENT_COUNT,
 };
 
 /// Hash maps written by the agent are not preallocated: an updated element is
@@ -53,6 +53,10 @@ pub static DP_SOCK_AFFIN: LruHashMap<SockAffinityKey, AffinityValue> =
 /// Socket-level counters, one per `SockEvent`.
 #[map]
 pub static DP_SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SOCK_EVENT_COUNT, 0);
+
+/// The ClusterIP filter (see `VipFilter`).
+#[map]
+pub static DP_VIP_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
 
 /// Conntrack event counters, one per `CtEvent`.
 #[map]

@@ -18,8 +18,8 @@ use aya::{
 use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
-    SockNatValue, SourceRangeKey, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_MIGRATE_GLOBAL, CT_PREV_MAP, DEBUG_GLOBAL,
-    DEFAULT_SNAT_PORTS, KERNEL_GLOBAL, SNAT_PORTS_GLOBAL,
+    SockNatValue, SourceRangeKey, VipFilter, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_MIGRATE_GLOBAL, CT_PREV_MAP,
+    DEBUG_GLOBAL, DEFAULT_SNAT_PORTS, KERNEL_GLOBAL, SNAT_PORTS_GLOBAL,
 };
 use thiserror::Error;
 
@@ -109,6 +109,7 @@ pub struct Maps {
     pub sock_affinity: HashMap<MapData, SockAffinityKey, AffinityValue>,
     pub sock_stats: PerCpuArray<MapData, u64>,
     pub ct_events: PerCpuArray<MapData, u64>,
+    pub vip_filter: Array<MapData, VipFilter>,
 }
 
 impl Maps {
@@ -138,6 +139,7 @@ impl Maps {
                 .map_err(m(map_names::SOCK_AFFINITY))?,
             sock_stats: PerCpuArray::try_from(take(e, map_names::SOCK_STATS)?).map_err(m(map_names::SOCK_STATS))?,
             ct_events: PerCpuArray::try_from(take(e, map_names::CT_EVENTS)?).map_err(m(map_names::CT_EVENTS))?,
+            vip_filter: Array::try_from(take(e, map_names::VIP_FILTER)?).map_err(m(map_names::VIP_FILTER))?,
         })
     }
 

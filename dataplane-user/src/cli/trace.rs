@@ -216,6 +216,16 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
         .get(&0, 0)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::CONFIG))?;
     private.write_config(&config)?;
+    // The ClusterIP filter decides whether a packet to no frontend looks
+    // for a ClusterIP's entry for other ports.
+    let filter = live
+        .vip_filter
+        .get(&0, 0)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::VIP_FILTER))?;
+    private
+        .vip_filter
+        .set(0, filter, 0)
+        .map_err(|e| copy_err("the ClusterIP filter", e))?;
 
     let (saddr, sport) = be(&req.src);
     let (daddr, dport) = be(&req.dst);

@@ -80,6 +80,7 @@ fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) ->
         sock_affinity: HashMap::try_from(map(map_names::SOCK_AFFINITY)?).map_err(read_err(map_names::SOCK_AFFINITY))?,
         sock_stats: PerCpuArray::try_from(map(map_names::SOCK_STATS)?).map_err(read_err(map_names::SOCK_STATS))?,
         ct_events: PerCpuArray::try_from(map(map_names::CT_EVENTS)?).map_err(read_err(map_names::CT_EVENTS))?,
+        vip_filter: Array::try_from(map(map_names::VIP_FILTER)?).map_err(read_err(map_names::VIP_FILTER))?,
     })
 }
 
@@ -136,6 +137,7 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
         id(map_names::SOCK_AFFINITY, &maps.sock_affinity)?,
         id(map_names::SOCK_STATS, &maps.sock_stats)?,
         id(map_names::CT_EVENTS, &maps.ct_events)?,
+        id(map_names::VIP_FILTER, &maps.vip_filter)?,
     ];
     typed(|name| {
         let id = ids
@@ -552,6 +554,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         loaded(map_names::SOCK_AFFINITY, maps.sock_affinity.map())?,
         loaded(map_names::SOCK_STATS, maps.sock_stats.map())?,
         loaded(map_names::CT_EVENTS, maps.ct_events.map())?,
+        loaded(map_names::VIP_FILTER, maps.vip_filter.map())?,
     ];
     let max = |name: &str| capacities.iter().find(|(n, _)| *n == name).map_or(0, |(_, m)| *m);
     let conntrack = count(map_names::CONNTRACK, &mut maps.conntrack.keys().map(|k| k.map(|_| ())))?;
@@ -610,6 +613,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         (map_names::CONFIG, "array"),
         (map_names::SOCK_STATS, "percpu_array"),
         (map_names::CT_EVENTS, "percpu_array"),
+        (map_names::VIP_FILTER, "array"),
     ] {
         uses.push((name, kind, u64::from(max(name))));
     }

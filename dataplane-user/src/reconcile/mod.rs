@@ -22,10 +22,10 @@ use std::{
 };
 
 use dataplane_common::{
-    limits, map_names, AffinityValue, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
-    ServiceStats, ServiceValue, SourceRangeKey, CT_F_ORIGINAL, IPPROTO_UDP, SOCK_NAT_FORWARD, SVC_F_AFFINITY,
-    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_NONE, SVC_F_OTHER_PORTS, SVC_F_RANDOM,
-    SVC_F_SOURCE_RANGES,
+    limits, map_names, vip_filter_bit, AffinityValue, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey,
+    ServiceName, ServiceStats, ServiceValue, SourceRangeKey, VipFilter, CT_F_ORIGINAL, IPPROTO_UDP, SOCK_NAT_FORWARD,
+    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_NONE, SVC_F_OTHER_PORTS,
+    SVC_F_RANDOM, SVC_F_SOURCE_RANGES, VIP_FILTER_WORDS,
 };
 use thiserror::Error;
 
@@ -87,6 +87,11 @@ pub trait MapWriter {
     fn delete_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError>;
     /// Zeroes the per-service counters of a newly allocated id.
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), WriteError>;
+    /// Replaces the ClusterIP filter (`VipFilter`). Writers without one
+    /// (test doubles) ignore it.
+    fn put_vip_filter(&mut self, _filter: &VipFilter) -> Result<(), WriteError> {
+        Ok(())
+    }
     /// Deletes the UDP flows of each `(service_id, backend)` in `stale`
     /// (an endpoint that stopped serving): the original conntrack entries
     /// (the reply entries stay for answers already on their way), and the
@@ -220,6 +225,9 @@ pub struct Syncer<W: MapWriter> {
     /// Generations no service entry points at any more, deleted once
     /// [`RETIRE_GRACE`] has passed (see [`Syncer::reap_at`]).
     retired: Vec<Retired>,
+    /// A ClusterIP's entry for other ports was added or removed (or the
+    /// filter was never written): the filter is written again.
+    markers_changed: bool,
 }
 
 /// How long the backend slots and Maglev chunks of a generation stay after
@@ -270,6 +278,11 @@ fn tables_in_parallel(work: &[(ServiceKey, &[Backend])], size: u32) -> Vec<(Serv
     })
 }
 
+/// A ClusterIP's entry for the ports its Service lacks.
+fn is_other_ports(key: &ServiceKey) -> bool {
+    (key.port, key.proto) == (0, 0)
+}
+
 fn describe(key: &ServiceKey) -> String {
     format!("{}:{}/{}", key.ip(), key.host_port(), proto_name(key.proto))
 }
@@ -292,6 +305,7 @@ impl<W: MapWriter> Syncer<W> {
             tables: BTreeMap::new(),
             stale_udp: Vec::new(),
             retired: Vec::new(),
+            markers_changed: true,
         }
     }
 
@@ -450,6 +464,29 @@ impl<W: MapWriter> Syncer<W> {
         }
     }
 
+    /// Writes the ClusterIP filter again when the ClusterIPs with an entry
+    /// for other ports changed: a bit per such address.
+    fn sync_vip_filter(&mut self, report: &mut SyncReport) {
+        if !self.markers_changed {
+            return;
+        }
+        let mut filter = VipFilter {
+            bits: [0; VIP_FILTER_WORDS],
+        };
+        for key in self.programmed.keys().filter(|k| is_other_ports(k)) {
+            let bit = vip_filter_bit(&key.addr) as usize;
+            filter.bits[(bit >> 6) % VIP_FILTER_WORDS] |= 1 << (bit & 63);
+        }
+        match self.writer.put_vip_filter(&filter) {
+            Ok(()) => self.markers_changed = false,
+            Err(cause) => report.errors.push(SyncError {
+                service: String::new(),
+                frontend: "ClusterIP filter".into(),
+                cause: format!("writing {}: {cause}; retried at the next sync", map_names::VIP_FILTER),
+            }),
+        }
+    }
+
     /// Deletes the retired generations older than [`RETIRE_GRACE`] at `now`.
     pub fn reap_at(&mut self, now: Instant) {
         let (due, keep): (Vec<Retired>, Vec<Retired>) = std::mem::take(&mut self.retired)
@@ -521,6 +558,7 @@ impl<W: MapWriter> Syncer<W> {
         self.tables.clear();
         self.failed = failed;
         self.clear_stale_udp(&mut report);
+        self.sync_vip_filter(&mut report);
         report
     }
 
@@ -549,6 +587,7 @@ impl<W: MapWriter> Syncer<W> {
         self.tables.clear();
         self.failed = failed;
         self.clear_stale_udp(&mut report);
+        self.sync_vip_filter(&mut report);
         report
     }
 
@@ -610,6 +649,7 @@ impl<W: MapWriter> Syncer<W> {
             return;
         }
         self.retire(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
+        self.markers_changed |= is_other_ports(&key);
         for (addr, len) in &p.frontend.source_ranges {
             let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
         }
@@ -772,6 +812,7 @@ impl<W: MapWriter> Syncer<W> {
                                 frontend: fe.clone(),
                             },
                         );
+                        self.markers_changed |= is_other_ports(key);
                         report.added += 1;
                     }
                     Err(cause) => {

@@ -13,9 +13,18 @@ struct Fake {
     maglev: BTreeMap<MaglevKey, MaglevChunk>,
     names: BTreeMap<u32, String>,
     fail_backend_writes: bool,
+    /// The ClusterIP filter last written, and how many writes (not in
+    /// `log`).
+    vip_filter: Option<Box<VipFilter>>,
+    vip_filter_writes: usize,
 }
 
 impl MapWriter for Fake {
+    fn put_vip_filter(&mut self, filter: &VipFilter) -> Result<(), WriteError> {
+        self.vip_filter = Some(Box::new(*filter));
+        self.vip_filter_writes += 1;
+        Ok(())
+    }
     fn put_backend(&mut self, k: BackendKey, v: Backend) -> Result<(), WriteError> {
         if self.fail_backend_writes {
             return Err(WriteError::Refused("map full".into()));
@@ -603,4 +612,62 @@ mod incremental {
             "{conflicts} conflicts, {frontends} frontends"
         );
     }
+}
+
+/// The ClusterIP filter has the bit of every address with an entry for
+/// the ports its Service lacks, computed here from the hash independently
+/// of the syncer, and is written only when those addresses change.
+#[test]
+fn the_cluster_ip_filter_follows_the_entries_for_other_ports() {
+    let marker = |ip: [u8; 4]| {
+        (
+            ServiceKey::new(Ipv4Addr::from(ip), 0, 0),
+            Frontend {
+                service: "ns/s".into(),
+                port_name: String::new(),
+                backends: vec![],
+                affinity_timeout_s: None,
+                flags: SVC_F_OTHER_PORTS,
+                source_ranges: vec![],
+                also_serving: vec![],
+            },
+        )
+    };
+    let has = |s: &Syncer<Fake>, ip: [u8; 4]| {
+        // The bit, as the programs compute it: the folded address times
+        // the golden-ratio constant, top 16 bits.
+        let folded = u32::from_ne_bytes(ip);
+        let bit = (folded.wrapping_mul(0x9e37_79b1) >> 16) as usize;
+        let f = s.writer().vip_filter.as_ref().expect("written");
+        f.bits[bit / 64] & (1 << (bit % 64)) != 0
+    };
+    let mut s = syncer();
+    let mut d = desired(&[(key(1), &[1])]);
+    s.apply(&d);
+    assert_eq!(s.writer().vip_filter_writes, 1, "the first sync writes it, empty");
+    assert!(s.writer().vip_filter.as_ref().unwrap().bits.iter().all(|w| *w == 0));
+    d.frontends.extend([marker([198, 19, 0, 1]), marker([198, 19, 0, 2])]);
+    s.apply(&d);
+    assert!(has(&s, [198, 19, 0, 1]) && has(&s, [198, 19, 0, 2]));
+    assert_eq!(
+        s.writer()
+            .vip_filter
+            .as_ref()
+            .unwrap()
+            .bits
+            .iter()
+            .map(|w| w.count_ones())
+            .sum::<u32>(),
+        2
+    );
+    assert_eq!(s.writer().vip_filter_writes, 2);
+    // A change elsewhere does not write it.
+    d.frontends
+        .insert(key(2), desired(&[(key(2), &[2])]).frontends[&key(2)].clone());
+    s.apply(&d);
+    assert_eq!(s.writer().vip_filter_writes, 2);
+    d.frontends.remove(&ServiceKey::new(Ipv4Addr::new(198, 19, 0, 1), 0, 0));
+    s.apply(&d);
+    assert!(!has(&s, [198, 19, 0, 1]) && has(&s, [198, 19, 0, 2]));
+    assert_eq!(s.writer().vip_filter_writes, 3);
 }
