@@ -46,7 +46,10 @@ pub struct CtValue {
     pub flags: u16,
     /// As `snat_addr`, for the port.
     pub snat_port: u16,
-    pub _pad: [u16; 3],
+    /// The low 16 bits of the frontend's `ServiceValue::epoch` when the
+    /// flow was created (0 in entries of earlier releases).
+    pub epoch: u16,
+    pub _pad: [u16; 2],
 }
 
 /// Per-CPU scratch space of the programs (one entry of a per-CPU array

@@ -54,7 +54,12 @@ pub struct ServiceValue {
     pub maglev_size: u32,
     /// sessionAffinity ClientIP timeout in seconds (with `SVC_F_AFFINITY`).
     pub affinity_timeout_s: u32,
-    pub _pad: u32,
+    /// Changes whenever the agent writes this frontend's backends again
+    /// (never 0 once written by an agent that sets it; 0 in entries of
+    /// earlier releases). A conntrack entry records its low 16 bits
+    /// (`CtValue::epoch`): a new SYN on the tuple of an entry made under
+    /// another epoch picks its backend again.
+    pub epoch: u32,
 }
 
 /// Key of the backend slot map.

@@ -24,6 +24,8 @@ fn service_value_layout() {
     assert_eq!(offset_of!(ServiceValue, generation), 6);
     assert_eq!(offset_of!(ServiceValue, flags), 8);
     assert_eq!(offset_of!(ServiceValue, maglev_size), 12);
+    // Where 0.2.0 had padding (always 0).
+    assert_eq!(offset_of!(ServiceValue, epoch), 20);
 }
 
 #[test]
@@ -131,6 +133,8 @@ fn conntrack_layout() {
     assert_eq!(offset_of!(CtValue, created_ns), 32);
     assert_eq!(offset_of!(CtValue, last_seen_ns), 40);
     assert_eq!(offset_of!(CtValue, service_id), 48);
+    // Where 0.2.0 had padding (always 0).
+    assert_eq!(offset_of!(CtValue, epoch), 58);
     assert_eq!(offset_of!(CtValue, nat_port), 52);
     assert_eq!(offset_of!(CtValue, flags), 54);
     assert_eq!(offset_of!(CtValue, snat_port), 56);

@@ -11,8 +11,8 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use dataplane_common::{
-    addr_eq, counters, kernel_features, Addr, Backend, CtKey, CtValue, DpConfig, CT_F_CLOSING, CT_F_ORIGINAL,
-    CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
+    addr_eq, counters, kernel_features, Addr, Backend, CtKey, CtValue, DpConfig, ServiceValue, CT_F_CLOSING,
+    CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
 };
 
 use crate::{
@@ -266,7 +266,8 @@ fn insert_reply(key: &CtKey, value: &CtValue, proto: u8) -> Result<u64, i32> {
 /// two inserts. Never writes over the reply entry of another live flow:
 /// returns [`CLASH`] instead, having written nothing.
 #[inline(never)]
-pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<&(Addr, u16)>) -> Result<(), i32> {
+pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(Addr, u16)>) -> Result<(), i32> {
+    let service_id = svc.service_id;
     let now = now_ns();
     let s = scratch().ok_or(-1)?;
     // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
@@ -284,6 +285,7 @@ pub fn create(p: &Packet, service_id: u32, backend: &Backend, snat: Option<&(Add
     v.nat_port = p.dport;
     v.flags = CT_F_REPLY;
     v.service_id = service_id;
+    v.epoch = svc.epoch as u16;
     v.snat_port = 0;
     v.created_ns = now;
     v.last_seen_ns = now;

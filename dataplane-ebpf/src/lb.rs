@@ -85,8 +85,12 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
         // SAFETY: an entry of this run's lookup.
         let ct = unsafe { &*ct };
         // A SYN on a tuple whose connection was closed starts a new flow
-        // (port reuse); anything else follows the recorded backend.
-        if !(starts_flow && ct.flags & CT_F_CLOSING != 0) {
+        // (port reuse), and so does one whose entry was made for another
+        // frontend or another backend set (a client reusing its port after
+        // an unclean close must not follow a backend that may be gone);
+        // anything else follows the recorded backend.
+        let stale = ct.flags & CT_F_CLOSING != 0 || ct.service_id != svc.service_id || ct.epoch != svc.epoch as u16;
+        if !(starts_flow && stale) {
             if conntrack::closes(p) {
                 // The flow's reply entry closes with it: its tuple is free
                 // for a new flow once the closing timeout passes or a SYN
@@ -173,7 +177,7 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
     } else {
         None
     };
-    let mut created = conntrack::create(p, svc.service_id, &backend, snat.as_ref());
+    let mut created = conntrack::create(p, svc, &backend, snat.as_ref());
     if created == Err(conntrack::CLASH) {
         snat = clash_source(p, &backend, snat.as_ref());
         if snat.is_none() {
@@ -181,7 +185,7 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
             return Verdict::Drop;
         }
         stats::ct_event(CtEvent::ClashResolved);
-        created = conntrack::create(p, svc.service_id, &backend, snat.as_ref());
+        created = conntrack::create(p, svc, &backend, snat.as_ref());
     }
     if created.is_err() {
         // The packet still goes to the chosen backend; the next one of the

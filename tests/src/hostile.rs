@@ -73,6 +73,9 @@ pub struct Svc {
     pub backends: Vec<Backend>,
     /// `maglev::table(backends, DEFAULT_SIZE)`, computed once.
     pub table: Vec<u16>,
+    /// Bumped each time the backend set changes (the agent then writes a
+    /// new generation with a new epoch).
+    pub version: u64,
 }
 
 impl Svc {
@@ -90,6 +93,7 @@ impl Svc {
             proto,
             backends: b,
             table,
+            version: 0,
         }
     }
 }
@@ -135,6 +139,8 @@ pub struct CtEntry {
     pub nat_addr: [u8; 4],
     pub nat_port: u16,
     pub flags: u16,
+    /// The service's `version` when the flow was created.
+    pub version: u64,
 }
 
 /// Which address/port pair a translation rewrites.
@@ -275,7 +281,9 @@ impl Model {
     /// if it is UDP, the flows to endpoints that left are cleared (their
     /// original entries; the reply entries stay for answers on their way),
     /// as the sync does for endpoints that stop serving; TCP flows stay.
-    pub fn replace_service(&mut self, i: usize, next: Svc) {
+    pub fn replace_service(&mut self, i: usize, mut next: Svc) {
+        let current = &self.services[i];
+        next.version = current.version + u64::from(next.backends != current.backends);
         let old = std::mem::replace(&mut self.services[i], next);
         let new = &self.services[i];
         if old.proto != UDP {
@@ -330,9 +338,11 @@ impl Model {
             if closes {
                 e.flags |= CT_F_CLOSING;
             }
-            // Port reuse after a close starts a new flow; anything else
+            // Port reuse after a close starts a new flow, and so does a SYN
+            // on an entry made under another backend set; anything else
             // follows the entry.
-            if !(starts && e.flags & CT_F_CLOSING != 0) {
+            let stale = e.flags & CT_F_CLOSING != 0 || e.version != svc.version;
+            if !(starts && stale) {
                 let (addr, port) = (e.nat_addr, e.nat_port);
                 // A FIN or RST closes the flow's reply entry too.
                 if closes {
@@ -381,6 +391,7 @@ impl Model {
                 nat_addr: t.daddr,
                 nat_port: t.dport,
                 flags: CT_F_REPLY,
+                version: svc.version,
             },
         );
         if self
@@ -391,6 +402,7 @@ impl Model {
                     nat_addr: baddr,
                     nat_port: bport,
                     flags: CT_F_ORIGINAL,
+                    version: svc.version,
                 },
             )
             .is_none()

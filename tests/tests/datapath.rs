@@ -428,6 +428,54 @@ fn udp_to_a_service_without_backends_is_answered_with_icmp_port_unreachable() {
     }
 }
 
+/// A client reuses its source port after an unclean close (no FIN or RST
+/// seen): its new SYN finds the old, established entry. While the backend
+/// set is the one the entry was made under, the SYN follows it (a
+/// retransmitted SYN keeps its backend); once the set changed (here the
+/// entry's backend left), the SYN picks a backend again instead of being
+/// sent to one that may be gone. Other packets of the flow keep following
+/// the entry, as with kube-proxy.
+#[test]
+fn a_new_syn_on_an_entry_of_an_older_backend_set_picks_again() {
+    for prog in Prog::BOTH {
+        let mut l = Loaded::new();
+        l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
+        let client = (CLIENT, 40900);
+        let syn = Frame::tcp(client, (VIP, 80), SYN).build();
+        let dst = |l: &Loaded, frame: &[u8]| parse_and_verify(&l.run(prog, frame).data).dst;
+        assert_eq!(dst(&l, &syn), b(1));
+        // A retransmitted SYN, nothing changed: the same entry.
+        assert_eq!(dst(&l, &syn), b(1));
+        assert_eq!(
+            (l.reason(Reason::NatNewFlow), l.reason(Reason::NatEstablished)),
+            (1, 1),
+            "{prog:?}"
+        );
+        // The backend leaves; a non-SYN packet of the old flow still
+        // follows its entry (kube-proxy keeps established flows).
+        l.set_service(VIP, 80, TCP, &[(b(2), 8080)]);
+        assert_eq!(dst(&l, &Frame::tcp(client, (VIP, 80), ACK).build()), b(1), "{prog:?}");
+        // A new SYN on that tuple: a new flow, to the current backend.
+        assert_eq!(
+            dst(&l, &syn),
+            b(2),
+            "{prog:?}: the SYN followed an entry of the old set"
+        );
+        assert_eq!(l.reason(Reason::NatNewFlow), 2, "{prog:?}");
+        // Its replies come back from the VIP, and its packets stay on b2.
+        let r = parse_and_verify(&l.run(prog, &Frame::tcp((b(2), 8080), client, SYN | ACK).build()).data);
+        assert_eq!((r.src, r.sport), (VIP, 80), "{prog:?}");
+        assert_eq!(dst(&l, &Frame::tcp(client, (VIP, 80), ACK).build()), b(2), "{prog:?}");
+        // The frontend removed and created again: the same rule.
+        l.remove_service(VIP, 80, TCP);
+        l.set_service(VIP, 80, TCP, &[(b(2), 8080), (b(3), 8080)]);
+        let set = l.backends(VIP, 80, TCP);
+        let want = expected(&set, client, (VIP, 80), TCP);
+        assert_eq!(dst(&l, &syn), want.ip(), "{prog:?}");
+        assert_eq!(l.reason(Reason::NatNewFlow), 3, "{prog:?}");
+    }
+}
+
 /// One client port to two frontends that share their only backend: both
 /// flows translate to the same reply tuple. The second must not take the
 /// first one's replies (netfilter's NAT clash): it gets another source

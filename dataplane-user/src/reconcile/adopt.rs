@@ -132,6 +132,9 @@ impl Syncer<crate::bpf::loader::Maps> {
         syncer.next_id = used.iter().next_back().map_or(0, |m| m + 1);
         syncer.free_ids = (0..syncer.next_id).filter(|i| !used.contains(i)).rev().collect();
         syncer.programmed = programmed;
+        // Epochs keep growing across agents: a new backend set never
+        // takes the epoch of one its conntrack entries were made under.
+        syncer.epoch = live.values().map(|v| v.epoch).max().unwrap_or(0);
         Ok((syncer, report))
     }
 }

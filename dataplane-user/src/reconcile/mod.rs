@@ -228,6 +228,9 @@ pub struct Syncer<W: MapWriter> {
     /// A ClusterIP's entry for other ports was added or removed (or the
     /// filter was never written): the filter is written again.
     markers_changed: bool,
+    /// The last `ServiceValue::epoch` written (they only grow, wrapping
+    /// past 0).
+    epoch: u32,
 }
 
 /// How long the backend slots and Maglev chunks of a generation stay after
@@ -306,6 +309,7 @@ impl<W: MapWriter> Syncer<W> {
             stale_udp: Vec::new(),
             retired: Vec::new(),
             markers_changed: true,
+            epoch: 0,
         }
     }
 
@@ -412,7 +416,7 @@ impl<W: MapWriter> Syncer<W> {
             flags,
             maglev_size,
             affinity_timeout_s,
-            _pad: 0,
+            epoch: self.next_epoch(),
         })
     }
 
@@ -485,6 +489,16 @@ impl<W: MapWriter> Syncer<W> {
                 cause: format!("writing {}: {cause}; retried at the next sync", map_names::VIP_FILTER),
             }),
         }
+    }
+
+    /// The epoch of a backend set being written: never 0 (the value of
+    /// entries written by earlier releases).
+    fn next_epoch(&mut self) -> u32 {
+        self.epoch = match self.epoch.wrapping_add(1) {
+            0 => 1,
+            e => e,
+        };
+        self.epoch
     }
 
     /// Deletes the retired generations older than [`RETIRE_GRACE`] at `now`.
