@@ -4,15 +4,15 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_log_ebpf::info;
 use dataplane_common::{
-    addr_eq, flow_hash, fold_addr, limits, vip_filter_bit, Addr, Backend, BackendKey, CtEvent, MaglevKey, Reason,
-    ServiceKey, ServiceValue, SourceRangeKey, BACKEND_F_REMOTE, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_F_CLOSING,
-    CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, KEY_IN_CLUSTER, SOURCE_RANGE_FULL_PREFIX, SVC_F_AFFINITY,
-    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_RANDOM, SVC_F_SOURCE_RANGES, VIP_FILTER_WORDS,
+    addr_eq, flow_hash, fold_addr, limits, Addr, Backend, BackendKey, CtEvent, MaglevKey, Reason, ServiceKey,
+    ServiceValue, SourceRangeKey, BACKEND_F_REMOTE, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_F_CLOSING, CT_F_REPLY,
+    CT_F_SEEN_REPLY, CT_F_SNAT, KEY_IN_CLUSTER, SOURCE_RANGE_FULL_PREFIX, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL,
+    SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     affinity, conntrack,
-    maps::{DP_BACKENDS, DP_CONFIG, DP_MAGLEV, DP_SERVICES, DP_SRC_RANGES, DP_VIP_FILTER},
+    maps::{DP_BACKENDS, DP_CONFIG, DP_MAGLEV, DP_SERVICES, DP_SRC_RANGES},
     nat::{Endpoint, PacketCtx},
     parse::{Packet, TCP_ACK, TCP_SYN},
     stats,
@@ -50,16 +50,6 @@ pub fn process<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
         }
     }
     to_service(ctx, p, &svc)
-}
-
-/// Whether `addr`'s bit is set in the ClusterIP filter.
-#[inline(always)]
-fn maybe_cluster_ip(addr: &Addr) -> bool {
-    let bit = vip_filter_bit(addr);
-    match DP_VIP_FILTER.get(0) {
-        Some(f) => f.bits[(bit >> 6) as usize & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0,
-        None => false,
-    }
 }
 
 /// The in-cluster view of an external frontend of a Local-policy Service,
@@ -366,7 +356,7 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
             // A ClusterIP on a port its Service does not define
             // (`SVC_F_OTHER_PORTS`): rejected, not passed to the node.
             // The filter spares other addresses the hash lookup.
-            if !maybe_cluster_ip(&p.daddr) {
+            if !crate::maps::maybe_cluster_ip(&p.daddr) {
                 stats::count(Reason::PassNoService);
                 return Verdict::Pass;
             }

@@ -58,6 +58,17 @@ pub static DP_SOCK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SOCK_
 #[map]
 pub static DP_VIP_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
 
+/// Whether `addr`'s bit is set in the ClusterIP filter: only then can it
+/// have an entry for the ports its Service lacks.
+#[inline(always)]
+pub fn maybe_cluster_ip(addr: &dataplane_common::Addr) -> bool {
+    let bit = dataplane_common::vip_filter_bit(addr);
+    match DP_VIP_FILTER.get(0) {
+        Some(f) => f.bits[(bit >> 6) as usize & (dataplane_common::VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0,
+        None => false,
+    }
+}
+
 /// Conntrack event counters, one per `CtEvent`.
 #[map]
 pub static DP_CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);

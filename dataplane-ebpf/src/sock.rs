@@ -391,6 +391,23 @@ fn remember_reverse(cookie: u64, to: &SockAddr, b: &Chosen, service_id: u32, now
     }
 }
 
+/// A socket of the node (or a pod) connecting or sending to a ClusterIP on
+/// a port its Service does not define (`SVC_F_OTHER_PORTS`): refused, as
+/// kube-proxy rejects it in its output chain; any other address is let
+/// through.
+#[inline(always)]
+fn other_ports(to: &SockAddr) -> i32 {
+    if !crate::maps::maybe_cluster_ip(&to.addr) {
+        return ALLOW;
+    }
+    let key = service_key(&to.addr, 0, 0, to.family);
+    match DP_SERVICES.get_ptr(key.as_ref::<ServiceKey>()) {
+        // SAFETY: as in `frontend`.
+        Some(v) => reject(unsafe { (*v).service_id }),
+        None => ALLOW,
+    }
+}
+
 #[inline(always)]
 fn reject(service_id: u32) -> i32 {
     count(SockEvent::RejectNoBackend);
@@ -413,7 +430,7 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     let to = read_addr(sa, v6);
     let Some(svc) = frontend(&to, proto) else {
-        return ALLOW;
+        return other_ports(&to);
     };
     // SAFETY: helpers valid for sock_addr programs.
     let (netns, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), now_ns()) };
@@ -485,7 +502,7 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     let to = read_addr(sa, v6);
     let Some(svc) = frontend(&to, IPPROTO_UDP as u32) else {
-        return ALLOW;
+        return other_ports(&to);
     };
     // SAFETY: helpers valid for sock_addr programs.
     let (cookie, now) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), now_ns()) };

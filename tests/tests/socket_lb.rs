@@ -308,6 +308,41 @@ endpoints:
     assert!(reasons["drop_no_local_backend"] >= 1, "{reasons:?}");
 }
 
+/// A socket connecting or sending to a ClusterIP on a port its Service
+/// does not define is refused at once (kube-proxy rejects it in its output
+/// chain), counted on the ClusterIP's entry for other ports; the
+/// Service's own port is served.
+#[test]
+fn ports_a_cluster_ip_lacks_are_refused_at_connect_and_sendto() {
+    let t = Topology::new(1).unwrap();
+    let _servers = start_servers(&t, false);
+    let cg = TestCgroup::new().unwrap();
+    let agent = start_agent(&t, &cg, &manifests(&[1]));
+    all_ok(
+        &client(&t, &cg, &["tcp", "198.19.0.10:80", "1"]),
+        "the Service's own port",
+    );
+    for c in &client(&t, &cg, &["tcp", "198.19.0.10:81", "2"]) {
+        assert_eq!(c["errno"], libc::ECONNREFUSED, "{c}");
+    }
+    for c in &client(&t, &cg, &["udp", "198.19.0.10:54", "1"]) {
+        assert_eq!(
+            (&c["op"], &c["errno"]),
+            (&"send".into(), &libc::ECONNREFUSED.into()),
+            "{c}"
+        );
+    }
+    let (sock, _) = counters(&agent);
+    assert_eq!(sock["reject_no_backend"], 3, "{sock:?}");
+    let maps = inspect::open_pinned(&agent.pins).unwrap();
+    let rows = inspect::service_rows(&maps).unwrap();
+    let other = rows
+        .iter()
+        .find(|r| r.frontend == "198.19.0.10:*")
+        .expect("the entry for other ports");
+    assert_eq!(other.no_backend, 3, "{rows:?}");
+}
+
 /// IPv6 Services from IPv6 sockets, and an IPv4 Service from an IPv6
 /// socket through its IPv4-mapped address (`::ffff:198.19.0.10`): both
 /// translated at connect time, the peer shown as the address connected to.
