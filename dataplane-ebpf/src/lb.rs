@@ -4,7 +4,7 @@ use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_log_ebpf::info;
 use dataplane_common::{
-    addr_eq, flow_hash, fold_addr, limits, Addr, Backend, BackendKey, CtEvent, MaglevKey, Reason, ServiceKey,
+    addr_eq, flow_hash, fold_addr, limits, Addr, Backend, BackendKey, CtEvent, CtValue, MaglevKey, Reason, ServiceKey,
     ServiceValue, SourceRangeKey, BACKEND_F_REMOTE, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_F_CLOSING, CT_F_REPLY,
     CT_F_SEEN_REPLY, CT_F_SNAT, KEY_IN_CLUSTER, SOURCE_RANGE_FULL_PREFIX, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL,
     SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
@@ -67,6 +67,16 @@ fn in_cluster_view(p: &Packet) -> Option<*const ServiceValue> {
     })
 }
 
+/// Whether a new SYN on the tuple of `ct` starts a new flow: its flow
+/// closed, or it was made for another frontend or backend set. (A function
+/// of its own: the comparisons stay out of the caller's registers, so that
+/// the verifier walks the translation after it once, not once per way
+/// there.)
+#[inline(never)]
+fn stale(ct: &CtValue, svc: &ServiceValue) -> bool {
+    ct.flags & CT_F_CLOSING != 0 || ct.service_id != svc.service_id || ct.epoch != svc.epoch as u16
+}
+
 /// A packet addressed to a service frontend.
 #[inline(never)]
 fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict {
@@ -79,8 +89,7 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
         // frontend or another backend set (a client reusing its port after
         // an unclean close must not follow a backend that may be gone);
         // anything else follows the recorded backend.
-        let stale = ct.flags & CT_F_CLOSING != 0 || ct.service_id != svc.service_id || ct.epoch != svc.epoch as u16;
-        if !(starts_flow && stale) {
+        if !(starts_flow && stale(ct, svc)) {
             if conntrack::closes(p) {
                 // The flow's reply entry closes with it: its tuple is free
                 // for a new flow once the closing timeout passes or a SYN
