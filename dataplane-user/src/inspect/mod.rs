@@ -465,48 +465,45 @@ pub struct Stats {
     /// written over an existing entry, minus those present).
     pub conntrack_evicted: u64,
     /// What the socket-level programs did (`SockEvent`), all CPUs summed.
-    pub socket_lb: Vec<SockEventRow>,
+    pub socket_lb: Vec<EventRow>,
     /// Conntrack events (`CtEvent`), all CPUs summed.
-    pub conntrack_events: Vec<SockEventRow>,
+    pub conntrack_events: Vec<EventRow>,
     pub maps: Vec<MapUse>,
 }
 
+/// One counter of an event array (socket-level or conntrack events).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct SockEventRow {
+pub struct EventRow {
     pub event: String,
     pub count: u64,
 }
 
-pub fn sock_event_rows(maps: &Maps) -> Result<Vec<SockEventRow>, InspectError> {
-    SockEvent::ALL
-        .iter()
-        .map(|e| {
-            let v = maps
-                .sock_stats
-                .get(&(*e as u32), 0)
-                .map_err(read_err(map_names::SOCK_STATS))?;
-            Ok(SockEventRow {
-                event: e.name().into(),
+/// The per-CPU counters of `map` (named `name`) at the indexes of `events`,
+/// summed over CPUs.
+fn event_rows(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+    events: impl Iterator<Item = (u32, &'static str)>,
+) -> Result<Vec<EventRow>, InspectError> {
+    events
+        .map(|(index, event)| {
+            let v = map.get(&index, 0).map_err(read_err(name))?;
+            Ok(EventRow {
+                event: event.into(),
                 count: v.iter().sum(),
             })
         })
         .collect()
 }
 
-pub fn ct_event_rows(maps: &Maps) -> Result<Vec<SockEventRow>, InspectError> {
-    CtEvent::ALL
-        .iter()
-        .map(|e| {
-            let v = maps
-                .ct_events
-                .get(&(*e as u32), 0)
-                .map_err(read_err(map_names::CT_EVENTS))?;
-            Ok(SockEventRow {
-                event: e.name().into(),
-                count: v.iter().sum(),
-            })
-        })
-        .collect()
+pub fn sock_event_rows(maps: &Maps) -> Result<Vec<EventRow>, InspectError> {
+    let events = SockEvent::ALL.iter().map(|e| (*e as u32, e.name()));
+    event_rows(&maps.sock_stats, map_names::SOCK_STATS, events)
+}
+
+pub fn ct_event_rows(maps: &Maps) -> Result<Vec<EventRow>, InspectError> {
+    let events = CtEvent::ALL.iter().map(|e| (*e as u32, e.name()));
+    event_rows(&maps.ct_events, map_names::CT_EVENTS, events)
 }
 
 pub fn reason_rows(maps: &Maps) -> Result<Vec<ReasonRow>, InspectError> {
