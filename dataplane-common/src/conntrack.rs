@@ -42,15 +42,39 @@ pub struct CtValue {
     pub service_id: u32,
     /// As `nat_addr`, for the port (network byte order).
     pub nat_port: u16,
-    /// `CT_F_*` bits: direction, TCP state, SNAT.
+    /// `CT_F_*` bits: direction and SNAT, fixed when the entry is made, and
+    /// the state bits (`CT_F_SEEN_REPLY`, `CT_F_CLOSING`) as releases up to
+    /// 0.2 read them. Programs update the state bits with a plain
+    /// read-modify-write, where two CPUs can lose one of them: the bytes
+    /// below hold the state authoritatively; read it with [`CtValue::state`].
     pub flags: u16,
     /// As `snat_addr`, for the port.
     pub snat_port: u16,
     /// The low 16 bits of the frontend's `ServiceValue::epoch` when the
     /// flow was created (0 in entries of earlier releases).
     pub epoch: u16,
-    pub _pad: [u16; 2],
+    /// 1 once a reply was seen (`CT_F_SEEN_REPLY`). Set with a
+    /// one-byte store, which no other CPU's update can undo (BPF atomic OR
+    /// needs 5.12; a byte per bit works on every kernel). 0 in entries of
+    /// earlier releases, whose `flags` bits count instead.
+    pub seen_reply: u8,
+    /// 1 once the flow closes (`CT_F_CLOSING`), as `seen_reply`.
+    pub closing: u8,
+    pub _pad: u16,
 }
+
+impl CtValue {
+    /// The entry's flags: `flags` with the state bytes folded in. Everything
+    /// that decides on the state (timeouts, reuse, displays) reads this.
+    /// (The bytes hold 0 or 1: folded without branches, which the verifier
+    /// would otherwise walk at every use.)
+    #[inline(always)]
+    pub const fn state(&self) -> u16 {
+        self.flags | ((self.seen_reply & 1) as u16) << 3 | ((self.closing & 1) as u16) << 2
+    }
+}
+
+const _: () = assert!(CT_F_SEEN_REPLY == 1 << 3 && CT_F_CLOSING == 1 << 2);
 
 /// Per-CPU scratch space of the programs (one entry of a per-CPU array
 /// that is neither pinned nor read by the agent): conntrack keys and values

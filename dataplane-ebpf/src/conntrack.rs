@@ -114,18 +114,20 @@ pub fn lookup(p: &Packet) -> Option<*mut CtValue> {
     // SAFETY: the key was just written to the scratch entry.
     let e = entry(unsafe { &*key })?;
     // SAFETY: LRU map values stay valid for the program run; concurrent
-    // writers only touch last_seen/flags, where a lost update is harmless.
+    // writers only touch last_seen (a lost refresh is harmless) and the
+    // state (see `set_state`).
     unsafe {
         let now = now_ns();
         let idle = now.saturating_sub((*e).last_seen_ns);
-        if idle > timeout_ns(p.proto, (*e).flags) {
+        let state = (*e).state();
+        if idle > timeout_ns(p.proto, state) {
             return None;
         }
         if idle > REFRESH_NS {
             (*e).last_seen_ns = now;
         }
-        if closes(p) && (*e).flags & CT_F_CLOSING == 0 {
-            (*e).flags |= CT_F_CLOSING;
+        if closes(p) && state & CT_F_CLOSING == 0 {
+            set_state(e, CT_F_CLOSING);
         }
     }
     Some(e)
@@ -145,8 +147,7 @@ pub fn flag_original(reply: &Packet, ct: &CtValue, flags: u16) {
     };
     // SAFETY: the key was just written to the scratch entry.
     if let Some(e) = entry(unsafe { &*key }) {
-        // SAFETY: as in `lookup`.
-        unsafe { (*e).flags |= flags };
+        set_state(e, flags);
     }
 }
 
@@ -164,8 +165,7 @@ pub fn flag_reply(orig: &Packet, ct: &CtValue, flags: u16) {
     };
     // SAFETY: the key was just written to the scratch entry.
     if let Some(e) = entry(unsafe { &*key }) {
-        // SAFETY: as in `lookup`.
-        unsafe { (*e).flags |= flags };
+        set_state(e, flags);
     }
 }
 
@@ -184,10 +184,29 @@ pub fn reply_tuple_in_use(p: &Packet, backend: &Backend, addr: &Addr, port: u16)
 #[inline(always)]
 pub fn first_reply(e: *mut CtValue) -> bool {
     // SAFETY: an entry returned by `lookup` in this run.
+    let first = unsafe { (*e).state() } & CT_F_SEEN_REPLY == 0;
+    set_state(e, CT_F_SEEN_REPLY);
+    first
+}
+
+/// Sets state bits (`CT_F_SEEN_REPLY`, `CT_F_CLOSING`) of an entry that
+/// other CPUs may update at the same time. Each bit has a byte of its own,
+/// set with a one-byte store: no read-modify-write, so no CPU can undo
+/// another's update (a lost `SEEN_REPLY` would leave an established flow
+/// on the short SYN timeout). The `flags` bits are set too, for the
+/// programs and agents of releases up to 0.2, which read only them; a lost
+/// update there loses nothing the bytes do not keep.
+#[inline(always)]
+pub fn set_state(e: *mut CtValue, flags: u16) {
+    // SAFETY: an LRU map value, valid for this program run.
     unsafe {
-        let first = (*e).flags & CT_F_SEEN_REPLY == 0;
-        (*e).flags |= CT_F_SEEN_REPLY;
-        first
+        if flags & CT_F_SEEN_REPLY != 0 {
+            core::ptr::write_volatile(&mut (*e).seen_reply, 1);
+        }
+        if flags & CT_F_CLOSING != 0 {
+            core::ptr::write_volatile(&mut (*e).closing, 1);
+        }
+        (*e).flags |= flags;
     }
 }
 
@@ -223,7 +242,8 @@ pub const CLASH: i32 = i32::MIN;
 #[inline(always)]
 fn held_by_another_flow(existing: &CtValue, new: &CtValue, proto: u8) -> bool {
     let idle = now_ns().saturating_sub(existing.last_seen_ns);
-    let live = existing.flags & CT_F_CLOSING == 0 && idle <= timeout_ns(proto, existing.flags);
+    let state = existing.state();
+    let live = state & CT_F_CLOSING == 0 && idle <= timeout_ns(proto, state);
     let same = existing.nat_port == new.nat_port
         && addr_eq(&existing.nat_addr, &new.nat_addr)
         && existing.flags & CT_F_SNAT == new.flags & CT_F_SNAT
@@ -296,9 +316,9 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
         for w in v.snat_addr.iter_mut() {
             core::ptr::write_volatile(w, 0);
         }
-        for w in v._pad.iter_mut() {
-            core::ptr::write_volatile(w, 0);
-        }
+        core::ptr::write_volatile(&mut v.seen_reply, 0);
+        core::ptr::write_volatile(&mut v.closing, 0);
+        core::ptr::write_volatile(&mut v._pad, 0);
     }
     if let Some((node, port)) = snat {
         key.daddr = *node;
@@ -349,8 +369,15 @@ pub fn remove_closing_reply(p: &Packet) {
     };
     // SAFETY: an LRU value, valid for this run; read before the scratch
     // key is rewritten below.
-    let (flags, vip, vport, client, cport) =
-        unsafe { ((*e).flags, (*e).nat_addr, (*e).nat_port, (*e).snat_addr, (*e).snat_port) };
+    let (flags, vip, vport, client, cport) = unsafe {
+        (
+            (*e).state(),
+            (*e).nat_addr,
+            (*e).nat_port,
+            (*e).snat_addr,
+            (*e).snat_port,
+        )
+    };
     if flags & (CT_F_REPLY | CT_F_CLOSING) != CT_F_REPLY | CT_F_CLOSING {
         return;
     }

@@ -74,7 +74,7 @@ fn in_cluster_view(p: &Packet) -> Option<*const ServiceValue> {
 /// there.)
 #[inline(never)]
 fn stale(ct: &CtValue, svc: &ServiceValue) -> bool {
-    ct.flags & CT_F_CLOSING != 0 || ct.service_id != svc.service_id || ct.epoch != svc.epoch as u16
+    ct.state() & CT_F_CLOSING != 0 || ct.service_id != svc.service_id || ct.epoch != svc.epoch as u16
 }
 
 /// A packet addressed to a service frontend.
@@ -339,7 +339,7 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
     match entry.map(|e| unsafe { &*e }) {
         Some(ct) if ct.flags & CT_F_REPLY != 0 => {
             let mut flags = 0;
-            if ct.flags & CT_F_SEEN_REPLY == 0 && entry.is_some_and(conntrack::first_reply) {
+            if ct.state() & CT_F_SEEN_REPLY == 0 && entry.is_some_and(conntrack::first_reply) {
                 flags |= CT_F_SEEN_REPLY;
             }
             if conntrack::closes(p) {

@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use dataplane::{
+    bpf::testrun,
     model::maglev,
     model::Frontend,
     reconcile::{Selection, SyncConfig},
@@ -820,6 +821,115 @@ fn conntrack_entries_expire_by_protocol_and_state() {
             "{prog:?}: an established TCP flow must not"
         );
     }
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Two CPUs update the state of one flow at the same time: the backend's
+/// first reply (seen-reply, on both entries) on one, the client's FINs
+/// (closing, on both entries) on the other. Both updates must stick. With
+/// a plain read-modify-write of a shared flags word, a CPU that read the
+/// word before the other's store writes it back without the other's bit:
+/// a lost seen-reply leaves an established flow on the short SYN timeout.
+/// The client keeps sending FINs while the reply runs, so that the two
+/// updates overlap in a few trials: with the flags updated by a plain
+/// read-modify-write, 200,000 trials lost 3 to 7 updates here (a few
+/// seconds); 500,000 (`DATAPLANE_RACE_TRIALS`) make a run without a loss
+/// all but impossible unless the updates cannot be lost.
+#[test]
+fn conntrack_state_updates_from_two_cpus_are_never_lost() {
+    use dataplane_common::{addr_of, CtKey, CT_F_CLOSING, CT_F_SEEN_REPLY, FAMILY_V4};
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "this test races two CPUs; the machine shows {cpus} (run it on one with at least two)"
+    );
+    let trials: u32 =
+        std::env::var("DATAPLANE_RACE_TRIALS").map_or(500_000, |v| v.parse().expect("DATAPLANE_RACE_TRIALS"));
+    let mut l = Loaded::new();
+    l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
+    let tc = l.dp.program_fd(dataplane_common::program_names::TC).unwrap();
+    let conntrack = &mut l.sync.writer_mut().conntrack;
+    let key = |saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16| CtKey {
+        saddr: addr_of(saddr).0,
+        daddr: addr_of(daddr).0,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: TCP,
+        family: FAMILY_V4,
+        _pad: 0,
+    };
+    // Trial i: client port 1024 + i % 60000 (each trial's entries are
+    // deleted after it). `go` holds the trial the replier may run, `done`
+    // the last one it ran.
+    let port_of = |i: u32| 1024 + (i % 60_000) as u16;
+    let go = AtomicU32::new(0);
+    let done = AtomicU32::new(0);
+    let mut lost = Vec::new();
+    std::thread::scope(|s| {
+        // The replier: the backend's SYN-ACK, once per trial.
+        s.spawn(|| {
+            pin_to_cpu(1);
+            for i in 1..=trials {
+                while go.load(SeqCst) != i {
+                    std::hint::spin_loop();
+                }
+                let port = port_of(i);
+                let reply = Frame::tcp((b(1), 8080), (CLIENT, port), SYN | ACK).build();
+                testrun::run(tc, &reply).expect("BPF_PROG_TEST_RUN (reply)");
+                done.store(i, SeqCst);
+            }
+        });
+        pin_to_cpu(0);
+        for i in 1..=trials {
+            let port = port_of(i);
+            let syn = Frame::tcp((CLIENT, port), (VIP, 80), SYN).build();
+            testrun::run(tc, &syn).expect("BPF_PROG_TEST_RUN (SYN)");
+            let fin = Frame::tcp((CLIENT, port), (VIP, 80), FIN | ACK).build();
+            go.store(i, SeqCst);
+            // FINs until the reply has run (at least one).
+            loop {
+                testrun::run(tc, &fin).expect("BPF_PROG_TEST_RUN (FIN)");
+                if done.load(SeqCst) == i {
+                    break;
+                }
+            }
+            let original = key(CLIENT, port, VIP, 80);
+            let reply = key(b(1), 8080, CLIENT, port);
+            for (which, k) in [("original", original), ("reply", reply)] {
+                let v = conntrack
+                    .get(&k, 0)
+                    .unwrap_or_else(|e| panic!("trial {i}: {which} entry: {e}"));
+                if v.state() & (CT_F_SEEN_REPLY | CT_F_CLOSING) != CT_F_SEEN_REPLY | CT_F_CLOSING {
+                    lost.push((i, which, v.state()));
+                }
+                conntrack
+                    .remove(&k)
+                    .unwrap_or_else(|e| panic!("trial {i}: removing the {which} entry: {e}"));
+            }
+        }
+    });
+    assert!(
+        lost.is_empty(),
+        "{} of {trials} flows lost a state update (trial, entry, flags): {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
 }
 
 const NODE: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 50, 1));

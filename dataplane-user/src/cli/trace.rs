@@ -391,8 +391,8 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
     let starts_flow = req.proto == IPPROTO_TCP && req.tcp_flags & (SYN | ACK) == SYN;
     let conntrack = match &ct {
         None => "miss",
-        Some(v) if now.saturating_sub(v.last_seen_ns) > config.timeout_ns(req.proto, v.flags) => "expired",
-        Some(v) if svc.is_some() && starts_flow && v.flags & CT_F_CLOSING != 0 => "closed",
+        Some(v) if now.saturating_sub(v.last_seen_ns) > config.timeout_ns(req.proto, v.state()) => "expired",
+        Some(v) if svc.is_some() && starts_flow && v.state() & CT_F_CLOSING != 0 => "closed",
         Some(_) => "hit",
     }
     .to_string();

@@ -412,7 +412,7 @@ pub fn conntrack_row(maps: &Maps, k: &CtKey, v: &CtValue, now_ns: u64) -> Conntr
         dst: endpoint(&k.daddr, k.dport, k.family),
         nat: endpoint(&v.nat_addr, v.nat_port, k.family),
         snat: (v.flags & CT_F_SNAT != 0).then(|| endpoint(&v.snat_addr, v.snat_port, k.family)),
-        flags: ct_flags(v.flags),
+        flags: ct_flags(v.state()),
         service_id: v.service_id,
         service: name_of(maps, v.service_id),
         age_s: secs(v.created_ns),
