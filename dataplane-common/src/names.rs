@@ -123,6 +123,13 @@ pub mod kernel_features {
     /// a Service without endpoints fails with ECONNREFUSED; else with EPERM,
     /// the error of a refusing cgroup program.
     pub const SET_RETVAL: u32 = 2;
+    /// `BPF_F_IPV6` of `bpf_l4_csum_replace` (6.16): the helper leaves
+    /// `skb->csum` alone for IPv6 address changes, whose L4 checksum
+    /// change cancels the address change in a `CHECKSUM_COMPLETE` sum;
+    /// else the helper subtracts the difference from `skb->csum` and TC
+    /// adds it back with `bpf_csum_update`. Found by loading and running a
+    /// probe program (`dataplane::bpf::kernel`), not a helper probe.
+    pub const CSUM_IPV6: u32 = 4;
 }
 
 /// Program names (the entry function symbols in the eBPF object).

@@ -12,9 +12,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_update,
     programs::{TcContext, XdpContext},
 };
-use dataplane_common::{csum, Addr};
+use dataplane_common::{csum, kernel_features, Addr};
+
+use crate::maps::kernel_has;
 
 use crate::parse::{
     Packet, IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
@@ -257,6 +260,43 @@ impl PacketCtx for XdpContext {
     }
 }
 
+/// `BPF_F_IPV6` of `bpf_l4_csum_replace` (not in aya's bindings).
+const BPF_F_IPV6: u64 = 1 << 7;
+
+/// The address difference `addr` into the L4 checksum of a TC packet,
+/// pseudo-header included, with `skb->csum` kept right under
+/// `CHECKSUM_COMPLETE` (a NIC's sum over the whole packet, which the stack
+/// checks the L4 checksum against). For IPv4 the helper's update of
+/// `skb->csum` is right: the address change is cancelled by the IPv4
+/// header checksum, the L4 checksum change is not. For IPv6 there is no
+/// header checksum: the address change and the L4 checksum change cancel
+/// each other and `skb->csum` must not move, but the helper moves it
+/// (NICs' `CHECKSUM_COMPLETE` packets then fail with "hw csum failure" and
+/// are checked again in software). `BPF_F_IPV6` (6.16) tells the helper;
+/// on older kernels the difference the helper took away is added back.
+/// (A function of its own: one copy of the branches for the verifier.)
+#[inline(never)]
+fn l4_csum_replace_addr(ctx: &TcContext, p: &Packet, csum_off: usize, addr: u16, udp_flags: u64) -> Result<(), ()> {
+    let has_flag = kernel_has(kernel_features::CSUM_IPV6);
+    // Without a branch on the family where the kernel has the flag.
+    let v6 = p.is_v6() as u64;
+    let ipv6_flag = if has_flag { v6 * BPF_F_IPV6 } else { 0 };
+    ctx.l4_csum_replace(
+        csum_off,
+        0,
+        addr as u64,
+        BPF_F_PSEUDO_HDR as u64 | udp_flags | ipv6_flag,
+    )
+    .map_err(|_| ())?;
+    if !has_flag && v6 != 0 {
+        // SAFETY: the program's own skb. Fails (harmlessly) unless the
+        // skb is CHECKSUM_COMPLETE, the only case where the helper
+        // touched skb->csum.
+        unsafe { bpf_csum_update(ctx.skb.skb, addr as u32) };
+    }
+    Ok(())
+}
+
 /// Direct access to the L4 checksum field of a TC packet (at `off` from
 /// the start of the frame), bounds-checked against the current packet.
 trait TcCsum {
@@ -308,7 +348,8 @@ impl PacketCtx for TcContext {
     /// `CHECKSUM_PARTIAL` skbs from local sockets, only the pseudo-header
     /// sum: one call with the address difference (size 0: by difference,
     /// so one call for both ends; `BPF_F_PSEUDO_HDR`: applied in both
-    /// cases, and to `skb->csum` under `CHECKSUM_COMPLETE`). The port
+    /// cases; `skb->csum` under `CHECKSUM_COMPLETE`: see
+    /// [`l4_csum_replace_addr`]). The port
     /// difference must reach a full checksum only. How the helper changed
     /// the field tells which kind it holds, so the ports are folded in
     /// here, directly, instead of by a second call (which would do nothing
@@ -335,8 +376,7 @@ impl PacketCtx for TcContext {
             return Ok(());
         }
         let before = self.l4_csum(csum_off)?;
-        self.l4_csum_replace(csum_off, 0, addr as u64, BPF_F_PSEUDO_HDR as u64 | udp_flags)
-            .map_err(|_| ())?;
+        l4_csum_replace_addr(self, p, csum_off, addr, udp_flags)?;
         if is_zero(port) || (!p.is_tcp() && before == 0) {
             return Ok(());
         }

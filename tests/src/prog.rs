@@ -114,6 +114,15 @@ impl Loaded {
         Self::from_dataplane(dp, SyncConfig::default(), dp_config, &sizes)
     }
 
+    /// The programs as loaded on a kernel with only the `features` of this
+    /// one (`dataplane_common::kernel_features` bits): the paths older
+    /// kernels take, run here.
+    pub fn with_kernel_features(features: u32) -> Loaded {
+        crate::netns::require_root_and_tools();
+        let dp = Dataplane::load_with_features(features).unwrap_or_else(|e| panic!("{e}"));
+        Self::from_dataplane(dp, SyncConfig::default(), DpConfig::defaults(), &MapSizes::default())
+    }
+
     fn from_dataplane(mut dp: Dataplane, config: SyncConfig, dp_config: DpConfig, sizes: &MapSizes) -> Loaded {
         let mut maps = dp.take_maps().unwrap();
         maps.write_config(&dp_config).unwrap();

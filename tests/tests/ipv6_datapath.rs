@@ -399,3 +399,98 @@ fn ipv4_and_ipv6_frontends_of_one_service_keep_to_their_family() {
         assert_eq!(l.run(prog, &f).data, f, "{prog:?}");
     }
 }
+
+/// Every address rewrite of TC keeps `skb->csum` right for a
+/// `CHECKSUM_COMPLETE` skb (a NIC's sum over the whole packet): DNAT, its
+/// reply, and SNAT with its reply, in both families, on the kernel's own
+/// path (`BPF_F_IPV6`, 6.16+) and on the path of older kernels (the
+/// difference added back with `bpf_csum_update`). The kernel checks the
+/// sum after each run (`BPF_F_TEST_SKB_CHECKSUM_COMPLETE`, 6.17+) and
+/// fails the run with EBADMSG when it is wrong, as the stack would log
+/// "hw csum failure" for a NIC's packet. Without the fix every IPv6
+/// address rewrite failed here; IPv4 was right already.
+#[test]
+fn tc_address_rewrites_keep_a_checksum_complete_sum_right() {
+    use dataplane::bpf::testrun;
+    use dataplane_common::{kernel_features, program_names};
+    use std::net::Ipv4Addr;
+    let all = dataplane::bpf::kernel::features();
+    assert!(
+        all & kernel_features::CSUM_IPV6 != 0,
+        "this kernel lacks BPF_F_IPV6 for bpf_l4_csum_replace (6.16+): run this test on a newer one"
+    );
+    let v4 = |c: u8, d: u8| IpAddr::V4(Ipv4Addr::new(198, 18, c, d));
+    let families = [
+        // (VIP, client, backends, node, outside client, remote backend)
+        (
+            vip(),
+            client(),
+            [b(1), b(2)],
+            v6("2001:db8:50::1"),
+            v6("2001:db8:200::5"),
+            v6("2001:db8:18:9::2"),
+        ),
+        (
+            IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10)),
+            v4(100, 2),
+            [v4(1, 2), v4(2, 2)],
+            v4(50, 1),
+            v4(200, 5),
+            v4(9, 2),
+        ),
+    ];
+    for (name, features) in [
+        ("BPF_F_IPV6", all),
+        ("bpf_csum_update", all & !kernel_features::CSUM_IPV6),
+    ] {
+        for (vip, client, backends, node, outside, remote) in families {
+            let mut l = Loaded::with_kernel_features(features);
+            let mut config = DpConfig::defaults();
+            config.snat_addr6 = addr_of(v6("2001:db8:50::1")).0;
+            config.snat_addr = u32::from_ne_bytes([198, 18, 50, 1]);
+            l.sync.writer_mut().write_config(&config).unwrap();
+            l.set_service(vip, 80, TCP, &[(backends[0], 8080), (backends[1], 8080)]);
+            l.set_service(vip, 53, UDP, &[(backends[0], 5353), (backends[1], 5353)]);
+            let mut remote_backend = Backend::new(remote, 8443);
+            remote_backend.flags |= BACKEND_F_REMOTE;
+            l.set_frontend(
+                ServiceKey::new(node, 30443, TCP),
+                Frontend {
+                    service: "test/np".into(),
+                    port_name: String::new(),
+                    backends: vec![remote_backend],
+                    affinity_timeout_s: None,
+                    flags: SVC_F_EXTERNAL,
+                    source_ranges: vec![],
+                    also_serving: Vec::new(),
+                },
+            );
+            let tc = l.dp.program_fd(program_names::TC).unwrap();
+            let run = |what: &str, frame: Vec<u8>| {
+                let out = testrun::run_checksum_complete(tc, &frame).unwrap_or_else(|e| {
+                    panic!("{name}, {vip}: {what}: the kernel refused the skb's sum after the run: {e}")
+                });
+                parse_and_verify(&out.data)
+            };
+            let mut syn = Frame::tcp((client, 40000), (vip, 80), SYN);
+            syn.payload = b"some payload".to_vec();
+            let fwd = run("TCP DNAT", syn.build());
+            run(
+                "TCP reply",
+                Frame::tcp((fwd.dst, fwd.dport), (client, 40000), SYN | ACK).build(),
+            );
+            let fwd = run("UDP DNAT", Frame::udp((client, 50000), (vip, 53), b"query").build());
+            run(
+                "UDP reply",
+                Frame::udp((fwd.dst, fwd.dport), (client, 50000), b"answer").build(),
+            );
+            let fwd = run("SNAT", Frame::tcp((outside, 40700), (node, 30443), SYN).build());
+            assert_eq!((fwd.src, fwd.dst), (node, remote), "{name}: SNAT and DNAT");
+            let back = run(
+                "SNAT reply",
+                Frame::tcp((remote, 8443), (node, fwd.sport), SYN | ACK).build(),
+            );
+            assert_eq!((back.src, back.dst), (node, outside), "{name}: both reversed");
+        }
+    }
+}

@@ -50,7 +50,13 @@ pub const KERNELS: &[Kernel] = &[
 const SUITE: &[(&str, &str, &str)] = &[
     ("verifier", "", "every program loads within its verifier budget"),
     ("datapath", "", "exact bytes through XDP and TC (BPF_PROG_TEST_RUN)"),
-    ("ipv6_datapath", "", "IPv6 exact bytes"),
+    // The CHECKSUM_COMPLETE check needs test_run's flag for it (6.17):
+    // none of the kernels in VMs has it.
+    (
+        "ipv6_datapath",
+        "--skip tc_address_rewrites_keep_a_checksum_complete_sum_right",
+        "IPv6 exact bytes",
+    ),
     (
         "e2e",
         "tc_300_tcp_connections_all_succeed_and_spread_over_backends",
@@ -245,7 +251,9 @@ fn run_in_vm(
             .with_context(|| format!("no test binary for {test}"))?
             .1;
         script.push_str(&format!(
-            "DATAPLANE_BIN={} {} --test-threads=1 {filter} > {}.{i} 2>&1\n",
+            // Software emulation is slow: the two-CPU race of conntrack
+            // updates runs 20,000 trials instead of 500,000.
+            "DATAPLANE_BIN={} DATAPLANE_RACE_TRIALS=20000 {} --test-threads=1 {filter} > {}.{i} 2>&1\n",
             agent.display(),
             exe.display(),
             report.display()

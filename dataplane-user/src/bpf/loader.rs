@@ -24,6 +24,7 @@ use dataplane_common::{
 use thiserror::Error;
 
 use crate::bpf::{
+    kernel,
     map_sizes::MapSizes,
     pin::{PinError, PinRoot},
 };
@@ -315,12 +316,36 @@ impl Dataplane {
     /// Loads the embedded object, or the one at `path`, with maps of its
     /// own (nothing pinned).
     pub fn load(path: Option<&Path>) -> Result<Self, LoadError> {
-        Self::load_inner(path, None, &MapSizes::default(), false, DEFAULT_SNAT_PORTS, None)
+        Self::load_inner(
+            path,
+            None,
+            &MapSizes::default(),
+            false,
+            DEFAULT_SNAT_PORTS,
+            None,
+            kernel::features(),
+        )
     }
 
     /// As `load`, with the given map capacities.
+    /// [`Self::load`] of the embedded object with only the `features` of
+    /// this kernel's (`kernel_features` bits; tests take the paths of
+    /// older kernels with it).
+    pub fn load_with_features(features: u32) -> Result<Self, LoadError> {
+        let features = features & kernel::features();
+        Self::load_inner(
+            None,
+            None,
+            &MapSizes::default(),
+            false,
+            DEFAULT_SNAT_PORTS,
+            None,
+            features,
+        )
+    }
+
     pub fn load_sized(path: Option<&Path>, sizes: &MapSizes) -> Result<Self, LoadError> {
-        Self::load_inner(path, None, sizes, false, DEFAULT_SNAT_PORTS, None)
+        Self::load_inner(path, None, sizes, false, DEFAULT_SNAT_PORTS, None, kernel::features())
     }
 
     /// Loads the object with its maps pinned under `pins` (adopting maps
@@ -367,7 +392,15 @@ impl Dataplane {
             (Some(m), Some(p)) if m.dual_conntrack() => Some(crate::bpf::migrate::old_map(p, map_names::CONNTRACK)),
             _ => None,
         };
-        let mut dp = Self::load_inner(path, pins, sizes, debug_log, snat_ports, ct_prev.as_deref())?;
+        let mut dp = Self::load_inner(
+            path,
+            pins,
+            sizes,
+            debug_log,
+            snat_ports,
+            ct_prev.as_deref(),
+            kernel::features(),
+        )?;
         let mut migration = migration;
         if let Some(m) = &mut migration {
             if !m.swapped {
@@ -397,6 +430,7 @@ impl Dataplane {
         debug_log: bool,
         snat_ports: (u16, u16),
         ct_prev: Option<&Path>,
+        features: u32,
     ) -> Result<Self, LoadError> {
         let bytes;
         let object: &[u8] = match path {
@@ -422,7 +456,6 @@ impl Dataplane {
         loader.override_global(DEBUG_GLOBAL, &debug, true);
         let migrating: u8 = ct_prev.is_some().into();
         loader.override_global(CT_MIGRATE_GLOBAL, &migrating, true);
-        let features = crate::bpf::kernel::features();
         loader.override_global(KERNEL_GLOBAL, &features, true);
         let snat = snat_ports.0 as u32 | (snat_ports.1 as u32) << 16;
         loader.override_global(SNAT_PORTS_GLOBAL, &snat, true);

@@ -8,7 +8,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     path::Path,
 };
 
@@ -21,6 +21,7 @@ pub enum Cmd {
     MapLookupElem = 1,
     MapUpdateElem = 2,
     MapGetNextKey = 4,
+    ProgLoad = 5,
     ObjGet = 7,
     ProgTestRun = 10,
     ObjGetInfoByFd = 15,
@@ -37,6 +38,7 @@ impl Cmd {
             Cmd::MapLookupElem => "BPF_MAP_LOOKUP_ELEM",
             Cmd::MapUpdateElem => "BPF_MAP_UPDATE_ELEM",
             Cmd::MapGetNextKey => "BPF_MAP_GET_NEXT_KEY",
+            Cmd::ProgLoad => "BPF_PROG_LOAD",
             Cmd::ObjGet => "BPF_OBJ_GET",
             Cmd::ProgTestRun => "BPF_PROG_TEST_RUN",
             Cmd::ObjGetInfoByFd => "BPF_OBJ_GET_INFO_BY_FD",
@@ -292,8 +294,10 @@ fn bytes_of_mut<T: aya::Pod>(s: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut u8, size_of_val(s)) }
 }
 
-/// The `test` member of `union bpf_attr`. Fields after `ctx_out` are left
-/// out; the kernel zero-fills a shorter attr.
+/// The `test` member of `union bpf_attr`. `batch_size` is left out (the
+/// kernel zero-fills a shorter attr); `cpu` is spelled out, so that the
+/// struct has no padding, which would not be zeroed and which the kernel
+/// reads as `cpu` (EINVAL without `BPF_F_TEST_RUN_ON_CPU`).
 #[repr(C)]
 #[derive(Default)]
 struct TestRunAttr {
@@ -309,7 +313,15 @@ struct TestRunAttr {
     ctx_size_out: u32,
     ctx_in: u64,
     ctx_out: u64,
+    flags: u32,
+    cpu: u32,
 }
+
+/// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (6.17): the skb is given
+/// `CHECKSUM_COMPLETE` with the sum of the frame from its network header,
+/// and after the run the kernel checks that `skb->csum` still matches the
+/// frame (`EBADMSG` when it does not), as the stack does for a NIC's sum.
+pub const TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
 
 /// What `BPF_PROG_TEST_RUN` reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -330,7 +342,19 @@ pub fn prog_test_run(
     data_out: &mut [u8],
     repeat: u32,
 ) -> Result<TestRunOut, SysError> {
+    prog_test_run_flags(prog, data_in, data_out, repeat, 0)
+}
+
+/// [`prog_test_run`] with `BPF_F_TEST_*` flags.
+pub fn prog_test_run_flags(
+    prog: BorrowedFd<'_>,
+    data_in: &[u8],
+    data_out: &mut [u8],
+    repeat: u32,
+    flags: u32,
+) -> Result<TestRunOut, SysError> {
     let mut attr = TestRunAttr {
+        flags,
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: data_in.len() as u32,
         data_size_out: data_out.len() as u32,
@@ -347,6 +371,50 @@ pub fn prog_test_run(
         size_out: (attr.data_size_out as usize).min(data_out.len()),
         duration_ns: attr.duration,
     })
+}
+
+/// The `BPF_PROG_LOAD` member of `union bpf_attr`, up to
+/// `expected_attach_type`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `BPF_PROG_TYPE_SCHED_CLS`.
+pub const PROG_TYPE_SCHED_CLS: u32 = 3;
+
+/// `BPF_PROG_LOAD` of raw instructions (8 bytes each, as the kernel reads
+/// them), GPL-licensed, for probes of what the kernel supports.
+pub fn prog_load(prog_type: u32, name: &str, insns: &[u64]) -> Result<OwnedFd, SysError> {
+    let license = c"GPL";
+    let mut prog_name = [0u8; 16];
+    for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
+        *d = s;
+    }
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name,
+        ..Default::default()
+    };
+    // SAFETY: insns and license outlive the call; no log buffer is given.
+    let fd = unsafe { bpf(Cmd::ProgLoad, &mut attr) }?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 fn c_path(cmd: Cmd, path: &Path) -> Result<CString, SysError> {
