@@ -86,6 +86,14 @@ const _: () = assert!(CT_F_SEEN_REPLY == 1 << 3 && CT_F_CLOSING == 1 << 2);
 pub struct CtScratch {
     pub key: CtKey,
     pub value: CtValue,
+    /// The flood guard's window on this CPU: when it started
+    /// (`bpf_ktime_get_coarse_ns`) and the new flows given state in it.
+    pub flood_window_ns: u64,
+    pub flood_count: u32,
+    /// Set by the flood guard's check for the flow being created: 1 when it
+    /// goes without state.
+    pub stateless: u8,
+    pub _flood_pad: [u8; 3],
 }
 
 /// Conntrack flag bits (`CtValue::flags`).
@@ -113,6 +121,17 @@ pub enum CtEvent {
     /// racing): the new flow got another source port, as netfilter
     /// resolves NAT clashes, instead of taking the other flow's replies.
     ClashResolved = 0,
+    /// A TCP SYN of a new flow was translated without conntrack state: this
+    /// CPU had already given state to its quota of new flows in the current
+    /// second (the flood guard, `--new-flows-per-cpu`). Only the reply
+    /// entry is written, to a separate LRU (`DP_CT_SYN`); the flow gets
+    /// state when the client's next packet (the handshake's ACK) arrives,
+    /// with the same backend (the consistent hash). Spoofed SYNs never
+    /// send that packet, so a SYN flood cannot evict established flows.
+    StatelessNewFlow = 1,
+    /// A SYN-ACK of such a flow was translated back from its entry in the
+    /// flood guard's LRU.
+    StatelessReply = 2,
 }
 
 /// Slots of the conntrack event array: room for events to come without
@@ -120,12 +139,18 @@ pub enum CtEvent {
 pub const CT_EVENT_SLOTS: u32 = 8;
 
 impl CtEvent {
-    pub const ALL: [CtEvent; 1] = [CtEvent::ClashResolved];
+    pub const ALL: [CtEvent; 3] = [
+        CtEvent::ClashResolved,
+        CtEvent::StatelessNewFlow,
+        CtEvent::StatelessReply,
+    ];
 
     /// A stable snake_case name for CLIs and metrics labels.
     pub const fn name(self) -> &'static str {
         match self {
             CtEvent::ClashResolved => "clash_resolved",
+            CtEvent::StatelessNewFlow => "stateless_new_flow",
+            CtEvent::StatelessReply => "stateless_reply",
         }
     }
 }

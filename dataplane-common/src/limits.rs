@@ -30,3 +30,8 @@ pub const MAX_MAGLEV_CHUNKS: u32 = 1_048_576;
 /// Socket-level translations (one per socket connected to a Service,
 /// two per unconnected UDP socket and Service it sends to).
 pub const MAX_SOCK_NAT: u32 = 131_072;
+/// Reply entries of new TCP flows served without conntrack state by the
+/// flood guard (see `NEW_FLOWS_GLOBAL`), until the client's next packet
+/// proves the flow and creates its state: a separate LRU, so that a SYN
+/// flood churns this map, not the flows in conntrack.
+pub const MAX_CT_SYN: u32 = 65_536;

@@ -28,6 +28,10 @@ pub mod map_names {
     pub const CT_EVENTS: &str = "DP_CT_EVENTS";
     /// The ClusterIP filter (`VipFilter`), one entry.
     pub const VIP_FILTER: &str = "DP_VIP_FILTER";
+    /// The flood guard's reply entries of flows without state yet
+    /// (`CtKey` -> `CtValue`, `limits::MAX_CT_SYN`), never pinned: a
+    /// restart of the programs forgets at most the handshakes under way.
+    pub const CT_SYN: &str = "DP_CT_SYN";
 }
 
 /// The shape of every map: what a pinned map must match to be adopted by a
@@ -113,6 +117,16 @@ pub const SNAT_PORTS_GLOBAL: &str = "DP_SNAT_PORTS";
 /// for a connection of its own. The agent computes its range from the
 /// node's actual settings (`dataplane::node::snat_ports`).
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 29999);
+
+/// Read-only global: new flows per CPU per second that get conntrack
+/// state (the flood guard); beyond it, TCP SYNs of Maglev frontends are
+/// translated without state until the next second (`CtEvent::StatelessNewFlow`).
+/// 0 turns the guard off. Set by the agent at load time
+/// (`--new-flows-per-cpu`).
+pub const NEW_FLOWS_GLOBAL: &str = "DP_NEW_FLOWS";
+
+/// [`NEW_FLOWS_GLOBAL`] when the agent is not told otherwise.
+pub const DEFAULT_NEW_FLOWS_PER_CPU: u32 = 10_000;
 
 /// Bits of [`KERNEL_GLOBAL`].
 pub mod kernel_features {

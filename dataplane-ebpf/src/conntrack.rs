@@ -11,13 +11,13 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use dataplane_common::{
-    addr_eq, counters, kernel_features, Addr, Backend, CtKey, CtValue, DpConfig, ServiceValue, CT_F_CLOSING,
-    CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
+    addr_eq, counters, kernel_features, Addr, Backend, CtEvent, CtKey, CtValue, DpConfig, ServiceValue, CT_F_CLOSING,
+    CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SVC_F_AFFINITY, SVC_F_RANDOM,
 };
 
 use crate::{
-    maps::{ct_migrating, kernel_has, scratch, DP_CONFIG, DP_CONNTRACK, DP_CT_PREV},
-    parse::{Packet, TCP_FIN, TCP_RST},
+    maps::{ct_migrating, kernel_has, new_flows_per_cpu, scratch, DP_CONFIG, DP_CONNTRACK, DP_CT_PREV, DP_CT_SYN},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Refresh `last_seen_ns` at most this often, so that established flows
@@ -280,20 +280,19 @@ fn insert_reply(key: &CtKey, value: &CtValue, proto: u8) -> Result<u64, i32> {
     Ok(replaced)
 }
 
-/// Creates both entries of a new flow from client `p` (towards the VIP) to
-/// `backend`, with the source translated to `snat` when given. The key and
-/// value are built in the scratch entry and changed in place between the
-/// two inserts. Never writes over the reply entry of another live flow:
-/// returns [`CLASH`] instead, having written nothing.
-#[inline(never)]
-pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(Addr, u16)>) -> Result<(), i32> {
-    let service_id = svc.service_id;
-    let now = now_ns();
-    let s = scratch().ok_or(-1)?;
-    // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
-    let (key, v) = unsafe { (&mut (*s).key, &mut (*s).value) };
-    // The reply entry first: once the original exists, replies must
-    // translate.
+/// Writes the reply entry of a new flow from client `p` to `backend`
+/// (SNATed to `snat` when given) into `key` and `v`: the backend's tuple
+/// towards the client, and the VIP to translate its replies back to.
+#[inline(always)]
+fn fill_reply(
+    key: &mut CtKey,
+    v: &mut CtValue,
+    p: &Packet,
+    svc: &ServiceValue,
+    backend: &Backend,
+    snat: Option<&(Addr, u16)>,
+    now: u64,
+) {
     key.saddr = backend.addr;
     key.daddr = p.saddr;
     key.sport = backend.port;
@@ -304,7 +303,7 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
     v.nat_addr = p.daddr;
     v.nat_port = p.dport;
     v.flags = CT_F_REPLY;
-    v.service_id = service_id;
+    v.service_id = svc.service_id;
     v.epoch = svc.epoch as u16;
     v.snat_port = 0;
     v.created_ns = now;
@@ -327,6 +326,37 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
         v.snat_addr = p.saddr;
         v.snat_port = p.sport;
     }
+}
+
+/// Creates both entries of a new flow from client `p` (towards the VIP) to
+/// `backend`, with the source translated to `snat` when given. The key and
+/// value are built in the scratch entry and changed in place between the
+/// two inserts. Never writes over the reply entry of another live flow:
+/// returns [`CLASH`] instead, having written nothing.
+///
+/// The flood guard: when `p` starts a TCP flow (a SYN) beyond this CPU's
+/// quota of new flows with state this second, and the flow's backend
+/// follows from its tuple alone (Maglev, no session affinity, so that the
+/// packet that later creates its state picks the same one), only the
+/// reply entry is written, to `DP_CT_SYN`; the flow gets its state from
+/// the client's next packet. [`flood_check`] decides, earlier on the
+/// new-flow path, and leaves the answer in the scratch entry: a branch of
+/// the caller's here would have the verifier walk what follows twice.
+#[inline(never)]
+pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(Addr, u16)>) -> Result<(), i32> {
+    let now = now_ns();
+    let s = scratch().ok_or(-1)?;
+    // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
+    let (key, v) = unsafe { (&mut (*s).key, &mut (*s).value) };
+    // The reply entry first: once the original exists, replies must
+    // translate.
+    fill_reply(key, v, p, svc, backend, snat, now);
+    // SAFETY: as above.
+    if unsafe { (*s).stateless } != 0 {
+        let _ = DP_CT_SYN.insert(key, v, 0);
+        crate::stats::ct_event(CtEvent::StatelessNewFlow);
+        return Ok(());
+    }
     let mut replaced = insert_reply(key, v, p.proto)?;
 
     key.saddr = p.saddr;
@@ -347,6 +377,59 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
         crate::stats::add(counters::CT_REPLACED, replaced);
     }
     Ok(())
+}
+
+/// The flood guard: whether this CPU may give conntrack state to one more
+/// new flow in the current second (`dataplane_common::NEW_FLOWS_GLOBAL`).
+/// The count lives in this CPU's scratch entry; a window is one second of
+/// the coarse clock.
+#[inline(always)]
+pub fn admit_new_flow() -> bool {
+    let limit = new_flows_per_cpu();
+    if limit == 0 {
+        return true;
+    }
+    let Some(s) = scratch() else {
+        return true;
+    };
+    let now = now_ns();
+    // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
+    unsafe {
+        if now.saturating_sub((*s).flood_window_ns) >= 1_000_000_000 {
+            (*s).flood_window_ns = now;
+            (*s).flood_count = 0;
+        }
+        if (*s).flood_count >= limit {
+            return false;
+        }
+        (*s).flood_count += 1;
+    }
+    true
+}
+
+/// Decides whether the new flow of `p` goes without state (see
+/// [`create`]) and leaves the answer in this CPU's scratch entry, where
+/// `create` reads it. (Not an argument: the verifier then sees one path
+/// into `create`, not two.)
+#[inline(never)]
+pub fn flood_check(p: &Packet, svc: &ServiceValue) {
+    let stateless = p.is_tcp()
+        && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && svc.flags & (SVC_F_AFFINITY | SVC_F_RANDOM) == 0
+        && svc.maglev_size != 0
+        && !admit_new_flow();
+    if let Some(s) = scratch() {
+        // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
+        unsafe { (*s).stateless = stateless as u8 };
+    }
+}
+
+/// The flood guard's reply entry for `p` (a SYN-ACK), if any.
+#[inline(always)]
+pub fn embryonic(p: &Packet) -> Option<*mut CtValue> {
+    let key = key_of(&p.saddr, &p.daddr, p.sport, p.dport, p)?;
+    // SAFETY: the key was just written to the scratch entry.
+    DP_CT_SYN.get_ptr_mut(unsafe { &*key })
 }
 
 /// A TCP SYN of a flow the datapath does not translate (a client talking to

@@ -108,6 +108,9 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
         }
     }
 
+    // The flood guard's decision for this new flow (read by
+    // `conntrack::create`), taken before the paths below split.
+    conntrack::flood_check(p, svc);
     if svc.flags & SVC_F_SOURCE_RANGES != 0
         && DP_SRC_RANGES
             .get(Key::new(
@@ -211,6 +214,18 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
         snat.as_ref().map(|(a, port)| (a, *port)),
         Reason::NatNewFlow,
     )
+}
+
+/// The flood guard's reply entry for a SYN-ACK that matches no flow in
+/// conntrack: the backend answering a SYN served without state.
+#[inline(never)]
+fn stateless_reply(p: &Packet) -> Option<*mut CtValue> {
+    if crate::maps::new_flows_per_cpu() == 0 || !p.is_tcp() || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN | TCP_ACK {
+        return None;
+    }
+    let e = conntrack::embryonic(p)?;
+    stats::ct_event(CtEvent::StatelessReply);
+    Some(e)
 }
 
 /// An address as its 16 bytes (aya-log prints `[u8; 16]` as IPv6).
@@ -334,7 +349,10 @@ fn translate<C: PacketCtx>(
 /// VIP back as its source; anything else passes untouched.
 #[inline(never)]
 fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
-    let entry = conntrack::lookup(p);
+    let entry = match conntrack::lookup(p) {
+        Some(e) => Some(e),
+        None => stateless_reply(p),
+    };
     // SAFETY: an entry of this run's lookup.
     match entry.map(|e| unsafe { &*e }) {
         Some(ct) if ct.flags & CT_F_REPLY != 0 => {

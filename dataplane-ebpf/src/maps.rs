@@ -73,6 +73,23 @@ pub fn maybe_cluster_ip(addr: &dataplane_common::Addr) -> bool {
 #[map]
 pub static DP_CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);
 
+/// The flood guard's reply entries of flows without state yet (see
+/// `dataplane_common::map_names::CT_SYN`).
+#[map]
+pub static DP_CT_SYN: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(limits::MAX_CT_SYN, 0);
+
+/// Set by the agent at load time; see `dataplane_common::NEW_FLOWS_GLOBAL`.
+#[no_mangle]
+static DP_NEW_FLOWS: u32 = 0;
+
+/// New flows per CPU per second that get state (0: no limit).
+#[inline(always)]
+pub fn new_flows_per_cpu() -> u32 {
+    // SAFETY: reading a static; volatile so that the load-time value is
+    // read, not the compile-time 0.
+    unsafe { core::ptr::read_volatile(&DP_NEW_FLOWS) }
+}
+
 /// Index 0: where conntrack keys and values are built (see `CtScratch`).
 #[map]
 pub static DP_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -274,8 +274,9 @@ const BPF_F_IPV6: u64 = 1 << 7;
 /// (NICs' `CHECKSUM_COMPLETE` packets then fail with "hw csum failure" and
 /// are checked again in software). `BPF_F_IPV6` (6.16) tells the helper;
 /// on older kernels the difference the helper took away is added back.
-/// (A function of its own: one copy of the branches for the verifier.)
-#[inline(never)]
+/// (Inlined: as a function of its own, Debian's 6.1 verifier walked 20,000
+/// more instructions of `dp_tc`, though 6.18 walks 3,000 fewer.)
+#[inline(always)]
 fn l4_csum_replace_addr(ctx: &TcContext, p: &Packet, csum_off: usize, addr: u16, udp_flags: u64) -> Result<(), ()> {
     let has_flag = kernel_has(kernel_features::CSUM_IPV6);
     // Without a branch on the family where the kernel has the flag.

@@ -22,7 +22,7 @@ pub use crate::state::{AgentState, Counters};
 use crate::{
     bpf::{
         ifwatch,
-        loader::{Dataplane, XdpAttachMode},
+        loader::{Dataplane, Globals, XdpAttachMode},
         pin::PinRoot,
     },
     http::{health, service_health::HealthCheckServers},
@@ -92,6 +92,9 @@ pub struct RunConfig {
     /// SNAT source ports (inclusive); `None`: chosen outside the node's
     /// ephemeral port range and the NodePort range.
     pub snat_port_range: Option<(u16, u16)>,
+    /// The flood guard's new flows with state per CPU per second (0: no
+    /// limit); see `dataplane_common::NEW_FLOWS_GLOBAL`.
+    pub new_flows_per_cpu: u32,
     /// The source addresses for SNAT, at most one per family; a family
     /// without one: the first node address of that family.
     pub snat_ips: Vec<std::net::IpAddr>,
@@ -316,13 +319,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         last = snat_ports.1,
         "SNAT source ports (outside the node's ephemeral ports and the NodePort range)"
     );
+    let globals = Globals {
+        snat_ports,
+        new_flows_per_cpu: cfg.new_flows_per_cpu,
+    };
     let pins = cfg.pin_root.clone().map(PinRoot::new);
     let (mut dp, adopted) = Dataplane::load_with(
         cfg.bpf_object.as_deref(),
         pins.clone(),
         &cfg.map_sizes,
         cfg.bpf_debug_log,
-        snat_ports,
+        globals,
     )
     .context("loading the eBPF programs")?;
     // The programs' decision log (--bpf-debug-log), forwarded to our log.
@@ -471,7 +478,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 pins.clone(),
                 &cfg.map_sizes,
                 cfg.bpf_debug_log,
-                snat_ports,
+                globals,
             )
             .context("loading the eBPF programs again after the migration")?;
             let mut fresh_attacher =

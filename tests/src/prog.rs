@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use dataplane::{
-    bpf::loader::{Dataplane, Maps},
+    bpf::loader::{Dataplane, Globals, Maps},
     bpf::map_sizes::MapSizes,
     bpf::pin::{ensure_bpffs, PinRoot},
     bpf::testrun::{self, RunResult},
@@ -86,6 +86,13 @@ pub struct Loaded {
     pub desired: Desired,
 }
 
+/// The programs' settings in program tests: the defaults without the flood
+/// guard.
+pub const NO_FLOOD_GUARD: Globals = Globals {
+    snat_ports: dataplane_common::DEFAULT_SNAT_PORTS,
+    new_flows_per_cpu: 0,
+};
+
 impl Loaded {
     pub fn new() -> Loaded {
         Self::with_config(SyncConfig::default())
@@ -100,9 +107,12 @@ impl Loaded {
     }
 
     /// Loaded with the map capacities `sizes`, the syncer following them.
+    /// Program tests run without the flood guard (`--new-flows-per-cpu 0`):
+    /// what they send must not depend on how fast they send it. The
+    /// guard's own tests turn it on ([`Loaded::with_new_flows_per_cpu`]).
     pub fn with_sizes(config: SyncConfig, dp_config: DpConfig, sizes: &MapSizes) -> Loaded {
         crate::netns::require_root_and_tools();
-        let dp = Dataplane::load_sized(None, sizes).unwrap_or_else(|e| panic!("{e}"));
+        let (dp, _) = Dataplane::load_with(None, None, sizes, false, NO_FLOOD_GUARD).unwrap_or_else(|e| panic!("{e}"));
         Self::from_dataplane(dp, config, dp_config, sizes)
     }
 
@@ -110,8 +120,25 @@ impl Loaded {
     pub fn with_snat_ports(dp_config: DpConfig, snat_ports: (u16, u16)) -> Loaded {
         crate::netns::require_root_and_tools();
         let sizes = MapSizes::default();
-        let (dp, _) = Dataplane::load_with(None, None, &sizes, false, snat_ports).unwrap_or_else(|e| panic!("{e}"));
+        let globals = Globals {
+            snat_ports,
+            ..NO_FLOOD_GUARD
+        };
+        let (dp, _) = Dataplane::load_with(None, None, &sizes, false, globals).unwrap_or_else(|e| panic!("{e}"));
         Self::from_dataplane(dp, SyncConfig::default(), dp_config, &sizes)
+    }
+
+    /// The programs with the flood guard giving state to `per_cpu` new
+    /// flows per CPU per second (`--new-flows-per-cpu`).
+    pub fn with_new_flows_per_cpu(per_cpu: u32) -> Loaded {
+        crate::netns::require_root_and_tools();
+        let sizes = MapSizes::default();
+        let globals = Globals {
+            new_flows_per_cpu: per_cpu,
+            ..Globals::default()
+        };
+        let (dp, _) = Dataplane::load_with(None, None, &sizes, false, globals).unwrap_or_else(|e| panic!("{e}"));
+        Self::from_dataplane(dp, SyncConfig::default(), DpConfig::defaults(), &sizes)
     }
 
     /// The programs as loaded on a kernel with only the `features` of this

@@ -199,6 +199,18 @@ impl Conn {
         Ok((name, parts.next().unwrap_or_default().to_string()))
     }
 
+    /// One line the server sent without being asked (it pushed).
+    pub fn read_line(&mut self) -> std::io::Result<String> {
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        Ok(line)
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.w.local_addr().unwrap()
     }

@@ -932,6 +932,69 @@ fn conntrack_state_updates_from_two_cpus_are_never_lost() {
     );
 }
 
+/// The flood guard: beyond its quota of new flows per CPU per second, a
+/// SYN is translated to the backend the Maglev table gives its tuple
+/// (checked against the userspace table) without writing conntrack; the
+/// backend's SYN-ACK still comes back from the VIP; the client's ACK gives
+/// the flow its state, with the same backend. UDP and services with
+/// session affinity keep state always. With the guard off (0), every SYN
+/// gets state.
+#[test]
+fn syns_beyond_the_new_flow_quota_are_served_without_state_until_the_flow_proves_itself() {
+    for prog in Prog::BOTH {
+        let mut l = Loaded::with_new_flows_per_cpu(3);
+        let backends = [(b(1), 8080), (b(2), 8080), (b(3), 8081)];
+        l.set_service(VIP, 80, TCP, &backends);
+        l.set_service(VIP, 53, UDP, &backends);
+        let set = l.backends(VIP, 80, TCP);
+        // The quota: 3 flows get state (two entries each).
+        for port in 41000..41003 {
+            l.run(prog, &Frame::tcp((CLIENT, port), (VIP, 80), SYN).build());
+        }
+        assert_eq!(l.conntrack_len(), 6, "{prog:?}");
+        assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 0, "{prog:?}");
+        // Beyond it (the same second: 3 runs take microseconds), SYNs of
+        // many clients: translated by the hash, nothing written.
+        for port in 42000..42100 {
+            let c = (CLIENT, port);
+            let out = parse_and_verify(&l.run(prog, &Frame::tcp(c, (VIP, 80), SYN).build()).data);
+            let want = expected(&set, c, (VIP, 80), TCP);
+            assert_eq!((out.dst, out.dport), (want.ip(), want.host_port()), "{prog:?} {c:?}");
+        }
+        assert_eq!(l.conntrack_len(), 6, "{prog:?}: the flood wrote no conntrack entry");
+        assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 100, "{prog:?}");
+
+        // One of them is real: the backend answers, the client gets the
+        // answer from the VIP, and its ACK creates the state.
+        let c = (CLIENT, 42042);
+        let want = expected(&set, c, (VIP, 80), TCP);
+        let back = parse_and_verify(
+            &l.run(prog, &Frame::tcp((want.ip(), want.host_port()), c, SYN | ACK).build())
+                .data,
+        );
+        assert_eq!(
+            (back.src, back.sport, back.dst, back.dport),
+            (VIP, 80, c.0, c.1),
+            "{prog:?}"
+        );
+        assert_eq!(l.ct_event(CtEvent::StatelessReply), 1, "{prog:?}");
+        let ack = parse_and_verify(&l.run(prog, &Frame::tcp(c, (VIP, 80), ACK).build()).data);
+        assert_eq!((ack.dst, ack.dport), (want.ip(), want.host_port()), "{prog:?}");
+        assert_eq!(l.conntrack_len(), 8, "{prog:?}: the proven flow has its two entries");
+        // UDP keeps state whatever the quota.
+        l.run(prog, &Frame::udp((CLIENT, 50000), (VIP, 53), b"q").build());
+        assert_eq!(l.conntrack_len(), 10, "{prog:?}");
+    }
+    // Guard off: every SYN gets state.
+    let mut l = Loaded::with_new_flows_per_cpu(0);
+    l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
+    for port in 42000..42100 {
+        l.run(Prog::Tc, &Frame::tcp((CLIENT, port), (VIP, 80), SYN).build());
+    }
+    assert_eq!(l.conntrack_len(), 200);
+    assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 0);
+}
+
 const NODE: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 50, 1));
 const EXTERNAL_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 200, 5));
 

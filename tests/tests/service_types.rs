@@ -423,3 +423,299 @@ fn node_port_through_xdp_on_the_external_interface() {
         c._agents[0].log()
     );
 }
+
+/// A server in `ns` at `addr:9000` that keeps every connection: it answers
+/// each line with its name and the client address it sees, and on
+/// [`PushServer::push`] writes to every connection without being asked,
+/// as a server pushing to long-lived clients does.
+struct PushServer {
+    name: &'static str,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PushServer {
+    fn start(ns: &Netns, addr: Ipv4Addr, name: &'static str) -> PushServer {
+        use std::{
+            io::{BufRead, BufReader, Write},
+            sync::{atomic::Ordering, Arc, Mutex},
+        };
+        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (c, s) = (conns.clone(), stop.clone());
+        let thread = ns.run(move || {
+            let l = std::net::TcpListener::bind((addr, 9000)).unwrap_or_else(|e| panic!("bind {addr}:9000: {e}"));
+            l.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            let started = std::time::Instant::now();
+            while !s.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                match l.accept() {
+                    Ok((stream, peer)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                        c.lock().unwrap().push(stream.try_clone().unwrap());
+                        let s = s.clone();
+                        std::thread::spawn(move || {
+                            let mut w = stream.try_clone().unwrap();
+                            let mut r = BufReader::new(stream);
+                            let mut line = String::new();
+                            while !s.load(Ordering::Relaxed) {
+                                line.clear();
+                                match r.read_line(&mut line) {
+                                    Ok(0) => return,
+                                    Ok(_) => {
+                                        if w.write_all(format!("{name} {}\n", peer.ip()).as_bytes()).is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(_) => continue, // read timeout: check `stop`
+                                }
+                            }
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(e) => panic!("accept on {addr}:9000: {e}"),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("push server did not start");
+        PushServer {
+            name,
+            conns,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Writes `push <name>` to every connection; returns how many.
+    fn push(&self) -> usize {
+        use std::io::Write;
+        let mut conns = self.conns.lock().unwrap();
+        for c in conns.iter_mut() {
+            c.write_all(format!("push {}\n", self.name).as_bytes()).unwrap();
+        }
+        conns.len()
+    }
+}
+
+impl Drop for PushServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The MAC address of `iface` in `ns`.
+fn mac(ns: &Netns, iface: &str) -> [u8; 6] {
+    let s = ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")]).unwrap();
+    let b: Vec<u8> = s
+        .trim()
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap())
+        .collect();
+    b.try_into().unwrap_or_else(|b| panic!("MAC of {iface}: {b:?}"))
+}
+
+/// Sends `count` TCP SYNs to `dst` from `iface` of `ns` through a packet
+/// socket, from spoofed sources (198.18.200.10-250, every port): a SYN
+/// flood. Returns how many the socket took.
+fn spoofed_syns(
+    ns: &Netns,
+    iface: &'static str,
+    macs: ([u8; 6], [u8; 6]),
+    dst: (Ipv4Addr, u16),
+    first: u32,
+    count: u32,
+) -> u32 {
+    ns.run(move || {
+        let (src_mac, dst_mac) = macs;
+        // SAFETY: plain socket calls on a socket this function owns; the
+        // sockaddr_ll outlives each call.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+            let name = std::ffi::CString::new(iface).unwrap();
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&dst_mac);
+            let mut sent = 0;
+            for i in first..first + count {
+                let src = Ipv4Addr::new(198, 18, 200, 10 + (i % 241) as u8);
+                let sport = 1024 + (i / 241 % 64000) as u16;
+                let mut f = dataplane::packet::Frame::tcp((src, sport), dst, dataplane::packet::SYN).build();
+                f[..6].copy_from_slice(&dst_mac);
+                f[6..12].copy_from_slice(&src_mac);
+                let rc = libc::sendto(
+                    fd,
+                    f.as_ptr().cast(),
+                    f.len(),
+                    0,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                if rc > 0 {
+                    sent += 1;
+                }
+            }
+            libc::close(fd);
+            sent
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+/// The flood guard (issue: no flood guard): long-lived connections through
+/// a NodePort, to a local backend and to a remote one (SNATed), keep working
+/// while spoofed SYNs, four times the conntrack map's entries and more, hit
+/// the node's XDP program. The servers then write first, so that each
+/// flow's reply entry must still be there (the backend's packet finds no
+/// translation otherwise, and the client, which talks to the NodePort,
+/// never sees it); then the clients ask again. Without the guard
+/// (`--new-flows-per-cpu 0`) the flood evicts the connections' entries and
+/// the pushes are lost.
+#[test]
+fn established_node_port_connections_survive_a_syn_flood_of_four_times_the_conntrack_size() {
+    const CT_ENTRIES: u32 = 4096;
+    const CONNS: usize = 24;
+    const PORT: u16 = 30090;
+    let guard = std::env::var("DATAPLANE_TEST_NEW_FLOWS_PER_CPU").unwrap_or_else(|_| "200".into());
+    let svc = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: push, namespace: ingress}}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.41
+  ports: [{{name: push, protocol: TCP, port: 90, targetPort: 9000, nodePort: {PORT}}}]
+"
+    );
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: push-abcde
+  namespace: ingress
+  labels: {{kubernetes.io/service-name: push}}
+addressType: IPv4
+ports: [{{name: push, protocol: TCP, port: 9000}}]
+endpoints:
+- addresses: [{BACKEND_A}]
+  conditions: {{ready: true}}
+  nodeName: node-a
+- addresses: [{BACKEND_B}]
+  conditions: {{ready: true}}
+  nodeName: node-b
+"
+    );
+    let ct = CT_ENTRIES.to_string();
+    let c = cluster_of(
+        vec![("service.yaml", svc), ("slice.yaml", slice)],
+        true,
+        &["--ct-max-entries", &ct, "--new-flows-per-cpu", &guard],
+        |_| {},
+    );
+    let servers = [
+        PushServer::start(&c.t.backend_a, BACKEND_A, "a"),
+        PushServer::start(&c.t.backend_b, BACKEND_B, "b"),
+    ];
+    let to = SocketAddr::from((NODE_A_EXT, PORT));
+    // The long-lived connections, each asked once: (backend, reader).
+    let conns =
+        c.t.client
+            .run(move || {
+                let mut conns = Vec::new();
+                for i in 0..CONNS {
+                    let mut c = Conn::connect(to, TIMEOUT).map_err(|e| format!("connection {i} to {to}: {e}"))?;
+                    let (who, _) = c.ask_peer().map_err(|e| format!("connection {i}: {e}"))?;
+                    conns.push((who, c));
+                }
+                Ok::<_, String>(conns)
+            })
+            .join()
+            .unwrap()
+            .unwrap();
+    let mut by_backend = BTreeMap::new();
+    for (who, _) in &conns {
+        *by_backend.entry(who.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        by_backend.keys().collect::<Vec<_>>(),
+        ["a", "b"],
+        "both backends, the remote one SNATed: {by_backend:?}"
+    );
+
+    // The flood: batches until node A's XDP program has translated at least
+    // four times the conntrack map's entries in SYNs (bounded).
+    let agent = &c._agents[0];
+    let new_flows =
+        |a: &Agent| a.metrics().unwrap()[r#"dataplane_datapath_packets_total{reason="nat_new_flow",drop="false"}"#];
+    let before = new_flows(agent);
+    let macs = (mac(&c.t.client, "eth0"), mac(&c.t.node_a, "ve"));
+    let mut sent = 0;
+    for batch in 0..100 {
+        if new_flows(agent) - before >= (4 * CT_ENTRIES + 1000) as f64 {
+            break;
+        }
+        sent += spoofed_syns(&c.t.client, "eth0", macs, (NODE_A_EXT, PORT), batch * 2000, 2000);
+    }
+    let flooded = new_flows(agent) - before;
+    let m = agent.metrics().unwrap();
+    let stateless = m[r#"dataplane_conntrack_events_total{event="stateless_new_flow"}"#];
+    eprintln!("{sent} spoofed SYNs sent, {flooded} translated by XDP, {stateless} without conntrack state");
+    assert!(
+        flooded >= (4 * CT_ENTRIES) as f64,
+        "the flood reached the programs: {flooded} SYNs translated of {sent} sent"
+    );
+
+    // The servers write first: every connection must get its push.
+    let pushed: usize = servers.iter().map(|s| s.push()).sum();
+    assert_eq!(pushed, CONNS, "every connection reached a push server");
+    let failures =
+        c.t.client
+            .run(move || {
+                let mut failures = Vec::new();
+                for (i, (who, mut c)) in conns.into_iter().enumerate() {
+                    let pushed = match c.read_line() {
+                        Ok(line) if line.trim() == format!("push {who}") => None,
+                        Ok(line) => Some(format!("pushed {line:?}")),
+                        Err(e) => Some(format!("no push: {e}")),
+                    };
+                    // Asked only if the push came: a broken connection would
+                    // wait for its timeout once more.
+                    let asked = match pushed {
+                        Some(_) => None,
+                        None => match c.ask() {
+                            Ok(again) if again == who => None,
+                            Ok(other) => Some(format!("moved to {other}")),
+                            Err(e) => Some(format!("asked again: {e}")),
+                        },
+                    };
+                    if let Some(why) = pushed.or(asked) {
+                        failures.push(format!("connection {i} to {who}: {why}"));
+                    }
+                }
+                failures
+            })
+            .join()
+            .unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {CONNS} connections broke under the flood:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    if guard != "0" {
+        assert!(stateless > 0.0, "the flood guard served SYNs without state");
+    }
+}

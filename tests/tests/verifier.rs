@@ -14,8 +14,9 @@ use dataplane_common::program_names;
 
 /// The verifier's limit on processed instructions (BPF_COMPLEXITY_LIMIT_INSNS).
 const KERNEL_LIMIT: u32 = 1_000_000;
-/// Each program may use at most a quarter of it.
-const BUDGET: u32 = KERNEL_LIMIT / 4;
+/// Each program may use at most 30 % of it, on the kernel under test: the
+/// older ones walk the most (Debian's 6.1 1.6-1.7 times what 6.18 does).
+const BUDGET: u32 = KERNEL_LIMIT / 100 * 30;
 
 /// The kernel id of the program behind `fd`: the second u32 of
 /// `struct bpf_prog_info` (after `type`).
@@ -30,7 +31,10 @@ fn program_id(fd: RawFd) -> u32 {
 #[test]
 fn every_program_verifies_well_within_the_instruction_limit() {
     dataplane_tests::netns::require_root_and_tools();
-    let mut dp = Dataplane::load(None).unwrap_or_else(|e| panic!("{e}"));
+    // DATAPLANE_BPF_OBJECT: another object than the one built in (to
+    // compare the verifier's work for variants on another kernel).
+    let object = std::env::var_os("DATAPLANE_BPF_OBJECT").map(std::path::PathBuf::from);
+    let mut dp = Dataplane::load(object.as_deref()).unwrap_or_else(|e| panic!("{e}"));
     dp.load_socket_programs().unwrap_or_else(|e| panic!("{e}"));
     let socket_programs = program_names::SOCK.iter().map(|(name, _)| *name);
     for name in [dp.xdp_program(), program_names::TC].into_iter().chain(socket_programs) {
@@ -58,7 +62,7 @@ fn every_program_verifies_well_within_the_instruction_limit() {
         );
         assert!(
             insns <= BUDGET,
-            "{name}: the verifier processed {insns} instructions, over the budget of {BUDGET} (a quarter of the kernel's limit)"
+            "{name}: the verifier processed {insns} instructions, over the budget of {BUDGET} (30 % of the kernel's limit)"
         );
         assert!(insns > 0 && xlated > 0, "{name}: implausible counts");
     }

@@ -19,7 +19,7 @@ use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
     SockNatValue, SourceRangeKey, VipFilter, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_MIGRATE_GLOBAL, CT_PREV_MAP,
-    DEBUG_GLOBAL, DEFAULT_SNAT_PORTS, KERNEL_GLOBAL, SNAT_PORTS_GLOBAL,
+    DEBUG_GLOBAL, DEFAULT_NEW_FLOWS_PER_CPU, DEFAULT_SNAT_PORTS, KERNEL_GLOBAL, NEW_FLOWS_GLOBAL, SNAT_PORTS_GLOBAL,
 };
 use thiserror::Error;
 
@@ -312,6 +312,25 @@ impl std::fmt::Display for Attached {
     }
 }
 
+/// Settings the programs read as constants, fixed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Globals {
+    /// SNAT source ports, inclusive (`SNAT_PORTS_GLOBAL`).
+    pub snat_ports: (u16, u16),
+    /// The flood guard's new flows with state per CPU per second, 0 for
+    /// no limit (`NEW_FLOWS_GLOBAL`).
+    pub new_flows_per_cpu: u32,
+}
+
+impl Default for Globals {
+    fn default() -> Self {
+        Globals {
+            snat_ports: DEFAULT_SNAT_PORTS,
+            new_flows_per_cpu: DEFAULT_NEW_FLOWS_PER_CPU,
+        }
+    }
+}
+
 impl Dataplane {
     /// Loads the embedded object, or the one at `path`, with maps of its
     /// own (nothing pinned).
@@ -321,7 +340,7 @@ impl Dataplane {
             None,
             &MapSizes::default(),
             false,
-            DEFAULT_SNAT_PORTS,
+            Globals::default(),
             None,
             kernel::features(),
         )
@@ -338,33 +357,33 @@ impl Dataplane {
             None,
             &MapSizes::default(),
             false,
-            DEFAULT_SNAT_PORTS,
+            Globals::default(),
             None,
             features,
         )
     }
 
     pub fn load_sized(path: Option<&Path>, sizes: &MapSizes) -> Result<Self, LoadError> {
-        Self::load_inner(path, None, sizes, false, DEFAULT_SNAT_PORTS, None, kernel::features())
+        Self::load_inner(path, None, sizes, false, Globals::default(), None, kernel::features())
     }
 
     /// Loads the object with its maps pinned under `pins` (adopting maps
     /// pinned by a previous agent after checking their shapes). Returns
     /// whether pinned maps were adopted.
     pub fn load_pinned(path: Option<&Path>, pins: PinRoot) -> Result<(Self, bool), LoadError> {
-        Self::load_with(path, Some(pins), &MapSizes::default(), false, DEFAULT_SNAT_PORTS)
+        Self::load_with(path, Some(pins), &MapSizes::default(), false, Globals::default())
     }
 
     /// As `load_pinned`, with the given map capacities: pinned maps of
     /// another size are refused.
     pub fn load_pinned_with(path: Option<&Path>, pins: PinRoot, sizes: &MapSizes) -> Result<(Self, bool), LoadError> {
-        Self::load_with(path, Some(pins), sizes, false, DEFAULT_SNAT_PORTS)
+        Self::load_with(path, Some(pins), sizes, false, Globals::default())
     }
 
     /// The general form: pinned or not, with the given map capacities,
     /// with the programs' decision logging compiled in (`debug_log`; read
     /// it with [`Dataplane::take_logger`]) or removed by the verifier, and
-    /// SNAT taking source ports from `snat_ports` (inclusive).
+    /// the settings fixed at load time (`globals`).
     /// Pinned maps of other capacities are migrated (see
     /// [`crate::bpf::migrate`]): their entries are in the new maps when
     /// this returns, and [`Dataplane::take_migration`] gives what remains
@@ -375,7 +394,7 @@ impl Dataplane {
         pins: Option<PinRoot>,
         sizes: &MapSizes,
         debug_log: bool,
-        snat_ports: (u16, u16),
+        globals: Globals,
     ) -> Result<(Self, bool), LoadError> {
         let (adopted, migration) = match &pins {
             Some(p) => {
@@ -397,7 +416,7 @@ impl Dataplane {
             pins,
             sizes,
             debug_log,
-            snat_ports,
+            globals,
             ct_prev.as_deref(),
             kernel::features(),
         )?;
@@ -428,7 +447,7 @@ impl Dataplane {
         pins: Option<PinRoot>,
         sizes: &MapSizes,
         debug_log: bool,
-        snat_ports: (u16, u16),
+        globals: Globals,
         ct_prev: Option<&Path>,
         features: u32,
     ) -> Result<Self, LoadError> {
@@ -457,8 +476,9 @@ impl Dataplane {
         let migrating: u8 = ct_prev.is_some().into();
         loader.override_global(CT_MIGRATE_GLOBAL, &migrating, true);
         loader.override_global(KERNEL_GLOBAL, &features, true);
-        let snat = snat_ports.0 as u32 | (snat_ports.1 as u32) << 16;
+        let snat = globals.snat_ports.0 as u32 | (globals.snat_ports.1 as u32) << 16;
         loader.override_global(SNAT_PORTS_GLOBAL, &snat, true);
+        loader.override_global(NEW_FLOWS_GLOBAL, &globals.new_flows_per_cpu, true);
         if let Some(old) = ct_prev {
             loader.map_pin_path(CT_PREV_MAP, old);
         }

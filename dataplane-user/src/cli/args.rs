@@ -222,6 +222,12 @@ pub struct RunArgs {
     /// 1024-65535 outside both, read at start.
     #[arg(long, env = "DATAPLANE_SNAT_PORT_RANGE")]
     pub snat_port_range: Option<String>,
+    /// The flood guard: new flows per CPU per second that get conntrack
+    /// state. Beyond it, TCP SYNs are translated without state until the
+    /// next second, and a flow gets its state from the client's next
+    /// packet: a SYN flood cannot evict established flows. 0: no limit.
+    #[arg(long, default_value_t = dataplane_common::DEFAULT_NEW_FLOWS_PER_CPU, env = "DATAPLANE_NEW_FLOWS_PER_CPU")]
+    pub new_flows_per_cpu: u32,
     /// How new flows pick a backend.
     #[arg(long, value_enum, default_value_t = Selection::Maglev, env = "DATAPLANE_LB_ALGORITHM")]
     pub lb_algorithm: Selection,
@@ -357,6 +363,7 @@ impl RunArgs {
                 Some(s) => Some(parse_range("--snat-port-range", s)?),
             },
             snat_ips: self.snat_ips,
+            new_flows_per_cpu: self.new_flows_per_cpu,
             sync: SyncConfig {
                 selection: self.lb_algorithm,
                 maglev_size,

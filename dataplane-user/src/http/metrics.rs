@@ -217,7 +217,7 @@ impl Collector for MapsCollector {
         family(
             &mut enc,
             "dataplane_conntrack_events",
-            "Conntrack events: clash_resolved counts new flows given another source port because another live flow held their reply tuple.",
+            "Conntrack events: clash_resolved counts new flows given another source port because another live flow held their reply tuple; stateless_new_flow counts TCP SYNs translated without conntrack state by the flood guard (--new-flows-per-cpu), stateless_reply the SYN-ACKs translated back for them.",
             MetricType::Counter,
             stats
                 .conntrack_events
