@@ -165,6 +165,11 @@ pub mod program_names {
     pub const RECVMSG6: &str = "dp_recvmsg6";
     pub const GETPEERNAME4: &str = "dp_getpeername4";
     pub const GETPEERNAME6: &str = "dp_getpeername6";
+    /// Removes a released socket's socket-level translation (a cgroup
+    /// `sock_release` program, 5.10+; attached with the others).
+    pub const SOCK_RELEASE: &str = "dp_sock_release";
+    /// Its hook name in pins and messages.
+    pub const SOCK_RELEASE_HOOK: &str = "sock_release";
     /// Every socket-level program, as (program, hook name used in pins and
     /// messages).
     pub const SOCK: [(&str, &str); 8] = [

@@ -20,8 +20,8 @@ mod sock;
 mod stats;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 
 /// XDP on external interfaces. Declares frags support so that attaching it
@@ -88,6 +88,13 @@ pub fn dp_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn dp_getpeername6(ctx: SockAddrContext) -> i32 {
     sock::getpeername(&ctx, true)
+}
+
+/// A socket of the cgroup is released: its socket-level translation goes
+/// with it (`sock::release`).
+#[cgroup_sock(sock_release)]
+pub fn dp_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 #[cfg(not(test))]

@@ -23,9 +23,9 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
     EbpfContext,
 };
 use dataplane_common::{
@@ -595,3 +595,54 @@ pub fn getpeername(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     ALLOW
 }
+
+/// `sock_release`: the socket's reverse entry (its connected peer, the
+/// backend connect() picked, towards the frontend) is deleted with the
+/// socket, instead of waiting for LRU eviction: under socket churn the
+/// map then holds live sockets only. Entries of unconnected UDP sockets
+/// (one pair per frontend they sent to, keyed by addresses the socket does
+/// not keep) are not found here; they expire with the UDP timeouts and
+/// leave by eviction. Always lets the release go on (1).
+#[inline(always)]
+pub fn release(ctx: &SockContext) -> i32 {
+    let sk: *mut bpf_sock = ctx.sock;
+    // SAFETY: `sk` is the program's context; the verifier allows reads of
+    // these fields at sock_release. The port is read as the 4-byte word
+    // kernels before 5.17 only allow (the port, network order, in its low
+    // half).
+    let (family, port, w) = unsafe {
+        let family = read_volatile(&raw const (*sk).family);
+        let port = read_volatile((&raw const (*sk).dst_port).cast::<u32>()) as u16;
+        let w = if family == AF_INET6 {
+            [
+                read_volatile(&raw const (*sk).dst_ip6[0]),
+                read_volatile(&raw const (*sk).dst_ip6[1]),
+                read_volatile(&raw const (*sk).dst_ip6[2]),
+                read_volatile(&raw const (*sk).dst_ip6[3]),
+            ]
+        } else {
+            [read_volatile(&raw const (*sk).dst_ip4), 0, 0, 0]
+        };
+        (family, port, w)
+    };
+    if port == 0 {
+        return 1; // never connected
+    }
+    let (addr, family) = if family != AF_INET6 {
+        (w, FAMILY_V4)
+    } else if w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED {
+        ([w[3], 0, 0, 0], FAMILY_V4)
+    } else {
+        (w, FAMILY_V6)
+    };
+    // SAFETY: a helper for cgroup sock programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = nat_key(cookie, &addr, port, family, SOCK_NAT_REVERSE);
+    // (Not counted: the socket counter array has no free slot, and
+    // growing a pinned map is a layout change.)
+    let _ = DP_SOCK_NAT.remove(key.as_ref::<SockNatKey>());
+    1
+}
+
+/// `AF_INET6` as `bpf_sock::family` holds it.
+const AF_INET6: u32 = 10;

@@ -265,39 +265,45 @@ fn socket_links_follow_the_configured_cgroup() {
     use dataplane::bpf::cgroup::attached_programs;
     use dataplane_tests::cgroup::TestCgroup;
     let (cg1, cg2) = (TestCgroup::new().unwrap(), TestCgroup::new().unwrap());
+    // The eight sock_addr hooks and sock_release.
+    let hooks: Vec<&str> = program_names::SOCK
+        .iter()
+        .map(|(_, hook)| *hook)
+        .chain([program_names::SOCK_RELEASE_HOOK])
+        .collect();
     let count = |cg: &TestCgroup| -> usize {
-        program_names::SOCK
+        hooks
             .iter()
-            .map(|(_, hook)| attached_programs(cg.path(), hook).unwrap().len())
+            .map(|hook| attached_programs(cg.path(), hook).unwrap().len())
             .sum()
     };
     let pins = PinDir::new();
     let (mut dp, _) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
     let attached = dp.attach_socket_lb(cg1.path()).unwrap();
-    assert_eq!(attached.len(), program_names::SOCK.len());
+    assert_eq!(attached.len(), 9);
     assert!(attached.iter().all(|(_, a)| a.pinned && !a.replaced), "{attached:?}");
     drop(dp);
-    assert_eq!(count(&cg1), 8, "the pinned links went with the loader");
+    assert_eq!(count(&cg1), 9, "the pinned links went with the loader");
 
     let (mut dp, _) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
     let attached = dp.attach_socket_lb(cg1.path()).unwrap();
     assert!(attached.iter().all(|(_, a)| a.replaced), "{attached:?}");
-    assert_eq!(count(&cg1), 8);
+    assert_eq!(count(&cg1), 9);
     drop(dp);
 
     let (mut dp, _) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
     let attached = dp.attach_socket_lb(cg2.path()).unwrap();
     assert!(attached.iter().all(|(_, a)| !a.replaced), "{attached:?}");
-    assert_eq!((count(&cg1), count(&cg2)), (0, 8), "the links did not move");
+    assert_eq!((count(&cg1), count(&cg2)), (0, 9), "the links did not move");
     drop(dp);
 
     let removed = pins.0.unpin_socket_links().unwrap();
-    assert_eq!(removed.len(), 8, "{removed:?}");
+    assert_eq!(removed.len(), 9, "{removed:?}");
     assert_eq!(count(&cg2), 0);
 
     let mut dp = Dataplane::load(None).unwrap();
     dp.attach_socket_lb(cg1.path()).unwrap();
-    assert_eq!(count(&cg1), 8);
+    assert_eq!(count(&cg1), 9);
     drop(dp);
     assert_eq!(count(&cg1), 0, "unpinned links outlived their loader");
 }

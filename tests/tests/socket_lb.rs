@@ -642,3 +642,66 @@ fn a_directory_that_is_no_cgroup_is_refused_by_name() {
         "{err}"
     );
 }
+
+/// The reverse entries (`DP_SOCK_NAT`) of socket-level translations, as
+/// (socket cookie, backend port) pairs.
+fn reverse_entries(agent: &Agent) -> Vec<(u64, u16)> {
+    let maps = inspect::open_pinned(&agent.pins).unwrap();
+    maps.sock_nat
+        .iter()
+        .map(|kv| kv.unwrap().0)
+        .filter(|k| k.dir == dataplane_common::SOCK_NAT_REVERSE)
+        .map(|k| (k.cookie, u16::from_be(k.port)))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// A closed socket's translation goes with it (the cgroup `sock_release`
+/// program), instead of staying in the LRU until eviction: after 40 TCP
+/// connections and 20 connected UDP sockets, each closed, no reverse entry
+/// is left, while a socket still open keeps its own. Without the program
+/// all 60 entries stay (checked by removing its attachment).
+#[test]
+fn closed_sockets_take_their_translations_with_them() {
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t, false);
+    let cg = TestCgroup::new().unwrap();
+    let agent = start_agent(&t, &cg, &manifests(&[1, 2]));
+    assert_eq!(
+        cgroup::attached_programs(cg.path(), dataplane_common::program_names::SOCK_RELEASE_HOOK)
+            .unwrap()
+            .len(),
+        1,
+        "sock_release attached"
+    );
+    let before = reverse_entries(&agent);
+    all_ok(&client(&t, &cg, &["tcp", "198.19.0.10:80", "40"]), "TCP");
+    all_ok(
+        &client(&t, &cg, &["udp-connected", "198.19.0.10:53", "20"]),
+        "connected UDP",
+    );
+    // dp-client exited: every one of its sockets is closed. The programs
+    // ran at each close, before the process was reaped.
+    assert_eq!(reverse_entries(&agent), before, "entries of closed sockets are left");
+
+    // An open connection keeps its entry until it closes.
+    let hold = {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &t.client.name, env!("CARGO_BIN_EXE_dp-client")])
+            .args(["tcp-hold", "198.19.0.10:80", "3"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cg.enter_on_exec(&mut cmd).unwrap();
+        cmd.spawn().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while reverse_entries(&agent).len() == before.len() {
+        assert!(std::time::Instant::now() < deadline, "the held connection has no entry");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(reverse_entries(&agent).len(), before.len() + 1);
+    let out = hold.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(reverse_entries(&agent), before, "the held connection's entry is left");
+}

@@ -38,7 +38,8 @@ pub enum CgroupError {
 }
 
 /// The kernel's `enum bpf_attach_type` values of the hooks we use, by the
-/// hook names of `dataplane_common::program_names::SOCK`.
+/// hook names of `dataplane_common::program_names::SOCK` and
+/// `SOCK_RELEASE_HOOK`.
 pub fn attach_type(hook: &str) -> Option<u32> {
     Some(match hook {
         "connect4" => 10,     // BPF_CGROUP_INET4_CONNECT
@@ -49,6 +50,7 @@ pub fn attach_type(hook: &str) -> Option<u32> {
         "recvmsg6" => 20,     // BPF_CGROUP_UDP6_RECVMSG
         "getpeername4" => 29, // BPF_CGROUP_INET4_GETPEERNAME
         "getpeername6" => 30, // BPF_CGROUP_INET6_GETPEERNAME
+        "sock_release" => 34, // BPF_CGROUP_INET_SOCK_RELEASE
         _ => return None,
     })
 }

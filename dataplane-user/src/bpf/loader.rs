@@ -11,7 +11,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink},
         xdp::XdpLink,
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -206,6 +206,8 @@ pub struct Dataplane {
     pins: Option<PinRoot>,
     /// Whether the socket-level programs were loaded (on first attach).
     sock_loaded: bool,
+    /// Whether the sock_release program loaded (see `load_socket_programs`).
+    sock_release: bool,
     /// The XDP program this kernel took: `program_names::XDP`, or
     /// `XDP_NO_FRAGS` before 5.18.
     xdp: &'static str,
@@ -498,6 +500,7 @@ impl Dataplane {
             ebpf,
             pins,
             sock_loaded: false,
+            sock_release: false,
             xdp,
             migration: None,
         })
@@ -518,8 +521,9 @@ impl Dataplane {
         Maps::take(&mut self.ebpf)
     }
 
-    /// Loads the socket-level programs (`program_names::SOCK`) into the
-    /// kernel without attaching them (once; attaching does it too).
+    /// Loads the socket-level programs (`program_names::SOCK`, and
+    /// `SOCK_RELEASE` where the kernel takes it) into the kernel without
+    /// attaching them (once; attaching does it too).
     pub fn load_socket_programs(&mut self) -> Result<(), LoadError> {
         if self.sock_loaded {
             return Ok(());
@@ -536,6 +540,28 @@ impl Dataplane {
                 .map_err(|source| LoadError::Program { name, source })?;
             retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
         }
+        let name = program_names::SOCK_RELEASE;
+        let p: &mut CgroupSock = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        // Optional: without it, socket-level entries leave by eviction.
+        self.sock_release = match retry_eagain(|| p.load()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    program = name,
+                    error = %e,
+                    "this kernel refuses the sock_release program: socket-level translations of closed sockets are then removed by LRU eviction only"
+                );
+                false
+            }
+        };
         self.sock_loaded = true;
         Ok(())
     }
@@ -569,49 +595,34 @@ impl Dataplane {
                 .expect("loaded above")
                 .try_into()
                 .map_err(|source| LoadError::Program { name, source })?;
-            let attach_err = |source| LoadError::Attach {
-                program: name,
-                iface: format!("cgroup {}", cgroup.display()),
-                source,
-            };
-            if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
-                if replace_cgroup_link(pin, p, cgroup_id, hook) {
-                    out.push((
-                        hook,
-                        Attached {
-                            mode: AttachMode::CgroupLink,
-                            replaced: true,
-                            pinned: true,
-                        },
-                    ));
-                    continue;
-                }
-                // Attached to another cgroup (the flag changed), or stale.
-                PinRoot::unpin_link(pin)?;
-            }
-            let dir = std::fs::File::open(cgroup).map_err(|source| crate::bpf::cgroup::CgroupError::Stat {
-                path: cgroup.to_path_buf(),
-                source,
+            let fd = program_fd_clone(name, p.fd())?;
+            let attached = attach_cgroup_program(name, hook, cgroup, cgroup_id, pin, &fd, |dir, take| {
+                let id = p.attach(dir, CgroupAttachMode::Single)?;
+                Ok(match take {
+                    true => Some(FdLink::try_from(p.take_link(id)?).map_err(|e| e.to_string())),
+                    false => None,
+                })
             })?;
-            // Cgroup links always let other programs run next to ours.
-            let id = p.attach(&dir, CgroupAttachMode::Single).map_err(attach_err)?;
-            let pinned = match pin {
-                Some(pin) => {
-                    let link = p.take_link(id).map_err(attach_err)?;
-                    let fd = FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?;
-                    pin_link(fd, &pin)?;
-                    true
-                }
-                None => false,
-            };
-            out.push((
-                hook,
-                Attached {
-                    mode: AttachMode::CgroupLink,
-                    replaced: false,
-                    pinned,
-                },
-            ));
+            out.push((hook, attached));
+        }
+        if self.sock_release {
+            let (name, hook) = (program_names::SOCK_RELEASE, program_names::SOCK_RELEASE_HOOK);
+            let pin = self.pins.as_ref().map(|p| p.socket_link(hook));
+            let p: &mut CgroupSock = self
+                .ebpf
+                .program_mut(name)
+                .expect("loaded above")
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            let fd = program_fd_clone(name, p.fd())?;
+            let attached = attach_cgroup_program(name, hook, cgroup, cgroup_id, pin, &fd, |dir, take| {
+                let id = p.attach(dir, CgroupAttachMode::Single)?;
+                Ok(match take {
+                    true => Some(FdLink::try_from(p.take_link(id)?).map_err(|e| e.to_string())),
+                    false => None,
+                })
+            })?;
+            out.push((hook, attached));
         }
         Ok(out)
     }
@@ -753,9 +764,71 @@ impl Dataplane {
     }
 }
 
-/// Gives the cgroup link pinned at `pin` the program `p`, if that link is
-/// attached to cgroup `cgroup_id` at `hook`. Returns whether it did.
-fn replace_cgroup_link(pin: &Path, p: &CgroupSockAddr, cgroup_id: u64, hook: &str) -> bool {
+/// Attaches one socket-level program (`name`, at `hook`) to `cgroup`,
+/// whose id is `cgroup_id`. With a `pin`: a link pinned there by a previous
+/// agent on the same cgroup and hook gets the program atomically; one on
+/// another cgroup is removed first; a new link is pinned. `attach` attaches
+/// the program and, when asked, hands over its link for pinning.
+fn attach_cgroup_program(
+    name: &'static str,
+    hook: &str,
+    cgroup: &Path,
+    cgroup_id: u64,
+    pin: Option<PathBuf>,
+    fd: &aya::programs::ProgramFd,
+    attach: impl FnOnce(&std::fs::File, bool) -> Result<Option<Result<FdLink, String>>, aya::programs::ProgramError>,
+) -> Result<Attached, LoadError> {
+    let attach_err = |source| LoadError::Attach {
+        program: name,
+        iface: format!("cgroup {}", cgroup.display()),
+        source,
+    };
+    if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+        if replace_cgroup_link(pin, fd.as_fd(), cgroup_id, hook) {
+            return Ok(Attached {
+                mode: AttachMode::CgroupLink,
+                replaced: true,
+                pinned: true,
+            });
+        }
+        // Attached to another cgroup (the flag changed), or stale.
+        PinRoot::unpin_link(pin)?;
+    }
+    let dir = std::fs::File::open(cgroup).map_err(|source| crate::bpf::cgroup::CgroupError::Stat {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    // Cgroup links always let other programs run next to ours.
+    let link = attach(&dir, pin.is_some()).map_err(attach_err)?;
+    let pinned = match (pin, link) {
+        (Some(pin), Some(fd)) => {
+            pin_link(fd.map_err(|e| pin_error(&pin, e))?, &pin)?;
+            true
+        }
+        _ => false,
+    };
+    Ok(Attached {
+        mode: AttachMode::CgroupLink,
+        replaced: false,
+        pinned,
+    })
+}
+
+/// An owned copy of a loaded program's fd.
+fn program_fd_clone(
+    name: &'static str,
+    fd: Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+) -> Result<aya::programs::ProgramFd, LoadError> {
+    let fd = fd.map_err(|source| LoadError::Program { name, source })?;
+    fd.try_clone().map_err(|e| LoadError::Program {
+        name,
+        source: aya::programs::ProgramError::IOError(e),
+    })
+}
+
+/// Gives the cgroup link pinned at `pin` the program `prog`, if that link
+/// is attached to cgroup `cgroup_id` at `hook`. Returns whether it did.
+fn replace_cgroup_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>, cgroup_id: u64, hook: &str) -> bool {
     let Ok(link) = crate::bpf::cgroup::obj_get(pin) else {
         return false;
     };
@@ -766,10 +839,7 @@ fn replace_cgroup_link(pin: &Path, p: &CgroupSockAddr, cgroup_id: u64, hook: &st
     if !same {
         return false;
     }
-    match p.fd() {
-        Ok(fd) => crate::bpf::cgroup::link_update(link.as_fd(), fd.as_fd()).is_ok(),
-        Err(_) => false,
-    }
+    crate::bpf::cgroup::link_update(link.as_fd(), prog).is_ok()
 }
 
 /// The kind of attachment.
