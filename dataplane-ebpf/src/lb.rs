@@ -220,7 +220,7 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
 /// conntrack: the backend answering a SYN served without state.
 #[inline(never)]
 fn stateless_reply(p: &Packet) -> Option<*mut CtValue> {
-    if crate::maps::new_flows_per_cpu() == 0 || !p.is_tcp() || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN | TCP_ACK {
+    if crate::maps::new_flows_per_cpu() == 0 || !p.is_tcp() {
         return None;
     }
     let e = conntrack::embryonic(p)?;
@@ -351,7 +351,10 @@ fn translate<C: PacketCtx>(
 fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
     let entry = match conntrack::lookup(p) {
         Some(e) => Some(e),
-        None => stateless_reply(p),
+        // Only a SYN-ACK can answer a SYN served without state: other
+        // packets (all traffic to no Service) skip the call.
+        None if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => stateless_reply(p),
+        None => None,
     };
     // SAFETY: an entry of this run's lookup.
     match entry.map(|e| unsafe { &*e }) {
