@@ -118,7 +118,8 @@ pub const SNAT_PORTS_GLOBAL: &str = "DP_SNAT_PORTS";
 /// node's actual settings (`dataplane::node::snat_ports`).
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 29999);
 
-/// Read-only global: new flows per CPU per second that get conntrack
+/// Read-only global: new TCP flows (SYNs of Maglev frontends without
+/// session affinity) per CPU per second that get conntrack
 /// state (the flood guard); beyond it, TCP SYNs of Maglev frontends are
 /// translated without state until the next second (`CtEvent::StatelessNewFlow`).
 /// 0 turns the guard off. Set by the agent at load time

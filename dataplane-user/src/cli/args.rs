@@ -222,7 +222,7 @@ pub struct RunArgs {
     /// 1024-65535 outside both, read at start.
     #[arg(long, env = "DATAPLANE_SNAT_PORT_RANGE")]
     pub snat_port_range: Option<String>,
-    /// The flood guard: new flows per CPU per second that get conntrack
+    /// The flood guard: new TCP flows per CPU per second that get conntrack
     /// state. Beyond it, TCP SYNs are translated without state until the
     /// next second, and a flow gets its state from the client's next
     /// packet: a SYN flood cannot evict established flows. 0: no limit.
