@@ -10,7 +10,9 @@
 use std::{collections::HashMap, fmt::Write as _, net::Ipv4Addr};
 
 use dataplane::model::maglev;
-use dataplane_common::{flow_hash, Backend, Reason, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY};
+use dataplane_common::{
+    flow_hash, Backend, Reason, BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
+};
 
 use crate::packet::{checksum, ACK, FIN, RST, SYN, TCP, UDP};
 
@@ -76,6 +78,9 @@ pub struct Svc {
     /// Bumped each time the backend set changes (the agent then writes a
     /// new generation with a new epoch).
     pub version: u64,
+    /// An external frontend (NodePort): flows to its remote backends are
+    /// SNATed to the node's address (`SNAT_ADDR`).
+    pub external: bool,
 }
 
 impl Svc {
@@ -94,9 +99,42 @@ impl Svc {
             backends: b,
             table,
             version: 0,
+            external: false,
+        }
+    }
+
+    /// An external frontend (a NodePort on `SNAT_ADDR`) whose backends
+    /// `remote` are on other nodes (`BACKEND_F_REMOTE`).
+    pub fn external(port: u16, proto: u8, local: &[(Ipv4Addr, u16)], remote: &[(Ipv4Addr, u16)]) -> Svc {
+        let mut b: Vec<Backend> = local.iter().map(|(a, p)| Backend::new(*a, *p)).collect();
+        b.extend(remote.iter().map(|(a, p)| {
+            let mut b = Backend::new(*a, *p);
+            b.flags |= BACKEND_F_REMOTE;
+            b
+        }));
+        b.sort();
+        let table = maglev::table(&b, maglev::DEFAULT_SIZE);
+        Svc {
+            vip: Ipv4Addr::from(SNAT_ADDR),
+            port,
+            proto,
+            backends: b,
+            table,
+            version: 0,
+            external: true,
         }
     }
 }
+
+/// The node's address: NodePorts are served on it and SNATed flows leave
+/// from it.
+pub const SNAT_ADDR: [u8; 4] = [198, 18, 50, 1];
+
+/// SNAT source ports (the agent's default range without a node to read:
+/// `dataplane_common::DEFAULT_SNAT_PORTS`), and how many candidates a
+/// flow tries: the specification in docs/services.md ("SNAT port range").
+pub const SNAT_PORTS: (u16, u16) = dataplane_common::DEFAULT_SNAT_PORTS;
+pub const SNAT_TRIES: u32 = 8;
 
 /// The Services of the hostile run: TCP and UDP, several backends, one
 /// backend, and frontends without endpoints.
@@ -114,6 +152,10 @@ pub fn services() -> Vec<Svc> {
         Svc::new(VIPS[1], 443, UDP, &[(b(9), 4433)]),
         Svc::new(VIPS[2], 80, TCP, &[]),
         Svc::new(VIPS[2], 53, UDP, &[]),
+        // A NodePort with a local and two remote backends (SNATed), and a
+        // UDP one with a remote backend only.
+        Svc::external(30080, TCP, &[(b(12), 8080)], &[(b(13), 8080), (b(14), 8080)]),
+        Svc::external(30053, UDP, &[], &[(b(15), 5353)]),
     ]
 }
 
@@ -141,6 +183,9 @@ pub struct CtEntry {
     pub flags: u16,
     /// The service's `version` when the flow was created.
     pub version: u64,
+    /// SNAT: original entry, the node's address and port the source
+    /// becomes; reply entry, the client the destination goes back to.
+    pub snat: Option<([u8; 4], u16)>,
 }
 
 /// Which address/port pair a translation rewrites.
@@ -170,6 +215,13 @@ pub enum Expect {
     },
     /// Answered with exactly these bytes, sent back out (XDP_TX / redirect).
     Reject(Vec<u8>),
+    /// Both ends rewritten (SNAT and DNAT, or their reverse), checksums
+    /// kept consistent, this reason counted.
+    TranslateBoth {
+        dst: ([u8; 4], u16),
+        src: ([u8; 4], u16),
+        reason: Reason,
+    },
 }
 
 impl Expect {
@@ -177,7 +229,10 @@ impl Expect {
     pub fn reason(&self) -> Option<Reason> {
         match self {
             Expect::Refused => None,
-            Expect::Pass(r) | Expect::Drop(r) | Expect::Translate { reason: r, .. } => Some(*r),
+            Expect::Pass(r)
+            | Expect::Drop(r)
+            | Expect::Translate { reason: r, .. }
+            | Expect::TranslateBoth { reason: r, .. } => Some(*r),
             Expect::Reject(_) => Some(Reason::RejectNoBackend),
         }
     }
@@ -343,19 +398,28 @@ impl Model {
             // follows the entry.
             let stale = e.flags & CT_F_CLOSING != 0 || e.version != svc.version;
             if !(starts && stale) {
-                let (addr, port) = (e.nat_addr, e.nat_port);
-                // A FIN or RST closes the flow's reply entry too.
+                let (addr, port, snat) = (e.nat_addr, e.nat_port, e.snat);
+                // A FIN or RST closes the flow's reply entry too (keyed
+                // by the node's address and port when SNATed).
                 if closes {
+                    let (client, cport) = snat.unwrap_or((p.tuple.saddr, p.tuple.sport));
                     let reply_key = Tuple {
                         saddr: addr,
-                        daddr: p.tuple.saddr,
+                        daddr: client,
                         sport: port,
-                        dport: p.tuple.sport,
+                        dport: cport,
                         proto: p.tuple.proto,
                     };
                     if let Some(r) = self.ct.get_mut(&reply_key) {
                         r.flags |= CT_F_CLOSING;
                     }
+                }
+                if let Some(src) = snat {
+                    return Expect::TranslateBoth {
+                        dst: (addr, port),
+                        src,
+                        reason: Reason::NatEstablished,
+                    };
                 }
                 return Expect::Translate {
                     side: Side::Dst,
@@ -378,11 +442,22 @@ impl Model {
         );
         let b = svc.backends[svc.table[(h % maglev::DEFAULT_SIZE) as usize] as usize];
         let (baddr, bport) = (v4_octets(b.ip()), b.host_port());
+        // SNAT: a remote backend of an external frontend, or a backend
+        // reaching itself (hairpin).
+        let snat = if (svc.external && b.flags & BACKEND_F_REMOTE != 0) || t.saddr == baddr {
+            match self.snat_port(h, baddr, bport, t.proto) {
+                Some(port) => Some((SNAT_ADDR, port)),
+                None => return Expect::Drop(Reason::DropSnatFailed),
+            }
+        } else {
+            None
+        };
+        let (client, cport) = snat.unwrap_or((t.saddr, t.sport));
         let reply_key = Tuple {
             saddr: baddr,
-            daddr: t.saddr,
+            daddr: client,
             sport: bport,
-            dport: t.sport,
+            dport: cport,
             proto: t.proto,
         };
         self.ct.insert(
@@ -390,8 +465,9 @@ impl Model {
             CtEntry {
                 nat_addr: t.daddr,
                 nat_port: t.dport,
-                flags: CT_F_REPLY,
+                flags: CT_F_REPLY | if snat.is_some() { CT_F_SNAT } else { 0 },
                 version: svc.version,
+                snat: snat.map(|_| (t.saddr, t.sport)),
             },
         );
         if self
@@ -401,13 +477,21 @@ impl Model {
                 CtEntry {
                     nat_addr: baddr,
                     nat_port: bport,
-                    flags: CT_F_ORIGINAL,
+                    flags: CT_F_ORIGINAL | if snat.is_some() { CT_F_SNAT } else { 0 },
                     version: svc.version,
+                    snat,
                 },
             )
             .is_none()
         {
             self.flows.push(*t);
+        }
+        if let Some(src) = snat {
+            return Expect::TranslateBoth {
+                dst: (baddr, bport),
+                src,
+                reason: Reason::NatNewFlow,
+            };
         }
         Expect::Translate {
             side: Side::Dst,
@@ -437,16 +521,24 @@ impl Model {
         if closes {
             learn |= CT_F_CLOSING;
         }
-        let (vip, vport) = (e.nat_addr, e.nat_port);
+        let (vip, vport, snat) = (e.nat_addr, e.nat_port, e.snat);
+        let (client, cport) = snat.unwrap_or((p.tuple.daddr, p.tuple.dport));
         let original = Tuple {
-            saddr: p.tuple.daddr,
+            saddr: client,
             daddr: vip,
-            sport: p.tuple.dport,
+            sport: cport,
             dport: vport,
             proto: p.tuple.proto,
         };
         if let Some(o) = self.ct.get_mut(&original) {
             o.flags |= learn;
+        }
+        if let Some(dst) = snat {
+            return Expect::TranslateBoth {
+                dst,
+                src: (vip, vport),
+                reason: Reason::NatReply,
+            };
         }
         Expect::Translate {
             side: Side::Src,
@@ -458,6 +550,27 @@ impl Model {
 }
 
 impl Model {
+    /// The SNAT source port of a new flow whose tuple hashes to `h`
+    /// (`flow_hash`, as for Maglev), as docs/services.md specifies: of the
+    /// candidates `first + (h + i * 0x9e3779b1) mod span` (i = 0..8, u32
+    /// arithmetic), the first whose reply tuple (backend -> node:port) has
+    /// no conntrack entry.
+    fn snat_port(&self, h: u32, baddr: [u8; 4], bport: u16, proto: u8) -> Option<u16> {
+        let (first, last) = (u32::from(SNAT_PORTS.0), u32::from(SNAT_PORTS.1));
+        let span = last - first + 1;
+        (0..SNAT_TRIES)
+            .map(|i| (first + h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % span) as u16)
+            .find(|port| {
+                !self.ct.contains_key(&Tuple {
+                    saddr: baddr,
+                    daddr: SNAT_ADDR,
+                    sport: bport,
+                    dport: *port,
+                    proto,
+                })
+            })
+    }
+
     /// Passing untouched; a TCP SYN whose reversed tuple is the reply entry
     /// of a closing flow removes that flow's entries (its tuple is taken).
     fn pass_no_service(&mut self, p: &L4) -> Expect {
@@ -690,22 +803,30 @@ pub fn check(
             if retval != pass {
                 return Err(format!("verdict {retval}, expected pass ({pass}) after translation"));
             }
-            return check_translation(input, &out, *side, *addr, *port);
+            return check_translation(input, &out, &[(*side, *addr, *port)]);
+        }
+        Expect::TranslateBoth { dst, src, .. } => {
+            if retval != pass {
+                return Err(format!("verdict {retval}, expected pass ({pass}) after translation"));
+            }
+            return check_translation(input, &out, &[(Side::Dst, dst.0, dst.1), (Side::Src, src.0, src.1)]);
         }
     }
     Ok(())
 }
 
-fn check_translation(input: &[u8], out: &[u8], side: Side, a: [u8; 4], port: u16) -> Result<(), String> {
+fn check_translation(input: &[u8], out: &[u8], rewrites: &[(Side, [u8; 4], u16)]) -> Result<(), String> {
     let p = classify(input).expect("translated frames parse");
-    let (addr_off, port_off) = match side {
-        Side::Dst => (ETH + 16, p.l4 + 2),
-        Side::Src => (ETH + 12, p.l4),
-    };
     let csum_off = p.l4 + if p.tuple.proto == TCP { 16 } else { 6 };
     let mut want = input.to_vec();
-    want[addr_off..addr_off + 4].copy_from_slice(&a);
-    want[port_off..port_off + 2].copy_from_slice(&port.to_be_bytes());
+    for (side, a, port) in rewrites {
+        let (addr_off, port_off) = match side {
+            Side::Dst => (ETH + 16, p.l4 + 2),
+            Side::Src => (ETH + 12, p.l4),
+        };
+        want[addr_off..addr_off + 4].copy_from_slice(a);
+        want[port_off..port_off + 2].copy_from_slice(&port.to_be_bytes());
+    }
     if out.len() != want.len() {
         return Err(format!("length {} instead of {}", out.len(), want.len()));
     }
@@ -1058,11 +1179,12 @@ impl Generator {
                 } else {
                     0
                 };
+                let (dst, dport) = e.snat.unwrap_or((t.saddr, t.sport));
                 let s = Spec {
                     src: e.nat_addr,
-                    dst: t.saddr,
+                    dst,
                     sport: e.nat_port,
-                    dport: t.sport,
+                    dport,
                     proto: t.proto,
                     flags,
                 };

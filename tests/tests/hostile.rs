@@ -8,10 +8,11 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
 
+use dataplane::model::Frontend;
 use dataplane::{bpf::testrun, reconcile::SyncConfig};
-use dataplane_common::{limits, program_names, DpConfig, Reason};
+use dataplane_common::{limits, program_names, DpConfig, Reason, ServiceKey, CT_F_SNAT, SVC_F_EXTERNAL};
 use dataplane_tests::{
-    hostile::{check, hex, services, Expect, Generator, Hook, Kind, Model, Svc, Tuple},
+    hostile::{check, hex, services, Expect, Generator, Hook, Kind, Model, Svc, Tuple, SNAT_ADDR},
     prog::Loaded,
 };
 
@@ -37,6 +38,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 fn no_expiry() -> DpConfig {
     let forever = 1u64 << 60;
     DpConfig {
+        snat_addr: u32::from_ne_bytes(SNAT_ADDR),
         tcp_syn_timeout_ns: forever,
         tcp_established_timeout_ns: forever,
         tcp_closing_timeout_ns: forever,
@@ -49,6 +51,23 @@ fn no_expiry() -> DpConfig {
 fn loaded(model: &Model) -> Loaded {
     let mut l = Loaded::with_configs(SyncConfig::default(), no_expiry());
     for s in &model.services {
+        if s.external {
+            // A NodePort: remote backends SNATed.
+            l.set_frontend(
+                ServiceKey::new(s.vip, s.port, s.proto),
+                Frontend {
+                    service: format!("hostile/np-{}", s.port),
+                    port_name: String::new(),
+                    backends: s.backends.clone(),
+                    affinity_timeout_s: None,
+                    flags: SVC_F_EXTERNAL,
+                    source_ranges: vec![],
+                    also_serving: Vec::new(),
+                },
+            );
+            assert_eq!(l.backends(s.vip, s.port, s.proto), s.backends);
+            continue;
+        }
         let b: Vec<(std::net::IpAddr, u16)> = s.backends.iter().map(|b| (b.ip(), b.host_port())).collect();
         l.set_service(s.vip, s.port, s.proto, &b);
         assert_eq!(
@@ -138,6 +157,7 @@ fn a_million_hostile_packets_follow_the_reference_model() {
             Expect::Pass(r) => format!("pass {}", r.name()),
             Expect::Drop(r) => format!("drop {}", r.name()),
             Expect::Translate { reason, .. } => format!("translate {}", reason.name()),
+            Expect::TranslateBoth { reason, .. } => format!("translate both {}", reason.name()),
             Expect::Reject(_) => "reject".to_string(),
         };
         *outcomes.entry(outcome).or_default() += 1;
@@ -156,6 +176,9 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         "translate nat_new_flow",
         "translate nat_established",
         "translate nat_reply",
+        "translate both nat_new_flow",
+        "translate both nat_established",
+        "translate both nat_reply",
         "drop drop_no_backend",
         "reject",
         "refused by test_run",
@@ -189,7 +212,8 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         limits::MAX_CONNTRACK
     );
     assert!(model.ct.len() < limits::MAX_CONNTRACK as usize / 4);
-    let mut real: BTreeMap<Tuple, (Ipv4Addr, u16, u16)> = BTreeMap::new();
+    type Row = (Ipv4Addr, u16, u16, Option<(Ipv4Addr, u16)>);
+    let mut real: BTreeMap<Tuple, Row> = BTreeMap::new();
     for kv in l.sync.writer().conntrack.iter() {
         let (k, v) = kv.unwrap();
         let t = Tuple {
@@ -199,19 +223,25 @@ fn a_million_hostile_packets_follow_the_reference_model() {
             dport: u16::from_be(k.dport),
             proto: k.proto,
         };
+        let snat = (v.flags & CT_F_SNAT != 0)
+            .then(|| (Ipv4Addr::from(v.snat_addr[0].to_ne_bytes()), u16::from_be(v.snat_port)));
         real.insert(
             t,
             (
                 Ipv4Addr::from(v.nat_addr[0].to_ne_bytes()),
                 u16::from_be(v.nat_port),
-                v.flags,
+                v.state(),
+                snat,
             ),
         );
     }
-    let want: BTreeMap<Tuple, (Ipv4Addr, u16, u16)> = model
+    let want: BTreeMap<Tuple, Row> = model
         .ct
         .iter()
-        .map(|(t, e)| (*t, (Ipv4Addr::from(e.nat_addr), e.nat_port, e.flags)))
+        .map(|(t, e)| {
+            let snat = e.snat.map(|(a, p)| (Ipv4Addr::from(a), p));
+            (*t, (Ipv4Addr::from(e.nat_addr), e.nat_port, e.flags, snat))
+        })
         .collect();
     assert_eq!(real.len(), want.len(), "conntrack entries: map vs model");
     for (t, w) in &want {
