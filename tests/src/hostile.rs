@@ -12,6 +12,7 @@ use std::{collections::HashMap, fmt::Write as _, net::Ipv4Addr};
 use dataplane::model::maglev;
 use dataplane_common::{
     flow_hash, Backend, Reason, BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
+    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
 };
 
 use crate::packet::{checksum, ACK, FIN, RST, SYN, TCP, UDP};
@@ -81,6 +82,12 @@ pub struct Svc {
     /// An external frontend (NodePort): flows to its remote backends are
     /// SNATed to the node's address (`SNAT_ADDR`).
     pub external: bool,
+    /// loadBalancerSourceRanges (address, prefix length): new flows from
+    /// other sources are dropped. Empty: no ranges.
+    pub source_ranges: Vec<([u8; 4], u8)>,
+    /// externalTrafficPolicy Local without a local endpoint: new flows
+    /// are dropped, not rejected.
+    pub drop_no_local: bool,
 }
 
 impl Svc {
@@ -100,6 +107,8 @@ impl Svc {
             table,
             version: 0,
             external: false,
+            source_ranges: Vec::new(),
+            drop_no_local: false,
         }
     }
 
@@ -113,7 +122,11 @@ impl Svc {
             b
         }));
         b.sort();
-        let table = maglev::table(&b, maglev::DEFAULT_SIZE);
+        let table = if b.is_empty() {
+            Vec::new()
+        } else {
+            maglev::table(&b, maglev::DEFAULT_SIZE)
+        };
         Svc {
             vip: Ipv4Addr::from(SNAT_ADDR),
             port,
@@ -122,8 +135,31 @@ impl Svc {
             table,
             version: 0,
             external: true,
+            source_ranges: Vec::new(),
+            drop_no_local: false,
         }
     }
+
+    /// The `SVC_F_*` flags the agent writes for this frontend.
+    pub fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.external {
+            f |= SVC_F_EXTERNAL;
+        }
+        if !self.source_ranges.is_empty() {
+            f |= SVC_F_SOURCE_RANGES;
+        }
+        if self.drop_no_local {
+            f |= SVC_F_DROP_NO_LOCAL;
+        }
+        f
+    }
+}
+
+/// Whether `a` lies in `prefix`/`len`.
+fn in_prefix(a: [u8; 4], prefix: [u8; 4], len: u8) -> bool {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+    u32::from_be_bytes(a) & mask == u32::from_be_bytes(prefix) & mask
 }
 
 /// The node's address: NodePorts are served on it and SNATed flows leave
@@ -156,8 +192,22 @@ pub fn services() -> Vec<Svc> {
         // UDP one with a remote backend only.
         Svc::external(30080, TCP, &[(b(12), 8080)], &[(b(13), 8080), (b(14), 8080)]),
         Svc::external(30053, UDP, &[], &[(b(15), 5353)]),
+        // A load balancer IP that admits half the client pool.
+        Svc {
+            vip: LB_IP,
+            source_ranges: vec![([198, 18, 100, 0], 27)],
+            ..Svc::external(443, TCP, &[(b(16), 8443), (b(17), 8443)], &[])
+        },
+        // externalTrafficPolicy Local, no endpoint on this node.
+        Svc {
+            drop_no_local: true,
+            ..Svc::external(30443, TCP, &[], &[])
+        },
     ]
 }
+
+/// The load balancer IP of the frontend with source ranges.
+pub const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 1);
 
 pub const VIPS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(198, 19, 0, 10),
@@ -429,7 +479,20 @@ impl Model {
                 };
             }
         }
+        // New flows only (an established flow passed above): a source
+        // outside the load balancer's ranges is dropped.
+        if !svc.source_ranges.is_empty()
+            && !svc
+                .source_ranges
+                .iter()
+                .any(|(a, len)| in_prefix(p.tuple.saddr, *a, *len))
+        {
+            return Expect::Drop(Reason::DropSourceRange);
+        }
         if svc.backends.is_empty() {
+            if svc.drop_no_local {
+                return Expect::Drop(Reason::DropNoLocalBackend);
+            }
             return reject(f, &p);
         }
         let t = &p.tuple;

@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
 
 use dataplane::model::Frontend;
 use dataplane::{bpf::testrun, reconcile::SyncConfig};
-use dataplane_common::{limits, program_names, DpConfig, Reason, ServiceKey, CT_F_SNAT, SVC_F_EXTERNAL};
+use dataplane_common::{limits, program_names, DpConfig, Reason, ServiceKey, CT_F_SNAT};
 use dataplane_tests::{
     hostile::{check, hex, services, Expect, Generator, Hook, Kind, Model, Svc, Tuple, SNAT_ADDR},
     prog::Loaded,
@@ -51,8 +51,9 @@ fn no_expiry() -> DpConfig {
 fn loaded(model: &Model) -> Loaded {
     let mut l = Loaded::with_configs(SyncConfig::default(), no_expiry());
     for s in &model.services {
-        if s.external {
-            // A NodePort: remote backends SNATed.
+        if s.flags() != 0 {
+            // A NodePort or load balancer IP: remote backends SNATed,
+            // source ranges, a Local policy without local endpoints.
             l.set_frontend(
                 ServiceKey::new(s.vip, s.port, s.proto),
                 Frontend {
@@ -60,8 +61,12 @@ fn loaded(model: &Model) -> Loaded {
                     port_name: String::new(),
                     backends: s.backends.clone(),
                     affinity_timeout_s: None,
-                    flags: SVC_F_EXTERNAL,
-                    source_ranges: vec![],
+                    flags: s.flags(),
+                    source_ranges: s
+                        .source_ranges
+                        .iter()
+                        .map(|(a, len)| (std::net::IpAddr::from(*a), *len))
+                        .collect(),
                     also_serving: Vec::new(),
                 },
             );
@@ -180,6 +185,8 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         "translate both nat_established",
         "translate both nat_reply",
         "drop drop_no_backend",
+        "drop drop_source_range",
+        "drop drop_no_local_backend",
         "reject",
         "refused by test_run",
     ] {
