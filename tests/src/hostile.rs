@@ -947,6 +947,9 @@ pub const CLIENT_PORT_BASE: u16 = 40000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     ToService,
+    /// From one of a frontend's backends to the frontend (hairpin: when
+    /// the flow lands on the sender itself, its source is SNATed).
+    Hairpin,
     Established,
     Reply,
     /// From a tracked flow's client and port straight to its backend (a
@@ -1187,7 +1190,8 @@ impl Generator {
     /// replies and follow-ups).
     pub fn frame(&mut self, model: &Model) -> (Kind, Vec<u8>) {
         let kind = match self.rng.below(100) {
-            0..=29 => Kind::ToService,
+            0..=26 => Kind::ToService,
+            27..=29 => Kind::Hairpin,
             30..=44 => Kind::Established,
             45..=59 => Kind::Reply,
             60..=64 => Kind::NoServicePort,
@@ -1213,6 +1217,22 @@ impl Generator {
                 let flags = if svc.proto == TCP { self.tcp_flags() } else { 0 };
                 let s = Spec {
                     src: c,
+                    dst: svc.vip.octets(),
+                    sport: cp,
+                    dport: svc.port,
+                    proto: svc.proto,
+                    flags,
+                };
+                self.valid_or_broken(&s)
+            }
+            Kind::Hairpin => {
+                let with_backends: Vec<&Svc> = model.services.iter().filter(|s| !s.backends.is_empty()).collect();
+                let svc = (*self.rng.pick(&with_backends)).clone();
+                let src = v4_octets(self.rng.pick(&svc.backends).ip());
+                let (_, cp) = self.client();
+                let flags = if svc.proto == TCP { self.tcp_flags() } else { 0 };
+                let s = Spec {
+                    src,
                     dst: svc.vip.octets(),
                     sport: cp,
                     dport: svc.port,

@@ -171,6 +171,10 @@ fn a_million_hostile_packets_follow_the_reference_model() {
     eprintln!("{packets} frames in {elapsed:.1?}; by kind: {kinds:?}");
     eprintln!("outcomes: {outcomes:#?}");
 
+    assert!(
+        kinds.get(&Kind::Hairpin).copied().unwrap_or(0) > 0,
+        "no hairpin frame: {kinds:?}"
+    );
     // Every outcome the model knows happened, so the run exercised them all.
     for want in [
         "pass pass_not_ip",
