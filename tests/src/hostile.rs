@@ -188,6 +188,9 @@ pub fn services() -> Vec<Svc> {
         Svc::new(VIPS[1], 443, UDP, &[(b(9), 4433)]),
         Svc::new(VIPS[2], 80, TCP, &[]),
         Svc::new(VIPS[2], 53, UDP, &[]),
+        // The first frontend's backends behind another VIP: one client port
+        // to both can land on one backend, whose reply tuple is then taken.
+        Svc::new(VIPS[2], 8080, TCP, &[(b(1), 8080), (b(2), 8080), (b(3), 8081)]),
         // A NodePort with a local and two remote backends (SNATed), and a
         // UDP one with a remote backend only.
         Svc::external(30080, TCP, &[(b(12), 8080)], &[(b(13), 8080), (b(14), 8080)]),
@@ -369,6 +372,9 @@ pub struct Model {
     pub counts: HashMap<Reason, u64>,
     /// Frames the programs actually ran.
     pub runs: u64,
+    /// New flows moved to another source port because their reply tuple
+    /// belonged to another live flow (`CtEvent::ClashResolved`).
+    pub clashes: u64,
 }
 
 impl Model {
@@ -379,6 +385,7 @@ impl Model {
             flows: Vec::new(),
             counts: HashMap::new(),
             runs: 0,
+            clashes: 0,
         }
     }
 
@@ -515,14 +522,34 @@ impl Model {
         } else {
             None
         };
+        let mut snat = snat;
         let (client, cport) = snat.unwrap_or((t.saddr, t.sport));
-        let reply_key = Tuple {
+        let mut reply_key = Tuple {
             saddr: baddr,
             daddr: client,
             sport: bport,
             dport: cport,
             proto: t.proto,
         };
+        // The reply entry of another live flow is never written over (see
+        // docs/services.md, "Reply-tuple clashes"): the new flow gets
+        // another source port, on its own address (or the node's when
+        // SNATed), by the SNAT candidate rule. An entry of the same flow
+        // (same frontend and client) or of a closed one may be replaced.
+        let new_snat = snat.map(|_| (t.saddr, t.sport));
+        if let Some(old) = self.ct.get(&reply_key) {
+            let same = (old.nat_addr, old.nat_port) == (t.daddr, t.dport) && old.snat == new_snat;
+            if old.flags & CT_F_CLOSING == 0 && !same {
+                let addr = snat.map_or(t.saddr, |(a, _)| a);
+                let Some(port) = self.free_port(h, baddr, bport, addr, t.proto) else {
+                    return Expect::Drop(Reason::DropSnatFailed);
+                };
+                self.clashes += 1;
+                snat = Some((addr, port));
+                reply_key.daddr = addr;
+                reply_key.dport = port;
+            }
+        }
         self.ct.insert(
             reply_key,
             CtEntry {
@@ -619,6 +646,13 @@ impl Model {
     /// arithmetic), the first whose reply tuple (backend -> node:port) has
     /// no conntrack entry.
     fn snat_port(&self, h: u32, baddr: [u8; 4], bport: u16, proto: u8) -> Option<u16> {
+        self.free_port(h, baddr, bport, SNAT_ADDR, proto)
+    }
+
+    /// The SNAT candidate rule for source address `addr`: the first
+    /// candidate port whose reply tuple (backend -> addr:port) has no
+    /// entry.
+    fn free_port(&self, h: u32, baddr: [u8; 4], bport: u16, addr: [u8; 4], proto: u8) -> Option<u16> {
         let (first, last) = (u32::from(SNAT_PORTS.0), u32::from(SNAT_PORTS.1));
         let span = last - first + 1;
         (0..SNAT_TRIES)
@@ -626,7 +660,7 @@ impl Model {
             .find(|port| {
                 !self.ct.contains_key(&Tuple {
                     saddr: baddr,
-                    daddr: SNAT_ADDR,
+                    daddr: addr,
                     sport: bport,
                     dport: *port,
                     proto,

@@ -200,6 +200,11 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         );
     }
 
+    // Reply-tuple clashes: each resolved as the model says.
+    eprintln!("reply-tuple clashes resolved: {}", model.clashes);
+    assert!(model.clashes > 0, "no reply-tuple clash happened");
+    assert_eq!(l.ct_event(dataplane_common::CtEvent::ClashResolved), model.clashes);
+
     // Counters: one reason per frame the programs ran, each as the model says.
     let total: u64 = Reason::ALL.iter().map(|r| l.reason(*r)).sum();
     assert_eq!(total, model.runs, "sum of the reason counters != frames run");
@@ -222,7 +227,10 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         model.flows.len(),
         limits::MAX_CONNTRACK
     );
-    assert!(model.ct.len() < limits::MAX_CONNTRACK as usize / 4);
+    // (A third at most: the kernel's LRU keeps per-CPU free lists and may
+    // evict before it is full; the exact comparison below would show any
+    // eviction.)
+    assert!(model.ct.len() < limits::MAX_CONNTRACK as usize / 3);
     type Row = (Ipv4Addr, u16, u16, Option<(Ipv4Addr, u16)>);
     let mut real: BTreeMap<Tuple, Row> = BTreeMap::new();
     for kv in l.sync.writer().conntrack.iter() {
