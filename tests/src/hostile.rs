@@ -88,6 +88,9 @@ pub struct Svc {
     /// externalTrafficPolicy Local without a local endpoint: new flows
     /// are dropped, not rejected.
     pub drop_no_local: bool,
+    /// sessionAffinity ClientIP (a timeout far beyond the run): a
+    /// client's new flows go to the backend its first flow went to.
+    pub affinity: bool,
 }
 
 impl Svc {
@@ -109,6 +112,7 @@ impl Svc {
             external: false,
             source_ranges: Vec::new(),
             drop_no_local: false,
+            affinity: false,
         }
     }
 
@@ -137,6 +141,7 @@ impl Svc {
             external: true,
             source_ranges: Vec::new(),
             drop_no_local: false,
+            affinity: false,
         }
     }
 
@@ -200,6 +205,11 @@ pub fn services() -> Vec<Svc> {
             vip: LB_IP,
             source_ranges: vec![([198, 18, 100, 0], 27)],
             ..Svc::external(443, TCP, &[(b(16), 8443), (b(17), 8443)], &[])
+        },
+        // sessionAffinity ClientIP.
+        Svc {
+            affinity: true,
+            ..Svc::new(VIPS[1], 8443, TCP, &[(b(18), 8443), (b(19), 8443), (b(20), 8443)])
         },
         // externalTrafficPolicy Local, no endpoint on this node.
         Svc {
@@ -375,6 +385,9 @@ pub struct Model {
     /// New flows moved to another source port because their reply tuple
     /// belonged to another live flow (`CtEvent::ClashResolved`).
     pub clashes: u64,
+    /// Session affinity: (client address, frontend) -> the backend its
+    /// new flows go to.
+    pub affinity: HashMap<([u8; 4], [u8; 4], u16, u8), Backend>,
 }
 
 impl Model {
@@ -386,6 +399,7 @@ impl Model {
             counts: HashMap::new(),
             runs: 0,
             clashes: 0,
+            affinity: HashMap::new(),
         }
     }
 
@@ -510,7 +524,12 @@ impl Model {
             t.dport.to_be(),
             t.proto,
         );
-        let b = svc.backends[svc.table[(h % maglev::DEFAULT_SIZE) as usize] as usize];
+        let mut b = svc.backends[svc.table[(h % maglev::DEFAULT_SIZE) as usize] as usize];
+        if svc.affinity {
+            // The first flow's backend, remembered for the client.
+            let key = (t.saddr, t.daddr, t.dport, t.proto);
+            b = *self.affinity.entry(key).or_insert(b);
+        }
         let (baddr, bport) = (v4_octets(b.ip()), b.host_port());
         // SNAT: a remote backend of an external frontend, or a backend
         // reaching itself (hairpin).

@@ -51,7 +51,7 @@ fn no_expiry() -> DpConfig {
 fn loaded(model: &Model) -> Loaded {
     let mut l = Loaded::with_configs(SyncConfig::default(), no_expiry());
     for s in &model.services {
-        if s.flags() != 0 {
+        if s.flags() != 0 || s.affinity {
             // A NodePort or load balancer IP: remote backends SNATed,
             // source ranges, a Local policy without local endpoints.
             l.set_frontend(
@@ -60,7 +60,7 @@ fn loaded(model: &Model) -> Loaded {
                     service: format!("hostile/np-{}", s.port),
                     port_name: String::new(),
                     backends: s.backends.clone(),
-                    affinity_timeout_s: None,
+                    affinity_timeout_s: s.affinity.then_some(1 << 30),
                     flags: s.flags(),
                     source_ranges: s
                         .source_ranges
