@@ -170,14 +170,32 @@ pub fn flag_reply(orig: &Packet, ct: &CtValue, flags: u16) {
 }
 
 /// Whether replies from `backend` to `addr:port` (a candidate SNAT source)
-/// are already tracked for another flow.
+/// belong to another flow that has not closed. The entry of a flow that
+/// closed leaves the tuple free (as for [`held_by_another_flow`]): a
+/// client reusing one source port for connection after connection must
+/// not run out of candidates while the closed flows' entries wait for
+/// eviction. (Expiry is not checked here: the timeout's branches, once
+/// per candidate, cost the verifier more than the case is worth; an
+/// expired entry that never closed still holds its port until evicted.)
 #[inline(always)]
 pub fn reply_tuple_in_use(p: &Packet, backend: &Backend, addr: &Addr, port: u16) -> bool {
-    match key_of(&backend.addr, addr, backend.port, port, p) {
-        // SAFETY: the key was just written to the scratch entry.
-        Some(key) => entry(unsafe { &*key }).is_some(),
-        None => true,
+    let Some(key) = key_of(&backend.addr, addr, backend.port, port, p) else {
+        return true;
+    };
+    // SAFETY: the key was just written to the scratch entry; the value is
+    // an LRU value, valid for this run.
+    match entry(unsafe { &*key }) {
+        Some(e) => (unsafe { (*e).state() } & CT_F_CLOSING) == 0,
+        None => false,
     }
+}
+
+/// Whether an entry's flow is neither closing nor expired.
+#[inline(always)]
+fn live(e: &CtValue, proto: u8) -> bool {
+    let idle = now_ns().saturating_sub(e.last_seen_ns);
+    let state = e.state();
+    state & CT_F_CLOSING == 0 && idle <= timeout_ns(proto, state)
 }
 
 /// Marks a reply entry as having seen a reply; returns whether it had not.
@@ -241,9 +259,7 @@ pub const CLASH: i32 = i32::MIN;
 /// expired may be written over.
 #[inline(always)]
 fn held_by_another_flow(existing: &CtValue, new: &CtValue, proto: u8) -> bool {
-    let idle = now_ns().saturating_sub(existing.last_seen_ns);
-    let state = existing.state();
-    let live = state & CT_F_CLOSING == 0 && idle <= timeout_ns(proto, state);
+    let live = live(existing, proto);
     let same = existing.nat_port == new.nat_port
         && addr_eq(&existing.nat_addr, &new.nat_addr)
         && existing.flags & CT_F_SNAT == new.flags & CT_F_SNAT

@@ -670,20 +670,21 @@ impl Model {
 
     /// The SNAT candidate rule for source address `addr`: the first
     /// candidate port whose reply tuple (backend -> addr:port) has no
-    /// entry.
+    /// entry of an open flow (none, or one of a closed flow).
     fn free_port(&self, h: u32, baddr: [u8; 4], bport: u16, addr: [u8; 4], proto: u8) -> Option<u16> {
         let (first, last) = (u32::from(SNAT_PORTS.0), u32::from(SNAT_PORTS.1));
         let span = last - first + 1;
         (0..SNAT_TRIES)
             .map(|i| (first + h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % span) as u16)
             .find(|port| {
-                !self.ct.contains_key(&Tuple {
+                let key = Tuple {
                     saddr: baddr,
                     daddr: addr,
                     sport: bport,
                     dport: *port,
                     proto,
-                })
+                };
+                self.ct.get(&key).is_none_or(|e| e.flags & CT_F_CLOSING != 0)
             })
     }
 

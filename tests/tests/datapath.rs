@@ -1068,6 +1068,35 @@ fn remote_backend_of_an_external_frontend_is_snated_and_reversed() {
 /// agent's `--snat-port-range`, or its choice outside the node's ephemeral
 /// ports), never from elsewhere: 60 flows to one backend through a range
 /// of 64 ports.
+/// A client that reuses one source port for connection after connection
+/// through a SNATed frontend: each closed flow's reply entry stays in the
+/// LRU until it is evicted, but it leaves the SNAT port free, so every
+/// connection gets one (here the same one each time). When closed flows'
+/// entries counted as taken, the 9th connection found its 8 candidate
+/// ports in use and was dropped (`drop_snat_failed`).
+#[test]
+fn a_client_port_reused_for_many_snated_connections_gets_a_port_each_time() {
+    for prog in Prog::BOTH {
+        let mut l = node_config();
+        let key = ServiceKey::new(NODE, 30443, TCP);
+        l.set_frontend(key, frontend(vec![remote(b(2), 8443)], SVC_F_EXTERNAL));
+        let client = (EXTERNAL_CLIENT, 40800);
+        let mut ports = std::collections::BTreeSet::new();
+        for i in 0..12 {
+            let out = l.run(prog, &Frame::tcp(client, (NODE, 30443), SYN).build());
+            assert_eq!(out.retval, prog.pass(), "{prog:?}: connection {i} was dropped");
+            let syn = parse_and_verify(&out.data);
+            assert_eq!((syn.src, syn.dst), (NODE, b(2)), "{prog:?} connection {i}");
+            ports.insert(syn.sport);
+            // The backend answers, the client closes.
+            l.run(prog, &Frame::tcp((b(2), 8443), (NODE, syn.sport), SYN | ACK).build());
+            l.run(prog, &Frame::tcp(client, (NODE, 30443), FIN | ACK).build());
+        }
+        assert_eq!(l.reason(Reason::DropSnatFailed), 0, "{prog:?}");
+        assert_eq!(ports.len(), 1, "{prog:?}: the freed port is taken again: {ports:?}");
+    }
+}
+
 #[test]
 fn snat_source_ports_come_from_the_configured_range() {
     for prog in Prog::BOTH {
