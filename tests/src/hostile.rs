@@ -2,17 +2,30 @@
 //! frames, and a reference model of what the datapath must do with each.
 //!
 //! The model is written from the datapath's specification (README, "How it
-//! works"), not from its code: it parses frames its own way, keeps its own
-//! conntrack table, picks backends with the userspace Maglev table and the
-//! shared flow hash, and builds the expected rejects byte by byte. Every
-//! outcome it predicts is checked exactly against the program's output.
+//! works" and "Connection tracking"; docs/services.md), not from its code:
+//! it parses frames its own way, keeps its own conntrack and affinity
+//! tables, picks backends with the userspace Maglev table and the shared
+//! flow hash, picks SNAT and clash source ports by the documented rule, and
+//! builds the expected rejects byte by byte. Every outcome it predicts is
+//! checked exactly against the program's output.
+//!
+//! What it covers: IPv4 and IPv6 frontends (extension headers included);
+//! DNAT, replies, rejects; SNAT of external frontends to remote backends
+//! and of hairpin flows, with the SNAT source port; load balancer source
+//! ranges; Local-policy drops; session affinity; reply-tuple clashes;
+//! reselection of a new SYN on an entry of an older backend set.
 
-use std::{collections::HashMap, fmt::Write as _, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    rc::Rc,
+};
 
-use dataplane::model::maglev;
+use dataplane::model::{maglev, Frontend};
 use dataplane_common::{
-    flow_hash, Backend, Reason, BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
-    SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
+    addr_of, flow_hash, fold_addr, Backend, Reason, BACKEND_F_REMOTE, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY,
+    CT_F_SEEN_REPLY, CT_F_SNAT, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
 };
 
 use crate::packet::{checksum, ACK, FIN, RST, SYN, TCP, UDP};
@@ -66,36 +79,90 @@ impl Rng {
     }
 }
 
+/// An address and a port (host order).
+pub type Ep = (IpAddr, u16);
+
+/// The node's addresses: NodePorts listen on them, SNAT uses them
+/// (`DpConfig::snat_addr`, `snat_addr6`).
+pub const NODE4: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 1);
+pub const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x50, 0, 0, 0, 0, 1);
+
+/// The SNAT port range the programs are loaded with (`--snat-port-range`):
+/// small, so that candidates are found in use and flows run out of ports.
+pub const SNAT_PORTS: (u16, u16) = (20000, 20511);
+/// Candidate source ports per SNATed or clashing flow, and the step between
+/// them (docs/services.md, "SNAT port range").
+pub const SNAT_TRIES: u32 = 8;
+pub const SNAT_STEP: u32 = 0x9e37_79b1;
+
+/// sessionAffinity timeout: far beyond the run, so that a client's
+/// remembered backend never expires during it.
+pub const AFFINITY_S: u32 = 10_800;
+
+pub const VIPS: [Ipv4Addr; 5] = [
+    Ipv4Addr::new(198, 19, 0, 10),
+    Ipv4Addr::new(198, 19, 0, 11),
+    Ipv4Addr::new(198, 19, 0, 12),
+    Ipv4Addr::new(198, 19, 0, 13),
+    Ipv4Addr::new(198, 19, 0, 14),
+];
+pub const VIPS6: [Ipv6Addr; 4] = [
+    Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x10),
+    Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x12),
+    Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x14),
+];
+/// Load balancer IPs with loadBalancerSourceRanges.
+pub const LB4: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 1);
+pub const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 0x20);
+
+/// Backend `i` of either family: 198.18.i.2 or fd00:18:i::2.
+fn b4(i: u8) -> IpAddr {
+    Ipv4Addr::new(198, 18, i, 2).into()
+}
+
+fn b6(i: u16) -> IpAddr {
+    Ipv6Addr::new(0xfd00, 0x18, i, 0, 0, 0, 0, 2).into()
+}
+
+/// A backend on this node.
+pub fn local(ip: IpAddr, port: u16) -> Backend {
+    Backend::new(ip, port)
+}
+
+/// A backend on another node (`BACKEND_F_REMOTE`).
+pub fn remote(ip: IpAddr, port: u16) -> Backend {
+    let b = Backend::new(ip, port);
+    Backend {
+        flags: b.flags | BACKEND_F_REMOTE,
+        ..b
+    }
+}
+
 /// One Service frontend the maps hold during the run.
 #[derive(Clone, Debug)]
 pub struct Svc {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub proto: u8,
     /// In the order the datapath indexes them (sorted, as the agent writes).
-    pub backends: Vec<Backend>,
+    pub backends: Rc<Vec<Backend>>,
     /// `maglev::table(backends, DEFAULT_SIZE)`, computed once.
-    pub table: Vec<u16>,
+    pub table: Rc<Vec<u16>>,
     /// Bumped each time the backend set changes (the agent then writes a
     /// new generation with a new epoch).
     pub version: u64,
-    /// An external frontend (NodePort): flows to its remote backends are
-    /// SNATed to the node's address (`SNAT_ADDR`).
-    pub external: bool,
-    /// loadBalancerSourceRanges (address, prefix length): new flows from
-    /// other sources are dropped. Empty: no ranges.
-    pub source_ranges: Vec<([u8; 4], u8)>,
-    /// externalTrafficPolicy Local without a local endpoint: new flows
-    /// are dropped, not rejected.
-    pub drop_no_local: bool,
-    /// sessionAffinity ClientIP (a timeout far beyond the run): a
-    /// client's new flows go to the backend its first flow went to.
-    pub affinity: bool,
+    /// `SVC_F_EXTERNAL`, `SVC_F_DROP_NO_LOCAL`, `SVC_F_SOURCE_RANGES`.
+    pub flags: u32,
+    /// loadBalancerSourceRanges (with `SVC_F_SOURCE_RANGES`).
+    pub source_ranges: Vec<(IpAddr, u8)>,
+    /// sessionAffinity ClientIP.
+    pub affinity_s: Option<u32>,
 }
 
 impl Svc {
-    pub fn new(vip: Ipv4Addr, port: u16, proto: u8, backends: &[(Ipv4Addr, u16)]) -> Svc {
-        let mut b: Vec<Backend> = backends.iter().map(|(a, p)| Backend::new(*a, *p)).collect();
+    pub fn new(vip: impl Into<IpAddr>, port: u16, proto: u8, backends: &[Backend]) -> Svc {
+        let mut b = backends.to_vec();
         b.sort();
         let table = if b.is_empty() {
             Vec::new()
@@ -103,159 +170,179 @@ impl Svc {
             maglev::table(&b, maglev::DEFAULT_SIZE)
         };
         Svc {
-            vip,
+            vip: vip.into(),
             port,
             proto,
-            backends: b,
-            table,
+            backends: Rc::new(b),
+            table: Rc::new(table),
             version: 0,
-            external: false,
+            flags: 0,
             source_ranges: Vec::new(),
-            drop_no_local: false,
-            affinity: false,
+            affinity_s: None,
         }
     }
 
-    /// An external frontend (a NodePort on `SNAT_ADDR`) whose backends
-    /// `remote` are on other nodes (`BACKEND_F_REMOTE`).
-    pub fn external(port: u16, proto: u8, local: &[(Ipv4Addr, u16)], remote: &[(Ipv4Addr, u16)]) -> Svc {
-        let mut b: Vec<Backend> = local.iter().map(|(a, p)| Backend::new(*a, *p)).collect();
-        b.extend(remote.iter().map(|(a, p)| {
-            let mut b = Backend::new(*a, *p);
-            b.flags |= BACKEND_F_REMOTE;
-            b
-        }));
-        b.sort();
-        let table = if b.is_empty() {
-            Vec::new()
-        } else {
-            maglev::table(&b, maglev::DEFAULT_SIZE)
-        };
-        Svc {
-            vip: Ipv4Addr::from(SNAT_ADDR),
-            port,
-            proto,
-            backends: b,
-            table,
-            version: 0,
-            external: true,
-            source_ranges: Vec::new(),
-            drop_no_local: false,
-            affinity: false,
-        }
+    pub fn flags(mut self, flags: u32) -> Svc {
+        self.flags |= flags;
+        self
     }
 
-    /// The `SVC_F_*` flags the agent writes for this frontend.
-    pub fn flags(&self) -> u32 {
-        let mut f = 0;
-        if self.external {
-            f |= SVC_F_EXTERNAL;
+    pub fn source_ranges(mut self, ranges: &[(IpAddr, u8)]) -> Svc {
+        self.flags |= SVC_F_SOURCE_RANGES;
+        self.source_ranges = ranges.to_vec();
+        self.source_ranges.sort();
+        self
+    }
+
+    pub fn affinity(mut self, timeout_s: u32) -> Svc {
+        self.affinity_s = Some(timeout_s);
+        self
+    }
+
+    /// The same frontend with another backend set.
+    pub fn with_backends(&self, backends: &[Backend]) -> Svc {
+        let mut next = Svc::new(self.vip, self.port, self.proto, backends);
+        next.flags = self.flags;
+        next.source_ranges = self.source_ranges.clone();
+        next.affinity_s = self.affinity_s;
+        next
+    }
+
+    /// The frontend as the agent's desired state holds it.
+    pub fn frontend(&self) -> Frontend {
+        Frontend {
+            service: "hostile/svc".into(),
+            port_name: String::new(),
+            backends: self.backends.to_vec(),
+            affinity_timeout_s: self.affinity_s,
+            flags: self.flags,
+            source_ranges: self.source_ranges.clone(),
+            also_serving: Vec::new(),
         }
-        if !self.source_ranges.is_empty() {
-            f |= SVC_F_SOURCE_RANGES;
-        }
-        if self.drop_no_local {
-            f |= SVC_F_DROP_NO_LOCAL;
-        }
-        f
     }
 }
 
-/// Whether `a` lies in `prefix`/`len`.
-fn in_prefix(a: [u8; 4], prefix: [u8; 4], len: u8) -> bool {
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
-    u32::from_be_bytes(a) & mask == u32::from_be_bytes(prefix) & mask
-}
-
-/// The node's address: NodePorts are served on it and SNATed flows leave
-/// from it.
-pub const SNAT_ADDR: [u8; 4] = [198, 18, 50, 1];
-
-/// SNAT source ports (the agent's default range without a node to read:
-/// `dataplane_common::DEFAULT_SNAT_PORTS`), and how many candidates a
-/// flow tries: the specification in docs/services.md ("SNAT port range").
-pub const SNAT_PORTS: (u16, u16) = dataplane_common::DEFAULT_SNAT_PORTS;
-pub const SNAT_TRIES: u32 = 8;
-
-/// The Services of the hostile run: TCP and UDP, several backends, one
-/// backend, and frontends without endpoints.
+/// The Services of the hostile run, both families: ClusterIPs with several
+/// backends, one backend, none; two ClusterIPs sharing a backend with
+/// another (tuple clashes); external frontends (NodePorts) with remote
+/// backends (SNAT); load balancer IPs with source ranges; Local-policy
+/// frontends without local endpoints; session affinity.
 pub fn services() -> Vec<Svc> {
-    let b = |i: u8| Ipv4Addr::new(198, 18, i, 2);
+    let l4 = |i: u8, p: u16| local(b4(i), p);
+    let r4 = |i: u8, p: u16| remote(b4(i), p);
+    let l6 = |i: u16, p: u16| local(b6(i), p);
+    let r6 = |i: u16, p: u16| remote(b6(i), p);
+    let ranges4 = [
+        (IpAddr::from([198, 18, 100, 0]), 28),
+        (IpAddr::from([198, 18, 100, 20]), 32),
+    ];
+    let ranges6 = [
+        (IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0)), 124),
+        (IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 20)), 128),
+    ];
     vec![
-        Svc::new(VIPS[0], 80, TCP, &[(b(1), 8080), (b(2), 8080), (b(3), 8081)]),
-        Svc::new(VIPS[0], 53, UDP, &[(b(1), 5353), (b(2), 5353)]),
+        // 0-7: IPv4 ClusterIPs (0 and 1 change under the flows).
+        Svc::new(VIPS[0], 80, TCP, &[l4(1, 8080), l4(2, 8080), l4(3, 8081)]),
+        Svc::new(VIPS[0], 53, UDP, &[l4(1, 5353), l4(2, 5353)]),
         Svc::new(
             VIPS[1],
             443,
             TCP,
-            &[(b(4), 8443), (b(5), 8443), (b(6), 8443), (b(7), 8443), (b(8), 8443)],
+            &[l4(4, 8443), l4(5, 8443), l4(6, 8443), l4(7, 8443), l4(8, 8443)],
         ),
-        Svc::new(VIPS[1], 443, UDP, &[(b(9), 4433)]),
+        Svc::new(VIPS[1], 443, UDP, &[l4(9, 4433)]),
         Svc::new(VIPS[2], 80, TCP, &[]),
         Svc::new(VIPS[2], 53, UDP, &[]),
-        // The first frontend's backends behind another VIP: one client port
-        // to both can land on one backend, whose reply tuple is then taken.
-        Svc::new(VIPS[2], 8080, TCP, &[(b(1), 8080), (b(2), 8080), (b(3), 8081)]),
-        // A NodePort with a local and two remote backends (SNATed), and a
-        // UDP one with a remote backend only.
-        Svc::external(30080, TCP, &[(b(12), 8080)], &[(b(13), 8080), (b(14), 8080)]),
-        Svc::external(30053, UDP, &[], &[(b(15), 5353)]),
-        // A load balancer IP that admits half the client pool.
-        Svc {
-            vip: LB_IP,
-            source_ranges: vec![([198, 18, 100, 0], 27)],
-            ..Svc::external(443, TCP, &[(b(16), 8443), (b(17), 8443)], &[])
-        },
-        // sessionAffinity ClientIP.
-        Svc {
-            affinity: true,
-            ..Svc::new(VIPS[1], 8443, TCP, &[(b(18), 8443), (b(19), 8443), (b(20), 8443)])
-        },
-        // externalTrafficPolicy Local, no endpoint on this node.
-        Svc {
-            drop_no_local: true,
-            ..Svc::external(30443, TCP, &[], &[])
-        },
+        // Sharing 198.18.1.2:8080 and :5353 with 0 and 1: one client port
+        // to both VIPs clashes.
+        Svc::new(VIPS[3], 80, TCP, &[l4(1, 8080)]),
+        Svc::new(VIPS[3], 53, UDP, &[l4(1, 5353)]),
+        // 8-9: NodePorts, Cluster policy: remote backends are SNATed (8
+        // changes under the flows).
+        Svc::new(NODE4, 30080, TCP, &[l4(11, 8080), r4(12, 8080), r4(13, 8080)]).flags(SVC_F_EXTERNAL),
+        Svc::new(NODE4, 30053, UDP, &[r4(12, 5353), l4(11, 5353)]).flags(SVC_F_EXTERNAL),
+        // 10: a load balancer IP with source ranges.
+        Svc::new(LB4, 443, TCP, &[l4(14, 8443), r4(15, 8443)])
+            .flags(SVC_F_EXTERNAL)
+            .source_ranges(&ranges4),
+        // 11-12: Local policy, no local endpoint: dropped.
+        Svc::new(NODE4, 30081, TCP, &[]).flags(SVC_F_EXTERNAL | SVC_F_DROP_NO_LOCAL),
+        Svc::new(NODE4, 30082, UDP, &[]).flags(SVC_F_EXTERNAL | SVC_F_DROP_NO_LOCAL),
+        // 13-14: sessionAffinity ClientIP.
+        Svc::new(VIPS[4], 8000, TCP, &[l4(16, 8000), l4(17, 8000), l4(18, 8000)]).affinity(AFFINITY_S),
+        Svc::new(VIPS[4], 8000, UDP, &[l4(16, 8000), l4(17, 8000)]).affinity(AFFINITY_S),
+        // 15-23: IPv6 (15 and 16 change under the flows).
+        Svc::new(VIPS6[0], 80, TCP, &[l6(1, 8080), l6(2, 8080), l6(3, 8081)]),
+        Svc::new(VIPS6[0], 53, UDP, &[l6(1, 5353), l6(2, 5353)]),
+        Svc::new(VIPS6[1], 80, TCP, &[]),
+        Svc::new(VIPS6[1], 53, UDP, &[]),
+        Svc::new(VIPS6[2], 80, TCP, &[l6(1, 8080)]),
+        Svc::new(NODE6, 30080, TCP, &[l6(11, 8080), r6(12, 8080)]).flags(SVC_F_EXTERNAL),
+        Svc::new(NODE6, 30053, UDP, &[r6(12, 5353)]).flags(SVC_F_EXTERNAL),
+        Svc::new(LB6, 443, TCP, &[l6(14, 8443)])
+            .flags(SVC_F_EXTERNAL)
+            .source_ranges(&ranges6),
+        Svc::new(NODE6, 30081, TCP, &[]).flags(SVC_F_EXTERNAL | SVC_F_DROP_NO_LOCAL),
+        Svc::new(VIPS6[3], 8000, TCP, &[l6(16, 8000), l6(17, 8000), l6(18, 8000)]).affinity(AFFINITY_S),
     ]
 }
 
-/// The load balancer IP of the frontend with source ranges.
-pub const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 1);
-
-pub const VIPS: [Ipv4Addr; 3] = [
-    Ipv4Addr::new(198, 19, 0, 10),
-    Ipv4Addr::new(198, 19, 0, 11),
-    Ipv4Addr::new(198, 19, 0, 12),
-];
+/// The backend sets that change under the flows in churn round `round`
+/// (by index into `services()`): the first TCP frontend of each family
+/// gains and loses a 4th backend, the first UDP frontend of each family
+/// loses all its endpoints and gets them back, the IPv4 NodePort loses
+/// and regains a remote backend.
+pub fn churned(round: u64) -> Vec<(usize, Vec<Backend>)> {
+    let odd = round % 2 == 1;
+    let l4 = |i: u8, p: u16| local(b4(i), p);
+    let l6 = |i: u16, p: u16| local(b6(i), p);
+    let mut tcp4 = vec![l4(1, 8080), l4(2, 8080), l4(3, 8081)];
+    let mut tcp6 = vec![l6(1, 8080), l6(2, 8080), l6(3, 8081)];
+    let mut node = vec![l4(11, 8080), remote(b4(12), 8080)];
+    if odd {
+        tcp4.push(l4(10, 8080));
+        tcp6.push(l6(10, 8080));
+    } else {
+        node.push(remote(b4(13), 8080));
+    }
+    let udp4 = if odd { vec![] } else { vec![l4(1, 5353), l4(2, 5353)] };
+    let udp6 = if odd { vec![] } else { vec![l6(1, 5353), l6(2, 5353)] };
+    vec![(0, tcp4), (1, udp4), (8, node), (15, tcp6), (16, udp6)]
+}
 
 /// A 5-tuple as written in the packet (host-order ports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Tuple {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: IpAddr,
+    pub daddr: IpAddr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
 }
 
+impl Tuple {
+    fn reversed(&self) -> Tuple {
+        Tuple {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+        }
+    }
+}
+
 /// A conntrack entry of the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtEntry {
-    pub nat_addr: [u8; 4],
-    pub nat_port: u16,
+    /// Original entry: the backend. Reply entry: the frontend.
+    pub nat: Ep,
+    /// With `CT_F_SNAT`. Original entry: the source the flow leaves with.
+    /// Reply entry: the client's own address and port.
+    pub snat: Option<Ep>,
     pub flags: u16,
     /// The service's `version` when the flow was created.
     pub version: u64,
-    /// SNAT: original entry, the node's address and port the source
-    /// becomes; reply entry, the client the destination goes back to.
-    pub snat: Option<([u8; 4], u16)>,
-}
-
-/// Which address/port pair a translation rewrites.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    Dst,
-    Src,
 }
 
 /// What the datapath must do with a frame.
@@ -268,23 +355,15 @@ pub enum Expect {
     Pass(Reason),
     /// Dropped, with this reason counted.
     Drop(Reason),
-    /// One side rewritten to `addr:port`, checksums kept consistent, this
-    /// reason counted; nothing else changes.
+    /// The destination and/or the source rewritten to these, checksums
+    /// kept consistent, this reason counted; nothing else changes.
     Translate {
-        side: Side,
-        addr: [u8; 4],
-        port: u16,
+        dst: Option<Ep>,
+        src: Option<Ep>,
         reason: Reason,
     },
     /// Answered with exactly these bytes, sent back out (XDP_TX / redirect).
     Reject(Vec<u8>),
-    /// Both ends rewritten (SNAT and DNAT, or their reverse), checksums
-    /// kept consistent, this reason counted.
-    TranslateBoth {
-        dst: ([u8; 4], u16),
-        src: ([u8; 4], u16),
-        reason: Reason,
-    },
 }
 
 impl Expect {
@@ -292,10 +371,7 @@ impl Expect {
     pub fn reason(&self) -> Option<Reason> {
         match self {
             Expect::Refused => None,
-            Expect::Pass(r)
-            | Expect::Drop(r)
-            | Expect::Translate { reason: r, .. }
-            | Expect::TranslateBoth { reason: r, .. } => Some(*r),
+            Expect::Pass(r) | Expect::Drop(r) | Expect::Translate { reason: r, .. } => Some(*r),
             Expect::Reject(_) => Some(Reason::RejectNoBackend),
         }
     }
@@ -309,11 +385,17 @@ pub enum Hook {
     Tc,
 }
 
-/// A frame the model understands as IPv4 TCP/UDP for the datapath.
+/// A frame the model understands as TCP/UDP for the datapath.
 #[derive(Clone, Copy, Debug)]
 struct L4 {
-    ihl: usize,
-    tot_len: usize,
+    v6: bool,
+    /// IPv4 header with options, or IPv6 header with extension headers.
+    l3_hlen: usize,
+    /// The IP length as the datapath reads it: IPv4 total length, IPv6
+    /// 40 + payload length (at most 65535).
+    l3_len: usize,
+    /// The L4 length the packet claims (for checksums).
+    l4_len: usize,
     l4: usize,
     tuple: Tuple,
     flags: u8,
@@ -325,20 +407,38 @@ fn be16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
 }
 
-fn addr(b: &[u8], off: usize) -> [u8; 4] {
-    [b[off], b[off + 1], b[off + 2], b[off + 3]]
+fn ip4_at(b: &[u8], off: usize) -> IpAddr {
+    IpAddr::from([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
-/// The datapath's input contract: only unfragmented IPv4 TCP/UDP with
-/// complete IPv4 and L4 headers, claimed by the total length, is processed;
+fn ip6_at(b: &[u8], off: usize) -> IpAddr {
+    let mut o = [0u8; 16];
+    o.copy_from_slice(&b[off..off + 16]);
+    IpAddr::from(o)
+}
+
+fn octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// The datapath's input contract: only unfragmented IPv4 or IPv6 TCP/UDP
+/// with complete headers, claimed by the IP length, is processed;
 /// everything else passes with the reason that says why.
 fn classify(f: &[u8]) -> Result<L4, Reason> {
-    if f.len() >= ETH && be16(f, 12) == 0x86dd {
-        return Err(classify6(f));
-    }
-    if f.len() < ETH || be16(f, 12) != 0x0800 {
+    if f.len() < ETH {
         return Err(Reason::PassNotIp);
     }
+    match be16(f, 12) {
+        0x0800 => classify4(f),
+        0x86dd => classify6(f),
+        _ => Err(Reason::PassNotIp),
+    }
+}
+
+fn classify4(f: &[u8]) -> Result<L4, Reason> {
     if f.len() < ETH + 20 || f[ETH] >> 4 != 4 || (f[ETH] & 0xf) < 5 {
         return Err(Reason::PassTruncated);
     }
@@ -358,12 +458,14 @@ fn classify(f: &[u8]) -> Result<L4, Reason> {
     }
     let l4 = ETH + ihl;
     Ok(L4 {
-        ihl,
-        tot_len,
+        v6: false,
+        l3_hlen: ihl,
+        l3_len: tot_len,
+        l4_len: tot_len - ihl,
         l4,
         tuple: Tuple {
-            saddr: addr(f, ETH + 12),
-            daddr: addr(f, ETH + 16),
+            saddr: ip4_at(f, ETH + 12),
+            daddr: ip4_at(f, ETH + 16),
             sport: be16(f, l4),
             dport: be16(f, l4 + 2),
             proto,
@@ -372,7 +474,97 @@ fn classify(f: &[u8]) -> Result<L4, Reason> {
     })
 }
 
-/// The reference model: the Services and a conntrack table of its own.
+/// IPv6: the extension-header walk of the specification (hop-by-hop,
+/// destination options and routing headers without segments left are
+/// skipped, at most 4; a fragment header passes; a routing header with
+/// segments left passes; anything else that is not TCP/UDP passes).
+fn classify6(f: &[u8]) -> Result<L4, Reason> {
+    if f.len() < ETH + 40 || f[ETH] >> 4 != 6 {
+        return Err(Reason::PassTruncated);
+    }
+    let payload_len = be16(f, ETH + 4) as usize;
+    let (mut nh, mut off) = (f[ETH + 6], ETH + 40);
+    for _ in 0..4 {
+        match nh {
+            TCP | UDP => break,
+            44 => return Err(Reason::PassFragment),
+            0 | 43 | 60 => {
+                if f.len() < off + 4 {
+                    return Err(Reason::PassTruncated);
+                }
+                if nh == 43 && f[off + 3] != 0 {
+                    return Err(Reason::PassExtHeaders);
+                }
+                nh = f[off];
+                off += (f[off + 1] as usize + 1) * 8;
+            }
+            _ => return Err(Reason::PassNotTcpUdp),
+        }
+    }
+    if nh != TCP && nh != UDP {
+        return Err(Reason::PassExtHeaders);
+    }
+    let min_l4 = if nh == TCP { 20 } else { 8 };
+    let l3_len = (40 + payload_len).min(0xffff);
+    let l3_hlen = off - ETH;
+    if l3_len < l3_hlen + min_l4 || f.len() < off + min_l4 {
+        return Err(Reason::PassTruncated);
+    }
+    Ok(L4 {
+        v6: true,
+        l3_hlen,
+        l3_len,
+        l4_len: 40 + payload_len - l3_hlen,
+        l4: off,
+        tuple: Tuple {
+            saddr: ip6_at(f, ETH + 8),
+            daddr: ip6_at(f, ETH + 24),
+            sport: be16(f, off),
+            dport: be16(f, off + 2),
+            proto: nh,
+        },
+        flags: if nh == TCP { f[off + 13] } else { 0 },
+    })
+}
+
+/// The shared flow hash of a tuple, as the specification defines it for
+/// Maglev positions and SNAT candidates.
+fn hash(t: &Tuple) -> u32 {
+    flow_hash(
+        fold_addr(&addr_of(t.saddr).0),
+        fold_addr(&addr_of(t.daddr).0),
+        t.sport.to_be(),
+        t.dport.to_be(),
+        t.proto,
+    )
+}
+
+/// Whether `ip` lies in `net/len` (of its own family).
+fn in_prefix(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// The node address SNAT uses for a flow of `client`'s family.
+fn node_addr(client: IpAddr) -> IpAddr {
+    if client.is_ipv6() {
+        NODE6.into()
+    } else {
+        NODE4.into()
+    }
+}
+
+/// The reference model: the Services, a conntrack table and an affinity
+/// table of its own.
 pub struct Model {
     pub services: Vec<Svc>,
     pub ct: HashMap<Tuple, CtEntry>,
@@ -382,12 +574,15 @@ pub struct Model {
     pub counts: HashMap<Reason, u64>,
     /// Frames the programs actually ran.
     pub runs: u64,
-    /// New flows moved to another source port because their reply tuple
-    /// belonged to another live flow (`CtEvent::ClashResolved`).
+    /// sessionAffinity: (service index, client) -> backend.
+    pub affinity: HashMap<(usize, IpAddr), Backend>,
+    /// What `CtEvent::ClashResolved` must read.
     pub clashes: u64,
-    /// Session affinity: (client address, frontend) -> the backend its
-    /// new flows go to.
-    pub affinity: HashMap<([u8; 4], [u8; 4], u16, u8), Backend>,
+    /// How often each translation the model knows was predicted (for the
+    /// statistics and the list of what must have happened).
+    pub notes: BTreeMap<&'static str, u64>,
+    /// Reply keys of flows another flow clashed with.
+    clashed: HashSet<Tuple>,
 }
 
 impl Model {
@@ -398,9 +593,15 @@ impl Model {
             flows: Vec::new(),
             counts: HashMap::new(),
             runs: 0,
-            clashes: 0,
             affinity: HashMap::new(),
+            clashes: 0,
+            notes: BTreeMap::new(),
+            clashed: HashSet::new(),
         }
+    }
+
+    fn note(&mut self, what: &'static str) {
+        *self.notes.entry(what).or_default() += 1;
     }
 
     /// Service `i` gets `next`'s backends, as the agent's sync writes them:
@@ -415,27 +616,25 @@ impl Model {
         if old.proto != UDP {
             return;
         }
-        let gone: Vec<([u8; 4], u16)> = old
+        let gone: Vec<Ep> = old
             .backends
             .iter()
             .filter(|b| !new.backends.iter().any(|n| n.addr == b.addr && n.port == b.port))
-            .map(|b| (v4_octets(b.ip()), b.host_port()))
+            .map(|b| (b.ip(), b.host_port()))
             .collect();
-        let (vip, port) = (old.vip.octets(), old.port);
-        let is_gone = |a: [u8; 4], p: u16| gone.contains(&(a, p));
+        let (vip, port) = (old.vip, old.port);
         self.ct.retain(|t, e| {
-            let original =
-                e.flags & CT_F_ORIGINAL != 0 && t.daddr == vip && t.dport == port && is_gone(e.nat_addr, e.nat_port);
+            let original = e.flags & CT_F_ORIGINAL != 0 && t.daddr == vip && t.dport == port && gone.contains(&e.nat);
             !(t.proto == UDP && original)
         });
         let ct = &self.ct;
         self.flows.retain(|f| ct.contains_key(f));
     }
 
-    fn service(&self, t: &Tuple) -> Option<&Svc> {
+    fn service_index(&self, t: &Tuple) -> Option<usize> {
         self.services
             .iter()
-            .find(|s| s.vip.octets() == t.daddr && s.port == t.dport && s.proto == t.proto)
+            .position(|s| s.vip == t.daddr && s.port == t.dport && s.proto == t.proto)
     }
 
     /// What `hook` must do with `frame`; updates the model's conntrack and
@@ -455,165 +654,211 @@ impl Model {
             Ok(p) => p,
             Err(r) => return Expect::Pass(r),
         };
-        let closes = p.tuple.proto == TCP && p.flags & (FIN | RST) != 0;
-        let starts = p.tuple.proto == TCP && p.flags & (SYN | ACK) == SYN;
-        let Some(svc) = self.service(&p.tuple).cloned() else {
+        let t = p.tuple;
+        let closes = t.proto == TCP && p.flags & (FIN | RST) != 0;
+        let starts = t.proto == TCP && p.flags & (SYN | ACK) == SYN;
+        let Some(si) = self.service_index(&t) else {
             return self.reply(&p, closes);
         };
-        if let Some(e) = self.ct.get_mut(&p.tuple) {
+        let version = self.services[si].version;
+        if let Some(e) = self.ct.get_mut(&t) {
             if closes {
                 e.flags |= CT_F_CLOSING;
             }
             // Port reuse after a close starts a new flow, and so does a SYN
             // on an entry made under another backend set; anything else
             // follows the entry.
-            let stale = e.flags & CT_F_CLOSING != 0 || e.version != svc.version;
+            let closed = e.flags & CT_F_CLOSING != 0;
+            let stale = closed || e.version != version;
             if !(starts && stale) {
-                let (addr, port, snat) = (e.nat_addr, e.nat_port, e.snat);
-                // A FIN or RST closes the flow's reply entry too (keyed
-                // by the node's address and port when SNATed).
+                let e = *e;
+                // A FIN or RST closes the flow's reply entry too.
                 if closes {
-                    let (client, cport) = snat.unwrap_or((p.tuple.saddr, p.tuple.sport));
+                    let (c, cport) = e.snat.unwrap_or((t.saddr, t.sport));
                     let reply_key = Tuple {
-                        saddr: addr,
-                        daddr: client,
-                        sport: port,
+                        saddr: e.nat.0,
+                        daddr: c,
+                        sport: e.nat.1,
                         dport: cport,
-                        proto: p.tuple.proto,
+                        proto: t.proto,
                     };
                     if let Some(r) = self.ct.get_mut(&reply_key) {
                         r.flags |= CT_F_CLOSING;
                     }
                 }
-                if let Some(src) = snat {
-                    return Expect::TranslateBoth {
-                        dst: (addr, port),
-                        src,
-                        reason: Reason::NatEstablished,
-                    };
+                if e.snat.is_some() {
+                    self.note(if e.snat.map(|s| s.0) == Some(t.saddr) {
+                        "established: moved source port (after a clash)"
+                    } else {
+                        "established: SNATed"
+                    });
+                }
+                if p.v6 {
+                    self.note("IPv6 established");
                 }
                 return Expect::Translate {
-                    side: Side::Dst,
-                    addr,
-                    port,
+                    dst: Some(e.nat),
+                    src: e.snat,
                     reason: Reason::NatEstablished,
                 };
             }
+            if !closed {
+                self.note("new SYN on an entry of an older backend set: picked again");
+            }
         }
-        // New flows only (an established flow passed above): a source
-        // outside the load balancer's ranges is dropped.
-        if !svc.source_ranges.is_empty()
-            && !svc
-                .source_ranges
-                .iter()
-                .any(|(a, len)| in_prefix(p.tuple.saddr, *a, *len))
-        {
+        self.new_flow(f, &p, si)
+    }
+
+    /// A new flow to frontend `si` (or a packet without state on its way
+    /// to become one).
+    fn new_flow(&mut self, f: &[u8], p: &L4, si: usize) -> Expect {
+        let t = p.tuple;
+        let svc = &self.services[si];
+        if svc.flags & SVC_F_SOURCE_RANGES != 0 && !svc.source_ranges.iter().any(|r| in_prefix(t.saddr, *r)) {
             return Expect::Drop(Reason::DropSourceRange);
         }
         if svc.backends.is_empty() {
-            if svc.drop_no_local {
+            if svc.flags & SVC_F_DROP_NO_LOCAL != 0 {
                 return Expect::Drop(Reason::DropNoLocalBackend);
             }
-            return reject(f, &p);
-        }
-        let t = &p.tuple;
-        let h = flow_hash(
-            u32::from_ne_bytes(t.saddr),
-            u32::from_ne_bytes(t.daddr),
-            t.sport.to_be(),
-            t.dport.to_be(),
-            t.proto,
-        );
-        let mut b = svc.backends[svc.table[(h % maglev::DEFAULT_SIZE) as usize] as usize];
-        if svc.affinity {
-            // The first flow's backend, remembered for the client.
-            let key = (t.saddr, t.daddr, t.dport, t.proto);
-            b = *self.affinity.entry(key).or_insert(b);
-        }
-        let (baddr, bport) = (v4_octets(b.ip()), b.host_port());
-        // SNAT: a remote backend of an external frontend, or a backend
-        // reaching itself (hairpin).
-        let snat = if (svc.external && b.flags & BACKEND_F_REMOTE != 0) || t.saddr == baddr {
-            match self.snat_port(h, baddr, bport, t.proto) {
-                Some(port) => Some((SNAT_ADDR, port)),
-                None => return Expect::Drop(Reason::DropSnatFailed),
+            let e = reject(f, p);
+            if p.v6 && matches!(e, Expect::Reject(_)) {
+                self.note("IPv6 reject");
             }
+            return e;
+        }
+        let picked = svc.backends[svc.table[(hash(&t) % maglev::DEFAULT_SIZE) as usize] as usize];
+        let (version, flags, affinity) = (svc.version, svc.flags, svc.affinity_s.is_some());
+        // The client's remembered backend, or the one it is remembered with.
+        let backend = if affinity {
+            *self.affinity.entry((si, t.saddr)).or_insert(picked)
         } else {
-            None
+            picked
         };
-        let mut snat = snat;
-        let (client, cport) = snat.unwrap_or((t.saddr, t.sport));
-        let mut reply_key = Tuple {
-            saddr: baddr,
-            daddr: client,
-            sport: bport,
-            dport: cport,
+        if backend != picked {
+            self.note("affinity: the client's earlier backend, not the hash's");
+        }
+        let be = (backend.ip(), backend.host_port());
+        let external = flags & SVC_F_EXTERNAL != 0 && backend.flags & BACKEND_F_REMOTE != 0;
+        let hairpin = t.saddr == be.0;
+        let mut src = None;
+        if external || hairpin {
+            let node = node_addr(t.saddr);
+            match self.free_source(&t, be, node) {
+                Some((port, tries)) => {
+                    src = Some((node, port));
+                    self.note(if hairpin {
+                        "new flow: hairpin, SNATed to the node"
+                    } else {
+                        "new flow: remote backend, SNATed to the node"
+                    });
+                    if tries > 0 {
+                        self.note("SNAT: a later candidate port (earlier ones in use)");
+                    }
+                    let held = Tuple {
+                        saddr: be.0,
+                        daddr: node,
+                        sport: be.1,
+                        dport: port,
+                        proto: t.proto,
+                    };
+                    if self.ct.contains_key(&held) {
+                        self.note("SNAT: a port a closed flow held, taken again");
+                    }
+                }
+                None => {
+                    self.note("SNAT: all 8 candidate ports in use");
+                    return Expect::Drop(Reason::DropSnatFailed);
+                }
+            }
+        }
+        let reply_key = |src: Option<Ep>| Tuple {
+            saddr: be.0,
+            daddr: src.map_or(t.saddr, |s| s.0),
+            sport: be.1,
+            dport: src.map_or(t.sport, |s| s.1),
             proto: t.proto,
         };
-        // The reply entry of another live flow is never written over (see
-        // docs/services.md, "Reply-tuple clashes"): the new flow gets
-        // another source port, on its own address (or the node's when
-        // SNATed), by the SNAT candidate rule. An entry of the same flow
-        // (same frontend and client) or of a closed one may be replaced.
-        let new_snat = snat.map(|_| (t.saddr, t.sport));
-        if let Some(old) = self.ct.get(&reply_key) {
-            let same = (old.nat_addr, old.nat_port) == (t.daddr, t.dport) && old.snat == new_snat;
-            if old.flags & CT_F_CLOSING == 0 && !same {
-                let addr = snat.map_or(t.saddr, |(a, _)| a);
-                let Some(port) = self.free_port(h, baddr, bport, addr, t.proto) else {
-                    return Expect::Drop(Reason::DropSnatFailed);
-                };
-                self.clashes += 1;
-                snat = Some((addr, port));
-                reply_key.daddr = addr;
-                reply_key.dport = port;
+        let reply_value = |src: Option<Ep>| CtEntry {
+            nat: (t.daddr, t.dport),
+            snat: src.map(|_| (t.saddr, t.sport)),
+            flags: CT_F_REPLY | if src.is_some() { CT_F_SNAT } else { 0 },
+            version,
+        };
+        // The reply entry of another live flow is never written over: the
+        // new flow moves to another source port (on its own address, or
+        // the node's when SNATed).
+        if let Some(old) = self.ct.get(&reply_key(src)) {
+            let new = reply_value(src);
+            let live = old.flags & CT_F_CLOSING == 0;
+            let same = old.nat == new.nat && old.flags & CT_F_SNAT == new.flags & CT_F_SNAT && old.snat == new.snat;
+            if live && !same {
+                let addr = src.map_or(t.saddr, |s| s.0);
+                match self.free_source(&t, be, addr) {
+                    Some((port, _)) => {
+                        self.clashed.insert(reply_key(src));
+                        src = Some((addr, port));
+                        self.clashes += 1;
+                        self.note("new flow: reply tuple clash, another source port");
+                    }
+                    None => return Expect::Drop(Reason::DropSnatFailed),
+                }
             }
         }
-        self.ct.insert(
-            reply_key,
-            CtEntry {
-                nat_addr: t.daddr,
-                nat_port: t.dport,
-                flags: CT_F_REPLY | if snat.is_some() { CT_F_SNAT } else { 0 },
-                version: svc.version,
-                snat: snat.map(|_| (t.saddr, t.sport)),
-            },
-        );
-        if self
-            .ct
-            .insert(
-                *t,
-                CtEntry {
-                    nat_addr: baddr,
-                    nat_port: bport,
-                    flags: CT_F_ORIGINAL | if snat.is_some() { CT_F_SNAT } else { 0 },
-                    version: svc.version,
-                    snat,
-                },
-            )
-            .is_none()
-        {
-            self.flows.push(*t);
+        self.ct.insert(reply_key(src), reply_value(src));
+        let original = CtEntry {
+            nat: be,
+            snat: src,
+            flags: CT_F_ORIGINAL | if src.is_some() { CT_F_SNAT } else { 0 },
+            version,
+        };
+        if self.ct.insert(t, original).is_none() {
+            self.flows.push(t);
         }
-        if let Some(src) = snat {
-            return Expect::TranslateBoth {
-                dst: (baddr, bport),
-                src,
-                reason: Reason::NatNewFlow,
-            };
+        if p.v6 {
+            self.note("IPv6 new flow");
+            if p.l3_hlen > 40 {
+                self.note("IPv6 new flow behind extension headers");
+            }
         }
         Expect::Translate {
-            side: Side::Dst,
-            addr: baddr,
-            port: bport,
+            dst: Some(be),
+            src,
             reason: Reason::NatNewFlow,
         }
     }
 
-    /// Not addressed to a frontend: a reply of a tracked flow gets the VIP
-    /// back; the original entry learns that a reply was seen / the flow closes.
+    /// The documented SNAT port rule: candidate `i` (0..8) is
+    /// `first + (h + i * SNAT_STEP) mod span` (32-bit wrapping sum), `h`
+    /// the flow hash of the client's tuple towards the frontend; the first
+    /// candidate whose reply tuple (`backend` towards `addr:port`) has no
+    /// entry of a flow still open (none, or one of a closed flow) is taken.
+    /// Returns the port and how many candidates were passed over.
+    fn free_source(&self, t: &Tuple, backend: Ep, addr: IpAddr) -> Option<(u16, u32)> {
+        let (first, last) = SNAT_PORTS;
+        let span = (last - first) as u32 + 1;
+        let h = hash(t);
+        (0..SNAT_TRIES).find_map(|i| {
+            let port = first + (h.wrapping_add(i.wrapping_mul(SNAT_STEP)) % span) as u16;
+            let key = Tuple {
+                saddr: backend.0,
+                daddr: addr,
+                sport: backend.1,
+                dport: port,
+                proto: t.proto,
+            };
+            let free = self.ct.get(&key).is_none_or(|e| e.flags & CT_F_CLOSING != 0);
+            free.then_some((port, i))
+        })
+    }
+
+    /// Not addressed to a frontend: a reply of a tracked flow gets the
+    /// frontend back as its source (and the client back as its destination
+    /// when the flow was SNATed); the original entry learns that a reply
+    /// was seen / the flow closes.
     fn reply(&mut self, p: &L4, closes: bool) -> Expect {
-        let Some(e) = self.ct.get_mut(&p.tuple) else {
+        let t = p.tuple;
+        let Some(e) = self.ct.get_mut(&t) else {
             return self.pass_no_service(p);
         };
         if closes {
@@ -630,62 +875,34 @@ impl Model {
         if closes {
             learn |= CT_F_CLOSING;
         }
-        let (vip, vport, snat) = (e.nat_addr, e.nat_port, e.snat);
-        let (client, cport) = snat.unwrap_or((p.tuple.daddr, p.tuple.dport));
+        let e = *e;
+        let (client, cport) = e.snat.unwrap_or((t.daddr, t.dport));
         let original = Tuple {
             saddr: client,
-            daddr: vip,
+            daddr: e.nat.0,
             sport: cport,
-            dport: vport,
-            proto: p.tuple.proto,
+            dport: e.nat.1,
+            proto: t.proto,
         };
         if let Some(o) = self.ct.get_mut(&original) {
             o.flags |= learn;
         }
-        if let Some(dst) = snat {
-            return Expect::TranslateBoth {
-                dst,
-                src: (vip, vport),
-                reason: Reason::NatReply,
-            };
+        match e.snat {
+            Some((c, _)) if c == t.daddr => self.note("reply: moved source port (after a clash) restored"),
+            Some(_) => self.note("reply: SNAT reversed"),
+            None => {}
+        }
+        if self.clashed.contains(&t) {
+            self.note("reply of a flow another one clashed with");
+        }
+        if p.v6 {
+            self.note("IPv6 reply");
         }
         Expect::Translate {
-            side: Side::Src,
-            addr: vip,
-            port: vport,
+            dst: e.snat,
+            src: Some(e.nat),
             reason: Reason::NatReply,
         }
-    }
-}
-
-impl Model {
-    /// The SNAT source port of a new flow whose tuple hashes to `h`
-    /// (`flow_hash`, as for Maglev), as docs/services.md specifies: of the
-    /// candidates `first + (h + i * 0x9e3779b1) mod span` (i = 0..8, u32
-    /// arithmetic), the first whose reply tuple (backend -> node:port) has
-    /// no conntrack entry.
-    fn snat_port(&self, h: u32, baddr: [u8; 4], bport: u16, proto: u8) -> Option<u16> {
-        self.free_port(h, baddr, bport, SNAT_ADDR, proto)
-    }
-
-    /// The SNAT candidate rule for source address `addr`: the first
-    /// candidate port whose reply tuple (backend -> addr:port) has no
-    /// entry of an open flow (none, or one of a closed flow).
-    fn free_port(&self, h: u32, baddr: [u8; 4], bport: u16, addr: [u8; 4], proto: u8) -> Option<u16> {
-        let (first, last) = (u32::from(SNAT_PORTS.0), u32::from(SNAT_PORTS.1));
-        let span = last - first + 1;
-        (0..SNAT_TRIES)
-            .map(|i| (first + h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % span) as u16)
-            .find(|port| {
-                let key = Tuple {
-                    saddr: baddr,
-                    daddr: addr,
-                    sport: bport,
-                    dport: *port,
-                    proto,
-                };
-                self.ct.get(&key).is_none_or(|e| e.flags & CT_F_CLOSING != 0)
-            })
     }
 
     /// Passing untouched; a TCP SYN whose reversed tuple is the reply entry
@@ -693,20 +910,15 @@ impl Model {
     fn pass_no_service(&mut self, p: &L4) -> Expect {
         let t = &p.tuple;
         if t.proto == TCP && p.flags & (SYN | ACK) == SYN {
-            let reversed = Tuple {
-                saddr: t.daddr,
-                daddr: t.saddr,
-                sport: t.dport,
-                dport: t.sport,
-                proto: t.proto,
-            };
+            let reversed = t.reversed();
             let both = CT_F_REPLY | CT_F_CLOSING;
             if let Some(e) = self.ct.get(&reversed).filter(|e| e.flags & both == both) {
+                let (client, cport) = e.snat.unwrap_or((t.saddr, t.sport));
                 let original = Tuple {
-                    saddr: t.saddr,
-                    daddr: e.nat_addr,
-                    sport: t.sport,
-                    dport: e.nat_port,
+                    saddr: client,
+                    daddr: e.nat.0,
+                    sport: cport,
+                    dport: e.nat.1,
                     proto: t.proto,
                 };
                 self.ct.remove(&reversed);
@@ -716,44 +928,6 @@ impl Model {
         }
         Expect::Pass(Reason::PassNoService)
     }
-}
-
-/// IPv6: the model has no IPv6 Service and no IPv6 flow, so every IPv6
-/// frame passes untouched; this is the reason the datapath gives (its
-/// extension-header walk: hop-by-hop, destination options and routing
-/// headers without segments left are skipped, at most 4; a fragment header
-/// passes; anything else that is not TCP/UDP passes).
-fn classify6(f: &[u8]) -> Reason {
-    if f.len() < ETH + 40 || f[ETH] >> 4 != 6 {
-        return Reason::PassTruncated;
-    }
-    let payload_len = be16(f, ETH + 4) as usize;
-    let (mut nh, mut off) = (f[ETH + 6], ETH + 40);
-    for _ in 0..4 {
-        match nh {
-            TCP | UDP => break,
-            44 => return Reason::PassFragment,
-            0 | 43 | 60 => {
-                if f.len() < off + 4 {
-                    return Reason::PassTruncated;
-                }
-                if nh == 43 && f[off + 3] != 0 {
-                    return Reason::PassExtHeaders;
-                }
-                nh = f[off];
-                off += (f[off + 1] as usize + 1) * 8;
-            }
-            _ => return Reason::PassNotTcpUdp,
-        }
-    }
-    if nh != TCP && nh != UDP {
-        return Reason::PassExtHeaders;
-    }
-    let min_l4 = if nh == TCP { 20 } else { 8 };
-    if 40 + payload_len < off - ETH + min_l4 || f.len() < off + min_l4 {
-        return Reason::PassTruncated;
-    }
-    Reason::PassNoService
 }
 
 /// Frames BPF_PROG_TEST_RUN refuses before running the program: shorter
@@ -772,40 +946,54 @@ fn refused(hook: Hook, f: &[u8]) -> bool {
 }
 
 /// The reject for a frame to a frontend without endpoints: a RST from the
-/// VIP (never for a RST), or an ICMP port unreachable quoting the IPv4
-/// header and 8 bytes (only for headers without options).
+/// VIP (never for a RST), or an ICMP / ICMPv6 port unreachable quoting the
+/// IP header and 8 bytes (only for headers without options or extension
+/// headers).
 fn reject(f: &[u8], p: &L4) -> Expect {
     let t = &p.tuple;
-    let mut out = Vec::with_capacity(70);
+    if t.proto == TCP && p.flags & RST != 0 {
+        return Expect::Drop(Reason::DropNoBackend);
+    }
+    let plain = if p.v6 { 40 } else { 20 };
+    if t.proto == UDP && p.l3_hlen != plain {
+        return Expect::Drop(Reason::DropNoBackend);
+    }
+    let mut out = Vec::with_capacity(110);
     out.extend_from_slice(&f[6..12]);
     out.extend_from_slice(&f[0..6]);
-    out.extend_from_slice(&[0x08, 0x00]);
-    let ip = |proto: u8, tot: u16| -> Vec<u8> {
+    out.extend_from_slice(if p.v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+    let ip = |proto: u8, payload: u16| -> Vec<u8> {
+        if p.v6 {
+            let mut h = vec![0x60, 0, 0, 0];
+            h.extend_from_slice(&payload.to_be_bytes());
+            h.extend_from_slice(&[proto, 64]);
+            h.extend(octets(t.daddr));
+            h.extend(octets(t.saddr));
+            return h;
+        }
         let mut h = vec![0x45, 0];
-        h.extend_from_slice(&tot.to_be_bytes());
+        h.extend_from_slice(&(payload + 20).to_be_bytes());
         h.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
-        h.extend_from_slice(&t.daddr);
-        h.extend_from_slice(&t.saddr);
+        h.extend(octets(t.daddr));
+        h.extend(octets(t.saddr));
         let c = checksum(&h, 0);
         h[10..12].copy_from_slice(&c.to_be_bytes());
         h
     };
     if t.proto == TCP {
-        if p.flags & RST != 0 {
-            return Expect::Drop(Reason::DropNoBackend);
-        }
         let l4 = &f[p.l4..];
         let seq = u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]);
         let ack = u32::from_be_bytes([l4[8], l4[9], l4[10], l4[11]]);
         let doff = (l4[12] >> 4) as usize * 4;
-        let seg =
-            p.tot_len.saturating_sub(p.ihl + doff) as u32 + (p.flags & SYN != 0) as u32 + (p.flags & FIN != 0) as u32;
+        let seg = p.l3_len.saturating_sub(p.l3_hlen + doff) as u32
+            + (p.flags & SYN != 0) as u32
+            + (p.flags & FIN != 0) as u32;
         let (rseq, rack, rflags) = if p.flags & ACK != 0 {
             (ack, 0, RST)
         } else {
             (0, seq.wrapping_add(seg), RST | ACK)
         };
-        out.extend_from_slice(&ip(TCP, 40));
+        out.extend(ip(TCP, 20));
         let mut tcp = Vec::with_capacity(20);
         tcp.extend_from_slice(&t.dport.to_be_bytes());
         tcp.extend_from_slice(&t.sport.to_be_bytes());
@@ -815,11 +1003,15 @@ fn reject(f: &[u8], p: &L4) -> Expect {
         let c = checksum(&tcp, pseudo(t.daddr, t.saddr, TCP, 20));
         tcp[16..18].copy_from_slice(&c.to_be_bytes());
         out.extend_from_slice(&tcp);
+    } else if p.v6 {
+        out.extend(ip(58, 56));
+        let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&f[ETH..ETH + 48]);
+        let c = checksum(&icmp, pseudo(t.daddr, t.saddr, 58, 56));
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        out.extend_from_slice(&icmp);
     } else {
-        if p.ihl != 20 {
-            return Expect::Drop(Reason::DropNoBackend);
-        }
-        out.extend_from_slice(&ip(1, 56));
+        out.extend(ip(1, 36));
         let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
         icmp.extend_from_slice(&f[ETH..ETH + 28]);
         let c = checksum(&icmp, 0);
@@ -829,13 +1021,10 @@ fn reject(f: &[u8], p: &L4) -> Expect {
     Expect::Reject(out)
 }
 
-fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
-    be16(&src, 0) as u32
-        + be16(&src, 2) as u32
-        + be16(&dst, 0) as u32
-        + be16(&dst, 2) as u32
-        + proto as u32
-        + len as u32
+/// The TCP/UDP (ICMPv6) pseudo-header sum of either family.
+fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
+    let words = |ip: IpAddr| -> u32 { octets(ip).chunks(2).map(|w| be16(w, 0) as u32).sum() };
+    words(src) + words(dst) + proto as u32 + (len >> 16) as u32 + (len & 0xffff) as u32
 }
 
 /// One's complement sum of `data` folded to 16 bits, with 0xffff and 0
@@ -849,17 +1038,18 @@ fn residual(data: &[u8], init: u32) -> u16 {
     }
 }
 
-/// The checksum sums a translation must preserve: the IPv4 header's, and
-/// the L4 segment's with its pseudo-header (over the bytes present, up to
-/// the total length). A rewrite with a correct incremental update keeps
-/// both: a valid checksum stays valid, a broken one stays exactly as broken.
+/// The checksum sums a translation must preserve: the IPv4 header's (0
+/// for IPv6), and the L4 segment's with its pseudo-header (over the bytes
+/// present, up to the IP length). A rewrite with a correct incremental
+/// update keeps both: a valid checksum stays valid, a broken one stays
+/// exactly as broken.
 fn residuals(f: &[u8]) -> (u16, u16) {
     let p = classify(f).expect("a translated frame parses");
-    let ip = residual(&f[ETH..ETH + p.ihl], 0);
-    let end = (ETH + p.tot_len).min(f.len());
+    let ip = if p.v6 { 0 } else { residual(&f[ETH..ETH + p.l3_hlen], 0) };
+    let end = (p.l4 + p.l4_len).min(f.len());
     let l4 = residual(
         &f[p.l4..end],
-        pseudo(p.tuple.saddr, p.tuple.daddr, p.tuple.proto, p.tot_len - p.ihl),
+        pseudo(p.tuple.saddr, p.tuple.daddr, p.tuple.proto, p.l4_len),
     );
     (ip, l4)
 }
@@ -868,11 +1058,12 @@ fn residuals(f: &[u8]) -> (u16, u16) {
 /// zero UDP checksum counts as valid: none was sent).
 pub fn checksums_valid(f: &[u8]) -> bool {
     let Ok(p) = classify(f) else { return false };
-    if p.tot_len + ETH > f.len() {
+    if p.l4 + p.l4_len > f.len() {
         return false;
     }
     let udp_none = p.tuple.proto == UDP && be16(f, p.l4 + 6) == 0;
-    residuals(f) == (0, 0) || (udp_none && residual(&f[ETH..ETH + p.ihl], 0) == 0)
+    let r = residuals(f);
+    r == (0, 0) || (udp_none && r.0 == 0)
 }
 
 /// Checks a program's answer against the model's expectation; `Err` says
@@ -916,40 +1107,45 @@ pub fn check(
                 return Err(format!("reject bytes {}\n   expected {}", hex(&out), hex(want)));
             }
         }
-        Expect::Translate { side, addr, port, .. } => {
+        Expect::Translate { dst, src, .. } => {
             if retval != pass {
                 return Err(format!("verdict {retval}, expected pass ({pass}) after translation"));
             }
-            return check_translation(input, &out, &[(*side, *addr, *port)]);
-        }
-        Expect::TranslateBoth { dst, src, .. } => {
-            if retval != pass {
-                return Err(format!("verdict {retval}, expected pass ({pass}) after translation"));
-            }
-            return check_translation(input, &out, &[(Side::Dst, dst.0, dst.1), (Side::Src, src.0, src.1)]);
+            return check_translation(input, &out, *dst, *src);
         }
     }
     Ok(())
 }
 
-fn check_translation(input: &[u8], out: &[u8], rewrites: &[(Side, [u8; 4], u16)]) -> Result<(), String> {
+fn check_translation(input: &[u8], out: &[u8], dst: Option<Ep>, src: Option<Ep>) -> Result<(), String> {
     let p = classify(input).expect("translated frames parse");
+    let (saddr_off, daddr_off) = if p.v6 {
+        (ETH + 8, ETH + 24)
+    } else {
+        (ETH + 12, ETH + 16)
+    };
     let csum_off = p.l4 + if p.tuple.proto == TCP { 16 } else { 6 };
     let mut want = input.to_vec();
-    for (side, a, port) in rewrites {
-        let (addr_off, port_off) = match side {
-            Side::Dst => (ETH + 16, p.l4 + 2),
-            Side::Src => (ETH + 12, p.l4),
-        };
-        want[addr_off..addr_off + 4].copy_from_slice(a);
-        want[port_off..port_off + 2].copy_from_slice(&port.to_be_bytes());
+    for (ep, addr_off, port_off) in [(dst, daddr_off, p.l4 + 2), (src, saddr_off, p.l4)] {
+        if let Some((a, port)) = ep {
+            let o = octets(a);
+            if a.is_ipv6() != p.v6 {
+                return Err(format!("the model translates to {a}, of the other family"));
+            }
+            want[addr_off..addr_off + o.len()].copy_from_slice(&o);
+            want[port_off..port_off + 2].copy_from_slice(&port.to_be_bytes());
+        }
     }
     if out.len() != want.len() {
         return Err(format!("length {} instead of {}", out.len(), want.len()));
     }
-    // Everything but the two checksum fields is exact.
+    // Everything but the checksum fields is exact.
     let mut masked_out = out.to_vec();
-    for off in [ETH + 10, csum_off] {
+    let mut sums = vec![csum_off];
+    if !p.v6 {
+        sums.push(ETH + 10);
+    }
+    for off in sums {
         masked_out[off..off + 2].copy_from_slice(&want[off..off + 2]);
     }
     if masked_out != want {
@@ -960,7 +1156,7 @@ fn check_translation(input: &[u8], out: &[u8], rewrites: &[(Side, [u8; 4], u16)]
         if be16(out, csum_off) != 0 {
             return Err("a zero UDP checksum (none) must stay zero".into());
         }
-        if residual(&out[ETH..ETH + p.ihl], 0) != residual(&input[ETH..ETH + p.ihl], 0) {
+        if !p.v6 && residual(&out[ETH..ETH + p.l3_hlen], 0) != residual(&input[ETH..ETH + p.l3_hlen], 0) {
             return Err("IPv4 header checksum not updated consistently".into());
         }
     } else {
@@ -989,26 +1185,30 @@ pub fn hex(b: &[u8]) -> String {
     s
 }
 
-/// Clients come from a small pool so that the number of distinct flows
-/// (two conntrack entries each) stays far below the conntrack map size:
-/// LRU eviction never interferes with the model.
+/// Clients come from a small pool per family so that the number of
+/// distinct flows (two conntrack entries each) stays far below the
+/// conntrack map size: LRU eviction never interferes with the model.
 pub const CLIENT_NET: [u8; 3] = [198, 18, 100];
-pub const CLIENT_HOSTS: u8 = 64;
-pub const CLIENT_PORTS: u16 = 64;
+/// IPv6 clients: 2001:db8:100::1 to ::32.
+pub const CLIENT_NET6: [u16; 3] = [0x2001, 0xdb8, 0x100];
+pub const CLIENT_HOSTS: u8 = 32;
+pub const CLIENT_PORTS: u16 = 32;
 pub const CLIENT_PORT_BASE: u16 = 40000;
+/// Source ports of backends reaching Services (hairpin).
+pub const BACKEND_CLIENT_PORTS: u16 = 16;
 
 /// What the generator built, for statistics and error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     ToService,
-    /// From one of a frontend's backends to the frontend (hairpin: when
-    /// the flow lands on the sender itself, its source is SNATed).
-    Hairpin,
     Established,
     Reply,
     /// From a tracked flow's client and port straight to its backend (a
     /// connection that does not go through the VIP, reusing the port).
     DirectToBackend,
+    /// From a backend to a frontend, mostly its own (hairpin when it is
+    /// picked itself).
+    FromBackend,
     NoServicePort,
     Random5Tuple,
     Arp,
@@ -1019,11 +1219,11 @@ pub enum Kind {
     Garbage,
 }
 
-/// A frame under construction: IPv4 + TCP/UDP, built valid, then perhaps
-/// broken.
+/// A frame under construction: IPv4 or IPv6 (the addresses' family) +
+/// TCP/UDP, built valid, then perhaps broken.
 struct Spec {
-    src: [u8; 4],
-    dst: [u8; 4],
+    src: IpAddr,
+    dst: IpAddr,
     sport: u16,
     dport: u16,
     proto: u8,
@@ -1047,10 +1247,16 @@ impl Generator {
         }
     }
 
-    fn client(&mut self) -> ([u8; 4], u16) {
+    fn client(&mut self, v6: bool) -> (IpAddr, u16) {
         let h = 1 + self.rng.below(CLIENT_HOSTS as usize) as u8;
         let p = CLIENT_PORT_BASE + self.rng.below(CLIENT_PORTS as usize) as u16;
-        ([CLIENT_NET[0], CLIENT_NET[1], CLIENT_NET[2], h], p)
+        let ip = if v6 {
+            let [a, b, c] = CLIENT_NET6;
+            IpAddr::from(Ipv6Addr::new(a, b, c, 0, 0, 0, 0, h as u16))
+        } else {
+            IpAddr::from([CLIENT_NET[0], CLIENT_NET[1], CLIENT_NET[2], h])
+        };
+        (ip, p)
     }
 
     fn tcp_flags(&mut self) -> u8 {
@@ -1087,12 +1293,9 @@ impl Generator {
         f
     }
 
-    /// A valid IPv4 frame for `s`, with random options, TCP options and
-    /// payload, and correct checksums (a zero UDP checksum sometimes).
-    fn build(&mut self, s: &Spec) -> Vec<u8> {
-        let mut f = self.eth(0x0800);
-        let opt_words = if self.rng.chance(15) { 1 + self.rng.below(10) } else { 0 };
-        let ihl = 20 + opt_words * 4;
+    /// The TCP (random options, sequence numbers, window) or UDP header
+    /// and a random payload, checksum zero.
+    fn l4(&mut self, s: &Spec) -> Vec<u8> {
         let mut l4 = Vec::with_capacity(64);
         l4.extend_from_slice(&s.sport.to_be_bytes());
         l4.extend_from_slice(&s.dport.to_be_bytes());
@@ -1111,6 +1314,34 @@ impl Generator {
             l4.extend_from_slice(&[0, 0]);
         }
         l4.extend(self.rng.bytes(payload_len));
+        l4
+    }
+
+    /// A valid frame for `s` of its addresses' family, with correct
+    /// checksums (a zero UDP checksum sometimes).
+    fn build(&mut self, s: &Spec) -> Vec<u8> {
+        let mut f = if s.src.is_ipv6() {
+            self.build6(s)
+        } else {
+            self.build4(s)
+        };
+        let zero_udp = s.proto == UDP && self.rng.chance(10);
+        fix_checksums(&mut f, !zero_udp);
+        if self.rng.chance(10) {
+            // Ethernet padding after the IP packet.
+            let n = 1 + self.rng.below(40);
+            let pad = self.rng.bytes(n);
+            f.extend(pad);
+        }
+        f
+    }
+
+    /// IPv4 with random options.
+    fn build4(&mut self, s: &Spec) -> Vec<u8> {
+        let mut f = self.eth(0x0800);
+        let opt_words = if self.rng.chance(15) { 1 + self.rng.below(10) } else { 0 };
+        let ihl = 20 + opt_words * 4;
+        let l4 = self.l4(s);
         let mut ip = vec![0x40 | (ihl / 4) as u8, self.rng.u8()];
         ip.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
         ip.extend_from_slice(&self.rng.u16().to_be_bytes());
@@ -1118,8 +1349,8 @@ impl Generator {
         ip.push(1 + self.rng.u8() / 2);
         ip.push(s.proto);
         ip.extend_from_slice(&[0, 0]);
-        ip.extend_from_slice(&s.src);
-        ip.extend_from_slice(&s.dst);
+        ip.extend(octets(s.src));
+        ip.extend(octets(s.dst));
         for _ in 0..opt_words {
             // NOPs, or a record-route-like option of garbage.
             if self.rng.chance(50) {
@@ -1130,20 +1361,73 @@ impl Generator {
         }
         f.extend_from_slice(&ip);
         f.extend_from_slice(&l4);
-        let zero_udp = s.proto == UDP && self.rng.chance(10);
-        fix_checksums(&mut f, !zero_udp);
-        if self.rng.chance(10) {
-            // Ethernet padding after the IPv4 packet.
-            let n = 1 + self.rng.below(40);
-            let pad = self.rng.bytes(n);
-            f.extend(pad);
+        f
+    }
+
+    /// IPv6, sometimes with extension headers in front of L4: hop-by-hop,
+    /// destination options, routing (mostly without segments left), now
+    /// and then a fragment header.
+    fn build6(&mut self, s: &Spec) -> Vec<u8> {
+        let mut f = self.eth(0x86dd);
+        let l4 = self.l4(s);
+        let mut kinds = Vec::new();
+        if self.rng.chance(20) {
+            for _ in 0..1 + self.rng.below(3) {
+                kinds.push(*self.rng.pick(&[0u8, 60, 60, 43, 43, 44]));
+            }
         }
+        let mut ext = Vec::new();
+        for (i, k) in kinds.iter().enumerate() {
+            let next = kinds.get(i + 1).copied().unwrap_or(s.proto);
+            match k {
+                44 => {
+                    ext.extend_from_slice(&[next, 0]);
+                    let rest = self.rng.bytes(6);
+                    ext.extend(rest);
+                }
+                43 => {
+                    let units = self.rng.below(3);
+                    let left = if self.rng.chance(85) {
+                        0
+                    } else {
+                        1 + self.rng.below(3) as u8
+                    };
+                    ext.extend_from_slice(&[next, units as u8, self.rng.u8(), left]);
+                    let rest = self.rng.bytes(4 + units * 8);
+                    ext.extend(rest);
+                }
+                _ => {
+                    let units = self.rng.below(3);
+                    ext.extend_from_slice(&[next, units as u8]);
+                    let rest = self.rng.bytes(6 + units * 8);
+                    ext.extend(rest);
+                }
+            }
+        }
+        f.push(0x60 | (self.rng.u8() & 0x0f));
+        let flow = self.rng.bytes(3);
+        f.extend(flow);
+        f.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
+        f.push(kinds.first().copied().unwrap_or(s.proto));
+        f.push(1 + self.rng.u8() / 2);
+        f.extend(octets(s.src));
+        f.extend(octets(s.dst));
+        f.extend(ext);
+        f.extend(l4);
         f
     }
 
     /// Breaks a valid frame in one or more of the ways a hostile network
     /// does; recomputes the checksums afterwards or not.
-    fn mutate(&mut self, mut f: Vec<u8>) -> Vec<u8> {
+    fn mutate(&mut self, f: Vec<u8>) -> Vec<u8> {
+        if f.len() >= ETH && be16(&f, 12) == 0x86dd {
+            self.mutate6(f)
+        } else {
+            self.mutate4(f)
+        }
+    }
+
+    fn mutate4(&mut self, mut f: Vec<u8>) -> Vec<u8> {
         let rounds = 1 + self.rng.below(2);
         for _ in 0..rounds {
             let ihl = ((f.get(ETH).copied().unwrap_or(0x45) & 0xf) as usize * 4).max(20);
@@ -1219,12 +1503,7 @@ impl Generator {
                     f[off..off + 2].copy_from_slice(&v.to_be_bytes());
                     return f;
                 }
-                8 if !f.is_empty() => {
-                    for _ in 0..1 + self.rng.below(3) {
-                        let i = self.rng.below(f.len());
-                        f[i] ^= 1 << self.rng.below(8);
-                    }
-                }
+                8 if !f.is_empty() => self.flip_bits(&mut f),
                 9 => {
                     let n = 1 + self.rng.below(64);
                     let extra = self.rng.bytes(n);
@@ -1240,22 +1519,111 @@ impl Generator {
         f
     }
 
-    /// The next frame, built against what the model knows (flows for
-    /// replies and follow-ups).
+    fn flip_bits(&mut self, f: &mut [u8]) {
+        for _ in 0..1 + self.rng.below(3) {
+            let i = self.rng.below(f.len());
+            f[i] ^= 1 << self.rng.below(8);
+        }
+    }
+
+    /// IPv6: truncation at every header boundary, other versions, payload
+    /// lengths zero, short, long, other next headers, extension header
+    /// lengths, TCP data offsets, checksums, bit flips, trailing bytes.
+    fn mutate6(&mut self, mut f: Vec<u8>) -> Vec<u8> {
+        let rounds = 1 + self.rng.below(2);
+        for _ in 0..rounds {
+            let l4 = l4_offset6(&f).unwrap_or(ETH + 40);
+            match self.rng.below(10) {
+                0 => {
+                    let b = *self.rng.pick(&[
+                        0,
+                        ETH - 1,
+                        ETH,
+                        ETH + 1,
+                        ETH + 7,
+                        ETH + 39,
+                        ETH + 40,
+                        ETH + 41,
+                        ETH + 44,
+                        l4 - 1,
+                        l4,
+                        l4 + 1,
+                        l4 + 4,
+                        l4 + 7,
+                        l4 + 8,
+                        l4 + 13,
+                        l4 + 19,
+                        l4 + 20,
+                    ]);
+                    let b = if self.rng.chance(20) {
+                        self.rng.below(f.len() + 1)
+                    } else {
+                        b
+                    };
+                    f.truncate(b.min(f.len()));
+                }
+                1 if f.len() > ETH => f[ETH] = (self.rng.u8() & 0xf0) | (f[ETH] & 0x0f),
+                2 if f.len() >= ETH + 6 => {
+                    let real = f.len().saturating_sub(ETH + 40);
+                    let v = match self.rng.below(5) {
+                        0 => 0,
+                        1 => self.rng.below(real + 1),
+                        2 => real + 1 + self.rng.below(100),
+                        3 => 0xffff,
+                        _ => (l4 - ETH - 40) + self.rng.below(30),
+                    };
+                    f[ETH + 4..ETH + 6].copy_from_slice(&(v as u16).to_be_bytes());
+                }
+                3 if f.len() > ETH + 6 => f[ETH + 6] = *self.rng.pick(&[TCP, UDP, 0, 43, 44, 60, 58, 59, 255]),
+                4 if f.len() > ETH + 41 && l4 > ETH + 40 => {
+                    // An extension header's length or next header.
+                    if self.rng.chance(50) {
+                        f[ETH + 41] = self.rng.u8();
+                    } else {
+                        f[ETH + 40] = *self.rng.pick(&[TCP, UDP, 0, 43, 44, 60, 58]);
+                    }
+                }
+                5 if f.len() > l4 + 12 => {
+                    let doff = self.rng.below(16) as u8;
+                    f[l4 + 12] = (doff << 4) | (f[l4 + 12] & 0x0f);
+                }
+                6 if f.len() >= l4 + 18 => {
+                    let off = if l4_proto6(&f) == Some(UDP) { l4 + 6 } else { l4 + 16 };
+                    let v = if self.rng.chance(50) { 0 } else { self.rng.u16() };
+                    f[off..off + 2].copy_from_slice(&v.to_be_bytes());
+                    return f;
+                }
+                7 if !f.is_empty() => self.flip_bits(&mut f),
+                8 => {
+                    let n = 1 + self.rng.below(64);
+                    let extra = self.rng.bytes(n);
+                    f.extend(extra);
+                }
+                _ => {}
+            }
+        }
+        if self.rng.chance(60) {
+            fix_checksums(&mut f, true);
+        }
+        f
+    }
+
+    /// The next frame, built against what the model knows (services, and
+    /// flows for replies and follow-ups).
     pub fn frame(&mut self, model: &Model) -> (Kind, Vec<u8>) {
         let kind = match self.rng.below(100) {
-            0..=26 => Kind::ToService,
-            27..=29 => Kind::Hairpin,
+            0..=29 => Kind::ToService,
             30..=44 => Kind::Established,
             45..=59 => Kind::Reply,
-            60..=64 => Kind::NoServicePort,
-            65..=68 => Kind::DirectToBackend,
-            69..=72 => Kind::Random5Tuple,
-            73..=75 => Kind::Arp,
-            76..=79 => Kind::Vlan,
-            80..=84 => Kind::Ipv6,
-            85..=88 => Kind::IcmpError,
-            89..=91 => Kind::OtherProto,
+            60..=62 => Kind::NoServicePort,
+            63..=66 => Kind::DirectToBackend,
+            67..=70 => Kind::FromBackend,
+            71..=73 => Kind::Random5Tuple,
+            74..=75 => Kind::Arp,
+            76..=78 => Kind::Vlan,
+            79..=82 => Kind::Ipv6,
+            83..=86 => Kind::IcmpError,
+            87..=89 => Kind::OtherProto,
             _ => Kind::Garbage,
         };
         let kind = if model.flows.is_empty() && matches!(kind, Kind::Established | Kind::Reply | Kind::DirectToBackend)
@@ -1267,27 +1635,11 @@ impl Generator {
         let f = match kind {
             Kind::ToService => {
                 let svc = self.rng.pick(&model.services).clone();
-                let (c, cp) = self.client();
+                let (c, cp) = self.client(svc.vip.is_ipv6());
                 let flags = if svc.proto == TCP { self.tcp_flags() } else { 0 };
                 let s = Spec {
                     src: c,
-                    dst: svc.vip.octets(),
-                    sport: cp,
-                    dport: svc.port,
-                    proto: svc.proto,
-                    flags,
-                };
-                self.valid_or_broken(&s)
-            }
-            Kind::Hairpin => {
-                let with_backends: Vec<&Svc> = model.services.iter().filter(|s| !s.backends.is_empty()).collect();
-                let svc = (*self.rng.pick(&with_backends)).clone();
-                let src = v4_octets(self.rng.pick(&svc.backends).ip());
-                let (_, cp) = self.client();
-                let flags = if svc.proto == TCP { self.tcp_flags() } else { 0 };
-                let s = Spec {
-                    src,
-                    dst: svc.vip.octets(),
+                    dst: svc.vip,
                     sport: cp,
                     dport: svc.port,
                     proto: svc.proto,
@@ -1316,11 +1668,12 @@ impl Generator {
                 } else {
                     0
                 };
+                // To the client, or to the source the flow was given.
                 let (dst, dport) = e.snat.unwrap_or((t.saddr, t.sport));
                 let s = Spec {
-                    src: e.nat_addr,
+                    src: e.nat.0,
                     dst,
-                    sport: e.nat_port,
+                    sport: e.nat.1,
                     dport,
                     proto: t.proto,
                     flags,
@@ -1337,22 +1690,53 @@ impl Generator {
                 };
                 let s = Spec {
                     src: t.saddr,
-                    dst: e.nat_addr,
+                    dst: e.nat.0,
                     sport: t.sport,
-                    dport: e.nat_port,
+                    dport: e.nat.1,
                     proto: t.proto,
                     flags,
                 };
                 self.valid_or_broken(&s)
             }
+            Kind::FromBackend => {
+                let with_backends: Vec<&Svc> = model.services.iter().filter(|s| !s.backends.is_empty()).collect();
+                let own = *self.rng.pick(&with_backends);
+                let b = *self.rng.pick(&own.backends);
+                // Mostly its own Service; sometimes another of its family.
+                let svc = if self.rng.chance(90) {
+                    own.clone()
+                } else {
+                    let same: Vec<&Svc> = model
+                        .services
+                        .iter()
+                        .filter(|s| s.vip.is_ipv6() == own.vip.is_ipv6())
+                        .collect();
+                    (*self.rng.pick(&same)).clone()
+                };
+                let flags = if svc.proto == TCP { self.tcp_flags() } else { 0 };
+                let s = Spec {
+                    src: b.ip(),
+                    dst: svc.vip,
+                    sport: CLIENT_PORT_BASE + self.rng.below(BACKEND_CLIENT_PORTS as usize) as u16,
+                    dport: svc.port,
+                    proto: svc.proto,
+                    flags,
+                };
+                self.valid_or_broken(&s)
+            }
             Kind::NoServicePort => {
-                let vip = *self.rng.pick(&VIPS);
-                let (c, cp) = self.client();
+                let v6 = self.rng.chance(40);
+                let vip: IpAddr = if v6 {
+                    (*self.rng.pick(&VIPS6)).into()
+                } else {
+                    (*self.rng.pick(&VIPS)).into()
+                };
+                let (c, cp) = self.client(v6);
                 let proto = if self.rng.chance(50) { TCP } else { UDP };
-                let port = *self.rng.pick(&[80, 53, 443, 81, 8080, 0, 65535]);
+                let port = *self.rng.pick(&[80, 53, 443, 81, 8080, 8000, 0, 65535]);
                 let s = Spec {
                     src: c,
-                    dst: vip.octets(),
+                    dst: vip,
                     sport: cp,
                     dport: port,
                     proto,
@@ -1361,14 +1745,27 @@ impl Generator {
                 self.valid_or_broken(&s)
             }
             Kind::Random5Tuple => {
-                let mut dst = self.rng.u32().to_be_bytes();
-                if self.rng.chance(30) {
-                    dst = [198, 18, self.rng.u8(), 2];
-                }
+                let (src, dst) = if self.rng.chance(20) {
+                    let mut d = [0u8; 16];
+                    d[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+                    d[4..].copy_from_slice(&self.rng.bytes(12));
+                    if self.rng.chance(30) {
+                        d[..8].copy_from_slice(&[0xfd, 0, 0, 0x18, 0, 0, 0, self.rng.u8()]);
+                    }
+                    let mut s = [0u8; 16];
+                    s.copy_from_slice(&self.rng.bytes(16));
+                    (IpAddr::from(s), IpAddr::from(d))
+                } else {
+                    let mut dst = self.rng.u32().to_be_bytes();
+                    if self.rng.chance(30) {
+                        dst = [198, 18, self.rng.u8(), 2];
+                    }
+                    (IpAddr::from(self.rng.u32().to_be_bytes()), IpAddr::from(dst))
+                };
                 let proto = if self.rng.chance(50) { TCP } else { UDP };
                 let flags = self.tcp_flags();
                 let s = Spec {
-                    src: self.rng.u32().to_be_bytes(),
+                    src,
                     dst,
                     sport: self.rng.u16(),
                     dport: self.rng.u16(),
@@ -1388,10 +1785,10 @@ impl Generator {
                 // A frame to a VIP behind a VLAN tag (or two): the datapath
                 // does not parse tags, so it must pass untouched.
                 let svc = self.rng.pick(&model.services).clone();
-                let (c, cp) = self.client();
+                let (c, cp) = self.client(svc.vip.is_ipv6());
                 let inner = self.build(&Spec {
                     src: c,
-                    dst: svc.vip.octets(),
+                    dst: svc.vip,
                     sport: cp,
                     dport: svc.port,
                     proto: svc.proto,
@@ -1412,17 +1809,21 @@ impl Generator {
             Kind::IcmpError => self.icmp_error(model),
             Kind::OtherProto => {
                 let svc = self.rng.pick(&model.services).clone();
-                let (c, cp) = self.client();
+                let (c, cp) = self.client(svc.vip.is_ipv6());
                 let mut f = self.build(&Spec {
                     src: c,
-                    dst: svc.vip.octets(),
+                    dst: svc.vip,
                     sport: cp,
                     dport: svc.port,
                     proto: TCP,
                     flags: SYN,
                 });
-                f[ETH + 9] = *self.rng.pick(&[1, 2, 4, 41, 47, 50, 132, 136, 255]);
-                fix_checksums(&mut f, true);
+                if svc.vip.is_ipv6() {
+                    f[ETH + 6] = *self.rng.pick(&[1, 58, 47, 50, 132, 59, 255]);
+                } else {
+                    f[ETH + 9] = *self.rng.pick(&[1, 2, 4, 41, 47, 50, 132, 136, 255]);
+                    fix_checksums(&mut f, true);
+                }
                 f
             }
             Kind::Garbage => {
@@ -1462,10 +1863,10 @@ impl Generator {
         f
     }
 
-    /// IPv6 with a chain of extension headers (hop-by-hop, routing,
-    /// fragment, destination options) before TCP/UDP towards
-    /// 2001:db8::/32, where the model has no Service: it passes untouched
-    /// (see `classify6` for the reason counted).
+    /// IPv6 with a chain of random extension headers (hop-by-hop, routing,
+    /// fragment, destination options) and random L4 bytes towards random
+    /// addresses in 2001:db8::/32, where no Service is: it passes
+    /// untouched (see `classify6` for the reason counted).
     fn ipv6(&mut self) -> Vec<u8> {
         let mut f = self.eth(0x86dd);
         let n_ext = self.rng.below(5);
@@ -1497,17 +1898,20 @@ impl Generator {
         self.maybe_truncate(f)
     }
 
-    /// ICMP errors (unreachable, time exceeded) quoting garbage, or a
-    /// tracked flow's headers, towards a client or a VIP.
+    /// ICMP errors (unreachable, time exceeded) quoting garbage, or an
+    /// IPv4 tracked flow's headers as the client sent them, towards a
+    /// client or a VIP: no reply entry matches them, they pass.
     fn icmp_error(&mut self, model: &Model) -> Vec<u8> {
-        let (c, _) = self.client();
+        let (c, _) = self.client(false);
         let dst = if self.rng.chance(50) {
             c
         } else {
-            self.rng.pick(&VIPS).octets()
+            (*self.rng.pick(&VIPS)).into()
         };
-        let mut quoted = if !model.flows.is_empty() && self.rng.chance(50) {
-            let t = *self.rng.pick(&model.flows);
+        let t = (!model.flows.is_empty() && self.rng.chance(50))
+            .then(|| *self.rng.pick(&model.flows))
+            .filter(|t| t.saddr.is_ipv4());
+        let mut quoted = if let Some(t) = t {
             let q = self.build(&Spec {
                 src: t.saddr,
                 dst: t.daddr,
@@ -1541,7 +1945,7 @@ impl Generator {
         ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
         ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
         ip.extend_from_slice(&src);
-        ip.extend_from_slice(&dst);
+        ip.extend(octets(dst));
         let c3 = checksum(&ip, 0);
         ip[10..12].copy_from_slice(&c3.to_be_bytes());
         f.extend(ip);
@@ -1550,26 +1954,78 @@ impl Generator {
     }
 }
 
+/// Where TCP/UDP starts in an IPv6 frame, walking extension headers as
+/// they claim to be (for the generator; `None` when the chain is cut).
+fn l4_offset6(f: &[u8]) -> Option<usize> {
+    walk6(f).map(|(off, _)| off)
+}
+
+fn l4_proto6(f: &[u8]) -> Option<u8> {
+    walk6(f).map(|(_, nh)| nh)
+}
+
+fn walk6(f: &[u8]) -> Option<(usize, u8)> {
+    if f.len() < ETH + 40 {
+        return None;
+    }
+    let (mut nh, mut off) = (f[ETH + 6], ETH + 40);
+    for _ in 0..8 {
+        match nh {
+            TCP | UDP => return Some((off, nh)),
+            0 | 43 | 44 | 60 => {
+                if f.len() < off + 2 {
+                    return None;
+                }
+                nh = f[off];
+                off += (f[off + 1] as usize + 1) * 8;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
 /// Recomputes the IPv4 header checksum and, when the headers allow it, the
-/// TCP/UDP checksum over what the total length claims (UDP: left zero when
-/// `udp_csum` is false).
+/// TCP/UDP checksum over what the IP length claims (UDP: left zero when
+/// `udp_csum` is false). IPv6: the TCP/UDP checksum behind the extension
+/// headers.
 pub fn fix_checksums(f: &mut [u8], udp_csum: bool) {
-    if f.len() < ETH + 20 || be16(f, 12) != 0x0800 {
+    if f.len() < ETH {
         return;
     }
-    let ihl = (f[ETH] & 0xf) as usize * 4;
-    if ihl < 20 || f.len() < ETH + ihl {
-        return;
-    }
-    f[ETH + 10] = 0;
-    f[ETH + 11] = 0;
-    let c = checksum(&f[ETH..ETH + ihl], 0);
-    f[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
-    let tot = be16(f, ETH + 2) as usize;
-    let proto = f[ETH + 9];
-    let l4 = ETH + ihl;
-    let end = ETH + tot;
-    if tot < ihl || end > f.len() {
+    let (l4, end, proto, src, dst) = match be16(f, 12) {
+        0x0800 => {
+            if f.len() < ETH + 20 {
+                return;
+            }
+            let ihl = (f[ETH] & 0xf) as usize * 4;
+            if ihl < 20 || f.len() < ETH + ihl {
+                return;
+            }
+            f[ETH + 10] = 0;
+            f[ETH + 11] = 0;
+            let c = checksum(&f[ETH..ETH + ihl], 0);
+            f[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+            let tot = be16(f, ETH + 2) as usize;
+            if tot < ihl {
+                return;
+            }
+            (
+                ETH + ihl,
+                ETH + tot,
+                f[ETH + 9],
+                ip4_at(f, ETH + 12),
+                ip4_at(f, ETH + 16),
+            )
+        }
+        0x86dd => {
+            let Some((l4, nh)) = walk6(f) else { return };
+            let end = ETH + 40 + be16(f, ETH + 4) as usize;
+            (l4, end, nh, ip6_at(f, ETH + 8), ip6_at(f, ETH + 24))
+        }
+        _ => return,
+    };
+    if end > f.len() {
         return;
     }
     let off = match proto {
@@ -1582,22 +2038,11 @@ pub fn fix_checksums(f: &mut [u8], udp_csum: bool) {
     if proto == UDP && !udp_csum {
         return;
     }
-    let mut c = checksum(
-        &f[l4..end],
-        pseudo(addr(f, ETH + 12), addr(f, ETH + 16), proto, end - l4),
-    );
+    let mut c = checksum(&f[l4..end], pseudo(src, dst, proto, end - l4));
     if proto == UDP && c == 0 {
         c = 0xffff;
     }
     f[off..off + 2].copy_from_slice(&c.to_be_bytes());
-}
-
-/// The model covers IPv4: the octets of an IPv4 address.
-fn v4_octets(ip: std::net::IpAddr) -> [u8; 4] {
-    match ip {
-        std::net::IpAddr::V4(a) => a.octets(),
-        std::net::IpAddr::V6(a) => panic!("the hostile model is IPv4-only, got {a}"),
-    }
 }
 
 #[cfg(test)]
@@ -1608,7 +2053,7 @@ mod tests {
     const CLIENT: ([u8; 4], u16) = ([198, 18, 100, 7], 40007);
 
     fn syn_to(svc: &Svc) -> Vec<u8> {
-        Frame::tcp((Ipv4Addr::from(CLIENT.0), CLIENT.1), (svc.vip, svc.port), SYN).build()
+        Frame::tcp((IpAddr::from(CLIENT.0), CLIENT.1), (svc.vip, svc.port), SYN).build()
     }
 
     #[test]
@@ -1626,38 +2071,105 @@ mod tests {
         let mut m = Model::new(services());
         let svc = m.services[0].clone();
         let frame = syn_to(&svc);
-        let Expect::Translate { addr, port, reason, .. } = m.predict(Hook::Xdp, &frame) else {
+        let Expect::Translate {
+            dst: Some((addr, port)),
+            src: None,
+            reason,
+        } = m.predict(Hook::Xdp, &frame)
+        else {
             panic!("a SYN to a service is translated")
         };
         assert_eq!(reason, Reason::NatNewFlow);
-        assert!(svc
-            .backends
-            .iter()
-            .any(|b| (v4_octets(b.ip()), b.host_port()) == (addr, port)));
+        assert!(svc.backends.iter().any(|b| (b.ip(), b.host_port()) == (addr, port)));
         let again = Expect::Translate {
-            side: Side::Dst,
-            addr,
-            port,
+            dst: Some((addr, port)),
+            src: None,
             reason: Reason::NatEstablished,
         };
         assert_eq!(m.predict(Hook::Tc, &frame), again);
-        let reply = Frame::tcp(
-            (Ipv4Addr::from(addr), port),
-            (Ipv4Addr::from(CLIENT.0), CLIENT.1),
-            SYN | ACK,
-        )
-        .build();
+        let reply = Frame::tcp((addr, port), (IpAddr::from(CLIENT.0), CLIENT.1), SYN | ACK).build();
         assert_eq!(
             m.predict(Hook::Xdp, &reply),
             Expect::Translate {
-                side: Side::Src,
-                addr: svc.vip.octets(),
-                port: svc.port,
+                dst: None,
+                src: Some((svc.vip, svc.port)),
                 reason: Reason::NatReply,
             }
         );
         assert_eq!(m.ct.len(), 2);
         assert_eq!(m.runs, 3);
+    }
+
+    /// A remote backend of a NodePort: the source becomes the node, on a
+    /// port of the SNAT range; the reply goes back to the client.
+    #[test]
+    fn model_snats_remote_backends_and_reverses_both() {
+        let mut m = Model::new(services());
+        let svc = m.services[21].clone();
+        assert_eq!(svc.vip, IpAddr::from(NODE6));
+        let client = (IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 3)), 40003);
+        let frame = Frame::udp(client, (svc.vip, svc.port), b"q").build();
+        let Expect::Translate {
+            dst: Some(be),
+            src: Some((node, port)),
+            ..
+        } = m.predict(Hook::Tc, &frame)
+        else {
+            panic!("SNATed")
+        };
+        assert_eq!(node, IpAddr::from(NODE6));
+        assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port));
+        let reply = Frame::udp(be, (node, port), b"a").build();
+        assert_eq!(
+            m.predict(Hook::Xdp, &reply),
+            Expect::Translate {
+                dst: Some(client),
+                src: Some((svc.vip, svc.port)),
+                reason: Reason::NatReply,
+            }
+        );
+    }
+
+    /// One client port to two VIPs sharing the backend: the second flow
+    /// moves to another source port.
+    #[test]
+    fn model_moves_a_clashing_flow_to_another_port() {
+        let mut m = Model::new(services());
+        let client = (IpAddr::from([198, 18, 100, 9]), 40009);
+        let mut found = false;
+        for port in 40000..40032 {
+            let c = (client.0, port);
+            let first = m.predict(Hook::Tc, &Frame::tcp(c, (VIPS[0], 80), SYN).build());
+            if !matches!(
+                first,
+                Expect::Translate {
+                    dst: Some((_, 8080)),
+                    ..
+                }
+            ) {
+                continue;
+            }
+            let Expect::Translate { dst: Some((a, _)), .. } = first else {
+                unreachable!()
+            };
+            if a != b4(1) {
+                continue;
+            }
+            let second = m.predict(Hook::Tc, &Frame::tcp(c, (VIPS[3], 80), SYN).build());
+            let Expect::Translate {
+                src: Some((same, moved)),
+                ..
+            } = second
+            else {
+                panic!("{second:?}")
+            };
+            assert_eq!(same, client.0);
+            assert_ne!(moved, port);
+            found = true;
+            break;
+        }
+        assert!(found);
+        assert_eq!(m.clashes, 1);
     }
 
     /// The checker is what makes the hostile test worth anything: it must
@@ -1667,11 +2179,15 @@ mod tests {
         let mut m = Model::new(services());
         let frame = syn_to(&m.services[0]);
         let expect = m.predict(Hook::Xdp, &frame);
-        let Expect::Translate { addr, port, .. } = expect.clone() else {
+        let Expect::Translate {
+            dst: Some((addr, port)),
+            ..
+        } = expect.clone()
+        else {
             panic!()
         };
         let mut good = frame.clone();
-        good[30..34].copy_from_slice(&addr);
+        good[30..34].copy_from_slice(&octets(addr));
         good[36..38].copy_from_slice(&port.to_be_bytes());
         fix_checksums(&mut good, true);
         assert_eq!(check(Hook::Xdp, &frame, &expect, Ok((2, good.clone()))), Ok(()));
@@ -1685,6 +2201,11 @@ mod tests {
         other[33] ^= 1;
         fix_checksums(&mut other, true);
         assert!(check(Hook::Xdp, &frame, &expect, Ok((2, other))).is_err());
+        // The source rewritten too.
+        let mut snated = good.clone();
+        snated[34..36].copy_from_slice(&20000u16.to_be_bytes());
+        fix_checksums(&mut snated, true);
+        assert!(check(Hook::Xdp, &frame, &expect, Ok((2, snated))).is_err());
         // Wrong verdict, changed payload length, untranslated.
         assert!(check(Hook::Xdp, &frame, &expect, Ok((1, good.clone()))).is_err());
         let mut longer = good.clone();
@@ -1713,7 +2234,45 @@ mod tests {
             panic!("a SYN to a service without endpoints is rejected")
         };
         let p = crate::packet::parse_and_verify(&rst);
-        assert_eq!((p.src, p.sport), (empty.vip.into(), empty.port));
+        assert_eq!((p.src, p.sport), (empty.vip, empty.port));
         assert_eq!(crate::packet::tcp_fields(&rst), (RST | ACK, 0, 1001));
+    }
+
+    /// IPv6 rejects and generated frames verify with the shared packet
+    /// module's checksums (etherparse), not only with the model's.
+    #[test]
+    fn ipv6_frames_and_rejects_verify() {
+        let mut m = Model::new(services());
+        let client = (IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 5)), 40005);
+        let tcp = Frame::tcp(client, (IpAddr::from(VIPS6[1]), 80), SYN).build();
+        let Expect::Reject(rst) = m.predict(Hook::Xdp, &tcp) else {
+            panic!("rejected")
+        };
+        let p = crate::packet::parse_and_verify(&rst);
+        assert_eq!((p.src, p.sport), (IpAddr::from(VIPS6[1]), 80));
+        let udp = Frame::udp(client, (IpAddr::from(VIPS6[1]), 53), b"q").build();
+        let Expect::Reject(icmp) = m.predict(Hook::Xdp, &udp) else {
+            panic!("rejected")
+        };
+        crate::packet::parse_icmp(&icmp);
+        let mut g = Generator::new(3);
+        for _ in 0..200 {
+            let s = Spec {
+                src: client.0,
+                dst: VIPS6[0].into(),
+                sport: client.1,
+                dport: 80,
+                proto: TCP,
+                flags: SYN,
+            };
+            let f = g.build(&s);
+            // (Without Ethernet padding, which the parser refuses.)
+            if l4_offset6(&f) == Some(ETH + 40) && f.len() == ETH + 40 + be16(&f, ETH + 4) as usize {
+                crate::packet::parse_and_verify(&f);
+            }
+            if classify(&f).is_ok() {
+                assert!(checksums_valid(&f), "{}", hex(&f));
+            }
+        }
     }
 }
