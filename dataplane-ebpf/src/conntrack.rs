@@ -400,7 +400,7 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
 /// The count lives in this CPU's scratch entry; a window is one second of
 /// the coarse clock.
 #[inline(always)]
-pub fn admit_new_flow() -> bool {
+fn admit_new_flow() -> bool {
     let limit = new_flows_per_cpu();
     if limit == 0 {
         return true;

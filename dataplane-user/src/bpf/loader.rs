@@ -529,27 +529,11 @@ impl Dataplane {
             return Ok(());
         }
         for (name, _) in program_names::SOCK {
-            let p: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoadError::Program {
-                    name,
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
+            let p: &mut CgroupSockAddr = typed_program(&mut self.ebpf, name)?;
             retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
         }
         let name = program_names::SOCK_RELEASE;
-        let p: &mut CgroupSock = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(LoadError::Program {
-                name,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
+        let p: &mut CgroupSock = typed_program(&mut self.ebpf, name)?;
         // Optional: without it, socket-level entries leave by eviction.
         self.sock_release = match retry_eagain(|| p.load()) {
             Ok(()) => true,
@@ -587,42 +571,33 @@ impl Dataplane {
         let cgroup_id = crate::bpf::cgroup::cgroup_id(cgroup)?;
         self.load_socket_programs()?;
         let mut out = Vec::new();
+        // One body for both program types (aya gives them no common
+        // trait for attaching).
+        macro_rules! attach {
+            ($ty:ty, $name:expr, $hook:expr) => {{
+                let (name, hook) = ($name, $hook);
+                let pin = self.pins.as_ref().map(|p| p.socket_link(hook));
+                let p: &mut $ty = typed_program(&mut self.ebpf, name)?;
+                let fd = program_fd_clone(name, p.fd())?;
+                let attached = attach_cgroup_program(name, hook, cgroup, cgroup_id, pin, &fd, |dir, take| {
+                    let id = p.attach(dir, CgroupAttachMode::Single)?;
+                    Ok(match take {
+                        true => Some(FdLink::try_from(p.take_link(id)?).map_err(|e| e.to_string())),
+                        false => None,
+                    })
+                })?;
+                out.push((hook, attached));
+            }};
+        }
         for (name, hook) in program_names::SOCK {
-            let pin = self.pins.as_ref().map(|p| p.socket_link(hook));
-            let p: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .expect("loaded above")
-                .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
-            let fd = program_fd_clone(name, p.fd())?;
-            let attached = attach_cgroup_program(name, hook, cgroup, cgroup_id, pin, &fd, |dir, take| {
-                let id = p.attach(dir, CgroupAttachMode::Single)?;
-                Ok(match take {
-                    true => Some(FdLink::try_from(p.take_link(id)?).map_err(|e| e.to_string())),
-                    false => None,
-                })
-            })?;
-            out.push((hook, attached));
+            attach!(CgroupSockAddr, name, hook);
         }
         if self.sock_release {
-            let (name, hook) = (program_names::SOCK_RELEASE, program_names::SOCK_RELEASE_HOOK);
-            let pin = self.pins.as_ref().map(|p| p.socket_link(hook));
-            let p: &mut CgroupSock = self
-                .ebpf
-                .program_mut(name)
-                .expect("loaded above")
-                .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
-            let fd = program_fd_clone(name, p.fd())?;
-            let attached = attach_cgroup_program(name, hook, cgroup, cgroup_id, pin, &fd, |dir, take| {
-                let id = p.attach(dir, CgroupAttachMode::Single)?;
-                Ok(match take {
-                    true => Some(FdLink::try_from(p.take_link(id)?).map_err(|e| e.to_string())),
-                    false => None,
-                })
-            })?;
-            out.push((hook, attached));
+            attach!(
+                CgroupSock,
+                program_names::SOCK_RELEASE,
+                program_names::SOCK_RELEASE_HOOK
+            );
         }
         Ok(out)
     }
@@ -812,6 +787,20 @@ fn attach_cgroup_program(
         replaced: false,
         pinned,
     })
+}
+
+/// The program `name` of the object as its type `T` (`CgroupSockAddr`, ...).
+fn typed_program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })
 }
 
 /// An owned copy of a loaded program's fd.

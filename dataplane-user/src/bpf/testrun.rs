@@ -27,26 +27,22 @@ pub fn run(prog_fd: RawFd, frame: &[u8]) -> Result<RunResult, SysError> {
 /// (`sys::TEST_SKB_CHECKSUM_COMPLETE`, 6.17+): fails with `EBADMSG` when
 /// the program leaves `skb->csum` wrong for the frame it leaves.
 pub fn run_checksum_complete(prog_fd: RawFd, frame: &[u8]) -> Result<RunResult, SysError> {
-    let mut out = vec![0u8; frame.len() + 512];
-    // SAFETY: the caller holds the program's fd open for the call.
-    let prog = unsafe { BorrowedFd::borrow_raw(prog_fd) };
-    let r = sys::prog_test_run_flags(prog, frame, &mut out, 1, sys::TEST_SKB_CHECKSUM_COMPLETE)?;
-    out.truncate(r.size_out);
-    Ok(RunResult {
-        retval: r.retval,
-        data: out,
-        duration_ns: r.duration_ns,
-    })
+    run_with(prog_fd, frame, 1, sys::TEST_SKB_CHECKSUM_COMPLETE)
 }
 
 /// Runs program `prog_fd` `repeat` times on `frame` (the kernel feeds each run
 /// the output of the previous one for programs that rewrite in place).
 pub fn run_repeat(prog_fd: RawFd, frame: &[u8], repeat: u32) -> Result<RunResult, SysError> {
+    run_with(prog_fd, frame, repeat, 0)
+}
+
+/// BPF_PROG_TEST_RUN with `BPF_F_TEST_*` `flags`.
+fn run_with(prog_fd: RawFd, frame: &[u8], repeat: u32, flags: u32) -> Result<RunResult, SysError> {
     // Room for programs that grow the frame (encapsulation, rejects).
     let mut out = vec![0u8; frame.len() + 512];
     // SAFETY: the caller holds the program's fd open for the call.
     let prog = unsafe { BorrowedFd::borrow_raw(prog_fd) };
-    let r = sys::prog_test_run(prog, frame, &mut out, repeat)?;
+    let r = sys::prog_test_run_flags(prog, frame, &mut out, repeat, flags)?;
     out.truncate(r.size_out);
     Ok(RunResult {
         retval: r.retval,
