@@ -24,6 +24,7 @@ unsafe impl aya::Pod for bench::BenchFrame {}
 unsafe impl aya::Pod for SockNatKey {}
 unsafe impl aya::Pod for SockNatValue {}
 unsafe impl aya::Pod for SockAffinityKey {}
+unsafe impl aya::Pod for CtScratch {}
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -427,9 +427,16 @@ fn admit_new_flow() -> bool {
 /// [`create`]) and leaves the answer in this CPU's scratch entry, where
 /// `create` reads it. (Not an argument: the verifier then sees one path
 /// into `create`, not two.)
+///
+/// `untracked`: the tuple has no entry. A SYN that finds one (a closed or
+/// stale flow, port reuse) always gets state: it replaces that entry in
+/// place, which takes no room from other flows, and were it served without
+/// state its next packet would find the old entry and follow the old
+/// flow's backend, not the one its SYN went to.
 #[inline(never)]
-pub fn flood_check(p: &Packet, svc: &ServiceValue) {
-    let stateless = p.is_tcp()
+pub fn flood_check(p: &Packet, svc: &ServiceValue, untracked: bool) {
+    let stateless = untracked
+        && p.is_tcp()
         && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         && svc.flags & (SVC_F_AFFINITY | SVC_F_RANDOM) == 0
         && svc.maglev_size != 0

@@ -81,7 +81,8 @@ fn stale(ct: &CtValue, svc: &ServiceValue) -> bool {
 #[inline(never)]
 fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict {
     let starts_flow = p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(ct) = conntrack::lookup(p) {
+    let tracked = conntrack::lookup(p);
+    if let Some(ct) = tracked {
         // SAFETY: an entry of this run's lookup.
         let ct = unsafe { &*ct };
         // A SYN on a tuple whose connection was closed starts a new flow
@@ -110,7 +111,7 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
 
     // The flood guard's decision for this new flow (read by
     // `conntrack::create`), taken before the paths below split.
-    conntrack::flood_check(p, svc);
+    conntrack::flood_check(p, svc, tracked.is_none());
     if svc.flags & SVC_F_SOURCE_RANGES != 0
         && DP_SRC_RANGES
             .get(Key::new(

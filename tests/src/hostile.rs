@@ -13,7 +13,11 @@
 //! DNAT, replies, rejects; SNAT of external frontends to remote backends
 //! and of hairpin flows, with the SNAT source port; load balancer source
 //! ranges; Local-policy drops; session affinity; reply-tuple clashes;
-//! reselection of a new SYN on an entry of an older backend set.
+//! reselection of a new SYN on an entry of an older backend set; the flood
+//! guard (SYNs beyond the quota served without state, their SYN-ACKs from
+//! the guard's own table, the state created by the flow's next packet),
+//! with the quota's window frozen by the test so that the guard's
+//! decisions follow from the frames (`Model::flood_limit`).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -583,6 +587,21 @@ pub struct Model {
     pub notes: BTreeMap<&'static str, u64>,
     /// Reply keys of flows another flow clashed with.
     clashed: HashSet<Tuple>,
+    /// The flood guard's quota (`--new-flows-per-cpu`; 0: off) and how
+    /// much of it the current window has used: the test freezes the
+    /// window (it never ends) and runs every frame on one CPU, so the
+    /// guard's count is this one.
+    pub flood_limit: u32,
+    pub flood_used: u32,
+    /// The flood guard's reply entries (`DP_CT_SYN`) of SYNs served
+    /// without state, by reply key.
+    pub syn: HashMap<Tuple, CtEntry>,
+    /// Their reply keys in the order they were written (for the
+    /// generator's answers and follow-ups).
+    pub embryonic: Vec<Tuple>,
+    /// What `CtEvent::StatelessNewFlow` / `StatelessReply` must read.
+    pub stateless: u64,
+    pub stateless_replies: u64,
 }
 
 impl Model {
@@ -597,7 +616,29 @@ impl Model {
             clashes: 0,
             notes: BTreeMap::new(),
             clashed: HashSet::new(),
+            flood_limit: 0,
+            flood_used: 0,
+            syn: HashMap::new(),
+            embryonic: Vec::new(),
+            stateless: 0,
+            stateless_replies: 0,
         }
+    }
+
+    /// The flood guard's count for one more eligible new flow: whether it
+    /// gets state (the quota has room, or the guard is off).
+    fn admit_new_flow(&mut self) -> bool {
+        if self.flood_limit == 0 {
+            return true;
+        }
+        if self.flood_used >= self.flood_limit {
+            return false;
+        }
+        self.flood_used += 1;
+        if self.flood_used == self.flood_limit {
+            self.note("flood guard: the quota's last flow with state");
+        }
+        true
     }
 
     fn note(&mut self, what: &'static str) {
@@ -661,6 +702,7 @@ impl Model {
             return self.reply(&p, closes);
         };
         let version = self.services[si].version;
+        let untracked = !self.ct.contains_key(&t);
         if let Some(e) = self.ct.get_mut(&t) {
             if closes {
                 e.flags |= CT_F_CLOSING;
@@ -706,13 +748,24 @@ impl Model {
                 self.note("new SYN on an entry of an older backend set: picked again");
             }
         }
-        self.new_flow(f, &p, si)
+        self.new_flow(f, &p, si, untracked)
     }
 
     /// A new flow to frontend `si` (or a packet without state on its way
-    /// to become one).
-    fn new_flow(&mut self, f: &[u8], p: &L4, si: usize) -> Expect {
+    /// to become one). `untracked`: its tuple has no conntrack entry.
+    fn new_flow(&mut self, f: &[u8], p: &L4, si: usize, untracked: bool) -> Expect {
         let t = p.tuple;
+        // The flood guard decides first (before the source ranges): a TCP
+        // SYN of an untracked tuple to a frontend whose backend follows
+        // from the hash (Maglev with endpoints, no affinity) counts
+        // against the quota, and beyond it goes without state.
+        let starts = t.proto == TCP && p.flags & (SYN | ACK) == SYN;
+        let svc = &self.services[si];
+        let eligible = starts && svc.affinity_s.is_none() && !svc.backends.is_empty();
+        let stateless = eligible && untracked && !self.admit_new_flow();
+        if eligible && !untracked && self.flood_limit != 0 && self.flood_used >= self.flood_limit {
+            self.note("flood guard: a SYN on a tracked tuple gets state beyond the quota");
+        }
         let svc = &self.services[si];
         if svc.flags & SVC_F_SOURCE_RANGES != 0 && !svc.source_ranges.iter().any(|r| in_prefix(t.saddr, *r)) {
             return Expect::Drop(Reason::DropSourceRange);
@@ -785,6 +838,32 @@ impl Model {
             flags: CT_F_REPLY | if src.is_some() { CT_F_SNAT } else { 0 },
             version,
         };
+        if stateless {
+            // Only the reply entry, in the guard's own table, and no clash
+            // check: the SYN-ACK finds it when conntrack has nothing.
+            if self.syn.insert(reply_key(src), reply_value(src)).is_none() {
+                self.embryonic.push(reply_key(src));
+            }
+            self.stateless += 1;
+            self.note(if src.is_some() {
+                "flood guard: SNATed new flow without state"
+            } else {
+                "flood guard: new flow without state"
+            });
+            return Expect::Translate {
+                dst: Some(be),
+                src,
+                reason: Reason::NatNewFlow,
+            };
+        }
+        if !starts
+            && self
+                .syn
+                .get(&reply_key(src))
+                .is_some_and(|e| e.nat == (t.daddr, t.dport))
+        {
+            self.note("flood guard: the flow's state created by its next packet");
+        }
         // The reply entry of another live flow is never written over: the
         // new flow moves to another source port (on its own address, or
         // the node's when SNATed).
@@ -858,12 +937,24 @@ impl Model {
     /// was seen / the flow closes.
     fn reply(&mut self, p: &L4, closes: bool) -> Expect {
         let t = p.tuple;
-        let Some(e) = self.ct.get_mut(&t) else {
-            return self.pass_no_service(p);
+        // Conntrack first; a SYN-ACK that finds nothing there may answer a
+        // SYN the flood guard served without state (its entry is not
+        // marked closing by the reply itself: only conntrack's are).
+        let syn_ack = t.proto == TCP && p.flags & (SYN | ACK) == SYN | ACK;
+        let e = match self.ct.get_mut(&t) {
+            Some(e) => {
+                if closes {
+                    e.flags |= CT_F_CLOSING;
+                }
+                e
+            }
+            None if syn_ack && self.flood_limit != 0 && self.syn.contains_key(&t) => {
+                self.stateless_replies += 1;
+                self.note("flood guard: SYN-ACK of a flow without state, from the frontend");
+                self.syn.get_mut(&t).expect("checked")
+            }
+            None => return self.pass_no_service(p),
         };
-        if closes {
-            e.flags |= CT_F_CLOSING;
-        }
         if e.flags & CT_F_REPLY == 0 {
             return self.pass_no_service(p);
         }
@@ -1209,6 +1300,12 @@ pub enum Kind {
     /// From a backend to a frontend, mostly its own (hairpin when it is
     /// picked itself).
     FromBackend,
+    /// The backend's answer (mostly a SYN-ACK) to a SYN the flood guard
+    /// served without state.
+    StatelessReply,
+    /// The next packet of a client whose SYN was served without state
+    /// (mostly its ACK).
+    StatelessFollowUp,
     NoServicePort,
     Random5Tuple,
     Arp,
@@ -1612,7 +1709,9 @@ impl Generator {
     /// flows for replies and follow-ups).
     pub fn frame(&mut self, model: &Model) -> (Kind, Vec<u8>) {
         let kind = match self.rng.below(100) {
-            0..=29 => Kind::ToService,
+            0..=27 => Kind::ToService,
+            28 => Kind::StatelessReply,
+            29 => Kind::StatelessFollowUp,
             30..=44 => Kind::Established,
             45..=59 => Kind::Reply,
             60..=62 => Kind::NoServicePort,
@@ -1626,11 +1725,10 @@ impl Generator {
             87..=89 => Kind::OtherProto,
             _ => Kind::Garbage,
         };
-        let kind = if model.flows.is_empty() && matches!(kind, Kind::Established | Kind::Reply | Kind::DirectToBackend)
-        {
-            Kind::ToService
-        } else {
-            kind
+        let kind = match kind {
+            Kind::Established | Kind::Reply | Kind::DirectToBackend if model.flows.is_empty() => Kind::ToService,
+            Kind::StatelessReply | Kind::StatelessFollowUp if model.embryonic.is_empty() => Kind::ToService,
+            k => k,
         };
         let f = match kind {
             Kind::ToService => {
@@ -1676,6 +1774,36 @@ impl Generator {
                     sport: e.nat.1,
                     dport,
                     proto: t.proto,
+                    flags,
+                };
+                self.valid_or_broken(&s)
+            }
+            Kind::StatelessReply => {
+                let r = *self.rng.pick(&model.embryonic);
+                let flags = *self
+                    .rng
+                    .pick(&[SYN | ACK, SYN | ACK, SYN | ACK, SYN | ACK | FIN, ACK, RST]);
+                let s = Spec {
+                    src: r.saddr,
+                    dst: r.daddr,
+                    sport: r.sport,
+                    dport: r.dport,
+                    proto: TCP,
+                    flags,
+                };
+                self.valid_or_broken(&s)
+            }
+            Kind::StatelessFollowUp => {
+                let r = *self.rng.pick(&model.embryonic);
+                let e = model.syn[&r];
+                let (client, cport) = e.snat.unwrap_or((r.daddr, r.dport));
+                let flags = *self.rng.pick(&[ACK, ACK, ACK, ACK | 0x08, SYN, FIN | ACK, RST]);
+                let s = Spec {
+                    src: client,
+                    dst: e.nat.0,
+                    sport: cport,
+                    dport: e.nat.1,
+                    proto: TCP,
                     flags,
                 };
                 self.valid_or_broken(&s)

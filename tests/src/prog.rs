@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
 use dataplane::{
     bpf::loader::{Dataplane, Globals, Maps},
     bpf::map_sizes::MapSizes,
@@ -12,7 +13,10 @@ use dataplane::{
     model::{Desired, Frontend},
     reconcile::{SyncConfig, Syncer},
 };
-use dataplane_common::{addr_of, flow_hash, fold_addr, program_names, Backend, DpConfig, Reason, ServiceKey};
+use dataplane_common::{
+    addr_of, flow_hash, fold_addr, map_names, program_names, Backend, CtKey, CtScratch, CtValue, DpConfig, Reason,
+    ServiceKey,
+};
 
 /// The backend the datapath must pick for a new flow of either family: the
 /// Maglev table (default size) computed in userspace, at the position of
@@ -80,10 +84,31 @@ impl Prog {
     }
 }
 
+/// Pins the calling thread to one CPU (program runs then use that CPU's
+/// per-CPU entries).
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub struct Loaded {
     pub dp: Dataplane,
     pub sync: Syncer<Maps>,
     pub desired: Desired,
+    /// The per-CPU scratch entry (the flood guard's window lives there).
+    scratch: PerCpuArray<MapData, CtScratch>,
+    /// The flood guard's reply entries.
+    ct_syn: HashMap<MapData, CtKey, CtValue>,
 }
 
 /// The programs' settings in program tests: the defaults without the flood
@@ -118,27 +143,33 @@ impl Loaded {
 
     /// Loaded with SNAT taking source ports from `snat_ports` (inclusive).
     pub fn with_snat_ports(dp_config: DpConfig, snat_ports: (u16, u16)) -> Loaded {
-        crate::netns::require_root_and_tools();
-        let sizes = MapSizes::default();
-        let globals = Globals {
-            snat_ports,
-            ..NO_FLOOD_GUARD
-        };
-        let (dp, _) = Dataplane::load_with(None, None, &sizes, false, globals).unwrap_or_else(|e| panic!("{e}"));
-        Self::from_dataplane(dp, SyncConfig::default(), dp_config, &sizes)
+        Self::with_globals(
+            dp_config,
+            Globals {
+                snat_ports,
+                ..NO_FLOOD_GUARD
+            },
+        )
     }
 
     /// The programs with the flood guard giving state to `per_cpu` new
     /// flows per CPU per second (`--new-flows-per-cpu`).
     pub fn with_new_flows_per_cpu(per_cpu: u32) -> Loaded {
+        Self::with_globals(
+            DpConfig::defaults(),
+            Globals {
+                new_flows_per_cpu: per_cpu,
+                ..Globals::default()
+            },
+        )
+    }
+
+    /// Loaded with the programs' load-time settings `globals`.
+    pub fn with_globals(dp_config: DpConfig, globals: Globals) -> Loaded {
         crate::netns::require_root_and_tools();
         let sizes = MapSizes::default();
-        let globals = Globals {
-            new_flows_per_cpu: per_cpu,
-            ..Globals::default()
-        };
         let (dp, _) = Dataplane::load_with(None, None, &sizes, false, globals).unwrap_or_else(|e| panic!("{e}"));
-        Self::from_dataplane(dp, SyncConfig::default(), DpConfig::defaults(), &sizes)
+        Self::from_dataplane(dp, SyncConfig::default(), dp_config, &sizes)
     }
 
     /// The programs as loaded on a kernel with only the `features` of this
@@ -151,6 +182,8 @@ impl Loaded {
     }
 
     fn from_dataplane(mut dp: Dataplane, config: SyncConfig, dp_config: DpConfig, sizes: &MapSizes) -> Loaded {
+        let scratch = PerCpuArray::try_from(dp.take_map(map_names::SCRATCH).expect("scratch map")).unwrap();
+        let ct_syn = HashMap::try_from(dp.take_map(map_names::CT_SYN).expect("flood guard map")).unwrap();
         let mut maps = dp.take_maps().unwrap();
         maps.write_config(&dp_config).unwrap();
         let mut sync = Syncer::with_config(maps, config);
@@ -159,7 +192,31 @@ impl Loaded {
             dp,
             sync,
             desired: Desired::default(),
+            scratch,
+            ct_syn,
         }
+    }
+
+    /// Freezes the flood guard's window on every CPU with `used` new flows
+    /// already given state in it: the window never ends (it starts at the
+    /// largest clock value), so what the guard decides depends on the
+    /// frames sent, not on how fast they are sent. With the test thread
+    /// on one CPU, the next `quota - used` SYNs that the guard counts get
+    /// state and the rest do not, until the next call.
+    pub fn freeze_flood_window(&mut self, used: u32) {
+        let ncpus = aya::util::nr_cpus().expect("number of possible CPUs");
+        let entry = CtScratch {
+            flood_window_ns: u64::MAX,
+            flood_count: used,
+            ..CtScratch::default()
+        };
+        let values = PerCpuValues::try_from(vec![entry; ncpus]).unwrap();
+        self.scratch.set(0, values, 0).expect("writing the scratch entry");
+    }
+
+    /// The flood guard's reply entries (`DP_CT_SYN`).
+    pub fn embryonic_entries(&self) -> Vec<(CtKey, CtValue)> {
+        self.ct_syn.iter().map(|kv| kv.expect("reading DP_CT_SYN")).collect()
     }
 
     /// Sets the backends of frontend `vip:port/proto` (creating it) and

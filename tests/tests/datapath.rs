@@ -18,7 +18,7 @@ use dataplane_tests::{
     packet::{
         checksum, icmp_error, octets, parse_and_verify, parse_icmp, tcp_fields, Frame, ACK, FIN, RST, SYN, TCP, UDP,
     },
-    prog::{expected, expected_index, Loaded, Prog},
+    prog::{expected, expected_index, pin_to_cpu, Loaded, Prog},
 };
 
 const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10));
@@ -823,22 +823,6 @@ fn conntrack_entries_expire_by_protocol_and_state() {
     }
 }
 
-/// Pins the calling thread to one CPU.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// Two CPUs update the state of one flow at the same time: the backend's
 /// first reply (seen-reply, on both entries) on one, the client's FINs
 /// (closing, on both entries) on the other. Both updates must stick. With
@@ -941,8 +925,12 @@ fn conntrack_state_updates_from_two_cpus_are_never_lost() {
 /// gets state.
 #[test]
 fn syns_beyond_the_new_flow_quota_are_served_without_state_until_the_flow_proves_itself() {
+    // One CPU, one window that never ends: the quota depends on the frames
+    // sent, not on how fast they are sent.
+    pin_to_cpu(0);
     for prog in Prog::BOTH {
         let mut l = Loaded::with_new_flows_per_cpu(3);
+        l.freeze_flood_window(0);
         let backends = [(b(1), 8080), (b(2), 8080), (b(3), 8081)];
         l.set_service(VIP, 80, TCP, &backends);
         l.set_service(VIP, 53, UDP, &backends);
@@ -953,8 +941,8 @@ fn syns_beyond_the_new_flow_quota_are_served_without_state_until_the_flow_proves
         }
         assert_eq!(l.conntrack_len(), 6, "{prog:?}");
         assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 0, "{prog:?}");
-        // Beyond it (the same second: 3 runs take microseconds), SYNs of
-        // many clients: translated by the hash, nothing written.
+        // Beyond it, SYNs of many clients: translated by the hash, nothing
+        // written.
         for port in 42000..42100 {
             let c = (CLIENT, port);
             let out = parse_and_verify(&l.run(prog, &Frame::tcp(c, (VIP, 80), SYN).build()).data);
@@ -993,6 +981,64 @@ fn syns_beyond_the_new_flow_quota_are_served_without_state_until_the_flow_proves
     }
     assert_eq!(l.conntrack_len(), 200);
     assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 0);
+}
+
+/// Beyond the flood guard's quota, a SYN whose tuple still has an entry
+/// (port reuse after an unclean close, with the Service's endpoints
+/// changed since, or after a clean close) gets state all the same: it
+/// replaces the old entry in place, which takes no room from other flows.
+/// Served without state, its SYN would go to the backend the hash gives
+/// now while its ACK found the old entry and went to the old backend.
+#[test]
+fn a_syn_that_reuses_a_tracked_tuple_gets_state_beyond_the_quota() {
+    pin_to_cpu(0);
+    const QUOTA: u32 = 100;
+    for prog in Prog::BOTH {
+        let mut l = Loaded::with_new_flows_per_cpu(QUOTA);
+        l.freeze_flood_window(0);
+        let first = [(b(1), 8080), (b(2), 8080), (b(3), 8080)];
+        l.set_service(VIP, 80, TCP, &first);
+        let c = (CLIENT, 43000);
+        let syn = Frame::tcp(c, (VIP, 80), SYN).build();
+        let ack = Frame::tcp(c, (VIP, 80), ACK).build();
+        let old = parse_and_verify(&l.run(prog, &syn).data);
+        assert_eq!(l.conntrack_len(), 2, "{prog:?}: within the quota, state");
+        // The client's backend leaves; the client crashes and reuses its
+        // port while a flood has used up the quota.
+        let second: Vec<_> = first.iter().copied().filter(|(a, _)| *a != old.dst).collect();
+        l.set_service(VIP, 80, TCP, &second);
+        let want = expected(&l.backends(VIP, 80, TCP), c, (VIP, 80), TCP);
+        assert_ne!(want.ip(), old.dst);
+        l.freeze_flood_window(QUOTA);
+        let fresh = Frame::tcp((CLIENT, 43001), (VIP, 80), SYN).build();
+        l.run(prog, &fresh);
+        assert_eq!(
+            l.ct_event(CtEvent::StatelessNewFlow),
+            1,
+            "{prog:?}: the quota is used up (a fresh tuple goes without state)"
+        );
+        let out = parse_and_verify(&l.run(prog, &syn).data);
+        assert_eq!((out.dst, out.dport), (want.ip(), want.host_port()), "{prog:?}");
+        assert_eq!(
+            l.ct_event(CtEvent::StatelessNewFlow),
+            1,
+            "{prog:?}: the reused tuple got state"
+        );
+        let next = parse_and_verify(&l.run(prog, &ack).data);
+        assert_eq!(
+            (next.dst, next.dport),
+            (want.ip(), want.host_port()),
+            "{prog:?}: the ACK follows its SYN, not the old flow's backend"
+        );
+        // A clean close, then the same port again: state again.
+        let fin = Frame::tcp(c, (VIP, 80), FIN | ACK).build();
+        l.run(prog, &fin);
+        let again = parse_and_verify(&l.run(prog, &syn).data);
+        assert_eq!((again.dst, again.dport), (want.ip(), want.host_port()), "{prog:?}");
+        assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 1, "{prog:?}: after a close too");
+        let next = parse_and_verify(&l.run(prog, &ack).data);
+        assert_eq!(next.dst, want.ip(), "{prog:?}");
+    }
 }
 
 const NODE: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 50, 1));

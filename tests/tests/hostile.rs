@@ -8,13 +8,15 @@
 
 use std::{collections::BTreeMap, time::Instant};
 
-use dataplane::bpf::testrun;
-use dataplane_common::{addr_of, ip_of, limits, program_names, CtEvent, DpConfig, Reason, ServiceKey, CT_F_SNAT};
+use dataplane::bpf::{loader::Globals, testrun};
+use dataplane_common::{
+    addr_of, ip_of, limits, program_names, CtEvent, CtKey, CtValue, DpConfig, Reason, ServiceKey, CT_F_SNAT,
+};
 use dataplane_tests::{
     hostile::{
         check, churned, hex, services, Ep, Expect, Generator, Hook, Kind, Model, Tuple, NODE4, NODE6, SNAT_PORTS,
     },
-    prog::Loaded,
+    prog::{pin_to_cpu, Loaded},
 };
 
 const DEFAULT_SEED: u64 = 0x00c0_ffee_d00d_2024;
@@ -51,10 +53,18 @@ fn config() -> DpConfig {
     }
 }
 
-/// The programs with the model's SNAT port range and every frontend of the
-/// model, programmed through the agent's sync path.
+/// The flood guard's quota in this run: never reached by counting alone;
+/// the phases (`flood_phase`) set how much of it is left.
+const FLOOD_LIMIT: u32 = 1_000_000;
+
+/// The programs with the model's SNAT port range and flood guard quota and
+/// every frontend of the model, programmed through the agent's sync path.
 fn loaded(model: &Model) -> Loaded {
-    let mut l = Loaded::with_snat_ports(config(), SNAT_PORTS);
+    let globals = Globals {
+        snat_ports: SNAT_PORTS,
+        new_flows_per_cpu: FLOOD_LIMIT,
+    };
+    let mut l = Loaded::with_globals(config(), globals);
     for s in &model.services {
         l.set_frontend(ServiceKey::new(s.vip, s.port, s.proto), s.frontend());
         assert_eq!(
@@ -83,12 +93,59 @@ fn churn(l: &mut Loaded, model: &mut Model, round: u64) {
     }
 }
 
+/// How often the flood guard's phase changes.
+const FLOOD_EVERY: u64 = 20_000;
+
+/// The flood guard's window, frozen (it never ends, so the guard's count
+/// follows from the frames alone) with a quota that is, by phase: open
+/// (nothing used), used up to its last few flows (the next 0-39 eligible
+/// SYNs get state, the rest of the phase none), or used up (a flood in
+/// progress: every eligible SYN goes without state).
+fn flood_phase(l: &mut Loaded, model: &mut Model, phase: u64) {
+    let used = match phase % 3 {
+        0 => 0,
+        1 => FLOOD_LIMIT - (phase * 7 % 40) as u32,
+        _ => FLOOD_LIMIT,
+    };
+    l.freeze_flood_window(used);
+    model.flood_used = used;
+}
+
+/// A conntrack entry as the model keeps it: translation, SNAT source,
+/// state flags.
+type Entry = (Ep, Option<Ep>, u16);
+
+/// A map entry (conntrack or the flood guard's) as the model's.
+fn entry(k: &CtKey, v: &CtValue) -> (Tuple, Entry) {
+    let ip = |a| ip_of(a, k.family);
+    let t = Tuple {
+        saddr: ip(&k.saddr),
+        daddr: ip(&k.daddr),
+        sport: u16::from_be(k.sport),
+        dport: u16::from_be(k.dport),
+        proto: k.proto,
+    };
+    // Without SNAT the SNAT fields stay zero.
+    let snat = (ip(&v.snat_addr), u16::from_be(v.snat_port));
+    let zero = (ip_of(&[0; 4], k.family), 0);
+    let snat = if v.flags & CT_F_SNAT != 0 {
+        Some(snat)
+    } else {
+        assert_eq!(snat, zero, "SNAT fields of {t:?} without CT_F_SNAT");
+        None
+    };
+    (t, ((ip(&v.nat_addr), u16::from_be(v.nat_port)), snat, v.state()))
+}
+
 #[test]
 fn a_million_hostile_packets_follow_the_reference_model() {
+    // The flood guard counts per CPU: every frame runs on this one.
+    pin_to_cpu(0);
     let seed = env_u64("DATAPLANE_FUZZ_SEED", DEFAULT_SEED);
     let packets = env_u64("DATAPLANE_FUZZ_PACKETS", DEFAULT_PACKETS);
     eprintln!("hostile packets: seed {seed:#x}, {packets} frames (DATAPLANE_FUZZ_SEED / DATAPLANE_FUZZ_PACKETS)");
     let mut model = Model::new(services());
+    model.flood_limit = FLOOD_LIMIT;
     let mut l = loaded(&model);
     let xdp = l.dp.program_fd(l.dp.xdp_program()).unwrap();
     let tc = l.dp.program_fd(program_names::TC).unwrap();
@@ -96,10 +153,14 @@ fn a_million_hostile_packets_follow_the_reference_model() {
     let mut kinds: BTreeMap<Kind, u64> = BTreeMap::new();
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
     let mut clashes = 0;
+    let mut stateless = (0, 0);
     let start = Instant::now();
     for i in 0..packets {
         if i > 0 && i % CHURN_EVERY == 0 {
             churn(&mut l, &mut model, i / CHURN_EVERY);
+        }
+        if i % FLOOD_EVERY == 0 {
+            flood_phase(&mut l, &mut model, i / FLOOD_EVERY);
         }
         let hook = gen.hook();
         let (kind, frame) = gen.frame(&model);
@@ -125,6 +186,19 @@ fn a_million_hostile_packets_follow_the_reference_model() {
             let counted = l.ct_event(CtEvent::ClashResolved);
             if counted != clashes {
                 verdict = Err(format!("clash_resolved reads {counted}, the model says {clashes}"));
+            }
+        }
+        if verdict.is_ok() && (model.stateless, model.stateless_replies) != stateless {
+            // The flood guard acted: counted as its events.
+            stateless = (model.stateless, model.stateless_replies);
+            let counted = (
+                l.ct_event(CtEvent::StatelessNewFlow),
+                l.ct_event(CtEvent::StatelessReply),
+            );
+            if counted != stateless {
+                verdict = Err(format!(
+                    "stateless_new_flow, stateless_reply read {counted:?}, the model says {stateless:?}"
+                ));
             }
         }
         if let Err(why) = verdict {
@@ -191,6 +265,12 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         "reply: moved source port (after a clash) restored",
         "reply of a flow another one clashed with",
         "new SYN on an entry of an older backend set: picked again",
+        "flood guard: new flow without state",
+        "flood guard: SNATed new flow without state",
+        "flood guard: the quota's last flow with state",
+        "flood guard: a SYN on a tracked tuple gets state beyond the quota",
+        "flood guard: SYN-ACK of a flow without state, from the frontend",
+        "flood guard: the flow's state created by its next packet",
     ] {
         assert!(
             model.notes.contains_key(want),
@@ -211,7 +291,16 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         );
     }
     assert_eq!(l.ct_event(CtEvent::ClashResolved), model.clashes, "clash_resolved");
-    assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 0, "no flood guard in this test");
+    assert_eq!(
+        l.ct_event(CtEvent::StatelessNewFlow),
+        model.stateless,
+        "stateless_new_flow"
+    );
+    assert_eq!(
+        l.ct_event(CtEvent::StatelessReply),
+        model.stateless_replies,
+        "stateless_reply"
+    );
 
     // The conntrack map holds exactly the model's entries: nothing evicted,
     // nothing extra, same translations, SNAT sources and state flags.
@@ -224,32 +313,32 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         limits::MAX_CONNTRACK
     );
     assert!(model.ct.len() < limits::MAX_CONNTRACK as usize / 4);
-    type Entry = (Ep, Option<Ep>, u16);
-    let mut real: BTreeMap<Tuple, Entry> = BTreeMap::new();
-    for kv in l.sync.writer().conntrack.iter() {
-        let (k, v) = kv.unwrap();
-        let ip = |a| ip_of(a, k.family);
-        let t = Tuple {
-            saddr: ip(&k.saddr),
-            daddr: ip(&k.daddr),
-            sport: u16::from_be(k.sport),
-            dport: u16::from_be(k.dport),
-            proto: k.proto,
-        };
-        // Without SNAT the SNAT fields stay zero.
-        let snat = (ip(&v.snat_addr), u16::from_be(v.snat_port));
-        let zero = (ip_of(&[0; 4], k.family), 0);
-        let snat = if v.flags & CT_F_SNAT != 0 {
-            Some(snat)
-        } else {
-            assert_eq!(snat, zero, "SNAT fields of {t:?} without CT_F_SNAT");
-            None
-        };
-        real.insert(t, ((ip(&v.nat_addr), u16::from_be(v.nat_port)), snat, v.state()));
-    }
+    let real: BTreeMap<Tuple, Entry> = l
+        .sync
+        .writer()
+        .conntrack
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv.unwrap();
+            entry(&k, &v)
+        })
+        .collect();
     let want: BTreeMap<Tuple, Entry> = model.ct.iter().map(|(t, e)| (*t, (e.nat, e.snat, e.flags))).collect();
     assert_eq!(real.len(), want.len(), "conntrack entries: map vs model");
     for (t, w) in &want {
         assert_eq!(real.get(t), Some(w), "conntrack entry {t:?}");
     }
+
+    // The flood guard's table holds exactly the model's reply entries
+    // (far below its size: nothing evicted).
+    eprintln!(
+        "flood guard: {} SYNs without state, {} reply entries, {} SYN-ACKs answered from them",
+        model.stateless,
+        model.syn.len(),
+        model.stateless_replies
+    );
+    assert!(model.syn.len() < limits::MAX_CT_SYN as usize / 4);
+    let real: BTreeMap<Tuple, Entry> = l.embryonic_entries().iter().map(|(k, v)| entry(k, v)).collect();
+    let want: BTreeMap<Tuple, Entry> = model.syn.iter().map(|(t, e)| (*t, (e.nat, e.snat, e.flags))).collect();
+    assert_eq!(real, want, "the flood guard's reply entries: map vs model");
 }

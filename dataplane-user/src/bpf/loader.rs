@@ -521,6 +521,13 @@ impl Dataplane {
         Maps::take(&mut self.ebpf)
     }
 
+    /// Takes one map the agent does not keep in [`Maps`] (the per-CPU
+    /// scratch entry, the flood guard's LRU) out of the object, for
+    /// inspection by tests and tools; `None` when missing or taken.
+    pub fn take_map(&mut self, name: &str) -> Option<aya::maps::Map> {
+        self.ebpf.take_map(name)
+    }
+
     /// Loads the socket-level programs (`program_names::SOCK`, and
     /// `SOCK_RELEASE` where the kernel takes it) into the kernel without
     /// attaching them (once; attaching does it too).
