@@ -94,6 +94,11 @@ pub struct CtScratch {
     /// goes without state.
     pub stateless: u8,
     pub _flood_pad: [u8; 3],
+    /// Host routing: the interface the TC program last redirected a
+    /// packet to, 0 when it handed the packet to the stack (for tests and
+    /// inspection).
+    pub redirect_ifindex: u32,
+    pub _redirect_pad: u32,
 }
 
 /// Conntrack flag bits (`CtValue::flags`).

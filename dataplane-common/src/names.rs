@@ -126,6 +126,11 @@ pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 29999);
 /// (`--new-flows-per-cpu`).
 pub const NEW_FLOWS_GLOBAL: &str = "DP_NEW_FLOWS";
 
+/// Read-only global: 1 when translated packets go straight to the FIB's
+/// egress interface from TC (host routing, `--host-routing`), 0 when they
+/// go back to the stack. Set by the agent at load time.
+pub const HOST_ROUTING_GLOBAL: &str = "DP_HOST_ROUTING";
+
 /// [`NEW_FLOWS_GLOBAL`] when the agent is not told otherwise.
 pub const DEFAULT_NEW_FLOWS_PER_CPU: u32 = 10_000;
 

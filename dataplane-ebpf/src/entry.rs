@@ -17,7 +17,7 @@ use aya_ebpf::{
 use dataplane_common::Reason;
 
 use crate::{
-    icmp,
+    forward, icmp,
     lb::{self, Verdict},
     nat::PacketCtx,
     parse::{self, Packet},
@@ -64,7 +64,7 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
         }
     };
     match lb::process(ctx, p) {
-        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Pass | Verdict::Forward => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Reject => match xdp_reject(ctx, p) {
             Ok(action) => {
@@ -118,6 +118,7 @@ pub fn tc(ctx: &TcContext) -> i32 {
     };
     match lb::process(ctx, p) {
         Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Forward => forward::tc(ctx),
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Reject => match tc_reject(ctx, p) {
             Ok(action) => {

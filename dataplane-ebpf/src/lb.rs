@@ -22,6 +22,9 @@ use crate::{
 #[derive(Clone, Copy)]
 pub enum Verdict {
     Pass,
+    /// Translated: on to the backend or the client (TC: straight to the
+    /// FIB's egress interface with host routing, see `forward`).
+    Forward,
     Drop,
     /// Answer with a TCP RST / ICMP port unreachable (a Service without
     /// endpoints); the entry program builds the reply.
@@ -343,7 +346,7 @@ fn translate<C: PacketCtx>(
         s.bytes += p.l3_len as u64;
     });
     stats::count(reason);
-    Verdict::Pass
+    Verdict::Forward
 }
 
 /// A packet not addressed to a service: a reply of a tracked flow gets the
@@ -378,7 +381,7 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
                 return Verdict::Drop;
             }
             stats::count(Reason::NatReply);
-            Verdict::Pass
+            Verdict::Forward
         }
         _ => {
             if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {

@@ -10,6 +10,7 @@
 mod affinity;
 mod conntrack;
 mod entry;
+mod forward;
 mod icmp;
 mod lb;
 mod maps;

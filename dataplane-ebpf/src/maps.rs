@@ -90,6 +90,20 @@ pub fn new_flows_per_cpu() -> u32 {
     unsafe { core::ptr::read_volatile(&DP_NEW_FLOWS) }
 }
 
+/// Set to 1 by the agent at load time for host routing; see
+/// `dataplane_common::HOST_ROUTING_GLOBAL`.
+#[no_mangle]
+static DP_HOST_ROUTING: u8 = 0;
+
+/// Whether translated packets are redirected to the FIB's egress
+/// interface (`forward`) rather than handed to the stack.
+#[inline(always)]
+pub fn host_routing() -> bool {
+    // SAFETY: reading a static; volatile so that the load-time value is
+    // read, not the compile-time 0.
+    unsafe { core::ptr::read_volatile(&DP_HOST_ROUTING) != 0 }
+}
+
 /// Index 0: where conntrack keys and values are built (see `CtScratch`).
 #[map]
 pub static DP_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -95,6 +95,9 @@ pub struct RunConfig {
     /// The flood guard's new flows with state per CPU per second (0: no
     /// limit); see `dataplane_common::NEW_FLOWS_GLOBAL`.
     pub new_flows_per_cpu: u32,
+    /// Translated packets go from TC straight to the FIB's egress
+    /// interface (`--host-routing`).
+    pub host_routing: bool,
     /// The source addresses for SNAT, at most one per family; a family
     /// without one: the first node address of that family.
     pub snat_ips: Vec<std::net::IpAddr>,
@@ -322,6 +325,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let globals = Globals {
         snat_ports,
         new_flows_per_cpu: cfg.new_flows_per_cpu,
+        host_routing: cfg.host_routing,
     };
     let pins = cfg.pin_root.clone().map(PinRoot::new);
     let (mut dp, adopted) = Dataplane::load_with(

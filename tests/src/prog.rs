@@ -112,10 +112,13 @@ pub struct Loaded {
 }
 
 /// The programs' settings in program tests: the defaults without the flood
-/// guard.
+/// guard and without host routing (TC hands translated packets to the
+/// stack: the verdict must not depend on the routes of the namespace the
+/// test runs in).
 pub const NO_FLOOD_GUARD: Globals = Globals {
     snat_ports: dataplane_common::DEFAULT_SNAT_PORTS,
     new_flows_per_cpu: 0,
+    host_routing: false,
 };
 
 impl Loaded {
@@ -159,7 +162,7 @@ impl Loaded {
             DpConfig::defaults(),
             Globals {
                 new_flows_per_cpu: per_cpu,
-                ..Globals::default()
+                ..NO_FLOOD_GUARD
             },
         )
     }
@@ -177,7 +180,7 @@ impl Loaded {
     /// kernels take, run here.
     pub fn with_kernel_features(features: u32) -> Loaded {
         crate::netns::require_root_and_tools();
-        let dp = Dataplane::load_with_features(features).unwrap_or_else(|e| panic!("{e}"));
+        let dp = Dataplane::load_with_features(features, NO_FLOOD_GUARD).unwrap_or_else(|e| panic!("{e}"));
         Self::from_dataplane(dp, SyncConfig::default(), DpConfig::defaults(), &MapSizes::default())
     }
 
@@ -212,6 +215,13 @@ impl Loaded {
         };
         let values = PerCpuValues::try_from(vec![entry; ncpus]).unwrap();
         self.scratch.set(0, values, 0).expect("writing the scratch entry");
+    }
+
+    /// The interface the TC program last redirected a packet to on CPU
+    /// `cpu` (host routing), 0 when it handed the packet to the stack.
+    pub fn redirect_ifindex(&self, cpu: usize) -> u32 {
+        let v = self.scratch.get(&0, 0).expect("reading the scratch entry");
+        v[cpu].redirect_ifindex
     }
 
     /// The flood guard's reply entries (`DP_CT_SYN`).
@@ -286,6 +296,14 @@ impl Loaded {
         };
         let fd = self.dp.program_fd(name).unwrap();
         testrun::run(fd, frame).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {name}: {e}"))
+    }
+
+    /// Runs the TC program on `frame` as if it arrived on interface
+    /// `ifindex` of the calling thread's network namespace.
+    pub fn run_tc_on(&self, frame: &[u8], ifindex: u32) -> RunResult {
+        let fd = self.dp.program_fd(program_names::TC).unwrap();
+        testrun::run_on(fd, frame, ifindex)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {}: {e}", program_names::TC))
     }
 
     /// The reason counter summed over CPUs.

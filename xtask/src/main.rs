@@ -108,6 +108,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "nsenter"),
     ("curl", "curl"),
     ("runc", "runc"),
+    ("nftables", "nft"),
 ];
 
 /// What the benchmarks compare against: kube-proxy's two rule backends.

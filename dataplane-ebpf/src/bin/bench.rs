@@ -16,6 +16,8 @@ mod affinity;
 mod conntrack;
 #[path = "../entry.rs"]
 mod entry;
+#[path = "../forward.rs"]
+mod forward;
 #[path = "../icmp.rs"]
 mod icmp;
 #[path = "../lb.rs"]

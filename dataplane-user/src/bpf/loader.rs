@@ -19,7 +19,8 @@ use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
     SockNatValue, SourceRangeKey, VipFilter, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_MIGRATE_GLOBAL, CT_PREV_MAP,
-    DEBUG_GLOBAL, DEFAULT_NEW_FLOWS_PER_CPU, DEFAULT_SNAT_PORTS, KERNEL_GLOBAL, NEW_FLOWS_GLOBAL, SNAT_PORTS_GLOBAL,
+    DEBUG_GLOBAL, DEFAULT_NEW_FLOWS_PER_CPU, DEFAULT_SNAT_PORTS, HOST_ROUTING_GLOBAL, KERNEL_GLOBAL, NEW_FLOWS_GLOBAL,
+    SNAT_PORTS_GLOBAL,
 };
 use thiserror::Error;
 
@@ -322,6 +323,9 @@ pub struct Globals {
     /// The flood guard's new flows with state per CPU per second, 0 for
     /// no limit (`NEW_FLOWS_GLOBAL`).
     pub new_flows_per_cpu: u32,
+    /// Translated packets go from TC straight to the FIB's egress
+    /// interface (`HOST_ROUTING_GLOBAL`).
+    pub host_routing: bool,
 }
 
 impl Default for Globals {
@@ -329,6 +333,7 @@ impl Default for Globals {
         Globals {
             snat_ports: DEFAULT_SNAT_PORTS,
             new_flows_per_cpu: DEFAULT_NEW_FLOWS_PER_CPU,
+            host_routing: true,
         }
     }
 }
@@ -351,18 +356,10 @@ impl Dataplane {
     /// As `load`, with the given map capacities.
     /// [`Self::load`] of the embedded object with only the `features` of
     /// this kernel's (`kernel_features` bits; tests take the paths of
-    /// older kernels with it).
-    pub fn load_with_features(features: u32) -> Result<Self, LoadError> {
+    /// older kernels with it) and the load-time settings `globals`.
+    pub fn load_with_features(features: u32, globals: Globals) -> Result<Self, LoadError> {
         let features = features & kernel::features();
-        Self::load_inner(
-            None,
-            None,
-            &MapSizes::default(),
-            false,
-            Globals::default(),
-            None,
-            features,
-        )
+        Self::load_inner(None, None, &MapSizes::default(), false, globals, None, features)
     }
 
     pub fn load_sized(path: Option<&Path>, sizes: &MapSizes) -> Result<Self, LoadError> {
@@ -481,6 +478,8 @@ impl Dataplane {
         let snat = globals.snat_ports.0 as u32 | (globals.snat_ports.1 as u32) << 16;
         loader.override_global(SNAT_PORTS_GLOBAL, &snat, true);
         loader.override_global(NEW_FLOWS_GLOBAL, &globals.new_flows_per_cpu, true);
+        let host_routing: u8 = globals.host_routing.into();
+        loader.override_global(HOST_ROUTING_GLOBAL, &host_routing, true);
         if let Some(old) = ct_prev {
             loader.map_pin_path(CT_PREV_MAP, old);
         }

@@ -353,8 +353,23 @@ pub fn prog_test_run_flags(
     repeat: u32,
     flags: u32,
 ) -> Result<TestRunOut, SysError> {
+    prog_test_run_ctx(prog, data_in, data_out, repeat, flags, &[])
+}
+
+/// [`prog_test_run_flags`] with the program's context given (`ctx_in`,
+/// e.g. the start of a `struct __sk_buff`; empty for none).
+pub fn prog_test_run_ctx(
+    prog: BorrowedFd<'_>,
+    data_in: &[u8],
+    data_out: &mut [u8],
+    repeat: u32,
+    flags: u32,
+    ctx_in: &[u8],
+) -> Result<TestRunOut, SysError> {
     let mut attr = TestRunAttr {
         flags,
+        ctx_size_in: ctx_in.len() as u32,
+        ctx_in: if ctx_in.is_empty() { 0 } else { ctx_in.as_ptr() as u64 },
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: data_in.len() as u32,
         data_size_out: data_out.len() as u32,
@@ -363,8 +378,8 @@ pub fn prog_test_run_flags(
         repeat,
         ..Default::default()
     };
-    // SAFETY: data_in/data_out point at buffers of the sizes given, borrowed
-    // for the call.
+    // SAFETY: data_in/data_out/ctx_in point at buffers of the sizes given,
+    // borrowed for the call.
     unsafe { bpf(Cmd::ProgTestRun, &mut attr) }?;
     Ok(TestRunOut {
         retval: attr.retval,

@@ -36,13 +36,30 @@ pub fn run_repeat(prog_fd: RawFd, frame: &[u8], repeat: u32) -> Result<RunResult
     run_with(prog_fd, frame, repeat, 0)
 }
 
+/// Runs TC program `prog_fd` once on `frame` as if it arrived on interface
+/// `ifindex` of the calling thread's network namespace (the skb's device:
+/// what the program reads as `skb->ifindex`, and the input of its FIB
+/// lookups).
+pub fn run_on(prog_fd: RawFd, frame: &[u8], ifindex: u32) -> Result<RunResult, SysError> {
+    // struct __sk_buff up to `ifindex` (offset 40): the fields before it
+    // must be zero.
+    let mut ctx = [0u8; 44];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    run_ctx(prog_fd, frame, 1, 0, &ctx)
+}
+
 /// BPF_PROG_TEST_RUN with `BPF_F_TEST_*` `flags`.
 fn run_with(prog_fd: RawFd, frame: &[u8], repeat: u32, flags: u32) -> Result<RunResult, SysError> {
+    run_ctx(prog_fd, frame, repeat, flags, &[])
+}
+
+/// BPF_PROG_TEST_RUN with `BPF_F_TEST_*` `flags` and the context `ctx`.
+fn run_ctx(prog_fd: RawFd, frame: &[u8], repeat: u32, flags: u32, ctx: &[u8]) -> Result<RunResult, SysError> {
     // Room for programs that grow the frame (encapsulation, rejects).
     let mut out = vec![0u8; frame.len() + 512];
     // SAFETY: the caller holds the program's fd open for the call.
     let prog = unsafe { BorrowedFd::borrow_raw(prog_fd) };
-    let r = sys::prog_test_run_flags(prog, frame, &mut out, repeat, flags)?;
+    let r = sys::prog_test_run_ctx(prog, frame, &mut out, repeat, flags, ctx)?;
     out.truncate(r.size_out);
     Ok(RunResult {
         retval: r.retval,

@@ -228,6 +228,14 @@ pub struct RunArgs {
     /// packet: a SYN flood cannot evict established flows. 0: no limit.
     #[arg(long, default_value_t = dataplane_common::DEFAULT_NEW_FLOWS_PER_CPU, env = "DATAPLANE_NEW_FLOWS_PER_CPU")]
     pub new_flows_per_cpu: u32,
+    /// Host routing: a packet the TC program translated goes straight to
+    /// the interface the kernel's routing table (FIB) names for its new
+    /// destination, skipping netfilter and the forwarding path of the
+    /// node; packets the FIB cannot place (local destinations, no route,
+    /// too large) still go to the stack. `false`: every translated packet
+    /// goes to the stack, as with kube-proxy.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "DATAPLANE_HOST_ROUTING")]
+    pub host_routing: bool,
     /// How new flows pick a backend.
     #[arg(long, value_enum, default_value_t = Selection::Maglev, env = "DATAPLANE_LB_ALGORITHM")]
     pub lb_algorithm: Selection,
@@ -364,6 +372,7 @@ impl RunArgs {
             },
             snat_ips: self.snat_ips,
             new_flows_per_cpu: self.new_flows_per_cpu,
+            host_routing: self.host_routing,
             sync: SyncConfig {
                 selection: self.lb_algorithm,
                 maglev_size,

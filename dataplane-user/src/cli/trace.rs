@@ -22,7 +22,8 @@ use serde::Serialize;
 
 use crate::{
     bpf::{
-        loader::{Dataplane, Maps},
+        loader::{Dataplane, Globals, Maps},
+        map_sizes::MapSizes,
         testrun,
     },
     cli::tables::Table,
@@ -205,8 +206,14 @@ fn other_direction(k: &CtKey, v: &CtValue) -> CtKey {
 
 /// Runs `req` through a private copy of the dataplane seeded from `live`.
 pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyhow::Result<TraceReport> {
-    let mut dp =
-        Dataplane::load(bpf_object).map_err(|e| anyhow::anyhow!("loading a private copy of the programs: {e}"))?;
+    // Without host routing: the trace explains the translation; where the
+    // FIB would send the packet depends on the namespace the CLI runs in.
+    let globals = Globals {
+        host_routing: false,
+        ..Globals::default()
+    };
+    let (mut dp, _) = Dataplane::load_with(bpf_object, None, &MapSizes::default(), false, globals)
+        .map_err(|e| anyhow::anyhow!("loading a private copy of the programs: {e}"))?;
     let mut private = dp.take_maps()?;
     let now = monotonic_ns();
     let mut explanation = Vec::new();

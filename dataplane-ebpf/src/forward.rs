@@ -1,0 +1,151 @@
+//! Host routing: a packet the TC program translated goes straight to the
+//! interface the kernel's FIB names for its new destination, instead of
+//! back to the node's stack (netfilter's hooks, the forwarding path, a
+//! second pass through routing). What Cilium calls "BPF host routing".
+//!
+//! The FIB lookup (`bpf_fib_lookup`) decides, with the ingress interface
+//! as the packet's input (its forwarding setting, policy routing):
+//!
+//! - a route and a resolved neighbour: the TTL (hop limit) is decremented
+//!   as forwarding does, the Ethernet addresses become the egress
+//!   interface's and the neighbour's, and the packet is redirected to the
+//!   egress interface (`bpf_redirect`);
+//! - a route but no neighbour entry yet: the same, with the kernel
+//!   resolving the neighbour (`bpf_redirect_neigh`);
+//! - anything else (the destination is local, unreachable, needs
+//!   fragmentation, forwarding is off on the interface, a TTL that would
+//!   expire): the packet goes to the stack, which handles it as before.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibLookup, TC_ACT_UNSPEC},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+
+use crate::{maps, nat::PacketCtx, parse::ETH_HLEN};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const FIB_SUCCESS: i64 = 0;
+const FIB_NO_NEIGH: i64 = 7;
+
+/// Where the translated packet in `ctx` goes: redirected (the helper's
+/// verdict, `TC_ACT_REDIRECT`) or to the stack (`TC_ACT_UNSPEC`). The
+/// egress interface is left in this CPU's scratch entry
+/// (`CtScratch::redirect_ifindex`, 0 when the packet went to the stack).
+#[inline(never)]
+pub fn tc(ctx: &TcContext) -> i32 {
+    let ifindex = route(ctx);
+    if let Some(s) = maps::scratch() {
+        // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
+        unsafe { (*s).redirect_ifindex = ifindex.map_or(0, |(i, _)| i) };
+    }
+    match ifindex {
+        // SAFETY: helper calls with plain arguments.
+        Some((i, true)) => unsafe { bpf_redirect(i, 0) as i32 },
+        // SAFETY: as above; no neighbour parameters (the kernel resolves
+        // the route's next hop).
+        Some((i, false)) => unsafe { bpf_redirect_neigh(i, core::ptr::null_mut(), 0, 0) as i32 },
+        None => TC_ACT_UNSPEC,
+    }
+}
+
+/// The FIB's egress interface for the packet, and whether the neighbour
+/// was resolved (the Ethernet header then rewritten); the TTL / hop limit
+/// decremented. `None`: the stack handles the packet.
+#[inline(always)]
+fn route(ctx: &TcContext) -> Option<(u32, bool)> {
+    if !maps::host_routing() {
+        return None;
+    }
+    // SAFETY: a zeroed bpf_fib_lookup is valid input (plain integers).
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    let data = PacketCtx::data(ctx);
+    let end = PacketCtx::data_end(ctx);
+    if data + ETH_HLEN + 40 > end {
+        // Too short for an IPv6 header; an IPv4 packet this short cannot
+        // have been translated (it carries TCP or UDP) except a 20-byte
+        // header with 8 bytes of UDP and no Ethernet padding: to the stack.
+        return None;
+    }
+    // SAFETY: bounds checked above (ETH_HLEN + 40 bytes).
+    let proto = u16::from_be(unsafe { core::ptr::read_unaligned((data + 12) as *const u16) });
+    let ip = data + ETH_HLEN;
+    // SAFETY: the skb pointer is valid for the program run.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if proto == ETH_P_IP {
+        // SAFETY: bounds checked above.
+        unsafe {
+            if *((ip + 8) as *const u8) <= 1 {
+                return None;
+            }
+            fib.family = AF_INET;
+            fib.__bindgen_anon_2.tos = *((ip + 1) as *const u8);
+            fib.l4_protocol = *((ip + 9) as *const u8);
+            fib.__bindgen_anon_3.ipv4_src = core::ptr::read_unaligned((ip + 12) as *const u32);
+            fib.__bindgen_anon_4.ipv4_dst = core::ptr::read_unaligned((ip + 16) as *const u32);
+        }
+    } else if proto == ETH_P_IPV6 {
+        // SAFETY: bounds checked above.
+        unsafe {
+            if *((ip + 7) as *const u8) <= 1 {
+                return None;
+            }
+            fib.family = AF_INET6;
+            fib.__bindgen_anon_2.flowinfo = core::ptr::read_unaligned(ip as *const u32) & u32::to_be(0x0fff_ffff);
+            fib.l4_protocol = *((ip + 6) as *const u8);
+            fib.__bindgen_anon_3.ipv6_src = core::ptr::read_unaligned((ip + 8) as *const [u32; 4]);
+            fib.__bindgen_anon_4.ipv6_dst = core::ptr::read_unaligned((ip + 24) as *const [u32; 4]);
+        }
+    } else {
+        return None;
+    }
+    // tot_len 0: the helper checks the skb itself against the egress MTU
+    // (GSO packets included) and answers FRAG_NEEDED when it does not fit.
+    // SAFETY: the context and a parameter block of the helper's size.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    };
+    let resolved = match rc {
+        FIB_SUCCESS => true,
+        FIB_NO_NEIGH => false,
+        _ => return None,
+    };
+    // The helper may not have moved the data, but the verifier forgets
+    // packet bounds across helper calls: check again.
+    let data = PacketCtx::data(ctx);
+    if data + ETH_HLEN + 40 > PacketCtx::data_end(ctx) {
+        return None;
+    }
+    let ip = data + ETH_HLEN;
+    // SAFETY: bounds checked just above; TC may write its packet.
+    unsafe {
+        if fib.family == AF_INET {
+            // TTL and protocol share a 16-bit word of the header checksum
+            // (RFC 1624: HC' = ~(~HC + ~m + m')).
+            let word = (ip + 8) as *mut u16;
+            let old = core::ptr::read_unaligned(word);
+            *((ip + 8) as *mut u8) -= 1;
+            let new = core::ptr::read_unaligned(word);
+            let csum = (ip + 10) as *mut u16;
+            let mut sum = (!core::ptr::read_unaligned(csum)) as u32 + (!old) as u32 + new as u32;
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            core::ptr::write_unaligned(csum, !(sum as u16));
+        } else {
+            *((ip + 7) as *mut u8) -= 1;
+        }
+        if resolved {
+            core::ptr::write_unaligned(data as *mut [u8; 6], fib.dmac);
+            core::ptr::write_unaligned((data + 6) as *mut [u8; 6], fib.smac);
+        }
+    }
+    Some((fib.ifindex, resolved))
+}

@@ -1,0 +1,311 @@
+//! Host routing: translated packets go from TC straight to the interface
+//! the FIB names for their new destination (`dataplane-ebpf/src/forward.rs`),
+//! skipping netfilter and the node's forwarding path; what the FIB cannot
+//! place goes to the stack.
+//!
+//! Program tests run the TC program with `BPF_PROG_TEST_RUN` inside a node
+//! namespace with real interfaces, routes and neighbours (the skb arrives
+//! on a given interface); end-to-end tests connect through the VIP with a
+//! netfilter rule in the node that drops every forwarded packet.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use dataplane::bpf::loader::Globals;
+use dataplane_common::DpConfig;
+use dataplane_tests::{
+    agent::Agent,
+    netns::{
+        backend_addr, backend_addr6, backend_iface, Netns, Topology, CLIENT_ADDR, CLIENT_ADDR6, NODE_CLIENT_IFACE,
+    },
+    packet::{parse_and_verify, Frame, ACK, SYN, TCP},
+    prog::{pin_to_cpu, Loaded, NO_FLOOD_GUARD},
+    servers::Conn,
+    web::{manifests, start_servers, VIP},
+};
+
+const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+
+fn vip(i: u8) -> IpAddr {
+    Ipv4Addr::new(198, 19, 7, i).into()
+}
+
+const VIP6: &str = "fd00:19::7:1";
+
+/// An interface's ifindex and MAC address in `ns`.
+fn link(ns: &Netns, iface: &str) -> (u32, [u8; 6]) {
+    let read = |what: &str| {
+        ns.exec(&["cat", &format!("/sys/class/net/{iface}/{what}")])
+            .unwrap_or_else(|e| panic!("{iface} {what}: {e}"))
+            .trim()
+            .to_string()
+    };
+    let ifindex = read("ifindex").parse().unwrap();
+    let mut mac = [0u8; 6];
+    for (b, h) in mac.iter_mut().zip(read("address").split(':')) {
+        *b = u8::from_str_radix(h, 16).unwrap();
+    }
+    (ifindex, mac)
+}
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// What one TC run did: verdict, the redirect target the program
+/// recorded, the output frame.
+struct Ran {
+    retval: u32,
+    ifindex: u32,
+    out: Vec<u8>,
+}
+
+/// TTL / hop limit of an Ethernet + IPv4/IPv6 frame.
+fn ttl(f: &[u8]) -> u8 {
+    if u16::from_be_bytes([f[12], f[13]]) == 0x86dd {
+        f[14 + 7]
+    } else {
+        f[14 + 8]
+    }
+}
+
+/// `frame` with its IPv4 TTL set to `ttl`, header checksum recomputed.
+fn with_ttl(mut f: Vec<u8>, ttl: u8) -> Vec<u8> {
+    f[14 + 8] = ttl;
+    f[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = dataplane_tests::packet::checksum(&f[14..34], 0);
+    f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// The TC program in the node namespace of a real topology, asked where
+/// translated packets go. Backend 1 and the client have resolved
+/// neighbours (permanent entries with their real MACs), backend 2 has
+/// none; frontends lead to backend 1 (IPv4 and IPv6), to backend 2, to the
+/// node's own address (local delivery) and to an address without a route.
+///
+/// - a resolved neighbour: `bpf_redirect` to the backend's interface, the
+///   Ethernet header rewritten to the node side's MAC and the backend's,
+///   TTL / hop limit one less, IPv4 header checksum valid;
+/// - no neighbour entry: `bpf_redirect_neigh` to the backend's interface,
+///   the Ethernet header left to the kernel, TTL one less;
+/// - the reply, arriving on the backend's interface: redirected to the
+///   client's;
+/// - local destination, no route, a TTL of 1, host routing off: handed to
+///   the stack (`TC_ACT_UNSPEC`), translated, TTL untouched.
+#[test]
+fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
+    let t = Topology::new(2).unwrap();
+    t.enable_ipv6().unwrap();
+    let (vc, node_vc_mac) = link(&t.node, NODE_CLIENT_IFACE);
+    let (vb1, node_vb1_mac) = link(&t.node, &backend_iface(1));
+    let (vb2, _) = link(&t.node, &backend_iface(2));
+    let (_, b1_mac) = link(&t.backends[0], "eth0");
+    let (_, client_mac) = link(&t.client, "eth0");
+    let neigh = |family: &str, addr: &str, mac: &[u8; 6], dev: &str| {
+        t.node
+            .ip(&[
+                family,
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                &mac_str(mac),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
+    };
+    neigh("-4", &backend_addr(1).to_string(), &b1_mac, &backend_iface(1));
+    neigh("-6", &backend_addr6(1).to_string(), &b1_mac, &backend_iface(1));
+    neigh("-4", &CLIENT_ADDR.to_string(), &client_mac, NODE_CLIENT_IFACE);
+    t.node.ip(&["neigh", "flush", "dev", &backend_iface(2)]).unwrap();
+    let node_side_1 = Ipv4Addr::new(198, 18, 1, 1);
+    let unrouted = Ipv4Addr::new(198, 18, 77, 2);
+
+    let runs = t
+        .node
+        .run(move || {
+            pin_to_cpu(0);
+            let globals = Globals {
+                host_routing: true,
+                ..NO_FLOOD_GUARD
+            };
+            let mut l = Loaded::with_globals(DpConfig::defaults(), globals);
+            l.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
+            l.set_service(vip(2), 80, TCP, &[(backend_addr(2), 8080)]);
+            l.set_service(vip(3), 80, TCP, &[(node_side_1, 8080)]);
+            l.set_service(vip(4), 80, TCP, &[(unrouted, 8080)]);
+            let b6: IpAddr = backend_addr6(1).into();
+            let vip6: IpAddr = VIP6.parse::<Ipv6Addr>().unwrap().into();
+            l.set_service(vip6, 80, TCP, &[(b6, 8080)]);
+            let run = |l: &Loaded, f: &[u8], on: u32| {
+                let r = l.run_tc_on(f, on);
+                Ran {
+                    retval: r.retval,
+                    ifindex: l.redirect_ifindex(0),
+                    out: r.data,
+                }
+            };
+            let client = (IpAddr::from(CLIENT_ADDR), 40100);
+            let client6: (IpAddr, u16) = (CLIENT_ADDR6.parse::<Ipv6Addr>().unwrap().into(), 40100);
+            let syn = |v: IpAddr| Frame::tcp(client, (v, 80), SYN).build();
+            let mut v = vec![
+                ("resolved", run(&l, &syn(vip(1)), vc)),
+                ("no neighbour", run(&l, &syn(vip(2)), vc)),
+                (
+                    "reply",
+                    run(&l, &Frame::tcp((backend_addr(1), 8080), client, SYN | ACK).build(), vb1),
+                ),
+                ("local", run(&l, &syn(vip(3)), vc)),
+                ("no route", run(&l, &syn(vip(4)), vc)),
+                (
+                    "ttl 1",
+                    run(
+                        &l,
+                        &with_ttl(Frame::tcp((client.0, 40101), (vip(1), 80), SYN).build(), 1),
+                        vc,
+                    ),
+                ),
+                ("ipv6", run(&l, &Frame::tcp(client6, (vip6, 80), SYN).build(), vc)),
+            ];
+            let off = Loaded::with_globals(DpConfig::defaults(), NO_FLOOD_GUARD);
+            let mut off = off;
+            off.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
+            v.push(("host routing off", run(&off, &syn(vip(1)), vc)));
+            v
+        })
+        .join()
+        .expect("the program runs in the node namespace");
+    let get = |name: &str| &runs.iter().find(|(n, _)| *n == name).unwrap().1;
+    let input_macs = Frame::tcp((CLIENT_ADDR, 1), (vip(1), 80), SYN).build()[..12].to_vec();
+
+    let r = get("resolved");
+    assert_eq!((r.retval, r.ifindex), (TC_ACT_REDIRECT, vb1), "resolved neighbour");
+    assert_eq!(&r.out[..6], &b1_mac, "destination MAC: the backend's");
+    assert_eq!(&r.out[6..12], &node_vb1_mac, "source MAC: the node side of its link");
+    assert_eq!(ttl(&r.out), 63);
+    assert_eq!(parse_and_verify(&r.out).dst, IpAddr::from(backend_addr(1)));
+
+    let r = get("no neighbour");
+    assert_eq!(
+        (r.retval, r.ifindex),
+        (TC_ACT_REDIRECT, vb2),
+        "no neighbour: the kernel resolves it"
+    );
+    assert_eq!(&r.out[..12], &input_macs[..], "Ethernet header left to the kernel");
+    assert_eq!(ttl(&r.out), 63);
+    assert_eq!(parse_and_verify(&r.out).dst, IpAddr::from(backend_addr(2)));
+
+    let r = get("reply");
+    assert_eq!(
+        (r.retval, r.ifindex),
+        (TC_ACT_REDIRECT, vc),
+        "the reply goes to the client's link"
+    );
+    assert_eq!(&r.out[..6], &client_mac);
+    assert_eq!(&r.out[6..12], &node_vc_mac);
+    let p = parse_and_verify(&r.out);
+    assert_eq!((p.src, p.sport, p.dst), (vip(1), 80, IpAddr::from(CLIENT_ADDR)));
+
+    for (name, dst, want_ttl) in [
+        ("local", IpAddr::from(node_side_1), 64),
+        ("no route", IpAddr::from(unrouted), 64),
+        ("ttl 1", IpAddr::from(backend_addr(1)), 1),
+        ("host routing off", IpAddr::from(backend_addr(1)), 64),
+    ] {
+        let r = get(name);
+        assert_eq!((r.retval, r.ifindex), (TC_ACT_UNSPEC, 0), "{name}: to the stack");
+        assert_eq!(&r.out[..12], &input_macs[..], "{name}: Ethernet header untouched");
+        assert_eq!(ttl(&r.out), want_ttl, "{name}: the stack decrements the TTL itself");
+        assert_eq!(parse_and_verify(&r.out).dst, dst, "{name}: translated all the same");
+    }
+
+    let r = get("ipv6");
+    assert_eq!(
+        (r.retval, r.ifindex),
+        (TC_ACT_REDIRECT, vb1),
+        "IPv6, resolved neighbour"
+    );
+    assert_eq!(&r.out[..6], &b1_mac);
+    assert_eq!(&r.out[6..12], &node_vb1_mac);
+    assert_eq!(ttl(&r.out), 63, "hop limit");
+    assert_eq!(parse_and_verify(&r.out).dst, IpAddr::from(backend_addr6(1)));
+}
+
+/// Netfilter in the node: conntrack loaded (a `ct state` rule on
+/// prerouting, as the CNI and kubelet rules of real nodes load it) and a
+/// forward chain that counts and drops every packet the node forwards.
+const DROP_FORWARDED: &str = "table inet dptest {
+  chain seen { type filter hook prerouting priority 0; ct state new,established counter; }
+  chain forwarded { type filter hook forward priority 0; counter drop; }
+}";
+
+/// Packets the node's forward chain dropped.
+fn forwarded_drops(node: &Netns) -> u64 {
+    let out = node
+        .exec(&["nft", "list", "chain", "inet", "dptest", "forwarded"])
+        .unwrap();
+    let at = out.find("packets ").expect("the chain's counter");
+    out[at + 8..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn load_rules(node: &Netns) {
+    let file = std::env::temp_dir().join(format!("{}.nft", node.name));
+    std::fs::write(&file, DROP_FORWARDED).unwrap();
+    node.exec(&["nft", "-f", file.to_str().unwrap()]).unwrap();
+    let _ = std::fs::remove_file(file);
+}
+
+/// `n` connections through the VIP, each asking once; the answers, or the
+/// first failure (connections time out after 1 s: the failing case of
+/// the test must not wait long).
+fn ask(client: &Netns, to: SocketAddr, n: usize) -> Result<Vec<String>, String> {
+    client
+        .run(move || {
+            (0..n)
+                .map(|i| {
+                    let mut c =
+                        Conn::connect(to, Duration::from_secs(1)).map_err(|e| format!("connection {i}: {e}"))?;
+                    c.ask().map_err(|e| format!("connection {i}: {e}"))
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
+}
+
+/// With a forward chain in the node that drops every forwarded packet,
+/// connections through a ClusterIP still work: their packets, translated
+/// in TC, never reach the forward hook (its counter stays 0). With
+/// `--host-routing=false` the same connections go through the forward
+/// chain and fail; without the chain they work through the stack.
+#[test]
+fn connections_through_the_vip_skip_the_node_forwarding_path() {
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t);
+    let m = manifests(&[1, 2]);
+    let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    load_rules(&t.node);
+    let to = SocketAddr::from((VIP, 80));
+    {
+        let _agent = Agent::start(&t.node, &t.node_ifaces(), &[], &m).unwrap();
+        let answers = ask(&t.client, to, 20).expect("through the VIP, host routed");
+        assert!(answers.iter().all(|a| a == "b1" || a == "b2"), "{answers:?}");
+        assert_eq!(
+            forwarded_drops(&t.node),
+            0,
+            "no translated packet reached the forward hook"
+        );
+    }
+    let _agent = Agent::start_with(&t.node, &t.node_ifaces(), &[], &m, &["--host-routing=false"]).unwrap();
+    let err = ask(&t.client, to, 1).expect_err("without host routing the forward chain drops");
+    eprintln!("without host routing: {err}");
+    assert!(forwarded_drops(&t.node) > 0, "the forward chain saw the packets");
+    t.node.exec(&["nft", "delete", "table", "inet", "dptest"]).unwrap();
+    let answers = ask(&t.client, to, 5).expect("through the stack without the chain");
+    assert!(answers.iter().all(|a| a == "b1" || a == "b2"), "{answers:?}");
+}
