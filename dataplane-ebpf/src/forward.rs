@@ -4,7 +4,7 @@
 //! second pass through routing). What Cilium calls "BPF host routing".
 //!
 //! The FIB lookup (`bpf_fib_lookup`) decides, with the ingress interface
-//! as the packet's input (its forwarding setting, policy routing):
+//! as the packet's input (its forwarding setting, policy routing). TC:
 //!
 //! - a route and a resolved neighbour: the TTL (hop limit) is decremented
 //!   as forwarding does, the Ethernet addresses become the egress
@@ -15,6 +15,12 @@
 //! - anything else (the destination is local, unreachable, needs
 //!   fragmentation, forwarding is off on the interface, a TTL that would
 //!   expire): the packet goes to the stack, which handles it as before.
+//!
+//! XDP passes its translated packets to the stack for now: `XDP_TX` and
+//! `XDP_REDIRECT` onto a veth drop the frame unless the peer is set up
+//! for XDP frames, so they need to know the interfaces' kinds first.
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibLookup, TC_ACT_UNSPEC},
@@ -32,17 +38,23 @@ const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
 
 /// Where the translated packet in `ctx` goes: redirected (the helper's
-/// verdict, `TC_ACT_REDIRECT`) or to the stack (`TC_ACT_UNSPEC`). The
-/// egress interface is left in this CPU's scratch entry
-/// (`CtScratch::redirect_ifindex`, 0 when the packet went to the stack).
+/// verdict, `TC_ACT_REDIRECT`) or to the stack (`TC_ACT_UNSPEC`). With
+/// host routing on, the egress interface is left in this CPU's scratch
+/// entry (`CtScratch::redirect_ifindex`, 0 when the packet went to the
+/// stack).
 #[inline(never)]
 pub fn tc(ctx: &TcContext) -> i32 {
-    let ifindex = route(ctx);
-    if let Some(s) = maps::scratch() {
-        // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
-        unsafe { (*s).redirect_ifindex = ifindex.map_or(0, |(i, _)| i) };
+    if !maps::host_routing() {
+        return TC_ACT_UNSPEC;
     }
-    match ifindex {
+    // SAFETY: the skb pointer is valid for the program run.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let route = match lookup(ctx, ctx.skb.skb as *mut c_void, ingress) {
+        Some((fib, resolved)) if forward_headers(ctx, &fib, resolved) => Some((fib.ifindex, resolved)),
+        _ => None,
+    };
+    record(route.map_or(0, |(i, _)| i));
+    match route {
         // SAFETY: helper calls with plain arguments.
         Some((i, true)) => unsafe { bpf_redirect(i, 0) as i32 },
         // SAFETY: as above; no neighbour parameters (the kernel resolves
@@ -52,19 +64,26 @@ pub fn tc(ctx: &TcContext) -> i32 {
     }
 }
 
-/// The FIB's egress interface for the packet, and whether the neighbour
-/// was resolved (the Ethernet header then rewritten); the TTL / hop limit
-/// decremented. `None`: the stack handles the packet.
+/// Leaves the egress interface of this run in the scratch entry.
 #[inline(always)]
-fn route(ctx: &TcContext) -> Option<(u32, bool)> {
-    if !maps::host_routing() {
-        return None;
+fn record(ifindex: u32) {
+    if let Some(s) = maps::scratch() {
+        // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
+        unsafe { (*s).redirect_ifindex = ifindex };
     }
+}
+
+/// The FIB's answer for the packet's destination (`raw`: the program's
+/// context for the helper, `ingress` the interface the packet came in
+/// on), and whether the neighbour is resolved (its MAC then in the
+/// answer). `None`: the packet is neither IPv4 nor IPv6, its TTL would
+/// expire, or the FIB has no route for it.
+#[inline(always)]
+fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32) -> Option<(FibLookup, bool)> {
     // SAFETY: a zeroed bpf_fib_lookup is valid input (plain integers).
     let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-    let data = PacketCtx::data(ctx);
-    let end = PacketCtx::data_end(ctx);
-    if data + ETH_HLEN + 40 > end {
+    let data = ctx.data();
+    if data + ETH_HLEN + 40 > ctx.data_end() {
         // Too short for an IPv6 header; an IPv4 packet this short cannot
         // have been translated (it carries TCP or UDP) except a 20-byte
         // header with 8 bytes of UDP and no Ethernet padding: to the stack.
@@ -73,8 +92,7 @@ fn route(ctx: &TcContext) -> Option<(u32, bool)> {
     // SAFETY: bounds checked above (ETH_HLEN + 40 bytes).
     let proto = u16::from_be(unsafe { core::ptr::read_unaligned((data + 12) as *const u16) });
     let ip = data + ETH_HLEN;
-    // SAFETY: the skb pointer is valid for the program run.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    fib.ifindex = ingress;
     if proto == ETH_P_IP {
         // SAFETY: bounds checked above.
         unsafe {
@@ -102,30 +120,32 @@ fn route(ctx: &TcContext) -> Option<(u32, bool)> {
     } else {
         return None;
     }
-    // tot_len 0: the helper checks the skb itself against the egress MTU
-    // (GSO packets included) and answers FRAG_NEEDED when it does not fit.
+    // tot_len 0: the helper checks the packet itself against the egress
+    // MTU (for skbs GSO packets included) and answers FRAG_NEEDED when it
+    // does not fit.
     // SAFETY: the context and a parameter block of the helper's size.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut fib,
-            core::mem::size_of::<FibLookup>() as i32,
-            0,
-        )
-    };
-    let resolved = match rc {
-        FIB_SUCCESS => true,
-        FIB_NO_NEIGH => false,
-        _ => return None,
-    };
+    let rc = unsafe { bpf_fib_lookup(raw, &mut fib, core::mem::size_of::<FibLookup>() as i32, 0) };
+    match rc {
+        FIB_SUCCESS => Some((fib, true)),
+        FIB_NO_NEIGH => Some((fib, false)),
+        _ => None,
+    }
+}
+
+/// What forwarding does to the headers: the TTL / hop limit one less
+/// (the IPv4 header checksum updated), and with a resolved neighbour
+/// the egress interface's and the neighbour's MAC addresses. `false`
+/// when the packet is too short (the caller then passes it on).
+#[inline(always)]
+fn forward_headers<C: PacketCtx>(ctx: &C, fib: &FibLookup, resolved: bool) -> bool {
     // The helper may not have moved the data, but the verifier forgets
     // packet bounds across helper calls: check again.
-    let data = PacketCtx::data(ctx);
-    if data + ETH_HLEN + 40 > PacketCtx::data_end(ctx) {
-        return None;
+    let data = ctx.data();
+    if data + ETH_HLEN + 40 > ctx.data_end() {
+        return false;
     }
     let ip = data + ETH_HLEN;
-    // SAFETY: bounds checked just above; TC may write its packet.
+    // SAFETY: bounds checked just above; both hooks may write the packet.
     unsafe {
         if fib.family == AF_INET {
             // TTL and protocol share a 16-bit word of the header checksum
@@ -147,5 +167,5 @@ fn route(ctx: &TcContext) -> Option<(u32, bool)> {
             core::ptr::write_unaligned((data + 6) as *mut [u8; 6], fib.smac);
         }
     }
-    Some((fib.ifindex, resolved))
+    true
 }

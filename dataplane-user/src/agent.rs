@@ -322,6 +322,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         last = snat_ports.1,
         "SNAT source ports (outside the node's ephemeral ports and the NodePort range)"
     );
+    if cfg.host_routing {
+        info!("host routing on: translated packets go from TC straight to their egress interface, skipping netfilter (and NetworkPolicy enforced there)");
+    }
     let globals = Globals {
         snat_ports,
         new_flows_per_cpu: cfg.new_flows_per_cpu,

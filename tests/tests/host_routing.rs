@@ -280,9 +280,10 @@ fn ask(client: &Netns, to: SocketAddr, n: usize) -> Result<Vec<String>, String> 
 
 /// With a forward chain in the node that drops every forwarded packet,
 /// connections through a ClusterIP still work: their packets, translated
-/// in TC, never reach the forward hook (its counter stays 0). With
-/// `--host-routing=false` the same connections go through the forward
-/// chain and fail; without the chain they work through the stack.
+/// in TC, never reach the forward hook (its counter stays 0). Without
+/// host routing (`--host-routing=false`, the default) the same
+/// connections go through the forward chain and fail; without the chain
+/// they work through the stack.
 #[test]
 fn connections_through_the_vip_skip_the_node_forwarding_path() {
     let t = Topology::new(2).unwrap();
@@ -292,7 +293,7 @@ fn connections_through_the_vip_skip_the_node_forwarding_path() {
     load_rules(&t.node);
     let to = SocketAddr::from((VIP, 80));
     {
-        let _agent = Agent::start(&t.node, &t.node_ifaces(), &[], &m).unwrap();
+        let _agent = Agent::start_with(&t.node, &t.node_ifaces(), &[], &m, &["--host-routing=true"]).unwrap();
         let answers = ask(&t.client, to, 20).expect("through the VIP, host routed");
         assert!(answers.iter().all(|a| a == "b1" || a == "b2"), "{answers:?}");
         assert_eq!(

@@ -9,7 +9,11 @@
 
 use std::os::fd::{BorrowedFd, RawFd};
 
-use dataplane::bpf::{loader::Dataplane, sys};
+use dataplane::bpf::{
+    loader::{Dataplane, Globals},
+    map_sizes::MapSizes,
+    sys,
+};
 use dataplane_common::program_names;
 
 /// The verifier's limit on processed instructions (BPF_COMPLEXITY_LIMIT_INSNS).
@@ -34,7 +38,14 @@ fn every_program_verifies_well_within_the_instruction_limit() {
     // DATAPLANE_BPF_OBJECT: another object than the one built in (to
     // compare the verifier's work for variants on another kernel).
     let object = std::env::var_os("DATAPLANE_BPF_OBJECT").map(std::path::PathBuf::from);
-    let mut dp = Dataplane::load(object.as_deref()).unwrap_or_else(|e| panic!("{e}"));
+    // Every optional path on: the verifier prunes what a load-time
+    // constant turns off.
+    let globals = Globals {
+        host_routing: true,
+        ..Globals::default()
+    };
+    let (mut dp, _) = Dataplane::load_with(object.as_deref(), None, &MapSizes::default(), false, globals)
+        .unwrap_or_else(|e| panic!("{e}"));
     dp.load_socket_programs().unwrap_or_else(|e| panic!("{e}"));
     let socket_programs = program_names::SOCK
         .iter()

@@ -324,7 +324,8 @@ pub struct Globals {
     /// no limit (`NEW_FLOWS_GLOBAL`).
     pub new_flows_per_cpu: u32,
     /// Translated packets go from TC straight to the FIB's egress
-    /// interface (`HOST_ROUTING_GLOBAL`).
+    /// interface (`HOST_ROUTING_GLOBAL`; off by default, as
+    /// `--host-routing`).
     pub host_routing: bool,
 }
 
@@ -333,7 +334,7 @@ impl Default for Globals {
         Globals {
             snat_ports: DEFAULT_SNAT_PORTS,
             new_flows_per_cpu: DEFAULT_NEW_FLOWS_PER_CPU,
-            host_routing: true,
+            host_routing: false,
         }
     }
 }

@@ -232,9 +232,12 @@ pub struct RunArgs {
     /// the interface the kernel's routing table (FIB) names for its new
     /// destination, skipping netfilter and the forwarding path of the
     /// node; packets the FIB cannot place (local destinations, no route,
-    /// too large) still go to the stack. `false`: every translated packet
-    /// goes to the stack, as with kube-proxy.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "DATAPLANE_HOST_ROUTING")]
+    /// too large) still go to the stack. Off by default: translated
+    /// packets would also skip NetworkPolicy that the CNI enforces with
+    /// iptables or nftables rules on the node (Calico's iptables
+    /// dataplane, kube-router, ...). Turn it on where no such rules
+    /// exist.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "DATAPLANE_HOST_ROUTING")]
     pub host_routing: bool,
     /// How new flows pick a backend.
     #[arg(long, value_enum, default_value_t = Selection::Maglev, env = "DATAPLANE_LB_ALGORITHM")]
