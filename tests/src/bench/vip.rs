@@ -65,7 +65,24 @@ pub struct Config {
     pub deadline: Duration,
     /// Who is measured, in this order every round; must include `direct`.
     pub contenders: Vec<Contender>,
+    /// Netfilter conntrack loaded in every contender's node namespace
+    /// (`NODE_CONNTRACK`), as on real nodes; `dp-bench
+    /// --no-node-conntrack` measures without it.
+    pub node_conntrack: bool,
+    /// The dataplane contenders run with `--host-routing=true` (not the
+    /// agent's default); `dp-bench --no-host-routing` measures without.
+    pub host_routing: bool,
 }
+
+/// Netfilter conntrack in a node namespace, as real nodes have it (the
+/// CNI's, the kubelet's and the container runtime's rules keep it loaded):
+/// a table whose rules only read each packet's conntrack state, which
+/// makes the kernel track every flow through the namespace.
+const NODE_CONNTRACK: &str = "table inet dp_bench_node_conntrack {
+  chain prerouting { type filter hook prerouting priority -150; ct state invalid counter; }
+  chain output { type filter hook output priority -150; ct state invalid counter; }
+}
+";
 
 const BACKEND_PORT: u16 = 8080;
 const SERVICE_PORT: u16 = 80;
@@ -475,7 +492,7 @@ fn bpf_attached(ns: &Netns) -> bool {
         .is_ok_and(|s| s.contains("ifindex"))
 }
 
-fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
+fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
     let topo = Topology::new(2)?;
     topo.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     let servers = vec![
@@ -538,13 +555,15 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
                 extra = vec!["--socket-lb-cgroup".to_string(), cg.path().display().to_string()];
                 s.cgroup = Some(cg);
             }
+            extra.push(format!("--host-routing={}", cfg.host_routing));
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             let t = Instant::now();
             let agent = Agent::start_with(&s.topo.node, tc, xdp, &[("services.yaml", &docs)], &extra)?;
             s.install_s = Some(t.elapsed().as_secs_f64());
             s.notes.push(format!(
-                "the agent ({}, file source) with {} on the node's interfaces{}; install time is agent start to first sync, including YAML parsing",
+                "the agent ({}, file source, --host-routing={}) with {} on the node's interfaces{}; install time is agent start to first sync, including YAML parsing",
                 crate::agent::agent_binary().display(),
+                cfg.host_routing,
                 if xdp.is_empty() { "TC ingress (tcx)" } else { "XDP (auto mode)" },
                 if who == Contender::DataplaneSocket {
                     " and socket-level load balancing on the client process's cgroup"
@@ -603,6 +622,11 @@ fn setup(who: Contender, svcs: &[SvcPort]) -> Result<Setup> {
     s.notes.push(format!(
         "node namespace: {ipt} iptables rules, {nft} lines of nft ruleset, XDP/clsact programs listed by bpftool: {bpf}"
     ));
+    if cfg.node_conntrack {
+        pipe_into(&s.topo.node, &["nft", "-f", "-"], NODE_CONNTRACK).context("loading the node's conntrack table")?;
+        s.notes
+            .push("node namespace: netfilter conntrack loaded (a table whose rules read `ct state`)".to_string());
+    }
     // Each contender must work before it is timed, and the dataplane
     // contenders must take the path they are named after.
     let before = s._agent.as_ref().map(Agent::translations).transpose()?;
@@ -649,7 +673,7 @@ pub fn run(cfg: &Config) -> Result<Value> {
         let svcs = services(n);
         let mut setups = Vec::new();
         for &who in &cfg.contenders {
-            let s = setup(who, &svcs).with_context(|| format!("setting up {} at {n} Services", who.name()))?;
+            let s = setup(who, &svcs, cfg).with_context(|| format!("setting up {} at {n} Services", who.name()))?;
             if let Some(t) = s.install_s {
                 eprintln!("dp-bench:   {}: installed in {t:.2} s", who.name());
             }
@@ -736,7 +760,12 @@ pub fn run(cfg: &Config) -> Result<Value> {
         "method": "One copy of the topology (client, node, 2 backends) per contender, built side by side; every round measures each contender in turn (the order rotates by one from round to round): `conns` new connections (connect, one 32-byte request and response, close), `rr` request/response exchanges on one open connection, and one single-stream send of `stream_s` seconds (128 KiB writes to a sink that reports what it received). The client of each round is a process of its own (`dp-bench --client-round`) in the client namespace (and, for dataplane-socket, in the cgroup the agent's socket programs are attached to); servers are threads of dp-bench in the backend namespaces. Rust, TCP_NODELAY; client and servers all pinned to one CPU (PIN_CPU): unpinned, request/response took 17 or 50-60 µs depending on whether client and server shared a CPU, for every contender alike. Before timing, 5 connections per dataplane contender check the path it is named after (translated at connect time or per packet) from the agent's counters.",
         "pinned_cpu": PIN_CPU,
         "dp_bench_build": if cfg!(debug_assertions) { "debug" } else { "release" },
-        "netfilter_conntrack": "In the iptables and nftables node namespaces the kernel's conntrack tracks every flow (NAT needs it). In the dataplane and direct node namespaces no rule asks for conntrack.",
+        "netfilter_conntrack": if cfg.node_conntrack {
+            "Loaded in every contender's node namespace, as on real nodes (the CNI, the kubelet and container runtimes keep it loaded): a table whose rules read `ct state` in prerouting and output, besides the contender's own rules (kube-proxy's NAT needs conntrack anyway)."
+        } else {
+            "Not loaded by the bench (--no-node-conntrack): in the iptables and nftables node namespaces the kernel's conntrack tracks every flow (NAT needs it); in the dataplane and direct node namespaces no rule asks for conntrack."
+        },
+        "host_routing": cfg.host_routing,
         "attach_point": "dataplane-socket: cgroup connect/sendmsg/recvmsg/getpeername programs on the client's cgroup plus TC ingress (tcx) on the node's veths; dataplane: TC ingress (tcx) on the node's client- and backend-side veths only; dataplane-xdp (if measured): XDP, auto mode",
         "contenders": cfg.contenders.iter().map(|c| c.name()).collect::<Vec<_>>(),
         "conns": cfg.conns,

@@ -21,6 +21,10 @@ struct Args {
     contenders: Option<Vec<vip::Contender>>,
     /// Overrides the number of rounds of every part run.
     rounds: Option<usize>,
+    /// Through the VIP without netfilter conntrack in the node namespaces.
+    no_node_conntrack: bool,
+    /// Through the VIP with the agent's default `--host-routing=false`.
+    no_host_routing: bool,
     /// The release agent, for the control-plane part.
     release_agent: PathBuf,
 }
@@ -35,9 +39,11 @@ fn args() -> Result<Args> {
         scales: None,
         contenders: None,
         rounds: None,
+        no_node_conntrack: false,
+        no_host_routing: false,
         release_agent: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/dataplane"),
     };
-    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane (repeatable or comma-separated), --scales N,N, --contenders a,b, --rounds N, --release-agent PATH";
+    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane (repeatable or comma-separated), --scales N,N, --contenders a,b, --no-node-conntrack, --no-host-routing, --rounds N, --release-agent PATH";
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -67,6 +73,8 @@ fn args() -> Result<Args> {
                         .collect::<Result<_>>()?,
                 );
             }
+            "--no-node-conntrack" => a.no_node_conntrack = true,
+            "--no-host-routing" => a.no_host_routing = true,
             "--rounds" => a.rounds = Some(it.next().context("--rounds needs a number")?.parse()?),
             "--release-agent" => {
                 a.release_agent = PathBuf::from(it.next().context("--release-agent needs a path")?);
@@ -225,6 +233,8 @@ fn main() -> Result<()> {
                         stream: Duration::from_secs(1),
                         deadline: Duration::from_secs(600),
                         contenders: vip::DEFAULT_CONTENDERS.to_vec(),
+                        node_conntrack: true,
+                        host_routing: true,
                     }
                 } else {
                     vip::Config {
@@ -235,6 +245,8 @@ fn main() -> Result<()> {
                         stream: Duration::from_secs(3),
                         deadline: Duration::from_secs(3600),
                         contenders: vip::DEFAULT_CONTENDERS.to_vec(),
+                        node_conntrack: true,
+                        host_routing: true,
                     }
                 };
                 let cfg = vip::Config {
@@ -245,6 +257,8 @@ fn main() -> Result<()> {
                         .unwrap_or(cfg.scales),
                     contenders: a.contenders.clone().unwrap_or(cfg.contenders),
                     rounds: a.rounds.unwrap_or(cfg.rounds),
+                    node_conntrack: !a.no_node_conntrack,
+                    host_routing: !a.no_host_routing,
                     ..cfg
                 };
                 let v = vip::run(&cfg)?;
