@@ -143,6 +143,41 @@ pub enum CtEvent {
 /// resizing the pinned map.
 pub const CT_EVENT_SLOTS: u32 = 8;
 
+/// What host routing (`HOST_ROUTING_GLOBAL`) did with a packet the TC
+/// program translated (per CPU, `DP_ROUTE_EVENTS`). Not counted with host
+/// routing off.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteEvent {
+    /// Sent to the FIB's egress interface with the neighbour's MAC address
+    /// (`bpf_redirect`).
+    Redirected = 0,
+    /// Sent to the FIB's egress interface, the kernel resolving the
+    /// neighbour (`bpf_redirect_neigh`).
+    RedirectedNeigh = 1,
+    /// Handed to the node's stack: a local destination, no route,
+    /// fragmentation needed, forwarding off on the input interface, or a
+    /// TTL / hop limit about to expire.
+    ToStack = 2,
+}
+
+/// Slots of the host routing event array (room for more without resizing
+/// the pinned map).
+pub const ROUTE_EVENT_SLOTS: u32 = 8;
+
+impl RouteEvent {
+    pub const ALL: [RouteEvent; 3] = [RouteEvent::Redirected, RouteEvent::RedirectedNeigh, RouteEvent::ToStack];
+
+    /// A stable snake_case name for CLIs and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            RouteEvent::Redirected => "redirected",
+            RouteEvent::RedirectedNeigh => "redirected_neigh",
+            RouteEvent::ToStack => "to_stack",
+        }
+    }
+}
+
 impl CtEvent {
     pub const ALL: [CtEvent; 3] = [
         CtEvent::ClashResolved,

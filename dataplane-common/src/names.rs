@@ -26,6 +26,8 @@ pub mod map_names {
     pub const SOCK_STATS: &str = "DP_SOCK_STATS";
     /// Conntrack event counters, one per `CtEvent`, per CPU.
     pub const CT_EVENTS: &str = "DP_CT_EVENTS";
+    /// Host routing's counters (`RouteEvent` -> per-CPU u64).
+    pub const ROUTE_EVENTS: &str = "DP_ROUTE_EVENTS";
     /// The ClusterIP filter (`VipFilter`), one entry.
     pub const VIP_FILTER: &str = "DP_VIP_FILTER";
     /// The flood guard's reply entries of flows without state yet
@@ -57,7 +59,7 @@ pub mod map_shapes {
         }
     }
 
-    pub const ALL: [MapShape; 15] = [
+    pub const ALL: [MapShape; 16] = [
         shape::<u32, ServiceName>(map_names::NAMES, limits::MAX_SERVICES),
         // LPM trie keys carry a u32 prefix length in front of the data.
         MapShape {
@@ -78,6 +80,7 @@ pub mod map_shapes {
         shape::<SockAffinityKey, AffinityValue>(map_names::SOCK_AFFINITY, limits::MAX_AFFINITY),
         shape::<u32, u64>(map_names::SOCK_STATS, SOCK_EVENT_COUNT),
         shape::<u32, u64>(map_names::CT_EVENTS, CT_EVENT_SLOTS),
+        shape::<u32, u64>(map_names::ROUTE_EVENTS, ROUTE_EVENT_SLOTS),
         shape::<u32, VipFilter>(map_names::VIP_FILTER, 1),
     ];
 }

@@ -28,7 +28,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::{maps, nat::PacketCtx, parse::ETH_HLEN};
+use dataplane_common::RouteEvent;
+
+use crate::{maps, nat::PacketCtx, parse::ETH_HLEN, stats};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -54,6 +56,11 @@ pub fn tc(ctx: &TcContext) -> i32 {
         _ => None,
     };
     record(route.map_or(0, |(i, _)| i));
+    stats::route_event(match route {
+        Some((_, true)) => RouteEvent::Redirected,
+        Some((_, false)) => RouteEvent::RedirectedNeigh,
+        None => RouteEvent::ToStack,
+    });
     match route {
         // SAFETY: helper calls with plain arguments.
         Some((i, true)) => unsafe { bpf_redirect(i, 0) as i32 },

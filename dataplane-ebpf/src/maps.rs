@@ -7,7 +7,7 @@ use aya_ebpf::{
 use dataplane_common::{
     counters, limits, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtScratch, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
-    SockNatValue, SourceRangeKey, VipFilter, CT_EVENT_SLOTS, SOCK_EVENT_COUNT,
+    SockNatValue, SourceRangeKey, VipFilter, CT_EVENT_SLOTS, ROUTE_EVENT_SLOTS, SOCK_EVENT_COUNT,
 };
 
 /// Hash maps written by the agent are not preallocated: an updated element is
@@ -72,6 +72,10 @@ pub fn maybe_cluster_ip(addr: &dataplane_common::Addr) -> bool {
 /// Conntrack event counters, one per `CtEvent`.
 #[map]
 pub static DP_CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);
+
+/// Host routing's counters (`dataplane_common::RouteEvent`).
+#[map]
+pub static DP_ROUTE_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ROUTE_EVENT_SLOTS, 0);
 
 /// The flood guard's reply entries of flows without state yet (see
 /// `dataplane_common::map_names::CT_SYN`).

@@ -1,8 +1,8 @@
 //! Per-CPU counters: one per `Reason`, and one block per service.
 
-use dataplane_common::{CtEvent, Reason, ServiceStats};
+use dataplane_common::{CtEvent, Reason, RouteEvent, ServiceStats};
 
-use crate::maps::{DP_CT_EVENTS, DP_REASONS, DP_SVC_STATS};
+use crate::maps::{DP_CT_EVENTS, DP_REASONS, DP_ROUTE_EVENTS, DP_SVC_STATS};
 
 #[inline(always)]
 pub fn count(reason: Reason) {
@@ -25,6 +25,15 @@ pub fn add(counter: u32, n: u64) {
 #[inline(always)]
 pub fn ct_event(e: CtEvent) {
     if let Some(c) = DP_CT_EVENTS.get_ptr_mut(e as u32) {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Counts what host routing did with one packet.
+#[inline(always)]
+pub fn route_event(e: RouteEvent) {
+    if let Some(c) = DP_ROUTE_EVENTS.get_ptr_mut(e as u32) {
         // SAFETY: per-CPU value, only this CPU writes it while we run.
         unsafe { *c += 1 };
     }

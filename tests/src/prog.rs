@@ -312,6 +312,12 @@ impl Loaded {
         v.iter().sum()
     }
 
+    /// A host routing event's count, all CPUs summed.
+    pub fn route_event(&self, e: dataplane_common::RouteEvent) -> u64 {
+        let v = self.sync.writer().route_events.get(&(e as u32), 0).unwrap();
+        v.iter().sum()
+    }
+
     /// A conntrack event's count, all CPUs summed.
     pub fn ct_event(&self, e: dataplane_common::CtEvent) -> u64 {
         let v = self.sync.writer().ct_events.get(&(e as u32), 0).unwrap();

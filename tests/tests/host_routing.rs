@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use dataplane::bpf::loader::Globals;
-use dataplane_common::DpConfig;
+use dataplane_common::{DpConfig, RouteEvent};
 use dataplane_tests::{
     agent::Agent,
     netns::{
@@ -126,7 +126,7 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
     let node_side_1 = Ipv4Addr::new(198, 18, 1, 1);
     let unrouted = Ipv4Addr::new(198, 18, 77, 2);
 
-    let runs = t
+    let (runs, counted, off_counted) = t
         .node
         .run(move || {
             pin_to_cpu(0);
@@ -172,11 +172,15 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
                 ),
                 ("ipv6", run(&l, &Frame::tcp(client6, (vip6, 80), SYN).build(), vc)),
             ];
-            let off = Loaded::with_globals(DpConfig::defaults(), NO_FLOOD_GUARD);
-            let mut off = off;
+            // Counted per result: resolved, reply and IPv6 redirected; one
+            // redirect leaving the neighbour to the kernel; local, no
+            // route and TTL 1 to the stack.
+            let counted = RouteEvent::ALL.map(|e| l.route_event(e));
+            let mut off = Loaded::with_globals(DpConfig::defaults(), NO_FLOOD_GUARD);
             off.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
             v.push(("host routing off", run(&off, &syn(vip(1)), vc)));
-            v
+            let off_counted = RouteEvent::ALL.map(|e| off.route_event(e));
+            (v, counted, off_counted)
         })
         .join()
         .expect("the program runs in the node namespace");
@@ -223,6 +227,13 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
         assert_eq!(ttl(&r.out), want_ttl, "{name}: the stack decrements the TTL itself");
         assert_eq!(parse_and_verify(&r.out).dst, dst, "{name}: translated all the same");
     }
+
+    assert_eq!(
+        counted,
+        [3, 1, 3],
+        "dataplane_host_routing_packets: redirected, redirected_neigh, to_stack"
+    );
+    assert_eq!(off_counted, [0, 0, 0], "nothing counted with host routing off");
 
     let r = get("ipv6");
     assert_eq!(
@@ -293,7 +304,7 @@ fn connections_through_the_vip_skip_the_node_forwarding_path() {
     load_rules(&t.node);
     let to = SocketAddr::from((VIP, 80));
     {
-        let _agent = Agent::start_with(&t.node, &t.node_ifaces(), &[], &m, &["--host-routing=true"]).unwrap();
+        let agent = Agent::start_with(&t.node, &t.node_ifaces(), &[], &m, &["--host-routing=true"]).unwrap();
         let answers = ask(&t.client, to, 20).expect("through the VIP, host routed");
         assert!(answers.iter().all(|a| a == "b1" || a == "b2"), "{answers:?}");
         assert_eq!(
@@ -301,6 +312,19 @@ fn connections_through_the_vip_skip_the_node_forwarding_path() {
             0,
             "no translated packet reached the forward hook"
         );
+        // Every packet of the 20 connections both ways was redirected (at
+        // least SYN, request, FIN and their answers: 6 per connection),
+        // none handed to the stack.
+        let metrics = agent.metrics().unwrap();
+        let routed = |result: &str| {
+            metrics
+                .get(&format!("dataplane_host_routing_packets_total{{result=\"{result}\"}}"))
+                .copied()
+                .unwrap_or_else(|| panic!("no host routing series {result}: {metrics:?}"))
+        };
+        let redirected = routed("redirected") + routed("redirected_neigh");
+        assert!(redirected >= 20.0 * 6.0, "redirected {redirected}");
+        assert_eq!(routed("to_stack"), 0.0);
     }
     let _agent = Agent::start_with(&t.node, &t.node_ifaces(), &[], &m, &["--host-routing=false"]).unwrap();
     let err = ask(&t.client, to, 1).expect_err("without host routing the forward chain drops");

@@ -418,13 +418,18 @@ fn services_backends_conntrack_and_stats_show_the_maps() {
     assert_eq!(map("DP_NAMES")["entries"], 3);
     assert_eq!(map("DP_SOCK_NAT")["entries"], 0);
     assert_eq!(map("DP_SOCK_NAT")["kind"], "lru_hash");
-    assert_eq!(s["maps"].as_array().unwrap().len(), 15);
+    assert_eq!(s["maps"].as_array().unwrap().len(), 16);
     assert_eq!(map("DP_VIP_FILTER")["kind"], "array");
     assert_eq!(map("DP_CT_EVENTS")["kind"], "percpu_array");
     // Every conntrack event is listed, at 0 here.
     let ct_events = s["conntrack_events"].as_array().unwrap();
     assert_eq!(ct_events.len(), dataplane_common::CtEvent::ALL.len());
     assert!(ct_events.iter().all(|e| e["count"] == 0), "{ct_events:?}");
+    // Host routing off: every result listed, at 0.
+    assert_eq!(map("DP_ROUTE_EVENTS")["kind"], "percpu_array");
+    let routed = s["host_routing"].as_array().unwrap();
+    assert_eq!(routed.len(), dataplane_common::RouteEvent::ALL.len());
+    assert!(routed.iter().all(|e| e["count"] == 0), "{routed:?}");
     // No socket-level programs here: every socket event is listed, at 0.
     let events = s["socket_lb"].as_array().unwrap();
     assert_eq!(events.len(), dataplane_common::SockEvent::ALL.len());
@@ -438,11 +443,14 @@ fn services_backends_conntrack_and_stats_show_the_maps() {
     let ct_part = text.split("\n\n").nth(2).expect("the conntrack event table");
     assert_eq!(table(ct_part)[0], ["CONNTRACK_EVENT", "COUNT"]);
     assert!(table(ct_part).iter().any(|r| r == &["clash_resolved", "0"]), "{text}");
-    let sock_part = text.split("\n\n").nth(3).expect("the socket-level table");
+    let route_part = text.split("\n\n").nth(3).expect("the host routing table");
+    assert_eq!(table(route_part)[0], ["HOST_ROUTING", "PACKETS"]);
+    assert!(table(route_part).iter().any(|r| r == &["to_stack", "0"]), "{text}");
+    let sock_part = text.split("\n\n").nth(4).expect("the socket-level table");
     let t = table(sock_part);
     assert_eq!(t[0], ["SOCKET_LB_EVENT", "COUNT"]);
     assert!(t.iter().any(|r| r == &["connect_translated", "0"]), "{text}");
-    let maps_part = text.split("\n\n").nth(4).expect("the map table");
+    let maps_part = text.split("\n\n").nth(5).expect("the map table");
     let t = table(maps_part);
     assert_eq!(t[0], ["MAP", "KIND", "ENTRIES", "MAX_ENTRIES", "USE_%"]);
     assert!(

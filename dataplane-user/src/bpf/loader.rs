@@ -111,6 +111,7 @@ pub struct Maps {
     pub sock_affinity: HashMap<MapData, SockAffinityKey, AffinityValue>,
     pub sock_stats: PerCpuArray<MapData, u64>,
     pub ct_events: PerCpuArray<MapData, u64>,
+    pub route_events: PerCpuArray<MapData, u64>,
     pub vip_filter: Array<MapData, VipFilter>,
 }
 
@@ -141,6 +142,8 @@ impl Maps {
                 .map_err(m(map_names::SOCK_AFFINITY))?,
             sock_stats: PerCpuArray::try_from(take(e, map_names::SOCK_STATS)?).map_err(m(map_names::SOCK_STATS))?,
             ct_events: PerCpuArray::try_from(take(e, map_names::CT_EVENTS)?).map_err(m(map_names::CT_EVENTS))?,
+            route_events: PerCpuArray::try_from(take(e, map_names::ROUTE_EVENTS)?)
+                .map_err(m(map_names::ROUTE_EVENTS))?,
             vip_filter: Array::try_from(take(e, map_names::VIP_FILTER)?).map_err(m(map_names::VIP_FILTER))?,
         })
     }

@@ -176,6 +176,12 @@ pub fn stats_table(s: &Stats) -> String {
     }
     out.push_str(&t.render());
     out.push('\n');
+    let mut t = Table::new(vec!["HOST_ROUTING", "PACKETS"]);
+    for e in &s.host_routing {
+        t.row(vec![e.event.clone(), e.count.to_string()]);
+    }
+    out.push_str(&t.render());
+    out.push('\n');
     let mut t = Table::new(vec!["SOCKET_LB_EVENT", "COUNT"]);
     for e in &s.socket_lb {
         t.row(vec![e.event.clone(), e.count.to_string()]);

@@ -226,6 +226,13 @@ impl Collector for MapsCollector {
         )?;
         family(
             &mut enc,
+            "dataplane_host_routing_packets",
+            "What host routing (--host-routing) did with packets the TC program translated: redirected to the FIB's egress interface with the neighbour's MAC (redirected) or with the kernel resolving it (redirected_neigh), or handed to the node's stack (to_stack: local destination, no route, fragmentation needed, forwarding off, TTL expiring).",
+            MetricType::Counter,
+            stats.host_routing.iter().map(|e| (vec![("result", e.event.to_string())], e.count)),
+        )?;
+        family(
+            &mut enc,
             "dataplane_socket_lb_events",
             "What the socket-level programs did (--socket-lb-cgroup): connects and datagrams translated, replies and peer names restored, rejects.",
             MetricType::Counter,

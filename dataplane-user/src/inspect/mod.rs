@@ -12,8 +12,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
 use dataplane_common::{
-    counters, family_of, ip_of, map_names, Addr, BackendKey, CtEvent, CtKey, CtValue, Reason, ServiceKey, ServiceValue,
-    SockEvent, ABI_VERSION, BACKEND_F_REMOTE, CLUSTER_CIDRS_V6, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY,
+    counters, family_of, ip_of, map_names, Addr, BackendKey, CtEvent, CtKey, CtValue, Reason, RouteEvent, ServiceKey,
+    ServiceValue, SockEvent, ABI_VERSION, BACKEND_F_REMOTE, CLUSTER_CIDRS_V6, CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY,
     CT_F_SEEN_REPLY, CT_F_SNAT, FAMILY_V4, FAMILY_V6, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL,
     SVC_F_IN_CLUSTER_VIEW, SVC_F_OTHER_PORTS, SVC_F_RANDOM, SVC_F_SOURCE_RANGES,
 };
@@ -80,6 +80,8 @@ fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) ->
         sock_affinity: HashMap::try_from(map(map_names::SOCK_AFFINITY)?).map_err(read_err(map_names::SOCK_AFFINITY))?,
         sock_stats: PerCpuArray::try_from(map(map_names::SOCK_STATS)?).map_err(read_err(map_names::SOCK_STATS))?,
         ct_events: PerCpuArray::try_from(map(map_names::CT_EVENTS)?).map_err(read_err(map_names::CT_EVENTS))?,
+        route_events: PerCpuArray::try_from(map(map_names::ROUTE_EVENTS)?)
+            .map_err(read_err(map_names::ROUTE_EVENTS))?,
         vip_filter: Array::try_from(map(map_names::VIP_FILTER)?).map_err(read_err(map_names::VIP_FILTER))?,
     })
 }
@@ -137,6 +139,7 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
         id(map_names::SOCK_AFFINITY, &maps.sock_affinity)?,
         id(map_names::SOCK_STATS, &maps.sock_stats)?,
         id(map_names::CT_EVENTS, &maps.ct_events)?,
+        id(map_names::ROUTE_EVENTS, &maps.route_events)?,
         id(map_names::VIP_FILTER, &maps.vip_filter)?,
     ];
     typed(|name| {
@@ -468,6 +471,9 @@ pub struct Stats {
     pub socket_lb: Vec<EventRow>,
     /// Conntrack events (`CtEvent`), all CPUs summed.
     pub conntrack_events: Vec<EventRow>,
+    /// What host routing did with translated packets (`RouteEvent`), all
+    /// CPUs summed (zero with host routing off).
+    pub host_routing: Vec<EventRow>,
     pub maps: Vec<MapUse>,
 }
 
@@ -504,6 +510,11 @@ pub fn sock_event_rows(maps: &Maps) -> Result<Vec<EventRow>, InspectError> {
 pub fn ct_event_rows(maps: &Maps) -> Result<Vec<EventRow>, InspectError> {
     let events = CtEvent::ALL.iter().map(|e| (*e as u32, e.name()));
     event_rows(&maps.ct_events, map_names::CT_EVENTS, events)
+}
+
+pub fn route_event_rows(maps: &Maps) -> Result<Vec<EventRow>, InspectError> {
+    let events = RouteEvent::ALL.iter().map(|e| (*e as u32, e.name()));
+    event_rows(&maps.route_events, map_names::ROUTE_EVENTS, events)
 }
 
 pub fn reason_rows(maps: &Maps) -> Result<Vec<ReasonRow>, InspectError> {
@@ -551,6 +562,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         loaded(map_names::SOCK_AFFINITY, maps.sock_affinity.map())?,
         loaded(map_names::SOCK_STATS, maps.sock_stats.map())?,
         loaded(map_names::CT_EVENTS, maps.ct_events.map())?,
+        loaded(map_names::ROUTE_EVENTS, maps.route_events.map())?,
         loaded(map_names::VIP_FILTER, maps.vip_filter.map())?,
     ];
     let max = |name: &str| capacities.iter().find(|(n, _)| *n == name).map_or(0, |(_, m)| *m);
@@ -610,6 +622,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         (map_names::CONFIG, "array"),
         (map_names::SOCK_STATS, "percpu_array"),
         (map_names::CT_EVENTS, "percpu_array"),
+        (map_names::ROUTE_EVENTS, "percpu_array"),
         (map_names::VIP_FILTER, "array"),
     ] {
         uses.push((name, kind, u64::from(max(name))));
@@ -630,6 +643,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         reasons: reason_rows(maps)?,
         socket_lb: sock_event_rows(maps)?,
         conntrack_events: ct_event_rows(maps)?,
+        host_routing: route_event_rows(maps)?,
         conntrack_entries: conntrack,
         conntrack_max: max(map_names::CONNTRACK),
         maps: uses
