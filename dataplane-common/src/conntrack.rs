@@ -143,8 +143,14 @@ pub enum CtEvent {
 /// resizing the pinned map.
 pub const CT_EVENT_SLOTS: u32 = 8;
 
-/// What host routing (`HOST_ROUTING_GLOBAL`) did with a packet the TC
-/// program translated (per CPU, `DP_ROUTE_EVENTS`). Not counted with host
+/// `DP_IFACES` bit: the interface is a veth. Host routing sends packets
+/// for it into its peer's namespace (`bpf_redirect_peer`), and XDP does
+/// not send frames back out of it (`XDP_TX` onto a veth drops them unless
+/// the peer is set up for XDP).
+pub const IFACE_F_VETH: u32 = 1;
+
+/// What host routing (`HOST_ROUTING_GLOBAL`) did with a packet the
+/// programs translated (per CPU, `DP_ROUTE_EVENTS`). Not counted with host
 /// routing off.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,8 +163,14 @@ pub enum RouteEvent {
     RedirectedNeigh = 1,
     /// Handed to the node's stack: a local destination, no route,
     /// fragmentation needed, forwarding off on the input interface, or a
-    /// TTL / hop limit about to expire.
+    /// TTL / hop limit about to expire (XDP: also any route other than
+    /// back out of its own interface, and that one when it is a veth).
     ToStack = 2,
+    /// Sent into the namespace of the egress veth's peer, the neighbour's
+    /// MAC written (`bpf_redirect_peer`: a pod on this node).
+    RedirectedPeer = 3,
+    /// Sent back out of the interface it came in on by XDP (`XDP_TX`).
+    XdpTx = 4,
 }
 
 /// Slots of the host routing event array (room for more without resizing
@@ -166,7 +178,13 @@ pub enum RouteEvent {
 pub const ROUTE_EVENT_SLOTS: u32 = 8;
 
 impl RouteEvent {
-    pub const ALL: [RouteEvent; 3] = [RouteEvent::Redirected, RouteEvent::RedirectedNeigh, RouteEvent::ToStack];
+    pub const ALL: [RouteEvent; 5] = [
+        RouteEvent::Redirected,
+        RouteEvent::RedirectedNeigh,
+        RouteEvent::ToStack,
+        RouteEvent::RedirectedPeer,
+        RouteEvent::XdpTx,
+    ];
 
     /// A stable snake_case name for CLIs and metrics labels.
     pub const fn name(self) -> &'static str {
@@ -174,6 +192,8 @@ impl RouteEvent {
             RouteEvent::Redirected => "redirected",
             RouteEvent::RedirectedNeigh => "redirected_neigh",
             RouteEvent::ToStack => "to_stack",
+            RouteEvent::RedirectedPeer => "redirected_peer",
+            RouteEvent::XdpTx => "xdp_tx",
         }
     }
 }

@@ -35,3 +35,7 @@ pub const MAX_SOCK_NAT: u32 = 131_072;
 /// proves the flow and creates its state: a separate LRU, so that a SYN
 /// flood churns this map, not the flows in conntrack.
 pub const MAX_CT_SYN: u32 = 65_536;
+
+/// Interfaces of the node's namespace whose kind the agent tells the
+/// programs (`map_names::IFACES`).
+pub const MAX_IFACES: u32 = 16_384;

@@ -34,6 +34,10 @@ pub mod map_names {
     /// (`CtKey` -> `CtValue`, `limits::MAX_CT_SYN`), never pinned: a
     /// restart of the programs forgets at most the handshakes under way.
     pub const CT_SYN: &str = "DP_CT_SYN";
+    /// The kinds of the node's interfaces (ifindex -> `IFACE_F_*` bits),
+    /// written by the agent as interfaces come and go, for host routing;
+    /// never pinned (a new agent writes its own).
+    pub const IFACES: &str = "DP_IFACES";
 }
 
 /// The shape of every map: what a pinned map must match to be adopted by a

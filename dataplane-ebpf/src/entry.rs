@@ -64,7 +64,8 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
         }
     };
     match lb::process(ctx, p) {
-        Verdict::Pass | Verdict::Forward => xdp_action::XDP_PASS,
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Forward => forward::xdp(ctx),
         Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Reject => match xdp_reject(ctx, p) {
             Ok(action) => {

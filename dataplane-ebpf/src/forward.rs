@@ -9,23 +9,30 @@
 //! - a route and a resolved neighbour: the TTL (hop limit) is decremented
 //!   as forwarding does, the Ethernet addresses become the egress
 //!   interface's and the neighbour's, and the packet is redirected to the
-//!   egress interface (`bpf_redirect`);
+//!   egress interface (`bpf_redirect`), or, when the agent says it is a
+//!   veth (`DP_IFACES`), straight into its peer's namespace
+//!   (`bpf_redirect_peer`: a pod on this node, one queue less);
 //! - a route but no neighbour entry yet: the same, with the kernel
 //!   resolving the neighbour (`bpf_redirect_neigh`);
 //! - anything else (the destination is local, unreachable, needs
 //!   fragmentation, forwarding is off on the interface, a TTL that would
 //!   expire): the packet goes to the stack, which handles it as before.
 //!
-//! XDP passes its translated packets to the stack for now: `XDP_TX` and
-//! `XDP_REDIRECT` onto a veth drop the frame unless the peer is set up
-//! for XDP frames, so they need to know the interfaces' kinds first.
+//! XDP sends a translated packet back out of the interface it came in on
+//! (`XDP_TX`) when the FIB says it leaves there with a resolved neighbour
+//! (external traffic to a NodePort whose backend is on another node behind
+//! the same interface, and the replies of such flows), unless the agent
+//! says the interface is a veth: `XDP_TX` onto a veth drops the frame
+//! unless the peer is set up for XDP. Everything else passes to the stack
+//! (and to TC). XDP does not redirect to other interfaces, for the same
+//! reason and because a target driver without `ndo_xdp_xmit` drops too.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibLookup, TC_ACT_UNSPEC},
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
-    programs::TcContext,
+    bindings::{bpf_fib_lookup as FibLookup, xdp_action, TC_ACT_UNSPEC},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::{TcContext, XdpContext},
 };
 
 use dataplane_common::RouteEvent;
@@ -56,18 +63,53 @@ pub fn tc(ctx: &TcContext) -> i32 {
         _ => None,
     };
     record(route.map_or(0, |(i, _)| i));
-    stats::route_event(match route {
-        Some((_, true)) => RouteEvent::Redirected,
-        Some((_, false)) => RouteEvent::RedirectedNeigh,
-        None => RouteEvent::ToStack,
-    });
     match route {
-        // SAFETY: helper calls with plain arguments.
-        Some((i, true)) => unsafe { bpf_redirect(i, 0) as i32 },
-        // SAFETY: as above; no neighbour parameters (the kernel resolves
-        // the route's next hop).
-        Some((i, false)) => unsafe { bpf_redirect_neigh(i, core::ptr::null_mut(), 0, 0) as i32 },
-        None => TC_ACT_UNSPEC,
+        Some((i, true)) if maps::is_veth(i) => {
+            stats::route_event(RouteEvent::RedirectedPeer);
+            // SAFETY: a helper call with plain arguments (TC ingress, as
+            // the helper requires).
+            unsafe { bpf_redirect_peer(i, 0) as i32 }
+        }
+        Some((i, true)) => {
+            stats::route_event(RouteEvent::Redirected);
+            // SAFETY: as above.
+            unsafe { bpf_redirect(i, 0) as i32 }
+        }
+        Some((i, false)) => {
+            stats::route_event(RouteEvent::RedirectedNeigh);
+            // SAFETY: as above; no neighbour parameters (the kernel
+            // resolves the route's next hop).
+            unsafe { bpf_redirect_neigh(i, core::ptr::null_mut(), 0, 0) as i32 }
+        }
+        None => {
+            stats::route_event(RouteEvent::ToStack);
+            TC_ACT_UNSPEC
+        }
+    }
+}
+
+/// Where the translated packet in `ctx` goes from XDP: back out of its
+/// interface (`XDP_TX`) when the FIB says it leaves there with a resolved
+/// neighbour and the interface is not a veth, else to the stack
+/// (`XDP_PASS`). Recorded and counted as for [`tc`].
+#[inline(never)]
+pub fn xdp(ctx: &XdpContext) -> u32 {
+    if !maps::host_routing() {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: the context pointer is valid for the program run.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    let tx = match lookup(ctx, ctx.ctx as *mut c_void, ingress) {
+        Some((fib, true)) if fib.ifindex == ingress && !maps::is_veth(ingress) => forward_headers(ctx, &fib, true),
+        _ => false,
+    };
+    record(if tx { ingress } else { 0 });
+    if tx {
+        stats::route_event(RouteEvent::XdpTx);
+        xdp_action::XDP_TX
+    } else {
+        stats::route_event(RouteEvent::ToStack);
+        xdp_action::XDP_PASS
     }
 }
 

@@ -73,6 +73,20 @@ pub fn maybe_cluster_ip(addr: &dataplane_common::Addr) -> bool {
 #[map]
 pub static DP_CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);
 
+/// The kinds of the node's interfaces (`dataplane_common::IFACE_F_*`),
+/// written by the agent.
+#[map]
+pub static DP_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_IFACES, 0);
+
+/// Whether the agent says interface `ifindex` is a veth.
+#[inline(always)]
+pub fn is_veth(ifindex: u32) -> bool {
+    // SAFETY: a plain u32 value, read once.
+    DP_IFACES
+        .get_ptr(ifindex)
+        .is_some_and(|f| unsafe { *f } & dataplane_common::IFACE_F_VETH != 0)
+}
+
 /// Host routing's counters (`dataplane_common::RouteEvent`).
 #[map]
 pub static DP_ROUTE_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ROUTE_EVENT_SLOTS, 0);

@@ -312,6 +312,14 @@ impl Loaded {
         v.iter().sum()
     }
 
+    /// Runs the XDP program on `frame` as if it arrived on interface
+    /// `ifindex` of the calling thread's network namespace.
+    pub fn run_xdp_on(&self, frame: &[u8], ifindex: u32) -> RunResult {
+        let name = self.dp.xdp_program();
+        let fd = self.dp.program_fd(name).unwrap();
+        testrun::run_xdp_on(fd, frame, ifindex).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {name}: {e}"))
+    }
+
     /// A host routing event's count, all CPUs summed.
     pub fn route_event(&self, e: dataplane_common::RouteEvent) -> u64 {
         let v = self.sync.writer().route_events.get(&(e as u32), 0).unwrap();

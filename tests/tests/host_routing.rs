@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use dataplane::bpf::loader::Globals;
-use dataplane_common::{DpConfig, RouteEvent};
+use dataplane_common::{DpConfig, RouteEvent, IFACE_F_VETH};
 use dataplane_tests::{
     agent::Agent,
     netns::{
@@ -25,6 +25,8 @@ use dataplane_tests::{
 };
 
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 fn vip(i: u8) -> IpAddr {
@@ -230,10 +232,10 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
 
     assert_eq!(
         counted,
-        [3, 1, 3],
-        "dataplane_host_routing_packets: redirected, redirected_neigh, to_stack"
+        [3, 1, 3, 0, 0],
+        "dataplane_host_routing_packets: redirected, redirected_neigh, to_stack, redirected_peer, xdp_tx (the interfaces' kinds unknown)"
     );
-    assert_eq!(off_counted, [0, 0, 0], "nothing counted with host routing off");
+    assert_eq!(off_counted, [0; 5], "nothing counted with host routing off");
 
     let r = get("ipv6");
     assert_eq!(
@@ -322,9 +324,14 @@ fn connections_through_the_vip_skip_the_node_forwarding_path() {
                 .copied()
                 .unwrap_or_else(|| panic!("no host routing series {result}: {metrics:?}"))
         };
-        let redirected = routed("redirected") + routed("redirected_neigh");
+        let redirected = routed("redirected") + routed("redirected_neigh") + routed("redirected_peer");
         assert!(redirected >= 20.0 * 6.0, "redirected {redirected}");
         assert_eq!(routed("to_stack"), 0.0);
+        // Every node interface here is a veth, which the agent found and
+        // told the programs: packets enter the pods' and the client's
+        // namespaces directly, none takes a plain redirect.
+        assert!(routed("redirected_peer") > 0.0, "{metrics:?}");
+        assert_eq!(routed("redirected"), 0.0);
     }
     let _agent = Agent::start_with(&t.node, &t.node_ifaces(), &[], &m, &["--host-routing=false"]).unwrap();
     let err = ask(&t.client, to, 1).expect_err("without host routing the forward chain drops");
@@ -333,4 +340,115 @@ fn connections_through_the_vip_skip_the_node_forwarding_path() {
     t.node.exec(&["nft", "delete", "table", "inet", "dptest"]).unwrap();
     let answers = ask(&t.client, to, 5).expect("through the stack without the chain");
     assert!(answers.iter().all(|a| a == "b1" || a == "b2"), "{answers:?}");
+}
+
+/// The interfaces' kinds the agent writes (`DP_IFACES`) steer two more
+/// paths, in the node namespace of a real topology:
+///
+/// - TC: a resolved neighbour behind a veth is reached in the peer's
+///   namespace (`bpf_redirect_peer`, counted `redirected_peer`); before
+///   the kinds are known, by a plain redirect;
+/// - XDP: a packet whose route leads back out of the interface it came in
+///   on (a backend behind the client's link) is sent back with `XDP_TX`,
+///   Ethernet header and TTL rewritten, unless that interface is a veth
+///   (`XDP_TX` onto a veth drops the frame unless its peer runs XDP);
+///   a route out of another interface passes to the stack.
+#[test]
+fn veths_get_their_peer_and_xdp_sends_back_only_out_of_its_own_non_veth_interface() {
+    let t = Topology::new(1).unwrap();
+    let (vc, node_vc_mac) = link(&t.node, NODE_CLIENT_IFACE);
+    let (vb1, _) = link(&t.node, &backend_iface(1));
+    let (_, b1_mac) = link(&t.backends[0], "eth0");
+    let (_, client_mac) = link(&t.client, "eth0");
+    for (addr, mac, dev) in [
+        (backend_addr(1), b1_mac, backend_iface(1)),
+        (CLIENT_ADDR, client_mac, NODE_CLIENT_IFACE.to_string()),
+    ] {
+        t.node
+            .ip(&[
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                &mac_str(&mac),
+                "dev",
+                &dev,
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
+    }
+    // A backend network behind the client's link.
+    let behind_client = Ipv4Addr::new(198, 18, 99, 2);
+    t.node
+        .ip(&["route", "add", "198.18.99.0/24", "via", &CLIENT_ADDR.to_string()])
+        .unwrap();
+
+    let (runs, counted) = t
+        .node
+        .run(move || {
+            pin_to_cpu(0);
+            let globals = Globals {
+                host_routing: true,
+                ..NO_FLOOD_GUARD
+            };
+            let mut l = Loaded::with_globals(DpConfig::defaults(), globals);
+            l.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
+            l.set_service(vip(5), 80, TCP, &[(behind_client, 8080)]);
+            let syn = |port: u16, v: IpAddr| Frame::tcp((CLIENT_ADDR, port), (v, 80), SYN).build();
+            let tc = |l: &Loaded, f: &[u8]| {
+                let r = l.run_tc_on(f, vc);
+                Ran {
+                    retval: r.retval,
+                    ifindex: l.redirect_ifindex(0),
+                    out: r.data,
+                }
+            };
+            let xdp = |l: &Loaded, f: &[u8]| {
+                let r = l.run_xdp_on(f, vc);
+                Ran {
+                    retval: r.retval,
+                    ifindex: l.redirect_ifindex(0),
+                    out: r.data,
+                }
+            };
+            let mut v = vec![("tc, kinds unknown", tc(&l, &syn(41000, vip(1))))];
+            l.dp.set_interface_kinds(&[(vb1, IFACE_F_VETH), (vc, 0)]).unwrap();
+            v.push(("tc, veth", tc(&l, &syn(41001, vip(1)))));
+            v.push(("xdp, back out", xdp(&l, &syn(41002, vip(5)))));
+            v.push(("xdp, other interface", xdp(&l, &syn(41003, vip(1)))));
+            l.dp.set_interface_kinds(&[(vb1, IFACE_F_VETH), (vc, IFACE_F_VETH)])
+                .unwrap();
+            v.push(("xdp, back out of a veth", xdp(&l, &syn(41004, vip(5)))));
+            (v, RouteEvent::ALL.map(|e| l.route_event(e)))
+        })
+        .join()
+        .expect("the programs run in the node namespace");
+    let get = |name: &str| &runs.iter().find(|(n, _)| *n == name).unwrap().1;
+    let input_macs = Frame::tcp((CLIENT_ADDR, 1), (vip(1), 80), SYN).build()[..12].to_vec();
+
+    for name in ["tc, kinds unknown", "tc, veth"] {
+        let r = get(name);
+        assert_eq!((r.retval, r.ifindex), (TC_ACT_REDIRECT, vb1), "{name}");
+        assert_eq!(&r.out[..6], &b1_mac, "{name}");
+        assert_eq!(ttl(&r.out), 63, "{name}");
+    }
+    let r = get("xdp, back out");
+    assert_eq!((r.retval, r.ifindex), (XDP_TX, vc), "XDP_TX out of the client's link");
+    assert_eq!(&r.out[..6], &client_mac, "towards the gateway");
+    assert_eq!(&r.out[6..12], &node_vc_mac);
+    assert_eq!(ttl(&r.out), 63);
+    assert_eq!(parse_and_verify(&r.out).dst, IpAddr::from(behind_client));
+    for (name, dst) in [
+        ("xdp, other interface", IpAddr::from(backend_addr(1))),
+        ("xdp, back out of a veth", IpAddr::from(behind_client)),
+    ] {
+        let r = get(name);
+        assert_eq!((r.retval, r.ifindex), (XDP_PASS, 0), "{name}: to the stack");
+        assert_eq!(&r.out[..12], &input_macs[..], "{name}");
+        assert_eq!(ttl(&r.out), 64, "{name}");
+        assert_eq!(parse_and_verify(&r.out).dst, dst, "{name}: translated all the same");
+    }
+    // redirected, redirected_neigh, to_stack, redirected_peer, xdp_tx
+    assert_eq!(counted, [1, 0, 2, 1, 1]);
 }

@@ -47,6 +47,68 @@ pub fn interfaces() -> io::Result<BTreeSet<String>> {
     Ok(out)
 }
 
+/// The driver of interface `name` (`ETHTOOL_GDRVINFO`, in the calling
+/// thread's network namespace): "veth", "virtio_net", "mlx5_core", ...
+pub fn driver(name: &str) -> io::Result<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 5 * 4],
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 32 * 4 + 12 + 5 * 4],
+    };
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: a zeroed ifreq is valid; the name fits (checked) with its
+    // terminating zero; the ioctl writes at most sizeof(DrvInfo) into
+    // `info`, which outlives the call; the socket is closed below.
+    unsafe {
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let rc = libc::ioctl(fd, SIOCETHTOOL, &mut ifr);
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(err);
+        }
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// The kinds of the interfaces in `present` for the programs
+/// (`map_names::IFACES`): (ifindex, `IFACE_F_*` bits). Interfaces that
+/// vanish while this runs are left out.
+pub fn interface_kinds(present: &BTreeSet<String>) -> Vec<(u32, u32)> {
+    present
+        .iter()
+        .filter_map(|name| {
+            let c = std::ffi::CString::new(name.as_str()).ok()?;
+            // SAFETY: a valid C string.
+            let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            if ifindex == 0 {
+                return None;
+            }
+            let veth = driver(name).is_ok_and(|d| d == "veth");
+            Some((ifindex, if veth { dataplane_common::IFACE_F_VETH } else { 0 }))
+        })
+        .collect()
+}
+
 /// The interfaces among `present` that `patterns` select.
 pub fn select(patterns: &[String], present: &BTreeSet<String>) -> BTreeSet<String> {
     present
@@ -145,6 +207,11 @@ impl Attacher {
                 source: e,
             })
         })?;
+        // Before attaching: host routing reads the kinds of egress
+        // interfaces, which may be any interface of the namespace.
+        if let Err(e) = dp.set_interface_kinds(&interface_kinds(&present)) {
+            warn!("telling the programs the interfaces' kinds: {e}; host routing redirects to veths without entering their peers");
+        }
         if first {
             for p in self.tc_patterns.iter().chain(&self.xdp_patterns) {
                 if !p.contains(['*', '?']) && !present.contains(p) {
@@ -213,6 +280,14 @@ fn allow_local_sources(iface: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_is_not_a_veth() {
+        // lo is ifindex 1 in every network namespace.
+        let present: BTreeSet<String> = ["lo".to_string()].into();
+        assert_eq!(interface_kinds(&present), vec![(1, 0)]);
+        assert!(interface_kinds(&["no-such-if0".to_string()].into()).is_empty());
+    }
 
     #[test]
     fn globs() {

@@ -524,6 +524,30 @@ impl Dataplane {
         Maps::take(&mut self.ebpf)
     }
 
+    /// Tells the programs the kinds of the namespace's interfaces
+    /// (`map_names::IFACES`: ifindex -> `IFACE_F_*` bits): writes `kinds`
+    /// and removes every other interface's entry.
+    pub fn set_interface_kinds(&mut self, kinds: &[(u32, u32)]) -> Result<(), LoadError> {
+        let name = map_names::IFACES;
+        let map = self.ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
+        let mut map: aya::maps::HashMap<_, u32, u32> =
+            aya::maps::HashMap::try_from(map).map_err(|source| LoadError::Map { name, source })?;
+        let stale: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !kinds.iter().any(|(i, _)| i == k))
+            .collect();
+        for k in stale {
+            // Gone meanwhile is fine.
+            let _ = map.remove(&k);
+        }
+        for (ifindex, flags) in kinds {
+            map.insert(ifindex, flags, 0)
+                .map_err(|source| LoadError::Map { name, source })?;
+        }
+        Ok(())
+    }
+
     /// Takes one map the agent does not keep in [`Maps`] (the per-CPU
     /// scratch entry, the flood guard's LRU) out of the object, for
     /// inspection by tests and tools; `None` when missing or taken.

@@ -48,6 +48,19 @@ pub fn run_on(prog_fd: RawFd, frame: &[u8], ifindex: u32) -> Result<RunResult, S
     run_ctx(prog_fd, frame, 1, 0, &ctx)
 }
 
+/// Runs XDP program `prog_fd` once on `frame` as if it arrived on
+/// interface `ifindex` of the calling thread's network namespace (queue
+/// 0): the input of its FIB lookups, and where `XDP_TX` would send it.
+/// Kernels before 5.15 refuse the context.
+pub fn run_xdp_on(prog_fd: RawFd, frame: &[u8], ifindex: u32) -> Result<RunResult, SysError> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex; data_end must be the frame's length.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    run_ctx(prog_fd, frame, 1, 0, &ctx)
+}
+
 /// BPF_PROG_TEST_RUN with `BPF_F_TEST_*` `flags`.
 fn run_with(prog_fd: RawFd, frame: &[u8], repeat: u32, flags: u32) -> Result<RunResult, SysError> {
     run_ctx(prog_fd, frame, repeat, flags, &[])

@@ -227,7 +227,7 @@ impl Collector for MapsCollector {
         family(
             &mut enc,
             "dataplane_host_routing_packets",
-            "What host routing (--host-routing) did with packets the TC program translated: redirected to the FIB's egress interface with the neighbour's MAC (redirected) or with the kernel resolving it (redirected_neigh), or handed to the node's stack (to_stack: local destination, no route, fragmentation needed, forwarding off, TTL expiring).",
+            "What host routing (--host-routing) did with translated packets: TC redirected them to the FIB's egress interface with the neighbour's MAC (redirected), into the peer namespace of that veth (redirected_peer) or with the kernel resolving the neighbour (redirected_neigh); XDP sent them back out of their interface (xdp_tx); or they went to the node's stack (to_stack: local destination, no route, fragmentation needed, forwarding off, TTL expiring; for XDP also every other interface and veths).",
             MetricType::Counter,
             stats.host_routing.iter().map(|e| (vec![("result", e.event.to_string())], e.count)),
         )?;
