@@ -143,11 +143,16 @@ pub enum CtEvent {
 /// resizing the pinned map.
 pub const CT_EVENT_SLOTS: u32 = 8;
 
-/// `DP_IFACES` bit: the interface is a veth. Host routing sends packets
-/// for it into its peer's namespace (`bpf_redirect_peer`), and XDP does
-/// not send frames back out of it (`XDP_TX` onto a veth drops them unless
-/// the peer is set up for XDP).
+/// `DP_IFACES` bit: the interface is a veth. XDP does not send frames back
+/// out of it (`XDP_TX` onto a veth drops them unless the peer is set up
+/// for XDP).
 pub const IFACE_F_VETH: u32 = 1;
+
+/// `DP_IFACES` bit: a veth whose peer is in another network namespace (a
+/// pod's). Host routing sends packets for it straight into that
+/// namespace (`bpf_redirect_peer`, which drops packets for a peer in the
+/// same namespace).
+pub const IFACE_F_PEER_NETNS: u32 = 2;
 
 /// What host routing (`HOST_ROUTING_GLOBAL`) did with a packet the
 /// programs translated (per CPU, `DP_ROUTE_EVENTS`). Not counted with host

@@ -10,8 +10,9 @@
 //!   as forwarding does, the Ethernet addresses become the egress
 //!   interface's and the neighbour's, and the packet is redirected to the
 //!   egress interface (`bpf_redirect`), or, when the agent says it is a
-//!   veth (`DP_IFACES`), straight into its peer's namespace
-//!   (`bpf_redirect_peer`: a pod on this node, one queue less);
+//!   veth whose peer is in another namespace (`DP_IFACES`), straight into
+//!   that namespace (`bpf_redirect_peer`: a pod on this node, one queue
+//!   less);
 //! - a route but no neighbour entry yet: the same, with the kernel
 //!   resolving the neighbour (`bpf_redirect_neigh`);
 //! - anything else (the destination is local, unreachable, needs
@@ -35,7 +36,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use dataplane_common::RouteEvent;
+use dataplane_common::{RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH};
 
 use crate::{maps, nat::PacketCtx, parse::ETH_HLEN, stats};
 
@@ -64,7 +65,7 @@ pub fn tc(ctx: &TcContext) -> i32 {
     };
     record(route.map_or(0, |(i, _)| i));
     match route {
-        Some((i, true)) if maps::is_veth(i) => {
+        Some((i, true)) if maps::iface_has(i, IFACE_F_VETH | IFACE_F_PEER_NETNS) => {
             stats::route_event(RouteEvent::RedirectedPeer);
             // SAFETY: a helper call with plain arguments (TC ingress, as
             // the helper requires).
@@ -100,7 +101,9 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
     // SAFETY: the context pointer is valid for the program run.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     let tx = match lookup(ctx, ctx.ctx as *mut c_void, ingress) {
-        Some((fib, true)) if fib.ifindex == ingress && !maps::is_veth(ingress) => forward_headers(ctx, &fib, true),
+        Some((fib, true)) if fib.ifindex == ingress && !maps::iface_has(ingress, IFACE_F_VETH) => {
+            forward_headers(ctx, &fib, true)
+        }
         _ => false,
     };
     record(if tx { ingress } else { 0 });

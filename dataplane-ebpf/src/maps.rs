@@ -78,13 +78,14 @@ pub static DP_CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVE
 #[map]
 pub static DP_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(limits::MAX_IFACES, 0);
 
-/// Whether the agent says interface `ifindex` is a veth.
+/// Whether the agent says interface `ifindex` has all of `flags`
+/// (`dataplane_common::IFACE_F_*`).
 #[inline(always)]
-pub fn is_veth(ifindex: u32) -> bool {
+pub fn iface_has(ifindex: u32, flags: u32) -> bool {
     // SAFETY: a plain u32 value, read once.
     DP_IFACES
         .get_ptr(ifindex)
-        .is_some_and(|f| unsafe { *f } & dataplane_common::IFACE_F_VETH != 0)
+        .is_some_and(|f| unsafe { *f } & flags == flags)
 }
 
 /// Host routing's counters (`dataplane_common::RouteEvent`).

@@ -11,8 +11,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use dataplane::bpf::loader::Globals;
-use dataplane_common::{DpConfig, RouteEvent, IFACE_F_VETH};
+use dataplane::bpf::{loader::Globals, testrun::RunResult};
+use dataplane_common::{DpConfig, RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH};
 use dataplane_tests::{
     agent::Agent,
     netns::{
@@ -55,12 +55,23 @@ fn mac_str(m: &[u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-/// What one TC run did: verdict, the redirect target the program
-/// recorded, the output frame.
+/// What one run did: verdict, the redirect target the program recorded
+/// (in the scratch entry of CPU 0, where the test thread runs), the
+/// output frame.
 struct Ran {
     retval: u32,
     ifindex: u32,
     out: Vec<u8>,
+}
+
+impl Ran {
+    fn of(l: &Loaded, r: RunResult) -> Ran {
+        Ran {
+            retval: r.retval,
+            ifindex: l.redirect_ifindex(0),
+            out: r.data,
+        }
+    }
 }
 
 /// TTL / hop limit of an Ethernet + IPv4/IPv6 frame.
@@ -144,14 +155,7 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
             let b6: IpAddr = backend_addr6(1).into();
             let vip6: IpAddr = VIP6.parse::<Ipv6Addr>().unwrap().into();
             l.set_service(vip6, 80, TCP, &[(b6, 8080)]);
-            let run = |l: &Loaded, f: &[u8], on: u32| {
-                let r = l.run_tc_on(f, on);
-                Ran {
-                    retval: r.retval,
-                    ifindex: l.redirect_ifindex(0),
-                    out: r.data,
-                }
-            };
+            let run = |l: &Loaded, f: &[u8], on: u32| Ran::of(l, l.run_tc_on(f, on));
             let client = (IpAddr::from(CLIENT_ADDR), 40100);
             let client6: (IpAddr, u16) = (CLIENT_ADDR6.parse::<Ipv6Addr>().unwrap().into(), 40100);
             let syn = |v: IpAddr| Frame::tcp(client, (v, 80), SYN).build();
@@ -345,9 +349,10 @@ fn connections_through_the_vip_skip_the_node_forwarding_path() {
 /// The interfaces' kinds the agent writes (`DP_IFACES`) steer two more
 /// paths, in the node namespace of a real topology:
 ///
-/// - TC: a resolved neighbour behind a veth is reached in the peer's
-///   namespace (`bpf_redirect_peer`, counted `redirected_peer`); before
-///   the kinds are known, by a plain redirect;
+/// - TC: a resolved neighbour behind a veth whose peer is in another
+///   namespace is reached in that namespace (`bpf_redirect_peer`, counted
+///   `redirected_peer`); before the kinds are known, and behind a veth
+///   whose peer is in this namespace, by a plain redirect;
 /// - XDP: a packet whose route leads back out of the interface it came in
 ///   on (a backend behind the client's link) is sent back with `XDP_TX`,
 ///   Ethernet header and TTL rewritten, unless that interface is a veth
@@ -396,29 +401,19 @@ fn veths_get_their_peer_and_xdp_sends_back_only_out_of_its_own_non_veth_interfac
             l.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
             l.set_service(vip(5), 80, TCP, &[(behind_client, 8080)]);
             let syn = |port: u16, v: IpAddr| Frame::tcp((CLIENT_ADDR, port), (v, 80), SYN).build();
-            let tc = |l: &Loaded, f: &[u8]| {
-                let r = l.run_tc_on(f, vc);
-                Ran {
-                    retval: r.retval,
-                    ifindex: l.redirect_ifindex(0),
-                    out: r.data,
-                }
-            };
-            let xdp = |l: &Loaded, f: &[u8]| {
-                let r = l.run_xdp_on(f, vc);
-                Ran {
-                    retval: r.retval,
-                    ifindex: l.redirect_ifindex(0),
-                    out: r.data,
-                }
-            };
+            let tc = |l: &Loaded, f: &[u8]| Ran::of(l, l.run_tc_on(f, vc));
+            let xdp = |l: &Loaded, f: &[u8]| Ran::of(l, l.run_xdp_on(f, vc));
             let mut v = vec![("tc, kinds unknown", tc(&l, &syn(41000, vip(1))))];
-            l.dp.set_interface_kinds(&[(vb1, IFACE_F_VETH), (vc, 0)]).unwrap();
+            l.dp.set_interface_kinds(&[(vb1, IFACE_F_VETH | IFACE_F_PEER_NETNS), (vc, 0)])
+                .unwrap();
             v.push(("tc, veth", tc(&l, &syn(41001, vip(1)))));
             v.push(("xdp, back out", xdp(&l, &syn(41002, vip(5)))));
             v.push(("xdp, other interface", xdp(&l, &syn(41003, vip(1)))));
             l.dp.set_interface_kinds(&[(vb1, IFACE_F_VETH), (vc, IFACE_F_VETH)])
                 .unwrap();
+            // A veth whose peer is in this namespace: a plain redirect
+            // (bpf_redirect_peer would drop the packet).
+            v.push(("tc, veth with its peer here", tc(&l, &syn(41005, vip(1)))));
             v.push(("xdp, back out of a veth", xdp(&l, &syn(41004, vip(5)))));
             (v, RouteEvent::ALL.map(|e| l.route_event(e)))
         })
@@ -427,7 +422,7 @@ fn veths_get_their_peer_and_xdp_sends_back_only_out_of_its_own_non_veth_interfac
     let get = |name: &str| &runs.iter().find(|(n, _)| *n == name).unwrap().1;
     let input_macs = Frame::tcp((CLIENT_ADDR, 1), (vip(1), 80), SYN).build()[..12].to_vec();
 
-    for name in ["tc, kinds unknown", "tc, veth"] {
+    for name in ["tc, kinds unknown", "tc, veth", "tc, veth with its peer here"] {
         let r = get(name);
         assert_eq!((r.retval, r.ifindex), (TC_ACT_REDIRECT, vb1), "{name}");
         assert_eq!(&r.out[..6], &b1_mac, "{name}");
@@ -450,5 +445,38 @@ fn veths_get_their_peer_and_xdp_sends_back_only_out_of_its_own_non_veth_interfac
         assert_eq!(parse_and_verify(&r.out).dst, dst, "{name}: translated all the same");
     }
     // redirected, redirected_neigh, to_stack, redirected_peer, xdp_tx
-    assert_eq!(counted, [1, 0, 2, 1, 1]);
+    assert_eq!(counted, [2, 0, 2, 1, 1]);
+}
+
+/// What the agent tells the programs about interfaces
+/// (`ifwatch::interface_kinds`, read from a netlink link dump in its
+/// namespace): a veth with its peer in another namespace (a pod's) gets
+/// both bits, a veth pair inside the namespace only the veth bit (a peer
+/// redirect would drop its packets), loopback none.
+#[test]
+fn interface_kinds_tell_veths_with_a_peer_elsewhere_from_other_links() {
+    let t = Topology::new(1).unwrap();
+    t.node
+        .ip(&["link", "add", "loc0", "type", "veth", "peer", "name", "loc1"])
+        .unwrap();
+    let index = |name: &str| link(&t.node, name).0;
+    let want = [
+        (index(&backend_iface(1)), IFACE_F_VETH | IFACE_F_PEER_NETNS),
+        (index(NODE_CLIENT_IFACE), IFACE_F_VETH | IFACE_F_PEER_NETNS),
+        (index("loc0"), IFACE_F_VETH),
+        (index("loc1"), IFACE_F_VETH),
+        (1, 0),
+    ];
+    let kinds = t
+        .node
+        .run(|| dataplane::bpf::ifwatch::interface_kinds().expect("the link dump"))
+        .join()
+        .unwrap();
+    for (ifindex, flags) in want {
+        assert!(
+            kinds.contains(&(ifindex, flags)),
+            "ifindex {ifindex} flags {flags}: {kinds:?}"
+        );
+    }
+    assert_eq!(kinds.len(), want.len(), "{kinds:?}");
 }

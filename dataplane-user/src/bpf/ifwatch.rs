@@ -47,66 +47,107 @@ pub fn interfaces() -> io::Result<BTreeSet<String>> {
     Ok(out)
 }
 
-/// The driver of interface `name` (`ETHTOOL_GDRVINFO`, in the calling
-/// thread's network namespace): "veth", "virtio_net", "mlx5_core", ...
-pub fn driver(name: &str) -> io::Result<String> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_GDRVINFO: u32 = 3;
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        rest: [u8; 32 * 4 + 12 + 5 * 4],
-    }
-    let mut info = DrvInfo {
-        cmd: ETHTOOL_GDRVINFO,
-        driver: [0; 32],
-        rest: [0; 32 * 4 + 12 + 5 * 4],
-    };
-    if name.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    }
-    // SAFETY: a zeroed ifreq is valid; the name fits (checked) with its
-    // terminating zero; the ioctl writes at most sizeof(DrvInfo) into
-    // `info`, which outlives the call; the socket is closed below.
-    unsafe {
-        let mut ifr: libc::ifreq = std::mem::zeroed();
-        for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-            *d = s as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+/// The kinds of this network namespace's interfaces for the programs
+/// (`map_names::IFACES`): (ifindex, `IFACE_F_*` bits), from one netlink
+/// link dump (RTM_GETLINK): a veth by its link kind, its peer in another
+/// namespace by the presence of `IFLA_LINK_NETNSID`.
+pub fn interface_kinds() -> io::Result<Vec<(u32, u32)>> {
+    // linux/rtnetlink.h, linux/netlink.h, linux/if_link.h.
+    const RTM_NEWLINK: u16 = 16;
+    const RTM_GETLINK: u16 = 18;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const IFLA_LINKINFO: u16 = 18;
+    const IFLA_LINK_NETNSID: u16 = 37;
+    const IFLA_INFO_KIND: u16 = 1;
+    // nlmsghdr (16 bytes) + ifinfomsg (16 bytes, all zero: every link).
+    let mut req = [0u8; 32];
+    req[0..4].copy_from_slice(&32u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: a socket we own, closed by File's drop; the request buffer
+    // is valid for the call.
+    let sock = unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let rc = libc::ioctl(fd, SIOCETHTOOL, &mut ifr);
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if rc < 0 {
-            return Err(err);
+        let f = std::fs::File::from_raw_fd(fd);
+        if libc::send(fd, req.as_ptr().cast(), req.len(), 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        f
+    };
+    let u16_at = |b: &[u8], o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    // Attributes in b[from..to]: (type without flag bits, payload range).
+    let attrs = |b: &[u8], mut at: usize, to: usize| {
+        let mut out = Vec::new();
+        while at + 4 <= to {
+            let len = u16_at(b, at) as usize;
+            if len < 4 || at + len > to {
+                break;
+            }
+            out.push((u16_at(b, at + 2) & 0x3fff, at + 4..at + len));
+            at += (len + 3) & !3;
+        }
+        out
+    };
+    let mut kinds = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        use std::io::Read;
+        let n = (&sock).read(&mut buf)?;
+        let b = &buf[..n];
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32_at(b, at) as usize;
+            if len < 16 || at + len > n {
+                break;
+            }
+            match u16_at(b, at + 4) {
+                NLMSG_DONE => return Ok(kinds),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(b[at + 16..at + 20].try_into().unwrap_or_default());
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                RTM_NEWLINK if len >= 32 => {
+                    let ifindex = u32_at(b, at + 20);
+                    let (mut veth, mut peer_elsewhere) = (false, false);
+                    for (kind, payload) in attrs(b, at + 32, at + len) {
+                        match kind {
+                            IFLA_LINK_NETNSID => peer_elsewhere = true,
+                            IFLA_LINKINFO => {
+                                for (k, v) in attrs(b, payload.start, payload.end) {
+                                    if k == IFLA_INFO_KIND && b[v].starts_with(b"veth\0") {
+                                        veth = true;
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    let mut flags = 0;
+                    if veth {
+                        flags |= dataplane_common::IFACE_F_VETH;
+                        if peer_elsewhere {
+                            flags |= dataplane_common::IFACE_F_PEER_NETNS;
+                        }
+                    }
+                    kinds.push((ifindex, flags));
+                }
+                _ => {}
+            }
+            at += (len + 3) & !3;
         }
     }
-    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
-    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
-}
-
-/// The kinds of the interfaces in `present` for the programs
-/// (`map_names::IFACES`): (ifindex, `IFACE_F_*` bits). Interfaces that
-/// vanish while this runs are left out.
-pub fn interface_kinds(present: &BTreeSet<String>) -> Vec<(u32, u32)> {
-    present
-        .iter()
-        .filter_map(|name| {
-            let c = std::ffi::CString::new(name.as_str()).ok()?;
-            // SAFETY: a valid C string.
-            let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-            if ifindex == 0 {
-                return None;
-            }
-            let veth = driver(name).is_ok_and(|d| d == "veth");
-            Some((ifindex, if veth { dataplane_common::IFACE_F_VETH } else { 0 }))
-        })
-        .collect()
 }
 
 /// The interfaces among `present` that `patterns` select.
@@ -209,7 +250,15 @@ impl Attacher {
         })?;
         // Before attaching: host routing reads the kinds of egress
         // interfaces, which may be any interface of the namespace.
-        if let Err(e) = dp.set_interface_kinds(&interface_kinds(&present)) {
+        if let Err(e) = interface_kinds()
+            .map_err(|e| {
+                LoadError::Pin(PinError::Io {
+                    path: "RTM_GETLINK".into(),
+                    source: e,
+                })
+            })
+            .and_then(|kinds| dp.set_interface_kinds(&kinds))
+        {
             warn!("telling the programs the interfaces' kinds: {e}; host routing redirects to veths without entering their peers");
         }
         if first {
@@ -284,9 +333,8 @@ mod tests {
     #[test]
     fn loopback_is_not_a_veth() {
         // lo is ifindex 1 in every network namespace.
-        let present: BTreeSet<String> = ["lo".to_string()].into();
-        assert_eq!(interface_kinds(&present), vec![(1, 0)]);
-        assert!(interface_kinds(&["no-such-if0".to_string()].into()).is_empty());
+        let kinds = interface_kinds().unwrap();
+        assert!(kinds.contains(&(1, 0)), "{kinds:?}");
     }
 
     #[test]
