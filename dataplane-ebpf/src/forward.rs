@@ -135,13 +135,11 @@ fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32) -> Option<(FibL
     // SAFETY: a zeroed bpf_fib_lookup is valid input (plain integers).
     let mut fib: FibLookup = unsafe { core::mem::zeroed() };
     let data = ctx.data();
-    if data + ETH_HLEN + 40 > ctx.data_end() {
-        // Too short for an IPv6 header; an IPv4 packet this short cannot
-        // have been translated (it carries TCP or UDP) except a 20-byte
-        // header with 8 bytes of UDP and no Ethernet padding: to the stack.
+    let end = ctx.data_end();
+    if data + ETH_HLEN + 20 > end {
         return None;
     }
-    // SAFETY: bounds checked above (ETH_HLEN + 40 bytes).
+    // SAFETY: bounds checked above (ETH_HLEN + 20 bytes).
     let proto = u16::from_be(unsafe { core::ptr::read_unaligned((data + 12) as *const u16) });
     let ip = data + ETH_HLEN;
     fib.ifindex = ingress;
@@ -158,7 +156,10 @@ fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32) -> Option<(FibL
             fib.__bindgen_anon_4.ipv4_dst = core::ptr::read_unaligned((ip + 16) as *const u32);
         }
     } else if proto == ETH_P_IPV6 {
-        // SAFETY: bounds checked above.
+        if data + ETH_HLEN + 40 > end {
+            return None;
+        }
+        // SAFETY: bounds checked just above.
         unsafe {
             if *((ip + 7) as *const u8) <= 1 {
                 return None;
@@ -191,9 +192,10 @@ fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32) -> Option<(FibL
 #[inline(always)]
 fn forward_headers<C: PacketCtx>(ctx: &C, fib: &FibLookup, resolved: bool) -> bool {
     // The helper may not have moved the data, but the verifier forgets
-    // packet bounds across helper calls: check again.
+    // packet bounds across helper calls: check again (the IPv4 checksum
+    // and the IPv6 hop limit lie within the first 20 bytes of IP).
     let data = ctx.data();
-    if data + ETH_HLEN + 40 > ctx.data_end() {
+    if data + ETH_HLEN + 20 > ctx.data_end() {
         return false;
     }
     let ip = data + ETH_HLEN;

@@ -18,7 +18,7 @@ use dataplane_tests::{
     netns::{
         backend_addr, backend_addr6, backend_iface, Netns, Topology, CLIENT_ADDR, CLIENT_ADDR6, NODE_CLIENT_IFACE,
     },
-    packet::{parse_and_verify, Frame, ACK, SYN, TCP},
+    packet::{parse_and_verify, Frame, ACK, SYN, TCP, UDP},
     prog::{pin_to_cpu, Loaded, NO_FLOOD_GUARD},
     servers::Conn,
     web::{manifests, start_servers, VIP},
@@ -149,6 +149,7 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
             };
             let mut l = Loaded::with_globals(DpConfig::defaults(), globals);
             l.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
+            l.set_service(vip(1), 53, UDP, &[(backend_addr(1), 5353)]);
             l.set_service(vip(2), 80, TCP, &[(backend_addr(2), 8080)]);
             l.set_service(vip(3), 80, TCP, &[(node_side_1, 8080)]);
             l.set_service(vip(4), 80, TCP, &[(unrouted, 8080)]);
@@ -177,8 +178,13 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
                     ),
                 ),
                 ("ipv6", run(&l, &Frame::tcp(client6, (vip6, 80), SYN).build(), vc)),
+                // 42 bytes: Ethernet, IPv4 and a UDP header, nothing else.
+                (
+                    "udp, no payload",
+                    run(&l, &Frame::udp(client, (vip(1), 53), b"").build(), vc),
+                ),
             ];
-            // Counted per result: resolved, reply and IPv6 redirected; one
+            // Counted per result: resolved, reply, IPv6 and UDP redirected; one
             // redirect leaving the neighbour to the kernel; local, no
             // route and TTL 1 to the stack.
             let counted = RouteEvent::ALL.map(|e| l.route_event(e));
@@ -236,10 +242,20 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
 
     assert_eq!(
         counted,
-        [3, 1, 3, 0, 0],
+        [4, 1, 3, 0, 0],
         "dataplane_host_routing_packets: redirected, redirected_neigh, to_stack, redirected_peer, xdp_tx (the interfaces' kinds unknown)"
     );
     assert_eq!(off_counted, [0; 5], "nothing counted with host routing off");
+
+    let r = get("udp, no payload");
+    assert_eq!(r.out.len(), 42);
+    assert_eq!(
+        (r.retval, r.ifindex),
+        (TC_ACT_REDIRECT, vb1),
+        "the shortest translated packet"
+    );
+    assert_eq!(ttl(&r.out), 63);
+    assert_eq!(parse_and_verify(&r.out).dst, IpAddr::from(backend_addr(1)));
 
     let r = get("ipv6");
     assert_eq!(
