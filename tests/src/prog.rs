@@ -115,7 +115,7 @@ pub struct Loaded {
 /// guard and without host routing (TC hands translated packets to the
 /// stack: the verdict must not depend on the routes of the namespace the
 /// test runs in).
-pub const NO_FLOOD_GUARD: Globals = Globals {
+pub const PROGRAM_TEST_GLOBALS: Globals = Globals {
     snat_ports: dataplane_common::DEFAULT_SNAT_PORTS,
     new_flows_per_cpu: 0,
     host_routing: false,
@@ -140,7 +140,8 @@ impl Loaded {
     /// guard's own tests turn it on ([`Loaded::with_new_flows_per_cpu`]).
     pub fn with_sizes(config: SyncConfig, dp_config: DpConfig, sizes: &MapSizes) -> Loaded {
         crate::netns::require_root_and_tools();
-        let (dp, _) = Dataplane::load_with(None, None, sizes, false, NO_FLOOD_GUARD).unwrap_or_else(|e| panic!("{e}"));
+        let (dp, _) =
+            Dataplane::load_with(None, None, sizes, false, PROGRAM_TEST_GLOBALS).unwrap_or_else(|e| panic!("{e}"));
         Self::from_dataplane(dp, config, dp_config, sizes)
     }
 
@@ -150,7 +151,7 @@ impl Loaded {
             dp_config,
             Globals {
                 snat_ports,
-                ..NO_FLOOD_GUARD
+                ..PROGRAM_TEST_GLOBALS
             },
         )
     }
@@ -162,7 +163,7 @@ impl Loaded {
             DpConfig::defaults(),
             Globals {
                 new_flows_per_cpu: per_cpu,
-                ..NO_FLOOD_GUARD
+                ..PROGRAM_TEST_GLOBALS
             },
         )
     }
@@ -180,7 +181,7 @@ impl Loaded {
     /// kernels take, run here.
     pub fn with_kernel_features(features: u32) -> Loaded {
         crate::netns::require_root_and_tools();
-        let dp = Dataplane::load_with_features(features, NO_FLOOD_GUARD).unwrap_or_else(|e| panic!("{e}"));
+        let dp = Dataplane::load_with_features(features, PROGRAM_TEST_GLOBALS).unwrap_or_else(|e| panic!("{e}"));
         Self::from_dataplane(dp, SyncConfig::default(), DpConfig::defaults(), &MapSizes::default())
     }
 

@@ -19,7 +19,7 @@ use dataplane_tests::{
         backend_addr, backend_addr6, backend_iface, Netns, Topology, CLIENT_ADDR, CLIENT_ADDR6, NODE_CLIENT_IFACE,
     },
     packet::{parse_and_verify, Frame, ACK, SYN, TCP, UDP},
-    prog::{pin_to_cpu, Loaded, NO_FLOOD_GUARD},
+    prog::{pin_to_cpu, Loaded, PROGRAM_TEST_GLOBALS},
     servers::Conn,
     web::{manifests, start_servers, VIP},
 };
@@ -145,7 +145,7 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
             pin_to_cpu(0);
             let globals = Globals {
                 host_routing: true,
-                ..NO_FLOOD_GUARD
+                ..PROGRAM_TEST_GLOBALS
             };
             let mut l = Loaded::with_globals(DpConfig::defaults(), globals);
             l.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
@@ -188,7 +188,7 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
             // redirect leaving the neighbour to the kernel; local, no
             // route and TTL 1 to the stack.
             let counted = RouteEvent::ALL.map(|e| l.route_event(e));
-            let mut off = Loaded::with_globals(DpConfig::defaults(), NO_FLOOD_GUARD);
+            let mut off = Loaded::with_globals(DpConfig::defaults(), PROGRAM_TEST_GLOBALS);
             off.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
             v.push(("host routing off", run(&off, &syn(vip(1)), vc)));
             let off_counted = RouteEvent::ALL.map(|e| off.route_event(e));
@@ -287,6 +287,14 @@ fn forwarded_drops(node: &Netns) -> u64 {
 }
 
 fn load_rules(node: &Netns) {
+    let have_nft = std::process::Command::new("sh")
+        .args(["-c", "command -v nft"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        have_nft,
+        "`nft` is missing: run `cargo xtask setup` (or apt-get install nftables)"
+    );
     let file = std::env::temp_dir().join(format!("{}.nft", node.name));
     std::fs::write(&file, DROP_FORWARDED).unwrap();
     node.exec(&["nft", "-f", file.to_str().unwrap()]).unwrap();
@@ -411,7 +419,7 @@ fn veths_get_their_peer_and_xdp_sends_back_only_out_of_its_own_non_veth_interfac
             pin_to_cpu(0);
             let globals = Globals {
                 host_routing: true,
-                ..NO_FLOOD_GUARD
+                ..PROGRAM_TEST_GLOBALS
             };
             let mut l = Loaded::with_globals(DpConfig::defaults(), globals);
             l.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
