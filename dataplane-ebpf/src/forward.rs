@@ -38,12 +38,15 @@ use aya_ebpf::{
 
 use dataplane_common::{RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH};
 
-use crate::{maps, nat::PacketCtx, parse::ETH_HLEN, stats};
+use crate::{
+    maps,
+    nat::PacketCtx,
+    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
+    stats,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
 

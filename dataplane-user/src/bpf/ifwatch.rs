@@ -4,7 +4,11 @@
 //! vanished interfaces are removed. Changes are noticed through netlink link
 //! notifications (RTMGRP_LINK), then the interface list is read again.
 
-use std::{collections::BTreeSet, io, os::fd::FromRawFd};
+use std::{
+    collections::BTreeSet,
+    io,
+    os::fd::{AsRawFd, FromRawFd},
+};
 
 use tracing::{info, warn};
 
@@ -47,6 +51,22 @@ pub fn interfaces() -> io::Result<BTreeSet<String>> {
     Ok(out)
 }
 
+/// A netlink route socket of this network namespace (closed on drop).
+fn route_socket() -> io::Result<std::fs::File> {
+    // SAFETY: a plain socket call; the fd is ours and owned by the File.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(std::fs::File::from_raw_fd(fd))
+    }
+}
+
 /// The kinds of this network namespace's interfaces for the programs
 /// (`map_names::IFACES`): (ifindex, `IFACE_F_*` bits), from one netlink
 /// link dump (RTM_GETLINK): a veth by its link kind, its peer in another
@@ -68,23 +88,11 @@ pub fn interface_kinds() -> io::Result<Vec<(u32, u32)>> {
     req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
     req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    // SAFETY: a socket we own, closed by File's drop; the request buffer
-    // is valid for the call.
-    let sock = unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let f = std::fs::File::from_raw_fd(fd);
-        if libc::send(fd, req.as_ptr().cast(), req.len(), 0) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        f
-    };
+    let sock = route_socket()?;
+    // SAFETY: the socket is open; the request buffer is valid for the call.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
     let u16_at = |b: &[u8], o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
     let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
     // Attributes in b[from..to]: (type without flag bits, payload range).
@@ -163,32 +171,22 @@ pub fn select(patterns: &[String], present: &BTreeSet<String>) -> BTreeSet<Strin
 /// removed or changed in this network namespace. Stops when `tx` closes.
 pub fn watch_links(tx: tokio::sync::mpsc::Sender<()>) -> io::Result<()> {
     const RTMGRP_LINK: u32 = 1;
-    // SAFETY: plain socket/bind calls on a socket we own; the sockaddr is
-    // zeroed and filled as netlink(7) describes.
-    let fd = unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    let fd = route_socket()?;
+    // SAFETY: a bind call on a socket we own; the sockaddr is zeroed and
+    // filled as netlink(7) describes.
+    unsafe {
         let mut sa: libc::sockaddr_nl = std::mem::zeroed();
         sa.nl_family = libc::AF_NETLINK as u16;
         sa.nl_groups = RTMGRP_LINK;
         let rc = libc::bind(
-            fd,
+            fd.as_raw_fd(),
             &sa as *const libc::sockaddr_nl as *const libc::sockaddr,
             std::mem::size_of::<libc::sockaddr_nl>() as u32,
         );
         if rc != 0 {
-            let e = io::Error::last_os_error();
-            libc::close(fd);
-            return Err(e);
+            return Err(io::Error::last_os_error());
         }
-        std::fs::File::from_raw_fd(fd)
-    };
+    }
     std::thread::Builder::new().name("ifwatch".into()).spawn(move || {
         use std::io::Read;
         let mut sock = fd;
