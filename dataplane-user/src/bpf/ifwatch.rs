@@ -223,6 +223,9 @@ pub struct Attacher {
     xdp_mode: XdpAttachMode,
     tc: BTreeSet<String>,
     xdp: BTreeSet<String>,
+    /// The interface kinds last written to the programs' map: a link event
+    /// that changes no kind (most do not) writes nothing.
+    kinds: Vec<(u32, u32)>,
 }
 
 impl Attacher {
@@ -233,6 +236,7 @@ impl Attacher {
             xdp_mode,
             tc: BTreeSet::new(),
             xdp: BTreeSet::new(),
+            kinds: Vec::new(),
         }
     }
 
@@ -248,16 +252,17 @@ impl Attacher {
         })?;
         // Before attaching: host routing reads the kinds of egress
         // interfaces, which may be any interface of the namespace.
-        if let Err(e) = interface_kinds()
-            .map_err(|e| {
-                LoadError::Pin(PinError::Io {
-                    path: "RTM_GETLINK".into(),
-                    source: e,
-                })
-            })
-            .and_then(|kinds| dp.set_interface_kinds(&kinds))
-        {
-            warn!("telling the programs the interfaces' kinds: {e}; host routing redirects to veths without entering their peers");
+        match interface_kinds() {
+            Ok(kinds) if kinds == self.kinds => {}
+            Ok(kinds) => match dp.set_interface_kinds(&kinds) {
+                Ok(()) => self.kinds = kinds,
+                Err(e) => {
+                    // Written again at the next link event.
+                    self.kinds.clear();
+                    warn!("telling the programs the interfaces' kinds: {e}; host routing redirects to veths without entering their peers");
+                }
+            },
+            Err(e) => warn!("reading the interfaces' kinds (RTM_GETLINK): {e}; the programs keep the last ones"),
         }
         if first {
             for p in self.tc_patterns.iter().chain(&self.xdp_patterns) {
