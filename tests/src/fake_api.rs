@@ -309,6 +309,10 @@ impl FakeApi {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
+                // As the real API server's (Go sets TCP_NODELAY on every
+                // connection): with Nagle, a watch event written while the
+                // previous one waits for its delayed ACK is held back.
+                let _ = conn.set_nodelay(true);
                 let (i, tls) = (i.clone(), tls.clone());
                 tokio::spawn(async move {
                     // Errors here are the client going away.

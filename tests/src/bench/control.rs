@@ -22,7 +22,7 @@
 
 use std::{
     io::Write,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -50,6 +50,9 @@ pub struct Config {
     pub install_limit: Duration,
     /// Bound on one cold start (the agent is stopped and the run fails).
     pub cold_timeout: Duration,
+    /// Time `iptables-restore` and `nft -f` too (`dp-bench --agent-only`
+    /// skips them, for quick looks at the agent).
+    pub kube_proxy: bool,
 }
 
 pub const ENDPOINTS: usize = 4;
@@ -58,13 +61,29 @@ const NODE: &str = "bench-node";
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEBOUNCE_MS: u64 = 2;
 
-/// Service `i`'s frontend: the per-packet benchmark's layout, VIP
-/// 198.19.0.0 + (i mod 65536), port 80 + i / 65536, so that 100,000 fit in
-/// 198.19.0.0/16 (above 65,536 two Services share a VIP on different
-/// ports, which Kubernetes would not allow but changes nothing here).
+/// Service `i`'s frontend for kube-proxy's rule sets: the per-packet
+/// benchmark's layout, VIP 198.19.0.0 + (i mod 65536), port 80 + i / 65536,
+/// so that 100,000 fit in 198.19.0.0/16 and one `iptables-restore` / `nft`
+/// run installs them all (rules do not mind two Services on one address).
 fn frontend(i: usize) -> (Ipv4Addr, u16) {
     let (addr, port) = service_frontend(i as u32);
     (Ipv4Addr::from(addr), port)
+}
+
+/// IPv4 ClusterIPs in 198.19.0.0/16 for the agent.
+const V4_SERVICES: usize = 65_536;
+
+/// Service `i`'s ClusterIP in the fake API: unique, as the API server
+/// allocates them (the agent skips a Service whose ClusterIP another one
+/// holds). The first 65,536 are 198.19.0.0 + i; the others are IPv6
+/// (2001:db8:19::/64, single-stack Services with IPv6 endpoints), since
+/// 198.19.0.0/16 holds no more. Port 80 for all.
+fn cluster_ip(i: usize) -> IpAddr {
+    if i < V4_SERVICES {
+        IpAddr::V4(frontend(i).0)
+    } else {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, (i >> 16) as u16, i as u16))
+    }
 }
 
 /// Endpoint `j` of Service `i`; `gen` shifts the address so a change is a
@@ -74,20 +93,44 @@ fn endpoint(i: usize, j: usize, gen: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, (n / 250) as u8, (n % 250 + 1) as u8)
 }
 
+/// Endpoint `j` of Service `i` in the fake API: of the ClusterIP's family.
+fn endpoint_addr(i: usize, j: usize, gen: usize) -> IpAddr {
+    let v4 = endpoint(i, j, gen);
+    if i < V4_SERVICES {
+        IpAddr::V4(v4)
+    } else {
+        let [_, _, a, b] = v4.octets();
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0x18,
+            0,
+            0,
+            0,
+            0,
+            u16::from_be_bytes([a, b]),
+        ))
+    }
+}
+
 fn namespace(i: usize) -> String {
     format!("ns{}", i % 50)
 }
 
 fn slice(i: usize, gen: usize) -> Value {
-    let addrs: Vec<String> = (0..ENDPOINTS).map(|j| endpoint(i, j, gen).to_string()).collect();
+    let addrs: Vec<String> = (0..ENDPOINTS).map(|j| endpoint_addr(i, j, gen).to_string()).collect();
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    objects::slice(
+    let mut s = objects::slice(
         &namespace(i),
         &format!("svc{i}-abcde"),
         &format!("svc{i}"),
         &[("http", BACKEND_PORT, "TCP")],
         &refs,
-    )
+    );
+    if i >= V4_SERVICES {
+        s["addressType"] = "IPv6".into();
+    }
+    s
 }
 
 /// The same Services as kube-proxy sees them (for its rule sets).
@@ -271,21 +314,36 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Frontends of `n` Services: one per Service (a single port each) and one
+/// per ClusterIP (its entry for the ports the Service lacks).
+fn frontends(n: usize) -> usize {
+    let vips: std::collections::HashSet<IpAddr> = (0..n).map(cluster_ip).collect();
+    n + vips.len()
+}
+
+/// `--services-max-entries` for `n` Services: the default (131,072
+/// frontends) where they fit, else the next power of two (100,000
+/// Services are 200,000 frontends).
+fn services_max_entries(n: usize) -> u32 {
+    let default = dataplane_common::limits::MAX_SERVICES;
+    (frontends(n) as u32).max(default).next_power_of_two()
+}
+
 /// The fake API with `n` Services in it, running in the current namespace.
 async fn fill(n: usize) -> Result<FakeApi> {
     let fake = FakeApi::start().await?;
     fake.apply(Kind::Node, objects::node(NODE, "198.18.0.1".parse()?));
     for i in 0..n {
-        let (vip, port) = frontend(i);
-        fake.apply(
-            Kind::Service,
-            objects::service(
-                &namespace(i),
-                &format!("svc{i}"),
-                &vip.to_string(),
-                &[("http", port, "TCP")],
-            ),
+        let mut svc = objects::service(
+            &namespace(i),
+            &format!("svc{i}"),
+            &cluster_ip(i).to_string(),
+            &[("http", 80, "TCP")],
         );
+        if i >= V4_SERVICES {
+            svc["spec"]["ipFamilies"] = json!(["IPv6"]);
+        }
+        fake.apply(Kind::Service, svc);
         fake.apply(Kind::EndpointSlice, slice(i, 0));
     }
     // The initial objects come from the list, not from a replayed history.
@@ -313,6 +371,7 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
             "--no-pin",
         ])
         .args(["--node-name", NODE, "--health-bind", "127.0.0.1:10256"])
+        .args(["--services-max-entries", &services_max_entries(n).to_string()])
         .env("KUBECONFIG", &kubeconfig)
         .env("DATAPLANE_LOG", "info")
         .env_remove("KUBERNETES_SERVICE_HOST")
@@ -323,7 +382,7 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
         .with_context(|| format!("starting {}", bin.display()))?;
     let mut agent = AgentProc { child, log };
 
-    let full = (n as u64, (n * ENDPOINTS) as u64);
+    let full = (frontends(n) as u64, (n * ENDPOINTS) as u64);
     let cold =
         tokio::task::block_in_place(|| agent.wait_sync(cfg.cold_timeout, |s| (s.frontends, s.backends) == full))?;
     let cold_ms = (cold.at_us - spawned_us) as f64 / 1000.0;
@@ -485,19 +544,12 @@ fn scale(bin: &Path, n: usize, cfg: &Config) -> Result<Value> {
         .map_err(|_| anyhow::anyhow!("control-plane thread panicked"))??;
     drop(ns);
 
-    let svcs = svc_ports(n);
-    eprintln!(
-        "dp-bench:   iptables-restore of the same {n} Services (limit {} s)",
-        cfg.install_limit.as_secs()
-    );
-    let ipt = timed_install(&["iptables-restore"], kube_rules::iptables(&svcs), cfg.install_limit)?;
-    eprintln!("dp-bench:     {ipt}");
-    eprintln!(
-        "dp-bench:   nft -f of the same {n} Services (limit {} s)",
-        cfg.install_limit.as_secs()
-    );
-    let nft = timed_install(&["nft", "-f", "-"], kube_rules::nftables(&svcs), cfg.install_limit)?;
-    eprintln!("dp-bench:     {nft}");
+    let (ipt, nft) = if cfg.kube_proxy {
+        kube_proxy_installs(n, cfg)?
+    } else {
+        let skipped = json!({"status": "skipped"});
+        (skipped.clone(), skipped)
+    };
 
     let changes_all: Vec<f64> = runs
         .iter()
@@ -522,6 +574,25 @@ fn scale(bin: &Path, n: usize, cfg: &Config) -> Result<Value> {
         "iptables_restore": ipt,
         "nft": nft,
     }))
+}
+
+/// Times `iptables-restore` and `nft -f` of kube-proxy's rules for `n`
+/// Services, each in a fresh namespace.
+fn kube_proxy_installs(n: usize, cfg: &Config) -> Result<(Value, Value)> {
+    let svcs = svc_ports(n);
+    eprintln!(
+        "dp-bench:   iptables-restore of the same {n} Services (limit {} s)",
+        cfg.install_limit.as_secs()
+    );
+    let ipt = timed_install(&["iptables-restore"], kube_rules::iptables(&svcs), cfg.install_limit)?;
+    eprintln!("dp-bench:     {ipt}");
+    eprintln!(
+        "dp-bench:   nft -f of the same {n} Services (limit {} s)",
+        cfg.install_limit.as_secs()
+    );
+    let nft = timed_install(&["nft", "-f", "-"], kube_rules::nftables(&svcs), cfg.install_limit)?;
+    eprintln!("dp-bench:     {nft}");
+    Ok((ipt, nft))
 }
 
 pub fn run(cfg: &Config, agent: &Path) -> Result<Value> {
@@ -570,9 +641,15 @@ mod tests {
     #[test]
     fn frontends_are_distinct_up_to_100k() {
         let mut seen = std::collections::HashSet::new();
+        let mut ips = std::collections::HashSet::new();
         for i in 0..100_000 {
             assert!(seen.insert(frontend(i)));
+            assert!(ips.insert(cluster_ip(i)));
+            assert_eq!(cluster_ip(i).is_ipv4(), endpoint_addr(i, 0, 0).is_ipv4());
         }
+        assert_eq!(frontends(100_000), 200_000);
+        assert_eq!(services_max_entries(100_000), 262_144);
+        assert_eq!(services_max_entries(10_000), dataplane_common::limits::MAX_SERVICES);
         assert_eq!(svc_ports(3)[2].endpoints.len(), ENDPOINTS);
     }
 }

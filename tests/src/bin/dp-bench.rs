@@ -25,6 +25,7 @@ struct Args {
     no_node_conntrack: bool,
     /// Through the VIP with the agent's default `--host-routing=false`.
     no_host_routing: bool,
+    agent_only: bool,
     /// The release agent, for the control-plane part.
     release_agent: PathBuf,
 }
@@ -41,9 +42,10 @@ fn args() -> Result<Args> {
         rounds: None,
         no_node_conntrack: false,
         no_host_routing: false,
+        agent_only: false,
         release_agent: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/dataplane"),
     };
-    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane (repeatable or comma-separated), --scales N,N, --contenders a,b, --no-node-conntrack, --no-host-routing, --rounds N, --release-agent PATH";
+    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane (repeatable or comma-separated), --scales N,N, --contenders a,b, --no-node-conntrack, --no-host-routing, --agent-only, --rounds N, --release-agent PATH";
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -75,6 +77,7 @@ fn args() -> Result<Args> {
             }
             "--no-node-conntrack" => a.no_node_conntrack = true,
             "--no-host-routing" => a.no_host_routing = true,
+            "--agent-only" => a.agent_only = true,
             "--rounds" => a.rounds = Some(it.next().context("--rounds needs a number")?.parse()?),
             "--release-agent" => {
                 a.release_agent = PathBuf::from(it.next().context("--release-agent needs a path")?);
@@ -272,6 +275,7 @@ fn main() -> Result<()> {
                         changes: 50,
                         install_limit: Duration::from_secs(120),
                         cold_timeout: Duration::from_secs(120),
+                        kube_proxy: true,
                     }
                 } else {
                     control::Config {
@@ -283,6 +287,7 @@ fn main() -> Result<()> {
                         // tools are stopped at this limit.
                         install_limit: Duration::from_secs(180),
                         cold_timeout: Duration::from_secs(300),
+                        kube_proxy: true,
                     }
                 };
                 let cfg = control::Config {
@@ -292,6 +297,7 @@ fn main() -> Result<()> {
                         .map(|v| v.into_iter().map(|n| n as usize).collect())
                         .unwrap_or(cfg.scales),
                     rounds: a.rounds.unwrap_or(cfg.rounds),
+                    kube_proxy: !a.agent_only,
                     ..cfg
                 };
                 let v = control::run(&cfg, &a.release_agent)?;
