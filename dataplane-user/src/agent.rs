@@ -148,6 +148,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
     // The node as the source describes it may change (its zone label).
     let mut node = node.clone();
     let mut incremental = model::Incremental::new(node.clone());
+    let mut health_cache = model::HealthCache::default();
     let mut reported = BTreeSet::new();
     loop {
         // Retired backend generations are deleted after their grace period
@@ -181,7 +182,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
                 incremental = model::Incremental::new(node.clone());
             }
             let (checks, mut problems) = match health_checks {
-                Some(_) => model::health_checks(v.services, v.slices, &node),
+                Some(_) => health_cache.get(v.services, v.slices, &node, v.tracked.as_ref().filter(|_| !rezoned)),
                 None => Default::default(),
             };
             problems.extend(v.problems.iter().cloned());
@@ -251,7 +252,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
         let syncs = state.syncs.fetch_add(1, Ordering::Relaxed) + 1;
         state.last_sync_ms.store(unix_ms(), Ordering::Relaxed);
         state.ready.store(true, Ordering::Relaxed);
-        let backends: usize = syncer.programmed().values().map(|p| p.frontend.backends.len()).sum();
+        let backends = syncer.programmed_backends();
         info!(
             sync = syncs,
             frontends = syncer.programmed().len(),

@@ -10,7 +10,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
     compute::{ns_name, prepare_slice, protocol, valid_port},
-    not_ours, NodeInfo, Problem, SERVICE_NAME_LABEL,
+    not_ours, object_key, NodeInfo, Problem, Tracked, SERVICE_NAME_LABEL,
 };
 
 /// One health-check port to serve.
@@ -30,6 +30,15 @@ type Named = (String, String);
 /// (port name, protocol, address, port number) of a local endpoint.
 type LocalEndpoint = (String, u8, std::net::IpAddr, i32);
 
+/// The health-check port `svc` asks for: a LoadBalancer Service of ours
+/// with `externalTrafficPolicy: Local` and a `healthCheckNodePort`.
+fn asked_port(svc: &Service) -> Option<i32> {
+    let spec = svc.spec.as_ref().filter(|_| !not_ours(&svc.metadata))?;
+    let lb_local =
+        spec.type_.as_deref() == Some("LoadBalancer") && spec.external_traffic_policy.as_deref() == Some("Local");
+    spec.health_check_node_port.filter(|_| lb_local)
+}
+
 /// The health checks of `services` on `node`, ordered by namespace/name,
 /// and the problems found: a port outside the node port range, or one
 /// claimed by two Services (the first in namespace/name order keeps it).
@@ -40,16 +49,9 @@ pub fn health_checks(
 ) -> (Vec<HealthCheck>, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut wanted: BTreeMap<Named, (u16, Vec<(String, u8)>)> = BTreeMap::new();
-    for svc in services.iter().filter(|s| !not_ours(&s.metadata)) {
+    for svc in services {
+        let Some(port) = asked_port(svc) else { continue };
         let (Some((ns, name)), Some(spec)) = (ns_name(&svc.metadata), svc.spec.as_ref()) else {
-            continue;
-        };
-        let local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let (true, true, Some(port)) = (
-            spec.type_.as_deref() == Some("LoadBalancer"),
-            local,
-            spec.health_check_node_port,
-        ) else {
             continue;
         };
         let (lo, hi) = node.node_port_range;
@@ -86,6 +88,9 @@ pub fn health_checks(
 
     // Local ready endpoints per (Service, port name, protocol), each
     // (address, port) once however many slices list it.
+    if wanted.is_empty() {
+        return (Vec::new(), problems);
+    }
     let mut local: HashMap<Named, BTreeSet<LocalEndpoint>> = HashMap::new();
     let mut ignore = |_: String, _: String| {}; // the frontends report slice problems
     let keys: HashSet<(&str, &str)> = wanted.keys().map(|(ns, n)| (ns.as_str(), n.as_str())).collect();
@@ -129,4 +134,74 @@ pub fn health_checks(
         })
         .collect();
     (checks, problems)
+}
+
+/// The health checks kept from one sync to the next. Computing them walks
+/// every Service of the cluster (at 100,000 Services that is most of a
+/// sync's time), so a sync that knows what changed ([`Tracked`]) computes
+/// them again only when a change can touch them: a Service that asks for
+/// a health-check port (or did), or a slice of one.
+#[derive(Debug, Default)]
+pub struct HealthCache {
+    last: Option<(Vec<HealthCheck>, Vec<Problem>)>,
+    /// Object keys of the Services that asked for a port at the last
+    /// computation.
+    services: HashSet<String>,
+    /// Object keys of their slices.
+    slices: HashSet<String>,
+}
+
+impl HealthCache {
+    /// [`health_checks`] of the objects, from the last computation when
+    /// none of the changes `tracked` lists can make a difference.
+    pub fn get(
+        &mut self,
+        services: &[Service],
+        slices: &[EndpointSlice],
+        node: &NodeInfo,
+        tracked: Option<&Tracked<'_>>,
+    ) -> (Vec<HealthCheck>, Vec<Problem>) {
+        let changes = tracked.and_then(|t| t.changed.map(|c| (t, c)));
+        let reuse = match (&self.last, changes) {
+            (Some(_), Some((t, (changed_services, changed_slices)))) => {
+                let service_asks = |k: &String| {
+                    self.services.contains(k)
+                        || t.service_index
+                            .get(k)
+                            .is_some_and(|&i| asked_port(&services[i]).is_some())
+                };
+                let slice_counts = |k: &String| {
+                    self.slices.contains(k)
+                        || t.slice_index
+                            .get(k)
+                            .is_some_and(|&i| owner_key(&slices[i]).is_some_and(|o| self.services.contains(&o)))
+                };
+                !changed_services.iter().any(service_asks) && !changed_slices.iter().any(slice_counts)
+            }
+            _ => false,
+        };
+        if !reuse {
+            self.services = services
+                .iter()
+                .filter(|s| asked_port(s).is_some())
+                .map(|s| object_key(&s.metadata))
+                .collect();
+            self.slices = slices
+                .iter()
+                .filter(|s| owner_key(s).is_some_and(|o| self.services.contains(&o)))
+                .map(|s| object_key(&s.metadata))
+                .collect();
+            self.last = Some(health_checks(services, slices, node));
+        }
+        self.last.clone().unwrap_or_default()
+    }
+}
+
+/// The object key of the Service a slice belongs to, by its label.
+fn owner_key(s: &EndpointSlice) -> Option<String> {
+    let svc = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(format!(
+        "{}/{svc}",
+        s.metadata.namespace.as_deref().unwrap_or("default")
+    ))
 }

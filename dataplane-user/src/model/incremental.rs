@@ -86,6 +86,10 @@ pub struct Incremental {
     claims: BTreeMap<ServiceKey, Vec<Claimant>>,
     /// The losing claims' problems, by key.
     conflicts: BTreeMap<ServiceKey, Vec<Problem>>,
+    /// A problem appeared or went away in this update: the desired state's
+    /// list is collected again (a walk of every Service and slice, which an
+    /// update without one skips).
+    problems_changed: bool,
     desired: Desired,
 }
 
@@ -103,6 +107,7 @@ impl Incremental {
             by_owner: HashMap::new(),
             claims: BTreeMap::new(),
             conflicts: BTreeMap::new(),
+            problems_changed: false,
             desired: Desired::default(),
         }
     }
@@ -128,6 +133,7 @@ impl Incremental {
         let mut affected: BTreeSet<String> = changed_services.iter().cloned().collect();
         for key in changed_slices {
             if let Some((key, old)) = self.slices.remove_entry(key.as_str()) {
+                self.problems_changed |= !old.problems.is_empty();
                 if let Some(owner) = old.owner {
                     if let Some(keys) = self.by_owner.get_mut(&owner) {
                         if let Ok(pos) = keys.binary_search(&key) {
@@ -143,6 +149,7 @@ impl Incremental {
             if let Some(&i) = t.slice_index.get(key) {
                 let key: Arc<str> = key.as_str().into();
                 let entry = slice_entry(&slices[i]);
+                self.problems_changed |= !entry.problems.is_empty();
                 if let Some(owner) = &entry.owner {
                     let keys = self.by_owner.entry(owner.clone()).or_default();
                     if let Err(pos) = keys.binary_search(&key) {
@@ -180,7 +187,9 @@ impl Incremental {
             let resolved = self.resolve(key, &round);
             debug_assert!(resolved);
         }
-        self.collect_problems();
+        if std::mem::take(&mut self.problems_changed) {
+            self.collect_problems();
+        }
         Some(round.touched)
     }
 
@@ -294,6 +303,7 @@ impl Incremental {
         let Some((owner, old)) = self.services.remove_entry(key) else {
             return;
         };
+        self.problems_changed |= !old.problems.is_empty();
         let Some(order) = old.order else { return };
         for (i, (k, _)) in old.claims.iter().enumerate() {
             self.touch(*k, round);
@@ -331,6 +341,7 @@ impl Incremental {
             }
         }
         let claims = result.claims.iter().map(|c| (c.key, c.what)).collect();
+        self.problems_changed |= !result.problems.is_empty();
         round.fresh.insert(owner.clone(), result.claims);
         self.services.insert(
             owner,
@@ -348,7 +359,7 @@ impl Incremental {
     fn resolve(&mut self, key: &ServiceKey, round: &Round) -> bool {
         let Some(claimants) = self.claims.get(key).filter(|c| !c.is_empty()) else {
             self.desired.frontends.remove(key);
-            self.conflicts.remove(key);
+            self.problems_changed |= self.conflicts.remove(key).is_some();
             return true;
         };
         let w = &claimants[0];
@@ -372,11 +383,11 @@ impl Incremental {
         if let Some(fe) = frontend {
             self.desired.frontends.insert(*key, fe);
         }
-        if lost.is_empty() {
-            self.conflicts.remove(key);
-        } else {
-            self.conflicts.insert(*key, lost);
-        }
+        let old = match lost.is_empty() {
+            true => self.conflicts.remove(key),
+            false => self.conflicts.insert(*key, lost),
+        };
+        self.problems_changed |= old.as_ref() != self.conflicts.get(key);
         true
     }
 

@@ -16,7 +16,7 @@ mod tests;
 
 pub use compute::{compute, compute_for_node, parse_cidr};
 pub use conflicts::ServiceFrontends;
-pub use health::{health_checks, HealthCheck};
+pub use health::{health_checks, HealthCache, HealthCheck};
 pub use incremental::{Incremental, Tracked};
 
 use std::{

@@ -131,7 +131,7 @@ impl Syncer<crate::bpf::loader::Maps> {
         let used: std::collections::BTreeSet<u32> = live.keys().copied().collect();
         syncer.next_id = used.iter().next_back().map_or(0, |m| m + 1);
         syncer.free_ids = (0..syncer.next_id).filter(|i| !used.contains(i)).rev().collect();
-        syncer.programmed = programmed;
+        syncer.set_all_programmed(programmed);
         // Epochs keep growing across agents: a new backend set never
         // takes the epoch of one its conntrack entries were made under.
         syncer.epoch = live.values().map(|v| v.epoch).max().unwrap_or(0);

@@ -205,6 +205,9 @@ struct StaleUdp {
 pub struct Syncer<W: MapWriter> {
     writer: W,
     programmed: BTreeMap<ServiceKey, Programmed>,
+    /// The backends of `programmed`, summed (kept as it changes: the sum
+    /// is logged at every sync).
+    programmed_backends: usize,
     /// Frontends whose last write failed: [`Syncer::apply_changed`] retries
     /// them.
     failed: BTreeSet<ServiceKey>,
@@ -299,6 +302,7 @@ impl<W: MapWriter> Syncer<W> {
         Syncer {
             writer,
             programmed: BTreeMap::new(),
+            programmed_backends: 0,
             failed: BTreeSet::new(),
             free_ids: Vec::new(),
             next_id: 0,
@@ -329,6 +333,32 @@ impl<W: MapWriter> Syncer<W> {
 
     pub fn programmed(&self) -> &BTreeMap<ServiceKey, Programmed> {
         &self.programmed
+    }
+
+    /// The backends of all programmed frontends together.
+    pub fn programmed_backends(&self) -> usize {
+        self.programmed_backends
+    }
+
+    /// Records `p` as what the maps hold for `key`.
+    fn set_programmed(&mut self, key: ServiceKey, p: Programmed) {
+        self.programmed_backends += p.frontend.backends.len();
+        if let Some(old) = self.programmed.insert(key, p) {
+            self.programmed_backends -= old.frontend.backends.len();
+        }
+    }
+
+    /// Forgets what the maps hold for `key`.
+    fn take_programmed(&mut self, key: &ServiceKey) -> Option<Programmed> {
+        let p = self.programmed.remove(key)?;
+        self.programmed_backends -= p.frontend.backends.len();
+        Some(p)
+    }
+
+    /// Sets the whole record at once (adoption of pinned maps).
+    fn set_all_programmed(&mut self, programmed: BTreeMap<ServiceKey, Programmed>) {
+        self.programmed_backends = programmed.values().map(|p| p.frontend.backends.len()).sum();
+        self.programmed = programmed;
     }
 
     pub fn writer(&self) -> &W {
@@ -652,14 +682,14 @@ impl<W: MapWriter> Syncer<W> {
 
     /// Removes the frontend `key`: service entry first, then its slots.
     fn remove_one(&mut self, key: ServiceKey, report: &mut SyncReport) {
-        let p = self.programmed.remove(&key).expect("key from programmed");
+        let p = self.take_programmed(&key).expect("key from programmed");
         if let Err(cause) = self.writer.delete_service(key) {
             report.errors.push(SyncError {
                 service: p.frontend.service.clone(),
                 frontend: describe(&key),
                 cause: format!("deleting the service entry: {cause}"),
             });
-            self.programmed.insert(key, p);
+            self.set_programmed(key, p);
             return;
         }
         self.retire(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
@@ -731,7 +761,7 @@ impl<W: MapWriter> Syncer<W> {
                         report.errors.push(err(format!("writing the name: {cause}")));
                     }
                 }
-                self.programmed.insert(
+                self.set_programmed(
                     *key,
                     Programmed {
                         frontend: fe.clone(),
@@ -784,7 +814,7 @@ impl<W: MapWriter> Syncer<W> {
                             .push(err(format!("pruning session affinity entries: {cause}")));
                     }
                 }
-                self.programmed.insert(
+                self.set_programmed(
                     *key,
                     Programmed {
                         service_id: p.service_id,
@@ -817,7 +847,7 @@ impl<W: MapWriter> Syncer<W> {
                 let written = written.and_then(|v| self.writer.put_service(*key, v).map(|()| v));
                 match written {
                     Ok(v) => {
-                        self.programmed.insert(
+                        self.set_programmed(
                             *key,
                             Programmed {
                                 service_id: id,

@@ -421,7 +421,9 @@ mod incremental {
     use serde_json::json;
 
     use super::*;
-    use crate::model::{compute_for_node, object_key, Incremental, NodeInfo, Tracked};
+    use crate::model::{
+        compute_for_node, health_checks, object_key, HealthCache, Incremental, NodeInfo, Problem, Tracked,
+    };
 
     /// splitmix64: enough randomness for a reproducible test.
     struct Rng(u64);
@@ -473,6 +475,12 @@ mod incremental {
             },
             "status": {"loadBalancer": {"ingress": [{"ip": rng.pick(&["10.0.0.2", "10.0.0.8"])}]}},
         }))
+        .map(|mut s: Service| {
+            // Health-check ports: valid, shared with another Service, or
+            // outside the node port range.
+            s.spec.as_mut().unwrap().health_check_node_port = Some(*rng.pick(&[30100, 30101, 5]));
+            s
+        })
         .unwrap()
     }
 
@@ -517,12 +525,13 @@ mod incremental {
             ..NodeInfo::default()
         };
         // The sequences must exercise what they are meant to.
-        let (mut conflicts, mut frontends) = (0, 0);
+        let (mut conflicts, mut frontends, mut health_checked) = (0, 0, 0);
         for seed in 0..40u64 {
             let mut rng = Rng(seed);
             let mut services: BTreeMap<String, Service> = BTreeMap::new();
             let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
             let mut incremental = Incremental::new(node.clone());
+            let mut health_cache = HealthCache::default();
             let (mut full_sync, mut incr_sync) = (syncer(), syncer());
             let (mut changed_services, mut changed_slices) = (HashSet::new(), HashSet::new());
             for step in 0..150 {
@@ -579,6 +588,18 @@ mod incremental {
 
                 let full = compute_for_node(&svc_list, &slice_list, &node);
                 full_sync.apply(&full);
+                let checks = health_checks(&svc_list, &slice_list, &node);
+                health_checked += checks.0.iter().filter(|c| c.local_endpoints > 0).count();
+                // Problems in any order: the sync loop reports them as a set.
+                let sorted = |(c, mut p): (Vec<_>, Vec<Problem>)| {
+                    p.sort();
+                    (c, p)
+                };
+                assert_eq!(
+                    sorted(health_cache.get(&svc_list, &slice_list, &node, Some(&tracked))),
+                    sorted(checks),
+                    "health checks, seed {seed} step {step}"
+                );
                 let report = match incremental.update(&svc_list, &slice_list, &tracked) {
                     Some(keys) => incr_sync.apply_changed(incremental.desired(), &keys),
                     None => incr_sync.apply(incremental.desired()),
@@ -596,6 +617,9 @@ mod incremental {
                 let ctx = format!("seed {seed} step {step}");
                 assert_eq!(incremental.desired(), &full, "{ctx}");
                 assert_eq!(incr_sync.programmed(), full_sync.programmed(), "{ctx}");
+                let sum: usize = full.frontends.values().map(|f| f.backends.len()).sum();
+                assert_eq!(incr_sync.programmed_backends(), sum, "{ctx}");
+                assert_eq!(full_sync.programmed_backends(), sum, "{ctx}");
                 let (a, b) = (incr_sync.writer(), full_sync.writer());
                 assert_eq!(a.services, b.services, "{ctx}");
                 assert_eq!(a.backends, b.backends, "{ctx}");
@@ -608,8 +632,8 @@ mod incremental {
             }
         }
         assert!(
-            conflicts > 100 && frontends > 1000,
-            "{conflicts} conflicts, {frontends} frontends"
+            conflicts > 100 && frontends > 1000 && health_checked > 100,
+            "{conflicts} conflicts, {frontends} frontends, {health_checked} health checks with local endpoints"
         );
     }
 }
