@@ -62,8 +62,10 @@ pub fn tc(ctx: &TcContext) -> i32 {
     }
     // SAFETY: the skb pointer is valid for the program run.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    let route = match lookup(ctx, ctx.skb.skb as *mut c_void, ingress) {
-        Some((fib, resolved)) if forward_headers(ctx, &fib, resolved) => Some((fib.ifindex, resolved)),
+    let mut fib = FibSlot(core::mem::MaybeUninit::uninit());
+    let fib = zero_fib(&mut fib);
+    let route = match lookup(ctx, ctx.skb.skb as *mut c_void, ingress, fib) {
+        Some(resolved) if forward_headers(ctx, fib, resolved) => Some((fib.ifindex, resolved)),
         _ => None,
     };
     record(route.map_or(0, |(i, _)| i));
@@ -103,9 +105,11 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
     }
     // SAFETY: the context pointer is valid for the program run.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    let tx = match lookup(ctx, ctx.ctx as *mut c_void, ingress) {
-        Some((fib, true)) if fib.ifindex == ingress && !maps::iface_has(ingress, IFACE_F_VETH) => {
-            forward_headers(ctx, &fib, true)
+    let mut fib = FibSlot(core::mem::MaybeUninit::uninit());
+    let fib = zero_fib(&mut fib);
+    let tx = match lookup(ctx, ctx.ctx as *mut c_void, ingress, fib) {
+        Some(true) if fib.ifindex == ingress && !maps::iface_has(ingress, IFACE_F_VETH) => {
+            forward_headers(ctx, fib, true)
         }
         _ => false,
     };
@@ -128,15 +132,66 @@ fn record(ifindex: u32) {
     }
 }
 
-/// The FIB's answer for the packet's destination (`raw`: the program's
-/// context for the helper, `ingress` the interface the packet came in
-/// on), and whether the neighbour is resolved (its MAC then in the
-/// answer). `None`: the packet is neither IPv4 nor IPv6, its TTL would
-/// expire, or the FIB has no route for it.
+/// Stack room for a `bpf_fib_lookup`, 8-byte aligned: the target lets
+/// LLVM merge two 4-byte accesses into one 8-byte access wherever it
+/// likes, and the verifier refuses an 8-byte stack access that is not
+/// 8-byte aligned (the struct's own alignment is 4).
+#[repr(C, align(8))]
+struct FibSlot(core::mem::MaybeUninit<FibLookup>);
+
+/// Zeroes `fib` in place, with volatile 4-byte stores: a plain zeroing
+/// (`mem::zeroed`, or moving a zeroed value) becomes a call to `memset`, a
+/// byte-by-byte loop of 64 iterations on BPF.
 #[inline(always)]
-fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32) -> Option<(FibLookup, bool)> {
-    // SAFETY: a zeroed bpf_fib_lookup is valid input (plain integers).
-    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+fn zero_fib(slot: &mut FibSlot) -> &mut FibLookup {
+    let fib = &mut slot.0;
+    const WORDS: usize = core::mem::size_of::<FibLookup>() / 4;
+    const _: () = assert!(core::mem::size_of::<FibLookup>() % 4 == 0 && core::mem::align_of::<FibLookup>() >= 4);
+    let w = fib.as_mut_ptr() as *mut u32;
+    for i in 0..WORDS {
+        // SAFETY: within the struct, 4-byte aligned (asserted above).
+        unsafe { core::ptr::write_volatile(w.add(i), 0) };
+    }
+    // SAFETY: every byte written; a bpf_fib_lookup of zeros is valid
+    // (plain integers).
+    unsafe { fib.assume_init_mut() }
+}
+
+/// 16 bytes at `at` as four words. Array copies (`[u32; 4]`, `[u8; 6]`)
+/// become calls to `memmove`, a byte-by-byte loop on BPF; word loads and
+/// stores do not.
+///
+/// # Safety
+/// `at..at + 16` is readable (bounds checked by the caller).
+#[inline(always)]
+unsafe fn read_words(at: usize) -> [u32; 4] {
+    let w = at as *const u32;
+    [
+        core::ptr::read_unaligned(w),
+        core::ptr::read_unaligned(w.add(1)),
+        core::ptr::read_unaligned(w.add(2)),
+        core::ptr::read_unaligned(w.add(3)),
+    ]
+}
+
+/// Writes the MAC address `mac` at `at` with a 4-byte and a 2-byte store
+/// (see [`read_words`]).
+///
+/// # Safety
+/// `at..at + 6` is writable (bounds checked by the caller).
+#[inline(always)]
+unsafe fn write_mac(at: usize, mac: &[u8; 6]) {
+    core::ptr::write_unaligned(at as *mut u32, u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]));
+    core::ptr::write_unaligned((at + 4) as *mut u16, u16::from_ne_bytes([mac[4], mac[5]]));
+}
+
+/// Asks the FIB for the packet's destination (`raw`: the program's
+/// context for the helper, `ingress` the interface the packet came in
+/// on; `fib` zeroed, the answer is left in it): whether the neighbour is
+/// resolved (its MAC then in the answer). `None`: the packet is neither
+/// IPv4 nor IPv6, its TTL would expire, or the FIB has no route for it.
+#[inline(always)]
+fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32, fib: &mut FibLookup) -> Option<bool> {
     let data = ctx.data();
     let end = ctx.data_end();
     if data + ETH_HLEN + 20 > end {
@@ -170,8 +225,8 @@ fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32) -> Option<(FibL
             fib.family = AF_INET6;
             fib.__bindgen_anon_2.flowinfo = core::ptr::read_unaligned(ip as *const u32) & u32::to_be(0x0fff_ffff);
             fib.l4_protocol = *((ip + 6) as *const u8);
-            fib.__bindgen_anon_3.ipv6_src = core::ptr::read_unaligned((ip + 8) as *const [u32; 4]);
-            fib.__bindgen_anon_4.ipv6_dst = core::ptr::read_unaligned((ip + 24) as *const [u32; 4]);
+            fib.__bindgen_anon_3.ipv6_src = read_words(ip + 8);
+            fib.__bindgen_anon_4.ipv6_dst = read_words(ip + 24);
         }
     } else {
         return None;
@@ -180,10 +235,10 @@ fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32) -> Option<(FibL
     // MTU (for skbs GSO packets included) and answers FRAG_NEEDED when it
     // does not fit.
     // SAFETY: the context and a parameter block of the helper's size.
-    let rc = unsafe { bpf_fib_lookup(raw, &mut fib, core::mem::size_of::<FibLookup>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(raw, fib, core::mem::size_of::<FibLookup>() as i32, 0) };
     match rc {
-        FIB_SUCCESS => Some((fib, true)),
-        FIB_NO_NEIGH => Some((fib, false)),
+        FIB_SUCCESS => Some(true),
+        FIB_NO_NEIGH => Some(false),
         _ => None,
     }
 }
@@ -220,8 +275,8 @@ fn forward_headers<C: PacketCtx>(ctx: &C, fib: &FibLookup, resolved: bool) -> bo
             *((ip + 7) as *mut u8) -= 1;
         }
         if resolved {
-            core::ptr::write_unaligned(data as *mut [u8; 6], fib.dmac);
-            core::ptr::write_unaligned((data + 6) as *mut [u8; 6], fib.smac);
+            write_mac(data, &fib.dmac);
+            write_mac(data + 6, &fib.smac);
         }
     }
     true
