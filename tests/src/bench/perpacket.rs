@@ -37,7 +37,8 @@ use dataplane::{
 };
 use dataplane_common::{
     bench::{names, service_frontend, BenchFrame, FRAME_LEN, OFFSETS_V4, OFFSETS_V6, VARY_FLOW, VARY_SERVICE},
-    Backend, DpConfig, Reason, ServiceKey, ServiceValue, IPPROTO_TCP, IPPROTO_UDP,
+    Backend, DpConfig, Reason, ServiceKey, ServiceValue, DEFAULT_SNAT_PORTS, IPPROTO_TCP, IPPROTO_UDP, KERNEL_GLOBAL,
+    NEW_FLOWS_GLOBAL, SNAT_PORTS_GLOBAL,
 };
 use serde_json::{json, Value};
 
@@ -145,10 +146,39 @@ fn ebpf_dir() -> std::path::PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release"))
 }
 
+/// The flood guard's quota the bench object is loaded with: the guard's
+/// check runs on every SYN, as deployed (the agent's default is 10,000 per
+/// CPU per second), but never trips, so every new-flow run gets state (the
+/// bench makes far more new flows per second than any quota).
+const BENCH_NEW_FLOWS: u32 = u32::MAX;
+
+/// The default SNAT ports as the `SNAT_PORTS_GLOBAL` value.
+const BENCH_SNAT_PORTS: u32 = DEFAULT_SNAT_PORTS.0 as u32 | (DEFAULT_SNAT_PORTS.1 as u32) << 16;
+
+/// The read-only globals the bench object gets, as the agent sets them on
+/// this kernel (`Dataplane::load_inner`): the kernel's features (the
+/// coarse clock, `BPF_F_IPV6` checksums, ...), the default SNAT ports, the
+/// flood guard on ([`BENCH_NEW_FLOWS`]), host routing and debug logging
+/// off. Without them the programs would take the oldest kernels' paths.
+fn deployed_globals<'a>(loader: &mut aya::EbpfLoader<'a>, features: &'a u32) {
+    loader.override_global(KERNEL_GLOBAL, features, true);
+    loader.override_global(SNAT_PORTS_GLOBAL, &BENCH_SNAT_PORTS, true);
+    loader.override_global(NEW_FLOWS_GLOBAL, &BENCH_NEW_FLOWS, true);
+}
+
+/// Loads object `name`; the datapath's (`bench`) with the globals the
+/// agent would set here, the baseline (which has none) as it is.
 fn load_object(name: &str) -> Result<Ebpf> {
     let path = ebpf_dir().join(name);
     let bytes = std::fs::read(&path).with_context(|| format!("{}: run `cargo xtask build-ebpf`", path.display()))?;
-    Ebpf::load(&bytes).with_context(|| format!("loading {}", path.display()))
+    let mut loader = aya::EbpfLoader::new();
+    let features = dataplane::bpf::kernel::features();
+    if name == "bench" {
+        deployed_globals(&mut loader, &features);
+    }
+    loader
+        .load(&bytes)
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 fn load_xdp(ebpf: &mut Ebpf, name: &str) -> Result<()> {
@@ -647,6 +677,8 @@ pub fn run(cfg: &Config) -> Result<Value> {
         "method": "All scales (numbers of Services) loaded at once, each in its own copy of the bench and baseline objects; a round first clears each scale's conntrack and creates its established flows again, then measures each series once at every scale in turn (`repeat` runs in one BPF_PROG_TEST_RUN call each), the order of the scales rotating by one from round to round (`round_orders`), so that drift of the machine hits every scale alike and the values a paired ratio divides are milliseconds apart; the frame-restoring wrapper alone is measured just before each path and subtracted. Baselines run directly (they do not rewrite). The rounds run on one CPU (`pinned_cpu`): BPF_PROG_TEST_RUN runs the program on the calling thread's CPU, so no migration falls between the two values of a paired ratio. Reason counters checked: every run took its path. `paired_ratio_to_1`: per round, a series' value at a scale over its value at 1 Service in the same round, to 4 decimals (present when 1 was measured in the same run).",
         "repeat": cfg.repeat,
         "pinned_cpu": super::PIN_CPU,
+        "kernel_features": dataplane::bpf::kernel::features(),
+        "globals": "as the agent loads the programs on this kernel (kernel features, default SNAT ports), the flood guard on with a quota it never reaches, host routing off",
         "rounds": cfg.rounds,
         "round_orders": orders,
         "backends_per_service": BACKENDS,
