@@ -43,7 +43,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::{
-    kube_rules::{self, SvcPort},
+    kube_rules::{self, Proto, SvcPort},
     pin_thread, PIN_CPU,
 };
 use crate::{
@@ -78,7 +78,7 @@ pub struct Config {
 /// CNI's, the kubelet's and the container runtime's rules keep it loaded):
 /// a table whose rules only read each packet's conntrack state, which
 /// makes the kernel track every flow through the namespace.
-const NODE_CONNTRACK: &str = "table inet dp_bench_node_conntrack {
+pub(crate) const NODE_CONNTRACK: &str = "table inet dp_bench_node_conntrack {
   chain prerouting { type filter hook prerouting priority -150; ct state invalid counter; }
   chain output { type filter hook output priority -150; ct state invalid counter; }
 }
@@ -173,7 +173,7 @@ impl Contender {
 }
 
 /// Service `i`'s VIP: 198.19.0.0/16 from .0.1 on.
-fn vip(i: usize) -> Ipv4Addr {
+pub(crate) fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(0xc613_0000u32 + 1 + i as u32)
 }
 
@@ -185,6 +185,8 @@ fn services(n: usize) -> Vec<SvcPort> {
             port_name: "http".into(),
             vip: vip(i),
             port: SERVICE_PORT,
+            protocol: Proto::Tcp,
+            node_port: None,
             endpoints: vec![(backend_addr(1), BACKEND_PORT), (backend_addr(2), BACKEND_PORT)],
         })
         .collect()
@@ -455,7 +457,7 @@ impl Setup {
     }
 }
 
-fn pipe_into(ns: &Netns, cmd: &[&str], input: &str) -> Result<f64> {
+pub(crate) fn pipe_into(ns: &Netns, cmd: &[&str], input: &str) -> Result<f64> {
     let t = Instant::now();
     let mut child = Command::new("ip")
         .args(["netns", "exec", &ns.name])
@@ -474,7 +476,7 @@ fn pipe_into(ns: &Netns, cmd: &[&str], input: &str) -> Result<f64> {
 }
 
 /// What netfilter has in a namespace (for the record and the checks).
-fn ruleset(ns: &Netns) -> (usize, usize) {
+pub(crate) fn ruleset(ns: &Netns) -> (usize, usize) {
     let ipt = ns.exec(&["iptables-save"]).unwrap_or_default();
     let nft = ns.exec(&["nft", "list", "ruleset"]).unwrap_or_default();
     (
@@ -486,7 +488,7 @@ fn ruleset(ns: &Netns) -> (usize, usize) {
 /// Whether any XDP or clsact program is attached in `ns` (bpftool here
 /// does not list tcx links per namespace: the dataplane's are checked in
 /// its log; the other namespaces are fresh and nothing attaches to them).
-fn bpf_attached(ns: &Netns) -> bool {
+pub(crate) fn bpf_attached(ns: &Netns) -> bool {
     // Every attachment entry names its interface; an empty listing has none.
     ns.exec(&["bpftool", "net", "show", "-j"])
         .is_ok_and(|s| s.contains("ifindex"))
