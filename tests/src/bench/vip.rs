@@ -681,26 +681,20 @@ pub fn run(cfg: &Config) -> Result<Value> {
             }
             setups.push(s);
         }
-        let mut results: Vec<Vec<RoundResult>> = (0..setups.len()).map(|_| Vec::new()).collect();
         let cpu_before: Vec<Option<f64>> = setups.iter().map(Setup::agent_cpu_s).collect();
-        let mut rounds_done = 0;
-        for round in 0..cfg.rounds {
-            if started.elapsed() > cfg.deadline {
-                eprintln!("dp-bench: deadline reached, stopping after {round} rounds");
-                break;
-            }
-            // The order rotates from round to round, so that no contender
-            // always follows the same one (or the setup).
-            for k in 0..setups.len() {
-                let i = (k + round) % setups.len();
+        let results = super::interleaved(
+            setups.len(),
+            cfg.rounds,
+            started,
+            cfg.deadline,
+            |i, round| {
                 let s = &setups[i];
-                let r = client_round(s, cfg.conns, cfg.rr, cfg.stream)
-                    .with_context(|| format!("{} at {n} Services, round {round}", s.who.name()))?;
-                results[i].push(r);
-            }
-            rounds_done += 1;
-            eprintln!("dp-bench:   round {}/{} done", round + 1, cfg.rounds);
-        }
+                client_round(s, cfg.conns, cfg.rr, cfg.stream)
+                    .with_context(|| format!("{} at {n} Services, round {round}", s.who.name()))
+            },
+            |round, _| eprintln!("dp-bench:   round {}/{} done", round + 1, cfg.rounds),
+        )?;
+        let rounds_done = results.first().map_or(0, Vec::len);
         let agent_cpu: Vec<Option<f64>> = setups
             .iter()
             .zip(&cpu_before)
