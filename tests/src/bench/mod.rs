@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod kube_rules;
+pub mod nodeport;
 pub mod perpacket;
 pub mod vip;
 
