@@ -39,9 +39,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::{
-    kube_rules::{self, Proto, SvcPort},
+    kube_rules::{Proto, SvcPort},
     pin_thread,
-    vip::{bpf_attached, pipe_into, ruleset, vip, NODE_CONNTRACK},
+    vip::{check_node, install_kube_proxy, vip, NodeHolds},
     PIN_CPU,
 };
 use crate::{
@@ -110,10 +110,6 @@ impl Contender {
 
     pub fn from_name(name: &str) -> Option<Contender> {
         ALL_CONTENDERS.into_iter().find(|c| c.name() == name)
-    }
-
-    fn is_dataplane(self) -> bool {
-        matches!(self, Contender::Dataplane | Contender::DataplaneGeneric)
     }
 }
 
@@ -664,51 +660,20 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
                 tc.join(", "),
             ));
         }
-        Contender::Iptables => {
-            let rules = kube_rules::iptables(svcs);
-            s.install_s = Some(pipe_into(&s.topo.node, &["iptables-restore"], &rules)?);
-            let v = s.topo.node.exec(&["iptables-restore", "--version"]).unwrap_or_default();
-            s.notes.push(format!("iptables-restore: {}", v.trim()));
-        }
-        Contender::Nftables => {
-            let rules = kube_rules::nftables(svcs);
-            s.install_s = Some(pipe_into(&s.topo.node, &["nft", "-f", "-"], &rules)?);
-            let v = s.topo.node.exec(&["nft", "--version"]).unwrap_or_default();
-            s.notes.push(v.trim().to_string());
+        Contender::Iptables | Contender::Nftables => {
+            let (t, note) = install_kube_proxy(&s.topo.node, who == Contender::Iptables, svcs)?;
+            s.install_s = Some(t);
+            s.notes.push(note);
         }
         Contender::Direct => {}
     }
-    // Netfilter rules only for the kube-proxy contenders, BPF programs
-    // only for ours (as in the through-VIP part).
-    let (ipt, nft) = ruleset(&s.topo.node);
-    let bpf = bpf_attached(&s.topo.node);
-    match who {
-        w if w.is_dataplane() && ipt + nft > 0 => bail!("netfilter rules in the dataplane's node namespace"),
-        w if w.is_dataplane()
-            && s.agent
-                .as_ref()
-                .map(|a| a.log())
-                .unwrap_or_default()
-                .matches("program attached")
-                .count()
-                != s.topo.node_ifaces().len() =>
-        {
-            bail!("the agent did not attach to every node interface")
-        }
-        Contender::Iptables | Contender::Nftables | Contender::Direct if bpf => {
-            bail!("a BPF program is attached in the {} node namespace", who.name())
-        }
-        Contender::Direct if ipt + nft > 0 => bail!("netfilter rules in the direct contender's node namespace"),
-        _ => {}
-    }
-    s.notes.push(format!(
-        "node namespace: {ipt} iptables rules, {nft} lines of nft ruleset, XDP/clsact programs listed by bpftool: {bpf}"
-    ));
-    if cfg.node_conntrack {
-        pipe_into(&s.topo.node, &["nft", "-f", "-"], NODE_CONNTRACK).context("loading the node's conntrack table")?;
-        s.notes
-            .push("node namespace: netfilter conntrack loaded (a table whose rules read `ct state`)".to_string());
-    }
+    let holds = match who {
+        Contender::Dataplane | Contender::DataplaneGeneric => NodeHolds::Agent(s.agent.as_ref()),
+        Contender::Iptables | Contender::Nftables => NodeHolds::KubeProxy,
+        Contender::Direct => NodeHolds::Nothing,
+    };
+    let notes = check_node(&s.topo, who.name(), holds, cfg.node_conntrack)?;
+    s.notes.extend(notes);
     // Before timing: every flow once (neighbours resolved, conntrack and
     // NAT entries made), and the packets must arrive; the dataplane must
     // have translated each flow once, per packet (in XDP: no TC program

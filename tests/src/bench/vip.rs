@@ -78,7 +78,7 @@ pub struct Config {
 /// CNI's, the kubelet's and the container runtime's rules keep it loaded):
 /// a table whose rules only read each packet's conntrack state, which
 /// makes the kernel track every flow through the namespace.
-pub(crate) const NODE_CONNTRACK: &str = "table inet dp_bench_node_conntrack {
+const NODE_CONNTRACK: &str = "table inet dp_bench_node_conntrack {
   chain prerouting { type filter hook prerouting priority -150; ct state invalid counter; }
   chain output { type filter hook output priority -150; ct state invalid counter; }
 }
@@ -457,7 +457,7 @@ impl Setup {
     }
 }
 
-pub(crate) fn pipe_into(ns: &Netns, cmd: &[&str], input: &str) -> Result<f64> {
+fn pipe_into(ns: &Netns, cmd: &[&str], input: &str) -> Result<f64> {
     let t = Instant::now();
     let mut child = Command::new("ip")
         .args(["netns", "exec", &ns.name])
@@ -475,8 +475,65 @@ pub(crate) fn pipe_into(ns: &Netns, cmd: &[&str], input: &str) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Installs kube-proxy's rules for `svcs` in `node` (iptables mode, or
+/// nftables mode): the time it took and the tool's version, for the notes.
+pub(crate) fn install_kube_proxy(node: &Netns, iptables: bool, svcs: &[SvcPort]) -> Result<(f64, String)> {
+    if iptables {
+        let t = pipe_into(node, &["iptables-restore"], &kube_rules::iptables(svcs))?;
+        let v = node.exec(&["iptables-restore", "--version"]).unwrap_or_default();
+        Ok((t, format!("iptables-restore: {}", v.trim())))
+    } else {
+        let t = pipe_into(node, &["nft", "-f", "-"], &kube_rules::nftables(svcs))?;
+        let v = node.exec(&["nft", "--version"]).unwrap_or_default();
+        Ok((t, v.trim().to_string()))
+    }
+}
+
+/// What a contender's node namespace is meant to hold.
+pub(crate) enum NodeHolds<'a> {
+    /// Our agent, attached to every node interface; no netfilter rules.
+    Agent(Option<&'a Agent>),
+    /// kube-proxy's netfilter rules; no BPF program.
+    KubeProxy,
+    /// Neither (the floor).
+    Nothing,
+}
+
+/// The rules of the comparison: netfilter rules only for the kube-proxy
+/// contenders, BPF programs only for ours (attached to every node
+/// interface). Then, with `conntrack`, loads the node's netfilter
+/// conntrack (`NODE_CONNTRACK`). Returns the notes for the record.
+pub(crate) fn check_node(topo: &Topology, name: &str, holds: NodeHolds, conntrack: bool) -> Result<Vec<String>> {
+    let (ipt, nft) = ruleset(&topo.node);
+    let bpf = bpf_attached(&topo.node);
+    match holds {
+        NodeHolds::Agent(_) if ipt + nft > 0 => bail!("netfilter rules in the dataplane's node namespace"),
+        NodeHolds::Agent(agent) => {
+            let attached = agent
+                .map(Agent::log)
+                .unwrap_or_default()
+                .matches("program attached")
+                .count();
+            if attached != topo.node_ifaces().len() {
+                bail!("the agent did not attach to every node interface");
+            }
+        }
+        _ if bpf => bail!("a BPF program is attached in the {name} node namespace"),
+        NodeHolds::Nothing if ipt + nft > 0 => bail!("netfilter rules in the {name} contender's node namespace"),
+        _ => {}
+    }
+    let mut notes = vec![format!(
+        "node namespace: {ipt} iptables rules, {nft} lines of nft ruleset, XDP/clsact programs listed by bpftool: {bpf}"
+    )];
+    if conntrack {
+        pipe_into(&topo.node, &["nft", "-f", "-"], NODE_CONNTRACK).context("loading the node's conntrack table")?;
+        notes.push("node namespace: netfilter conntrack loaded (a table whose rules read `ct state`)".to_string());
+    }
+    Ok(notes)
+}
+
 /// What netfilter has in a namespace (for the record and the checks).
-pub(crate) fn ruleset(ns: &Netns) -> (usize, usize) {
+fn ruleset(ns: &Netns) -> (usize, usize) {
     let ipt = ns.exec(&["iptables-save"]).unwrap_or_default();
     let nft = ns.exec(&["nft", "list", "ruleset"]).unwrap_or_default();
     (
@@ -488,7 +545,7 @@ pub(crate) fn ruleset(ns: &Netns) -> (usize, usize) {
 /// Whether any XDP or clsact program is attached in `ns` (bpftool here
 /// does not list tcx links per namespace: the dataplane's are checked in
 /// its log; the other namespaces are fresh and nothing attaches to them).
-pub(crate) fn bpf_attached(ns: &Netns) -> bool {
+fn bpf_attached(ns: &Netns) -> bool {
     // Every attachment entry names its interface; an empty listing has none.
     ns.exec(&["bpftool", "net", "show", "-j"])
         .is_ok_and(|s| s.contains("ifindex"))
@@ -576,17 +633,10 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
             s._agent = Some(agent);
             s._dir = Some(dir);
         }
-        Contender::Iptables => {
-            let rules = kube_rules::iptables(svcs);
-            s.install_s = Some(pipe_into(&s.topo.node, &["iptables-restore"], &rules)?);
-            let v = s.topo.node.exec(&["iptables-restore", "--version"]).unwrap_or_default();
-            s.notes.push(format!("iptables-restore: {}", v.trim()));
-        }
-        Contender::Nftables => {
-            let rules = kube_rules::nftables(svcs);
-            s.install_s = Some(pipe_into(&s.topo.node, &["nft", "-f", "-"], &rules)?);
-            let v = s.topo.node.exec(&["nft", "--version"]).unwrap_or_default();
-            s.notes.push(v.trim().to_string());
+        Contender::Iptables | Contender::Nftables => {
+            let (t, note) = install_kube_proxy(&s.topo.node, who == Contender::Iptables, svcs)?;
+            s.install_s = Some(t);
+            s.notes.push(note);
         }
         Contender::Direct => {
             s.target = SocketAddr::from((backend_addr(1), BACKEND_PORT));
@@ -596,39 +646,13 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
             s.alt_target = Some(SocketAddr::from((backend_addr(2), BACKEND_PORT)));
         }
     }
-    // The rules of the comparison: netfilter rules only for the kube-proxy
-    // contenders, BPF programs only for ours.
-    let (ipt, nft) = ruleset(&s.topo.node);
-    let bpf = bpf_attached(&s.topo.node);
-    match who {
-        w if w.is_dataplane() && ipt + nft > 0 => bail!("netfilter rules in the dataplane's node namespace"),
-        w if w.is_dataplane()
-            && s._agent
-                .as_ref()
-                .map(|a| a.log())
-                .unwrap_or_default()
-                .matches("program attached")
-                .count()
-                != s.topo.node_ifaces().len() =>
-        {
-            bail!("the agent did not attach to every node interface")
-        }
-        Contender::Iptables | Contender::Nftables | Contender::Direct | Contender::DirectBoth if bpf => {
-            bail!("a BPF program is attached in the {} node namespace", who.name())
-        }
-        Contender::Direct | Contender::DirectBoth if ipt + nft > 0 => {
-            bail!("netfilter rules in the direct contender's node namespace")
-        }
-        _ => {}
-    }
-    s.notes.push(format!(
-        "node namespace: {ipt} iptables rules, {nft} lines of nft ruleset, XDP/clsact programs listed by bpftool: {bpf}"
-    ));
-    if cfg.node_conntrack {
-        pipe_into(&s.topo.node, &["nft", "-f", "-"], NODE_CONNTRACK).context("loading the node's conntrack table")?;
-        s.notes
-            .push("node namespace: netfilter conntrack loaded (a table whose rules read `ct state`)".to_string());
-    }
+    let holds = match who {
+        w if w.is_dataplane() => NodeHolds::Agent(s._agent.as_ref()),
+        Contender::Iptables | Contender::Nftables => NodeHolds::KubeProxy,
+        _ => NodeHolds::Nothing,
+    };
+    let notes = check_node(&s.topo, who.name(), holds, cfg.node_conntrack)?;
+    s.notes.extend(notes);
     // Each contender must work before it is timed, and the dataplane
     // contenders must take the path they are named after.
     let before = s._agent.as_ref().map(Agent::translations).transpose()?;
