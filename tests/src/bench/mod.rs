@@ -74,6 +74,33 @@ impl Drop for Pinned {
     }
 }
 
+/// Sets up every contender (`setup`) for one scale of a namespace
+/// benchmark (`part` names it in the progress lines), saying how long each
+/// took to install its rules (`install_s`).
+pub fn set_up_all<C: Copy, S>(
+    part: &str,
+    n: usize,
+    contenders: &[C],
+    name: impl Fn(C) -> &'static str,
+    mut setup: impl FnMut(C) -> Result<S>,
+    install_s: impl Fn(&S) -> Option<f64>,
+) -> Result<Vec<S>> {
+    use anyhow::Context;
+    eprintln!(
+        "dp-bench: {part}, {n} Services: setting up {} contenders",
+        contenders.len()
+    );
+    let mut setups = Vec::new();
+    for &who in contenders {
+        let s = setup(who).with_context(|| format!("setting up {} at {n} Services", name(who)))?;
+        if let Some(t) = install_s(&s) {
+            eprintln!("dp-bench:   {}: installed in {t:.2} s", name(who));
+        }
+        setups.push(s);
+    }
+    Ok(setups)
+}
+
 /// Measures `contenders` contenders interleaved: `rounds` rounds, each
 /// measuring every contender in turn (`measure(contender, round)`), the
 /// order rotating by one from round to round so that no contender always

@@ -754,19 +754,15 @@ pub fn run(cfg: &Config) -> Result<Value> {
     let started = Instant::now();
     let mut scales_out = Vec::new();
     for &n in &cfg.scales {
-        eprintln!(
-            "dp-bench: NodePort, {n} Services: setting up {} contenders",
-            cfg.contenders.len()
-        );
         let svcs = services(n);
-        let mut setups = Vec::new();
-        for &who in &cfg.contenders {
-            let s = setup(who, &svcs, cfg).with_context(|| format!("setting up {} at {n} Services", who.name()))?;
-            if let Some(t) = s.install_s {
-                eprintln!("dp-bench:   {}: installed in {t:.2} s", who.name());
-            }
-            setups.push(s);
-        }
+        let setups = super::set_up_all(
+            "NodePort",
+            n,
+            &cfg.contenders,
+            Contender::name,
+            |who| setup(who, &svcs, cfg),
+            |s| s.install_s,
+        )?;
         let results = super::interleaved(
             setups.len(),
             cfg.rounds,
