@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: runs `dp-bench` (per-packet cost, latency and
-//! throughput through the VIP, control plane), then draws the plots and the summary tables
+//! throughput through the VIP, control plane, NodePort packets per second), then draws the plots and the summary tables
 //! from the JSON it wrote. Nothing here edits numbers: plots and tables are
 //! derived from the result files only.
 
@@ -32,6 +32,35 @@ const COLORS: [RGBColor; 9] = [
 
 type Series = Vec<(String, Vec<(f64, f64)>)>;
 
+/// Draws `series` (lines with their points, a legend at `legend`) on a
+/// chart whose axes are already configured.
+fn draw_lines<'a, X, Y>(
+    c: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    series: &Series,
+    legend: SeriesLabelPosition,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        c.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(legend)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
 /// A line chart with a log x axis (number of Services).
 fn chart(
     area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
@@ -57,22 +86,7 @@ fn chart(
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        c.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    c.configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+    draw_lines(&mut c, series, SeriesLabelPosition::UpperLeft)
 }
 
 /// A point that was not measured because its command was stopped at a
@@ -525,6 +539,149 @@ fn control_plane(dir: &Path, md: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// In table order; `dp-bench --nodeport-contenders` may add the XDP
+/// generic-mode variant.
+const NODEPORT_CONTENDERS: [&str; 5] = ["dataplane", "dataplane-xdp-generic", "iptables", "nftables", "direct"];
+
+/// A line chart over rounds (linear x), for per-round values.
+fn chart_rounds(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    title: &str,
+    y_desc: &str,
+    series: &Series,
+) -> Result<()> {
+    let x_max = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.0))
+        .fold(1.0, f64::max)
+        + 0.5;
+    let y_max = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .fold(0.0, f64::max)
+        * 1.3
+        + 1e-9;
+    let mut c = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.5f64..x_max, 0f64..y_max)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    c.configure_mesh()
+        .x_desc("round")
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    draw_lines(&mut c, series, SeriesLabelPosition::UpperRight)
+}
+
+/// A ratio record (`{"paired": {"summary": ...}, "of_medians": x}`) as a
+/// table cell: paired median [p25-p75] (ratio of medians).
+fn ratio_cell(r: &Value) -> String {
+    let p = &r["paired"]["summary"];
+    match (p["median"].as_f64(), p["p25"].as_f64(), p["p75"].as_f64()) {
+        (Some(m), Some(lo), Some(hi)) => format!(
+            "{m:.2} [{lo:.2}-{hi:.2}] ({})",
+            r["of_medians"].as_f64().map_or("-".into(), |x| format!("{x:.2}"))
+        ),
+        _ => "-".into(),
+    }
+}
+
+/// The NodePort table (summary.md) from `nodeport.json`.
+fn nodeport_table(v: &Value, md: &mut String) -> Result<()> {
+    let scales = v["scales"].as_array().context("no scales")?;
+    writeln!(md, "### NodePort from outside (XDP), packets per second\n")?;
+    writeln!(md, "Machine: {}. Command: `{}`. One AF_PACKET sender in the client namespace, {} flows of {}-byte UDP frames (64 on a wire), {} s (at most {} packets) per contender per round, contenders interleaved; thousands of packets per second over the send time, median over rounds [min-max]. Delivered: arrived at the backends' interfaces; offered: accepted by the sender's socket; socket: read by the backends' UDP sockets. Ratios of delivered pps, per round (seconds apart): median [p25-p75] (ratio of medians).\n",
+        machine_line(v), v["command"].as_str().unwrap_or("?"), v["flows"], v["frame_bytes"], v["send_s"], v["max_packets"])?;
+    if let Some(p) = provenance(v) {
+        writeln!(md, "{p}")?;
+    }
+    writeln!(md, "| Services | contender | rounds | delivered kpps | offered kpps | socket kpps | lost | dataplane / this | this / direct | rules installed in |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    for s in scales {
+        for c in NODEPORT_CONTENDERS {
+            let x = &s["contenders"][c];
+            if x.is_null() {
+                continue;
+            }
+            let k = |m: &str| {
+                let y = &x[m]["summary"];
+                match (y["median"].as_f64(), y["min"].as_f64(), y["max"].as_f64()) {
+                    (Some(m), Some(lo), Some(hi)) => format!("{:.0} [{:.0}-{:.0}]", m / 1e3, lo / 1e3, hi / 1e3),
+                    _ => "-".into(),
+                }
+            };
+            let lost = match (x["lost_packets"].as_u64(), x["sent_packets"].as_u64()) {
+                (Some(l), Some(s)) if s > 0 => format!("{l} ({:.2} %)", l as f64 * 100.0 / s as f64),
+                _ => "-".into(),
+            };
+            let ours = if c == "dataplane" {
+                "-".to_string()
+            } else {
+                ratio_cell(&s["ratios"][format!("dataplane/{c}")])
+            };
+            let to_direct = if c == "direct" {
+                "1".to_string()
+            } else {
+                ratio_cell(&s["ratios"][format!("{c}/direct")])
+            };
+            writeln!(
+                md,
+                "| {} | {c} | {} | {} | {} | {} | {lost} | {ours} | {to_direct} | {} |",
+                s["services"],
+                s["rounds"],
+                k("delivered_pps"),
+                k("offered_pps"),
+                k("socket_pps"),
+                x["install_s"]
+                    .as_f64()
+                    .map(|t| format!("{t:.2} s"))
+                    .unwrap_or("-".into()),
+            )?;
+        }
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+/// NodePort: the table and a plot of delivered pps per round.
+fn nodeport(dir: &Path, md: &mut String) -> Result<()> {
+    let v = load(&dir.join("nodeport.json"))?;
+    let scales = v["scales"].as_array().context("no scales")?;
+    let file = dir.join("nodeport.svg");
+    let root = SVGBackend::new(&file, (800 * scales.len().max(1) as u32, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let areas = root.split_evenly((1, scales.len().max(1)));
+    for (s, area) in scales.iter().zip(&areas) {
+        let series: Series = NODEPORT_CONTENDERS
+            .iter()
+            .filter_map(|c| {
+                let raw = s["contenders"][*c]["delivered_pps"]["raw"].as_array()?;
+                let pts = raw
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, y)| Some((i as f64 + 1.0, y.as_f64()? / 1e3)))
+                    .collect();
+                Some((c.to_string(), pts))
+            })
+            .collect();
+        chart_rounds(
+            area,
+            &format!(
+                "NodePort, {} Services: delivered packets per second, by round",
+                s["services"]
+            ),
+            "thousand packets / s",
+            &series,
+        )?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    nodeport_table(&v, md)
+}
+
 /// Draws every plot and writes `summary.md` from the result files in `dir`.
 pub fn report(dir: &Path) -> Result<()> {
     let mut md = String::from("<!-- written by `cargo xtask bench` from the JSON files next to it -->\n\n");
@@ -539,6 +696,9 @@ pub fn report(dir: &Path) -> Result<()> {
     let cp = dir.join("control-plane.json");
     if cp.exists() && load(&cp)?["part"] == "control_plane" {
         control_plane(dir, &mut md)?;
+    }
+    if dir.join("nodeport.json").exists() {
+        nodeport(dir, &mut md)?;
     }
     std::fs::write(dir.join("summary.md"), md)?;
     Ok(())
@@ -614,6 +774,41 @@ mod tests {
             total < 2 << 20,
             "bench-results/ outside raw/ holds {total} bytes (2 MiB at most): raw samples in a result file? `dp-bench --compact` moves them to raw/"
         );
+    }
+
+    #[test]
+    fn nodeport_table_rows_and_ratios() {
+        let c = |d: f64| {
+            json!({ "install_s": 0.5, "sent_packets": 1000, "lost_packets": 10,
+                "delivered_pps": { "summary": { "median": d, "min": d - 1000.0, "max": d + 1000.0 } },
+                "offered_pps": { "summary": { "median": d, "min": d, "max": d } },
+                "socket_pps": { "summary": { "median": d, "min": d, "max": d } } })
+        };
+        let r = |m: f64| json!({ "paired": { "summary": { "median": m, "p25": m - 0.1, "p75": m + 0.1 } }, "of_medians": m });
+        let v = json!({
+            "part": "nodeport", "command": "cargo xtask bench --only nodeport", "machine": {},
+            "flows": 256, "frame_bytes": 60, "send_s": 4.0, "max_packets": 100,
+            "scales": [{ "services": 10000, "rounds": 3,
+                "contenders": { "dataplane": c(300_000.0), "iptables": c(100_000.0), "direct": c(400_000.0) },
+                "ratios": { "dataplane/iptables": r(3.0), "dataplane/direct": r(0.75), "iptables/direct": r(0.25) } }],
+        });
+        let mut md = String::new();
+        super::nodeport_table(&v, &mut md).unwrap();
+        let row = |c: &str| {
+            md.lines()
+                .find(|l| l.starts_with(&format!("| 10000 | {c} |")))
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            row("dataplane"),
+            "| 10000 | dataplane | 3 | 300 [299-301] | 300 [300-300] | 300 [300-300] | 10 (1.00 %) | - | 0.75 [0.65-0.85] (0.75) | 0.50 s |"
+        );
+        assert!(row("iptables").contains("| 3.00 [2.90-3.10] (3.00) | 0.25 [0.15-0.35] (0.25) |"));
+        assert!(row("direct").contains("| 0.75 [0.65-0.85] (0.75) | 1 |"));
+        // Contenders not measured have no row.
+        assert!(!md.contains("nftables"));
+        assert!(md.contains("256 flows of 60-byte UDP frames"));
     }
 
     #[test]

@@ -144,6 +144,8 @@ fn svc_ports(n: usize) -> Vec<SvcPort> {
                 port_name: "http".into(),
                 vip,
                 port,
+                protocol: kube_rules::Proto::Tcp,
+                node_port: None,
                 endpoints: (0..ENDPOINTS).map(|j| (endpoint(i, j, 0), BACKEND_PORT)).collect(),
             }
         })

@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod kube_rules;
+pub mod nodeport;
 pub mod perpacket;
 pub mod vip;
 
@@ -71,6 +72,63 @@ impl Drop for Pinned {
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0);
         }
     }
+}
+
+/// Sets up every contender (`setup`) for one scale of a namespace
+/// benchmark (`part` names it in the progress lines), saying how long each
+/// took to install its rules (`install_s`).
+pub fn set_up_all<C: Copy, S>(
+    part: &str,
+    n: usize,
+    contenders: &[C],
+    name: impl Fn(C) -> &'static str,
+    mut setup: impl FnMut(C) -> Result<S>,
+    install_s: impl Fn(&S) -> Option<f64>,
+) -> Result<Vec<S>> {
+    use anyhow::Context;
+    eprintln!(
+        "dp-bench: {part}, {n} Services: setting up {} contenders",
+        contenders.len()
+    );
+    let mut setups = Vec::new();
+    for &who in contenders {
+        let s = setup(who).with_context(|| format!("setting up {} at {n} Services", name(who)))?;
+        if let Some(t) = install_s(&s) {
+            eprintln!("dp-bench:   {}: installed in {t:.2} s", name(who));
+        }
+        setups.push(s);
+    }
+    Ok(setups)
+}
+
+/// Measures `contenders` contenders interleaved: `rounds` rounds, each
+/// measuring every contender in turn (`measure(contender, round)`), the
+/// order rotating by one from round to round so that no contender always
+/// follows the same one (or the setup) and the machine's drift hits all
+/// alike; no new round starts after `deadline` from `started`.
+/// `after_round(round, results)` runs after each round (progress lines).
+/// Returns each contender's results, one per round done.
+pub fn interleaved<R>(
+    contenders: usize,
+    rounds: usize,
+    started: std::time::Instant,
+    deadline: std::time::Duration,
+    mut measure: impl FnMut(usize, usize) -> Result<R>,
+    mut after_round: impl FnMut(usize, &[Vec<R>]),
+) -> Result<Vec<Vec<R>>> {
+    let mut results: Vec<Vec<R>> = (0..contenders).map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        if started.elapsed() > deadline {
+            eprintln!("dp-bench: deadline reached, stopping after {round} rounds");
+            break;
+        }
+        for k in 0..contenders {
+            let i = (k + round) % contenders;
+            results[i].push(measure(i, round)?);
+        }
+        after_round(round, &results);
+    }
+    Ok(results)
 }
 
 /// Summary of a sample: median, spread and tail.
@@ -194,6 +252,35 @@ pub fn compact(v: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleaved_rotates_the_order_and_stops_at_the_deadline() {
+        let mut order = Vec::new();
+        let r = interleaved(
+            3,
+            3,
+            std::time::Instant::now(),
+            std::time::Duration::from_secs(60),
+            |i, round| {
+                order.push(i);
+                Ok(i * 10 + round)
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(order, [0, 1, 2, 1, 2, 0, 2, 0, 1]);
+        assert_eq!(r, vec![vec![0, 1, 2], vec![10, 11, 12], vec![20, 21, 22]]);
+        let none = interleaved(
+            2,
+            5,
+            std::time::Instant::now() - std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(1),
+            |_, _| Ok(()),
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(none, vec![Vec::<()>::new(), Vec::new()]);
+    }
 
     #[test]
     fn compact_drops_only_long_raw_arrays() {

@@ -43,7 +43,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::{
-    kube_rules::{self, SvcPort},
+    kube_rules::{self, Proto, SvcPort},
     pin_thread, PIN_CPU,
 };
 use crate::{
@@ -173,7 +173,7 @@ impl Contender {
 }
 
 /// Service `i`'s VIP: 198.19.0.0/16 from .0.1 on.
-fn vip(i: usize) -> Ipv4Addr {
+pub(crate) fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(0xc613_0000u32 + 1 + i as u32)
 }
 
@@ -185,6 +185,8 @@ fn services(n: usize) -> Vec<SvcPort> {
             port_name: "http".into(),
             vip: vip(i),
             port: SERVICE_PORT,
+            protocol: Proto::Tcp,
+            node_port: None,
             endpoints: vec![(backend_addr(1), BACKEND_PORT), (backend_addr(2), BACKEND_PORT)],
         })
         .collect()
@@ -473,6 +475,63 @@ fn pipe_into(ns: &Netns, cmd: &[&str], input: &str) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Installs kube-proxy's rules for `svcs` in `node` (iptables mode, or
+/// nftables mode): the time it took and the tool's version, for the notes.
+pub(crate) fn install_kube_proxy(node: &Netns, iptables: bool, svcs: &[SvcPort]) -> Result<(f64, String)> {
+    if iptables {
+        let t = pipe_into(node, &["iptables-restore"], &kube_rules::iptables(svcs))?;
+        let v = node.exec(&["iptables-restore", "--version"]).unwrap_or_default();
+        Ok((t, format!("iptables-restore: {}", v.trim())))
+    } else {
+        let t = pipe_into(node, &["nft", "-f", "-"], &kube_rules::nftables(svcs))?;
+        let v = node.exec(&["nft", "--version"]).unwrap_or_default();
+        Ok((t, v.trim().to_string()))
+    }
+}
+
+/// What a contender's node namespace is meant to hold.
+pub(crate) enum NodeHolds<'a> {
+    /// Our agent, attached to every node interface; no netfilter rules.
+    Agent(Option<&'a Agent>),
+    /// kube-proxy's netfilter rules; no BPF program.
+    KubeProxy,
+    /// Neither (the floor).
+    Nothing,
+}
+
+/// The rules of the comparison: netfilter rules only for the kube-proxy
+/// contenders, BPF programs only for ours (attached to every node
+/// interface). Then, with `conntrack`, loads the node's netfilter
+/// conntrack (`NODE_CONNTRACK`). Returns the notes for the record.
+pub(crate) fn check_node(topo: &Topology, name: &str, holds: NodeHolds, conntrack: bool) -> Result<Vec<String>> {
+    let (ipt, nft) = ruleset(&topo.node);
+    let bpf = bpf_attached(&topo.node);
+    match holds {
+        NodeHolds::Agent(_) if ipt + nft > 0 => bail!("netfilter rules in the dataplane's node namespace"),
+        NodeHolds::Agent(agent) => {
+            let attached = agent
+                .map(Agent::log)
+                .unwrap_or_default()
+                .matches("program attached")
+                .count();
+            if attached != topo.node_ifaces().len() {
+                bail!("the agent did not attach to every node interface");
+            }
+        }
+        _ if bpf => bail!("a BPF program is attached in the {name} node namespace"),
+        NodeHolds::Nothing if ipt + nft > 0 => bail!("netfilter rules in the {name} contender's node namespace"),
+        _ => {}
+    }
+    let mut notes = vec![format!(
+        "node namespace: {ipt} iptables rules, {nft} lines of nft ruleset, XDP/clsact programs listed by bpftool: {bpf}"
+    )];
+    if conntrack {
+        pipe_into(&topo.node, &["nft", "-f", "-"], NODE_CONNTRACK).context("loading the node's conntrack table")?;
+        notes.push("node namespace: netfilter conntrack loaded (a table whose rules read `ct state`)".to_string());
+    }
+    Ok(notes)
+}
+
 /// What netfilter has in a namespace (for the record and the checks).
 fn ruleset(ns: &Netns) -> (usize, usize) {
     let ipt = ns.exec(&["iptables-save"]).unwrap_or_default();
@@ -574,17 +633,10 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
             s._agent = Some(agent);
             s._dir = Some(dir);
         }
-        Contender::Iptables => {
-            let rules = kube_rules::iptables(svcs);
-            s.install_s = Some(pipe_into(&s.topo.node, &["iptables-restore"], &rules)?);
-            let v = s.topo.node.exec(&["iptables-restore", "--version"]).unwrap_or_default();
-            s.notes.push(format!("iptables-restore: {}", v.trim()));
-        }
-        Contender::Nftables => {
-            let rules = kube_rules::nftables(svcs);
-            s.install_s = Some(pipe_into(&s.topo.node, &["nft", "-f", "-"], &rules)?);
-            let v = s.topo.node.exec(&["nft", "--version"]).unwrap_or_default();
-            s.notes.push(v.trim().to_string());
+        Contender::Iptables | Contender::Nftables => {
+            let (t, note) = install_kube_proxy(&s.topo.node, who == Contender::Iptables, svcs)?;
+            s.install_s = Some(t);
+            s.notes.push(note);
         }
         Contender::Direct => {
             s.target = SocketAddr::from((backend_addr(1), BACKEND_PORT));
@@ -594,39 +646,13 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
             s.alt_target = Some(SocketAddr::from((backend_addr(2), BACKEND_PORT)));
         }
     }
-    // The rules of the comparison: netfilter rules only for the kube-proxy
-    // contenders, BPF programs only for ours.
-    let (ipt, nft) = ruleset(&s.topo.node);
-    let bpf = bpf_attached(&s.topo.node);
-    match who {
-        w if w.is_dataplane() && ipt + nft > 0 => bail!("netfilter rules in the dataplane's node namespace"),
-        w if w.is_dataplane()
-            && s._agent
-                .as_ref()
-                .map(|a| a.log())
-                .unwrap_or_default()
-                .matches("program attached")
-                .count()
-                != s.topo.node_ifaces().len() =>
-        {
-            bail!("the agent did not attach to every node interface")
-        }
-        Contender::Iptables | Contender::Nftables | Contender::Direct | Contender::DirectBoth if bpf => {
-            bail!("a BPF program is attached in the {} node namespace", who.name())
-        }
-        Contender::Direct | Contender::DirectBoth if ipt + nft > 0 => {
-            bail!("netfilter rules in the direct contender's node namespace")
-        }
-        _ => {}
-    }
-    s.notes.push(format!(
-        "node namespace: {ipt} iptables rules, {nft} lines of nft ruleset, XDP/clsact programs listed by bpftool: {bpf}"
-    ));
-    if cfg.node_conntrack {
-        pipe_into(&s.topo.node, &["nft", "-f", "-"], NODE_CONNTRACK).context("loading the node's conntrack table")?;
-        s.notes
-            .push("node namespace: netfilter conntrack loaded (a table whose rules read `ct state`)".to_string());
-    }
+    let holds = match who {
+        w if w.is_dataplane() => NodeHolds::Agent(s._agent.as_ref()),
+        Contender::Iptables | Contender::Nftables => NodeHolds::KubeProxy,
+        _ => NodeHolds::Nothing,
+    };
+    let notes = check_node(&s.topo, who.name(), holds, cfg.node_conntrack)?;
+    s.notes.extend(notes);
     // Each contender must work before it is timed, and the dataplane
     // contenders must take the path they are named after.
     let before = s._agent.as_ref().map(Agent::translations).transpose()?;
@@ -666,39 +692,29 @@ pub fn run(cfg: &Config) -> Result<Value> {
     let started = Instant::now();
     let mut scales_out = Vec::new();
     for &n in &cfg.scales {
-        eprintln!(
-            "dp-bench: through the VIP, {n} Services: setting up {} contenders",
-            cfg.contenders.len()
-        );
         let svcs = services(n);
-        let mut setups = Vec::new();
-        for &who in &cfg.contenders {
-            let s = setup(who, &svcs, cfg).with_context(|| format!("setting up {} at {n} Services", who.name()))?;
-            if let Some(t) = s.install_s {
-                eprintln!("dp-bench:   {}: installed in {t:.2} s", who.name());
-            }
-            setups.push(s);
-        }
-        let mut results: Vec<Vec<RoundResult>> = (0..setups.len()).map(|_| Vec::new()).collect();
+        let setups = super::set_up_all(
+            "through the VIP",
+            n,
+            &cfg.contenders,
+            Contender::name,
+            |who| setup(who, &svcs, cfg),
+            |s| s.install_s,
+        )?;
         let cpu_before: Vec<Option<f64>> = setups.iter().map(Setup::agent_cpu_s).collect();
-        let mut rounds_done = 0;
-        for round in 0..cfg.rounds {
-            if started.elapsed() > cfg.deadline {
-                eprintln!("dp-bench: deadline reached, stopping after {round} rounds");
-                break;
-            }
-            // The order rotates from round to round, so that no contender
-            // always follows the same one (or the setup).
-            for k in 0..setups.len() {
-                let i = (k + round) % setups.len();
+        let results = super::interleaved(
+            setups.len(),
+            cfg.rounds,
+            started,
+            cfg.deadline,
+            |i, round| {
                 let s = &setups[i];
-                let r = client_round(s, cfg.conns, cfg.rr, cfg.stream)
-                    .with_context(|| format!("{} at {n} Services, round {round}", s.who.name()))?;
-                results[i].push(r);
-            }
-            rounds_done += 1;
-            eprintln!("dp-bench:   round {}/{} done", round + 1, cfg.rounds);
-        }
+                client_round(s, cfg.conns, cfg.rr, cfg.stream)
+                    .with_context(|| format!("{} at {n} Services, round {round}", s.who.name()))
+            },
+            |round, _| eprintln!("dp-bench:   round {}/{} done", round + 1, cfg.rounds),
+        )?;
+        let rounds_done = results.first().map_or(0, Vec::len);
         let agent_cpu: Vec<Option<f64>> = setups
             .iter()
             .zip(&cpu_before)

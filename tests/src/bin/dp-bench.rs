@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use dataplane_tests::bench::{self, control, perpacket, vip};
+use dataplane_tests::bench::{self, control, nodeport, perpacket, vip};
 
 struct Args {
     quick: bool,
@@ -19,9 +19,12 @@ struct Args {
     scales: Option<Vec<u32>>,
     /// Overrides the through-VIP contenders (for investigations).
     contenders: Option<Vec<vip::Contender>>,
+    /// Overrides the NodePort contenders (for investigations).
+    nodeport_contenders: Option<Vec<nodeport::Contender>>,
     /// Overrides the number of rounds of every part run.
     rounds: Option<usize>,
-    /// Through the VIP without netfilter conntrack in the node namespaces.
+    /// Through the VIP and NodePort without netfilter conntrack in the node
+    /// namespaces.
     no_node_conntrack: bool,
     /// Through the VIP with the agent's default `--host-routing=false`.
     no_host_routing: bool,
@@ -30,7 +33,7 @@ struct Args {
     release_agent: PathBuf,
 }
 
-const PARTS: [&str; 3] = ["per-packet", "through-vip", "control-plane"];
+const PARTS: [&str; 4] = ["per-packet", "through-vip", "control-plane", "nodeport"];
 
 fn args() -> Result<Args> {
     let mut a = Args {
@@ -39,13 +42,14 @@ fn args() -> Result<Args> {
         parts: Vec::new(),
         scales: None,
         contenders: None,
+        nodeport_contenders: None,
         rounds: None,
         no_node_conntrack: false,
         no_host_routing: false,
         agent_only: false,
         release_agent: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/dataplane"),
     };
-    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane (repeatable or comma-separated), --scales N,N, --contenders a,b, --no-node-conntrack, --no-host-routing, --agent-only, --rounds N, --release-agent PATH";
+    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane|nodeport (repeatable or comma-separated), --scales N,N, --contenders a,b, --nodeport-contenders a,b, --no-node-conntrack, --no-host-routing, --agent-only, --rounds N, --release-agent PATH";
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -54,7 +58,7 @@ fn args() -> Result<Args> {
             "--part" | "--only" => {
                 let v = it
                     .next()
-                    .context("--part needs per-packet, through-vip or control-plane")?;
+                    .context("--part needs per-packet, through-vip, control-plane or nodeport")?;
                 for p in v.split(',') {
                     let p = if p == "vip" { "through-vip" } else { p };
                     if !PARTS.contains(&p) {
@@ -72,6 +76,16 @@ fn args() -> Result<Args> {
                 a.contenders = Some(
                     v.split(',')
                         .map(|c| vip::Contender::from_name(c).with_context(|| format!("unknown contender {c:?}")))
+                        .collect::<Result<_>>()?,
+                );
+            }
+            "--nodeport-contenders" => {
+                let v = it
+                    .next()
+                    .context("--nodeport-contenders needs a list, e.g. dataplane,direct")?;
+                a.nodeport_contenders = Some(
+                    v.split(',')
+                        .map(|c| nodeport::Contender::from_name(c).with_context(|| format!("unknown contender {c:?}")))
                         .collect::<Result<_>>()?,
                 );
             }
@@ -160,7 +174,12 @@ fn merge_base(
 /// `dp-bench --compact [--out DIR]`: rewrites result files that still hold
 /// their raw samples in the compact form, the full file moved to `raw/`.
 fn compact_results(out: &Path) -> Result<()> {
-    for name in ["per-packet.json", "through-vip.json", "control-plane.json"] {
+    for name in [
+        "per-packet.json",
+        "through-vip.json",
+        "control-plane.json",
+        "nodeport.json",
+    ] {
         let path = out.join(name);
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
@@ -302,6 +321,48 @@ fn main() -> Result<()> {
                 };
                 let v = control::run(&cfg, &a.release_agent)?;
                 write(&a.out, "control-plane.json", v, &a, started.elapsed())?;
+            }
+            "nodeport" => {
+                let cfg = if a.quick {
+                    nodeport::Config {
+                        scales: vec![1_000],
+                        rounds: 3,
+                        send: Duration::from_secs(1),
+                        max_packets: 5_000_000,
+                        flows: 256,
+                        deadline: Duration::from_secs(300),
+                        contenders: nodeport::DEFAULT_CONTENDERS.to_vec(),
+                        node_conntrack: true,
+                        host_routing: true,
+                    }
+                } else {
+                    nodeport::Config {
+                        scales: vec![10_000],
+                        rounds: 11,
+                        send: Duration::from_secs(4),
+                        // About 1 Mpps is the most one sender reached here.
+                        max_packets: 20_000_000,
+                        flows: 256,
+                        deadline: Duration::from_secs(600),
+                        contenders: nodeport::DEFAULT_CONTENDERS.to_vec(),
+                        node_conntrack: true,
+                        host_routing: true,
+                    }
+                };
+                let cfg = nodeport::Config {
+                    scales: a
+                        .scales
+                        .clone()
+                        .map(|v| v.into_iter().map(|n| n as usize).collect())
+                        .unwrap_or(cfg.scales),
+                    contenders: a.nodeport_contenders.clone().unwrap_or(cfg.contenders),
+                    rounds: a.rounds.unwrap_or(cfg.rounds),
+                    node_conntrack: !a.no_node_conntrack,
+                    host_routing: !a.no_host_routing,
+                    ..cfg
+                };
+                let v = nodeport::run(&cfg)?;
+                write(&a.out, "nodeport.json", v, &a, started.elapsed())?;
             }
             other => bail!("unknown part {other:?}"),
         }

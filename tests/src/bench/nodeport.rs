@@ -1,0 +1,927 @@
+//! NodePort packets per second from outside the node: a traffic generator in
+//! the client namespace sends small UDP packets (60-byte frames, 64 on a
+//! wire with the FCS) to a NodePort on the node's client-side address, as
+//! fast as one sender can, and the two backends count what arrives. One
+//! copy of the test topology (`netns::Topology`: client, node, two
+//! backends) per contender, side by side, measured interleaved:
+//!
+//! - `dataplane`: the real agent as deployed for traffic from outside: XDP
+//!   (auto mode: native on veth) on the node's external interface (`vc`),
+//!   TC on the pod-side interfaces (`vb1`, `vb2`), file source, the
+//!   NodePort served on the node's client-side address (`--node-ip`);
+//! - `iptables`, `nftables`: kube-proxy's rules for the same Services and
+//!   NodePorts (`kube_rules`, externalTrafficPolicy Cluster: NodePort
+//!   traffic is masqueraded), no BPF program;
+//! - `direct`: no rules; the generator sends to backend 1's own address
+//!   through the node (routed, not translated): the floor.
+//!
+//! Netfilter conntrack is loaded in every node namespace (`NODE_CONNTRACK`,
+//! as in the through-VIP part). The generator is an AF_PACKET socket with
+//! `PACKET_QDISC_BYPASS` sending prebuilt frames with `sendmmsg`, pinned to
+//! `PIN_CPU`; a fixed set of `flows` source ports is cycled, so that after
+//! the first packets every contender sees established flows (conntrack
+//! entries, NAT bindings, our conntrack), spread over both backends. Every
+//! send is bounded in time and in packets.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::{
+    kube_rules::{Proto, SvcPort},
+    pin_thread,
+    vip::{check_node, install_kube_proxy, vip, NodeHolds},
+    PIN_CPU,
+};
+use crate::{
+    agent::Agent,
+    netns::{backend_addr, backend_iface, Netns, Topology, CLIENT_ADDR, NODE_CLIENT_IFACE, NODE_CLIENT_SIDE},
+    packet::Frame,
+};
+
+pub struct Config {
+    pub scales: Vec<usize>,
+    pub rounds: usize,
+    /// Send time per contender per round.
+    pub send: Duration,
+    /// Packets per contender per round at most (the send stops at whichever
+    /// of `send` and this comes first).
+    pub max_packets: u64,
+    /// Distinct flows (source ports) the generator cycles through.
+    pub flows: u16,
+    /// The whole part stops starting new rounds after this.
+    pub deadline: Duration,
+    /// Who is measured, in this order every round (rotating).
+    pub contenders: Vec<Contender>,
+    /// Netfilter conntrack loaded in every node namespace (as real nodes).
+    pub node_conntrack: bool,
+    /// The agent's `--host-routing` (as in the through-VIP part).
+    pub host_routing: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contender {
+    /// The agent: XDP on the external interface, TC on the pod side.
+    Dataplane,
+    /// The agent with the XDP program in generic (skb) mode.
+    DataplaneGeneric,
+    Iptables,
+    Nftables,
+    /// No rules, straight to backend 1 through the node.
+    Direct,
+}
+
+pub const DEFAULT_CONTENDERS: [Contender; 4] = [
+    Contender::Dataplane,
+    Contender::Iptables,
+    Contender::Nftables,
+    Contender::Direct,
+];
+
+const ALL_CONTENDERS: [Contender; 5] = [
+    Contender::Dataplane,
+    Contender::DataplaneGeneric,
+    Contender::Iptables,
+    Contender::Nftables,
+    Contender::Direct,
+];
+
+impl Contender {
+    pub fn name(self) -> &'static str {
+        match self {
+            Contender::Dataplane => "dataplane",
+            Contender::DataplaneGeneric => "dataplane-xdp-generic",
+            Contender::Iptables => "iptables",
+            Contender::Nftables => "nftables",
+            Contender::Direct => "direct",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Contender> {
+        ALL_CONTENDERS.into_iter().find(|c| c.name() == name)
+    }
+}
+
+const BACKEND_PORT: u16 = 8080;
+const SERVICE_PORT: u16 = 80;
+/// The first NodePort; Service `i` of the last `NODE_PORTS` gets the next.
+const FIRST_NODE_PORT: u16 = 30000;
+/// How many of the Services (the last ones) have a NodePort: the range
+/// 30000-32767 holds 2,768, so not every one of 10,000 Services can.
+const NODE_PORTS: usize = 1000;
+/// UDP payload: 14 + 20 + 8 + 18 = 60 bytes, a 64-byte frame with the FCS.
+const PAYLOAD: usize = 18;
+/// Frames per `sendmmsg` call.
+const BATCH: usize = 64;
+/// The first source port of the generator's flows.
+const FIRST_SRC_PORT: u16 = 40000;
+const RECEIVER_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The CPU the backends' receiving threads run on: the other one of two
+/// (the generator and the whole forwarding path in softirq run on
+/// `PIN_CPU`).
+fn receiver_cpu() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores > 1 {
+        (PIN_CPU + 1) % cores
+    } else {
+        PIN_CPU
+    }
+}
+
+/// The Services: as in the through-VIP part, UDP, both backends each; the
+/// last `NODE_PORTS` of them have a NodePort, the measured one (the last)
+/// has the highest.
+fn services(n: usize) -> Vec<SvcPort> {
+    let first_np = n.saturating_sub(NODE_PORTS);
+    (0..n)
+        .map(|i| SvcPort {
+            namespace: "bench".into(),
+            name: format!("svc-{i}"),
+            port_name: "dns".into(),
+            vip: vip(i),
+            port: SERVICE_PORT,
+            protocol: Proto::Udp,
+            node_port: (i >= first_np).then(|| FIRST_NODE_PORT + (i - first_np) as u16),
+            endpoints: vec![(backend_addr(1), BACKEND_PORT), (backend_addr(2), BACKEND_PORT)],
+        })
+        .collect()
+}
+
+/// The agent's manifests for the same Services (type NodePort where they
+/// have one), endpoints without a node name: local to the agent's node.
+fn manifests(svcs: &[SvcPort]) -> String {
+    let mut docs = String::new();
+    for p in svcs {
+        let (ty, np) = match p.node_port {
+            Some(np) => ("NodePort", format!(", nodePort: {np}")),
+            None => ("ClusterIP", String::new()),
+        };
+        docs.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  type: {ty}\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  ports:\n  - {{name: {}, port: {}, protocol: UDP{np}}}\n",
+            p.name, p.namespace, p.port_name, p.port, vip = p.vip
+        ));
+        docs.push_str("---\n");
+        docs.push_str(&crate::manifests::slice(
+            &p.namespace,
+            &format!("{}-1", p.name),
+            &p.name,
+            &[(p.port_name.as_str(), BACKEND_PORT, "UDP")],
+            &[backend_addr(1), backend_addr(2)],
+        ));
+    }
+    docs
+}
+
+/// The backends' receiving sockets (one bound in each backend namespace)
+/// read by one thread pinned to `receiver_cpu()`, which counts datagrams
+/// per socket (`recvmmsg`). While `active` (a send is on) it polls the
+/// sockets without sleeping: a sleeping reader costs the sending CPU a
+/// wakeup (an IPI, expensive in a VM) per packet or batch, which here took
+/// a fifth of the path's time; otherwise it sleeps in `poll` (100 ms at a
+/// time) until stopped or its lifetime ends.
+struct Receivers {
+    stop: Arc<AtomicBool>,
+    active: Arc<AtomicBool>,
+    counts: Vec<Arc<AtomicU64>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Receivers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Receivers {
+    fn total(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// A UDP socket bound to `addr:BACKEND_PORT` in `ns` (a socket stays in
+/// the namespace it was made in, whichever thread reads it).
+fn bind_in(ns: &Netns, addr: Ipv4Addr) -> Result<UdpSocket> {
+    let sock = ns
+        .run(move || UdpSocket::bind((addr, BACKEND_PORT)))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bind thread panicked"))?
+        .with_context(|| format!("bind {addr}:{BACKEND_PORT}/udp"))?;
+    sock.set_nonblocking(true)?;
+    let size: libc::c_int = 8 << 20;
+    // SAFETY: setsockopt with a pointer to a c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    Ok(sock)
+}
+
+fn receivers(socks: Vec<UdpSocket>) -> Result<Receivers> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let active = Arc::new(AtomicBool::new(false));
+    let counts: Vec<Arc<AtomicU64>> = socks.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let (s, a, c) = (stop.clone(), active.clone(), counts.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        if let Err(e) = pin_thread(receiver_cpu()) {
+            let _ = tx.send(Err(e.to_string()));
+            return;
+        }
+        let _ = tx.send(Ok(()));
+        let mut bufs = vec![[0u8; 128]; BATCH];
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: a zeroed mmsghdr is valid (null name and control).
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let mut pfds: Vec<libc::pollfd> = socks
+            .iter()
+            .map(|s| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let started = Instant::now();
+        while !s.load(Ordering::Relaxed) && started.elapsed() < RECEIVER_LIFETIME {
+            let mut got = 0;
+            for (sock, count) in socks.iter().zip(&c) {
+                // SAFETY: `msgs` holds BATCH headers, each pointing to one
+                // iovec over a live buffer; non-blocking.
+                let n = unsafe {
+                    libc::recvmmsg(
+                        sock.as_raw_fd(),
+                        msgs.as_mut_ptr(),
+                        BATCH as libc::c_uint,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::null_mut(),
+                    )
+                };
+                if n > 0 {
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                    got += n;
+                }
+            }
+            if got == 0 && !a.load(Ordering::Relaxed) {
+                // SAFETY: valid pollfds for the duration of the call.
+                unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("the backends' receiver did not start")?
+        .map_err(anyhow::Error::msg)?;
+    Ok(Receivers {
+        stop,
+        active,
+        counts,
+        thread: Some(thread),
+    })
+}
+
+/// The generator's frames: one per flow, source ports `FIRST_SRC_PORT..`,
+/// valid IPv4 and UDP checksums, the given MAC addresses.
+pub fn frames(src_mac: [u8; 6], dst_mac: [u8; 6], dst: (Ipv4Addr, u16), flows: u16) -> Vec<Vec<u8>> {
+    (0..flows)
+        .map(|i| {
+            let mut f = Frame::udp((CLIENT_ADDR, FIRST_SRC_PORT + i), dst, &[0x5a; PAYLOAD]).build();
+            f[0..6].copy_from_slice(&dst_mac);
+            f[6..12].copy_from_slice(&src_mac);
+            f
+        })
+        .collect()
+}
+
+/// What one send measured.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sent {
+    packets: u64,
+    secs: f64,
+    /// `sendmmsg` calls that failed with ENOBUFS (frames not sent).
+    enobufs: u64,
+}
+
+/// Sends `frames` in turn out of `iface` of the calling thread's
+/// namespace with an AF_PACKET socket (`PACKET_QDISC_BYPASS`,
+/// `sendmmsg`), for `limit` or `max_packets`, whichever comes first.
+fn generate(iface: &str, frames: &[Vec<u8>], limit: Duration, max_packets: u64) -> Result<Sent> {
+    let name = std::ffi::CString::new(iface)?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface {iface}: {}", std::io::Error::last_os_error());
+    }
+    // Protocol 0: a send-only socket, nothing is queued to it.
+    // SAFETY: plain socket call; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: a zeroed sockaddr_ll is valid; bind with its size.
+    let rc = unsafe {
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+        sll.sll_ifindex = ifindex as i32;
+        libc::bind(
+            sock.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "binding the AF_PACKET socket to {iface}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
+    }
+    let mut iovs: Vec<libc::iovec> = frames
+        .iter()
+        .map(|f| libc::iovec {
+            iov_base: f.as_ptr() as *mut libc::c_void,
+            iov_len: f.len(),
+        })
+        .collect();
+    // SAFETY: a zeroed mmsghdr is valid (null name and control).
+    let mut msgs: Vec<libc::mmsghdr> = (0..frames.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut s = Sent::default();
+    let mut at = 0usize;
+    let t = Instant::now();
+    while s.packets < max_packets && t.elapsed() < limit {
+        let n = BATCH
+            .min(msgs.len() - at)
+            .min((max_packets - s.packets).min(BATCH as u64) as usize);
+        // SAFETY: `msgs[at..at + n]` are valid headers over frames that
+        // outlive the call.
+        let rc = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr().add(at), n as libc::c_uint, 0) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOBUFS) {
+                s.enobufs += 1;
+                continue;
+            }
+            bail!("sendmmsg: {e}");
+        }
+        s.packets += rc as u64;
+        at = (at + rc as usize) % msgs.len();
+    }
+    s.secs = t.elapsed().as_secs_f64();
+    Ok(s)
+}
+
+/// Interface counters (`ip -s -j link`) of some interfaces of a namespace.
+fn link_stats(ns: &Netns, ifaces: &[&str]) -> Result<BTreeMap<String, [u64; 4]>> {
+    let out = ns.ip(&["-s", "-j", "link", "show"])?;
+    let v: Value = serde_json::from_str(&out).context("ip -s -j link")?;
+    let mut m = BTreeMap::new();
+    for l in v.as_array().into_iter().flatten() {
+        let Some(name) = l["ifname"].as_str().filter(|n| ifaces.contains(n)) else {
+            continue;
+        };
+        let s = &l["stats64"];
+        let g = |dir: &str, k: &str| s[dir][k].as_u64().unwrap_or(0);
+        m.insert(
+            name.to_string(),
+            [
+                g("rx", "packets"),
+                g("rx", "dropped"),
+                g("tx", "packets"),
+                g("tx", "dropped"),
+            ],
+        );
+    }
+    Ok(m)
+}
+
+fn mac_of(ns: &Netns, iface: &str) -> Result<[u8; 6]> {
+    let out = ns.ip(&["-j", "link", "show", "dev", iface])?;
+    let v: Value = serde_json::from_str(&out)?;
+    let s = v[0]["address"].as_str().context("no MAC address")?;
+    let b: Vec<u8> = s
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16))
+        .collect::<Result<_, _>>()?;
+    b.try_into().map_err(|_| anyhow::anyhow!("bad MAC address {s}"))
+}
+
+/// All counters of one contender's topology that the path touches.
+struct Counters {
+    client: BTreeMap<String, [u64; 4]>,
+    node: BTreeMap<String, [u64; 4]>,
+    backends: Vec<BTreeMap<String, [u64; 4]>>,
+}
+
+fn counters(t: &Topology) -> Result<Counters> {
+    let ifaces = t.node_ifaces();
+    let ifaces: Vec<&str> = ifaces.iter().map(String::as_str).collect();
+    Ok(Counters {
+        client: link_stats(&t.client, &["eth0"])?,
+        node: link_stats(&t.node, &ifaces)?,
+        backends: t
+            .backends
+            .iter()
+            .map(|b| link_stats(b, &["eth0"]))
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// `after - before` of every counter, as `{ns: {iface: {rx_packets, ...}}}`.
+fn delta(before: &Counters, after: &Counters) -> Value {
+    let d = |b: &BTreeMap<String, [u64; 4]>, a: &BTreeMap<String, [u64; 4]>| -> Value {
+        let mut m = serde_json::Map::new();
+        for (k, av) in a {
+            let bv = b.get(k).copied().unwrap_or_default();
+            let x: Vec<u64> = (0..4).map(|i| av[i].saturating_sub(bv[i])).collect();
+            m.insert(
+                k.clone(),
+                json!({ "rx_packets": x[0], "rx_dropped": x[1], "tx_packets": x[2], "tx_dropped": x[3] }),
+            );
+        }
+        Value::Object(m)
+    };
+    let mut backends = serde_json::Map::new();
+    for (i, (b, a)) in before.backends.iter().zip(&after.backends).enumerate() {
+        backends.insert(format!("backend{}", i + 1), d(b, a));
+    }
+    json!({ "client": d(&before.client, &after.client), "node": d(&before.node, &after.node), "backends": backends })
+}
+
+/// The sum of counter records (`delta`'s shape: nested objects with
+/// numbers at the leaves).
+pub fn sum_counters<'a>(records: impl Iterator<Item = &'a Value>) -> Value {
+    fn add(into: &mut Value, x: &Value) {
+        match (into, x) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in b {
+                    add(a.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+            (slot, Value::Number(n)) => {
+                *slot = json!(slot.as_u64().unwrap_or(0) + n.as_u64().unwrap_or(0));
+            }
+            (slot @ Value::Null, v) => *slot = v.clone(),
+            _ => {}
+        }
+    }
+    let mut total = json!({});
+    for r in records {
+        add(&mut total, r);
+    }
+    total
+}
+
+/// What one contender measured in one round.
+#[derive(Clone, Debug)]
+struct RoundResult {
+    sent: Sent,
+    /// Packets that reached the backends' interfaces (rx_packets).
+    delivered: u64,
+    /// Datagrams the backends' sockets read.
+    received: u64,
+    /// Every interface counter's change over the round.
+    counters: Value,
+}
+
+impl RoundResult {
+    fn offered_pps(&self) -> f64 {
+        self.sent.packets as f64 / self.sent.secs
+    }
+    fn delivered_pps(&self) -> f64 {
+        self.delivered as f64 / self.sent.secs
+    }
+    fn received_pps(&self) -> f64 {
+        self.received as f64 / self.sent.secs
+    }
+}
+
+/// One contender's topology with what it needs running.
+struct Setup {
+    who: Contender,
+    topo: Topology,
+    receivers: Receivers,
+    agent: Option<Agent>,
+    frames: Vec<Vec<u8>>,
+    target: (Ipv4Addr, u16),
+    install_s: Option<f64>,
+    notes: Vec<String>,
+}
+
+impl Setup {
+    /// One send of up to `limit` / `max_packets` from the client namespace,
+    /// with the counters around it.
+    fn round(&self, limit: Duration, max_packets: u64) -> Result<RoundResult> {
+        let before = counters(&self.topo)?;
+        let received0 = self.receivers.total();
+        let frames = self.frames.clone();
+        self.receivers.active.store(true, Ordering::Relaxed);
+        let sent = self
+            .topo
+            .client
+            .run(move || -> Result<Sent> {
+                pin_thread(PIN_CPU)?;
+                generate("eth0", &frames, limit, max_packets)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the generator thread panicked"));
+        // What is still in flight (the receivers' queues) lands within
+        // milliseconds; the rates are over the send time.
+        std::thread::sleep(Duration::from_millis(100));
+        self.receivers.active.store(false, Ordering::Relaxed);
+        let sent = sent??;
+        let after = counters(&self.topo)?;
+        let received = self.receivers.total() - received0;
+        let delivered = before
+            .backends
+            .iter()
+            .zip(&after.backends)
+            .map(|(b, a)| a["eth0"][0].saturating_sub(b["eth0"][0]))
+            .sum();
+        Ok(RoundResult {
+            sent,
+            delivered,
+            received,
+            counters: delta(&before, &after),
+        })
+    }
+
+    fn xdp_mode(&self) -> String {
+        let out = self
+            .topo
+            .node
+            .ip(&["-d", "link", "show", "dev", NODE_CLIENT_IFACE])
+            .unwrap_or_default();
+        if out.contains("xdpgeneric") {
+            "generic (skb)".into()
+        } else if out.contains("xdpdrv") || out.contains("prog/xdp") {
+            "native (driver)".into()
+        } else {
+            format!("unknown: {}", out.lines().find(|l| l.contains("xdp")).unwrap_or("none"))
+        }
+    }
+}
+
+fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
+    let topo = Topology::new(2)?;
+    let receivers = receivers(vec![
+        bind_in(&topo.backends[0], backend_addr(1))?,
+        bind_in(&topo.backends[1], backend_addr(2))?,
+    ])?;
+    let last = svcs.last().expect("at least one Service");
+    let node_port = last.node_port.context("the measured Service has a NodePort")?;
+    let target = match who {
+        Contender::Direct => (backend_addr(1), BACKEND_PORT),
+        _ => (NODE_CLIENT_SIDE, node_port),
+    };
+    let frames = frames(
+        mac_of(&topo.client, "eth0")?,
+        mac_of(&topo.node, NODE_CLIENT_IFACE)?,
+        target,
+        cfg.flows,
+    );
+    let mut s = Setup {
+        who,
+        topo,
+        receivers,
+        agent: None,
+        frames,
+        target,
+        install_s: None,
+        notes: Vec::new(),
+    };
+    match who {
+        Contender::Dataplane | Contender::DataplaneGeneric => {
+            let docs = manifests(svcs);
+            let xdp = vec![NODE_CLIENT_IFACE.to_string()];
+            let tc: Vec<String> = (1..=s.topo.backends.len()).map(backend_iface).collect();
+            let mode = if who == Contender::Dataplane { "auto" } else { "generic" };
+            let extra = [
+                format!("--host-routing={}", cfg.host_routing),
+                format!("--node-ip={NODE_CLIENT_SIDE}"),
+                format!("--xdp-mode={mode}"),
+            ];
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            let t = Instant::now();
+            let agent = Agent::start_with(&s.topo.node, &tc, &xdp, &[("services.yaml", &docs)], &extra)?;
+            s.install_s = Some(t.elapsed().as_secs_f64());
+            s.agent = Some(agent);
+            s.notes.push(format!(
+                "the agent ({}, file source, {}) with XDP ({mode} mode: {}) on {NODE_CLIENT_IFACE} and TC ingress (tcx) on {}; install time is agent start to first sync, including YAML parsing",
+                crate::agent::agent_binary().display(),
+                extra.join(" "),
+                s.xdp_mode(),
+                tc.join(", "),
+            ));
+        }
+        Contender::Iptables | Contender::Nftables => {
+            let (t, note) = install_kube_proxy(&s.topo.node, who == Contender::Iptables, svcs)?;
+            s.install_s = Some(t);
+            s.notes.push(note);
+        }
+        Contender::Direct => {}
+    }
+    let holds = match who {
+        Contender::Dataplane | Contender::DataplaneGeneric => NodeHolds::Agent(s.agent.as_ref()),
+        Contender::Iptables | Contender::Nftables => NodeHolds::KubeProxy,
+        Contender::Direct => NodeHolds::Nothing,
+    };
+    let notes = check_node(&s.topo, who.name(), holds, cfg.node_conntrack)?;
+    s.notes.extend(notes);
+    // Before timing: every flow once (neighbours resolved, conntrack and
+    // NAT entries made), and the packets must arrive; the dataplane must
+    // have translated each flow once, per packet (in XDP: no TC program
+    // sees the client's side).
+    let before = s.agent.as_ref().map(Agent::translations).transpose()?;
+    let flows = u64::from(cfg.flows);
+    let mut warm = s.round(Duration::from_secs(5), flows)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let more = s.round(Duration::from_secs(5), 4 * flows)?;
+    warm.delivered += more.delivered;
+    if warm.delivered < 4 * flows {
+        bail!(
+            "{}: {} of {} warm-up packets reached the backends ({:?})",
+            who.name(),
+            warm.delivered,
+            5 * flows,
+            more.counters
+        );
+    }
+    if let (Some(a), Some((_, nat0))) = (s.agent.as_ref(), before) {
+        let (_, nat) = a.translations()?;
+        if nat - nat0 != flows {
+            bail!(
+                "{}: {flows} flows were translated {} times per packet, expected {flows}",
+                who.name(),
+                nat - nat0
+            );
+        }
+        s.notes.push(format!(
+            "checked before timing: {flows} flows translated {flows} times per packet (XDP: TC is not on the client's side)"
+        ));
+    }
+    Ok(s)
+}
+
+/// `a / b` per round (same round, seconds apart), summarized, and the ratio
+/// of the medians; `None` when either has no values.
+pub fn ratio(a: &[f64], b: &[f64]) -> Option<Value> {
+    if a.is_empty() || b.is_empty() {
+        return None;
+    }
+    let paired: Vec<f64> = a.iter().zip(b).filter(|(_, y)| **y > 0.0).map(|(x, y)| x / y).collect();
+    Some(json!({
+        "paired": { "summary": super::summary(&paired), "raw": paired },
+        "of_medians": super::median(a) / super::median(b),
+    }))
+}
+
+/// The ratios reported: ours to each kube-proxy mode and to the floor, and
+/// each kube-proxy mode to the floor, from delivered pps per round by
+/// contender.
+pub fn ratios(delivered: &BTreeMap<&str, Vec<f64>>) -> Value {
+    let pairs = [
+        ("dataplane", "iptables"),
+        ("dataplane", "nftables"),
+        ("dataplane", "direct"),
+        ("dataplane-xdp-generic", "iptables"),
+        ("dataplane-xdp-generic", "nftables"),
+        ("dataplane-xdp-generic", "direct"),
+        ("iptables", "direct"),
+        ("nftables", "direct"),
+    ];
+    let mut m = serde_json::Map::new();
+    for (a, b) in pairs {
+        if let (Some(x), Some(y)) = (delivered.get(a), delivered.get(b)) {
+            if let Some(r) = ratio(x, y) {
+                m.insert(format!("{a}/{b}"), r);
+            }
+        }
+    }
+    Value::Object(m)
+}
+
+pub fn run(cfg: &Config) -> Result<Value> {
+    if cfg.flows == 0 || cfg.rounds == 0 {
+        bail!("NodePort: flows and rounds must be at least 1");
+    }
+    let started = Instant::now();
+    let mut scales_out = Vec::new();
+    for &n in &cfg.scales {
+        let svcs = services(n);
+        let setups = super::set_up_all(
+            "NodePort",
+            n,
+            &cfg.contenders,
+            Contender::name,
+            |who| setup(who, &svcs, cfg),
+            |s| s.install_s,
+        )?;
+        let results = super::interleaved(
+            setups.len(),
+            cfg.rounds,
+            started,
+            cfg.deadline,
+            |i, round| {
+                let s = &setups[i];
+                s.round(cfg.send, cfg.max_packets)
+                    .with_context(|| format!("{} at {n} Services, round {round}", s.who.name()))
+            },
+            |round, results| {
+                let line: Vec<String> = setups
+                    .iter()
+                    .zip(results)
+                    .filter_map(|(s, r)| {
+                        let r = r.last()?;
+                        Some(format!(
+                            "{} {:.0} kpps ({:.0} offered)",
+                            s.who.name(),
+                            r.delivered_pps() / 1e3,
+                            r.offered_pps() / 1e3
+                        ))
+                    })
+                    .collect();
+                eprintln!("dp-bench:   round {}/{}: {}", round + 1, cfg.rounds, line.join(", "));
+            },
+        )?;
+        let rounds_done = results.first().map_or(0, Vec::len);
+        let mut contenders = serde_json::Map::new();
+        let mut delivered_by: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for (s, rs) in setups.iter().zip(&results) {
+            let offered: Vec<f64> = rs.iter().map(RoundResult::offered_pps).collect();
+            let delivered: Vec<f64> = rs.iter().map(RoundResult::delivered_pps).collect();
+            let received: Vec<f64> = rs.iter().map(RoundResult::received_pps).collect();
+            let sent: u64 = rs.iter().map(|r| r.sent.packets).sum();
+            let arrived: u64 = rs.iter().map(|r| r.delivered).sum();
+            delivered_by.insert(s.who.name(), delivered.clone());
+            contenders.insert(
+                s.who.name().into(),
+                json!({
+                    "target": format!("{}:{}", s.target.0, s.target.1),
+                    "install_s": s.install_s,
+                    "notes": s.notes,
+                    "offered_pps": { "summary": super::summary(&offered), "raw": offered },
+                    "delivered_pps": { "summary": super::summary(&delivered), "raw": delivered },
+                    "socket_pps": { "summary": super::summary(&received), "raw": received },
+                    "sent_packets": sent,
+                    "delivered_packets": arrived,
+                    "lost_packets": sent.saturating_sub(arrived),
+                    "enobufs": rs.iter().map(|r| r.sent.enobufs).sum::<u64>(),
+                    "per_round": {
+                        "sent": rs.iter().map(|r| r.sent.packets).collect::<Vec<_>>(),
+                        "secs": rs.iter().map(|r| r.sent.secs).collect::<Vec<_>>(),
+                        "delivered": rs.iter().map(|r| r.delivered).collect::<Vec<_>>(),
+                        "socket_received": rs.iter().map(|r| r.received).collect::<Vec<_>>(),
+                    },
+                    "interface_counters_over_all_rounds": sum_counters(rs.iter().map(|r| &r.counters)),
+                }),
+            );
+        }
+        let last = svcs.last().expect("at least one Service");
+        scales_out.push(json!({
+            "services": n,
+            "node_ports": svcs.iter().filter(|s| s.node_port.is_some()).count(),
+            "measured": {
+                "node_ip": NODE_CLIENT_SIDE.to_string(),
+                "node_port": last.node_port,
+                "cluster_ip": last.vip.to_string(),
+                "protocol": "UDP",
+                "endpoints": 2,
+            },
+            "rounds": rounds_done,
+            "contenders": contenders,
+            "ratios": ratios(&delivered_by),
+        }));
+        drop(setups);
+    }
+    Ok(json!({
+        "part": "nodeport",
+        "method": "One copy of the topology (client, node, 2 backends) per contender, built side by side. A generator thread in the client namespace (pinned to PIN_CPU) sends prebuilt 60-byte Ethernet/IPv4/UDP frames (64 bytes on a wire with the FCS; valid checksums) out of the client's veth with an AF_PACKET socket (PACKET_QDISC_BYPASS, sendmmsg of 64 frames per call), cycling through `flows` source ports, for `send_s` seconds or `max_packets` per contender per round, whichever comes first; every round measures each contender in turn (the order rotating by one from round to round). Offered pps: frames the socket accepted over the send time. Delivered pps: the backends' interfaces' rx_packets over the same time (read before and 100 ms after the send). Socket pps: datagrams the backends' UDP sockets read (one thread pinned to the other CPU reads both with non-blocking recvmmsg, polling without sleeping while a send is on, so that no packet costs the sending CPU a wakeup). Before timing, every flow is sent 5 times (neighbours, conntrack, NAT bindings), the packets must arrive, and the dataplane must have translated each flow once per packet (XDP: no TC program is on the client's side). Ratios: per round, a contender's delivered pps over another's (seconds apart), median over rounds; and the ratio of the medians.",
+        "generator": "AF_PACKET, PACKET_QDISC_BYPASS, sendmmsg (64 frames per call), one thread",
+        "frame_bytes": 14 + 20 + 8 + PAYLOAD,
+        "flows": cfg.flows,
+        "send_s": cfg.send.as_secs_f64(),
+        "max_packets": cfg.max_packets,
+        "pinned_cpu": PIN_CPU,
+        "receiver_cpu": receiver_cpu(),
+        "dp_bench_build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "netfilter_conntrack": if cfg.node_conntrack {
+            "Loaded in every contender's node namespace, as on real nodes: a table whose rules read `ct state` in prerouting and output, besides the contender's own rules."
+        } else {
+            "Not loaded by the bench (--no-node-conntrack): only the iptables and nftables node namespaces track flows (their NAT needs it)."
+        },
+        "host_routing": cfg.host_routing,
+        "attach_point": "dataplane: XDP (auto mode) on the node's client-side veth (vc), TC ingress (tcx) on the backend-side veths; on a veth ingress the XDP program translates and passes the packet to the stack (XDP_TX is for routes back out of the same non-veth interface), so the node still forwards it",
+        "external_traffic_policy": "Cluster (the default): kube-proxy masquerades NodePort traffic to the node's address; the dataplane does not SNAT local endpoints (no --node-name: every endpoint is local), so its backends see the client's address",
+        "contenders": cfg.contenders.iter().map(|c| c.name()).collect::<Vec<_>>(),
+        "scales": scales_out,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_64_bytes_on_a_wire_with_valid_checksums() {
+        let f = frames([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], (NODE_CLIENT_SIDE, 30999), 3);
+        assert_eq!(f.len(), 3);
+        for (i, fr) in f.iter().enumerate() {
+            assert_eq!(fr.len() + 4, 64);
+            assert_eq!(&fr[0..6], &[2, 0, 0, 0, 0, 2]);
+            assert_eq!(&fr[6..12], &[2, 0, 0, 0, 0, 1]);
+            let p = crate::packet::parse_and_verify(fr);
+            assert_eq!(p.sport, FIRST_SRC_PORT + i as u16);
+            assert_eq!(p.dport, 30999);
+            assert_eq!(p.dst, std::net::IpAddr::from(NODE_CLIENT_SIDE));
+        }
+    }
+
+    #[test]
+    fn the_measured_service_has_the_highest_node_port() {
+        for n in [1, 10, 10_000] {
+            let s = services(n);
+            let np: Vec<u16> = s.iter().filter_map(|s| s.node_port).collect();
+            assert_eq!(np.len(), n.min(NODE_PORTS));
+            assert_eq!(s.last().unwrap().node_port, np.iter().max().copied());
+            assert!(np.iter().all(|p| (30000..=32767).contains(p)));
+        }
+        let m = manifests(&services(2));
+        assert!(m.contains("type: NodePort"));
+        assert!(m.contains("protocol: UDP, nodePort: 30001}"));
+    }
+
+    #[test]
+    fn counters_add_up_over_rounds() {
+        let a = json!({ "node": { "vc": { "rx_packets": 10, "rx_dropped": 1 } }, "backends": {} });
+        let b = json!({ "node": { "vc": { "rx_packets": 5, "rx_dropped": 0 }, "vb1": { "tx_packets": 3 } } });
+        let t = sum_counters([&a, &b].into_iter());
+        assert_eq!(
+            t,
+            json!({ "node": { "vc": { "rx_packets": 15, "rx_dropped": 1 }, "vb1": { "tx_packets": 3 } }, "backends": {} })
+        );
+    }
+
+    #[test]
+    fn ratios_are_paired_per_round_and_of_medians() {
+        let d = BTreeMap::from([
+            ("dataplane", vec![300.0, 400.0, 330.0]),
+            ("iptables", vec![100.0, 100.0, 110.0]),
+            ("direct", vec![400.0, 400.0, 330.0]),
+        ]);
+        let r = ratios(&d);
+        assert_eq!(r["dataplane/iptables"]["paired"]["raw"], json!([3.0, 4.0, 3.0]));
+        assert_eq!(r["dataplane/iptables"]["paired"]["summary"]["median"], json!(3.0));
+        assert_eq!(r["dataplane/iptables"]["of_medians"], json!(3.3));
+        assert_eq!(r["dataplane/direct"]["paired"]["summary"]["median"], json!(1.0));
+        assert!(r.get("dataplane/nftables").is_none());
+        assert!(r.get("iptables/direct").is_some());
+        assert!(ratio(&[], &[1.0]).is_none());
+    }
+}
