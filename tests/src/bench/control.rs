@@ -279,6 +279,39 @@ impl AgentProc {
         Ok((field("VmHWM:")?, field("VmRSS:")?))
     }
 
+    /// The kernel memory of the agent's maps, as the kernel accounts it
+    /// (`memlock` in each map fd's fdinfo: since 6.4 what the map uses, a
+    /// preallocated map its whole size), per map name, in KiB.
+    fn maps_kernel_kib(&self) -> Result<Vec<(String, u64, u32)>> {
+        let dir = format!("/proc/{}/fdinfo", self.child.id());
+        let mut seen = std::collections::BTreeMap::new();
+        for e in std::fs::read_dir(&dir).with_context(|| dir.clone())? {
+            let Ok(text) = std::fs::read_to_string(e?.path()) else {
+                continue;
+            };
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) else {
+                continue;
+            };
+            let max_entries = field("max_entries:").unwrap_or(0) as u32;
+            seen.insert(id as u32, (memlock, max_entries));
+        }
+        Ok(seen
+            .into_iter()
+            .map(|(id, (memlock, max))| {
+                let name = aya::maps::MapInfo::from_id(id)
+                    .ok()
+                    .and_then(|i| i.name_as_str().map(str::to_string))
+                    .unwrap_or_else(|| format!("map {id}"));
+                (name, memlock.div_ceil(1024), max)
+            })
+            .collect())
+    }
+
     fn stop(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
@@ -417,6 +450,8 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (hwm_kib, rss_kib) = agent.memory_kib()?;
+    let maps = agent.maps_kernel_kib()?;
+    let maps_kib: u64 = maps.iter().map(|(_, k, _)| k).sum();
     let last = agent.syncs().last().copied();
     agent.stop();
     if !latencies_ms.is_empty() {
@@ -437,6 +472,8 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
         "change_sync_compute_ms": compute_ms,
         "peak_rss_mib": hwm_kib as f64 / 1024.0,
         "rss_at_end_mib": rss_kib as f64 / 1024.0,
+        "maps_kernel_mib": maps_kib as f64 / 1024.0,
+        "maps_kernel_kib": maps.iter().map(|(n, k, max)| json!({"map": n, "kib": k, "max_entries": max})).collect::<Vec<_>>(),
         "agent_relists": last.map_or(0, |l| l.relists),
         "agent_watch_restarts": last.map_or(0, |l| l.watch_restarts),
     }))
@@ -571,6 +608,7 @@ fn scale(bin: &Path, n: usize, cfg: &Config) -> Result<Value> {
             "change_to_map_write_ms_p90": super::percentile(&sorted, 90.0),
             "change_sync_compute_and_apply_ms": summary_of(&runs, "change_sync_compute_and_apply_ms"),
             "peak_rss_mib": summary_of(&runs, "peak_rss_mib"),
+            "maps_kernel_mib": summary_of(&runs, "maps_kernel_mib"),
             "runs": runs,
         },
         "iptables_restore": ipt,
