@@ -252,7 +252,9 @@ pub struct RunArgs {
     /// Session affinity map entries (LRU, preallocated).
     #[arg(long, default_value_t = limits::MAX_AFFINITY, env = "DATAPLANE_AFFINITY_MAX_ENTRIES")]
     pub affinity_max_entries: u32,
-    /// Service frontends: the service map, its per-service counters and names.
+    /// Service frontends: the service map, its per-service counters and
+    /// names. One per Service port and one per ClusterIP (its entry for
+    /// the ports it lacks): a one-port ClusterIP Service takes two.
     #[arg(long, default_value_t = limits::MAX_SERVICES, env = "DATAPLANE_SERVICES_MAX_ENTRIES")]
     pub services_max_entries: u32,
     /// Backend slots, all frontends together (both generations of each).
