@@ -146,7 +146,8 @@ struct FibSlot(core::mem::MaybeUninit<FibLookup>);
 fn zero_fib(slot: &mut FibSlot) -> &mut FibLookup {
     let fib = &mut slot.0;
     const WORDS: usize = core::mem::size_of::<FibLookup>() / 4;
-    const _: () = assert!(core::mem::size_of::<FibLookup>() % 4 == 0 && core::mem::align_of::<FibLookup>() >= 4);
+    const _: () =
+        assert!(core::mem::size_of::<FibLookup>().is_multiple_of(4) && core::mem::align_of::<FibLookup>() >= 4);
     let w = fib.as_mut_ptr() as *mut u32;
     for i in 0..WORDS {
         // SAFETY: within the struct, 4-byte aligned (asserted above).
