@@ -4,7 +4,7 @@
 //! source, so the agent runs and is tested without a cluster.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     fs,
     path::{Path, PathBuf},
     sync::Arc,
@@ -56,10 +56,38 @@ impl Fingerprint {
 /// version or its removal may change.
 struct CachedFile {
     fingerprint: Fingerprint,
+    /// The number of the last scan that listed it.
+    scan: u64,
     services: Box<[String]>,
     slices: Box<[String]>,
     nodes: Box<[String]>,
     problems: Vec<Problem>,
+}
+
+/// A file's path as the key of [`FileSource::files`]: hashed and compared
+/// as bytes (a poll looks every file up; `Path`'s own comparison parses
+/// both paths into components, a third of a poll's time at 10,000 files).
+#[derive(Debug)]
+struct FileKey(Arc<Path>);
+
+impl PartialEq for FileKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_os_str() == other.0.as_os_str()
+    }
+}
+
+impl Eq for FileKey {}
+
+impl std::hash::Hash for FileKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_os_str().hash(state)
+    }
+}
+
+impl std::borrow::Borrow<std::ffi::OsStr> for FileKey {
+    fn borrow(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
 }
 
 /// Where a definition comes from: its file and its position among the
@@ -222,7 +250,7 @@ impl<K: k8s_openapi::Metadata<Ty = ObjectMeta>> KindChanges<K> {
 /// only the Services they touch, as with the Kubernetes source.
 pub struct FileSource {
     dir: PathBuf,
-    files: BTreeMap<Arc<Path>, CachedFile>,
+    files: HashMap<FileKey, CachedFile>,
     services: Kept<Service>,
     slices: Kept<EndpointSlice>,
     nodes: Kept<Node>,
@@ -230,6 +258,8 @@ pub struct FileSource {
     problems: Vec<Problem>,
     /// Set once the first scan happened, so the first poll always reports.
     scanned: bool,
+    /// Scans so far.
+    scans: u64,
     /// Set until a view saw the whole state (the first poll): the sync
     /// recomputes everything.
     all_changed: bool,
@@ -245,21 +275,31 @@ fn is_manifest(path: &Path) -> bool {
 }
 
 /// Lists manifest files under `dir`, recursively, skipping hidden entries
-/// (ConfigMap volumes keep their data under `..data`).
-fn list(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// (ConfigMap volumes keep their data under `..data`), with their
+/// fingerprints: one `stat` per file, relative to its directory where the
+/// entry is a regular file (a poll stats every file of the directory).
+fn list(dir: &Path, out: &mut Vec<(PathBuf, Fingerprint)>) -> std::io::Result<()> {
     for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        let hidden = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_none_or(|n| n.starts_with('.'));
+        let entry = entry?;
+        let name = entry.file_name();
+        let hidden = name.to_str().is_none_or(|n| n.starts_with('.'));
         if hidden {
             continue;
         }
-        // metadata() follows symlinks, as ConfigMap volumes need.
-        match fs::metadata(&path) {
-            Ok(m) if m.is_dir() => list(&path, out)?,
-            Ok(m) if m.is_file() && is_manifest(&path) => out.push(path),
+        // Symlinks are followed, as ConfigMap volumes need.
+        let meta = match entry.file_type() {
+            Ok(t) if t.is_file() => entry.metadata(),
+            _ => fs::metadata(entry.path()),
+        };
+        match meta {
+            Ok(m) if m.is_dir() => list(&entry.path(), out)?,
+            Ok(m) if m.is_file() => {
+                let path = entry.path();
+                if is_manifest(&path) {
+                    out.push((path, Fingerprint::of(&m)));
+                }
+            }
+            // Vanished since the listing, or a dangling link.
             _ => {}
         }
     }
@@ -339,12 +379,13 @@ impl FileSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         FileSource {
             dir: dir.into(),
-            files: BTreeMap::new(),
+            files: HashMap::new(),
             services: Kept::default(),
             slices: Kept::default(),
             nodes: Kept::default(),
             problems: Vec::new(),
             scanned: false,
+            scans: 0,
             all_changed: true,
         }
     }
@@ -358,9 +399,8 @@ impl FileSource {
     /// cannot be read or parsed keeps its previous objects (a half-written
     /// file must not delete Services), with a problem saying so.
     pub fn poll(&mut self) -> Result<bool, String> {
-        let mut paths = Vec::new();
-        list(&self.dir, &mut paths).map_err(|e| format!("reading directory {}: {e}", self.dir.display()))?;
-        paths.sort();
+        let mut listing = Vec::with_capacity(self.files.len());
+        list(&self.dir, &mut listing).map_err(|e| format!("reading directory {}: {e}", self.dir.display()))?;
 
         let mut changed = !self.scanned;
         let mut problems_changed = !self.scanned;
@@ -370,20 +410,24 @@ impl FileSource {
         let mut services = KindChanges::<Service>::default();
         let mut slices = KindChanges::<EndpointSlice>::default();
         let mut nodes = KindChanges::<Node>::default();
-        let mut next = BTreeMap::new();
-        for path in paths {
-            let fp = match fs::metadata(&path) {
-                Ok(m) => Fingerprint::of(&m),
-                Err(_) => continue, // vanished between list and stat
-            };
-            // An unchanged file stays as it is: moved, not rebuilt (a
-            // poll runs every 100 ms by default).
-            let (file, old) = match self.files.remove_entry(path.as_path()) {
-                Some((file, unchanged)) if unchanged.fingerprint == fp => {
-                    next.insert(file, unchanged);
+        // Files seen in this scan are marked with its number; the others
+        // were removed.
+        self.scans += 1;
+        let scan = self.scans;
+        let mut seen = 0;
+        for (path, fp) in listing {
+            seen += 1;
+            // An unchanged file stays as it is (a poll runs every 100 ms
+            // by default).
+            let (file, old) = match self.files.get_mut(path.as_os_str()) {
+                Some(unchanged) if unchanged.fingerprint == fp => {
+                    unchanged.scan = scan;
                     continue;
                 }
-                Some((file, old)) => (file, Some(old)),
+                Some(_) => {
+                    let (file, old) = self.files.remove_entry(path.as_os_str()).expect("just found");
+                    (file.0, Some(old))
+                }
                 None => (Arc::from(path.as_path()), None),
             };
             changed = true;
@@ -403,6 +447,7 @@ impl FileSource {
                     problems_changed |= !problems.is_empty();
                     CachedFile {
                         fingerprint: fp,
+                        scan,
                         services: services.add(&file, objects.services),
                         slices: slices.add(&file, objects.slices),
                         nodes: nodes.add(&file, objects.nodes),
@@ -419,11 +464,13 @@ impl FileSource {
                     match old {
                         Some(old) => CachedFile {
                             fingerprint: fp,
+                            scan,
                             problems,
                             ..old
                         },
                         None => CachedFile {
                             fingerprint: fp,
+                            scan,
                             services: Box::default(),
                             slices: Box::default(),
                             nodes: Box::default(),
@@ -432,16 +479,23 @@ impl FileSource {
                     }
                 }
             };
-            next.insert(file, cached);
+            self.files.insert(FileKey(file), cached);
         }
-        // What is left was removed.
-        for (file, old) in std::mem::replace(&mut self.files, next) {
-            changed = true;
-            services.affected.extend(old.services.into_vec());
-            slices.affected.extend(old.slices.into_vec());
-            nodes.affected.extend(old.nodes.into_vec());
-            problems_changed |= !old.problems.is_empty();
-            dropped.insert(file);
+        if seen < self.files.len() {
+            // Some were removed.
+            let removed: Vec<Arc<Path>> = (self.files.iter())
+                .filter(|(_, f)| f.scan != scan)
+                .map(|(p, _)| p.0.clone())
+                .collect();
+            for file in removed {
+                let old = self.files.remove(file.as_os_str()).expect("just found");
+                changed = true;
+                services.affected.extend(old.services.into_vec());
+                slices.affected.extend(old.slices.into_vec());
+                nodes.affected.extend(old.nodes.into_vec());
+                problems_changed |= !old.problems.is_empty();
+                dropped.insert(file);
+            }
         }
         problems_changed |= services.apply(&mut self.services, &dropped);
         problems_changed |= slices.apply(&mut self.slices, &dropped);
@@ -466,6 +520,7 @@ impl FileSource {
         self.duplicate_problems("Service", &self.services, &mut problems);
         self.duplicate_problems("EndpointSlice", &self.slices, &mut problems);
         self.duplicate_problems("Node", &self.nodes, &mut problems);
+        problems.sort();
         self.problems = problems;
     }
 
