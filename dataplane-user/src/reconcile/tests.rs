@@ -517,6 +517,19 @@ mod incremental {
         )
     }
 
+    /// The two syncers wrote the same maps.
+    fn same_maps(incr: &Syncer<Fake>, full: &Syncer<Fake>, ctx: &str) {
+        let (a, b) = (incr.writer(), full.writer());
+        assert_eq!(a.services, b.services, "{ctx}");
+        assert_eq!(a.backends, b.backends, "{ctx}");
+        assert_eq!(
+            a.maglev.keys().collect::<Vec<_>>(),
+            b.maglev.keys().collect::<Vec<_>>(),
+            "{ctx}"
+        );
+        assert_eq!(a.names, b.names, "{ctx}");
+    }
+
     #[test]
     fn incremental_path_equals_full_path() {
         let node = NodeInfo {
@@ -620,15 +633,7 @@ mod incremental {
                 let sum: usize = full.frontends.values().map(|f| f.backends.len()).sum();
                 assert_eq!(incr_sync.programmed_backends(), sum, "{ctx}");
                 assert_eq!(full_sync.programmed_backends(), sum, "{ctx}");
-                let (a, b) = (incr_sync.writer(), full_sync.writer());
-                assert_eq!(a.services, b.services, "{ctx}");
-                assert_eq!(a.backends, b.backends, "{ctx}");
-                assert_eq!(
-                    a.maglev.keys().collect::<Vec<_>>(),
-                    b.maglev.keys().collect::<Vec<_>>(),
-                    "{ctx}"
-                );
-                assert_eq!(a.names, b.names, "{ctx}");
+                same_maps(&incr_sync, &full_sync, &ctx);
             }
         }
         assert!(
@@ -789,15 +794,7 @@ mod incremental {
                     frontends += full.frontends.len();
                     assert_eq!(incremental.desired(), &full, "{ctx}");
                     assert_eq!(incr_sync.programmed(), full_sync.programmed(), "{ctx}");
-                    let (a, b) = (incr_sync.writer(), full_sync.writer());
-                    assert_eq!(a.services, b.services, "{ctx}");
-                    assert_eq!(a.backends, b.backends, "{ctx}");
-                    assert_eq!(
-                        a.maglev.keys().collect::<Vec<_>>(),
-                        b.maglev.keys().collect::<Vec<_>>(),
-                        "{ctx}"
-                    );
-                    assert_eq!(a.names, b.names, "{ctx}");
+                    same_maps(&incr_sync, &full_sync, &ctx);
                 });
                 duplicates += src
                     .problems()

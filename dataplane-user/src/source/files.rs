@@ -674,6 +674,16 @@ mod tests {
         );
     }
 
+    fn write_with_mtime(path: &Path, text: &str, mtime: SystemTime) {
+        fs::write(path, text).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    }
+
     /// A service file whose VIP ends in `last` (same length for 1-9).
     fn svc_file(last: u8) -> String {
         format!("apiVersion: v1\nkind: Service\nmetadata: {{name: a, namespace: x}}\nspec: {{clusterIP: 198.19.0.{last}, ports: [{{port: 80}}]}}\n")
@@ -698,25 +708,13 @@ mod tests {
 
         // Rewritten in place: same length, mtime set back (only the ctime
         // tells).
-        fs::write(&path, svc_file(2)).unwrap();
-        fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
+        write_with_mtime(&path, &svc_file(2), mtime);
         let (o, _) = poll(&mut src).expect("in-place rewrite seen");
         assert_eq!(vip(&o), "198.19.0.2");
 
         // Replaced by a rename: a new inode with the same length and mtime.
         let tmp = dir.join(".svc.tmp");
-        fs::write(&tmp, svc_file(3)).unwrap();
-        fs::File::options()
-            .write(true)
-            .open(&tmp)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
+        write_with_mtime(&tmp, &svc_file(3), mtime);
         fs::rename(&tmp, &path).unwrap();
         let (o, _) = poll(&mut src).expect("replacement seen");
         assert_eq!(vip(&o), "198.19.0.3");
@@ -783,15 +781,8 @@ mod tests {
 
         fn write(&mut self, name: &str, text: &str) {
             self.1 += 1;
-            let path = self.0.join(name);
-            fs::write(&path, text).unwrap();
             let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + self.1);
-            fs::File::options()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_modified(mtime)
-                .unwrap();
+            write_with_mtime(&self.0.join(name), text, mtime);
         }
     }
 
