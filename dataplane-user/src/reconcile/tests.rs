@@ -654,7 +654,7 @@ mod incremental {
     fn file_source_incremental_path_equals_full_path() {
         use std::{fs, time::SystemTime};
 
-        use crate::source::files::FileSource;
+        use crate::source::files::{write_with_mtime, FileSource};
 
         let node = NodeInfo {
             name: Some("n1".into()),
@@ -675,14 +675,8 @@ mod incremental {
         let mut writes = 0u64;
         let mut write = |path: &std::path::Path, text: &str| {
             writes += 1;
-            fs::write(path, text).unwrap();
             let mtime = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + writes);
-            fs::File::options()
-                .write(true)
-                .open(path)
-                .unwrap()
-                .set_modified(mtime)
-                .unwrap();
+            write_with_mtime(path, text, mtime);
         };
         let sorted_objects = |src: &FileSource| {
             let mut services: Vec<(String, &Service)> =

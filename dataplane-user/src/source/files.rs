@@ -636,6 +636,19 @@ impl Source for PolledFiles {
     }
 }
 
+/// Writes `text` to `path` with the modification time `mtime` (tests: a
+/// fingerprint that changes however fast the writes come).
+#[cfg(test)]
+pub(crate) fn write_with_mtime(path: &Path, text: &str, mtime: SystemTime) {
+    fs::write(path, text).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -672,16 +685,6 @@ mod tests {
             "{}",
             p[0]
         );
-    }
-
-    fn write_with_mtime(path: &Path, text: &str, mtime: SystemTime) {
-        fs::write(path, text).unwrap();
-        fs::File::options()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
     }
 
     /// A service file whose VIP ends in `last` (same length for 1-9).
