@@ -517,6 +517,19 @@ mod incremental {
         )
     }
 
+    /// The two syncers wrote the same maps.
+    fn same_maps(incr: &Syncer<Fake>, full: &Syncer<Fake>, ctx: &str) {
+        let (a, b) = (incr.writer(), full.writer());
+        assert_eq!(a.services, b.services, "{ctx}");
+        assert_eq!(a.backends, b.backends, "{ctx}");
+        assert_eq!(
+            a.maglev.keys().collect::<Vec<_>>(),
+            b.maglev.keys().collect::<Vec<_>>(),
+            "{ctx}"
+        );
+        assert_eq!(a.names, b.names, "{ctx}");
+    }
+
     #[test]
     fn incremental_path_equals_full_path() {
         let node = NodeInfo {
@@ -620,20 +633,181 @@ mod incremental {
                 let sum: usize = full.frontends.values().map(|f| f.backends.len()).sum();
                 assert_eq!(incr_sync.programmed_backends(), sum, "{ctx}");
                 assert_eq!(full_sync.programmed_backends(), sum, "{ctx}");
-                let (a, b) = (incr_sync.writer(), full_sync.writer());
-                assert_eq!(a.services, b.services, "{ctx}");
-                assert_eq!(a.backends, b.backends, "{ctx}");
-                assert_eq!(
-                    a.maglev.keys().collect::<Vec<_>>(),
-                    b.maglev.keys().collect::<Vec<_>>(),
-                    "{ctx}"
-                );
-                assert_eq!(a.names, b.names, "{ctx}");
+                same_maps(&incr_sync, &full_sync, &ctx);
             }
         }
         assert!(
             conflicts > 100 && frontends > 1000 && health_checked > 100,
             "{conflicts} conflicts, {frontends} frontends, {health_checked} health checks with local endpoints"
+        );
+    }
+
+    /// The same through the manifest-directory source: random writes,
+    /// rewrites, renames and deletions of files holding random Services
+    /// and EndpointSlices (the same keys in several files, so duplicate
+    /// definitions come and go; now and then a file that cannot be
+    /// parsed), one poll after each batch. After every poll the
+    /// incremental path fed by the keys the source reports equals the full
+    /// one on the same objects, and the source's objects and problems equal
+    /// those of a fresh source reading the directory from scratch.
+    #[test]
+    fn file_source_incremental_path_equals_full_path() {
+        use std::{fs, time::SystemTime};
+
+        use crate::source::files::{write_with_mtime, FileSource};
+
+        let node = NodeInfo {
+            name: Some("n1".into()),
+            addresses: vec![Ipv4Addr::new(198, 18, 0, 1).into()],
+            ..NodeInfo::default()
+        };
+        let dir = std::env::temp_dir().join(format!("dp-files-incr-{}", std::process::id()));
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(dir.clone());
+        const FILES: &[&str] = &["f0.yaml", "f1.yaml", "f2.yaml", "f3.json", "sub/f4.yaml", "sub/f5.yaml"];
+        // Every write gets its own mtime, so that no rewrite escapes the
+        // fingerprint however fast the writes come.
+        let mut writes = 0u64;
+        let mut write = |path: &std::path::Path, text: &str| {
+            writes += 1;
+            let mtime = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + writes);
+            write_with_mtime(path, text, mtime);
+        };
+        let sorted_objects = |src: &FileSource| {
+            let mut services: Vec<(String, &Service)> =
+                src.services().iter().map(|s| (object_key(&s.metadata), s)).collect();
+            services.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut slices: Vec<(String, &EndpointSlice)> =
+                src.slices().iter().map(|s| (object_key(&s.metadata), s)).collect();
+            slices.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut problems = src.problems().to_vec();
+            problems.sort();
+            (format!("{services:?}"), format!("{slices:?}"), problems)
+        };
+        // The sequences must exercise what they are meant to.
+        let (mut tracked_changes, mut duplicates, mut unparsable, mut frontends) = (0, 0, 0, 0);
+        for seed in 0..12u64 {
+            let mut rng = Rng(seed);
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(dir.join("sub")).unwrap();
+            let mut src = FileSource::new(&dir);
+            let mut incremental = Incremental::new(node.clone());
+            let mut health_cache = HealthCache::default();
+            let (mut full_sync, mut incr_sync) = (syncer(), syncer());
+            // Files that hold something unparsable now.
+            let mut broken: HashSet<&str> = HashSet::new();
+            for step in 0..80 {
+                for _ in 0..1 + rng.below(3) {
+                    let file = *rng.pick(FILES);
+                    let path = dir.join(file);
+                    match rng.below(10) {
+                        0 => {
+                            let _ = fs::remove_file(&path);
+                            broken.remove(file);
+                        }
+                        1 => {
+                            let to = *rng.pick(FILES);
+                            if path.exists() && to != file {
+                                fs::rename(&path, dir.join(to)).unwrap();
+                                if broken.remove(file) {
+                                    broken.insert(to);
+                                } else {
+                                    broken.remove(to);
+                                }
+                            }
+                        }
+                        2 => {
+                            write(&path, "kind: Service\n  metadata: [\n");
+                            broken.insert(file);
+                        }
+                        3 if path.exists() => {
+                            // Rewritten as it is.
+                            let text = fs::read_to_string(&path).unwrap();
+                            write(&path, &text);
+                        }
+                        _ => {
+                            let mut docs = Vec::new();
+                            for _ in 0..rng.below(4) {
+                                let ns = *rng.pick(NAMESPACES);
+                                let doc = if rng.below(2) == 0 {
+                                    let name = *rng.pick(SERVICES);
+                                    let v = random_service(&mut rng, ns, name);
+                                    serde_json::to_value(v).unwrap()
+                                } else {
+                                    let name = format!("e{}", rng.below(6));
+                                    serde_json::to_value(random_slice(&mut rng, ns, &name)).unwrap()
+                                };
+                                docs.push(doc);
+                            }
+                            let text = match file.ends_with(".json") {
+                                true => {
+                                    serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": docs}))
+                                        .unwrap()
+                                }
+                                false => docs
+                                    .iter()
+                                    .map(|d| serde_yaml_ng::to_string(d).unwrap())
+                                    .collect::<Vec<_>>()
+                                    .join("---\n"),
+                            };
+                            write(&path, &text);
+                            broken.remove(file);
+                        }
+                    }
+                }
+                src.poll().unwrap();
+                let ctx = format!("seed {seed} step {step}");
+                src.view(|v| {
+                    let tracked = v.tracked.expect("the file source tracks its objects");
+                    assert_eq!(tracked.changed.is_none(), step == 0, "{ctx}");
+                    if let Some((s, e)) = tracked.changed {
+                        tracked_changes += s.len() + e.len();
+                    }
+                    let full = compute_for_node(v.services, v.slices, &node);
+                    full_sync.apply(&full);
+                    let checks = health_checks(v.services, v.slices, &node);
+                    let sorted = |(c, mut p): (Vec<_>, Vec<Problem>)| {
+                        p.sort();
+                        (c, p)
+                    };
+                    assert_eq!(
+                        sorted(health_cache.get(v.services, v.slices, &node, Some(&tracked))),
+                        sorted(checks),
+                        "health checks, {ctx}"
+                    );
+                    let report = match incremental.update(v.services, v.slices, &tracked) {
+                        Some(keys) => incr_sync.apply_changed(incremental.desired(), &keys),
+                        None => incr_sync.apply(incremental.desired()),
+                    };
+                    assert!(report.errors.is_empty(), "{:?}", report.errors);
+                    frontends += full.frontends.len();
+                    assert_eq!(incremental.desired(), &full, "{ctx}");
+                    assert_eq!(incr_sync.programmed(), full_sync.programmed(), "{ctx}");
+                    same_maps(&incr_sync, &full_sync, &ctx);
+                });
+                duplicates += src
+                    .problems()
+                    .iter()
+                    .filter(|p| p.reason.contains("defined in both"))
+                    .count();
+                unparsable += broken.len();
+                // A broken file keeps its previous objects, which a fresh
+                // source never saw: compare with one only without them.
+                if broken.is_empty() {
+                    let mut fresh = FileSource::new(&dir);
+                    fresh.poll().unwrap();
+                    assert_eq!(sorted_objects(&src), sorted_objects(&fresh), "{ctx}");
+                }
+            }
+        }
+        assert!(
+            tracked_changes > 500 && duplicates > 200 && unparsable > 100 && frontends > 1000,
+            "{tracked_changes} changed keys, {duplicates} duplicate definitions, {unparsable} broken files, {frontends} frontends"
         );
     }
 }

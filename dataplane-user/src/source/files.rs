@@ -4,9 +4,10 @@
 //! source, so the agent runs and is tested without a cluster.
 
 use std::{
-    collections::BTreeMap,
+    collections::{HashMap, HashSet},
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -22,7 +23,7 @@ use tracing::warn;
 
 pub use super::Objects;
 use super::{Source, SourceCounters, View};
-use crate::model::Problem;
+use crate::model::{self, Problem, Tracked};
 
 /// What identifies a version of a file without reading it: modification
 /// time and length, plus the inode (a file replaced by a rename, as
@@ -50,18 +51,218 @@ impl Fingerprint {
     }
 }
 
+/// What the source keeps of one file: not its objects (they are in the
+/// [`Kept`] stores, once), only the keys it defined, to know what a new
+/// version or its removal may change.
 struct CachedFile {
     fingerprint: Fingerprint,
-    objects: Objects,
+    /// The number of the last scan that listed it.
+    scan: u64,
+    services: Box<[String]>,
+    slices: Box<[String]>,
+    nodes: Box<[String]>,
     problems: Vec<Problem>,
 }
 
+/// A file's path as the key of [`FileSource::files`]: hashed and compared
+/// as bytes (a poll looks every file up; `Path`'s own comparison parses
+/// both paths into components, a third of a poll's time at 10,000 files).
+#[derive(Debug)]
+struct FileKey(Arc<Path>);
+
+impl PartialEq for FileKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_os_str() == other.0.as_os_str()
+    }
+}
+
+impl Eq for FileKey {}
+
+impl std::hash::Hash for FileKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_os_str().hash(state)
+    }
+}
+
+impl std::borrow::Borrow<std::ffi::OsStr> for FileKey {
+    fn borrow(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+/// Where a definition comes from: its file and its position among the
+/// file's objects of its kind. The smallest wins (the first file in path
+/// order, then the first document).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Origin {
+    file: Arc<Path>,
+    seq: u32,
+}
+
+/// The objects of one kind: the winning definition of every key, as a
+/// `Vec` the desired-state function takes by reference, indexed by
+/// [`model::object_key`] like the Kubernetes source's stores, plus the
+/// definitions other files (or the same file) also gave for a key
+/// (duplicates: rare, reported as problems).
+struct Kept<K> {
+    items: Vec<K>,
+    /// Key -> position in `items`.
+    index: HashMap<String, usize>,
+    /// Parallel to `items`: where each winning object was defined.
+    from: Vec<Origin>,
+    /// Key -> the losing definitions, in precedence order.
+    shadowed: HashMap<String, Vec<(Origin, K)>>,
+    /// Keys whose winning object was added, changed or removed since the
+    /// last view.
+    changed: HashSet<String>,
+}
+
+impl<K> Default for Kept<K> {
+    fn default() -> Self {
+        Kept {
+            items: Vec::new(),
+            index: HashMap::new(),
+            from: Vec::new(),
+            shadowed: HashMap::new(),
+            changed: HashSet::new(),
+        }
+    }
+}
+
+impl<K: PartialEq + k8s_openapi::Metadata<Ty = ObjectMeta>> Kept<K> {
+    /// Brings the key `key` up to date after the files in `dropped` lost
+    /// their definitions (removed or re-read) and `fresh` came from the
+    /// files re-read (in file order). Returns whether it had or has
+    /// duplicate definitions (the problems list must be rebuilt).
+    fn settle(&mut self, key: &str, dropped: &HashSet<Arc<Path>>, fresh: Vec<(Origin, K)>) -> bool {
+        let mut losers: Vec<(Origin, K)> = self.shadowed.remove(key).unwrap_or_default();
+        let had_duplicates = !losers.is_empty();
+        losers.retain(|(o, _)| !dropped.contains(&o.file));
+        losers.extend(fresh);
+        losers.sort_by(|a, b| a.0.cmp(&b.0));
+        let pos = self.index.get(key).copied();
+        match pos {
+            // The winner stays unless an earlier definition came.
+            Some(i) if !dropped.contains(&self.from[i].file) => {
+                if losers.first().is_some_and(|(o, _)| *o < self.from[i]) {
+                    let (origin, obj) = losers.remove(0);
+                    let old_origin = std::mem::replace(&mut self.from[i], origin);
+                    let old = std::mem::replace(&mut self.items[i], obj);
+                    if old != self.items[i] {
+                        self.changed.insert(key.to_string());
+                    }
+                    let at = losers.partition_point(|(o, _)| *o < old_origin);
+                    losers.insert(at, (old_origin, old));
+                }
+            }
+            // The winner's file lost its definitions: the first remaining
+            // one, if any, takes its place.
+            Some(i) => {
+                if losers.is_empty() {
+                    self.index.remove(key);
+                    self.items.swap_remove(i);
+                    self.from.swap_remove(i);
+                    if let Some(moved) = self.items.get(i) {
+                        // The last item moved into slot i.
+                        self.index.insert(model::object_key(moved.metadata()), i);
+                    }
+                    self.changed.insert(key.to_string());
+                } else {
+                    let (origin, obj) = losers.remove(0);
+                    self.from[i] = origin;
+                    if std::mem::replace(&mut self.items[i], obj) != self.items[i] {
+                        self.changed.insert(key.to_string());
+                    }
+                }
+            }
+            None => {
+                if !losers.is_empty() {
+                    let (origin, obj) = losers.remove(0);
+                    self.index.insert(key.to_string(), self.items.len());
+                    self.items.push(obj);
+                    self.from.push(origin);
+                    self.changed.insert(key.to_string());
+                }
+            }
+        }
+        let has_duplicates = !losers.is_empty();
+        if has_duplicates {
+            self.shadowed.insert(key.to_string(), losers);
+        }
+        had_duplicates || has_duplicates
+    }
+}
+
+/// One kind's part of a poll: the keys the changed files defined before
+/// and define now, and the objects they define now.
+struct KindChanges<K> {
+    affected: HashSet<String>,
+    fresh: HashMap<String, Vec<(Origin, K)>>,
+}
+
+impl<K> Default for KindChanges<K> {
+    fn default() -> Self {
+        KindChanges {
+            affected: HashSet::new(),
+            fresh: HashMap::new(),
+        }
+    }
+}
+
+impl<K: k8s_openapi::Metadata<Ty = ObjectMeta>> KindChanges<K> {
+    /// Takes a re-read file's objects of this kind; returns their keys.
+    fn add(&mut self, file: &Arc<Path>, objects: Vec<K>) -> Box<[String]> {
+        let mut keys = Vec::with_capacity(objects.len());
+        for (seq, obj) in objects.into_iter().enumerate() {
+            let key = model::object_key(obj.metadata());
+            let origin = Origin {
+                file: file.clone(),
+                seq: seq as u32,
+            };
+            self.fresh.entry(key.clone()).or_default().push((origin, obj));
+            self.affected.insert(key.clone());
+            keys.push(key);
+        }
+        keys.into()
+    }
+
+    /// Applies the changes to `kept`; returns whether duplicates were
+    /// involved.
+    fn apply(mut self, kept: &mut Kept<K>, dropped: &HashSet<Arc<Path>>) -> bool
+    where
+        K: PartialEq,
+    {
+        let mut duplicates = false;
+        for key in &self.affected {
+            let fresh = self.fresh.remove(key).unwrap_or_default();
+            duplicates |= kept.settle(key, dropped, fresh);
+        }
+        duplicates
+    }
+}
+
 /// A directory of manifests.
+///
+/// Each poll re-reads the files whose [`Fingerprint`] changed and settles
+/// only the keys those files defined before or define now, comparing each
+/// key's winning object with the previous one: the keys whose object
+/// changed are reported through [`model::Tracked`], so the sync recomputes
+/// only the Services they touch, as with the Kubernetes source.
 pub struct FileSource {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, CachedFile>,
+    files: HashMap<FileKey, CachedFile>,
+    services: Kept<Service>,
+    slices: Kept<EndpointSlice>,
+    nodes: Kept<Node>,
+    /// The files' problems and the duplicate definitions.
+    problems: Vec<Problem>,
     /// Set once the first scan happened, so the first poll always reports.
     scanned: bool,
+    /// Scans so far.
+    scans: u64,
+    /// Set until a view saw the whole state (the first poll): the sync
+    /// recomputes everything.
+    all_changed: bool,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -74,21 +275,31 @@ fn is_manifest(path: &Path) -> bool {
 }
 
 /// Lists manifest files under `dir`, recursively, skipping hidden entries
-/// (ConfigMap volumes keep their data under `..data`).
-fn list(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// (ConfigMap volumes keep their data under `..data`), with their
+/// fingerprints: one `stat` per file, relative to its directory where the
+/// entry is a regular file (a poll stats every file of the directory).
+fn list(dir: &Path, out: &mut Vec<(PathBuf, Fingerprint)>) -> std::io::Result<()> {
     for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        let hidden = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_none_or(|n| n.starts_with('.'));
+        let entry = entry?;
+        let name = entry.file_name();
+        let hidden = name.to_str().is_none_or(|n| n.starts_with('.'));
         if hidden {
             continue;
         }
-        // metadata() follows symlinks, as ConfigMap volumes need.
-        match fs::metadata(&path) {
-            Ok(m) if m.is_dir() => list(&path, out)?,
-            Ok(m) if m.is_file() && is_manifest(&path) => out.push(path),
+        // Symlinks are followed, as ConfigMap volumes need.
+        let meta = match entry.file_type() {
+            Ok(t) if t.is_file() => entry.metadata(),
+            _ => fs::metadata(entry.path()),
+        };
+        match meta {
+            Ok(m) if m.is_dir() => list(&entry.path(), out)?,
+            Ok(m) if m.is_file() => {
+                let path = entry.path();
+                if is_manifest(&path) {
+                    out.push((path, Fingerprint::of(&m)));
+                }
+            }
+            // Vanished since the listing, or a dangling link.
             _ => {}
         }
     }
@@ -168,8 +379,14 @@ impl FileSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         FileSource {
             dir: dir.into(),
-            files: BTreeMap::new(),
+            files: HashMap::new(),
+            services: Kept::default(),
+            slices: Kept::default(),
+            nodes: Kept::default(),
+            problems: Vec::new(),
             scanned: false,
+            scans: 0,
+            all_changed: true,
         }
     }
 
@@ -177,113 +394,192 @@ impl FileSource {
         &self.dir
     }
 
-    /// Re-reads changed files. Returns `None` when nothing changed since the
-    /// last call, else every object of the directory and the problems found.
-    /// A file that cannot be read or parsed keeps its previous objects (a
-    /// half-written file must not delete Services), with a problem saying so.
-    pub fn poll(&mut self) -> Result<Option<(Objects, Vec<Problem>)>, String> {
-        let mut paths = Vec::new();
-        list(&self.dir, &mut paths).map_err(|e| format!("reading directory {}: {e}", self.dir.display()))?;
-        paths.sort();
+    /// Re-reads changed files. Returns false when no file changed since
+    /// the last call (the first call always returns true). A file that
+    /// cannot be read or parsed keeps its previous objects (a half-written
+    /// file must not delete Services), with a problem saying so.
+    pub fn poll(&mut self) -> Result<bool, String> {
+        let mut listing = Vec::with_capacity(self.files.len());
+        list(&self.dir, &mut listing).map_err(|e| format!("reading directory {}: {e}", self.dir.display()))?;
 
-        let mut changed = !self.scanned || paths.len() != self.files.len();
-        let mut next = BTreeMap::new();
-        for path in paths {
-            let name = path.strip_prefix(&self.dir).unwrap_or(&path).display().to_string();
-            let fp = match fs::metadata(&path) {
-                Ok(m) => Fingerprint::of(&m),
-                Err(_) => continue, // vanished between list and stat
-            };
-            // An unchanged file keeps its parsed objects: moved, not cloned
-            // (a poll runs every 100 ms by default; cloning 10,000 Services
-            // and their slices each time kept a core about 20 % busy).
-            let old = match self.files.remove(&path) {
+        let mut changed = !self.scanned;
+        let mut problems_changed = !self.scanned;
+        // Files whose previous definitions no longer count (re-read or
+        // removed), and what the re-read ones define now.
+        let mut dropped: HashSet<Arc<Path>> = HashSet::new();
+        let mut services = KindChanges::<Service>::default();
+        let mut slices = KindChanges::<EndpointSlice>::default();
+        let mut nodes = KindChanges::<Node>::default();
+        // Files seen in this scan are marked with its number; the others
+        // were removed.
+        self.scans += 1;
+        let scan = self.scans;
+        let mut seen = 0;
+        for (path, fp) in listing {
+            seen += 1;
+            // An unchanged file stays as it is (a poll runs every 100 ms
+            // by default).
+            let (file, old) = match self.files.get_mut(path.as_os_str()) {
                 Some(unchanged) if unchanged.fingerprint == fp => {
-                    next.insert(path, unchanged);
+                    unchanged.scan = scan;
                     continue;
                 }
-                other => other,
+                Some(_) => {
+                    let (file, old) = self.files.remove_entry(path.as_os_str()).expect("just found");
+                    (file.0, Some(old))
+                }
+                None => (Arc::from(path.as_path()), None),
             };
             changed = true;
-            let parsed = fs::read_to_string(&path)
+            let name = self.name(&file);
+            let parsed = fs::read_to_string(&file)
                 .map_err(|e| format!("{name}: {e}"))
                 .and_then(|t| parse_manifests(&name, &t));
-            match parsed {
+            let cached = match parsed {
                 Ok((objects, problems)) => {
-                    next.insert(
-                        path,
-                        CachedFile {
-                            fingerprint: fp,
-                            objects,
-                            problems,
-                        },
-                    );
+                    if let Some(old) = &old {
+                        dropped.insert(file.clone());
+                        services.affected.extend(old.services.iter().cloned());
+                        slices.affected.extend(old.slices.iter().cloned());
+                        nodes.affected.extend(old.nodes.iter().cloned());
+                        problems_changed |= !old.problems.is_empty();
+                    }
+                    problems_changed |= !problems.is_empty();
+                    CachedFile {
+                        fingerprint: fp,
+                        scan,
+                        services: services.add(&file, objects.services),
+                        slices: slices.add(&file, objects.slices),
+                        nodes: nodes.add(&file, objects.nodes),
+                        problems,
+                    }
                 }
                 Err(e) => {
                     // Keep the last good objects until the file changes again.
-                    let kept = old.map(|o| o.objects).unwrap_or_default();
-                    let problem = Problem {
+                    problems_changed = true;
+                    let problems = vec![Problem {
                         object: name.clone(),
                         reason: format!("cannot be parsed ({e}); keeping its previous objects"),
-                    };
-                    next.insert(
-                        path,
-                        CachedFile {
+                    }];
+                    match old {
+                        Some(old) => CachedFile {
                             fingerprint: fp,
-                            objects: kept,
-                            problems: vec![problem],
+                            scan,
+                            problems,
+                            ..old
                         },
-                    );
-                }
-            }
-        }
-        if !self.files.is_empty() {
-            changed = true; // files were removed
-        }
-        self.files = next;
-        self.scanned = true;
-        if !changed {
-            return Ok(None);
-        }
-        let mut all = Objects::default();
-        let mut problems = Vec::new();
-        // An object defined twice (same kind, namespace and name) is kept
-        // from the first file in path order only, and both files named:
-        // the API server would hold one object, not two.
-        let mut defined: BTreeMap<(&str, String, String), &Path> = BTreeMap::new();
-        for (path, f) in &self.files {
-            let mut first = |kind: &'static str, md: &ObjectMeta| {
-                let ns = md.namespace.clone().unwrap_or_else(|| "default".into());
-                let key = (kind, ns.clone(), md.name.clone().unwrap_or_default());
-                match defined.get(&key) {
-                    Some(earlier) => {
-                        let name = |p: &Path| p.strip_prefix(&self.dir).unwrap_or(p).display().to_string();
-                        problems.push(Problem {
-                            object: format!("{kind} {ns}/{}", key.2),
-                            reason: format!(
-                                "defined in both {} and {}; the one in {} is ignored",
-                                name(earlier),
-                                name(path),
-                                name(path)
-                            ),
-                        });
-                        false
-                    }
-                    None => {
-                        defined.insert(key, path);
-                        true
+                        None => CachedFile {
+                            fingerprint: fp,
+                            scan,
+                            services: Box::default(),
+                            slices: Box::default(),
+                            nodes: Box::default(),
+                            problems,
+                        },
                     }
                 }
             };
-            let services = f.objects.services.iter().filter(|o| first("Service", &o.metadata));
-            all.services.extend(services.cloned());
-            let slices = f.objects.slices.iter().filter(|o| first("EndpointSlice", &o.metadata));
-            all.slices.extend(slices.cloned());
-            let nodes = f.objects.nodes.iter().filter(|o| first("Node", &o.metadata));
-            all.nodes.extend(nodes.cloned());
-            problems.extend(f.problems.iter().cloned());
+            self.files.insert(FileKey(file), cached);
         }
-        Ok(Some((all, problems)))
+        if seen < self.files.len() {
+            // Some were removed.
+            let removed: Vec<Arc<Path>> = (self.files.iter())
+                .filter(|(_, f)| f.scan != scan)
+                .map(|(p, _)| p.0.clone())
+                .collect();
+            for file in removed {
+                let old = self.files.remove(file.as_os_str()).expect("just found");
+                changed = true;
+                services.affected.extend(old.services.into_vec());
+                slices.affected.extend(old.slices.into_vec());
+                nodes.affected.extend(old.nodes.into_vec());
+                problems_changed |= !old.problems.is_empty();
+                dropped.insert(file);
+            }
+        }
+        problems_changed |= services.apply(&mut self.services, &dropped);
+        problems_changed |= slices.apply(&mut self.slices, &dropped);
+        problems_changed |= nodes.apply(&mut self.nodes, &dropped);
+        if problems_changed {
+            self.collect_problems();
+        }
+        self.scanned = true;
+        Ok(changed)
+    }
+
+    /// `path` relative to the directory, as problems name it.
+    fn name(&self, path: &Path) -> String {
+        path.strip_prefix(&self.dir).unwrap_or(path).display().to_string()
+    }
+
+    /// The files' own problems, and one per losing definition of an object
+    /// defined more than once (same kind, namespace and name: the API
+    /// server would hold one object, not two), naming the winner's file.
+    fn collect_problems(&mut self) {
+        let mut problems: Vec<Problem> = self.files.values().flat_map(|f| f.problems.iter().cloned()).collect();
+        self.duplicate_problems("Service", &self.services, &mut problems);
+        self.duplicate_problems("EndpointSlice", &self.slices, &mut problems);
+        self.duplicate_problems("Node", &self.nodes, &mut problems);
+        problems.sort();
+        self.problems = problems;
+    }
+
+    fn duplicate_problems<K>(&self, kind: &str, kept: &Kept<K>, out: &mut Vec<Problem>) {
+        for (key, losers) in &kept.shadowed {
+            let winner = &kept.from[kept.index[key]];
+            for (loser, _) in losers {
+                let (w, l) = (self.name(&winner.file), self.name(&loser.file));
+                out.push(Problem {
+                    object: format!("{kind} {key}"),
+                    reason: format!("defined in both {w} and {l}; the one in {l} is ignored"),
+                });
+            }
+        }
+    }
+
+    pub fn services(&self) -> &[Service] {
+        &self.services.items
+    }
+
+    pub fn slices(&self) -> &[EndpointSlice] {
+        &self.slices.items
+    }
+
+    /// The Node the directory describes: the first in path order.
+    pub fn node(&self) -> Option<&Node> {
+        let nodes = &self.nodes;
+        nodes
+            .items
+            .iter()
+            .zip(&nodes.from)
+            .min_by(|a, b| a.1.cmp(b.1))
+            .map(|(n, _)| n)
+    }
+
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+
+    /// Runs `f` on the current objects with the keys changed since the
+    /// previous call (everything on the first), then forgets those changes.
+    pub fn view<R>(&mut self, f: impl FnOnce(View<'_>) -> R) -> R {
+        let changed = (!self.all_changed).then_some((&self.services.changed, &self.slices.changed));
+        let r = f(View {
+            services: &self.services.items,
+            slices: &self.slices.items,
+            problems: &self.problems,
+            tracked: Some(Tracked {
+                service_index: &self.services.index,
+                slice_index: &self.slices.index,
+                changed,
+            }),
+            node: self.node(),
+        });
+        self.services.changed.clear();
+        self.slices.changed.clear();
+        self.nodes.changed.clear();
+        self.all_changed = false;
+        r
     }
 }
 
@@ -293,7 +589,6 @@ impl FileSource {
 pub struct PolledFiles {
     files: FileSource,
     tick: tokio::time::Interval,
-    current: Option<(Objects, Vec<Problem>)>,
     read_errors: u64,
 }
 
@@ -304,7 +599,6 @@ impl PolledFiles {
         PolledFiles {
             files: FileSource::new(dir),
             tick,
-            current: None,
             read_errors: 0,
         }
     }
@@ -319,11 +613,8 @@ impl Source for PolledFiles {
         loop {
             self.tick.tick().await;
             match self.files.poll() {
-                Ok(Some(changed)) => {
-                    self.current = Some(changed);
-                    return Ok(());
-                }
-                Ok(None) => {}
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
                 Err(e) => {
                     self.read_errors += 1;
                     warn!("{e}; keeping the programmed state");
@@ -333,14 +624,8 @@ impl Source for PolledFiles {
     }
 
     fn view<R>(&mut self, f: impl FnOnce(View<'_>) -> R) -> Option<R> {
-        let (objects, problems) = self.current.as_ref()?;
-        Some(f(View {
-            tracked: None,
-            node: objects.nodes.first(),
-            services: &objects.services,
-            slices: &objects.slices,
-            problems,
-        }))
+        // Nothing before the first complete scan.
+        self.files.scanned.then(|| self.files.view(f))
     }
 
     fn counters(&self) -> SourceCounters {
@@ -351,9 +636,34 @@ impl Source for PolledFiles {
     }
 }
 
+/// Writes `text` to `path` with the modification time `mtime` (tests: a
+/// fingerprint that changes however fast the writes come).
+#[cfg(test)]
+pub(crate) fn write_with_mtime(path: &Path, text: &str, mtime: SystemTime) {
+    fs::write(path, text).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Polls; when a file changed, the source's objects and problems.
+    fn poll(src: &mut FileSource) -> Option<(Objects, Vec<Problem>)> {
+        src.poll().unwrap().then(|| {
+            let objects = Objects {
+                services: src.services().to_vec(),
+                slices: src.slices().to_vec(),
+                nodes: src.node().into_iter().cloned().collect(),
+            };
+            (objects, src.problems().to_vec())
+        })
+    }
 
     #[test]
     fn multi_document_file_with_other_kinds() {
@@ -395,35 +705,23 @@ mod tests {
         fs::write(&path, svc_file(1)).unwrap();
         let mtime = fs::metadata(&path).unwrap().modified().unwrap();
         let mut src = FileSource::new(&dir);
-        let (o, _) = src.poll().unwrap().expect("first poll reports");
+        let (o, _) = poll(&mut src).expect("first poll reports");
         assert_eq!(vip(&o), "198.19.0.1");
-        assert!(src.poll().unwrap().is_none(), "nothing changed");
+        assert!(poll(&mut src).is_none(), "nothing changed");
 
         // Rewritten in place: same length, mtime set back (only the ctime
         // tells).
-        fs::write(&path, svc_file(2)).unwrap();
-        fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
-        let (o, _) = src.poll().unwrap().expect("in-place rewrite seen");
+        write_with_mtime(&path, &svc_file(2), mtime);
+        let (o, _) = poll(&mut src).expect("in-place rewrite seen");
         assert_eq!(vip(&o), "198.19.0.2");
 
         // Replaced by a rename: a new inode with the same length and mtime.
         let tmp = dir.join(".svc.tmp");
-        fs::write(&tmp, svc_file(3)).unwrap();
-        fs::File::options()
-            .write(true)
-            .open(&tmp)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
+        write_with_mtime(&tmp, &svc_file(3), mtime);
         fs::rename(&tmp, &path).unwrap();
-        let (o, _) = src.poll().unwrap().expect("replacement seen");
+        let (o, _) = poll(&mut src).expect("replacement seen");
         assert_eq!(vip(&o), "198.19.0.3");
-        assert!(src.poll().unwrap().is_none(), "nothing changed");
+        assert!(poll(&mut src).is_none(), "nothing changed");
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -440,16 +738,16 @@ mod tests {
         fs::write(dir.join("a.yaml"), svc("a", "198.19.0.1")).unwrap();
         fs::write(dir.join("b.yaml"), svc("b", "198.19.0.2")).unwrap();
         let mut src = FileSource::new(&dir);
-        let (o, _) = src.poll().unwrap().expect("the first poll reports");
+        let (o, _) = poll(&mut src).expect("the first poll reports");
         assert_eq!(o.services.len(), 2);
-        assert!(src.poll().unwrap().is_none(), "nothing changed");
+        assert!(poll(&mut src).is_none(), "nothing changed");
         // A different length changes the fingerprint whatever the mtime.
         fs::write(dir.join("b.yaml"), svc("b2", "198.19.0.22")).unwrap();
-        let (o, _) = src.poll().unwrap().expect("b.yaml changed");
+        let (o, _) = poll(&mut src).expect("b.yaml changed");
         let mut names: Vec<String> = o.services.iter().filter_map(|s| s.metadata.name.clone()).collect();
         names.sort();
         assert_eq!(names, ["a", "b2"]);
-        assert!(src.poll().unwrap().is_none());
+        assert!(poll(&mut src).is_none());
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -462,7 +760,7 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("a.yaml"), svc_file(1)).unwrap();
         fs::write(dir.join("b.yaml"), svc_file(2)).unwrap();
-        let (objects, problems) = FileSource::new(&dir).poll().unwrap().unwrap();
+        let (objects, problems) = poll(&mut FileSource::new(&dir)).unwrap();
         assert_eq!(objects.services.len(), 1);
         assert_eq!(vip(&objects), "198.19.0.1", "the first file in path order");
         assert_eq!(problems.len(), 1, "{problems:?}");
@@ -470,6 +768,179 @@ mod tests {
         assert!(p.reason.contains("a.yaml") && p.reason.contains("b.yaml"), "{p}");
         assert!(p.object.starts_with("Service "), "{p}");
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A temporary manifest directory whose writes always change the
+    /// fingerprint (each gets its own mtime), however fast they come.
+    struct Dir(PathBuf, u64);
+
+    impl Dir {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("dp-files-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Dir(dir, 0)
+        }
+
+        fn write(&mut self, name: &str, text: &str) {
+            self.1 += 1;
+            let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + self.1);
+            write_with_mtime(&self.0.join(name), text, mtime);
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn service(name: &str, last: u8) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: x}}\nspec: {{clusterIP: 198.19.0.{last}, ports: [{{port: 80}}]}}\n")
+    }
+
+    fn slice(service: &str, name: &str, last: u8) -> String {
+        format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: x, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [198.18.0.{last}]}}]\nports: [{{port: 8080}}]\n")
+    }
+
+    type Keys = Option<(Vec<String>, Vec<String>)>;
+
+    /// Polls, then the keys the view reports as changed (sorted; `None`:
+    /// everything), checking the index on the way.
+    fn changes(src: &mut FileSource) -> Keys {
+        src.poll().unwrap();
+        src.view(|v| {
+            let t = v.tracked.expect("the file source tracks its objects");
+            assert_eq!(t.service_index.len(), v.services.len());
+            for (k, &i) in t.service_index {
+                assert_eq!(&model::object_key(&v.services[i].metadata), k);
+            }
+            assert_eq!(t.slice_index.len(), v.slices.len());
+            for (k, &i) in t.slice_index {
+                assert_eq!(&model::object_key(&v.slices[i].metadata), k);
+            }
+            t.changed.map(|(s, e)| {
+                let sorted = |set: &HashSet<String>| {
+                    let mut v: Vec<String> = set.iter().cloned().collect();
+                    v.sort();
+                    v
+                };
+                (sorted(s), sorted(e))
+            })
+        })
+    }
+
+    fn keys(services: &[&str], slices: &[&str]) -> Keys {
+        let owned = |k: &[&str]| k.iter().map(|s| s.to_string()).collect();
+        Some((owned(services), owned(slices)))
+    }
+
+    fn vip_of(src: &FileSource, key: &str) -> String {
+        let s = src
+            .services()
+            .iter()
+            .find(|s| model::object_key(&s.metadata) == key)
+            .unwrap();
+        s.spec.as_ref().unwrap().cluster_ip.clone().unwrap()
+    }
+
+    #[test]
+    fn a_poll_reports_the_keys_whose_object_changed() {
+        let mut d = Dir::new("keys");
+        d.write("a.yaml", &(service("a", 1) + "---\n" + &slice("a", "a-1", 1)));
+        d.write("b.yaml", &service("b", 2));
+        let mut src = FileSource::new(&d.0);
+        assert_eq!(changes(&mut src), None, "the first view recomputes everything");
+        assert_eq!(changes(&mut src), keys(&[], &[]), "nothing changed");
+
+        // Added: a new file's objects.
+        d.write("c.yaml", &(service("c", 3) + "---\n" + &slice("c", "c-1", 3)));
+        assert_eq!(changes(&mut src), keys(&["x/c"], &["x/c-1"]));
+        // Modified: only the object that differs, not its file's others.
+        d.write("a.yaml", &(service("a", 1) + "---\n" + &slice("a", "a-1", 9)));
+        assert_eq!(changes(&mut src), keys(&[], &["x/a-1"]));
+        // Rewritten unchanged (a new mtime): nothing.
+        d.write("b.yaml", &service("b", 2));
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        // An object moved to another file of the same content: nothing.
+        d.write("c.yaml", &service("c", 3));
+        d.write("c-slice.yaml", &slice("c", "c-1", 3));
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        // Renamed file: nothing.
+        fs::rename(d.0.join("b.yaml"), d.0.join("b2.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        // Renamed within the file (a different key): both keys.
+        d.write("b2.yaml", &service("b2", 2));
+        assert_eq!(changes(&mut src), keys(&["x/b", "x/b2"], &[]));
+        // Deleted: its objects.
+        fs::remove_file(d.0.join("a.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/a"], &["x/a-1"]));
+        let mut names: Vec<String> = src.services().iter().map(|s| model::object_key(&s.metadata)).collect();
+        names.sort();
+        assert_eq!(names, ["x/b2", "x/c"]);
+        assert_eq!(src.slices().len(), 1);
+        // A file that cannot be parsed keeps its objects: nothing changes
+        // but the problem list.
+        d.write("c.yaml", "kind: Service\n  metadata: [\n");
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        assert_eq!(vip_of(&src, "x/c"), "198.19.0.3");
+        assert_eq!(src.problems().len(), 1, "{:?}", src.problems());
+        d.write("c.yaml", &service("c", 4));
+        assert_eq!(changes(&mut src), keys(&["x/c"], &[]));
+        assert!(src.problems().is_empty(), "{:?}", src.problems());
+        // Changes accumulate until a view takes them.
+        d.write("c.yaml", &service("c", 5));
+        src.poll().unwrap();
+        fs::remove_file(d.0.join("c-slice.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/c"], &["x/c-1"]));
+    }
+
+    #[test]
+    fn duplicate_definitions_change_the_key_only_when_the_winner_changes() {
+        let mut d = Dir::new("dups");
+        d.write("b.yaml", &service("a", 2));
+        let mut src = FileSource::new(&d.0);
+        assert_eq!(changes(&mut src), None);
+        // A later file: ignored, reported.
+        d.write("c.yaml", &service("a", 3));
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        assert_eq!(vip_of(&src, "x/a"), "198.19.0.2");
+        assert_eq!(src.problems().len(), 1, "{:?}", src.problems());
+        assert!(
+            src.problems()[0].reason.contains("in both b.yaml and c.yaml"),
+            "{:?}",
+            src.problems()
+        );
+        // An earlier file takes over.
+        d.write("a.yaml", &service("a", 1));
+        assert_eq!(changes(&mut src), keys(&["x/a"], &[]));
+        assert_eq!(vip_of(&src, "x/a"), "198.19.0.1");
+        assert_eq!(src.problems().len(), 2, "{:?}", src.problems());
+        // ... with the same object as the winner: no change.
+        d.write("0.yaml", &service("a", 1));
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        assert_eq!(src.problems().len(), 3, "{:?}", src.problems());
+        // The shadowed copies change: nothing visible.
+        d.write("c.yaml", &service("a", 7));
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        // The winners go, the next in path order comes back.
+        fs::remove_file(d.0.join("0.yaml")).unwrap();
+        fs::remove_file(d.0.join("a.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/a"], &[]));
+        assert_eq!(vip_of(&src, "x/a"), "198.19.0.2");
+        assert_eq!(src.problems().len(), 1, "{:?}", src.problems());
+        // Twice in one file: the first document wins.
+        d.write("b.yaml", &(service("a", 5) + "---\n" + &service("a", 6)));
+        assert_eq!(changes(&mut src), keys(&["x/a"], &[]));
+        assert_eq!(vip_of(&src, "x/a"), "198.19.0.5");
+        assert_eq!(src.problems().len(), 2, "{:?}", src.problems());
+        fs::remove_file(d.0.join("b.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/a"], &[]));
+        assert_eq!(vip_of(&src, "x/a"), "198.19.0.7");
+        assert!(src.problems().is_empty(), "{:?}", src.problems());
+        fs::remove_file(d.0.join("c.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/a"], &[]));
+        assert!(src.services().is_empty());
     }
 
     #[test]

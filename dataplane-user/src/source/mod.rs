@@ -2,12 +2,15 @@
 //!
 //! Every source implements [`Source`]: the agent's sync loop waits for
 //! [`Source::changed`], then reads the current objects through
-//! [`Source::view`]. A source that knows which objects changed (the
-//! Kubernetes source, through [`Tracked`]) gets the incremental path
-//! (`desired::Incremental` -> `Syncer::apply_changed`: only the Services
-//! touched are recomputed and written); the others (the file source) the
-//! full one (`desired::compute_for_node` -> `Syncer::apply`). Both give the
-//! same maps (a randomized test in `reconcile/tests.rs` checks it).
+//! [`Source::view`]. A source that knows which objects changed (both do,
+//! through [`Tracked`]: the Kubernetes source from watch events, the file
+//! source by comparing the objects of the files that changed) gets the
+//! incremental path (`model::Incremental` -> `Syncer::apply_changed`: only
+//! the Services touched are recomputed and written); one that does not
+//! (`tracked: None`, or `changed: None` on a first list) the full one
+//! (`model::compute_for_node` -> `Syncer::apply`). Both give the same maps
+//! (randomized tests in `reconcile/tests.rs` check it, one of them through
+//! a real manifest directory).
 
 pub mod files;
 pub mod kubernetes;
@@ -39,8 +42,8 @@ pub struct View<'a> {
     /// desired-state function reports the rest.
     pub problems: &'a [Problem],
     /// Indexes and what changed since the previous view, when the source
-    /// tracks them (the Kubernetes source): the sync then recomputes only
-    /// the Services concerned. `None`: the whole state is recomputed.
+    /// tracks them (both sources do): the sync then recomputes only the
+    /// Services concerned. `None`: the whole state is recomputed.
     pub tracked: Option<Tracked<'a>>,
     /// This node's Node object, when the source watches it (Kubernetes).
     pub node: Option<&'a Node>,

@@ -11,6 +11,9 @@
 //! - change latency: from one EndpointSlice change in the API to the sync
 //!   that wrote it, over `changes` changes;
 //! - the agent's peak RSS (VmHWM);
+//! - the same with the Services as a manifest directory (`--source files`,
+//!   one YAML file per Service and its slice, polled every 10 ms): cold
+//!   start, and one file rewritten per change, timed from the write;
 //! - `iptables-restore` and `nft -f` wall time for the same rule sets, each
 //!   in a fresh namespace, stopped after `install_limit` (then reported as
 //!   stopped, not as a number).
@@ -117,6 +120,20 @@ fn namespace(i: usize) -> String {
     format!("ns{}", i % 50)
 }
 
+/// Service `i`, as the fake API holds it.
+fn service(i: usize) -> Value {
+    let mut svc = objects::service(
+        &namespace(i),
+        &format!("svc{i}"),
+        &cluster_ip(i).to_string(),
+        &[("http", 80, "TCP")],
+    );
+    if i >= V4_SERVICES {
+        svc["spec"]["ipFamilies"] = json!(["IPv6"]);
+    }
+    svc
+}
+
 fn slice(i: usize, gen: usize) -> Value {
     let addrs: Vec<String> = (0..ENDPOINTS).map(|j| endpoint_addr(i, j, gen).to_string()).collect();
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
@@ -198,6 +215,8 @@ struct SyncLine {
 struct AgentProc {
     child: Child,
     log: PathBuf,
+    /// When it was spawned (µs since the epoch).
+    spawned_us: i64,
 }
 
 impl AgentProc {
@@ -369,21 +388,94 @@ async fn fill(n: usize) -> Result<FakeApi> {
     let fake = FakeApi::start().await?;
     fake.apply(Kind::Node, objects::node(NODE, "198.18.0.1".parse()?));
     for i in 0..n {
-        let mut svc = objects::service(
-            &namespace(i),
-            &format!("svc{i}"),
-            &cluster_ip(i).to_string(),
-            &[("http", 80, "TCP")],
-        );
-        if i >= V4_SERVICES {
-            svc["spec"]["ipFamilies"] = json!(["IPv6"]);
-        }
-        fake.apply(Kind::Service, svc);
+        fake.apply(Kind::Service, service(i));
         fake.apply(Kind::EndpointSlice, slice(i, 0));
     }
     // The initial objects come from the list, not from a replayed history.
     fake.compact();
     Ok(fake)
+}
+
+/// Starts the release agent (`--no-attach --no-pin`, JSON log into `dir`)
+/// with `source_args` for `n` Services.
+fn spawn_agent(bin: &Path, dir: &TempDir, source_args: &[&str], n: usize, env: &[(&str, &Path)]) -> Result<AgentProc> {
+    let log = dir.0.join("agent.log");
+    let logf = std::fs::File::create(&log)?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["--log-format", "json", "run", "--no-attach", "--no-pin"])
+        .args(source_args)
+        .args(["--health-bind", "127.0.0.1:10256"])
+        .args(["--services-max-entries", &services_max_entries(n).to_string()])
+        .env("DATAPLANE_LOG", "info")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logf);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let spawned_us = now_us();
+    let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    Ok(AgentProc { child, log, spawned_us })
+}
+
+/// A cold start: the first sync that programmed all Services, the time
+/// from spawning the agent to it (ms), and the log lines up to it.
+type Cold = (SyncLine, f64, Vec<(f64, String)>);
+
+/// Waits for the first sync that programmed all `n` Services.
+fn wait_cold(agent: &mut AgentProc, n: usize, cfg: &Config) -> Result<Cold> {
+    let full = (frontends(n) as u64, (n * ENDPOINTS) as u64);
+    let cold =
+        tokio::task::block_in_place(|| agent.wait_sync(cfg.cold_timeout, |s| (s.frontends, s.backends) == full))?;
+    let cold_ms = (cold.at_us - agent.spawned_us) as f64 / 1000.0;
+    eprintln!(
+        "dp-bench:   agent: all {n} Services programmed {cold_ms:.0} ms after start (first sync's compute + map writes {:.0} ms)",
+        cold.elapsed_us as f64 / 1000.0
+    );
+    let phases = agent.phases(agent.spawned_us, cold.at_us);
+    for (ms, line) in &phases {
+        eprintln!("dp-bench:     {ms:8.1} ms  {line}");
+    }
+    Ok((cold, cold_ms, phases))
+}
+
+/// What `cfg.changes` single-slice changes took.
+struct Changes {
+    /// From the change (API write, file write) to the sync that wrote it.
+    latencies_ms: Vec<f64>,
+    /// That sync's compute + map writes.
+    sync_work_ms: Vec<f64>,
+    compute_ms: Vec<f64>,
+}
+
+/// Makes change `c` with `change` for each of `cfg.changes`, each timed
+/// from just before `change` to the agent's next sync that updated an
+/// entry.
+async fn time_changes(
+    agent: &mut AgentProc,
+    cfg: &Config,
+    mut change: impl FnMut(usize) -> Result<()>,
+) -> Result<Changes> {
+    let mut out = Changes {
+        latencies_ms: Vec::new(),
+        sync_work_ms: Vec::new(),
+        compute_ms: Vec::new(),
+    };
+    let mut last_sync = agent.syncs().last().map_or(0, |s| s.sync);
+    for c in 0..cfg.changes {
+        let before = now_us();
+        change(c)?;
+        let s =
+            tokio::task::block_in_place(|| agent.wait_sync(CHANGE_TIMEOUT, |s| s.sync > last_sync && s.updated >= 1))?;
+        out.latencies_ms.push((s.at_us - before) as f64 / 1000.0);
+        out.sync_work_ms.push(s.elapsed_us as f64 / 1000.0);
+        out.compute_ms.push(s.compute_us as f64 / 1000.0);
+        last_sync = agent.syncs().last().map_or(s.sync, |l| l.sync);
+        // Let the change settle so the next one is a separate sync.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(out)
 }
 
 /// One agent run against `fake` (which holds `n` Services): cold start,
@@ -392,68 +484,32 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
     let dir = TempDir::new("dataplane-bench");
     let kubeconfig = dir.0.join("kubeconfig");
     std::fs::write(&kubeconfig, fake.kubeconfig())?;
-    let log = dir.0.join("agent.log");
-    let logf = std::fs::File::create(&log)?;
-    let spawned_us = now_us();
-    let child = Command::new(bin)
-        .args([
-            "--log-format",
-            "json",
-            "run",
-            "--source",
-            "kubernetes",
-            "--no-attach",
-            "--no-pin",
-        ])
-        .args(["--node-name", NODE, "--health-bind", "127.0.0.1:10256"])
-        .args(["--services-max-entries", &services_max_entries(n).to_string()])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("DATAPLANE_LOG", "info")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(logf)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut agent = AgentProc { child, log };
-
-    let full = (frontends(n) as u64, (n * ENDPOINTS) as u64);
-    let cold =
-        tokio::task::block_in_place(|| agent.wait_sync(cfg.cold_timeout, |s| (s.frontends, s.backends) == full))?;
-    let cold_ms = (cold.at_us - spawned_us) as f64 / 1000.0;
-    eprintln!(
-        "dp-bench:   agent: all {n} Services programmed {cold_ms:.0} ms after start (first sync's compute + map writes {:.0} ms)",
-        cold.elapsed_us as f64 / 1000.0
-    );
-    let phases = agent.phases(spawned_us, cold.at_us);
-    for (ms, line) in &phases {
-        eprintln!("dp-bench:     {ms:8.1} ms  {line}");
-    }
+    let mut agent = spawn_agent(
+        bin,
+        &dir,
+        &["--source", "kubernetes", "--node-name", NODE],
+        n,
+        &[("KUBECONFIG", &kubeconfig)],
+    )?;
+    let (cold, cold_ms, phases) = wait_cold(&mut agent, n, cfg)?;
     fake.wait_watches(Kind::EndpointSlice, round + 1, cfg.cold_timeout)
         .await?;
 
-    let mut latencies_ms = Vec::new();
-    let mut sync_work_ms = Vec::new();
-    let mut compute_ms = Vec::new();
-    let mut last_sync = agent.syncs().last().map_or(0, |s| s.sync);
-    for c in 0..cfg.changes {
-        let i = (c * 197) % n;
-        let before = now_us();
-        fake.apply(Kind::EndpointSlice, slice(i, gen0 + c + 1));
-        let s =
-            tokio::task::block_in_place(|| agent.wait_sync(CHANGE_TIMEOUT, |s| s.sync > last_sync && s.updated >= 1))?;
-        latencies_ms.push((s.at_us - before) as f64 / 1000.0);
-        sync_work_ms.push(s.elapsed_us as f64 / 1000.0);
-        compute_ms.push(s.compute_us as f64 / 1000.0);
-        last_sync = agent.syncs().last().map_or(s.sync, |l| l.sync);
-        // Let the change settle so the next one is a separate sync.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let changes = time_changes(&mut agent, cfg, |c| {
+        fake.apply(Kind::EndpointSlice, slice((c * 197) % n, gen0 + c + 1));
+        Ok(())
+    })
+    .await?;
     let (hwm_kib, rss_kib) = agent.memory_kib()?;
     let maps = agent.maps_kernel_kib()?;
     let maps_kib: u64 = maps.iter().map(|(_, k, _)| k).sum();
     let last = agent.syncs().last().copied();
     agent.stop();
+    let Changes {
+        latencies_ms,
+        sync_work_ms,
+        compute_ms,
+    } = changes;
     if !latencies_ms.is_empty() {
         eprintln!(
             "dp-bench:   agent: {} changes, median {:.1} ms to the map write; peak RSS {:.0} MiB",
@@ -476,6 +532,78 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
         "maps_kernel_kib": maps.iter().map(|(n, k, max)| json!({"map": n, "kib": k, "max_entries": max})).collect::<Vec<_>>(),
         "agent_relists": last.map_or(0, |l| l.relists),
         "agent_watch_restarts": last.map_or(0, |l| l.watch_restarts),
+    }))
+}
+
+/// The manifest-directory variant's poll interval (`--poll-interval-ms`;
+/// the default is 100): a change waits up to one interval before a poll
+/// sees it, so a short one keeps that wait from hiding the rest.
+const FILES_POLL_MS: u64 = 10;
+
+/// Writes Service `i` and its EndpointSlice (generation `gen`) as
+/// `svc{i}.yaml` in `dir`, two YAML documents, the way a user who keeps
+/// one file per application would; a few big files would make every change
+/// re-parse thousands of objects. Written to a hidden temporary file and
+/// renamed, as editors and deployment tools do, so the agent never reads a
+/// half-written file.
+fn write_manifest(dir: &Path, i: usize, gen: usize) -> Result<()> {
+    let mut svc = service(i);
+    let meta = svc["metadata"].as_object_mut().expect("an object");
+    meta.remove("uid");
+    meta.remove("managedFields");
+    svc["apiVersion"] = "v1".into();
+    svc["kind"] = "Service".into();
+    let mut sl = slice(i, gen);
+    sl["apiVersion"] = "discovery.k8s.io/v1".into();
+    sl["kind"] = "EndpointSlice".into();
+    let text = format!(
+        "{}---\n{}",
+        serde_yaml_ng::to_string(&svc)?,
+        serde_yaml_ng::to_string(&sl)?
+    );
+    let tmp = dir.join(format!(".svc{i}.yaml.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(format!("svc{i}.yaml")))?;
+    Ok(())
+}
+
+/// One agent run on the manifest directory `manifests` (which holds `n`
+/// Services): cold start, then `changes` rewrites of one Service's file
+/// with a new EndpointSlice generation from `gen0` on, each timed from the
+/// write to the sync that wrote it.
+async fn files_run(bin: &Path, manifests: &Path, n: usize, cfg: &Config, gen0: usize) -> Result<Value> {
+    let dir = TempDir::new("dataplane-bench");
+    let interval = FILES_POLL_MS.to_string();
+    let source = [
+        "--source",
+        "files",
+        "--dir",
+        manifests.to_str().context("a UTF-8 path")?,
+        "--poll-interval-ms",
+        &interval,
+    ];
+    let mut agent = spawn_agent(bin, &dir, &source, n, &[])?;
+    let (cold, cold_ms, _) = wait_cold(&mut agent, n, cfg)?;
+    let changes = time_changes(&mut agent, cfg, |c| {
+        write_manifest(manifests, (c * 197) % n, gen0 + c + 1)
+    })
+    .await?;
+    let (hwm_kib, rss_kib) = agent.memory_kib()?;
+    agent.stop();
+    eprintln!(
+        "dp-bench:   agent on the manifest directory (poll every {FILES_POLL_MS} ms): {} changes, median {:.1} ms from the file write to the map write; peak RSS {:.0} MiB",
+        changes.latencies_ms.len(),
+        median(&changes.latencies_ms),
+        hwm_kib as f64 / 1024.0
+    );
+    Ok(json!({
+        "cold_start_to_all_programmed_ms": cold_ms,
+        "cold_sync_compute_and_apply_ms": cold.elapsed_us as f64 / 1000.0,
+        "change_to_map_write_ms": changes.latencies_ms,
+        "change_sync_compute_and_apply_ms": changes.sync_work_ms,
+        "change_sync_compute_ms": changes.compute_ms,
+        "peak_rss_mib": hwm_kib as f64 / 1024.0,
+        "rss_at_end_mib": rss_kib as f64 / 1024.0,
     }))
 }
 
@@ -560,7 +688,7 @@ fn scale(bin: &Path, n: usize, cfg: &Config) -> Result<Value> {
     // This thread enters the namespace before the runtime starts, so the
     // runtime's threads and the agent (a child) are in it too.
     let runs = ns
-        .run(move || -> Result<Vec<Value>> {
+        .run(move || -> Result<(Vec<Value>, Vec<Value>)> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -576,11 +704,27 @@ fn scale(bin: &Path, n: usize, cfg: &Config) -> Result<Value> {
                 for round in 0..cfg2.rounds {
                     runs.push(agent_run(&bin, &fake, n, round, &cfg2, round * cfg2.changes).await?);
                 }
-                Ok(runs)
+                drop(fake);
+                // The same Services as a manifest directory.
+                let t = Instant::now();
+                let manifests = TempDir::new("dataplane-bench-manifests");
+                for i in 0..n {
+                    write_manifest(&manifests.0, i, 0)?;
+                }
+                eprintln!(
+                    "dp-bench:   manifest directory holds {n} Services x {ENDPOINTS} endpoints, one file each ({:.1} s to write)",
+                    t.elapsed().as_secs_f64()
+                );
+                let mut files_runs = Vec::new();
+                for round in 0..cfg2.rounds {
+                    files_runs.push(files_run(&bin, &manifests.0, n, &cfg2, round * cfg2.changes).await?);
+                }
+                Ok((runs, files_runs))
             })
         })
         .join()
         .map_err(|_| anyhow::anyhow!("control-plane thread panicked"))??;
+    let (runs, files_runs) = runs;
     drop(ns);
 
     let (ipt, nft) = if cfg.kube_proxy {
@@ -610,6 +754,15 @@ fn scale(bin: &Path, n: usize, cfg: &Config) -> Result<Value> {
             "peak_rss_mib": summary_of(&runs, "peak_rss_mib"),
             "maps_kernel_mib": summary_of(&runs, "maps_kernel_mib"),
             "runs": runs,
+        },
+        "agent_files": {
+            "poll_interval_ms": FILES_POLL_MS,
+            "cold_start_to_all_programmed_ms": summary_of(&files_runs, "cold_start_to_all_programmed_ms"),
+            "cold_sync_compute_and_apply_ms": summary_of(&files_runs, "cold_sync_compute_and_apply_ms"),
+            "change_to_map_write_ms": summary_of(&files_runs, "change_to_map_write_ms"),
+            "change_sync_compute_and_apply_ms": summary_of(&files_runs, "change_sync_compute_and_apply_ms"),
+            "peak_rss_mib": summary_of(&files_runs, "peak_rss_mib"),
+            "runs": files_runs,
         },
         "iptables_restore": ipt,
         "nft": nft,
@@ -652,7 +805,7 @@ pub fn run(cfg: &Config, agent: &Path) -> Result<Value> {
     }
     Ok(json!({
         "part": "control_plane",
-        "method": "Per scale: the fake API server (in-process, on a namespace's loopback) holds N Services x 4 endpoints (one EndpointSlice each); the release agent (`dataplane run --source kubernetes --no-attach --no-pin`) starts against it: time from spawning it to the first sync that programmed every frontend and backend (the agent's JSON log timestamps), that sync's own compute + map writes, then `changes` single-EndpointSlice changes each timed from the API write to the sync that wrote it (2 ms debounce included), and the agent's VmHWM. Then kube-proxy's rules for the same Services and endpoints (tests/src/bench/kube_rules.rs) are piped into `iptables-restore` and `nft -f -`, each in a fresh namespace, wall time of the command, stopped after `install_limit_s`.",
+        "method": "Per scale: the fake API server (in-process, on a namespace's loopback) holds N Services x 4 endpoints (one EndpointSlice each); the release agent (`dataplane run --source kubernetes --no-attach --no-pin`) starts against it: time from spawning it to the first sync that programmed every frontend and backend (the agent's JSON log timestamps), that sync's own compute + map writes, then `changes` single-EndpointSlice changes each timed from the API write to the sync that wrote it (2 ms debounce included), and the agent's VmHWM. Then the same Services as a manifest directory (one YAML file per Service holding it and its EndpointSlice, written atomically by rename) and the agent with `--source files --dir DIR --poll-interval-ms 10`: its cold start, then `changes` rewrites of one Service's file with a new EndpointSlice, each timed from the write to the sync that wrote it (up to one poll interval, the directory scan and the 2 ms debounce included) (`agent_files`). Then kube-proxy's rules for the same Services and endpoints (tests/src/bench/kube_rules.rs) are piped into `iptables-restore` and `nft -f -`, each in a fresh namespace, wall time of the command, stopped after `install_limit_s`.",
         "agent": agent.display().to_string(),
         "rounds": cfg.rounds,
         "changes": cfg.changes,
