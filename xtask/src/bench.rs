@@ -532,7 +532,10 @@ fn control_plane_scrapes(scales: &[Value], md: &mut String) -> Result<()> {
         return Ok(());
     }
     writeln!(md, "`/metrics` scrapes of the same agents (after the changes, nothing attached): wall time of one scrape (median), the agent's syscalls per scrape (`strace -c -f`, all threads) and, since the datapath series are read on a timer, how long that background read of the maps took.\n")?;
-    writeln!(md, "| Services | scrape | syscalls per scrape | of them bpf | background read of the maps |")?;
+    writeln!(
+        md,
+        "| Services | scrape | syscalls per scrape | of them bpf | background read of the maps |"
+    )?;
     writeln!(md, "|---|---|---|---|---|")?;
     for s in scales {
         let sc = &s["agent"]["scrape"];

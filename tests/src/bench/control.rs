@@ -449,18 +449,18 @@ const SCRAPES_TRACED: usize = 2;
 const METRICS: ([u8; 4], u16) = ([127, 0, 0, 1], 10249);
 
 /// One `GET /metrics` (a connection of its own, as the agent answers one
-/// request per connection): the body's size.
-fn scrape_once() -> Result<usize> {
+/// request per connection): the whole response.
+fn scrape_once() -> Result<String> {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect_timeout(&METRICS.into(), Duration::from_secs(5))?;
     c.set_read_timeout(Some(Duration::from_secs(300)))?;
     c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
-    let mut out = Vec::new();
-    c.read_to_end(&mut out)?;
-    if !out.starts_with(b"HTTP/1.1 200") {
-        bail!("/metrics answered {:?}", String::from_utf8_lossy(&out[..out.len().min(80)]));
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    if !out.starts_with("HTTP/1.1 200") {
+        bail!("/metrics answered {:?}", out.lines().next().unwrap_or_default());
     }
-    Ok(out.len())
+    Ok(out)
 }
 
 /// What a `/metrics` scrape costs the agent: wall time of
@@ -470,7 +470,7 @@ fn scrape_once() -> Result<usize> {
 fn scrape_cost(agent: &mut AgentProc) -> Result<Value> {
     let start = Instant::now();
     loop {
-        if scrape_text().is_ok_and(|t| t.contains("dataplane_map_entries")) {
+        if scrape_once().is_ok_and(|t| t.contains("dataplane_map_entries")) {
             break;
         }
         if start.elapsed() > Duration::from_secs(60) {
@@ -482,10 +482,10 @@ fn scrape_cost(agent: &mut AgentProc) -> Result<Value> {
     let mut bytes = 0;
     for _ in 0..SCRAPES_TIMED {
         let t = Instant::now();
-        bytes = scrape_once()?;
+        bytes = scrape_once()?.len();
         ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    let text = scrape_text()?;
+    let text = scrape_once()?;
     let sample = |name: &str| {
         text.lines()
             .find(|l| l.split_whitespace().next() == Some(name))
@@ -528,17 +528,6 @@ fn scrape_summary(runs: &[Value]) -> Value {
         "bpf_syscalls_per_scrape": super::summary(&of("bpf_syscalls_per_scrape")),
         "background_read_ms": super::summary(&of("background_read_ms")),
     })
-}
-
-/// The body of one scrape.
-fn scrape_text() -> Result<String> {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect_timeout(&METRICS.into(), Duration::from_secs(5))?;
-    c.set_read_timeout(Some(Duration::from_secs(300)))?;
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
-    let mut out = String::new();
-    c.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 /// The agent's syscalls (all, and `bpf`) while `SCRAPES_TRACED` scrapes
