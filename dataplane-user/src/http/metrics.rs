@@ -27,7 +27,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use dataplane_common::map_names;
 
@@ -201,7 +201,9 @@ impl Datapath {
         match read {
             Ok(s) => {
                 *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s));
-                self.failed.store(false, Ordering::Relaxed);
+                if self.failed.swap(false, Ordering::Relaxed) {
+                    info!("metrics: reading the maps works again");
+                }
             }
             Err(e) => {
                 if !self.failed.swap(true, Ordering::Relaxed) {
