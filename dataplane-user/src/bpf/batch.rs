@@ -80,18 +80,26 @@ const PERCPU_BATCH_BYTES: usize = 1 << 20;
 /// operations.
 const ENOTSUPP: i32 = 524;
 
+/// Set once a kernel refused a batch lookup on a per-CPU array (5.10
+/// does, with `ENOTSUPP`): later reads go key by key without asking again.
+static PERCPU_BATCH_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Calls `f(index, values)` for the entries `0..count` of the per-CPU
 /// array behind `fd` (value type of the map's exact size, a multiple of
 /// 8 bytes), `values` holding one value per possible CPU (`cpus` of them),
 /// in index order, reading many entries per `BPF_MAP_LOOKUP_BATCH` call.
-/// Kernels without batch operations on per-CPU arrays get one lookup per
-/// entry.
+/// Kernels without batch operations on per-CPU arrays (5.10; 6.1 has
+/// them) get one lookup per entry.
 pub fn percpu_array<V: bytemuck::Pod>(
     fd: BorrowedFd<'_>,
     count: u32,
     cpus: usize,
     mut f: impl FnMut(u32, &[V]),
 ) -> Result<(), SysError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if PERCPU_BATCH_REFUSED.load(Relaxed) {
+        return percpu_array_by_key(fd, count, cpus.max(1), f);
+    }
     // The kernel lays per-CPU values out 8-byte aligned: our slices of V
     // match only when V needs no padding.
     assert_eq!(size_of::<V>() % 8, 0, "per-CPU value size must be a multiple of 8");
@@ -113,6 +121,7 @@ pub fn percpu_array<V: bytemuck::Pod>(
         let (read, end) = match read {
             Ok(r) => r,
             Err(e) if next == 0 && matches!(e.errno(), Some(ENOTSUPP | libc::EINVAL)) => {
+                PERCPU_BATCH_REFUSED.store(true, Relaxed);
                 return percpu_array_by_key(fd, count, per_entry, f);
             }
             Err(e) => return Err(e.context(format!("after {next} entries"))),
