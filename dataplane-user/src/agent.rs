@@ -74,6 +74,8 @@ pub struct RunConfig {
     pub health_bind: Option<SocketAddr>,
     /// Where Prometheus `/metrics` is served; `None` disables it.
     pub metrics_bind: Option<SocketAddr>,
+    /// How the datapath's series are read for `/metrics`.
+    pub metrics: MetricsConfig,
     /// Compile the programs' decision logging in (aya-log) and forward it.
     pub bpf_debug_log: bool,
     /// How long a burst of changes may settle before a sync.
@@ -107,6 +109,25 @@ pub struct RunConfig {
     pub map_sizes: crate::bpf::map_sizes::MapSizes,
     /// Conntrack timeouts (the other fields are filled in by the agent).
     pub datapath: DpConfig,
+}
+
+/// How `/metrics` reads the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// How often the datapath's series are read (their staleness).
+    pub interval: Duration,
+    /// Export the per-frontend series (`dataplane_service_*`, four per
+    /// frontend).
+    pub per_service: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            interval: crate::http::metrics::DEFAULT_INTERVAL,
+            per_service: false,
+        }
+    }
 }
 
 /// Default for [`RunConfig::debounce`]: long enough to fold the events of
@@ -158,6 +179,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
             r = source.changed() => r?,
             _ = sleep_until(reap) => {
                 syncer.reap();
+                state.set_programmed(syncer.entries());
                 continue;
             }
             _ = &mut shutdown => return Ok(()),
@@ -240,6 +262,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
         for e in &report.errors {
             error!("{e}");
         }
+        state.set_programmed(syncer.entries());
         let sc = source.counters();
         state.watch_restarts.store(sc.watch_restarts, Ordering::Relaxed);
         state.relists.store(sc.relists, Ordering::Relaxed);
@@ -365,11 +388,22 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let metrics = match metrics_listener {
         Some(listener) => {
             let reader = crate::inspect::reopen(&maps).context("opening the maps for the metrics")?;
-            info!(addr = %listener.local_addr()?, "serving /metrics");
+            let capacities = crate::inspect::capacities(&reader).context("reading the maps' sizes for the metrics")?;
+            info!(
+                addr = %listener.local_addr()?,
+                interval_ms = cfg.metrics.interval.as_millis() as u64,
+                per_service = cfg.metrics.per_service,
+                "serving /metrics (datapath series read every interval_ms)"
+            );
+            let refresh = crate::http::metrics::Refresh {
+                maps: reader,
+                interval: cfg.metrics.interval,
+                per_service: cfg.metrics.per_service,
+            };
             Some(tokio::spawn(crate::http::metrics::serve(
                 listener,
                 state.clone(),
-                Some(Arc::new(std::sync::Mutex::new(reader))),
+                Some((refresh, capacities)),
             )))
         }
         None => None,
@@ -437,6 +471,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         Syncer::with_config(maps, cfg.sync).with_fresh_maps()
     };
     syncer.set_max_services(cfg.map_sizes.services);
+    syncer.set_cluster_cidr_entries(cfg.cluster_cidrs.iter().collect::<BTreeSet<_>>().len());
+    state.set_programmed(syncer.entries());
 
     let mut attacher = ifwatch::Attacher::new(cfg.tc_ifaces.clone(), cfg.xdp_ifaces.clone(), cfg.xdp_mode);
     attacher.reconcile(&mut dp, pins.as_ref(), true)?;

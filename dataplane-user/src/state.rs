@@ -3,7 +3,10 @@
 //! `/healthz`, `/readyz` and `/metrics`.
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
 
@@ -43,6 +46,28 @@ pub struct AgentState {
     pub last_sync_ms: AtomicU64,
     /// How long syncs take.
     pub sync_duration: SyncHistogram,
+    /// Entries of the maps the agent writes, as it programmed them
+    /// (published after every sync): `/metrics` counts them from here
+    /// instead of walking the maps.
+    pub programmed: Mutex<ProgrammedEntries>,
+}
+
+/// Entries of the maps only the agent writes, from its own record of what
+/// it programmed (not a read of the maps).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgrammedEntries {
+    /// `DP_SERVICES`: one per frontend.
+    pub services: u64,
+    /// `DP_BACKENDS`: the slots of every current generation, plus those of
+    /// generations waiting out their grace period before deletion.
+    pub backends: u64,
+    /// `DP_MAGLEV`: the chunks of the Maglev tables, counted the same way.
+    pub maglev: u64,
+    /// `DP_NAMES`: one per frontend.
+    pub names: u64,
+    /// `DP_SRC_RANGES`: loadBalancerSourceRanges of every frontend, plus
+    /// the cluster CIDRs.
+    pub source_ranges: u64,
 }
 
 /// A copy of [`AgentState`]'s counters.
@@ -67,6 +92,15 @@ impl AgentState {
             relists: l(&self.relists),
             sync_errors: l(&self.sync_errors),
         }
+    }
+
+    /// What the agent last programmed (see [`ProgrammedEntries`]).
+    pub fn programmed(&self) -> ProgrammedEntries {
+        *self.programmed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_programmed(&self, entries: ProgrammedEntries) {
+        *self.programmed.lock().unwrap_or_else(|p| p.into_inner()) = entries;
     }
 
     pub fn is_alive(&self) -> bool {

@@ -205,6 +205,30 @@ impl Agent {
         Ok(samples)
     }
 
+    /// [`Agent::metrics`] once the agent has read its maps after this call:
+    /// the datapath series (read every [`METRICS_INTERVAL_MS`], not at the
+    /// scrape) then count every packet sent before it. Polls for at most
+    /// 10 s.
+    pub fn fresh_metrics(&self) -> Result<BTreeMap<String, f64>> {
+        const TAKEN: &str = "dataplane_datapath_snapshot_timestamp_seconds";
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        let start = Instant::now();
+        loop {
+            let m = self.metrics()?;
+            match m.get(TAKEN) {
+                Some(t) if *t >= since => return Ok(m),
+                Some(_) => {}
+                None => bail!("no {TAKEN} in /metrics"),
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the agent read no datapath metrics for 10 s; its log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Syncs the running agent process applied (`dataplane_syncs_total`).
     /// An error if its metrics cannot be read: a count taken as the base
     /// of a wait must not silently be 0.
@@ -330,6 +354,10 @@ impl Drop for Agent {
     }
 }
 
+/// How often test agents read their datapath metrics (default 10 s): a
+/// test waits for a read after its traffic ([`Agent::fresh_metrics`]).
+pub const METRICS_INTERVAL_MS: u64 = 100;
+
 /// Starts `binary ARGS` (an agent) in namespace `netns`, its stderr appended
 /// to `log`.
 fn spawn(binary: &Path, netns: &str, args: &[String], log: &Path) -> Result<Child> {
@@ -345,6 +373,8 @@ fn spawn(binary: &Path, netns: &str, args: &[String], log: &Path) -> Result<Chil
         .arg(binary)
         .args(args)
         .env("DATAPLANE_LOG", "info")
+        // By environment: earlier releases (the upgrade tests) ignore it.
+        .env("DATAPLANE_METRICS_INTERVAL_MS", METRICS_INTERVAL_MS.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(logf)

@@ -306,7 +306,7 @@ fn endpoint_churn_at_100_changes_per_second_keeps_every_connection_correct() {
 
     // No sync failed, by the agent's metrics; the log's `sync applied`
     // lines below give the times at which removals were programmed.
-    let metrics = agent.metrics().unwrap();
+    let metrics = agent.fresh_metrics().unwrap();
     assert_eq!(
         metrics.get("dataplane_sync_errors_total"),
         Some(&0.0),

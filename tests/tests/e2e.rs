@@ -597,8 +597,10 @@ fn metrics_count_connections_per_service_and_reason() {
     const N: usize = 25;
     let t = Topology::new(2).unwrap();
     let _servers = start_servers(&t);
-    let agent = start_agent(&t, true, false, &[1, 2]);
-    let before = agent.metrics().unwrap();
+    let m = manifests(&[1, 2]);
+    let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let agent = Agent::start_with(&t.node, &t.node_ifaces(), &[], &m, &["--metrics-per-service"]).unwrap();
+    let before = agent.fresh_metrics().unwrap();
     let http = r#"{service="shop/web:http",frontend="198.19.0.10:80/tcp"}"#;
     let get = |m: &BTreeMap<String, f64>, series: &str| {
         *m.get(series)
@@ -619,7 +621,7 @@ fn metrics_count_connections_per_service_and_reason() {
         .join()
         .unwrap()
         .unwrap();
-    let after = agent.metrics().unwrap();
+    let after = agent.fresh_metrics().unwrap();
     let delta = |series: &str| get(&after, series) - get(&before, series);
 
     assert_eq!(delta(&format!("dataplane_service_new_flows_total{http}")), N as f64);
@@ -663,7 +665,7 @@ fn metrics_count_connections_per_service_and_reason() {
         matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
         "{refused:?}"
     );
-    assert_eq!(get(&agent.metrics().unwrap(), other) - get(&after, other), 1.0);
+    assert_eq!(get(&agent.fresh_metrics().unwrap(), other) - get(&after, other), 1.0);
     let syncs = get(&after, "dataplane_syncs_total");
     assert!(
         syncs >= 1.0 && syncs as usize == agent.logged_syncs(),

@@ -345,7 +345,7 @@ fn connections_through_the_vip_skip_the_node_forwarding_path() {
         // Every packet of the 20 connections both ways was redirected (at
         // least SYN, request, FIN and their answers: 6 per connection),
         // none handed to the stack.
-        let metrics = agent.metrics().unwrap();
+        let metrics = agent.fresh_metrics().unwrap();
         let routed = |result: &str| {
             metrics
                 .get(&format!("dataplane_host_routing_packets_total{{result=\"{result}\"}}"))

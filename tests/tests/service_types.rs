@@ -658,8 +658,7 @@ endpoints:
     // The flood: batches until node A's XDP program has translated at least
     // four times the conntrack map's entries in SYNs (bounded).
     let agent = &c._agents[0];
-    let new_flows =
-        |a: &Agent| a.metrics().unwrap()[r#"dataplane_datapath_packets_total{reason="nat_new_flow",drop="false"}"#];
+    let new_flows = |a: &Agent| a.fresh_metrics().unwrap()[r#"dataplane_datapath_packets_total{reason="nat_new_flow",drop="false"}"#];
     let before = new_flows(agent);
     let macs = (mac(&c.t.client, "eth0"), mac(&c.t.node_a, "ve"));
     let mut sent = 0;
@@ -670,7 +669,7 @@ endpoints:
         sent += spoofed_syns(&c.t.client, "eth0", macs, (NODE_A_EXT, PORT), batch * 2000, 2000);
     }
     let flooded = new_flows(agent) - before;
-    let m = agent.metrics().unwrap();
+    let m = agent.fresh_metrics().unwrap();
     let stateless = m[r#"dataplane_conntrack_events_total{event="stateless_new_flow"}"#];
     eprintln!("{sent} spoofed SYNs sent, {flooded} translated by XDP, {stateless} without conntrack state");
     assert!(

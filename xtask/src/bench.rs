@@ -556,6 +556,38 @@ fn control_plane(dir: &Path, md: &mut String) -> Result<()> {
         )?;
     }
     writeln!(md)?;
+    control_plane_scrapes(scales, md)
+}
+
+/// The cost of a `/metrics` scrape per scale (runs of the control-plane
+/// part that measured it).
+fn control_plane_scrapes(scales: &[Value], md: &mut String) -> Result<()> {
+    if scales.iter().all(|s| s["agent"]["scrape"].is_null()) {
+        return Ok(());
+    }
+    writeln!(md, "`/metrics` scrapes of the same agents (after the changes, nothing attached): wall time of one scrape (median), the agent's syscalls per scrape (`strace -c -f`, all threads) and, since the datapath series are read on a timer, how long that background read of the maps took.\n")?;
+    writeln!(
+        md,
+        "| Services | scrape | syscalls per scrape | of them bpf | background read of the maps |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for s in scales {
+        let sc = &s["agent"]["scrape"];
+        let cell = |k: &str, digits: usize, unit: &str| match sc[k]["median"].as_f64() {
+            Some(m) => format!("{m:.digits$}{unit}"),
+            None => "-".into(),
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            s["services"],
+            cell("scrape_ms", 2, " ms"),
+            cell("syscalls_per_scrape", 0, ""),
+            cell("bpf_syscalls_per_scrape", 0, ""),
+            cell("background_read_ms", 1, " ms"),
+        )?;
+    }
+    writeln!(md)?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::IpAddr;
 
 use crate::{
-    agent::{self, RunConfig, SourceConfig},
+    agent::{self, MetricsConfig, RunConfig, SourceConfig},
     bpf::{loader::XdpAttachMode, map_sizes::MapSizes, pin},
     cli::trace::TraceProgram,
     model::maglev,
@@ -180,6 +180,20 @@ pub struct RunArgs {
     /// Address of the Prometheus /metrics endpoint, or `off`.
     #[arg(long, default_value = "127.0.0.1:10249", env = "DATAPLANE_METRICS_BIND")]
     pub metrics_bind: String,
+    /// How often the datapath's metrics (counters, conntrack and other
+    /// entries the programs write) are read from the maps, in ms: a scrape
+    /// shows the last read, at most this old.
+    #[arg(
+        long,
+        default_value_t = crate::http::metrics::DEFAULT_INTERVAL.as_millis() as u64,
+        env = "DATAPLANE_METRICS_INTERVAL_MS"
+    )]
+    pub metrics_interval_ms: u64,
+    /// Export per-frontend counters (`dataplane_service_*`, four series per
+    /// Service port and address): off by default, since 100,000 Services
+    /// make 400,000+ series.
+    #[arg(long, env = "DATAPLANE_METRICS_PER_SERVICE")]
+    pub metrics_per_service: bool,
     /// Make the eBPF programs log their decisions (new flows with the chosen
     /// backend, rejects, source-range drops) into the agent's log (info
     /// level). Off: the logging code is removed by the verifier, no
@@ -341,6 +355,10 @@ impl RunArgs {
                     .with_context(|| format!("--metrics-bind {a:?}: not an address:port"))?,
             ),
         };
+        anyhow::ensure!(
+            self.metrics_interval_ms >= 10,
+            "--metrics-interval-ms must be at least 10"
+        );
         let node_port_range = parse_port_range(&self.node_port_range)?;
         let maglev_size = maglev::validate_size(self.maglev_table_size).map_err(|e| anyhow::anyhow!("{e}"))?;
         let secs = |s: u64, flag: &str| -> anyhow::Result<u64> {
@@ -392,6 +410,10 @@ impl RunArgs {
             bpf_object: self.bpf_object,
             health_bind,
             metrics_bind,
+            metrics: MetricsConfig {
+                interval: Duration::from_millis(self.metrics_interval_ms),
+                per_service: self.metrics_per_service,
+            },
             bpf_debug_log: self.bpf_debug_log,
             debounce: Duration::from_millis(self.debounce_ms),
         })

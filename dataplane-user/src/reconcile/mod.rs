@@ -208,6 +208,13 @@ pub struct Syncer<W: MapWriter> {
     /// The backends of `programmed`, summed (kept as it changes: the sum
     /// is logged at every sync).
     programmed_backends: usize,
+    /// The Maglev chunks and source ranges of `programmed`, summed the
+    /// same way (for the metrics' entry counts, see [`Syncer::entries`]).
+    programmed_chunks: usize,
+    programmed_ranges: usize,
+    /// Source-range entries the agent wrote outside the sync (the
+    /// cluster CIDRs), counted in [`Syncer::entries`].
+    cluster_cidr_entries: usize,
     /// Frontends whose last write failed: [`Syncer::apply_changed`] retries
     /// them.
     failed: BTreeSet<ServiceKey>,
@@ -284,6 +291,11 @@ fn tables_in_parallel(work: &[(ServiceKey, &[Backend])], size: u32) -> Vec<(Serv
     })
 }
 
+/// The Maglev chunks a table of `size` positions takes.
+fn maglev_chunks(size: u32) -> usize {
+    size.div_ceil(limits::MAGLEV_CHUNK) as usize
+}
+
 /// A ClusterIP's entry for the ports its Service lacks.
 fn is_other_ports(key: &ServiceKey) -> bool {
     (key.port, key.proto) == (0, 0)
@@ -303,6 +315,9 @@ impl<W: MapWriter> Syncer<W> {
             writer,
             programmed: BTreeMap::new(),
             programmed_backends: 0,
+            programmed_chunks: 0,
+            programmed_ranges: 0,
+            cluster_cidr_entries: 0,
             failed: BTreeSet::new(),
             free_ids: Vec::new(),
             next_id: 0,
@@ -342,23 +357,64 @@ impl<W: MapWriter> Syncer<W> {
 
     /// Records `p` as what the maps hold for `key`.
     fn set_programmed(&mut self, key: ServiceKey, p: Programmed) {
-        self.programmed_backends += p.frontend.backends.len();
+        self.count(&p, true);
         if let Some(old) = self.programmed.insert(key, p) {
-            self.programmed_backends -= old.frontend.backends.len();
+            self.count(&old, false);
         }
     }
 
-    /// Forgets what the maps hold for `key`.
+    /// Takes `key` out of `programmed`, keeping the sums.
     fn take_programmed(&mut self, key: &ServiceKey) -> Option<Programmed> {
         let p = self.programmed.remove(key)?;
-        self.programmed_backends -= p.frontend.backends.len();
+        self.count(&p, false);
         Some(p)
     }
 
-    /// Sets the whole record at once (adoption of pinned maps).
+    /// Replaces `programmed` (adoption), recomputing the sums.
     fn set_all_programmed(&mut self, programmed: BTreeMap<ServiceKey, Programmed>) {
-        self.programmed_backends = programmed.values().map(|p| p.frontend.backends.len()).sum();
+        (self.programmed_backends, self.programmed_chunks, self.programmed_ranges) = (0, 0, 0);
+        for p in programmed.values() {
+            self.count(p, true);
+        }
         self.programmed = programmed;
+    }
+
+    /// Adds `p`'s entries to the sums (`add`), or takes them out.
+    fn count(&mut self, p: &Programmed, add: bool) {
+        let parts = [
+            (&mut self.programmed_backends, p.frontend.backends.len()),
+            (&mut self.programmed_chunks, maglev_chunks(p.maglev_size)),
+            (&mut self.programmed_ranges, p.frontend.source_ranges.len()),
+        ];
+        for (sum, n) in parts {
+            *sum = if add { *sum + n } else { *sum - n };
+        }
+    }
+
+    /// The cluster CIDR entries the agent wrote into the source-range map.
+    pub fn set_cluster_cidr_entries(&mut self, n: usize) {
+        self.cluster_cidr_entries = n;
+    }
+
+    /// The entries this syncer has in the service, backend, Maglev, name
+    /// and source-range maps (with the cluster CIDRs the agent told it
+    /// of), from its own record: no map is read. Retired
+    /// generations count until they are deleted.
+    pub fn entries(&self) -> crate::state::ProgrammedEntries {
+        let (backends, chunks) = self.retired.iter().fold((0, 0), |(b, c), r| {
+            (
+                b + r.backends.len(),
+                c + maglev_chunks(r.maglev.end.saturating_sub(r.maglev.start)),
+            )
+        });
+        let frontends = self.programmed.len() as u64;
+        crate::state::ProgrammedEntries {
+            services: frontends,
+            backends: (self.programmed_backends + backends) as u64,
+            maglev: (self.programmed_chunks + chunks) as u64,
+            names: frontends,
+            source_ranges: (self.programmed_ranges + self.cluster_cidr_entries) as u64,
+        }
     }
 
     pub fn writer(&self) -> &W {

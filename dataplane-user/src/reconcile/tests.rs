@@ -869,3 +869,52 @@ fn the_cluster_ip_filter_follows_the_entries_for_other_ports() {
     assert!(!has(&s, [198, 19, 0, 1]) && has(&s, [198, 19, 0, 2]));
     assert_eq!(s.writer().vip_filter_writes, 3);
 }
+
+/// The entry counts the metrics show come from the syncer's record, not
+/// from the maps: after adds, flips, removals, id reuse within the grace
+/// period and reaping, they equal what the (modelled) maps hold.
+#[test]
+fn entry_counts_follow_the_maps_without_reading_them() {
+    let mut s = syncer();
+    let check = |s: &Syncer<Fake>, step: &str| {
+        let w = s.writer();
+        let e = s.entries();
+        let maps = (
+            w.services.len() as u64,
+            w.backends.len() as u64,
+            w.maglev.len() as u64,
+            w.names.len() as u64,
+        );
+        assert_eq!((e.services, e.backends, e.maglev, e.names), maps, "after {step}");
+    };
+    check(&s, "nothing");
+    s.apply(&desired(&[(key(1), &[1, 2, 3]), (key(2), &[9])]));
+    check(&s, "two adds");
+    s.apply(&desired(&[(key(1), &[2, 3, 4, 5]), (key(2), &[9])]));
+    check(&s, "a flip, old generation retired");
+    // key(1) removed, key(3) takes its id while its generation is retired.
+    s.apply(&desired(&[(key(2), &[9]), (key(3), &[4])]));
+    check(&s, "a removal and id reuse");
+    s.reap_at(std::time::Instant::now() + RETIRE_GRACE);
+    check(&s, "reaping");
+    s.apply(&desired(&[]));
+    s.reap_at(std::time::Instant::now() + RETIRE_GRACE);
+    check(&s, "removing everything");
+    assert_eq!(s.entries(), crate::state::ProgrammedEntries::default());
+
+    // Source ranges: the frontends' own plus the cluster CIDRs.
+    let mut d = desired(&[(key(1), &[1]), (key(2), &[2])]);
+    for fe in d.frontends.values_mut() {
+        fe.flags |= SVC_F_SOURCE_RANGES;
+        fe.source_ranges = vec![
+            (Ipv4Addr::new(198, 18, 100, 0).into(), 24),
+            (Ipv4Addr::new(198, 18, 7, 0).into(), 24),
+        ];
+    }
+    s.set_cluster_cidr_entries(1);
+    s.apply(&d);
+    assert_eq!(s.entries().source_ranges, 5);
+    d.frontends.remove(&key(2));
+    s.apply(&d);
+    assert_eq!(s.entries().source_ranges, 3);
+}

@@ -500,6 +500,7 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
         Ok(())
     })
     .await?;
+    let scrape = tokio::task::block_in_place(|| scrape_cost(&mut agent))?;
     let (hwm_kib, rss_kib) = agent.memory_kib()?;
     let maps = agent.maps_kernel_kib()?;
     let maps_kib: u64 = maps.iter().map(|(_, k, _)| k).sum();
@@ -532,6 +533,7 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
         "maps_kernel_kib": maps.iter().map(|(n, k, max)| json!({"map": n, "kib": k, "max_entries": max})).collect::<Vec<_>>(),
         "agent_relists": last.map_or(0, |l| l.relists),
         "agent_watch_restarts": last.map_or(0, |l| l.watch_restarts),
+        "scrape": scrape,
     }))
 }
 
@@ -605,6 +607,145 @@ async fn files_run(bin: &Path, manifests: &Path, n: usize, cfg: &Config, gen0: u
         "peak_rss_mib": hwm_kib as f64 / 1024.0,
         "rss_at_end_mib": rss_kib as f64 / 1024.0,
     }))
+}
+
+/// Scrapes of `/metrics` timed, then traced.
+const SCRAPES_TIMED: usize = 5;
+const SCRAPES_TRACED: usize = 2;
+/// The agent's default metrics address (inside the bench's namespace).
+const METRICS: ([u8; 4], u16) = ([127, 0, 0, 1], 10249);
+
+/// One `GET /metrics` (a connection of its own, as the agent answers one
+/// request per connection): the whole response.
+fn scrape_once() -> Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect_timeout(&METRICS.into(), Duration::from_secs(5))?;
+    c.set_read_timeout(Some(Duration::from_secs(300)))?;
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    if !out.starts_with("HTTP/1.1 200") {
+        bail!("/metrics answered {:?}", out.lines().next().unwrap_or_default());
+    }
+    Ok(out)
+}
+
+/// What a `/metrics` scrape costs the agent: wall time of
+/// `SCRAPES_TIMED` scrapes one after the other, then the agent's syscalls
+/// (all threads, `strace -c -f`) over `SCRAPES_TRACED` more, per scrape.
+/// Waits first for the datapath series (the first read of the maps).
+fn scrape_cost(agent: &mut AgentProc) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        if scrape_once().is_ok_and(|t| t.contains("dataplane_map_entries")) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("no datapath series in /metrics after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut ms = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..SCRAPES_TIMED {
+        let t = Instant::now();
+        bytes = scrape_once()?.len();
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let text = scrape_once()?;
+    let sample = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+    };
+    let refresh_ms = sample("dataplane_datapath_snapshot_duration_seconds").map(|s| s * 1000.0);
+    let (syscalls, bpf) = traced_scrapes(agent.child.id())?;
+    let per = |n: u64| n as f64 / SCRAPES_TRACED as f64;
+    eprintln!(
+        "dp-bench:   agent: /metrics scrape median {:.2} ms ({} bytes), {:.0} syscalls per scrape ({:.0} bpf){}",
+        median(&ms),
+        bytes,
+        per(syscalls),
+        per(bpf),
+        refresh_ms.map_or(String::new(), |r| format!("; background read of the maps {r:.1} ms"))
+    );
+    Ok(json!({
+        "scrape_ms": ms,
+        "scrape_bytes": bytes,
+        "syscalls_per_scrape": per(syscalls),
+        "bpf_syscalls_per_scrape": per(bpf),
+        "traced_scrapes": SCRAPES_TRACED,
+        "background_read_ms": refresh_ms,
+    }))
+}
+
+/// The scrape costs of all runs of one scale.
+fn scrape_summary(runs: &[Value]) -> Value {
+    let of = |key: &str| -> Vec<f64> {
+        runs.iter()
+            .flat_map(|r| match &r["scrape"][key] {
+                Value::Array(a) => a.iter().filter_map(Value::as_f64).collect(),
+                x => x.as_f64().into_iter().collect::<Vec<_>>(),
+            })
+            .collect()
+    };
+    json!({
+        "scrape_ms": super::summary(&of("scrape_ms")),
+        "syscalls_per_scrape": super::summary(&of("syscalls_per_scrape")),
+        "bpf_syscalls_per_scrape": super::summary(&of("bpf_syscalls_per_scrape")),
+        "background_read_ms": super::summary(&of("background_read_ms")),
+    })
+}
+
+/// The agent's syscalls (all, and `bpf`) while `SCRAPES_TRACED` scrapes
+/// run, counted by `strace -c -f` attached to every thread of `pid`
+/// (started and stopped by its PID here). Anything else the agent does
+/// meanwhile counts too (a background read of the maps: every 10 s by
+/// default, rarely inside the window).
+fn traced_scrapes(pid: u32) -> Result<(u64, u64)> {
+    use std::io::BufRead;
+    let out = TempDir::new("dataplane-bench-strace");
+    let summary = out.0.join("strace.txt");
+    let mut strace = Command::new("strace")
+        .args(["-c", "-f", "-o"])
+        .arg(&summary)
+        .args(["-p", &pid.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting strace (apt-get install strace)")?;
+    // "Process PID attached with N threads" once every thread is traced
+    // (older strace: one "attached" line per thread).
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))?.count();
+    let mut err = std::io::BufReader::new(strace.stderr.take().context("strace stderr")?);
+    let mut attached = 0;
+    let mut line = String::new();
+    while attached < threads {
+        line.clear();
+        if err.read_line(&mut line)? == 0 {
+            bail!("strace ended before attaching to the agent");
+        }
+        if line.contains("attached with") {
+            break;
+        }
+        attached += usize::from(line.contains("attached"));
+    }
+    let scraped: Result<()> = (0..SCRAPES_TRACED).try_for_each(|_| scrape_once().map(drop));
+    // SAFETY: kill on the PID of our own, not yet reaped, child.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    // strace prints the detaches on stderr: drain it so it can exit.
+    std::io::copy(&mut err, &mut std::io::sink())?;
+    strace.wait()?;
+    scraped?;
+    let text = std::fs::read_to_string(&summary)?;
+    // `% time seconds usecs/call calls errors syscall`, the total line too.
+    let calls = |name: &str| -> Option<u64> {
+        let l = text.lines().find(|l| l.split_whitespace().last() == Some(name))?;
+        l.split_whitespace().nth(3)?.parse().ok()
+    };
+    let total = calls("total").with_context(|| format!("no total in strace's summary:\n{text}"))?;
+    Ok((total, calls("bpf").unwrap_or(0)))
 }
 
 /// Runs `cmd` in a fresh namespace with `input` on stdin; stops it (by its
@@ -753,6 +894,7 @@ fn scale(bin: &Path, n: usize, cfg: &Config) -> Result<Value> {
             "change_sync_compute_and_apply_ms": summary_of(&runs, "change_sync_compute_and_apply_ms"),
             "peak_rss_mib": summary_of(&runs, "peak_rss_mib"),
             "maps_kernel_mib": summary_of(&runs, "maps_kernel_mib"),
+            "scrape": scrape_summary(&runs),
             "runs": runs,
         },
         "agent_files": {
