@@ -504,7 +504,7 @@ fn control_plane(dir: &Path, md: &mut String) -> Result<()> {
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
 
     writeln!(md, "### Control plane\n")?;
-    writeln!(md, "Machine: {}. Command: `{}`. The release agent against the fake API server, {} agent run(s) per scale with {} EndpointSlice changes each (2 ms debounce included); `iptables-restore` and `nft -f` install kube-proxy's rules for the same Services and endpoints in a fresh namespace, stopped after {} s. Agent figures: median over runs [min-max]; changes: median (p99) over all changes.\n",
+    writeln!(md, "Machine: {}. Command: `{}`. The release agent against the fake API server, {} agent run(s) per scale with {} EndpointSlice changes each (2 ms debounce included); `iptables-restore` and `nft -f` install kube-proxy's rules for the same Services and endpoints in a fresh namespace, stopped after {} s. Agent figures: median over runs [min-max]; changes: median (p99) over all changes; maps' kernel memory: the kernel's accounting (`memlock` in fdinfo) of all the agent's maps after the changes.\n",
         machine_line(&v), v["command"].as_str().unwrap_or("?"), v["rounds"], v["changes"], v["install_limit_s"])?;
     if let Some(p) = provenance(&v) {
         writeln!(md, "{p}")?;
@@ -519,8 +519,8 @@ fn control_plane(dir: &Path, md: &mut String) -> Result<()> {
     if !poll_ms.is_empty() {
         writeln!(md, "\"via manifest directory\": the same Services as one YAML file each in a directory (`--source files`, polled every {} ms), one file rewritten per change, timed from the write to the map write.\n", poll_ms.join("/"))?;
     }
-    writeln!(md, "| Services x 4 endpoints | agent start to all programmed | first sync: compute + map writes | one change to map write | one change via manifest directory | agent peak RSS | iptables-restore | nft -f |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| Services x 4 endpoints | agent start to all programmed | first sync: compute + map writes | one change to map write | one change via manifest directory | agent peak RSS | maps' kernel memory | iptables-restore | nft -f |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     for s in scales {
         let a = &s["agent"];
         let spread = |k: &str, unit: &str, scale: f64| {
@@ -544,13 +544,14 @@ fn control_plane(dir: &Path, md: &mut String) -> Result<()> {
         };
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s["services"],
             spread("cold_start_to_all_programmed_ms", "ms", 1.0),
             spread("cold_sync_compute_and_apply_ms", "ms", 1.0),
             change(&a["change_to_map_write_ms"]),
             change(&s["agent_files"]["change_to_map_write_ms"]),
             spread("peak_rss_mib", "MiB", 1.0),
+            spread("maps_kernel_mib", "MiB", 1.0),
             install_cell(&s["iptables_restore"]),
             install_cell(&s["nft"]),
         )?;
