@@ -301,34 +301,18 @@ impl AgentProc {
     /// The kernel memory of the agent's maps, as the kernel accounts it
     /// (`memlock` in each map fd's fdinfo: since 6.4 what the map uses, a
     /// preallocated map its whole size), per map name, in KiB.
-    fn maps_kernel_kib(&self) -> Result<Vec<(String, u64, u32)>> {
-        let dir = format!("/proc/{}/fdinfo", self.child.id());
-        let mut seen = std::collections::BTreeMap::new();
-        for e in std::fs::read_dir(&dir).with_context(|| dir.clone())? {
-            let Ok(text) = std::fs::read_to_string(e?.path()) else {
-                continue;
-            };
-            let field = |name: &str| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            };
-            let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) else {
-                continue;
-            };
-            let max_entries = field("max_entries:").unwrap_or(0) as u32;
-            seen.insert(id as u32, (memlock, max_entries));
-        }
-        Ok(seen
+    fn maps_kernel_kib(&self) -> Vec<(String, u64, u32)> {
+        super::bpf_objects(&self.child.id().to_string())
             .into_iter()
-            .map(|(id, (memlock, max))| {
+            .filter(|((kind, _), _)| *kind == "map")
+            .map(|((_, id), o)| {
                 let name = aya::maps::MapInfo::from_id(id)
                     .ok()
                     .and_then(|i| i.name_as_str().map(str::to_string))
                     .unwrap_or_else(|| format!("map {id}"));
-                (name, memlock.div_ceil(1024), max)
+                (name, o.memlock.div_ceil(1024), o.max_entries)
             })
-            .collect())
+            .collect()
     }
 
     fn stop(&mut self) {
@@ -502,7 +486,7 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
     .await?;
     let scrape = tokio::task::block_in_place(|| scrape_cost(&mut agent))?;
     let (hwm_kib, rss_kib) = agent.memory_kib()?;
-    let maps = agent.maps_kernel_kib()?;
+    let maps = agent.maps_kernel_kib();
     let maps_kib: u64 = maps.iter().map(|(_, k, _)| k).sum();
     let last = agent.syncs().last().copied();
     agent.stop();

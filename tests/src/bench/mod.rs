@@ -9,6 +9,8 @@ pub mod nodeport;
 pub mod perpacket;
 pub mod vip;
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
@@ -132,6 +134,44 @@ pub fn interleaved<R>(
 }
 
 /// Summary of a sample: median, spread and tail.
+/// What `/proc/PID/fdinfo` says of one BPF object a process holds.
+#[derive(Clone, Copy, Debug)]
+pub struct BpfObject {
+    /// The kernel's memory accounting (`memlock`): for maps since 6.4 what
+    /// the map uses (entries actually allocated where not preallocated).
+    pub memlock: u64,
+    /// Maps only (0 for programs).
+    pub max_entries: u32,
+}
+
+/// The BPF maps and programs process `pid` ("self" for this one) holds an
+/// fd of, by object (`("map", id)` or `("prog", id)`), each once.
+pub fn bpf_objects(pid: &str) -> BTreeMap<(&'static str, u32), BpfObject> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+        };
+        let id = match (field("map_id:"), field("prog_id:")) {
+            (Some(id), _) => ("map", id as u32),
+            (None, Some(id)) => ("prog", id as u32),
+            _ => continue,
+        };
+        if let Some(memlock) = field("memlock:") {
+            let max_entries = field("max_entries:").unwrap_or(0) as u32;
+            out.insert(id, BpfObject { memlock, max_entries });
+        }
+    }
+    out
+}
+
 pub fn summary(samples: &[f64]) -> Value {
     let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
     v.sort_by(|a, b| a.total_cmp(b));

@@ -429,35 +429,6 @@ fn measure(fd: i32, frame: &[u8], repeat: u32) -> Result<f64> {
     Ok(r.duration_ns as f64)
 }
 
-/// The kernel memory of the BPF maps and programs this process holds, by
-/// object (`("map", id)` or `("prog", id)`): the `memlock` line of
-/// `/proc/self/fdinfo/*` (for maps the kernel's own usage estimate,
-/// entries actually allocated for the maps that do not preallocate).
-fn bpf_objects() -> BTreeMap<(&'static str, u32), u64> {
-    let mut out = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Ok(text) = std::fs::read_to_string(e.path()) else {
-            continue;
-        };
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
-        };
-        let id = match (field("map_id:"), field("prog_id:")) {
-            (Some(id), _) => ("map", id as u32),
-            (None, Some(id)) => ("prog", id as u32),
-            _ => continue,
-        };
-        if let Some(m) = field("memlock:") {
-            out.insert(id, m);
-        }
-    }
-    out
-}
-
 /// This process's resident memory in bytes (`VmRSS`).
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -491,14 +462,14 @@ struct Scale {
 
 impl Scale {
     fn load(n: u32) -> Result<Scale> {
-        let objects = bpf_objects();
+        let objects = super::bpf_objects("self");
         let rss = rss_bytes();
         let mut bench = Bench::new(n)?;
         let frames = frames(&mut bench)?;
-        let bpf_bytes = bpf_objects()
+        let bpf_bytes = super::bpf_objects("self")
             .iter()
             .filter(|(id, _)| !objects.contains_key(id))
-            .map(|(_, m)| m)
+            .map(|(_, o)| o.memlock)
             .sum();
         let rss_bytes = rss_bytes().saturating_sub(rss);
         eprintln!(

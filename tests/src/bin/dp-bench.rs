@@ -33,6 +33,15 @@ struct Args {
     release_agent: PathBuf,
 }
 
+impl Args {
+    /// `--scales` as the namespace parts take them, else their `default`.
+    fn scales_or(&self, default: Vec<usize>) -> Vec<usize> {
+        self.scales
+            .as_ref()
+            .map_or(default, |v| v.iter().map(|&n| n as usize).collect())
+    }
+}
+
 const PARTS: [&str; 4] = ["per-packet", "through-vip", "control-plane", "nodeport"];
 
 fn args() -> Result<Args> {
@@ -272,11 +281,7 @@ fn main() -> Result<()> {
                     }
                 };
                 let cfg = vip::Config {
-                    scales: a
-                        .scales
-                        .clone()
-                        .map(|v| v.into_iter().map(|n| n as usize).collect())
-                        .unwrap_or(cfg.scales),
+                    scales: a.scales_or(cfg.scales),
                     contenders: a.contenders.clone().unwrap_or(cfg.contenders),
                     rounds: a.rounds.unwrap_or(cfg.rounds),
                     node_conntrack: !a.no_node_conntrack,
@@ -310,11 +315,7 @@ fn main() -> Result<()> {
                     }
                 };
                 let cfg = control::Config {
-                    scales: a
-                        .scales
-                        .clone()
-                        .map(|v| v.into_iter().map(|n| n as usize).collect())
-                        .unwrap_or(cfg.scales),
+                    scales: a.scales_or(cfg.scales),
                     rounds: a.rounds.unwrap_or(cfg.rounds),
                     kube_proxy: !a.agent_only,
                     ..cfg
@@ -350,11 +351,7 @@ fn main() -> Result<()> {
                     }
                 };
                 let cfg = nodeport::Config {
-                    scales: a
-                        .scales
-                        .clone()
-                        .map(|v| v.into_iter().map(|n| n as usize).collect())
-                        .unwrap_or(cfg.scales),
+                    scales: a.scales_or(cfg.scales),
                     contenders: a.nodeport_contenders.clone().unwrap_or(cfg.contenders),
                     rounds: a.rounds.unwrap_or(cfg.rounds),
                     node_conntrack: !a.no_node_conntrack,
