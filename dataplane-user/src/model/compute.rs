@@ -3,13 +3,6 @@
 use super::conflicts::{merge, out, Claim, ServiceFrontends};
 use super::*;
 
-pub(super) fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<(String, String)> {
-    Some((
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone()?,
-    ))
-}
-
 /// The API's name of an IP protocol number of [`protocol`].
 pub(super) fn protocol_name(p: u8) -> &'static str {
     match p {
@@ -32,22 +25,22 @@ pub(super) fn valid_port(p: i32) -> Option<u16> {
 }
 
 /// An endpoint of a slice, reduced to what selection needs.
-pub(super) struct Endpoint {
+pub(super) struct Endpoint<'a> {
     pub(super) addr: IpAddr,
-    pub(super) node_name: Option<String>,
+    pub(super) node_name: Option<&'a str>,
     pub(super) ready: bool,
     pub(super) serving: bool,
     pub(super) terminating: bool,
     /// `hints.forNodes` and `hints.forZones` names (empty: no hint).
-    pub(super) for_nodes: Vec<String>,
-    pub(super) for_zones: Vec<String>,
+    pub(super) for_nodes: &'a [Box<str>],
+    pub(super) for_zones: &'a [Box<str>],
 }
 
 /// A slice, validated once: its usable endpoints and its ports by name.
 pub(super) struct Slice<'a> {
     pub(super) name: String,
-    pub(super) obj: &'a EndpointSlice,
-    pub(super) endpoints: Vec<Endpoint>,
+    pub(super) obj: &'a SliceRecord,
+    pub(super) endpoints: Vec<Endpoint<'a>>,
 }
 
 /// Computes the frontends for `services` from `slices`.
@@ -70,8 +63,8 @@ pub(super) struct Slice<'a> {
 ///   none is ready, to endpoints that are serving and terminating.
 pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> Desired {
     compute_for_node(
-        services,
-        slices,
+        &records(services),
+        &records(slices),
         &NodeInfo {
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             ..NodeInfo::default()
@@ -79,10 +72,10 @@ pub fn compute(services: &[Service], slices: &[EndpointSlice]) -> Desired {
     )
 }
 
-/// As [`compute`], for the node described by `node`: NodePorts on its
-/// addresses, Local traffic policies against its endpoints, and remote
-/// backends flagged for SNAT.
-pub fn compute_for_node(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Desired {
+/// As [`compute`], from the sources' records, for the node described by
+/// `node`: NodePorts on its addresses, Local traffic policies against its
+/// endpoints, and remote backends flagged for SNAT.
+pub fn compute_for_node(services: &[ServiceRecord], slices: &[SliceRecord], node: &NodeInfo) -> Desired {
     let mut problems = BTreeSet::new();
     let mut problem = |object: String, reason: String| {
         problems.insert(Problem { object, reason });
@@ -96,13 +89,14 @@ pub fn compute_for_node(services: &[Service], slices: &[EndpointSlice], node: &N
         }
     }
 
-    let mut services: Vec<&Service> = services.iter().collect();
+    let mut services: Vec<&ServiceRecord> = services.iter().collect();
     // Deterministic winner when two Services claim the same frontend.
-    services.sort_by_cached_key(|s| ns_name(&s.metadata));
+    services.sort_by_cached_key(|s| s.ns_name());
     let results: Vec<ServiceFrontends> = services
         .into_iter()
         .map(|svc| {
-            let slices = ns_name(&svc.metadata)
+            let slices = svc
+                .ns_name()
                 .and_then(|k| by_service.get(&k))
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
@@ -115,25 +109,26 @@ pub fn compute_for_node(services: &[Service], slices: &[EndpointSlice], node: &N
 /// Validates one slice: the Service it belongs to (namespace, name) and its
 /// usable endpoints; `None` when it is ignored.
 pub(super) fn prepare_slice<'a>(
-    s: &'a EndpointSlice,
+    s: &'a SliceRecord,
     problem: &mut dyn FnMut(String, String),
 ) -> Option<((String, String), Slice<'a>)> {
-    let Some((ns, name)) = ns_name(&s.metadata) else {
+    let Some(name) = s.name.as_deref() else {
         problem(
             "EndpointSlice (unnamed)".into(),
             "metadata.name is missing; ignored".into(),
         );
         return None;
     };
-    if super::not_ours(&s.metadata) {
+    if s.not_ours {
         return None;
     }
+    let ns = &*s.namespace;
     let object = format!("EndpointSlice {ns}/{name}");
-    let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+    let Some(svc) = s.service_name.as_deref() else {
         problem(object, format!("no {SERVICE_NAME_LABEL} label; ignored"));
         return None;
     };
-    let v6 = match s.address_type.as_str() {
+    let v6 = match &*s.address_type {
         "IPv4" => false,
         "IPv6" => true,
         // FQDN slices are not for proxies.
@@ -145,50 +140,40 @@ pub(super) fn prepare_slice<'a>(
     };
     let mut endpoints = Vec::new();
     for ep in &s.endpoints {
-        let Some(first) = ep.addresses.first() else {
+        let Some(first) = &ep.address else {
             problem(object.clone(), "an endpoint has no address; skipped".into());
             continue;
         };
-        let addr = match first.parse::<IpAddr>() {
+        let addr = match first.parse() {
             Ok(a) if a.is_ipv6() == v6 => a,
             _ => {
                 problem(
                     object.clone(),
                     format!(
-                        "endpoint address {first:?} is not a valid {} address; skipped",
+                        "endpoint address {:?} is not a valid {} address; skipped",
+                        first.text(),
                         s.address_type
                     ),
                 );
                 continue;
             }
         };
-        let c = ep.conditions.clone().unwrap_or_default();
         // Unset: ready and serving, not terminating (the API's field docs;
         // kube-proxy reads them the same way).
         endpoints.push(Endpoint {
             addr,
-            node_name: ep.node_name.clone(),
-            ready: c.ready.unwrap_or(true),
-            serving: c.serving.unwrap_or(true),
-            terminating: c.terminating.unwrap_or(false),
-            for_nodes: ep
-                .hints
-                .iter()
-                .flat_map(|h| h.for_nodes.iter().flatten())
-                .map(|n| n.name.clone())
-                .collect(),
-            for_zones: ep
-                .hints
-                .iter()
-                .flat_map(|h| h.for_zones.iter().flatten())
-                .map(|z| z.name.clone())
-                .collect(),
+            node_name: ep.node_name.as_deref(),
+            ready: ep.ready.unwrap_or(true),
+            serving: ep.serving.unwrap_or(true),
+            terminating: ep.terminating.unwrap_or(false),
+            for_nodes: &ep.for_nodes,
+            for_zones: &ep.for_zones,
         });
     }
     Some((
-        (ns, svc.clone()),
+        (ns.to_string(), svc.to_string()),
         Slice {
-            name,
+            name: name.to_string(),
             obj: s,
             endpoints,
         },
@@ -197,13 +182,13 @@ pub(super) fn prepare_slice<'a>(
 
 /// The frontends one Service asks for, from its slices, with its own
 /// problems (conflicts with other Services are the merge's business).
-pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo) -> ServiceFrontends {
+pub(super) fn service_frontends(svc: &ServiceRecord, slices: &[Slice], node: &NodeInfo) -> ServiceFrontends {
     let mut claims = Vec::new();
     let mut problems = BTreeSet::new();
     let mut problem = |object: String, reason: String| {
         problems.insert(Problem { object, reason });
     };
-    let Some((ns, name)) = ns_name(&svc.metadata) else {
+    let Some((ns, name)) = svc.ns_name() else {
         problem("Service (unnamed)".into(), "metadata.name is missing; ignored".into());
         return out(None, claims, problems);
     };
@@ -212,21 +197,19 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
     let Some(spec) = &svc.spec else {
         return out(order, claims, problems);
     };
-    if spec.type_.as_deref() == Some("ExternalName") || super::not_ours(&svc.metadata) {
+    if spec.type_.as_deref() == Some("ExternalName") || svc.not_ours {
         return out(order, claims, problems);
     }
-    let ips: Vec<String> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.clone(),
-        _ => spec.cluster_ip.iter().cloned().collect(),
-    };
-    if ips.is_empty() || ips.iter().any(|ip| ip == "None" || ip.is_empty()) {
+    let ips = &spec.cluster_ips;
+    let headless = |a: &Addr| matches!(a, Addr::Text(t) if &**t == "None" || t.is_empty());
+    if ips.is_empty() || ips.iter().any(headless) {
         return out(order, claims, problems); // headless
     }
     let mut vips = Vec::new();
-    for ip in &ips {
-        match ip.parse::<IpAddr>() {
+    for ip in ips.iter() {
+        match ip.parse() {
             Ok(a) => vips.push(a),
-            Err(_) => problem(
+            Err(ip) => problem(
                 object.clone(),
                 format!("clusterIP {ip:?} is not a valid IP address; ignored"),
             ),
@@ -234,11 +217,7 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
     }
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
         Some("ClientIP") => {
-            let t = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
+            let t = spec.affinity_timeout_s;
             match t {
                 None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
                 Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S as i32).contains(&t) => Some(t as u32),
@@ -265,12 +244,12 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
     };
 
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let parse_ips = |ips: Vec<String>, what: &str, problem: &mut dyn FnMut(String, String)| {
+    let parse_ips = |ips: &[Addr], what: &str, problem: &mut dyn FnMut(String, String)| {
         let mut out = Vec::new();
         for ip in ips {
-            match ip.parse::<IpAddr>() {
+            match ip.parse() {
                 Ok(a) => out.push(a),
-                Err(_) => problem(
+                Err(ip) => problem(
                     object.clone(),
                     format!("{what} {ip:?} is not a valid IP address; ignored"),
                 ),
@@ -278,32 +257,16 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
         }
         out
     };
-    let external_ips = parse_ips(
-        spec.external_ips.clone().unwrap_or_default(),
-        "externalIP",
-        &mut problem,
-    );
+    let external_ips = parse_ips(&spec.external_ips, "externalIP", &mut problem);
     let lb_ips = if svc_type == "LoadBalancer" {
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|l| l.ingress.clone())
-            .unwrap_or_default();
-        // ipMode Proxy: the load balancer proxies to the nodes itself;
-        // kube-proxy does not program such IPs either.
-        let ips = ingress
-            .into_iter()
-            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-            .filter_map(|i| i.ip)
-            .collect();
-        parse_ips(ips, "load balancer ingress IP", &mut problem)
+        // Without the ipMode Proxy ones (see `ServiceRecord::ingress_ips`).
+        parse_ips(&svc.ingress_ips, "load balancer ingress IP", &mut problem)
     } else {
         Vec::new()
     };
     let mut source_ranges = Vec::new();
     if svc_type == "LoadBalancer" {
-        for r in spec.load_balancer_source_ranges.clone().unwrap_or_default() {
+        for r in spec.load_balancer_source_ranges.iter() {
             match parse_cidr(r.trim()) {
                 Some(c) => source_ranges.push(c),
                 None => problem(
@@ -315,19 +278,14 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
         source_ranges.sort();
         source_ranges.dedup();
     }
-    let ports = spec.ports.as_deref().unwrap_or(&[]);
+    let ports = &spec.ports;
     let known: BTreeSet<(String, u8)> = ports
         .iter()
-        .filter_map(|p| {
-            Some((
-                p.name.clone().unwrap_or_default(),
-                protocol(p.protocol.as_deref()).ok()?,
-            ))
-        })
+        .filter_map(|p| Some((p.name.to_string(), protocol(p.protocol.as_deref()).ok()?)))
         .collect();
     for sl in slices {
-        for sp in sl.obj.ports.as_deref().unwrap_or(&[]) {
-            let pname = sp.name.clone().unwrap_or_default();
+        for sp in sl.obj.ports.iter() {
+            let pname = sp.name.to_string();
             if let Ok(proto) = protocol(sp.protocol.as_deref()) {
                 if !known.contains(&(pname.clone(), proto)) {
                     let theirs: Vec<String> = known
@@ -347,8 +305,8 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
         }
     }
 
-    for port in ports {
-        let pname = port.name.clone().unwrap_or_default();
+    for port in ports.iter() {
+        let pname = port.name.to_string();
         let proto = match protocol(port.protocol.as_deref()) {
             Ok(p) => p,
             Err(e) => {
@@ -368,9 +326,9 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
         let mut sets = [EndpointSets::default(), EndpointSets::default()];
         let mut port_endpoints: Vec<(&Endpoint, u16)> = Vec::new();
         for sl in slices {
-            let Some(sp) = sl.obj.ports.as_deref().unwrap_or(&[]).iter().find(|sp| {
-                sp.name.clone().unwrap_or_default() == pname && protocol(sp.protocol.as_deref()) == Ok(proto)
-            }) else {
+            let Some(sp) =
+                (sl.obj.ports.iter()).find(|sp| *sp.name == *pname && protocol(sp.protocol.as_deref()) == Ok(proto))
+            else {
                 continue;
             };
             let Some(target) = sp.port.and_then(valid_port) else {
@@ -395,7 +353,7 @@ pub(super) fn service_frontends(svc: &Service, slices: &[Slice], node: &NodeInfo
             topology_mode(ready.map(|(ep, _)| *ep), node)
         });
         for (ep, target) in &port_endpoints {
-            let local = node.is_local(ep.node_name.as_deref());
+            let local = node.is_local(ep.node_name);
             let mut b = Backend::new(ep.addr, *target);
             if !local {
                 b.flags |= BACKEND_F_REMOTE;
@@ -602,11 +560,11 @@ pub(super) enum Topology {
 
 impl Topology {
     fn admits(self, ep: &Endpoint, node: &NodeInfo) -> bool {
-        let has = |names: &[String], me: Option<&String>| me.is_some_and(|me| names.contains(me));
+        let has = |names: &[Box<str>], me: Option<&String>| me.is_some_and(|me| names.iter().any(|n| **n == **me));
         match self {
             Topology::All => true,
-            Topology::SameNode => has(&ep.for_nodes, node.name.as_ref()),
-            Topology::SameZone => has(&ep.for_zones, node.zone.as_ref()),
+            Topology::SameNode => has(ep.for_nodes, node.name.as_ref()),
+            Topology::SameZone => has(ep.for_zones, node.zone.as_ref()),
         }
     }
 }
@@ -617,7 +575,10 @@ impl Topology {
 /// zone; else all. (Hints come from the EndpointSlice controller, for
 /// `trafficDistribution: PreferSameNode` / `PreferSameZone` /
 /// `PreferClose` and topology-aware routing.)
-pub(super) fn topology_mode<'a>(ready: impl Iterator<Item = &'a Endpoint> + Clone, node: &NodeInfo) -> Topology {
+pub(super) fn topology_mode<'a, 'b: 'a>(
+    ready: impl Iterator<Item = &'a Endpoint<'b>> + Clone,
+    node: &NodeInfo,
+) -> Topology {
     let mut any = false;
     let (mut all_node, mut for_node, mut all_zone, mut for_zone) = (true, false, true, false);
     for ep in ready {

@@ -6,11 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
 use super::{
-    compute::{ns_name, prepare_slice, protocol, valid_port},
-    not_ours, object_key, NodeInfo, Problem, Tracked, SERVICE_NAME_LABEL,
+    compute::{prepare_slice, protocol, valid_port},
+    NodeInfo, Problem, ServiceRecord, SliceRecord, Tracked,
 };
 
 /// One health-check port to serve.
@@ -32,8 +30,8 @@ type LocalEndpoint = (String, u8, std::net::IpAddr, i32);
 
 /// The health-check port `svc` asks for: a LoadBalancer Service of ours
 /// with `externalTrafficPolicy: Local` and a `healthCheckNodePort`.
-fn asked_port(svc: &Service) -> Option<i32> {
-    let spec = svc.spec.as_ref().filter(|_| !not_ours(&svc.metadata))?;
+fn asked_port(svc: &ServiceRecord) -> Option<i32> {
+    let spec = svc.spec.as_ref().filter(|_| !svc.not_ours)?;
     let lb_local =
         spec.type_.as_deref() == Some("LoadBalancer") && spec.external_traffic_policy.as_deref() == Some("Local");
     spec.health_check_node_port.filter(|_| lb_local)
@@ -43,15 +41,15 @@ fn asked_port(svc: &Service) -> Option<i32> {
 /// and the problems found: a port outside the node port range, or one
 /// claimed by two Services (the first in namespace/name order keeps it).
 pub fn health_checks(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[ServiceRecord],
+    slices: &[SliceRecord],
     node: &NodeInfo,
 ) -> (Vec<HealthCheck>, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut wanted: BTreeMap<Named, (u16, Vec<(String, u8)>)> = BTreeMap::new();
     for svc in services {
         let Some(port) = asked_port(svc) else { continue };
-        let (Some((ns, name)), Some(spec)) = (ns_name(&svc.metadata), svc.spec.as_ref()) else {
+        let (Some((ns, name)), Some(spec)) = (svc.ns_name(), svc.spec.as_ref()) else {
             continue;
         };
         let (lo, hi) = node.node_port_range;
@@ -62,13 +60,8 @@ pub fn health_checks(
             });
             continue;
         };
-        let ports = spec.ports.iter().flatten();
-        let ports = ports.filter_map(|p| {
-            Some((
-                p.name.clone().unwrap_or_default(),
-                protocol(p.protocol.as_deref()).ok()?,
-            ))
-        });
+        let ports = spec.ports.iter();
+        let ports = ports.filter_map(|p| Some((p.name.to_string(), protocol(p.protocol.as_deref()).ok()?)));
         wanted.insert((ns, name), (port, ports.collect()));
     }
     let mut owners: BTreeMap<u16, (String, String)> = BTreeMap::new();
@@ -97,9 +90,8 @@ pub fn health_checks(
     for s in slices {
         // Most slices belong to other Services: the label decides before
         // the endpoints are read.
-        let svc = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
-        let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-        if !svc.is_some_and(|svc| keys.contains(&(ns, svc.as_str()))) {
+        let svc = s.service_name.as_deref();
+        if !svc.is_some_and(|svc| keys.contains(&(&*s.namespace, svc))) {
             continue;
         }
         let Some(((ns, svc), slice)) = prepare_slice(s, &mut ignore) else {
@@ -109,17 +101,14 @@ pub fn health_checks(
         let Some((_, ports)) = wanted.get(&key) else {
             continue;
         };
-        for sp in slice.obj.ports.iter().flatten() {
-            let (pname, Ok(proto)) = (sp.name.clone().unwrap_or_default(), protocol(sp.protocol.as_deref())) else {
+        for sp in slice.obj.ports.iter() {
+            let (pname, Ok(proto)) = (sp.name.to_string(), protocol(sp.protocol.as_deref())) else {
                 continue;
             };
             if !ports.contains(&(pname.clone(), proto)) {
                 continue;
             }
-            let eps = slice
-                .endpoints
-                .iter()
-                .filter(|e| e.ready && node.is_local(e.node_name.as_deref()));
+            let eps = slice.endpoints.iter().filter(|e| e.ready && node.is_local(e.node_name));
             let set = local.entry(key.clone()).or_default();
             set.extend(eps.map(|e| (pname.clone(), proto, e.addr, sp.port.unwrap_or(0))));
         }
@@ -156,8 +145,8 @@ impl HealthCache {
     /// none of the changes `tracked` lists can make a difference.
     pub fn get(
         &mut self,
-        services: &[Service],
-        slices: &[EndpointSlice],
+        services: &[ServiceRecord],
+        slices: &[SliceRecord],
         node: &NodeInfo,
         tracked: Option<&Tracked<'_>>,
     ) -> (Vec<HealthCheck>, Vec<Problem>) {
@@ -174,7 +163,7 @@ impl HealthCache {
                     self.slices.contains(k)
                         || t.slice_index
                             .get(k)
-                            .is_some_and(|&i| owner_key(&slices[i]).is_some_and(|o| self.services.contains(&o)))
+                            .is_some_and(|&i| slices[i].owner_key().is_some_and(|o| self.services.contains(&o)))
                 };
                 !changed_services.iter().any(service_asks) && !changed_slices.iter().any(slice_counts)
             }
@@ -184,24 +173,15 @@ impl HealthCache {
             self.services = services
                 .iter()
                 .filter(|s| asked_port(s).is_some())
-                .map(|s| object_key(&s.metadata))
+                .map(|s| s.key())
                 .collect();
             self.slices = slices
                 .iter()
-                .filter(|s| owner_key(s).is_some_and(|o| self.services.contains(&o)))
-                .map(|s| object_key(&s.metadata))
+                .filter(|s| s.owner_key().is_some_and(|o| self.services.contains(&o)))
+                .map(|s| s.key())
                 .collect();
             self.last = Some(health_checks(services, slices, node));
         }
         self.last.clone().unwrap_or_default()
     }
-}
-
-/// The object key of the Service a slice belongs to, by its label.
-fn owner_key(s: &EndpointSlice) -> Option<String> {
-    let svc = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some(format!(
-        "{}/{svc}",
-        s.metadata.namespace.as_deref().unwrap_or("default")
-    ))
 }

@@ -1,6 +1,6 @@
 //! The desired state kept up to date incrementally.
 
-use super::compute::{ns_name, prepare_slice, service_frontends, Slice};
+use super::compute::{prepare_slice, service_frontends, Slice};
 use super::conflicts::{conflict, Claim};
 use super::*;
 
@@ -121,8 +121,8 @@ impl Incremental {
     /// everything was recomputed.
     pub fn update(
         &mut self,
-        services: &[Service],
-        slices: &[EndpointSlice],
+        services: &[ServiceRecord],
+        slices: &[SliceRecord],
         t: &Tracked<'_>,
     ) -> Option<BTreeSet<ServiceKey>> {
         let Some((changed_services, changed_slices)) = t.changed else {
@@ -198,12 +198,13 @@ impl Incremental {
     fn compute_service(
         &self,
         key: &str,
-        services: &[Service],
-        slices: &[EndpointSlice],
+        services: &[ServiceRecord],
+        slices: &[SliceRecord],
         t: &Tracked<'_>,
     ) -> Option<ServiceFrontends> {
         let svc = &services[*t.service_index.get(key)?];
-        let mine: Vec<Slice> = ns_name(&svc.metadata)
+        let mine: Vec<Slice> = svc
+            .ns_name()
             .and_then(|owner| self.by_owner.get(&owner_key(&owner)))
             .into_iter()
             .flatten()
@@ -217,11 +218,11 @@ impl Incremental {
     /// order, so the first claim on a key wins as it is made and each
     /// Service's frontends are dropped (or moved into the desired state) as
     /// soon as it is done.
-    fn rebuild(&mut self, services: &[Service], slices: &[EndpointSlice]) {
+    fn rebuild(&mut self, services: &[ServiceRecord], slices: &[SliceRecord]) {
         *self = Incremental::new(self.node.clone());
         let mut by_service: HashMap<String, Vec<Slice>> = HashMap::new();
         for s in slices {
-            let key: Arc<str> = object_key(&s.metadata).into();
+            let key: Arc<str> = s.key().into();
             let mut problems = BTreeSet::new();
             let prepared = prepare_slice(s, &mut |object, reason| {
                 problems.insert(Problem { object, reason });
@@ -244,8 +245,8 @@ impl Incremental {
             keys.sort();
             keys.dedup();
         }
-        let mut ordered: Vec<(Option<(String, String)>, &Service)> =
-            services.iter().map(|s| (ns_name(&s.metadata), s)).collect();
+        let mut ordered: Vec<(Option<(String, String)>, &ServiceRecord)> =
+            services.iter().map(|s| (s.ns_name(), s)).collect();
         ordered.sort_by(|a, b| a.0.cmp(&b.0));
         for (order, svc) in ordered {
             let mine = order
@@ -254,7 +255,7 @@ impl Incremental {
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
             let result = service_frontends(svc, mine, &self.node);
-            let owner: Arc<str> = object_key(&svc.metadata).into();
+            let owner: Arc<str> = svc.key().into();
             let order = result.order.map(Arc::new);
             let mut kept = Vec::with_capacity(result.claims.len());
             for (i, c) in result.claims.into_iter().enumerate() {
@@ -405,7 +406,7 @@ impl Incremental {
 }
 
 /// A slice's owner and own problems.
-fn slice_entry(s: &EndpointSlice) -> SliceEntry {
+fn slice_entry(s: &SliceRecord) -> SliceEntry {
     let mut problems = BTreeSet::new();
     let owner = prepare_slice(s, &mut |object, reason| {
         problems.insert(Problem { object, reason });

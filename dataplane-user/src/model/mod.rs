@@ -11,6 +11,7 @@ mod conflicts;
 mod health;
 mod incremental;
 pub mod maglev;
+mod objects;
 #[cfg(test)]
 mod tests;
 
@@ -18,6 +19,10 @@ pub use compute::{compute, compute_for_node, parse_cidr};
 pub use conflicts::ServiceFrontends;
 pub use health::{health_checks, HealthCache, HealthCheck};
 pub use incremental::{Incremental, Tracked};
+pub use objects::{
+    records, Addr, EndpointRecord, ServicePortRecord, ServiceRecord, ServiceSpecRecord, SlicePortRecord, SliceRecord,
+    Word,
+};
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},

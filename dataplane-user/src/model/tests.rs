@@ -2,6 +2,16 @@ use super::*;
 use crate::source::files::parse_manifests;
 use dataplane_common::{SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_SOURCE_RANGES};
 
+/// The model's function, on API objects.
+fn compute_for_node(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Desired {
+    super::compute_for_node(&records(services), &records(slices), node)
+}
+
+/// The model's function, on API objects.
+fn health_checks(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> (Vec<HealthCheck>, Vec<Problem>) {
+    super::health_checks(&records(services), &records(slices), node)
+}
+
 fn example(name: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
     let path = format!("{}/../deploy/examples/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -307,6 +317,33 @@ fn ipv6_node_ports_source_ranges_and_mismatched_endpoints() {
             .any(|p| p.to_string().contains("198.18.1.2") && p.to_string().contains("IPv6")),
         "{:?}",
         d.problems
+    );
+}
+
+/// Load balancer ingress IPs are frontends unless `ipMode: Proxy` (the
+/// load balancer proxies to the nodes itself: KEP-1860, kube-proxy skips
+/// them); an address written in a non-canonical form still counts, and
+/// an invalid one is reported with its own text.
+#[test]
+fn load_balancer_ingress_ips_by_ip_mode() {
+    let svc = service(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: n}\nspec:\n  type: LoadBalancer\n  \
+         clusterIP: 198.19.0.41\n  ports: [{port: 80, protocol: TCP, nodePort: 30080}]\n\
+         status: {loadBalancer: {ingress: [{ip: 198.19.2.1}, {ip: 198.19.2.2, ipMode: Proxy}, \
+         {ip: 198.19.2.3, ipMode: VIP}, {hostname: lb.example}, {ip: \"2001:DB8:19::5\"}, {ip: not-an-ip}]}}\n",
+    );
+    let d = compute_for_node(&[svc], &[], &node("node-a"));
+    let has = |ip: &str| {
+        d.frontends
+            .contains_key(&ServiceKey::new(ip.parse::<IpAddr>().unwrap(), 80, IPPROTO_TCP))
+    };
+    assert!(has("198.19.2.1"), "no ipMode: a frontend");
+    assert!(!has("198.19.2.2"), "ipMode Proxy: not programmed");
+    assert!(has("198.19.2.3"), "ipMode VIP: a frontend");
+    assert!(has("2001:db8:19::5"), "non-canonical text of a valid address");
+    assert_eq!(
+        d.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["Service n/lb: load balancer ingress IP \"not-an-ip\" is not a valid IP address; ignored"]
     );
 }
 

@@ -422,7 +422,8 @@ mod incremental {
 
     use super::*;
     use crate::model::{
-        compute_for_node, health_checks, object_key, HealthCache, Incremental, NodeInfo, Problem, Tracked,
+        compute_for_node, health_checks, records, HealthCache, Incremental, NodeInfo, Problem, ServiceRecord,
+        SliceRecord, Tracked,
     };
 
     /// splitmix64: enough randomness for a reproducible test.
@@ -572,8 +573,9 @@ mod incremental {
                     }
                 }
                 // Store order is arbitrary: use a shuffled one.
-                let mut svc_list: Vec<Service> = services.values().cloned().collect();
-                let mut slice_list: Vec<EndpointSlice> = slices.values().cloned().collect();
+                let mut svc_list: Vec<ServiceRecord> = records(&services.values().cloned().collect::<Vec<Service>>());
+                let mut slice_list: Vec<SliceRecord> =
+                    records(&slices.values().cloned().collect::<Vec<EndpointSlice>>());
                 let n = svc_list.len();
                 if n > 1 {
                     svc_list.swap(rng.below(n), rng.below(n));
@@ -582,16 +584,10 @@ mod incremental {
                 if n > 1 {
                     slice_list.swap(rng.below(n), rng.below(n));
                 }
-                let service_index: HashMap<String, usize> = svc_list
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| (object_key(&s.metadata), i))
-                    .collect();
-                let slice_index: HashMap<String, usize> = slice_list
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| (object_key(&s.metadata), i))
-                    .collect();
+                let service_index: HashMap<String, usize> =
+                    svc_list.iter().enumerate().map(|(i, s)| (s.key(), i)).collect();
+                let slice_index: HashMap<String, usize> =
+                    slice_list.iter().enumerate().map(|(i, s)| (s.key(), i)).collect();
                 let tracked = Tracked {
                     service_index: &service_index,
                     slice_index: &slice_index,
@@ -679,11 +675,9 @@ mod incremental {
             write_with_mtime(path, text, mtime);
         };
         let sorted_objects = |src: &FileSource| {
-            let mut services: Vec<(String, &Service)> =
-                src.services().iter().map(|s| (object_key(&s.metadata), s)).collect();
+            let mut services: Vec<(String, &ServiceRecord)> = src.services().iter().map(|s| (s.key(), s)).collect();
             services.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut slices: Vec<(String, &EndpointSlice)> =
-                src.slices().iter().map(|s| (object_key(&s.metadata), s)).collect();
+            let mut slices: Vec<(String, &SliceRecord)> = src.slices().iter().map(|s| (s.key(), s)).collect();
             slices.sort_by(|a, b| a.0.cmp(&b.0));
             let mut problems = src.problems().to_vec();
             problems.sort();

@@ -11,19 +11,16 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Node, Service},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
 };
 use serde::Deserialize;
 use tracing::warn;
 
 pub use super::Objects;
-use super::{Source, SourceCounters, View};
-use crate::model::{self, Problem, Tracked};
+use super::{Keyed, Source, SourceCounters, View};
+use crate::model::{Problem, ServiceRecord, SliceRecord, Tracked};
 
 /// What identifies a version of a file without reading it: modification
 /// time and length, plus the inode (a file replaced by a rename, as
@@ -129,7 +126,7 @@ impl<K> Default for Kept<K> {
     }
 }
 
-impl<K: PartialEq + k8s_openapi::Metadata<Ty = ObjectMeta>> Kept<K> {
+impl<K: PartialEq + Keyed> Kept<K> {
     /// Brings the key `key` up to date after the files in `dropped` lost
     /// their definitions (removed or re-read) and `fresh` came from the
     /// files re-read (in file order). Returns whether it had or has
@@ -164,7 +161,7 @@ impl<K: PartialEq + k8s_openapi::Metadata<Ty = ObjectMeta>> Kept<K> {
                     self.from.swap_remove(i);
                     if let Some(moved) = self.items.get(i) {
                         // The last item moved into slot i.
-                        self.index.insert(model::object_key(moved.metadata()), i);
+                        self.index.insert(moved.key(), i);
                     }
                     self.changed.insert(key.to_string());
                 } else {
@@ -209,12 +206,12 @@ impl<K> Default for KindChanges<K> {
     }
 }
 
-impl<K: k8s_openapi::Metadata<Ty = ObjectMeta>> KindChanges<K> {
+impl<K: Keyed> KindChanges<K> {
     /// Takes a re-read file's objects of this kind; returns their keys.
     fn add(&mut self, file: &Arc<Path>, objects: Vec<K>) -> Box<[String]> {
         let mut keys = Vec::with_capacity(objects.len());
         for (seq, obj) in objects.into_iter().enumerate() {
-            let key = model::object_key(obj.metadata());
+            let key = obj.key();
             let origin = Origin {
                 file: file.clone(),
                 seq: seq as u32,
@@ -251,8 +248,9 @@ impl<K: k8s_openapi::Metadata<Ty = ObjectMeta>> KindChanges<K> {
 pub struct FileSource {
     dir: PathBuf,
     files: HashMap<FileKey, CachedFile>,
-    services: Kept<Service>,
-    slices: Kept<EndpointSlice>,
+    /// What the model reads of each object (see `model::ServiceRecord`).
+    services: Kept<ServiceRecord>,
+    slices: Kept<SliceRecord>,
     nodes: Kept<Node>,
     /// The files' problems and the duplicate definitions.
     problems: Vec<Problem>,
@@ -304,6 +302,11 @@ fn list(dir: &Path, out: &mut Vec<(PathBuf, Fingerprint)>) -> std::io::Result<()
         }
     }
     Ok(())
+}
+
+/// The records of parsed objects (the objects themselves are not kept).
+fn keep<K, R: From<K>>(objects: Vec<K>) -> Vec<R> {
+    objects.into_iter().map(R::from).collect()
 }
 
 /// Parses one file's documents. A syntax error fails the whole file (it may
@@ -407,8 +410,8 @@ impl FileSource {
         // Files whose previous definitions no longer count (re-read or
         // removed), and what the re-read ones define now.
         let mut dropped: HashSet<Arc<Path>> = HashSet::new();
-        let mut services = KindChanges::<Service>::default();
-        let mut slices = KindChanges::<EndpointSlice>::default();
+        let mut services = KindChanges::<ServiceRecord>::default();
+        let mut slices = KindChanges::<SliceRecord>::default();
         let mut nodes = KindChanges::<Node>::default();
         // Files seen in this scan are marked with its number; the others
         // were removed.
@@ -448,8 +451,8 @@ impl FileSource {
                     CachedFile {
                         fingerprint: fp,
                         scan,
-                        services: services.add(&file, objects.services),
-                        slices: slices.add(&file, objects.slices),
+                        services: services.add(&file, keep(objects.services)),
+                        slices: slices.add(&file, keep(objects.slices)),
                         nodes: nodes.add(&file, objects.nodes),
                         problems,
                     }
@@ -537,11 +540,11 @@ impl FileSource {
         }
     }
 
-    pub fn services(&self) -> &[Service] {
+    pub fn services(&self) -> &[ServiceRecord] {
         &self.services.items
     }
 
-    pub fn slices(&self) -> &[EndpointSlice] {
+    pub fn slices(&self) -> &[SliceRecord] {
         &self.slices.items
     }
 
@@ -653,16 +656,23 @@ pub(crate) fn write_with_mtime(path: &Path, text: &str, mtime: SystemTime) {
 mod tests {
     use super::*;
 
-    /// Polls; when a file changed, the source's objects and problems.
-    fn poll(src: &mut FileSource) -> Option<(Objects, Vec<Problem>)> {
+    /// The records a poll left in the source.
+    struct Seen {
+        services: Vec<ServiceRecord>,
+    }
+
+    /// Polls; when a file changed, the source's Services and problems.
+    fn poll(src: &mut FileSource) -> Option<(Seen, Vec<Problem>)> {
         src.poll().unwrap().then(|| {
-            let objects = Objects {
+            let seen = Seen {
                 services: src.services().to_vec(),
-                slices: src.slices().to_vec(),
-                nodes: src.node().into_iter().cloned().collect(),
             };
-            (objects, src.problems().to_vec())
+            (seen, src.problems().to_vec())
         })
+    }
+
+    fn first_vip(s: &ServiceRecord) -> String {
+        s.spec.as_ref().unwrap().cluster_ips[0].text().into_owned()
     }
 
     #[test]
@@ -692,8 +702,8 @@ mod tests {
         format!("apiVersion: v1\nkind: Service\nmetadata: {{name: a, namespace: x}}\nspec: {{clusterIP: 198.19.0.{last}, ports: [{{port: 80}}]}}\n")
     }
 
-    fn vip(o: &Objects) -> String {
-        o.services[0].spec.as_ref().unwrap().cluster_ip.clone().unwrap()
+    fn vip(o: &Seen) -> String {
+        first_vip(&o.services[0])
     }
 
     #[test]
@@ -744,7 +754,11 @@ mod tests {
         // A different length changes the fingerprint whatever the mtime.
         fs::write(dir.join("b.yaml"), svc("b2", "198.19.0.22")).unwrap();
         let (o, _) = poll(&mut src).expect("b.yaml changed");
-        let mut names: Vec<String> = o.services.iter().filter_map(|s| s.metadata.name.clone()).collect();
+        let mut names: Vec<String> = o
+            .services
+            .iter()
+            .filter_map(|s| s.name.as_deref().map(String::from))
+            .collect();
         names.sort();
         assert_eq!(names, ["a", "b2"]);
         assert!(poll(&mut src).is_none());
@@ -813,11 +827,11 @@ mod tests {
             let t = v.tracked.expect("the file source tracks its objects");
             assert_eq!(t.service_index.len(), v.services.len());
             for (k, &i) in t.service_index {
-                assert_eq!(&model::object_key(&v.services[i].metadata), k);
+                assert_eq!(&v.services[i].key(), k);
             }
             assert_eq!(t.slice_index.len(), v.slices.len());
             for (k, &i) in t.slice_index {
-                assert_eq!(&model::object_key(&v.slices[i].metadata), k);
+                assert_eq!(&v.slices[i].key(), k);
             }
             t.changed.map(|(s, e)| {
                 let sorted = |set: &HashSet<String>| {
@@ -836,12 +850,8 @@ mod tests {
     }
 
     fn vip_of(src: &FileSource, key: &str) -> String {
-        let s = src
-            .services()
-            .iter()
-            .find(|s| model::object_key(&s.metadata) == key)
-            .unwrap();
-        s.spec.as_ref().unwrap().cluster_ip.clone().unwrap()
+        let s = src.services().iter().find(|s| s.key() == key).unwrap();
+        first_vip(s)
     }
 
     #[test]
@@ -875,7 +885,7 @@ mod tests {
         // Deleted: its objects.
         fs::remove_file(d.0.join("a.yaml")).unwrap();
         assert_eq!(changes(&mut src), keys(&["x/a"], &["x/a-1"]));
-        let mut names: Vec<String> = src.services().iter().map(|s| model::object_key(&s.metadata)).collect();
+        let mut names: Vec<String> = src.services().iter().map(|s| s.key()).collect();
         names.sort();
         assert_eq!(names, ["x/b2", "x/c"]);
         assert_eq!(src.slices().len(), 1);

@@ -8,13 +8,15 @@
 //! anything: the maps keep serving the last programmed state while the
 //! watcher retries.
 //!
-//! The objects are kept in one [`Store`] per kind, a `Vec` plus an index by
-//! namespace/name, rather than in kube's reflector stores: the
-//! desired-state function takes `&[Service]` and `&[EndpointSlice]`, and a
-//! reflector store would have to be cloned into such a slice on every sync
-//! (10,000 Services on every endpoint change). Watcher events update the
-//! `Vec` in place instead; relists are applied atomically at `InitDone`,
-//! like the reflector does.
+//! Each object is converted as it arrives into the record the model reads
+//! (`model::ServiceRecord`, `model::SliceRecord`): the API object itself
+//! is not kept. The records are kept in one [`Store`] per kind, a `Vec`
+//! plus an index by namespace/name, rather than in kube's reflector
+//! stores: the desired-state function takes the records as slices, and a
+//! reflector store would have to be cloned into one on every sync (10,000
+//! Services on every endpoint change). Watcher events update the `Vec` in
+//! place instead; relists are applied atomically at `InitDone`, like the
+//! reflector does.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -38,12 +40,8 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use super::{Source, SourceCounters, View};
-use crate::model::{self, Tracked};
-
-/// The annotation kubectl keeps a whole copy of the object in: dropped to
-/// save memory, nothing here reads it.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+use super::{Keyed, Source, SourceCounters, View};
+use crate::model::{self, ServiceRecord, SliceRecord, Tracked};
 
 /// The objects of one kind, as a `Vec` the desired-state function can take
 /// by reference, indexed by `namespace/name`.
@@ -80,11 +78,11 @@ impl<K> Default for Store<K> {
 }
 
 /// The desired state's key, so it can find objects by it.
-fn key<K: Resource>(obj: &K) -> String {
-    crate::model::object_key(obj.meta())
+fn key<K: Keyed>(obj: &K) -> String {
+    obj.key()
 }
 
-impl<K: Resource> Store<K> {
+impl<K: Keyed> Store<K> {
     pub fn items(&self) -> &[K] {
         &self.items
     }
@@ -199,8 +197,8 @@ impl<K: Resource> Store<K> {
 /// Everything the watchers write and the sync loop reads.
 #[derive(Debug, Default)]
 pub struct Cache {
-    pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub services: Store<ServiceRecord>,
+    pub slices: Store<SliceRecord>,
     /// This node (a field selector on its name): for node IPs and topology
     /// once traffic policies use them.
     pub nodes: Store<Node>,
@@ -261,38 +259,28 @@ impl KubeSource {
                 watcher::Config::default().labels(model::OURS_SELECTOR),
                 shared.clone(),
                 |c| &mut c.services,
-                |s: &mut Service| {
-                    s.managed_fields_mut().clear();
-                    s.annotations_mut().remove(LAST_APPLIED);
-                    // Load-balancer status is read from spec/status later;
-                    // conditions are large and unused.
-                    if let Some(st) = s.status.as_mut() {
-                        st.conditions = None;
-                    }
-                },
+                ServiceRecord::from,
             ),
             spawn_watcher(
                 Api::<EndpointSlice>::all(client.clone()),
                 watcher::Config::default().labels(model::OURS_SELECTOR),
                 shared.clone(),
                 |c| &mut c.slices,
-                |s: &mut EndpointSlice| {
-                    s.managed_fields_mut().clear();
-                    s.annotations_mut().remove(LAST_APPLIED);
-                },
+                SliceRecord::from,
             ),
             spawn_watcher(
                 Api::<Node>::all(client),
                 watcher::Config::default().fields(&format!("metadata.name={node_name}")),
                 shared.clone(),
                 |c| &mut c.nodes,
-                |n: &mut Node| {
+                |mut n: Node| {
                     n.managed_fields_mut().clear();
                     n.annotations_mut().clear();
                     // Image lists run to hundreds of entries per node.
                     if let Some(st) = n.status.as_mut() {
                         st.images = None;
                     }
+                    n
                 },
             ),
         ];
@@ -326,15 +314,27 @@ fn kind_of<K: Resource<DynamicType = ()>>() -> String {
     K::kind(&()).into_owned()
 }
 
-fn spawn_watcher<K>(
+/// A watcher event with its object converted to what the store keeps.
+fn convert<K, T>(event: watcher::Event<K>, f: fn(K) -> T) -> watcher::Event<T> {
+    match event {
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(k) => watcher::Event::InitApply(f(k)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+        watcher::Event::Apply(k) => watcher::Event::Apply(f(k)),
+        watcher::Event::Delete(k) => watcher::Event::Delete(f(k)),
+    }
+}
+
+fn spawn_watcher<K, T>(
     api: Api<K>,
     config: watcher::Config,
     shared: Arc<Shared>,
-    store: fn(&mut Cache) -> &mut Store<K>,
-    trim: fn(&mut K),
+    store: fn(&mut Cache) -> &mut Store<T>,
+    keep: fn(K) -> T,
 ) -> JoinHandle<()>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    T: Keyed + Send + 'static,
 {
     tokio::spawn(async move {
         let kind = kind_of::<K>();
@@ -345,7 +345,7 @@ where
         while let Some(item) = events.next().await {
             match item {
                 Ok(event) => {
-                    let event = event.modify(trim);
+                    let event = convert(event, keep);
                     let relist_done = matches!(event, watcher::Event::InitDone);
                     let notify = {
                         let mut cache = shared.lock();
@@ -438,8 +438,8 @@ mod tests {
 
     use super::*;
 
-    fn svc(name: &str, ip: &str) -> Service {
-        Service {
+    fn svc(name: &str, ip: &str) -> ServiceRecord {
+        ServiceRecord::from(Service {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
@@ -450,11 +450,19 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
-        }
+        })
     }
 
-    fn names(s: &Store<Service>) -> Vec<String> {
-        let mut v: Vec<String> = s.items().iter().map(|o| o.name_any()).collect();
+    fn vip(s: &ServiceRecord) -> String {
+        s.spec.as_ref().unwrap().cluster_ips[0].text().into_owned()
+    }
+
+    fn names(s: &Store<ServiceRecord>) -> Vec<String> {
+        let mut v: Vec<String> = s
+            .items()
+            .iter()
+            .map(|o| o.name.as_deref().unwrap().to_string())
+            .collect();
         v.sort();
         v
     }
@@ -476,8 +484,8 @@ mod tests {
         s.apply(watcher::Event::Delete(svc("a", "")));
         s.apply(watcher::Event::Apply(svc("c", "198.19.0.33")));
         assert_eq!(names(&s), ["b", "c"]);
-        let c = s.items().iter().find(|o| o.name_any() == "c").unwrap();
-        assert_eq!(c.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("198.19.0.33"));
+        let c = s.items().iter().find(|o| o.name.as_deref() == Some("c")).unwrap();
+        assert_eq!(vip(c), "198.19.0.33");
         s.apply(watcher::Event::Delete(svc("zz", "")));
         assert_eq!(names(&s), ["b", "c"]);
     }
@@ -510,7 +518,7 @@ mod tests {
         let items: Vec<(String, String)> = s
             .items()
             .iter()
-            .map(|o| (o.name_any(), o.spec.as_ref().unwrap().cluster_ip.clone().unwrap()))
+            .map(|o| (o.name.as_deref().unwrap().to_string(), vip(o)))
             .collect();
         let expect = [("a", "3"), ("b", "5"), ("c", "4"), ("d", "6")];
         assert_eq!(items, expect.map(|(n, ip)| (n.to_string(), ip.to_string())));

@@ -22,7 +22,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::model::{Problem, Tracked};
+use crate::model::{Problem, ServiceRecord, SliceRecord, Tracked};
 
 /// Services and EndpointSlices read from a source.
 #[derive(Clone, Debug, Default)]
@@ -36,8 +36,10 @@ pub struct Objects {
 /// A borrowed view of a source's current objects.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
-    pub services: &'a [Service],
-    pub slices: &'a [EndpointSlice],
+    /// What the model reads of each Service and EndpointSlice (sources
+    /// keep only that, see `model::ServiceRecord`).
+    pub services: &'a [ServiceRecord],
+    pub slices: &'a [SliceRecord],
     /// Problems the source itself found (unparsable files); the
     /// desired-state function reports the rest.
     pub problems: &'a [Problem],
@@ -74,4 +76,28 @@ pub trait Source {
     fn view<R>(&mut self, f: impl FnOnce(View<'_>) -> R) -> Option<R>;
 
     fn counters(&self) -> SourceCounters;
+}
+
+/// An object a source keeps, by the key the model finds it under
+/// ([`crate::model::object_key`]).
+pub trait Keyed {
+    fn key(&self) -> String;
+}
+
+impl Keyed for ServiceRecord {
+    fn key(&self) -> String {
+        ServiceRecord::key(self)
+    }
+}
+
+impl Keyed for SliceRecord {
+    fn key(&self) -> String {
+        SliceRecord::key(self)
+    }
+}
+
+impl Keyed for Node {
+    fn key(&self) -> String {
+        crate::model::object_key(&self.metadata)
+    }
 }
