@@ -170,7 +170,12 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
     let mut node = node.clone();
     let mut incremental = model::Incremental::new(node.clone());
     let mut health_cache = model::HealthCache::default();
+    // The problems reported (logged) so far, and the versions of the lists
+    // they came from: while none moved, a sync skips the diff.
     let mut reported = BTreeSet::new();
+    let mut reported_versions = None;
+    let mut source_problems: Vec<model::Problem> = Vec::new();
+    let mut source_version = model::next_version();
     loop {
         // Retired backend generations are deleted after their grace period
         // even when nothing else changes.
@@ -193,7 +198,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
             }
         }
         let started = Instant::now();
-        let Some((full, changed, mut problems, eligible, checks)) = source.view(|v| {
+        let Some((full, changed, eligible)) = source.view(|v| {
             let eligible = v.node.is_none_or(model::node_eligible);
             // A new zone changes every Service's topology: start over.
             let zone = v.node.and_then(model::node_zone);
@@ -203,11 +208,13 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
                 node.zone = zone;
                 incremental = model::Incremental::new(node.clone());
             }
-            let (checks, mut problems) = match health_checks {
-                Some(_) => health_cache.get(v.services, v.slices, &node, v.tracked.as_ref().filter(|_| !rezoned)),
-                None => Default::default(),
-            };
-            problems.extend(v.problems.iter().cloned());
+            if health_checks.is_some() {
+                health_cache.refresh(v.services, v.slices, &node, v.tracked.as_ref().filter(|_| !rezoned));
+            }
+            if v.problems != source_problems.as_slice() {
+                source_problems = v.problems.to_vec();
+                source_version = model::next_version();
+            }
             match &v.tracked {
                 // The source says what changed: recompute only that.
                 Some(t) => {
@@ -216,18 +223,18 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
                         ..*t
                     };
                     let changed = incremental.update(v.services, v.slices, &t);
-                    (None, changed, problems, eligible, checks)
+                    (None, changed, eligible)
                 }
                 None => {
                     let d = model::compute_for_node(v.services, v.slices, &node);
-                    (Some(d), None, problems, eligible, checks)
+                    (Some(d), None, eligible)
                 }
             }
         }) else {
             continue; // initial lists not complete yet
         };
         if let Some(servers) = health_checks.as_deref_mut() {
-            for e in servers.sync(&checks).await {
+            for e in servers.sync(health_cache.checks()).await {
                 error!("{e}");
             }
         }
@@ -241,19 +248,28 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
             }
         }
         let desired = full.as_ref().unwrap_or_else(|| incremental.desired());
-        problems.extend(desired.problems.iter().cloned());
+        let health_problems = health_cache.problems();
+        let skipped = health_problems.len() + source_problems.len() + desired.problems.len();
         // Each problem once, when it appears (or its reason changes), not
-        // at every sync; its end is said too.
-        let now: BTreeSet<model::Problem> = problems.iter().cloned().collect();
-        for p in now.difference(&reported) {
-            warn!(object = %p.object, "{}", p.reason);
-        }
-        for p in reported.difference(&now) {
-            if !now.iter().any(|n| n.object == p.object) {
-                info!(object = %p.object, "no longer skipped: {}", p.reason);
+        // at every sync; its end is said too. The lists are compared only
+        // when one of them may have changed.
+        let versions = full
+            .is_none()
+            .then(|| (health_cache.version(), source_version, incremental.problems_version()));
+        if versions.is_none() || versions != reported_versions {
+            let all = health_problems.iter().chain(&source_problems).chain(&desired.problems);
+            let now: BTreeSet<model::Problem> = all.cloned().collect();
+            for p in now.difference(&reported) {
+                warn!(object = %p.object, "{}", p.reason);
             }
+            for p in reported.difference(&now) {
+                if !now.iter().any(|n| n.object == p.object) {
+                    info!(object = %p.object, "no longer skipped: {}", p.reason);
+                }
+            }
+            reported = now;
+            reported_versions = versions;
         }
-        reported = now;
         let computed = started.elapsed();
         let report = match &changed {
             Some(keys) => syncer.apply_changed(desired, keys),
@@ -266,8 +282,8 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
         let sc = source.counters();
         state.watch_restarts.store(sc.watch_restarts, Ordering::Relaxed);
         state.relists.store(sc.relists, Ordering::Relaxed);
-        state.skipped_objects.store(problems.len() as u64, Ordering::Relaxed);
-        state.skipped_total.fetch_add(problems.len() as u64, Ordering::Relaxed);
+        state.skipped_objects.store(skipped as u64, Ordering::Relaxed);
+        state.skipped_total.fetch_add(skipped as u64, Ordering::Relaxed);
         state
             .sync_errors
             .fetch_add(report.errors.len() as u64, Ordering::Relaxed);
@@ -286,7 +302,7 @@ pub async fn sync_loop<S: Source, W: MapWriter>(
             unchanged = report.unchanged,
             errors = report.errors.len(),
             udp_flows_cleared = report.udp_flows_cleared,
-            skipped = problems.len(),
+            skipped,
             watch_restarts = sc.watch_restarts,
             relists = sc.relists,
             compute_us = computed.as_micros() as u64,

@@ -138,6 +138,8 @@ pub struct HealthCache {
     services: HashSet<String>,
     /// Object keys of their slices.
     slices: HashSet<String>,
+    /// Changes with every computation ([`super::next_version`]).
+    version: u64,
 }
 
 impl HealthCache {
@@ -150,6 +152,35 @@ impl HealthCache {
         node: &NodeInfo,
         tracked: Option<&Tracked<'_>>,
     ) -> (Vec<HealthCheck>, Vec<Problem>) {
+        self.refresh(services, slices, node, tracked);
+        (self.checks().to_vec(), self.problems().to_vec())
+    }
+
+    /// The health checks of the last [`HealthCache::refresh`].
+    pub fn checks(&self) -> &[HealthCheck] {
+        self.last.as_ref().map_or(&[], |l| &l.0)
+    }
+
+    /// The problems of the last [`HealthCache::refresh`].
+    pub fn problems(&self) -> &[Problem] {
+        self.last.as_ref().map_or(&[], |l| &l.1)
+    }
+
+    /// Differs from the previous value whenever the health checks or
+    /// problems were computed again (they may be the same).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Brings [`HealthCache::checks`] and [`HealthCache::problems`] up to
+    /// date, as [`HealthCache::get`] without the copy.
+    pub fn refresh(
+        &mut self,
+        services: &[ServiceRecord],
+        slices: &[SliceRecord],
+        node: &NodeInfo,
+        tracked: Option<&Tracked<'_>>,
+    ) {
         let changes = tracked.and_then(|t| t.changed.map(|c| (t, c)));
         let reuse = match (&self.last, changes) {
             (Some(_), Some((t, (changed_services, changed_slices)))) => {
@@ -181,7 +212,7 @@ impl HealthCache {
                 .map(|s| s.key())
                 .collect();
             self.last = Some(health_checks(services, slices, node));
+            self.version = super::next_version();
         }
-        self.last.clone().unwrap_or_default()
     }
 }

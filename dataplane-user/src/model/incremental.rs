@@ -90,6 +90,9 @@ pub struct Incremental {
     /// list is collected again (a walk of every Service and slice, which an
     /// update without one skips).
     problems_changed: bool,
+    /// Set anew ([`super::next_version`]) whenever the problem list is
+    /// collected.
+    problems_version: u64,
     desired: Desired,
 }
 
@@ -108,12 +111,22 @@ impl Incremental {
             claims: BTreeMap::new(),
             conflicts: BTreeMap::new(),
             problems_changed: false,
+            problems_version: super::next_version(),
             desired: Desired::default(),
         }
     }
 
     pub fn desired(&self) -> &Desired {
         &self.desired
+    }
+
+    /// Differs from every earlier value (of any `Incremental`) whenever
+    /// `desired().problems` may have changed: the sync loop diffs the
+    /// problems it reports only then, not at every update (a cluster with
+    /// tens of thousands of invalid objects would pay for a copy of them
+    /// all at every change).
+    pub fn problems_version(&self) -> u64 {
+        self.problems_version
     }
 
     /// Brings the state up to date with `services` and `slices`. Returns
@@ -402,6 +415,7 @@ impl Incremental {
             .cloned()
             .collect();
         self.desired.problems = all.into_iter().collect();
+        self.problems_version = super::next_version();
     }
 }
 

@@ -37,6 +37,13 @@ use dataplane_common::{
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+/// A number no earlier call returned, for the versions of problem lists
+/// (`Incremental::problems_version`, `HealthCache::version`).
+pub fn next_version() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 

@@ -540,6 +540,9 @@ mod incremental {
         };
         // The sequences must exercise what they are meant to.
         let (mut conflicts, mut frontends, mut health_checked) = (0, 0, 0);
+        // Updates that left the problem lists' versions alone, and that
+        // moved them (the sync loop diffs the problems only on a move).
+        let (mut problems_kept, mut problems_moved) = (0, 0);
         for seed in 0..40u64 {
             let mut rng = Rng(seed);
             let mut services: BTreeMap<String, Service> = BTreeMap::new();
@@ -548,6 +551,7 @@ mod incremental {
             let mut health_cache = HealthCache::default();
             let (mut full_sync, mut incr_sync) = (syncer(), syncer());
             let (mut changed_services, mut changed_slices) = (HashSet::new(), HashSet::new());
+            let mut last_problems: Option<(u64, Vec<Problem>, u64, Vec<Problem>)> = None;
             for step in 0..150 {
                 // One to three changes per sync, as a debounce folds them.
                 for _ in 0..1 + rng.below(3) {
@@ -616,6 +620,29 @@ mod incremental {
                 assert!(report.errors.is_empty(), "{:?}", report.errors);
                 changed_services.clear();
                 changed_slices.clear();
+                // A version that stayed means a list that stayed.
+                let (pv, hv) = (incremental.problems_version(), health_cache.version());
+                if let Some((last_pv, last_p, last_hv, last_h)) = &last_problems {
+                    if pv == *last_pv {
+                        assert_eq!(
+                            &incremental.desired().problems,
+                            last_p,
+                            "problems kept, seed {seed} step {step}"
+                        );
+                        problems_kept += 1;
+                    } else {
+                        problems_moved += 1;
+                    }
+                    if hv == *last_hv {
+                        assert_eq!(
+                            health_cache.problems(),
+                            last_h,
+                            "health problems kept, seed {seed} step {step}"
+                        );
+                    }
+                }
+                let (p, h) = (incremental.desired().problems.clone(), health_cache.problems().to_vec());
+                last_problems = Some((pv, p, hv, h));
 
                 conflicts += full
                     .problems
@@ -635,6 +662,10 @@ mod incremental {
         assert!(
             conflicts > 100 && frontends > 1000 && health_checked > 100,
             "{conflicts} conflicts, {frontends} frontends, {health_checked} health checks with local endpoints"
+        );
+        assert!(
+            problems_kept > 500 && problems_moved > 500,
+            "problem list versions kept {problems_kept} times, moved {problems_moved} times"
         );
     }
 
