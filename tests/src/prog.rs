@@ -263,7 +263,8 @@ impl Loaded {
                 flags: 0,
                 source_ranges: Vec::new(),
                 also_serving: Vec::new(),
-            },
+            }
+            .into(),
         );
         let r = self.sync.apply(&self.desired);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
@@ -272,7 +273,7 @@ impl Loaded {
     /// Programs an arbitrary frontend (flags, source ranges, remote backends).
     pub fn set_frontend(&mut self, key: ServiceKey, mut fe: Frontend) {
         fe.backends.sort();
-        self.desired.frontends.insert(key, fe);
+        self.desired.frontends.insert(key, fe.into());
         let r = self.sync.apply(&self.desired);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
     }

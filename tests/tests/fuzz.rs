@@ -704,7 +704,8 @@ fn desired_state() -> impl Strategy<Value = Desired> {
                         flags: 0,
                         source_ranges: vec![],
                         also_serving: Vec::new(),
-                    },
+                    }
+                    .into(),
                 )
             })
             .collect(),

@@ -52,23 +52,23 @@ fn desired() -> Desired {
     let mut d = Desired::default();
     d.frontends.insert(
         ServiceKey::new(VIP, 80, TCP),
-        Frontend {
+        std::sync::Arc::new(Frontend {
             affinity_timeout_s: Some(60),
             ..fe("shop/web", "http", (1..=3).map(|i| backend(i, 8080)).collect())
-        },
+        }),
     );
     d.frontends.insert(
         ServiceKey::new(VIP, 53, UDP),
-        fe("shop/web", "dns", (1..=2).map(|i| backend(i, 5353)).collect()),
+        std::sync::Arc::new(fe("shop/web", "dns", (1..=2).map(|i| backend(i, 5353)).collect())),
     );
     d.frontends.insert(
         ServiceKey::new(EMPTY_VIP, 80, TCP),
-        Frontend {
+        std::sync::Arc::new(Frontend {
             flags: SVC_F_SOURCE_RANGES,
             source_ranges: vec![(Ipv4Addr::new(198, 18, 100, 0).into(), 24)],
             also_serving: Vec::new(),
             ..fe("shop/empty", "http", vec![])
-        },
+        }),
     );
     d
 }
@@ -627,15 +627,18 @@ fn trace_follows_in_cluster_views_and_rejects_ports_a_cluster_ip_lacks() {
     };
     let mut d = desired();
     let key = ServiceKey::new(external, 80, TCP);
+    d.frontends.insert(
+        key,
+        std::sync::Arc::new(fe(vec![], SVC_F_DROP_NO_LOCAL | SVC_F_IN_CLUSTER_VIEW)),
+    );
     d.frontends
-        .insert(key, fe(vec![], SVC_F_DROP_NO_LOCAL | SVC_F_IN_CLUSTER_VIEW));
-    d.frontends.insert(key.in_cluster(), fe(vec![backend(7, 8080)], 0));
+        .insert(key.in_cluster(), std::sync::Arc::new(fe(vec![backend(7, 8080)], 0)));
     d.frontends.insert(
         ServiceKey::new(VIP, 0, 0),
-        Frontend {
+        std::sync::Arc::new(Frontend {
             port_name: String::new(),
             ..fe(vec![], SVC_F_OTHER_PORTS)
-        },
+        }),
     );
     let r = live.sync.apply(&d);
     assert!(r.errors.is_empty(), "{r:?}");

@@ -69,7 +69,8 @@ fn full_service_map_refuses_the_overflow_per_frontend_and_keeps_the_rest() {
                 flags: 0,
                 source_ranges: Vec::new(),
                 also_serving: Vec::new(),
-            },
+            }
+            .into(),
         );
     }
     let report = l.sync.apply(&l.desired);

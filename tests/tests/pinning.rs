@@ -35,7 +35,8 @@ fn desired() -> Desired {
             flags: 0,
             source_ranges: vec![],
             also_serving: Vec::new(),
-        },
+        }
+        .into(),
     );
     d
 }

@@ -457,7 +457,7 @@ pub(super) fn service_frontends(svc: &ServiceRecord, slices: &[Slice], node: &No
                 in_cluster_lb_fe.flags |= SVC_F_SOURCE_RANGES;
                 in_cluster_lb_fe.source_ranges = ranges;
             }
-            [internal_fe, external_fe, lb_fe, in_cluster_fe, in_cluster_lb_fe]
+            [internal_fe, external_fe, lb_fe, in_cluster_fe, in_cluster_lb_fe].map(Arc::new)
         };
         let by_family = [frontends(&sets[0], false), frontends(&sets[1], true)];
         let node_port = match port
@@ -520,7 +520,7 @@ pub(super) fn service_frontends(svc: &ServiceRecord, slices: &[Slice], node: &No
     for vip in &with_ports {
         claims.push(Claim {
             key: ServiceKey::new(*vip, 0, 0),
-            frontend: Frontend {
+            frontend: Arc::new(Frontend {
                 service: format!("{ns}/{name}"),
                 port_name: String::new(),
                 backends: Vec::new(),
@@ -528,7 +528,7 @@ pub(super) fn service_frontends(svc: &ServiceRecord, slices: &[Slice], node: &No
                 flags: SVC_F_OTHER_PORTS,
                 source_ranges: Vec::new(),
                 also_serving: Vec::new(),
-            },
+            }),
             what: "clusterIP",
         });
     }

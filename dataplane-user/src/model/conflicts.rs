@@ -7,7 +7,9 @@ use super::*;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Claim {
     pub(super) key: ServiceKey,
-    pub(super) frontend: Frontend,
+    /// Shared by the keys of one Service that get the same frontend (a
+    /// NodePort on every node address, ...), and with the syncer.
+    pub(super) frontend: Arc<Frontend>,
     /// "clusterIP", "externalIP", ... for the conflict message.
     pub(super) what: &'static str,
 }
@@ -67,7 +69,7 @@ pub(super) fn merge<'a>(
     results: impl Iterator<Item = &'a ServiceFrontends>,
     mut problems: BTreeSet<Problem>,
 ) -> Desired {
-    let mut frontends: BTreeMap<ServiceKey, Frontend> = BTreeMap::new();
+    let mut frontends: BTreeMap<ServiceKey, Arc<Frontend>> = BTreeMap::new();
     for r in results {
         problems.extend(r.problems.iter().cloned());
         for c in &r.claims {

@@ -195,7 +195,9 @@ impl fmt::Display for Problem {
 /// The output of [`compute`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<ServiceKey, Frontend>,
+    /// Shared with the syncer's record of what it programmed (one copy of
+    /// each frontend, not two: 200,000 frontends are some 60 MB each).
+    pub frontends: BTreeMap<ServiceKey, Arc<Frontend>>,
     /// Sorted and deduplicated.
     pub problems: Vec<Problem>,
 }

@@ -78,7 +78,7 @@ impl Syncer<crate::bpf::loader::Maps> {
                     service_id: value.service_id,
                     generation: value.generation,
                     maglev_size: value.maglev_size,
-                    frontend: Frontend {
+                    frontend: std::sync::Arc::new(Frontend {
                         service,
                         port_name,
                         backends,
@@ -86,7 +86,7 @@ impl Syncer<crate::bpf::loader::Maps> {
                         flags: value.flags & FRONTEND_FLAGS,
                         source_ranges: ranges.remove(&value.service_id).unwrap_or_default(),
                         also_serving: Vec::new(),
-                    },
+                    }),
                 },
             );
         }

@@ -18,6 +18,7 @@ pub use adopt::AdoptReport;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -138,7 +139,8 @@ pub struct Programmed {
     pub generation: u16,
     /// Size of the Maglev table written for this generation (0: none).
     pub maglev_size: u32,
-    pub frontend: Frontend,
+    /// The desired state's own (shared, not copied).
+    pub frontend: Arc<Frontend>,
 }
 
 /// How new flows pick a backend.
@@ -648,7 +650,7 @@ impl<W: MapWriter> Syncer<W> {
         for key in gone {
             self.tracked(key, &mut report, &mut failed, |s, r| s.remove_one(key, r));
         }
-        let entries: Vec<(&ServiceKey, &Frontend)> = desired.frontends.iter().collect();
+        let entries: Vec<(&ServiceKey, &Arc<Frontend>)> = desired.frontends.iter().collect();
         for batch in entries.chunks(TABLE_BATCH) {
             self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
             for (key, fe) in batch {
@@ -767,7 +769,7 @@ impl<W: MapWriter> Syncer<W> {
     }
 
     /// Adds or updates the frontend `key` (see the module doc for the order).
-    fn upsert_one(&mut self, key: &ServiceKey, fe: &Frontend, report: &mut SyncReport) {
+    fn upsert_one(&mut self, key: &ServiceKey, fe: &Arc<Frontend>, report: &mut SyncReport) {
         let err = |cause: String| SyncError {
             service: fe.service.clone(),
             frontend: describe(key),
@@ -802,7 +804,7 @@ impl<W: MapWriter> Syncer<W> {
     fn upsert_inner(
         &mut self,
         key: &ServiceKey,
-        fe: &Frontend,
+        fe: &Arc<Frontend>,
         maglev_size: u32,
         err: &dyn Fn(String) -> SyncError,
         report: &mut SyncReport,

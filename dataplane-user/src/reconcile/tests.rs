@@ -142,7 +142,7 @@ fn desired(entries: &[(ServiceKey, &[u8])]) -> Desired {
             .map(|(k, b)| {
                 (
                     *k,
-                    Frontend {
+                    Arc::new(Frontend {
                         service: "shop/web".into(),
                         port_name: "http".into(),
                         backends: backends(b),
@@ -150,7 +150,7 @@ fn desired(entries: &[(ServiceKey, &[u8])]) -> Desired {
                         flags: 0,
                         source_ranges: vec![],
                         also_serving: Vec::new(),
-                    },
+                    }),
                 )
             })
             .collect(),
@@ -167,7 +167,7 @@ fn udp_flows_are_cleared_when_their_endpoint_stops_serving() {
     let state = |entries: &[(ServiceKey, &[u8], &[u8])]| {
         let mut d = desired(&entries.iter().map(|(k, b, _)| (*k, *b)).collect::<Vec<_>>());
         for (k, _, serving) in entries {
-            d.frontends.get_mut(k).unwrap().also_serving = backends(serving);
+            Arc::make_mut(d.frontends.get_mut(k).unwrap()).also_serving = backends(serving);
         }
         d
     };
@@ -378,7 +378,7 @@ fn names_are_written_renamed_and_deleted() {
     s.apply(&desired(&[(key(1), &[1])]));
     assert_eq!(s.writer().names[&0], "shop/web:http");
     let mut d = desired(&[(key(1), &[1])]);
-    d.frontends.get_mut(&key(1)).unwrap().port_name = "web".into();
+    Arc::make_mut(d.frontends.get_mut(&key(1)).unwrap()).port_name = "web".into();
     let r = s.apply(&d);
     assert_eq!((r.unchanged, r.updated), (1, 0));
     assert_eq!(s.writer().names[&0], "shop/web:web");
@@ -845,7 +845,7 @@ fn the_cluster_ip_filter_follows_the_entries_for_other_ports() {
     let marker = |ip: [u8; 4]| {
         (
             ServiceKey::new(Ipv4Addr::from(ip), 0, 0),
-            Frontend {
+            Arc::new(Frontend {
                 service: "ns/s".into(),
                 port_name: String::new(),
                 backends: vec![],
@@ -853,7 +853,7 @@ fn the_cluster_ip_filter_follows_the_entries_for_other_ports() {
                 flags: SVC_F_OTHER_PORTS,
                 source_ranges: vec![],
                 also_serving: vec![],
-            },
+            }),
         )
     };
     let has = |s: &Syncer<Fake>, ip: [u8; 4]| {
@@ -930,6 +930,7 @@ fn entry_counts_follow_the_maps_without_reading_them() {
     // Source ranges: the frontends' own plus the cluster CIDRs.
     let mut d = desired(&[(key(1), &[1]), (key(2), &[2])]);
     for fe in d.frontends.values_mut() {
+        let fe = Arc::make_mut(fe);
         fe.flags |= SVC_F_SOURCE_RANGES;
         fe.source_ranges = vec![
             (Ipv4Addr::new(198, 18, 100, 0).into(), 24),

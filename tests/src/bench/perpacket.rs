@@ -267,7 +267,8 @@ impl Bench {
                     flags: 0,
                     source_ranges: Vec::new(),
                     also_serving: Vec::new(),
-                },
+                }
+                .into(),
             );
         }
         let t = Instant::now();
