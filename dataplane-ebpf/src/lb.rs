@@ -353,11 +353,14 @@ fn translate<C: PacketCtx>(
 /// VIP back as its source; anything else passes untouched.
 #[inline(never)]
 fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
-    let entry = match conntrack::lookup(p) {
+    // Replies come from backends: a source that never was one skips
+    // conntrack (see `VipFilter::has`).
+    let from_backend = crate::maps::maybe_backend(&p.saddr);
+    let entry = match if from_backend { conntrack::lookup(p) } else { None } {
         Some(e) => Some(e),
         // Only a SYN-ACK can answer a SYN served without state: other
         // packets (all traffic to no Service) skip the call.
-        None if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => stateless_reply(p),
+        None if from_backend && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => stateless_reply(p),
         None => None,
     };
     // SAFETY: an entry of this run's lookup.
@@ -384,7 +387,8 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
             Verdict::Forward
         }
         _ => {
-            if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            // (The reply entry it looks for comes from the destination.)
+            if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && crate::maps::maybe_backend(&p.daddr) {
                 conntrack::remove_closing_reply(p);
             }
             // A ClusterIP on a port its Service does not define
