@@ -199,7 +199,6 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
         // unchanged.
         stats::count(Reason::CtInsertFailed);
     }
-    stats::service(svc.service_id, |s| s.new_flows += 1);
     if crate::maps::debug_enabled() {
         let (service_id, port) = (svc.service_id, u16::from_be(backend.port));
         if p.is_v6() {
@@ -328,6 +327,8 @@ fn select(p: &Packet, svc: &ServiceValue) -> Option<u32> {
 }
 
 /// Rewrites the destination to `dst` (and the source to `snat`, if any).
+/// Counts the packet in its Service's counters, and the new flow with
+/// `NatNewFlow` (in the same update: one counter lookup per packet).
 #[inline(always)]
 fn translate<C: PacketCtx>(
     ctx: &C,
@@ -342,6 +343,9 @@ fn translate<C: PacketCtx>(
         return Verdict::Drop;
     }
     stats::service(service_id, |s| {
+        if matches!(reason, Reason::NatNewFlow) {
+            s.new_flows += 1;
+        }
         s.packets += 1;
         s.bytes += p.l3_len as u64;
     });
