@@ -30,6 +30,9 @@ pub mod map_names {
     pub const ROUTE_EVENTS: &str = "DP_ROUTE_EVENTS";
     /// The ClusterIP filter (`VipFilter`), one entry.
     pub const VIP_FILTER: &str = "DP_VIP_FILTER";
+    /// The backend filter (`VipFilter` layout, one entry): the bits of
+    /// every address that was a backend of a flow (see `VipFilter::has`).
+    pub const BACKEND_FILTER: &str = "DP_BACKEND_FILTER";
     /// The flood guard's reply entries of flows without state yet
     /// (`CtKey` -> `CtValue`, `limits::MAX_CT_SYN`), never pinned: a
     /// restart of the programs forgets at most the handshakes under way.
@@ -63,7 +66,7 @@ pub mod map_shapes {
         }
     }
 
-    pub const ALL: [MapShape; 16] = [
+    pub const ALL: [MapShape; 17] = [
         shape::<u32, ServiceName>(map_names::NAMES, limits::MAX_SERVICES),
         // LPM trie keys carry a u32 prefix length in front of the data.
         MapShape {
@@ -86,6 +89,7 @@ pub mod map_shapes {
         shape::<u32, u64>(map_names::CT_EVENTS, CT_EVENT_SLOTS),
         shape::<u32, u64>(map_names::ROUTE_EVENTS, ROUTE_EVENT_SLOTS),
         shape::<u32, VipFilter>(map_names::VIP_FILTER, 1),
+        shape::<u32, VipFilter>(map_names::BACKEND_FILTER, 1),
     ];
 }
 

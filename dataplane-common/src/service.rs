@@ -179,6 +179,33 @@ pub fn vip_filter_bit(addr: &Addr) -> u32 {
     fold_addr(addr).wrapping_mul(0x9e37_79b1) >> 16
 }
 
+/// The backend filter (`map_names::BACKEND_FILTER`) is a `VipFilter` too:
+/// the bit of every address that is or was the backend of a flow. Replies
+/// come from backends, so a packet that matches no frontend and whose
+/// source's bit is clear cannot be the reply of a tracked flow: it skips
+/// the conntrack lookup (a hash of a 40-byte key and a bucket walk, the
+/// largest part of a packet to no Service). Bits are only ever set: by the
+/// programs when they create a flow (`conntrack::create`), and by the
+/// agent when it adopts pinned maps, from the flows and backends already
+/// there (a release without the filter made them). A false positive only
+/// costs the lookup; a missing bit would leave a flow's replies
+/// untranslated.
+impl VipFilter {
+    /// Whether `addr`'s bit is set.
+    #[inline(always)]
+    pub fn has(&self, addr: &Addr) -> bool {
+        let bit = vip_filter_bit(addr);
+        self.bits[(bit >> 6) as usize & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0
+    }
+
+    /// Sets `addr`'s bit.
+    #[inline(always)]
+    pub fn set(&mut self, addr: &Addr) {
+        let bit = vip_filter_bit(addr);
+        self.bits[(bit >> 6) as usize & (VIP_FILTER_WORDS - 1)] |= 1 << (bit & 63);
+    }
+}
+
 /// The data part of a source range map key (an LPM trie, whose keys are
 /// this behind a `u32` prefix length): the prefix length counts the 32 bits
 /// of `service_id_be`, always matched whole, plus the prefix of `addr`.

@@ -366,6 +366,8 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
     let (key, v) = unsafe { (&mut (*s).key, &mut (*s).value) };
     // The reply entry first: once the original exists, replies must
     // translate.
+    // Before the reply entry exists: its replies must find the filter's bit.
+    crate::maps::note_backend(&backend.addr);
     fill_reply(key, v, p, svc, backend, snat, now);
     // SAFETY: as above.
     if unsafe { (*s).stateless } != 0 {

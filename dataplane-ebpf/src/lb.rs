@@ -199,7 +199,6 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict 
         // unchanged.
         stats::count(Reason::CtInsertFailed);
     }
-    stats::service(svc.service_id, |s| s.new_flows += 1);
     if crate::maps::debug_enabled() {
         let (service_id, port) = (svc.service_id, u16::from_be(backend.port));
         if p.is_v6() {
@@ -328,6 +327,8 @@ fn select(p: &Packet, svc: &ServiceValue) -> Option<u32> {
 }
 
 /// Rewrites the destination to `dst` (and the source to `snat`, if any).
+/// Counts the packet in its Service's counters, and the new flow with
+/// `NatNewFlow` (in the same update: one counter lookup per packet).
 #[inline(always)]
 fn translate<C: PacketCtx>(
     ctx: &C,
@@ -342,6 +343,9 @@ fn translate<C: PacketCtx>(
         return Verdict::Drop;
     }
     stats::service(service_id, |s| {
+        if matches!(reason, Reason::NatNewFlow) {
+            s.new_flows += 1;
+        }
         s.packets += 1;
         s.bytes += p.l3_len as u64;
     });
@@ -353,11 +357,14 @@ fn translate<C: PacketCtx>(
 /// VIP back as its source; anything else passes untouched.
 #[inline(never)]
 fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
-    let entry = match conntrack::lookup(p) {
+    // Replies come from backends: a source that never was one skips
+    // conntrack (see `VipFilter::has`).
+    let from_backend = crate::maps::maybe_backend(&p.saddr);
+    let entry = match if from_backend { conntrack::lookup(p) } else { None } {
         Some(e) => Some(e),
         // Only a SYN-ACK can answer a SYN served without state: other
         // packets (all traffic to no Service) skip the call.
-        None if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => stateless_reply(p),
+        None if from_backend && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => stateless_reply(p),
         None => None,
     };
     // SAFETY: an entry of this run's lookup.
@@ -384,7 +391,8 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
             Verdict::Forward
         }
         _ => {
-            if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            // (The reply entry it looks for comes from the destination.)
+            if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && crate::maps::maybe_backend(&p.daddr) {
                 conntrack::remove_closing_reply(p);
             }
             // A ClusterIP on a port its Service does not define

@@ -69,6 +69,33 @@ pub fn maybe_cluster_ip(addr: &dataplane_common::Addr) -> bool {
     }
 }
 
+/// The backend filter (see `VipFilter::has`).
+#[map]
+pub static DP_BACKEND_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
+
+/// Whether `addr` may be the backend of a flow: only then can a packet
+/// from it be a reply in conntrack.
+#[inline(always)]
+pub fn maybe_backend(addr: &dataplane_common::Addr) -> bool {
+    DP_BACKEND_FILTER.get(0).is_none_or(|f| f.has(addr))
+}
+
+/// Records `addr` as the backend of a flow (before its entries exist).
+#[inline(always)]
+pub fn note_backend(addr: &dataplane_common::Addr) {
+    if let Some(f) = DP_BACKEND_FILTER.get_ptr_mut(0) {
+        // SAFETY: the map's one value, valid for this run. Concurrent
+        // writers only ever set bits; a bit set twice at once is set. It
+        // is read first, so that the shared line is written once per
+        // address, not once per flow.
+        unsafe {
+            if !(*f).has(addr) {
+                (*f).set(addr);
+            }
+        }
+    }
+}
+
 /// Conntrack event counters, one per `CtEvent`.
 #[map]
 pub static DP_CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);

@@ -479,6 +479,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             frontends = report.frontends,
             backends = report.backends,
             stale_removed = report.stale_removed,
+            backend_filter_set = report.backend_filter_set,
             "adopted the pinned maps of a previous agent"
         );
         syncer

@@ -690,6 +690,81 @@ fn non_service_traffic_passes_untouched() {
     }
 }
 
+/// Replies come from backends, so a packet that matches no frontend from
+/// an address that never was a backend skips the conntrack lookup (the
+/// backend filter). A reply entry the programs did not create (as a
+/// release without the filter left them) is therefore not used until the
+/// agent, adopting the maps, sets its source's bit; the programs set the
+/// bit of every flow they create themselves.
+#[test]
+fn the_backend_filter_gates_the_reply_lookup_and_adoption_fills_it() {
+    use dataplane_common::{CtKey, CtValue, CT_F_REPLY, CT_F_SEEN_REPLY, FAMILY_V4};
+    for prog in Prog::BOTH {
+        let mut l = loaded_with_web();
+        // A flow through the programs: its replies translate at once.
+        let client = (CLIENT, 40700);
+        let fwd = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+        let reply = Frame::tcp((fwd.dst, fwd.dport), client, SYN | ACK).build();
+        assert_eq!(parse_and_verify(&l.run(prog, &reply).data).src, VIP, "{prog:?}");
+
+        // A reply entry written by hand, from an address no flow of these
+        // programs went to.
+        let stranger: IpAddr = Ipv4Addr::new(198, 18, 77, 2).into();
+        let client: (IpAddr, u16) = (CLIENT, 40701);
+        let key = CtKey {
+            saddr: addr_of(stranger).0,
+            daddr: addr_of(client.0).0,
+            sport: 8080u16.to_be(),
+            dport: client.1.to_be(),
+            proto: TCP,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        let now = dataplane::inspect::monotonic_ns();
+        let value = CtValue {
+            nat_addr: addr_of(VIP).0,
+            nat_port: 80u16.to_be(),
+            flags: CT_F_REPLY | CT_F_SEEN_REPLY,
+            seen_reply: 1,
+            created_ns: now,
+            last_seen_ns: now,
+            ..CtValue::default()
+        };
+        l.sync.writer_mut().conntrack.insert(key, value, 0).unwrap();
+        let frame = Frame::tcp((stranger, 8080), client, ACK).build();
+        let before = l.reason(Reason::PassNoService);
+        let out = l.run(prog, &frame);
+        assert_eq!(
+            &out.data, &frame,
+            "{prog:?}: a source that never was a backend is no reply"
+        );
+        assert_eq!(l.reason(Reason::PassNoService), before + 1, "{prog:?}");
+
+        // What adopting the pinned maps does: the entry's source gets its
+        // bit, and so do the backends no flow went to yet.
+        let bit = |a: IpAddr| dataplane_common::vip_filter_bit(&addr_of(a).0);
+        let set: std::collections::BTreeSet<u32> = [stranger, b(1), b(2), b(3)]
+            .into_iter()
+            .map(bit)
+            .filter(|x| *x != bit(fwd.dst))
+            .collect();
+        assert_eq!(
+            l.sync.writer_mut().fill_backend_filter().unwrap(),
+            set.len(),
+            "{prog:?}"
+        );
+        assert_eq!(
+            l.sync.writer_mut().fill_backend_filter().unwrap(),
+            0,
+            "{prog:?}: already set"
+        );
+        let before = l.reason(Reason::NatReply);
+        let p = parse_and_verify(&l.run(prog, &frame).data);
+        assert_eq!((p.src, p.sport), (VIP, 80), "{prog:?}: now a reply");
+        assert_eq!(l.reason(Reason::NatReply), before + 1, "{prog:?}");
+    }
+}
+
 #[test]
 fn service_stats_count_packets_bytes_and_flows() {
     let l = loaded_with_web();

@@ -186,6 +186,19 @@ fn upgrade_from_the_previous_release_and_rollback_keep_every_connection() {
         log.contains(&format!("dataplane {} (commit ", env!("CARGO_PKG_VERSION"))),
         "the current release did not start: {log}"
     );
+    // The previous release has no backend filter: adopting its maps must
+    // set the bits of the backends its flows went to, or their replies
+    // would pass untranslated (`Maps::fill_backend_filter`).
+    let filled: usize = log
+        .split("backend_filter_set=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no backend_filter_set in the adoption log: {log}"));
+    assert!(
+        filled > 0,
+        "adopting the previous release's maps set no backend filter bit: {log}"
+    );
 
     // Rollback (`kubectl rollout undo`): the previous release takes over
     // the same pins.

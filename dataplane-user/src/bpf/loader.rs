@@ -113,6 +113,7 @@ pub struct Maps {
     pub ct_events: PerCpuArray<MapData, u64>,
     pub route_events: PerCpuArray<MapData, u64>,
     pub vip_filter: Array<MapData, VipFilter>,
+    pub backend_filter: Array<MapData, VipFilter>,
 }
 
 impl Maps {
@@ -145,6 +146,8 @@ impl Maps {
             route_events: PerCpuArray::try_from(take(e, map_names::ROUTE_EVENTS)?)
                 .map_err(m(map_names::ROUTE_EVENTS))?,
             vip_filter: Array::try_from(take(e, map_names::VIP_FILTER)?).map_err(m(map_names::VIP_FILTER))?,
+            backend_filter: Array::try_from(take(e, map_names::BACKEND_FILTER)?)
+                .map_err(m(map_names::BACKEND_FILTER))?,
         })
     }
 

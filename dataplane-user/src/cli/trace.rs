@@ -233,6 +233,16 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
         .vip_filter
         .set(0, filter, 0)
         .map_err(|e| copy_err("the ClusterIP filter", e))?;
+    // The backend filter decides whether a packet to no frontend is looked
+    // up in conntrack as a reply.
+    let filter = live
+        .backend_filter
+        .get(&0, 0)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::BACKEND_FILTER))?;
+    private
+        .backend_filter
+        .set(0, filter, 0)
+        .map_err(|e| copy_err("the backend filter", e))?;
 
     let (saddr, sport) = be(&req.src);
     let (daddr, dport) = be(&req.dst);

@@ -85,6 +85,8 @@ fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) ->
         route_events: PerCpuArray::try_from(map(map_names::ROUTE_EVENTS)?)
             .map_err(read_err(map_names::ROUTE_EVENTS))?,
         vip_filter: Array::try_from(map(map_names::VIP_FILTER)?).map_err(read_err(map_names::VIP_FILTER))?,
+        backend_filter: Array::try_from(map(map_names::BACKEND_FILTER)?)
+            .map_err(read_err(map_names::BACKEND_FILTER))?,
     })
 }
 
@@ -143,6 +145,7 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
         id(map_names::CT_EVENTS, &maps.ct_events)?,
         id(map_names::ROUTE_EVENTS, &maps.route_events)?,
         id(map_names::VIP_FILTER, &maps.vip_filter)?,
+        id(map_names::BACKEND_FILTER, &maps.backend_filter)?,
     ];
     typed(|name| {
         let id = ids
@@ -581,6 +584,7 @@ pub fn capacities(maps: &Maps) -> Result<Vec<MapCapacity>, InspectError> {
         loaded(map_names::CT_EVENTS, "percpu_array", maps.ct_events.map()),
         loaded(map_names::ROUTE_EVENTS, "percpu_array", maps.route_events.map()),
         loaded(map_names::VIP_FILTER, "array", maps.vip_filter.map()),
+        loaded(map_names::BACKEND_FILTER, "array", maps.backend_filter.map()),
     ]
     .into_iter()
     .collect()

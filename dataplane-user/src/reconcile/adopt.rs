@@ -11,6 +11,10 @@ pub struct AdoptReport {
     /// Backend slots and Maglev chunks no service pointed at (a generation
     /// half written when the previous agent stopped), deleted.
     pub stale_removed: usize,
+    /// Bits the backend filter lacked for the flows and backends found
+    /// (see `Maps::fill_backend_filter`): nonzero after an upgrade from a
+    /// release without the filter.
+    pub backend_filter_set: usize,
 }
 
 impl Syncer<crate::bpf::loader::Maps> {
@@ -126,6 +130,8 @@ impl Syncer<crate::bpf::loader::Maps> {
             let _ = maps.maglev.remove(k);
         }
         report.stale_removed += stale.len();
+
+        report.backend_filter_set = maps.fill_backend_filter()?;
 
         let mut syncer = Syncer::with_config(maps, config);
         let used: std::collections::BTreeSet<u32> = live.keys().copied().collect();

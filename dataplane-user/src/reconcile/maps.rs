@@ -1,5 +1,7 @@
 //! The real BPF maps as the reconciler's [`MapWriter`].
 
+use dataplane_common::{AffinityKey, CtKey, CtValue, CT_F_REPLY};
+
 use super::*;
 use crate::bpf::sys::SysError;
 
@@ -26,6 +28,50 @@ where
     })
     .map_err(sys_err(name))?;
     Ok(gone.into_iter().filter(|k| map.remove(k).is_ok()).count())
+}
+
+impl crate::bpf::loader::Maps {
+    /// Sets the backend filter's bit (`VipFilter::has`) of every address
+    /// that is a backend in the maps: the sources of conntrack's reply
+    /// entries, the backend slots and the affinity entries' backends. The
+    /// programs set the bit of each flow they create, but flows made by
+    /// programs without the filter (an upgrade from a release before it)
+    /// have none, nor do the flows the old programs still create until
+    /// their links are swapped (to backends in the slots: this agent has
+    /// not synced yet). Bits already set stay. Returns how many bits it
+    /// set.
+    pub fn fill_backend_filter(&mut self) -> Result<usize, WriteError> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let name = map_names::BACKEND_FILTER;
+        let mut filter = self.backend_filter.get(&0, 0).map_err(map_err(name))?;
+        let before = filter;
+        crate::bpf::batch::for_each_entry(self.conntrack.map().fd().as_fd(), |k: &CtKey, v: &CtValue| {
+            if v.flags & CT_F_REPLY != 0 {
+                filter.set(&k.saddr);
+            }
+        })
+        .map_err(sys_err(map_names::CONNTRACK))?;
+        crate::bpf::batch::for_each_entry(self.backends.map().fd().as_fd(), |_: &BackendKey, b: &Backend| {
+            filter.set(&b.addr)
+        })
+        .map_err(sys_err(map_names::BACKENDS))?;
+        crate::bpf::batch::for_each_entry(
+            self.affinity.map().fd().as_fd(),
+            |_: &AffinityKey, v: &AffinityValue| filter.set(&v.backend.addr),
+        )
+        .map_err(sys_err(map_names::AFFINITY))?;
+        let set: u32 = filter
+            .bits
+            .iter()
+            .zip(&before.bits)
+            .map(|(a, b)| (a & !b).count_ones())
+            .sum();
+        if set != 0 {
+            self.backend_filter.set(0, filter, 0).map_err(map_err(name))?;
+        }
+        Ok(set as usize)
+    }
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {
