@@ -716,6 +716,22 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
         s.notes.push(format!(
             "checked before timing: {flows} flows translated {flows} times per packet (XDP: TC is not on the client's side)"
         ));
+        // Which way XDP sent them: redirected to the backends' veths, or
+        // to the stack (the first packets, before the node has resolved
+        // the backends' addresses, always take the stack).
+        let st = dataplane::inspect::stats(&dataplane::inspect::open_pinned(&a.pins)?)?;
+        let count = |e: &str| st.host_routing.iter().find(|r| r.event == e).map_or(0, |r| r.count);
+        let (redirected, to_stack) = (count("xdp_redirect"), count("to_stack"));
+        s.notes.push(format!(
+            "host routing in the warm-up: {redirected} packets redirected by XDP (xdp_redirect), {to_stack} to the stack"
+        ));
+        if cfg.host_routing && cfg.backend_gro && redirected < 4 * flows {
+            bail!(
+                "{}: XDP redirected {redirected} of {} warm-up packets ({to_stack} to the stack); the backends' veths should take XDP frames with GRO on at their ends",
+                who.name(),
+                5 * flows
+            );
+        }
     }
     Ok(s)
 }
