@@ -154,6 +154,15 @@ pub const IFACE_F_VETH: u32 = 1;
 /// same namespace).
 pub const IFACE_F_PEER_NETNS: u32 = 2;
 
+/// `DP_IFACES` bit: the interface takes frames redirected by XDP right now
+/// (the kernel reports `NETDEV_XDP_ACT_NDO_XMIT` in its XDP features; for a
+/// veth, only while its peer runs an XDP program or has GRO on, else the
+/// kernel drops such frames). XDP redirects translated packets only to
+/// interfaces with this bit (`XDP_TX` onto a veth only when it has it) and
+/// passes the rest to the stack. Never set on kernels without the netdev
+/// netlink family's XDP features (before 6.3), nor for veths before 6.4.
+pub const IFACE_F_XDP_XMIT: u32 = 4;
+
 /// What host routing (`HOST_ROUTING_GLOBAL`) did with a packet the
 /// programs translated (per CPU, `DP_ROUTE_EVENTS`). Not counted with host
 /// routing off.
@@ -168,14 +177,18 @@ pub enum RouteEvent {
     RedirectedNeigh = 1,
     /// Handed to the node's stack: a local destination, no route,
     /// fragmentation needed, forwarding off on the input interface, or a
-    /// TTL / hop limit about to expire (XDP: also any route other than
-    /// back out of its own interface, and that one when it is a veth).
+    /// TTL / hop limit about to expire (XDP: also no neighbour entry yet,
+    /// and an egress interface that cannot take XDP frames,
+    /// `IFACE_F_XDP_XMIT`).
     ToStack = 2,
     /// Sent into the namespace of the egress veth's peer, the neighbour's
     /// MAC written (`bpf_redirect_peer`: a pod on this node).
     RedirectedPeer = 3,
     /// Sent back out of the interface it came in on by XDP (`XDP_TX`).
     XdpTx = 4,
+    /// Sent by XDP to another interface (`bpf_redirect`, `XDP_REDIRECT`),
+    /// the neighbour's MAC written: a local pod's veth or another uplink.
+    XdpRedirect = 5,
 }
 
 /// Slots of the host routing event array (room for more without resizing
@@ -183,12 +196,13 @@ pub enum RouteEvent {
 pub const ROUTE_EVENT_SLOTS: u32 = 8;
 
 impl RouteEvent {
-    pub const ALL: [RouteEvent; 5] = [
+    pub const ALL: [RouteEvent; 6] = [
         RouteEvent::Redirected,
         RouteEvent::RedirectedNeigh,
         RouteEvent::ToStack,
         RouteEvent::RedirectedPeer,
         RouteEvent::XdpTx,
+        RouteEvent::XdpRedirect,
     ];
 
     /// A stable snake_case name for CLIs and metrics labels.
@@ -199,6 +213,7 @@ impl RouteEvent {
             RouteEvent::ToStack => "to_stack",
             RouteEvent::RedirectedPeer => "redirected_peer",
             RouteEvent::XdpTx => "xdp_tx",
+            RouteEvent::XdpRedirect => "xdp_redirect",
         }
     }
 }

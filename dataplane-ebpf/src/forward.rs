@@ -19,14 +19,22 @@
 //!   fragmentation, forwarding is off on the interface, a TTL that would
 //!   expire): the packet goes to the stack, which handles it as before.
 //!
-//! XDP sends a translated packet back out of the interface it came in on
-//! (`XDP_TX`) when the FIB says it leaves there with a resolved neighbour
-//! (external traffic to a NodePort whose backend is on another node behind
-//! the same interface, and the replies of such flows), unless the agent
-//! says the interface is a veth: `XDP_TX` onto a veth drops the frame
-//! unless the peer is set up for XDP. Everything else passes to the stack
-//! (and to TC). XDP does not redirect to other interfaces, for the same
-//! reason and because a target driver without `ndo_xdp_xmit` drops too.
+//! XDP, with the same FIB lookup (the packet's length given, as the XDP
+//! helper checks the MTU only against it), when the neighbour is resolved:
+//!
+//! - the route leads back out of the interface the packet came in on:
+//!   `XDP_TX` (external traffic to a NodePort whose backend is on another
+//!   node behind the same interface, and the replies of such flows);
+//! - another interface: `bpf_redirect` to it (`XDP_REDIRECT`: a local
+//!   pod's veth, another uplink);
+//!
+//! in both cases only when the agent says the egress interface takes XDP
+//! frames (`IFACE_F_XDP_XMIT`, from the kernel's XDP features; `XDP_TX`
+//! out of a non-veth needs nothing): a driver without `ndo_xdp_xmit`, or a
+//! veth whose peer has neither an XDP program nor GRO, drops redirected
+//! frames, and the program cannot tell afterwards. Everything else (no
+//! neighbour entry, which XDP cannot resolve; a frame longer than its
+//! first buffer) passes to the stack (and to TC), as in TC.
 
 use core::ffi::c_void;
 
@@ -36,7 +44,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use dataplane_common::{RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH};
+use dataplane_common::{RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH, IFACE_F_XDP_XMIT};
 
 use crate::{
     maps,
@@ -64,7 +72,7 @@ pub fn tc(ctx: &TcContext) -> i32 {
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
     let mut fib = FibSlot(core::mem::MaybeUninit::uninit());
     let fib = zero_fib(&mut fib);
-    let route = match lookup(ctx, ctx.skb.skb as *mut c_void, ingress, fib) {
+    let route = match lookup(ctx, ctx.skb.skb as *mut c_void, ingress, fib, false) {
         Some(resolved) if forward_headers(ctx, fib, resolved) => Some((fib.ifindex, resolved)),
         _ => None,
     };
@@ -95,9 +103,10 @@ pub fn tc(ctx: &TcContext) -> i32 {
 }
 
 /// Where the translated packet in `ctx` goes from XDP: back out of its
-/// interface (`XDP_TX`) when the FIB says it leaves there with a resolved
-/// neighbour and the interface is not a veth, else to the stack
-/// (`XDP_PASS`). Recorded and counted as for [`tc`].
+/// interface (`XDP_TX`) or to another one (`XDP_REDIRECT`) when the FIB
+/// names a resolved neighbour and the egress interface can take the
+/// frame, else to the stack (`XDP_PASS`). Recorded and counted as for
+/// [`tc`].
 #[inline(never)]
 pub fn xdp(ctx: &XdpContext) -> u32 {
     if !maps::host_routing() {
@@ -107,19 +116,37 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     let mut fib = FibSlot(core::mem::MaybeUninit::uninit());
     let fib = zero_fib(&mut fib);
-    let tx = match lookup(ctx, ctx.ctx as *mut c_void, ingress, fib) {
-        Some(true) if fib.ifindex == ingress && !maps::iface_has(ingress, IFACE_F_VETH) => {
-            forward_headers(ctx, fib, true)
+    let out = match lookup(ctx, ctx.ctx as *mut c_void, ingress, fib, true) {
+        Some(true) => {
+            let out = fib.ifindex;
+            // One DP_IFACES lookup: the egress interface's kinds.
+            // SAFETY: a plain u32 value, read once.
+            let kinds = maps::DP_IFACES.get_ptr(out).map_or(0, |f| unsafe { *f });
+            let takes_frames = kinds & IFACE_F_XDP_XMIT != 0;
+            // XDP_TX onto a non-veth needs no more than the driver's own
+            // XDP support, which the attached program proves.
+            let ok = takes_frames || (out == ingress && kinds & IFACE_F_VETH == 0);
+            if ok && forward_headers(ctx, fib, true) {
+                out
+            } else {
+                0
+            }
         }
-        _ => false,
+        _ => 0,
     };
-    record(if tx { ingress } else { 0 });
-    if tx {
+    record(out);
+    if out == 0 {
+        stats::route_event(RouteEvent::ToStack);
+        xdp_action::XDP_PASS
+    } else if out == ingress {
         stats::route_event(RouteEvent::XdpTx);
         xdp_action::XDP_TX
     } else {
-        stats::route_event(RouteEvent::ToStack);
-        xdp_action::XDP_PASS
+        stats::route_event(RouteEvent::XdpRedirect);
+        // SAFETY: a helper call with plain arguments; with flags 0 it
+        // answers XDP_REDIRECT (the frame is sent once the program
+        // returns).
+        unsafe { bpf_redirect(out, 0) as u32 }
     }
 }
 
@@ -191,8 +218,13 @@ unsafe fn write_mac(at: usize, mac: &[u8; 6]) {
 /// on; `fib` zeroed, the answer is left in it): whether the neighbour is
 /// resolved (its MAC then in the answer). `None`: the packet is neither
 /// IPv4 nor IPv6, its TTL would expire, or the FIB has no route for it.
+/// `xdp`: the packet's IP length goes into the lookup (the XDP helper
+/// checks the egress MTU against that alone), and a packet longer than
+/// the frame's first buffer (a multi-buffer frame, or a truncated one) is
+/// `None`: redirecting those needs more of the target than
+/// `IFACE_F_XDP_XMIT` says.
 #[inline(always)]
-fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32, fib: &mut FibLookup) -> Option<bool> {
+fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32, fib: &mut FibLookup, xdp: bool) -> Option<bool> {
     let data = ctx.data();
     let end = ctx.data_end();
     if data + ETH_HLEN + 20 > end {
@@ -201,6 +233,7 @@ fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32, fib: &mut FibLo
     // SAFETY: bounds checked above (ETH_HLEN + 20 bytes).
     let proto = u16::from_be(unsafe { core::ptr::read_unaligned((data + 12) as *const u16) });
     let ip = data + ETH_HLEN;
+    let mut tot_len = 0u16;
     fib.ifindex = ingress;
     if proto == ETH_P_IP {
         // SAFETY: bounds checked above.
@@ -213,6 +246,9 @@ fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32, fib: &mut FibLo
             fib.l4_protocol = *((ip + 9) as *const u8);
             fib.__bindgen_anon_3.ipv4_src = core::ptr::read_unaligned((ip + 12) as *const u32);
             fib.__bindgen_anon_4.ipv4_dst = core::ptr::read_unaligned((ip + 16) as *const u32);
+            if xdp {
+                tot_len = u16::from_be(core::ptr::read_unaligned((ip + 2) as *const u16));
+            }
         }
     } else if proto == ETH_P_IPV6 {
         if data + ETH_HLEN + 40 > end {
@@ -228,13 +264,23 @@ fn lookup<C: PacketCtx>(ctx: &C, raw: *mut c_void, ingress: u32, fib: &mut FibLo
             fib.l4_protocol = *((ip + 6) as *const u8);
             fib.__bindgen_anon_3.ipv6_src = read_words(ip + 8);
             fib.__bindgen_anon_4.ipv6_dst = read_words(ip + 24);
+            if xdp {
+                let payload = u16::from_be(core::ptr::read_unaligned((ip + 4) as *const u16));
+                tot_len = payload.saturating_add(40);
+            }
         }
     } else {
         return None;
     }
-    // tot_len 0: the helper checks the packet itself against the egress
-    // MTU (for skbs GSO packets included) and answers FRAG_NEEDED when it
-    // does not fit.
+    if xdp {
+        if ip + tot_len as usize > end {
+            return None;
+        }
+        fib.__bindgen_anon_1.tot_len = tot_len;
+    }
+    // TC: tot_len 0, the helper checks the packet itself against the
+    // egress MTU (for skbs GSO packets included) and answers FRAG_NEEDED
+    // when it does not fit. XDP: the IP length, checked the same way.
     // SAFETY: the context and a parameter block of the helper's size.
     let rc = unsafe { bpf_fib_lookup(raw, fib, core::mem::size_of::<FibLookup>() as i32, 0) };
     match rc {

@@ -16,11 +16,12 @@ use dataplane_common::{DpConfig, RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH};
 use dataplane_tests::{
     agent::Agent,
     netns::{
-        backend_addr, backend_addr6, backend_iface, Netns, Topology, CLIENT_ADDR, CLIENT_ADDR6, NODE_CLIENT_IFACE,
+        backend_addr, backend_addr6, backend_iface, Netns, Topology, TwoNodes, BACKEND_A, BACKEND_B, CLIENT_ADDR,
+        CLIENT_ADDR6, EXT_CLIENT, NODE_A, NODE_A_EXT, NODE_B, NODE_CLIENT_IFACE,
     },
     packet::{parse_and_verify, Frame, ACK, SYN, TCP, UDP},
     prog::{pin_to_cpu, Loaded, PROGRAM_TEST_GLOBALS},
-    servers::Conn,
+    servers::{tcp_server, Conn},
     web::{manifests, start_servers, VIP},
 };
 
@@ -242,10 +243,10 @@ fn tc_sends_translated_packets_to_the_fib_egress_interface_or_to_the_stack() {
 
     assert_eq!(
         counted,
-        [4, 1, 3, 0, 0],
-        "dataplane_host_routing_packets: redirected, redirected_neigh, to_stack, redirected_peer, xdp_tx (the interfaces' kinds unknown)"
+        [4, 1, 3, 0, 0, 0],
+        "dataplane_host_routing_packets: redirected, redirected_neigh, to_stack, redirected_peer, xdp_tx, xdp_redirect (the interfaces' kinds unknown)"
     );
-    assert_eq!(off_counted, [0; 5], "nothing counted with host routing off");
+    assert_eq!(off_counted, [0; 6], "nothing counted with host routing off");
 
     let r = get("udp, no payload");
     assert_eq!(r.out.len(), 42);
@@ -468,8 +469,8 @@ fn veths_get_their_peer_and_xdp_sends_back_only_out_of_its_own_non_veth_interfac
         assert_eq!(ttl(&r.out), 64, "{name}");
         assert_eq!(parse_and_verify(&r.out).dst, dst, "{name}: translated all the same");
     }
-    // redirected, redirected_neigh, to_stack, redirected_peer, xdp_tx
-    assert_eq!(counted, [2, 0, 2, 1, 1]);
+    // redirected, redirected_neigh, to_stack, redirected_peer, xdp_tx, xdp_redirect
+    assert_eq!(counted, [2, 0, 2, 1, 1, 0]);
 }
 
 /// What the agent tells the programs about interfaces
@@ -503,4 +504,354 @@ fn interface_kinds_tell_veths_with_a_peer_elsewhere_from_other_links() {
         );
     }
     assert_eq!(kinds.len(), want.len(), "{kinds:?}");
+}
+
+const XDP_REDIRECT: u32 = 4;
+
+/// XDP sends a translated packet to another interface (`XDP_REDIRECT`,
+/// `bpf_redirect`) exactly when the FIB names a resolved neighbour there,
+/// the packet fits the egress MTU and the agent says the interface takes
+/// XDP frames (`IFACE_F_XDP_XMIT`); everything else passes to the stack,
+/// translated, headers otherwise untouched. In the node namespace of a
+/// real topology (backend 2's link with an MTU of 1000):
+///
+/// - redirected, IPv4 and IPv6: verdict `XDP_REDIRECT`, the target
+///   backend 1's link, Ethernet header the node side's and the backend's
+///   MACs, TTL / hop limit one less, checksums valid;
+/// - to the stack: no neighbour entry, a packet over the egress MTU, an
+///   egress veth that cannot take XDP frames, back out of a veth that
+///   cannot, host routing off;
+/// - back out of a veth that takes XDP frames: `XDP_TX`.
+#[test]
+fn xdp_redirects_to_interfaces_that_take_xdp_frames_and_passes_the_rest() {
+    let t = Topology::new(2).unwrap();
+    t.enable_ipv6().unwrap();
+    let (vc, node_vc_mac) = link(&t.node, NODE_CLIENT_IFACE);
+    let (vb1, node_vb1_mac) = link(&t.node, &backend_iface(1));
+    let (vb2, node_vb2_mac) = link(&t.node, &backend_iface(2));
+    let (_, b1_mac) = link(&t.backends[0], "eth0");
+    let (_, b2_mac) = link(&t.backends[1], "eth0");
+    let (_, client_mac) = link(&t.client, "eth0");
+    for (family, addr, mac, dev) in [
+        ("-4", backend_addr(1).to_string(), b1_mac, backend_iface(1)),
+        ("-6", backend_addr6(1).to_string(), b1_mac, backend_iface(1)),
+        ("-4", backend_addr(2).to_string(), b2_mac, backend_iface(2)),
+        ("-4", CLIENT_ADDR.to_string(), client_mac, NODE_CLIENT_IFACE.to_string()),
+    ] {
+        t.node
+            .ip(&[
+                family,
+                "neigh",
+                "replace",
+                &addr,
+                "lladdr",
+                &mac_str(&mac),
+                "dev",
+                &dev,
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
+    }
+    t.node.ip(&["link", "set", &backend_iface(2), "mtu", "1000"]).unwrap();
+    let behind_client = Ipv4Addr::new(198, 18, 99, 2);
+    t.node
+        .ip(&["route", "add", "198.18.99.0/24", "via", &CLIENT_ADDR.to_string()])
+        .unwrap();
+    // On backend 1's link, no neighbour entry.
+    let unresolved = Ipv4Addr::new(198, 18, 1, 3);
+
+    let (runs, counted, off_counted) = t
+        .node
+        .run(move || {
+            pin_to_cpu(0);
+            let globals = Globals {
+                host_routing: true,
+                ..PROGRAM_TEST_GLOBALS
+            };
+            let mut l = Loaded::with_globals(DpConfig::defaults(), globals);
+            let vip6: IpAddr = VIP6.parse::<Ipv6Addr>().unwrap().into();
+            l.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
+            l.set_service(vip(2), 53, UDP, &[(backend_addr(2), 5353)]);
+            l.set_service(vip(3), 80, TCP, &[(unresolved, 8080)]);
+            l.set_service(vip(5), 80, TCP, &[(behind_client, 8080)]);
+            l.set_service(vip6, 80, TCP, &[(IpAddr::from(backend_addr6(1)), 8080)]);
+            let xdp = |l: &Loaded, f: &[u8]| Ran::of(l, l.run_xdp_on(f, vc));
+            let syn = |port: u16, v: IpAddr| Frame::tcp((CLIENT_ADDR, port), (v, 80), SYN).build();
+            let udp = |port: u16, len: usize| Frame::udp((CLIENT_ADDR, port), (vip(2), 53), &vec![7u8; len]).build();
+            let client6: IpAddr = CLIENT_ADDR6.parse::<Ipv6Addr>().unwrap().into();
+            let xmit = dataplane_common::IFACE_F_XDP_XMIT;
+            let peer = IFACE_F_VETH | IFACE_F_PEER_NETNS;
+            l.dp.set_interface_kinds(&[(vb1, peer | xmit), (vb2, peer | xmit), (vc, peer)])
+                .unwrap();
+            let mut v = vec![
+                ("redirect", xdp(&l, &syn(42000, vip(1)))),
+                (
+                    "redirect ipv6",
+                    xdp(&l, &Frame::tcp((client6, 42001), (vip6, 80), SYN).build()),
+                ),
+                ("under the mtu", xdp(&l, &udp(42002, 900))),
+                ("over the mtu", xdp(&l, &udp(42003, 1100))),
+                ("no neighbour", xdp(&l, &syn(42004, vip(3)))),
+                ("back out of a veth without", xdp(&l, &syn(42005, vip(5)))),
+            ];
+            l.dp.set_interface_kinds(&[(vb1, peer), (vb2, peer), (vc, peer | xmit)])
+                .unwrap();
+            v.push(("veth without", xdp(&l, &syn(42006, vip(1)))));
+            v.push(("back out of a veth with", xdp(&l, &syn(42007, vip(5)))));
+            let counted = RouteEvent::ALL.map(|e| l.route_event(e));
+            let mut off = Loaded::with_globals(DpConfig::defaults(), PROGRAM_TEST_GLOBALS);
+            off.set_service(vip(1), 80, TCP, &[(backend_addr(1), 8080)]);
+            off.dp
+                .set_interface_kinds(&[(vb1, peer | xmit), (vc, peer | xmit)])
+                .unwrap();
+            v.push(("host routing off", xdp(&off, &syn(42008, vip(1)))));
+            let off_counted = RouteEvent::ALL.map(|e| off.route_event(e));
+            (v, counted, off_counted)
+        })
+        .join()
+        .expect("the program runs in the node namespace");
+    let get = |name: &str| &runs.iter().find(|(n, _)| *n == name).unwrap().1;
+    let input_macs = Frame::tcp((CLIENT_ADDR, 1), (vip(1), 80), SYN).build()[..12].to_vec();
+
+    for (name, want) in [
+        ("redirect", IpAddr::from(backend_addr(1))),
+        ("redirect ipv6", IpAddr::from(backend_addr6(1))),
+    ] {
+        let r = get(name);
+        assert_eq!((r.retval, r.ifindex), (XDP_REDIRECT, vb1), "{name}");
+        assert_eq!(&r.out[..6], &b1_mac, "{name}: destination MAC, the backend's");
+        assert_eq!(&r.out[6..12], &node_vb1_mac, "{name}: source MAC, the node side's");
+        assert_eq!(ttl(&r.out), 63, "{name}: TTL / hop limit");
+        assert_eq!(parse_and_verify(&r.out).dst, want, "{name}");
+    }
+    let r = get("under the mtu");
+    assert_eq!(
+        (r.retval, r.ifindex),
+        (XDP_REDIRECT, vb2),
+        "928-byte IP packet, MTU 1000"
+    );
+    assert_eq!(&r.out[..12], &[b2_mac, node_vb2_mac].concat()[..]);
+    assert_eq!(parse_and_verify(&r.out).dst, IpAddr::from(backend_addr(2)));
+
+    for (name, dst) in [
+        ("over the mtu", IpAddr::from(backend_addr(2))),
+        ("no neighbour", IpAddr::from(unresolved)),
+        ("back out of a veth without", IpAddr::from(behind_client)),
+        ("veth without", IpAddr::from(backend_addr(1))),
+        ("host routing off", IpAddr::from(backend_addr(1))),
+    ] {
+        let r = get(name);
+        assert_eq!((r.retval, r.ifindex), (XDP_PASS, 0), "{name}: to the stack");
+        assert_eq!(&r.out[..12], &input_macs[..], "{name}: Ethernet header untouched");
+        assert_eq!(ttl(&r.out), 64, "{name}: TTL untouched");
+        assert_eq!(parse_and_verify(&r.out).dst, dst, "{name}: translated all the same");
+    }
+    let r = get("back out of a veth with");
+    assert_eq!(
+        (r.retval, r.ifindex),
+        (XDP_TX, vc),
+        "XDP_TX onto a veth that takes frames"
+    );
+    assert_eq!(&r.out[..12], &[client_mac, node_vc_mac].concat()[..]);
+    assert_eq!(ttl(&r.out), 63);
+
+    // redirected, redirected_neigh, to_stack, redirected_peer, xdp_tx, xdp_redirect
+    assert_eq!(counted, [0, 0, 4, 0, 1, 3]);
+    assert_eq!(off_counted, [0; 6], "nothing counted with host routing off");
+}
+
+/// A NodePort Service with one endpoint on this node (`node-a`) and one
+/// on node B.
+fn node_port_manifests() -> Vec<(&'static str, String)> {
+    let svc = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: np, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 198.19.7.40
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}]
+"
+    );
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: np-abcde
+  namespace: default
+  labels: {{kubernetes.io/service-name: np}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints:
+- addresses: [{BACKEND_A}]
+  conditions: {{ready: true}}
+  nodeName: node-a
+- addresses: [{BACKEND_B}]
+  conditions: {{ready: true}}
+  nodeName: node-b
+"
+    );
+    vec![("service.yaml", svc), ("slice.yaml", slice)]
+}
+
+const NODE_PORT: u16 = 30080;
+
+/// `n` connections from `ns` to `to`, each asking once: the backends
+/// that answered and the client addresses they saw, or the first failure.
+fn ask_peers(ns: &Netns, to: SocketAddr, n: usize) -> Result<Vec<(String, String)>, String> {
+    ns.run(move || {
+        (0..n)
+            .map(|i| {
+                let mut c = Conn::connect(to, Duration::from_secs(1)).map_err(|e| format!("connection {i}: {e}"))?;
+                c.ask_peer().map_err(|e| format!("connection {i}: {e}"))
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The interfaces the agent last logged as taking XDP frames
+/// ("interfaces XDP can redirect ... ifindexes=[4, 7]").
+fn xdp_targets_logged(agent: &Agent) -> Option<Vec<u32>> {
+    let log = agent.log();
+    let line = log.lines().rev().find(|l| l.contains("interfaces XDP can redirect"))?;
+    let list = line.split("ifindexes=[").nth(1)?.split(']').next()?;
+    Some(
+        list.split(", ")
+            .filter(|i| !i.is_empty())
+            .map(|i| i.parse().unwrap())
+            .collect(),
+    )
+}
+
+/// NodePort connections from outside, through XDP on node A's external
+/// interface, with a forward chain in node A that drops every forwarded
+/// packet: the XDP program redirects the client's packets to the local
+/// backend's veth and to node B's link (both with GRO on at the far
+/// end, so they take XDP frames), TC host-routes the replies, and
+/// nothing reaches the forward hook; node A's netfilter conntrack never
+/// sees the flows. Once the far ends turn GRO off, the agent notices
+/// (netdev netlink), XDP passes the packets to the stack instead of
+/// redirecting them into a drop, the forward chain drops them, and
+/// without the chain the same connections work through the stack.
+#[test]
+fn node_port_connections_through_xdp_skip_the_node_forwarding_path() {
+    let t = TwoNodes::new().unwrap();
+    // XDP sees full checksums only from real NICs (see README).
+    t.client.exec(&["ethtool", "-K", "eth0", "tx", "off"]).unwrap();
+    let gro = |on: &str| {
+        t.backend_a.exec(&["ethtool", "-K", "eth0", "gro", on]).unwrap();
+        t.node_b.exec(&["ethtool", "-K", "vn", "gro", on]).unwrap();
+    };
+    gro("on");
+    let _servers = [
+        tcp_server(&t.backend_a, BACKEND_A, 8080, "a"),
+        tcp_server(&t.backend_b, BACKEND_B, 8080, "b"),
+    ];
+    let m = node_port_manifests();
+    let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let agent = Agent::start_with(
+        &t.node_a,
+        &s(&["vn", "vb1"]),
+        &s(&["ve"]),
+        &m,
+        &[
+            "--node-name",
+            "node-a",
+            "--snat-ip",
+            "198.18.250.1",
+            "--node-ip",
+            "198.18.200.1,198.18.250.1",
+            "--host-routing=true",
+        ],
+    )
+    .unwrap();
+    let index = |name: &str| link(&t.node_a, name).0;
+    let (vb1, vn) = (index("vb1"), index("vn"));
+    let targets = xdp_targets_logged(&agent).unwrap_or_else(|| panic!("no XDP targets logged:\n{}", agent.log()));
+    for i in [vb1, vn] {
+        assert!(targets.contains(&i), "ifindex {i} not in {targets:?}");
+    }
+    // XDP cannot resolve neighbours (the stack does it for the first
+    // packets, and would here, before the forward chain drops them): the
+    // node's neighbours are known, as traffic keeps them on real nodes.
+    // One datagram to each makes node A resolve them.
+    let peers = [BACKEND_A, NODE_B, EXT_CLIENT];
+    t.node_a
+        .run(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            for p in peers {
+                s.send_to(b"x", (p, 9)).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for p in peers {
+        loop {
+            let n = t.node_a.ip(&["neigh", "show", &p.to_string()]).unwrap();
+            if n.contains("lladdr") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "node A did not resolve {p}: {n}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    load_rules(&t.node_a);
+    let to = SocketAddr::from((NODE_A_EXT, NODE_PORT));
+    let seen = ask_peers(&t.client, to, 30).expect("NodePort through XDP, redirected");
+    assert!(seen.contains(&("a".to_string(), EXT_CLIENT.to_string())), "{seen:?}");
+    assert!(seen.contains(&("b".to_string(), NODE_A.to_string())), "{seen:?}");
+    assert_eq!(forwarded_drops(&t.node_a), 0, "no packet reached the forward hook");
+    let metrics = agent.fresh_metrics().unwrap();
+    let routed = |m: &std::collections::BTreeMap<String, f64>, result: &str| {
+        m.get(&format!("dataplane_host_routing_packets_total{{result=\"{result}\"}}"))
+            .copied()
+            .unwrap_or_else(|| panic!("no host routing series {result}: {m:?}"))
+    };
+    // Per connection at least SYN, ACK, request and FIN towards the
+    // backend (XDP), their answers (TC).
+    assert!(routed(&metrics, "xdp_redirect") >= 30.0 * 3.0, "{metrics:?}");
+    assert!(routed(&metrics, "redirected_peer") >= 30.0 * 2.0, "{metrics:?}");
+    assert_eq!(routed(&metrics, "to_stack"), 0.0, "{metrics:?}");
+    let conntrack = || t.node_a.exec(&["cat", "/proc/net/nf_conntrack"]).unwrap();
+    let ct = conntrack();
+    assert!(
+        !ct.contains(&format!("dport={NODE_PORT}")) && !ct.contains("dport=8080"),
+        "node A's netfilter conntrack saw a NodePort flow:\n{ct}"
+    );
+
+    // The far ends stop taking XDP frames.
+    gro("off");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = xdp_targets_logged(&agent).unwrap_or_default();
+        if !last.contains(&vb1) && !last.contains(&vn) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not notice GRO off within 10 s:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = ask_peers(&t.client, to, 1).expect_err("to the stack, where the forward chain drops");
+    eprintln!("through the stack with the chain: {err}");
+    assert!(forwarded_drops(&t.node_a) > 0, "the forward chain saw the packets");
+    // Without the forward chain; conntrack stays loaded (`seen`).
+    t.node_a
+        .exec(&["nft", "delete", "chain", "inet", "dptest", "forwarded"])
+        .unwrap();
+    let before = routed(&agent.fresh_metrics().unwrap(), "to_stack");
+    let seen = ask_peers(&t.client, to, 20).expect("NodePort through XDP and the stack");
+    assert!(seen.contains(&("a".to_string(), EXT_CLIENT.to_string())), "{seen:?}");
+    assert!(seen.contains(&("b".to_string(), NODE_A.to_string())), "{seen:?}");
+    let after = agent.fresh_metrics().unwrap();
+    assert!(routed(&after, "to_stack") >= before + 20.0 * 3.0, "{after:?}");
+    // The check above can see flows: these went through the stack.
+    assert!(conntrack().contains("dport=8080"), "{}", conntrack());
 }

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::bpf::{
     loader::{Dataplane, LoadError, XdpAttachMode},
     pin::{PinError, PinRoot},
+    xdpfeatures,
 };
 
 /// Whether `pattern` (with `*` and `?` wildcards) matches `name`.
@@ -70,8 +71,29 @@ fn route_socket() -> io::Result<std::fs::File> {
 /// The kinds of this network namespace's interfaces for the programs
 /// (`map_names::IFACES`): (ifindex, `IFACE_F_*` bits), from one netlink
 /// link dump (RTM_GETLINK): a veth by its link kind, its peer in another
-/// namespace by the presence of `IFLA_LINK_NETNSID`.
+/// namespace by the presence of `IFLA_LINK_NETNSID`; whether it takes
+/// frames redirected by XDP from the kernel's XDP features
+/// (`xdpfeatures`).
 pub fn interface_kinds() -> io::Result<Vec<(u32, u32)>> {
+    let mut kinds = link_kinds()?;
+    let features = xdpfeatures::xdp_features().unwrap_or_else(|e| {
+        warn!("reading the interfaces' XDP features (netdev netlink): {e}; XDP redirects nothing");
+        Vec::new()
+    });
+    let veths_follow_peer = xdpfeatures::veth_features_follow_peer();
+    for (ifindex, flags) in &mut kinds {
+        let xmit = features
+            .iter()
+            .any(|(i, f)| i == ifindex && f & xdpfeatures::NETDEV_XDP_ACT_NDO_XMIT != 0);
+        if xmit && (*flags & dataplane_common::IFACE_F_VETH == 0 || veths_follow_peer) {
+            *flags |= dataplane_common::IFACE_F_XDP_XMIT;
+        }
+    }
+    Ok(kinds)
+}
+
+/// The link-kind part of [`interface_kinds`].
+fn link_kinds() -> io::Result<Vec<(u32, u32)>> {
     // linux/rtnetlink.h, linux/netlink.h, linux/if_link.h.
     const RTM_NEWLINK: u16 = 16;
     const RTM_GETLINK: u16 = 18;
@@ -168,9 +190,13 @@ pub fn select(patterns: &[String], present: &BTreeSet<String>) -> BTreeSet<Strin
 }
 
 /// Starts a thread that sends `()` on `tx` whenever a link is added,
-/// removed or changed in this network namespace. Stops when `tx` closes.
+/// removed or changed in this network namespace, or a device's XDP
+/// features change (`xdpfeatures::watch`). Stops when `tx` closes.
 pub fn watch_links(tx: tokio::sync::mpsc::Sender<()>) -> io::Result<()> {
     const RTMGRP_LINK: u32 = 1;
+    if let Err(e) = xdpfeatures::watch(tx.clone()) {
+        warn!("subscribing to netdev netlink notifications: {e}; XDP does not learn of veth peers turning GRO or XDP on or off");
+    }
     let fd = route_socket()?;
     // SAFETY: a bind call on a socket we own; the sockaddr is zeroed and
     // filled as netlink(7) describes.
@@ -255,7 +281,13 @@ impl Attacher {
         match interface_kinds() {
             Ok(kinds) if kinds == self.kinds => {}
             Ok(kinds) => match dp.set_interface_kinds(&kinds) {
-                Ok(()) => self.kinds = kinds,
+                Ok(()) => {
+                    let targets = xdp_targets(&kinds);
+                    if targets != xdp_targets(&self.kinds) {
+                        info!(ifindexes = ?targets, "interfaces XDP can redirect translated packets to");
+                    }
+                    self.kinds = kinds
+                }
                 Err(e) => {
                     // Written again at the next link event.
                     self.kinds.clear();
@@ -316,6 +348,15 @@ impl Attacher {
         }
         Ok(())
     }
+}
+
+/// The interfaces among `kinds` that take XDP frames (`IFACE_F_XDP_XMIT`).
+fn xdp_targets(kinds: &[(u32, u32)]) -> Vec<u32> {
+    kinds
+        .iter()
+        .filter(|(_, f)| f & dataplane_common::IFACE_F_XDP_XMIT != 0)
+        .map(|(i, _)| *i)
+        .collect()
 }
 
 /// Replies of NodePort flows leave with a node address as their source, and

@@ -12,3 +12,4 @@ pub mod migrate;
 pub mod pin;
 pub mod sys;
 pub mod testrun;
+pub mod xdpfeatures;

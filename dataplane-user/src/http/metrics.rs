@@ -308,7 +308,7 @@ impl Collector for DatapathCollector {
         family(
             &mut enc,
             "dataplane_host_routing_packets",
-            "What host routing (--host-routing) did with translated packets: TC redirected them to the FIB's egress interface with the neighbour's MAC (redirected), into the peer namespace of that veth (redirected_peer) or with the kernel resolving the neighbour (redirected_neigh); XDP sent them back out of their interface (xdp_tx); or they went to the node's stack (to_stack: local destination, no route, fragmentation needed, forwarding off, TTL expiring; for XDP also every other interface and veths).",
+            "What host routing (--host-routing) did with translated packets: TC redirected them to the FIB's egress interface with the neighbour's MAC (redirected), into the peer namespace of that veth (redirected_peer) or with the kernel resolving the neighbour (redirected_neigh); XDP sent them back out of their interface (xdp_tx) or to another interface that takes XDP frames (xdp_redirect); or they went to the node's stack (to_stack: local destination, no route, fragmentation needed, forwarding off, TTL expiring; for XDP also no neighbour entry yet and interfaces that cannot take XDP frames).",
             MetricType::Counter,
             snap.host_routing.iter().map(|e| (vec![("result", e.event.to_string())], e.count)),
         )?;

@@ -68,6 +68,12 @@ pub struct Config {
     pub node_conntrack: bool,
     /// The agent's `--host-routing` (as in the through-VIP part).
     pub host_routing: bool,
+    /// GRO on the backends' interfaces (`eth0` in the backend namespaces,
+    /// the pods' ends of their veths), for every contender: a veth takes
+    /// frames redirected by XDP only while its peer has GRO on (or an XDP
+    /// program), so without it the dataplane's XDP passes NodePort
+    /// packets to the node's stack instead of redirecting them.
+    pub backend_gro: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -610,6 +616,11 @@ impl Setup {
 
 fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
     let topo = Topology::new(2)?;
+    if cfg.backend_gro {
+        for b in &topo.backends {
+            b.exec(&["ethtool", "-K", "eth0", "gro", "on"])?;
+        }
+    }
     let receivers = receivers(vec![
         bind_in(&topo.backends[0], backend_addr(1))?,
         bind_in(&topo.backends[1], backend_addr(2))?,
@@ -705,6 +716,22 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
         s.notes.push(format!(
             "checked before timing: {flows} flows translated {flows} times per packet (XDP: TC is not on the client's side)"
         ));
+        // Which way XDP sent them: redirected to the backends' veths, or
+        // to the stack (the first packets, before the node has resolved
+        // the backends' addresses, always take the stack).
+        let st = dataplane::inspect::stats(&dataplane::inspect::open_pinned(&a.pins)?)?;
+        let count = |e: &str| st.host_routing.iter().find(|r| r.event == e).map_or(0, |r| r.count);
+        let (redirected, to_stack) = (count("xdp_redirect"), count("to_stack"));
+        s.notes.push(format!(
+            "host routing in the warm-up: {redirected} packets redirected by XDP (xdp_redirect), {to_stack} to the stack"
+        ));
+        if cfg.host_routing && cfg.backend_gro && redirected < 4 * flows {
+            bail!(
+                "{}: XDP redirected {redirected} of {} warm-up packets ({to_stack} to the stack); the backends' veths should take XDP frames with GRO on at their ends",
+                who.name(),
+                5 * flows
+            );
+        }
     }
     Ok(s)
 }
@@ -857,7 +884,12 @@ pub fn run(cfg: &Config) -> Result<Value> {
             "Not loaded by the bench (--no-node-conntrack): only the iptables and nftables node namespaces track flows (their NAT needs it)."
         },
         "host_routing": cfg.host_routing,
-        "attach_point": "dataplane: XDP (auto mode) on the node's client-side veth (vc), TC ingress (tcx) on the backend-side veths; on a veth ingress the XDP program translates and passes the packet to the stack (XDP_TX is for routes back out of the same non-veth interface), so the node still forwards it",
+        "backend_gro": cfg.backend_gro,
+        "attach_point": if cfg.backend_gro && cfg.host_routing {
+            "dataplane: XDP (auto mode) on the node's client-side veth (vc), TC ingress (tcx) on the backend-side veths; the XDP program translates and redirects each packet to its backend's veth (XDP_REDIRECT: the backends' eth0 have GRO on, so those veths take XDP frames), so the node's stack never sees it"
+        } else {
+            "dataplane: XDP (auto mode) on the node's client-side veth (vc), TC ingress (tcx) on the backend-side veths; the XDP program translates and passes the packet to the stack (the backends' veths cannot take XDP frames without GRO on their peers, or host routing is off), so the node still forwards it"
+        },
         "external_traffic_policy": "Cluster (the default): kube-proxy masquerades NodePort traffic to the node's address; the dataplane does not SNAT local endpoints (no --node-name: every endpoint is local), so its backends see the client's address",
         "contenders": cfg.contenders.iter().map(|c| c.name()).collect::<Vec<_>>(),
         "scales": scales_out,

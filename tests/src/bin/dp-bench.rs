@@ -28,6 +28,8 @@ struct Args {
     no_node_conntrack: bool,
     /// Through the VIP with the agent's default `--host-routing=false`.
     no_host_routing: bool,
+    /// NodePort part: GRO left off on the backends' interfaces.
+    no_backend_gro: bool,
     agent_only: bool,
     /// The release agent, for the control-plane part.
     release_agent: PathBuf,
@@ -55,10 +57,11 @@ fn args() -> Result<Args> {
         rounds: None,
         no_node_conntrack: false,
         no_host_routing: false,
+        no_backend_gro: false,
         agent_only: false,
         release_agent: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/dataplane"),
     };
-    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane|nodeport (repeatable or comma-separated), --scales N,N, --contenders a,b, --nodeport-contenders a,b, --no-node-conntrack, --no-host-routing, --agent-only, --rounds N, --release-agent PATH";
+    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane|nodeport (repeatable or comma-separated), --scales N,N, --contenders a,b, --nodeport-contenders a,b, --no-node-conntrack, --no-host-routing, --no-backend-gro, --agent-only, --rounds N, --release-agent PATH";
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -100,6 +103,7 @@ fn args() -> Result<Args> {
             }
             "--no-node-conntrack" => a.no_node_conntrack = true,
             "--no-host-routing" => a.no_host_routing = true,
+            "--no-backend-gro" => a.no_backend_gro = true,
             "--agent-only" => a.agent_only = true,
             "--rounds" => a.rounds = Some(it.next().context("--rounds needs a number")?.parse()?),
             "--release-agent" => {
@@ -335,6 +339,7 @@ fn main() -> Result<()> {
                         contenders: nodeport::DEFAULT_CONTENDERS.to_vec(),
                         node_conntrack: true,
                         host_routing: true,
+                        backend_gro: true,
                     }
                 } else {
                     nodeport::Config {
@@ -348,6 +353,7 @@ fn main() -> Result<()> {
                         contenders: nodeport::DEFAULT_CONTENDERS.to_vec(),
                         node_conntrack: true,
                         host_routing: true,
+                        backend_gro: true,
                     }
                 };
                 let cfg = nodeport::Config {
@@ -356,6 +362,7 @@ fn main() -> Result<()> {
                     rounds: a.rounds.unwrap_or(cfg.rounds),
                     node_conntrack: !a.no_node_conntrack,
                     host_routing: !a.no_host_routing,
+                    backend_gro: !a.no_backend_gro,
                     ..cfg
                 };
                 let v = nodeport::run(&cfg)?;
