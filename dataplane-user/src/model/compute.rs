@@ -166,8 +166,8 @@ pub(super) fn prepare_slice<'a>(
             ready: ep.ready.unwrap_or(true),
             serving: ep.serving.unwrap_or(true),
             terminating: ep.terminating.unwrap_or(false),
-            for_nodes: &ep.for_nodes,
-            for_zones: &ep.for_zones,
+            for_nodes: ep.hints.as_ref().map_or(&[], |h| &h.for_nodes),
+            for_zones: ep.hints.as_ref().map_or(&[], |h| &h.for_zones),
         });
     }
     Some((

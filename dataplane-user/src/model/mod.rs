@@ -20,8 +20,8 @@ pub use conflicts::ServiceFrontends;
 pub use health::{health_checks, HealthCache, HealthCheck};
 pub use incremental::{Incremental, Tracked};
 pub use objects::{
-    records, Addr, EndpointRecord, ServicePortRecord, ServiceRecord, ServiceSpecRecord, SlicePortRecord, SliceRecord,
-    Word,
+    node_name, records, Addr, EndpointRecord, Hints, ServicePortRecord, ServiceRecord, ServiceSpecRecord,
+    SlicePortRecord, SliceRecord, Word,
 };
 
 use std::{

@@ -14,7 +14,12 @@
 //! field the model validates, so the model reports the same problems, in
 //! the same words, as it would from the API objects.
 
-use std::{borrow::Cow, net::IpAddr};
+use std::{
+    borrow::Cow,
+    collections::HashSet,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -147,14 +152,50 @@ pub struct EndpointRecord {
     /// The first of `addresses` (the only one the API allows and
     /// consumers read); `None` when the list is empty.
     pub address: Option<Addr>,
-    pub node_name: Option<Box<str>>,
+    /// Shared by every endpoint on the node ([`node_name`]).
+    pub node_name: Option<Arc<str>>,
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
+    /// `None` when the endpoint has no hints (most have none).
+    pub hints: Option<Box<Hints>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
     /// `hints.forNodes[].name`.
     pub for_nodes: Box<[Box<str>]>,
     /// `hints.forZones[].name`.
     pub for_zones: Box<[Box<str>]>,
+}
+
+/// Node names, each held once however many endpoints name it (a cluster
+/// has few nodes and many endpoints: 400,000 copies of a handful of names
+/// otherwise). Names no endpoint holds any more are dropped whenever the
+/// set has doubled since the last sweep.
+struct Names {
+    set: HashSet<Arc<str>>,
+    sweep_at: usize,
+}
+
+/// The shared copy of the node name `name`.
+pub fn node_name(name: String) -> Arc<str> {
+    static NAMES: Mutex<Option<Names>> = Mutex::new(None);
+    let mut guard = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    let names = guard.get_or_insert_with(|| Names {
+        set: HashSet::new(),
+        sweep_at: 1024,
+    });
+    if let Some(n) = names.set.get(name.as_str()) {
+        return n.clone();
+    }
+    if names.set.len() >= names.sweep_at {
+        names.set.retain(|n| Arc::strong_count(n) > 1);
+        names.sweep_at = (names.set.len() * 2).max(1024);
+    }
+    let n: Arc<str> = name.into();
+    names.set.insert(n.clone());
+    n
 }
 
 impl ServiceRecord {
@@ -265,21 +306,21 @@ impl From<EndpointSlice> for SliceRecord {
                 .into_iter()
                 .map(|ep| {
                     let c = ep.conditions.unwrap_or_default();
-                    let (for_nodes, for_zones) = match ep.hints {
-                        Some(h) => (
-                            h.for_nodes.into_iter().flatten().map(|n| n.name.into()).collect(),
-                            h.for_zones.into_iter().flatten().map(|z| z.name.into()).collect(),
-                        ),
-                        None => (Box::default(), Box::default()),
-                    };
+                    let hints = ep
+                        .hints
+                        .map(|h| Hints {
+                            for_nodes: h.for_nodes.into_iter().flatten().map(|n| n.name.into()).collect(),
+                            for_zones: h.for_zones.into_iter().flatten().map(|z| z.name.into()).collect(),
+                        })
+                        .filter(|h| !h.for_nodes.is_empty() || !h.for_zones.is_empty())
+                        .map(Box::new);
                     EndpointRecord {
                         address: ep.addresses.into_iter().next().map(Addr::new),
-                        node_name: ep.node_name.map(Into::into),
+                        node_name: ep.node_name.map(node_name),
                         ready: c.ready,
                         serving: c.serving,
                         terminating: c.terminating,
-                        for_nodes,
-                        for_zones,
+                        hints,
                     }
                 })
                 .collect(),
@@ -296,4 +337,25 @@ impl From<&EndpointSlice> for SliceRecord {
 /// Records of API objects (tests and tools that hold API objects).
 pub fn records<'a, K: 'a, R: From<&'a K>>(objects: &'a [K]) -> Vec<R> {
     objects.iter().map(R::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Endpoints on one node share one copy of its name, and names still
+    /// held survive the sweeps that more distinct names trigger.
+    #[test]
+    fn node_names_are_shared_and_swept() {
+        let a = node_name("objects-test-node-a".into());
+        let b = node_name(String::from("objects-test-node-a"));
+        assert!(Arc::ptr_eq(&a, &b));
+        // More distinct names than a sweep threshold: held ones survive.
+        let held: Vec<Arc<str>> = (0..3000).map(|i| node_name(format!("objects-test-{i}"))).collect();
+        for (i, n) in held.iter().enumerate() {
+            assert!(Arc::ptr_eq(n, &node_name(format!("objects-test-{i}"))));
+        }
+        assert!(Arc::ptr_eq(&a, &node_name("objects-test-node-a".into())));
+        assert_eq!(&*a, "objects-test-node-a");
+    }
 }
