@@ -758,9 +758,10 @@ impl FileSource {
 /// The manifest directory as a [`Source`].
 ///
 /// With inotify ([`FileSource::watched`]) the source sleeps until an event
-/// comes, then polls the paths it named; polls are at least `interval`
-/// apart, so a burst of writes costs one poll per interval and a change
-/// waits at most one interval after the previous poll. Every `rescan` it
+/// comes, then polls the paths it named; polls that look at something are
+/// at least `interval` apart, so a burst of writes costs one poll per
+/// interval and a change waits at most one interval after the previous
+/// poll. Every `rescan` it
 /// scans the whole directory anyway, for what inotify cannot see (files
 /// symlinked from outside the directory, network filesystems). Without
 /// inotify (its limits reached: a warning names the sysctl), every poll
@@ -845,8 +846,15 @@ impl Source for PolledFiles {
                             if let Some(t) = earliest {
                                 sleep_until(t).await;
                             }
-                            self.last_poll = Some(Instant::now());
+                            let (started, before) = (Instant::now(), self.files.scan_counts());
                             let r = self.files.poll();
+                            // Only a check that looked at something counts:
+                            // events that named nothing (a hidden temporary
+                            // file written before its rename) do not delay
+                            // the next one.
+                            if self.files.scan_counts() != before {
+                                self.last_poll = Some(started);
+                            }
                             // The queue was read to its end; readiness
                             // that came meanwhile is kept (a new tick).
                             ready.clear_ready();

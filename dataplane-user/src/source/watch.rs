@@ -318,7 +318,7 @@ impl DirWatch {
         let Some(paths) = self.dirs.get(&wd).cloned() else {
             return; // a watch removed meanwhile
         };
-        let is_root = paths.iter().any(|p| *p == self.root);
+        let is_root = paths.contains(&self.root);
         if mask & libc::IN_IGNORED != 0 {
             // The watch is gone (its directory deleted, its filesystem
             // unmounted): the directory's own path is looked at again.
