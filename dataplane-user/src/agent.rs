@@ -45,8 +45,14 @@ impl std::os::fd::AsRawFd for LoggerFd {
 /// Where the objects come from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
-    /// A directory of Service/EndpointSlice manifests, polled.
-    Files { dir: PathBuf, poll_interval: Duration },
+    /// A directory of Service/EndpointSlice manifests, watched by inotify
+    /// (polled where it cannot be): polls at least `poll_interval` apart,
+    /// a full rescan every `rescan_interval` (`None`: never).
+    Files {
+        dir: PathBuf,
+        poll_interval: Duration,
+        rescan_interval: Option<Duration>,
+    },
     /// The Kubernetes API (in-cluster configuration or KUBECONFIG).
     Kubernetes,
 }
@@ -602,9 +608,22 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 )
                 .await
             }
-            (SourceConfig::Files { dir, poll_interval }, None) => {
+            (
+                SourceConfig::Files {
+                    dir,
+                    poll_interval,
+                    rescan_interval,
+                },
+                None,
+            ) => {
                 info!(dir = %dir.display(), "watching manifests");
-                let mut source = PolledFiles::new(dir, *poll_interval);
+                let mut source = PolledFiles::new(dir, *poll_interval, *rescan_interval);
+                if source.watching() {
+                    info!(
+                        full_rescan_s = rescan_interval.map_or(0, |r| r.as_secs()),
+                        "changes detected by inotify"
+                    );
+                }
                 sync_loop(
                     &mut source,
                     &mut syncer,

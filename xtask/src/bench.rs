@@ -517,7 +517,7 @@ fn control_plane(dir: &Path, md: &mut String) -> Result<()> {
         .into_iter()
         .collect();
     if !poll_ms.is_empty() {
-        writeln!(md, "\"via manifest directory\": the same Services as one YAML file each in a directory (`--source files`, polled every {} ms), one file rewritten per change, timed from the write to the map write.\n", poll_ms.join("/"))?;
+        writeln!(md, "\"via manifest directory\": the same Services as one YAML file each in a directory (`--source files --poll-interval-ms {}`; watched by inotify since issue 18, polled before), one file rewritten per change, timed from the write to the map write.\n", poll_ms.join("/"))?;
     }
     writeln!(md, "| Services x 4 endpoints | agent start to all programmed | first sync: compute + map writes | one change to map write | one change via manifest directory | agent peak RSS | maps' kernel memory | iptables-restore | nft -f |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;

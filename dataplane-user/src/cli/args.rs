@@ -168,9 +168,18 @@ pub struct RunArgs {
     /// Load this eBPF object instead of the one built into the binary.
     #[arg(long, env = "DATAPLANE_BPF_OBJECT")]
     pub bpf_object: Option<PathBuf>,
-    /// How often the manifest directory is checked for changes, in ms.
+    /// The manifest directory: the least time between two checks for
+    /// changes, in ms. With inotify a change is checked when its event
+    /// comes, at most this long after the previous check; without inotify
+    /// (its limits reached) the directory is scanned this often.
     #[arg(long, default_value_t = 100, env = "DATAPLANE_POLL_INTERVAL_MS")]
     pub poll_interval_ms: u64,
+    /// The manifest directory: how often every file is looked at even
+    /// though inotify reported nothing, in s (changes inotify cannot see:
+    /// files symlinked from outside the directory, network filesystems).
+    /// 0: never.
+    #[arg(long, default_value_t = 60, env = "DATAPLANE_RESCAN_INTERVAL_S")]
+    pub rescan_interval_s: u64,
     /// How long a burst of changes settles before a sync, in ms.
     #[arg(long, default_value_t = agent::DEFAULT_DEBOUNCE.as_millis() as u64, env = "DATAPLANE_DEBOUNCE_MS")]
     pub debounce_ms: u64,
@@ -338,6 +347,7 @@ impl RunArgs {
             Source::Files => SourceConfig::Files {
                 dir: self.dir.context("--source files needs --dir")?,
                 poll_interval: Duration::from_millis(self.poll_interval_ms),
+                rescan_interval: (self.rescan_interval_s > 0).then(|| Duration::from_secs(self.rescan_interval_s)),
             },
             Source::Kubernetes => SourceConfig::Kubernetes,
         };

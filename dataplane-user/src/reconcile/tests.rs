@@ -669,17 +669,48 @@ mod incremental {
         );
     }
 
-    /// The same through the manifest-directory source: random writes,
-    /// rewrites, renames and deletions of files holding random Services
-    /// and EndpointSlices (the same keys in several files, so duplicate
-    /// definitions come and go; now and then a file that cannot be
-    /// parsed), one poll after each batch. After every poll the
-    /// incremental path fed by the keys the source reports equals the full
-    /// one on the same objects, and the source's objects and problems equal
-    /// those of a fresh source reading the directory from scratch.
+    /// Random manifest text: up to three random Services and
+    /// EndpointSlices, as YAML documents or a JSON List.
+    fn random_manifest(rng: &mut Rng, json: bool) -> String {
+        let mut docs = Vec::new();
+        for _ in 0..rng.below(4) {
+            let ns = *rng.pick(NAMESPACES);
+            let doc = if rng.below(2) == 0 {
+                let name = *rng.pick(SERVICES);
+                let v = random_service(rng, ns, name);
+                serde_json::to_value(v).unwrap()
+            } else {
+                let name = format!("e{}", rng.below(6));
+                serde_json::to_value(random_slice(rng, ns, &name)).unwrap()
+            };
+            docs.push(doc);
+        }
+        match json {
+            true => serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": docs})).unwrap(),
+            false => docs
+                .iter()
+                .map(|d| serde_yaml_ng::to_string(d).unwrap())
+                .collect::<Vec<_>>()
+                .join("---\n"),
+        }
+    }
+
+    /// The same through the manifest-directory source, polled and watched
+    /// by inotify: random writes, rewrites, renames (within the directory,
+    /// in from and out to another one), deletions of files holding random
+    /// Services and EndpointSlices (the same keys in several files, so
+    /// duplicate definitions come and go; now and then a file that cannot
+    /// be parsed), a subdirectory moved out and back in, a ConfigMap-style
+    /// `..data` symlink swap, and (watched) events lost to a full queue;
+    /// one poll after each batch. After every poll the incremental path
+    /// fed by the keys the source reports equals the full one on the same
+    /// objects, and the source's objects and problems equal those of a
+    /// fresh source reading the directory from scratch. The watched source
+    /// must have seen it all through events: one full scan per lost queue
+    /// and the first.
     #[test]
     fn file_source_incremental_path_equals_full_path() {
-        use std::{fs, time::SystemTime};
+        use std::{fs, os::unix::fs::symlink, time::SystemTime};
 
         use crate::source::files::{write_with_mtime, FileSource};
 
@@ -689,14 +720,19 @@ mod incremental {
             ..NodeInfo::default()
         };
         let dir = std::env::temp_dir().join(format!("dp-files-incr-{}", std::process::id()));
-        struct Cleanup(std::path::PathBuf);
+        let outside = std::env::temp_dir().join(format!("dp-files-incr-outside-{}", std::process::id()));
+        struct Cleanup(Vec<std::path::PathBuf>);
         impl Drop for Cleanup {
             fn drop(&mut self) {
-                let _ = fs::remove_dir_all(&self.0);
+                for d in &self.0 {
+                    let _ = fs::remove_dir_all(d);
+                }
             }
         }
-        let _cleanup = Cleanup(dir.clone());
+        let _cleanup = Cleanup(vec![dir.clone(), outside.clone()]);
         const FILES: &[&str] = &["f0.yaml", "f1.yaml", "f2.yaml", "f3.json", "sub/f4.yaml", "sub/f5.yaml"];
+        // The keys of the ConfigMap-style subdirectory `cm`.
+        const CM_KEYS: &[&str] = &["c0.yaml", "c1.yaml"];
         // Every write gets its own mtime, so that no rewrite escapes the
         // fingerprint however fast the writes come.
         let mut writes = 0u64;
@@ -714,125 +750,188 @@ mod incremental {
             problems.sort();
             (format!("{services:?}"), format!("{slices:?}"), problems)
         };
+        // A new version of the ConfigMap-style directory, as the kubelet
+        // writes it: a timestamped directory, `..data` renamed over.
+        let cm_version = |rng: &mut Rng, n: u32| {
+            let cm = dir.join("cm");
+            let v = format!("..v{n}");
+            fs::create_dir(cm.join(&v)).unwrap();
+            for key in CM_KEYS {
+                // Now and then a key missing: its link dangles.
+                if rng.below(4) != 0 {
+                    fs::write(cm.join(&v).join(key), random_manifest(rng, false)).unwrap();
+                }
+            }
+            symlink(&v, cm.join("..data_tmp")).unwrap();
+            fs::rename(cm.join("..data_tmp"), cm.join("..data")).unwrap();
+            if n > 0 {
+                fs::remove_dir_all(cm.join(format!("..v{}", n - 1))).unwrap();
+            }
+        };
         // The sequences must exercise what they are meant to.
         let (mut tracked_changes, mut duplicates, mut unparsable, mut frontends) = (0, 0, 0, 0);
-        for seed in 0..12u64 {
-            let mut rng = Rng(seed);
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(dir.join("sub")).unwrap();
-            let mut src = FileSource::new(&dir);
-            let mut incremental = Incremental::new(node.clone());
-            let mut health_cache = HealthCache::default();
-            let (mut full_sync, mut incr_sync) = (syncer(), syncer());
-            // Files that hold something unparsable now.
-            let mut broken: HashSet<&str> = HashSet::new();
-            for step in 0..80 {
-                for _ in 0..1 + rng.below(3) {
-                    let file = *rng.pick(FILES);
-                    let path = dir.join(file);
-                    match rng.below(10) {
-                        0 => {
-                            let _ = fs::remove_file(&path);
-                            broken.remove(file);
+        let (mut moved_dirs, mut swaps, mut overflows, mut targeted) = (0, 0, 0, 0);
+        let queue_max: usize = (fs::read_to_string("/proc/sys/fs/inotify/max_queued_events").unwrap())
+            .trim()
+            .parse()
+            .unwrap();
+        for watched in [false, true] {
+            for seed in 0..12u64 {
+                let mut rng = Rng(seed);
+                let _ = fs::remove_dir_all(&dir);
+                let _ = fs::remove_dir_all(&outside);
+                fs::create_dir_all(dir.join("sub")).unwrap();
+                fs::create_dir_all(dir.join("cm")).unwrap();
+                fs::create_dir_all(&outside).unwrap();
+                let mut cm_n = 0;
+                cm_version(&mut rng, cm_n);
+                for key in CM_KEYS {
+                    symlink(format!("..data/{key}"), dir.join("cm").join(key)).unwrap();
+                }
+                let mut src = match watched {
+                    true => FileSource::watched(&dir),
+                    false => FileSource::new(&dir),
+                };
+                assert_eq!(src.watching(), watched, "inotify could not be set up");
+                let mut incremental = Incremental::new(node.clone());
+                let mut health_cache = HealthCache::default();
+                let (mut full_sync, mut incr_sync) = (syncer(), syncer());
+                // Files that hold something unparsable now.
+                let mut broken: HashSet<&str> = HashSet::new();
+                // Whether `sub` is outside the directory now.
+                let mut sub_out = false;
+                let path_of = |file: &str, sub_out: bool| match sub_out && file.starts_with("sub/") {
+                    true => outside.join(file),
+                    false => dir.join(file),
+                };
+                let mut seed_overflows = 0;
+                for step in 0..80 {
+                    if watched && step % 40 == 39 {
+                        // The queue filled with events of files that are
+                        // no manifests (two: identical events in a row are
+                        // merged), so that this step's events are lost.
+                        for i in 0..=queue_max {
+                            fs::File::create(dir.join(["flood-a.txt", "flood-b.txt"][i % 2])).unwrap();
                         }
-                        1 => {
-                            let to = *rng.pick(FILES);
-                            if path.exists() && to != file {
-                                fs::rename(&path, dir.join(to)).unwrap();
-                                if broken.remove(file) {
-                                    broken.insert(to);
-                                } else {
-                                    broken.remove(to);
+                        seed_overflows += 1;
+                    }
+                    for _ in 0..1 + rng.below(3) {
+                        let file = *rng.pick(FILES);
+                        let path = path_of(file, sub_out);
+                        match rng.below(12) {
+                            0 => {
+                                let _ = fs::remove_file(&path);
+                                broken.remove(file);
+                            }
+                            1 => {
+                                // Within the directory or, with `sub`
+                                // outside, in or out of it.
+                                let to = *rng.pick(FILES);
+                                if path.exists() && to != file {
+                                    fs::rename(&path, path_of(to, sub_out)).unwrap();
+                                    if broken.remove(file) {
+                                        broken.insert(to);
+                                    } else {
+                                        broken.remove(to);
+                                    }
                                 }
                             }
-                        }
-                        2 => {
-                            write(&path, "kind: Service\n  metadata: [\n");
-                            broken.insert(file);
-                        }
-                        3 if path.exists() => {
-                            // Rewritten as it is.
-                            let text = fs::read_to_string(&path).unwrap();
-                            write(&path, &text);
-                        }
-                        _ => {
-                            let mut docs = Vec::new();
-                            for _ in 0..rng.below(4) {
-                                let ns = *rng.pick(NAMESPACES);
-                                let doc = if rng.below(2) == 0 {
-                                    let name = *rng.pick(SERVICES);
-                                    let v = random_service(&mut rng, ns, name);
-                                    serde_json::to_value(v).unwrap()
-                                } else {
-                                    let name = format!("e{}", rng.below(6));
-                                    serde_json::to_value(random_slice(&mut rng, ns, &name)).unwrap()
-                                };
-                                docs.push(doc);
+                            2 => {
+                                write(&path, "kind: Service\n  metadata: [\n");
+                                broken.insert(file);
                             }
-                            let text = match file.ends_with(".json") {
-                                true => {
-                                    serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": docs}))
-                                        .unwrap()
+                            3 if path.exists() => {
+                                // Rewritten as it is.
+                                let text = fs::read_to_string(&path).unwrap();
+                                write(&path, &text);
+                            }
+                            10 => {
+                                // `sub` moved out of the directory or back.
+                                let (inside, out) = (dir.join("sub"), outside.join("sub"));
+                                match sub_out {
+                                    false => fs::rename(inside, out).unwrap(),
+                                    true => fs::rename(out, inside).unwrap(),
                                 }
-                                false => docs
-                                    .iter()
-                                    .map(|d| serde_yaml_ng::to_string(d).unwrap())
-                                    .collect::<Vec<_>>()
-                                    .join("---\n"),
-                            };
-                            write(&path, &text);
-                            broken.remove(file);
+                                sub_out = !sub_out;
+                                moved_dirs += 1;
+                            }
+                            11 => {
+                                cm_n += 1;
+                                cm_version(&mut rng, cm_n);
+                                swaps += 1;
+                            }
+                            _ => {
+                                let text = random_manifest(&mut rng, file.ends_with(".json"));
+                                write(&path, &text);
+                                broken.remove(file);
+                            }
                         }
+                    }
+                    src.poll().unwrap();
+                    let ctx = format!("watched {watched} seed {seed} step {step}");
+                    src.view(|v| {
+                        let tracked = v.tracked.expect("the file source tracks its objects");
+                        assert_eq!(tracked.changed.is_none(), step == 0, "{ctx}");
+                        if let Some((s, e)) = tracked.changed {
+                            tracked_changes += s.len() + e.len();
+                        }
+                        let full = compute_for_node(v.services, v.slices, &node);
+                        full_sync.apply(&full);
+                        let checks = health_checks(v.services, v.slices, &node);
+                        let sorted = |(c, mut p): (Vec<_>, Vec<Problem>)| {
+                            p.sort();
+                            (c, p)
+                        };
+                        assert_eq!(
+                            sorted(health_cache.get(v.services, v.slices, &node, Some(&tracked))),
+                            sorted(checks),
+                            "health checks, {ctx}"
+                        );
+                        let report = match incremental.update(v.services, v.slices, &tracked) {
+                            Some(keys) => incr_sync.apply_changed(incremental.desired(), &keys),
+                            None => incr_sync.apply(incremental.desired()),
+                        };
+                        assert!(report.errors.is_empty(), "{:?}", report.errors);
+                        frontends += full.frontends.len();
+                        assert_eq!(incremental.desired(), &full, "{ctx}");
+                        assert_eq!(incr_sync.programmed(), full_sync.programmed(), "{ctx}");
+                        same_maps(&incr_sync, &full_sync, &ctx);
+                    });
+                    duplicates += src
+                        .problems()
+                        .iter()
+                        .filter(|p| p.reason.contains("defined in both"))
+                        .count();
+                    unparsable += broken.len();
+                    // A broken file keeps its previous objects, which a
+                    // fresh source never saw: compare with one only without
+                    // them.
+                    if broken.is_empty() {
+                        let mut fresh = FileSource::new(&dir);
+                        fresh.poll().unwrap();
+                        assert_eq!(sorted_objects(&src), sorted_objects(&fresh), "{ctx}");
                     }
                 }
-                src.poll().unwrap();
-                let ctx = format!("seed {seed} step {step}");
-                src.view(|v| {
-                    let tracked = v.tracked.expect("the file source tracks its objects");
-                    assert_eq!(tracked.changed.is_none(), step == 0, "{ctx}");
-                    if let Some((s, e)) = tracked.changed {
-                        tracked_changes += s.len() + e.len();
-                    }
-                    let full = compute_for_node(v.services, v.slices, &node);
-                    full_sync.apply(&full);
-                    let checks = health_checks(v.services, v.slices, &node);
-                    let sorted = |(c, mut p): (Vec<_>, Vec<Problem>)| {
-                        p.sort();
-                        (c, p)
-                    };
-                    assert_eq!(
-                        sorted(health_cache.get(v.services, v.slices, &node, Some(&tracked))),
-                        sorted(checks),
-                        "health checks, {ctx}"
-                    );
-                    let report = match incremental.update(v.services, v.slices, &tracked) {
-                        Some(keys) => incr_sync.apply_changed(incremental.desired(), &keys),
-                        None => incr_sync.apply(incremental.desired()),
-                    };
-                    assert!(report.errors.is_empty(), "{:?}", report.errors);
-                    frontends += full.frontends.len();
-                    assert_eq!(incremental.desired(), &full, "{ctx}");
-                    assert_eq!(incr_sync.programmed(), full_sync.programmed(), "{ctx}");
-                    same_maps(&incr_sync, &full_sync, &ctx);
-                });
-                duplicates += src
-                    .problems()
-                    .iter()
-                    .filter(|p| p.reason.contains("defined in both"))
-                    .count();
-                unparsable += broken.len();
-                // A broken file keeps its previous objects, which a fresh
-                // source never saw: compare with one only without them.
-                if broken.is_empty() {
-                    let mut fresh = FileSource::new(&dir);
-                    fresh.poll().unwrap();
-                    assert_eq!(sorted_objects(&src), sorted_objects(&fresh), "{ctx}");
+                let counts = src.scan_counts();
+                if watched {
+                    // Only the first scan and those after lost events
+                    // were full: the rest came from events.
+                    assert!(src.watching(), "fell back to polling, seed {seed}");
+                    assert_eq!(counts.full, 1 + seed_overflows, "seed {seed}: {counts:?}");
+                    targeted += counts.targeted;
+                    overflows += seed_overflows;
+                } else {
+                    assert_eq!(counts.targeted, 0);
                 }
             }
         }
         assert!(
-            tracked_changes > 500 && duplicates > 200 && unparsable > 100 && frontends > 1000,
+            tracked_changes > 1000 && duplicates > 400 && unparsable > 200 && frontends > 2000,
             "{tracked_changes} changed keys, {duplicates} duplicate definitions, {unparsable} broken files, {frontends} frontends"
+        );
+        assert!(
+            moved_dirs > 50 && swaps > 50 && overflows == 12 * 2 && targeted > 12 * 60,
+            "{moved_dirs} directory moves, {swaps} ConfigMap swaps, {overflows} lost queues, {targeted} targeted polls"
         );
     }
 }

@@ -19,7 +19,10 @@ use serde::Deserialize;
 use tracing::warn;
 
 pub use super::Objects;
-use super::{Keyed, Source, SourceCounters, View};
+use super::{
+    watch::{Changes, DirWatch, Dirty},
+    Keyed, Source, SourceCounters, View,
+};
 use crate::model::{Problem, ServiceRecord, SliceRecord, Tracked};
 
 /// What identifies a version of a file without reading it: modification
@@ -98,7 +101,7 @@ struct Origin {
 
 /// The objects of one kind: the winning definition of every key, as a
 /// `Vec` the desired-state function takes by reference, indexed by
-/// [`model::object_key`] like the Kubernetes source's stores, plus the
+/// [`crate::model::object_key`] like the Kubernetes source's stores, plus the
 /// definitions other files (or the same file) also gave for a key
 /// (duplicates: rare, reported as problems).
 struct Kept<K> {
@@ -261,9 +264,24 @@ pub struct FileSource {
     /// Set until a view saw the whole state (the first poll): the sync
     /// recomputes everything.
     all_changed: bool,
+    /// Change detection by inotify; `None`: every poll is a full scan.
+    watch: Option<DirWatch>,
+    counts: ScanCounts,
 }
 
-fn is_manifest(path: &Path) -> bool {
+/// How often the source looked at the whole directory and how often only
+/// at the paths inotify named (scans that completed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanCounts {
+    /// Every file listed and stat'ed: the first poll, each poll without
+    /// inotify, after lost events or a replaced directory, the periodic
+    /// rescan.
+    pub full: u64,
+    /// Only the paths events named.
+    pub targeted: u64,
+}
+
+pub(super) fn is_manifest(path: &Path) -> bool {
     let hidden = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -275,8 +293,11 @@ fn is_manifest(path: &Path) -> bool {
 /// Lists manifest files under `dir`, recursively, skipping hidden entries
 /// (ConfigMap volumes keep their data under `..data`), with their
 /// fingerprints: one `stat` per file, relative to its directory where the
-/// entry is a regular file (a poll stats every file of the directory).
-fn list(dir: &Path, out: &mut Vec<(PathBuf, Fingerprint)>) -> std::io::Result<()> {
+/// entry is a regular file. `on_dir` sees each directory before it is
+/// read (the inotify watch is added there, so that nothing created during
+/// the listing goes unseen).
+fn list(dir: &Path, out: &mut Vec<(PathBuf, Fingerprint)>, on_dir: &mut dyn FnMut(&Path)) -> std::io::Result<()> {
+    on_dir(dir);
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
@@ -290,7 +311,7 @@ fn list(dir: &Path, out: &mut Vec<(PathBuf, Fingerprint)>) -> std::io::Result<()
             _ => fs::metadata(entry.path()),
         };
         match meta {
-            Ok(m) if m.is_dir() => list(&entry.path(), out)?,
+            Ok(m) if m.is_dir() => list(&entry.path(), out, on_dir)?,
             Ok(m) if m.is_file() => {
                 let path = entry.path();
                 if is_manifest(&path) {
@@ -390,7 +411,47 @@ impl FileSource {
             scanned: false,
             scans: 0,
             all_changed: true,
+            watch: None,
+            counts: ScanCounts::default(),
         }
+    }
+
+    /// A source whose polls look only at the paths inotify reports changed
+    /// (after a first full scan), or, when inotify cannot be set up (its
+    /// limits: the warning names the sysctl), one that scans the whole
+    /// directory on every poll.
+    pub fn watched(dir: impl Into<PathBuf>) -> Self {
+        let mut source = FileSource::new(dir);
+        match DirWatch::new(&source.dir) {
+            Ok(w) => source.watch = Some(w),
+            Err(e) => warn!(
+                "{e}; falling back to polling {}: every poll stats every file",
+                source.dir.display()
+            ),
+        }
+        source
+    }
+
+    /// Whether inotify watches the directory (else each poll is a full
+    /// scan).
+    pub fn watching(&self) -> bool {
+        self.watch.is_some()
+    }
+
+    /// The inotify descriptor, readable when events are queued.
+    pub fn watch_fd(&self) -> Option<&std::os::fd::OwnedFd> {
+        self.watch.as_ref().map(|w| w.fd())
+    }
+
+    /// Whether the next poll is a full scan although inotify watches (lost
+    /// events, the directory replaced or missing): it is retried at the
+    /// poll interval, with no event to wait for.
+    pub fn rescan_pending(&self) -> bool {
+        self.watch.as_ref().is_some_and(|w| w.rescan_pending())
+    }
+
+    pub fn scan_counts(&self) -> ScanCounts {
+        self.counts
     }
 
     pub fn dir(&self) -> &Path {
@@ -401,9 +462,100 @@ impl FileSource {
     /// the last call (the first call always returns true). A file that
     /// cannot be read or parsed keeps its previous objects (a half-written
     /// file must not delete Services), with a problem saying so.
+    ///
+    /// With inotify ([`FileSource::watched`]) only the paths its events
+    /// named are looked at (none: no system call beyond reading the
+    /// events), else every file is stat'ed.
     pub fn poll(&mut self) -> Result<bool, String> {
-        let mut listing = Vec::with_capacity(self.files.len());
-        list(&self.dir, &mut listing).map_err(|e| format!("reading directory {}: {e}", self.dir.display()))?;
+        let scope = match self.watch.as_mut() {
+            Some(w) if self.scanned => match w.take() {
+                Changes::Rescan => None,
+                Changes::Paths(d) if d.is_empty() => return Ok(false),
+                Changes::Paths(d) => Some(d),
+            },
+            _ => None,
+        };
+        self.scan(scope)
+    }
+
+    /// Looks at every file, whatever inotify said (the periodic safety
+    /// net: changes inotify cannot see, such as files symlinked from
+    /// outside the directory).
+    pub fn rescan(&mut self) -> Result<bool, String> {
+        self.scan(None)
+    }
+
+    /// Lists the files in `scope` (`None`: all) with their fingerprints,
+    /// keeping inotify's watches on the directories listed.
+    fn list_scope(&mut self, scope: Option<&Dirty>) -> Result<Vec<(PathBuf, Fingerprint)>, String> {
+        let mut listing = Vec::new();
+        let mut watch = self.watch.take();
+        let before = match (scope, watch.as_mut()) {
+            (None, Some(w)) => Some(w.begin_full()),
+            _ => None,
+        };
+        let listed = {
+            let mut on_dir = |d: &Path| {
+                if let Some(w) = watch.as_mut() {
+                    w.watch(d);
+                }
+            };
+            match scope {
+                None => {
+                    listing.reserve(self.files.len());
+                    list(&self.dir, &mut listing, &mut on_dir)
+                }
+                Some(dirty) => {
+                    for path in &dirty.files {
+                        match fs::metadata(path) {
+                            Ok(m) if m.is_file() => listing.push((path.clone(), Fingerprint::of(&m))),
+                            _ => {}
+                        }
+                    }
+                    let mut r = Ok(());
+                    for tree in &dirty.trees {
+                        match fs::metadata(tree) {
+                            Ok(m) if m.is_dir() => match list(tree, &mut listing, &mut on_dir) {
+                                // Gone meanwhile: its removal has its own
+                                // event.
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                                other => r = r.and(other),
+                            },
+                            Ok(m) if m.is_file() && is_manifest(tree) => {
+                                listing.push((tree.clone(), Fingerprint::of(&m)));
+                            }
+                            _ => {}
+                        }
+                    }
+                    r
+                }
+            }
+        };
+        if let Some(w) = watch.as_mut() {
+            match before {
+                Some(before) => w.end_full(before, listed.is_ok()),
+                None if listed.is_err() => w.force_rescan(),
+                None => {}
+            }
+            if let Some(e) = w.take_failure() {
+                warn!(
+                    "{e}; falling back to polling {}: every poll stats every file",
+                    self.dir.display()
+                );
+                watch = None;
+            }
+        }
+        self.watch = watch;
+        listed.map_err(|e| format!("reading directory {}: {e}", self.dir.display()))?;
+        Ok(listing)
+    }
+
+    fn scan(&mut self, scope: Option<Dirty>) -> Result<bool, String> {
+        let listing = self.list_scope(scope.as_ref())?;
+        match scope {
+            None => self.counts.full += 1,
+            Some(_) => self.counts.targeted += 1,
+        }
 
         let mut changed = !self.scanned;
         let mut problems_changed = !self.scanned;
@@ -484,12 +636,32 @@ impl FileSource {
             };
             self.files.insert(FileKey(file), cached);
         }
-        if seen < self.files.len() {
+        let removed: Vec<Arc<Path>> = match &scope {
             // Some were removed.
-            let removed: Vec<Arc<Path>> = (self.files.iter())
+            None if seen < self.files.len() => (self.files.iter())
                 .filter(|(_, f)| f.scan != scan)
                 .map(|(p, _)| p.0.clone())
-                .collect();
+                .collect(),
+            None => Vec::new(),
+            // The files named and those under the directories named that
+            // this scan did not find.
+            Some(dirty) => {
+                let mut gone: HashSet<Arc<Path>> = (dirty.files.iter())
+                    .filter_map(|f| self.files.get_key_value(f.as_os_str()))
+                    .filter(|(_, f)| f.scan != scan)
+                    .map(|(p, _)| p.0.clone())
+                    .collect();
+                if !dirty.trees.is_empty() {
+                    gone.extend(
+                        (self.files.iter())
+                            .filter(|(p, f)| f.scan != scan && dirty.trees.iter().any(|t| p.0.starts_with(t)))
+                            .map(|(p, _)| p.0.clone()),
+                    );
+                }
+                gone.into_iter().collect()
+            }
+        };
+        {
             for file in removed {
                 let old = self.files.remove(file.as_os_str()).expect("just found");
                 changed = true;
@@ -586,22 +758,58 @@ impl FileSource {
     }
 }
 
-/// A [`FileSource`] polled at a fixed interval, as a [`Source`]: a
-/// directory has no change stream that works for every volume type
-/// (ConfigMap volumes swap a symlink), so it is polled.
+/// The manifest directory as a [`Source`].
+///
+/// With inotify ([`FileSource::watched`]) the source sleeps until an event
+/// comes, then polls the paths it named; polls that look at something are
+/// at least `interval` apart, so a burst of writes costs one poll per
+/// interval and a change waits at most one interval after the previous
+/// poll. Every `rescan` it
+/// scans the whole directory anyway, for what inotify cannot see (files
+/// symlinked from outside the directory, network filesystems). Without
+/// inotify (its limits reached: a warning names the sysctl), every poll
+/// scans the whole directory, every `interval`.
 pub struct PolledFiles {
     files: FileSource,
-    tick: tokio::time::Interval,
+    interval: Duration,
+    rescan: Option<Duration>,
+    /// The inotify descriptor (a duplicate) registered with the runtime.
+    events: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+    last_poll: Option<tokio::time::Instant>,
+    next_rescan: Option<tokio::time::Instant>,
     read_errors: u64,
 }
 
 impl PolledFiles {
-    pub fn new(dir: impl Into<PathBuf>, interval: Duration) -> Self {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Watches `dir` (polls at most every `interval`, rescans it whole
+    /// every `rescan`; `None`: never after the first scan). Must run
+    /// inside a Tokio runtime.
+    pub fn new(dir: impl Into<PathBuf>, interval: Duration, rescan: Option<Duration>) -> Self {
+        let files = FileSource::watched(dir);
+        let events = (files.watch_fd())
+            .and_then(|fd| fd.try_clone().ok())
+            // SAFETY: the `AsyncFd` owns the descriptor, which stays open
+            // until it is dropped.
+            .and_then(|fd| {
+                match unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        // Still correct: the polls at `interval` read the events.
+                        warn!(
+                            "cannot wait for inotify events: {e}; polling every {} ms",
+                            interval.as_millis()
+                        );
+                        None
+                    }
+                }
+            });
         PolledFiles {
-            files: FileSource::new(dir),
-            tick,
+            files,
+            interval,
+            rescan,
+            events,
+            last_poll: None,
+            next_rescan: rescan.map(|r| tokio::time::Instant::now() + r),
             read_errors: 0,
         }
     }
@@ -609,13 +817,73 @@ impl PolledFiles {
     pub fn dir(&self) -> &Path {
         self.files.dir()
     }
+
+    /// Whether inotify watches the directory.
+    pub fn watching(&self) -> bool {
+        self.files.watching()
+    }
+
+    pub fn scan_counts(&self) -> ScanCounts {
+        self.files.scan_counts()
+    }
 }
 
 impl Source for PolledFiles {
     async fn changed(&mut self) -> anyhow::Result<()> {
+        use tokio::time::{sleep_until, Instant};
         loop {
-            self.tick.tick().await;
-            match self.files.poll() {
+            let earliest = self.last_poll.map(|t| t + self.interval);
+            let wait_events = self.files.watching() && !self.files.rescan_pending();
+            let result = match self.events.as_ref().filter(|_| wait_events) {
+                Some(events) => {
+                    let rescan_at = self.next_rescan;
+                    let rescan = async move {
+                        match rescan_at {
+                            Some(t) => sleep_until(t).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        ready = events.readable() => {
+                            let mut ready = ready?;
+                            if let Some(t) = earliest {
+                                sleep_until(t).await;
+                            }
+                            let (started, before) = (Instant::now(), self.files.scan_counts());
+                            let r = self.files.poll();
+                            // Only a check that looked at something counts:
+                            // events that named nothing (a hidden temporary
+                            // file written before its rename) do not delay
+                            // the next one.
+                            if self.files.scan_counts() != before {
+                                self.last_poll = Some(started);
+                            }
+                            // The queue was read to its end; readiness
+                            // that came meanwhile is kept (a new tick).
+                            ready.clear_ready();
+                            r
+                        }
+                        _ = rescan => {
+                            self.last_poll = Some(Instant::now());
+                            self.next_rescan = self.rescan.map(|r| Instant::now() + r);
+                            self.files.rescan()
+                        }
+                    }
+                }
+                // No inotify, or a full scan due (the first, lost events,
+                // the directory replaced or missing): at the interval.
+                None => {
+                    if let Some(t) = earliest {
+                        sleep_until(t).await;
+                    }
+                    self.last_poll = Some(Instant::now());
+                    self.files.poll()
+                }
+            };
+            if !self.files.watching() {
+                self.events = None;
+            }
+            match result {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => {
@@ -656,6 +924,60 @@ pub(crate) fn write_with_mtime(path: &Path, text: &str, mtime: SystemTime) {
 mod tests {
     use super::*;
 
+    /// A source on a directory: polling only, or watched by inotify.
+    type Make = fn(&Path) -> FileSource;
+
+    fn polled(dir: &Path) -> FileSource {
+        FileSource::new(dir)
+    }
+
+    fn watched(dir: &Path) -> FileSource {
+        let src = FileSource::watched(dir);
+        assert!(src.watching(), "inotify could not be set up");
+        src
+    }
+
+    /// Runs each test with a polled source and with a watched one.
+    macro_rules! both_ways {
+        ($($test:ident),* $(,)?) => {
+            mod polled {
+                $(#[test]
+                fn $test() {
+                    super::$test(super::polled)
+                })*
+            }
+            mod watched {
+                $(#[test]
+                fn $test() {
+                    super::$test(super::watched)
+                })*
+            }
+        };
+    }
+
+    both_ways!(
+        same_length_rewrites_with_the_old_mtime_are_seen,
+        poll_keeps_unchanged_files_and_rereads_changed_ones,
+        an_object_defined_in_two_files_is_kept_once_and_both_files_named,
+        a_poll_reports_the_keys_whose_object_changed,
+        duplicate_definitions_change_the_key_only_when_the_winner_changes,
+    );
+
+    /// A fresh directory path of its own (tests run in parallel).
+    fn unique_dir(tag: &str) -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::env::temp_dir().join(format!("dp-files-{tag}-{}-{n}", std::process::id()))
+    }
+
+    /// A watched source saw what changed through inotify alone: one full
+    /// scan (the first), never a fallback to polling.
+    fn check_watch(src: &FileSource) {
+        let c = src.scan_counts();
+        assert!(src.watching() || c.targeted == 0, "fell back to polling: {c:?}");
+        assert!(!src.watching() || c.full == 1, "a full rescan happened: {c:?}");
+    }
+
     /// The records a poll left in the source.
     struct Seen {
         services: Vec<ServiceRecord>,
@@ -663,7 +985,9 @@ mod tests {
 
     /// Polls; when a file changed, the source's Services and problems.
     fn poll(src: &mut FileSource) -> Option<(Seen, Vec<Problem>)> {
-        src.poll().unwrap().then(|| {
+        let changed = src.poll().unwrap();
+        check_watch(src);
+        changed.then(|| {
             let seen = Seen {
                 services: src.services().to_vec(),
             };
@@ -706,15 +1030,14 @@ mod tests {
         first_vip(&o.services[0])
     }
 
-    #[test]
-    fn same_length_rewrites_with_the_old_mtime_are_seen() {
-        let dir = std::env::temp_dir().join(format!("dataplane-files-test-{}", std::process::id()));
+    fn same_length_rewrites_with_the_old_mtime_are_seen(make: Make) {
+        let dir = unique_dir("rewrites");
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("svc.yaml");
         fs::write(&path, svc_file(1)).unwrap();
         let mtime = fs::metadata(&path).unwrap().modified().unwrap();
-        let mut src = FileSource::new(&dir);
+        let mut src = make(&dir);
         let (o, _) = poll(&mut src).expect("first poll reports");
         assert_eq!(vip(&o), "198.19.0.1");
         assert!(poll(&mut src).is_none(), "nothing changed");
@@ -735,9 +1058,8 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn poll_keeps_unchanged_files_and_rereads_changed_ones() {
-        let dir = std::env::temp_dir().join(format!("dp-files-poll-{}", std::process::id()));
+    fn poll_keeps_unchanged_files_and_rereads_changed_ones(make: Make) {
+        let dir = unique_dir("poll");
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let svc = |name: &str, ip: &str| {
@@ -747,7 +1069,7 @@ mod tests {
         };
         fs::write(dir.join("a.yaml"), svc("a", "198.19.0.1")).unwrap();
         fs::write(dir.join("b.yaml"), svc("b", "198.19.0.2")).unwrap();
-        let mut src = FileSource::new(&dir);
+        let mut src = make(&dir);
         let (o, _) = poll(&mut src).expect("the first poll reports");
         assert_eq!(o.services.len(), 2);
         assert!(poll(&mut src).is_none(), "nothing changed");
@@ -767,14 +1089,13 @@ mod tests {
 
     /// The API server holds one object per kind, namespace and name: the
     /// same Service in two files is one Service, named with both files.
-    #[test]
-    fn an_object_defined_in_two_files_is_kept_once_and_both_files_named() {
-        let dir = std::env::temp_dir().join(format!("dp-files-dup-{}", std::process::id()));
+    fn an_object_defined_in_two_files_is_kept_once_and_both_files_named(make: Make) {
+        let dir = unique_dir("dup");
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("a.yaml"), svc_file(1)).unwrap();
         fs::write(dir.join("b.yaml"), svc_file(2)).unwrap();
-        let (objects, problems) = poll(&mut FileSource::new(&dir)).unwrap();
+        let (objects, problems) = poll(&mut make(&dir)).unwrap();
         assert_eq!(objects.services.len(), 1);
         assert_eq!(vip(&objects), "198.19.0.1", "the first file in path order");
         assert_eq!(problems.len(), 1, "{problems:?}");
@@ -790,7 +1111,7 @@ mod tests {
 
     impl Dir {
         fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("dp-files-{tag}-{}", std::process::id()));
+            let dir = unique_dir(tag);
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
             Dir(dir, 0)
@@ -822,6 +1143,13 @@ mod tests {
     /// Polls, then the keys the view reports as changed (sorted; `None`:
     /// everything), checking the index on the way.
     fn changes(src: &mut FileSource) -> Keys {
+        let keys = changes_any(src);
+        check_watch(src);
+        keys
+    }
+
+    /// [`changes`] with full rescans allowed.
+    fn changes_any(src: &mut FileSource) -> Keys {
         src.poll().unwrap();
         src.view(|v| {
             let t = v.tracked.expect("the file source tracks its objects");
@@ -854,12 +1182,11 @@ mod tests {
         first_vip(s)
     }
 
-    #[test]
-    fn a_poll_reports_the_keys_whose_object_changed() {
+    fn a_poll_reports_the_keys_whose_object_changed(make: Make) {
         let mut d = Dir::new("keys");
         d.write("a.yaml", &(service("a", 1) + "---\n" + &slice("a", "a-1", 1)));
         d.write("b.yaml", &service("b", 2));
-        let mut src = FileSource::new(&d.0);
+        let mut src = make(&d.0);
         assert_eq!(changes(&mut src), None, "the first view recomputes everything");
         assert_eq!(changes(&mut src), keys(&[], &[]), "nothing changed");
 
@@ -905,11 +1232,10 @@ mod tests {
         assert_eq!(changes(&mut src), keys(&["x/c"], &["x/c-1"]));
     }
 
-    #[test]
-    fn duplicate_definitions_change_the_key_only_when_the_winner_changes() {
+    fn duplicate_definitions_change_the_key_only_when_the_winner_changes(make: Make) {
         let mut d = Dir::new("dups");
         d.write("b.yaml", &service("a", 2));
-        let mut src = FileSource::new(&d.0);
+        let mut src = make(&d.0);
         assert_eq!(changes(&mut src), None);
         // A later file: ignored, reported.
         d.write("c.yaml", &service("a", 3));
@@ -956,5 +1282,263 @@ mod tests {
     #[test]
     fn syntax_error_fails_the_file() {
         assert!(parse_manifests("f.yaml", "kind: Service\n  metadata: [\n").is_err());
+    }
+
+    /// Every kind of change reaches a watched source through inotify's
+    /// events alone (one full scan, the first: `check_watch`).
+    #[test]
+    fn inotify_sees_every_kind_of_change() {
+        use std::{io::Write, os::unix::fs::symlink};
+        let mut d = Dir::new("kinds");
+        let mut outside = Dir::new("kinds-outside");
+        d.write("a.yaml", &service("a", 1));
+        let mut src = watched(&d.0);
+        assert_eq!(changes(&mut src), None);
+        // Written in place.
+        d.write("a.yaml", &service("a", 2));
+        assert_eq!(changes(&mut src), keys(&["x/a"], &[]));
+        // Renamed in from outside the directory, renamed out, deleted.
+        outside.write("b.yaml", &service("b", 3));
+        fs::rename(outside.0.join("b.yaml"), d.0.join("b.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/b"], &[]));
+        fs::rename(d.0.join("b.yaml"), outside.0.join("b.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/b"], &[]));
+        fs::remove_file(d.0.join("a.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/a"], &[]));
+        // A new file counts when its writer closes it, never half written.
+        let text = service("c", 4);
+        let mut f = fs::File::create(d.0.join("c.yaml")).unwrap();
+        f.write_all(&text.as_bytes()[..30]).unwrap();
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        f.write_all(&text.as_bytes()[30..]).unwrap();
+        drop(f);
+        assert_eq!(changes(&mut src), keys(&["x/c"], &[]));
+        // A new subdirectory with files, and one below it, filled before
+        // the poll (before any watch on them).
+        fs::create_dir(d.0.join("sub")).unwrap();
+        d.write("sub/d.yaml", &service("d", 5));
+        fs::create_dir(d.0.join("sub/deeper")).unwrap();
+        d.write("sub/deeper/e.yaml", &service("e", 6));
+        assert_eq!(changes(&mut src), keys(&["x/d", "x/e"], &[]));
+        // ... now watched.
+        d.write("sub/deeper/e.yaml", &service("e", 7));
+        assert_eq!(changes(&mut src), keys(&["x/e"], &[]));
+        // Renamed within the tree: the same objects; watched at the new path.
+        fs::rename(d.0.join("sub"), d.0.join("sub2")).unwrap();
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        d.write("sub2/deeper/e.yaml", &service("e", 8));
+        assert_eq!(changes(&mut src), keys(&["x/e"], &[]));
+        // Moved out of the tree: its objects go, its changes no longer count.
+        fs::rename(d.0.join("sub2"), outside.0.join("sub2")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/d", "x/e"], &[]));
+        outside.write("sub2/d.yaml", &service("d", 9));
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        // Moved back in, then deleted with its contents.
+        fs::rename(outside.0.join("sub2"), d.0.join("sub2")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/d", "x/e"], &[]));
+        assert_eq!(vip_of(&src, "x/d"), "198.19.0.9");
+        fs::remove_dir_all(d.0.join("sub2")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/d", "x/e"], &[]));
+        // A hard link to a complete file, then removed.
+        outside.write("f.yaml", &service("f", 10));
+        fs::hard_link(outside.0.join("f.yaml"), d.0.join("f.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/f"], &[]));
+        fs::remove_file(d.0.join("f.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/f"], &[]));
+        // A symlink to a file, and one to a directory whose files are then
+        // watched through it.
+        outside.write("g.yaml", &service("g", 11));
+        symlink(outside.0.join("g.yaml"), d.0.join("g.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/g"], &[]));
+        fs::create_dir(outside.0.join("linked")).unwrap();
+        outside.write("linked/h.yaml", &service("h", 12));
+        symlink(outside.0.join("linked"), d.0.join("linked")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/h"], &[]));
+        outside.write("linked/h.yaml", &service("h", 13));
+        assert_eq!(changes(&mut src), keys(&["x/h"], &[]));
+        fs::remove_file(d.0.join("linked")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/h"], &[]));
+        // Other files and hidden ones change nothing.
+        d.write("README.md", "not a manifest");
+        d.write(".c.yaml.swp", &service("z", 14));
+        assert_eq!(changes(&mut src), keys(&[], &[]));
+        let mut names: Vec<String> = src.services().iter().map(|s| s.key()).collect();
+        names.sort();
+        assert_eq!(names, ["x/c", "x/g"]);
+    }
+
+    /// A ConfigMap volume as the kubelet updates it: the visible files are
+    /// symlinks into `..data`, itself a symlink to a timestamped
+    /// directory, replaced by a rename.
+    #[test]
+    fn a_configmap_volume_update_is_seen() {
+        use std::os::unix::fs::symlink;
+        let d = Dir::new("configmap");
+        let version = |n: u32, files: &[(&str, String)]| {
+            let v = format!("..2026_12_06_{n}");
+            fs::create_dir(d.0.join(&v)).unwrap();
+            for (name, text) in files {
+                fs::write(d.0.join(&v).join(name), text).unwrap();
+            }
+            symlink(&v, d.0.join("..data_tmp")).unwrap();
+            fs::rename(d.0.join("..data_tmp"), d.0.join("..data")).unwrap();
+            if n > 1 {
+                fs::remove_dir_all(d.0.join(format!("..2026_12_06_{}", n - 1))).unwrap();
+            }
+        };
+        version(1, &[("a.yaml", service("a", 1)), ("b.yaml", service("b", 2))]);
+        symlink("..data/a.yaml", d.0.join("a.yaml")).unwrap();
+        symlink("..data/b.yaml", d.0.join("b.yaml")).unwrap();
+        let mut src = watched(&d.0);
+        assert_eq!(changes(&mut src), None);
+        assert_eq!(src.services().len(), 2);
+        // One key's value changes.
+        version(2, &[("a.yaml", service("a", 3)), ("b.yaml", service("b", 2))]);
+        assert_eq!(changes(&mut src), keys(&["x/a"], &[]));
+        assert_eq!(vip_of(&src, "x/a"), "198.19.0.3");
+        // A key added (its link created after the swap), then removed.
+        version(
+            3,
+            &[
+                ("a.yaml", service("a", 3)),
+                ("b.yaml", service("b", 2)),
+                ("c.yaml", service("c", 4)),
+            ],
+        );
+        symlink("..data/c.yaml", d.0.join("c.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/c"], &[]));
+        version(4, &[("a.yaml", service("a", 3)), ("b.yaml", service("b", 5))]);
+        fs::remove_file(d.0.join("c.yaml")).unwrap();
+        assert_eq!(changes(&mut src), keys(&["x/b", "x/c"], &[]));
+    }
+
+    /// Events lost to a full queue (`IN_Q_OVERFLOW`): a full rescan, then
+    /// events again.
+    #[test]
+    fn lost_events_mean_a_full_rescan() {
+        let mut d = Dir::new("overflow");
+        d.write("a.yaml", &service("a", 1));
+        let mut src = watched(&d.0);
+        assert_eq!(changes(&mut src), None);
+        let max: usize = (fs::read_to_string("/proc/sys/fs/inotify/max_queued_events").unwrap())
+            .trim()
+            .parse()
+            .unwrap();
+        // The queue filled with events of files that are no manifests (two
+        // of them: identical events in a row are merged) ...
+        for i in 0..=max {
+            fs::File::create(d.0.join(["flood-a.txt", "flood-b.txt"][i % 2])).unwrap();
+        }
+        // ... so that this one is lost.
+        d.write("a.yaml", &service("a", 2));
+        assert_eq!(changes_any(&mut src), keys(&["x/a"], &[]));
+        assert_eq!(src.scan_counts(), ScanCounts { full: 2, targeted: 0 });
+        d.write("a.yaml", &service("a", 3));
+        assert_eq!(changes_any(&mut src), keys(&["x/a"], &[]));
+        assert_eq!(src.scan_counts(), ScanCounts { full: 2, targeted: 1 });
+    }
+
+    /// The directory itself renamed away and replaced, or removed and made
+    /// again: watched again at its path.
+    #[test]
+    fn a_replaced_directory_is_watched_again() {
+        let mut d = Dir::new("replaced");
+        let mut away = Dir::new("replaced-away");
+        d.write("a.yaml", &service("a", 1));
+        let mut src = watched(&d.0);
+        assert_eq!(changes(&mut src), None);
+        // Renamed over an empty directory elsewhere, another one made.
+        fs::rename(&d.0, &away.0).unwrap();
+        fs::create_dir(&d.0).unwrap();
+        d.write("b.yaml", &service("b", 2));
+        assert_eq!(changes_any(&mut src), keys(&["x/a", "x/b"], &[]));
+        assert_eq!(src.scan_counts().full, 2);
+        // The old one's changes no longer count; the new one's do, by events.
+        away.write("a.yaml", &service("a", 3));
+        assert_eq!(changes_any(&mut src), keys(&[], &[]));
+        d.write("b.yaml", &service("b", 4));
+        assert_eq!(changes_any(&mut src), keys(&["x/b"], &[]));
+        assert_eq!(src.scan_counts(), ScanCounts { full: 2, targeted: 1 });
+        // Removed: the poll fails, the objects stay, and it is retried.
+        fs::remove_dir_all(&d.0).unwrap();
+        assert!(src.poll().is_err());
+        assert_eq!(src.services().len(), 1);
+        assert!(src.rescan_pending());
+        fs::create_dir(&d.0).unwrap();
+        d.write("c.yaml", &service("c", 5));
+        assert_eq!(changes_any(&mut src), keys(&["x/b", "x/c"], &[]));
+        assert!(!src.rescan_pending());
+        d.write("c.yaml", &service("c", 6));
+        assert_eq!(changes_any(&mut src), keys(&["x/c"], &[]));
+        // (The scan that failed is not counted.)
+        assert_eq!(src.scan_counts(), ScanCounts { full: 3, targeted: 2 });
+    }
+
+    /// Out of inotify watches (`fs.inotify.max_user_watches`): polling,
+    /// with a warning naming the sysctl.
+    #[test]
+    fn a_watch_limit_falls_back_to_polling() {
+        use super::super::watch::WatchError;
+        let mut d = Dir::new("limit");
+        fs::create_dir(d.0.join("sub")).unwrap();
+        d.write("sub/a.yaml", &service("a", 1));
+        let mut src = watched(&d.0);
+        // The directory's watch is added, its subdirectory's fails.
+        src.watch.as_mut().unwrap().fail_after = Some(1);
+        assert_eq!(changes_any(&mut src), None);
+        assert!(!src.watching());
+        d.write("sub/a.yaml", &service("a", 2));
+        assert_eq!(changes_any(&mut src), keys(&["x/a"], &[]));
+        assert_eq!(src.scan_counts(), ScanCounts { full: 2, targeted: 0 });
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = WatchError::Add {
+            dir: d.0.clone(),
+            source: enospc,
+        };
+        assert!(e.to_string().contains("sysctl -w fs.inotify.max_user_watches=N"), "{e}");
+        let e = WatchError::Init {
+            source: std::io::Error::from_raw_os_error(libc::EMFILE),
+        };
+        assert!(
+            e.to_string().contains("sysctl -w fs.inotify.max_user_instances=N"),
+            "{e}"
+        );
+    }
+
+    /// The agent's source wakes on an event (no rescan timer), and the
+    /// periodic rescan sees what inotify cannot: a file symlinked from
+    /// outside the directory, changed there.
+    #[tokio::test]
+    async fn polled_files_wake_on_events_and_rescan_what_inotify_misses() {
+        use std::os::unix::fs::symlink;
+        const DEADLINE: Duration = Duration::from_secs(10);
+        let mut d = Dir::new("wake");
+        let mut outside = Dir::new("wake-outside");
+        d.write("a.yaml", &service("a", 1));
+        outside.write("b.yaml", &service("b", 2));
+        symlink(outside.0.join("b.yaml"), d.0.join("b.yaml")).unwrap();
+        let vip = |src: &mut PolledFiles, key: &str| src.view(|_| ()).map(|()| vip_of(&src.files, key));
+
+        let mut src = PolledFiles::new(&d.0, Duration::from_millis(10), None);
+        assert!(src.watching());
+        tokio::time::timeout(DEADLINE, src.changed()).await.unwrap().unwrap();
+        assert_eq!(vip(&mut src, "x/a").as_deref(), Some("198.19.0.1"));
+        d.write("a.yaml", &service("a", 3));
+        tokio::time::timeout(DEADLINE, src.changed()).await.unwrap().unwrap();
+        assert_eq!(vip(&mut src, "x/a").as_deref(), Some("198.19.0.3"));
+        assert_eq!(src.scan_counts(), ScanCounts { full: 1, targeted: 1 });
+        // The link's target changes: no event in the directory.
+        outside.write("b.yaml", &service("b", 4));
+        assert!(!src.files.poll().unwrap());
+        assert_eq!(vip_of(&src.files, "x/b"), "198.19.0.2");
+
+        // With a periodic rescan it is seen.
+        let mut src = PolledFiles::new(&d.0, Duration::from_millis(10), Some(Duration::from_millis(200)));
+        tokio::time::timeout(DEADLINE, src.changed()).await.unwrap().unwrap();
+        assert_eq!(vip(&mut src, "x/b").as_deref(), Some("198.19.0.4"));
+        outside.write("b.yaml", &service("b", 5));
+        tokio::time::timeout(DEADLINE, src.changed()).await.unwrap().unwrap();
+        assert_eq!(vip(&mut src, "x/b").as_deref(), Some("198.19.0.5"));
+        assert_eq!(src.scan_counts(), ScanCounts { full: 2, targeted: 0 });
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod files;
 pub mod kubernetes;
+pub mod watch;
 
 use std::future::Future;
 

@@ -522,8 +522,11 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
 }
 
 /// The manifest-directory variant's poll interval (`--poll-interval-ms`;
-/// the default is 100): a change waits up to one interval before a poll
-/// sees it, so a short one keeps that wait from hiding the rest.
+/// the default is 100): the least time between two checks of the
+/// directory. inotify wakes the agent on a change, but a change that comes
+/// sooner than one interval after the previous check waits for it (so does
+/// every change when inotify is unavailable and the agent polls), so a
+/// short one keeps that wait from hiding the rest.
 const FILES_POLL_MS: u64 = 10;
 
 /// Writes Service `i` and its EndpointSlice (generation `gen`) as
@@ -577,7 +580,7 @@ async fn files_run(bin: &Path, manifests: &Path, n: usize, cfg: &Config, gen0: u
     let (hwm_kib, rss_kib) = agent.memory_kib()?;
     agent.stop();
     eprintln!(
-        "dp-bench:   agent on the manifest directory (poll every {FILES_POLL_MS} ms): {} changes, median {:.1} ms from the file write to the map write; peak RSS {:.0} MiB",
+        "dp-bench:   agent on the manifest directory (--poll-interval-ms {FILES_POLL_MS}): {} changes, median {:.1} ms from the file write to the map write; peak RSS {:.0} MiB",
         changes.latencies_ms.len(),
         median(&changes.latencies_ms),
         hwm_kib as f64 / 1024.0
@@ -931,7 +934,7 @@ pub fn run(cfg: &Config, agent: &Path) -> Result<Value> {
     }
     Ok(json!({
         "part": "control_plane",
-        "method": "Per scale: the fake API server (in-process, on a namespace's loopback) holds N Services x 4 endpoints (one EndpointSlice each); the release agent (`dataplane run --source kubernetes --no-attach --no-pin`) starts against it: time from spawning it to the first sync that programmed every frontend and backend (the agent's JSON log timestamps), that sync's own compute + map writes, then `changes` single-EndpointSlice changes each timed from the API write to the sync that wrote it (2 ms debounce included), and the agent's VmHWM. Then the same Services as a manifest directory (one YAML file per Service holding it and its EndpointSlice, written atomically by rename) and the agent with `--source files --dir DIR --poll-interval-ms 10`: its cold start, then `changes` rewrites of one Service's file with a new EndpointSlice, each timed from the write to the sync that wrote it (up to one poll interval, the directory scan and the 2 ms debounce included) (`agent_files`). Then kube-proxy's rules for the same Services and endpoints (tests/src/bench/kube_rules.rs) are piped into `iptables-restore` and `nft -f -`, each in a fresh namespace, wall time of the command, stopped after `install_limit_s`.",
+        "method": "Per scale: the fake API server (in-process, on a namespace's loopback) holds N Services x 4 endpoints (one EndpointSlice each); the release agent (`dataplane run --source kubernetes --no-attach --no-pin`) starts against it: time from spawning it to the first sync that programmed every frontend and backend (the agent's JSON log timestamps), that sync's own compute + map writes, then `changes` single-EndpointSlice changes each timed from the API write to the sync that wrote it (2 ms debounce included), and the agent's VmHWM. Then the same Services as a manifest directory (one YAML file per Service holding it and its EndpointSlice, written atomically by rename) and the agent with `--source files --dir DIR --poll-interval-ms 10`: its cold start, then `changes` rewrites of one Service's file with a new EndpointSlice, each timed from the write to the sync that wrote it (the agent's inotify wake-up or, without inotify, up to one poll interval, the check of the directory and the 2 ms debounce included) (`agent_files`). Then kube-proxy's rules for the same Services and endpoints (tests/src/bench/kube_rules.rs) are piped into `iptables-restore` and `nft -f -`, each in a fresh namespace, wall time of the command, stopped after `install_limit_s`.",
         "agent": agent.display().to_string(),
         "rounds": cfg.rounds,
         "changes": cfg.changes,
