@@ -30,8 +30,8 @@ pub mod map_names {
     pub const ROUTE_EVENTS: &str = "DP_ROUTE_EVENTS";
     /// The ClusterIP filter (`VipFilter`), one entry.
     pub const VIP_FILTER: &str = "DP_VIP_FILTER";
-    /// The backend filter (`VipFilter` layout, one entry): the bits of
-    /// every address that was a backend of a flow (see `VipFilter::has`).
+    /// The backend filter (`BackendFilter`, one entry): the entries of
+    /// every address that was a backend of a flow.
     pub const BACKEND_FILTER: &str = "DP_BACKEND_FILTER";
     /// The flood guard's reply entries of flows without state yet
     /// (`CtKey` -> `CtValue`, `limits::MAX_CT_SYN`), never pinned: a
@@ -89,7 +89,7 @@ pub mod map_shapes {
         shape::<u32, u64>(map_names::CT_EVENTS, CT_EVENT_SLOTS),
         shape::<u32, u64>(map_names::ROUTE_EVENTS, ROUTE_EVENT_SLOTS),
         shape::<u32, VipFilter>(map_names::VIP_FILTER, 1),
-        shape::<u32, VipFilter>(map_names::BACKEND_FILTER, 1),
+        shape::<u32, BackendFilter>(map_names::BACKEND_FILTER, 1),
     ];
 }
 

@@ -179,17 +179,6 @@ pub fn vip_filter_bit(addr: &Addr) -> u32 {
     fold_addr(addr).wrapping_mul(0x9e37_79b1) >> 16
 }
 
-/// The backend filter (`map_names::BACKEND_FILTER`) is a `VipFilter` too:
-/// the bit of every address that is or was the backend of a flow. Replies
-/// come from backends, so a packet that matches no frontend and whose
-/// source's bit is clear cannot be the reply of a tracked flow: it skips
-/// the conntrack lookup (a hash of a 40-byte key and a bucket walk, the
-/// largest part of a packet to no Service). Bits are only ever set: by the
-/// programs when they create a flow (`conntrack::create`), and by the
-/// agent when it adopts pinned maps, from the flows and backends already
-/// there (a release without the filter made them). A false positive only
-/// costs the lookup; a missing bit would leave a flow's replies
-/// untranslated.
 impl VipFilter {
     /// Whether `addr`'s bit is set.
     #[inline(always)]
@@ -203,6 +192,59 @@ impl VipFilter {
     pub fn set(&mut self, addr: &Addr) {
         let bit = vip_filter_bit(addr);
         self.bits[(bit >> 6) as usize & (VIP_FILTER_WORDS - 1)] |= 1 << (bit & 63);
+    }
+}
+
+/// Entries of a `BackendFilter`: one per value of `vip_filter_bit`.
+pub const BACKEND_FILTER_ENTRIES: usize = 64 * VIP_FILTER_WORDS;
+
+/// The backend filter (`map_names::BACKEND_FILTER`): a nonzero byte for the
+/// hash (`vip_filter_bit`) of every address that is or was the backend of a
+/// flow. Replies come from backends, so a packet that matches no frontend
+/// and whose source's byte is zero cannot be the reply of a tracked flow:
+/// it skips the conntrack lookup (a hash of a 40-byte key and a bucket
+/// walk, the largest part of a packet to no Service). Entries are only
+/// ever set: by the programs when they create a flow (`conntrack::create`),
+/// and by the agent when it adopts pinned maps, from the flows and backends
+/// already there (a release without the filter made them). A false
+/// positive only costs the lookup; a missing entry would leave a flow's
+/// replies untranslated.
+///
+/// Bytes, not bits as in `VipFilter`: the programs set entries from every
+/// CPU at once, and a bit set by a read-modify-write of a shared word can
+/// be lost to another CPU's write of the same word; the bpf target has no
+/// atomic OR on the oldest kernels supported (5.10). A byte store loses
+/// nothing. (Nested arrays: `bytemuck` has `Pod` for these sizes.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendFilter {
+    pub bytes: [[u8; 4096]; BACKEND_FILTER_ENTRIES / 4096],
+}
+
+impl BackendFilter {
+    #[inline(always)]
+    fn slot(addr: &Addr) -> (usize, usize) {
+        let i = vip_filter_bit(addr) as usize & (BACKEND_FILTER_ENTRIES - 1);
+        (i >> 12, i & 4095)
+    }
+
+    /// Whether `addr`'s entry is set.
+    #[inline(always)]
+    pub fn has(&self, addr: &Addr) -> bool {
+        let (a, b) = Self::slot(addr);
+        self.bytes[a][b] != 0
+    }
+
+    /// Sets `addr`'s entry.
+    #[inline(always)]
+    pub fn set(&mut self, addr: &Addr) {
+        let (a, b) = Self::slot(addr);
+        self.bytes[a][b] = 1;
+    }
+
+    /// Entries set.
+    pub fn count(&self) -> usize {
+        self.bytes.iter().flatten().filter(|b| **b != 0).count()
     }
 }
 

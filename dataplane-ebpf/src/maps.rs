@@ -69,9 +69,9 @@ pub fn maybe_cluster_ip(addr: &dataplane_common::Addr) -> bool {
     }
 }
 
-/// The backend filter (see `VipFilter::has`).
+/// The backend filter (see `BackendFilter`).
 #[map]
-pub static DP_BACKEND_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
+pub static DP_BACKEND_FILTER: Array<dataplane_common::BackendFilter> = Array::with_max_entries(1, 0);
 
 /// Whether `addr` may be the backend of a flow: only then can a packet
 /// from it be a reply in conntrack.
@@ -85,9 +85,10 @@ pub fn maybe_backend(addr: &dataplane_common::Addr) -> bool {
 pub fn note_backend(addr: &dataplane_common::Addr) {
     if let Some(f) = DP_BACKEND_FILTER.get_ptr_mut(0) {
         // SAFETY: the map's one value, valid for this run. Concurrent
-        // writers only ever set bits; a bit set twice at once is set. It
-        // is read first, so that the shared line is written once per
-        // address, not once per flow.
+        // writers only ever store 1 into a byte of their own address (no
+        // read-modify-write of a neighbour's entry). It is read first, so
+        // that the shared line is written once per address, not once per
+        // flow.
         unsafe {
             if !(*f).has(addr) {
                 (*f).set(addr);

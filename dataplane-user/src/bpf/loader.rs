@@ -113,7 +113,7 @@ pub struct Maps {
     pub ct_events: PerCpuArray<MapData, u64>,
     pub route_events: PerCpuArray<MapData, u64>,
     pub vip_filter: Array<MapData, VipFilter>,
-    pub backend_filter: Array<MapData, VipFilter>,
+    pub backend_filter: Array<MapData, dataplane_common::BackendFilter>,
 }
 
 impl Maps {

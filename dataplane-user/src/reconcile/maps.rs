@@ -31,21 +31,24 @@ where
 }
 
 impl crate::bpf::loader::Maps {
-    /// Sets the backend filter's bit (`VipFilter::has`) of every address
+    /// Sets the backend filter's entry (`BackendFilter`) of every address
     /// that is a backend in the maps: the sources of conntrack's reply
     /// entries, the backend slots and the affinity entries' backends. The
-    /// programs set the bit of each flow they create, but flows made by
+    /// programs set the entry of each flow they create, but flows made by
     /// programs without the filter (an upgrade from a release before it)
     /// have none, nor do the flows the old programs still create until
     /// their links are swapped (to backends in the slots: this agent has
-    /// not synced yet). Bits already set stay. Returns how many bits it
-    /// set.
+    /// not synced yet). Entries already set stay. The value is written
+    /// whole and only when entries were missing: an entry a running
+    /// program set between the read and that write would be lost (the
+    /// programs of a release with the filter have set them all already).
+    /// Returns how many entries it set.
     pub fn fill_backend_filter(&mut self) -> Result<usize, WriteError> {
         use aya::maps::IterableMap;
         use std::os::fd::AsFd;
         let name = map_names::BACKEND_FILTER;
         let mut filter = self.backend_filter.get(&0, 0).map_err(map_err(name))?;
-        let before = filter;
+        let before = filter.count();
         crate::bpf::batch::for_each_entry(self.conntrack.map().fd().as_fd(), |k: &CtKey, v: &CtValue| {
             if v.flags & CT_F_REPLY != 0 {
                 filter.set(&k.saddr);
@@ -61,16 +64,11 @@ impl crate::bpf::loader::Maps {
             |_: &AffinityKey, v: &AffinityValue| filter.set(&v.backend.addr),
         )
         .map_err(sys_err(map_names::AFFINITY))?;
-        let set: u32 = filter
-            .bits
-            .iter()
-            .zip(&before.bits)
-            .map(|(a, b)| (a & !b).count_ones())
-            .sum();
+        let set = filter.count() - before;
         if set != 0 {
             self.backend_filter.set(0, filter, 0).map_err(map_err(name))?;
         }
-        Ok(set as usize)
+        Ok(set)
     }
 }
 
