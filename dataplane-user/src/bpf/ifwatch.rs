@@ -115,21 +115,7 @@ fn link_kinds() -> io::Result<Vec<(u32, u32)>> {
     if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    let u16_at = |b: &[u8], o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
-    let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    // Attributes in b[from..to]: (type without flag bits, payload range).
-    let attrs = |b: &[u8], mut at: usize, to: usize| {
-        let mut out = Vec::new();
-        while at + 4 <= to {
-            let len = u16_at(b, at) as usize;
-            if len < 4 || at + len > to {
-                break;
-            }
-            out.push((u16_at(b, at + 2) & 0x3fff, at + 4..at + len));
-            at += (len + 3) & !3;
-        }
-        out
-    };
+    use super::xdpfeatures::{attrs, u16_at, u32_at};
     let mut kinds = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {

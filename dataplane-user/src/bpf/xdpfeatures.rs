@@ -49,16 +49,17 @@ fn socket() -> io::Result<std::fs::File> {
     }
 }
 
-fn u16_at(b: &[u8], o: usize) -> u16 {
+/// Netlink reading helpers, shared with `ifwatch`.
+pub(super) fn u16_at(b: &[u8], o: usize) -> u16 {
     u16::from_ne_bytes([b[o], b[o + 1]])
 }
 
-fn u32_at(b: &[u8], o: usize) -> u32 {
+pub(super) fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
 /// Attributes in `b[at..to]`: (type without flag bits, payload range).
-fn attrs(b: &[u8], mut at: usize, to: usize) -> Vec<(u16, std::ops::Range<usize>)> {
+pub(super) fn attrs(b: &[u8], mut at: usize, to: usize) -> Vec<(u16, std::ops::Range<usize>)> {
     let mut out = Vec::new();
     while at + 4 <= to {
         let len = u16_at(b, at) as usize;
