@@ -3,7 +3,8 @@
 use crate::*;
 
 /// Map names as they appear in the eBPF object (the symbol names of the map
-/// statics). The kernel truncates names to 15 bytes; all of these fit.
+/// statics). The kernel truncates names to 15 bytes: all of these fit but
+/// `BACKEND_FILTER`, which it shows as `DP_BACKEND_FILT`.
 pub mod map_names {
     pub const SERVICES: &str = "DP_SERVICES";
     pub const BACKENDS: &str = "DP_BACKENDS";

@@ -642,6 +642,20 @@ fn metrics_count_connections_per_service_and_reason() {
     assert_eq!(get(&after, r#"dataplane_map_entries{map="DP_SERVICES"}"#), 3.0);
     assert_eq!(get(&after, r#"dataplane_map_entries{map="DP_BACKENDS"}"#), 4.0);
     assert_eq!(get(&after, r#"dataplane_map_capacity{map="DP_SERVICES"}"#), 131_072.0);
+    // The kernel's accounting of each map, for every map of the agent,
+    // pinned or not: a preallocated LRU holds at least max_entries keys and
+    // values (40 + 64 bytes for conntrack, of any kernel's accounting), the
+    // flood guard's SYN map (never pinned) too, and the backend filter
+    // under its full name (the kernel's is cut at 15 bytes).
+    let ct_floor = 262_144.0 * (40.0 + 64.0);
+    let ct_mem = get(&after, r#"dataplane_map_memory_bytes{map="DP_CONNTRACK"}"#);
+    assert!(
+        ct_mem >= ct_floor,
+        "conntrack accounted {ct_mem} bytes, below {ct_floor}"
+    );
+    let syn_mem = get(&after, r#"dataplane_map_memory_bytes{map="DP_CT_SYN"}"#);
+    assert!(syn_mem >= 65_536.0 * 104.0, "SYN map accounted {syn_mem} bytes");
+    assert!(get(&after, r#"dataplane_map_memory_bytes{map="DP_BACKEND_FILTER"}"#) >= 65_536.0);
     for reason in dataplane_common::Reason::ALL {
         let series = format!(
             "dataplane_datapath_packets_total{{reason=\"{}\",drop=\"{}\"}}",

@@ -422,6 +422,11 @@ fn services_backends_conntrack_and_stats_show_the_maps() {
     assert_eq!(map("DP_VIP_FILTER")["kind"], "array");
     assert_eq!(map("DP_BACKEND_FILTER")["kind"], "array");
     assert_eq!(map("DP_CT_EVENTS")["kind"], "percpu_array");
+    // The kernel's accounting of each map's memory: a preallocated LRU at
+    // least max_entries keys and values, the Maglev map at least its 8
+    // chunks of 512 bytes.
+    assert!(map("DP_CONNTRACK")["memory_bytes"].as_u64().unwrap() >= 262_144 * (40 + 64));
+    assert!(map("DP_MAGLEV")["memory_bytes"].as_u64().unwrap() >= 8 * 512);
     // Every conntrack event is listed, at 0 here.
     let ct_events = s["conntrack_events"].as_array().unwrap();
     assert_eq!(ct_events.len(), dataplane_common::CtEvent::ALL.len());
@@ -453,7 +458,7 @@ fn services_backends_conntrack_and_stats_show_the_maps() {
     assert!(t.iter().any(|r| r == &["connect_translated", "0"]), "{text}");
     let maps_part = text.split("\n\n").nth(5).expect("the map table");
     let t = table(maps_part);
-    assert_eq!(t[0], ["MAP", "KIND", "ENTRIES", "MAX_ENTRIES", "USE_%"]);
+    assert_eq!(t[0], ["MAP", "KIND", "ENTRIES", "MAX_ENTRIES", "USE_%", "KERNEL_KIB"]);
     assert!(
         t.iter().any(|r| r[..4] == ["DP_CONNTRACK", "lru_hash", "4", "262144"]),
         "{text}"

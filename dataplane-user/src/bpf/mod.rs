@@ -8,6 +8,7 @@ pub mod ifwatch;
 pub mod kernel;
 pub mod loader;
 pub mod map_sizes;
+pub mod mapmem;
 pub mod migrate;
 pub mod pin;
 pub mod sys;

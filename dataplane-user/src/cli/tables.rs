@@ -188,7 +188,7 @@ pub fn stats_table(s: &Stats) -> String {
     }
     out.push_str(&t.render());
     out.push('\n');
-    let mut t = Table::new(vec!["MAP", "KIND", "ENTRIES", "MAX_ENTRIES", "USE_%"]);
+    let mut t = Table::new(vec!["MAP", "KIND", "ENTRIES", "MAX_ENTRIES", "USE_%", "KERNEL_KIB"]);
     for m in &s.maps {
         t.row(vec![
             m.map.clone(),
@@ -196,6 +196,7 @@ pub fn stats_table(s: &Stats) -> String {
             m.entries.to_string(),
             m.max_entries.to_string(),
             format!("{:.2}", 100.0 * m.entries as f64 / f64::from(m.max_entries.max(1))),
+            m.memory_bytes.div_ceil(1024).to_string(),
         ]);
     }
     out.push_str(&t.render());

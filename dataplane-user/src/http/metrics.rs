@@ -359,6 +359,13 @@ impl Collector for DatapathCollector {
         )?;
         family(
             &mut enc,
+            "dataplane_map_memory_bytes",
+            "Kernel memory of each of the agent's maps as the kernel accounts it (memlock in the map's fdinfo): since kernel 6.4 what the map uses, which for a preallocated map (LRU hashes, arrays) is its whole size from creation and for the other hash maps their bucket array plus the entries present; before 6.4 an estimate from the map's size.",
+            MetricType::Gauge,
+            snap.map_memory.iter().map(|m| (vec![("map", m.map.clone())], m.bytes)),
+        )?;
+        family(
+            &mut enc,
             "dataplane_map_capacity",
             "max_entries of each map.",
             MetricType::Gauge,
@@ -533,6 +540,10 @@ mod tests {
             conntrack_created: 20,
             conntrack_replaced: 2,
             datapath_entries: vec![(map_names::CONNTRACK, conntrack), (map_names::AFFINITY, 1)],
+            map_memory: vec![crate::bpf::mapmem::MapMemory {
+                map: map_names::CONNTRACK.into(),
+                bytes: 44_040_192,
+            }],
             services: per_service.then(|| {
                 vec![ServiceCounters {
                     name: "shop/web:http".into(),
@@ -583,6 +594,7 @@ mod tests {
             "dataplane_map_entries{map=\"DP_AFFINITY\"} 1\n",
             "dataplane_map_entries{map=\"DP_REASONS\"} 20\n",
             "dataplane_map_capacity{map=\"DP_CONNTRACK\"} 1000\n",
+            "dataplane_map_memory_bytes{map=\"DP_CONNTRACK\"} 44040192\n",
             "dataplane_conntrack_entries 8\n",
             "dataplane_conntrack_capacity 1000\n",
             "dataplane_conntrack_created_total 20\n",

@@ -54,6 +54,8 @@ pub enum InspectError {
         name: &'static str,
         source: crate::bpf::sys::SysError,
     },
+    #[error("reading the kernel memory of map {map} from /proc/self/fdinfo: {error}")]
+    Fdinfo { map: &'static str, error: String },
 }
 
 fn read_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> InspectError {
@@ -460,6 +462,9 @@ pub struct MapUse {
     /// Entries present; arrays always hold `max_entries`.
     pub entries: u64,
     pub max_entries: u32,
+    /// The kernel's accounting of the map's memory (`memlock` in its
+    /// fdinfo, see [`crate::bpf::mapmem`]).
+    pub memory_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -559,35 +564,41 @@ impl MapCapacity {
 /// `BPF_OBJ_GET_INFO_BY_FD` each), in the order `dataplane stats` lists
 /// them.
 pub fn capacities(maps: &Maps) -> Result<Vec<MapCapacity>, InspectError> {
-    let loaded = |map: &'static str, kind: &'static str, data: &aya::maps::MapData| {
-        let info = data.info().map_err(read_err(map))?;
-        Ok(MapCapacity {
-            map,
-            kind,
-            max_entries: info.max_entries(),
+    every_map(maps)
+        .into_iter()
+        .map(|(map, kind, data)| {
+            let info = data.info().map_err(read_err(map))?;
+            Ok(MapCapacity {
+                map,
+                kind,
+                max_entries: info.max_entries(),
+            })
         })
-    };
+        .collect()
+}
+
+/// Every map of [`Maps`]: name, kind, handle, in the order `dataplane
+/// stats` lists them.
+fn every_map(maps: &Maps) -> [(&'static str, &'static str, &aya::maps::MapData); 17] {
     [
-        loaded(map_names::SERVICES, "hash", maps.services.map()),
-        loaded(map_names::BACKENDS, "hash", maps.backends.map()),
-        loaded(map_names::MAGLEV, "hash", maps.maglev.map()),
-        loaded(map_names::CONNTRACK, "lru_hash", maps.conntrack.map()),
-        loaded(map_names::AFFINITY, "lru_hash", maps.affinity.map()),
-        loaded(map_names::SOURCE_RANGES, "lpm_trie", maps.source_ranges.map()),
-        loaded(map_names::NAMES, "hash", maps.names.map()),
-        loaded(map_names::SOCK_NAT, "lru_hash", maps.sock_nat.map()),
-        loaded(map_names::SOCK_AFFINITY, "lru_hash", maps.sock_affinity.map()),
-        loaded(map_names::SERVICE_STATS, "percpu_array", maps.service_stats.map()),
-        loaded(map_names::REASON_STATS, "percpu_array", maps.reasons.map()),
-        loaded(map_names::CONFIG, "array", maps.config.map()),
-        loaded(map_names::SOCK_STATS, "percpu_array", maps.sock_stats.map()),
-        loaded(map_names::CT_EVENTS, "percpu_array", maps.ct_events.map()),
-        loaded(map_names::ROUTE_EVENTS, "percpu_array", maps.route_events.map()),
-        loaded(map_names::VIP_FILTER, "array", maps.vip_filter.map()),
-        loaded(map_names::BACKEND_FILTER, "array", maps.backend_filter.map()),
+        (map_names::SERVICES, "hash", maps.services.map()),
+        (map_names::BACKENDS, "hash", maps.backends.map()),
+        (map_names::MAGLEV, "hash", maps.maglev.map()),
+        (map_names::CONNTRACK, "lru_hash", maps.conntrack.map()),
+        (map_names::AFFINITY, "lru_hash", maps.affinity.map()),
+        (map_names::SOURCE_RANGES, "lpm_trie", maps.source_ranges.map()),
+        (map_names::NAMES, "hash", maps.names.map()),
+        (map_names::SOCK_NAT, "lru_hash", maps.sock_nat.map()),
+        (map_names::SOCK_AFFINITY, "lru_hash", maps.sock_affinity.map()),
+        (map_names::SERVICE_STATS, "percpu_array", maps.service_stats.map()),
+        (map_names::REASON_STATS, "percpu_array", maps.reasons.map()),
+        (map_names::CONFIG, "array", maps.config.map()),
+        (map_names::SOCK_STATS, "percpu_array", maps.sock_stats.map()),
+        (map_names::CT_EVENTS, "percpu_array", maps.ct_events.map()),
+        (map_names::ROUTE_EVENTS, "percpu_array", maps.route_events.map()),
+        (map_names::VIP_FILTER, "array", maps.vip_filter.map()),
+        (map_names::BACKEND_FILTER, "array", maps.backend_filter.map()),
     ]
-    .into_iter()
-    .collect()
 }
 
 /// Everything `dataplane stats` shows. Counts the entries of every hash
@@ -624,12 +635,18 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
         }
     };
     let mut uses = Vec::new();
-    for c in &caps {
+    for (c, (_, _, data)) in caps.iter().zip(every_map(maps)) {
         uses.push(MapUse {
             map: c.map.into(),
             kind: c.kind.into(),
             entries: entries(c.map)?,
             max_entries: c.max_entries,
+            memory_bytes: crate::bpf::mapmem::of_fd(std::os::fd::AsFd::as_fd(data.fd())).map_err(|e| {
+                InspectError::Fdinfo {
+                    map: c.map,
+                    error: e.to_string(),
+                }
+            })?,
         });
     }
     let conntrack = uses

@@ -50,6 +50,8 @@ pub struct Snapshot {
     /// Per-frontend counters, sorted by VIP, port, protocol; `None` when
     /// not asked for.
     pub services: Option<Vec<ServiceCounters>>,
+    /// The kernel memory of every map this process holds, by name.
+    pub map_memory: Vec<crate::bpf::mapmem::MapMemory>,
 }
 
 impl Snapshot {
@@ -141,6 +143,10 @@ pub fn read(maps: &Maps, cpus: usize, per_service: bool) -> Result<Snapshot, Ins
         true => Some(service_counters(maps, cpus)?),
         false => None,
     };
+    let map_memory = crate::bpf::mapmem::of_process().map_err(|e| InspectError::Fdinfo {
+        map: "(every map)",
+        error: e.to_string(),
+    })?;
     let at = |i: u32| reasons.get(i as usize).copied().unwrap_or(0);
     Ok(Snapshot {
         taken_at,
@@ -160,6 +166,7 @@ pub fn read(maps: &Maps, cpus: usize, per_service: bool) -> Result<Snapshot, Ins
         conntrack_replaced: at(counters::CT_REPLACED),
         datapath_entries,
         services,
+        map_memory,
     })
 }
 
