@@ -57,7 +57,10 @@ impl Rig {
         let mut dp = Dataplane::load(None).unwrap_or_else(|e| panic!("loading the eBPF object: {e}"));
         let maps = dp.take_maps().expect("maps");
         let view = MapView::of(&maps).expect("a second view of the maps");
-        let mut syncer = Syncer::new(maps);
+        // Maps just created, as the agent tells its syncer: new
+        // frontends go in batches (`reconcile/bulk.rs`), through the real
+        // maps' batched writes.
+        let mut syncer = Syncer::new(maps).with_fresh_maps();
         let mut source = KubeSource::start(fake.client(), NODE);
         let state = Arc::new(AgentState::default());
         let (stop, stopped) = oneshot::channel::<()>();
