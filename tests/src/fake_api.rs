@@ -1,9 +1,19 @@
 //! An in-process fake of the Kubernetes API, enough for kube-rs watchers:
 //! list (with `limit`/`continue` pages) and watch of v1 Services,
 //! discovery.k8s.io/v1 EndpointSlices and v1 Nodes, with resourceVersions,
-//! ADDED/MODIFIED/DELETED and BOOKMARK events, 410 Gone for watches from a
+//! ADDED/MODIFIED/DELETED and BOOKMARK events, streaming lists (a watch
+//! with `sendInitialEvents=true`: an ADDED event per object, then a
+//! BOOKMARK annotated `k8s.io/initial-events-end`, as Kubernetes 1.34
+//! serves them by default; [`FakeApi::set_watch_list`] turns them off and
+//! the fake then refuses them with 422 Invalid, as a server with the
+//! WatchList feature gate off does), 410 Gone for watches from a
 //! compacted resourceVersion, dropped connections and an "unavailable"
 //! switch (every request answers 500).
+//!
+//! Objects are kept serialized, as the API server's watch cache keeps
+//! their encodings: a list or an initial event stream copies bytes, so the
+//! fake's own cost (it runs in the benchmark's process, on the agent's
+//! CPUs) stays small next to the client's.
 //!
 //! Neither kube's `tower-test` mocking (one scripted request/response at a
 //! time) nor the `kube-fake-client` crate (no watch) covers watch
@@ -69,6 +79,10 @@ impl Kind {
     }
 }
 
+/// The annotation of the BOOKMARK that ends a streaming list's initial
+/// events (`metav1.InitialEventsAnnotationKey`).
+pub const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
+
 /// What a watch connection is told.
 #[derive(Clone, Debug)]
 enum Msg {
@@ -91,8 +105,15 @@ enum Msg {
 pub struct Seen {
     /// Completed list requests (pages) per kind.
     pub lists: BTreeMap<&'static str, u64>,
-    /// The resourceVersion of every watch request, per kind, in order.
+    /// The resourceVersion of every watch request, per kind, in order
+    /// (streaming lists included).
     pub watches: BTreeMap<&'static str, Vec<String>>,
+    /// Streaming lists served (watches with `sendInitialEvents=true`
+    /// answered with their initial events), per kind.
+    pub initial_events: BTreeMap<&'static str, u64>,
+    /// Requests refused with 422 Invalid (streaming lists while they are
+    /// off, invalid combinations of the list/watch options).
+    pub invalid: u64,
     /// Watches answered with 410 Gone.
     pub gone: u64,
     /// Requests answered 500 while unavailable.
@@ -107,12 +128,15 @@ pub struct Seen {
 
 struct State {
     rv: u64,
-    objects: [BTreeMap<String, Value>; 3],
+    /// Each object serialized, by `namespace/name`.
+    objects: [BTreeMap<String, Arc<str>>; 3],
     /// Every change after the last compaction: (rv, kind, object name, event line).
     history: Vec<(u64, Kind, String, Arc<str>)>,
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted: u64,
     unavailable: bool,
+    /// Streaming lists (`sendInitialEvents`) are served.
+    watch_list: bool,
     seen: Seen,
 }
 
@@ -139,10 +163,17 @@ fn key_of(obj: &Value) -> String {
     )
 }
 
+/// One watch event's line. `type` comes first, as the API server (Go,
+/// `metav1.WatchEvent`'s field order) writes it: serde reads an
+/// adjacently tagged event whose tag comes last by buffering the object.
+fn event_line(type_: &str, object: &str) -> String {
+    format!("{{\"type\":\"{type_}\",\"object\":{object}}}\n")
+}
+
 impl Tx<'_> {
     fn record(&mut self, kind: Kind, type_: &str, obj: &Value) {
         let rv = self.state.rv;
-        let line: Arc<str> = format!("{}\n", json!({"type": type_, "object": obj})).into();
+        let line: Arc<str> = event_line(type_, &obj.to_string()).into();
         let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
         self.state.history.push((rv, kind, name.clone(), line.clone()));
         // No receiver is fine: nobody watches yet.
@@ -158,7 +189,7 @@ impl Tx<'_> {
         obj["apiVersion"] = json!(kind.api_version());
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let key = key_of(&obj);
-        let old = self.state.objects[kind.index()].insert(key, obj.clone());
+        let old = self.state.objects[kind.index()].insert(key, obj.to_string().into());
         self.record(kind, if old.is_some() { "MODIFIED" } else { "ADDED" }, &obj);
         rv
     }
@@ -166,9 +197,10 @@ impl Tx<'_> {
     /// Deletes `namespace/name` (namespace "" for Nodes) and sends DELETED.
     /// Returns false when there was no such object.
     pub fn delete(&mut self, kind: Kind, namespace: &str, name: &str) -> bool {
-        let Some(mut obj) = self.state.objects[kind.index()].remove(&format!("{namespace}/{name}")) else {
+        let Some(stored) = self.state.objects[kind.index()].remove(&format!("{namespace}/{name}")) else {
             return false;
         };
+        let mut obj: Value = serde_json::from_str(&stored).expect("the fake stores valid JSON");
         self.state.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.state.rv.to_string());
         self.record(kind, "DELETED", &obj);
@@ -197,6 +229,13 @@ impl Tx<'_> {
         let rv = self.state.rv;
         let _ = self.events.send(Msg::Bookmark { rv });
         rv
+    }
+
+    /// Serves streaming lists (the default, as Kubernetes 1.34 does) or
+    /// refuses them with 422 Invalid, as a server with the WatchList
+    /// feature gate off (the default before 1.34) does.
+    pub fn set_watch_list(&mut self, on: bool) {
+        self.state.watch_list = on;
     }
 
     /// Makes every request fail with 500 (or stops doing so).
@@ -297,6 +336,7 @@ impl FakeApi {
                 history: Vec::new(),
                 compacted: 0,
                 unavailable: false,
+                watch_list: true,
                 seen: Seen::default(),
             }),
             events,
@@ -390,6 +430,10 @@ impl FakeApi {
 
     pub fn set_unavailable(&self, unavailable: bool) {
         self.batch(|t| t.set_unavailable(unavailable))
+    }
+
+    pub fn set_watch_list(&self, on: bool) {
+        self.batch(|t| t.set_watch_list(on))
     }
 
     /// Forgets the history without dropping anything (keeps a large initial
@@ -515,6 +559,7 @@ async fn respond_json<S: Stream>(conn: &mut S, code: u16, body: &Value) -> Resul
         400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
+        422 => "Unprocessable Entity",
         _ => "Internal Server Error",
     };
     let head = format!(
@@ -580,12 +625,49 @@ async fn handle<S: Stream>(mut conn: S, inner: Arc<Inner>) -> Result<()> {
         Err(e) => return respond_json(&mut conn, 400, &status(400, "BadRequest", &e)).await,
     };
     let watch = matches!(req.query.get("watch").map(String::as_str), Some("true" | "1"));
+    let watch_list = inner.state.lock().unwrap().watch_list;
+    if let Err(e) = validate_options(&req.query, watch, watch_list) {
+        inner.state.lock().unwrap().seen.invalid += 1;
+        let message = format!("ListOptions.meta.k8s.io \"\" is invalid: {e}");
+        return respond_json(&mut conn, 422, &status(422, "Invalid", &message)).await;
+    }
     if watch {
         serve_watch(conn, inner, kind, &req, selector).await
     } else {
         let body = list(&inner, kind, &req, selector.as_deref());
-        respond_json(&mut conn, 200, &body).await
+        respond_body(&mut conn, &body).await
     }
+}
+
+/// The API server's checks of the list and watch options that streaming
+/// lists involve (apimachinery's `ValidateListOptions`; the real server
+/// answers 422 Invalid). `watch_list`: the WatchList feature is on.
+fn validate_options(q: &BTreeMap<String, String>, watch: bool, watch_list: bool) -> Result<(), String> {
+    let send_initial = q.get("sendInitialEvents");
+    let matching = q.get("resourceVersionMatch").filter(|m| !m.is_empty());
+    if !watch {
+        return match send_initial {
+            Some(_) => Err("sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list".into()),
+            None => Ok(()),
+        };
+    }
+    if send_initial.is_some() {
+        if matching.map(String::as_str) != Some("NotOlderThan") {
+            return Err(
+                "resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan"
+                    .into(),
+            );
+        }
+        if !watch_list {
+            return Err("sendInitialEvents: Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled".into());
+        }
+    } else if matching.is_some() {
+        return Err(
+            "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 fn hex(s: &str) -> String {
@@ -600,10 +682,27 @@ fn unhex(s: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
+/// A 200 response with a JSON body that is already serialized.
+async fn respond_body<S: Stream>(conn: &mut S, body: &str) -> Result<()> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body.as_bytes()).await?;
+    conn.shutdown().await?;
+    Ok(())
+}
+
+/// The name part of a `namespace/name` key.
+fn name_of(key: &str) -> &str {
+    key.rsplit_once('/').map_or(key, |(_, n)| n)
+}
+
 /// One page of a list. Pages after the first carry the first page's
 /// resourceVersion (in the continue token), as the real server does, so a
 /// change made between pages is replayed by the watch that follows.
-fn list(inner: &Inner, kind: Kind, req: &Request, selector: Option<&str>) -> Value {
+fn list(inner: &Inner, kind: Kind, req: &Request, selector: Option<&str>) -> String {
     let mut st = inner.state.lock().unwrap();
     *st.seen.lists.entry(kind.name()).or_default() += 1;
     let (rv, after) = match req.query.get("continue").and_then(|c| c.split_once('-')) {
@@ -625,7 +724,7 @@ fn list(inner: &Inner, kind: Kind, req: &Request, selector: Option<&str>) -> Val
     let from = after.map_or(Unbounded, Excluded);
     let range = st.objects[kind.index()]
         .range::<String, _>((from, Unbounded))
-        .filter(|(_, o)| selector.is_none_or(|n| o["metadata"]["name"].as_str() == Some(n)));
+        .filter(|(k, _)| selector.is_none_or(|n| name_of(k) == n));
     for (k, o) in range {
         if items.len() == limit {
             more = true;
@@ -634,13 +733,29 @@ fn list(inner: &Inner, kind: Kind, req: &Request, selector: Option<&str>) -> Val
         items.push(o.clone());
         last = Some(k.clone());
     }
+    drop(st);
     let mut meta = json!({"resourceVersion": rv.to_string()});
     if more {
         meta["continue"] = json!(format!("{rv}-{}", hex(&last.unwrap_or_default())));
     }
-    json!({"kind": format!("{}List", kind.name()), "apiVersion": kind.api_version(),
-           "metadata": meta, "items": items})
+    let head = json!({"kind": format!("{}List", kind.name()), "apiVersion": kind.api_version(), "metadata": meta});
+    let head = head.to_string();
+    let mut body = String::with_capacity(head.len() + 16 + items.iter().map(|i| i.len() + 1).sum::<usize>());
+    // The head's closing brace gives way to the items.
+    body.push_str(&head[..head.len() - 1]);
+    body.push_str(",\"items\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(item);
+    }
+    body.push_str("]}");
+    body
 }
+
+/// Bytes of initial events written per chunk of a streaming list.
+const INITIAL_CHUNK: usize = 64 * 1024;
 
 async fn write_chunk<S: Stream>(conn: &mut S, data: &str) -> std::io::Result<()> {
     conn.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())
@@ -669,23 +784,42 @@ async fn serve_watch<S: Stream>(
         .and_then(|t| t.parse().ok())
         .map_or(Duration::from_secs(290), Duration::from_secs);
     let matches = |name: &str| selector.as_deref().is_none_or(|s| s == name);
+    // A streaming list: the current objects first (validated: the feature
+    // is on and resourceVersionMatch is NotOlderThan, which any state of
+    // the fake satisfies, so it serves the current one, as the watch cache
+    // does).
+    let initial_events = req.query.get("sendInitialEvents").map(String::as_str) == Some("true");
 
-    // Subscribe and read the history under one lock: no event is missed or
-    // sent twice.
-    let (mut rx, replay, gone, current) = {
+    // Subscribe and read the history (or the objects) under one lock: no
+    // event is missed or sent twice.
+    let (mut rx, replay, initial, gone, current) = {
         let mut st = inner.state.lock().unwrap();
         st.seen.watches.entry(kind.name()).or_default().push(from.to_string());
-        let gone = from != 0 && from < st.compacted;
+        let gone = !initial_events && from != 0 && from < st.compacted;
         if gone {
             st.seen.gone += 1;
         }
-        let replay: Vec<Arc<str>> = st
-            .history
-            .iter()
-            .filter(|(rv, k, n, _)| *rv > from && *k == kind && matches(n))
-            .map(|(_, _, _, l)| l.clone())
-            .collect();
-        (inner.events.subscribe(), replay, gone, st.rv)
+        let replay: Vec<Arc<str>> = match initial_events {
+            true => Vec::new(),
+            false => st
+                .history
+                .iter()
+                .filter(|(rv, k, n, _)| *rv > from && *k == kind && matches(n))
+                .map(|(_, _, _, l)| l.clone())
+                .collect(),
+        };
+        let initial: Vec<Arc<str>> = match initial_events {
+            true => {
+                *st.seen.initial_events.entry(kind.name()).or_default() += 1;
+                st.objects[kind.index()]
+                    .iter()
+                    .filter(|(k, _)| matches(name_of(k)))
+                    .map(|(_, o)| o.clone())
+                    .collect()
+            }
+            false => Vec::new(),
+        };
+        (inner.events.subscribe(), replay, initial, gone, st.rv)
     };
     conn.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
@@ -694,17 +828,37 @@ async fn serve_watch<S: Stream>(
     if gone {
         // What the API server sends for an expired resourceVersion: an
         // ERROR event with a 410 Status, then the end of the stream.
-        let e = json!({"type": "ERROR", "object": status(410, "Expired",
-            &format!("too old resource version: {from} (compacted)"))});
-        write_chunk(&mut conn, &format!("{e}\n")).await?;
+        let e = status(410, "Expired", &format!("too old resource version: {from} (compacted)"));
+        write_chunk(&mut conn, &event_line("ERROR", &e.to_string())).await?;
         conn.write_all(b"0\r\n\r\n").await?;
         return Ok(());
     }
     for line in replay {
         write_chunk(&mut conn, &line).await?;
     }
-    // From 0 ("any"): only changes after now.
-    let mut last_sent = from.max(if from == 0 { current } else { 0 });
+    if initial_events {
+        // Many events per chunk: the objects are sent as fast as the
+        // client reads them.
+        let mut chunk = String::with_capacity(INITIAL_CHUNK + 4096);
+        for obj in initial {
+            chunk.push_str(&event_line("ADDED", &obj));
+            if chunk.len() >= INITIAL_CHUNK {
+                write_chunk(&mut conn, &chunk).await?;
+                chunk.clear();
+            }
+        }
+        if bookmarks {
+            let b = json!({"kind": kind.name(), "apiVersion": kind.api_version(),
+                "metadata": {"resourceVersion": current.to_string(),
+                             "annotations": {INITIAL_EVENTS_END: "true"}}});
+            chunk.push_str(&event_line("BOOKMARK", &b.to_string()));
+        }
+        if !chunk.is_empty() {
+            write_chunk(&mut conn, &chunk).await?;
+        }
+    }
+    // From 0 ("any") or after the initial events: only changes after now.
+    let mut last_sent = from.max(if from == 0 || initial_events { current } else { 0 });
     let deadline = tokio::time::sleep(timeout);
     let mut deadline = std::pin::pin!(deadline);
     let mut probe = [0u8; 64];
@@ -717,9 +871,9 @@ async fn serve_watch<S: Stream>(
                 }
                 Ok(Msg::Event { .. }) => {}
                 Ok(Msg::Bookmark { rv }) if bookmarks => {
-                    let b = json!({"type": "BOOKMARK", "object": {"kind": kind.name(),
-                        "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}}});
-                    write_chunk(&mut conn, &format!("{b}\n")).await?;
+                    let b = json!({"kind": kind.name(), "apiVersion": kind.api_version(),
+                        "metadata": {"resourceVersion": rv.to_string()}});
+                    write_chunk(&mut conn, &event_line("BOOKMARK", &b.to_string())).await?;
                     last_sent = last_sent.max(rv);
                 }
                 Ok(Msg::Bookmark { .. }) => {}

@@ -22,7 +22,7 @@ use dataplane::{
 };
 use dataplane_common::{IPPROTO_TCP, IPPROTO_UDP};
 use dataplane_tests::{
-    fake_api::{objects, FakeApi, Kind},
+    fake_api::{objects, FakeApi, Kind, Seen},
     mapview::{MapView, Programmed},
     netns::require_root_and_tools,
 };
@@ -57,7 +57,10 @@ impl Rig {
         let mut dp = Dataplane::load(None).unwrap_or_else(|e| panic!("loading the eBPF object: {e}"));
         let maps = dp.take_maps().expect("maps");
         let view = MapView::of(&maps).expect("a second view of the maps");
-        let mut syncer = Syncer::new(maps);
+        // Maps just created, as the agent tells its syncer: new
+        // frontends go in batches (`reconcile/bulk.rs`), through the real
+        // maps' batched writes.
+        let mut syncer = Syncer::new(maps).with_fresh_maps();
         let mut source = KubeSource::start(fake.client(), NODE);
         let state = Arc::new(AgentState::default());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -174,12 +177,47 @@ fn s(a: Ipv4Addr) -> String {
     a.to_string()
 }
 
+/// The lists of `kind` the fake served: list pages plus streaming lists.
+fn listings(seen: &Seen, kind: &str) -> u64 {
+    seen.lists.get(kind).copied().unwrap_or(0) + seen.initial_events.get(kind).copied().unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn initial_list_over_several_pages_programs_every_service() {
+async fn initial_list_streams_every_service() {
+    let seen = initial_list_programs_every_service(true).await;
+    // One streaming list per kind, and no list request at all.
+    for kind in ["Service", "EndpointSlice", "Node"] {
+        assert_eq!(seen.initial_events.get(kind), Some(&1), "{kind}: {seen:?}");
+        assert_eq!(
+            seen.watches[kind][0], "0",
+            "{kind}: a streaming list from any state: {seen:?}"
+        );
+    }
+    assert!(seen.lists.is_empty(), "{seen:?}");
+    assert_eq!(seen.invalid, 0, "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_list_falls_back_to_pages_without_watch_list() {
+    let seen = initial_list_programs_every_service(false).await;
     // 600 of each: more than the watcher's page size (500), so the list
-    // takes two pages.
+    // takes two pages, after the streaming list was refused once per kind.
+    assert_eq!(seen.lists.get("Service"), Some(&2), "two pages of Services: {seen:?}");
+    assert_eq!(seen.lists.get("EndpointSlice"), Some(&2), "{seen:?}");
+    assert_eq!(seen.lists.get("Node"), Some(&1), "{seen:?}");
+    assert_eq!(
+        seen.invalid, 3,
+        "one refused streaming list per kind, then none: {seen:?}"
+    );
+    assert!(seen.initial_events.is_empty(), "{seen:?}");
+}
+
+/// 600 Services and slices listed (streamed when `watch_list`, else in
+/// pages), all programmed; what the fake saw.
+async fn initial_list_programs_every_service(watch_list: bool) -> Seen {
     let n = 600u16;
     let rig = Rig::start(|f| {
+        f.set_watch_list(watch_list);
         for i in 0..n {
             let v = Ipv4Addr::new(198, 19, 10 + (i / 250) as u8, (i % 250) as u8 + 1);
             let b = Ipv4Addr::new(198, 18, 10 + (i / 250) as u8, (i % 250) as u8 + 1);
@@ -201,8 +239,6 @@ async fn initial_list_over_several_pages_programs_every_service() {
     let expected = with_other_ports(expected);
     rig.expect("initial list", &expected).await;
     let seen = rig.fake.seen();
-    assert_eq!(seen.lists.get("Service"), Some(&2), "two pages of Services: {seen:?}");
-    assert_eq!(seen.lists.get("EndpointSlice"), Some(&2), "{seen:?}");
     // Like kube-proxy, objects of another proxy and headless slices are
     // not asked for (the API server filters them).
     // (kube-proxy: `labels.NewRequirement(..., selection.DoesNotExist, nil)`
@@ -220,7 +256,13 @@ async fn initial_list_over_several_pages_programs_every_service() {
     assert_eq!(requirements("Node"), [BTreeSet::new()], "{seen:?}");
     assert!(rig.state.is_ready());
     assert_eq!(rig.view.backend_slots(), n as usize, "one generation of slots only");
+    assert_eq!(
+        rig.state.counters().watch_restarts,
+        0,
+        "a refused streaming list is no error"
+    );
     rig.stop().await;
+    seen
 }
 
 /// One HTTP/1.1 GET; (status, body).
@@ -434,7 +476,7 @@ async fn bookmark_advances_the_resume_point() {
         "the Service watch must resume from the bookmark's resourceVersion: {seen:?}"
     );
     assert_eq!(seen.gone, 0);
-    assert_eq!(seen.lists.get("Service"), Some(&1), "a bookmark needs no relist");
+    assert_eq!(listings(&seen, "Service"), 1, "a bookmark needs no relist: {seen:?}");
     // Nothing changed in the maps, and a change after the resume arrives.
     assert_eq!(rig.dump(), initial);
     rig.fake.apply(
@@ -451,7 +493,19 @@ async fn bookmark_advances_the_resume_point() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_410_forces_a_relist_that_removes_and_adds() {
+    gone_410_relists(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_410_forces_a_paged_relist_without_watch_list() {
+    gone_410_relists(false).await;
+}
+
+/// A 410 relist (streamed when `watch_list`, else in pages) removes what
+/// was deleted and adds what was created while the watch was down.
+async fn gone_410_relists(watch_list: bool) {
     let rig = Rig::start(|f| {
+        f.set_watch_list(watch_list);
         for (name, n) in [("a", 1), ("b", 2)] {
             f.apply(Kind::Service, objects::service("shop", name, &s(vip(n)), HTTP));
             f.apply(
@@ -473,7 +527,7 @@ async fn gone_410_forces_a_relist_that_removes_and_adds() {
         .wait_watches(Kind::Service, 1, CONVERGE)
         .await
         .expect("watch started");
-    let lists_before = rig.fake.seen().lists["Service"];
+    let lists_before = listings(&rig.fake.seen(), "Service");
 
     // While the watch is down the history is compacted: "a" is deleted and
     // "c" added, and no watch can replay that; only a relist shows it.
@@ -498,7 +552,15 @@ async fn gone_410_forces_a_relist_that_removes_and_adds() {
     .await;
     let seen = rig.fake.seen();
     assert!(seen.gone >= 2, "both watches got 410 Gone: {seen:?}");
-    assert!(seen.lists["Service"] > lists_before, "Services were relisted: {seen:?}");
+    assert!(
+        listings(&seen, "Service") > lists_before,
+        "Services were relisted: {seen:?}"
+    );
+    let streamed = seen.initial_events.get("Service").copied().unwrap_or(0);
+    match watch_list {
+        true => assert!(streamed >= 2, "the relist streamed too: {seen:?}"),
+        false => assert_eq!(streamed, 0, "{seen:?}"),
+    }
     let c = rig.state.counters();
     assert!(c.relists >= 2, "relists counted: {c:?}");
     assert!(
@@ -545,8 +607,8 @@ async fn dropped_connection_resumes_and_converges_without_relist() {
     .await;
     let seen = rig.fake.seen();
     assert_eq!(seen.gone, 0);
-    assert_eq!(seen.lists.get("Service"), Some(&1), "resumed, not relisted: {seen:?}");
-    assert_eq!(seen.lists.get("EndpointSlice"), Some(&1), "{seen:?}");
+    assert_eq!(listings(&seen, "Service"), 1, "resumed, not relisted: {seen:?}");
+    assert_eq!(listings(&seen, "EndpointSlice"), 1, "{seen:?}");
     // kube-rs treats a watch body cut short as a resumable end, not an
     // error, so this is seen as a second watch request, not in the counters.
     assert!(seen.watches["EndpointSlice"].len() >= 2, "{seen:?}");

@@ -72,6 +72,10 @@ impl crate::bpf::loader::Maps {
     }
 }
 
+/// Below this many Maglev chunks, [`MapWriter::put_new_slots`] writes
+/// them on the calling thread (a thread costs more than it saves).
+const PARALLEL_CHUNKS_MIN: usize = 256;
+
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {
     move |source| WriteError::Map { map, source }
 }
@@ -107,6 +111,12 @@ impl MapWriter for crate::bpf::loader::Maps {
             .insert(key, value, 0)
             .map_err(map_err(map_names::SERVICES))
     }
+    fn put_services(&mut self, keys: &[ServiceKey], values: &[ServiceValue]) -> Result<(), WriteError> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.services.map().fd().as_fd();
+        crate::bpf::batch::update(fd, keys, values).map_err(sys_err(map_names::SERVICES))
+    }
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
         self.services.remove(&key).map_err(map_err(map_names::SERVICES))
     }
@@ -120,6 +130,47 @@ impl MapWriter for crate::bpf::loader::Maps {
         self.names
             .insert(service_id, ServiceName::new(name), 0)
             .map_err(map_err(map_names::NAMES))
+    }
+    fn put_names(&mut self, names: &[(u32, String)]) -> Result<(), WriteError> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let (ids, values): (Vec<u32>, Vec<ServiceName>) =
+            names.iter().map(|(id, n)| (*id, ServiceName::new(n))).unzip();
+        let fd = self.names.map().fd().as_fd();
+        crate::bpf::batch::update(fd, &ids, &values).map_err(sys_err(map_names::NAMES))
+    }
+    fn put_new_slots(
+        &mut self,
+        names: &[(u32, String)],
+        backend_keys: &[BackendKey],
+        backends: &[Backend],
+        chunk_keys: &[MaglevKey],
+        chunks: &[MaglevChunk],
+    ) -> Result<(), WriteError> {
+        use crate::bpf::batch;
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let (ids, values): (Vec<u32>, Vec<ServiceName>) =
+            names.iter().map(|(id, n)| (*id, ServiceName::new(n))).unzip();
+        let names_fd = self.names.map().fd().as_fd();
+        let backends_fd = self.backends.map().fd().as_fd();
+        let maglev_fd = self.maglev.map().fd().as_fd();
+        let rest = || {
+            batch::update(names_fd, &ids, &values).map_err(sys_err(map_names::NAMES))?;
+            batch::update(backends_fd, backend_keys, backends).map_err(sys_err(map_names::BACKENDS))
+        };
+        let maglev = || batch::update(maglev_fd, chunk_keys, chunks).map_err(sys_err(map_names::MAGLEV));
+        if chunk_keys.len() < PARALLEL_CHUNKS_MIN {
+            return rest().and_then(|()| maglev());
+        }
+        // The largest part (2 KiB of chunks per frontend at the default
+        // table size) on a second CPU.
+        std::thread::scope(|scope| {
+            let chunks = scope.spawn(maglev);
+            let rest = rest();
+            let chunks = chunks.join().expect("the Maglev chunk writer panicked");
+            rest.and(chunks)
+        })
     }
     fn delete_name(&mut self, service_id: u32) -> Result<(), WriteError> {
         self.names.remove(&service_id).map_err(map_err(map_names::NAMES))

@@ -10,6 +10,7 @@
 //! - removed: the service entry first, then its slots.
 
 mod adopt;
+mod bulk;
 mod maps;
 #[cfg(test)]
 mod tests;
@@ -69,6 +70,12 @@ pub trait MapWriter {
     }
     fn delete_backend(&mut self, key: BackendKey) -> Result<(), WriteError>;
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), WriteError>;
+    /// Several service entries (new frontends, see `bulk.rs`); one batch
+    /// call for the real maps. On an error, those before the failing one
+    /// may be written.
+    fn put_services(&mut self, keys: &[ServiceKey], values: &[ServiceValue]) -> Result<(), WriteError> {
+        keys.iter().zip(values).try_for_each(|(k, v)| self.put_service(*k, *v))
+    }
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError>;
     fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), WriteError>;
     /// A whole Maglev table (one generation); one batch call for the real
@@ -82,6 +89,25 @@ pub trait MapWriter {
     fn prune_affinity(&mut self, service_id: u32, keep: &[Backend]) -> Result<(), WriteError>;
     /// Records `namespace/name:port` of `service_id` for inspection.
     fn put_name(&mut self, service_id: u32, name: &str) -> Result<(), WriteError>;
+    /// Several names (new frontends); one batch call for the real maps.
+    fn put_names(&mut self, names: &[(u32, String)]) -> Result<(), WriteError> {
+        names.iter().try_for_each(|(id, n)| self.put_name(*id, n))
+    }
+    /// The names, backend slots and Maglev chunks of new frontends (see
+    /// `bulk.rs`), in no particular order among themselves; the real maps
+    /// write the chunks on a second thread meanwhile.
+    fn put_new_slots(
+        &mut self,
+        names: &[(u32, String)],
+        backend_keys: &[BackendKey],
+        backends: &[Backend],
+        chunk_keys: &[MaglevKey],
+        chunks: &[MaglevChunk],
+    ) -> Result<(), WriteError> {
+        self.put_names(names)?;
+        self.put_backends(backend_keys, backends)?;
+        self.put_maglev_chunks(chunk_keys, chunks)
+    }
     fn delete_name(&mut self, service_id: u32) -> Result<(), WriteError>;
     /// Allows sources in `addr/len` for `service_id` (loadBalancerSourceRanges).
     fn put_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError>;
@@ -653,7 +679,9 @@ impl<W: MapWriter> Syncer<W> {
         let entries: Vec<(&ServiceKey, &Arc<Frontend>)> = desired.frontends.iter().collect();
         for batch in entries.chunks(TABLE_BATCH) {
             self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
-            for (key, fe) in batch {
+            // New frontends in a few batched writes (a cold start's).
+            let batch = self.add_new_in_bulk(batch, &mut report);
+            for (key, fe) in &batch {
                 self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
             }
         }
@@ -678,11 +706,15 @@ impl<W: MapWriter> Syncer<W> {
                 self.tracked(*key, &mut report, &mut failed, |s, r| s.remove_one(*key, r));
             }
         }
-        let upserts: Vec<&ServiceKey> = keys.iter().filter(|k| desired.frontends.contains_key(k)).collect();
+        let upserts: Vec<(&ServiceKey, &Arc<Frontend>)> = keys
+            .iter()
+            .filter_map(|k| Some((k, desired.frontends.get(k)?)))
+            .collect();
         for batch in upserts.chunks(TABLE_BATCH) {
-            self.precompute_tables(desired, batch.iter().copied());
-            for key in batch {
-                let fe = &desired.frontends[*key];
+            self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
+            // New frontends in a few batched writes (a cold start's).
+            let batch = self.add_new_in_bulk(batch, &mut report);
+            for (key, fe) in &batch {
                 self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
             }
         }

@@ -78,6 +78,14 @@ impl MapWriter for Fake {
         self.names.remove(&id);
         Ok(())
     }
+    fn put_names(&mut self, names: &[(u32, String)]) -> Result<(), WriteError> {
+        self.log.push(format!("put_names {}", names.len()));
+        names.iter().try_for_each(|(id, n)| self.put_name(*id, n))
+    }
+    fn put_services(&mut self, keys: &[ServiceKey], values: &[ServiceValue]) -> Result<(), WriteError> {
+        self.log.push(format!("put_services {}", keys.len()));
+        keys.iter().zip(values).try_for_each(|(k, v)| self.put_service(*k, *v))
+    }
     fn put_source_range(&mut self, id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError> {
         self.log.push(format!("put_source_range {id} {addr}/{len}"));
         Ok(())
@@ -1042,4 +1050,93 @@ fn entry_counts_follow_the_maps_without_reading_them() {
     d.frontends.remove(&key(2));
     s.apply(&d);
     assert_eq!(s.entries().source_ranges, 3);
+}
+
+/// `n` frontends on distinct ClusterIPs with three backends each.
+fn many(n: usize) -> Vec<(ServiceKey, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let vip = Ipv4Addr::new(198, 19, (i / 250) as u8 + 1, (i % 250) as u8 + 1);
+            let b = (i % 200) as u8 + 1;
+            (ServiceKey::new(vip, 80, IPPROTO_TCP), vec![b, b + 1, 250])
+        })
+        .collect()
+}
+
+/// A cold start (maps this process created) writes its new frontends in
+/// batches: the same maps as one by one, a frontend's name, slots and
+/// Maglev chunks before its service entry, both through `apply` and
+/// `apply_changed` (the Kubernetes source's first sync).
+#[test]
+fn fresh_maps_write_new_frontends_in_batches_slots_first() {
+    let n = TABLE_BATCH + 44;
+    let entries = many(n);
+    let refs: Vec<(ServiceKey, &[u8])> = entries.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+    let d = desired(&refs);
+    let mut one_by_one = syncer();
+    assert_eq!(one_by_one.apply(&d).added, n);
+    let all: BTreeSet<ServiceKey> = d.frontends.keys().copied().collect();
+    for changed in [false, true] {
+        let mut s = syncer().with_fresh_maps();
+        let r = match changed {
+            false => s.apply(&d),
+            true => s.apply_changed(&d, &all),
+        };
+        assert_eq!((r.added, r.errors.len()), (n, 0));
+        let (w, o) = (s.writer(), one_by_one.writer());
+        assert_eq!(w.services, o.services);
+        assert_eq!(w.backends, o.backends);
+        assert_eq!(w.maglev, o.maglev);
+        assert_eq!(w.names, o.names);
+        let batches = |what: &str| w.log.iter().filter(|l| l.starts_with(what)).count();
+        assert_eq!((batches("put_services"), batches("put_names")), (2, 2), "{:?}", w.log);
+        // Each service entry after every slot and chunk of its id.
+        let mut seen_entry = std::collections::HashSet::new();
+        for line in &w.log {
+            let mut parts = line.split(' ');
+            match (parts.next(), parts.next()) {
+                (Some("put_service"), Some(id)) => assert!(seen_entry.insert(id.to_string())),
+                (Some("put_backend" | "put_maglev"), Some(id)) => {
+                    assert!(!seen_entry.contains(id), "{line} after the service entry of {id}")
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(seen_entry.len(), n);
+        for k in all.iter() {
+            assert_eq!(w.visible(k), o.visible(k));
+        }
+    }
+}
+
+/// A batch that fails is undone and goes one by one, which reports each
+/// frontend's failure; the next apply writes them all.
+#[test]
+fn a_failed_batch_goes_one_by_one() {
+    let entries = many(3);
+    let refs: Vec<(ServiceKey, &[u8])> = entries.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+    let d = desired(&refs);
+    let mut s = syncer().with_fresh_maps();
+    s.writer.fail_backend_writes = true;
+    let r = s.apply(&d);
+    assert_eq!((r.added, r.errors.len()), (0, 3), "{:?}", r.errors);
+    for (e, (k, _)) in r.errors.iter().zip(&refs) {
+        assert!(e.to_string().contains(&describe(k)), "{e}");
+    }
+    let w = s.writer();
+    assert!(w.services.is_empty() && w.backends.is_empty() && w.maglev.is_empty());
+    s.writer.fail_backend_writes = false;
+    assert_eq!(s.apply(&d).added, 3);
+    let mut clean = syncer();
+    clean.apply(&d);
+    // Epochs only grow: the failed attempt used some.
+    let no_epoch = |w: &Fake| -> Vec<(ServiceKey, ServiceValue)> {
+        w.services
+            .iter()
+            .map(|(k, v)| (*k, ServiceValue { epoch: 0, ..*v }))
+            .collect()
+    };
+    assert_eq!(no_epoch(s.writer()), no_epoch(clean.writer()));
+    assert_eq!(s.writer().backends, clean.writer().backends);
+    assert_eq!(s.writer().maglev, clean.writer().maglev);
 }

@@ -8,6 +8,16 @@
 //! anything: the maps keep serving the last programmed state while the
 //! watcher retries.
 //!
+//! The lists are streaming lists where the server offers them (`watchList`,
+//! on by default since Kubernetes 1.34): one watch request with
+//! `sendInitialEvents=true` that delivers every object as an event, then a
+//! bookmark that ends the list, and goes on as the watch. The objects
+//! arrive as the server sends them, not in pages of 500 that each wait
+//! for the previous one, and the server answers from its watch cache. A
+//! server without the feature refuses the request (422 Invalid, or 400);
+//! the watcher then lists in pages as before, for as long as the agent
+//! runs, as client-go's reflector falls back.
+//!
 //! Each object is converted as it arrives into the record the model reads
 //! (`model::ServiceRecord`, `model::SliceRecord`): the API object itself
 //! is not kept. The records are kept in one [`Store`] per kind, a `Vec`
@@ -194,6 +204,26 @@ impl<K: Keyed> Store<K> {
     }
 }
 
+/// How the initial list (and every relist) is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListMode {
+    /// A streaming list where the server offers it, else paged lists.
+    Streaming,
+    /// Paged lists (`limit`/`continue`) only.
+    Paged,
+}
+
+/// Whether `e` is the server refusing a streaming list: it does not know
+/// `sendInitialEvents` or has the WatchList feature off (422 Invalid from
+/// the option validation; 400 from servers or proxies that reject unknown
+/// parameters).
+fn streaming_refused(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchStartFailed(kube::Error::Api(s)) => matches!(s.code, 400 | 422),
+        _ => false,
+    }
+}
+
 /// Everything the watchers write and the sync loop reads.
 #[derive(Debug, Default)]
 pub struct Cache {
@@ -248,8 +278,14 @@ impl KubeSource {
         Ok(Self::start(client, node_name))
     }
 
-    /// Starts the watchers on `client`. Must run inside a tokio runtime.
+    /// Starts the watchers on `client` with streaming lists where the
+    /// server offers them. Must run inside a tokio runtime.
     pub fn start(client: Client, node_name: &str) -> Self {
+        Self::start_with(client, node_name, ListMode::Streaming)
+    }
+
+    /// [`KubeSource::start`] with the list mode chosen.
+    pub fn start_with(client: Client, node_name: &str, mode: ListMode) -> Self {
         let shared = Arc::new(Shared::default());
         let tasks = vec![
             // Objects of another proxy are not even sent (the model also
@@ -260,6 +296,7 @@ impl KubeSource {
                 shared.clone(),
                 |c| &mut c.services,
                 ServiceRecord::from,
+                mode,
             ),
             spawn_watcher(
                 Api::<EndpointSlice>::all(client.clone()),
@@ -267,6 +304,7 @@ impl KubeSource {
                 shared.clone(),
                 |c| &mut c.slices,
                 SliceRecord::from,
+                mode,
             ),
             spawn_watcher(
                 Api::<Node>::all(client),
@@ -282,6 +320,7 @@ impl KubeSource {
                     }
                     n
                 },
+                mode,
             ),
         ];
         KubeSource {
@@ -331,6 +370,7 @@ fn spawn_watcher<K, T>(
     shared: Arc<Shared>,
     store: fn(&mut Cache) -> &mut Store<T>,
     keep: fn(K) -> T,
+    mode: ListMode,
 ) -> JoinHandle<()>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -338,9 +378,41 @@ where
 {
     tokio::spawn(async move {
         let kind = kind_of::<K>();
+        let mut streaming = mode == ListMode::Streaming;
+        loop {
+            let config = match streaming {
+                true => config.clone().streaming_lists(),
+                false => config.clone(),
+            };
+            follow(&kind, &shared, store, keep, streaming, watcher(api.clone(), config)).await;
+            if !streaming {
+                break;
+            }
+            // The server refused the streaming list: list in pages from now on.
+            info!(kind = %kind, "the API server does not serve streaming lists (watchList); listing in pages");
+            streaming = false;
+        }
+        debug!(kind = %kind, "watcher ended");
+    })
+}
+
+/// Applies `events` to the cache until the stream ends (it only does when
+/// dropped) or, with `streaming` lists, the server refuses them.
+async fn follow<K, T>(
+    kind: &str,
+    shared: &Shared,
+    store: fn(&mut Cache) -> &mut Store<T>,
+    keep: fn(K) -> T,
+    streaming: bool,
+    events: impl futures_util::Stream<Item = watcher::Result<watcher::Event<K>>>,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    T: Keyed + Send + 'static,
+{
+    {
         // The default backoff (client-go's: 800 ms doubling to 30 s, with
         // jitter) paces retries after list and watch errors.
-        let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+        let mut events = std::pin::pin!(events.default_backoff());
         // The stream only ends when the watcher is dropped; errors are items.
         while let Some(item) = events.next().await {
             match item {
@@ -366,6 +438,10 @@ where
                         shared.changed.notify_one();
                     }
                 }
+                Err(e) if streaming && streaming_refused(&e) => {
+                    debug!(kind = %kind, error = %e, "streaming list refused");
+                    return;
+                }
                 Err(e) => {
                     shared.watch_restarts.fetch_add(1, Ordering::Relaxed);
                     // 410 Gone is routine (the watch fell behind compaction):
@@ -379,8 +455,7 @@ where
                 }
             }
         }
-        debug!(kind = %kind, "watcher ended");
-    })
+    }
 }
 
 impl Source for KubeSource {
