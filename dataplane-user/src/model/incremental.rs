@@ -20,9 +20,10 @@ pub struct Tracked<'a> {
 }
 
 /// A Service's [`object_key`], held once: the per-Service record, the
-/// claims index and the slices' links to their Service share it (at
-/// 100,000 Services, a copy per structure and a separate (namespace, name)
-/// pair were some 30 MB).
+/// claims index and the slices' links to their Service share it, and the
+/// conflict order is read from it (docs/performance.md, "100,000
+/// Services": a copy per structure and a separate (namespace, name) pair
+/// were part of what 93 MiB of peak RSS came from).
 type Key = Arc<str>;
 
 /// One claim on a frontend key, as the incremental state indexes it.
