@@ -1,6 +1,6 @@
 //! The desired state of one node, computed in full from the objects.
 
-use super::conflicts::{merge, out, Claim, ServiceFrontends};
+use super::conflicts::{merge, out, Claim, ServiceFrontends, What};
 use super::*;
 
 /// The API's name of an IP protocol number of [`protocol`].
@@ -479,7 +479,7 @@ pub(super) fn service_frontends(svc: &ServiceRecord, slices: &[Slice], node: &No
         };
         // Which of a family's frontends: 0 internal, 1 external, 2 load
         // balancer (3 and 4: their in-cluster views).
-        let mut add = |ip: IpAddr, port: u16, which: usize, what: &'static str| {
+        let mut add = |ip: IpAddr, port: u16, which: usize, what: What| {
             let key = ServiceKey::new(ip, port, proto);
             claims.push(Claim {
                 key,
@@ -495,18 +495,18 @@ pub(super) fn service_frontends(svc: &ServiceRecord, slices: &[Slice], node: &No
             }
         };
         for vip in &vips {
-            add(*vip, svc_port, 0, "clusterIP");
+            add(*vip, svc_port, 0, What::ClusterIp);
         }
         for ip in &external_ips {
-            add(*ip, svc_port, 1, "externalIP");
+            add(*ip, svc_port, 1, What::ExternalIp);
         }
         if let Some(np) = node_port {
             for ip in &node.addresses {
-                add(*ip, np, 1, "nodePort on");
+                add(*ip, np, 1, What::NodePort);
             }
         }
         for ip in &lb_ips {
-            add(*ip, svc_port, 2, "load balancer IP");
+            add(*ip, svc_port, 2, What::LoadBalancerIp);
         }
     }
     // Every ClusterIP rejects the ports its Service does not define, once
@@ -529,7 +529,7 @@ pub(super) fn service_frontends(svc: &ServiceRecord, slices: &[Slice], node: &No
                 source_ranges: Vec::new(),
                 also_serving: Vec::new(),
             }),
-            what: "clusterIP",
+            what: What::ClusterIp,
         });
     }
     out(order, claims, problems)

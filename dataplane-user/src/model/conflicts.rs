@@ -10,8 +10,29 @@ pub(super) struct Claim {
     /// Shared by the keys of one Service that get the same frontend (a
     /// NodePort on every node address, ...), and with the syncer.
     pub(super) frontend: Arc<Frontend>,
-    /// "clusterIP", "externalIP", ... for the conflict message.
-    pub(super) what: &'static str,
+    /// What the key is to the Service, for the conflict message.
+    pub(super) what: What,
+}
+
+/// What a claimed key is to the Service that claims it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum What {
+    ClusterIp,
+    ExternalIp,
+    NodePort,
+    LoadBalancerIp,
+}
+
+impl What {
+    /// As the conflict message says it.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            What::ClusterIp => "clusterIP",
+            What::ExternalIp => "externalIP",
+            What::NodePort => "nodePort on",
+            What::LoadBalancerIp => "load balancer IP",
+        }
+    }
 }
 
 /// One Service's share of the desired state, before conflicts between
@@ -27,13 +48,15 @@ pub struct ServiceFrontends {
 impl ServiceFrontends {
     /// The problem reported when `claim` loses its key to `winner`.
     fn conflict(&self, claim: &Claim, winner: &str) -> Problem {
-        conflict(self.order.as_ref(), &claim.key, claim.what, winner)
+        let order = self.order.as_ref().map(|(ns, name)| (ns.as_str(), name.as_str()));
+        conflict(order, &claim.key, claim.what, winner)
     }
 }
 
 /// The problem reported when the Service `order` loses its claim on `key`
-/// (a `what`: "clusterIP", ...) to `winner`.
-pub(super) fn conflict(order: Option<&(String, String)>, key: &ServiceKey, what: &str, winner: &str) -> Problem {
+/// (`what` it is to that Service) to `winner`.
+pub(super) fn conflict(order: Option<(&str, &str)>, key: &ServiceKey, what: What, winner: &str) -> Problem {
+    let what = what.as_str();
     Problem {
         object: match order {
             Some((ns, name)) => format!("Service {ns}/{name}"),

@@ -1,8 +1,9 @@
 //! The desired state kept up to date incrementally.
 
 use super::compute::{prepare_slice, service_frontends, Slice};
-use super::conflicts::{conflict, Claim};
+use super::conflicts::{conflict, Claim, What};
 use super::*;
+use std::collections::btree_map;
 
 /// A source's objects with what changed since the previous
 /// [`Incremental::update`].
@@ -18,15 +19,95 @@ pub struct Tracked<'a> {
     pub changed: Option<(&'a HashSet<String>, &'a HashSet<String>)>,
 }
 
+/// A Service's [`object_key`], held once: the per-Service record, the
+/// claims index and the slices' links to their Service share it, and the
+/// conflict order is read from it (docs/performance.md, "100,000
+/// Services": a copy per structure and a separate (namespace, name) pair
+/// were part of what 93 MiB of peak RSS came from).
+type Key = Arc<str>;
+
 /// One claim on a frontend key, as the incremental state indexes it.
 /// Ordered as the conflict rule: (namespace, name), then the claim's index
 /// within its Service.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Claimant {
-    order: Arc<(String, String)>,
+    /// The claiming Service's [`object_key`], `namespace/name`.
+    owner: Key,
+    /// The length of the namespace in `owner` (a namespace with a `/`,
+    /// which no API server accepts, still orders as its own).
+    ns_len: u32,
     index: u32,
-    /// The claiming Service's [`object_key`].
-    owner: Arc<str>,
+}
+
+impl Claimant {
+    /// (namespace, name) of the claiming Service.
+    fn ns_name(&self) -> (&str, &str) {
+        let (ns, slash_name) = self.owner.split_at(self.ns_len as usize);
+        (ns, &slash_name[1..])
+    }
+}
+
+impl Ord for Claimant {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.ns_name(), self.index).cmp(&(other.ns_name(), other.index))
+    }
+}
+
+impl PartialOrd for Claimant {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The claims on one frontend key, in conflict order: nearly always one,
+/// held inline.
+#[derive(Debug)]
+enum Claimants {
+    One(Claimant),
+    /// Two or more, sorted.
+    Many(Vec<Claimant>),
+}
+
+impl Claimants {
+    fn as_slice(&self) -> &[Claimant] {
+        match self {
+            Claimants::One(c) => std::slice::from_ref(c),
+            Claimants::Many(v) => v,
+        }
+    }
+
+    /// Adds `c` in its place (once).
+    fn insert(&mut self, c: Claimant) {
+        match self {
+            Claimants::One(first) if *first == c => {}
+            Claimants::One(first) => {
+                let mut v = vec![first.clone(), c];
+                v.sort();
+                *self = Claimants::Many(v);
+            }
+            Claimants::Many(v) => {
+                if let Err(pos) = v.binary_search(&c) {
+                    v.insert(pos, c);
+                }
+            }
+        }
+    }
+
+    /// Removes `c` if present; true when no claim is left.
+    fn remove(&mut self, c: &Claimant) -> bool {
+        match self {
+            Claimants::One(first) => first == c,
+            Claimants::Many(v) => {
+                if let Ok(pos) = v.binary_search(c) {
+                    v.remove(pos);
+                }
+                if v.len() == 1 {
+                    *self = Claimants::One(v.remove(0));
+                }
+                false
+            }
+        }
+    }
 }
 
 /// What the incremental state keeps of one Service: the keys it claims,
@@ -34,21 +115,22 @@ struct Claimant {
 /// a losing one's is computed again when it comes to win.
 #[derive(Debug)]
 struct KeptService {
-    /// (namespace, name): the conflict order. `None` for an unnamed Service.
-    order: Option<Arc<(String, String)>>,
-    /// The claimed keys in claim order, with what they are ("clusterIP",
-    /// ...) for conflict messages.
-    claims: Vec<(ServiceKey, &'static str)>,
-    problems: Vec<Problem>,
+    /// The length of the namespace in its key; `None` for an unnamed
+    /// Service (which claims nothing).
+    ns_len: Option<u32>,
+    /// The claimed keys in claim order, with what they are to the Service
+    /// for conflict messages.
+    claims: Box<[(ServiceKey, What)]>,
+    problems: Box<[Problem]>,
 }
 
 /// What the incremental state knows about one slice.
 #[derive(Debug)]
 struct SliceEntry {
     /// The [`object_key`] of the Service it belongs to.
-    owner: Option<String>,
+    owner: Option<Key>,
     /// Problems of the slice on its own (label, address type, addresses).
-    problems: Vec<Problem>,
+    problems: Box<[Problem]>,
 }
 
 /// The bookkeeping of one [`Incremental::update`].
@@ -77,13 +159,13 @@ struct Round {
 pub struct Incremental {
     node: NodeInfo,
     /// By the Service's [`object_key`].
-    services: HashMap<Arc<str>, KeptService>,
+    services: HashMap<Key, KeptService>,
     /// By the slice's [`object_key`].
     slices: HashMap<Arc<str>, SliceEntry>,
     /// A Service's [`object_key`] -> keys of its slices, sorted.
-    by_owner: HashMap<String, Vec<Arc<str>>>,
+    by_owner: HashMap<Key, Vec<Arc<str>>>,
     /// Every claim on a frontend key, in conflict order. The first wins.
-    claims: BTreeMap<ServiceKey, Vec<Claimant>>,
+    claims: BTreeMap<ServiceKey, Claimants>,
     /// The losing claims' problems, by key.
     conflicts: BTreeMap<ServiceKey, Vec<Problem>>,
     /// A problem appeared or went away in this update: the desired state's
@@ -139,7 +221,7 @@ impl Incremental {
         t: &Tracked<'_>,
     ) -> Option<BTreeSet<ServiceKey>> {
         let Some((changed_services, changed_slices)) = t.changed else {
-            self.rebuild(services, slices);
+            self.rebuild(services, slices, t);
             return None;
         };
         // Services to recompute, by object key.
@@ -156,19 +238,19 @@ impl Incremental {
                             self.by_owner.remove(&owner);
                         }
                     }
-                    affected.insert(owner);
+                    affected.insert(owner.to_string());
                 }
             }
             if let Some(&i) = t.slice_index.get(key) {
                 let key: Arc<str> = key.as_str().into();
-                let entry = slice_entry(&slices[i]);
+                let entry = self.slice_entry(&slices[i]);
                 self.problems_changed |= !entry.problems.is_empty();
                 if let Some(owner) = &entry.owner {
                     let keys = self.by_owner.entry(owner.clone()).or_default();
                     if let Err(pos) = keys.binary_search(&key) {
                         keys.insert(pos, key.clone());
                     }
-                    affected.insert(owner.clone());
+                    affected.insert(owner.to_string());
                 }
                 self.slices.insert(key, entry);
             }
@@ -190,7 +272,7 @@ impl Incremental {
             }
         }
         for key in &pending {
-            let owner = self.claims[key][0].owner.clone();
+            let owner = self.claims[key].as_slice()[0].owner.clone();
             if let std::collections::hash_map::Entry::Vacant(e) = round.fresh.entry(owner) {
                 let result = self
                     .compute_service(e.key(), services, slices, t)
@@ -206,6 +288,18 @@ impl Incremental {
         Some(round.touched)
     }
 
+    /// The shared copy of the Service key `key`: the one already held for
+    /// the Service or its slices, else a new one.
+    fn shared_key(&self, key: &str) -> Key {
+        match self.services.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => match self.by_owner.get_key_value(key) {
+                Some((k, _)) => k.clone(),
+                None => key.into(),
+            },
+        }
+    }
+
     /// The frontends the Service `key` asks for now (`None`: not in the
     /// store).
     fn compute_service(
@@ -216,68 +310,65 @@ impl Incremental {
         t: &Tracked<'_>,
     ) -> Option<ServiceFrontends> {
         let svc = &services[*t.service_index.get(key)?];
+        Some(self.frontends_of(svc, slices, t))
+    }
+
+    /// The frontends `svc` asks for, from its slices as the index links
+    /// them (each slice validated again here, and dropped with the result:
+    /// nothing is held for every Service at once).
+    fn frontends_of(&self, svc: &ServiceRecord, slices: &[SliceRecord], t: &Tracked<'_>) -> ServiceFrontends {
         let mine: Vec<Slice> = svc
             .ns_name()
-            .and_then(|owner| self.by_owner.get(&owner_key(&owner)))
+            .and_then(|owner| self.by_owner.get(owner_key(&owner).as_str()))
             .into_iter()
             .flatten()
             .filter_map(|k| t.slice_index.get(&**k))
             .filter_map(|&i| prepare_slice(&slices[i], &mut |_, _| {}).map(|(_, s)| s))
             .collect();
-        Some(service_frontends(svc, &mine, &self.node))
+        service_frontends(svc, &mine, &self.node)
     }
 
     /// Recomputes everything from scratch. Services are visited in conflict
-    /// order, so the first claim on a key wins as it is made and each
-    /// Service's frontends are dropped (or moved into the desired state) as
-    /// soon as it is done.
-    fn rebuild(&mut self, services: &[ServiceRecord], slices: &[SliceRecord]) {
+    /// order, so the first claim on a key wins as it is made; each
+    /// Service's slices are validated just before its frontends are
+    /// computed, and its frontends dropped (or moved into the desired
+    /// state) as soon as it is done.
+    fn rebuild(&mut self, services: &[ServiceRecord], slices: &[SliceRecord], t: &Tracked<'_>) {
         *self = Incremental::new(self.node.clone());
-        let mut by_service: HashMap<String, Vec<Slice>> = HashMap::new();
         for s in slices {
             let key: Arc<str> = s.key().into();
-            let mut problems = BTreeSet::new();
-            let prepared = prepare_slice(s, &mut |object, reason| {
-                problems.insert(Problem { object, reason });
-            });
-            let owner = prepared.map(|(owner, slice)| {
-                let owner = owner_key(&owner);
-                by_service.entry(owner.clone()).or_default().push(slice);
+            let entry = self.slice_entry(s);
+            if let Some(owner) = &entry.owner {
                 self.by_owner.entry(owner.clone()).or_default().push(key.clone());
-                owner
-            });
-            self.slices.insert(
-                key,
-                SliceEntry {
-                    owner,
-                    problems: problems.into_iter().collect(),
-                },
-            );
+            }
+            self.slices.insert(key, entry);
         }
         for keys in self.by_owner.values_mut() {
             keys.sort();
             keys.dedup();
+            keys.shrink_to_fit();
         }
-        let mut ordered: Vec<(Option<(String, String)>, &ServiceRecord)> =
-            services.iter().map(|s| (s.ns_name(), s)).collect();
-        ordered.sort_by(|a, b| a.0.cmp(&b.0));
-        for (order, svc) in ordered {
-            let mine = order
-                .as_ref()
-                .and_then(|o| by_service.get(&owner_key(o)))
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            let result = service_frontends(svc, mine, &self.node);
-            let owner: Arc<str> = svc.key().into();
-            let order = result.order.map(Arc::new);
-            let mut kept = Vec::with_capacity(result.claims.len());
-            for (i, c) in result.claims.into_iter().enumerate() {
+        // In conflict order (namespace, name), without a copy of either.
+        let mut ordered: Vec<&ServiceRecord> = services.iter().collect();
+        ordered.sort_by(|a, b| conflict_order(a).cmp(&conflict_order(b)));
+        for svc in ordered {
+            let ServiceFrontends {
+                order,
+                claims,
+                problems,
+            } = self.frontends_of(svc, slices, t);
+            let key = svc.key();
+            let owner = self.shared_key(&key);
+            let ns_len = order.as_ref().map(|(ns, _)| ns.len() as u32);
+            let mut kept = Vec::with_capacity(claims.len());
+            for (i, c) in claims.into_iter().enumerate() {
                 kept.push((c.key, c.what));
-                let Some(order) = &order else { continue };
-                let claimants = self.claims.entry(c.key).or_default();
+                let (Some(ns_len), Some((ns, name))) = (ns_len, &order) else {
+                    continue;
+                };
                 match self.desired.frontends.get(&c.key) {
                     Some(winner) => self.conflicts.entry(c.key).or_default().push(conflict(
-                        Some(order),
+                        Some((ns.as_str(), name.as_str())),
                         &c.key,
                         c.what,
                         &winner.service,
@@ -286,18 +377,24 @@ impl Incremental {
                         self.desired.frontends.insert(c.key, c.frontend);
                     }
                 }
-                claimants.push(Claimant {
-                    order: order.clone(),
-                    index: i as u32,
+                let claimant = Claimant {
                     owner: owner.clone(),
-                });
+                    ns_len,
+                    index: i as u32,
+                };
+                match self.claims.entry(c.key) {
+                    btree_map::Entry::Vacant(e) => {
+                        e.insert(Claimants::One(claimant));
+                    }
+                    btree_map::Entry::Occupied(mut e) => e.get_mut().insert(claimant),
+                }
             }
             self.services.insert(
                 owner,
                 KeptService {
-                    order,
-                    claims: kept,
-                    problems: result.problems,
+                    ns_len,
+                    claims: kept.into_boxed_slice(),
+                    problems: problems.into_boxed_slice(),
                 },
             );
         }
@@ -307,7 +404,7 @@ impl Incremental {
     /// Notes that `key`'s claims change in this round (first: who won it).
     fn touch(&self, key: ServiceKey, round: &mut Round) {
         if round.touched.insert(key) {
-            let winner = self.claims.get(&key).and_then(|c| c.first()).map(|c| c.owner.clone());
+            let winner = self.claims.get(&key).map(|c| c.as_slice()[0].owner.clone());
             round.before.insert(key, winner);
         }
     }
@@ -318,39 +415,36 @@ impl Incremental {
             return;
         };
         self.problems_changed |= !old.problems.is_empty();
-        let Some(order) = old.order else { return };
+        let Some(ns_len) = old.ns_len else { return };
         for (i, (k, _)) in old.claims.iter().enumerate() {
             self.touch(*k, round);
-            if let Some(claimants) = self.claims.get_mut(k) {
-                let gone = Claimant {
-                    order: order.clone(),
-                    index: i as u32,
-                    owner: owner.clone(),
-                };
-                if let Ok(pos) = claimants.binary_search(&gone) {
-                    claimants.remove(pos);
-                }
-                if claimants.is_empty() {
-                    self.claims.remove(k);
-                }
+            let gone = Claimant {
+                owner: owner.clone(),
+                ns_len,
+                index: i as u32,
+            };
+            if self.claims.get_mut(k).is_some_and(|c| c.remove(&gone)) {
+                self.claims.remove(k);
             }
         }
     }
 
     fn claim(&mut self, key: &str, result: ServiceFrontends, round: &mut Round) {
-        let owner: Arc<str> = key.into();
-        let order = result.order.map(Arc::new);
-        if let Some(order) = &order {
+        let owner = self.shared_key(key);
+        let ns_len = result.order.as_ref().map(|(ns, _)| ns.len() as u32);
+        if let Some(ns_len) = ns_len {
             for (i, c) in result.claims.iter().enumerate() {
                 self.touch(c.key, round);
-                let claimants = self.claims.entry(c.key).or_default();
                 let new = Claimant {
-                    order: order.clone(),
-                    index: i as u32,
                     owner: owner.clone(),
+                    ns_len,
+                    index: i as u32,
                 };
-                if let Err(pos) = claimants.binary_search(&new) {
-                    claimants.insert(pos, new);
+                match self.claims.entry(c.key) {
+                    btree_map::Entry::Vacant(e) => {
+                        e.insert(Claimants::One(new));
+                    }
+                    btree_map::Entry::Occupied(mut e) => e.get_mut().insert(new),
                 }
             }
         }
@@ -360,9 +454,9 @@ impl Incremental {
         self.services.insert(
             owner,
             KeptService {
-                order,
+                ns_len,
                 claims,
-                problems: result.problems,
+                problems: result.problems.into_boxed_slice(),
             },
         );
     }
@@ -371,7 +465,7 @@ impl Incremental {
     /// others. Returns false, changing nothing, when the winner's frontend
     /// is not at hand (see [`Incremental::update`]).
     fn resolve(&mut self, key: &ServiceKey, round: &Round) -> bool {
-        let Some(claimants) = self.claims.get(key).filter(|c| !c.is_empty()) else {
+        let Some(claimants) = self.claims.get(key).map(Claimants::as_slice) else {
             self.desired.frontends.remove(key);
             self.problems_changed |= self.conflicts.remove(key).is_some();
             return true;
@@ -391,7 +485,7 @@ impl Incremental {
             .iter()
             .map(|c| {
                 let what = self.services[&c.owner].claims[c.index as usize].1;
-                conflict(Some(&c.order), key, what, &winner)
+                conflict(Some(c.ns_name()), key, what, &winner)
             })
             .collect();
         if let Some(fe) = frontend {
@@ -409,25 +503,31 @@ impl Incremental {
         let all: BTreeSet<Problem> = self
             .slices
             .values()
-            .flat_map(|s| &s.problems)
-            .chain(self.services.values().flat_map(|s| &s.problems))
+            .flat_map(|s| s.problems.iter())
+            .chain(self.services.values().flat_map(|s| s.problems.iter()))
             .chain(self.conflicts.values().flatten())
             .cloned()
             .collect();
         self.desired.problems = all.into_iter().collect();
         self.problems_version = super::next_version();
     }
+
+    /// A slice's owner (the shared key) and own problems.
+    fn slice_entry(&self, s: &SliceRecord) -> SliceEntry {
+        let mut problems = BTreeSet::new();
+        let owner = prepare_slice(s, &mut |object, reason| {
+            problems.insert(Problem { object, reason });
+        })
+        .map(|(owner, _)| self.shared_key(&owner_key(&owner)));
+        SliceEntry {
+            owner,
+            problems: problems.into_iter().collect(),
+        }
+    }
 }
 
-/// A slice's owner and own problems.
-fn slice_entry(s: &SliceRecord) -> SliceEntry {
-    let mut problems = BTreeSet::new();
-    let owner = prepare_slice(s, &mut |object, reason| {
-        problems.insert(Problem { object, reason });
-    })
-    .map(|(owner, _)| owner_key(&owner));
-    SliceEntry {
-        owner,
-        problems: problems.into_iter().collect(),
-    }
+/// (namespace, name) of `svc`, as [`ServiceRecord::ns_name`] orders it,
+/// without the copies; `None` when unnamed.
+fn conflict_order(svc: &ServiceRecord) -> Option<(&str, &str)> {
+    Some((&svc.namespace, svc.name.as_deref()?))
 }

@@ -676,12 +676,21 @@ impl<W: MapWriter> Syncer<W> {
         for key in gone {
             self.tracked(key, &mut report, &mut failed, |s, r| s.remove_one(key, r));
         }
-        let entries: Vec<(&ServiceKey, &Arc<Frontend>)> = desired.frontends.iter().collect();
-        for batch in entries.chunks(TABLE_BATCH) {
+        // A batch at a time, not a list of every frontend (200,000 at
+        // 100,000 Services, held at the first sync's peak).
+        let mut entries = desired.frontends.iter();
+        let mut batch: Vec<(&ServiceKey, &Arc<Frontend>)> = Vec::with_capacity(TABLE_BATCH);
+        loop {
+            batch.clear();
+            batch.extend(entries.by_ref().take(TABLE_BATCH));
+            if batch.is_empty() {
+                break;
+            }
             self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
-            // New frontends in a few batched writes (a cold start's).
-            let batch = self.add_new_in_bulk(batch, &mut report);
-            for (key, fe) in &batch {
+            // New frontends in a few batched writes (a cold start's); the
+            // rest one by one.
+            let rest = self.add_new_in_bulk(&batch, &mut report);
+            for (key, fe) in &rest {
                 self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
             }
         }

@@ -453,7 +453,9 @@ mod incremental {
         }
     }
 
-    const NAMESPACES: &[&str] = &["a", "b"];
+    // "a" sorts before "a-b", but "a-b/..." before "a/...": the conflict
+    // order is by (namespace, name), not by object key.
+    const NAMESPACES: &[&str] = &["a", "a-b"];
     const SERVICES: &[&str] = &["s0", "s1", "s2", "s3", "s4"];
 
     fn random_service(rng: &mut Rng, ns: &str, name: &str) -> Service {
