@@ -152,8 +152,9 @@ pub const HOST_ROUTING_GLOBAL: &str = "DP_HOST_ROUTING";
 /// Read-only global: 1 when, besides translated packets, TC host-routes
 /// the packets of connections the socket-level programs translated (a
 /// packet of no Service to or from an endpoint in `map_names::ENDPOINTS`).
-/// The agent sets it at load time when host routing and socket-level load
-/// balancing are both on; with 0 the verifier removes that code.
+/// The agent sets it at load time when host routing, socket-level load
+/// balancing and `--socket-host-routing` are all on; with 0 the verifier
+/// removes that code.
 pub const SOCK_ROUTING_GLOBAL: &str = "DP_SOCK_ROUTING";
 
 /// [`NEW_FLOWS_GLOBAL`] when the agent is not told otherwise.

@@ -72,7 +72,8 @@ pub static DP_ENDPOINTS: HashMap<EndpointKey, u8> =
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Set to 1 by the agent at load time when host routing and socket-level
-/// load balancing are both on; see `dataplane_common::SOCK_ROUTING_GLOBAL`.
+/// load balancing are both on (unless `--socket-host-routing=false`); see
+/// `dataplane_common::SOCK_ROUTING_GLOBAL`.
 #[no_mangle]
 static DP_SOCK_ROUTING: u8 = 0;
 

@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use dataplane::bpf::{loader::Globals, testrun::RunResult};
-use dataplane_common::{DpConfig, RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH};
+use dataplane_common::{map_names, DpConfig, EndpointKey, RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH};
 use dataplane_tests::{
     agent::Agent,
     cgroup::TestCgroup,
@@ -542,6 +542,12 @@ fn socket_client(t: &Topology, cg: &TestCgroup, mode: &str, to: &str, n: usize) 
         .collect()
 }
 
+/// The endpoint set the agent pinned.
+fn endpoint_set(agent: &Agent) -> Vec<EndpointKey> {
+    let maps = dataplane::inspect::open_pinned(&agent.pins).unwrap();
+    maps.endpoints.keys().map(Result::unwrap).collect()
+}
+
 /// The agent's socket-level counters and packet reasons, by name.
 fn counters(agent: &Agent) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
     let maps = dataplane::inspect::open_pinned(&agent.pins).unwrap();
@@ -614,6 +620,36 @@ fn socket_level_connections_skip_the_node_forwarding_path() {
         // datagrams.
         assert!(routed("redirected_peer") >= 20.0 * 6.0 + 10.0, "{metrics:?}");
         assert_eq!(routed("to_stack"), 0.0, "{metrics:?}");
+        // The set: both backends' TCP and UDP ports.
+        assert_eq!(endpoint_set(&agent).len(), 4);
+
+        // A restart over a set holding what is no endpoint (an earlier
+        // agent's), and one without the map (an upgrade from a release
+        // that has none: the loader creates it empty): the new agent
+        // writes the set whole before its programs take over.
+        let mut agent = agent;
+        let pin = agent.pins.join("maps").join(map_names::ENDPOINTS);
+        let stale = EndpointKey {
+            addr: dataplane_common::addr_of(IpAddr::from(Ipv4Addr::new(198, 18, 9, 9))).0,
+            port: 1234u16.to_be(),
+            proto: TCP,
+            family: dataplane_common::FAMILY_V4,
+        };
+        let mut set: aya::maps::HashMap<_, EndpointKey, u8> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&pin).unwrap())).unwrap();
+        set.insert(stale, 1, 0).unwrap();
+        drop(set);
+        let flags = ["--socket-lb-cgroup", cg_path.as_str(), "--host-routing=true"];
+        agent.replace(&dataplane_tests::agent::agent_binary(), &flags).unwrap();
+        let after = endpoint_set(&agent);
+        assert_eq!(after.len(), 4, "{after:?}");
+        assert!(!after.contains(&stale), "{after:?}");
+        std::fs::remove_file(&pin).unwrap();
+        agent.replace(&dataplane_tests::agent::agent_binary(), &flags).unwrap();
+        assert_eq!(endpoint_set(&agent).len(), 4);
+        let r = socket_client(&t, &cg, "tcp", &to, 5);
+        assert!(r.iter().all(|c| c["ok"] == true), "after the restarts: {r:?}");
+        assert_eq!(forwarded_drops(&t.node), 0, "after the restarts");
     }
     for flags in [
         &["--host-routing=true", "--socket-host-routing=false"][..],

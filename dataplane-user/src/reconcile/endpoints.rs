@@ -121,7 +121,8 @@ impl<W: MapWriter> Syncer<W> {
         };
         self.writer.put_endpoints(&put)?;
         self.writer.delete_endpoints(&delete)?;
-        e.dirty.clear();
+        // Freed, not cleared: a cold start marks every endpoint.
+        e.dirty = HashSet::new();
         e.whole = false;
         Ok(())
     }
