@@ -620,8 +620,14 @@ fn socket_level_connections_skip_the_node_forwarding_path() {
         // datagrams.
         assert!(routed("redirected_peer") >= 20.0 * 6.0 + 10.0, "{metrics:?}");
         assert_eq!(routed("to_stack"), 0.0, "{metrics:?}");
-        // The set: both backends' TCP and UDP ports.
+        // The set: both backends' TCP and UDP ports, in the maps and in
+        // the agent's record that `/metrics` shows.
         assert_eq!(endpoint_set(&agent).len(), 4);
+        assert_eq!(
+            metrics.get("dataplane_map_entries{map=\"DP_ENDPOINTS\"}").copied(),
+            Some(4.0),
+            "{metrics:?}"
+        );
 
         // A restart over a set holding what is no endpoint (an earlier
         // agent's), and one without the map (an upgrade from a release

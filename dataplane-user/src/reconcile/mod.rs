@@ -439,6 +439,7 @@ impl<W: MapWriter> Syncer<W> {
             maglev: (self.programmed_chunks + chunks) as u64,
             names: frontends,
             source_ranges: (self.programmed_ranges + self.cluster_cidr_entries) as u64,
+            endpoints: self.endpoint_count() as u64,
         }
     }
 
