@@ -61,6 +61,7 @@ pub const fn fold_addr(a: &Addr) -> u32 {
 
 mod config;
 mod conntrack;
+mod endpoint;
 mod hash;
 mod names;
 mod reason;
@@ -75,6 +76,7 @@ pub mod bench;
 
 pub use config::*;
 pub use conntrack::*;
+pub use endpoint::*;
 pub use hash::*;
 pub use names::*;
 pub use reason::*;

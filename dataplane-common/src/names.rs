@@ -42,6 +42,12 @@ pub mod map_names {
     /// written by the agent as interfaces come and go, for host routing;
     /// never pinned (a new agent writes its own).
     pub const IFACES: &str = "DP_IFACES";
+    /// The endpoint set (`EndpointKey` -> 1): every backend of the
+    /// programmed frontends, written by the agent only while socket-level
+    /// connections are host-routed (`SOCK_ROUTING_GLOBAL`), empty
+    /// otherwise. Sized as the backend slots (`--backends-max-entries`):
+    /// every endpoint has at least one slot.
+    pub const ENDPOINTS: &str = "DP_ENDPOINTS";
 }
 
 /// The shape of every map: what a pinned map must match to be adopted by a
@@ -67,7 +73,7 @@ pub mod map_shapes {
         }
     }
 
-    pub const ALL: [MapShape; 17] = [
+    pub const ALL: [MapShape; 18] = [
         shape::<u32, ServiceName>(map_names::NAMES, limits::MAX_SERVICES),
         // LPM trie keys carry a u32 prefix length in front of the data.
         MapShape {
@@ -91,6 +97,7 @@ pub mod map_shapes {
         shape::<u32, u64>(map_names::ROUTE_EVENTS, ROUTE_EVENT_SLOTS),
         shape::<u32, VipFilter>(map_names::VIP_FILTER, 1),
         shape::<u32, BackendFilter>(map_names::BACKEND_FILTER, 1),
+        shape::<EndpointKey, u8>(map_names::ENDPOINTS, limits::MAX_BACKEND_SLOTS),
     ];
 }
 
@@ -142,6 +149,14 @@ pub const NEW_FLOWS_GLOBAL: &str = "DP_NEW_FLOWS";
 /// egress interface from TC (host routing, `--host-routing`), 0 when they
 /// go back to the stack. Set by the agent at load time.
 pub const HOST_ROUTING_GLOBAL: &str = "DP_HOST_ROUTING";
+
+/// Read-only global: 1 when, besides translated packets, TC host-routes
+/// the packets of connections the socket-level programs translated (a
+/// packet of no Service to or from an endpoint in `map_names::ENDPOINTS`).
+/// The agent sets it at load time when host routing, socket-level load
+/// balancing and `--socket-host-routing` are all on; with 0 the verifier
+/// removes that code.
+pub const SOCK_ROUTING_GLOBAL: &str = "DP_SOCK_ROUTING";
 
 /// [`NEW_FLOWS_GLOBAL`] when the agent is not told otherwise.
 pub const DEFAULT_NEW_FLOWS_PER_CPU: u32 = 10_000;

@@ -16,6 +16,36 @@ fn service_key_layout() {
 }
 
 #[test]
+fn endpoint_key_layout() {
+    assert_eq!(size_of::<EndpointKey>(), 20);
+    assert_eq!(align_of::<EndpointKey>(), 4);
+    assert_eq!(offset_of!(EndpointKey, addr), 0);
+    assert_eq!(offset_of!(EndpointKey, port), 16);
+    assert_eq!(offset_of!(EndpointKey, proto), 18);
+    assert_eq!(offset_of!(EndpointKey, family), 19);
+}
+
+#[test]
+fn an_endpoint_key_has_its_frontends_protocol_and_plain_family() {
+    let b = Backend {
+        addr: v4_addr(0x0102_0304),
+        port: 8080u16.to_be(),
+        flags: 0,
+    };
+    let fe = ServiceKey {
+        addr: v4_addr(0x0506_0708),
+        port: 80u16.to_be(),
+        proto: IPPROTO_UDP,
+        family: FAMILY_V4 | KEY_IN_CLUSTER,
+    };
+    let k = EndpointKey::of(&fe, &b);
+    assert_eq!(
+        (k.addr, k.port, k.proto, k.family),
+        (b.addr, b.port, IPPROTO_UDP, FAMILY_V4)
+    );
+}
+
+#[test]
 fn service_value_layout() {
     assert_eq!(size_of::<ServiceValue>(), 24);
     assert_eq!(offset_of!(ServiceValue, affinity_timeout_s), 16);

@@ -26,6 +26,7 @@ unsafe impl aya::Pod for SockNatKey {}
 unsafe impl aya::Pod for SockNatValue {}
 unsafe impl aya::Pod for SockAffinityKey {}
 unsafe impl aya::Pod for CtScratch {}
+unsafe impl aya::Pod for EndpointKey {}
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

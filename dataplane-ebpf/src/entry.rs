@@ -118,6 +118,9 @@ pub fn tc(ctx: &TcContext) -> i32 {
         }
     };
     match lb::process(ctx, p) {
+        // A packet of a connection the socket-level programs translated
+        // (to or from an endpoint): host-routed like a translated one.
+        Verdict::Pass if forward::socket_translated(p) => forward::tc(ctx),
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Forward => forward::tc(ctx),
         Verdict::Drop => TC_ACT_SHOT,

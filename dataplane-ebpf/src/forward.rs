@@ -35,23 +35,97 @@
 //! frames, and the program cannot tell afterwards. Everything else (no
 //! neighbour entry, which XDP cannot resolve; a frame longer than its
 //! first buffer) passes to the stack (and to TC), as in TC.
+//!
+//! Socket-level connections ([`socket_translated`]): a socket the cgroup
+//! programs translated sends its packets to the backend itself, so TC
+//! finds no Service in them; with host routing and socket-level load
+//! balancing both on, TC sends them (and their replies) the same way, by
+//! the endpoint set the agent keeps (`DP_ENDPOINTS`).
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibLookup, xdp_action, TC_ACT_UNSPEC},
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    macros::map,
+    maps::HashMap,
     programs::{TcContext, XdpContext},
 };
 
-use dataplane_common::{RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH, IFACE_F_XDP_XMIT};
+use dataplane_common::{limits, Addr, EndpointKey, RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH, IFACE_F_XDP_XMIT};
 
 use crate::{
     maps,
     nat::PacketCtx,
-    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
+    parse::{Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
     stats,
 };
+
+/// The endpoint set (`dataplane_common::map_names::ENDPOINTS`): every
+/// backend of the programmed frontends, kept by the agent while
+/// [`sock_routing`] is on. Not preallocated, as the agent's other hash
+/// maps (see `maps.rs`).
+#[map]
+pub static DP_ENDPOINTS: HashMap<EndpointKey, u8> =
+    HashMap::with_max_entries(limits::MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Set to 1 by the agent at load time when host routing and socket-level
+/// load balancing are both on (unless `--socket-host-routing=false`); see
+/// `dataplane_common::SOCK_ROUTING_GLOBAL`.
+#[no_mangle]
+static DP_SOCK_ROUTING: u8 = 0;
+
+/// Whether the packets of socket-translated connections are host-routed.
+#[inline(always)]
+fn sock_routing() -> bool {
+    // SAFETY: reading a static; volatile so that the load-time value is
+    // read, not the compile-time 0.
+    unsafe { core::ptr::read_volatile(&DP_SOCK_ROUTING) != 0 }
+}
+
+/// An `EndpointKey` on the stack, 8-aligned (LLVM merges the key's 4-byte
+/// stores into 8-byte ones, which the verifier refuses at a 4-aligned
+/// stack offset).
+#[repr(C, align(8))]
+struct EndpointSlot(EndpointKey);
+
+/// Whether (`addr`, `port`) of the packet's protocol and family is in the
+/// endpoint set: first the backend filter's entry of the address (an
+/// array lookup; every endpoint's entry is set before it enters the set),
+/// then the set itself.
+#[inline(always)]
+fn is_endpoint(p: &Packet, addr: &Addr, port: u16) -> bool {
+    if !maps::maybe_backend(addr) {
+        return false;
+    }
+    let key = EndpointSlot(EndpointKey {
+        addr: *addr,
+        port,
+        proto: p.proto,
+        family: p.family,
+    });
+    // By reference: the helper gets the key in its aligned slot, not a
+    // moved copy.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    DP_ENDPOINTS.get_ptr(&key.0).is_some()
+}
+
+/// Whether a packet that matched no Service (and no tracked flow) is one
+/// of a connection the socket-level programs translated: its destination
+/// is an endpoint of some Service, or it is the reply, from one. Such
+/// packets then go through [`tc`] like translated ones. The datapath
+/// cannot tell these from a pod addressing the endpoint directly: both
+/// are routed so. Always `false` unless the agent turned it on
+/// ([`sock_routing`]).
+#[inline(never)]
+pub fn socket_translated(p: &Packet) -> bool {
+    if !sock_routing() {
+        return false;
+    }
+    is_endpoint(p, &p.daddr, p.dport) || is_endpoint(p, &p.saddr, p.sport)
+}
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;

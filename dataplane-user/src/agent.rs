@@ -30,7 +30,7 @@ use crate::{
     reconcile::{MapWriter, SyncConfig, Syncer},
     source::{files::PolledFiles, kubernetes::KubeSource, Source},
 };
-use dataplane_common::{DpConfig, ABI_VERSION};
+use dataplane_common::{map_names, DpConfig, ABI_VERSION};
 
 /// The log reader's fd, for tokio's AsyncFd.
 struct LoggerFd(crate::bpf::loader::BpfLogger);
@@ -106,6 +106,10 @@ pub struct RunConfig {
     /// Translated packets go from TC straight to the FIB's egress
     /// interface (`--host-routing`).
     pub host_routing: bool,
+    /// With host routing and socket-level load balancing, the packets of
+    /// socket-translated connections are host-routed too
+    /// (`--socket-host-routing`).
+    pub socket_host_routing: bool,
     /// The source addresses for SNAT, at most one per family; a family
     /// without one: the first node address of that family.
     pub snat_ips: Vec<std::net::IpAddr>,
@@ -371,10 +375,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if cfg.host_routing {
         info!("host routing on: translated packets go from TC straight to their egress interface, skipping netfilter (and NetworkPolicy enforced there)");
     }
+    // Host routing for socket-level connections too: only with both on.
+    let sock_routing = cfg.host_routing && cfg.socket_lb_cgroup.is_some() && cfg.socket_host_routing;
     let globals = Globals {
         snat_ports,
         new_flows_per_cpu: cfg.new_flows_per_cpu,
         host_routing: cfg.host_routing,
+        sock_routing,
     };
     let pins = cfg.pin_root.clone().map(PinRoot::new);
     let (mut dp, adopted) = Dataplane::load_with(
@@ -494,6 +501,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         Syncer::with_config(maps, cfg.sync).with_fresh_maps()
     };
     syncer.set_max_services(cfg.map_sizes.services);
+    // Before the programs are attached: they find the endpoints of what is
+    // programmed already (adopted) from their first packet on.
+    let endpoints = syncer
+        .track_endpoints(sock_routing)
+        .map_err(|e| anyhow::anyhow!("writing the endpoint set ({}): {e}", map_names::ENDPOINTS))?;
+    if sock_routing {
+        info!(
+            endpoints,
+            "host routing for socket-level connections: packets to and from Service endpoints go from TC straight to their egress interface"
+        );
+    }
     syncer.set_cluster_cidr_entries(cfg.cluster_cidrs.iter().collect::<BTreeSet<_>>().len());
     state.set_programmed(syncer.entries());
 

@@ -68,6 +68,9 @@ pub struct ProgrammedEntries {
     /// `DP_SRC_RANGES`: loadBalancerSourceRanges of every frontend, plus
     /// the cluster CIDRs.
     pub source_ranges: u64,
+    /// `DP_ENDPOINTS`: distinct endpoints, while the agent keeps the set
+    /// (host routing of socket-level connections), else 0.
+    pub endpoints: u64,
 }
 
 /// A copy of [`AgentState`]'s counters.

@@ -119,6 +119,7 @@ pub const PROGRAM_TEST_GLOBALS: Globals = Globals {
     snat_ports: dataplane_common::DEFAULT_SNAT_PORTS,
     new_flows_per_cpu: 0,
     host_routing: false,
+    sock_routing: false,
 };
 
 impl Loaded {
@@ -173,7 +174,12 @@ impl Loaded {
         crate::netns::require_root_and_tools();
         let sizes = MapSizes::default();
         let (dp, _) = Dataplane::load_with(None, None, &sizes, false, globals).unwrap_or_else(|e| panic!("{e}"));
-        Self::from_dataplane(dp, SyncConfig::default(), dp_config, &sizes)
+        let mut l = Self::from_dataplane(dp, SyncConfig::default(), dp_config, &sizes);
+        // As the agent: the endpoint set is kept when the programs read it.
+        l.sync
+            .track_endpoints(globals.host_routing && globals.sock_routing)
+            .unwrap_or_else(|e| panic!("{e}"));
+        l
     }
 
     /// The programs as loaded on a kernel with only the `features` of this

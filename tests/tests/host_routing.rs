@@ -8,13 +8,15 @@
 //! on a given interface); end-to-end tests connect through the VIP with a
 //! netfilter rule in the node that drops every forwarded packet.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use dataplane::bpf::{loader::Globals, testrun::RunResult};
-use dataplane_common::{DpConfig, RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH};
+use dataplane_common::{map_names, DpConfig, EndpointKey, RouteEvent, IFACE_F_PEER_NETNS, IFACE_F_VETH};
 use dataplane_tests::{
     agent::Agent,
+    cgroup::TestCgroup,
     netns::{
         backend_addr, backend_addr6, backend_iface, Netns, Topology, TwoNodes, BACKEND_A, BACKEND_B, CLIENT_ADDR,
         CLIENT_ADDR6, EXT_CLIENT, NODE_A, NODE_A_EXT, NODE_B, NODE_CLIENT_IFACE,
@@ -369,6 +371,305 @@ fn connections_through_the_vip_skip_the_node_forwarding_path() {
     t.node.exec(&["nft", "delete", "table", "inet", "dptest"]).unwrap();
     let answers = ask(&t.client, to, 5).expect("through the stack without the chain");
     assert!(answers.iter().all(|a| a == "b1" || a == "b2"), "{answers:?}");
+}
+
+/// Socket-level connections (`forward::socket_translated`): with host
+/// routing and socket-level load balancing both on, a packet the TC
+/// program finds no Service in, to an endpoint of some Service (its
+/// address, port and protocol, of either family) or from one (the reply),
+/// goes to the FIB's egress interface as a translated packet does:
+/// redirected, Ethernet header rewritten, TTL one less, addresses and
+/// ports untouched. Another port or protocol of the same address, an
+/// address that is no endpoint, and everything with either setting off
+/// (the endpoint set filled all the same) go to the stack untouched.
+#[test]
+fn tc_host_routes_packets_to_and_from_service_endpoints_when_sockets_are_translated() {
+    let t = Topology::new(2).unwrap();
+    t.enable_ipv6().unwrap();
+    let (vc, node_vc_mac) = link(&t.node, NODE_CLIENT_IFACE);
+    let (vb1, node_vb1_mac) = link(&t.node, &backend_iface(1));
+    let (_, b1_mac) = link(&t.backends[0], "eth0");
+    let (_, client_mac) = link(&t.client, "eth0");
+    for (family, addr, mac, dev) in [
+        ("-4", backend_addr(1).to_string(), b1_mac, backend_iface(1)),
+        ("-6", backend_addr6(1).to_string(), b1_mac, backend_iface(1)),
+        ("-4", CLIENT_ADDR.to_string(), client_mac, NODE_CLIENT_IFACE.to_string()),
+        (
+            "-6",
+            CLIENT_ADDR6.to_string(),
+            client_mac,
+            NODE_CLIENT_IFACE.to_string(),
+        ),
+    ] {
+        t.node
+            .ip(&[
+                family,
+                "neigh",
+                "replace",
+                &addr,
+                "lladdr",
+                &mac_str(&mac),
+                "dev",
+                &dev,
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
+    }
+    let b1 = IpAddr::from(backend_addr(1));
+    let b2 = IpAddr::from(backend_addr(2));
+    let b1v6 = IpAddr::from(backend_addr6(1));
+    let client = (IpAddr::from(CLIENT_ADDR), 40200);
+    let client6: (IpAddr, u16) = (CLIENT_ADDR6.parse::<Ipv6Addr>().unwrap().into(), 40200);
+    // (name, frame, ingress interface), ingress "b" for backend 1's link.
+    let frames: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("to endpoint", Frame::tcp(client, (b1, 8080), SYN).build(), "c"),
+        ("reply", Frame::tcp((b1, 8080), client, SYN | ACK).build(), "b"),
+        ("udp to endpoint", Frame::udp(client, (b1, 5353), b"q").build(), "c"),
+        ("ipv6 to endpoint", Frame::tcp(client6, (b1v6, 8080), SYN).build(), "c"),
+        ("ipv6 reply", Frame::tcp((b1v6, 8080), client6, ACK).build(), "b"),
+        ("other port", Frame::tcp(client, (b1, 9090), SYN).build(), "c"),
+        ("udp to the tcp port", Frame::udp(client, (b1, 8080), b"q").build(), "c"),
+        ("from other port", Frame::tcp((b1, 9090), client, ACK).build(), "b"),
+        ("not an endpoint", Frame::tcp(client, (b2, 8080), SYN).build(), "c"),
+    ];
+    let frames_in = frames.clone();
+    let (runs, counted, off) = t
+        .node
+        .run(move || {
+            pin_to_cpu(0);
+            let program = |host_routing: bool, sock_routing: bool| {
+                let globals = Globals {
+                    host_routing,
+                    sock_routing,
+                    ..PROGRAM_TEST_GLOBALS
+                };
+                let mut l = Loaded::with_globals(DpConfig::defaults(), globals);
+                // Kept whatever the settings: the programs' global decides.
+                l.sync.track_endpoints(true).unwrap();
+                l.set_service(vip(1), 80, TCP, &[(b1, 8080)]);
+                l.set_service(vip(1), 53, UDP, &[(b1, 5353)]);
+                let vip6: IpAddr = VIP6.parse::<Ipv6Addr>().unwrap().into();
+                l.set_service(vip6, 80, TCP, &[(b1v6, 8080)]);
+                l
+            };
+            let run = |l: &Loaded, f: &[u8], on: &str| Ran::of(l, l.run_tc_on(f, if on == "b" { vb1 } else { vc }));
+            let l = program(true, true);
+            let runs: Vec<(&str, Ran)> = frames_in.iter().map(|(n, f, on)| (*n, run(&l, f, on))).collect();
+            let counted = RouteEvent::ALL.map(|e| l.route_event(e));
+            let mut off = Vec::new();
+            for (name, host, sock) in [
+                ("host routing without socket routing", true, false),
+                ("socket routing without host routing", false, true),
+                ("both off", false, false),
+            ] {
+                let l = program(host, sock);
+                for (n, f, on) in &frames_in[..2] {
+                    off.push((format!("{name}, {n}"), run(&l, f, on)));
+                }
+                assert_eq!(RouteEvent::ALL.map(|e| l.route_event(e)), [0; 6], "{name}: counted");
+            }
+            (runs, counted, off)
+        })
+        .join()
+        .expect("the program runs in the node namespace");
+    let get = |name: &str| &runs.iter().find(|(n, _)| *n == name).unwrap().1;
+    let input = |name: &str| &frames.iter().find(|(n, _, _)| *n == name).unwrap().1;
+
+    for (name, out_if, dst_mac, src_mac) in [
+        ("to endpoint", vb1, b1_mac, node_vb1_mac),
+        ("udp to endpoint", vb1, b1_mac, node_vb1_mac),
+        ("ipv6 to endpoint", vb1, b1_mac, node_vb1_mac),
+        ("reply", vc, client_mac, node_vc_mac),
+        ("ipv6 reply", vc, client_mac, node_vc_mac),
+    ] {
+        let r = get(name);
+        assert_eq!((r.retval, r.ifindex), (TC_ACT_REDIRECT, out_if), "{name}: redirected");
+        assert_eq!(&r.out[..6], &dst_mac, "{name}: destination MAC");
+        assert_eq!(&r.out[6..12], &src_mac, "{name}: source MAC");
+        assert_eq!(ttl(&r.out), 63, "{name}: TTL / hop limit");
+        let (got, sent) = (parse_and_verify(&r.out), parse_and_verify(input(name)));
+        assert_eq!(
+            (got.src, got.sport, got.dst, got.dport),
+            (sent.src, sent.sport, sent.dst, sent.dport),
+            "{name}: nothing translated"
+        );
+    }
+    // (These never reach the routing: the redirect target recorded by the
+    // last run that did stays in the scratch entry, and nothing is counted.)
+    for name in [
+        "other port",
+        "udp to the tcp port",
+        "from other port",
+        "not an endpoint",
+    ] {
+        let r = get(name);
+        assert_eq!(r.retval, TC_ACT_UNSPEC, "{name}: to the stack");
+        assert_eq!(&r.out, input(name), "{name}: untouched");
+    }
+    assert_eq!(
+        counted,
+        [5, 0, 0, 0, 0, 0],
+        "redirected, redirected_neigh, to_stack, redirected_peer, xdp_tx, xdp_redirect: only the five"
+    );
+    for (name, r) in &off {
+        assert_eq!(r.retval, TC_ACT_UNSPEC, "{name}: to the stack");
+        let sent = if name.ends_with("reply") {
+            input("reply")
+        } else {
+            input("to endpoint")
+        };
+        assert_eq!(&r.out, sent, "{name}: untouched");
+    }
+}
+
+/// `n` TCP connections through the VIP from `dp-client`, a process in the
+/// client namespace and in `cg` (translated when it connects): its JSON
+/// lines.
+fn socket_client(t: &Topology, cg: &TestCgroup, mode: &str, to: &str, n: usize) -> Vec<serde_json::Value> {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &t.client.name, env!("CARGO_BIN_EXE_dp-client")])
+        .args([mode, to, &n.to_string()]);
+    let out = cg.output(&mut cmd, Duration::from_secs(60)).unwrap();
+    assert!(
+        out.status.success(),
+        "dp-client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("dp-client printed {l:?}: {e}")))
+        .collect()
+}
+
+/// The endpoint set the agent pinned.
+fn endpoint_set(agent: &Agent) -> Vec<EndpointKey> {
+    let maps = dataplane::inspect::open_pinned(&agent.pins).unwrap();
+    maps.endpoints.keys().map(Result::unwrap).collect()
+}
+
+/// The agent's socket-level counters and packet reasons, by name.
+fn counters(agent: &Agent) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+    let maps = dataplane::inspect::open_pinned(&agent.pins).unwrap();
+    let s = dataplane::inspect::stats(&maps).unwrap();
+    (
+        s.socket_lb.into_iter().map(|e| (e.event, e.count)).collect(),
+        s.reasons.into_iter().map(|r| (r.reason, r.packets)).collect(),
+    )
+}
+
+/// Connections translated at `connect()` (socket-level load balancing on
+/// the client's cgroup) run through the node while its forward chain
+/// drops every forwarded packet: with `--host-routing=true` their packets,
+/// which carry the endpoint's address and which the TC program does not
+/// translate, go straight to the backend's and the client's namespaces
+/// (the chain's counter stays 0, `/metrics` counts them redirected into
+/// the peer namespaces, none to the stack). With
+/// `--socket-host-routing=false`, and with host routing off, the same
+/// connections take the forwarding path, where the chain drops them.
+#[test]
+fn socket_level_connections_skip_the_node_forwarding_path() {
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t);
+    let m = manifests(&[1, 2]);
+    let m: Vec<(&str, &str)> = m.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    load_rules(&t.node);
+    let cg = TestCgroup::new().unwrap();
+    let cg_path = cg.path().display().to_string();
+    let to = format!("{VIP}:80");
+    let start = |extra: &[&str]| {
+        let mut args = vec!["--socket-lb-cgroup", cg_path.as_str()];
+        args.extend(extra);
+        Agent::start_with(&t.node, &t.node_ifaces(), &[], &m, &args).unwrap()
+    };
+    {
+        let agent = start(&["--host-routing=true"]);
+        let (sock0, reasons0) = counters(&agent);
+        // One first: a connection the chain drops fails after 3 s.
+        let mut r = socket_client(&t, &cg, "tcp", &to, 1);
+        assert_eq!(r[0]["ok"], true, "{r:?}");
+        r.extend(socket_client(&t, &cg, "tcp", &to, 19));
+        assert_eq!(r.len(), 20);
+        for c in &r {
+            assert_eq!(c["ok"], true, "{c}");
+            assert!(c["backend"] == "b1" || c["backend"] == "b2", "{c}");
+            assert_eq!(c["peer"], to, "{c}");
+        }
+        let r = socket_client(&t, &cg, "udp", &format!("{VIP}:53"), 5);
+        for d in &r {
+            assert_eq!(d["ok"], true, "{d}");
+            assert_eq!(d["from"], format!("{VIP}:53"), "{d}");
+        }
+        assert_eq!(forwarded_drops(&t.node), 0, "no packet reached the forward hook");
+        let (sock, reasons) = counters(&agent);
+        let d = |m: &BTreeMap<String, u64>, m0: &BTreeMap<String, u64>, k: &str| m[k] - m0[k];
+        assert_eq!(d(&sock, &sock0, "connect_translated"), 20, "{sock:?}");
+        assert_eq!(
+            d(&reasons, &reasons0, "nat_new_flow"),
+            0,
+            "TC translated a flow: {reasons:?}"
+        );
+        let metrics = agent.fresh_metrics().unwrap();
+        let routed = |result: &str| {
+            metrics
+                .get(&format!("dataplane_host_routing_packets_total{{result=\"{result}\"}}"))
+                .copied()
+                .unwrap_or_else(|| panic!("no host routing series {result}: {metrics:?}"))
+        };
+        // SYN, request, FIN and their answers at least, both ways, and the
+        // datagrams.
+        assert!(routed("redirected_peer") >= 20.0 * 6.0 + 10.0, "{metrics:?}");
+        assert_eq!(routed("to_stack"), 0.0, "{metrics:?}");
+        // The set: both backends' TCP and UDP ports, in the maps and in
+        // the agent's record that `/metrics` shows.
+        assert_eq!(endpoint_set(&agent).len(), 4);
+        assert_eq!(
+            metrics.get("dataplane_map_entries{map=\"DP_ENDPOINTS\"}").copied(),
+            Some(4.0),
+            "{metrics:?}"
+        );
+
+        // A restart over a set holding what is no endpoint (an earlier
+        // agent's), and one without the map (an upgrade from a release
+        // that has none: the loader creates it empty): the new agent
+        // writes the set whole before its programs take over.
+        let mut agent = agent;
+        let pin = agent.pins.join("maps").join(map_names::ENDPOINTS);
+        let stale = EndpointKey {
+            addr: dataplane_common::addr_of(IpAddr::from(Ipv4Addr::new(198, 18, 9, 9))).0,
+            port: 1234u16.to_be(),
+            proto: TCP,
+            family: dataplane_common::FAMILY_V4,
+        };
+        let mut set: aya::maps::HashMap<_, EndpointKey, u8> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&pin).unwrap())).unwrap();
+        set.insert(stale, 1, 0).unwrap();
+        drop(set);
+        let flags = ["--socket-lb-cgroup", cg_path.as_str(), "--host-routing=true"];
+        agent.replace(&dataplane_tests::agent::agent_binary(), &flags).unwrap();
+        let after = endpoint_set(&agent);
+        assert_eq!(after.len(), 4, "{after:?}");
+        assert!(!after.contains(&stale), "{after:?}");
+        std::fs::remove_file(&pin).unwrap();
+        agent.replace(&dataplane_tests::agent::agent_binary(), &flags).unwrap();
+        assert_eq!(endpoint_set(&agent).len(), 4);
+        let r = socket_client(&t, &cg, "tcp", &to, 5);
+        assert!(r.iter().all(|c| c["ok"] == true), "after the restarts: {r:?}");
+        assert_eq!(forwarded_drops(&t.node), 0, "after the restarts");
+    }
+    for flags in [
+        &["--host-routing=true", "--socket-host-routing=false"][..],
+        &["--host-routing=false"][..],
+    ] {
+        let before = forwarded_drops(&t.node);
+        let _agent = start(flags);
+        let r = socket_client(&t, &cg, "tcp", &to, 1);
+        assert_eq!(r[0]["ok"], false, "{flags:?}: the forward chain let it through: {r:?}");
+        assert!(
+            forwarded_drops(&t.node) > before,
+            "{flags:?}: the forward chain saw nothing"
+        );
+    }
 }
 
 /// The interfaces' kinds the agent writes (`DP_IFACES`) steer two more

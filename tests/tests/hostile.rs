@@ -64,6 +64,7 @@ fn loaded(model: &Model) -> Loaded {
         snat_ports: SNAT_PORTS,
         new_flows_per_cpu: FLOOD_LIMIT,
         host_routing: false,
+        sock_routing: false,
     };
     let mut l = Loaded::with_globals(config(), globals);
     for s in &model.services {

@@ -42,6 +42,7 @@ fn every_program_verifies_well_within_the_instruction_limit() {
     // constant turns off.
     let globals = Globals {
         host_routing: true,
+        sock_routing: true,
         ..Globals::default()
     };
     let (mut dp, _) = Dataplane::load_with(object.as_deref(), None, &MapSizes::default(), false, globals)

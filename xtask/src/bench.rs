@@ -317,8 +317,9 @@ fn per_packet(dir: &Path, md: &mut String) -> Result<()> {
 
 /// In table order; investigations (`dp-bench --contenders`) may measure
 /// only some of them, or the XDP and alternative-object variants.
-const CONTENDERS: [&str; 9] = [
+const CONTENDERS: [&str; 10] = [
     "dataplane-socket",
+    "dataplane-socket-stack",
     "dataplane",
     "dataplane-xdp",
     "dataplane-alt",

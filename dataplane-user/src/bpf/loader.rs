@@ -20,7 +20,7 @@ use dataplane_common::{
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
     SockNatValue, SourceRangeKey, VipFilter, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_MIGRATE_GLOBAL, CT_PREV_MAP,
     DEBUG_GLOBAL, DEFAULT_NEW_FLOWS_PER_CPU, DEFAULT_SNAT_PORTS, HOST_ROUTING_GLOBAL, KERNEL_GLOBAL, NEW_FLOWS_GLOBAL,
-    SNAT_PORTS_GLOBAL,
+    SNAT_PORTS_GLOBAL, SOCK_ROUTING_GLOBAL,
 };
 use thiserror::Error;
 
@@ -114,6 +114,8 @@ pub struct Maps {
     pub route_events: PerCpuArray<MapData, u64>,
     pub vip_filter: Array<MapData, VipFilter>,
     pub backend_filter: Array<MapData, dataplane_common::BackendFilter>,
+    /// The endpoint set (see `reconcile::endpoints`).
+    pub endpoints: HashMap<MapData, dataplane_common::EndpointKey, u8>,
 }
 
 impl Maps {
@@ -148,6 +150,7 @@ impl Maps {
             vip_filter: Array::try_from(take(e, map_names::VIP_FILTER)?).map_err(m(map_names::VIP_FILTER))?,
             backend_filter: Array::try_from(take(e, map_names::BACKEND_FILTER)?)
                 .map_err(m(map_names::BACKEND_FILTER))?,
+            endpoints: HashMap::try_from(take(e, map_names::ENDPOINTS)?).map_err(m(map_names::ENDPOINTS))?,
         })
     }
 
@@ -333,6 +336,11 @@ pub struct Globals {
     /// interface (`HOST_ROUTING_GLOBAL`; off by default, as
     /// `--host-routing`).
     pub host_routing: bool,
+    /// With `host_routing`, the packets of connections the socket-level
+    /// programs translated are host-routed too (`SOCK_ROUTING_GLOBAL`;
+    /// the agent sets it when socket-level load balancing is on as well,
+    /// and keeps the endpoint set).
+    pub sock_routing: bool,
 }
 
 impl Default for Globals {
@@ -341,6 +349,7 @@ impl Default for Globals {
             snat_ports: DEFAULT_SNAT_PORTS,
             new_flows_per_cpu: DEFAULT_NEW_FLOWS_PER_CPU,
             host_routing: false,
+            sock_routing: false,
         }
     }
 }
@@ -487,6 +496,8 @@ impl Dataplane {
         loader.override_global(NEW_FLOWS_GLOBAL, &globals.new_flows_per_cpu, true);
         let host_routing: u8 = globals.host_routing.into();
         loader.override_global(HOST_ROUTING_GLOBAL, &host_routing, true);
+        let sock_routing: u8 = (globals.host_routing && globals.sock_routing).into();
+        loader.override_global(SOCK_ROUTING_GLOBAL, &sock_routing, true);
         if let Some(old) = ct_prev {
             loader.map_pin_path(CT_PREV_MAP, old);
         }

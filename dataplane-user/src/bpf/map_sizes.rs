@@ -37,7 +37,8 @@ impl MapSizes {
     pub fn max_entries(&self, name: &str) -> Option<u32> {
         Some(match name {
             map_names::SERVICES | map_names::SERVICE_STATS | map_names::NAMES => self.services,
-            map_names::BACKENDS => self.backends,
+            // Every endpoint in the set has a backend slot.
+            map_names::BACKENDS | map_names::ENDPOINTS => self.backends,
             map_names::MAGLEV => self.maglev_chunks,
             map_names::CONNTRACK => self.conntrack,
             map_names::AFFINITY | map_names::SOCK_AFFINITY => self.affinity,

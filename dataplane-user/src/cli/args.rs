@@ -262,6 +262,15 @@ pub struct RunArgs {
     /// exist.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "DATAPLANE_HOST_ROUTING")]
     pub host_routing: bool,
+    /// With --host-routing and --socket-lb-cgroup: the packets of
+    /// connections translated at the socket level (which carry the
+    /// endpoint's address from the client on) are host-routed too, by a
+    /// set of every Service endpoint's address, port and protocol. The
+    /// datapath cannot tell them from a pod addressing an endpoint
+    /// directly, so all traffic to and from Service endpoints skips the
+    /// node's netfilter. `false` leaves it to the stack.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "DATAPLANE_SOCKET_HOST_ROUTING")]
+    pub socket_host_routing: bool,
     /// How new flows pick a backend.
     #[arg(long, value_enum, default_value_t = Selection::Maglev, env = "DATAPLANE_LB_ALGORITHM")]
     pub lb_algorithm: Selection,
@@ -406,6 +415,7 @@ impl RunArgs {
             snat_ips: self.snat_ips,
             new_flows_per_cpu: self.new_flows_per_cpu,
             host_routing: self.host_routing,
+            socket_host_routing: self.socket_host_routing,
             sync: SyncConfig {
                 selection: self.lb_algorithm,
                 maglev_size,

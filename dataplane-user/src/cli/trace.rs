@@ -210,6 +210,7 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
     // FIB would send the packet depends on the namespace the CLI runs in.
     let globals = Globals {
         host_routing: false,
+        sock_routing: false,
         ..Globals::default()
     };
     let (mut dp, _) = Dataplane::load_with(bpf_object, None, &MapSizes::default(), false, globals)

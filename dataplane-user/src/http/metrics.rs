@@ -250,6 +250,7 @@ impl Collector for DatapathCollector {
                 m if m == map_names::MAGLEV => programmed.maglev,
                 m if m == map_names::NAMES => programmed.names,
                 m if m == map_names::SOURCE_RANGES => programmed.source_ranges,
+                m if m == map_names::ENDPOINTS => programmed.endpoints,
                 m => snap
                     .entries(m)
                     .unwrap_or(if c.is_array() { c.max_entries.into() } else { 0 }),

@@ -89,6 +89,7 @@ fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) ->
         vip_filter: Array::try_from(map(map_names::VIP_FILTER)?).map_err(read_err(map_names::VIP_FILTER))?,
         backend_filter: Array::try_from(map(map_names::BACKEND_FILTER)?)
             .map_err(read_err(map_names::BACKEND_FILTER))?,
+        endpoints: HashMap::try_from(map(map_names::ENDPOINTS)?).map_err(read_err(map_names::ENDPOINTS))?,
     })
 }
 
@@ -148,6 +149,7 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
         id(map_names::ROUTE_EVENTS, &maps.route_events)?,
         id(map_names::VIP_FILTER, &maps.vip_filter)?,
         id(map_names::BACKEND_FILTER, &maps.backend_filter)?,
+        id(map_names::ENDPOINTS, &maps.endpoints)?,
     ];
     typed(|name| {
         let id = ids
@@ -579,7 +581,7 @@ pub fn capacities(maps: &Maps) -> Result<Vec<MapCapacity>, InspectError> {
 
 /// Every map of [`Maps`]: name, kind, handle, in the order `dataplane
 /// stats` lists them.
-fn every_map(maps: &Maps) -> [(&'static str, &'static str, &aya::maps::MapData); 17] {
+fn every_map(maps: &Maps) -> [(&'static str, &'static str, &aya::maps::MapData); 18] {
     [
         (map_names::SERVICES, "hash", maps.services.map()),
         (map_names::BACKENDS, "hash", maps.backends.map()),
@@ -598,6 +600,7 @@ fn every_map(maps: &Maps) -> [(&'static str, &'static str, &aya::maps::MapData);
         (map_names::ROUTE_EVENTS, "percpu_array", maps.route_events.map()),
         (map_names::VIP_FILTER, "array", maps.vip_filter.map()),
         (map_names::BACKEND_FILTER, "array", maps.backend_filter.map()),
+        (map_names::ENDPOINTS, "hash", maps.endpoints.map()),
     ]
 }
 
@@ -631,6 +634,7 @@ pub fn stats(maps: &Maps) -> Result<Stats, InspectError> {
             map_names::NAMES => count(name, maps.names.keys()),
             map_names::SOCK_NAT => count(name, maps.sock_nat.keys()),
             map_names::SOCK_AFFINITY => count(name, maps.sock_affinity.keys()),
+            map_names::ENDPOINTS => count(name, maps.endpoints.keys()),
             _ => Ok(u64::from(max(name))),
         }
     };

@@ -225,6 +225,15 @@ impl MapWriter for crate::bpf::loader::Maps {
         })?;
         Ok(flows + sockets)
     }
+    fn put_endpoints(&mut self, keys: &[dataplane_common::EndpointKey]) -> Result<(), WriteError> {
+        super::endpoints::put(self, keys)
+    }
+    fn delete_endpoints(&mut self, keys: &[dataplane_common::EndpointKey]) -> Result<(), WriteError> {
+        super::endpoints::delete(self, keys)
+    }
+    fn endpoint_keys(&mut self) -> Result<Vec<dataplane_common::EndpointKey>, WriteError> {
+        super::endpoints::keys(self)
+    }
     fn put_vip_filter(&mut self, filter: &VipFilter) -> Result<(), WriteError> {
         self.vip_filter
             .set(0, filter, 0)

@@ -11,6 +11,7 @@
 
 mod adopt;
 mod bulk;
+mod endpoints;
 mod maps;
 #[cfg(test)]
 mod tests;
@@ -126,6 +127,20 @@ pub trait MapWriter {
     /// datagrams to it. Returns how many flows and socket entries it
     /// deleted.
     fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, WriteError>;
+    /// Adds `keys` to the endpoint set (`map_names::ENDPOINTS`), each
+    /// address's backend filter entry set first (see `endpoints.rs`).
+    /// Writers without one (test doubles) ignore it.
+    fn put_endpoints(&mut self, _keys: &[dataplane_common::EndpointKey]) -> Result<(), WriteError> {
+        Ok(())
+    }
+    /// Removes `keys` from the endpoint set (missing ones are fine).
+    fn delete_endpoints(&mut self, _keys: &[dataplane_common::EndpointKey]) -> Result<(), WriteError> {
+        Ok(())
+    }
+    /// The keys in the endpoint set.
+    fn endpoint_keys(&mut self) -> Result<Vec<dataplane_common::EndpointKey>, WriteError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The service flags that come from the desired state (the others come
@@ -269,6 +284,9 @@ pub struct Syncer<W: MapWriter> {
     /// The last `ServiceValue::epoch` written (they only grow, wrapping
     /// past 0).
     epoch: u32,
+    /// The endpoint set's bookkeeping, while the agent keeps the set
+    /// (see `endpoints.rs`).
+    endpoints: Option<endpoints::Endpoints>,
 }
 
 /// How long the backend slots and Maglev chunks of a generation stay after
@@ -357,6 +375,7 @@ impl<W: MapWriter> Syncer<W> {
             retired: Vec::new(),
             markers_changed: true,
             epoch: 0,
+            endpoints: None,
         }
     }
 
@@ -385,30 +404,34 @@ impl<W: MapWriter> Syncer<W> {
 
     /// Records `p` as what the maps hold for `key`.
     fn set_programmed(&mut self, key: ServiceKey, p: Programmed) {
-        self.count(&p, true);
+        self.count(&key, &p, true);
         if let Some(old) = self.programmed.insert(key, p) {
-            self.count(&old, false);
+            self.count(&key, &old, false);
         }
     }
 
     /// Takes `key` out of `programmed`, keeping the sums.
     fn take_programmed(&mut self, key: &ServiceKey) -> Option<Programmed> {
         let p = self.programmed.remove(key)?;
-        self.count(&p, false);
+        self.count(key, &p, false);
         Some(p)
     }
 
     /// Replaces `programmed` (adoption), recomputing the sums.
     fn set_all_programmed(&mut self, programmed: BTreeMap<ServiceKey, Programmed>) {
         (self.programmed_backends, self.programmed_chunks, self.programmed_ranges) = (0, 0, 0);
-        for p in programmed.values() {
-            self.count(p, true);
+        for (k, p) in &programmed {
+            self.count(k, p, true);
         }
         self.programmed = programmed;
     }
 
-    /// Adds `p`'s entries to the sums (`add`), or takes them out.
-    fn count(&mut self, p: &Programmed, add: bool) {
+    /// Adds `p`'s entries (of frontend `key`) to the sums (`add`), or takes
+    /// them out.
+    fn count(&mut self, key: &ServiceKey, p: &Programmed, add: bool) {
+        if let Some(e) = &mut self.endpoints {
+            e.count(key, &p.frontend.backends, add);
+        }
         let parts = [
             (&mut self.programmed_backends, p.frontend.backends.len()),
             (&mut self.programmed_chunks, maglev_chunks(p.maglev_size)),
@@ -442,6 +465,7 @@ impl<W: MapWriter> Syncer<W> {
             maglev: (self.programmed_chunks + chunks) as u64,
             names: frontends,
             source_ranges: (self.programmed_ranges + self.cluster_cidr_entries) as u64,
+            endpoints: self.endpoint_count() as u64,
         }
     }
 
@@ -698,6 +722,7 @@ impl<W: MapWriter> Syncer<W> {
         self.failed = failed;
         self.clear_stale_udp(&mut report);
         self.sync_vip_filter(&mut report);
+        self.sync_endpoints(&mut report);
         report
     }
 
@@ -731,6 +756,7 @@ impl<W: MapWriter> Syncer<W> {
         self.failed = failed;
         self.clear_stale_udp(&mut report);
         self.sync_vip_filter(&mut report);
+        self.sync_endpoints(&mut report);
         report
     }
 

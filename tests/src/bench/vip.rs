@@ -5,7 +5,10 @@
 //! - `dataplane-socket`: the real agent as deployed: socket-level load
 //!   balancing on a cgroup the client process runs in (the Service is
 //!   translated when the client connects) and TC ingress (tcx) on every
-//!   node interface, no iptables/nft rules in the node namespace;
+//!   node interface, no iptables/nft rules in the node namespace. With
+//!   host routing (the bench's default) its packets are host-routed by the
+//!   endpoint set; `dataplane-socket-stack` (on request) is the same
+//!   with `--socket-host-routing=false`, its packets through the stack;
 //! - `dataplane`: the agent with TC only: every packet of the connection is
 //!   translated by the per-packet path (what traffic from outside the
 //!   node, or from pods outside the cgroup, gets);
@@ -97,6 +100,10 @@ pub enum Contender {
     /// The agent with socket-level load balancing on the client's cgroup
     /// and TC on the node's interfaces (as deployed).
     DataplaneSocket,
+    /// As `DataplaneSocket`, with `--socket-host-routing=false`: the
+    /// socket-translated connections' packets take the node's stack even
+    /// with host routing on (the path before socket-level host routing).
+    DataplaneSocketStack,
     /// The agent with TC only (the per-packet path).
     Dataplane,
     /// The agent with XDP (auto mode: native on veth) on the node's
@@ -126,8 +133,9 @@ pub const DEFAULT_CONTENDERS: [Contender; 6] = [
     Contender::DirectBoth,
 ];
 
-const ALL_CONTENDERS: [Contender; 9] = [
+const ALL_CONTENDERS: [Contender; 10] = [
     Contender::DataplaneSocket,
+    Contender::DataplaneSocketStack,
     Contender::Dataplane,
     Contender::DataplaneXdp,
     Contender::DataplaneAlt,
@@ -145,6 +153,7 @@ impl Contender {
     pub fn name(self) -> &'static str {
         match self {
             Contender::DataplaneSocket => "dataplane-socket",
+            Contender::DataplaneSocketStack => "dataplane-socket-stack",
             Contender::Dataplane => "dataplane",
             Contender::DataplaneXdp => "dataplane-xdp",
             Contender::DataplaneAlt => "dataplane-alt",
@@ -160,10 +169,16 @@ impl Contender {
         ALL_CONTENDERS.into_iter().find(|c| c.name() == name)
     }
 
+    /// Socket-level load balancing on the client's cgroup.
+    fn is_socket(self) -> bool {
+        matches!(self, Contender::DataplaneSocket | Contender::DataplaneSocketStack)
+    }
+
     fn is_dataplane(self) -> bool {
         matches!(
             self,
             Contender::DataplaneSocket
+                | Contender::DataplaneSocketStack
                 | Contender::Dataplane
                 | Contender::DataplaneXdp
                 | Contender::DataplaneAlt
@@ -574,6 +589,7 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
     };
     match who {
         Contender::DataplaneSocket
+        | Contender::DataplaneSocketStack
         | Contender::Dataplane
         | Contender::DataplaneXdp
         | Contender::DataplaneAlt
@@ -609,10 +625,13 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
                 s.notes.push(format!("eBPF object: {obj}"));
                 extra = vec!["--bpf-object".to_string(), obj];
             }
-            if who == Contender::DataplaneSocket {
+            if who.is_socket() {
                 let cg = crate::cgroup::TestCgroup::new()?;
                 extra = vec!["--socket-lb-cgroup".to_string(), cg.path().display().to_string()];
                 s.cgroup = Some(cg);
+            }
+            if who == Contender::DataplaneSocketStack {
+                extra.push("--socket-host-routing=false".to_string());
             }
             extra.push(format!("--host-routing={}", cfg.host_routing));
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -626,6 +645,8 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
                 if xdp.is_empty() { "TC ingress (tcx)" } else { "XDP (auto mode)" },
                 if who == Contender::DataplaneSocket {
                     " and socket-level load balancing on the client process's cgroup"
+                } else if who == Contender::DataplaneSocketStack {
+                    " and socket-level load balancing on the client process's cgroup, --socket-host-routing=false"
                 } else {
                     ""
                 }
@@ -656,15 +677,39 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
     // Each contender must work before it is timed, and the dataplane
     // contenders must take the path they are named after.
     let before = s._agent.as_ref().map(Agent::translations).transpose()?;
+    let routed0 = s._agent.as_ref().map(host_routed).transpose()?;
     client_round(&s, 5, 1, Duration::ZERO).with_context(|| format!("{} does not answer", who.name()))?;
-    if let (Some(a), Some((sock0, nat0))) = (s._agent.as_ref(), before) {
+    if let (Some(a), Some((sock0, nat0)), Some(routed0)) = (s._agent.as_ref(), before, routed0) {
+        // Host routing: every packet of these connections (socket-level
+        // ones included) redirected, or none.
+        let (redirected, to_stack) = host_routed(a)?;
+        let routed = (redirected - routed0.0, to_stack - routed0.1);
+        // (XDP: whether the pods' veths take redirected frames decides.)
+        let expect_routed = match who {
+            Contender::DataplaneSocketStack | Contender::DirectTc => Some(false),
+            Contender::DataplaneXdp => None,
+            _ => Some(cfg.host_routing),
+        };
+        if let Some(expect_routed) = expect_routed.filter(|e| (routed.0 > 0) != *e) {
+            bail!(
+                "{}: {} packets host-routed and {} to the stack, expected {}",
+                who.name(),
+                routed.0,
+                routed.1,
+                if expect_routed { "host routing" } else { "none" }
+            );
+        }
+        s.notes.push(format!(
+            "checked before timing: {} packets host-routed, {} to the stack",
+            routed.0, routed.1
+        ));
         let (sock, nat) = a.translations()?;
         let (by_socket, by_packet) = (sock - sock0, nat - nat0);
         // A round opens `conns` connections, one for the exchanges and one
         // for the stream.
         let conns = 5 + 2;
         let expected = match who {
-            Contender::DataplaneSocket => (conns, 0),
+            Contender::DataplaneSocket | Contender::DataplaneSocketStack => (conns, 0),
             Contender::DirectTc => (0, 0),
             _ => (0, conns),
         };
@@ -679,6 +724,20 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
         ));
     }
     Ok(s)
+}
+
+/// The agent's host routing counters so far: packets redirected (by any
+/// helper, XDP's included), packets handed to the stack.
+fn host_routed(a: &Agent) -> Result<(u64, u64)> {
+    let s = dataplane::inspect::stats(&dataplane::inspect::open_pinned(&a.pins)?)?;
+    let count = |stack: bool| {
+        s.host_routing
+            .iter()
+            .filter(|e| (e.event == "to_stack") == stack)
+            .map(|e| e.count)
+            .sum::<u64>()
+    };
+    Ok((count(false), count(true)))
 }
 
 fn round1(v: &[f64]) -> Vec<f64> {
