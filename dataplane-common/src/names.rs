@@ -33,6 +33,10 @@ pub mod map_names {
     /// The backend filter (`BackendFilter`, one entry): the entries of
     /// every address that was a backend of a flow.
     pub const BACKEND_FILTER: &str = "DP_BACKEND_FILTER";
+    /// The frontend cache (`FrontendBucket`, `FRONTEND_CACHE_BUCKETS`
+    /// entries): service ids of frontends by hashed key, for established
+    /// packets.
+    pub const FRONTEND_CACHE: &str = "DP_FE_CACHE";
     /// The flood guard's reply entries of flows without state yet
     /// (`CtKey` -> `CtValue`, `limits::MAX_CT_SYN`), never pinned: a
     /// restart of the programs forgets at most the handshakes under way.
@@ -66,7 +70,7 @@ pub mod map_shapes {
         }
     }
 
-    pub const ALL: [MapShape; 17] = [
+    pub const ALL: [MapShape; 18] = [
         shape::<u32, ServiceName>(map_names::NAMES, limits::MAX_SERVICES),
         // LPM trie keys carry a u32 prefix length in front of the data.
         MapShape {
@@ -90,6 +94,7 @@ pub mod map_shapes {
         shape::<u32, u64>(map_names::ROUTE_EVENTS, ROUTE_EVENT_SLOTS),
         shape::<u32, VipFilter>(map_names::VIP_FILTER, 1),
         shape::<u32, BackendFilter>(map_names::BACKEND_FILTER, 1),
+        shape::<u32, FrontendBucket>(map_names::FRONTEND_CACHE, FRONTEND_CACHE_BUCKETS),
     ];
 }
 

@@ -114,6 +114,7 @@ pub struct Maps {
     pub route_events: PerCpuArray<MapData, u64>,
     pub vip_filter: Array<MapData, VipFilter>,
     pub backend_filter: Array<MapData, dataplane_common::BackendFilter>,
+    pub frontend_cache: Array<MapData, dataplane_common::FrontendBucket>,
 }
 
 impl Maps {
@@ -148,6 +149,8 @@ impl Maps {
             vip_filter: Array::try_from(take(e, map_names::VIP_FILTER)?).map_err(m(map_names::VIP_FILTER))?,
             backend_filter: Array::try_from(take(e, map_names::BACKEND_FILTER)?)
                 .map_err(m(map_names::BACKEND_FILTER))?,
+            frontend_cache: Array::try_from(take(e, map_names::FRONTEND_CACHE)?)
+                .map_err(m(map_names::FRONTEND_CACHE))?,
         })
     }
 

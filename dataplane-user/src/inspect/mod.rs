@@ -87,6 +87,8 @@ fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) ->
         vip_filter: Array::try_from(map(map_names::VIP_FILTER)?).map_err(read_err(map_names::VIP_FILTER))?,
         backend_filter: Array::try_from(map(map_names::BACKEND_FILTER)?)
             .map_err(read_err(map_names::BACKEND_FILTER))?,
+        frontend_cache: Array::try_from(map(map_names::FRONTEND_CACHE)?)
+            .map_err(read_err(map_names::FRONTEND_CACHE))?,
     })
 }
 
@@ -146,6 +148,7 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
         id(map_names::ROUTE_EVENTS, &maps.route_events)?,
         id(map_names::VIP_FILTER, &maps.vip_filter)?,
         id(map_names::BACKEND_FILTER, &maps.backend_filter)?,
+        id(map_names::FRONTEND_CACHE, &maps.frontend_cache)?,
     ];
     typed(|name| {
         let id = ids
@@ -585,6 +588,7 @@ pub fn capacities(maps: &Maps) -> Result<Vec<MapCapacity>, InspectError> {
         loaded(map_names::ROUTE_EVENTS, "percpu_array", maps.route_events.map()),
         loaded(map_names::VIP_FILTER, "array", maps.vip_filter.map()),
         loaded(map_names::BACKEND_FILTER, "array", maps.backend_filter.map()),
+        loaded(map_names::FRONTEND_CACHE, "array", maps.frontend_cache.map()),
     ]
     .into_iter()
     .collect()

@@ -15,6 +15,9 @@ pub struct AdoptReport {
     /// (see `Maps::fill_backend_filter`): nonzero after an upgrade from a
     /// release without the filter.
     pub backend_filter_set: usize,
+    /// Frontends the rebuilt frontend cache holds (see
+    /// `Maps::fill_frontend_cache`).
+    pub frontends_cached: usize,
 }
 
 impl Syncer<crate::bpf::loader::Maps> {
@@ -132,6 +135,7 @@ impl Syncer<crate::bpf::loader::Maps> {
         report.stale_removed += stale.len();
 
         report.backend_filter_set = maps.fill_backend_filter()?;
+        report.frontends_cached = maps.fill_frontend_cache()?;
 
         let mut syncer = Syncer::with_config(maps, config);
         let used: std::collections::BTreeSet<u32> = live.keys().copied().collect();

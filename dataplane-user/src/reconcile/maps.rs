@@ -1,6 +1,6 @@
 //! The real BPF maps as the reconciler's [`MapWriter`].
 
-use dataplane_common::{AffinityKey, CtKey, CtValue, CT_F_REPLY};
+use dataplane_common::{AffinityKey, CtKey, CtValue, FrontendBucket, FrontendWay, CT_F_REPLY};
 
 use super::*;
 use crate::bpf::sys::SysError;
@@ -72,6 +72,76 @@ impl crate::bpf::loader::Maps {
     }
 }
 
+impl crate::bpf::loader::Maps {
+    /// Makes the frontend cache's entry of `key` say `id` (`None`: not
+    /// cached; see `FrontendBucket`). A full bucket leaves `key` uncached:
+    /// its packets take the service map. The bucket is written only when
+    /// it changes, and a way only ever goes from empty to a frontend or
+    /// back (never from one frontend or id straight to another).
+    fn cache_frontend(&mut self, key: &ServiceKey, id: Option<u32>) -> Result<(), WriteError> {
+        let name = map_names::FRONTEND_CACHE;
+        let index = dataplane_common::frontend_bucket(key);
+        let mut bucket = self.frontend_cache.get(&index, 0).map_err(map_err(name))?;
+        let before = bucket;
+        let held = bucket.ways.iter().position(|w| w.key == *key);
+        match (held, id) {
+            (Some(i), Some(id)) if bucket.ways[i].service_id == id => {}
+            (Some(i), Some(id)) => {
+                // Another id under the same key: empty first, so that a
+                // program never reads the new id with the old check.
+                bucket.ways[i] = FrontendWay::default();
+                self.frontend_cache.set(index, bucket, 0).map_err(map_err(name))?;
+                bucket.ways[i] = FrontendWay::new(*key, id);
+            }
+            (Some(i), None) => bucket.ways[i] = FrontendWay::default(),
+            (None, Some(id)) => {
+                if let Some(w) = bucket.ways.iter_mut().find(|w| w.key.family == 0) {
+                    *w = FrontendWay::new(*key, id);
+                }
+            }
+            (None, None) => {}
+        }
+        if bucket != before {
+            self.frontend_cache.set(index, bucket, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the frontend cache from the service map, whole: after an
+    /// adoption the cache may be missing (a release without it) or stale
+    /// (a rollback to such a release, whose agent changed Services
+    /// without keeping it). Called before the new programs are attached.
+    /// Returns how many frontends it cached.
+    pub fn fill_frontend_cache(&mut self) -> Result<usize, WriteError> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let mut cache = vec![FrontendBucket::default(); dataplane_common::FRONTEND_CACHE_BUCKETS as usize];
+        let mut cached = 0;
+        crate::bpf::batch::for_each_entry(self.services.map().fd().as_fd(), |k: &ServiceKey, v: &ServiceValue| {
+            if !cacheable(k, v) {
+                return;
+            }
+            let bucket = &mut cache[dataplane_common::frontend_bucket(k) as usize];
+            if let Some(w) = bucket.ways.iter_mut().find(|w| w.key.family == 0) {
+                *w = FrontendWay::new(*k, v.service_id);
+                cached += 1;
+            }
+        })
+        .map_err(sys_err(map_names::SERVICES))?;
+        let keys: Vec<u32> = (0..dataplane_common::FRONTEND_CACHE_BUCKETS).collect();
+        let fd = self.frontend_cache.map().fd().as_fd();
+        crate::bpf::batch::update(fd, &keys, &cache).map_err(sys_err(map_names::FRONTEND_CACHE))?;
+        Ok(cached)
+    }
+}
+
+/// Whether the frontend cache may hold `key` with `value`: not the
+/// in-cluster view of a frontend, nor a frontend that has one (its packets
+/// count under either id, depending on the source).
+fn cacheable(key: &ServiceKey, value: &ServiceValue) -> bool {
+    key.family & dataplane_common::KEY_IN_CLUSTER == 0 && value.flags & dataplane_common::SVC_F_IN_CLUSTER_VIEW == 0
+}
+
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {
     move |source| WriteError::Map { map, source }
 }
@@ -103,11 +173,23 @@ impl MapWriter for crate::bpf::loader::Maps {
         self.backends.remove(&key).map_err(map_err(map_names::BACKENDS))
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), WriteError> {
+        // The frontend cache never says more than the service map: a
+        // frontend is cached after its entry is written, and uncached
+        // before an entry that must not be cached replaces it.
+        if !cacheable(&key, &value) {
+            self.cache_frontend(&key, None)?;
+        }
         self.services
             .insert(key, value, 0)
-            .map_err(map_err(map_names::SERVICES))
+            .map_err(map_err(map_names::SERVICES))?;
+        if cacheable(&key, &value) {
+            self.cache_frontend(&key, Some(value.service_id))?;
+        }
+        Ok(())
     }
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
+        // Uncached first: from then on its packets ask the service map.
+        self.cache_frontend(&key, None)?;
         self.services.remove(&key).map_err(map_err(map_names::SERVICES))
     }
     fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), WriteError> {
