@@ -1591,6 +1591,11 @@ fn cached(l: &Loaded, key: &ServiceKey) -> Option<u32> {
     b.ways.iter().find(|w| w.key == *key).map(|w| w.service_id)
 }
 
+/// The service map's entries, as adoption reads them.
+fn services(l: &Loaded) -> Vec<(ServiceKey, dataplane_common::ServiceValue)> {
+    l.sync.writer().services.iter().map(Result::unwrap).collect()
+}
+
 fn packets_of(l: &Loaded, id: u32) -> u64 {
     let stats = l.sync.writer().service_stats.get(&id, 0).unwrap();
     stats.iter().map(|s| s.packets).sum()
@@ -1711,7 +1716,8 @@ fn adoption_rebuilds_the_frontend_cache_from_the_service_map() {
             "{prog:?}: the stale way is believed"
         );
 
-        assert_eq!(l.sync.writer_mut().fill_frontend_cache().unwrap(), 1, "{prog:?}");
+        let all = services(&l);
+        assert_eq!(l.sync.writer_mut().fill_frontend_cache(&all).unwrap(), 1, "{prog:?}");
         assert_eq!(cached(&l, &tcp), None, "{prog:?}");
         assert_eq!(cached(&l, &udp), Some(l.sync.programmed()[&udp].service_id), "{prog:?}");
         assert_eq!(
@@ -1736,7 +1742,8 @@ fn frontends_with_an_in_cluster_view_are_never_cached() {
     l.set_frontend(key.in_cluster(), frontend(backends.clone(), 0));
     assert_eq!(cached(&l, &key), None, "uncached when it gains the view");
     assert_eq!(cached(&l, &key.in_cluster()), None);
-    assert_eq!(l.sync.writer_mut().fill_frontend_cache().unwrap(), 0);
+    let all = services(&l);
+    assert_eq!(l.sync.writer_mut().fill_frontend_cache(&all).unwrap(), 0);
     assert_eq!(cached(&l, &key), None);
     // Back to Cluster policy: cached again.
     l.desired.frontends.remove(&key.in_cluster());

@@ -58,6 +58,10 @@ impl Syncer<crate::bpf::loader::Maps> {
         for r in ranges.values_mut() {
             r.sort();
         }
+        let mut maps = maps;
+        // Before the programs of this release are attached (see
+        // `Maps::fill_frontend_cache`).
+        report.frontends_cached = maps.fill_frontend_cache(&services)?;
         for (key, value) in services {
             let mut backends = Vec::with_capacity(value.backend_count as usize);
             for i in 0..value.backend_count as u32 {
@@ -99,7 +103,6 @@ impl Syncer<crate::bpf::loader::Maps> {
         }
         report.frontends = programmed.len();
 
-        let mut maps = maps;
         let current_slot = |k: &BackendKey| {
             live.get(&k.service_id).is_some_and(|v| {
                 let (generation, index) = k.generation_and_index();
@@ -135,7 +138,6 @@ impl Syncer<crate::bpf::loader::Maps> {
         report.stale_removed += stale.len();
 
         report.backend_filter_set = maps.fill_backend_filter()?;
-        report.frontends_cached = maps.fill_frontend_cache()?;
 
         let mut syncer = Syncer::with_config(maps, config);
         let used: std::collections::BTreeSet<u32> = live.keys().copied().collect();

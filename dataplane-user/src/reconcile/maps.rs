@@ -107,27 +107,24 @@ impl crate::bpf::loader::Maps {
         Ok(())
     }
 
-    /// Rebuilds the frontend cache from the service map, whole: after an
-    /// adoption the cache may be missing (a release without it) or stale
-    /// (a rollback to such a release, whose agent changed Services
-    /// without keeping it). Called before the new programs are attached.
-    /// Returns how many frontends it cached.
-    pub fn fill_frontend_cache(&mut self) -> Result<usize, WriteError> {
+    /// Rebuilds the frontend cache from `services` (the service map's
+    /// entries, as adoption read them), whole: after an adoption the cache
+    /// may be missing (a release without it) or stale (a rollback to such
+    /// a release, whose agent changed Services without keeping it). Called
+    /// before the new programs are attached. Returns how many frontends it
+    /// cached.
+    pub fn fill_frontend_cache(&mut self, services: &[(ServiceKey, ServiceValue)]) -> Result<usize, WriteError> {
         use aya::maps::IterableMap;
         use std::os::fd::AsFd;
         let mut cache = vec![FrontendBucket::default(); dataplane_common::FRONTEND_CACHE_BUCKETS as usize];
         let mut cached = 0;
-        crate::bpf::batch::for_each_entry(self.services.map().fd().as_fd(), |k: &ServiceKey, v: &ServiceValue| {
-            if !cacheable(k, v) {
-                return;
-            }
+        for (k, v) in services.iter().filter(|(k, v)| cacheable(k, v)) {
             let bucket = &mut cache[dataplane_common::frontend_bucket(k) as usize];
             if let Some(w) = bucket.ways.iter_mut().find(|w| w.key.family == 0) {
                 *w = FrontendWay::new(*k, v.service_id);
                 cached += 1;
             }
-        })
-        .map_err(sys_err(map_names::SERVICES))?;
+        }
         let keys: Vec<u32> = (0..dataplane_common::FRONTEND_CACHE_BUCKETS).collect();
         let fd = self.frontend_cache.map().fd().as_fd();
         crate::bpf::batch::update(fd, &keys, &cache).map_err(sys_err(map_names::FRONTEND_CACHE))?;
