@@ -34,6 +34,10 @@ pub mod map_names {
     /// The backend filter (`BackendFilter`, one entry): the entries of
     /// every address that was a backend of a flow.
     pub const BACKEND_FILTER: &str = "DP_BACKEND_FILTER";
+    /// The frontend cache (`FrontendBucket`, `FRONTEND_CACHE_BUCKETS`
+    /// entries): service ids of frontends by hashed key, for established
+    /// packets.
+    pub const FRONTEND_CACHE: &str = "DP_FE_CACHE";
     /// The flood guard's reply entries of flows without state yet
     /// (`CtKey` -> `CtValue`, `limits::MAX_CT_SYN`), never pinned: a
     /// restart of the programs forgets at most the handshakes under way.
@@ -73,7 +77,7 @@ pub mod map_shapes {
         }
     }
 
-    pub const ALL: [MapShape; 18] = [
+    pub const ALL: [MapShape; 19] = [
         shape::<u32, ServiceName>(map_names::NAMES, limits::MAX_SERVICES),
         // LPM trie keys carry a u32 prefix length in front of the data.
         MapShape {
@@ -98,6 +102,7 @@ pub mod map_shapes {
         shape::<u32, VipFilter>(map_names::VIP_FILTER, 1),
         shape::<u32, BackendFilter>(map_names::BACKEND_FILTER, 1),
         shape::<EndpointKey, u8>(map_names::ENDPOINTS, limits::MAX_BACKEND_SLOTS),
+        shape::<u32, FrontendBucket>(map_names::FRONTEND_CACHE, FRONTEND_CACHE_BUCKETS),
     ];
 }
 

@@ -248,6 +248,127 @@ impl BackendFilter {
     }
 }
 
+/// Buckets of the frontend cache (`FrontendBucket`), a power of two: as
+/// many as frontends the service map holds, two ways each, so that at
+/// 100,000 frontends only a few percent share a full bucket.
+pub const FRONTEND_CACHE_BUCKETS: u32 = limits::MAX_SERVICES;
+
+/// One frontend in the frontend cache: its service map key and the id its
+/// value has. An all-zero way is empty (no packet's key has family 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FrontendWay {
+    pub key: ServiceKey,
+    pub service_id: u32,
+    /// `frontend_check(key, service_id)`. The agent rewrites a bucket
+    /// while programs read it, and an array value is copied, not swapped:
+    /// a program may read a way half old, half new. Such a mix of two
+    /// frontends' fields (or of one and zeros) fails this check, bar a
+    /// 32-bit hash collision, so it is never taken for a frontend.
+    pub check: u32,
+    pub _pad: u32,
+}
+
+/// A bucket of the frontend cache (`map_names::FRONTEND_CACHE`, an array
+/// indexed by `frontend_bucket`): up to two frontends whose key hashes
+/// there, each with its service id. Established packets look it up instead
+/// of the service map (an array read the verifier inlines, not a hash
+/// lookup): a way holding the packet's key says the frontend exists with
+/// that id, so that a packet of a tracked flow is translated at once.
+///
+/// Written by the agent only, with the service map (`reconcile/maps.rs`):
+/// a frontend is cached after its service entry is written and uncached
+/// before it is deleted, never cached while its value has
+/// `SVC_F_IN_CLUSTER_VIEW` (whose packets may count under another id), and
+/// the whole cache is rebuilt from the service map when pinned maps are
+/// adopted (a previous release did not keep it). A frontend missing from
+/// the cache (a full bucket, an older agent) only takes the slower path
+/// through the service map; a cached way is always true of the service
+/// map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FrontendBucket {
+    pub ways: [FrontendWay; 2],
+}
+
+/// The hash of `key` that places it in the frontend cache: its bucket is
+/// the high bits (`frontend_bucket`). One multiplication (Fibonacci
+/// hashing): every packet to no Service computes it.
+#[inline(always)]
+pub fn frontend_hash(key: &ServiceKey) -> u32 {
+    let mixed = fold_addr(&key.addr) ^ ((key.port as u32) << 16 | (key.proto as u32) << 8 | key.family as u32);
+    mixed.wrapping_mul(0x9e37_79b1)
+}
+
+/// log2 of `FRONTEND_CACHE_BUCKETS`.
+const FRONTEND_CACHE_BITS: u32 = FRONTEND_CACHE_BUCKETS.trailing_zeros();
+
+/// The bucket of a key from its `frontend_hash` (below
+/// `FRONTEND_CACHE_BUCKETS`).
+#[inline(always)]
+pub fn frontend_bucket_of(hash: u32) -> u32 {
+    hash >> (32 - FRONTEND_CACHE_BITS)
+}
+
+/// The bucket of `key` in the frontend cache.
+#[inline(always)]
+pub fn frontend_bucket(key: &ServiceKey) -> u32 {
+    frontend_bucket_of(frontend_hash(key))
+}
+
+/// `FrontendWay::check` of a way holding `key` with `service_id`, from
+/// `frontend_hash(key)`.
+#[inline(always)]
+pub fn frontend_check(hash: u32, service_id: u32) -> u32 {
+    (hash ^ service_id.wrapping_mul(0x9e37_79b1)) | 1
+}
+
+impl FrontendWay {
+    /// The way holding `key` with `service_id`.
+    pub fn new(key: ServiceKey, service_id: u32) -> Self {
+        FrontendWay {
+            key,
+            service_id,
+            check: frontend_check(frontend_hash(&key), service_id),
+            _pad: 0,
+        }
+    }
+}
+
+const _: () = assert!(FRONTEND_CACHE_BUCKETS.is_power_of_two());
+
+impl FrontendBucket {
+    /// The service id cached for `key` (whose `frontend_hash` is `hash`),
+    /// if any.
+    #[inline(always)]
+    pub fn get(&self, key: &ServiceKey, hash: u32) -> Option<u32> {
+        let w = if same_key(&self.ways[0].key, key) {
+            &self.ways[0]
+        } else if same_key(&self.ways[1].key, key) {
+            &self.ways[1]
+        } else {
+            return None;
+        };
+        // Read once: the check must be of the id returned.
+        // SAFETY: a field of a live reference.
+        let id = unsafe { core::ptr::read_volatile(&w.service_id) };
+        (w.check == frontend_check(hash, id)).then_some(id)
+    }
+}
+
+/// Field by field (the derived `PartialEq` is the same, but this keeps the
+/// eBPF code to five word compares).
+#[inline(always)]
+fn same_key(a: &ServiceKey, b: &ServiceKey) -> bool {
+    a.addr[0] == b.addr[0]
+        && a.addr[1] == b.addr[1]
+        && a.addr[2] == b.addr[2]
+        && a.addr[3] == b.addr[3]
+        && a.port == b.port
+        && a.proto == b.proto
+        && a.family == b.family
+}
+
 /// The data part of a source range map key (an LPM trie, whose keys are
 /// this behind a `u32` prefix length): the prefix length counts the 32 bits
 /// of `service_id_be`, always matched whole, plus the prefix of `addr`.

@@ -148,6 +148,48 @@ fn backend_layout() {
 }
 
 #[test]
+fn frontend_cache_layout() {
+    assert_eq!(size_of::<FrontendWay>(), 32);
+    assert_eq!(offset_of!(FrontendWay, service_id), 20);
+    assert_eq!(offset_of!(FrontendWay, check), 24);
+    assert_eq!(size_of::<FrontendBucket>(), 64, "a bucket is one cache line");
+    let key = ServiceKey {
+        addr: [0x0113_12c6, 0, 0, 0],
+        port: 80u16.to_be(),
+        proto: 6,
+        family: FAMILY_V4,
+    };
+    let mut b = FrontendBucket::default();
+    let get = |b: &FrontendBucket, k: &ServiceKey| b.get(k, frontend_hash(k));
+    assert_eq!(get(&b, &key), None, "an empty way matches no packet's key");
+    b.ways[1] = FrontendWay::new(key, 7);
+    assert_eq!(get(&b, &key), Some(7));
+    let other = ServiceKey {
+        port: 81u16.to_be(),
+        ..key
+    };
+    assert_eq!(get(&b, &other), None);
+    let in_cluster = ServiceKey {
+        family: FAMILY_V4 | KEY_IN_CLUSTER,
+        ..key
+    };
+    assert_eq!(get(&b, &in_cluster), None);
+    // A way read half rewritten: another frontend's key with this one's
+    // id and check (or the reverse) is no match.
+    b.ways[0] = FrontendWay {
+        key: other,
+        ..FrontendWay::new(key, 7)
+    };
+    assert_eq!(get(&b, &other), None);
+    b.ways[0] = FrontendWay {
+        service_id: 8,
+        ..FrontendWay::new(other, 9)
+    };
+    assert_eq!(get(&b, &other), None);
+    assert!(frontend_bucket(&key) < FRONTEND_CACHE_BUCKETS);
+}
+
+#[test]
 fn conntrack_layout() {
     assert_eq!(size_of::<CtKey>(), 40);
     assert_eq!(offset_of!(CtKey, saddr), 0);

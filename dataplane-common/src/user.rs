@@ -8,6 +8,8 @@ unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for ServiceValue {}
 unsafe impl aya::Pod for VipFilter {}
 unsafe impl aya::Pod for BackendFilter {}
+unsafe impl aya::Pod for FrontendBucket {}
+unsafe impl aya::Pod for FrontendWay {}
 unsafe impl aya::Pod for BackendKey {}
 unsafe impl aya::Pod for Backend {}
 unsafe impl aya::Pod for CtKey {}

@@ -39,6 +39,23 @@ pub fn process<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
         proto: p.proto,
         family: p.family,
     };
+    // A SYN may start a new flow on an old tuple and needs the Service's
+    // value; anything else may be a packet of a tracked flow to a cached
+    // frontend (`cached_flow`). What is not cached, or untracked, takes the
+    // path below exactly as without the cache (`untracked`: conntrack was
+    // asked already).
+    let cached = if starts_flow(p) {
+        None
+    } else {
+        crate::maps::cached_frontend(&key)
+    };
+    let untracked = match cached {
+        Some(service_id) => match cached_flow(ctx, p, service_id) {
+            Some(v) => return v,
+            None => true,
+        },
+        None => false,
+    };
     // Copy the value out: the agent may replace it at any time.
     let mut svc = match DP_SERVICES.get_ptr(key) {
         // SAFETY: the map is not preallocated, so the element stays valid
@@ -52,7 +69,49 @@ pub fn process<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
             svc = unsafe { *v };
         }
     }
-    to_service(ctx, p, &svc)
+    to_service(ctx, p, &svc, untracked)
+}
+
+/// A TCP SYN (without ACK): may start a new flow on a tuple conntrack
+/// already has.
+#[inline(always)]
+fn starts_flow(p: &Packet) -> bool {
+    p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// A packet of a tracked flow to a cached frontend (of `service_id`) is
+/// translated without the service map: the frontend cache says the
+/// frontend exists and under which id, which is all a packet of a tracked
+/// flow needs of it (see `FrontendBucket`). `None`: conntrack has no entry
+/// for the tuple. (A function of its own: in the entry program's frame,
+/// its locals would take the stack the new-flow path's chain of frames
+/// needs.)
+#[inline(never)]
+fn cached_flow<C: PacketCtx>(ctx: &C, p: &Packet, service_id: u32) -> Option<Verdict> {
+    let ct = conntrack::lookup(p)?;
+    Some(established(ctx, p, service_id, ct))
+}
+
+/// A packet of the tracked flow `ct` to the frontend of `service_id`: on
+/// to the flow's backend.
+#[inline(always)]
+fn established<C: PacketCtx>(ctx: &C, p: &Packet, service_id: u32, ct: *mut CtValue) -> Verdict {
+    // SAFETY: an entry of this run's lookup.
+    let ct = unsafe { &*ct };
+    if conntrack::closes(p) {
+        // The flow's reply entry closes with it: its tuple is free for a
+        // new flow once the closing timeout passes or a SYN reuses it.
+        conntrack::flag_reply(p, ct, CT_F_CLOSING);
+    }
+    let snat = (ct.flags & CT_F_SNAT != 0).then_some((&ct.snat_addr, ct.snat_port));
+    translate(
+        ctx,
+        p,
+        service_id,
+        (&ct.nat_addr, ct.nat_port),
+        snat,
+        Reason::NatEstablished,
+    )
 }
 
 /// The in-cluster view of an external frontend of a Local-policy Service,
@@ -80,35 +139,20 @@ fn stale(ct: &CtValue, svc: &ServiceValue) -> bool {
     ct.state() & CT_F_CLOSING != 0 || ct.service_id != svc.service_id || ct.epoch != svc.epoch as u16
 }
 
-/// A packet addressed to a service frontend.
+/// A packet addressed to a service frontend (`untracked`: conntrack has
+/// no entry for its tuple, already asked).
 #[inline(never)]
-fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue) -> Verdict {
-    let starts_flow = p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let tracked = conntrack::lookup(p);
+fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue, untracked: bool) -> Verdict {
+    let tracked = if untracked { None } else { conntrack::lookup(p) };
     if let Some(ct) = tracked {
-        // SAFETY: an entry of this run's lookup.
-        let ct = unsafe { &*ct };
         // A SYN on a tuple whose connection was closed starts a new flow
         // (port reuse), and so does one whose entry was made for another
         // frontend or another backend set (a client reusing its port after
         // an unclean close must not follow a backend that may be gone);
         // anything else follows the recorded backend.
-        if !(starts_flow && stale(ct, svc)) {
-            if conntrack::closes(p) {
-                // The flow's reply entry closes with it: its tuple is free
-                // for a new flow once the closing timeout passes or a SYN
-                // reuses it.
-                conntrack::flag_reply(p, ct, CT_F_CLOSING);
-            }
-            let snat = (ct.flags & CT_F_SNAT != 0).then_some((&ct.snat_addr, ct.snat_port));
-            return translate(
-                ctx,
-                p,
-                svc.service_id,
-                (&ct.nat_addr, ct.nat_port),
-                snat,
-                Reason::NatEstablished,
-            );
+        // SAFETY: an entry of this run's lookup.
+        if !(starts_flow(p) && stale(unsafe { &*ct }, svc)) {
+            return established(ctx, p, svc.service_id, ct);
         }
     }
 

@@ -97,6 +97,22 @@ pub fn note_backend(addr: &dataplane_common::Addr) {
     }
 }
 
+/// The frontend cache (see `FrontendBucket`).
+#[map]
+pub static DP_FE_CACHE: Array<dataplane_common::FrontendBucket> =
+    Array::with_max_entries(dataplane_common::FRONTEND_CACHE_BUCKETS, 0);
+
+/// The service id the frontend cache holds for `key`: the service map has
+/// an entry for `key` with this id (and without an in-cluster view).
+/// `None` says nothing: the service map must be asked.
+#[inline(always)]
+pub fn cached_frontend(key: &ServiceKey) -> Option<u32> {
+    let hash = dataplane_common::frontend_hash(key);
+    DP_FE_CACHE
+        .get(dataplane_common::frontend_bucket_of(hash))?
+        .get(key, hash)
+}
+
 /// Conntrack event counters, one per `CtEvent`.
 #[map]
 pub static DP_CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CT_EVENT_SLOTS, 0);

@@ -493,6 +493,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             backends = report.backends,
             stale_removed = report.stale_removed,
             backend_filter_set = report.backend_filter_set,
+            frontends_cached = report.frontends_cached,
             "adopted the pinned maps of a previous agent"
         );
         syncer

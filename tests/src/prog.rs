@@ -207,6 +207,26 @@ impl Loaded {
         }
     }
 
+    /// The same, with a syncer that knows the maps are new, as the
+    /// agent's is when it created them: new frontends are written in bulk
+    /// (`reconcile/bulk.rs`).
+    pub fn fresh(self) -> Loaded {
+        let Loaded {
+            dp,
+            sync,
+            desired,
+            scratch,
+            ct_syn,
+        } = self;
+        Loaded {
+            dp,
+            sync: sync.with_fresh_maps(),
+            desired,
+            scratch,
+            ct_syn,
+        }
+    }
+
     /// Freezes the flood guard's window on every CPU with `used` new flows
     /// already given state in it: the window never ends (it starts at the
     /// largest clock value), so what the guard decides depends on the

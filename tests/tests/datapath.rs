@@ -1583,3 +1583,201 @@ fn udp_flow_clearing_deletes_exactly_the_flows_of_endpoints_that_stopped_serving
         .iter()
         .all(|(k, v)| k.dir == SOCK_NAT_REVERSE || (v.addr == b && v.service_id == 1)));
 }
+
+/// The service id the frontend cache holds for `key`, read from the map.
+fn cached(l: &Loaded, key: &ServiceKey) -> Option<u32> {
+    let bucket = dataplane_common::frontend_bucket(key);
+    let b = l.sync.writer().frontend_cache.get(&bucket, 0).unwrap();
+    b.ways.iter().find(|w| w.key == *key).map(|w| w.service_id)
+}
+
+/// The service map's entries, as adoption reads them.
+fn services(l: &Loaded) -> Vec<(ServiceKey, dataplane_common::ServiceValue)> {
+    l.sync.writer().services.iter().map(Result::unwrap).collect()
+}
+
+fn packets_of(l: &Loaded, id: u32) -> u64 {
+    let stats = l.sync.writer().service_stats.get(&id, 0).unwrap();
+    stats.iter().map(|s| s.packets).sum()
+}
+
+/// A packet of `proto` (TCP with `flags`) from `src` to `dst`, exactly as
+/// the test's packet builder makes it.
+fn frame(proto: u8, src: (IpAddr, u16), dst: (IpAddr, u16), flags: u8) -> Vec<u8> {
+    if proto == TCP {
+        Frame::tcp(src, dst, flags).build()
+    } else {
+        Frame::udp(src, dst, b"datagram").build()
+    }
+}
+
+#[test]
+fn established_packets_of_a_cached_frontend_are_translated_without_the_service_map() {
+    for prog in Prog::BOTH {
+        for (proto, port) in [(TCP, 80), (UDP, 53)] {
+            let mut l = loaded_with_web();
+            let key = ServiceKey::new(VIP, port, proto);
+            let id = l.sync.programmed()[&key].service_id;
+            assert_eq!(cached(&l, &key), Some(id), "the agent caches what it writes");
+            let client = (CLIENT, 40800);
+            let first = parse_and_verify(&l.run(prog, &frame(proto, client, (VIP, port), SYN)).data);
+            let backend = (first.dst, first.dport);
+            // The service entry deleted behind the agent's back: only the
+            // cache still says the frontend exists. An established packet
+            // is translated all the same (it never reads the service map),
+            // to its flow's backend, counted under the cached id.
+            l.sync.writer_mut().services.remove(&key).unwrap();
+            let out = l.run(prog, &frame(proto, client, (VIP, port), ACK));
+            assert_eq!(out.retval, prog.pass(), "{prog:?} {proto}");
+            assert_eq!(
+                out.data,
+                frame(proto, client, backend, ACK),
+                "{prog:?} {proto}: DNATed to the flow's backend"
+            );
+            assert_eq!(l.reason(Reason::NatEstablished), 1, "{prog:?} {proto}");
+            assert_eq!(packets_of(&l, id), 2, "{prog:?} {proto}");
+            // A TCP SYN reads the service map (it may start a new flow on
+            // the tuple): with no entry it passes untouched.
+            if proto == TCP {
+                let syn = frame(proto, client, (VIP, port), SYN);
+                assert_eq!(l.run(prog, &syn).data, syn, "{prog:?}");
+                assert_eq!(l.reason(Reason::PassNoService), 1, "{prog:?}");
+            }
+        }
+    }
+}
+
+/// A cold start writes its new frontends in batches (`reconcile/bulk.rs`):
+/// they are cached as the one-by-one path caches them, and their
+/// established packets take the cache.
+#[test]
+fn frontends_written_in_bulk_are_cached() {
+    for prog in Prog::BOTH {
+        let mut l = Loaded::new().fresh();
+        l.set_service(VIP, 80, TCP, &[(b(1), 8080), (b(2), 8080), (b(3), 8081)]);
+        l.set_service(VIP, 53, UDP, &[(b(1), 5353), (b(2), 5353)]);
+        for (proto, port) in [(TCP, 80), (UDP, 53)] {
+            let key = ServiceKey::new(VIP, port, proto);
+            let id = l.sync.programmed()[&key].service_id;
+            assert_eq!(
+                cached(&l, &key),
+                Some(id),
+                "{prog:?} {proto}: cached after a bulk write"
+            );
+        }
+        let client = (CLIENT, 40850);
+        let first = parse_and_verify(&l.run(prog, &frame(TCP, client, (VIP, 80), SYN)).data);
+        // Only the cache still knows the frontend: the ACK is translated.
+        l.sync
+            .writer_mut()
+            .services
+            .remove(&ServiceKey::new(VIP, 80, TCP))
+            .unwrap();
+        let out = l.run(prog, &frame(TCP, client, (VIP, 80), ACK));
+        assert_eq!(out.data, frame(TCP, client, (first.dst, first.dport), ACK), "{prog:?}");
+    }
+}
+
+#[test]
+fn the_flows_of_a_deleted_service_stop_being_translated_and_resume_if_it_returns() {
+    for prog in Prog::BOTH {
+        for (proto, port) in [(TCP, 80), (UDP, 53)] {
+            let mut l = loaded_with_web();
+            let key = ServiceKey::new(VIP, port, proto);
+            let client = (CLIENT, 40810);
+            let first = parse_and_verify(&l.run(prog, &frame(proto, client, (VIP, port), SYN)).data);
+            let backend = (first.dst, first.dport);
+            let next = frame(proto, client, (VIP, port), ACK);
+            assert_eq!(l.run(prog, &next).data, frame(proto, client, backend, ACK));
+
+            // As without the cache: once the Service is gone, the flow's
+            // packets to its address pass untouched (its entry is gone
+            // from the service map, and the agent uncached it first);
+            // answers already on their way still get the frontend back.
+            l.remove_service(VIP, port, proto);
+            let out = l.run(prog, &next);
+            assert_eq!(
+                out.data, next,
+                "{prog:?} {proto}: a deleted Service's flow is not translated"
+            );
+            assert_eq!(cached(&l, &key), None, "{prog:?} {proto}: uncached with the Service");
+            assert_eq!(l.reason(Reason::PassNoService), 1, "{prog:?} {proto}");
+            let reply = l.run(prog, &frame(proto, backend, client, ACK));
+            assert_eq!(reply.data, frame(proto, (VIP, port), client, ACK), "{prog:?} {proto}");
+
+            // The frontend again (a new id, or the old one reused): the
+            // tracked flow follows its backend again, as without the cache,
+            // counted under the frontend's current id.
+            l.set_service(VIP, port, proto, &[(b(9), 9999)]);
+            let id = l.sync.programmed()[&key].service_id;
+            assert_eq!(cached(&l, &key), Some(id), "{prog:?} {proto}");
+            let before = packets_of(&l, id);
+            assert_eq!(
+                l.run(prog, &next).data,
+                frame(proto, client, backend, ACK),
+                "{prog:?} {proto}"
+            );
+            assert_eq!(packets_of(&l, id), before + 1, "{prog:?} {proto}");
+        }
+    }
+}
+
+#[test]
+fn adoption_rebuilds_the_frontend_cache_from_the_service_map() {
+    for prog in Prog::BOTH {
+        let mut l = loaded_with_web();
+        let tcp = ServiceKey::new(VIP, 80, TCP);
+        let udp = ServiceKey::new(VIP, 53, UDP);
+        let client = (CLIENT, 40820);
+        let first = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+        let ack = Frame::tcp(client, (VIP, 80), ACK).build();
+        // What a rollback to an agent without the cache can leave: a
+        // Service deleted without being uncached, and another frontend
+        // written (here: its way emptied) without being cached.
+        l.sync.writer_mut().services.remove(&tcp).unwrap();
+        let bucket = dataplane_common::frontend_bucket(&udp);
+        let mut b = l.sync.writer().frontend_cache.get(&bucket, 0).unwrap();
+        for w in b.ways.iter_mut().filter(|w| w.key == udp) {
+            *w = Default::default();
+        }
+        l.sync.writer_mut().frontend_cache.set(bucket, b, 0).unwrap();
+        assert_eq!(
+            parse_and_verify(&l.run(prog, &ack).data).dst,
+            first.dst,
+            "{prog:?}: the stale way is believed"
+        );
+
+        let all = services(&l);
+        assert_eq!(l.sync.writer_mut().fill_frontend_cache(&all).unwrap(), 1, "{prog:?}");
+        assert_eq!(cached(&l, &tcp), None, "{prog:?}");
+        assert_eq!(cached(&l, &udp), Some(l.sync.programmed()[&udp].service_id), "{prog:?}");
+        assert_eq!(
+            l.run(prog, &ack).data,
+            ack,
+            "{prog:?}: the deleted Service's flow passes"
+        );
+    }
+}
+
+#[test]
+fn frontends_with_an_in_cluster_view_are_never_cached() {
+    let mut l = node_config();
+    let key = ServiceKey::new(NODE, 30444, TCP);
+    let backends = vec![remote(b(7), 8443)];
+    l.set_frontend(key, frontend(backends.clone(), SVC_F_EXTERNAL));
+    let id = l.sync.programmed()[&key].service_id;
+    assert_eq!(cached(&l, &key), Some(id));
+    // Local policy: the frontend gets an in-cluster view, whose packets
+    // count under another id: both go through the service map.
+    l.set_frontend(key, frontend(vec![], SVC_F_DROP_NO_LOCAL | SVC_F_IN_CLUSTER_VIEW));
+    l.set_frontend(key.in_cluster(), frontend(backends.clone(), 0));
+    assert_eq!(cached(&l, &key), None, "uncached when it gains the view");
+    assert_eq!(cached(&l, &key.in_cluster()), None);
+    let all = services(&l);
+    assert_eq!(l.sync.writer_mut().fill_frontend_cache(&all).unwrap(), 0);
+    assert_eq!(cached(&l, &key), None);
+    // Back to Cluster policy: cached again.
+    l.desired.frontends.remove(&key.in_cluster());
+    l.set_frontend(key, frontend(backends, SVC_F_EXTERNAL));
+    assert_eq!(cached(&l, &key), Some(id));
+}

@@ -199,14 +199,33 @@ fn upgrade_from_the_previous_release_and_rollback_keep_every_connection() {
         filled > 0,
         "adopting the previous release's maps set no backend filter bit: {log}"
     );
+    // Nor has it the frontend cache: the new agent builds it from the
+    // service map before its programs take over.
+    let cached = |log: &str| -> usize {
+        log.rsplit("frontends_cached=")
+            .next()
+            .filter(|_| log.contains("frontends_cached="))
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no frontends_cached in the adoption log: {log}"))
+    };
+    assert!(cached(&log) > 0, "adoption cached no frontend: {log}");
 
     // Rollback (`kubectl rollout undo`): the previous release takes over
-    // the same pins.
+    // the same pins, leaving the pinned frontend cache alone.
     agent.replace(&previous, &[]).unwrap();
     load.advance(20);
+    // And forward again: the cache the rollback left is rebuilt.
+    agent.replace(&agent_binary(), &[]).unwrap();
+    load.advance(20);
+    let log = agent.log();
+    assert!(
+        cached(&log) > 0,
+        "adoption after the rollback cached no frontend: {log}"
+    );
     let rep = load.finish();
     assert!(rep.tcp_new >= 60 && rep.long_asks >= 60 * LONG_LIVED, "{rep:?}");
-    eprintln!("upgraded from {version} and rolled back without a failed connection");
+    eprintln!("upgraded from {version}, rolled back and upgraded again without a failed connection");
 }
 
 #[test]

@@ -116,6 +116,7 @@ pub struct Maps {
     pub backend_filter: Array<MapData, dataplane_common::BackendFilter>,
     /// The endpoint set (see `reconcile::endpoints`).
     pub endpoints: HashMap<MapData, dataplane_common::EndpointKey, u8>,
+    pub frontend_cache: Array<MapData, dataplane_common::FrontendBucket>,
 }
 
 impl Maps {
@@ -151,6 +152,8 @@ impl Maps {
             backend_filter: Array::try_from(take(e, map_names::BACKEND_FILTER)?)
                 .map_err(m(map_names::BACKEND_FILTER))?,
             endpoints: HashMap::try_from(take(e, map_names::ENDPOINTS)?).map_err(m(map_names::ENDPOINTS))?,
+            frontend_cache: Array::try_from(take(e, map_names::FRONTEND_CACHE)?)
+                .map_err(m(map_names::FRONTEND_CACHE))?,
         })
     }
 

@@ -90,6 +90,8 @@ fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) ->
         backend_filter: Array::try_from(map(map_names::BACKEND_FILTER)?)
             .map_err(read_err(map_names::BACKEND_FILTER))?,
         endpoints: HashMap::try_from(map(map_names::ENDPOINTS)?).map_err(read_err(map_names::ENDPOINTS))?,
+        frontend_cache: Array::try_from(map(map_names::FRONTEND_CACHE)?)
+            .map_err(read_err(map_names::FRONTEND_CACHE))?,
     })
 }
 
@@ -150,6 +152,7 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
         id(map_names::VIP_FILTER, &maps.vip_filter)?,
         id(map_names::BACKEND_FILTER, &maps.backend_filter)?,
         id(map_names::ENDPOINTS, &maps.endpoints)?,
+        id(map_names::FRONTEND_CACHE, &maps.frontend_cache)?,
     ];
     typed(|name| {
         let id = ids
@@ -581,7 +584,7 @@ pub fn capacities(maps: &Maps) -> Result<Vec<MapCapacity>, InspectError> {
 
 /// Every map of [`Maps`]: name, kind, handle, in the order `dataplane
 /// stats` lists them.
-fn every_map(maps: &Maps) -> [(&'static str, &'static str, &aya::maps::MapData); 18] {
+fn every_map(maps: &Maps) -> [(&'static str, &'static str, &aya::maps::MapData); 19] {
     [
         (map_names::SERVICES, "hash", maps.services.map()),
         (map_names::BACKENDS, "hash", maps.backends.map()),
@@ -601,6 +604,7 @@ fn every_map(maps: &Maps) -> [(&'static str, &'static str, &aya::maps::MapData);
         (map_names::VIP_FILTER, "array", maps.vip_filter.map()),
         (map_names::BACKEND_FILTER, "array", maps.backend_filter.map()),
         (map_names::ENDPOINTS, "hash", maps.endpoints.map()),
+        (map_names::FRONTEND_CACHE, "array", maps.frontend_cache.map()),
     ]
 }
 

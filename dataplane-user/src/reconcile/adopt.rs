@@ -15,6 +15,9 @@ pub struct AdoptReport {
     /// (see `Maps::fill_backend_filter`): nonzero after an upgrade from a
     /// release without the filter.
     pub backend_filter_set: usize,
+    /// Frontends the rebuilt frontend cache holds (see
+    /// `Maps::fill_frontend_cache`).
+    pub frontends_cached: usize,
 }
 
 impl Syncer<crate::bpf::loader::Maps> {
@@ -55,6 +58,10 @@ impl Syncer<crate::bpf::loader::Maps> {
         for r in ranges.values_mut() {
             r.sort();
         }
+        let mut maps = maps;
+        // Before the programs of this release are attached (see
+        // `Maps::fill_frontend_cache`).
+        report.frontends_cached = maps.fill_frontend_cache(&services)?;
         for (key, value) in services {
             let mut backends = Vec::with_capacity(value.backend_count as usize);
             for i in 0..value.backend_count as u32 {
@@ -96,7 +103,6 @@ impl Syncer<crate::bpf::loader::Maps> {
         }
         report.frontends = programmed.len();
 
-        let mut maps = maps;
         let current_slot = |k: &BackendKey| {
             live.get(&k.service_id).is_some_and(|v| {
                 let (generation, index) = k.generation_and_index();

@@ -1,6 +1,6 @@
 //! The real BPF maps as the reconciler's [`MapWriter`].
 
-use dataplane_common::{AffinityKey, CtKey, CtValue, CT_F_REPLY};
+use dataplane_common::{AffinityKey, CtKey, CtValue, FrontendBucket, FrontendWay, CT_F_REPLY};
 
 use super::*;
 use crate::bpf::sys::SysError;
@@ -75,6 +75,117 @@ impl crate::bpf::loader::Maps {
 /// Below this many Maglev chunks, [`MapWriter::put_new_slots`] writes
 /// them on the calling thread (a thread costs more than it saves).
 const PARALLEL_CHUNKS_MIN: usize = 256;
+impl crate::bpf::loader::Maps {
+    /// Makes the frontend cache's entry of `key` say `id` (`None`: not
+    /// cached; see `FrontendBucket`). A full bucket leaves `key` uncached:
+    /// its packets take the service map. The bucket is written only when
+    /// it changes, and a way only ever goes from empty to a frontend or
+    /// back (never from one frontend or id straight to another).
+    fn cache_frontend(&mut self, key: &ServiceKey, id: Option<u32>) -> Result<(), WriteError> {
+        let name = map_names::FRONTEND_CACHE;
+        let index = dataplane_common::frontend_bucket(key);
+        let mut bucket = self.frontend_cache.get(&index, 0).map_err(map_err(name))?;
+        let before = bucket;
+        let held = bucket.ways.iter().position(|w| w.key == *key);
+        match (held, id) {
+            (Some(i), Some(id)) if bucket.ways[i].service_id == id => {}
+            (Some(i), Some(id)) => {
+                // Another id under the same key: empty first, so that a
+                // program never reads the new id with the old check.
+                bucket.ways[i] = FrontendWay::default();
+                self.frontend_cache.set(index, bucket, 0).map_err(map_err(name))?;
+                bucket.ways[i] = FrontendWay::new(*key, id);
+            }
+            (Some(i), None) => bucket.ways[i] = FrontendWay::default(),
+            (None, Some(id)) => {
+                if let Some(w) = bucket.ways.iter_mut().find(|w| w.key.family == 0) {
+                    *w = FrontendWay::new(*key, id);
+                }
+            }
+            (None, None) => {}
+        }
+        if bucket != before {
+            self.frontend_cache.set(index, bucket, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Caches the cacheable ones of `keys` with the ids of `values`, all
+    /// just written to the service map (new frontends written in bulk):
+    /// each bucket they fall in read once, the changed buckets written in
+    /// one batch call. A key the cache holds under another id goes through
+    /// [`Maps::cache_frontend`], which empties its way first.
+    fn cache_frontends(&mut self, keys: &[ServiceKey], values: &[ServiceValue]) -> Result<(), WriteError> {
+        use aya::maps::IterableMap;
+        use std::{collections::btree_map::Entry, os::fd::AsFd};
+        let name = map_names::FRONTEND_CACHE;
+        let mut buckets: std::collections::BTreeMap<u32, (FrontendBucket, FrontendBucket)> = Default::default();
+        let mut moved = Vec::new();
+        for (k, v) in keys.iter().zip(values).filter(|(k, v)| cacheable(k, v)) {
+            let index = dataplane_common::frontend_bucket(k);
+            let (_, bucket) = match buckets.entry(index) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let read = self.frontend_cache.get(&index, 0).map_err(map_err(name))?;
+                    e.insert((read, read))
+                }
+            };
+            match bucket.ways.iter().position(|w| w.key == *k) {
+                Some(i) if bucket.ways[i].service_id == v.service_id => {}
+                Some(_) => moved.push((*k, v.service_id)),
+                None => {
+                    if let Some(w) = bucket.ways.iter_mut().find(|w| w.key.family == 0) {
+                        *w = FrontendWay::new(*k, v.service_id);
+                    }
+                }
+            }
+        }
+        let (indexes, changed): (Vec<u32>, Vec<FrontendBucket>) = buckets
+            .into_iter()
+            .filter(|(_, (read, now))| read != now)
+            .map(|(i, (_, now))| (i, now))
+            .unzip();
+        if !indexes.is_empty() {
+            let fd = self.frontend_cache.map().fd().as_fd();
+            crate::bpf::batch::update(fd, &indexes, &changed).map_err(sys_err(name))?;
+        }
+        for (k, id) in moved {
+            self.cache_frontend(&k, Some(id))?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the frontend cache from `services` (the service map's
+    /// entries, as adoption read them), whole: after an adoption the cache
+    /// may be missing (a release without it) or stale (a rollback to such
+    /// a release, whose agent changed Services without keeping it). Called
+    /// before the new programs are attached. Returns how many frontends it
+    /// cached.
+    pub fn fill_frontend_cache(&mut self, services: &[(ServiceKey, ServiceValue)]) -> Result<usize, WriteError> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let mut cache = vec![FrontendBucket::default(); dataplane_common::FRONTEND_CACHE_BUCKETS as usize];
+        let mut cached = 0;
+        for (k, v) in services.iter().filter(|(k, v)| cacheable(k, v)) {
+            let bucket = &mut cache[dataplane_common::frontend_bucket(k) as usize];
+            if let Some(w) = bucket.ways.iter_mut().find(|w| w.key.family == 0) {
+                *w = FrontendWay::new(*k, v.service_id);
+                cached += 1;
+            }
+        }
+        let keys: Vec<u32> = (0..dataplane_common::FRONTEND_CACHE_BUCKETS).collect();
+        let fd = self.frontend_cache.map().fd().as_fd();
+        crate::bpf::batch::update(fd, &keys, &cache).map_err(sys_err(map_names::FRONTEND_CACHE))?;
+        Ok(cached)
+    }
+}
+
+/// Whether the frontend cache may hold `key` with `value`: not the
+/// in-cluster view of a frontend, nor a frontend that has one (its packets
+/// count under either id, depending on the source).
+fn cacheable(key: &ServiceKey, value: &ServiceValue) -> bool {
+    key.family & dataplane_common::KEY_IN_CLUSTER == 0 && value.flags & dataplane_common::SVC_F_IN_CLUSTER_VIEW == 0
+}
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {
     move |source| WriteError::Map { map, source }
@@ -107,17 +218,31 @@ impl MapWriter for crate::bpf::loader::Maps {
         self.backends.remove(&key).map_err(map_err(map_names::BACKENDS))
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), WriteError> {
+        // The frontend cache never says more than the service map: a
+        // frontend is cached after its entry is written, and uncached
+        // before an entry that must not be cached replaces it.
+        if !cacheable(&key, &value) {
+            self.cache_frontend(&key, None)?;
+        }
         self.services
             .insert(key, value, 0)
-            .map_err(map_err(map_names::SERVICES))
+            .map_err(map_err(map_names::SERVICES))?;
+        if cacheable(&key, &value) {
+            self.cache_frontend(&key, Some(value.service_id))?;
+        }
+        Ok(())
     }
     fn put_services(&mut self, keys: &[ServiceKey], values: &[ServiceValue]) -> Result<(), WriteError> {
         use aya::maps::IterableMap;
         use std::os::fd::AsFd;
         let fd = self.services.map().fd().as_fd();
-        crate::bpf::batch::update(fd, keys, values).map_err(sys_err(map_names::SERVICES))
+        crate::bpf::batch::update(fd, keys, values).map_err(sys_err(map_names::SERVICES))?;
+        // As `put_service`: cached once their entries are written.
+        self.cache_frontends(keys, values)
     }
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
+        // Uncached first: from then on its packets ask the service map.
+        self.cache_frontend(&key, None)?;
         self.services.remove(&key).map_err(map_err(map_names::SERVICES))
     }
     fn put_maglev(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<(), WriteError> {
