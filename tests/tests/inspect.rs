@@ -418,7 +418,7 @@ fn services_backends_conntrack_and_stats_show_the_maps() {
     assert_eq!(map("DP_NAMES")["entries"], 3);
     assert_eq!(map("DP_SOCK_NAT")["entries"], 0);
     assert_eq!(map("DP_SOCK_NAT")["kind"], "lru_hash");
-    assert_eq!(s["maps"].as_array().unwrap().len(), 18);
+    assert_eq!(s["maps"].as_array().unwrap().len(), 19);
     assert_eq!(map("DP_VIP_FILTER")["kind"], "array");
     assert_eq!(map("DP_BACKEND_FILTER")["kind"], "array");
     assert_eq!(map("DP_FE_CACHE")["kind"], "array");
