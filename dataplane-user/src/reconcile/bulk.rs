@@ -54,26 +54,7 @@ impl<W: MapWriter> Syncer<W> {
             };
             backend_keys.extend((0..fe.backends.len()).map(|i| BackendKey::new(id, 0, i as u32)));
             backends.extend_from_slice(&fe.backends);
-            let (flags, maglev_size) = match self.config.selection {
-                Selection::Random => (SVC_F_RANDOM, 0),
-                Selection::Maglev if fe.backends.is_empty() => (SVC_F_NONE, 0),
-                Selection::Maglev => {
-                    let size = maglev::size_for(self.config.maglev_size, fe.backends.len());
-                    let table = match self.tables.remove(key) {
-                        Some(t) => t,
-                        None => maglev::table(&fe.backends, size),
-                    };
-                    for (c, part) in table.chunks(limits::MAGLEV_CHUNK as usize).enumerate() {
-                        let mut chunk = MaglevChunk {
-                            entries: [0; limits::MAGLEV_CHUNK as usize],
-                        };
-                        chunk.entries[..part.len()].copy_from_slice(part);
-                        chunk_keys.push(MaglevKey::new(id, 0, c as u32 * limits::MAGLEV_CHUNK));
-                        chunks.push(chunk);
-                    }
-                    (SVC_F_NONE, size)
-                }
-            };
+            let (flags, maglev_size) = self.selection(key, id, 0, fe, &mut chunk_keys, &mut chunks);
             let flags = flags | (fe.flags & FRONTEND_FLAGS);
             let (flags, affinity_timeout_s) = match fe.affinity_timeout_s {
                 Some(t) => (flags | SVC_F_AFFINITY, t),

@@ -502,6 +502,43 @@ impl<W: MapWriter> Syncer<W> {
         }
     }
 
+    /// How the backends of `fe` (frontend `key`, service `id`) are chosen:
+    /// the selection's service flags and Maglev table size, with the
+    /// table's chunks for generation `generation` appended to `keys` and
+    /// `chunks` (none for random selection or no backends). The one place
+    /// both the one-by-one and the batched path (`bulk.rs`) take the table
+    /// from, so that a cold start and every later sync build the same one.
+    fn selection(
+        &mut self,
+        key: &ServiceKey,
+        id: u32,
+        generation: u16,
+        fe: &Frontend,
+        keys: &mut Vec<MaglevKey>,
+        chunks: &mut Vec<MaglevChunk>,
+    ) -> (u32, u32) {
+        match self.config.selection {
+            Selection::Random => (SVC_F_RANDOM, 0),
+            Selection::Maglev if fe.backends.is_empty() => (SVC_F_NONE, 0),
+            Selection::Maglev => {
+                let size = maglev::size_for(self.config.maglev_size, fe.backends.len());
+                let table = match self.tables.remove(key) {
+                    Some(t) => t,
+                    None => maglev::table(&fe.backends, size),
+                };
+                for (c, part) in table.chunks(limits::MAGLEV_CHUNK as usize).enumerate() {
+                    let mut chunk = MaglevChunk {
+                        entries: [0; limits::MAGLEV_CHUNK as usize],
+                    };
+                    chunk.entries[..part.len()].copy_from_slice(part);
+                    keys.push(MaglevKey::new(id, generation, c as u32 * limits::MAGLEV_CHUNK));
+                    chunks.push(chunk);
+                }
+                (SVC_F_NONE, size)
+            }
+        }
+    }
+
     /// Writes one generation of `fe` (backend slots, Maglev table) and
     /// returns the service value that makes it current.
     fn write_generation(
@@ -517,28 +554,11 @@ impl<W: MapWriter> Syncer<W> {
             .map(|i| BackendKey::new(id, generation, i as u32))
             .collect();
         self.writer.put_backends(&keys, &fe.backends)?;
-        let (flags, maglev_size) = match self.config.selection {
-            Selection::Random => (SVC_F_RANDOM, 0),
-            Selection::Maglev if fe.backends.is_empty() => (SVC_F_NONE, 0),
-            Selection::Maglev => {
-                let size = maglev::size_for(self.config.maglev_size, fe.backends.len());
-                let table = match self.tables.remove(key) {
-                    Some(t) => t,
-                    None => maglev::table(&fe.backends, size),
-                };
-                let (mut keys, mut chunks) = (Vec::new(), Vec::new());
-                for (c, part) in table.chunks(limits::MAGLEV_CHUNK as usize).enumerate() {
-                    let mut chunk = MaglevChunk {
-                        entries: [0; limits::MAGLEV_CHUNK as usize],
-                    };
-                    chunk.entries[..part.len()].copy_from_slice(part);
-                    keys.push(MaglevKey::new(id, generation, c as u32 * limits::MAGLEV_CHUNK));
-                    chunks.push(chunk);
-                }
-                self.writer.put_maglev_chunks(&keys, &chunks)?;
-                (SVC_F_NONE, size)
-            }
-        };
+        let (mut keys, mut chunks) = (Vec::new(), Vec::new());
+        let (flags, maglev_size) = self.selection(key, id, generation, fe, &mut keys, &mut chunks);
+        if !keys.is_empty() {
+            self.writer.put_maglev_chunks(&keys, &chunks)?;
+        }
         let flags = flags | (fe.flags & FRONTEND_FLAGS);
         for (addr, len) in &fe.source_ranges {
             self.writer.put_source_range(id, *addr, *len)?;
