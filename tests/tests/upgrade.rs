@@ -41,7 +41,14 @@ fn previous_release() -> (PathBuf, String) {
             )
         });
     assert!(bin.exists(), "previous release agent {} not found", bin.display());
-    let version = std::env::var("DATAPLANE_PREV_VERSION").unwrap_or_default();
+    // `cargo xtask test` names it; else the binary says it itself.
+    let version = std::env::var("DATAPLANE_PREV_VERSION").unwrap_or_else(|_| {
+        std::process::Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|e| format!("{} (--version failed: {e})", bin.display()))
+    });
     (bin, version)
 }
 
