@@ -536,6 +536,56 @@ fn a_reply_tuple_clash_moves_the_new_flow_to_another_source_port() {
     }
 }
 
+/// A SYN on a tuple whose closed flow still has its original entry, when
+/// the reply tuple it would use now belongs to another live flow: the new
+/// flow is written over the old original entry (one replacement, no
+/// eviction), but the reply entry is not taken from the live flow: the
+/// new flow gets another source port. (`create` looks the reply entry up
+/// first when the original existed: this is the check on that path.)
+#[test]
+fn a_syn_on_a_closed_tuple_does_not_take_a_live_flows_reply_entry() {
+    for prog in Prog::BOTH {
+        let mut l = Loaded::new();
+        let vip2 = IpAddr::from([198, 19, 0, 12]);
+        l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
+        l.set_service(vip2, 80, TCP, &[(b(1), 8080)]);
+        let client = (CLIENT, 40600);
+        let reply = |l: &Loaded, sport: u16| {
+            let out = l.run(prog, &Frame::tcp((b(1), 8080), (CLIENT, sport), SYN | ACK).build());
+            let r = parse_and_verify(&out.data);
+            (r.src, r.sport, r.dst, r.dport)
+        };
+        // Flow 1 to VIP, closed: its reply tuple is free.
+        l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build());
+        l.run(prog, &Frame::tcp(client, (VIP, 80), RST).build());
+        // Flow 2 to vip2 from the same port takes the reply tuple.
+        let second = parse_and_verify(&l.run(prog, &Frame::tcp(client, (vip2, 80), SYN).build()).data);
+        assert_eq!((second.sport, second.dst), (40600, b(1)), "{prog:?}");
+        assert_eq!(reply(&l, 40600), (vip2, 80, CLIENT, 40600), "{prog:?}");
+        // A new SYN to VIP from the port: flow 1's original entry is still
+        // there (closing), the reply tuple is flow 2's.
+        let created = dataplane::inspect::stats(l.sync.writer()).unwrap().conntrack_created;
+        let third = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+        assert_eq!(third.dst, b(1), "{prog:?}");
+        assert_ne!(third.sport, 40600, "{prog:?}: the new flow took flow 2's reply tuple");
+        assert_eq!(l.ct_event(CtEvent::ClashResolved), 1, "{prog:?}");
+        assert_eq!(
+            reply(&l, 40600),
+            (vip2, 80, CLIENT, 40600),
+            "{prog:?}: flow 2's replies"
+        );
+        assert_eq!(
+            reply(&l, third.sport),
+            (VIP, 80, CLIENT, 40600),
+            "{prog:?}: the new flow's replies"
+        );
+        // Two entries made, one of them over flow 1's original entry.
+        let s = dataplane::inspect::stats(l.sync.writer()).unwrap();
+        assert_eq!(s.conntrack_created - created, 2, "{prog:?}");
+        assert_eq!(s.conntrack_evicted, 0, "{prog:?}");
+    }
+}
+
 /// A ClusterIP's entry for the ports its Service lacks (`SVC_F_OTHER_PORTS`,
 /// key port 0 protocol 0): a TCP SYN or a UDP datagram to another port is
 /// answered from the VIP (RST, ICMP port unreachable) as kube-proxy's
