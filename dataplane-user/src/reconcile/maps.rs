@@ -187,6 +187,29 @@ fn cacheable(key: &ServiceKey, value: &ServiceValue) -> bool {
     key.family & dataplane_common::KEY_IN_CLUSTER == 0 && value.flags & dataplane_common::SVC_F_IN_CLUSTER_VIEW == 0
 }
 
+/// The maps a cold start's batches are written to from other threads
+/// (see `bulk.rs`), through descriptors of their own.
+struct NewFrontends {
+    names: std::os::fd::OwnedFd,
+    backends: std::os::fd::OwnedFd,
+    maglev: std::os::fd::OwnedFd,
+    services: std::os::fd::OwnedFd,
+}
+
+impl NewFrontendWriter for NewFrontends {
+    fn put_new(&self, s: &NewSlots) -> Result<(), WriteError> {
+        use crate::bpf::batch::update;
+        use std::os::fd::AsFd;
+        let (ids, names): (Vec<u32>, Vec<ServiceName>) =
+            s.names.iter().map(|(id, n)| (*id, ServiceName::new(n))).unzip();
+        update(self.names.as_fd(), &ids, &names).map_err(sys_err(map_names::NAMES))?;
+        update(self.backends.as_fd(), &s.backend_keys, &s.backends).map_err(sys_err(map_names::BACKENDS))?;
+        update(self.maglev.as_fd(), &s.chunk_keys, &s.chunks).map_err(sys_err(map_names::MAGLEV))?;
+        // Last: the entries that make the above reachable.
+        update(self.services.as_fd(), &s.keys, &s.values).map_err(sys_err(map_names::SERVICES))
+    }
+}
+
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> WriteError {
     move |source| WriteError::Map { map, source }
 }
@@ -299,6 +322,22 @@ impl MapWriter for crate::bpf::loader::Maps {
     }
     fn delete_name(&mut self, service_id: u32) -> Result<(), WriteError> {
         self.names.remove(&service_id).map_err(map_err(map_names::NAMES))
+    }
+    fn new_frontend_writer(&self) -> Option<Box<dyn NewFrontendWriter>> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        // Without descriptors of its own (out of them), the sync's thread
+        // writes the batches.
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().ok();
+        Some(Box::new(NewFrontends {
+            names: dup(self.names.map().fd().as_fd())?,
+            backends: dup(self.backends.map().fd().as_fd())?,
+            maglev: dup(self.maglev.map().fd().as_fd())?,
+            services: dup(self.services.map().fd().as_fd())?,
+        }))
+    }
+    fn cache_services(&mut self, keys: &[ServiceKey], values: &[ServiceValue]) -> Result<(), WriteError> {
+        self.cache_frontends(keys, values)
     }
     fn put_source_range(&mut self, service_id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError> {
         let key = aya::maps::lpm_trie::Key::new(

@@ -17,6 +17,7 @@ mod maps;
 mod tests;
 
 pub use adopt::AdoptReport;
+pub use bulk::{NewFrontendWriter, NewSlots, MAX_BULK_THREADS};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -108,6 +109,17 @@ pub trait MapWriter {
         self.put_names(names)?;
         self.put_backends(backend_keys, backends)?;
         self.put_maglev_chunks(chunk_keys, chunks)
+    }
+    /// A writer of new frontends' batches that other threads use while
+    /// this one is in use (a cold start's, see `bulk.rs`); `None`: the
+    /// sync's own thread writes them (`put_new_slots`, `put_services`).
+    fn new_frontend_writer(&self) -> Option<Box<dyn NewFrontendWriter>> {
+        None
+    }
+    /// Caches frontends whose service entries a [`NewFrontendWriter`]
+    /// wrote (writers without a frontend cache ignore it).
+    fn cache_services(&mut self, _keys: &[ServiceKey], _values: &[ServiceValue]) -> Result<(), WriteError> {
+        Ok(())
     }
     fn delete_name(&mut self, service_id: u32) -> Result<(), WriteError>;
     /// Allows sources in `addr/len` for `service_id` (loadBalancerSourceRanges).
@@ -337,6 +349,45 @@ fn tables_in_parallel(work: &[(ServiceKey, &[Backend])], size: u32) -> Vec<(Serv
     })
 }
 
+/// How the backends of `fe` are chosen under `config`: the selection's
+/// service flags and the Maglev table size (0: none, for random selection
+/// or no backends).
+fn selection_of(config: &SyncConfig, fe: &Frontend) -> (u32, u32) {
+    match config.selection {
+        Selection::Random => (SVC_F_RANDOM, 0),
+        Selection::Maglev if fe.backends.is_empty() => (SVC_F_NONE, 0),
+        Selection::Maglev => (SVC_F_NONE, maglev::size_for(config.maglev_size, fe.backends.len())),
+    }
+}
+
+/// Appends the chunks of `fe`'s Maglev table of `size` positions (none
+/// when 0) for generation `generation` of service `id` to `keys` and
+/// `chunks`; `table` when it was computed already. The one place both
+/// the one-by-one and the batched path (`bulk.rs`) take the table from,
+/// so that a cold start and every later sync build the same one.
+fn push_table(
+    fe: &Frontend,
+    size: u32,
+    id: u32,
+    generation: u16,
+    table: Option<Vec<u16>>,
+    keys: &mut Vec<MaglevKey>,
+    chunks: &mut Vec<MaglevChunk>,
+) {
+    if size == 0 {
+        return;
+    }
+    let table = table.unwrap_or_else(|| maglev::table(&fe.backends, size));
+    for (c, part) in table.chunks(limits::MAGLEV_CHUNK as usize).enumerate() {
+        let mut chunk = MaglevChunk {
+            entries: [0; limits::MAGLEV_CHUNK as usize],
+        };
+        chunk.entries[..part.len()].copy_from_slice(part);
+        keys.push(MaglevKey::new(id, generation, c as u32 * limits::MAGLEV_CHUNK));
+        chunks.push(chunk);
+    }
+}
+
 /// The Maglev chunks a table of `size` positions takes.
 fn maglev_chunks(size: u32) -> usize {
     size.div_ceil(limits::MAGLEV_CHUNK) as usize
@@ -494,20 +545,13 @@ impl<W: MapWriter> Syncer<W> {
 
     /// The Maglev table size `fe` gets (0: none).
     fn maglev_size_for(&self, fe: &Frontend) -> u32 {
-        match self.config.selection {
-            Selection::Maglev if !fe.backends.is_empty() => {
-                maglev::size_for(self.config.maglev_size, fe.backends.len())
-            }
-            _ => 0,
-        }
+        selection_of(&self.config, fe).1
     }
 
-    /// How the backends of `fe` (frontend `key`, service `id`) are chosen:
-    /// the selection's service flags and Maglev table size, with the
-    /// table's chunks for generation `generation` appended to `keys` and
-    /// `chunks` (none for random selection or no backends). The one place
-    /// both the one-by-one and the batched path (`bulk.rs`) take the table
-    /// from, so that a cold start and every later sync build the same one.
+    /// How the backends of `fe` (frontend `key`, service `id`) are chosen
+    /// ([`selection_of`]), with the table's chunks for generation
+    /// `generation` appended to `keys` and `chunks` ([`push_table`]; the
+    /// table precomputed for `key` if there is one).
     fn selection(
         &mut self,
         key: &ServiceKey,
@@ -517,26 +561,9 @@ impl<W: MapWriter> Syncer<W> {
         keys: &mut Vec<MaglevKey>,
         chunks: &mut Vec<MaglevChunk>,
     ) -> (u32, u32) {
-        match self.config.selection {
-            Selection::Random => (SVC_F_RANDOM, 0),
-            Selection::Maglev if fe.backends.is_empty() => (SVC_F_NONE, 0),
-            Selection::Maglev => {
-                let size = maglev::size_for(self.config.maglev_size, fe.backends.len());
-                let table = match self.tables.remove(key) {
-                    Some(t) => t,
-                    None => maglev::table(&fe.backends, size),
-                };
-                for (c, part) in table.chunks(limits::MAGLEV_CHUNK as usize).enumerate() {
-                    let mut chunk = MaglevChunk {
-                        entries: [0; limits::MAGLEV_CHUNK as usize],
-                    };
-                    chunk.entries[..part.len()].copy_from_slice(part);
-                    keys.push(MaglevKey::new(id, generation, c as u32 * limits::MAGLEV_CHUNK));
-                    chunks.push(chunk);
-                }
-                (SVC_F_NONE, size)
-            }
-        }
+        let (flags, size) = selection_of(&self.config, fe);
+        push_table(fe, size, id, generation, self.tables.remove(key), keys, chunks);
+        (flags, size)
     }
 
     /// Writes one generation of `fe` (backend slots, Maglev table) and
@@ -720,22 +747,34 @@ impl<W: MapWriter> Syncer<W> {
         for key in gone {
             self.tracked(key, &mut report, &mut failed, |s, r| s.remove_one(key, r));
         }
-        // A batch at a time, not a list of every frontend (200,000 at
-        // 100,000 Services, held at the first sync's peak).
-        let mut entries = desired.frontends.iter();
-        let mut batch: Vec<(&ServiceKey, &Arc<Frontend>)> = Vec::with_capacity(TABLE_BATCH);
-        loop {
-            batch.clear();
-            batch.extend(entries.by_ref().take(TABLE_BATCH));
-            if batch.is_empty() {
-                break;
+        // A cold start (nothing programmed in maps this process created):
+        // the new frontends in batches on every CPU, then what is left one
+        // by one.
+        if self.programmed.is_empty() && self.bulk_ok() {
+            let rest = self.add_new_in_bulk(desired.frontends.iter(), true, &mut report);
+            for batch in rest.chunks(TABLE_BATCH) {
+                self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
+                for (key, fe) in batch {
+                    self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+                }
             }
-            self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
-            // New frontends in a few batched writes (a cold start's); the
-            // rest one by one.
-            let rest = self.add_new_in_bulk(&batch, &mut report);
-            for (key, fe) in &rest {
-                self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+        } else {
+            // A batch at a time, not a list of every frontend (200,000 at
+            // 100,000 Services, held at the first sync's peak).
+            let mut entries = desired.frontends.iter();
+            let mut batch: Vec<(&ServiceKey, &Arc<Frontend>)> = Vec::with_capacity(TABLE_BATCH);
+            loop {
+                batch.clear();
+                batch.extend(entries.by_ref().take(TABLE_BATCH));
+                if batch.is_empty() {
+                    break;
+                }
+                self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
+                // New frontends in a few batched writes; the rest one by one.
+                let rest = self.add_new_in_bulk(batch.iter().copied(), false, &mut report);
+                for (key, fe) in &rest {
+                    self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
+                }
             }
         }
         self.tables.clear();
@@ -767,7 +806,7 @@ impl<W: MapWriter> Syncer<W> {
         for batch in upserts.chunks(TABLE_BATCH) {
             self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
             // New frontends in a few batched writes (a cold start's).
-            let batch = self.add_new_in_bulk(batch, &mut report);
+            let batch = self.add_new_in_bulk(batch.iter().copied(), false, &mut report);
             for (key, fe) in &batch {
                 self.tracked(**key, &mut report, &mut failed, |s, r| s.upsert_one(key, fe, r));
             }

@@ -17,9 +17,62 @@ struct Fake {
     /// `log`).
     vip_filter: Option<Box<VipFilter>>,
     vip_filter_writes: usize,
+    /// Set: batches of new frontends are written from other threads
+    /// (`new_frontend_writer`) into these maps; [`Fake::merge`] takes
+    /// them in.
+    shared: Option<Arc<std::sync::Mutex<Fake>>>,
+    /// Frontends `cache_services` was told of, in order.
+    cached: Vec<ServiceKey>,
+}
+
+/// The writer other threads get from a [`Fake`] with `shared` maps. Each
+/// step takes the lock on its own, so that the batches of several threads
+/// interleave; the service entries of a batch check, as they are written,
+/// that every slot and chunk they point at is there.
+struct SharedWriter(Arc<std::sync::Mutex<Fake>>);
+
+impl NewFrontendWriter for SharedWriter {
+    fn put_new(&self, s: &NewSlots) -> Result<(), WriteError> {
+        let lock = || self.0.lock().unwrap();
+        lock().put_names(&s.names)?;
+        lock().put_backends(&s.backend_keys, &s.backends)?;
+        std::thread::yield_now();
+        lock().put_maglev_chunks(&s.chunk_keys, &s.chunks)?;
+        std::thread::yield_now();
+        let mut f = lock();
+        for v in &s.values {
+            for i in 0..v.backend_count as u32 {
+                assert!(
+                    f.backends.contains_key(&BackendKey::new(v.service_id, v.generation, i)),
+                    "service {} written before its slot {i}",
+                    v.service_id
+                );
+            }
+            for pos in (0..v.maglev_size).step_by(limits::MAGLEV_CHUNK as usize) {
+                assert!(
+                    f.maglev.contains_key(&MaglevKey::new(v.service_id, v.generation, pos)),
+                    "service {} written before its chunk {pos}",
+                    v.service_id
+                );
+            }
+        }
+        f.put_services(&s.keys, &s.values)
+    }
 }
 
 impl MapWriter for Fake {
+    fn new_frontend_writer(&self) -> Option<Box<dyn NewFrontendWriter>> {
+        let shared = self.shared.clone()?;
+        Some(Box::new(SharedWriter(shared)))
+    }
+    fn cache_services(&mut self, keys: &[ServiceKey], _values: &[ServiceValue]) -> Result<(), WriteError> {
+        // Cached only once written.
+        let shared = self.shared.as_ref().expect("cache_services after shared writes");
+        let written = &shared.lock().unwrap().services;
+        assert!(keys.iter().all(|k| written.contains_key(k)), "cached before its entry");
+        self.cached.extend_from_slice(keys);
+        Ok(())
+    }
     fn put_vip_filter(&mut self, filter: &VipFilter) -> Result<(), WriteError> {
         self.vip_filter = Some(Box::new(*filter));
         self.vip_filter_writes += 1;
@@ -106,6 +159,27 @@ impl MapWriter for Fake {
 }
 
 impl Fake {
+    /// A Fake whose batches of new frontends are written from other
+    /// threads.
+    fn shared() -> Fake {
+        Fake {
+            shared: Some(Default::default()),
+            ..Default::default()
+        }
+    }
+
+    /// Takes in what other threads wrote (see `shared`), their log after
+    /// this one's.
+    fn merge(&mut self) {
+        let Some(shared) = &self.shared else { return };
+        let mut other = std::mem::take(&mut *shared.lock().unwrap());
+        self.log.append(&mut other.log);
+        self.services.append(&mut other.services);
+        self.backends.append(&mut other.backends);
+        self.maglev.append(&mut other.maglev);
+        self.names.append(&mut other.names);
+    }
+
     /// What the datapath would select from: the backends behind `key`.
     fn visible(&self, key: &ServiceKey) -> Vec<Backend> {
         let Some(v) = self.services.get(key) else { return vec![] };
@@ -1141,4 +1215,47 @@ fn a_failed_batch_goes_one_by_one() {
     assert_eq!(no_epoch(s.writer()), no_epoch(clean.writer()));
     assert_eq!(s.writer().backends, clean.writer().backends);
     assert_eq!(s.writer().maglev, clean.writer().maglev);
+}
+
+/// A cold start whose writer takes batches from other threads (the real
+/// maps do): the batches go to a thread per CPU, each writes its
+/// frontends' slots and chunks before their service entries (checked as
+/// each entry is written), the frontend cache hears of an entry only
+/// once it is written, and the maps end up as one by one.
+#[test]
+fn a_cold_start_writes_batches_from_several_threads_slots_first() {
+    let n = 5 * TABLE_BATCH + 17;
+    let entries = many(n);
+    let refs: Vec<(ServiceKey, &[u8])> = entries.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+    let d = desired(&refs);
+    let mut one_by_one = syncer();
+    assert_eq!(one_by_one.apply(&d).added, n);
+    let mut s = Syncer::with_config(Fake::shared(), one_by_one.config).with_fresh_maps();
+    let r = s.apply(&d);
+    assert_eq!((r.added, r.errors.len()), (n, 0));
+    // Nothing was written by the sync's own thread.
+    assert_eq!(s.writer().log, Vec::<String>::new());
+    s.writer.merge();
+    let (w, o) = (s.writer(), one_by_one.writer());
+    let no_epoch = |w: &Fake| -> Vec<(ServiceKey, ServiceValue)> {
+        w.services
+            .iter()
+            .map(|(k, v)| (*k, ServiceValue { epoch: 0, ..*v }))
+            .collect()
+    };
+    assert_eq!(no_epoch(w), no_epoch(o));
+    assert_eq!(w.backends, o.backends);
+    assert_eq!(w.maglev, o.maglev);
+    assert_eq!(w.names, o.names);
+    let mut cached = w.cached.clone();
+    cached.sort();
+    assert_eq!(cached, d.frontends.keys().copied().collect::<Vec<_>>());
+    // Epochs only grow, in the order of the frontends.
+    let epochs: Vec<u32> = w.services.values().map(|v| v.epoch).collect();
+    assert!(epochs.windows(2).all(|e| e[0] < e[1]), "{epochs:?}");
+    assert_eq!(s.programmed().len(), n);
+    assert_eq!(s.entries(), one_by_one.entries());
+    for k in d.frontends.keys() {
+        assert_eq!(w.visible(k), o.visible(k));
+    }
 }
