@@ -2,7 +2,7 @@
 //! points and the bench wrappers (which must run exactly the same code).
 //!
 //! Stack: eBPF allows 512 bytes for a program and the functions it calls
-//! together. Parsing, the service path (`lb::to_service`, `lb::reply`), the
+//! together. Parsing, the service path (`lb::to_service`, `lb::from_backend`), the
 //! reject builders and the ICMP error translation are separate functions
 //! called from here side by side, not nested, so that only one of them adds
 //! its frame at a time; conntrack keys and values are built in a per-CPU
@@ -65,7 +65,10 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
     };
     match lb::process(ctx, p) {
         Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Forward => forward::xdp(ctx),
+        // (The load-time global checked here, not only in the callee:
+        // with host routing off the verifier drops the call.)
+        Verdict::Forward if crate::maps::host_routing() => forward::xdp(ctx),
+        Verdict::Forward => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Reject => match xdp_reject(ctx, p) {
             Ok(action) => {
@@ -120,9 +123,12 @@ pub fn tc(ctx: &TcContext) -> i32 {
     match lb::process(ctx, p) {
         // A packet of a connection the socket-level programs translated
         // (to or from an endpoint): host-routed like a translated one.
-        Verdict::Pass if forward::socket_translated(p) => forward::tc(ctx),
+        // (The load-time globals are checked here, not only in the
+        // callees: with the settings off the verifier drops the calls.)
+        Verdict::Pass if forward::sock_routing() && forward::socket_translated(p) => forward::tc(ctx),
         Verdict::Pass => TC_ACT_UNSPEC,
-        Verdict::Forward => forward::tc(ctx),
+        Verdict::Forward if crate::maps::host_routing() => forward::tc(ctx),
+        Verdict::Forward => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Reject => match tc_reject(ctx, p) {
             Ok(action) => {

@@ -79,7 +79,7 @@ static DP_SOCK_ROUTING: u8 = 0;
 
 /// Whether the packets of socket-translated connections are host-routed.
 #[inline(always)]
-fn sock_routing() -> bool {
+pub fn sock_routing() -> bool {
     // SAFETY: reading a static; volatile so that the load-time value is
     // read, not the compile-time 0.
     unsafe { core::ptr::read_volatile(&DP_SOCK_ROUTING) != 0 }

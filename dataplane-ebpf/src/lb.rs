@@ -41,27 +41,40 @@ pub fn process<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
     };
     // A SYN may start a new flow on an old tuple and needs the Service's
     // value; anything else may be a packet of a tracked flow to a cached
-    // frontend (`cached_flow`). What is not cached, or untracked, takes the
-    // path below exactly as without the cache (`untracked`: conntrack was
-    // asked already).
+    // frontend (`cached_flow`). A packet from an address that may be a
+    // backend may be a reply: conntrack is asked before the service map
+    // (`from_backend`), so that replies skip it. What is neither takes
+    // the path below as before (`untracked`: conntrack was asked already
+    // and has no entry for the tuple).
     let cached = if starts_flow(p) {
         None
     } else {
         crate::maps::cached_frontend(&key)
     };
-    let untracked = match cached {
-        Some(service_id) => match cached_flow(ctx, p, service_id) {
-            Some(v) => return v,
-            None => true,
+    let asked = match cached {
+        Some(service_id) => cached_flow(ctx, p, service_id),
+        None => Tracked::NotAsked,
+    };
+    let untracked = match asked {
+        Tracked::Done(v) => return v,
+        Tracked::Untracked => true,
+        // (One call site: the verifier walks the function once.)
+        t if matches!(t, Tracked::Reply) || crate::maps::maybe_backend(&p.saddr) => match from_backend(ctx, p) {
+            Tracked::Done(v) => return v,
+            Tracked::Untracked => true,
+            // An original entry: a flow a backend (a pod that is also a
+            // client) opened to a Service, to a frontend not in the cache
+            // (or a SYN): the service path, which asks conntrack again.
+            _ => false,
         },
-        None => false,
+        _ => false,
     };
     // Copy the value out: the agent may replace it at any time.
     let mut svc = match DP_SERVICES.get_ptr(key) {
         // SAFETY: the map is not preallocated, so the element stays valid
         // (RCU) for this program run.
         Some(v) => unsafe { *v },
-        None => return reply(ctx, p),
+        None => return no_service(p),
     };
     if svc.flags & SVC_F_IN_CLUSTER_VIEW != 0 {
         if let Some(v) = in_cluster_view(p) {
@@ -82,14 +95,66 @@ fn starts_flow(p: &Packet) -> bool {
 /// A packet of a tracked flow to a cached frontend (of `service_id`) is
 /// translated without the service map: the frontend cache says the
 /// frontend exists and under which id, which is all a packet of a tracked
-/// flow needs of it (see `FrontendBucket`). `None`: conntrack has no entry
-/// for the tuple. (A function of its own: in the entry program's frame,
-/// its locals would take the stack the new-flow path's chain of frames
-/// needs.)
+/// flow needs of it (see `FrontendBucket`). A reply entry for the tuple
+/// makes it a reply whose destination (the client's address and port) is
+/// a frontend as well (`Tracked::Reply`: left to `from_backend`, which
+/// reverse-translates it as any reply). (A function of its own: in the
+/// entry program's frame, its locals would take the stack the new-flow
+/// path's chain of frames needs.)
 #[inline(never)]
-fn cached_flow<C: PacketCtx>(ctx: &C, p: &Packet, service_id: u32) -> Option<Verdict> {
-    let ct = conntrack::lookup(p)?;
-    Some(established(ctx, p, service_id, ct))
+fn cached_flow<C: PacketCtx>(ctx: &C, p: &Packet, service_id: u32) -> Tracked {
+    let Some(ct) = conntrack::lookup(p) else {
+        return Tracked::Untracked;
+    };
+    // SAFETY: an entry of this run's lookup.
+    if unsafe { (*ct).flags } & CT_F_REPLY != 0 {
+        return Tracked::Reply;
+    }
+    Tracked::Done(established(ctx, p, service_id, ct))
+}
+
+/// What conntrack said about a packet.
+#[derive(Clone, Copy)]
+enum Tracked {
+    /// Translated, or passed.
+    Done(Verdict),
+    /// Conntrack has no entry for the tuple.
+    Untracked,
+    /// Not asked.
+    NotAsked,
+    /// A reply entry, not translated yet.
+    Reply,
+    /// An original entry, not translated yet.
+    Original,
+}
+
+/// A packet whose source may be a backend (`maybe_backend`) and whose
+/// destination is no cached frontend (or one that a reply entry says is
+/// the client of a flow), looked up in conntrack by its own tuple before
+/// the service map. A reply entry (or, for a SYN-ACK without one, the
+/// flood guard's entry of a SYN served without state): the packet is a
+/// reply, reverse-translated without the service map. A reply entry's
+/// tuple is (backend, client): its destination is the flow's client, and
+/// the packet a reply even when that address and port are also a frontend
+/// (a node address and a NodePort). `Original`: the packet is one of a
+/// flow a backend opened as a client, left to the service path.
+/// (A function of its own, as `cached_flow`.)
+#[inline(never)]
+fn from_backend<C: PacketCtx>(ctx: &C, p: &Packet) -> Tracked {
+    let ct = match conntrack::lookup(p) {
+        Some(e) => e,
+        // Only a SYN-ACK can answer a SYN served without state.
+        None if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => match stateless_reply(p) {
+            Some(e) => e,
+            None => return Tracked::Untracked,
+        },
+        None => return Tracked::Untracked,
+    };
+    // SAFETY: an entry of this run's lookup.
+    if unsafe { (*ct).flags } & CT_F_REPLY != 0 {
+        return Tracked::Done(reply(ctx, p, ct));
+    }
+    Tracked::Original
 }
 
 /// A packet of the tracked flow `ct` to the frontend of `service_id`: on
@@ -397,69 +462,63 @@ fn translate<C: PacketCtx>(
     Verdict::Forward
 }
 
-/// A packet not addressed to a service: a reply of a tracked flow gets the
-/// VIP back as its source; anything else passes untouched.
-#[inline(never)]
-fn reply<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
-    // Replies come from backends: a source that never was one skips
-    // conntrack (see `VipFilter::has`).
-    let from_backend = crate::maps::maybe_backend(&p.saddr);
-    let entry = match if from_backend { conntrack::lookup(p) } else { None } {
-        Some(e) => Some(e),
-        // Only a SYN-ACK can answer a SYN served without state: other
-        // packets (all traffic to no Service) skip the call.
-        None if from_backend && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => stateless_reply(p),
-        None => None,
-    };
+/// A reply of the tracked flow whose reply entry is `e`: the frontend
+/// back as its source (and, with SNAT, the client back as its
+/// destination).
+#[inline(always)]
+fn reply<C: PacketCtx>(ctx: &C, p: &Packet, e: *mut CtValue) -> Verdict {
     // SAFETY: an entry of this run's lookup.
-    match entry.map(|e| unsafe { &*e }) {
-        Some(ct) if ct.flags & CT_F_REPLY != 0 => {
-            let mut flags = 0;
-            if ct.state() & CT_F_SEEN_REPLY == 0 && entry.is_some_and(conntrack::first_reply) {
-                flags |= CT_F_SEEN_REPLY;
-            }
-            if conntrack::closes(p) {
-                flags |= CT_F_CLOSING;
-            }
-            if flags != 0 {
-                conntrack::flag_original(p, ct, flags);
-            }
-            // With SNAT, also back to the client the node translated the
-            // source of.
-            let client = (ct.flags & CT_F_SNAT != 0).then_some((&ct.snat_addr, ct.snat_port));
-            if ctx.rewrite(p, client, Some((&ct.nat_addr, ct.nat_port))).is_err() {
-                stats::count(Reason::DropRewriteFailed);
-                return Verdict::Drop;
-            }
-            stats::count(Reason::NatReply);
-            Verdict::Forward
-        }
-        _ => {
-            // (The reply entry it looks for comes from the destination.)
-            if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && crate::maps::maybe_backend(&p.daddr) {
-                conntrack::remove_closing_reply(p);
-            }
-            // A ClusterIP on a port its Service does not define
-            // (`SVC_F_OTHER_PORTS`): rejected, not passed to the node.
-            // The filter spares other addresses the hash lookup.
-            if !crate::maps::maybe_cluster_ip(&p.daddr) {
-                stats::count(Reason::PassNoService);
-                return Verdict::Pass;
-            }
-            let other_ports = ServiceKey {
-                addr: p.daddr,
-                port: 0,
-                proto: 0,
-                family: p.family,
-            };
-            if let Some(v) = DP_SERVICES.get_ptr(other_ports) {
-                // SAFETY: as for the service value in `process`.
-                let id = unsafe { (*v).service_id };
-                stats::service(id, |s| s.no_backend += 1);
-                return Verdict::Reject;
-            }
-            stats::count(Reason::PassNoService);
-            Verdict::Pass
-        }
+    let ct = unsafe { &*e };
+    let mut flags = 0;
+    if ct.state() & CT_F_SEEN_REPLY == 0 && conntrack::first_reply(e) {
+        flags |= CT_F_SEEN_REPLY;
     }
+    if conntrack::closes(p) {
+        flags |= CT_F_CLOSING;
+    }
+    if flags != 0 {
+        conntrack::flag_original(p, ct, flags);
+    }
+    // With SNAT, also back to the client the node translated the
+    // source of.
+    let client = (ct.flags & CT_F_SNAT != 0).then_some((&ct.snat_addr, ct.snat_port));
+    if ctx.rewrite(p, client, Some((&ct.nat_addr, ct.nat_port))).is_err() {
+        stats::count(Reason::DropRewriteFailed);
+        return Verdict::Drop;
+    }
+    stats::count(Reason::NatReply);
+    Verdict::Forward
+}
+
+/// A packet not addressed to a service and no tracked reply (conntrack
+/// was asked in `from_backend` when its source may be a backend; a source
+/// that never was one has no reply entry, see `BackendFilter`): it passes
+/// untouched, or is rejected (a ClusterIP's port its Service lacks).
+#[inline(never)]
+fn no_service(p: &Packet) -> Verdict {
+    // (The reply entry it looks for comes from the destination.)
+    if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && crate::maps::maybe_backend(&p.daddr) {
+        conntrack::remove_closing_reply(p);
+    }
+    // A ClusterIP on a port its Service does not define
+    // (`SVC_F_OTHER_PORTS`): rejected, not passed to the node.
+    // The filter spares other addresses the hash lookup.
+    if !crate::maps::maybe_cluster_ip(&p.daddr) {
+        stats::count(Reason::PassNoService);
+        return Verdict::Pass;
+    }
+    let other_ports = ServiceKey {
+        addr: p.daddr,
+        port: 0,
+        proto: 0,
+        family: p.family,
+    };
+    if let Some(v) = DP_SERVICES.get_ptr(other_ports) {
+        // SAFETY: as for the service value in `process`.
+        let id = unsafe { (*v).service_id };
+        stats::service(id, |s| s.no_backend += 1);
+        return Verdict::Reject;
+    }
+    stats::count(Reason::PassNoService);
+    Verdict::Pass
 }

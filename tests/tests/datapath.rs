@@ -1831,3 +1831,138 @@ fn frontends_with_an_in_cluster_view_are_never_cached() {
     l.set_frontend(key, frontend(backends, SVC_F_EXTERNAL));
     assert_eq!(cached(&l, &key), Some(id));
 }
+
+/// A reply whose destination, the client's address and port, is also a
+/// frontend: a process of the node connecting to a ClusterIP from a
+/// source port that is a NodePort of the node's address (a NodePort range
+/// overlapping the ephemeral ports, or a bound source port). The reply
+/// entry decides: the packet gets the ClusterIP back as its source, as
+/// any reply, not DNATed as a packet of the NodePort (which, from the
+/// frontend cache or the service map, took the reply entry for an
+/// original one and sent the answer to the ClusterIP). Both with the
+/// NodePort in the frontend cache and without (its way emptied, as a
+/// full bucket leaves it).
+#[test]
+fn a_reply_to_a_client_port_that_is_also_a_node_port_gets_the_frontend_back() {
+    for prog in Prog::BOTH {
+        for in_cache in [true, false] {
+            let mut l = node_config();
+            l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
+            let nodeport = ServiceKey::new(NODE, 30500, TCP);
+            l.set_frontend(nodeport, frontend(vec![Backend::new(b(5), 9090)], SVC_F_EXTERNAL));
+            if !in_cache {
+                let bucket = dataplane_common::frontend_bucket(&nodeport);
+                let mut bk = l.sync.writer().frontend_cache.get(&bucket, 0).unwrap();
+                for w in bk.ways.iter_mut().filter(|w| w.key == nodeport) {
+                    *w = Default::default();
+                }
+                l.sync.writer_mut().frontend_cache.set(bucket, bk, 0).unwrap();
+            }
+            assert_eq!(cached(&l, &nodeport).is_some(), in_cache, "{prog:?}");
+            let client = (NODE, 30500);
+            let out = l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build());
+            assert_eq!(out.data, Frame::tcp(client, (b(1), 8080), SYN).build(), "{prog:?}");
+            for flags in [SYN | ACK, ACK, FIN | ACK] {
+                let reply = l.run(prog, &Frame::tcp((b(1), 8080), client, flags).build());
+                assert_eq!(
+                    reply.data,
+                    Frame::tcp((VIP, 80), client, flags).build(),
+                    "{prog:?} cached {in_cache} flags {flags:#x}: the reply comes from the ClusterIP"
+                );
+            }
+            assert_eq!(l.reason(Reason::NatReply), 3, "{prog:?} cached {in_cache}");
+            assert_eq!(l.reason(Reason::NatEstablished), 0, "{prog:?} cached {in_cache}");
+            // The NodePort still serves its own clients.
+            let ext = (EXTERNAL_CLIENT, 41000);
+            let out = l.run(prog, &Frame::tcp(ext, (NODE, 30500), SYN).build());
+            assert_eq!(out.data, Frame::tcp(ext, (b(5), 9090), SYN).build(), "{prog:?}");
+        }
+    }
+}
+
+/// A backend that is also a client of a Service (a pod serving one
+/// Service and calling another): its packets find conntrack first (its
+/// address is in the backend filter, so it is asked before the service
+/// map, for replies), and the flow's original entry keeps the service
+/// path's rules: a frontend missing from the cache is checked in the
+/// service map, a retransmitted SYN follows the flow, a SYN after the
+/// close picks a backend again, a deleted Service's flow passes
+/// untouched and resumes when the Service returns.
+#[test]
+fn a_backend_as_a_client_keeps_the_rules_of_the_service_path() {
+    let vip2: IpAddr = Ipv4Addr::new(198, 19, 0, 11).into();
+    for prog in Prog::BOTH {
+        let mut l = Loaded::new();
+        l.set_service(VIP, 80, TCP, &[(b(1), 8080), (b(2), 8080)]);
+        l.set_service(vip2, 80, TCP, &[(b(7), 8080)]);
+        l.sync.writer_mut().fill_backend_filter().unwrap();
+        let key = ServiceKey::new(VIP, 80, TCP);
+        let uncache = |l: &mut Loaded| {
+            let bucket = dataplane_common::frontend_bucket(&key);
+            let mut bk = l.sync.writer().frontend_cache.get(&bucket, 0).unwrap();
+            for w in bk.ways.iter_mut().filter(|w| w.key == key) {
+                *w = Default::default();
+            }
+            l.sync.writer_mut().frontend_cache.set(bucket, bk, 0).unwrap();
+        };
+        let client = (b(7), 45000);
+        let first = parse_and_verify(&l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+        let backend = (first.dst, first.dport);
+        assert!([b(1), b(2)].contains(&backend.0), "{prog:?}");
+        let ack = Frame::tcp(client, (VIP, 80), ACK).build();
+        // From the cache, then without it (the service map asked).
+        assert_eq!(
+            l.run(prog, &ack).data,
+            Frame::tcp(client, backend, ACK).build(),
+            "{prog:?}"
+        );
+        uncache(&mut l);
+        assert_eq!(cached(&l, &key), None);
+        assert_eq!(
+            l.run(prog, &ack).data,
+            Frame::tcp(client, backend, ACK).build(),
+            "{prog:?}"
+        );
+        // A retransmitted SYN follows the flow.
+        let syn = Frame::tcp(client, (VIP, 80), SYN).build();
+        assert_eq!(
+            l.run(prog, &syn).data,
+            Frame::tcp(client, backend, SYN).build(),
+            "{prog:?}"
+        );
+        assert_eq!(l.reason(Reason::NatEstablished), 3, "{prog:?}");
+        assert_eq!(l.reason(Reason::NatNewFlow), 1, "{prog:?}");
+        // The reply.
+        let reply = l.run(prog, &Frame::tcp(backend, client, ACK).build());
+        assert_eq!(reply.data, Frame::tcp((VIP, 80), client, ACK).build(), "{prog:?}");
+
+        // Closed, then the port reused: a new flow, to the backend that is left.
+        l.run(prog, &Frame::tcp(client, (VIP, 80), FIN | ACK).build());
+        let other = if backend.0 == b(1) { b(2) } else { b(1) };
+        l.set_service(VIP, 80, TCP, &[(other, 8080)]);
+        uncache(&mut l);
+        assert_eq!(
+            l.run(prog, &syn).data,
+            Frame::tcp(client, (other, 8080), SYN).build(),
+            "{prog:?}: a SYN on a closed flow's tuple is a new flow"
+        );
+        assert_eq!(l.reason(Reason::NatNewFlow), 2, "{prog:?}");
+
+        // The Service deleted: the flow's packets pass untouched; replies
+        // already on their way still get the frontend back.
+        l.remove_service(VIP, 80, TCP);
+        let before = l.reason(Reason::PassNoService);
+        assert_eq!(l.run(prog, &ack).data, ack, "{prog:?}: a deleted Service's flow");
+        assert_eq!(l.reason(Reason::PassNoService), before + 1, "{prog:?}");
+        let reply = l.run(prog, &Frame::tcp((other, 8080), client, ACK).build());
+        assert_eq!(reply.data, Frame::tcp((VIP, 80), client, ACK).build(), "{prog:?}");
+        // Back again, uncached: the flow resumes.
+        l.set_service(VIP, 80, TCP, &[(b(9), 9999)]);
+        uncache(&mut l);
+        assert_eq!(
+            l.run(prog, &ack).data,
+            Frame::tcp(client, (other, 8080), ACK).build(),
+            "{prog:?}: the flow resumes with its Service"
+        );
+    }
+}
