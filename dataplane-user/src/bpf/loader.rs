@@ -229,22 +229,17 @@ pub struct Dataplane {
     migration: Option<crate::bpf::migrate::Migration>,
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::programs::Program, LoadError> {
-    ebpf.program_mut(name).ok_or(LoadError::Program {
-        name,
-        source: aya::programs::ProgramError::UnexpectedProgramType,
-    })
-}
-
 /// Loads the XDP program with frags support, or, when the kernel refuses
-/// that (before 5.18: EINVAL for the flag), the same code without it.
-/// Returns the name of the one loaded.
-fn load_xdp(ebpf: &mut Ebpf) -> Result<&'static str, LoadError> {
+/// that (before 5.18: EINVAL for the flag), the same code without it
+/// (`frags`, `no_frags`: the two programs). Returns the name of the one
+/// loaded.
+fn load_xdp(
+    frags: &mut aya::programs::Program,
+    no_frags: &mut aya::programs::Program,
+) -> Result<&'static str, LoadError> {
     let mut first = None;
-    for name in [program_names::XDP, program_names::XDP_NO_FRAGS] {
-        let p: &mut Xdp = program(ebpf, name)?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
+    for (name, p) in [(program_names::XDP, frags), (program_names::XDP_NO_FRAGS, no_frags)] {
+        let p: &mut Xdp = p.try_into().map_err(|source| LoadError::Program { name, source })?;
         match retry_eagain(|| p.load()) {
             Ok(()) if first.is_none() => return Ok(name),
             Ok(()) => {
@@ -259,6 +254,45 @@ fn load_xdp(ebpf: &mut Ebpf) -> Result<&'static str, LoadError> {
         }
     }
     unreachable!("the loop returns on its second program")
+}
+
+/// Loads the TC program.
+fn load_tc(p: &mut aya::programs::Program) -> Result<(), LoadError> {
+    let name = program_names::TC;
+    let p: &mut SchedClassifier = p.try_into().map_err(|source| LoadError::Program { name, source })?;
+    retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })
+}
+
+/// Loads the XDP and the TC program side by side, on two threads: each is
+/// a few hundred milliseconds of verifier work on one CPU (more on an
+/// older kernel), on the critical path of every start. The kernel verifies
+/// a privileged process's programs concurrently. Returns the name of the
+/// XDP program loaded ([`load_xdp`]).
+fn load_datapath_programs(ebpf: &mut Ebpf) -> Result<&'static str, LoadError> {
+    let (mut frags, mut no_frags, mut tc) = (None, None, None);
+    for (name, p) in ebpf.programs_mut() {
+        match name {
+            n if n == program_names::XDP => frags = Some(p),
+            n if n == program_names::XDP_NO_FRAGS => no_frags = Some(p),
+            n if n == program_names::TC => tc = Some(p),
+            _ => {}
+        }
+    }
+    let missing = |name| LoadError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    };
+    let frags = frags.ok_or_else(|| missing(program_names::XDP))?;
+    let no_frags = no_frags.ok_or_else(|| missing(program_names::XDP_NO_FRAGS))?;
+    let tc = tc.ok_or_else(|| missing(program_names::TC))?;
+    std::thread::scope(|scope| {
+        let tc = scope.spawn(move || load_tc(tc));
+        let xdp = load_xdp(frags, no_frags);
+        let tc = tc.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let xdp = xdp?;
+        tc?;
+        Ok(xdp)
+    })
 }
 
 /// Pins a new link at `pin`, so that it outlives the agent.
@@ -510,12 +544,7 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(object)?;
-        let xdp = load_xdp(&mut ebpf)?;
-        let name = program_names::TC;
-        let p: &mut SchedClassifier = program(&mut ebpf, name)?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
-        retry_eagain(|| p.load()).map_err(|source| LoadError::Program { name, source })?;
+        let xdp = load_datapath_programs(&mut ebpf)?;
         Ok(Dataplane {
             ebpf,
             pins,
