@@ -93,11 +93,7 @@ pub struct CtScratch {
     /// Set by the flood guard's check for the flow being created: 1 when it
     /// goes without state.
     pub stateless: u8,
-    /// Set by the same check: 1 when conntrack holds a live original entry
-    /// for the flow's tuple (a SYN on a stale tuple), which `create` then
-    /// writes over without first trying `BPF_NOEXIST`.
-    pub original_exists: u8,
-    pub _flood_pad: [u8; 2],
+    pub _flood_pad: [u8; 3],
     /// Host routing: the interface the TC program last redirected a
     /// packet to, 0 when it handed the packet to the stack (for tests and
     /// inspection).

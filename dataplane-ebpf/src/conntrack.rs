@@ -232,26 +232,14 @@ pub fn set_state(e: *mut CtValue, flags: u16) {
 /// (which evicts nothing: counted apart so that evictions, created -
 /// replaced - present, can be told). New keys, the common case, cost one
 /// insert and no lookup.
-///
-/// `exists`: the caller found a live entry for `key` in this run; it is
-/// written over at once. A `BPF_NOEXIST` insert that fails is not free:
-/// the kernel takes a free element from the LRU before it looks at the
-/// bucket (`htab_lru_map_update_elem`), so on a full map the failed try
-/// evicts some other flow's entry, and the insert that follows takes a
-/// second element. (Should another CPU remove the entry in between, the
-/// insert creates it and is counted as a replacement all the same.)
 #[inline(always)]
-fn insert_counting_replaced(key: &CtKey, value: &CtValue, exists: bool) -> Result<u64, i32> {
+fn insert_counting_replaced(key: &CtKey, value: &CtValue) -> Result<u64, i32> {
     const BPF_NOEXIST: u64 = 1;
     const EEXIST: i32 = 17;
-    let replaced = if exists {
-        DP_CONNTRACK.insert(key, value, 0).map(|()| 1)
-    } else {
-        match DP_CONNTRACK.insert(key, value, BPF_NOEXIST) {
-            Ok(()) => Ok(0),
-            Err(e) if e == -EEXIST => DP_CONNTRACK.insert(key, value, 0).map(|()| 1),
-            Err(e) => Err(e),
-        }
+    let replaced = match DP_CONNTRACK.insert(key, value, BPF_NOEXIST) {
+        Ok(()) => Ok(0),
+        Err(e) if e == -EEXIST => DP_CONNTRACK.insert(key, value, 0).map(|()| 1),
+        Err(e) => Err(e),
     };
     // While migrating, the old programs must see the new flows too.
     if ct_migrating() && replaced.is_ok() {
@@ -283,39 +271,23 @@ fn held_by_another_flow(existing: &CtValue, new: &CtValue, proto: u8) -> bool {
 /// [`insert_counting_replaced`] for the reply entry of a new flow: an
 /// existing entry is written over only when no other live flow holds it
 /// ([`CLASH`] otherwise, nothing written).
-///
-/// `probe`: the flow's tuple had a live entry (a SYN on a stale tuple),
-/// so its reply entry most likely exists too: it is looked up first,
-/// which costs less than a `BPF_NOEXIST` insert that fails (see
-/// [`insert_counting_replaced`]).
 #[inline(always)]
-fn insert_reply(key: &CtKey, value: &CtValue, proto: u8, probe: bool) -> Result<u64, i32> {
+fn insert_reply(key: &CtKey, value: &CtValue, proto: u8) -> Result<u64, i32> {
     const BPF_NOEXIST: u64 = 1;
     const EEXIST: i32 = 17;
-    let found = if probe { DP_CONNTRACK.get_ptr(key) } else { None };
-    let replaced = match found {
-        Some(old) => {
-            // SAFETY: an LRU value, valid for this run.
-            if held_by_another_flow(unsafe { &*old }, value, proto) {
-                return Err(CLASH);
+    let replaced = match DP_CONNTRACK.insert(key, value, BPF_NOEXIST) {
+        Ok(()) => 0,
+        Err(e) if e == -EEXIST => {
+            if let Some(old) = DP_CONNTRACK.get_ptr(key) {
+                // SAFETY: an LRU value, valid for this run.
+                if held_by_another_flow(unsafe { &*old }, value, proto) {
+                    return Err(CLASH);
+                }
             }
             DP_CONNTRACK.insert(key, value, 0)?;
             1
         }
-        None => match DP_CONNTRACK.insert(key, value, BPF_NOEXIST) {
-            Ok(()) => 0,
-            Err(e) if e == -EEXIST => {
-                if let Some(old) = DP_CONNTRACK.get_ptr(key) {
-                    // SAFETY: an LRU value, valid for this run.
-                    if held_by_another_flow(unsafe { &*old }, value, proto) {
-                        return Err(CLASH);
-                    }
-                }
-                DP_CONNTRACK.insert(key, value, 0)?;
-                1
-            }
-            Err(e) => return Err(e),
-        },
+        Err(e) => return Err(e),
     };
     // While migrating, the old programs must see the new flows too.
     if ct_migrating() {
@@ -403,9 +375,7 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
         crate::stats::ct_event(CtEvent::StatelessNewFlow);
         return Ok(());
     }
-    // SAFETY: as above.
-    let exists = unsafe { (*s).original_exists } != 0;
-    let mut replaced = insert_reply(key, v, p.proto, exists)?;
+    let mut replaced = insert_reply(key, v, p.proto)?;
 
     key.saddr = p.saddr;
     key.daddr = p.daddr;
@@ -419,7 +389,7 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
         v.snat_addr = *node;
         v.snat_port = *port;
     }
-    replaced += insert_counting_replaced(key, v, exists)?;
+    replaced += insert_counting_replaced(key, v)?;
     crate::stats::add(counters::CT_CREATED, 2);
     if replaced != 0 {
         crate::stats::add(counters::CT_REPLACED, replaced);
@@ -464,8 +434,7 @@ fn admit_new_flow() -> bool {
 /// stale flow, port reuse) always gets state: it replaces that entry in
 /// place, which takes no room from other flows, and were it served without
 /// state its next packet would find the old entry and follow the old
-/// flow's backend, not the one its SYN went to. It also tells `create`
-/// that the entries it writes exist already (`CtScratch::original_exists`).
+/// flow's backend, not the one its SYN went to.
 #[inline(never)]
 pub fn flood_check(p: &Packet, svc: &ServiceValue, untracked: bool) {
     let stateless = untracked
@@ -476,11 +445,7 @@ pub fn flood_check(p: &Packet, svc: &ServiceValue, untracked: bool) {
         && !admit_new_flow();
     if let Some(s) = scratch() {
         // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
-        unsafe {
-            (*s).stateless = stateless as u8;
-            // (While migrating, the entry found may be in the old map.)
-            (*s).original_exists = (!untracked && !ct_migrating()) as u8;
-        }
+        unsafe { (*s).stateless = stateless as u8 };
     }
 }
 

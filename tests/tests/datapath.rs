@@ -540,8 +540,7 @@ fn a_reply_tuple_clash_moves_the_new_flow_to_another_source_port() {
 /// the reply tuple it would use now belongs to another live flow: the new
 /// flow is written over the old original entry (one replacement, no
 /// eviction), but the reply entry is not taken from the live flow: the
-/// new flow gets another source port. (`create` looks the reply entry up
-/// first when the original existed: this is the check on that path.)
+/// new flow gets another source port.
 #[test]
 fn a_syn_on_a_closed_tuple_does_not_take_a_live_flows_reply_entry() {
     for prog in Prog::BOTH {
