@@ -26,6 +26,12 @@ pub fn agent_binary() -> PathBuf {
     path
 }
 
+/// How long a started agent may take to its first sync: a deadline, not a
+/// timing: the first sync waits for the programs to load, which takes
+/// 14-15 s of verifier work in the software-emulated qemu VM of
+/// `cargo xtask test` (Debian's 6.1 kernel), under a second here.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct Agent {
     child: Child,
     log: PathBuf,
@@ -116,7 +122,7 @@ impl Agent {
             netns: ns.name.clone(),
             _dir: dir,
         };
-        a.wait_syncs(1, Duration::from_secs(20))?;
+        a.wait_syncs(1, START_TIMEOUT)?;
         Ok(a)
     }
 
@@ -127,7 +133,7 @@ impl Agent {
         self.child.kill()?;
         self.child.wait()?;
         self.child = spawn(&self.binary, &self.netns, &self.args, &self.log)?;
-        self.wait_syncs(1, Duration::from_secs(20))
+        self.wait_syncs(1, START_TIMEOUT)
     }
 
     /// Stops the agent with SIGTERM (its pinned programs stay attached, as
@@ -141,7 +147,7 @@ impl Agent {
         self.args.extend(extra.iter().map(|a| a.to_string()));
         self.binary = binary.to_path_buf();
         self.child = spawn(&self.binary, &self.netns, &self.args, &self.log)?;
-        self.wait_syncs(1, Duration::from_secs(30))
+        self.wait_syncs(1, START_TIMEOUT)
     }
 
     /// From the agent's pinned maps: connections translated at connect
