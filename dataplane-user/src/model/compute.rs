@@ -123,9 +123,10 @@ pub(super) fn prepare_slice<'a>(
         return None;
     }
     let ns = &*s.namespace;
-    let object = format!("EndpointSlice {ns}/{name}");
+    // Named only in a problem (most slices have none).
+    let object = || format!("EndpointSlice {ns}/{name}");
     let Some(svc) = s.service_name.as_deref() else {
-        problem(object, format!("no {SERVICE_NAME_LABEL} label; ignored"));
+        problem(object(), format!("no {SERVICE_NAME_LABEL} label; ignored"));
         return None;
     };
     let v6 = match &*s.address_type {
@@ -134,21 +135,21 @@ pub(super) fn prepare_slice<'a>(
         // FQDN slices are not for proxies.
         "FQDN" => return None,
         other => {
-            problem(object, format!("unknown addressType {other:?}; ignored"));
+            problem(object(), format!("unknown addressType {other:?}; ignored"));
             return None;
         }
     };
     let mut endpoints = Vec::new();
     for ep in &s.endpoints {
         let Some(first) = &ep.address else {
-            problem(object.clone(), "an endpoint has no address; skipped".into());
+            problem(object(), "an endpoint has no address; skipped".into());
             continue;
         };
         let addr = match first.parse() {
             Ok(a) if a.is_ipv6() == v6 => a,
             _ => {
                 problem(
-                    object.clone(),
+                    object(),
                     format!(
                         "endpoint address {:?} is not a valid {} address; skipped",
                         first.text(),
