@@ -69,7 +69,19 @@ type Done<'a> = (Vec<New<'a>>, Result<Option<NewSlots>, WriteError>);
 
 /// What `batch` writes, its Maglev tables computed here unless in `tables`.
 fn slots_of(batch: &[New<'_>], tables: &mut BTreeMap<ServiceKey, Vec<u16>>) -> NewSlots {
-    let mut s = NewSlots::default();
+    // Sized once: grown by doubling, the chunks (512 bytes each, 1,024 in
+    // a batch of 4-endpoint frontends) were copied over and over.
+    let backends: usize = batch.iter().map(|n| n.fe.backends.len()).sum();
+    let chunks: usize = batch.iter().map(|n| maglev_chunks(n.value.maglev_size)).sum();
+    let mut s = NewSlots {
+        names: Vec::with_capacity(batch.len()),
+        backend_keys: Vec::with_capacity(backends),
+        backends: Vec::with_capacity(backends),
+        chunk_keys: Vec::with_capacity(chunks),
+        chunks: Vec::with_capacity(chunks),
+        keys: Vec::with_capacity(batch.len()),
+        values: Vec::with_capacity(batch.len()),
+    };
     for n in batch {
         let id = n.value.service_id;
         s.names.push((id, n.fe.display_name()));
