@@ -142,7 +142,8 @@ impl<T> std::ops::DerefMut for Held<T> {
 /// (`tests/tests/prog_pool.rs` checks it map by map after a real
 /// workload). `DATAPLANE_TEST_POOL=0` turns reuse off; another number sets
 /// how many idle objects are kept (default [`POOL_IDLE`]; each holds about
-/// 110 MiB of preallocated map memory).
+/// 110 MiB of preallocated map memory); `DATAPLANE_TEST_POOL_LOG=1` prints
+/// every load.
 pub struct Loaded {
     pub dp: Held<Dataplane>,
     pub sync: Held<Syncer<Maps>>,
@@ -188,7 +189,22 @@ struct Pooled {
     state: PoolState,
 }
 
-static POOL: Mutex<Vec<Pooled>> = Mutex::new(Vec::new());
+/// The idle objects, and how often each key was asked for.
+struct Pool {
+    idle: Vec<Pooled>,
+    asked: Vec<(PoolKey, u32)>,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    idle: Vec::new(),
+    asked: Vec::new(),
+});
+
+impl Pool {
+    fn asked(&self, key: &PoolKey) -> u32 {
+        self.asked.iter().find(|(k, _)| k == key).map_or(0, |(_, n)| *n)
+    }
+}
 
 fn pool_idle() -> usize {
     static IDLE: OnceLock<usize> = OnceLock::new();
@@ -206,8 +222,12 @@ impl Pooled {
         crate::netns::require_root_and_tools();
         {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = pool.iter().rposition(|p| p.state.key == key) {
-                return pool.remove(i);
+            match pool.asked.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => pool.asked.push((key, 1)),
+            }
+            if let Some(i) = pool.idle.iter().rposition(|p| p.state.key == key) {
+                return pool.idle.remove(i);
             }
         }
         Self::load(key)
@@ -216,6 +236,9 @@ impl Pooled {
     /// Loads an object of `key` (never from the pool) and reads every map
     /// right after the load.
     fn load(key: PoolKey) -> Pooled {
+        if std::env::var_os("DATAPLANE_TEST_POOL_LOG").is_some() {
+            eprintln!("program test pool: loading {key:?}");
+        }
         let dp = if key.features == dataplane::bpf::kernel::features() {
             Dataplane::load_with(None, None, &key.sizes, false, key.globals).map(|(dp, _)| dp)
         } else {
@@ -286,9 +309,18 @@ impl Pooled {
         }
         let evicted = {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-            pool.push(self);
-            let excess = pool.len().saturating_sub(pool_idle());
-            pool.drain(..excess).collect::<Vec<_>>()
+            pool.idle.push(self);
+            // Beyond the limit, the objects of the keys asked for least
+            // (the settings one test uses) go first, the oldest among
+            // equals: the default programs most tests take stay.
+            let mut evicted = Vec::new();
+            while pool.idle.len() > pool_idle() {
+                let i = (0..pool.idle.len())
+                    .min_by_key(|&i| pool.asked(&pool.idle[i].state.key))
+                    .expect("a full pool is not empty");
+                evicted.push(pool.idle.remove(i));
+            }
+            evicted
         };
         // Dropped outside the lock: closing a map is the kernel's work.
         drop(evicted);
