@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod fake_api;
 pub mod hostile;
 pub mod manifests;
+pub mod mapstate;
 pub mod mapview;
 pub mod netns;
 pub mod oracle;

@@ -1,9 +1,14 @@
 //! The real eBPF object, loaded (not attached) for BPF_PROG_TEST_RUN, with
 //! its maps programmed through the agent's own sync path.
 
-use std::net::IpAddr;
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    os::fd::BorrowedFd,
+    sync::{Mutex, OnceLock},
+};
 
-use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{HashMap, IterableMap, MapData, PerCpuArray, PerCpuValues};
 use dataplane::{
     bpf::loader::{Dataplane, Globals, Maps},
     bpf::map_sizes::MapSizes,
@@ -13,6 +18,8 @@ use dataplane::{
     model::{Desired, Frontend},
     reconcile::{SyncConfig, Syncer},
 };
+
+use crate::mapstate::{self, Content, ObjectMaps};
 use dataplane_common::{
     addr_of, flow_hash, fold_addr, map_names, program_names, Backend, CtKey, CtScratch, CtValue, DpConfig, Reason,
     ServiceKey,
@@ -101,14 +108,250 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// A field of [`Loaded`] that its `Drop` can take back for the pool:
+/// reads and writes through it as through the value (`l.dp.program_fd(..)`,
+/// `l.sync.writer_mut()`).
+pub struct Held<T>(Option<T>);
+
+impl<T> std::ops::Deref for Held<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0.as_ref().expect("a Loaded being dropped")
+    }
+}
+
+impl<T> std::ops::DerefMut for Held<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.0.as_mut().expect("a Loaded being dropped")
+    }
+}
+
+/// The loaded programs and their maps, through the agent's own sync path.
+///
+/// Loading verifies the XDP and the TC program again, about 1.6 s of CPU
+/// on the test machine and ~15 times that in a software-emulated VM:
+/// most of a program test's time. A `Loaded` therefore comes from a
+/// process-wide pool when an object loaded with the same [`PoolKey`] is
+/// idle there, and goes back to it when it is dropped at the end of a test
+/// that did not panic, after every map of the object was brought back to
+/// its content right after the load ([`crate::mapstate`]: hash maps
+/// emptied, arrays and per-CPU arrays restored where they differ, ring
+/// buffers drained); the syncer and the desired state are made anew
+/// each time. An object of a panicking test is dropped, never reused. A
+/// test cannot tell a pooled object from a fresh one
+/// (`tests/tests/prog_pool.rs` checks it map by map after a real
+/// workload). `DATAPLANE_TEST_POOL=0` turns reuse off; another number sets
+/// how many idle objects are kept (default [`POOL_IDLE`]; each holds about
+/// 110 MiB of preallocated map memory); `DATAPLANE_TEST_POOL_LOG=1` prints
+/// every load.
 pub struct Loaded {
-    pub dp: Dataplane,
-    pub sync: Syncer<Maps>,
+    pub dp: Held<Dataplane>,
+    pub sync: Held<Syncer<Maps>>,
     pub desired: Desired,
     /// The per-CPU scratch entry (the flood guard's window lives there).
-    scratch: PerCpuArray<MapData, CtScratch>,
+    scratch: Held<PerCpuArray<MapData, CtScratch>>,
     /// The flood guard's reply entries.
+    ct_syn: Held<HashMap<MapData, CtKey, CtValue>>,
+    /// What the pool needs to take the object back.
+    pool: Option<PoolState>,
+}
+
+/// Everything that changes what a load gives: two loads with equal keys
+/// give the same programs (same load-time constants) and the same maps
+/// (same sizes). The syncer's settings and `DpConfig` are not part of it:
+/// they are set after the load, on every take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolKey {
+    pub sizes: MapSizes,
+    pub globals: Globals,
+    /// The `kernel_features` bits the programs were loaded with.
+    pub features: u32,
+}
+
+/// Idle objects the pool keeps by default (`DATAPLANE_TEST_POOL`): as many
+/// as the test threads of the VM runs (`--test-threads=2`); more would
+/// hold more kernel memory in the VM's 2 GiB than the hits are worth.
+pub const POOL_IDLE: usize = 2;
+
+struct PoolState {
+    key: PoolKey,
+    maps: ObjectMaps,
+    /// Each of `maps`' content right after the load.
+    saved: Vec<Content>,
+}
+
+/// An idle loaded object with its maps as right after the load.
+struct Pooled {
+    dp: Dataplane,
+    maps: Maps,
+    scratch: PerCpuArray<MapData, CtScratch>,
     ct_syn: HashMap<MapData, CtKey, CtValue>,
+    state: PoolState,
+}
+
+/// The idle objects, and how often each key was asked for.
+struct Pool {
+    idle: Vec<Pooled>,
+    asked: Vec<(PoolKey, u32)>,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    idle: Vec::new(),
+    asked: Vec::new(),
+});
+
+impl Pool {
+    fn asked(&self, key: &PoolKey) -> u32 {
+        self.asked.iter().find(|(k, _)| k == key).map_or(0, |(_, n)| *n)
+    }
+}
+
+fn pool_idle() -> usize {
+    static IDLE: OnceLock<usize> = OnceLock::new();
+    *IDLE.get_or_init(|| match std::env::var("DATAPLANE_TEST_POOL") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("DATAPLANE_TEST_POOL={v}: a number of idle objects")),
+        Err(_) => POOL_IDLE,
+    })
+}
+
+impl Pooled {
+    /// An object of `key` from the pool, or loaded now.
+    fn take(key: PoolKey) -> Pooled {
+        crate::netns::require_root_and_tools();
+        {
+            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+            match pool.asked.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => pool.asked.push((key, 1)),
+            }
+            if let Some(i) = pool.idle.iter().rposition(|p| p.state.key == key) {
+                return pool.idle.remove(i);
+            }
+        }
+        Self::load(key)
+    }
+
+    /// Loads an object of `key` (never from the pool) and reads every map
+    /// right after the load.
+    fn load(key: PoolKey) -> Pooled {
+        if std::env::var_os("DATAPLANE_TEST_POOL_LOG").is_some() {
+            eprintln!("program test pool: loading {key:?}");
+        }
+        let dp = if key.features == dataplane::bpf::kernel::features() {
+            Dataplane::load_with(None, None, &key.sizes, false, key.globals).map(|(dp, _)| dp)
+        } else {
+            assert_eq!(
+                key.sizes,
+                MapSizes::default(),
+                "older kernels' paths are loaded with the default sizes"
+            );
+            Dataplane::load_with_features(key.features, key.globals)
+        };
+        let mut dp = dp.unwrap_or_else(|e| panic!("{e}"));
+        let scratch = PerCpuArray::try_from(dp.take_map(map_names::SCRATCH).expect("scratch map")).unwrap();
+        let ct_syn = HashMap::try_from(dp.take_map(map_names::CT_SYN).expect("flood guard map")).unwrap();
+        let maps = dp.take_maps().unwrap();
+        let maps_of = || -> anyhow::Result<ObjectMaps> {
+            let mut ids = mapstate::handle_ids(&maps)?;
+            for m in [IterableMap::map(&scratch), IterableMap::map(&ct_syn)] {
+                ids.push(m.info()?.id());
+            }
+            let progs = [dp.program_fd(dp.xdp_program())?, dp.program_fd(program_names::TC)?];
+            // SAFETY: the object owns these fds for as long as `dp` lives,
+            // past this call.
+            let progs = progs.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
+            ObjectMaps::open(&progs, &ids)
+        };
+        let tracked = maps_of().unwrap_or_else(|e| panic!("the maps of the loaded object: {e:#}"));
+        let saved = tracked
+            .maps
+            .iter()
+            .map(|m| m.read())
+            .collect::<anyhow::Result<Vec<_>>>()
+            .unwrap_or_else(|e| panic!("reading the maps after the load: {e:#}"));
+        Pooled {
+            dp,
+            maps,
+            scratch,
+            ct_syn,
+            state: PoolState {
+                key,
+                maps: tracked,
+                saved,
+            },
+        }
+    }
+
+    /// Brings every map back to its content right after the load.
+    fn reset(&self) -> anyhow::Result<()> {
+        for (m, saved) in self.state.maps.maps.iter().zip(&self.state.saved) {
+            m.restore(saved)
+                .map_err(|e| e.context(format!("restoring map {}", m.name)))?;
+        }
+        Ok(())
+    }
+
+    /// Resets the object and keeps it for the next take, unless it holds
+    /// more than the maps (socket-level programs loaded) or the reset
+    /// failed: then it is dropped.
+    fn give_back(self) {
+        let sock_loaded = program_names::SOCK
+            .iter()
+            .any(|(name, _)| self.dp.program_fd(name).is_ok());
+        if sock_loaded || pool_idle() == 0 {
+            return;
+        }
+        if let Err(e) = self.reset() {
+            eprintln!("program test pool: object dropped: {e:#}");
+            return;
+        }
+        let evicted = {
+            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+            pool.idle.push(self);
+            // Beyond the limit, the objects of the keys asked for least
+            // (the settings one test uses) go first, the oldest among
+            // equals: the default programs most tests take stay.
+            let mut evicted = Vec::new();
+            while pool.idle.len() > pool_idle() {
+                let i = (0..pool.idle.len())
+                    .min_by_key(|&i| pool.asked(&pool.idle[i].state.key))
+                    .expect("a full pool is not empty");
+                evicted.push(pool.idle.remove(i));
+            }
+            evicted
+        };
+        // Dropped outside the lock: closing a map is the kernel's work.
+        drop(evicted);
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let Some(state) = self.pool.take() else { return };
+        // A panicking test may have left anything behind: its object is
+        // dropped, never reused.
+        if std::thread::panicking() {
+            return;
+        }
+        let (Some(dp), Some(sync), Some(scratch), Some(ct_syn)) = (
+            self.dp.0.take(),
+            self.sync.0.take(),
+            self.scratch.0.take(),
+            self.ct_syn.0.take(),
+        ) else {
+            return;
+        };
+        Pooled {
+            dp,
+            maps: sync.into_writer(),
+            scratch,
+            ct_syn,
+            state,
+        }
+        .give_back();
+    }
 }
 
 /// The programs' settings in program tests: the defaults without the flood
@@ -140,10 +383,12 @@ impl Loaded {
     /// what they send must not depend on how fast they send it. The
     /// guard's own tests turn it on ([`Loaded::with_new_flows_per_cpu`]).
     pub fn with_sizes(config: SyncConfig, dp_config: DpConfig, sizes: &MapSizes) -> Loaded {
-        crate::netns::require_root_and_tools();
-        let (dp, _) =
-            Dataplane::load_with(None, None, sizes, false, PROGRAM_TEST_GLOBALS).unwrap_or_else(|e| panic!("{e}"));
-        Self::from_dataplane(dp, config, dp_config, sizes)
+        let key = PoolKey {
+            sizes: *sizes,
+            globals: PROGRAM_TEST_GLOBALS,
+            features: dataplane::bpf::kernel::features(),
+        };
+        Self::from_pooled(Pooled::take(key), config, dp_config)
     }
 
     /// Loaded with SNAT taking source ports from `snat_ports` (inclusive).
@@ -171,10 +416,12 @@ impl Loaded {
 
     /// Loaded with the programs' load-time settings `globals`.
     pub fn with_globals(dp_config: DpConfig, globals: Globals) -> Loaded {
-        crate::netns::require_root_and_tools();
-        let sizes = MapSizes::default();
-        let (dp, _) = Dataplane::load_with(None, None, &sizes, false, globals).unwrap_or_else(|e| panic!("{e}"));
-        let mut l = Self::from_dataplane(dp, SyncConfig::default(), dp_config, &sizes);
+        let key = PoolKey {
+            sizes: MapSizes::default(),
+            globals,
+            features: dataplane::bpf::kernel::features(),
+        };
+        let mut l = Self::from_pooled(Pooled::take(key), SyncConfig::default(), dp_config);
         // As the agent: the endpoint set is kept when the programs read it.
         l.sync
             .track_endpoints(globals.host_routing && globals.sock_routing)
@@ -186,45 +433,76 @@ impl Loaded {
     /// one (`dataplane_common::kernel_features` bits): the paths older
     /// kernels take, run here.
     pub fn with_kernel_features(features: u32) -> Loaded {
-        crate::netns::require_root_and_tools();
-        let dp = Dataplane::load_with_features(features, PROGRAM_TEST_GLOBALS).unwrap_or_else(|e| panic!("{e}"));
-        Self::from_dataplane(dp, SyncConfig::default(), DpConfig::defaults(), &MapSizes::default())
+        let key = PoolKey {
+            sizes: MapSizes::default(),
+            globals: PROGRAM_TEST_GLOBALS,
+            features: features & dataplane::bpf::kernel::features(),
+        };
+        Self::from_pooled(Pooled::take(key), SyncConfig::default(), DpConfig::defaults())
     }
 
-    fn from_dataplane(mut dp: Dataplane, config: SyncConfig, dp_config: DpConfig, sizes: &MapSizes) -> Loaded {
-        let scratch = PerCpuArray::try_from(dp.take_map(map_names::SCRATCH).expect("scratch map")).unwrap();
-        let ct_syn = HashMap::try_from(dp.take_map(map_names::CT_SYN).expect("flood guard map")).unwrap();
-        let mut maps = dp.take_maps().unwrap();
-        maps.write_config(&dp_config).unwrap();
-        let mut sync = Syncer::with_config(maps, config);
-        sync.set_max_services(sizes.services);
-        Loaded {
+    /// A `Loaded` of `key` freshly loaded, never taken from the pool (it
+    /// goes to the pool when dropped, as any): what a pooled one is
+    /// compared with.
+    pub fn loaded_now(key: PoolKey) -> Loaded {
+        crate::netns::require_root_and_tools();
+        Self::from_pooled(Pooled::load(key), SyncConfig::default(), DpConfig::defaults())
+    }
+
+    /// The key of the plain [`Loaded::new`].
+    pub fn default_key() -> PoolKey {
+        PoolKey {
+            sizes: MapSizes::default(),
+            globals: PROGRAM_TEST_GLOBALS,
+            features: dataplane::bpf::kernel::features(),
+        }
+    }
+
+    fn from_pooled(p: Pooled, config: SyncConfig, dp_config: DpConfig) -> Loaded {
+        let Pooled {
             dp,
-            sync,
-            desired: Desired::default(),
+            mut maps,
             scratch,
             ct_syn,
+            state,
+        } = p;
+        maps.write_config(&dp_config).unwrap();
+        let mut sync = Syncer::with_config(maps, config);
+        sync.set_max_services(state.key.sizes.services);
+        Loaded {
+            dp: Held(Some(dp)),
+            sync: Held(Some(sync)),
+            desired: Desired::default(),
+            scratch: Held(Some(scratch)),
+            ct_syn: Held(Some(ct_syn)),
+            pool: Some(state),
         }
+    }
+
+    /// Every map of the object with its current content, by kernel name
+    /// (see [`crate::mapstate`]).
+    pub fn map_contents(&self) -> anyhow::Result<BTreeMap<String, Content>> {
+        self.pool.as_ref().expect("a Loaded being dropped").maps.read()
+    }
+
+    /// Every map of the object, as the pool tracks it.
+    pub fn tracked_maps(&self) -> &[mapstate::TrackedMap] {
+        &self.pool.as_ref().expect("a Loaded being dropped").maps.maps
+    }
+
+    /// A number that tells objects apart (the id of the kernel's first
+    /// map of it): equal for a `Loaded` taken again from the pool.
+    pub fn object_id(&self) -> u32 {
+        self.pool.as_ref().expect("a Loaded being dropped").maps.maps[0].id
     }
 
     /// The same, with a syncer that knows the maps are new, as the
     /// agent's is when it created them: new frontends are written in bulk
     /// (`reconcile/bulk.rs`).
-    pub fn fresh(self) -> Loaded {
-        let Loaded {
-            dp,
-            sync,
-            desired,
-            scratch,
-            ct_syn,
-        } = self;
-        Loaded {
-            dp,
-            sync: sync.with_fresh_maps(),
-            desired,
-            scratch,
-            ct_syn,
-        }
+    pub fn fresh(mut self) -> Loaded {
+        let sync = self.sync.0.take().expect("a Loaded being dropped");
+        self.sync = Held(Some(sync.with_fresh_maps()));
+        self
     }
 
     /// Freezes the flood guard's window on every CPU with `used` new flows

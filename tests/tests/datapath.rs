@@ -1538,8 +1538,8 @@ fn udp_flow_clearing_deletes_exactly_the_flows_of_endpoints_that_stopped_serving
         CtKey, CtValue, SockNatKey, SockNatValue, CT_F_ORIGINAL, CT_F_REPLY, FAMILY_V4, SOCK_NAT_FORWARD,
         SOCK_NAT_REVERSE,
     };
-    let Loaded { dp: _dp, sync, .. } = Loaded::new();
-    let mut maps = sync.into_writer();
+    let mut l = Loaded::new();
+    let maps = l.sync.writer_mut();
     let ip = |c: u8, d: u8| addr_of(Ipv4Addr::new(198, 18, c, d).into()).0;
     let vip = addr_of(VIP).0;
     let (a, b) = (ip(1, 2), ip(2, 2));

@@ -254,7 +254,9 @@ fn run_in_vm(
             // Software emulation is slow: the two-CPU race of conntrack
             // updates runs 20,000 trials instead of 500,000, and the
             // program tests run two at a time on the VM's two CPUs (their
-            // time goes to the verifier, at every load).
+            // time goes to the verifier at every load: each test binary
+            // loads the objects once per setting and reuses them, see
+            // "Program tests reuse loaded objects" in docs/testing.md).
             "DATAPLANE_BIN={} DATAPLANE_RACE_TRIALS=20000 {} --test-threads=2 {filter} > {}.{i} 2>&1\n",
             agent.display(),
             exe.display(),

@@ -20,6 +20,7 @@ use thiserror::Error;
 pub enum Cmd {
     MapLookupElem = 1,
     MapUpdateElem = 2,
+    MapDeleteElem = 3,
     MapGetNextKey = 4,
     ProgLoad = 5,
     ObjGet = 7,
@@ -37,6 +38,7 @@ impl Cmd {
         match self {
             Cmd::MapLookupElem => "BPF_MAP_LOOKUP_ELEM",
             Cmd::MapUpdateElem => "BPF_MAP_UPDATE_ELEM",
+            Cmd::MapDeleteElem => "BPF_MAP_DELETE_ELEM",
             Cmd::MapGetNextKey => "BPF_MAP_GET_NEXT_KEY",
             Cmd::ProgLoad => "BPF_PROG_LOAD",
             Cmd::ObjGet => "BPF_OBJ_GET",
@@ -281,6 +283,24 @@ pub fn map_update_elem_raw(map: BorrowedFd<'_>, key: &[u8], value: &[u8], flags:
     // SAFETY: key and value are of the map's sizes (the callers' contract),
     // borrowed for the call.
     unsafe { bpf(Cmd::MapUpdateElem, &mut attr) }.map(drop)
+}
+
+/// `BPF_MAP_DELETE_ELEM` on raw bytes; `false` when the key was absent.
+/// (The program tests' pool of loaded objects empties hash maps and LPM
+/// tries of any key type with it: `tests/src/prog.rs`.)
+pub fn map_delete_elem_raw(map: BorrowedFd<'_>, key: &[u8]) -> Result<bool, SysError> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: key is of the map's key size (the callers' contract),
+    // borrowed for the call.
+    match unsafe { bpf(Cmd::MapDeleteElem, &mut attr) } {
+        Ok(_) => Ok(true),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn bytes_of<T: aya::Pod>(s: &[T]) -> &[u8] {
