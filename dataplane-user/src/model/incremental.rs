@@ -421,12 +421,7 @@ impl Incremental {
                 ns_len,
                 index: i as u32,
             };
-            match self.claims.entry(c.key) {
-                btree_map::Entry::Vacant(e) => {
-                    e.insert(Claimants::One(claimant));
-                }
-                btree_map::Entry::Occupied(mut e) => e.get_mut().insert(claimant),
-            }
+            self.add_claimant(c.key, claimant);
         }
         self.services.insert(
             owner,
@@ -436,6 +431,16 @@ impl Incremental {
                 problems: problems.into_boxed_slice(),
             },
         );
+    }
+
+    /// Adds `claimant` to the claims on `key`.
+    fn add_claimant(&mut self, key: ServiceKey, claimant: Claimant) {
+        match self.claims.entry(key) {
+            btree_map::Entry::Vacant(e) => {
+                e.insert(Claimants::One(claimant));
+            }
+            btree_map::Entry::Occupied(mut e) => e.get_mut().insert(claimant),
+        }
     }
 
     /// Notes that `key`'s claims change in this round (first: who won it).
@@ -477,12 +482,7 @@ impl Incremental {
                     ns_len,
                     index: i as u32,
                 };
-                match self.claims.entry(c.key) {
-                    btree_map::Entry::Vacant(e) => {
-                        e.insert(Claimants::One(new));
-                    }
-                    btree_map::Entry::Occupied(mut e) => e.get_mut().insert(new),
-                }
+                self.add_claimant(c.key, new);
             }
         }
         let claims = result.claims.iter().map(|c| (c.key, c.what)).collect();
