@@ -503,11 +503,7 @@ fn a_reply_tuple_clash_moves_the_new_flow_to_another_source_port() {
         assert_eq!(l.ct_event(CtEvent::ClashResolved), 1, "{prog:?}");
         // Each flow's replies come from its own frontend, to the client's
         // own port.
-        let reply = |l: &Loaded, sport: u16| {
-            let out = l.run(prog, &Frame::tcp((b(1), 8080), (CLIENT, sport), SYN | ACK).build());
-            let r = parse_and_verify(&out.data);
-            (r.src, r.sport, r.dst, r.dport)
-        };
+        let reply = |l: &Loaded, sport: u16| backend_1_syn_ack(l, prog, sport);
         assert_eq!(
             reply(&l, 40500),
             (VIP, 80, CLIENT, 40500),
@@ -536,6 +532,15 @@ fn a_reply_tuple_clash_moves_the_new_flow_to_another_source_port() {
     }
 }
 
+/// The SYN-ACK of backend 1 (port 8080) to the client's port `sport`, run
+/// through `prog`: (source, source port, destination, destination port) of
+/// what comes out.
+fn backend_1_syn_ack(l: &Loaded, prog: Prog, sport: u16) -> (IpAddr, u16, IpAddr, u16) {
+    let out = l.run(prog, &Frame::tcp((b(1), 8080), (CLIENT, sport), SYN | ACK).build());
+    let r = parse_and_verify(&out.data);
+    (r.src, r.sport, r.dst, r.dport)
+}
+
 /// A SYN on a tuple whose closed flow still has its original entry, when
 /// the reply tuple it would use now belongs to another live flow: the new
 /// flow is written over the old original entry (one replacement, no
@@ -549,11 +554,7 @@ fn a_syn_on_a_closed_tuple_does_not_take_a_live_flows_reply_entry() {
         l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
         l.set_service(vip2, 80, TCP, &[(b(1), 8080)]);
         let client = (CLIENT, 40600);
-        let reply = |l: &Loaded, sport: u16| {
-            let out = l.run(prog, &Frame::tcp((b(1), 8080), (CLIENT, sport), SYN | ACK).build());
-            let r = parse_and_verify(&out.data);
-            (r.src, r.sport, r.dst, r.dport)
-        };
+        let reply = |l: &Loaded, sport: u16| backend_1_syn_ack(l, prog, sport);
         // Flow 1 to VIP, closed: its reply tuple is free.
         l.run(prog, &Frame::tcp(client, (VIP, 80), SYN).build());
         l.run(prog, &Frame::tcp(client, (VIP, 80), RST).build());
