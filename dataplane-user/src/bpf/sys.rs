@@ -234,6 +234,15 @@ struct ElemAttr {
     flags: u64,
 }
 
+/// A call's result with `ENOENT` (no such key, or no next key) as `false`.
+fn found<T>(r: Result<T, SysError>) -> Result<bool, SysError> {
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// `BPF_MAP_GET_NEXT_KEY`: the key after `key` (the first with `None`)
 /// into `next`; `false` at the end. For maps without batch operations
 /// (LPM tries).
@@ -246,11 +255,7 @@ pub fn map_get_next_key_raw(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut 
     };
     // SAFETY: key and next are of the map's key size (the callers'
     // contract), borrowed for the call.
-    match unsafe { bpf(Cmd::MapGetNextKey, &mut attr) } {
-        Ok(_) => Ok(true),
-        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
-    }
+    found(unsafe { bpf(Cmd::MapGetNextKey, &mut attr) })
 }
 
 /// `BPF_MAP_LOOKUP_ELEM` on raw bytes; `false` when the key is absent.
@@ -263,11 +268,7 @@ pub fn map_lookup_elem_raw(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) ->
     };
     // SAFETY: key and value are of the map's sizes (the callers' contract),
     // borrowed for the call.
-    match unsafe { bpf(Cmd::MapLookupElem, &mut attr) } {
-        Ok(_) => Ok(true),
-        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
-    }
+    found(unsafe { bpf(Cmd::MapLookupElem, &mut attr) })
 }
 
 /// `BPF_MAP_UPDATE_ELEM` on raw bytes with `flags` (`BPF_ANY`,
@@ -296,11 +297,7 @@ pub fn map_delete_elem_raw(map: BorrowedFd<'_>, key: &[u8]) -> Result<bool, SysE
     };
     // SAFETY: key is of the map's key size (the callers' contract),
     // borrowed for the call.
-    match unsafe { bpf(Cmd::MapDeleteElem, &mut attr) } {
-        Ok(_) => Ok(true),
-        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
-    }
+    found(unsafe { bpf(Cmd::MapDeleteElem, &mut attr) })
 }
 
 fn bytes_of<T: aya::Pod>(s: &[T]) -> &[u8] {
