@@ -505,7 +505,7 @@ fn control_plane(dir: &Path, md: &mut String) -> Result<()> {
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
 
     writeln!(md, "### Control plane\n")?;
-    writeln!(md, "Machine: {}. Command: `{}`. The release agent against the fake API server, {} agent run(s) per scale with {} EndpointSlice changes each (2 ms debounce included); `iptables-restore` and `nft -f` install kube-proxy's rules for the same Services and endpoints in a fresh namespace, stopped after {} s. Agent figures: median over runs [min-max]; changes: median (p99) over all changes; maps' kernel memory: the kernel's accounting (`memlock` in fdinfo) of all the agent's maps after the changes.\n",
+    writeln!(md, "Machine: {}. Command: `{}`. The release agent against the fake API server, {} agent run(s) per scale with {} EndpointSlice changes each (2 ms debounce included), each agent started once the machine is quiet (at most 10 % CPU over 250 ms, up to 30 s: the kernel frees the previous agent's maps after it exits); `iptables-restore` and `nft -f` install kube-proxy's rules for the same Services and endpoints in a fresh namespace, stopped after {} s. Agent figures: median over runs [min-max]; changes: median (p99) over all changes; maps' kernel memory: the kernel's accounting (`memlock` in fdinfo) of all the agent's maps after the changes.\n",
         machine_line(&v), v["command"].as_str().unwrap_or("?"), v["rounds"], v["changes"], v["install_limit_s"])?;
     if let Some(p) = provenance(&v) {
         writeln!(md, "{p}")?;

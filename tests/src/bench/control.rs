@@ -7,7 +7,9 @@
 //!
 //! - cold start: from spawning the agent to the first sync that programmed
 //!   every frontend (process start, BPF load, list, compute, map writes),
-//!   and that sync's own compute + map-write time;
+//!   and that sync's own compute + map-write time; each agent starts once
+//!   the machine is quiet (`wait_quiet`: the kernel frees the previous
+//!   agent's maps for about a second after it exits);
 //! - change latency: from one EndpointSlice change in the API to the sync
 //!   that wrote it, over `changes` changes;
 //! - the agent's peak RSS (VmHWM);
@@ -380,6 +382,65 @@ async fn fill(n: usize) -> Result<FakeApi> {
     Ok(fake)
 }
 
+/// The CPU time of the whole machine so far, from `/proc/stat`'s first
+/// line: (busy, total) in clock ticks, idle and iowait counting as idle.
+fn cpu_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().context("a /proc/stat field"))
+        .collect::<Result<_>>()?;
+    let total: u64 = f.iter().sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// A cold start waits until the machine is this idle...
+const QUIET_BUSY: f64 = 0.10;
+/// ...over a window this long...
+const QUIET_WINDOW: Duration = Duration::from_millis(250);
+/// ...for at most this long, then starts anyway (and says so).
+const QUIET_LIMIT: Duration = Duration::from_secs(30);
+
+/// How the machine was when a cold start began.
+struct Quiet {
+    waited_ms: f64,
+    /// Busy share of all CPUs over the last window before the start.
+    busy: f64,
+}
+
+/// Waits until the CPUs were at most `QUIET_BUSY` busy over one
+/// `QUIET_WINDOW`, for at most `QUIET_LIMIT`. The kernel frees a stopped
+/// agent's maps in a worker thread after the process exits (at 100,000
+/// Services about a second of CPU in `htab_map_free`), and a namespace
+/// torn down after `nft -f` frees its rules the same way: a cold start
+/// begun meanwhile shares the two CPUs with that and measures it too. A
+/// node's agent starts without either (a restart reuses its pinned maps).
+fn wait_quiet() -> Result<Quiet> {
+    let start = Instant::now();
+    loop {
+        let (b0, t0) = cpu_ticks()?;
+        std::thread::sleep(QUIET_WINDOW);
+        let (b1, t1) = cpu_ticks()?;
+        let busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+        if busy <= QUIET_BUSY || start.elapsed() >= QUIET_LIMIT {
+            if busy > QUIET_BUSY {
+                eprintln!(
+                    "dp-bench:   the machine stayed busy ({:.0} % of the CPUs) for {} s: starting the agent anyway",
+                    busy * 100.0,
+                    QUIET_LIMIT.as_secs()
+                );
+            }
+            return Ok(Quiet {
+                waited_ms: start.elapsed().as_secs_f64() * 1000.0,
+                busy,
+            });
+        }
+    }
+}
+
 /// Starts the release agent (`--no-attach --no-pin`, JSON log into `dir`)
 /// with `source_args` for `n` Services.
 fn spawn_agent(bin: &Path, dir: &TempDir, source_args: &[&str], n: usize, env: &[(&str, &Path)]) -> Result<AgentProc> {
@@ -468,6 +529,7 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
     let dir = TempDir::new("dataplane-bench");
     let kubeconfig = dir.0.join("kubeconfig");
     std::fs::write(&kubeconfig, fake.kubeconfig())?;
+    let quiet = tokio::task::block_in_place(wait_quiet)?;
     let mut agent = spawn_agent(
         bin,
         &dir,
@@ -504,6 +566,8 @@ async fn agent_run(bin: &Path, fake: &FakeApi, n: usize, round: usize, cfg: &Con
         );
     }
     Ok(json!({
+        "quiet_wait_ms": quiet.waited_ms,
+        "busy_before_start": quiet.busy,
         "cold_start_to_all_programmed_ms": cold_ms,
         "cold_sync_compute_and_apply_ms": cold.elapsed_us as f64 / 1000.0,
         "cold_sync_compute_ms": cold.compute_us as f64 / 1000.0,
@@ -571,6 +635,7 @@ async fn files_run(bin: &Path, manifests: &Path, n: usize, cfg: &Config, gen0: u
         "--poll-interval-ms",
         &interval,
     ];
+    let quiet = tokio::task::block_in_place(wait_quiet)?;
     let mut agent = spawn_agent(bin, &dir, &source, n, &[])?;
     let (cold, cold_ms, _) = wait_cold(&mut agent, n, cfg)?;
     let changes = time_changes(&mut agent, cfg, |c| {
@@ -586,6 +651,8 @@ async fn files_run(bin: &Path, manifests: &Path, n: usize, cfg: &Config, gen0: u
         hwm_kib as f64 / 1024.0
     );
     Ok(json!({
+        "quiet_wait_ms": quiet.waited_ms,
+        "busy_before_start": quiet.busy,
         "cold_start_to_all_programmed_ms": cold_ms,
         "cold_sync_compute_and_apply_ms": cold.elapsed_us as f64 / 1000.0,
         "change_to_map_write_ms": changes.latencies_ms,
@@ -934,7 +1001,7 @@ pub fn run(cfg: &Config, agent: &Path) -> Result<Value> {
     }
     Ok(json!({
         "part": "control_plane",
-        "method": "Per scale: the fake API server (in-process, on a namespace's loopback) holds N Services x 4 endpoints (one EndpointSlice each); the release agent (`dataplane run --source kubernetes --no-attach --no-pin`) starts against it: time from spawning it to the first sync that programmed every frontend and backend (the agent's JSON log timestamps), that sync's own compute + map writes, then `changes` single-EndpointSlice changes each timed from the API write to the sync that wrote it (2 ms debounce included), and the agent's VmHWM. Then the same Services as a manifest directory (one YAML file per Service holding it and its EndpointSlice, written atomically by rename) and the agent with `--source files --dir DIR --poll-interval-ms 10`: its cold start, then `changes` rewrites of one Service's file with a new EndpointSlice, each timed from the write to the sync that wrote it (the agent's inotify wake-up or, without inotify, up to one poll interval, the check of the directory and the 2 ms debounce included) (`agent_files`). Then kube-proxy's rules for the same Services and endpoints (tests/src/bench/kube_rules.rs) are piped into `iptables-restore` and `nft -f -`, each in a fresh namespace, wall time of the command, stopped after `install_limit_s`.",
+        "method": "Per scale: the fake API server (in-process, on a namespace's loopback) holds N Services x 4 endpoints (one EndpointSlice each); the release agent (`dataplane run --source kubernetes --no-attach --no-pin`) starts against it once the machine is quiet (at most 10 % of the CPUs busy over 250 ms, waited for up to 30 s: the kernel frees the previous agent's maps in a worker after it exits; `quiet_wait_ms`, `busy_before_start` per run): time from spawning it to the first sync that programmed every frontend and backend (the agent's JSON log timestamps), that sync's own compute + map writes, then `changes` single-EndpointSlice changes each timed from the API write to the sync that wrote it (2 ms debounce included), and the agent's VmHWM. Then the same Services as a manifest directory (one YAML file per Service holding it and its EndpointSlice, written atomically by rename) and the agent with `--source files --dir DIR --poll-interval-ms 10`: its cold start, then `changes` rewrites of one Service's file with a new EndpointSlice, each timed from the write to the sync that wrote it (the agent's inotify wake-up or, without inotify, up to one poll interval, the check of the directory and the 2 ms debounce included) (`agent_files`). Then kube-proxy's rules for the same Services and endpoints (tests/src/bench/kube_rules.rs) are piped into `iptables-restore` and `nft -f -`, each in a fresh namespace, wall time of the command, stopped after `install_limit_s`.",
         "agent": agent.display().to_string(),
         "rounds": cfg.rounds,
         "changes": cfg.changes,
