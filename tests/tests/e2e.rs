@@ -728,3 +728,20 @@ fn a_skipped_object_is_named_once_not_at_every_sync() {
     assert_eq!(ended, 1, "{}", agent.log());
     assert_eq!(warned(&agent), 1, "{}", agent.log());
 }
+
+/// The agent turns transparent huge pages off for itself (`main.rs`): the
+/// kernel's own account of the process (`THP_enabled` in
+/// /proc/PID/status, 0 once `PR_SET_THP_DISABLE` is set) says so. With
+/// them, mimalloc's arenas took 2 MiB pages that count whole in RSS
+/// (docs/performance.md, "100,000 Services").
+#[test]
+fn agent_runs_without_transparent_huge_pages() {
+    let t = Topology::new(1).unwrap();
+    let agent = Agent::start_with(&t.node, &[], &[], &[], &["--no-attach"]).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .unwrap_or_else(|| panic!("no THP_enabled line in the agent's /proc status (kernel 5.0 or later has it):\n{status}"));
+    assert_eq!(thp.trim(), "0", "the agent's process still allows transparent huge pages");
+}
