@@ -99,6 +99,11 @@ pub struct CtScratch {
     /// inspection).
     pub redirect_ifindex: u32,
     pub _redirect_pad: u32,
+    /// The clock as last read on this CPU (`bpf_ktime_get_coarse_ns`) and
+    /// the jiffy (`bpf_jiffies64`) it was read in: reused while the jiffy
+    /// lasts (the kernel side's `conntrack::now_ns_in`).
+    pub clock_jiffies: u64,
+    pub clock_ns: u64,
 }
 
 /// Conntrack flag bits (`CtValue::flags`).

@@ -9,10 +9,10 @@
 // the by-value form clippy prefers would copy them onto the stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
-use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use dataplane_common::{
-    addr_eq, counters, kernel_features, Addr, Backend, CtEvent, CtKey, CtValue, DpConfig, ServiceValue, CT_F_CLOSING,
-    CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SVC_F_AFFINITY, SVC_F_RANDOM,
+    addr_eq, counters, kernel_features, Addr, Backend, CtEvent, CtKey, CtScratch, CtValue, DpConfig, ServiceValue,
+    CT_F_CLOSING, CT_F_ORIGINAL, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, SVC_F_AFFINITY, SVC_F_RANDOM,
 };
 
 use crate::{
@@ -35,8 +35,12 @@ const REFRESH_NS: u64 = 1_000_000_000;
 /// tick ahead (written by a program using the precise clock, before an
 /// upgrade) counts as fresh, not as expired. Kernels before 5.11 lack the
 /// coarse helper: there the precise one is read (same clock).
+///
+/// For the programs of XDP and TC (softirq: one run per CPU at a time), see
+/// [`now_ns`], which reads this once per tick. The socket programs
+/// (process context, which a softirq may interrupt) read it directly.
 #[inline(always)]
-pub fn now_ns() -> u64 {
+pub fn clock_ns() -> u64 {
     // SAFETY: helpers without preconditions.
     unsafe {
         if kernel_has(kernel_features::COARSE_CLOCK) {
@@ -47,12 +51,53 @@ pub fn now_ns() -> u64 {
     }
 }
 
+/// [`clock_ns`] read at most once per jiffy on this CPU: the value is kept
+/// in the scratch entry of this CPU with the jiffy it was read in
+/// (`bpf_jiffies64`, which the verifier turns into a load of `jiffies_64`
+/// on 64-bit JITs: no call), and reused while the jiffy lasts. The coarse
+/// clock and `jiffies_64` both move at the timer tick, jiffies first (the
+/// timekeeper is updated just after): a reading taken between the two is
+/// the previous tick's and is kept until the next jiffy, a tick late at
+/// most. So the value lags the clock by at most one more tick, never leads
+/// it, as [`clock_ns`] itself. Saves the clock helper call (a call and
+/// return, two with its callee) on every tracked packet but the first of
+/// each tick.
+#[inline(always)]
+pub fn now_ns_in(s: *mut CtScratch) -> u64 {
+    // SAFETY: a helper without preconditions; this CPU's scratch entry,
+    // not shared with a concurrent run (XDP and TC: softirq).
+    unsafe {
+        let jiffies = bpf_jiffies64();
+        if (*s).clock_jiffies == jiffies {
+            return (*s).clock_ns;
+        }
+        let now = clock_ns();
+        (*s).clock_jiffies = jiffies;
+        (*s).clock_ns = now;
+        now
+    }
+}
+
+/// [`now_ns_in`] with this CPU's scratch entry ([`clock_ns`] without it).
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    match scratch() {
+        Some(s) => now_ns_in(s),
+        None => clock_ns(),
+    }
+}
+
 /// Writes a key into this CPU's scratch entry and returns it. Keys and
 /// values live there, not on the stack (see `CtScratch`); each use fills
 /// the key it needs right before its map call.
 #[inline(always)]
 fn key_of(saddr: &Addr, daddr: &Addr, sport: u16, dport: u16, p: &Packet) -> Option<*mut CtKey> {
-    let s = scratch()?;
+    Some(fill_key(scratch()?, saddr, daddr, sport, dport, p))
+}
+
+/// [`key_of`] with this CPU's scratch entry `s`.
+#[inline(always)]
+fn fill_key(s: *mut CtScratch, saddr: &Addr, daddr: &Addr, sport: u16, dport: u16, p: &Packet) -> *mut CtKey {
     // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
     unsafe {
         let k = &mut (*s).key;
@@ -63,7 +108,7 @@ fn key_of(saddr: &Addr, daddr: &Addr, sport: u16, dport: u16, p: &Packet) -> Opt
         k.proto = p.proto;
         k.family = p.family;
         k._pad = 0;
-        Some(k)
+        k
     }
 }
 
@@ -110,14 +155,15 @@ fn timeout_ns(proto: u8, flags: u16) -> u64 {
 /// LRU eviction reclaims the rest).
 #[inline(always)]
 pub fn lookup(p: &Packet) -> Option<*mut CtValue> {
-    let key = key_of(&p.saddr, &p.daddr, p.sport, p.dport, p)?;
+    let s = scratch()?;
+    let key = fill_key(s, &p.saddr, &p.daddr, p.sport, p.dport, p);
     // SAFETY: the key was just written to the scratch entry.
     let e = entry(unsafe { &*key })?;
     // SAFETY: LRU map values stay valid for the program run; concurrent
     // writers only touch last_seen (a lost refresh is harmless) and the
     // state (see `set_state`).
     unsafe {
-        let now = now_ns();
+        let now = now_ns_in(s);
         let idle = now.saturating_sub((*e).last_seen_ns);
         let state = (*e).state();
         if idle > timeout_ns(p.proto, state) {
@@ -360,8 +406,8 @@ fn fill_reply(
 /// the caller's here would have the verifier walk what follows twice.
 #[inline(never)]
 pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(Addr, u16)>) -> Result<(), i32> {
-    let now = now_ns();
     let s = scratch().ok_or(-1)?;
+    let now = now_ns_in(s);
     // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
     let (key, v) = unsafe { (&mut (*s).key, &mut (*s).value) };
     // The reply entry first: once the original exists, replies must
@@ -410,7 +456,7 @@ fn admit_new_flow() -> bool {
     let Some(s) = scratch() else {
         return true;
     };
-    let now = now_ns();
+    let now = now_ns_in(s);
     // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
     unsafe {
         if now.saturating_sub((*s).flood_window_ns) >= 1_000_000_000 {

@@ -19,7 +19,6 @@ use dataplane_common::Reason;
 use crate::{
     forward, icmp,
     lb::{self, Verdict},
-    nat::PacketCtx,
     parse::{self, Packet},
     reject, stats,
 };
@@ -40,20 +39,25 @@ fn tc_reject(ctx: &TcContext, p: &Packet) -> Result<i32, reject::NoReject> {
 /// second time. The entry frames are on the deepest call chain (entry,
 /// `lb::to_service`, `conntrack::create`): with the copy, that chain needs
 /// 544 bytes of stack as kernels before 6.8 count it (each frame rounded
-/// up to 32 bytes), over the 512 allowed.
+/// up to 32 bytes), over the 512 allowed. The same frame then handles
+/// what needs no service map (`lb::track`: established flows to cached
+/// frontends, replies), so that those packets make one BPF-to-BPF call
+/// (a call and a return each cost several ns with the return thunks of
+/// current x86 kernels); it returns before the service path's chain
+/// starts, so its frame is not on that chain.
 #[inline(never)]
-fn parse_into<C: PacketCtx>(ctx: &C, out: &mut MaybeUninit<Packet>) -> Result<(), Reason> {
-    out.write(parse::parse(ctx.data(), ctx.data_end())?);
-    Ok(())
+fn xdp_front(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) -> Result<lb::Front, Reason> {
+    let p = out.write(parse::parse(ctx.data(), ctx.data_end())?);
+    Ok(lb::track(ctx, p))
 }
 
 /// What `dp_xdp` does.
 #[inline(always)]
 pub fn xdp(ctx: &XdpContext) -> u32 {
     let mut p = MaybeUninit::uninit();
-    let p = match parse_into(ctx, &mut p) {
-        // SAFETY: `parse_into` wrote the packet.
-        Ok(()) => unsafe { p.assume_init_ref() },
+    let (p, front) = match xdp_front(ctx, &mut p) {
+        // SAFETY: `xdp_front` wrote the packet.
+        Ok(front) => (unsafe { p.assume_init_ref() }, front),
         Err(Reason::PassNotTcpUdp) if icmp::translate(ctx) => {
             stats::count(Reason::NatIcmpError);
             return xdp_action::XDP_PASS;
@@ -63,7 +67,7 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    match lb::process(ctx, p) {
+    match lb::process(ctx, p, front) {
         Verdict::Pass => xdp_action::XDP_PASS,
         // (The load-time global checked here, not only in the callee:
         // with host routing off the verifier drops the call.)
@@ -88,29 +92,35 @@ pub fn xdp(ctx: &XdpContext) -> u32 {
 /// without options.
 const TC_PULL_LEN: u32 = (parse::ETH_HLEN + 128 + 20) as u32;
 
-/// What `dp_tc` does. Untouched and translated packets continue
-/// (TC_ACT_UNSPEC: next program, or the stack); drops are final.
-#[inline(always)]
-pub fn tc(ctx: &TcContext) -> i32 {
-    // Parsed into this frame, not copied into it (see `parse_into`): the TC
-    // entry frame is on the deepest chain too.
-    let mut packet = MaybeUninit::uninit();
-    let mut res = parse_into(ctx, &mut packet);
+/// [`xdp_front`] for TC: the headers may sit in paged data, pulled into
+/// the linear part once when parsing finds them missing.
+#[inline(never)]
+fn tc_front(ctx: &TcContext, out: &mut MaybeUninit<Packet>) -> Result<lb::Front, Reason> {
+    let mut res = parse::parse(ctx.data(), ctx.data_end());
     if matches!(res, Err(Reason::PassTruncated)) {
-        // The headers may sit in paged data: pull them into the linear part
-        // once and look again.
         let want = if ctx.len() < TC_PULL_LEN {
             ctx.len()
         } else {
             TC_PULL_LEN
         };
         if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_ok() {
-            res = parse_into(ctx, &mut packet);
+            res = parse::parse(ctx.data(), ctx.data_end());
         }
     }
-    let p = match res {
-        // SAFETY: `parse_into` wrote the packet.
-        Ok(()) => unsafe { packet.assume_init_ref() },
+    let p = out.write(res?);
+    Ok(lb::track(ctx, p))
+}
+
+/// What `dp_tc` does. Untouched and translated packets continue
+/// (TC_ACT_UNSPEC: next program, or the stack); drops are final.
+#[inline(always)]
+pub fn tc(ctx: &TcContext) -> i32 {
+    // Parsed into this frame, not copied into it (see `xdp_front`): the TC
+    // entry frame is on the deepest chain too.
+    let mut packet = MaybeUninit::uninit();
+    let (p, front) = match tc_front(ctx, &mut packet) {
+        // SAFETY: `tc_front` wrote the packet.
+        Ok(front) => (unsafe { packet.assume_init_ref() }, front),
         Err(Reason::PassNotTcpUdp) if tc_icmp_error(ctx) => {
             stats::count(Reason::NatIcmpError);
             return TC_ACT_UNSPEC;
@@ -120,7 +130,7 @@ pub fn tc(ctx: &TcContext) -> i32 {
             return TC_ACT_UNSPEC;
         }
     };
-    match lb::process(ctx, p) {
+    match lb::process(ctx, p, front) {
         // A packet of a connection the socket-level programs translated
         // (to or from an endpoint): host-routed like a translated one.
         // (The load-time globals are checked here, not only in the

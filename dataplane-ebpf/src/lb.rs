@@ -31,46 +31,77 @@ pub enum Verdict {
     Reject,
 }
 
+/// What [`track`] found out about a packet before the service map.
+#[derive(Clone, Copy)]
+pub enum Front {
+    /// Translated (or passed, or dropped): nothing more to do.
+    Done(Verdict),
+    /// Conntrack was asked and has no entry for the tuple.
+    Untracked,
+    /// Conntrack was not asked, or has an original entry that the service
+    /// path must look at again (a SYN, a frontend not in the cache).
+    Unknown,
+}
+
+/// The part of the per-packet story that needs no service map: packets of
+/// tracked flows to cached frontends, and replies. Inlined into the entry
+/// program's parsing subprogram (`entry.rs`), so that established flows and
+/// replies make one BPF-to-BPF call, not two.
+///
+/// A SYN may start a new flow on an old tuple and needs the Service's
+/// value; anything else may be a packet of a tracked flow to a cached
+/// frontend (`cached_flow`). A packet from an address that may be a
+/// backend may be a reply: conntrack is asked before the service map
+/// (`from_backend`), so that replies skip it. What is neither takes
+/// [`process`] (`Untracked`: conntrack was asked already and has no entry
+/// for the tuple).
 #[inline(always)]
-pub fn process<C: PacketCtx>(ctx: &C, p: &Packet) -> Verdict {
-    let key = ServiceKey {
-        addr: p.daddr,
-        port: p.dport,
-        proto: p.proto,
-        family: p.family,
-    };
-    // A SYN may start a new flow on an old tuple and needs the Service's
-    // value; anything else may be a packet of a tracked flow to a cached
-    // frontend (`cached_flow`). A packet from an address that may be a
-    // backend may be a reply: conntrack is asked before the service map
-    // (`from_backend`), so that replies skip it. What is neither takes
-    // the path below as before (`untracked`: conntrack was asked already
-    // and has no entry for the tuple).
+pub fn track<C: PacketCtx>(ctx: &C, p: &Packet) -> Front {
     let cached = if starts_flow(p) {
         None
     } else {
-        crate::maps::cached_frontend(&key)
+        crate::maps::cached_frontend(&service_key(p))
     };
     let asked = match cached {
         Some(service_id) => cached_flow(ctx, p, service_id),
         None => Tracked::NotAsked,
     };
-    let untracked = match asked {
-        Tracked::Done(v) => return v,
-        Tracked::Untracked => true,
+    match asked {
+        Tracked::Done(v) => Front::Done(v),
+        Tracked::Untracked => Front::Untracked,
         // (One call site: the verifier walks the function once.)
         t if matches!(t, Tracked::Reply) || crate::maps::maybe_backend(&p.saddr) => match from_backend(ctx, p) {
-            Tracked::Done(v) => return v,
-            Tracked::Untracked => true,
+            Tracked::Done(v) => Front::Done(v),
+            Tracked::Untracked => Front::Untracked,
             // An original entry: a flow a backend (a pod that is also a
             // client) opened to a Service, to a frontend not in the cache
             // (or a SYN): the service path, which asks conntrack again.
-            _ => false,
+            _ => Front::Unknown,
         },
-        _ => false,
+        _ => Front::Unknown,
+    }
+}
+
+#[inline(always)]
+fn service_key(p: &Packet) -> ServiceKey {
+    ServiceKey {
+        addr: p.daddr,
+        port: p.dport,
+        proto: p.proto,
+        family: p.family,
+    }
+}
+
+/// The rest of the story after [`track`]: the service map, new flows.
+#[inline(always)]
+pub fn process<C: PacketCtx>(ctx: &C, p: &Packet, front: Front) -> Verdict {
+    let untracked = match front {
+        Front::Done(v) => return v,
+        Front::Untracked => true,
+        Front::Unknown => false,
     };
     // Copy the value out: the agent may replace it at any time.
-    let mut svc = match DP_SERVICES.get_ptr(key) {
+    let mut svc = match DP_SERVICES.get_ptr(service_key(p)) {
         // SAFETY: the map is not preallocated, so the element stays valid
         // (RCU) for this program run.
         Some(v) => unsafe { *v },
@@ -100,8 +131,8 @@ fn starts_flow(p: &Packet) -> bool {
 /// a frontend as well (`Tracked::Reply`: left to `from_backend`, which
 /// reverse-translates it as any reply). (A function of its own: in the
 /// entry program's frame, its locals would take the stack the new-flow
-/// path's chain of frames needs.)
-#[inline(never)]
+/// path's chain of frames needs: inlined into the parsing subprogram.)
+#[inline(always)]
 fn cached_flow<C: PacketCtx>(ctx: &C, p: &Packet, service_id: u32) -> Tracked {
     let Some(ct) = conntrack::lookup(p) else {
         return Tracked::Untracked;
@@ -138,8 +169,8 @@ enum Tracked {
 /// the packet a reply even when that address and port are also a frontend
 /// (a node address and a NodePort). `Original`: the packet is one of a
 /// flow a backend opened as a client, left to the service path.
-/// (A function of its own, as `cached_flow`.)
-#[inline(never)]
+/// (Inlined into the parsing subprogram, as `cached_flow`.)
+#[inline(always)]
 fn from_backend<C: PacketCtx>(ctx: &C, p: &Packet) -> Tracked {
     let ct = match conntrack::lookup(p) {
         Some(e) => e,

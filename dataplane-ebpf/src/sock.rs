@@ -36,7 +36,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    conntrack::now_ns,
+    conntrack::clock_ns,
     maps::{kernel_has, DP_BACKENDS, DP_CONFIG, DP_SERVICES, DP_SOCK_AFFIN, DP_SOCK_NAT, DP_SOCK_STATS, DP_SVC_STATS},
 };
 
@@ -433,7 +433,7 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         return other_ports(&to);
     };
     // SAFETY: helpers valid for sock_addr programs.
-    let (netns, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), now_ns()) };
+    let (netns, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), clock_ns()) };
     match pick(netns, &svc, now) {
         Pick::To(b) => {
             write_addr(sa, v6, &to, &b.addr, b.port);
@@ -505,7 +505,7 @@ pub fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
         return other_ports(&to);
     };
     // SAFETY: helpers valid for sock_addr programs.
-    let (cookie, now) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), now_ns()) };
+    let (cookie, now) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), clock_ns()) };
     let fwd = nat_key(cookie, &to.addr, to.port, to.family, SOCK_NAT_FORWARD);
     if let Some(e) = DP_SOCK_NAT.get_ptr_mut(fwd.as_ref::<SockNatKey>()) {
         // SAFETY: the LRU value stays valid for this run; concurrent
@@ -575,7 +575,7 @@ pub fn recvmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
         unsafe {
             if (*e).flags & SOCK_F_SEEN_REPLY == 0 {
                 (*e).flags |= SOCK_F_SEEN_REPLY;
-                (*e).last_seen_ns = now_ns();
+                (*e).last_seen_ns = clock_ns();
             }
         }
     }

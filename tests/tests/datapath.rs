@@ -948,6 +948,64 @@ fn conntrack_entries_expire_by_protocol_and_state() {
     }
 }
 
+/// The programs read the clock at most once per jiffy on each CPU and
+/// reuse the reading while the jiffy lasts (`conntrack::now_ns_in`). The
+/// timestamps of conntrack entries must still follow CLOCK_MONOTONIC:
+/// never ahead of it, behind it by a tick or so (bounded here by a second,
+/// the granularity of every timeout), and moving on as it moves: a reading
+/// kept past its jiffy would leave every later flow with the same
+/// `created_ns` and let idle flows live forever.
+#[test]
+fn conntrack_timestamps_follow_the_clock_past_each_tick() {
+    use dataplane_common::{CtKey, FAMILY_V4};
+    // One CPU: the readings are kept per CPU.
+    pin_to_cpu(0);
+    for prog in Prog::BOTH {
+        let l = loaded_with_web();
+        let created = |port: u16| {
+            let before = dataplane::inspect::monotonic_ns();
+            l.run(prog, &Frame::tcp((CLIENT, port), (VIP, 80), SYN).build());
+            let after = dataplane::inspect::monotonic_ns();
+            let key = CtKey {
+                saddr: addr_of(CLIENT).0,
+                daddr: addr_of(VIP).0,
+                sport: port.to_be(),
+                dport: 80u16.to_be(),
+                proto: TCP,
+                family: FAMILY_V4,
+                _pad: 0,
+            };
+            let e = l.sync.writer().conntrack.get(&key, 0).expect("the new flow's entry");
+            assert!(
+                e.created_ns <= after,
+                "{prog:?}: created_ns {} ahead of the clock {after}",
+                e.created_ns
+            );
+            assert!(
+                e.created_ns + 1_000_000_000 >= before,
+                "{prog:?}: created_ns {} more than a second behind the clock {before}",
+                e.created_ns
+            );
+            e.created_ns
+        };
+        let first = created(41000);
+        // New flows until one is stamped later than the first: the clock
+        // moves on at the next tick (1-10 ms).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut port = 41001;
+        loop {
+            if created(port) > first {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{prog:?}: every flow for 5 s stamped {first}: the clock reading is never renewed"
+            );
+            port = if port == u16::MAX { 1024 } else { port + 1 };
+        }
+    }
+}
+
 /// Two CPUs update the state of one flow at the same time: the backend's
 /// first reply (seen-reply, on both entries) on one, the client's FINs
 /// (closing, on both entries) on the other. Both updates must stick. With
