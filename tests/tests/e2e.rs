@@ -742,6 +742,12 @@ fn agent_runs_without_transparent_huge_pages() {
     let thp = status
         .lines()
         .find_map(|l| l.strip_prefix("THP_enabled:"))
-        .unwrap_or_else(|| panic!("no THP_enabled line in the agent's /proc status (kernel 5.0 or later has it):\n{status}"));
-    assert_eq!(thp.trim(), "0", "the agent's process still allows transparent huge pages");
+        .unwrap_or_else(|| {
+            panic!("no THP_enabled line in the agent's /proc status (kernel 5.0 or later has it):\n{status}")
+        });
+    assert_eq!(
+        thp.trim(),
+        "0",
+        "the agent's process still allows transparent huge pages"
+    );
 }
