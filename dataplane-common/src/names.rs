@@ -163,6 +163,57 @@ pub const HOST_ROUTING_GLOBAL: &str = "DP_HOST_ROUTING";
 /// removes that code.
 pub const SOCK_ROUTING_GLOBAL: &str = "DP_SOCK_ROUTING";
 
+/// Read-only global: where `skb->ip_summed` lies in this kernel's
+/// `struct sk_buff` ([`skb_summed::encode`]), found by the agent in the
+/// kernel's BTF at load time; 0 where it is not known (no BTF, or no
+/// kfunc `bpf_cast_to_kern_ctx`: kernels before 6.2). With it TC updates
+/// L4 checksums itself for the kinds of skb it can (a full checksum not
+/// covered by `skb->csum`, or a `CHECKSUM_PARTIAL` pseudo-header sum) and
+/// calls `bpf_l4_csum_replace` only for `CHECKSUM_COMPLETE`; with 0 it
+/// always calls the helper, and the verifier removes the other code.
+pub const SKB_SUMMED_GLOBAL: &str = "DP_SKB_SUMMED";
+
+/// The value of [`SKB_SUMMED_GLOBAL`], and the call the programs read
+/// `skb->ip_summed` through.
+pub mod skb_summed {
+    /// The 2-bit field's byte offset in `struct sk_buff` and its bit
+    /// offset in that byte (little-endian bitfields), with bit 31 set.
+    pub const fn encode(byte_off: u16, shift: u8) -> u32 {
+        1 << 31 | (shift as u32 & 7) << 16 | byte_off as u32
+    }
+
+    /// `(byte offset, bit offset)` of a non-zero value.
+    pub const fn decode(v: u32) -> Option<(u16, u8)> {
+        if v & 1 << 31 == 0 {
+            return None;
+        }
+        Some(((v & 0xffff) as u16, ((v >> 16) & 7) as u8))
+    }
+
+    /// `skb->ip_summed` values (`include/linux/skbuff.h`).
+    pub const CHECKSUM_NONE: u8 = 0;
+    pub const CHECKSUM_UNNECESSARY: u8 = 1;
+    pub const CHECKSUM_COMPLETE: u8 = 2;
+    pub const CHECKSUM_PARTIAL: u8 = 3;
+
+    /// The immediate of the placeholder instruction the object holds where
+    /// TC calls the kfunc `bpf_cast_to_kern_ctx`: our toolchain cannot
+    /// emit a kfunc call with a relocation, so the program carries
+    /// `call` with `src_reg` = `BPF_PSEUDO_KFUNC_CALL` and this immediate,
+    /// and the loader replaces the immediate with the kfunc's BTF id, or
+    /// the whole instruction with `r0 = 0` where the kernel lacks it
+    /// (`dataplane::bpf::kfunc`). Never a valid BTF id of vmlinux.
+    pub const PLACEHOLDER_IMM: u32 = 0x7dc5_ca57;
+
+    /// The placeholder instruction as the object stores it (little-endian
+    /// `struct bpf_insn`: code `BPF_JMP | BPF_CALL`, `src_reg` 2).
+    pub const PLACEHOLDER_INSN: u64 = 0x85 | 0x20 << 8 | (PLACEHOLDER_IMM as u64) << 32;
+
+    /// `r0 = 0` (`BPF_ALU64 | BPF_MOV | BPF_K`), what replaces the
+    /// placeholder on kernels without the kfunc.
+    pub const MOV_R0_0: u64 = 0xb7;
+}
+
 /// [`NEW_FLOWS_GLOBAL`] when the agent is not told otherwise.
 pub const DEFAULT_NEW_FLOWS_PER_CPU: u32 = 10_000;
 
@@ -182,6 +233,12 @@ pub mod kernel_features {
     /// adds it back with `bpf_csum_update`. Found by loading and running a
     /// probe program (`dataplane::bpf::kernel`), not a helper probe.
     pub const CSUM_IPV6: u32 = 4;
+    /// The kfunc `bpf_cast_to_kern_ctx` (6.2) and `sk_buff.ip_summed` in
+    /// the kernel's BTF, checked by a probe program
+    /// (`dataplane::bpf::kfunc`): TC updates L4 checksums itself except
+    /// under `CHECKSUM_COMPLETE` ([`super::SKB_SUMMED_GLOBAL`]); else every
+    /// TC rewrite calls `bpf_l4_csum_replace`.
+    pub const SKB_SUMMED: u32 = 8;
 }
 
 /// Program names (the entry function symbols in the eBPF object).

@@ -5,6 +5,9 @@
 // `sock.rs` adds to counters with an atomic add: the bpf target has no
 // atomic read-modify-write methods on `AtomicU64`, only the intrinsic.
 #![feature(core_intrinsics)]
+// `nat.rs` reads `skb->ip_summed` through a kfunc call written as inline
+// assembly.
+#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
 mod affinity;

@@ -222,6 +222,21 @@ pub fn kernel_has(feature: u32) -> bool {
     unsafe { core::ptr::read_volatile(&DP_KERNEL) & feature != 0 }
 }
 
+/// Set by the agent at load time to where `skb->ip_summed` lies; see
+/// `dataplane_common::SKB_SUMMED_GLOBAL`.
+#[no_mangle]
+static DP_SKB_SUMMED: u32 = 0;
+
+/// `(byte offset, bit offset)` of `skb->ip_summed` in this kernel's
+/// `struct sk_buff`, when the agent found it and the kernel has
+/// `bpf_cast_to_kern_ctx`.
+#[inline(always)]
+pub fn skb_summed_at() -> Option<(u16, u8)> {
+    // SAFETY: reading a static; volatile so that the load-time value is
+    // read, not the compile-time 0.
+    dataplane_common::skb_summed::decode(unsafe { core::ptr::read_volatile(&DP_SKB_SUMMED) })
+}
+
 /// Set by the agent at load time to the SNAT source port range; see
 /// `dataplane_common::SNAT_PORTS_GLOBAL`.
 #[no_mangle]

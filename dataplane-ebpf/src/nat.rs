@@ -15,9 +15,13 @@ use aya_ebpf::{
     helpers::bpf_csum_update,
     programs::{TcContext, XdpContext},
 };
-use dataplane_common::{csum, kernel_features, Addr};
+use dataplane_common::{
+    csum, kernel_features,
+    skb_summed::{CHECKSUM_NONE, CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY},
+    Addr,
+};
 
-use crate::maps::kernel_has;
+use crate::maps::{kernel_has, skb_summed_at};
 
 use crate::parse::{
     Packet, IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF,
@@ -298,6 +302,52 @@ fn l4_csum_replace_addr(ctx: &TcContext, p: &Packet, csum_off: usize, addr: u16,
     Ok(())
 }
 
+/// The kernel's `struct sk_buff` of a TC program's context: the kfunc
+/// `bpf_cast_to_kern_ctx` (6.2+), which the verifier turns into a plain
+/// register move. Our toolchain cannot emit a kfunc call, so the call is
+/// written as its instruction with a placeholder immediate
+/// (`dataplane_common::skb_summed::PLACEHOLDER_INSN`) that the loader
+/// resolves, or replaces with `r0 = 0` on kernels without the kfunc (where
+/// [`skb_summed_at`] is `None` and this is never reached).
+///
+/// # Safety
+/// `skb` must be the program's context pointer; the result may only be
+/// read at offsets of fields of `struct sk_buff` (the verifier checks each
+/// access against the kernel's BTF).
+#[inline(always)]
+unsafe fn kern_skb(skb: *mut aya_ebpf::bindings::__sk_buff) -> *const u8 {
+    let k: *const u8;
+    core::arch::asm!(
+        ".quad {insn}",
+        insn = const dataplane_common::skb_summed::PLACEHOLDER_INSN,
+        inlateout("r1") skb => _,
+        lateout("r0") k,
+        lateout("r2") _,
+        lateout("r3") _,
+        lateout("r4") _,
+        lateout("r5") _,
+        options(nostack, readonly, preserves_flags),
+    );
+    k
+}
+
+/// `skb->ip_summed` of the program's skb, where the agent told where it
+/// lies (`dataplane_common::SKB_SUMMED_GLOBAL`).
+#[inline(always)]
+fn ip_summed(ctx: &TcContext) -> Option<u8> {
+    let (off, shift) = skb_summed_at()?;
+    // SAFETY: the context pointer; the offset is the byte holding
+    // `ip_summed` in this kernel's `struct sk_buff` (from its BTF).
+    unsafe {
+        let k = kern_skb(ctx.skb.skb);
+        if k.is_null() {
+            return None;
+        }
+        let b = core::ptr::read_volatile(k.add(off as usize));
+        Some((b >> shift) & 3)
+    }
+}
+
 /// Direct access to the L4 checksum field of a TC packet (at `off` from
 /// the start of the frame), bounds-checked against the current packet.
 trait TcCsum {
@@ -363,36 +413,76 @@ impl PacketCtx for TcContext {
         // SAFETY: the bounds are this program's; TC may write the packet
         // directly.
         unsafe { write_fields(p, TcContext::data(self), TcContext::data_end(self), dst, src, d)? };
-        // For UDP, MARK_MANGLED_0 leaves a zero ("no checksum") field alone
-        // and turns a computed zero into 0xffff.
-        let udp_flags = if p.is_tcp() { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
         let csum_off = p.l4_csum_off();
-        let addr = csum::fold(d.addr);
-        let port = csum::fold(d.port);
-        if is_zero(addr) {
-            if !is_zero(port) {
-                self.l4_csum_replace(csum_off, 0, port as u64, udp_flags)
-                    .map_err(|_| ())?;
+        match ip_summed(self) {
+            Some(CHECKSUM_NONE | CHECKSUM_UNNECESSARY) => {
+                // A full checksum that nothing else sums: as XDP does.
+                let c = self.l4_csum(csum_off)?;
+                if !p.is_tcp() && c == 0 {
+                    return Ok(());
+                }
+                let mut c = apply(c, d.addr + d.port);
+                if !p.is_tcp() && c == 0 {
+                    c = 0xffff;
+                }
+                self.put_l4_csum(csum_off, c)
             }
-            return Ok(());
-        }
-        let before = self.l4_csum(csum_off)?;
-        l4_csum_replace_addr(self, p, csum_off, addr, udp_flags)?;
-        if is_zero(port) || (!p.is_tcp() && before == 0) {
-            return Ok(());
-        }
-        // What the helper did to the field tells which kind of sum it
-        // holds: a full checksum became `before - addr`, a partial one
-        // (pseudo-header only) `before + addr`; the two differ for any
-        // non-zero `addr`. Only a full checksum covers the ports.
-        let after = self.l4_csum(csum_off)?;
-        if same_sum(csum::fold(after as u32 + addr as u32), before) {
-            let mut c = apply(after, d.port);
-            if !p.is_tcp() && c == 0 {
-                c = 0xffff;
+            Some(CHECKSUM_PARTIAL) => {
+                // The pseudo-header sum (not inverted) the stack or the
+                // device completes over the L4 header and payload: the
+                // addresses only, what `bpf_l4_csum_replace` does to it.
+                let addr = csum::fold(d.addr);
+                if is_zero(addr) {
+                    return Ok(());
+                }
+                let c = self.l4_csum(csum_off)?;
+                if !p.is_tcp() && c == 0 {
+                    return Ok(());
+                }
+                let mut c = csum::fold(c as u32 + addr as u32);
+                if !p.is_tcp() && c == 0 {
+                    c = 0xffff;
+                }
+                self.put_l4_csum(csum_off, c)
             }
-            self.put_l4_csum(csum_off, c)?;
+            _ => l4_csum_by_helper(self, p, csum_off, d),
         }
-        Ok(())
     }
+}
+
+/// The L4 checksum update of `TcContext`'s [`PacketCtx::rewrite`] through
+/// `bpf_l4_csum_replace`: for `CHECKSUM_COMPLETE` skbs, and for every
+/// skb where `skb->ip_summed` cannot be read.
+#[inline(always)]
+fn l4_csum_by_helper(ctx: &TcContext, p: &Packet, csum_off: usize, d: Delta) -> Result<(), ()> {
+    // For UDP, MARK_MANGLED_0 leaves a zero ("no checksum") field alone
+    // and turns a computed zero into 0xffff.
+    let udp_flags = if p.is_tcp() { 0 } else { BPF_F_MARK_MANGLED_0 as u64 };
+    let addr = csum::fold(d.addr);
+    let port = csum::fold(d.port);
+    if is_zero(addr) {
+        if !is_zero(port) {
+            ctx.l4_csum_replace(csum_off, 0, port as u64, udp_flags)
+                .map_err(|_| ())?;
+        }
+        return Ok(());
+    }
+    let before = ctx.l4_csum(csum_off)?;
+    l4_csum_replace_addr(ctx, p, csum_off, addr, udp_flags)?;
+    if is_zero(port) || (!p.is_tcp() && before == 0) {
+        return Ok(());
+    }
+    // What the helper did to the field tells which kind of sum it
+    // holds: a full checksum became `before - addr`, a partial one
+    // (pseudo-header only) `before + addr`; the two differ for any
+    // non-zero `addr`. Only a full checksum covers the ports.
+    let after = ctx.l4_csum(csum_off)?;
+    if same_sum(csum::fold(after as u32 + addr as u32), before) {
+        let mut c = apply(after, d.port);
+        if !p.is_tcp() && c == 0 {
+            c = 0xffff;
+        }
+        ctx.put_l4_csum(csum_off, c)?;
+    }
+    Ok(())
 }

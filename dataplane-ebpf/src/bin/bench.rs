@@ -6,6 +6,9 @@
 //! Never loaded by the agent.
 #![no_std]
 #![no_main]
+// `nat.rs` reads `skb->ip_summed` through a kfunc call written as inline
+// assembly.
+#![feature(asm_experimental_arch)]
 // The modules are shared with the dataplane program; not all of their items
 // are used by these entry points.
 #![allow(dead_code)]

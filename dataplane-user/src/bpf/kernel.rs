@@ -11,7 +11,7 @@ use aya::{
     programs::ProgramType,
     sys::{is_helper_supported, BpfHelper},
 };
-use dataplane_common::kernel_features::{COARSE_CLOCK, CSUM_IPV6, SET_RETVAL};
+use dataplane_common::kernel_features::{COARSE_CLOCK, CSUM_IPV6, SET_RETVAL, SKB_SUMMED};
 
 use super::sys;
 
@@ -31,6 +31,9 @@ const PROBES: [(u32, BpfHelper, ProgramType, &str); 2] = [
     ),
 ];
 
+/// The name of [`SKB_SUMMED`] in messages.
+const SKB_SUMMED_NAME: &str = "kfunc bpf_cast_to_kern_ctx (sk_buff.ip_summed)";
+
 /// The name of [`CSUM_IPV6`] in messages.
 const CSUM_IPV6_NAME: &str = "bpf_l4_csum_replace BPF_F_IPV6";
 
@@ -43,7 +46,12 @@ pub fn features() -> u32 {
             .iter()
             .filter(|(_, helper, ty, _)| is_helper_supported(*ty, *helper).unwrap_or(false))
             .fold(0, |bits, (bit, ..)| bits | bit);
-        helpers | if csum_ipv6_flag() { CSUM_IPV6 } else { 0 }
+        let summed = if super::kfunc::skb_summed().global != 0 {
+            SKB_SUMMED
+        } else {
+            0
+        };
+        helpers | summed | if csum_ipv6_flag() { CSUM_IPV6 } else { 0 }
     })
 }
 
@@ -83,6 +91,9 @@ pub fn missing(features: u32) -> Vec<&'static str> {
         .collect();
     if features & CSUM_IPV6 == 0 {
         names.push(CSUM_IPV6_NAME);
+    }
+    if features & SKB_SUMMED == 0 {
+        names.push(SKB_SUMMED_NAME);
     }
     names
 }

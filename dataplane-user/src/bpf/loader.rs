@@ -15,17 +15,18 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
+use dataplane_common::kernel_features;
 use dataplane_common::{
     map_names, map_shapes, program_names, AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, DpConfig,
     MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceStats, ServiceValue, SockAffinityKey, SockNatKey,
     SockNatValue, SourceRangeKey, VipFilter, CLUSTER_CIDRS_V4, CLUSTER_CIDRS_V6, CT_MIGRATE_GLOBAL, CT_PREV_MAP,
     DEBUG_GLOBAL, DEFAULT_NEW_FLOWS_PER_CPU, DEFAULT_SNAT_PORTS, HOST_ROUTING_GLOBAL, KERNEL_GLOBAL, NEW_FLOWS_GLOBAL,
-    SNAT_PORTS_GLOBAL, SOCK_ROUTING_GLOBAL,
+    SKB_SUMMED_GLOBAL, SNAT_PORTS_GLOBAL, SOCK_ROUTING_GLOBAL,
 };
 use thiserror::Error;
 
 use crate::bpf::{
-    kernel,
+    kernel, kfunc,
     map_sizes::MapSizes,
     pin::{PinError, PinRoot},
 };
@@ -45,6 +46,8 @@ pub enum LoadError {
     Read { path: String, source: std::io::Error },
     #[error("loading eBPF object: {0}")]
     Ebpf(#[from] aya::EbpfError),
+    #[error("eBPF object: {0}")]
+    Object(String),
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
@@ -515,6 +518,15 @@ impl Dataplane {
             None if EMBEDDED_OBJECT.is_empty() => return Err(LoadError::NoObject),
             None => EMBEDDED_OBJECT,
         };
+        // The kfunc placeholders of TC's checksum updates: resolved where
+        // this kernel has the kfunc and the caller did not take it away.
+        let summed = kfunc::skb_summed();
+        let summed = if features & kernel_features::SKB_SUMMED != 0 {
+            summed
+        } else {
+            Default::default()
+        };
+        let object = kfunc::patch_object(object, summed.kfunc_id).map_err(LoadError::Object)?;
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&'static str, PathBuf)> = match &pins {
             Some(p) => map_shapes::ALL.iter().map(|s| (s.name, p.map(s.name))).collect(),
@@ -528,6 +540,7 @@ impl Dataplane {
         let migrating: u8 = ct_prev.is_some().into();
         loader.override_global(CT_MIGRATE_GLOBAL, &migrating, true);
         loader.override_global(KERNEL_GLOBAL, &features, true);
+        loader.override_global(SKB_SUMMED_GLOBAL, &summed.global, true);
         let snat = globals.snat_ports.0 as u32 | (globals.snat_ports.1 as u32) << 16;
         loader.override_global(SNAT_PORTS_GLOBAL, &snat, true);
         loader.override_global(NEW_FLOWS_GLOBAL, &globals.new_flows_per_cpu, true);
@@ -543,7 +556,7 @@ impl Dataplane {
                 loader.map_max_entries(shape.name, n);
             }
         }
-        let mut ebpf = loader.load(object)?;
+        let mut ebpf = loader.load(&object)?;
         let xdp = load_datapath_programs(&mut ebpf)?;
         Ok(Dataplane {
             ebpf,

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod cgroup;
 pub mod ifwatch;
 pub mod kernel;
+pub mod kfunc;
 pub mod loader;
 pub mod map_sizes;
 pub mod mapmem;

@@ -38,7 +38,7 @@ use dataplane::{
 use dataplane_common::{
     bench::{names, service_frontend, BenchFrame, FRAME_LEN, OFFSETS_V4, OFFSETS_V6, VARY_FLOW, VARY_SERVICE},
     Backend, DpConfig, Reason, ServiceKey, ServiceValue, DEFAULT_SNAT_PORTS, IPPROTO_TCP, IPPROTO_UDP, KERNEL_GLOBAL,
-    NEW_FLOWS_GLOBAL, SNAT_PORTS_GLOBAL,
+    NEW_FLOWS_GLOBAL, SKB_SUMMED_GLOBAL, SNAT_PORTS_GLOBAL,
 };
 use serde_json::{json, Value};
 
@@ -157,11 +157,13 @@ const BENCH_SNAT_PORTS: u32 = DEFAULT_SNAT_PORTS.0 as u32 | (DEFAULT_SNAT_PORTS.
 
 /// The read-only globals the bench object gets, as the agent sets them on
 /// this kernel (`Dataplane::load_inner`): the kernel's features (the
-/// coarse clock, `BPF_F_IPV6` checksums, ...), the default SNAT ports, the
+/// coarse clock, `BPF_F_IPV6` checksums, ...), where `skb->ip_summed` lies
+/// (`bpf::kfunc`: TC's own checksum updates), the default SNAT ports, the
 /// flood guard on ([`BENCH_NEW_FLOWS`]), host routing and debug logging
 /// off. Without them the programs would take the oldest kernels' paths.
-fn deployed_globals<'a>(loader: &mut aya::EbpfLoader<'a>, features: &'a u32) {
+fn deployed_globals<'a>(loader: &mut aya::EbpfLoader<'a>, features: &'a u32, summed: &'a u32) {
     loader.override_global(KERNEL_GLOBAL, features, true);
+    loader.override_global(SKB_SUMMED_GLOBAL, summed, true);
     loader.override_global(SNAT_PORTS_GLOBAL, &BENCH_SNAT_PORTS, true);
     loader.override_global(NEW_FLOWS_GLOBAL, &BENCH_NEW_FLOWS, true);
 }
@@ -171,10 +173,15 @@ fn deployed_globals<'a>(loader: &mut aya::EbpfLoader<'a>, features: &'a u32) {
 fn load_object(name: &str) -> Result<Ebpf> {
     let path = ebpf_dir().join(name);
     let bytes = std::fs::read(&path).with_context(|| format!("{}: run `cargo xtask build-ebpf`", path.display()))?;
+    // The placeholders of the kfunc call (TC's checksum updates), as the
+    // agent's loader resolves them.
+    let summed = dataplane::bpf::kfunc::skb_summed();
+    let bytes = dataplane::bpf::kfunc::patch_object(&bytes, summed.kfunc_id)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut loader = aya::EbpfLoader::new();
     let features = dataplane::bpf::kernel::features();
     if name == "bench" {
-        deployed_globals(&mut loader, &features);
+        deployed_globals(&mut loader, &features, &summed.global);
     }
     loader
         .load(&bytes)
