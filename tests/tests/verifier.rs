@@ -97,3 +97,23 @@ fn every_program_verifies_well_within_the_instruction_limit() {
         assert!(insns > 0 && xlated > 0, "{name}: implausible counts");
     }
 }
+
+/// TC reads `skb->ip_summed` (and updates L4 checksums itself) exactly on
+/// the kernels that have the kfunc `bpf_cast_to_kern_ctx`: 6.2 and later
+/// (the kernel's release, an independent source), where the agent's probe
+/// program must work; 5.10 and 6.1 take the helper path. Runs in every
+/// kernel of the matrix, so each says which path its datapath tests took.
+#[test]
+fn tc_reads_ip_summed_exactly_where_the_kernel_has_the_kfunc() {
+    dataplane_tests::netns::require_root_and_tools();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("reading the kernel release");
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).expect("kernel major version");
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).expect("kernel minor version");
+    let summed = dataplane::bpf::kfunc::skb_summed();
+    let features = dataplane::bpf::kernel::features();
+    let has = features & dataplane_common::kernel_features::SKB_SUMMED != 0;
+    println!("kernel {}: TC reads skb->ip_summed: {has} ({summed:?})", release.trim());
+    assert_eq!(has, (major, minor) >= (6, 2), "kernel {}: {summed:?}", release.trim());
+    assert_eq!(has, summed.global != 0 && summed.kfunc_id.is_some());
+}

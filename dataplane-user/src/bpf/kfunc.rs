@@ -149,33 +149,21 @@ pub fn patch_object(object: &[u8], kfunc_id: Option<u32>) -> Result<Cow<'_, [u8]
     })
 }
 
-/// (file offset, size) of each `SHF_EXECINSTR` section of a little-endian
-/// ELF64 object.
+/// (file offset, size) of each executable section of an ELF object.
 fn exec_sections(elf: &[u8]) -> Result<Vec<(usize, usize)>, String> {
+    use object::{Object, ObjectSection, SectionFlags};
     const SHF_EXECINSTR: u64 = 4;
-    const SHT_NOBITS: u32 = 8;
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-    if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
-        return Err("not a little-endian ELF64 object".into());
-    }
-    let bad = || "ELF section headers out of bounds".to_string();
-    let shoff = u64_at(0x28).ok_or_else(bad)? as usize;
-    let shentsize = u16_at(0x3a).ok_or_else(bad)?;
-    let shnum = u16_at(0x3c).ok_or_else(bad)?;
+    let obj = object::File::parse(elf).map_err(|e| format!("not an ELF object: {e}"))?;
     let mut out = Vec::new();
-    for i in 0..shnum {
-        let h = shoff + i * shentsize;
-        let ty = u32_at(h + 4).ok_or_else(bad)?;
-        let flags = u64_at(h + 8).ok_or_else(bad)?;
-        let off = u64_at(h + 0x18).ok_or_else(bad)? as usize;
-        let size = u64_at(h + 0x20).ok_or_else(bad)? as usize;
-        if flags & SHF_EXECINSTR != 0 && ty != SHT_NOBITS {
-            if off.checked_add(size).is_none_or(|end| end > elf.len()) {
-                return Err(bad());
-            }
-            out.push((off, size));
+    for section in obj.sections() {
+        let SectionFlags::Elf { sh_flags } = section.flags() else {
+            continue;
+        };
+        if sh_flags & SHF_EXECINSTR == 0 {
+            continue;
+        }
+        if let Some((off, size)) = section.file_range() {
+            out.push((off as usize, size as usize));
         }
     }
     Ok(out)
@@ -312,23 +300,35 @@ mod tests {
     fn elf(insns: &[u64]) -> Vec<u8> {
         let text: Vec<u8> = insns.iter().flat_map(|i| i.to_le_bytes()).collect();
         let data = PLACEHOLDER_INSN.to_le_bytes();
-        let shoff = 64 + text.len() + data.len();
-        let mut b = vec![0u8; shoff + 3 * 64];
-        b[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
+        // Code, then data, then an empty section name table (one NUL,
+        // padded), then four section headers: null, code, data, names.
+        let names = 64 + text.len() + data.len();
+        let shoff = names + 8;
+        let mut b = vec![0u8; shoff + 4 * 64];
+        // ELF64, little-endian, version 1; ET_REL, EM_BPF, version 1,
+        // 64-byte header, 64-byte section headers, 4 of them, names in 3.
+        b[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1]);
+        b[0x10..0x12].copy_from_slice(&1u16.to_le_bytes());
+        b[0x12..0x14].copy_from_slice(&247u16.to_le_bytes());
+        b[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
         b[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
+        b[0x34..0x36].copy_from_slice(&64u16.to_le_bytes());
         b[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
-        b[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+        b[0x3c..0x3e].copy_from_slice(&4u16.to_le_bytes());
+        b[0x3e..0x40].copy_from_slice(&3u16.to_le_bytes());
         b[64..64 + text.len()].copy_from_slice(&text);
-        b[64 + text.len()..shoff].copy_from_slice(&data);
-        let mut header = |i: usize, flags: u64, off: usize, size: usize| {
+        b[64 + text.len()..names].copy_from_slice(&data);
+        let mut header = |i: usize, ty: u32, flags: u64, off: usize, size: usize| {
             let h = shoff + 64 * i;
-            b[h + 4..h + 8].copy_from_slice(&1u32.to_le_bytes());
+            b[h + 4..h + 8].copy_from_slice(&ty.to_le_bytes());
             b[h + 8..h + 16].copy_from_slice(&flags.to_le_bytes());
             b[h + 0x18..h + 0x20].copy_from_slice(&(off as u64).to_le_bytes());
             b[h + 0x20..h + 0x28].copy_from_slice(&(size as u64).to_le_bytes());
         };
-        header(1, 6, 64, text.len());
-        header(2, 2, 64 + text.len(), 8);
+        // PROGBITS alloc+exec, PROGBITS alloc, STRTAB.
+        header(1, 1, 6, 64, text.len());
+        header(2, 1, 2, 64 + text.len(), 8);
+        header(3, 3, 0, names, 1);
         b
     }
 
