@@ -572,10 +572,10 @@ impl Scale {
 fn measure_round(scales: &mut [Scale], order: &[usize], repeat: u32) -> Result<()> {
     for &i in order {
         scales[i].prepare()?;
+        scales[i].warm_up(repeat)?;
     }
     for &i in order {
         scales[i].baselines(repeat)?;
-        scales[i].warm_up(repeat)?;
     }
     for (prog, wrap, frame_only) in [
         ("xdp", names::WRAP_XDP, names::FRAME_XDP),
