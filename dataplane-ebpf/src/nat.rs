@@ -415,39 +415,41 @@ impl PacketCtx for TcContext {
         unsafe { write_fields(p, TcContext::data(self), TcContext::data_end(self), dst, src, d)? };
         let csum_off = p.l4_csum_off();
         match ip_summed(self) {
+            // A full checksum that nothing else sums: as XDP does.
             Some(CHECKSUM_NONE | CHECKSUM_UNNECESSARY) => {
-                // A full checksum that nothing else sums: as XDP does.
-                let c = self.l4_csum(csum_off)?;
-                if !p.is_tcp() && c == 0 {
-                    return Ok(());
-                }
-                let mut c = apply(c, d.addr + d.port);
-                if !p.is_tcp() && c == 0 {
-                    c = 0xffff;
-                }
-                self.put_l4_csum(csum_off, c)
+                update_l4_csum(self, p, csum_off, |c| apply(c, d.addr + d.port))
             }
+            // The pseudo-header sum (not inverted) the stack or the device
+            // completes over the L4 header and payload: the addresses
+            // only, what `bpf_l4_csum_replace` does to it.
             Some(CHECKSUM_PARTIAL) => {
-                // The pseudo-header sum (not inverted) the stack or the
-                // device completes over the L4 header and payload: the
-                // addresses only, what `bpf_l4_csum_replace` does to it.
                 let addr = csum::fold(d.addr);
                 if is_zero(addr) {
                     return Ok(());
                 }
-                let c = self.l4_csum(csum_off)?;
-                if !p.is_tcp() && c == 0 {
-                    return Ok(());
-                }
-                let mut c = csum::fold(c as u32 + addr as u32);
-                if !p.is_tcp() && c == 0 {
-                    c = 0xffff;
-                }
-                self.put_l4_csum(csum_off, c)
+                update_l4_csum(self, p, csum_off, |c| csum::fold(c as u32 + addr as u32))
             }
             _ => l4_csum_by_helper(self, p, csum_off, d),
         }
     }
+}
+
+/// The L4 checksum field of a TC packet replaced by `new(field)`, with
+/// UDP's rule for zero (what `BPF_F_MARK_MANGLED_0` does for the helper):
+/// a zero field ("no checksum") stays zero, a computed zero is written as
+/// 0xffff.
+#[inline(always)]
+fn update_l4_csum(ctx: &TcContext, p: &Packet, csum_off: usize, new: impl Fn(u16) -> u16) -> Result<(), ()> {
+    let c = ctx.l4_csum(csum_off)?;
+    let udp = !p.is_tcp();
+    if udp && c == 0 {
+        return Ok(());
+    }
+    let mut c = new(c);
+    if udp && c == 0 {
+        c = 0xffff;
+    }
+    ctx.put_l4_csum(csum_off, c)
 }
 
 /// The L4 checksum update of `TcContext`'s [`PacketCtx::rewrite`] through
