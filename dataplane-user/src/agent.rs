@@ -392,13 +392,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         globals,
     )
     .context("loading the eBPF programs")?;
-    let summed = crate::bpf::kfunc::skb_summed();
-    match summed.missing {
-        None => info!(
+    if dp.tc_reads_ip_summed() {
+        info!(
             "TC updates L4 checksums itself (skb->ip_summed read through the kfunc bpf_cast_to_kern_ctx); \
              CHECKSUM_COMPLETE skbs through bpf_l4_csum_replace"
-        ),
-        Some(why) => info!(reason = why, "TC updates every L4 checksum through bpf_l4_csum_replace"),
+        );
+    } else {
+        let why = crate::bpf::kfunc::skb_summed()
+            .missing
+            .unwrap_or("the kernel refused the TC program reading it (see the warning above)");
+        info!(reason = why, "TC updates every L4 checksum through bpf_l4_csum_replace");
     }
     // The programs' decision log (--bpf-debug-log), forwarded to our log.
     let bpf_log = if cfg.bpf_debug_log {

@@ -230,6 +230,9 @@ pub struct Dataplane {
     /// Pinned maps of another size or layout being migrated: copied into
     /// the new maps at load, finished once the programs are swapped.
     migration: Option<crate::bpf::migrate::Migration>,
+    /// Whether TC reads `skb->ip_summed` (`kernel_features::SKB_SUMMED`,
+    /// `bpf::kfunc`) in the programs loaded.
+    tc_reads_ip_summed: bool,
 }
 
 /// Loads the XDP program with frags support, or, when the kernel refuses
@@ -296,6 +299,21 @@ fn load_datapath_programs(ebpf: &mut Ebpf) -> Result<&'static str, LoadError> {
         tc?;
         Ok(xdp)
     })
+}
+
+/// This kernel's [`kfunc::SkbSummed`]; unit tests may put another in its
+/// place (`SUMMED_OVERRIDE`).
+fn skb_summed_for_load() -> kfunc::SkbSummed {
+    #[cfg(test)]
+    if let Some(s) = SUMMED_OVERRIDE.with(|o| o.get()) {
+        return s;
+    }
+    kfunc::skb_summed()
+}
+
+#[cfg(test)]
+thread_local! {
+    static SUMMED_OVERRIDE: std::cell::Cell<Option<kfunc::SkbSummed>> = const { std::cell::Cell::new(None) };
 }
 
 /// Pins a new link at `pin`, so that it outlives the agent.
@@ -520,7 +538,7 @@ impl Dataplane {
         };
         // The kfunc placeholders of TC's checksum updates: resolved where
         // this kernel has the kfunc and the caller did not take it away.
-        let summed = kfunc::skb_summed();
+        let summed = skb_summed_for_load();
         let summed = if features & kernel_features::SKB_SUMMED != 0 {
             summed
         } else {
@@ -557,7 +575,21 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(&object)?;
-        let xdp = load_datapath_programs(&mut ebpf)?;
+        let xdp = match load_datapath_programs(&mut ebpf) {
+            // The probe program read the field, but this kernel's verifier
+            // refused how the TC program does it: the helper's path, which
+            // every kernel takes, rather than no dataplane.
+            Err(LoadError::Program { name, source }) if name == program_names::TC && summed.global != 0 => {
+                tracing::warn!(
+                    error = %source,
+                    "this kernel refused the TC program reading skb->ip_summed: loading it again with every L4 checksum through bpf_l4_csum_replace"
+                );
+                drop(ebpf);
+                let features = features & !kernel_features::SKB_SUMMED;
+                return Self::load_inner(path, pins, sizes, debug_log, globals, ct_prev, features);
+            }
+            r => r?,
+        };
         Ok(Dataplane {
             ebpf,
             pins,
@@ -565,7 +597,14 @@ impl Dataplane {
             sock_release: false,
             xdp,
             migration: None,
+            tc_reads_ip_summed: summed.global != 0,
         })
+    }
+
+    /// Whether TC reads `skb->ip_summed` and updates L4 checksums itself
+    /// (see `bpf::kfunc`), or calls `bpf_l4_csum_replace` for every rewrite.
+    pub fn tc_reads_ip_summed(&self) -> bool {
+        self.tc_reads_ip_summed
     }
 
     /// The name of the XDP program this kernel took (`program_names::XDP`,
@@ -938,4 +977,35 @@ pub enum AttachMode {
     /// A cgroup link (socket-level programs): pinnable, atomically
     /// replaceable.
     CgroupLink,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where the TC program reading `skb->ip_summed` does not load (here: a
+    /// byte offset past the end of `struct sk_buff`, which the verifier
+    /// refuses), the programs are loaded again on the helper's path, as
+    /// on kernels without the kfunc; with this kernel's own values they
+    /// load on the new path.
+    #[test]
+    fn a_refused_ip_summed_read_falls_back_to_the_checksum_helper() {
+        let real = kfunc::skb_summed();
+        assert!(
+            real.global != 0,
+            "this test needs a kernel with the kfunc bpf_cast_to_kern_ctx (6.2+) and BTF: {real:?}"
+        );
+        let dp = Dataplane::load(None).expect("loading the programs");
+        assert!(dp.tc_reads_ip_summed());
+        drop(dp);
+        let bad = kfunc::SkbSummed {
+            global: dataplane_common::skb_summed::encode(0x7ff0, 0),
+            ..real
+        };
+        SUMMED_OVERRIDE.with(|o| o.set(Some(bad)));
+        let dp = Dataplane::load(None);
+        SUMMED_OVERRIDE.with(|o| o.set(None));
+        let dp = dp.expect("the programs load on the helper's path");
+        assert!(!dp.tc_reads_ip_summed());
+    }
 }
