@@ -38,6 +38,9 @@ pub mod map_names {
     /// entries): service ids of frontends by hashed key, for established
     /// packets.
     pub const FRONTEND_CACHE: &str = "DP_FE_CACHE";
+    /// The frontend filter (`FrontendFilter`, one entry): a bit per hashed
+    /// address that has a frontend, read before the service map.
+    pub const FRONTEND_FILTER: &str = "DP_FE_FILTER";
     /// The flood guard's reply entries of flows without state yet
     /// (`CtKey` -> `CtValue`, `limits::MAX_CT_SYN`), never pinned: a
     /// restart of the programs forgets at most the handshakes under way.
@@ -77,7 +80,7 @@ pub mod map_shapes {
         }
     }
 
-    pub const ALL: [MapShape; 19] = [
+    pub const ALL: [MapShape; 20] = [
         shape::<u32, ServiceName>(map_names::NAMES, limits::MAX_SERVICES),
         // LPM trie keys carry a u32 prefix length in front of the data.
         MapShape {
@@ -103,6 +106,7 @@ pub mod map_shapes {
         shape::<u32, BackendFilter>(map_names::BACKEND_FILTER, 1),
         shape::<EndpointKey, u8>(map_names::ENDPOINTS, limits::MAX_BACKEND_SLOTS),
         shape::<u32, FrontendBucket>(map_names::FRONTEND_CACHE, FRONTEND_CACHE_BUCKETS),
+        shape::<u32, FrontendFilter>(map_names::FRONTEND_FILTER, 1),
     ];
 }
 

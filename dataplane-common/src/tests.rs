@@ -337,3 +337,55 @@ fn flow_hash_spreads_over_small_moduli() {
         assert!((800..1200).contains(&b), "unbalanced: {buckets:?}");
     }
 }
+
+#[test]
+fn frontend_filter_bits_are_fixed() {
+    // Computed apart (Python, from the definition: the address's 32-bit
+    // words as read from network-order bytes on a little-endian host,
+    // XORed, times 0x9e3779b1 mod 2^32, top 20 bits).
+    assert_eq!(frontend_filter_bit(&octets_v4([198, 19, 0, 1])), 188_164);
+    assert_eq!(frontend_filter_bit(&octets_v4([198, 19, 0, 2])), 913_156);
+    assert_eq!(frontend_filter_bit(&octets_v4([198, 18, 0, 10])), 194_409);
+    let v6 =
+        |o: [u8; 16]| -> Addr { core::array::from_fn(|i| u32::from_ne_bytes(o[4 * i..4 * i + 4].try_into().unwrap())) };
+    // fd00::1, 2001:db8::10
+    assert_eq!(
+        frontend_filter_bit(&v6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])),
+        56_628
+    );
+    assert_eq!(
+        frontend_filter_bit(&v6([0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10])),
+        345_694
+    );
+    assert_eq!(size_of::<FrontendFilter>(), FRONTEND_FILTER_BITS / 8);
+}
+
+#[test]
+fn frontend_filter_spreads_a_service_cidr() {
+    let mut f: FrontendFilter = bytemuck::Zeroable::zeroed();
+    let a = octets_v4([198, 19, 0, 1]);
+    assert!(!f.has(&a));
+    f.set(&a);
+    assert!(f.has(&a));
+    assert_eq!(f.count(), 1);
+    // Every address of a /16 service CIDR: a random hash would leave
+    // about 2^20 * (1 - e^(-1/16)) = 63,540 distinct bits.
+    for i in 0..=u16::MAX {
+        let [hi, lo] = i.to_be_bytes();
+        f.set(&octets_v4([198, 19, hi, lo]));
+    }
+    assert!(f.count() >= 63_000, "{} bits", f.count());
+    // The hosts of another /16: a random hash would find about 6 % of them
+    // set (false positives: a service map lookup each).
+    let fp = (0..=u16::MAX)
+        .filter(|i| {
+            let [hi, lo] = i.to_be_bytes();
+            f.has(&octets_v4([198, 18, hi, lo]))
+        })
+        .count();
+    assert!(fp < 65_536 / 10, "{fp} false positives");
+}
+
+fn octets_v4(o: [u8; 4]) -> Addr {
+    [u32::from_ne_bytes(o), 0, 0, 0]
+}

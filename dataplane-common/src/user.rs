@@ -7,6 +7,7 @@ use crate::*;
 unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for ServiceValue {}
 unsafe impl aya::Pod for VipFilter {}
+unsafe impl aya::Pod for FrontendFilter {}
 unsafe impl aya::Pod for BackendFilter {}
 unsafe impl aya::Pod for FrontendBucket {}
 unsafe impl aya::Pod for FrontendWay {}

@@ -100,12 +100,17 @@ pub fn process<C: PacketCtx>(ctx: &C, p: &Packet, front: Front) -> Verdict {
         Front::Untracked => true,
         Front::Unknown => false,
     };
+    // Most traffic of a node (pod to pod) goes to addresses without a
+    // frontend: the frontend filter spares it the hash lookup.
+    if !crate::maps::maybe_frontend(&p.daddr) {
+        return no_service(p, false);
+    }
     // Copy the value out: the agent may replace it at any time.
     let mut svc = match DP_SERVICES.get_ptr(service_key(p)) {
         // SAFETY: the map is not preallocated, so the element stays valid
         // (RCU) for this program run.
         Some(v) => unsafe { *v },
-        None => return no_service(p),
+        None => return no_service(p, true),
     };
     if svc.flags & SVC_F_IN_CLUSTER_VIEW != 0 {
         if let Some(v) = in_cluster_view(p) {
@@ -526,15 +531,16 @@ fn reply<C: PacketCtx>(ctx: &C, p: &Packet, e: *mut CtValue) -> Verdict {
 /// that never was one has no reply entry, see `BackendFilter`): it passes
 /// untouched, or is rejected (a ClusterIP's port its Service lacks).
 #[inline(never)]
-fn no_service(p: &Packet) -> Verdict {
+fn no_service(p: &Packet, frontend_address: bool) -> Verdict {
     // (The reply entry it looks for comes from the destination.)
     if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && crate::maps::maybe_backend(&p.daddr) {
         conntrack::remove_closing_reply(p);
     }
     // A ClusterIP on a port its Service does not define
     // (`SVC_F_OTHER_PORTS`): rejected, not passed to the node.
-    // The filter spares other addresses the hash lookup.
-    if !crate::maps::maybe_cluster_ip(&p.daddr) {
+    // The filter spares other addresses the hash lookup; an address the
+    // frontend filter rules out has no such entry either.
+    if !frontend_address || !crate::maps::maybe_cluster_ip(&p.daddr) {
         stats::count(Reason::PassNoService);
         return Verdict::Pass;
     }

@@ -69,6 +69,16 @@ pub fn maybe_cluster_ip(addr: &dataplane_common::Addr) -> bool {
     }
 }
 
+/// The frontend filter (see `FrontendFilter`).
+#[map]
+pub static DP_FE_FILTER: Array<dataplane_common::FrontendFilter> = Array::with_max_entries(1, 0);
+
+/// Whether `addr` may have a frontend: only then is the service map asked.
+#[inline(always)]
+pub fn maybe_frontend(addr: &dataplane_common::Addr) -> bool {
+    DP_FE_FILTER.get(0).is_none_or(|f| f.has(addr))
+}
+
 /// The backend filter (see `BackendFilter`).
 #[map]
 pub static DP_BACKEND_FILTER: Array<dataplane_common::BackendFilter> = Array::with_max_entries(1, 0);

@@ -304,6 +304,9 @@ struct Svc {
 /// The frontend `to` addresses, if it is one.
 #[inline(always)]
 fn frontend(to: &SockAddr, proto: u32) -> Option<Svc> {
+    if !crate::maps::maybe_frontend(&to.addr) {
+        return None;
+    }
     let key = service_key(&to.addr, to.port, proto as u8, to.family);
     let mut v: *const ServiceValue = DP_SERVICES.get_ptr(key.as_ref::<ServiceKey>())?;
     // Every socket here is inside the cluster (the node's, or a pod's on

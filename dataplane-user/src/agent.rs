@@ -505,6 +505,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             stale_removed = report.stale_removed,
             backend_filter_set = report.backend_filter_set,
             frontends_cached = report.frontends_cached,
+            frontend_filter_bits = report.frontend_filter_bits,
             "adopted the pinned maps of a previous agent"
         );
         syncer

@@ -295,7 +295,7 @@ pub fn program_map_ids(prog_fd: BorrowedFd<'_>) -> Result<Vec<u32>> {
 
 /// The ids of the maps behind the agent's handles.
 pub fn handle_ids(maps: &Maps) -> Result<Vec<u32>> {
-    let data: [&MapData; 19] = [
+    let data: [&MapData; 20] = [
         IterableMap::map(&maps.services),
         IterableMap::map(&maps.backends),
         IterableMap::map(&maps.conntrack),
@@ -315,6 +315,7 @@ pub fn handle_ids(maps: &Maps) -> Result<Vec<u32>> {
         IterableMap::map(&maps.backend_filter),
         IterableMap::map(&maps.endpoints),
         IterableMap::map(&maps.frontend_cache),
+        IterableMap::map(&maps.frontend_filter),
     ];
     data.iter().map(|d| Ok(d.info()?.id())).collect()
 }

@@ -815,6 +815,63 @@ fn the_backend_filter_gates_the_reply_lookup_and_adoption_fills_it() {
     }
 }
 
+/// Only a destination whose bit is set in the frontend filter is looked up
+/// in the service map: the agent sets the bit of every frontend address,
+/// clears it when the address's last frontend goes, and writes the filter
+/// again from the service map when it adopts pinned maps (an upgrade from
+/// a release without the filter finds the map empty).
+#[test]
+fn the_frontend_filter_gates_the_service_lookup_and_adoption_rewrites_it() {
+    for prog in Prog::BOTH {
+        let mut l = loaded_with_web();
+        // Two frontends, one address: one bit, the VIP's.
+        assert_eq!(frontend_filter_bits(&l), (true, 1), "{prog:?}");
+        let syn = |port| Frame::tcp((CLIENT, port), (VIP, 80), SYN).build();
+        assert_eq!(l.run(prog, &syn(40900)).retval, prog.pass(), "{prog:?}");
+        assert_ne!(l.run(prog, &syn(40901)).data, syn(40901), "{prog:?}: translated");
+
+        // The filter as an upgrade from a release without it finds it.
+        clear_frontend_filter(&mut l);
+        let before = l.reason(Reason::PassNoService);
+        let out = l.run(prog, &syn(40902));
+        assert_eq!(out.data, syn(40902), "{prog:?}: no bit, no service lookup");
+        assert_eq!(l.reason(Reason::PassNoService), before + 1, "{prog:?}");
+
+        // What adopting the pinned maps does.
+        assert_eq!(l.sync.rewrite_frontend_filter().unwrap(), 1, "{prog:?}");
+        let p = parse_and_verify(&l.run(prog, &syn(40903)).data);
+        assert_eq!(p.dport, 8080, "{prog:?}: translated again");
+
+        // The address's last frontend gone: its bit too.
+        l.remove_service(VIP, 80, TCP);
+        assert_eq!(
+            frontend_filter_bits(&l),
+            (true, 1),
+            "{prog:?}: the UDP frontend keeps it"
+        );
+        l.remove_service(VIP, 53, UDP);
+        assert_eq!(frontend_filter_bits(&l), (false, 0), "{prog:?}");
+    }
+}
+
+/// Whether the VIP's bit is set in the frontend filter, and the bits set.
+/// (Frames of their own: the filter is 128 KiB, a few copies of it
+/// overflow a test thread's stack in debug builds.)
+#[inline(never)]
+fn frontend_filter_bits(l: &Loaded) -> (bool, usize) {
+    let f = l.sync.writer().frontend_filter.get(&0, 0).unwrap();
+    (f.has(&addr_of(VIP).0), f.count())
+}
+
+#[inline(never)]
+fn clear_frontend_filter(l: &mut Loaded) {
+    use dataplane_common::{FrontendFilter, FRONTEND_FILTER_BITS};
+    let empty = FrontendFilter {
+        words: [[0; 4096]; FRONTEND_FILTER_BITS / 64 / 4096],
+    };
+    l.sync.writer_mut().frontend_filter.set(0, empty, 0).unwrap();
+}
+
 #[test]
 fn service_stats_count_packets_bytes_and_flows() {
     let l = loaded_with_web();

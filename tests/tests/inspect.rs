@@ -418,10 +418,11 @@ fn services_backends_conntrack_and_stats_show_the_maps() {
     assert_eq!(map("DP_NAMES")["entries"], 3);
     assert_eq!(map("DP_SOCK_NAT")["entries"], 0);
     assert_eq!(map("DP_SOCK_NAT")["kind"], "lru_hash");
-    assert_eq!(s["maps"].as_array().unwrap().len(), 19);
+    assert_eq!(s["maps"].as_array().unwrap().len(), 20);
     assert_eq!(map("DP_VIP_FILTER")["kind"], "array");
     assert_eq!(map("DP_BACKEND_FILTER")["kind"], "array");
     assert_eq!(map("DP_FE_CACHE")["kind"], "array");
+    assert_eq!(map("DP_FE_FILTER")["kind"], "array");
     assert_eq!(map("DP_CT_EVENTS")["kind"], "percpu_array");
     // The kernel's accounting of each map's memory: a preallocated LRU at
     // least max_entries keys and values, the Maglev map at least its 8

@@ -120,6 +120,7 @@ pub struct Maps {
     /// The endpoint set (see `reconcile::endpoints`).
     pub endpoints: HashMap<MapData, dataplane_common::EndpointKey, u8>,
     pub frontend_cache: Array<MapData, dataplane_common::FrontendBucket>,
+    pub frontend_filter: Array<MapData, dataplane_common::FrontendFilter>,
 }
 
 impl Maps {
@@ -157,6 +158,8 @@ impl Maps {
             endpoints: HashMap::try_from(take(e, map_names::ENDPOINTS)?).map_err(m(map_names::ENDPOINTS))?,
             frontend_cache: Array::try_from(take(e, map_names::FRONTEND_CACHE)?)
                 .map_err(m(map_names::FRONTEND_CACHE))?,
+            frontend_filter: Array::try_from(take(e, map_names::FRONTEND_FILTER)?)
+                .map_err(m(map_names::FRONTEND_FILTER))?,
         })
     }
 

@@ -244,6 +244,15 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
         .backend_filter
         .set(0, filter, 0)
         .map_err(|e| copy_err("the backend filter", e))?;
+    // The frontend filter decides whether the service map is asked at all.
+    let filter = live
+        .frontend_filter
+        .get(&0, 0)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::FRONTEND_FILTER))?;
+    private
+        .frontend_filter
+        .set(0, filter, 0)
+        .map_err(|e| copy_err("the frontend filter", e))?;
 
     let (saddr, sport) = be(&req.src);
     let (daddr, dport) = be(&req.dst);

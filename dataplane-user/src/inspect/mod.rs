@@ -92,6 +92,8 @@ fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) ->
         endpoints: HashMap::try_from(map(map_names::ENDPOINTS)?).map_err(read_err(map_names::ENDPOINTS))?,
         frontend_cache: Array::try_from(map(map_names::FRONTEND_CACHE)?)
             .map_err(read_err(map_names::FRONTEND_CACHE))?,
+        frontend_filter: Array::try_from(map(map_names::FRONTEND_FILTER)?)
+            .map_err(read_err(map_names::FRONTEND_FILTER))?,
     })
 }
 
@@ -153,6 +155,7 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
         id(map_names::BACKEND_FILTER, &maps.backend_filter)?,
         id(map_names::ENDPOINTS, &maps.endpoints)?,
         id(map_names::FRONTEND_CACHE, &maps.frontend_cache)?,
+        id(map_names::FRONTEND_FILTER, &maps.frontend_filter)?,
     ];
     typed(|name| {
         let id = ids
@@ -584,7 +587,7 @@ pub fn capacities(maps: &Maps) -> Result<Vec<MapCapacity>, InspectError> {
 
 /// Every map of [`Maps`]: name, kind, handle, in the order `dataplane
 /// stats` lists them.
-fn every_map(maps: &Maps) -> [(&'static str, &'static str, &aya::maps::MapData); 19] {
+fn every_map(maps: &Maps) -> [(&'static str, &'static str, &aya::maps::MapData); 20] {
     [
         (map_names::SERVICES, "hash", maps.services.map()),
         (map_names::BACKENDS, "hash", maps.backends.map()),
@@ -605,6 +608,7 @@ fn every_map(maps: &Maps) -> [(&'static str, &'static str, &aya::maps::MapData);
         (map_names::BACKEND_FILTER, "array", maps.backend_filter.map()),
         (map_names::ENDPOINTS, "hash", maps.endpoints.map()),
         (map_names::FRONTEND_CACHE, "array", maps.frontend_cache.map()),
+        (map_names::FRONTEND_FILTER, "array", maps.frontend_filter.map()),
     ]
 }
 

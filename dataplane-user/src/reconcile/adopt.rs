@@ -18,6 +18,9 @@ pub struct AdoptReport {
     /// Frontends the rebuilt frontend cache holds (see
     /// `Maps::fill_frontend_cache`).
     pub frontends_cached: usize,
+    /// Bits set in the rewritten frontend filter (see
+    /// `Syncer::rewrite_frontend_filter`).
+    pub frontend_filter_bits: usize,
 }
 
 impl Syncer<crate::bpf::loader::Maps> {
@@ -144,6 +147,7 @@ impl Syncer<crate::bpf::loader::Maps> {
         syncer.next_id = used.iter().next_back().map_or(0, |m| m + 1);
         syncer.free_ids = (0..syncer.next_id).filter(|i| !used.contains(i)).rev().collect();
         syncer.set_all_programmed(programmed);
+        report.frontend_filter_bits = syncer.rewrite_frontend_filter()?;
         // Epochs keep growing across agents: a new backend set never
         // takes the epoch of one its conntrack entries were made under.
         syncer.epoch = live.values().map(|v| v.epoch).max().unwrap_or(0);

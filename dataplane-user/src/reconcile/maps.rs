@@ -403,6 +403,11 @@ impl MapWriter for crate::bpf::loader::Maps {
             .set(0, filter, 0)
             .map_err(map_err(map_names::VIP_FILTER))
     }
+    fn put_frontend_filter(&mut self, filter: &dataplane_common::FrontendFilter) -> Result<(), WriteError> {
+        self.frontend_filter
+            .set(0, filter, 0)
+            .map_err(map_err(map_names::FRONTEND_FILTER))
+    }
     fn reset_service_stats(&mut self, service_id: u32) -> Result<(), WriteError> {
         // Read once: aya reads /sys/devices/system/cpu/possible per call.
         static CPUS: std::sync::OnceLock<Result<usize, String>> = std::sync::OnceLock::new();

@@ -26,10 +26,10 @@ use std::{
 };
 
 use dataplane_common::{
-    limits, map_names, vip_filter_bit, AffinityValue, Backend, BackendKey, MaglevChunk, MaglevKey, ServiceKey,
-    ServiceName, ServiceStats, ServiceValue, SourceRangeKey, VipFilter, CT_F_ORIGINAL, IPPROTO_UDP, SOCK_NAT_FORWARD,
-    SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_NONE, SVC_F_OTHER_PORTS,
-    SVC_F_RANDOM, SVC_F_SOURCE_RANGES, VIP_FILTER_WORDS,
+    limits, map_names, vip_filter_bit, AffinityValue, Backend, BackendKey, FrontendFilter, MaglevChunk, MaglevKey,
+    ServiceKey, ServiceName, ServiceStats, ServiceValue, SourceRangeKey, VipFilter, CT_F_ORIGINAL, IPPROTO_UDP,
+    SOCK_NAT_FORWARD, SVC_F_AFFINITY, SVC_F_DROP_NO_LOCAL, SVC_F_EXTERNAL, SVC_F_IN_CLUSTER_VIEW, SVC_F_NONE,
+    SVC_F_OTHER_PORTS, SVC_F_RANDOM, SVC_F_SOURCE_RANGES, VIP_FILTER_WORDS,
 };
 use thiserror::Error;
 
@@ -130,6 +130,11 @@ pub trait MapWriter {
     /// Replaces the ClusterIP filter (`VipFilter`). Writers without one
     /// (test doubles) ignore it.
     fn put_vip_filter(&mut self, _filter: &VipFilter) -> Result<(), WriteError> {
+        Ok(())
+    }
+    /// Replaces the frontend filter (`FrontendFilter`). Writers without
+    /// one ignore it.
+    fn put_frontend_filter(&mut self, _filter: &FrontendFilter) -> Result<(), WriteError> {
         Ok(())
     }
     /// Deletes the UDP flows of each `(service_id, backend)` in `stale`
@@ -293,6 +298,15 @@ pub struct Syncer<W: MapWriter> {
     /// A ClusterIP's entry for other ports was added or removed (or the
     /// filter was never written): the filter is written again.
     markers_changed: bool,
+    /// The frontend filter as last written (see
+    /// [`Syncer::widen_frontend_filter`]; boxed: 128 KiB).
+    frontend_filter: Box<FrontendFilter>,
+    /// The map's copy may lack bits of `frontend_filter` (never written
+    /// by this syncer, or its last write failed): the next apply writes it.
+    frontend_filter_unsynced: bool,
+    /// A frontend was removed since the filter was last narrowed: it may
+    /// hold bits of addresses no frontend has any more.
+    frontend_filter_wide: bool,
     /// The last `ServiceValue::epoch` written (they only grow, wrapping
     /// past 0).
     epoch: u32,
@@ -425,6 +439,9 @@ impl<W: MapWriter> Syncer<W> {
             stale_udp: Vec::new(),
             retired: Vec::new(),
             markers_changed: true,
+            frontend_filter: bytemuck::zeroed_box(),
+            frontend_filter_unsynced: true,
+            frontend_filter_wide: false,
             epoch: 0,
             endpoints: None,
         }
@@ -676,6 +693,79 @@ impl<W: MapWriter> Syncer<W> {
         }
     }
 
+    /// Before an apply writes frontends: sets the bits of `keys`'
+    /// addresses that the frontend filter lacks, and writes it. No frontend
+    /// is ever in the service map while its address's bit is clear in the
+    /// map's filter: the programs would pass its packets untranslated.
+    fn widen_frontend_filter<'k>(&mut self, keys: impl IntoIterator<Item = &'k ServiceKey>, report: &mut SyncReport) {
+        let mut changed = false;
+        for key in keys {
+            if !self.frontend_filter.has(&key.addr) {
+                self.frontend_filter.set(&key.addr);
+                changed = true;
+            }
+        }
+        if changed || self.frontend_filter_unsynced {
+            self.write_frontend_filter(report);
+        }
+    }
+
+    /// After an apply that removed frontends: clears the bits of addresses
+    /// no programmed frontend has any more (until then their packets only
+    /// pay the service map's lookup).
+    fn narrow_frontend_filter(&mut self, report: &mut SyncReport) {
+        if !self.frontend_filter_wide {
+            return;
+        }
+        let exact = self.exact_frontend_filter();
+        if exact != self.frontend_filter {
+            self.frontend_filter = exact;
+            self.write_frontend_filter(report);
+        }
+        self.frontend_filter_wide = false;
+    }
+
+    /// The frontend filter of exactly the programmed frontends' addresses.
+    fn exact_frontend_filter(&self) -> Box<FrontendFilter> {
+        let mut filter: Box<FrontendFilter> = bytemuck::zeroed_box();
+        for key in self.programmed.keys() {
+            filter.set(&key.addr);
+        }
+        filter
+    }
+
+    fn write_frontend_filter(&mut self, report: &mut SyncReport) {
+        match self.writer.put_frontend_filter(&self.frontend_filter) {
+            Ok(()) => self.frontend_filter_unsynced = false,
+            Err(cause) => {
+                self.frontend_filter_unsynced = true;
+                report.errors.push(SyncError {
+                    service: String::new(),
+                    frontend: "frontend filter".into(),
+                    cause: format!(
+                        "writing {}: {cause}; packets to the addresses of frontends added since its last write pass \
+                         untranslated until it is written; retried at the next sync",
+                        map_names::FRONTEND_FILTER
+                    ),
+                });
+            }
+        }
+    }
+
+    /// Writes the frontend filter of the programmed frontends (adopted
+    /// from pinned maps), before the programs are attached: the pinned
+    /// filter may be missing (a release without it: an empty map) or stale
+    /// (a rollback to such a release changed Services). Returns the bits
+    /// set.
+    pub fn rewrite_frontend_filter(&mut self) -> Result<usize, WriteError> {
+        let filter = self.exact_frontend_filter();
+        self.writer.put_frontend_filter(&filter)?;
+        self.frontend_filter = filter;
+        self.frontend_filter_unsynced = false;
+        self.frontend_filter_wide = false;
+        Ok(self.frontend_filter.count())
+    }
+
     /// The epoch of a backend set being written: never 0 (the value of
     /// entries written by earlier releases).
     fn next_epoch(&mut self) -> u32 {
@@ -747,6 +837,7 @@ impl<W: MapWriter> Syncer<W> {
         for key in gone {
             self.tracked(key, &mut report, &mut failed, |s, r| s.remove_one(key, r));
         }
+        self.widen_frontend_filter(desired.frontends.keys(), &mut report);
         // A cold start (nothing programmed in maps this process created):
         // the new frontends in batches on every CPU, then what is left one
         // by one.
@@ -781,6 +872,7 @@ impl<W: MapWriter> Syncer<W> {
         self.failed = failed;
         self.clear_stale_udp(&mut report);
         self.sync_vip_filter(&mut report);
+        self.narrow_frontend_filter(&mut report);
         self.sync_endpoints(&mut report);
         report
     }
@@ -803,6 +895,7 @@ impl<W: MapWriter> Syncer<W> {
             .iter()
             .filter_map(|k| Some((k, desired.frontends.get(k)?)))
             .collect();
+        self.widen_frontend_filter(upserts.iter().map(|(k, _)| *k), &mut report);
         for batch in upserts.chunks(TABLE_BATCH) {
             self.precompute_tables(desired, batch.iter().map(|(k, _)| *k));
             // New frontends in a few batched writes (a cold start's).
@@ -815,6 +908,7 @@ impl<W: MapWriter> Syncer<W> {
         self.failed = failed;
         self.clear_stale_udp(&mut report);
         self.sync_vip_filter(&mut report);
+        self.narrow_frontend_filter(&mut report);
         self.sync_endpoints(&mut report);
         report
     }
@@ -878,6 +972,7 @@ impl<W: MapWriter> Syncer<W> {
         }
         self.retire(p.service_id, p.generation, p.frontend.backends.len(), p.maglev_size);
         self.markers_changed |= is_other_ports(&key);
+        self.frontend_filter_wide = true;
         for (addr, len) in &p.frontend.source_ranges {
             let _ = self.writer.delete_source_range(p.service_id, *addr, *len);
         }

@@ -17,6 +17,11 @@ struct Fake {
     /// `log`).
     vip_filter: Option<Box<VipFilter>>,
     vip_filter_writes: usize,
+    /// The frontend filter last written, and how many writes (not in
+    /// `log`). Every service entry is checked against it as it is
+    /// written: its address's bit must be set already.
+    frontend_filter: Option<Box<FrontendFilter>>,
+    frontend_filter_writes: usize,
     /// Set: batches of new frontends are written from other threads
     /// (`new_frontend_writer`) into these maps; [`Fake::merge`] takes
     /// them in.
@@ -78,6 +83,17 @@ impl MapWriter for Fake {
         self.vip_filter_writes += 1;
         Ok(())
     }
+    fn put_frontend_filter(&mut self, filter: &FrontendFilter) -> Result<(), WriteError> {
+        let mut copy: Box<FrontendFilter> = bytemuck::zeroed_box();
+        *copy = *filter;
+        // The same map for the writers of other threads.
+        if let Some(shared) = &self.shared {
+            shared.lock().unwrap().frontend_filter = Some(copy.clone());
+        }
+        self.frontend_filter = Some(copy);
+        self.frontend_filter_writes += 1;
+        Ok(())
+    }
     fn put_backend(&mut self, k: BackendKey, v: Backend) -> Result<(), WriteError> {
         if self.fail_backend_writes {
             return Err(WriteError::Refused("map full".into()));
@@ -94,6 +110,11 @@ impl MapWriter for Fake {
             .ok_or_else(|| WriteError::Refused("not found".into()))
     }
     fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), WriteError> {
+        assert!(
+            self.frontend_filter.as_ref().is_some_and(|f| f.has(&k.addr)),
+            "service {} written before its address's bit in the frontend filter",
+            v.service_id
+        );
         self.log.push(format!(
             "put_service {} gen {} count {}",
             v.service_id, v.generation, v.backend_count
@@ -172,7 +193,10 @@ impl Fake {
     /// this one's.
     fn merge(&mut self) {
         let Some(shared) = &self.shared else { return };
-        let mut other = std::mem::take(&mut *shared.lock().unwrap());
+        let mut lock = shared.lock().unwrap();
+        let mut other = std::mem::take(&mut *lock);
+        lock.frontend_filter = other.frontend_filter.take();
+        drop(lock);
         self.log.append(&mut other.log);
         self.services.append(&mut other.services);
         self.backends.append(&mut other.backends);
@@ -418,6 +442,33 @@ fn unchanged_state_writes_nothing() {
     let r = s.apply(&desired(&[(key(1), &[1]), (key(2), &[2])]));
     assert_eq!(r.unchanged, 2);
     assert_eq!(s.writer().log.len(), before);
+}
+
+/// The frontend filter has a bit for every programmed frontend's address
+/// (checked by `Fake::put_service` before each entry is written) and
+/// loses it with the address's last frontend; an apply that changes no
+/// address does not write it.
+#[test]
+fn the_frontend_filter_follows_the_frontend_addresses() {
+    let bits = |s: &Syncer<Fake>| s.writer().frontend_filter.as_ref().unwrap().count();
+    let has = |s: &Syncer<Fake>, k: ServiceKey| s.writer().frontend_filter.as_ref().unwrap().has(&k.addr);
+    let mut s = syncer();
+    let udp = ServiceKey::new(Ipv4Addr::new(198, 19, 0, 1), 53, IPPROTO_UDP);
+    s.apply(&desired(&[(key(1), &[1]), (udp, &[1]), (key(2), &[2])]));
+    assert_eq!((bits(&s), s.writer().frontend_filter_writes), (2, 1));
+    // Other backends, same addresses: no write.
+    s.apply(&desired(&[(key(1), &[2]), (udp, &[1]), (key(2), &[1])]));
+    assert_eq!(s.writer().frontend_filter_writes, 1);
+    // One of two frontends of an address goes: its bit stays.
+    s.apply(&desired(&[(udp, &[1]), (key(2), &[1])]));
+    assert!(has(&s, key(1)));
+    // A new address in the same apply as the last removal of another.
+    let changed: BTreeSet<ServiceKey> = [udp, key(3)].into();
+    s.apply_changed(&desired(&[(key(2), &[1]), (key(3), &[3])]), &changed);
+    assert!(!has(&s, key(1)) && has(&s, key(2)) && has(&s, key(3)));
+    assert_eq!(bits(&s), 2);
+    s.apply(&desired(&[]));
+    assert_eq!(bits(&s), 0);
 }
 
 #[test]
