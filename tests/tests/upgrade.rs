@@ -217,6 +217,17 @@ fn upgrade_from_the_previous_release_and_rollback_keep_every_connection() {
             .unwrap_or_else(|| panic!("no frontends_cached in the adoption log: {log}"))
     };
     assert!(cached(&log) > 0, "adoption cached no frontend: {log}");
+    // Nor the frontend filter: the loader creates the map empty, and the
+    // new agent writes it from the service map before its programs take
+    // over (without it they would pass every Service's new connections).
+    let bits: usize = log
+        .rsplit("frontend_filter_bits=")
+        .next()
+        .filter(|_| log.contains("frontend_filter_bits="))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no frontend_filter_bits in the adoption log: {log}"));
+    assert!(bits > 0, "adoption set no frontend filter bit: {log}");
 
     // Rollback (`kubectl rollout undo`): the previous release takes over
     // the same pins, leaving the pinned frontend cache alone.
