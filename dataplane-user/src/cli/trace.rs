@@ -168,6 +168,17 @@ fn copy_err(what: &str, e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("copying {what} into the private copy: {e}")
 }
 
+/// Copies the one entry of the array map `name` from the live maps into
+/// the private copy.
+fn copy_entry<V: aya::Pod>(
+    live: &aya::maps::Array<aya::maps::MapData, V>,
+    private: &mut aya::maps::Array<aya::maps::MapData, V>,
+    name: &str,
+) -> anyhow::Result<()> {
+    let v = live.get(&0, 0).map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
+    private.set(0, v, 0).map_err(|e| copy_err(name, e))
+}
+
 /// The other direction's conntrack key of a live entry.
 fn other_direction(k: &CtKey, v: &CtValue) -> CtKey {
     if v.flags & CT_F_ORIGINAL != 0 {
@@ -224,35 +235,22 @@ pub fn trace(live: &Maps, bpf_object: Option<&Path>, req: &TraceRequest) -> anyh
         .get(&0, 0)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::CONFIG))?;
     private.write_config(&config)?;
-    // The ClusterIP filter decides whether a packet to no frontend looks
-    // for a ClusterIP's entry for other ports.
-    let filter = live
-        .vip_filter
-        .get(&0, 0)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::VIP_FILTER))?;
-    private
-        .vip_filter
-        .set(0, filter, 0)
-        .map_err(|e| copy_err("the ClusterIP filter", e))?;
-    // The backend filter decides whether a packet to no frontend is looked
-    // up in conntrack as a reply.
-    let filter = live
-        .backend_filter
-        .get(&0, 0)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::BACKEND_FILTER))?;
-    private
-        .backend_filter
-        .set(0, filter, 0)
-        .map_err(|e| copy_err("the backend filter", e))?;
-    // The frontend filter decides whether the service map is asked at all.
-    let filter = live
-        .frontend_filter
-        .get(&0, 0)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", map_names::FRONTEND_FILTER))?;
-    private
-        .frontend_filter
-        .set(0, filter, 0)
-        .map_err(|e| copy_err("the frontend filter", e))?;
+    // The filters decide which lookups the programs make: the ClusterIP
+    // filter whether a packet to no frontend looks for a ClusterIP's entry
+    // for other ports, the backend filter whether it is looked up in
+    // conntrack as a reply, the frontend filter whether the service map is
+    // asked at all.
+    copy_entry(&live.vip_filter, &mut private.vip_filter, map_names::VIP_FILTER)?;
+    copy_entry(
+        &live.backend_filter,
+        &mut private.backend_filter,
+        map_names::BACKEND_FILTER,
+    )?;
+    copy_entry(
+        &live.frontend_filter,
+        &mut private.frontend_filter,
+        map_names::FRONTEND_FILTER,
+    )?;
 
     let (saddr, sport) = be(&req.src);
     let (daddr, dport) = be(&req.dst);
