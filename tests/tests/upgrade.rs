@@ -175,6 +175,18 @@ fn pinned_capacity(agent: &Agent, name: &str) -> u32 {
         .unwrap_or_else(|e| panic!("pinned map {name}: {e}"))
 }
 
+/// The number a field of the last `adopted the pinned maps` line of the
+/// agent's log has (`name=N`).
+fn adoption_field(log: &str, name: &str) -> usize {
+    let key = format!("{name}=");
+    log.rsplit(key.as_str())
+        .next()
+        .filter(|_| log.contains(&key))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the adoption log: {log}"))
+}
+
 #[test]
 fn upgrade_from_the_previous_release_and_rollback_keep_every_connection() {
     let (previous, version) = previous_release();
@@ -196,38 +208,23 @@ fn upgrade_from_the_previous_release_and_rollback_keep_every_connection() {
     // The previous release has no backend filter: adopting its maps must
     // set the bits of the backends its flows went to, or their replies
     // would pass untranslated (`Maps::fill_backend_filter`).
-    let filled: usize = log
-        .split("backend_filter_set=")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no backend_filter_set in the adoption log: {log}"));
     assert!(
-        filled > 0,
+        adoption_field(&log, "backend_filter_set") > 0,
         "adopting the previous release's maps set no backend filter bit: {log}"
     );
     // Nor has it the frontend cache: the new agent builds it from the
     // service map before its programs take over.
-    let cached = |log: &str| -> usize {
-        log.rsplit("frontends_cached=")
-            .next()
-            .filter(|_| log.contains("frontends_cached="))
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no frontends_cached in the adoption log: {log}"))
-    };
-    assert!(cached(&log) > 0, "adoption cached no frontend: {log}");
+    assert!(
+        adoption_field(&log, "frontends_cached") > 0,
+        "adoption cached no frontend: {log}"
+    );
     // Nor the frontend filter: the loader creates the map empty, and the
     // new agent writes it from the service map before its programs take
     // over (without it they would pass every Service's new connections).
-    let bits: usize = log
-        .rsplit("frontend_filter_bits=")
-        .next()
-        .filter(|_| log.contains("frontend_filter_bits="))
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no frontend_filter_bits in the adoption log: {log}"));
-    assert!(bits > 0, "adoption set no frontend filter bit: {log}");
+    assert!(
+        adoption_field(&log, "frontend_filter_bits") > 0,
+        "adoption set no frontend filter bit: {log}"
+    );
 
     // Rollback (`kubectl rollout undo`): the previous release takes over
     // the same pins, leaving the pinned frontend cache alone.
@@ -238,8 +235,12 @@ fn upgrade_from_the_previous_release_and_rollback_keep_every_connection() {
     load.advance(20);
     let log = agent.log();
     assert!(
-        cached(&log) > 0,
+        adoption_field(&log, "frontends_cached") > 0,
         "adoption after the rollback cached no frontend: {log}"
+    );
+    assert!(
+        adoption_field(&log, "frontend_filter_bits") > 0,
+        "adoption after the rollback set no frontend filter bit: {log}"
     );
     let rep = load.finish();
     assert!(rep.tcp_new >= 60 && rep.long_asks >= 60 * LONG_LIVED, "{rep:?}");
