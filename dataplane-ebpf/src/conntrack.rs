@@ -216,23 +216,61 @@ pub fn flag_reply(orig: &Packet, ct: &CtValue, flags: u16) {
 }
 
 /// Whether replies from `backend` to `addr:port` (a candidate SNAT source)
-/// belong to another flow that has not closed. The entry of a flow that
-/// closed leaves the tuple free (as for [`held_by_another_flow`]): a
-/// client reusing one source port for connection after connection must
-/// not run out of candidates while the closed flows' entries wait for
-/// eviction. (Expiry is not checked here: the timeout's branches, once
-/// per candidate, cost the verifier more than the case is worth; an
-/// expired entry that never closed still holds its port until evicted.)
+/// belong to another flow that is still live. The entry of a flow that
+/// closed or expired leaves the tuple free (as for
+/// [`held_by_another_flow`], and as netfilter's NAT passes over expired
+/// entries): a client reusing one source port for connection after
+/// connection, and the UDP flows that never close, must not run out of
+/// candidates while their entries wait for eviction (conntrack has no
+/// sweep). The flow that expired finds its own entry expired too when it
+/// comes back ([`lookup`]) and is a new flow then.
+///
+/// `expiry`: the cut-offs of all candidates ([`SnatExpiry::now`]).
 #[inline(always)]
-pub fn reply_tuple_in_use(p: &Packet, backend: &Backend, addr: &Addr, port: u16) -> bool {
+pub fn reply_tuple_in_use(p: &Packet, backend: &Backend, addr: &Addr, port: u16, expiry: &SnatExpiry) -> bool {
     let Some(key) = key_of(&backend.addr, addr, backend.port, port, p) else {
         return true;
     };
     // SAFETY: the key was just written to the scratch entry; the value is
     // an LRU value, valid for this run.
     match entry(unsafe { &*key }) {
-        Some(e) => (unsafe { (*e).state() } & CT_F_CLOSING) == 0,
+        Some(e) => expiry.live(unsafe { &*e }),
         None => false,
+    }
+}
+
+/// Liveness of the entries met while SNAT source ports are tried, decided
+/// without a branch per timeout: the oldest `last_seen_ns` a flow not
+/// closing may have and still be live, without and with a reply seen,
+/// computed once before the candidates. (The timeouts' branches and the
+/// configuration's lookup in the candidate loop, [`live`] there,
+/// multiplied the paths the verifier walks: `dp_xdp` 159,000 -> 391,000
+/// on 6.18.)
+pub struct SnatExpiry {
+    unreplied_since: u64,
+    replied_since: u64,
+}
+
+impl SnatExpiry {
+    /// The cut-offs for entries of protocol `proto`, now.
+    #[inline(always)]
+    pub fn now(proto: u8) -> Option<SnatExpiry> {
+        let config = DP_CONFIG.get(0)?;
+        let now = now_ns();
+        Some(SnatExpiry {
+            unreplied_since: now.saturating_sub(config.timeout_ns(proto, 0)),
+            replied_since: now.saturating_sub(config.timeout_ns(proto, CT_F_SEEN_REPLY)),
+        })
+    }
+
+    /// [`live`] by the cut-offs: the one of the entry's state chosen by a
+    /// mask; a timestamp ahead of the clock is live, as there.
+    #[inline(always)]
+    fn live(&self, e: &CtValue) -> bool {
+        let state = e.state();
+        let seen = ((state & CT_F_SEEN_REPLY) >> 3) as u64;
+        let since = self.unreplied_since ^ ((self.unreplied_since ^ self.replied_since) & 0u64.wrapping_sub(seen));
+        state & CT_F_CLOSING == 0 && e.last_seen_ns >= since
     }
 }
 

@@ -429,6 +429,7 @@ fn free_source(p: &Packet, backend: &Backend, addr: &Addr) -> Option<(Addr, u16)
     // receive a stranger's replies.
     let (first, span) = crate::maps::snat_ports();
     let h = hash(p);
+    let expiry = conntrack::SnatExpiry::now(p.proto)?;
     let mut i = 0;
     while i < SNAT_TRIES {
         // (Checked: a zero divisor must not become a panic path.)
@@ -437,7 +438,7 @@ fn free_source(p: &Packet, backend: &Backend, addr: &Addr) -> Option<(Addr, u16)
             .checked_rem(span)
             .unwrap_or(0);
         let port = ((first + offset) as u16).to_be();
-        if !conntrack::reply_tuple_in_use(p, backend, addr, port) {
+        if !conntrack::reply_tuple_in_use(p, backend, addr, port, &expiry) {
             return Some((*addr, port));
         }
         i += 1;

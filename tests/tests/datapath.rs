@@ -1416,6 +1416,97 @@ fn snat_source_ports_come_from_the_configured_range() {
     }
 }
 
+/// A SNATed flow that expired without closing (UDP never closes) gives its
+/// source port back, as netfilter's NAT does (`nf_conntrack_tuple_taken`
+/// passes over expired entries): otherwise, since conntrack has no sweep,
+/// every UDP client ever SNATed to a backend would hold a port until LRU
+/// eviction, and once a backend's ports were held its new flows would be
+/// dropped. A live flow keeps its port, a replied one for the longer
+/// timeout of its state.
+#[test]
+fn an_expired_snated_flow_gives_its_source_port_back() {
+    for prog in Prog::BOTH {
+        // One SNAT port: every candidate of every flow is 61000. Timeouts
+        // of seconds, not the defaults' minutes: a VM of the kernel matrix
+        // runs this test a minute or so after booting, and an entry cannot
+        // be older than the clock.
+        let s = 1_000_000_000;
+        let config = DpConfig {
+            snat_addr: addr_of(NODE).0[0],
+            udp_timeout_ns: 2 * s,
+            udp_stream_timeout_ns: 4 * s,
+            ..DpConfig::defaults()
+        };
+        let mut l = Loaded::with_snat_ports(config, (61000, 61000));
+        l.set_frontend(
+            ServiceKey::new(NODE, 30053, UDP),
+            frontend(vec![remote(b(2), 5353)], SVC_F_EXTERNAL),
+        );
+        let (a, c) = ((EXTERNAL_CLIENT, 50000), (EXTERNAL_CLIENT, 50001));
+        let query = |l: &mut Loaded, from| l.run(prog, &Frame::udp(from, (NODE, 30053), b"q").build());
+        let reply = |l: &mut Loaded| {
+            parse_and_verify(&l.run(prog, &Frame::udp((b(2), 5353), (NODE, 61000), b"r").build()).data)
+        };
+        let first = parse_and_verify(&query(&mut l, a).data);
+        assert_eq!((first.src, first.sport, first.dst), (NODE, 61000, b(2)), "{prog:?}");
+        let r = reply(&mut l);
+        assert_eq!((r.src, r.sport, r.dst, r.dport), (NODE, 30053, a.0, a.1), "{prog:?}");
+
+        // The port is held by a live flow: the second client's datagram
+        // finds no free candidate.
+        assert_ne!(
+            query(&mut l, c).retval,
+            prog.pass(),
+            "{prog:?}: a live flow's port was taken"
+        );
+        assert_eq!(l.reason(Reason::DropSnatFailed), 1, "{prog:?}");
+
+        // The first flow goes idle: its entries stay in the map (no sweep).
+        // A second past the timeout of an unreplied UDP flow it is still
+        // live, as a replied one (`udp_stream_timeout_ns`)...
+        idle_conntrack(&mut l, config.udp_timeout_ns + s);
+        assert_ne!(
+            query(&mut l, c).retval,
+            prog.pass(),
+            "{prog:?}: a replied flow's port was taken"
+        );
+        assert_eq!(l.reason(Reason::DropSnatFailed), 2, "{prog:?}");
+        // ... and expired past that one.
+        idle_conntrack(&mut l, config.udp_stream_timeout_ns + s);
+        let second = parse_and_verify(&query(&mut l, c).data);
+        assert_eq!(
+            (second.src, second.sport, second.dst),
+            (NODE, 61000, b(2)),
+            "{prog:?}: the expired flow's port is free"
+        );
+        assert_eq!(l.reason(Reason::DropSnatFailed), 2, "{prog:?}");
+        // The backend's replies to that port now go to the second client.
+        let r = reply(&mut l);
+        assert_eq!((r.src, r.sport, r.dst, r.dport), (NODE, 30053, c.0, c.1), "{prog:?}");
+        // The first client comes back: its flow is new again and the port
+        // is held by a live flow, so it cannot take the second's replies.
+        assert_ne!(
+            query(&mut l, a).retval,
+            prog.pass(),
+            "{prog:?}: a live flow's port was taken"
+        );
+        assert_eq!(l.reason(Reason::DropSnatFailed), 3, "{prog:?}");
+    }
+}
+
+/// Sets every conntrack entry's last packet `idle_ns` back from now.
+fn idle_conntrack(l: &mut Loaded, idle_ns: u64) {
+    let since = dataplane::inspect::monotonic_ns().saturating_sub(idle_ns);
+    let ct = &mut l.sync.writer_mut().conntrack;
+    let keys: Vec<dataplane_common::CtKey> = ct.keys().map(|k| k.unwrap()).collect();
+    assert!(!keys.is_empty());
+    for k in keys {
+        let mut v = ct.get(&k, 0).unwrap();
+        v.last_seen_ns = since;
+        ct.insert(k, v, 0).unwrap();
+    }
+}
+
 #[test]
 fn local_backends_and_internal_frontends_keep_the_client_address() {
     let mut l = node_config();
