@@ -131,16 +131,18 @@ pub enum CtEvent {
     /// racing): the new flow got another source port, as netfilter
     /// resolves NAT clashes, instead of taking the other flow's replies.
     ClashResolved = 0,
-    /// A TCP SYN of a new flow was translated without conntrack state: this
-    /// CPU had already given state to its quota of new flows in the current
-    /// second (the flood guard, `--new-flows-per-cpu`). Only the reply
-    /// entry is written, to a separate LRU (`DP_CT_SYN`); the flow gets
-    /// state when the client's next packet (the handshake's ACK) arrives,
-    /// with the same backend (the consistent hash). Spoofed SYNs never
-    /// send that packet, so a SYN flood cannot evict established flows.
+    /// A TCP SYN or a UDP datagram of a new flow was translated without
+    /// conntrack state: this CPU had already given state to its quota of
+    /// new flows in the current second (the flood guard,
+    /// `--new-flows-per-cpu`). Only the reply entry is written, to a
+    /// separate LRU (`DP_CT_SYN`); the flow gets state when the client's
+    /// next packet (the handshake's ACK; for UDP, a datagram after the
+    /// backend answered) arrives, with the same backend (the consistent
+    /// hash). Spoofed sources never send that packet, so a flood cannot
+    /// evict established flows.
     StatelessNewFlow = 1,
-    /// A SYN-ACK of such a flow was translated back from its entry in the
-    /// flood guard's LRU.
+    /// A SYN-ACK or UDP answer of such a flow was translated back from its
+    /// entry in the flood guard's LRU.
     StatelessReply = 2,
 }
 

@@ -45,6 +45,11 @@ pub mod map_names {
     /// (`CtKey` -> `CtValue`, `limits::MAX_CT_SYN`), never pinned: a
     /// restart of the programs forgets at most the handshakes under way.
     pub const CT_SYN: &str = "DP_CT_SYN";
+    /// When the flood guard last served a UDP datagram without state (the
+    /// conntrack clock, one `u64`; 0: never), never pinned: UDP packets
+    /// that match no conntrack entry look `DP_CT_SYN` up only within a UDP
+    /// timeout of that.
+    pub const GUARD: &str = "DP_GUARD";
     /// The kinds of the node's interfaces (ifindex -> `IFACE_F_*` bits),
     /// written by the agent as interfaces come and go, for host routing;
     /// never pinned (a new agent writes its own).

@@ -16,7 +16,9 @@ use dataplane_common::{
 };
 
 use crate::{
-    maps::{ct_migrating, kernel_has, new_flows_per_cpu, scratch, DP_CONFIG, DP_CONNTRACK, DP_CT_PREV, DP_CT_SYN},
+    maps::{
+        ct_migrating, kernel_has, new_flows_per_cpu, scratch, DP_CONFIG, DP_CONNTRACK, DP_CT_PREV, DP_CT_SYN, DP_GUARD,
+    },
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -434,12 +436,16 @@ fn fill_reply(
 /// two inserts. Never writes over the reply entry of another live flow:
 /// returns [`CLASH`] instead, having written nothing.
 ///
-/// The flood guard: when `p` starts a TCP flow (a SYN) beyond this CPU's
-/// quota of new flows with state this second, and the flow's backend
-/// follows from its tuple alone (Maglev, no session affinity, so that the
-/// packet that later creates its state picks the same one), only the
-/// reply entry is written, to `DP_CT_SYN`; the flow gets its state from
-/// the client's next packet. [`flood_check`] decides, earlier on the
+/// The flood guard: when `p` starts a TCP flow (a SYN) or is a UDP
+/// datagram of an untracked tuple beyond this CPU's quota of new flows
+/// with state this second, and the flow's backend follows from its tuple
+/// alone (Maglev, no session affinity, so that the packet that later
+/// creates its state picks the same one), only the reply entry is
+/// written, to `DP_CT_SYN`; the flow gets its state from the client's
+/// next packet: a TCP flow's ACK (not a SYN: never held back), a UDP
+/// flow's next datagram once a reply was seen (the two-way traffic a
+/// spoofed source never has; before that its datagrams go on without
+/// state, each to the same backend). [`flood_check`] decides, earlier on the
 /// new-flow path, and leaves the answer in the scratch entry: a branch of
 /// the caller's here would have the verifier walk what follows twice.
 #[inline(never)]
@@ -455,9 +461,20 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
     fill_reply(key, v, p, svc, backend, snat, now);
     // SAFETY: as above.
     if unsafe { (*s).stateless } != 0 {
-        let _ = DP_CT_SYN.insert(key, v, 0);
-        crate::stats::ct_event(CtEvent::StatelessNewFlow);
-        return Ok(());
+        if p.is_udp() && answered_without_state(key) {
+            // The flow proved itself: it gets its state, as a TCP flow's
+            // ACK does, also when its reply tuple clashes and `create`
+            // runs again with another source port.
+            // SAFETY: as above.
+            unsafe { (*s).stateless = 0 };
+        } else {
+            let _ = DP_CT_SYN.insert(key, v, 0);
+            if p.is_udp() {
+                note_udp_without_state(now);
+            }
+            crate::stats::ct_event(CtEvent::StatelessNewFlow);
+            return Ok(());
+        }
     }
     let mut replaced = insert_reply(key, v, p.proto)?;
 
@@ -522,8 +539,7 @@ fn admit_new_flow() -> bool {
 #[inline(never)]
 pub fn flood_check(p: &Packet, svc: &ServiceValue, untracked: bool) {
     let stateless = untracked
-        && p.is_tcp()
-        && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && (p.is_udp() || p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
         && svc.flags & (SVC_F_AFFINITY | SVC_F_RANDOM) == 0
         && svc.maglev_size != 0
         && !admit_new_flow();
@@ -531,6 +547,47 @@ pub fn flood_check(p: &Packet, svc: &ServiceValue, untracked: bool) {
         // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
         unsafe { (*s).stateless = stateless as u8 };
     }
+}
+
+/// Whether the flood guard's reply entry at `key` (a UDP flow served
+/// without state) has seen a reply.
+#[inline(always)]
+fn answered_without_state(key: &CtKey) -> bool {
+    DP_CT_SYN
+        .get_ptr(key)
+        // SAFETY: an LRU value, valid for this run.
+        .is_some_and(|e| unsafe { (*e).state() } & CT_F_SEEN_REPLY != 0)
+}
+
+/// Records that a UDP datagram was served without state now (at most once
+/// a second: a flood writes the shared entry rarely).
+#[inline(always)]
+fn note_udp_without_state(now: u64) {
+    if let Some(t) = DP_GUARD.get_ptr_mut(0) {
+        // SAFETY: the map's only entry; a lost update between CPUs writes
+        // a time a few ns apart.
+        unsafe {
+            if now.saturating_sub(*t) >= 1_000_000_000 {
+                *t = now;
+            }
+        }
+    }
+}
+
+/// The flood guard's reply entry for a UDP datagram `p` that matches no
+/// flow in conntrack: the backend answering a datagram served without
+/// state. Looked up only while the guard served UDP without state within
+/// the longer UDP timeout ([`note_udp_without_state`]: otherwise one
+/// array read), and only a live entry counts, as in conntrack.
+#[inline(always)]
+pub fn embryonic_udp(p: &Packet) -> Option<*mut CtValue> {
+    let last = *DP_GUARD.get(0)?;
+    if last == 0 || now_ns().saturating_sub(last) > timeout_ns(p.proto, CT_F_SEEN_REPLY) {
+        return None;
+    }
+    let e = embryonic(p)?;
+    // SAFETY: an LRU value, valid for this run.
+    live(unsafe { &*e }, p.proto).then_some(e)
 }
 
 /// The flood guard's reply entry for `p` (a SYN-ACK), if any.

@@ -179,8 +179,9 @@ enum Tracked {
 fn from_backend<C: PacketCtx>(ctx: &C, p: &Packet) -> Tracked {
     let ct = match conntrack::lookup(p) {
         Some(e) => e,
-        // Only a SYN-ACK can answer a SYN served without state.
-        None if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => match stateless_reply(p) {
+        // Only a SYN-ACK can answer a SYN served without state; any UDP
+        // datagram a UDP datagram.
+        None if p.is_udp() || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => match stateless_reply(p) {
             Some(e) => e,
             None => return Tracked::Untracked,
         },
@@ -364,14 +365,19 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue, untracked: 
     )
 }
 
-/// The flood guard's reply entry for a SYN-ACK that matches no flow in
-/// conntrack: the backend answering a SYN served without state.
+/// The flood guard's reply entry for a SYN-ACK or UDP datagram that
+/// matches no flow in conntrack: the backend answering a SYN or datagram
+/// served without state.
 #[inline(never)]
 fn stateless_reply(p: &Packet) -> Option<*mut CtValue> {
-    if crate::maps::new_flows_per_cpu() == 0 || !p.is_tcp() {
+    if crate::maps::new_flows_per_cpu() == 0 {
         return None;
     }
-    let e = conntrack::embryonic(p)?;
+    let e = if p.is_udp() {
+        conntrack::embryonic_udp(p)?
+    } else {
+        conntrack::embryonic(p)?
+    };
     stats::ct_event(CtEvent::StatelessReply);
     Some(e)
 }

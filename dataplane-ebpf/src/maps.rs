@@ -151,6 +151,11 @@ pub static DP_ROUTE_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ROU
 #[map]
 pub static DP_CT_SYN: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(limits::MAX_CT_SYN, 0);
 
+/// When the flood guard last served a UDP datagram without state (see
+/// `dataplane_common::map_names::GUARD`).
+#[map]
+pub static DP_GUARD: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Set by the agent at load time; see `dataplane_common::NEW_FLOWS_GLOBAL`.
 #[no_mangle]
 static DP_NEW_FLOWS: u32 = 0;

@@ -92,6 +92,11 @@ impl Packet {
     }
 
     #[inline(always)]
+    pub fn is_udp(&self) -> bool {
+        self.proto == IPPROTO_UDP
+    }
+
+    #[inline(always)]
     pub fn is_v6(&self) -> bool {
         self.family == FAMILY_V6
     }

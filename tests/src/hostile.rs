@@ -756,12 +756,14 @@ impl Model {
     fn new_flow(&mut self, f: &[u8], p: &L4, si: usize, untracked: bool) -> Expect {
         let t = p.tuple;
         // The flood guard decides first (before the source ranges): a TCP
-        // SYN of an untracked tuple to a frontend whose backend follows
-        // from the hash (Maglev with endpoints, no affinity) counts
-        // against the quota, and beyond it goes without state.
+        // SYN or a UDP datagram of an untracked tuple to a frontend whose
+        // backend follows from the hash (Maglev with endpoints, no
+        // affinity) counts against the quota, and beyond it goes without
+        // state (a UDP flow whose reply entry there saw an answer gets
+        // state all the same, below).
         let starts = t.proto == TCP && p.flags & (SYN | ACK) == SYN;
         let svc = &self.services[si];
-        let eligible = starts && svc.affinity_s.is_none() && !svc.backends.is_empty();
+        let eligible = (starts || t.proto == UDP) && svc.affinity_s.is_none() && !svc.backends.is_empty();
         let stateless = eligible && untracked && !self.admit_new_flow();
         if eligible && !untracked && self.flood_limit != 0 && self.flood_used >= self.flood_limit {
             self.note("flood guard: a SYN on a tracked tuple gets state beyond the quota");
@@ -838,13 +840,26 @@ impl Model {
             flags: CT_F_REPLY | if src.is_some() { CT_F_SNAT } else { 0 },
             version,
         };
-        if stateless {
+        let answered = stateless
+            && t.proto == UDP
+            && self
+                .syn
+                .get(&reply_key(src))
+                .is_some_and(|e| e.flags & CT_F_SEEN_REPLY != 0);
+        if answered {
+            self.note("flood guard: a UDP flow's state created by its datagram after an answer");
+        }
+        if stateless && !answered {
             // Only the reply entry, in the guard's own table, and no clash
-            // check: the SYN-ACK finds it when conntrack has nothing.
+            // check: the SYN-ACK (or UDP answer) finds it when conntrack
+            // has nothing.
             if self.syn.insert(reply_key(src), reply_value(src)).is_none() {
                 self.embryonic.push(reply_key(src));
             }
             self.stateless += 1;
+            if t.proto == UDP {
+                self.note("flood guard: UDP datagram without state");
+            }
             self.note(if src.is_some() {
                 "flood guard: SNATed new flow without state"
             } else {
@@ -856,7 +871,8 @@ impl Model {
                 reason: Reason::NatNewFlow,
             };
         }
-        if !starts
+        if t.proto == TCP
+            && !starts
             && self
                 .syn
                 .get(&reply_key(src))
@@ -940,7 +956,7 @@ impl Model {
         // Conntrack first; a SYN-ACK that finds nothing there may answer a
         // SYN the flood guard served without state (its entry is not
         // marked closing by the reply itself: only conntrack's are).
-        let syn_ack = t.proto == TCP && p.flags & (SYN | ACK) == SYN | ACK;
+        let syn_ack = t.proto == TCP && p.flags & (SYN | ACK) == SYN | ACK || t.proto == UDP;
         let e = match self.ct.get_mut(&t) {
             Some(e) => {
                 if closes {
@@ -950,7 +966,11 @@ impl Model {
             }
             None if syn_ack && self.flood_limit != 0 && self.syn.contains_key(&t) => {
                 self.stateless_replies += 1;
-                self.note("flood guard: SYN-ACK of a flow without state, from the frontend");
+                self.note(if t.proto == UDP {
+                    "flood guard: UDP answer of a datagram without state, from the frontend"
+                } else {
+                    "flood guard: SYN-ACK of a flow without state, from the frontend"
+                });
                 self.syn.get_mut(&t).expect("checked")
             }
             None => return self.pass_no_service(p),
@@ -1780,15 +1800,19 @@ impl Generator {
             }
             Kind::StatelessReply => {
                 let r = *self.rng.pick(&model.embryonic);
-                let flags = *self
-                    .rng
-                    .pick(&[SYN | ACK, SYN | ACK, SYN | ACK, SYN | ACK | FIN, ACK, RST]);
+                let flags = if r.proto == TCP {
+                    *self
+                        .rng
+                        .pick(&[SYN | ACK, SYN | ACK, SYN | ACK, SYN | ACK | FIN, ACK, RST])
+                } else {
+                    0
+                };
                 let s = Spec {
                     src: r.saddr,
                     dst: r.daddr,
                     sport: r.sport,
                     dport: r.dport,
-                    proto: TCP,
+                    proto: r.proto,
                     flags,
                 };
                 self.valid_or_broken(&s)
@@ -1797,13 +1821,17 @@ impl Generator {
                 let r = *self.rng.pick(&model.embryonic);
                 let e = model.syn[&r];
                 let (client, cport) = e.snat.unwrap_or((r.daddr, r.dport));
-                let flags = *self.rng.pick(&[ACK, ACK, ACK, ACK | 0x08, SYN, FIN | ACK, RST]);
+                let flags = if r.proto == TCP {
+                    *self.rng.pick(&[ACK, ACK, ACK, ACK | 0x08, SYN, FIN | ACK, RST])
+                } else {
+                    0
+                };
                 let s = Spec {
                     src: client,
                     dst: e.nat.0,
                     sport: cport,
                     dport: e.nat.1,
-                    proto: TCP,
+                    proto: r.proto,
                     flags,
                 };
                 self.valid_or_broken(&s)

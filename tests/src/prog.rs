@@ -534,6 +534,16 @@ impl Loaded {
         self.ct_syn.iter().map(|kv| kv.expect("reading DP_CT_SYN")).collect()
     }
 
+    /// Sets the last packet of every reply entry of the flood guard
+    /// (`DP_CT_SYN`) `idle_ns` back from now.
+    pub fn set_embryonic_idle(&mut self, idle_ns: u64) {
+        let since = dataplane::inspect::monotonic_ns().saturating_sub(idle_ns);
+        for (k, mut v) in self.embryonic_entries() {
+            v.last_seen_ns = since;
+            self.ct_syn.insert(k, v, 0).expect("writing DP_CT_SYN");
+        }
+    }
+
     /// Sets the backends of frontend `vip:port/proto` (creating it) and
     /// programs the maps.
     pub fn set_service<B: Into<IpAddr> + Copy>(

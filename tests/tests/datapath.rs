@@ -1209,9 +1209,6 @@ fn syns_beyond_the_new_flow_quota_are_served_without_state_until_the_flow_proves
         let ack = parse_and_verify(&l.run(prog, &Frame::tcp(c, (VIP, 80), ACK).build()).data);
         assert_eq!((ack.dst, ack.dport), (want.ip(), want.host_port()), "{prog:?}");
         assert_eq!(l.conntrack_len(), 8, "{prog:?}: the proven flow has its two entries");
-        // UDP keeps state whatever the quota.
-        l.run(prog, &Frame::udp((CLIENT, 50000), (VIP, 53), b"q").build());
-        assert_eq!(l.conntrack_len(), 10, "{prog:?}");
     }
     // Guard off: every SYN gets state.
     let mut l = Loaded::with_new_flows_per_cpu(0);
@@ -1221,6 +1218,121 @@ fn syns_beyond_the_new_flow_quota_are_served_without_state_until_the_flow_proves
     }
     assert_eq!(l.conntrack_len(), 200);
     assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 0);
+}
+
+/// UDP under the flood guard (no handshake): beyond the quota, datagrams
+/// of untracked tuples are translated by the hash and write only their
+/// reply entry to the guard's table, so a flood of spoofed sources cannot
+/// evict the flows in conntrack; the backend's answer comes back from the
+/// frontend; the client's next datagram after an answer (the two-way
+/// traffic a spoofed source never has) creates the flow's state, as
+/// netfilter marks a UDP flow assured only once it saw both directions.
+#[test]
+fn udp_beyond_the_new_flow_quota_goes_without_state_until_a_reply_proves_the_flow() {
+    pin_to_cpu(0);
+    for prog in Prog::BOTH {
+        let mut l = Loaded::with_new_flows_per_cpu(2);
+        l.freeze_flood_window(0);
+        l.set_service(VIP, 53, UDP, &[(b(1), 5353), (b(2), 5353), (b(3), 5354)]);
+        let set = l.backends(VIP, 53, UDP);
+        let query = |l: &mut Loaded, c: (IpAddr, u16)| l.run(prog, &Frame::udp(c, (VIP, 53), b"q").build());
+        // The quota: 2 flows get state (two entries each).
+        for port in 51000..51002 {
+            query(&mut l, (CLIENT, port));
+        }
+        assert_eq!(l.conntrack_len(), 4, "{prog:?}");
+        // Beyond it, a flood of new tuples: translated by the hash, nothing
+        // written to conntrack.
+        for port in 52000..52100 {
+            let c = (CLIENT, port);
+            let out = parse_and_verify(&query(&mut l, c).data);
+            let want = expected(&set, c, (VIP, 53), UDP);
+            assert_eq!((out.dst, out.dport), (want.ip(), want.host_port()), "{prog:?} {c:?}");
+        }
+        assert_eq!(l.conntrack_len(), 4, "{prog:?}: the flood wrote no conntrack entry");
+        assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 100, "{prog:?}");
+        assert_eq!(l.embryonic_entries().len(), 100, "{prog:?}");
+        // A spoofed source sends again: no answer was seen, still no state.
+        let spoofed = (CLIENT, 52007);
+        query(&mut l, spoofed);
+        assert_eq!(l.conntrack_len(), 4, "{prog:?}: one-way traffic proves nothing");
+        assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 101, "{prog:?}");
+
+        // A real client: the backend answers, from the frontend to the
+        // client; its next datagram creates the state, to the same backend.
+        let c = (CLIENT, 52042);
+        let want = expected(&set, c, (VIP, 53), UDP);
+        let answer = |l: &mut Loaded| l.run(prog, &Frame::udp((want.ip(), want.host_port()), c, b"a").build());
+        let back = parse_and_verify(&answer(&mut l).data);
+        assert_eq!(
+            (back.src, back.sport, back.dst, back.dport),
+            (VIP, 53, c.0, c.1),
+            "{prog:?}"
+        );
+        assert_eq!(l.ct_event(CtEvent::StatelessReply), 1, "{prog:?}");
+        let next = parse_and_verify(&query(&mut l, c).data);
+        assert_eq!((next.dst, next.dport), (want.ip(), want.host_port()), "{prog:?}");
+        assert_eq!(l.conntrack_len(), 6, "{prog:?}: the proven flow has its two entries");
+        assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 101, "{prog:?}");
+        // Its answers now come from conntrack.
+        let back = parse_and_verify(&answer(&mut l).data);
+        assert_eq!((back.src, back.sport), (VIP, 53), "{prog:?}");
+        assert_eq!(l.ct_event(CtEvent::StatelessReply), 1, "{prog:?}");
+        assert_eq!(l.reason(Reason::NatReply), 2, "{prog:?}");
+        // A datagram from a backend that answers nothing served passes
+        // untouched.
+        let stray = Frame::udp((want.ip(), want.host_port()), (CLIENT, 59999), b"s").build();
+        let before = l.reason(Reason::PassNoService);
+        assert_eq!(l.run(prog, &stray).data, stray, "{prog:?}");
+        assert_eq!(l.reason(Reason::PassNoService), before + 1, "{prog:?}");
+    }
+    // Guard off: every datagram gets state.
+    let mut l = Loaded::with_new_flows_per_cpu(0);
+    l.set_service(VIP, 53, UDP, &[(b(1), 5353)]);
+    for port in 52000..52100 {
+        l.run(Prog::Tc, &Frame::udp((CLIENT, port), (VIP, 53), b"q").build());
+    }
+    assert_eq!(l.conntrack_len(), 200);
+    assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 0);
+}
+
+/// The guard's reply entry of a UDP datagram served without state expires
+/// as a conntrack entry does: an answer after the UDP timeout is no
+/// answer of that datagram's.
+#[test]
+fn a_udp_reply_entry_of_the_flood_guard_expires() {
+    pin_to_cpu(0);
+    for prog in Prog::BOTH {
+        let s = 1_000_000_000;
+        let config = DpConfig {
+            udp_timeout_ns: 2 * s,
+            ..DpConfig::defaults()
+        };
+        let mut l = Loaded::with_globals(
+            config,
+            dataplane::bpf::loader::Globals {
+                new_flows_per_cpu: 1,
+                ..dataplane_tests::prog::PROGRAM_TEST_GLOBALS
+            },
+        );
+        l.freeze_flood_window(1);
+        l.set_service(VIP, 53, UDP, &[(b(1), 5353)]);
+        let c = (CLIENT, 52042);
+        l.run(prog, &Frame::udp(c, (VIP, 53), b"q").build());
+        assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 1, "{prog:?}");
+        let answer = Frame::udp((b(1), 5353), c, b"a").build();
+        l.set_embryonic_idle(config.udp_timeout_ns + s);
+        assert_eq!(
+            l.run(prog, &answer).data,
+            answer,
+            "{prog:?}: an expired entry translated"
+        );
+        assert_eq!(l.ct_event(CtEvent::StatelessReply), 0, "{prog:?}");
+        l.set_embryonic_idle(config.udp_timeout_ns - s);
+        let back = parse_and_verify(&l.run(prog, &answer).data);
+        assert_eq!((back.src, back.sport), (VIP, 53), "{prog:?}");
+        assert_eq!(l.ct_event(CtEvent::StatelessReply), 1, "{prog:?}");
+    }
 }
 
 /// Beyond the flood guard's quota, a SYN whose tuple still has an entry

@@ -273,6 +273,9 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         "flood guard: a SYN on a tracked tuple gets state beyond the quota",
         "flood guard: SYN-ACK of a flow without state, from the frontend",
         "flood guard: the flow's state created by its next packet",
+        "flood guard: UDP datagram without state",
+        "flood guard: UDP answer of a datagram without state, from the frontend",
+        "flood guard: a UDP flow's state created by its datagram after an answer",
     ] {
         assert!(
             model.notes.contains_key(want),

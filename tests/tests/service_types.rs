@@ -513,6 +513,79 @@ impl Drop for PushServer {
     }
 }
 
+/// A UDP server on `addr`:9000 in `ns` that answers every datagram with
+/// its name (as a DNS server answers a flood of queries: the answers
+/// look their flows' reply entries up, which keeps the flood's entries as
+/// recently used as anyone's in the LRU), remembers who sent `hello`, and
+/// on [`UdpPushServer::push`] sends `push <name>` to each of those
+/// unasked.
+struct UdpPushServer {
+    name: &'static str,
+    socket: std::net::UdpSocket,
+    peers: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpPushServer {
+    fn start(ns: &Netns, addr: Ipv4Addr, name: &'static str) -> UdpPushServer {
+        use std::sync::{atomic::Ordering, Arc, Mutex};
+        let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let socket = ns
+            .run(move || {
+                std::net::UdpSocket::bind((addr, 9000)).unwrap_or_else(|e| panic!("bind {addr}:9000/udp: {e}"))
+            })
+            .join()
+            .unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let (sock, p, s) = (socket.try_clone().unwrap(), peers.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let mut buf = [0u8; 64];
+            while !s.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                    continue; // read timeout: check `stop`
+                };
+                if &buf[..n] == b"hello" {
+                    let mut peers = p.lock().unwrap();
+                    if !peers.contains(&peer) {
+                        peers.push(peer);
+                    }
+                }
+                let _ = sock.send_to(name.as_bytes(), peer);
+            }
+        });
+        UdpPushServer {
+            name,
+            socket,
+            peers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Sends `push <name>` to every peer; returns how many.
+    fn push(&self) -> usize {
+        let peers = self.peers.lock().unwrap();
+        for p in peers.iter() {
+            self.socket
+                .send_to(format!("push {}", self.name).as_bytes(), p)
+                .unwrap();
+        }
+        peers.len()
+    }
+}
+
+impl Drop for UdpPushServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The MAC address of `iface` in `ns`.
 fn mac(ns: &Netns, iface: &str) -> [u8; 6] {
     let s = ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")]).unwrap();
@@ -535,6 +608,30 @@ fn spoofed_syns(
     first: u32,
     count: u32,
 ) -> u32 {
+    spoofed(ns, iface, macs, dst, first, count, false)
+}
+
+/// As [`spoofed_syns`], UDP datagrams reading `flood`.
+fn spoofed_datagrams(
+    ns: &Netns,
+    iface: &'static str,
+    macs: ([u8; 6], [u8; 6]),
+    dst: (Ipv4Addr, u16),
+    first: u32,
+    count: u32,
+) -> u32 {
+    spoofed(ns, iface, macs, dst, first, count, true)
+}
+
+fn spoofed(
+    ns: &Netns,
+    iface: &'static str,
+    macs: ([u8; 6], [u8; 6]),
+    dst: (Ipv4Addr, u16),
+    first: u32,
+    count: u32,
+    udp: bool,
+) -> u32 {
     ns.run(move || {
         let (src_mac, dst_mac) = macs;
         // SAFETY: plain socket calls on a socket this function owns; the
@@ -552,7 +649,11 @@ fn spoofed_syns(
             for i in first..first + count {
                 let src = Ipv4Addr::new(198, 18, 200, 10 + (i % 241) as u8);
                 let sport = 1024 + (i / 241 % 64000) as u16;
-                let mut f = dataplane::packet::Frame::tcp((src, sport), dst, dataplane::packet::SYN).build();
+                let mut f = if udp {
+                    dataplane::packet::Frame::udp((src, sport), dst, b"flood").build()
+                } else {
+                    dataplane::packet::Frame::tcp((src, sport), dst, dataplane::packet::SYN).build()
+                };
                 f[..6].copy_from_slice(&dst_mac);
                 f[6..12].copy_from_slice(&src_mac);
                 let rc = libc::sendto(
@@ -716,5 +817,159 @@ endpoints:
     );
     if guard != "0" {
         assert!(stateless > 0.0, "the flood guard served SYNs without state");
+    }
+}
+
+/// The flood guard for UDP: long-lived UDP sessions (connected sockets)
+/// through a NodePort, to a local backend and to a remote one (SNATed),
+/// keep working while spoofed datagrams of new tuples, four times the
+/// conntrack map's entries and more, hit the node's XDP program. Beyond
+/// the quota those are served without state (a spoofed source never
+/// answers an answer, so it never gets any), so the sessions' entries are
+/// not evicted: the servers then send first, and each connected client
+/// socket must receive the push from the NodePort (from anywhere else its
+/// socket drops it); then the clients ask again. Without the guard
+/// (`DATAPLANE_TEST_NEW_FLOWS_PER_CPU=0`) the flood evicts the sessions'
+/// entries and the pushes are lost.
+#[test]
+fn udp_sessions_through_a_node_port_survive_a_flood_of_four_times_the_conntrack_size() {
+    const CT_ENTRIES: u32 = 4096;
+    const SESSIONS: usize = 24;
+    const PORT: u16 = 30091;
+    let guard = std::env::var("DATAPLANE_TEST_NEW_FLOWS_PER_CPU").unwrap_or_else(|_| "200".into());
+    let svc = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: push-udp, namespace: ingress}}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.42
+  ports: [{{name: push, protocol: UDP, port: 90, targetPort: 9000, nodePort: {PORT}}}]
+"
+    );
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: push-udp-abcde
+  namespace: ingress
+  labels: {{kubernetes.io/service-name: push-udp}}
+addressType: IPv4
+ports: [{{name: push, protocol: UDP, port: 9000}}]
+endpoints:
+- addresses: [{BACKEND_A}]
+  conditions: {{ready: true}}
+  nodeName: node-a
+- addresses: [{BACKEND_B}]
+  conditions: {{ready: true}}
+  nodeName: node-b
+"
+    );
+    let ct = CT_ENTRIES.to_string();
+    let c = cluster_of(
+        vec![("service.yaml", svc), ("slice.yaml", slice)],
+        true,
+        &["--ct-max-entries", &ct, "--new-flows-per-cpu", &guard],
+        |_| {},
+    );
+    let servers = [
+        UdpPushServer::start(&c.t.backend_a, BACKEND_A, "a"),
+        UdpPushServer::start(&c.t.backend_b, BACKEND_B, "b"),
+    ];
+    let to = SocketAddr::from((NODE_A_EXT, PORT));
+    // Each session: a socket connected to the NodePort, its backend named
+    // by the answer to its `hello`.
+    fn hello(s: &std::net::UdpSocket) -> Result<String, String> {
+        s.send(b"hello").map_err(|e| format!("send: {e}"))?;
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).map_err(|e| format!("no answer: {e}"))?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+    let sessions =
+        c.t.client
+            .run(move || {
+                let mut sessions = Vec::new();
+                for i in 0..SESSIONS {
+                    let s = std::net::UdpSocket::bind((EXT_CLIENT, 0)).map_err(|e| format!("bind: {e}"))?;
+                    s.connect(to).map_err(|e| format!("connect: {e}"))?;
+                    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                    let who = hello(&s).map_err(|e| format!("session {i} to {to}: {e}"))?;
+                    sessions.push((who, s));
+                }
+                Ok::<_, String>(sessions)
+            })
+            .join()
+            .unwrap()
+            .unwrap();
+    let mut by_backend = BTreeMap::new();
+    for (who, _) in &sessions {
+        *by_backend.entry(who.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        by_backend.keys().collect::<Vec<_>>(),
+        ["a", "b"],
+        "both backends, the remote one SNATed: {by_backend:?}"
+    );
+
+    // The flood: batches until node A's XDP program has translated at least
+    // four times the conntrack map's entries in new datagrams (bounded).
+    let agent = &c._agents[0];
+    let new_flows = |a: &Agent| a.fresh_metrics().unwrap()[r#"dataplane_datapath_packets_total{reason="nat_new_flow",drop="false"}"#];
+    let before = new_flows(agent);
+    let macs = (mac(&c.t.client, "eth0"), mac(&c.t.node_a, "ve"));
+    let mut sent = 0;
+    for batch in 0..100 {
+        if new_flows(agent) - before >= (4 * CT_ENTRIES + 1000) as f64 {
+            break;
+        }
+        sent += spoofed_datagrams(&c.t.client, "eth0", macs, (NODE_A_EXT, PORT), batch * 2000, 2000);
+    }
+    let flooded = new_flows(agent) - before;
+    let m = agent.fresh_metrics().unwrap();
+    let stateless = m[r#"dataplane_conntrack_events_total{event="stateless_new_flow"}"#];
+    eprintln!("{sent} spoofed datagrams sent, {flooded} translated by XDP, {stateless} without conntrack state");
+    assert!(
+        flooded >= (4 * CT_ENTRIES) as f64,
+        "the flood reached the programs: {flooded} datagrams translated of {sent} sent"
+    );
+
+    // The servers send first: every session must get its push.
+    let pushed: usize = servers.iter().map(|s| s.push()).sum();
+    assert_eq!(pushed, SESSIONS, "every session reached a push server");
+    let failures =
+        c.t.client
+            .run(move || {
+                let mut failures = Vec::new();
+                for (i, (who, s)) in sessions.into_iter().enumerate() {
+                    let mut buf = [0u8; 64];
+                    let pushed = match s.recv(&mut buf) {
+                        Ok(n) if buf[..n] == *format!("push {who}").as_bytes() => None,
+                        Ok(n) => Some(format!("pushed {:?}", String::from_utf8_lossy(&buf[..n]))),
+                        Err(e) => Some(format!("no push: {e}")),
+                    };
+                    let asked = match pushed {
+                        Some(_) => None,
+                        None => match hello(&s) {
+                            Ok(again) if again == who => None,
+                            Ok(other) => Some(format!("moved to {other}")),
+                            Err(e) => Some(format!("asked again: {e}")),
+                        },
+                    };
+                    if let Some(why) = pushed.or(asked) {
+                        failures.push(format!("session {i} to {who}: {why}"));
+                    }
+                }
+                failures
+            })
+            .join()
+            .unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {SESSIONS} sessions broke under the flood:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    if guard != "0" {
+        assert!(stateless > 0.0, "the flood guard served datagrams without state");
     }
 }

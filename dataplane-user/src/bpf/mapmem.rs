@@ -46,7 +46,12 @@ pub fn of_fd(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// The datapath's full map name for a kernel name: names longer than the
 /// kernel's 15 bytes come back truncated.
 fn full_name(kernel: &str) -> String {
-    const OTHERS: [&str; 3] = [map_names::SCRATCH, map_names::CT_SYN, map_names::IFACES];
+    const OTHERS: [&str; 4] = [
+        map_names::SCRATCH,
+        map_names::CT_SYN,
+        map_names::GUARD,
+        map_names::IFACES,
+    ];
     let known = map_shapes::ALL.iter().map(|s| s.name).chain(OTHERS);
     for name in known {
         if name == kernel || (kernel.len() == 15 && name.len() > 15 && name.starts_with(kernel)) {
