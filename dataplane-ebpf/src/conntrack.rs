@@ -235,9 +235,11 @@ pub fn reply_tuple_in_use(p: &Packet, backend: &Backend, addr: &Addr, port: u16,
     };
     // SAFETY: the key was just written to the scratch entry; the value is
     // an LRU value, valid for this run.
+    // (A conntrack entry that is closing or expired may sit on a tuple a
+    // flow without state holds in the guard's table.)
     match entry(unsafe { &*key }) {
-        Some(e) => expiry.live(unsafe { &*e }),
-        None => false,
+        Some(e) if expiry.live(unsafe { &*e }) => true,
+        _ => expiry.guard_holds(unsafe { &*key }),
     }
 }
 
@@ -263,6 +265,20 @@ impl SnatExpiry {
             unreplied_since: now.saturating_sub(config.timeout_ns(proto, 0)),
             replied_since: now.saturating_sub(config.timeout_ns(proto, CT_F_SEEN_REPLY)),
         })
+    }
+
+    /// Whether the flood guard's table has a live entry at `key` (a flow
+    /// served without state, within its protocol's timeout before a
+    /// reply: see [`embryonic_udp`]): its port is taken too, or a flow
+    /// given that port would take the other's answers (conntrack is asked
+    /// first) or, without state too, overwrite its entry.
+    #[inline(always)]
+    fn guard_holds(&self, key: &CtKey) -> bool {
+        new_flows_per_cpu() != 0
+            && DP_CT_SYN
+                .get_ptr(key)
+                // SAFETY: an LRU value, valid for this run.
+                .is_some_and(|e| unsafe { (*e).last_seen_ns } >= self.unreplied_since)
     }
 
     /// [`live`] by the cut-offs: the one of the entry's state chosen by a
@@ -338,6 +354,13 @@ fn insert_counting_replaced(key: &CtKey, value: &CtValue) -> Result<u64, i32> {
 /// another live flow: nothing was written; the caller picks another source
 /// port and tries again.
 pub const CLASH: i32 = i32::MIN;
+
+/// What [`create`] leaves in the scratch entry's `stateless` when the reply
+/// tuple of a new flow served without state is held by another such flow
+/// in the flood guard's table: nothing was written, and the packet must
+/// not go out translated (the answers would go to the other flow's
+/// client).
+const HELD: u8 = 2;
 
 /// Whether the entry at the reply key of a new flow belongs to another flow
 /// that is still live: replies must keep going to it. An entry of the same
@@ -468,7 +491,11 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
             // SAFETY: as above.
             unsafe { (*s).stateless = 0 };
         } else {
-            let _ = DP_CT_SYN.insert(key, v, 0);
+            if insert_without_state(key, v, p.proto) {
+                // SAFETY: as above.
+                unsafe { (*s).stateless = HELD };
+                return Ok(());
+            }
             if p.is_udp() {
                 note_udp_without_state(now);
             }
@@ -549,6 +576,56 @@ pub fn flood_check(p: &Packet, svc: &ServiceValue, untracked: bool) {
     }
 }
 
+/// Writes the flood guard's reply entry of a flow served without state;
+/// true (nothing written) when the entry there is another flow's,
+/// written within its protocol's timeout before a reply (see
+/// [`embryonic_udp`]): its answers must not go to this flow's client, nor
+/// this flow's to the other's. A SNATed flow's port was chosen free of
+/// such entries ([`SnatExpiry::guard_holds`]), so this is one client port
+/// to two frontends that share a backend, or two CPUs racing for a port.
+/// ([`create`] then leaves [`HELD`] in the scratch entry and the caller
+/// drops the packet. Moving the flow to another port, as a conntrack
+/// clash does, or an error returned, made the verifier walk the rest of
+/// the new-flow path again for every flow without state: about +30,000
+/// instructions per program.)
+#[inline(always)]
+fn insert_without_state(key: &CtKey, value: &CtValue, proto: u8) -> bool {
+    const BPF_NOEXIST: u64 = 1;
+    const EEXIST: i32 = 17;
+    match DP_CT_SYN.insert(key, value, BPF_NOEXIST) {
+        Err(e) if e == -EEXIST => {
+            if let (Some(old), Some(c)) = (DP_CT_SYN.get_ptr(key), DP_CONFIG.get(0)) {
+                // SAFETY: an LRU value, valid for this run.
+                let old = unsafe { &*old };
+                // The timeout before a reply, chosen by a mask (a branch
+                // per protocol would double the paths the verifier walks
+                // from here; an agent always writes non-zero timeouts).
+                let tcp = 0u64.wrapping_sub((proto == dataplane_common::IPPROTO_TCP) as u64);
+                let timeout = c.udp_timeout_ns ^ ((c.udp_timeout_ns ^ c.tcp_syn_timeout_ns) & tcp);
+                let live = value.last_seen_ns.wrapping_sub(old.last_seen_ns) <= timeout;
+                let same = old.nat_port == value.nat_port
+                    && addr_eq(&old.nat_addr, &value.nat_addr)
+                    && old.snat_port == value.snat_port
+                    && addr_eq(&old.snat_addr, &value.snat_addr);
+                if live && !same {
+                    return true;
+                }
+            }
+            let _ = DP_CT_SYN.insert(key, value, 0);
+            false
+        }
+        _ => false,
+    }
+}
+
+/// Whether the last [`create`] on this CPU found the reply tuple of its
+/// flow without state held by another such flow ([`HELD`]).
+#[inline(always)]
+pub fn held_without_state() -> bool {
+    // SAFETY: this CPU's scratch entry, not shared with a concurrent run.
+    scratch().is_some_and(|s| unsafe { (*s).stateless } == HELD)
+}
+
 /// Whether the flood guard's reply entry at `key` (a UDP flow served
 /// without state) has seen a reply.
 #[inline(always)]
@@ -577,17 +654,26 @@ fn note_udp_without_state(now: u64) {
 /// The flood guard's reply entry for a UDP datagram `p` that matches no
 /// flow in conntrack: the backend answering a datagram served without
 /// state. Looked up only while the guard served UDP without state within
-/// the longer UDP timeout ([`note_udp_without_state`]: otherwise one
-/// array read), and only a live entry counts, as in conntrack.
+/// the UDP timeout ([`note_udp_without_state`]: otherwise one array
+/// read), and only an entry written within it counts: an entry of the
+/// guard lives for its protocol's timeout before a reply
+/// (`--ct-udp-timeout`), answered or not (the flow's next datagram after
+/// an answer gets state), and SNAT port selection takes its port again
+/// after that ([`SnatExpiry::guard_holds`]).
 #[inline(always)]
 pub fn embryonic_udp(p: &Packet) -> Option<*mut CtValue> {
     let last = *DP_GUARD.get(0)?;
-    if last == 0 || now_ns().saturating_sub(last) > timeout_ns(p.proto, CT_F_SEEN_REPLY) {
+    if last == 0 {
+        return None;
+    }
+    let timeout = timeout_ns(p.proto, 0);
+    let now = now_ns();
+    if now.saturating_sub(last) > timeout {
         return None;
     }
     let e = embryonic(p)?;
     // SAFETY: an LRU value, valid for this run.
-    live(unsafe { &*e }, p.proto).then_some(e)
+    (now.saturating_sub(unsafe { (*e).last_seen_ns }) <= timeout).then_some(e)
 }
 
 /// The flood guard's reply entry for `p` (a SYN-ACK), if any.

@@ -339,6 +339,10 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue, untracked: 
         stats::ct_event(CtEvent::ClashResolved);
         created = conntrack::create(p, svc, &backend, snat.as_ref());
     }
+    if conntrack::held_without_state() {
+        stats::count(Reason::DropSnatFailed);
+        return Verdict::Drop;
+    }
     if created.is_err() {
         // The packet still goes to the chosen backend; the next one of the
         // flow picks the same backend again by hash as long as the set is
@@ -436,19 +440,34 @@ fn free_source(p: &Packet, backend: &Backend, addr: &Addr) -> Option<(Addr, u16)
     let (first, span) = crate::maps::snat_ports();
     let h = hash(p);
     let expiry = conntrack::SnatExpiry::now(p.proto)?;
-    let mut i = 0;
-    while i < SNAT_TRIES {
+    // Unrolled: walked as a loop, each candidate's outcomes multiplied
+    // the verifier's states (8 candidates: `dp_tc` 294,000 instructions on
+    // 6.18, unrolled about 224,000).
+    let candidate = |i: u32| {
         // (Checked: a zero divisor must not become a panic path.)
         let offset = h
             .wrapping_add(i.wrapping_mul(0x9e37_79b1))
             .checked_rem(span)
             .unwrap_or(0);
-        let port = ((first + offset) as u16).to_be();
-        if !conntrack::reply_tuple_in_use(p, backend, addr, port, &expiry) {
-            return Some((*addr, port));
-        }
-        i += 1;
+        ((first + offset) as u16).to_be()
+    };
+    macro_rules! try_candidate {
+        ($i:expr) => {
+            let port = candidate($i);
+            if !conntrack::reply_tuple_in_use(p, backend, addr, port, &expiry) {
+                return Some((*addr, port));
+            }
+        };
     }
+    try_candidate!(0);
+    try_candidate!(1);
+    try_candidate!(2);
+    try_candidate!(3);
+    try_candidate!(4);
+    try_candidate!(5);
+    try_candidate!(6);
+    try_candidate!(7);
+    const _: () = assert!(SNAT_TRIES == 8);
     None
 }
 

@@ -850,9 +850,18 @@ impl Model {
             self.note("flood guard: a UDP flow's state created by its datagram after an answer");
         }
         if stateless && !answered {
-            // Only the reply entry, in the guard's own table, and no clash
-            // check: the SYN-ACK (or UDP answer) finds it when conntrack
-            // has nothing.
+            // Only the reply entry, in the guard's own table: the SYN-ACK
+            // (or UDP answer) finds it when conntrack has nothing. Another
+            // flow's entry there is not written over: the packet is
+            // dropped (a SNATed flow's port was chosen free of them, so
+            // this is one client port to two frontends with one backend).
+            if let Some(old) = self.syn.get(&reply_key(src)) {
+                let new = reply_value(src);
+                if old.nat != new.nat || old.snat != new.snat {
+                    self.note("flood guard: another flow's entry without state on the reply tuple, dropped");
+                    return Expect::Drop(Reason::DropSnatFailed);
+                }
+            }
             if self.syn.insert(reply_key(src), reply_value(src)).is_none() {
                 self.embryonic.push(reply_key(src));
             }
@@ -942,7 +951,10 @@ impl Model {
                 dport: port,
                 proto: t.proto,
             };
-            let free = self.ct.get(&key).is_none_or(|e| e.flags & CT_F_CLOSING != 0);
+            // A flow the flood guard served without state holds its port
+            // too (its entry never expires in this test).
+            let free = self.ct.get(&key).is_none_or(|e| e.flags & CT_F_CLOSING != 0)
+                && (self.flood_limit == 0 || !self.syn.contains_key(&key));
             free.then_some((port, i))
         })
     }

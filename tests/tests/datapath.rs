@@ -1335,6 +1335,88 @@ fn a_udp_reply_entry_of_the_flood_guard_expires() {
     }
 }
 
+/// Flows served without state hold their reply tuples in the guard's
+/// table like flows in conntrack: a SNAT source port such a flow got is
+/// not given to another (its answers would go to the other's client), and
+/// a flow whose reply tuple is another's there is dropped (counted as
+/// `drop_snat_failed`), never translated over it.
+#[test]
+fn flows_without_state_keep_their_reply_tuples_to_themselves() {
+    use dataplane::bpf::loader::Globals;
+    use dataplane_tests::prog::PROGRAM_TEST_GLOBALS;
+    pin_to_cpu(0);
+    for prog in Prog::BOTH {
+        // One SNAT port, the quota used up: every new flow goes without
+        // state.
+        let mut l = Loaded::with_globals(
+            DpConfig {
+                snat_addr: addr_of(NODE).0[0],
+                ..DpConfig::defaults()
+            },
+            Globals {
+                snat_ports: (61000, 61000),
+                new_flows_per_cpu: 1,
+                ..PROGRAM_TEST_GLOBALS
+            },
+        );
+        l.freeze_flood_window(1);
+        l.set_frontend(
+            ServiceKey::new(NODE, 30053, UDP),
+            frontend(vec![remote(b(2), 5353)], SVC_F_EXTERNAL),
+        );
+        let (a, c) = ((EXTERNAL_CLIENT, 50000), (EXTERNAL_CLIENT, 50001));
+        let first = parse_and_verify(&l.run(prog, &Frame::udp(a, (NODE, 30053), b"q").build()).data);
+        assert_eq!((first.src, first.sport), (NODE, 61000), "{prog:?}");
+        assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 1, "{prog:?}");
+        // The only port is held by the first flow, without state: not
+        // given to a flow without state, nor to one with state (the quota
+        // has room again): conntrack, asked first, would send the first
+        // flow's answers to that one's client.
+        let answer = Frame::udp((b(2), 5353), (NODE, 61000), b"a").build();
+        for (used, drops) in [(1, 1), (0, 2)] {
+            l.freeze_flood_window(used);
+            let out = l.run(prog, &Frame::udp(c, (NODE, 30053), b"q").build());
+            assert_ne!(
+                out.retval,
+                prog.pass(),
+                "{prog:?} ({used}): the port of a flow without state was given again"
+            );
+            assert_eq!(l.reason(Reason::DropSnatFailed), drops, "{prog:?}");
+            let back = parse_and_verify(&l.run(prog, &answer).data);
+            assert_eq!(
+                (back.dst, back.dport),
+                (a.0, a.1),
+                "{prog:?}: the answer went to another client"
+            );
+        }
+        assert_eq!(l.conntrack_len(), 0, "{prog:?}");
+        l.freeze_flood_window(1);
+
+        // One client port to two frontends with one backend: the same
+        // reply tuple. The second flow is dropped; the first one's answers
+        // still come from its own frontend.
+        let vip2: IpAddr = Ipv4Addr::new(198, 19, 0, 11).into();
+        l.set_service(VIP, 53, UDP, &[(b(1), 5353)]);
+        l.set_service(vip2, 53, UDP, &[(b(1), 5353)]);
+        let client = (CLIENT, 40000);
+        let one = parse_and_verify(&l.run(prog, &Frame::udp(client, (VIP, 53), b"q").build()).data);
+        assert_eq!((one.src, one.sport, one.dst), (client.0, client.1, b(1)), "{prog:?}");
+        let out = l.run(prog, &Frame::udp(client, (vip2, 53), b"q").build());
+        assert_ne!(
+            out.retval,
+            prog.pass(),
+            "{prog:?}: translated over another flow's reply tuple"
+        );
+        assert_eq!(l.reason(Reason::DropSnatFailed), 3, "{prog:?}");
+        let back = parse_and_verify(&l.run(prog, &Frame::udp((b(1), 5353), client, b"a").build()).data);
+        assert_eq!(
+            (back.src, back.sport),
+            (VIP, 53),
+            "{prog:?}: the answer came from another frontend"
+        );
+    }
+}
+
 /// Beyond the flood guard's quota, a SYN whose tuple still has an entry
 /// (port reuse after an unclean close, with the Service's endpoints
 /// changed since, or after a clean close) gets state all the same: it
