@@ -586,6 +586,48 @@ impl Drop for UdpPushServer {
     }
 }
 
+/// The flood of the flood guard's tests: spoofed SYNs (or UDP datagrams)
+/// at node A's NodePort `port`, in batches until its XDP program has
+/// translated at least four times `ct_entries` new flows (bounded).
+/// Returns how many it served without conntrack state.
+fn flood_node_a(c: &Cluster, port: u16, ct_entries: u32, udp: bool) -> f64 {
+    let agent = &c._agents[0];
+    let new_flows = |a: &Agent| a.fresh_metrics().unwrap()[r#"dataplane_datapath_packets_total{reason="nat_new_flow",drop="false"}"#];
+    let before = new_flows(agent);
+    let macs = (mac(&c.t.client, "eth0"), mac(&c.t.node_a, "ve"));
+    let mut sent = 0;
+    for batch in 0..100 {
+        if new_flows(agent) - before >= (4 * ct_entries + 1000) as f64 {
+            break;
+        }
+        sent += spoofed(&c.t.client, "eth0", macs, (NODE_A_EXT, port), batch * 2000, 2000, udp);
+    }
+    let flooded = new_flows(agent) - before;
+    let m = agent.fresh_metrics().unwrap();
+    let stateless = m[r#"dataplane_conntrack_events_total{event="stateless_new_flow"}"#];
+    let what = if udp { "datagrams" } else { "SYNs" };
+    eprintln!("{sent} spoofed {what} sent, {flooded} translated by XDP, {stateless} without conntrack state");
+    assert!(
+        flooded >= (4 * ct_entries) as f64,
+        "the flood reached the programs: {flooded} {what} translated of {sent} sent"
+    );
+    stateless
+}
+
+/// The long-lived flows of the flood guard's tests reached both backends
+/// (named `a` and `b`), the remote one SNATed.
+fn both_backends<'a>(names: impl Iterator<Item = &'a String>) {
+    let mut by_backend = BTreeMap::new();
+    for who in names {
+        *by_backend.entry(who.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        by_backend.keys().collect::<Vec<_>>(),
+        ["a", "b"],
+        "both backends, the remote one SNATed: {by_backend:?}"
+    );
+}
+
 /// The MAC address of `iface` in `ns`.
 fn mac(ns: &Netns, iface: &str) -> [u8; 6] {
     let s = ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")]).unwrap();
@@ -597,32 +639,10 @@ fn mac(ns: &Netns, iface: &str) -> [u8; 6] {
     b.try_into().unwrap_or_else(|b| panic!("MAC of {iface}: {b:?}"))
 }
 
-/// Sends `count` TCP SYNs to `dst` from `iface` of `ns` through a packet
-/// socket, from spoofed sources (198.18.200.10-250, every port): a SYN
-/// flood. Returns how many the socket took.
-fn spoofed_syns(
-    ns: &Netns,
-    iface: &'static str,
-    macs: ([u8; 6], [u8; 6]),
-    dst: (Ipv4Addr, u16),
-    first: u32,
-    count: u32,
-) -> u32 {
-    spoofed(ns, iface, macs, dst, first, count, false)
-}
-
-/// As [`spoofed_syns`], UDP datagrams reading `flood`.
-fn spoofed_datagrams(
-    ns: &Netns,
-    iface: &'static str,
-    macs: ([u8; 6], [u8; 6]),
-    dst: (Ipv4Addr, u16),
-    first: u32,
-    count: u32,
-) -> u32 {
-    spoofed(ns, iface, macs, dst, first, count, true)
-}
-
+/// Sends `count` TCP SYNs (or, `udp`, UDP datagrams reading `flood`) to
+/// `dst` from `iface` of `ns` through a packet socket, from spoofed
+/// sources (198.18.200.10-250, every port): a flood. Returns how many the
+/// socket took.
 fn spoofed(
     ns: &Netns,
     iface: &'static str,
@@ -746,37 +766,9 @@ endpoints:
             .join()
             .unwrap()
             .unwrap();
-    let mut by_backend = BTreeMap::new();
-    for (who, _) in &conns {
-        *by_backend.entry(who.clone()).or_insert(0) += 1;
-    }
-    assert_eq!(
-        by_backend.keys().collect::<Vec<_>>(),
-        ["a", "b"],
-        "both backends, the remote one SNATed: {by_backend:?}"
-    );
+    both_backends(conns.iter().map(|(who, _)| who));
 
-    // The flood: batches until node A's XDP program has translated at least
-    // four times the conntrack map's entries in SYNs (bounded).
-    let agent = &c._agents[0];
-    let new_flows = |a: &Agent| a.fresh_metrics().unwrap()[r#"dataplane_datapath_packets_total{reason="nat_new_flow",drop="false"}"#];
-    let before = new_flows(agent);
-    let macs = (mac(&c.t.client, "eth0"), mac(&c.t.node_a, "ve"));
-    let mut sent = 0;
-    for batch in 0..100 {
-        if new_flows(agent) - before >= (4 * CT_ENTRIES + 1000) as f64 {
-            break;
-        }
-        sent += spoofed_syns(&c.t.client, "eth0", macs, (NODE_A_EXT, PORT), batch * 2000, 2000);
-    }
-    let flooded = new_flows(agent) - before;
-    let m = agent.fresh_metrics().unwrap();
-    let stateless = m[r#"dataplane_conntrack_events_total{event="stateless_new_flow"}"#];
-    eprintln!("{sent} spoofed SYNs sent, {flooded} translated by XDP, {stateless} without conntrack state");
-    assert!(
-        flooded >= (4 * CT_ENTRIES) as f64,
-        "the flood reached the programs: {flooded} SYNs translated of {sent} sent"
-    );
+    let stateless = flood_node_a(&c, PORT, CT_ENTRIES, false);
 
     // The servers write first: every connection must get its push.
     let pushed: usize = servers.iter().map(|s| s.push()).sum();
@@ -901,37 +893,9 @@ endpoints:
             .join()
             .unwrap()
             .unwrap();
-    let mut by_backend = BTreeMap::new();
-    for (who, _) in &sessions {
-        *by_backend.entry(who.clone()).or_insert(0) += 1;
-    }
-    assert_eq!(
-        by_backend.keys().collect::<Vec<_>>(),
-        ["a", "b"],
-        "both backends, the remote one SNATed: {by_backend:?}"
-    );
+    both_backends(sessions.iter().map(|(who, _)| who));
 
-    // The flood: batches until node A's XDP program has translated at least
-    // four times the conntrack map's entries in new datagrams (bounded).
-    let agent = &c._agents[0];
-    let new_flows = |a: &Agent| a.fresh_metrics().unwrap()[r#"dataplane_datapath_packets_total{reason="nat_new_flow",drop="false"}"#];
-    let before = new_flows(agent);
-    let macs = (mac(&c.t.client, "eth0"), mac(&c.t.node_a, "ve"));
-    let mut sent = 0;
-    for batch in 0..100 {
-        if new_flows(agent) - before >= (4 * CT_ENTRIES + 1000) as f64 {
-            break;
-        }
-        sent += spoofed_datagrams(&c.t.client, "eth0", macs, (NODE_A_EXT, PORT), batch * 2000, 2000);
-    }
-    let flooded = new_flows(agent) - before;
-    let m = agent.fresh_metrics().unwrap();
-    let stateless = m[r#"dataplane_conntrack_events_total{event="stateless_new_flow"}"#];
-    eprintln!("{sent} spoofed datagrams sent, {flooded} translated by XDP, {stateless} without conntrack state");
-    assert!(
-        flooded >= (4 * CT_ENTRIES) as f64,
-        "the flood reached the programs: {flooded} datagrams translated of {sent} sent"
-    );
+    let stateless = flood_node_a(&c, PORT, CT_ENTRIES, true);
 
     // The servers send first: every session must get its push.
     let pushed: usize = servers.iter().map(|s| s.push()).sum();
