@@ -654,8 +654,9 @@ fn note_udp_without_state(now: u64) {
 /// The flood guard's reply entry for a UDP datagram `p` that matches no
 /// flow in conntrack: the backend answering a datagram served without
 /// state. Looked up only while the guard served UDP without state within
-/// the UDP timeout ([`note_udp_without_state`]: otherwise one array
-/// read), and only an entry written within it counts: an entry of the
+/// the UDP timeout and the second [`note_udp_without_state`] may lag
+/// (otherwise one array read), and only an entry written within the
+/// timeout counts: an entry of the
 /// guard lives for its protocol's timeout before a reply
 /// (`--ct-udp-timeout`), answered or not (the flow's next datagram after
 /// an answer gets state), and SNAT port selection takes its port again
@@ -668,7 +669,7 @@ pub fn embryonic_udp(p: &Packet) -> Option<*mut CtValue> {
     }
     let timeout = timeout_ns(p.proto, 0);
     let now = now_ns();
-    if now.saturating_sub(last) > timeout {
+    if now.saturating_sub(last) > timeout.saturating_add(1_000_000_000) {
         return None;
     }
     let e = embryonic(p)?;
