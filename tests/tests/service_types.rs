@@ -586,6 +586,51 @@ impl Drop for UdpPushServer {
     }
 }
 
+/// The cluster of the flood guard's tests: NodePort `port` of Service
+/// `name` (`protocol`, ClusterIP `cluster_ip`) with one endpoint on each
+/// node, node A's agent with `ct_entries` conntrack entries and the guard's
+/// quota from `DATAPLANE_TEST_NEW_FLOWS_PER_CPU` (default 200; `0` turns
+/// the guard off, to see the test fail), which it returns too.
+fn flood_test_cluster(name: &str, protocol: &str, cluster_ip: &str, port: u16, ct_entries: u32) -> (Cluster, String) {
+    let guard = std::env::var("DATAPLANE_TEST_NEW_FLOWS_PER_CPU").unwrap_or_else(|_| "200".into());
+    let svc = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: ingress}}
+spec:
+  type: NodePort
+  clusterIP: {cluster_ip}
+  ports: [{{name: push, protocol: {protocol}, port: 90, targetPort: 9000, nodePort: {port}}}]
+"
+    );
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-abcde
+  namespace: ingress
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: push, protocol: {protocol}, port: 9000}}]
+endpoints:
+- addresses: [{BACKEND_A}]
+  conditions: {{ready: true}}
+  nodeName: node-a
+- addresses: [{BACKEND_B}]
+  conditions: {{ready: true}}
+  nodeName: node-b
+"
+    );
+    let ct = ct_entries.to_string();
+    let c = cluster_of(
+        vec![("service.yaml", svc), ("slice.yaml", slice)],
+        true,
+        &["--ct-max-entries", &ct, "--new-flows-per-cpu", &guard],
+        |_| {},
+    );
+    (c, guard)
+}
+
 /// The flood of the flood guard's tests: spoofed SYNs (or UDP datagrams)
 /// at node A's NodePort `port`, in batches until its XDP program has
 /// translated at least four times `ct_entries` new flows (bounded).
@@ -710,42 +755,7 @@ fn established_node_port_connections_survive_a_syn_flood_of_four_times_the_connt
     const CT_ENTRIES: u32 = 4096;
     const CONNS: usize = 24;
     const PORT: u16 = 30090;
-    let guard = std::env::var("DATAPLANE_TEST_NEW_FLOWS_PER_CPU").unwrap_or_else(|_| "200".into());
-    let svc = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: push, namespace: ingress}}
-spec:
-  type: NodePort
-  clusterIP: 198.19.0.41
-  ports: [{{name: push, protocol: TCP, port: 90, targetPort: 9000, nodePort: {PORT}}}]
-"
-    );
-    let slice = format!(
-        "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: push-abcde
-  namespace: ingress
-  labels: {{kubernetes.io/service-name: push}}
-addressType: IPv4
-ports: [{{name: push, protocol: TCP, port: 9000}}]
-endpoints:
-- addresses: [{BACKEND_A}]
-  conditions: {{ready: true}}
-  nodeName: node-a
-- addresses: [{BACKEND_B}]
-  conditions: {{ready: true}}
-  nodeName: node-b
-"
-    );
-    let ct = CT_ENTRIES.to_string();
-    let c = cluster_of(
-        vec![("service.yaml", svc), ("slice.yaml", slice)],
-        true,
-        &["--ct-max-entries", &ct, "--new-flows-per-cpu", &guard],
-        |_| {},
-    );
+    let (c, guard) = flood_test_cluster("push", "TCP", "198.19.0.41", PORT, CT_ENTRIES);
     let servers = [
         PushServer::start(&c.t.backend_a, BACKEND_A, "a"),
         PushServer::start(&c.t.backend_b, BACKEND_B, "b"),
@@ -828,42 +838,7 @@ fn udp_sessions_through_a_node_port_survive_a_flood_of_four_times_the_conntrack_
     const CT_ENTRIES: u32 = 4096;
     const SESSIONS: usize = 24;
     const PORT: u16 = 30091;
-    let guard = std::env::var("DATAPLANE_TEST_NEW_FLOWS_PER_CPU").unwrap_or_else(|_| "200".into());
-    let svc = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: push-udp, namespace: ingress}}
-spec:
-  type: NodePort
-  clusterIP: 198.19.0.42
-  ports: [{{name: push, protocol: UDP, port: 90, targetPort: 9000, nodePort: {PORT}}}]
-"
-    );
-    let slice = format!(
-        "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: push-udp-abcde
-  namespace: ingress
-  labels: {{kubernetes.io/service-name: push-udp}}
-addressType: IPv4
-ports: [{{name: push, protocol: UDP, port: 9000}}]
-endpoints:
-- addresses: [{BACKEND_A}]
-  conditions: {{ready: true}}
-  nodeName: node-a
-- addresses: [{BACKEND_B}]
-  conditions: {{ready: true}}
-  nodeName: node-b
-"
-    );
-    let ct = CT_ENTRIES.to_string();
-    let c = cluster_of(
-        vec![("service.yaml", svc), ("slice.yaml", slice)],
-        true,
-        &["--ct-max-entries", &ct, "--new-flows-per-cpu", &guard],
-        |_| {},
-    );
+    let (c, guard) = flood_test_cluster("push-udp", "UDP", "198.19.0.42", PORT, CT_ENTRIES);
     let servers = [
         UdpPushServer::start(&c.t.backend_a, BACKEND_A, "a"),
         UdpPushServer::start(&c.t.backend_b, BACKEND_B, "b"),
