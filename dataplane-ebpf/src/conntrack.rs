@@ -368,13 +368,17 @@ const HELD: u8 = 2;
 /// expired may be written over.
 #[inline(always)]
 fn held_by_another_flow(existing: &CtValue, new: &CtValue, proto: u8) -> bool {
-    let live = live(existing, proto);
-    let same = existing.nat_port == new.nat_port
-        && addr_eq(&existing.nat_addr, &new.nat_addr)
-        && existing.flags & CT_F_SNAT == new.flags & CT_F_SNAT
-        && existing.snat_port == new.snat_port
-        && addr_eq(&existing.snat_addr, &new.snat_addr);
-    live && !same
+    live(existing, proto) && !same_flow(existing, new)
+}
+
+/// Whether two reply entries translate alike: the same flow's.
+#[inline(always)]
+fn same_flow(a: &CtValue, b: &CtValue) -> bool {
+    a.nat_port == b.nat_port
+        && addr_eq(&a.nat_addr, &b.nat_addr)
+        && a.flags & CT_F_SNAT == b.flags & CT_F_SNAT
+        && a.snat_port == b.snat_port
+        && addr_eq(&a.snat_addr, &b.snat_addr)
 }
 
 /// [`insert_counting_replaced`] for the reply entry of a new flow: an
@@ -603,11 +607,7 @@ fn insert_without_state(key: &CtKey, value: &CtValue, proto: u8) -> bool {
                 let tcp = 0u64.wrapping_sub((proto == dataplane_common::IPPROTO_TCP) as u64);
                 let timeout = c.udp_timeout_ns ^ ((c.udp_timeout_ns ^ c.tcp_syn_timeout_ns) & tcp);
                 let live = value.last_seen_ns.wrapping_sub(old.last_seen_ns) <= timeout;
-                let same = old.nat_port == value.nat_port
-                    && addr_eq(&old.nat_addr, &value.nat_addr)
-                    && old.snat_port == value.snat_port
-                    && addr_eq(&old.snat_addr, &value.snat_addr);
-                if live && !same {
+                if live && !same_flow(old, value) {
                     return true;
                 }
             }
