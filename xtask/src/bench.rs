@@ -650,11 +650,14 @@ fn nodeport_table(v: &Value, md: &mut String) -> Result<()> {
     writeln!(md, "### NodePort from outside (XDP), packets per second\n")?;
     writeln!(md, "Machine: {}. Command: `{}`. One AF_PACKET sender in the client namespace, {} flows of {}-byte UDP frames (64 on a wire), {} s (at most {} packets) per contender per round, contenders interleaved; thousands of packets per second over the send time, median over rounds [min-max]. Delivered: arrived at the backends' interfaces; offered: accepted by the sender's socket; socket: read by the backends' UDP sockets. Ratios of delivered pps, per round (seconds apart): median [p25-p75] (ratio of medians).\n",
         machine_line(v), v["command"].as_str().unwrap_or("?"), v["flows"], v["frame_bytes"], v["send_s"], v["max_packets"])?;
+    if let Some(n) = v["node_cpu"].as_str() {
+        writeln!(md, "{n}\n")?;
+    }
     if let Some(p) = provenance(v) {
         writeln!(md, "{p}")?;
     }
-    writeln!(md, "| Services | contender | rounds | delivered kpps | offered kpps | socket kpps | lost | dataplane / this | this / direct | rules installed in |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| Services | contender | rounds | delivered kpps | offered kpps | socket kpps | node CPU busy | lost | dataplane / this | this / direct | rules installed in |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     for s in scales {
         for c in NODEPORT_CONTENDERS {
             let x = &s["contenders"][c];
@@ -668,6 +671,10 @@ fn nodeport_table(v: &Value, md: &mut String) -> Result<()> {
                     _ => "-".into(),
                 }
             };
+            let busy = x["node_napi_thread_busy"]["summary"]["median"]
+                .as_f64()
+                .map_or("-".into(), |b| format!("{:.0} %", b * 100.0));
+            let socket = if busy == "-" { k("socket_pps") } else { "-".into() };
             let lost = match (x["lost_packets"].as_u64(), x["sent_packets"].as_u64()) {
                 (Some(l), Some(s)) if s > 0 => format!("{l} ({:.2} %)", l as f64 * 100.0 / s as f64),
                 _ => "-".into(),
@@ -684,12 +691,11 @@ fn nodeport_table(v: &Value, md: &mut String) -> Result<()> {
             };
             writeln!(
                 md,
-                "| {} | {c} | {} | {} | {} | {} | {lost} | {ours} | {to_direct} | {} |",
+                "| {} | {c} | {} | {} | {} | {socket} | {busy} | {lost} | {ours} | {to_direct} | {} |",
                 s["services"],
                 s["rounds"],
                 k("delivered_pps"),
                 k("offered_pps"),
-                k("socket_pps"),
                 x["install_s"]
                     .as_f64()
                     .map(|t| format!("{t:.2} s"))
@@ -856,8 +862,15 @@ mod tests {
         };
         assert_eq!(
             row("dataplane"),
-            "| 10000 | dataplane | 3 | 300 [299-301] | 300 [300-300] | 300 [300-300] | 10 (1.00 %) | - | 0.75 [0.65-0.85] (0.75) | 0.50 s |"
+            "| 10000 | dataplane | 3 | 300 [299-301] | 300 [300-300] | 300 [300-300] | - | 10 (1.00 %) | - | 0.75 [0.65-0.85] (0.75) | 0.50 s |"
         );
+        // With the node's receive on its own CPU: its busy share, no
+        // socket rate.
+        let mut v2 = v.clone();
+        v2["scales"][0]["contenders"]["iptables"]["node_napi_thread_busy"] = json!({ "summary": { "median": 0.962 } });
+        let mut md2 = String::new();
+        super::nodeport_table(&v2, &mut md2).unwrap();
+        assert!(md2.contains("| 10000 | iptables | 3 | 100 [99-101] | 100 [100-100] | - | 96 % | 10 (1.00 %) |"));
         assert!(row("iptables").contains("| 3.00 [2.90-3.10] (3.00) | 0.25 [0.15-0.35] (0.25) |"));
         assert!(row("direct").contains("| 0.75 [0.65-0.85] (0.75) | 1 |"));
         // Contenders not measured have no row.

@@ -22,6 +22,11 @@
 //! the first packets every contender sees established flows (conntrack
 //! entries, NAT bindings, our conntrack), spread over both backends. Every
 //! send is bounded in time and in packets.
+//!
+//! By default (`Config::node_cpu`) the node receives on the other CPU:
+//! the node's client-side veth runs its NAPI in a thread pinned there, as
+//! a NIC's queue would be served by its own CPU, so what is measured is
+//! the node's capacity, not one CPU shared by the sender and the node.
 
 use std::{
     collections::BTreeMap,
@@ -74,6 +79,14 @@ pub struct Config {
     /// program), so without it the dataplane's XDP passes NodePort
     /// packets to the node's stack instead of redirecting them.
     pub backend_gro: bool,
+    /// The node's receive on the other CPU: GRO on at the node's
+    /// client-side veth (`vc`) for every contender, its NAPI threaded and
+    /// the thread pinned to `receiver_cpu()`, so that what the node does
+    /// with a packet (and the backends' receive, which runs after it in
+    /// the same context) no longer shares the generator's CPU; the
+    /// backends' sockets are then not read (a reader would share that
+    /// CPU), so socket pps is not measured.
+    pub node_cpu: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,6 +215,8 @@ struct Receivers {
     active: Arc<AtomicBool>,
     counts: Vec<Arc<AtomicU64>>,
     thread: Option<JoinHandle<()>>,
+    /// The sockets when not read (else the thread owns them).
+    _held: Vec<UdpSocket>,
 }
 
 impl Drop for Receivers {
@@ -242,10 +257,22 @@ fn bind_in(ns: &Netns, addr: Ipv4Addr) -> Result<UdpSocket> {
     Ok(sock)
 }
 
-fn receivers(socks: Vec<UdpSocket>) -> Result<Receivers> {
+/// The backends' receiver; with `read` false the sockets are only held
+/// (datagrams fill their queues, then are dropped there) and nothing is
+/// counted.
+fn receivers(socks: Vec<UdpSocket>, read: bool) -> Result<Receivers> {
     let stop = Arc::new(AtomicBool::new(false));
     let active = Arc::new(AtomicBool::new(false));
     let counts: Vec<Arc<AtomicU64>> = socks.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    if !read {
+        return Ok(Receivers {
+            stop,
+            active,
+            counts,
+            thread: None,
+            _held: socks,
+        });
+    }
     let (s, a, c) = (stop.clone(), active.clone(), counts.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
@@ -310,7 +337,90 @@ fn receivers(socks: Vec<UdpSocket>) -> Result<Receivers> {
         active,
         counts,
         thread: Some(thread),
+        _held: Vec::new(),
     })
+}
+
+/// CPU seconds (user + system) a thread has used, from `/proc/PID/stat`.
+fn thread_cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("/proc/{pid}/stat"))?;
+    // Fields after the command (in parentheses, which may hold spaces):
+    // state is field 3, utime 14, stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("/proc/PID/stat without a command")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f
+        .get(11)
+        .zip(f.get(12))
+        .and_then(|(u, s)| Some(u.parse::<u64>().ok()? + s.parse::<u64>().ok()?))
+        .context("/proc/PID/stat: utime, stime")?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(ticks as f64 / hz.max(1) as f64)
+}
+
+/// PIDs of the kernel's threaded-NAPI threads (`napi/<dev>-<id>`), all
+/// namespaces.
+fn napi_threads() -> Result<std::collections::BTreeSet<u32>> {
+    let mut set = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir("/proc").context("/proc")? {
+        let e = e?;
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.starts_with("napi/")) {
+            set.insert(pid);
+        }
+    }
+    Ok(set)
+}
+
+/// Moves the node's receive on its client-side veth off the generator's
+/// CPU: GRO on (the veth then receives through its own NAPI, as a NIC's
+/// driver does), NAPI threaded, the thread pinned to `receiver_cpu()`.
+/// Returns what was done, for the notes.
+fn node_receive_on_other_cpu(topo: &Topology) -> Result<(u32, String)> {
+    topo.node.exec(&["ethtool", "-K", NODE_CLIENT_IFACE, "gro", "on"])?;
+    // A veth hands a frame to its peer's NAPI only if the frame may be
+    // aggregated: sent by a device without TSO (or the peer forwarding
+    // UDP GRO, which would aggregate kube-proxy's forwarded datagrams).
+    // Attaching XDP to `vc` turns its peer's TSO off by itself; for the
+    // other contenders the packets would go to the sender's CPU's
+    // backlog instead. So TSO off on the client's veth for everyone.
+    topo.client.exec(&["ethtool", "-K", "eth0", "tso", "off"])?;
+    let before = napi_threads()?;
+    topo.node.exec(&[
+        "sh",
+        "-c",
+        &format!("echo 1 > /sys/class/net/{NODE_CLIENT_IFACE}/threaded"),
+    ])?;
+    let new: Vec<u32> = napi_threads()?.difference(&before).copied().collect();
+    let [pid] = new[..] else {
+        bail!("threaded NAPI on {NODE_CLIENT_IFACE}: expected one new napi/ thread, found {new:?}");
+    };
+    let cpu = receiver_cpu();
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+    // within it; the PID is a kernel thread found above.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(pid as libc::pid_t, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "pinning the NAPI thread {pid} of {NODE_CLIENT_IFACE} to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    Ok((
+        pid,
+        format!(
+            "the node's receive on {NODE_CLIENT_IFACE}: GRO on, threaded NAPI, thread {} (PID {pid}) pinned to CPU {cpu}; TSO off on the client's eth0",
+            comm.trim()
+        ),
+    ))
 }
 
 /// The generator's frames: one per flow, source ports `FIRST_SRC_PORT..`,
@@ -532,6 +642,9 @@ struct RoundResult {
     delivered: u64,
     /// Datagrams the backends' sockets read.
     received: u64,
+    /// CPU time of the node's NAPI thread over the send time (with
+    /// `Config::node_cpu`; it includes the 100 ms after the send).
+    napi_busy: Option<f64>,
     /// Every interface counter's change over the round.
     counters: Value,
 }
@@ -558,6 +671,8 @@ struct Setup {
     target: (Ipv4Addr, u16),
     install_s: Option<f64>,
     notes: Vec<String>,
+    /// The node's NAPI thread on the other CPU (`Config::node_cpu`).
+    napi: Option<u32>,
 }
 
 impl Setup {
@@ -565,6 +680,7 @@ impl Setup {
     /// with the counters around it.
     fn round(&self, limit: Duration, max_packets: u64) -> Result<RoundResult> {
         let before = counters(&self.topo)?;
+        let cpu0 = self.napi.map(thread_cpu_secs).transpose()?;
         let received0 = self.receivers.total();
         let frames = self.frames.clone();
         self.receivers.active.store(true, Ordering::Relaxed);
@@ -582,6 +698,10 @@ impl Setup {
         std::thread::sleep(Duration::from_millis(100));
         self.receivers.active.store(false, Ordering::Relaxed);
         let sent = sent??;
+        let napi_busy = match (self.napi, cpu0) {
+            (Some(pid), Some(c0)) => Some((thread_cpu_secs(pid)? - c0) / sent.secs),
+            _ => None,
+        };
         let after = counters(&self.topo)?;
         let received = self.receivers.total() - received0;
         let delivered = before
@@ -594,6 +714,7 @@ impl Setup {
             sent,
             delivered,
             received,
+            napi_busy,
             counters: delta(&before, &after),
         })
     }
@@ -621,10 +742,19 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
             b.exec(&["ethtool", "-K", "eth0", "gro", "on"])?;
         }
     }
-    let receivers = receivers(vec![
-        bind_in(&topo.backends[0], backend_addr(1))?,
-        bind_in(&topo.backends[1], backend_addr(2))?,
-    ])?;
+    let (napi, napi_note) = if cfg.node_cpu {
+        let (pid, note) = node_receive_on_other_cpu(&topo)?;
+        (Some(pid), Some(note))
+    } else {
+        (None, None)
+    };
+    let receivers = receivers(
+        vec![
+            bind_in(&topo.backends[0], backend_addr(1))?,
+            bind_in(&topo.backends[1], backend_addr(2))?,
+        ],
+        !cfg.node_cpu,
+    )?;
     let last = svcs.last().expect("at least one Service");
     let node_port = last.node_port.context("the measured Service has a NodePort")?;
     let target = match who {
@@ -645,7 +775,8 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
         frames,
         target,
         install_s: None,
-        notes: Vec::new(),
+        notes: napi_note.into_iter().collect(),
+        napi,
     };
     match who {
         Contender::Dataplane | Contender::DataplaneGeneric => {
@@ -774,6 +905,16 @@ pub fn ratios(delivered: &BTreeMap<&str, Vec<f64>>) -> Value {
     Value::Object(m)
 }
 
+/// The node's NAPI thread's busy share of the send time per round.
+fn napi_busy(rs: &[RoundResult]) -> Value {
+    let busy: Vec<f64> = rs.iter().filter_map(|r| r.napi_busy).collect();
+    if busy.is_empty() {
+        Value::Null
+    } else {
+        json!({ "summary": super::summary(&busy), "raw": busy })
+    }
+}
+
 pub fn run(cfg: &Config) -> Result<Value> {
     if cfg.flows == 0 || cfg.rounds == 0 {
         bail!("NodePort: flows and rounds must be at least 1");
@@ -840,6 +981,7 @@ pub fn run(cfg: &Config) -> Result<Value> {
                     "delivered_packets": arrived,
                     "lost_packets": sent.saturating_sub(arrived),
                     "enobufs": rs.iter().map(|r| r.sent.enobufs).sum::<u64>(),
+                    "node_napi_thread_busy": napi_busy(rs),
                     "per_round": {
                         "sent": rs.iter().map(|r| r.sent.packets).collect::<Vec<_>>(),
                         "secs": rs.iter().map(|r| r.sent.secs).collect::<Vec<_>>(),
@@ -870,7 +1012,12 @@ pub fn run(cfg: &Config) -> Result<Value> {
     Ok(json!({
         "part": "nodeport",
         "method": "One copy of the topology (client, node, 2 backends) per contender, built side by side. A generator thread in the client namespace (pinned to PIN_CPU) sends prebuilt 60-byte Ethernet/IPv4/UDP frames (64 bytes on a wire with the FCS; valid checksums) out of the client's veth with an AF_PACKET socket (PACKET_QDISC_BYPASS, sendmmsg of 64 frames per call), cycling through `flows` source ports, for `send_s` seconds or `max_packets` per contender per round, whichever comes first; every round measures each contender in turn (the order rotating by one from round to round). Offered pps: frames the socket accepted over the send time. Delivered pps: the backends' interfaces' rx_packets over the same time (read before and 100 ms after the send). Socket pps: datagrams the backends' UDP sockets read (one thread pinned to the other CPU reads both with non-blocking recvmmsg, polling without sleeping while a send is on, so that no packet costs the sending CPU a wakeup). Before timing, every flow is sent 5 times (neighbours, conntrack, NAT bindings), the packets must arrive, and the dataplane must have translated each flow once per packet (XDP: no TC program is on the client's side). Ratios: per round, a contender's delivered pps over another's (seconds apart), median over rounds; and the ratio of the medians.",
-        "generator": "AF_PACKET, PACKET_QDISC_BYPASS, sendmmsg (64 frames per call), one thread",
+        "generator": "AF_PACKET, PACKET_QDISC_BYPASS, sendmmsg (64 frames per call), one thread; a call the node's veth cannot take (its ring full) fails with ENOBUFS and is sent again",
+        "node_cpu": if cfg.node_cpu {
+            "The node's receive on the other CPU (the default): GRO on at the node's client-side veth vc and TSO off at the client's eth0 for every contender, so that every frame goes through vc's NAPI; vc's NAPI threaded, its thread pinned to receiver_cpu. Everything the node does with a packet (XDP or the stack, netfilter, forwarding) and the backends' receive (which runs after it in the same context) runs on that CPU, the generator alone on pinned_cpu: the rates are the node's capacity (the thread's busy share of the send time is in node_napi_thread_busy; offered equals delivered because a frame the full ring refuses is sent again, ENOBUFS counts those calls). The backends' sockets are held but not read (a reader would share the node's CPU): socket_pps is 0."
+        } else {
+            "One CPU (--nodeport-one-cpu): the generator and, in softirq in its context, the node's and the backends' receive all run on pinned_cpu; the backends' sockets are read on receiver_cpu. Every rate is then one CPU over the whole path's cost, generator included."
+        },
         "frame_bytes": 14 + 20 + 8 + PAYLOAD,
         "flows": cfg.flows,
         "send_s": cfg.send.as_secs_f64(),

@@ -30,6 +30,7 @@ struct Args {
     no_host_routing: bool,
     /// NodePort part: GRO left off on the backends' interfaces.
     no_backend_gro: bool,
+    nodeport_node_cpu: Option<bool>,
     agent_only: bool,
     /// The release agent, for the control-plane part.
     release_agent: PathBuf,
@@ -58,10 +59,11 @@ fn args() -> Result<Args> {
         no_node_conntrack: false,
         no_host_routing: false,
         no_backend_gro: false,
+        nodeport_node_cpu: None,
         agent_only: false,
         release_agent: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/dataplane"),
     };
-    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane|nodeport (repeatable or comma-separated), --scales N,N, --contenders a,b, --nodeport-contenders a,b, --no-node-conntrack, --no-host-routing, --no-backend-gro, --agent-only, --rounds N, --release-agent PATH";
+    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane|nodeport (repeatable or comma-separated), --scales N,N, --contenders a,b, --nodeport-contenders a,b, --no-node-conntrack, --no-host-routing, --no-backend-gro, --nodeport-node-cpu, --nodeport-one-cpu, --agent-only, --rounds N, --release-agent PATH";
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -104,6 +106,8 @@ fn args() -> Result<Args> {
             "--no-node-conntrack" => a.no_node_conntrack = true,
             "--no-host-routing" => a.no_host_routing = true,
             "--no-backend-gro" => a.no_backend_gro = true,
+            "--nodeport-node-cpu" => a.nodeport_node_cpu = Some(true),
+            "--nodeport-one-cpu" => a.nodeport_node_cpu = Some(false),
             "--agent-only" => a.agent_only = true,
             "--rounds" => a.rounds = Some(it.next().context("--rounds needs a number")?.parse()?),
             "--release-agent" => {
@@ -340,6 +344,7 @@ fn main() -> Result<()> {
                         node_conntrack: true,
                         host_routing: true,
                         backend_gro: true,
+                        node_cpu: true,
                     }
                 } else {
                     nodeport::Config {
@@ -354,6 +359,7 @@ fn main() -> Result<()> {
                         node_conntrack: true,
                         host_routing: true,
                         backend_gro: true,
+                        node_cpu: true,
                     }
                 };
                 let cfg = nodeport::Config {
@@ -363,6 +369,7 @@ fn main() -> Result<()> {
                     node_conntrack: !a.no_node_conntrack,
                     host_routing: !a.no_host_routing,
                     backend_gro: !a.no_backend_gro,
+                    node_cpu: a.nodeport_node_cpu.unwrap_or(cfg.node_cpu),
                     ..cfg
                 };
                 let v = nodeport::run(&cfg)?;
