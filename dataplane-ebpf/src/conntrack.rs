@@ -269,7 +269,7 @@ impl SnatExpiry {
 
     /// Whether the flood guard's table has a live entry at `key` (a flow
     /// served without state, within its protocol's timeout before a
-    /// reply: see [`embryonic_udp`]): its port is taken too, or a flow
+    /// reply: see [`embryonic_gated`]): its port is taken too, or a flow
     /// given that port would take the other's answers (conntrack is asked
     /// first) or, without state too, overwrite its entry.
     #[inline(always)]
@@ -488,10 +488,11 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
     fill_reply(key, v, p, svc, backend, snat, now);
     // SAFETY: as above.
     if unsafe { (*s).stateless } != 0 {
-        if p.is_udp() && answered_without_state(key) {
-            // The flow proved itself: it gets its state, as a TCP flow's
-            // ACK does, also when its reply tuple clashes and `create`
-            // runs again with another source port.
+        if !opens(p) && answered_without_state(key) {
+            // The flow proved itself (a TCP handshake's ACK after the
+            // SYN-ACK, a UDP datagram or a TCP segment after an answer):
+            // it gets its state, also when its reply tuple clashes and
+            // `create` runs again with another source port.
             // SAFETY: as above.
             unsafe { (*s).stateless = 0 };
         } else {
@@ -500,8 +501,8 @@ pub fn create(p: &Packet, svc: &ServiceValue, backend: &Backend, snat: Option<&(
                 unsafe { (*s).stateless = HELD };
                 return Ok(());
             }
-            if p.is_udp() {
-                note_udp_without_state(now);
+            if !opens(p) {
+                note_without_state(now);
             }
             crate::stats::ct_event(CtEvent::StatelessNewFlow);
             return Ok(());
@@ -570,7 +571,7 @@ fn admit_new_flow() -> bool {
 #[inline(never)]
 pub fn flood_check(p: &Packet, svc: &ServiceValue, untracked: bool) {
     let stateless = untracked
-        && (p.is_udp() || p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+        && (p.is_udp() || p.is_tcp())
         && svc.flags & (SVC_F_AFFINITY | SVC_F_RANDOM) == 0
         && svc.maglev_size != 0
         && !admit_new_flow();
@@ -583,7 +584,7 @@ pub fn flood_check(p: &Packet, svc: &ServiceValue, untracked: bool) {
 /// Writes the flood guard's reply entry of a flow served without state;
 /// true (nothing written) when the entry there is another flow's,
 /// written within its protocol's timeout before a reply (see
-/// [`embryonic_udp`]): its answers must not go to this flow's client, nor
+/// [`embryonic_gated`]): its answers must not go to this flow's client, nor
 /// this flow's to the other's. A SNATed flow's port was chosen free of
 /// such entries ([`SnatExpiry::guard_holds`]), so this is one client port
 /// to two frontends that share a backend, or two CPUs racing for a port.
@@ -636,10 +637,18 @@ fn answered_without_state(key: &CtKey) -> bool {
         .is_some_and(|e| unsafe { (*e).state() } & CT_F_SEEN_REPLY != 0)
 }
 
-/// Records that a UDP datagram was served without state now (at most once
-/// a second: a flood writes the shared entry rarely).
+/// A TCP SYN (without ACK): the first packet of a TCP flow, whose answer
+/// (a SYN-ACK) the flood guard's entry is always looked up for.
 #[inline(always)]
-fn note_udp_without_state(now: u64) {
+fn opens(p: &Packet) -> bool {
+    p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Records that a packet other than a SYN (a UDP datagram, a TCP segment
+/// of a flow conntrack does not know) was served without state now (at
+/// most once a second: a flood writes the shared entry rarely).
+#[inline(always)]
+fn note_without_state(now: u64) {
     if let Some(t) = DP_GUARD.get_ptr_mut(0) {
         // SAFETY: the map's only entry; a lost update between CPUs writes
         // a time a few ns apart.
@@ -651,18 +660,19 @@ fn note_udp_without_state(now: u64) {
     }
 }
 
-/// The flood guard's reply entry for a UDP datagram `p` that matches no
-/// flow in conntrack: the backend answering a datagram served without
-/// state. Looked up only while the guard served UDP without state within
-/// the UDP timeout and the second [`note_udp_without_state`] may lag
-/// (otherwise one array read), and only an entry written within the
-/// timeout counts: an entry of the
-/// guard lives for its protocol's timeout before a reply
-/// (`--ct-udp-timeout`), answered or not (the flow's next datagram after
+/// The flood guard's reply entry for a UDP datagram or a TCP segment
+/// other than a SYN-ACK `p` that matches no flow in conntrack: the
+/// backend answering a datagram or segment served without state. Looked
+/// up only while the guard served such packets without state within
+/// their protocol's timeout before a reply and the second
+/// [`note_without_state`] may lag (otherwise one array read), and only
+/// an entry written within that timeout counts: an entry of the guard
+/// lives for its protocol's timeout before a reply (`--ct-udp-timeout`,
+/// `--ct-tcp-syn-timeout`), answered or not (the flow's next packet after
 /// an answer gets state), and SNAT port selection takes its port again
 /// after that ([`SnatExpiry::guard_holds`]).
 #[inline(always)]
-pub fn embryonic_udp(p: &Packet) -> Option<*mut CtValue> {
+pub fn embryonic_gated(p: &Packet) -> Option<*mut CtValue> {
     let last = *DP_GUARD.get(0)?;
     if last == 0 {
         return None;

@@ -179,9 +179,9 @@ enum Tracked {
 fn from_backend<C: PacketCtx>(ctx: &C, p: &Packet) -> Tracked {
     let ct = match conntrack::lookup(p) {
         Some(e) => e,
-        // Only a SYN-ACK can answer a SYN served without state; any UDP
-        // datagram a UDP datagram.
-        None if p.is_udp() || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => match stateless_reply(p) {
+        // A SYN-ACK may answer a SYN served without state, any other TCP
+        // segment but a SYN a segment, any UDP datagram a datagram.
+        None if p.is_udp() || p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => match stateless_reply(p) {
             Some(e) => e,
             None => return Tracked::Untracked,
         },
@@ -369,18 +369,21 @@ fn to_service<C: PacketCtx>(ctx: &C, p: &Packet, svc: &ServiceValue, untracked: 
     )
 }
 
-/// The flood guard's reply entry for a SYN-ACK or UDP datagram that
-/// matches no flow in conntrack: the backend answering a SYN or datagram
-/// served without state.
+/// The flood guard's reply entry for a SYN-ACK, another TCP segment (not
+/// a SYN) or a UDP datagram that matches no flow in conntrack: the
+/// backend answering a SYN, segment or datagram served without state.
+/// Only SYN-ACKs look the guard's entries up whenever the guard is on:
+/// anything else only while the guard served more than SYNs without
+/// state (`conntrack::embryonic_gated`).
 #[inline(never)]
 fn stateless_reply(p: &Packet) -> Option<*mut CtValue> {
     if crate::maps::new_flows_per_cpu() == 0 {
         return None;
     }
-    let e = if p.is_udp() {
-        conntrack::embryonic_udp(p)?
-    } else {
+    let e = if p.is_tcp() && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
         conntrack::embryonic(p)?
+    } else {
+        conntrack::embryonic_gated(p)?
     };
     stats::ct_event(CtEvent::StatelessReply);
     Some(e)

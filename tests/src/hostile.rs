@@ -602,6 +602,11 @@ pub struct Model {
     /// What `CtEvent::StatelessNewFlow` / `StatelessReply` must read.
     pub stateless: u64,
     pub stateless_replies: u64,
+    /// Whether the guard served anything but a SYN without state
+    /// (`DP_GUARD`): only then do UDP datagrams and TCP segments other
+    /// than SYN-ACKs from backends look the guard's entries up (its
+    /// window never closes in this test).
+    pub gate: bool,
 }
 
 impl Model {
@@ -622,6 +627,7 @@ impl Model {
             embryonic: Vec::new(),
             stateless: 0,
             stateless_replies: 0,
+            gate: false,
         }
     }
 
@@ -756,14 +762,14 @@ impl Model {
     fn new_flow(&mut self, f: &[u8], p: &L4, si: usize, untracked: bool) -> Expect {
         let t = p.tuple;
         // The flood guard decides first (before the source ranges): a TCP
-        // SYN or a UDP datagram of an untracked tuple to a frontend whose
-        // backend follows from the hash (Maglev with endpoints, no
+        // segment or a UDP datagram of an untracked tuple to a frontend
+        // whose backend follows from the hash (Maglev with endpoints, no
         // affinity) counts against the quota, and beyond it goes without
-        // state (a UDP flow whose reply entry there saw an answer gets
-        // state all the same, below).
+        // state (a flow whose reply entry there saw an answer gets state
+        // all the same with its next packet but a SYN, below).
         let starts = t.proto == TCP && p.flags & (SYN | ACK) == SYN;
         let svc = &self.services[si];
-        let eligible = (starts || t.proto == UDP) && svc.affinity_s.is_none() && !svc.backends.is_empty();
+        let eligible = (t.proto == TCP || t.proto == UDP) && svc.affinity_s.is_none() && !svc.backends.is_empty();
         let stateless = eligible && untracked && !self.admit_new_flow();
         if eligible && !untracked && self.flood_limit != 0 && self.flood_used >= self.flood_limit {
             self.note("flood guard: a SYN on a tracked tuple gets state beyond the quota");
@@ -841,13 +847,17 @@ impl Model {
             version,
         };
         let answered = stateless
-            && t.proto == UDP
+            && !starts
             && self
                 .syn
                 .get(&reply_key(src))
                 .is_some_and(|e| e.flags & CT_F_SEEN_REPLY != 0);
         if answered {
-            self.note("flood guard: a UDP flow's state created by its datagram after an answer");
+            self.note(if t.proto == UDP {
+                "flood guard: a UDP flow's state created by its datagram after an answer"
+            } else {
+                "flood guard: a TCP flow's state created beyond the quota by its segment after an answer"
+            });
         }
         if stateless && !answered {
             // Only the reply entry, in the guard's own table: the SYN-ACK
@@ -866,8 +876,13 @@ impl Model {
                 self.embryonic.push(reply_key(src));
             }
             self.stateless += 1;
+            if !starts {
+                self.gate = true;
+            }
             if t.proto == UDP {
                 self.note("flood guard: UDP datagram without state");
+            } else if !starts {
+                self.note("flood guard: TCP segment of an untracked tuple without state (not a SYN)");
             }
             self.note(if src.is_some() {
                 "flood guard: SNATed new flow without state"
@@ -968,7 +983,9 @@ impl Model {
         // Conntrack first; a SYN-ACK that finds nothing there may answer a
         // SYN the flood guard served without state (its entry is not
         // marked closing by the reply itself: only conntrack's are).
-        let syn_ack = t.proto == TCP && p.flags & (SYN | ACK) == SYN | ACK || t.proto == UDP;
+        let syn_ack = t.proto == TCP && p.flags & (SYN | ACK) == SYN | ACK;
+        let gated = t.proto == UDP || t.proto == TCP && p.flags & (SYN | ACK) != SYN;
+        let looks = syn_ack || gated && self.gate;
         let e = match self.ct.get_mut(&t) {
             Some(e) => {
                 if closes {
@@ -976,12 +993,14 @@ impl Model {
                 }
                 e
             }
-            None if syn_ack && self.flood_limit != 0 && self.syn.contains_key(&t) => {
+            None if looks && self.flood_limit != 0 && self.syn.contains_key(&t) => {
                 self.stateless_replies += 1;
                 self.note(if t.proto == UDP {
                     "flood guard: UDP answer of a datagram without state, from the frontend"
-                } else {
+                } else if syn_ack {
                     "flood guard: SYN-ACK of a flow without state, from the frontend"
+                } else {
+                    "flood guard: TCP answer (not a SYN-ACK) of a flow without state, from the frontend"
                 });
                 self.syn.get_mut(&t).expect("checked")
             }

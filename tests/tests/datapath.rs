@@ -1160,9 +1160,9 @@ fn conntrack_state_updates_from_two_cpus_are_never_lost() {
 /// SYN is translated to the backend the Maglev table gives its tuple
 /// (checked against the userspace table) without writing conntrack; the
 /// backend's SYN-ACK still comes back from the VIP; the client's ACK gives
-/// the flow its state, with the same backend. UDP and services with
-/// session affinity keep state always. With the guard off (0), every SYN
-/// gets state.
+/// the flow its state, with the same backend. Services with session
+/// affinity keep state always. With the guard off (0), every SYN gets
+/// state.
 #[test]
 fn syns_beyond_the_new_flow_quota_are_served_without_state_until_the_flow_proves_itself() {
     // One CPU, one window that never ends: the quota depends on the frames
@@ -1215,6 +1215,91 @@ fn syns_beyond_the_new_flow_quota_are_served_without_state_until_the_flow_proves
     l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
     for port in 42000..42100 {
         l.run(Prog::Tc, &Frame::tcp((CLIENT, port), (VIP, 80), SYN).build());
+    }
+    assert_eq!(l.conntrack_len(), 200);
+    assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 0);
+}
+
+/// Spoofed ACKs under the flood guard: a TCP segment other than a SYN of
+/// a tuple conntrack does not know (a flow picked up mid-stream, as
+/// netfilter's loose tracking does, or a flood of spoofed ACKs) counts
+/// against the quota as a SYN does, and beyond it is translated by the
+/// hash without state, so that such a flood cannot evict the flows in
+/// conntrack (netfilter's early drop spares assured flows for the same
+/// reason). The backend's answer (any segment but a SYN) comes back from
+/// the frontend, and the client's next segment after it creates the
+/// flow's state, with the same backend.
+#[test]
+fn tcp_segments_of_untracked_tuples_beyond_the_quota_go_without_state_until_an_answer_proves_the_flow() {
+    pin_to_cpu(0);
+    for prog in Prog::BOTH {
+        let mut l = Loaded::with_new_flows_per_cpu(2);
+        l.freeze_flood_window(0);
+        l.set_service(VIP, 80, TCP, &[(b(1), 8080), (b(2), 8080), (b(3), 8081)]);
+        let set = l.backends(VIP, 80, TCP);
+        let segment = |l: &mut Loaded, c: (IpAddr, u16), flags: u8| {
+            let mut f = Frame::tcp(c, (VIP, 80), flags);
+            f.payload = b"data".to_vec();
+            l.run(prog, &f.build())
+        };
+        // The quota: 2 flows picked up mid-stream get state.
+        for port in 41000..41002 {
+            segment(&mut l, (CLIENT, port), ACK);
+        }
+        assert_eq!(l.conntrack_len(), 4, "{prog:?}");
+        // Beyond it, a flood of ACKs (and a RST, a FIN) of new tuples:
+        // translated by the hash, nothing written to conntrack.
+        for port in 42000..42100 {
+            let c = (CLIENT, port);
+            let flags = match port % 10 {
+                0 => RST,
+                1 => FIN | ACK,
+                _ => ACK,
+            };
+            let out = parse_and_verify(&segment(&mut l, c, flags).data);
+            let want = expected(&set, c, (VIP, 80), TCP);
+            assert_eq!((out.dst, out.dport), (want.ip(), want.host_port()), "{prog:?} {c:?}");
+        }
+        assert_eq!(l.conntrack_len(), 4, "{prog:?}: the flood wrote no conntrack entry");
+        assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 100, "{prog:?}");
+        assert_eq!(l.embryonic_entries().len(), 100, "{prog:?}");
+        // A spoofed source sends again: no answer was seen, still no state.
+        segment(&mut l, (CLIENT, 42007), ACK);
+        assert_eq!(l.conntrack_len(), 4, "{prog:?}: one-way traffic proves nothing");
+
+        // A real client: the backend answers (an ACK, not a SYN-ACK), from
+        // the frontend to the client; the client's next segment creates
+        // the state, to the same backend.
+        let c = (CLIENT, 42042);
+        let want = expected(&set, c, (VIP, 80), TCP);
+        let answer = |l: &mut Loaded| l.run(prog, &Frame::tcp((want.ip(), want.host_port()), c, ACK).build());
+        let back = parse_and_verify(&answer(&mut l).data);
+        assert_eq!(
+            (back.src, back.sport, back.dst, back.dport),
+            (VIP, 80, c.0, c.1),
+            "{prog:?}"
+        );
+        assert_eq!(l.ct_event(CtEvent::StatelessReply), 1, "{prog:?}");
+        let next = parse_and_verify(&segment(&mut l, c, ACK).data);
+        assert_eq!((next.dst, next.dport), (want.ip(), want.host_port()), "{prog:?}");
+        assert_eq!(l.conntrack_len(), 6, "{prog:?}: the proven flow has its two entries");
+        assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 101, "{prog:?}");
+        // Its answers now come from conntrack.
+        let back = parse_and_verify(&answer(&mut l).data);
+        assert_eq!((back.src, back.sport), (VIP, 80), "{prog:?}");
+        assert_eq!(l.ct_event(CtEvent::StatelessReply), 1, "{prog:?}");
+        // A segment from a backend that answers nothing served passes
+        // untouched.
+        let stray = Frame::tcp((want.ip(), want.host_port()), (CLIENT, 59999), ACK).build();
+        let before = l.reason(Reason::PassNoService);
+        assert_eq!(l.run(prog, &stray).data, stray, "{prog:?}");
+        assert_eq!(l.reason(Reason::PassNoService), before + 1, "{prog:?}");
+    }
+    // Guard off: every segment of an untracked tuple gets state.
+    let mut l = Loaded::with_new_flows_per_cpu(0);
+    l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
+    for port in 42000..42100 {
+        l.run(Prog::Tc, &Frame::tcp((CLIENT, port), (VIP, 80), ACK).build());
     }
     assert_eq!(l.conntrack_len(), 200);
     assert_eq!(l.ct_event(CtEvent::StatelessNewFlow), 0);

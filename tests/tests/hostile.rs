@@ -276,6 +276,9 @@ fn a_million_hostile_packets_follow_the_reference_model() {
         "flood guard: UDP datagram without state",
         "flood guard: UDP answer of a datagram without state, from the frontend",
         "flood guard: a UDP flow's state created by its datagram after an answer",
+        "flood guard: TCP segment of an untracked tuple without state (not a SYN)",
+        "flood guard: TCP answer (not a SYN-ACK) of a flow without state, from the frontend",
+        "flood guard: a TCP flow's state created beyond the quota by its segment after an answer",
     ] {
         assert!(
             model.notes.contains_key(want),
@@ -337,7 +340,7 @@ fn a_million_hostile_packets_follow_the_reference_model() {
     // The flood guard's table holds exactly the model's reply entries
     // (far below its size: nothing evicted).
     eprintln!(
-        "flood guard: {} SYNs without state, {} reply entries, {} SYN-ACKs answered from them",
+        "flood guard: {} new flows without state (SYNs, datagrams, segments), {} reply entries, {} answers translated from them",
         model.stateless,
         model.syn.len(),
         model.stateless_replies

@@ -246,10 +246,11 @@ pub struct RunArgs {
     #[arg(long, env = "DATAPLANE_SNAT_PORT_RANGE")]
     pub snat_port_range: Option<String>,
     /// The flood guard: new TCP and UDP flows per CPU per second that get
-    /// conntrack state. Beyond it, TCP SYNs and UDP datagrams of new tuples
-    /// are translated without state until the next second, and a flow gets
-    /// its state from the client's next packet (UDP: once the backend
-    /// answered): a flood cannot evict established flows. 0: no limit.
+    /// conntrack state. Beyond it, TCP segments (SYNs, ACKs, any) and UDP
+    /// datagrams of new tuples are translated without state until the next
+    /// second, and a flow gets its state from the client's next packet
+    /// once the backend answered (a handshake's ACK after the SYN-ACK): a
+    /// flood cannot evict established flows. 0: no limit.
     #[arg(long, default_value_t = dataplane_common::DEFAULT_NEW_FLOWS_PER_CPU, env = "DATAPLANE_NEW_FLOWS_PER_CPU")]
     pub new_flows_per_cpu: u32,
     /// Host routing: a packet the TC program translated goes straight to

@@ -300,7 +300,7 @@ impl Collector for DatapathCollector {
         family(
             &mut enc,
             "dataplane_conntrack_events",
-            "Conntrack events: clash_resolved counts new flows given another source port because another live flow held their reply tuple; stateless_new_flow counts TCP SYNs and UDP datagrams translated without conntrack state by the flood guard (--new-flows-per-cpu), stateless_reply the SYN-ACKs and UDP answers translated back for them.",
+            "Conntrack events: clash_resolved counts new flows given another source port because another live flow held their reply tuple; stateless_new_flow counts TCP segments (SYNs, and others of flows conntrack does not know) and UDP datagrams translated without conntrack state by the flood guard (--new-flows-per-cpu), stateless_reply the answers (SYN-ACKs, TCP segments, UDP datagrams) translated back for them.",
             MetricType::Counter,
             snap.conntrack_events
                 .iter()
