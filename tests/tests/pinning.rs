@@ -257,6 +257,129 @@ fn pinned_maps_of_another_configured_size_are_migrated_with_their_entries() {
     assert!(!pins.0.root.exists(), "{removed:?}");
 }
 
+/// The map type and flags of the object are part of a pinned map's shape
+/// too: aya adopts a pinned map whatever they are, so a release whose
+/// object changes them (say, conntrack no longer an LRU, or another LRU
+/// flag) would run on the old map. Such maps are migrated with their
+/// entries, as maps of another size are; a change between one value per
+/// CPU and one in all cannot be copied and is refused, naming the map.
+#[test]
+fn pinned_maps_of_another_type_or_flags_are_migrated_with_their_entries() {
+    use dataplane::bpf::sys;
+    use dataplane_common::map_names;
+    use std::os::fd::AsFd;
+    const LRU_HASH: u32 = 9;
+    const HASH: u32 = 1;
+    const ARRAY: u32 = 2;
+    const NO_PREALLOC: u32 = 1;
+    const NO_COMMON_LRU: u32 = 2;
+    let pins = PinDir::new();
+    let (mut dp, _) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
+    let mut maps = dp.take_maps().unwrap();
+    for i in 0..10 {
+        let (k, v) = ct_entry(i);
+        maps.conntrack.insert(k, v, 0).unwrap();
+    }
+    drop((maps, dp));
+    let info = |name: &str| aya::maps::MapData::from_pin(pins.0.map(name)).unwrap().info().unwrap();
+    // What an older release would have pinned: conntrack with per-CPU LRU
+    // lists, the affinity map a plain hash map; the same entries in them.
+    let replace = |name: &str, map_type: u32, flags: u32, entries: &[(Vec<u8>, Vec<u8>)]| {
+        let i = info(name);
+        let fd = sys::map_create(map_type, i.key_size(), i.value_size(), i.max_entries(), flags).unwrap();
+        for (k, v) in entries {
+            sys::map_update_elem_raw(fd.as_fd(), k, v, 0).unwrap();
+        }
+        std::fs::remove_file(pins.0.map(name)).unwrap();
+        sys::obj_pin(fd.as_fd(), &pins.0.map(name)).unwrap();
+    };
+    let bytes = |x: &[u8]| x.to_vec();
+    let ct: Vec<(Vec<u8>, Vec<u8>)> = (0..10)
+        .map(|i| {
+            let (k, v) = ct_entry(i);
+            // SAFETY: plain-data map types, read as their bytes.
+            unsafe {
+                (
+                    bytes(std::slice::from_raw_parts(
+                        (&k as *const CtKey).cast(),
+                        size_of::<CtKey>(),
+                    )),
+                    bytes(std::slice::from_raw_parts(
+                        (&v as *const CtValue).cast(),
+                        size_of::<CtValue>(),
+                    )),
+                )
+            }
+        })
+        .collect();
+    let affinity_entry = {
+        let i = info(map_names::AFFINITY);
+        (vec![7u8; i.key_size() as usize], vec![9u8; i.value_size() as usize])
+    };
+    replace(map_names::CONNTRACK, LRU_HASH, NO_COMMON_LRU, &ct);
+    replace(
+        map_names::AFFINITY,
+        HASH,
+        NO_PREALLOC,
+        std::slice::from_ref(&affinity_entry),
+    );
+    assert_eq!(info(map_names::CONNTRACK).map_flags(), NO_COMMON_LRU);
+
+    let (mut dp, adopted) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
+    assert!(adopted);
+    let m = dp.take_migration().expect("maps of another type or flags are migrated");
+    let why = |name: &str| {
+        m.moves
+            .iter()
+            .find(|mv| mv.map == name)
+            .unwrap_or_else(|| panic!("{name} not migrated: {:?}", m.moves))
+            .why
+            .clone()
+    };
+    assert_eq!(why(map_names::CONNTRACK), "map flags 0x2 -> 0x0");
+    assert_eq!(why(map_names::AFFINITY), "hash -> lru_hash map, map flags 0x1 -> 0x0");
+    assert_eq!(m.moves.len(), 2, "only those two: {:?}", m.moves);
+    let copied = m.copied.iter().find(|c| c.map == map_names::CONNTRACK).unwrap();
+    assert_eq!((copied.read, copied.kept, copied.lost), (10, 10, 0));
+    m.finish().unwrap();
+    // The pinned maps are the object's now, with their entries.
+    let ct_info = info(map_names::CONNTRACK);
+    assert_eq!((ct_info.map_type().unwrap() as u32, ct_info.map_flags()), (LRU_HASH, 0));
+    let aff = info(map_names::AFFINITY);
+    assert_eq!((aff.map_type().unwrap() as u32, aff.map_flags()), (LRU_HASH, 0));
+    let aff_map = aya::maps::MapData::from_pin(pins.0.map(map_names::AFFINITY)).unwrap();
+    let mut value = vec![0u8; affinity_entry.1.len()];
+    assert!(sys::map_lookup_elem_raw(aff_map.fd().as_fd(), &affinity_entry.0, &mut value).unwrap());
+    assert_eq!(value, affinity_entry.1);
+    let maps = dp.take_maps().unwrap();
+    for i in 0..10 {
+        let (k, v) = ct_entry(i);
+        assert_eq!(maps.conntrack.get(&k, 0).unwrap(), v, "flow {i}");
+    }
+    drop((maps, dp, aff_map));
+    // Adopted as they are from now on.
+    let (mut dp, _) = Dataplane::load_pinned(None, pins.0.clone()).unwrap();
+    assert!(dp.take_migration().is_none());
+    drop(dp);
+
+    // One value per CPU against one in all: no copy can do that.
+    let reasons = info(map_names::REASON_STATS);
+    assert_eq!(reasons.map_type().unwrap() as u32, 6, "DP_REASONS is a per-CPU array");
+    replace(map_names::REASON_STATS, ARRAY, 0, &[]);
+    let err = match Dataplane::load_pinned(None, pins.0.clone()) {
+        Ok(_) => panic!("a per-CPU map pinned as a plain array was adopted"),
+        Err(e) => e.to_string(),
+    };
+    for part in [
+        map_names::REASON_STATS,
+        "is of type array,",
+        "makes it percpu_array,",
+        "dataplane cleanup",
+    ] {
+        assert!(err.contains(part), "{part:?} not in: {err}");
+    }
+}
+
 /// Socket-level links follow the configured cgroup: a restart with another
 /// cgroup moves them (the old one runs nothing of ours any more), a
 /// restart without socket load balancing removes them, and without pins

@@ -35,6 +35,20 @@ use crate::bpf::{
 /// (empty if it was not built before this crate).
 static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane.bpf.o"));
 
+/// The eBPF object's bytes: the file at `path`, else the embedded one.
+fn object_bytes(path: Option<&Path>) -> Result<std::borrow::Cow<'static, [u8]>, LoadError> {
+    match path {
+        Some(p) => std::fs::read(p)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|source| LoadError::Read {
+                path: p.display().to_string(),
+                source,
+            }),
+        None if EMBEDDED_OBJECT.is_empty() => Err(LoadError::NoObject),
+        None => Ok(std::borrow::Cow::Borrowed(EMBEDDED_OBJECT)),
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum LoadError {
     #[error(
@@ -475,7 +489,8 @@ impl Dataplane {
         let (adopted, migration) = match &pins {
             Some(p) => {
                 let adopted = p.prepare()?;
-                let migration = crate::bpf::migrate::prepare(p, sizes).map_err(Box::new)?;
+                let defs = crate::bpf::migrate::object_map_defs(&object_bytes(path)?).map_err(LoadError::Object)?;
+                let migration = crate::bpf::migrate::prepare(p, sizes, &defs).map_err(Box::new)?;
                 p.check_maps_with(sizes)?;
                 (adopted, migration)
             }
@@ -527,18 +542,7 @@ impl Dataplane {
         ct_prev: Option<&Path>,
         features: u32,
     ) -> Result<Self, LoadError> {
-        let bytes;
-        let object: &[u8] = match path {
-            Some(p) => {
-                bytes = std::fs::read(p).map_err(|source| LoadError::Read {
-                    path: p.display().to_string(),
-                    source,
-                })?;
-                &bytes
-            }
-            None if EMBEDDED_OBJECT.is_empty() => return Err(LoadError::NoObject),
-            None => EMBEDDED_OBJECT,
-        };
+        let object = object_bytes(path)?;
         // The kfunc placeholders of TC's checksum updates: resolved where
         // this kernel has the kfunc and the caller did not take it away.
         let summed = skb_summed_for_load();
@@ -547,7 +551,7 @@ impl Dataplane {
         } else {
             Default::default()
         };
-        let object = kfunc::patch_object(object, summed.kfunc_id).map_err(LoadError::Object)?;
+        let object = kfunc::patch_object(&object, summed.kfunc_id).map_err(LoadError::Object)?;
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&'static str, PathBuf)> = match &pins {
             Some(p) => map_shapes::ALL.iter().map(|s| (s.name, p.map(s.name))).collect(),

@@ -2,8 +2,9 @@
 //! moment where the datapath runs without its state.
 //!
 //! A new agent that finds pinned maps of another shape than it was built
-//! for (other `--*-max-entries` flags, or another map layout) does not ask
-//! for `dataplane cleanup`. Instead:
+//! for (other `--*-max-entries` flags, another map layout, or another map
+//! type or map flags in its object: say conntrack no longer an LRU) does
+//! not ask for `dataplane cleanup`. Instead:
 //!
 //! 1. [`prepare`] moves the pins of the maps that differ to `maps-old/`
 //!    (the old programs keep using those maps: they hold them by fd);
@@ -100,6 +101,56 @@ pub enum MigrateError {
         expected: String,
         layout: u32,
     },
+    #[error(
+        "pinned map {map} at {path} is of type {found}, this agent's object makes it {expected}, and the values \
+         of one cannot be copied into the other (one value per CPU against one in all); run the agent that \
+         pinned it, or `dataplane cleanup` (established connections through this node lose their conntrack \
+         entries)"
+    )]
+    UnsupportedType {
+        map: &'static str,
+        path: String,
+        found: String,
+        expected: String,
+    },
+}
+
+/// What the object an agent loads defines for each map, by name: the map
+/// type and the map flags (`BPF_F_*`), as the kernel reports them for a
+/// map it made from that definition.
+pub type MapDefs = std::collections::BTreeMap<String, (u32, u32)>;
+
+/// The map definitions of an eBPF object (see [`MapDefs`]).
+pub fn object_map_defs(object: &[u8]) -> Result<MapDefs, String> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| format!("parsing the eBPF object: {e}"))?;
+    Ok(obj
+        .maps
+        .iter()
+        .map(|(name, m)| (name.clone(), (m.map_type(), m.map_flags())))
+        .collect())
+}
+
+/// The kernel's name of a map type (`BPF_MAP_TYPE_*`, lower case), or its
+/// number.
+fn type_name(t: u32) -> String {
+    let name = match t {
+        1 => "hash",
+        2 => "array",
+        5 => "percpu_hash",
+        6 => "percpu_array",
+        9 => "lru_hash",
+        10 => "lru_percpu_hash",
+        11 => "lpm_trie",
+        _ => return format!("type {t}"),
+    };
+    name.into()
+}
+
+/// Whether a map type holds one value per CPU.
+fn per_cpu(t: u32) -> bool {
+    // BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH,
+    // _PERCPU_CGROUP_STORAGE.
+    matches!(t, 5 | 6 | 10 | 21)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MigrateError + '_ {
@@ -174,7 +225,7 @@ fn pinned_layout(path: &Path) -> u32 {
 /// the maps that differ from what this agent expects (with `sizes`).
 /// Returns the migration to carry out, if any; after it the remaining pins
 /// all match.
-pub fn prepare(pins: &PinRoot, sizes: &MapSizes) -> Result<Option<Migration>, MigrateError> {
+pub fn prepare(pins: &PinRoot, sizes: &MapSizes, defs: &MapDefs) -> Result<Option<Migration>, MigrateError> {
     let old = old_dir(pins);
     if !old.exists() && mark(pins).exists() {
         // A migration that ended between removing its old maps and its
@@ -244,10 +295,35 @@ pub fn prepare(pins: &PinRoot, sizes: &MapSizes) -> Result<Option<Migration>, Mi
                 layout: from_layout,
             });
         }
+        let mut why = Vec::new();
         if info.max_entries() != max_entries {
+            why.push(format!("{} -> {} entries", info.max_entries(), max_entries));
+        }
+        // aya adopts a pinned map whatever its type and flags: a release
+        // that changes them must move the map, or it would run on the old
+        // one.
+        if let Some(&(map_type, flags)) = defs.get(shape.name) {
+            // A type this aya does not know cannot be the object's.
+            let found = info.map_type().map_or(u32::MAX, |t| t as u32);
+            if found != map_type {
+                if per_cpu(found) != per_cpu(map_type) {
+                    return Err(MigrateError::UnsupportedType {
+                        map: shape.name,
+                        path: path.display().to_string(),
+                        found: type_name(found),
+                        expected: type_name(map_type),
+                    });
+                }
+                why.push(format!("{} -> {} map", type_name(found), type_name(map_type)));
+            }
+            if info.map_flags() != flags {
+                why.push(format!("map flags {:#x} -> {:#x}", info.map_flags(), flags));
+            }
+        }
+        if !why.is_empty() {
             moves.push(MapMove {
                 map: shape.name,
-                why: format!("{} -> {} entries", info.max_entries(), max_entries),
+                why: why.join(", "),
             });
         }
     }

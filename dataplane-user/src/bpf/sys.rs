@@ -23,6 +23,7 @@ pub enum Cmd {
     MapDeleteElem = 3,
     MapGetNextKey = 4,
     ProgLoad = 5,
+    ObjPin = 6,
     ObjGet = 7,
     ProgTestRun = 10,
     ObjGetInfoByFd = 15,
@@ -30,6 +31,7 @@ pub enum Cmd {
     MapLookupBatch = 24,
     MapUpdateBatch = 26,
     LinkUpdate = 29,
+    MapCreate = 0,
 }
 
 impl Cmd {
@@ -41,6 +43,7 @@ impl Cmd {
             Cmd::MapDeleteElem => "BPF_MAP_DELETE_ELEM",
             Cmd::MapGetNextKey => "BPF_MAP_GET_NEXT_KEY",
             Cmd::ProgLoad => "BPF_PROG_LOAD",
+            Cmd::ObjPin => "BPF_OBJ_PIN",
             Cmd::ObjGet => "BPF_OBJ_GET",
             Cmd::ProgTestRun => "BPF_PROG_TEST_RUN",
             Cmd::ObjGetInfoByFd => "BPF_OBJ_GET_INFO_BY_FD",
@@ -48,6 +51,7 @@ impl Cmd {
             Cmd::MapLookupBatch => "BPF_MAP_LOOKUP_BATCH",
             Cmd::MapUpdateBatch => "BPF_MAP_UPDATE_BATCH",
             Cmd::LinkUpdate => "BPF_LINK_UPDATE",
+            Cmd::MapCreate => "BPF_MAP_CREATE",
         }
     }
 }
@@ -478,6 +482,58 @@ pub fn obj_get(pin: &Path) -> Result<OwnedFd, SysError> {
     let fd = unsafe { bpf(Cmd::ObjGet, &mut attr) }.map_err(|e| e.context(pin.display().to_string()))?;
     // SAFETY: a new fd the kernel just returned to us, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_MAP_CREATE` of a plain map (no BTF, no inner map): for tests that
+/// need a map the object does not define, such as one pinned by a release
+/// with another map type or other flags.
+pub fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> Result<OwnedFd, SysError> {
+    #[repr(C)]
+    struct Attr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let mut attr = Attr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: flags,
+    };
+    // SAFETY: a plain struct, read by the kernel for the call only.
+    let fd = unsafe { bpf(Cmd::MapCreate, &mut attr) }?;
+    // SAFETY: a new fd the kernel just returned to us, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `BPF_OBJ_PIN`: pins the object behind `fd` at `pin` (in a bpffs).
+pub fn obj_pin(fd: BorrowedFd<'_>, pin: &Path) -> Result<(), SysError> {
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = c_path(Cmd::ObjPin, pin)?;
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: pathname points at a NUL-terminated string that outlives the
+    // call.
+    unsafe { bpf(Cmd::ObjPin, &mut attr) }
+        .map(drop)
+        .map_err(|e| e.context(pin.display().to_string()))
 }
 
 /// `BPF_OBJ_GET_INFO_BY_FD`: fills `info` with the kernel's info struct of
