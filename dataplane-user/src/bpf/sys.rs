@@ -459,24 +459,34 @@ fn c_path(cmd: Cmd, path: &Path) -> Result<CString, SysError> {
     })
 }
 
+/// The attributes of `BPF_OBJ_PIN` and `BPF_OBJ_GET`: a path, the fd to
+/// pin (0 to get), no flags (so `path_fd` is not read).
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+impl ObjAttr {
+    /// `path` must outlive the call the attributes are given to.
+    fn new(path: &CString, bpf_fd: u32) -> ObjAttr {
+        ObjAttr {
+            pathname: path.as_ptr() as u64,
+            bpf_fd,
+            file_flags: 0,
+            path_fd: 0,
+            _pad: 0,
+        }
+    }
+}
+
 /// `BPF_OBJ_GET`: opens a pinned BPF object (map, program or link).
 pub fn obj_get(pin: &Path) -> Result<OwnedFd, SysError> {
-    #[repr(C)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
     let c = c_path(Cmd::ObjGet, pin)?;
-    let mut attr = Attr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
+    let mut attr = ObjAttr::new(&c, 0);
     // SAFETY: pathname points at a NUL-terminated string that outlives the
     // call.
     let fd = unsafe { bpf(Cmd::ObjGet, &mut attr) }.map_err(|e| e.context(pin.display().to_string()))?;
@@ -517,18 +527,8 @@ pub fn map_create(
 
 /// `BPF_OBJ_PIN`: pins the object behind `fd` at `pin` (in a bpffs).
 pub fn obj_pin(fd: BorrowedFd<'_>, pin: &Path) -> Result<(), SysError> {
-    #[repr(C)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
     let c = c_path(Cmd::ObjPin, pin)?;
-    let mut attr = Attr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-    };
+    let mut attr = ObjAttr::new(&c, fd.as_raw_fd() as u32);
     // SAFETY: pathname points at a NUL-terminated string that outlives the
     // call.
     unsafe { bpf(Cmd::ObjPin, &mut attr) }
