@@ -520,6 +520,78 @@ fn udp_server_pod_cycles(node_port: Option<u16>) {
     );
 }
 
+/// Not upstream's, the same client: one UDP socket sending all along to a
+/// ClusterIP while its Service is deleted and created again with another
+/// endpoint (the old pod still running). Its datagrams must reach the new
+/// endpoint: the deleted frontend's flows were cleared with it, as
+/// kube-proxy clears the UDP conntrack entries of a frontend that lead to
+/// no serving endpoint, where an entry kept would send them on to the old
+/// pod until it times out (never, while the client keeps sending).
+#[test]
+fn udp_traffic_follows_a_service_deleted_and_created_again_with_another_endpoint() {
+    let t = Topology::new(2).unwrap();
+    let _servers = start_servers(&t);
+    let dns = &[("dns", 53, "UDP")];
+    let slice_of = |b: usize| {
+        slice(
+            "e2e",
+            "udp-again-1",
+            "udp-again",
+            &[("dns", 5353, "UDP")],
+            &[backend_addr(b)],
+        )
+    };
+    let svc = service("e2e", "udp-again", VIP, dns);
+    let to = SocketAddr::from((VIP, 53));
+    let mut a = agent(&t, &[("service.yaml", svc.clone()), ("slice.yaml", slice_of(1))]);
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (heard, stopped) = (answers.clone(), stop.clone());
+    let client = t.client.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.connect(to).unwrap();
+        let start = Instant::now();
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
+            let _ = s.send(b"who");
+            let mut buf = [0u8; 64];
+            if let Ok(n) = s.recv(&mut buf) {
+                heard
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            std::thread::sleep(Duration::from_millis(20)); // pacing; the loop is bounded by its deadline
+        }
+    });
+    let wait_for = |who: &str| {
+        let start = Instant::now();
+        while !answers.lock().unwrap().iter().any(|a| a == who) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no answer from {who}: {:?}",
+                answers.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("b1");
+    // The Service goes (its frontend with it), then comes back with the
+    // other endpoint, the same ClusterIP and port.
+    a.update("service.yaml", "").unwrap();
+    a.update("slice.yaml", &slice_of(2)).unwrap();
+    a.update("service.yaml", &svc).unwrap();
+    wait_for("b2");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    client.join().unwrap();
+    let answers = answers.lock().unwrap().clone();
+    let first_b2 = answers.iter().position(|a| a == "b2").unwrap();
+    assert!(
+        answers[first_b2..].iter().all(|a| a == "b2"),
+        "the flow went back to the old endpoint: {answers:?}"
+    );
+}
+
 #[test]
 fn endpointslice_should_support_a_service_with_multiple_ports_specified_in_multiple_endpointslices() {
     let t = Topology::new(1).unwrap();

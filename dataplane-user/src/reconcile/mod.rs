@@ -837,6 +837,8 @@ impl<W: MapWriter> Syncer<W> {
         for key in gone {
             self.tracked(key, &mut report, &mut failed, |s, r| s.remove_one(key, r));
         }
+        // The removed UDP frontends' flows, before their ids are reused.
+        self.clear_stale_udp(&mut report);
         self.widen_frontend_filter(desired.frontends.keys(), &mut report);
         // A cold start (nothing programmed in maps this process created):
         // the new frontends in batches on every CPU, then what is left one
@@ -891,6 +893,8 @@ impl<W: MapWriter> Syncer<W> {
                 self.tracked(*key, &mut report, &mut failed, |s, r| s.remove_one(*key, r));
             }
         }
+        // The removed UDP frontends' flows, before their ids are reused.
+        self.clear_stale_udp(&mut report);
         let upserts: Vec<(&ServiceKey, &Arc<Frontend>)> = keys
             .iter()
             .filter_map(|k| Some((k, desired.frontends.get(k)?)))
@@ -914,9 +918,10 @@ impl<W: MapWriter> Syncer<W> {
     }
 
     /// Deletes the UDP flows to the endpoints that stopped serving in this
-    /// apply, in one pass over the maps. The frontends' new state is
-    /// already written, so a datagram that finds no flow any more starts a
-    /// new one to a serving endpoint.
+    /// apply, and those of the UDP frontends it removed, in one pass over
+    /// the maps. The frontends' new state is already written, so a datagram
+    /// that finds no flow any more starts a new one to a serving endpoint
+    /// (or, its frontend gone, is no Service's).
     fn clear_stale_udp(&mut self, report: &mut SyncReport) {
         if self.stale_udp.is_empty() {
             return;
@@ -934,7 +939,7 @@ impl<W: MapWriter> Syncer<W> {
                         service: s.service.clone(),
                         frontend: describe(&s.key),
                         cause: format!(
-                            "clearing the UDP flows to endpoints that stopped serving: {cause}; retried at the next sync"
+                            "clearing the UDP flows to endpoints that stopped serving (or of a removed frontend): {cause}; retried at the next sync"
                         ),
                     });
                 }
@@ -984,6 +989,31 @@ impl<W: MapWriter> Syncer<W> {
                 frontend: describe(&key),
                 cause: format!("deleting session affinity entries: {cause}"),
             });
+        }
+        // A UDP frontend's flows go with it, as kube-proxy clears every UDP
+        // conntrack entry of a frontend that does not lead to a serving
+        // endpoint: otherwise, should the same address and port become a
+        // frontend again before they time out (the Service deleted and
+        // created again, its ClusterIP or NodePort given to another), a
+        // client's next datagram would follow the old endpoint (conntrack
+        // is asked before the frontend's endpoints). Cleared before any
+        // frontend of this apply takes the id again.
+        if key.proto == IPPROTO_UDP {
+            let backends: Vec<Backend> = p
+                .frontend
+                .backends
+                .iter()
+                .chain(&p.frontend.also_serving)
+                .copied()
+                .collect();
+            if !backends.is_empty() {
+                self.stale_udp.push(StaleUdp {
+                    key,
+                    service: p.frontend.service.clone(),
+                    service_id: p.service_id,
+                    backends,
+                });
+            }
         }
         self.free_ids.push(p.service_id);
         report.removed += 1;

@@ -309,6 +309,59 @@ fn udp_flows_are_cleared_when_their_endpoint_stops_serving() {
     );
 }
 
+/// A removed UDP frontend's flows are cleared (kube-proxy clears the UDP
+/// conntrack entries of a frontend that lead to no serving endpoint),
+/// before a frontend added in the same apply takes its id; a removed TCP
+/// frontend's flows are not (an established connection keeps its
+/// backend). Through the incremental path too.
+#[test]
+fn a_removed_udp_frontends_flows_are_cleared_before_its_id_is_reused() {
+    let udp = |last: u8| ServiceKey::new(Ipv4Addr::new(198, 19, 0, last), 53, IPPROTO_UDP);
+    let mut s = syncer();
+    s.apply(&desired(&[(udp(53), &[1, 2]), (key(1), &[3])]));
+    let id = s.programmed()[&udp(53)].service_id;
+    s.writer.log.clear();
+    // The UDP frontend goes, another one comes, with the freed id.
+    let r = s.apply(&desired(&[(udp(54), &[4]), (key(1), &[3])]));
+    assert_eq!(s.programmed()[&udp(54)].service_id, id, "the id is reused");
+    let log = std::mem::take(&mut s.writer.log);
+    let cleared = log
+        .iter()
+        .position(|l| *l == format!("clear_udp_flows {id} 198.18.1.1, {id} 198.18.1.2"))
+        .unwrap_or_else(|| panic!("the removed frontend's flows were not cleared: {log:?}"));
+    let reused = log
+        .iter()
+        .position(|l| l.starts_with(&format!("put_backend {id} ")))
+        .expect("the new frontend's slots");
+    assert!(cleared < reused, "cleared after the id was reused: {log:?}");
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("clear_udp_flows")).count(),
+        1,
+        "{log:?}"
+    );
+    assert_eq!(r.removed, 1);
+    // A TCP frontend's removal clears nothing.
+    s.apply(&desired(&[(udp(54), &[4])]));
+    assert!(
+        !s.writer.log.iter().any(|l| l.starts_with("clear_udp_flows")),
+        "{:?}",
+        s.writer.log
+    );
+    // The incremental path.
+    s.writer.log.clear();
+    let id = s.programmed()[&udp(54)].service_id;
+    let changed: BTreeSet<ServiceKey> = [udp(54)].into();
+    s.apply_changed(&desired(&[]), &changed);
+    assert_eq!(
+        s.writer
+            .log
+            .iter()
+            .filter(|l| l.starts_with("clear_udp_flows"))
+            .collect::<Vec<_>>(),
+        [&format!("clear_udp_flows {id} 198.18.1.4")]
+    );
+}
+
 /// Maps this process created start with zeroed counters: first-time
 /// ids skip the reset, recycled ones do not.
 #[test]
