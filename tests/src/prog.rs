@@ -251,8 +251,17 @@ impl Pooled {
         };
         let mut dp = dp.unwrap_or_else(|e| panic!("{e}"));
         let scratch = PerCpuArray::try_from(dp.take_map(map_names::SCRATCH).expect("scratch map")).unwrap();
-        let ct_syn = HashMap::try_from(dp.take_map(map_names::CT_SYN).expect("flood guard map")).unwrap();
         let maps = dp.take_maps().unwrap();
+        // A handle of its own on the flood guard's map (`Maps` has one too).
+        let ct_syn = {
+            use std::os::fd::AsFd;
+            let fd = IterableMap::map(maps.ct_syn.as_ref().expect("the object's DP_CT_SYN"))
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .expect("dup DP_CT_SYN");
+            HashMap::try_from(aya::maps::Map::LruHashMap(MapData::from_fd(fd).expect("DP_CT_SYN"))).unwrap()
+        };
         let maps_of = || -> anyhow::Result<ObjectMaps> {
             let mut ids = mapstate::handle_ids(&maps)?;
             for m in [IterableMap::map(&scratch), IterableMap::map(&ct_syn)] {

@@ -1156,6 +1156,67 @@ fn conntrack_state_updates_from_two_cpus_are_never_lost() {
     );
 }
 
+/// The backend filter forgets an address that is no backend in the maps
+/// and has no live flow (`MapWriter::narrow_backend_filter`, run when the
+/// old generation of a changed frontend is reaped): the programs only
+/// ever set entries, and without this every address that was ever a
+/// backend would pay the conntrack lookup for good. While a flow to the
+/// address lives, its entry stays and its replies are translated; once
+/// the flow is over (closed, past the closing timeout) the next pass
+/// clears it, and the backends in the maps keep theirs.
+#[test]
+fn the_backend_filter_forgets_an_address_no_backend_or_live_flow_needs() {
+    use dataplane::reconcile::{MapWriter, RETIRE_GRACE};
+    use dataplane_common::BackendFilter;
+    let has = |l: &mut Loaded, a: IpAddr| {
+        let f: BackendFilter = l.sync.writer_mut().backend_filter.get(&0, 0).unwrap();
+        f.has(&addr_of(a).0)
+    };
+    let mut l = Loaded::new();
+    l.set_service(VIP, 80, TCP, &[(b(1), 8080)]);
+    let client = (CLIENT, 41000);
+    let out = parse_and_verify(&l.run(Prog::Tc, &Frame::tcp(client, (VIP, 80), SYN).build()).data);
+    assert_eq!(out.dst, b(1));
+    assert!(has(&mut l, b(1)) && !has(&mut l, b(3)));
+    // Backend 1 leaves for 2; its old generation is reaped, which narrows
+    // the filter: the live flow holds 1's entry.
+    l.set_service(VIP, 80, TCP, &[(b(2), 8080)]);
+    l.sync.reap_at(std::time::Instant::now() + RETIRE_GRACE);
+    assert!(has(&mut l, b(1)), "a live flow's backend was forgotten");
+    let back = parse_and_verify(
+        &l.run(Prog::Tc, &Frame::tcp((b(1), 8080), client, SYN | ACK).build())
+            .data,
+    );
+    assert_eq!((back.src, back.sport), (VIP, 80), "the live flow's reply");
+    // The flow ends (RST) and its entries pass the closing timeout.
+    l.run(Prog::Tc, &Frame::tcp(client, (VIP, 80), RST | ACK).build());
+    let closed = dataplane::inspect::monotonic_ns().saturating_sub(60_000_000_000);
+    let maps = l.sync.writer_mut();
+    let entries: Vec<_> = maps.conntrack.iter().map(|kv| kv.unwrap()).collect();
+    assert_eq!(entries.len(), 2);
+    for (k, mut v) in entries {
+        assert_ne!(v.state() & dataplane_common::CT_F_CLOSING, 0, "{k:?}");
+        v.last_seen_ns = closed;
+        maps.conntrack.insert(k, v, 0).unwrap();
+    }
+    let n = maps.narrow_backend_filter().unwrap();
+    assert_eq!((n.cleared, n.held_by_flows), (1, 0), "{n:?}");
+    assert!(!has(&mut l, b(1)), "an address no backend or flow needs kept its entry");
+    assert!(
+        has(&mut l, b(2)),
+        "the filter is written with the entries of the backends in the maps"
+    );
+    // The backend in the maps still serves, replies included.
+    let c2 = (CLIENT, 41001);
+    let out = parse_and_verify(&l.run(Prog::Tc, &Frame::tcp(c2, (VIP, 80), SYN).build()).data);
+    assert_eq!(out.dst, b(2));
+    let back = parse_and_verify(&l.run(Prog::Tc, &Frame::tcp((b(2), 8080), c2, SYN | ACK).build()).data);
+    assert_eq!((back.src, back.sport), (VIP, 80));
+    // Nothing more to clear: the filter is not written again.
+    let n = l.sync.writer_mut().narrow_backend_filter().unwrap();
+    assert_eq!(n.cleared, 0, "{n:?}");
+}
+
 /// The flood guard: beyond its quota of new flows per CPU per second, a
 /// SYN is translated to the backend the Maglev table gives its tuple
 /// (checked against the userspace table) without writing conntrack; the

@@ -135,6 +135,10 @@ pub struct Maps {
     pub endpoints: HashMap<MapData, dataplane_common::EndpointKey, u8>,
     pub frontend_cache: Array<MapData, dataplane_common::FrontendBucket>,
     pub frontend_filter: Array<MapData, dataplane_common::FrontendFilter>,
+    /// The flood guard's reply entries of flows without state (never
+    /// pinned: this object's own; `None` when the maps were opened from
+    /// their pins, as the CLI does).
+    pub ct_syn: Option<HashMap<MapData, CtKey, CtValue>>,
 }
 
 impl Maps {
@@ -174,6 +178,7 @@ impl Maps {
                 .map_err(m(map_names::FRONTEND_CACHE))?,
             frontend_filter: Array::try_from(take(e, map_names::FRONTEND_FILTER)?)
                 .map_err(m(map_names::FRONTEND_FILTER))?,
+            ct_syn: Some(HashMap::try_from(take(e, map_names::CT_SYN)?).map_err(m(map_names::CT_SYN))?),
         })
     }
 
@@ -654,8 +659,8 @@ impl Dataplane {
     }
 
     /// Takes one map the agent does not keep in [`Maps`] (the per-CPU
-    /// scratch entry, the flood guard's LRU) out of the object, for
-    /// inspection by tests and tools; `None` when missing or taken.
+    /// scratch entry) out of the object, for inspection by tests and
+    /// tools; `None` when missing or taken.
     pub fn take_map(&mut self, name: &str) -> Option<aya::maps::Map> {
         self.ebpf.take_map(name)
     }

@@ -494,6 +494,15 @@ pub fn obj_get(pin: &Path) -> Result<OwnedFd, SysError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// `CLOCK_MONOTONIC` in ns: the clock of the programs' timestamps
+/// (`bpf_ktime_get_coarse_ns()`, which lags it by at most a tick).
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// `BPF_MAP_CREATE` of a plain map (no BTF, no inner map): for tests that
 /// need a map the object does not define, such as one pinned by a release
 /// with another map type or other flags.

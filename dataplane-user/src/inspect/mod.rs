@@ -94,6 +94,7 @@ fn typed(mut open: impl FnMut(&'static str) -> Result<MapData, InspectError>) ->
             .map_err(read_err(map_names::FRONTEND_CACHE))?,
         frontend_filter: Array::try_from(map(map_names::FRONTEND_FILTER)?)
             .map_err(read_err(map_names::FRONTEND_FILTER))?,
+        ct_syn: None,
     })
 }
 
@@ -171,14 +172,7 @@ pub fn reopen(maps: &Maps) -> Result<Maps, InspectError> {
     })
 }
 
-/// `CLOCK_MONOTONIC` in ns: the clock of the programs' timestamps
-/// (`bpf_ktime_get_coarse_ns()`, which lags it by at most a tick).
-pub fn monotonic_ns() -> u64 {
-    // SAFETY: clock_gettime writes into the timespec we own.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use crate::bpf::sys::monotonic_ns;
 
 /// `ip:port` (IPv4) or `[ip]:port` (IPv6), from map fields.
 pub fn endpoint(addr: &Addr, port_be: u16, family: u8) -> String {

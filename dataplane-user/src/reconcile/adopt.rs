@@ -151,6 +151,9 @@ impl Syncer<crate::bpf::loader::Maps> {
         // Epochs keep growing across agents: a new backend set never
         // takes the epoch of one its conntrack entries were made under.
         syncer.epoch = live.values().map(|v| v.epoch).max().unwrap_or(0);
+        // The filter holds what earlier agents' programs set: narrowed at
+        // the first sync (see `MapWriter::narrow_backend_filter`).
+        syncer.filter_stale = true;
         Ok((syncer, report))
     }
 }

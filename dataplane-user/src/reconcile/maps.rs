@@ -389,6 +389,77 @@ impl MapWriter for crate::bpf::loader::Maps {
         })?;
         Ok(flows + sockets)
     }
+    fn narrow_backend_filter(&mut self) -> Result<Narrowed, WriteError> {
+        use aya::maps::IterableMap;
+        use bytemuck::Zeroable;
+        use dataplane_common::BackendFilter;
+        use std::os::fd::AsFd;
+        let name = map_names::BACKEND_FILTER;
+        // Maps opened from their pins lack the flood guard's: without its
+        // entries nothing may be cleared.
+        let Some(ct_syn) = &self.ct_syn else {
+            return Ok(Narrowed::default());
+        };
+        let config = self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
+        // The programs read a coarse clock (a tick behind at most): an
+        // entry counts as live a little longer here than there.
+        const MARGIN_NS: u64 = 2_000_000_000;
+        let now = crate::bpf::sys::monotonic_ns();
+        // Read before the flows: a flow the programs create meanwhile is to
+        // a backend in the slots, whose entry is kept (this thread is the
+        // only writer of the slots).
+        // Boxed: 128 KiB each.
+        let mut backends = Box::new(BackendFilter::zeroed());
+        crate::bpf::batch::for_each_entry(self.backends.map().fd().as_fd(), |_: &BackendKey, b: &Backend| {
+            backends.set(&b.addr)
+        })
+        .map_err(sys_err(map_names::BACKENDS))?;
+        for k in super::endpoints::keys(self)? {
+            backends.set(&k.addr);
+        }
+        crate::bpf::batch::for_each_entry(
+            self.affinity.map().fd().as_fd(),
+            |_: &AffinityKey, v: &AffinityValue| backends.set(&v.backend.addr),
+        )
+        .map_err(sys_err(map_names::AFFINITY))?;
+        // A reply entry the programs would still use: conntrack's within
+        // its state's timeout, the flood guard's whatever their age (a
+        // SYN-ACK finds them without one).
+        let mut flows = Box::new(BackendFilter::zeroed());
+        crate::bpf::batch::for_each_entry(self.conntrack.map().fd().as_fd(), |k: &CtKey, v: &CtValue| {
+            let idle = now.saturating_sub(v.last_seen_ns);
+            if v.flags & CT_F_REPLY != 0 && idle <= config.timeout_ns(k.proto, v.state()).saturating_add(MARGIN_NS) {
+                flows.set(&k.saddr);
+            }
+        })
+        .map_err(sys_err(map_names::CONNTRACK))?;
+        crate::bpf::batch::for_each_entry(ct_syn.map().fd().as_fd(), |k: &CtKey, v: &CtValue| {
+            if v.flags & CT_F_REPLY != 0 {
+                flows.set(&k.saddr);
+            }
+        })
+        .map_err(sys_err(map_names::CT_SYN))?;
+        let current = Box::new(self.backend_filter.get(&0, 0).map_err(map_err(name))?);
+        let mut next = Box::new(BackendFilter::zeroed());
+        let mut n = Narrowed::default();
+        for ((slot, &b), (&f, &c)) in next
+            .bytes
+            .iter_mut()
+            .flatten()
+            .zip(backends.bytes.iter().flatten())
+            .zip(flows.bytes.iter().flatten().zip(current.bytes.iter().flatten()))
+        {
+            let keep = b != 0 || f != 0;
+            *slot = keep as u8;
+            n.set += keep as usize;
+            n.held_by_flows += (keep && b == 0) as usize;
+            n.cleared += (c != 0 && !keep) as usize;
+        }
+        if n.cleared != 0 {
+            self.backend_filter.set(0, *next, 0).map_err(map_err(name))?;
+        }
+        Ok(n)
+    }
     fn put_endpoints(&mut self, keys: &[dataplane_common::EndpointKey]) -> Result<(), WriteError> {
         super::endpoints::put(self, keys)
     }

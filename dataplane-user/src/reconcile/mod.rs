@@ -144,6 +144,17 @@ pub trait MapWriter {
     /// datagrams to it. Returns how many flows and socket entries it
     /// deleted.
     fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, WriteError>;
+    /// Clears the backend filter's entries (`BackendFilter`) that no
+    /// address needs any more: set only for addresses that are backends in
+    /// the maps (slots, endpoints, affinity), or the backend of a flow
+    /// whose reply entry is live in conntrack or the flood guard's table.
+    /// The programs only ever set entries, so without this the filter
+    /// fills with every address that was ever a backend (pods come and go)
+    /// and stops sparing anyone the conntrack lookup. The default does
+    /// nothing.
+    fn narrow_backend_filter(&mut self) -> Result<Narrowed, WriteError> {
+        Ok(Narrowed::default())
+    }
     /// Adds `keys` to the endpoint set (`map_names::ENDPOINTS`), each
     /// address's backend filter entry set first (see `endpoints.rs`).
     /// Writers without one (test doubles) ignore it.
@@ -251,6 +262,26 @@ pub struct SyncReport {
     pub udp_flows_cleared: usize,
 }
 
+/// What [`MapWriter::narrow_backend_filter`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Narrowed {
+    /// Entries cleared.
+    pub cleared: usize,
+    /// Entries set after it.
+    pub set: usize,
+    /// Of those, entries set only for live flows to addresses that are no
+    /// backend in the maps any more (cleared by a later pass once the
+    /// flows are over).
+    pub held_by_flows: usize,
+}
+
+/// At most one narrowing of the backend filter per this (it reads the
+/// whole conntrack map).
+pub const FILTER_NARROW_SPACING: Duration = Duration::from_secs(60);
+/// While live flows alone hold entries, the filter is narrowed again after
+/// this.
+pub const FILTER_NARROW_RECHECK: Duration = Duration::from_secs(300);
+
 /// Endpoints of one UDP frontend that stopped serving, whose flows are
 /// still to be cleared.
 #[derive(Clone, Debug)]
@@ -292,6 +323,14 @@ pub struct Syncer<W: MapWriter> {
     /// Collected by the upserts of one apply, cleared at its end (kept for
     /// the next apply when that failed).
     stale_udp: Vec<StaleUdp>,
+    /// Backend slots were deleted (or live flows held filter entries at
+    /// the last narrowing): the backend filter may hold entries no
+    /// address needs.
+    filter_stale: bool,
+    /// When the backend filter is narrowed next (see
+    /// [`MapWriter::narrow_backend_filter`]).
+    filter_due: Option<Instant>,
+    last_narrowed: Option<Instant>,
     /// Generations no service entry points at any more, deleted once
     /// [`RETIRE_GRACE`] has passed (see [`Syncer::reap_at`]).
     retired: Vec<Retired>,
@@ -437,6 +476,9 @@ impl<W: MapWriter> Syncer<W> {
             config,
             tables: BTreeMap::new(),
             stale_udp: Vec::new(),
+            filter_stale: false,
+            filter_due: None,
+            last_narrowed: None,
             retired: Vec::new(),
             markers_changed: true,
             frontend_filter: bytemuck::zeroed_box(),
@@ -635,6 +677,8 @@ impl<W: MapWriter> Syncer<W> {
         backends: std::ops::Range<usize>,
         maglev: std::ops::Range<u32>,
     ) {
+        // Their addresses may be no backend any more.
+        self.filter_stale |= !backends.is_empty();
         // Missing entries are already what we want.
         for i in backends {
             let _ = self.writer.delete_backend(BackendKey::new(id, generation, i as u32));
@@ -785,6 +829,46 @@ impl<W: MapWriter> Syncer<W> {
         for r in due {
             self.delete_slots(r.id, r.generation, r.backends, r.maglev);
         }
+        // Backends left the maps: their filter entries go too, once no
+        // live flow needs them, at most once per FILTER_NARROW_SPACING.
+        if self.filter_stale && self.filter_due.is_none() {
+            let earliest = self.last_narrowed.map_or(now, |t| t + FILTER_NARROW_SPACING);
+            self.filter_due = Some(earliest.max(now));
+        }
+        if self.filter_due.is_some_and(|due| due <= now) {
+            self.narrow_backend_filter_at(now);
+        }
+    }
+
+    /// Narrows the backend filter (see [`MapWriter::narrow_backend_filter`])
+    /// and schedules the next pass while live flows alone hold entries.
+    fn narrow_backend_filter_at(&mut self, now: Instant) {
+        self.filter_due = None;
+        self.filter_stale = false;
+        self.last_narrowed = Some(now);
+        let started = Instant::now();
+        match self.writer.narrow_backend_filter() {
+            Ok(n) => {
+                if n.cleared != 0 || n.held_by_flows != 0 {
+                    tracing::info!(
+                        cleared = n.cleared,
+                        set = n.set,
+                        held_by_flows = n.held_by_flows,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "backend filter narrowed: entries of addresses that are no backend and have no live flow cleared"
+                    );
+                }
+                if n.held_by_flows != 0 {
+                    self.filter_stale = true;
+                    self.filter_due = Some(now + FILTER_NARROW_RECHECK);
+                }
+            }
+            Err(cause) => {
+                tracing::warn!(%cause, "narrowing the backend filter failed; retried later");
+                self.filter_stale = true;
+                self.filter_due = Some(now + FILTER_NARROW_RECHECK);
+            }
+        }
     }
 
     /// [`Syncer::reap_at`] now.
@@ -794,7 +878,11 @@ impl<W: MapWriter> Syncer<W> {
 
     /// When the oldest retired generation is due, if any.
     pub fn next_reap(&self) -> Option<Instant> {
-        self.retired.iter().map(|r| r.since + RETIRE_GRACE).min()
+        self.retired
+            .iter()
+            .map(|r| r.since + RETIRE_GRACE)
+            .chain(self.filter_due)
+            .min()
     }
 
     /// Computes, on every CPU, the Maglev tables of the frontends among

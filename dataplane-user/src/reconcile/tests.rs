@@ -28,6 +28,8 @@ struct Fake {
     shared: Option<Arc<std::sync::Mutex<Fake>>>,
     /// Frontends `cache_services` was told of, in order.
     cached: Vec<ServiceKey>,
+    /// What `narrow_backend_filter` says live flows alone still hold.
+    held_by_flows: usize,
 }
 
 /// The writer other threads get from a [`Fake`] with `shared` maps. Each
@@ -167,6 +169,13 @@ impl MapWriter for Fake {
     fn delete_source_range(&mut self, id: u32, addr: std::net::IpAddr, len: u8) -> Result<(), WriteError> {
         self.log.push(format!("delete_source_range {id} {addr}/{len}"));
         Ok(())
+    }
+    fn narrow_backend_filter(&mut self) -> Result<Narrowed, WriteError> {
+        self.log.push("narrow_backend_filter".into());
+        Ok(Narrowed {
+            held_by_flows: self.held_by_flows,
+            ..Narrowed::default()
+        })
     }
     fn clear_udp_flows(&mut self, stale: &[(u32, Backend)]) -> Result<usize, WriteError> {
         let list: Vec<String> = stale.iter().map(|(id, b)| format!("{id} {}", b.ip())).collect();
@@ -362,6 +371,48 @@ fn a_removed_udp_frontends_flows_are_cleared_before_its_id_is_reused() {
     );
 }
 
+/// The backend filter is narrowed once backend slots were deleted (the
+/// old generation reaped), at most once per `FILTER_NARROW_SPACING`, and
+/// again after `FILTER_NARROW_RECHECK` while live flows alone hold
+/// entries; the reap timer wakes the agent for it.
+#[test]
+fn the_backend_filter_is_narrowed_after_backends_leave_at_most_once_per_spacing() {
+    let narrowings = |s: &mut Syncer<Fake>| {
+        let log = std::mem::take(&mut s.writer.log);
+        log.iter().filter(|l| *l == "narrow_backend_filter").count()
+    };
+    let mut s = syncer();
+    s.apply(&desired(&[(key(1), &[1, 2])]));
+    s.reap_at(Instant::now() + RETIRE_GRACE);
+    assert_eq!(narrowings(&mut s), 0, "nothing left the maps");
+    assert_eq!(s.next_reap(), None);
+    // Backend 1 leaves: narrowed once its old generation is reaped.
+    s.apply(&desired(&[(key(1), &[2])]));
+    let reaped = Instant::now() + RETIRE_GRACE;
+    s.reap_at(reaped - Duration::from_millis(500));
+    assert_eq!(narrowings(&mut s), 0, "the old generation is still in its grace period");
+    s.reap_at(reaped);
+    assert_eq!(narrowings(&mut s), 1);
+    assert_eq!(s.next_reap(), None, "nothing more to do");
+    // Backend 2 leaves soon after: narrowed one spacing after the last.
+    s.apply(&desired(&[(key(1), &[3])]));
+    let t = Instant::now() + RETIRE_GRACE;
+    s.reap_at(t);
+    assert_eq!(narrowings(&mut s), 0, "within the spacing");
+    let due = reaped + FILTER_NARROW_SPACING;
+    assert_eq!(s.next_reap(), Some(due.max(t)));
+    s.writer.held_by_flows = 1;
+    s.reap_at(due.max(t));
+    assert_eq!(narrowings(&mut s), 1);
+    // Live flows held an entry: again after the recheck period.
+    let again = due.max(t) + FILTER_NARROW_RECHECK;
+    assert_eq!(s.next_reap(), Some(again));
+    s.writer.held_by_flows = 0;
+    s.reap_at(again);
+    assert_eq!(narrowings(&mut s), 1);
+    assert_eq!(s.next_reap(), None);
+}
+
 /// Maps this process created start with zeroed counters: first-time
 /// ids skip the reset, recycled ones do not.
 #[test]
@@ -464,7 +515,13 @@ fn backend_change_flips_generation_then_deletes_old_slots() {
     s.reap_at(flipped + RETIRE_GRACE);
     assert_eq!(
         s.writer().log[before..],
-        ["delete_backend 0 0", "delete_backend 0 1", "delete_maglev 0 0"]
+        [
+            "delete_backend 0 0",
+            "delete_backend 0 1",
+            "delete_maglev 0 0",
+            // Their addresses may be no backend any more.
+            "narrow_backend_filter"
+        ]
     );
     assert_eq!(s.writer().backends.len(), 3, "old generation left behind");
     assert_eq!(s.writer().maglev.len(), 1, "old generation left behind");
@@ -536,7 +593,10 @@ fn removal_deletes_service_before_slots_and_reuses_the_id() {
     // The slots go after the grace period.
     let before = s.writer().log.len();
     s.reap_at(std::time::Instant::now() + RETIRE_GRACE);
-    assert_eq!(s.writer().log[before..], ["delete_backend 0 0", "delete_maglev 0 0"]);
+    assert_eq!(
+        s.writer().log[before..],
+        ["delete_backend 0 0", "delete_maglev 0 0", "narrow_backend_filter"]
+    );
     s.apply(&desired(&[(key(2), &[2]), (key(3), &[3])]));
     assert_eq!(s.programmed()[&key(3)].service_id, 0, "freed id reused");
 }
