@@ -438,6 +438,61 @@ fn services_should_be_possible_to_connect_to_a_service_via_externalip_when_the_e
     assert_eq!(names(&tcp(&t, SocketAddr::from((external_ip, 80)), 3).unwrap()), ["b1"]);
 }
 
+/// One connected UDP socket in the client namespace (one 5-tuple) asking
+/// `to` who it is every 20 ms, for 30 s at most or until finished,
+/// collecting the answers.
+struct Asker {
+    answers: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Asker {
+    fn start(t: &Topology, to: SocketAddr) -> Asker {
+        let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (heard, stopped) = (answers.clone(), stop.clone());
+        let thread = t.client.run(move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            s.connect(to).unwrap();
+            let start = Instant::now();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
+                let _ = s.send(b"who");
+                let mut buf = [0u8; 64];
+                if let Ok(n) = s.recv(&mut buf) {
+                    heard
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+                std::thread::sleep(Duration::from_millis(20)); // pacing; the loop is bounded by its deadline
+            }
+        });
+        Asker { answers, stop, thread }
+    }
+
+    /// Waits (10 s at most) until `who` answered.
+    fn wait_for(&self, who: &str) {
+        let start = Instant::now();
+        while !self.answers.lock().unwrap().iter().any(|a| a == who) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no answer from {who}: {:?}",
+                self.answers.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops asking; every answer, in order.
+    fn finish(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.answers.lock().unwrap().clone()
+    }
+}
+
 #[test]
 fn services_should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_clusterip_service() {
     udp_server_pod_cycles(None);
@@ -475,43 +530,11 @@ fn udp_server_pod_cycles(node_port: Option<u16>) {
     let mut a = agent(&t, &[("service.yaml", svc), ("slice.yaml", slice_of(1))]);
     // One client socket (one 5-tuple) asking all along, as upstream's
     // client pod does, while the server pod is replaced.
-    let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (heard, stopped) = (answers.clone(), stop.clone());
-    let client = t.client.run(move || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        s.connect(to).unwrap();
-        let start = Instant::now();
-        while !stopped.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
-            let _ = s.send(b"who");
-            let mut buf = [0u8; 64];
-            if let Ok(n) = s.recv(&mut buf) {
-                heard
-                    .lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-            std::thread::sleep(Duration::from_millis(20)); // pacing; the loop is bounded by its deadline
-        }
-    });
-    let wait_for = |who: &str| {
-        let start = Instant::now();
-        while !answers.lock().unwrap().iter().any(|a| a == who) {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "no answer from {who}: {:?}",
-                answers.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_for("b1");
+    let asker = Asker::start(&t, to);
+    asker.wait_for("b1");
     a.update("slice.yaml", &slice_of(2)).unwrap();
-    wait_for("b2");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    client.join().unwrap();
-    let answers = answers.lock().unwrap().clone();
+    asker.wait_for("b2");
+    let answers = asker.finish();
     let first_b2 = answers.iter().position(|a| a == "b2").unwrap();
     assert!(answers[..first_b2].iter().all(|a| a == "b1"), "{answers:?}");
     assert!(
@@ -544,47 +567,15 @@ fn udp_traffic_follows_a_service_deleted_and_created_again_with_another_endpoint
     let svc = service("e2e", "udp-again", VIP, dns);
     let to = SocketAddr::from((VIP, 53));
     let mut a = agent(&t, &[("service.yaml", svc.clone()), ("slice.yaml", slice_of(1))]);
-    let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (heard, stopped) = (answers.clone(), stop.clone());
-    let client = t.client.run(move || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        s.connect(to).unwrap();
-        let start = Instant::now();
-        while !stopped.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
-            let _ = s.send(b"who");
-            let mut buf = [0u8; 64];
-            if let Ok(n) = s.recv(&mut buf) {
-                heard
-                    .lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-            std::thread::sleep(Duration::from_millis(20)); // pacing; the loop is bounded by its deadline
-        }
-    });
-    let wait_for = |who: &str| {
-        let start = Instant::now();
-        while !answers.lock().unwrap().iter().any(|a| a == who) {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "no answer from {who}: {:?}",
-                answers.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_for("b1");
+    let asker = Asker::start(&t, to);
+    asker.wait_for("b1");
     // The Service goes (its frontend with it), then comes back with the
     // other endpoint, the same ClusterIP and port.
     a.update("service.yaml", "").unwrap();
     a.update("slice.yaml", &slice_of(2)).unwrap();
     a.update("service.yaml", &svc).unwrap();
-    wait_for("b2");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    client.join().unwrap();
-    let answers = answers.lock().unwrap().clone();
+    asker.wait_for("b2");
+    let answers = asker.finish();
     let first_b2 = answers.iter().position(|a| a == "b2").unwrap();
     assert!(
         answers[first_b2..].iter().all(|a| a == "b2"),
