@@ -822,6 +822,15 @@ impl<W: MapWriter> Syncer<W> {
 
     /// Deletes the retired generations older than [`RETIRE_GRACE`] at `now`.
     pub fn reap_at(&mut self, now: Instant) {
+        self.reap_slots_at(now);
+        if self.filter_due.is_some_and(|due| due <= now) {
+            self.narrow_backend_filter_at(now);
+        }
+    }
+
+    /// The slots part of [`Syncer::reap_at`]: deletes what is due and
+    /// schedules the backend filter's narrowing, without running it.
+    fn reap_slots_at(&mut self, now: Instant) {
         let (due, keep): (Vec<Retired>, Vec<Retired>) = std::mem::take(&mut self.retired)
             .into_iter()
             .partition(|r| now.saturating_duration_since(r.since) >= RETIRE_GRACE);
@@ -834,9 +843,6 @@ impl<W: MapWriter> Syncer<W> {
         if self.filter_stale && self.filter_due.is_none() {
             let earliest = self.last_narrowed.map_or(now, |t| t + FILTER_NARROW_SPACING);
             self.filter_due = Some(earliest.max(now));
-        }
-        if self.filter_due.is_some_and(|due| due <= now) {
-            self.narrow_backend_filter_at(now);
         }
     }
 
@@ -911,7 +917,9 @@ impl<W: MapWriter> Syncer<W> {
 
     /// Makes the maps hold exactly `desired.frontends`.
     pub fn apply(&mut self, desired: &Desired) -> SyncReport {
-        self.reap();
+        // Not the filter's narrowing: a sync is not delayed by it (the
+        // loop's reap timer runs it).
+        self.reap_slots_at(Instant::now());
         let mut report = SyncReport::default();
         let mut failed = BTreeSet::new();
 
@@ -972,7 +980,9 @@ impl<W: MapWriter> Syncer<W> {
     /// then, which are retried): the same writes in the same order, without
     /// visiting the others.
     pub fn apply_changed(&mut self, desired: &Desired, changed: &BTreeSet<ServiceKey>) -> SyncReport {
-        self.reap();
+        // Not the filter's narrowing: a sync is not delayed by it (the
+        // loop's reap timer runs it).
+        self.reap_slots_at(Instant::now());
         let mut report = SyncReport::default();
         let mut failed = BTreeSet::new();
         let keys: BTreeSet<ServiceKey> = changed.union(&self.failed).copied().collect();

@@ -411,6 +411,15 @@ fn the_backend_filter_is_narrowed_after_backends_leave_at_most_once_per_spacing(
     s.reap_at(again);
     assert_eq!(narrowings(&mut s), 1);
     assert_eq!(s.next_reap(), None);
+    // Due (as after an adoption), a sync does not narrow: the reap timer,
+    // due at once, does.
+    let mut s = syncer();
+    s.filter_stale = true;
+    s.apply(&desired(&[(key(1), &[1])]));
+    assert_eq!(narrowings(&mut s), 0, "narrowed inside a sync");
+    assert!(s.next_reap().is_some_and(|t| t <= Instant::now()));
+    s.reap();
+    assert_eq!(narrowings(&mut s), 1);
 }
 
 /// Maps this process created start with zeroed counters: first-time
