@@ -438,6 +438,18 @@ fn services_should_be_possible_to_connect_to_a_service_via_externalip_when_the_e
     assert_eq!(names(&tcp(&t, SocketAddr::from((external_ip, 80)), 3).unwrap()), ["b1"]);
 }
 
+/// The EndpointSlice of UDP Service `name` (port "dns", 5353) with
+/// backend `b` alone.
+fn dns_slice(name: &str, b: usize) -> String {
+    slice(
+        "e2e",
+        &format!("{name}-1"),
+        name,
+        &[("dns", 5353, "UDP")],
+        &[backend_addr(b)],
+    )
+}
+
 /// One connected UDP socket in the client namespace (one 5-tuple) asking
 /// `to` who it is every 20 ms, for 30 s at most or until finished,
 /// collecting the answers.
@@ -510,15 +522,7 @@ fn udp_server_pod_cycles(node_port: Option<u16>) {
     let t = Topology::new(2).unwrap();
     let _servers = start_servers(&t);
     let dns = &[("dns", 53, "UDP")];
-    let slice_of = |b: usize| {
-        slice(
-            "e2e",
-            "udp-cycle-1",
-            "udp-cycle",
-            &[("dns", 5353, "UDP")],
-            &[backend_addr(b)],
-        )
-    };
+    let slice_of = |b: usize| dns_slice("udp-cycle", b);
     let mut svc = service("e2e", "udp-cycle", VIP, dns);
     let to = match node_port {
         Some(p) => {
@@ -555,15 +559,7 @@ fn udp_traffic_follows_a_service_deleted_and_created_again_with_another_endpoint
     let t = Topology::new(2).unwrap();
     let _servers = start_servers(&t);
     let dns = &[("dns", 53, "UDP")];
-    let slice_of = |b: usize| {
-        slice(
-            "e2e",
-            "udp-again-1",
-            "udp-again",
-            &[("dns", 5353, "UDP")],
-            &[backend_addr(b)],
-        )
-    };
+    let slice_of = |b: usize| dns_slice("udp-again", b);
     let svc = service("e2e", "udp-again", VIP, dns);
     let to = SocketAddr::from((VIP, 53));
     let mut a = agent(&t, &[("service.yaml", svc.clone()), ("slice.yaml", slice_of(1))]);
