@@ -644,14 +644,51 @@ fn ratio_cell(r: &Value) -> String {
     }
 }
 
-/// The NodePort table (summary.md) from `nodeport.json`.
+/// The NodePort table (summary.md) from `nodeport.json` or
+/// `nodeport-remote.json`.
 fn nodeport_table(v: &Value, md: &mut String) -> Result<()> {
     let scales = v["scales"].as_array().context("no scales")?;
-    writeln!(md, "### NodePort from outside (XDP), packets per second\n")?;
-    writeln!(md, "Machine: {}. Command: `{}`. One AF_PACKET sender in the client namespace, {} flows of {}-byte UDP frames (64 on a wire), {} s (at most {} packets) per contender per round, contenders interleaved; thousands of packets per second over the send time, median over rounds [min-max]. Delivered: arrived at the backends' interfaces; offered: accepted by the sender's socket; socket: read by the backends' UDP sockets. Ratios of delivered pps, per round (seconds apart): median [p25-p75] (ratio of medians).\n",
+    let remote = v["remote_backends"].as_bool() == Some(true);
+    if remote {
+        writeln!(
+            md,
+            "### NodePort from outside (XDP), backends on another node, packets per second\n"
+        )?;
+    } else {
+        writeln!(md, "### NodePort from outside (XDP), packets per second\n")?;
+    }
+    // Files written before the live-frames generator name none: AF_PACKET.
+    let generator = v["generator"].as_str().unwrap_or("AF_PACKET");
+    let live = generator.starts_with("live frames");
+    let (sender, offered, delivered) = if live {
+        (
+            "One live-frames generator (XDP_TX, BPF_PROG_TEST_RUN) in the client namespace",
+            "sent by the generator's program (frames the node's ring could not take included)",
+            if remote {
+                "dropped by the XDP sinks on the backends' interfaces (UDP to the backend port)"
+            } else {
+                "arrived at the backends' interfaces"
+            },
+        )
+    } else {
+        (
+            "One AF_PACKET sender in the client namespace",
+            "accepted by the sender's socket",
+            "arrived at the backends' interfaces",
+        )
+    };
+    writeln!(md, "Machine: {}. Command: `{}`. {sender}, {} flows of {}-byte UDP frames (64 on a wire), {} s (at most {} packets) per contender per round, contenders interleaved; thousands of packets per second over the send time, median over rounds [min-max]. Delivered: {delivered}; offered: {offered}; socket: read by the backends' UDP sockets. Ratios of delivered pps, per round (seconds apart): median [p25-p75] (ratio of medians).\n",
         machine_line(v), v["command"].as_str().unwrap_or("?"), v["flows"], v["frame_bytes"], v["send_s"], v["max_packets"])?;
     if let Some(n) = v["node_cpu"].as_str() {
         writeln!(md, "{n}\n")?;
+    }
+    if live {
+        writeln!(md, "Generator: {generator}.\n")?;
+    }
+    if remote {
+        if let Some(p) = v["external_traffic_policy"].as_str() {
+            writeln!(md, "{p}.\n")?;
+        }
     }
     if let Some(p) = provenance(v) {
         writeln!(md, "{p}")?;
@@ -707,11 +744,13 @@ fn nodeport_table(v: &Value, md: &mut String) -> Result<()> {
     Ok(())
 }
 
-/// NodePort: the table and a plot of delivered pps per round.
-fn nodeport(dir: &Path, md: &mut String) -> Result<()> {
-    let v = load(&dir.join("nodeport.json"))?;
+/// NodePort (`part`: `nodeport` or `nodeport-remote`): the table and a
+/// plot of delivered pps per round.
+fn nodeport(dir: &Path, part: &str, md: &mut String) -> Result<()> {
+    let v = load(&dir.join(format!("{part}.json")))?;
     let scales = v["scales"].as_array().context("no scales")?;
-    let file = dir.join("nodeport.svg");
+    let remote = v["remote_backends"].as_bool() == Some(true);
+    let file = dir.join(format!("{part}.svg"));
     let root = SVGBackend::new(&file, (800 * scales.len().max(1) as u32, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let areas = root.split_evenly((1, scales.len().max(1)));
@@ -731,7 +770,8 @@ fn nodeport(dir: &Path, md: &mut String) -> Result<()> {
         chart_rounds(
             area,
             &format!(
-                "NodePort, {} Services: delivered packets per second, by round",
+                "NodePort{}, {} Services: delivered packets per second, by round",
+                if remote { ", backends on another node" } else { "" },
                 s["services"]
             ),
             "thousand packets / s",
@@ -757,8 +797,10 @@ pub fn report(dir: &Path) -> Result<()> {
     if cp.exists() && load(&cp)?["part"] == "control_plane" {
         control_plane(dir, &mut md)?;
     }
-    if dir.join("nodeport.json").exists() {
-        nodeport(dir, &mut md)?;
+    for part in ["nodeport", "nodeport-remote"] {
+        if dir.join(format!("{part}.json")).exists() {
+            nodeport(dir, part, &mut md)?;
+        }
     }
     std::fs::write(dir.join("summary.md"), md)?;
     Ok(())
@@ -876,6 +918,23 @@ mod tests {
         // Contenders not measured have no row.
         assert!(!md.contains("nftables"));
         assert!(md.contains("256 flows of 60-byte UDP frames"));
+        assert!(md.contains("One AF_PACKET sender"));
+        assert!(!md.contains("another node"));
+        // Backends on another node, the live-frames generator: said in
+        // the heading and the method, the same rows.
+        let mut v3 = v.clone();
+        v3["part"] = json!("nodeport-remote");
+        v3["remote_backends"] = json!(true);
+        v3["generator"] = json!("live frames: BPF_PROG_TEST_RUN ...");
+        v3["external_traffic_policy"] = json!("Cluster, endpoints on another node");
+        let mut md3 = String::new();
+        super::nodeport_table(&v3, &mut md3).unwrap();
+        assert!(md3.starts_with("### NodePort from outside (XDP), backends on another node, packets per second"));
+        assert!(md3.contains("One live-frames generator"));
+        assert!(md3.contains("Delivered: dropped by the XDP sinks on the backends' interfaces"));
+        assert!(md3.contains("Generator: live frames: BPF_PROG_TEST_RUN ....\n"));
+        assert!(md3.contains("Cluster, endpoints on another node.\n"));
+        assert!(md3.contains(&row("dataplane")));
     }
 
     #[test]

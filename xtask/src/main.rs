@@ -89,6 +89,7 @@ enum BenchPart {
     ThroughVip,
     ControlPlane,
     Nodeport,
+    NodeportRemote,
 }
 
 impl BenchPart {
@@ -98,6 +99,7 @@ impl BenchPart {
             BenchPart::ThroughVip => "through-vip",
             BenchPart::ControlPlane => "control-plane",
             BenchPart::Nodeport => "nodeport",
+            BenchPart::NodeportRemote => "nodeport-remote",
         }
     }
 }
@@ -456,6 +458,7 @@ fn bench(quick: bool, report_only: bool, only: &[BenchPart], scales: Option<Stri
                 BenchPart::ThroughVip,
                 BenchPart::ControlPlane,
                 BenchPart::Nodeport,
+                BenchPart::NodeportRemote,
             ]
         } else {
             only.to_vec()

@@ -30,6 +30,7 @@ pub enum Cmd {
     ProgQuery = 16,
     MapLookupBatch = 24,
     MapUpdateBatch = 26,
+    LinkCreate = 28,
     LinkUpdate = 29,
     MapCreate = 0,
 }
@@ -50,6 +51,7 @@ impl Cmd {
             Cmd::ProgQuery => "BPF_PROG_QUERY",
             Cmd::MapLookupBatch => "BPF_MAP_LOOKUP_BATCH",
             Cmd::MapUpdateBatch => "BPF_MAP_UPDATE_BATCH",
+            Cmd::LinkCreate => "BPF_LINK_CREATE",
             Cmd::LinkUpdate => "BPF_LINK_UPDATE",
             Cmd::MapCreate => "BPF_MAP_CREATE",
         }
@@ -336,6 +338,8 @@ struct TestRunAttr {
     ctx_out: u64,
     flags: u32,
     cpu: u32,
+    batch_size: u32,
+    _pad: u32,
 }
 
 /// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (6.17): the skb is given
@@ -407,6 +411,68 @@ pub fn prog_test_run_ctx(
         size_out: (attr.data_size_out as usize).min(data_out.len()),
         duration_ns: attr.duration,
     })
+}
+
+/// `BPF_F_TEST_XDP_LIVE_FRAMES` (5.18): each run's frame, if the XDP
+/// program redirects it (`XDP_REDIRECT`, or `XDP_TX`: out of the context's
+/// ingress interface), is really sent, as a driver would; nothing is
+/// copied back.
+pub const TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+
+/// `BPF_PROG_TEST_RUN` of XDP program `prog` in live-frames mode
+/// ([`TEST_XDP_LIVE_FRAMES`]): `repeat` frames made from `data_in`, with
+/// the `struct xdp_md` context `ctx_in` (its ingress interface is where
+/// `XDP_TX` sends), `batch_size` frames per batch (0: the kernel's 64).
+/// A frame the target cannot take is dropped by the kernel, unreported.
+pub fn prog_test_run_live(
+    prog: BorrowedFd<'_>,
+    data_in: &[u8],
+    ctx_in: &[u8],
+    repeat: u32,
+    batch_size: u32,
+) -> Result<(), SysError> {
+    let mut attr = TestRunAttr {
+        flags: TEST_XDP_LIVE_FRAMES,
+        ctx_size_in: ctx_in.len() as u32,
+        ctx_in: ctx_in.as_ptr() as u64,
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: data_in.len() as u32,
+        data_in: data_in.as_ptr() as u64,
+        repeat,
+        batch_size,
+        ..Default::default()
+    };
+    // SAFETY: data_in and ctx_in point at buffers of the sizes given,
+    // borrowed for the call; no output buffer.
+    unsafe { bpf(Cmd::ProgTestRun, &mut attr) }.map(drop)
+}
+
+/// `BPF_PROG_TYPE_XDP`.
+pub const PROG_TYPE_XDP: u32 = 6;
+/// `BPF_XDP`, the attach type of an XDP link.
+pub const ATTACH_TYPE_XDP: u32 = 37;
+
+/// `BPF_LINK_CREATE`: attaches `prog` to interface `ifindex` of the calling
+/// thread's network namespace at `attach_type` with `flags`; the program
+/// stays attached while the returned link is open.
+pub fn link_create(prog: BorrowedFd<'_>, ifindex: u32, attach_type: u32, flags: u32) -> Result<OwnedFd, SysError> {
+    #[repr(C)]
+    struct Attr {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let mut attr = Attr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type,
+        flags,
+    };
+    // SAFETY: plain integers only.
+    let fd = unsafe { bpf(Cmd::LinkCreate, &mut attr) }?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// The `BPF_PROG_LOAD` member of `union bpf_attr`, up to

@@ -8,6 +8,7 @@ pub mod kube_rules;
 pub mod nodeport;
 pub mod perpacket;
 pub mod vip;
+pub mod xdp_gen;
 
 use std::collections::BTreeMap;
 

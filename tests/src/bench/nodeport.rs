@@ -47,7 +47,7 @@ use super::{
     kube_rules::{Proto, SvcPort},
     pin_thread,
     vip::{check_node, install_kube_proxy, vip, NodeHolds},
-    PIN_CPU,
+    xdp_gen, PIN_CPU,
 };
 use crate::{
     agent::Agent,
@@ -87,6 +87,44 @@ pub struct Config {
     /// backends' sockets are then not read (a reader would share that
     /// CPU), so socket pps is not measured.
     pub node_cpu: bool,
+    /// How frames leave the client.
+    pub generator: Generator,
+    /// The backends stand for pods on another node: their endpoints name
+    /// another node (the dataplane SNATs their flows, as kube-proxy's
+    /// masquerade does), and each backend's interface receives as that
+    /// node would, off the node's CPU: an XDP sink on it (`xdp_gen`) drops
+    /// the translated datagrams and counts them, its NAPI threaded and
+    /// pinned to the generator's CPU. What the node's CPU does is then
+    /// only the node's work: receive, translate, forward.
+    pub remote_backends: bool,
+}
+
+/// How the client sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Generator {
+    /// An AF_PACKET socket (`sendmmsg`): frames reach the node's veth as
+    /// skbs, which XDP on a veth must copy into an XDP buffer.
+    AfPacket,
+    /// `BPF_PROG_TEST_RUN` in live-frames mode with a program returning
+    /// `XDP_TX` on the client's veth (`xdp_gen`): frames reach the node's
+    /// veth as XDP frames, as a NIC's driver hands them to XDP; the stack
+    /// builds its skb around them without a copy.
+    LiveFrames,
+}
+
+impl Generator {
+    pub fn name(self) -> &'static str {
+        match self {
+            Generator::AfPacket => "af-packet",
+            Generator::LiveFrames => "live-frames",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Generator> {
+        [Generator::AfPacket, Generator::LiveFrames]
+            .into_iter()
+            .find(|g| g.name() == name)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,9 +216,15 @@ fn services(n: usize) -> Vec<SvcPort> {
         .collect()
 }
 
+/// The node the agent runs as with `Config::remote_backends`, and the
+/// node its endpoints are on then.
+const NODE_NAME: &str = "node-a";
+const REMOTE_NODE: &str = "node-b";
+
 /// The agent's manifests for the same Services (type NodePort where they
-/// have one), endpoints without a node name: local to the agent's node.
-fn manifests(svcs: &[SvcPort]) -> String {
+/// have one); endpoints without a node name (local to the agent's node),
+/// or on `REMOTE_NODE` with `remote`.
+fn manifests(svcs: &[SvcPort], remote: bool) -> String {
     let mut docs = String::new();
     for p in svcs {
         let (ty, np) = match p.node_port {
@@ -192,13 +236,21 @@ fn manifests(svcs: &[SvcPort]) -> String {
             p.name, p.namespace, p.port_name, p.port, vip = p.vip
         ));
         docs.push_str("---\n");
-        docs.push_str(&crate::manifests::slice(
+        let slice = crate::manifests::slice(
             &p.namespace,
             &format!("{}-1", p.name),
             &p.name,
             &[(p.port_name.as_str(), BACKEND_PORT, "UDP")],
             &[backend_addr(1), backend_addr(2)],
-        ));
+        );
+        if remote {
+            docs.push_str(&slice.replace(
+                "\n  conditions:",
+                &format!("\n  nodeName: {REMOTE_NODE}\n  conditions:"),
+            ));
+        } else {
+            docs.push_str(&slice);
+        }
     }
     docs
 }
@@ -377,6 +429,32 @@ fn napi_threads() -> Result<std::collections::BTreeSet<u32>> {
     Ok(set)
 }
 
+/// Threads the NAPI of `iface` in `ns` (which must have one: GRO on or an
+/// XDP program) and pins the new `napi/` thread to `cpu`. Returns its PID
+/// and name.
+fn thread_napi(ns: &Netns, iface: &str, cpu: usize) -> Result<(u32, String)> {
+    let before = napi_threads()?;
+    ns.exec(&["sh", "-c", &format!("echo 1 > /sys/class/net/{iface}/threaded")])?;
+    let new: Vec<u32> = napi_threads()?.difference(&before).copied().collect();
+    let [pid] = new[..] else {
+        bail!("threaded NAPI on {iface}: expected one new napi/ thread, found {new:?}");
+    };
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+    // within it; the PID is a kernel thread found above.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(pid as libc::pid_t, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "pinning the NAPI thread {pid} of {iface} to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    Ok((pid, comm.trim().to_string()))
+}
+
 /// Moves the node's receive on its client-side veth off the generator's
 /// CPU: GRO on (the veth then receives through its own NAPI, as a NIC's
 /// driver does), NAPI threaded, the thread pinned to `receiver_cpu()`.
@@ -390,37 +468,67 @@ fn node_receive_on_other_cpu(topo: &Topology) -> Result<(u32, String)> {
     // other contenders the packets would go to the sender's CPU's
     // backlog instead. So TSO off on the client's veth for everyone.
     topo.client.exec(&["ethtool", "-K", "eth0", "tso", "off"])?;
-    let before = napi_threads()?;
-    topo.node.exec(&[
-        "sh",
-        "-c",
-        &format!("echo 1 > /sys/class/net/{NODE_CLIENT_IFACE}/threaded"),
-    ])?;
-    let new: Vec<u32> = napi_threads()?.difference(&before).copied().collect();
-    let [pid] = new[..] else {
-        bail!("threaded NAPI on {NODE_CLIENT_IFACE}: expected one new napi/ thread, found {new:?}");
-    };
     let cpu = receiver_cpu();
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
-    // within it; the PID is a kernel thread found above.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(pid as libc::pid_t, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!(
-                "pinning the NAPI thread {pid} of {NODE_CLIENT_IFACE} to CPU {cpu}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let (pid, comm) = thread_napi(&topo.node, NODE_CLIENT_IFACE, cpu)?;
     Ok((
         pid,
         format!(
-            "the node's receive on {NODE_CLIENT_IFACE}: GRO on, threaded NAPI, thread {} (PID {pid}) pinned to CPU {cpu}; TSO off on the client's eth0",
-            comm.trim()
+            "the node's receive on {NODE_CLIENT_IFACE}: GRO on, threaded NAPI, thread {comm} (PID {pid}) pinned to CPU {cpu}; TSO off on the client's eth0"
         ),
     ))
+}
+
+/// The backends as pods of another node (`Config::remote_backends`): an
+/// XDP sink for UDP to `BACKEND_PORT` on each backend's `eth0` (native
+/// mode), its NAPI threaded and pinned to the generator's CPU. Returns
+/// the links (the sinks stay while they are open) and a note.
+fn remote_sinks(topo: &Topology) -> Result<(Vec<std::os::fd::OwnedFd>, String)> {
+    let prog = Arc::new(xdp_gen::load("bench_sink", &xdp_gen::sink_program(BACKEND_PORT))?);
+    let mut links = Vec::new();
+    let mut threads = Vec::new();
+    for b in &topo.backends {
+        let p = prog.clone();
+        let link = b
+            .run(move || -> Result<std::os::fd::OwnedFd> {
+                let ifindex = ifindex_of("eth0")?;
+                xdp_gen::attach_native(&p, ifindex)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the attach thread panicked"))??;
+        links.push(link);
+        let (pid, comm) = thread_napi(b, "eth0", PIN_CPU)?;
+        // Real-time, so that it runs as soon as frames wait, before the
+        // generator it shares the CPU with: else the backend's ring (256
+        // frames) fills while the generator runs and the node's transmit
+        // fails, which would be measured as the node's loss.
+        let param = libc::sched_param { sched_priority: 50 };
+        // SAFETY: a valid sched_param for a kernel thread found above.
+        if unsafe { libc::sched_setscheduler(pid as libc::pid_t, libc::SCHED_FIFO, &param) } != 0 {
+            bail!(
+                "SCHED_FIFO for the NAPI thread {pid} of a backend's eth0: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        threads.push(format!("{comm} (PID {pid})"));
+    }
+    Ok((
+        links,
+        format!(
+            "backends on another node: an XDP sink (native mode) on each backend's eth0 drops UDP to port {BACKEND_PORT} and counts it (rx_queue_0_xdp_drops: delivered), its NAPI threaded ({}), pinned to CPU {PIN_CPU}, the generator's, standing for the other node's CPUs, and real-time (SCHED_FIFO 50) so that it receives before the generator sends more",
+            threads.join(", ")
+        ),
+    ))
+}
+
+/// The index of interface `iface` in the calling thread's namespace.
+fn ifindex_of(iface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(iface)?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface {iface}: {}", std::io::Error::last_os_error());
+    }
+    Ok(ifindex)
 }
 
 /// The generator's frames: one per flow, source ports `FIRST_SRC_PORT..`,
@@ -449,12 +557,7 @@ struct Sent {
 /// namespace with an AF_PACKET socket (`PACKET_QDISC_BYPASS`,
 /// `sendmmsg`), for `limit` or `max_packets`, whichever comes first.
 fn generate(iface: &str, frames: &[Vec<u8>], limit: Duration, max_packets: u64) -> Result<Sent> {
-    let name = std::ffi::CString::new(iface)?;
-    // SAFETY: a NUL-terminated name.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        bail!("no interface {iface}: {}", std::io::Error::last_os_error());
-    }
+    let ifindex = ifindex_of(iface)?;
     // Protocol 0: a send-only socket, nothing is queued to it.
     // SAFETY: plain socket call; the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
@@ -533,6 +636,45 @@ fn generate(iface: &str, frames: &[Vec<u8>], limit: Duration, max_packets: u64) 
     Ok(s)
 }
 
+/// Frames per live-frames run: about a second at the rates
+/// seen here. Each run costs about 25 ms to set up in the kernel (its page
+/// pool), so runs must be long for the setup not to count.
+const LIVE_RUN: u64 = 1 << 21;
+
+/// The live generator's frame: the first flow's frame without a UDP
+/// checksum (0: none, valid for IPv4), since `xdp_gen::tx_program`
+/// rewrites the source port.
+fn live_frame(frames: &[Vec<u8>]) -> Vec<u8> {
+    let mut f = frames[0].clone();
+    f[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    f
+}
+
+/// Sends `frame` out of `iface` of the calling thread's namespace as XDP
+/// frames (`xdp_gen::send_live` of the program `prog`, which gives each a
+/// random source port of the flows), in runs of `LIVE_RUN`, for `limit`
+/// (the last run may end after it: the rates are over the time taken) or
+/// `max_packets`, whichever comes first. Frames the node's ring cannot
+/// take are dropped unreported: offered counts what the program sent.
+fn generate_live(
+    prog: &std::os::fd::OwnedFd,
+    iface: &str,
+    frame: &[u8],
+    limit: Duration,
+    max_packets: u64,
+) -> Result<Sent> {
+    let ifindex = ifindex_of(iface)?;
+    let mut s = Sent::default();
+    let t = Instant::now();
+    while s.packets < max_packets && t.elapsed() < limit {
+        let n = LIVE_RUN.min(max_packets - s.packets);
+        xdp_gen::send_live(prog, ifindex, frame, n as u32)?;
+        s.packets += n;
+    }
+    s.secs = t.elapsed().as_secs_f64();
+    Ok(s)
+}
+
 /// Interface counters (`ip -s -j link`) of some interfaces of a namespace.
 fn link_stats(ns: &Netns, ifaces: &[&str]) -> Result<BTreeMap<String, [u64; 4]>> {
     let out = ns.ip(&["-s", "-j", "link", "show"])?;
@@ -573,9 +715,12 @@ struct Counters {
     client: BTreeMap<String, [u64; 4]>,
     node: BTreeMap<String, [u64; 4]>,
     backends: Vec<BTreeMap<String, [u64; 4]>>,
+    /// What the XDP sinks on the backends' interfaces dropped (with
+    /// `Config::remote_backends`; else empty).
+    sinks: Vec<u64>,
 }
 
-fn counters(t: &Topology) -> Result<Counters> {
+fn counters(t: &Topology, remote: bool) -> Result<Counters> {
     let ifaces = t.node_ifaces();
     let ifaces: Vec<&str> = ifaces.iter().map(String::as_str).collect();
     Ok(Counters {
@@ -586,6 +731,14 @@ fn counters(t: &Topology) -> Result<Counters> {
             .iter()
             .map(|b| link_stats(b, &["eth0"]))
             .collect::<Result<_>>()?,
+        sinks: if remote {
+            t.backends
+                .iter()
+                .map(|b| xdp_gen::xdp_drops(b, "eth0"))
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -607,7 +760,11 @@ fn delta(before: &Counters, after: &Counters) -> Value {
     for (i, (b, a)) in before.backends.iter().zip(&after.backends).enumerate() {
         backends.insert(format!("backend{}", i + 1), d(b, a));
     }
-    json!({ "client": d(&before.client, &after.client), "node": d(&before.node, &after.node), "backends": backends })
+    let mut v = json!({ "client": d(&before.client, &after.client), "node": d(&before.node, &after.node), "backends": backends });
+    for (i, (b, a)) in before.sinks.iter().zip(&after.sinks).enumerate() {
+        v["sinks"][format!("backend{}", i + 1)] = json!({ "xdp_drops": a.saturating_sub(*b) });
+    }
+    v
 }
 
 /// The sum of counter records (`delta`'s shape: nested objects with
@@ -638,7 +795,9 @@ pub fn sum_counters<'a>(records: impl Iterator<Item = &'a Value>) -> Value {
 #[derive(Clone, Debug)]
 struct RoundResult {
     sent: Sent,
-    /// Packets that reached the backends' interfaces (rx_packets).
+    /// Packets that reached the backends' interfaces (rx_packets; with
+    /// `Config::remote_backends`, what their XDP sinks dropped: UDP to the
+    /// backend port).
     delivered: u64,
     /// Datagrams the backends' sockets read.
     received: u64,
@@ -673,23 +832,34 @@ struct Setup {
     notes: Vec<String>,
     /// The node's NAPI thread on the other CPU (`Config::node_cpu`).
     napi: Option<u32>,
+    /// The live-frames generator's `XDP_TX` program (`Generator::LiveFrames`).
+    tx: Option<Arc<std::os::fd::OwnedFd>>,
+    /// `Config::remote_backends`: the links of the backends' XDP sinks.
+    sinks: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Setup {
     /// One send of up to `limit` / `max_packets` from the client namespace,
-    /// with the counters around it.
-    fn round(&self, limit: Duration, max_packets: u64) -> Result<RoundResult> {
-        let before = counters(&self.topo)?;
+    /// with the counters around it: with the AF_PACKET generator when
+    /// `warm_up` (every flow in turn) or when it is the configured one,
+    /// else with the live-frames generator.
+    fn round(&self, limit: Duration, max_packets: u64, warm_up: bool) -> Result<RoundResult> {
+        let remote = !self.sinks.is_empty();
+        let before = counters(&self.topo, remote)?;
         let cpu0 = self.napi.map(thread_cpu_secs).transpose()?;
         let received0 = self.receivers.total();
         let frames = self.frames.clone();
+        let tx = if warm_up { None } else { self.tx.clone() };
         self.receivers.active.store(true, Ordering::Relaxed);
         let sent = self
             .topo
             .client
             .run(move || -> Result<Sent> {
                 pin_thread(PIN_CPU)?;
-                generate("eth0", &frames, limit, max_packets)
+                match tx {
+                    Some(prog) => generate_live(&prog, "eth0", &live_frame(&frames), limit, max_packets),
+                    None => generate("eth0", &frames, limit, max_packets),
+                }
             })
             .join()
             .map_err(|_| anyhow::anyhow!("the generator thread panicked"));
@@ -702,14 +872,23 @@ impl Setup {
             (Some(pid), Some(c0)) => Some((thread_cpu_secs(pid)? - c0) / sent.secs),
             _ => None,
         };
-        let after = counters(&self.topo)?;
+        let after = counters(&self.topo, remote)?;
         let received = self.receivers.total() - received0;
-        let delivered = before
-            .backends
-            .iter()
-            .zip(&after.backends)
-            .map(|(b, a)| a["eth0"][0].saturating_sub(b["eth0"][0]))
-            .sum();
+        let delivered = if remote {
+            before
+                .sinks
+                .iter()
+                .zip(&after.sinks)
+                .map(|(b, a)| a.saturating_sub(*b))
+                .sum()
+        } else {
+            before
+                .backends
+                .iter()
+                .zip(&after.backends)
+                .map(|(b, a)| a["eth0"][0].saturating_sub(b["eth0"][0]))
+                .sum()
+        };
         Ok(RoundResult {
             sent,
             delivered,
@@ -748,13 +927,27 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
     } else {
         (None, None)
     };
-    let receivers = receivers(
+    if cfg.generator == Generator::LiveFrames && !cfg.node_cpu {
+        bail!(
+            "the live-frames generator needs the node's receive on its own CPU (its veth's NAPI takes the XDP frames)"
+        );
+    }
+    let (sinks, sink_note) = if cfg.remote_backends {
+        let (links, note) = remote_sinks(&topo)?;
+        (links, Some(note))
+    } else {
+        (Vec::new(), None)
+    };
+    // Remote backends receive in their XDP sinks: no socket.
+    let socks = if cfg.remote_backends {
+        Vec::new()
+    } else {
         vec![
             bind_in(&topo.backends[0], backend_addr(1))?,
             bind_in(&topo.backends[1], backend_addr(2))?,
-        ],
-        !cfg.node_cpu,
-    )?;
+        ]
+    };
+    let receivers = receivers(socks, !cfg.node_cpu)?;
     let last = svcs.last().expect("at least one Service");
     let node_port = last.node_port.context("the measured Service has a NodePort")?;
     let target = match who {
@@ -767,6 +960,18 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
         target,
         cfg.flows,
     );
+    let tx = match cfg.generator {
+        Generator::LiveFrames => {
+            let headers = live_frame(&frames)[..xdp_gen::HEADERS]
+                .try_into()
+                .expect("a frame holds its headers");
+            Some(Arc::new(xdp_gen::load(
+                "bench_gen_tx",
+                &xdp_gen::tx_program(&headers, FIRST_SRC_PORT, cfg.flows),
+            )?))
+        }
+        Generator::AfPacket => None,
+    };
     let mut s = Setup {
         who,
         topo,
@@ -775,20 +980,25 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
         frames,
         target,
         install_s: None,
-        notes: napi_note.into_iter().collect(),
+        notes: napi_note.into_iter().chain(sink_note).collect(),
         napi,
+        tx,
+        sinks,
     };
     match who {
         Contender::Dataplane | Contender::DataplaneGeneric => {
-            let docs = manifests(svcs);
+            let docs = manifests(svcs, cfg.remote_backends);
             let xdp = vec![NODE_CLIENT_IFACE.to_string()];
             let tc: Vec<String> = (1..=s.topo.backends.len()).map(backend_iface).collect();
             let mode = if who == Contender::Dataplane { "auto" } else { "generic" };
-            let extra = [
+            let mut extra = vec![
                 format!("--host-routing={}", cfg.host_routing),
                 format!("--node-ip={NODE_CLIENT_SIDE}"),
                 format!("--xdp-mode={mode}"),
             ];
+            if cfg.remote_backends {
+                extra.push(format!("--node-name={NODE_NAME}"));
+            }
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             let t = Instant::now();
             let agent = Agent::start_with(&s.topo.node, &tc, &xdp, &[("services.yaml", &docs)], &extra)?;
@@ -822,9 +1032,9 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
     // sees the client's side).
     let before = s.agent.as_ref().map(Agent::translations).transpose()?;
     let flows = u64::from(cfg.flows);
-    let mut warm = s.round(Duration::from_secs(5), flows)?;
+    let mut warm = s.round(Duration::from_secs(5), flows, true)?;
     std::thread::sleep(Duration::from_millis(200));
-    let more = s.round(Duration::from_secs(5), 4 * flows)?;
+    let more = s.round(Duration::from_secs(5), 4 * flows, true)?;
     warm.delivered += more.delivered;
     if warm.delivered < 4 * flows {
         bail!(
@@ -856,6 +1066,24 @@ fn setup(who: Contender, svcs: &[SvcPort], cfg: &Config) -> Result<Setup> {
         s.notes.push(format!(
             "host routing in the warm-up: {redirected} packets redirected by XDP (xdp_redirect), {to_stack} to the stack"
         ));
+        if cfg.remote_backends {
+            // Endpoints of another node: every flow SNATed, so that
+            // replies would come back through this node.
+            let maps = dataplane::inspect::open_pinned(&a.pins)?;
+            let rows = dataplane::inspect::conntrack_rows(&maps)?;
+            let original: Vec<_> = rows.iter().filter(|r| r.direction == "original").collect();
+            let snat = original.iter().filter(|r| r.snat.is_some()).count();
+            if original.len() as u64 != flows || snat != original.len() {
+                bail!(
+                    "{}: remote endpoints: {snat} of {} flows SNATed, expected all {flows}",
+                    who.name(),
+                    original.len()
+                );
+            }
+            s.notes.push(format!(
+                "checked before timing: the {flows} flows to remote endpoints are SNATed"
+            ));
+        }
         if cfg.host_routing && cfg.backend_gro && redirected < 4 * flows {
             bail!(
                 "{}: XDP redirected {redirected} of {} warm-up packets ({to_stack} to the stack); the backends' veths should take XDP frames with GRO on at their ends",
@@ -938,7 +1166,7 @@ pub fn run(cfg: &Config) -> Result<Value> {
             cfg.deadline,
             |i, round| {
                 let s = &setups[i];
-                s.round(cfg.send, cfg.max_packets)
+                s.round(cfg.send, cfg.max_packets, false)
                     .with_context(|| format!("{} at {n} Services, round {round}", s.who.name()))
             },
             |round, results| {
@@ -1010,11 +1238,17 @@ pub fn run(cfg: &Config) -> Result<Value> {
         drop(setups);
     }
     Ok(json!({
-        "part": "nodeport",
-        "method": "One copy of the topology (client, node, 2 backends) per contender, built side by side. A generator thread in the client namespace (pinned to PIN_CPU) sends prebuilt 60-byte Ethernet/IPv4/UDP frames (64 bytes on a wire with the FCS; valid checksums) out of the client's veth with an AF_PACKET socket (PACKET_QDISC_BYPASS, sendmmsg of 64 frames per call), cycling through `flows` source ports, for `send_s` seconds or `max_packets` per contender per round, whichever comes first; every round measures each contender in turn (the order rotating by one from round to round). Offered pps: frames the socket accepted over the send time. Delivered pps: the backends' interfaces' rx_packets over the same time (read before and 100 ms after the send). Socket pps: datagrams the backends' UDP sockets read (one thread pinned to the other CPU reads both with non-blocking recvmmsg, polling without sleeping while a send is on, so that no packet costs the sending CPU a wakeup). Before timing, every flow is sent 5 times (neighbours, conntrack, NAT bindings), the packets must arrive, and the dataplane must have translated each flow once per packet (XDP: no TC program is on the client's side). Ratios: per round, a contender's delivered pps over another's (seconds apart), median over rounds; and the ratio of the medians.",
-        "generator": "AF_PACKET, PACKET_QDISC_BYPASS, sendmmsg (64 frames per call), one thread; a call the node's veth cannot take (its ring full) fails with ENOBUFS and is sent again",
-        "node_cpu": if cfg.node_cpu {
-            "The node's receive on the other CPU (the default): GRO on at the node's client-side veth vc and TSO off at the client's eth0 for every contender, so that every frame goes through vc's NAPI; vc's NAPI threaded, its thread pinned to receiver_cpu. Everything the node does with a packet (XDP or the stack, netfilter, forwarding) and the backends' receive (which runs after it in the same context) runs on that CPU, the generator alone on pinned_cpu: the rates are the node's capacity (the thread's busy share of the send time is in node_napi_thread_busy; offered equals delivered because a frame the full ring refuses is sent again, ENOBUFS counts those calls). The backends' sockets are held but not read (a reader would share the node's CPU): socket_pps is 0."
+        "part": if cfg.remote_backends { "nodeport-remote" } else { "nodeport" },
+        "method": "One copy of the topology (client, node, 2 backends) per contender, built side by side. A generator thread in the client namespace (pinned to PIN_CPU) sends prebuilt 60-byte Ethernet/IPv4/UDP frames (64 bytes on a wire with the FCS; valid checksums) out of the client's veth (see generator), cycling through `flows` source ports, for `send_s` seconds or `max_packets` per contender per round, whichever comes first; every round measures each contender in turn (the order rotating by one from round to round). Offered pps: frames the socket accepted over the send time. Delivered pps: the backends' interfaces' rx_packets over the same time (read before and 100 ms after the send). Socket pps: datagrams the backends' UDP sockets read (one thread pinned to the other CPU reads both with non-blocking recvmmsg, polling without sleeping while a send is on, so that no packet costs the sending CPU a wakeup). Before timing, every flow is sent 5 times (neighbours, conntrack, NAT bindings), the packets must arrive, and the dataplane must have translated each flow once per packet (XDP: no TC program is on the client's side). Ratios: per round, a contender's delivered pps over another's (seconds apart), median over rounds; and the ratio of the medians.",
+        "generator": match cfg.generator {
+            Generator::AfPacket => "AF_PACKET, PACKET_QDISC_BYPASS, sendmmsg (64 frames per call), one thread; a call the node's veth cannot take (its ring full) fails with ENOBUFS and is sent again",
+            Generator::LiveFrames => "live frames: BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES of an XDP program on the client's eth0 that writes the first flow's headers over the frame (live frames are recycled pages, which come back as the node left them), gives it a random source port of the flows (UDP checksum 0) and returns XDP_TX; one thread, 2^21 frames per call (each call sets up a page pool, about 25 ms); the frames reach the node's veth as XDP frames, as a NIC's driver hands frames to XDP (no skb for XDP to copy; the stack builds its skb around the frame). A frame the node's ring cannot take is dropped by the kernel unreported, so offered pps (what the program sent) exceeds delivered once the node is saturated, and lost counts those frames. The warm-up sends with the AF_PACKET socket (each flow in turn)",
+        },
+        "remote_backends": cfg.remote_backends,
+        "node_cpu": if cfg.node_cpu && cfg.remote_backends {
+            "The node's receive on the other CPU: GRO on at the node's client-side veth vc for every contender, so that every frame goes through vc's NAPI; vc's NAPI threaded, its thread pinned to receiver_cpu. Everything the node does with a packet (XDP or the stack, netfilter, forwarding, the transmit to the backend's veth) runs on that CPU; the generator and the backends' receive (their veths' NAPI threads, real-time) run on pinned_cpu, standing for the client's and the other node's CPUs: the rates are the node's capacity (the thread's busy share of the send time is in node_napi_thread_busy)."
+        } else if cfg.node_cpu {
+            "The node's receive on the other CPU (the default): GRO on at the node's client-side veth vc and TSO off at the client's eth0 for every contender, so that every frame goes through vc's NAPI; vc's NAPI threaded, its thread pinned to receiver_cpu. Everything the node does with a packet (XDP or the stack, netfilter, forwarding) and the backends' receive (which runs after it in the same context) runs on that CPU, the generator alone on pinned_cpu: the rates are the node's capacity (the thread's busy share of the send time is in node_napi_thread_busy; with the AF_PACKET generator offered equals delivered because a frame the full ring refuses is sent again, ENOBUFS counts those calls). The backends' sockets are held but not read (a reader would share the node's CPU): socket_pps is 0."
         } else {
             "One CPU (--nodeport-one-cpu): the generator and, in softirq in its context, the node's and the backends' receive all run on pinned_cpu; the backends' sockets are read on receiver_cpu. Every rate is then one CPU over the whole path's cost, generator included."
         },
@@ -1037,7 +1271,11 @@ pub fn run(cfg: &Config) -> Result<Value> {
         } else {
             "dataplane: XDP (auto mode) on the node's client-side veth (vc), TC ingress (tcx) on the backend-side veths; the XDP program translates and passes the packet to the stack (the backends' veths cannot take XDP frames without GRO on their peers, or host routing is off), so the node still forwards it"
         },
-        "external_traffic_policy": "Cluster (the default): kube-proxy masquerades NodePort traffic to the node's address; the dataplane does not SNAT local endpoints (no --node-name: every endpoint is local), so its backends see the client's address",
+        "external_traffic_policy": if cfg.remote_backends {
+            "Cluster (the default), endpoints on another node (nodeName node-b, the agent runs as node-a): kube-proxy masquerades NodePort traffic to the node's address, the dataplane SNATs it to the node's address (--node-ip) with a port of its SNAT range, so replies would come back through the node. Delivered: the datagrams the backends' XDP sinks dropped (UDP to the backend port, so translated), their rx_queue_0_xdp_drops"
+        } else {
+            "Cluster (the default): kube-proxy masquerades NodePort traffic to the node's address; the dataplane does not SNAT local endpoints (no --node-name: every endpoint is local), so its backends see the client's address"
+        },
         "contenders": cfg.contenders.iter().map(|c| c.name()).collect::<Vec<_>>(),
         "scales": scales_out,
     }))
@@ -1071,9 +1309,23 @@ mod tests {
             assert_eq!(s.last().unwrap().node_port, np.iter().max().copied());
             assert!(np.iter().all(|p| (30000..=32767).contains(p)));
         }
-        let m = manifests(&services(2));
+        let m = manifests(&services(2), false);
         assert!(m.contains("type: NodePort"));
         assert!(m.contains("protocol: UDP, nodePort: 30001}"));
+        assert!(!m.contains("nodeName"));
+    }
+
+    #[test]
+    fn remote_backends_are_endpoints_of_another_node() {
+        let m = manifests(&services(2), true);
+        // Two Services, two endpoints each, every one on the other node.
+        assert_eq!(m.matches("- addresses: [").count(), 4);
+        assert_eq!(
+            m.matches(&format!("\n  nodeName: {REMOTE_NODE}\n  conditions:"))
+                .count(),
+            4
+        );
+        assert_ne!(NODE_NAME, REMOTE_NODE);
     }
 
     #[test]

@@ -31,6 +31,8 @@ struct Args {
     /// NodePort part: GRO left off on the backends' interfaces.
     no_backend_gro: bool,
     nodeport_node_cpu: Option<bool>,
+    /// Overrides the NodePort parts' generator.
+    nodeport_generator: Option<nodeport::Generator>,
     agent_only: bool,
     /// The release agent, for the control-plane part.
     release_agent: PathBuf,
@@ -45,7 +47,13 @@ impl Args {
     }
 }
 
-const PARTS: [&str; 4] = ["per-packet", "through-vip", "control-plane", "nodeport"];
+const PARTS: [&str; 5] = [
+    "per-packet",
+    "through-vip",
+    "control-plane",
+    "nodeport",
+    "nodeport-remote",
+];
 
 fn args() -> Result<Args> {
     let mut a = Args {
@@ -60,10 +68,11 @@ fn args() -> Result<Args> {
         no_host_routing: false,
         no_backend_gro: false,
         nodeport_node_cpu: None,
+        nodeport_generator: None,
         agent_only: false,
         release_agent: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/dataplane"),
     };
-    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane|nodeport (repeatable or comma-separated), --scales N,N, --contenders a,b, --nodeport-contenders a,b, --no-node-conntrack, --no-host-routing, --no-backend-gro, --nodeport-node-cpu, --nodeport-one-cpu, --agent-only, --rounds N, --release-agent PATH";
+    let usage = "expected --quick, --out DIR, --part per-packet|through-vip|control-plane|nodeport|nodeport-remote (repeatable or comma-separated), --scales N,N, --contenders a,b, --nodeport-contenders a,b, --no-node-conntrack, --no-host-routing, --no-backend-gro, --nodeport-node-cpu, --nodeport-one-cpu, --nodeport-generator af-packet|live-frames, --agent-only, --rounds N, --release-agent PATH";
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -72,7 +81,7 @@ fn args() -> Result<Args> {
             "--part" | "--only" => {
                 let v = it
                     .next()
-                    .context("--part needs per-packet, through-vip, control-plane or nodeport")?;
+                    .context("--part needs per-packet, through-vip, control-plane, nodeport or nodeport-remote")?;
                 for p in v.split(',') {
                     let p = if p == "vip" { "through-vip" } else { p };
                     if !PARTS.contains(&p) {
@@ -108,6 +117,13 @@ fn args() -> Result<Args> {
             "--no-backend-gro" => a.no_backend_gro = true,
             "--nodeport-node-cpu" => a.nodeport_node_cpu = Some(true),
             "--nodeport-one-cpu" => a.nodeport_node_cpu = Some(false),
+            "--nodeport-generator" => {
+                let v = it
+                    .next()
+                    .context("--nodeport-generator needs af-packet or live-frames")?;
+                a.nodeport_generator =
+                    Some(nodeport::Generator::from_name(&v).with_context(|| format!("unknown generator {v:?}"))?);
+            }
             "--agent-only" => a.agent_only = true,
             "--rounds" => a.rounds = Some(it.next().context("--rounds needs a number")?.parse()?),
             "--release-agent" => {
@@ -196,6 +212,7 @@ fn compact_results(out: &Path) -> Result<()> {
         "through-vip.json",
         "control-plane.json",
         "nodeport.json",
+        "nodeport-remote.json",
     ] {
         let path = out.join(name);
         let Ok(text) = std::fs::read_to_string(&path) else {
@@ -331,7 +348,15 @@ fn main() -> Result<()> {
                 let v = control::run(&cfg, &a.release_agent)?;
                 write(&a.out, "control-plane.json", v, &a, started.elapsed())?;
             }
-            "nodeport" => {
+            "nodeport" | "nodeport-remote" => {
+                // The second: backends on another node, frames from a
+                // NIC-like (live-frames) generator.
+                let remote = part.as_str() == "nodeport-remote";
+                let generator = if remote {
+                    nodeport::Generator::LiveFrames
+                } else {
+                    nodeport::Generator::AfPacket
+                };
                 let cfg = if a.quick {
                     nodeport::Config {
                         scales: vec![1_000],
@@ -345,14 +370,17 @@ fn main() -> Result<()> {
                         host_routing: true,
                         backend_gro: true,
                         node_cpu: true,
+                        generator,
+                        remote_backends: remote,
                     }
                 } else {
                     nodeport::Config {
                         scales: vec![10_000],
                         rounds: 11,
                         send: Duration::from_secs(4),
-                        // About 1 Mpps is the most one sender reached here.
-                        max_packets: 20_000_000,
+                        // About 1 Mpps is the most one AF_PACKET sender
+                        // reached here; the live-frames one sends more.
+                        max_packets: if remote { 100_000_000 } else { 20_000_000 },
                         flows: 256,
                         deadline: Duration::from_secs(600),
                         contenders: nodeport::DEFAULT_CONTENDERS.to_vec(),
@@ -360,6 +388,8 @@ fn main() -> Result<()> {
                         host_routing: true,
                         backend_gro: true,
                         node_cpu: true,
+                        generator,
+                        remote_backends: remote,
                     }
                 };
                 let cfg = nodeport::Config {
@@ -370,10 +400,11 @@ fn main() -> Result<()> {
                     host_routing: !a.no_host_routing,
                     backend_gro: !a.no_backend_gro,
                     node_cpu: a.nodeport_node_cpu.unwrap_or(cfg.node_cpu),
+                    generator: a.nodeport_generator.unwrap_or(cfg.generator),
                     ..cfg
                 };
                 let v = nodeport::run(&cfg)?;
-                write(&a.out, "nodeport.json", v, &a, started.elapsed())?;
+                write(&a.out, &format!("{part}.json"), v, &a, started.elapsed())?;
             }
             other => bail!("unknown part {other:?}"),
         }
