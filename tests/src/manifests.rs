@@ -78,6 +78,31 @@ pub fn slice(ns: &str, name: &str, svc: &str, ports: &[(&str, u16, &str)], addrs
     s
 }
 
+/// An EndpointSlice `ns/name` of Service `svc` for one port `(name,
+/// protocol, port)` with one ready endpoint on each node of
+/// `netns::TwoNodes`: `BACKEND_A` on `node-a`, `BACKEND_B` on `node-b`.
+pub fn two_node_slice(ns: &str, name: &str, svc: &str, (pname, proto, port): (&str, &str, u16)) -> String {
+    use crate::netns::{BACKEND_A, BACKEND_B};
+    format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{kubernetes.io/service-name: {svc}}}
+addressType: IPv4
+ports: [{{name: {pname}, protocol: {proto}, port: {port}}}]
+endpoints:
+- addresses: [{BACKEND_A}]
+  conditions: {{ready: true}}
+  nodeName: node-a
+- addresses: [{BACKEND_B}]
+  conditions: {{ready: true}}
+  nodeName: node-b
+"
+    )
+}
+
 /// Endpoint conditions: (address, ready, serving, terminating).
 pub type Conditions = (Ipv4Addr, bool, bool, bool);
 

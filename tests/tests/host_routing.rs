@@ -975,24 +975,7 @@ spec:
   ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}]
 "
     );
-    let slice = format!(
-        "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: np-abcde
-  namespace: default
-  labels: {{kubernetes.io/service-name: np}}
-addressType: IPv4
-ports: [{{name: http, protocol: TCP, port: 8080}}]
-endpoints:
-- addresses: [{BACKEND_A}]
-  conditions: {{ready: true}}
-  nodeName: node-a
-- addresses: [{BACKEND_B}]
-  conditions: {{ready: true}}
-  nodeName: node-b
-"
-    );
+    let slice = dataplane_tests::manifests::two_node_slice("default", "np-abcde", "np", ("http", "TCP", 8080));
     vec![("service.yaml", svc), ("slice.yaml", slice)]
 }
 

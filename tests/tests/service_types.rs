@@ -45,24 +45,7 @@ status:
     ingress: [{{ip: {LB_IP}}}]
 "
     );
-    let slice = format!(
-        "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: edge-abcde
-  namespace: ingress
-  labels: {{kubernetes.io/service-name: edge}}
-addressType: IPv4
-ports: [{{name: http, protocol: TCP, port: 8080}}]
-endpoints:
-- addresses: [{BACKEND_A}]
-  conditions: {{ready: true}}
-  nodeName: node-a
-- addresses: [{BACKEND_B}]
-  conditions: {{ready: true}}
-  nodeName: node-b
-"
-    );
+    let slice = dataplane_tests::manifests::two_node_slice("ingress", "edge-abcde", "edge", ("http", "TCP", 8080));
     vec![("service.yaml", svc), ("slice.yaml", slice)]
 }
 
@@ -603,24 +586,8 @@ spec:
   ports: [{{name: push, protocol: {protocol}, port: 90, targetPort: 9000, nodePort: {port}}}]
 "
     );
-    let slice = format!(
-        "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-abcde
-  namespace: ingress
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports: [{{name: push, protocol: {protocol}, port: 9000}}]
-endpoints:
-- addresses: [{BACKEND_A}]
-  conditions: {{ready: true}}
-  nodeName: node-a
-- addresses: [{BACKEND_B}]
-  conditions: {{ready: true}}
-  nodeName: node-b
-"
-    );
+    let slice =
+        dataplane_tests::manifests::two_node_slice("ingress", &format!("{name}-abcde"), name, ("push", protocol, 9000));
     let ct = ct_entries.to_string();
     let c = cluster_of(
         vec![("service.yaml", svc), ("slice.yaml", slice)],
