@@ -673,3 +673,89 @@ fn trace_follows_in_cluster_views_and_rejects_ports_a_cluster_ip_lacks() {
     assert_eq!(t["reasons"], serde_json::json!(["reject_no_backend"]), "{t}");
     assert_eq!(live.dump(), before, "trace changed a live map entry");
 }
+
+/// The agent in a fresh namespace, no interface, with the Service
+/// `shop/web` (one TCP port, two endpoints) and extra `run` arguments.
+fn agent_with(extra: &[&str]) -> (dataplane_tests::netns::Netns, dataplane_tests::agent::Agent) {
+    use dataplane_tests::{agent::Agent, manifests, netns::Netns};
+    require_root_and_tools();
+    let ns = Netns::new(format!("{}-insp", unique_prefix())).unwrap();
+    let svc = manifests::service("shop", "web", VIP, &[("http", 80, "TCP")]);
+    let slice = manifests::slice(
+        "shop",
+        "web-abcde",
+        "web",
+        &[("http", 8080, "TCP")],
+        &[Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(198, 18, 2, 2)],
+    );
+    let mut args = vec!["--no-attach"];
+    args.extend_from_slice(extra);
+    let agent = Agent::start_with(&ns, &[], &[], &[("svc.yaml", &svc), ("slice.yaml", &slice)], &args).unwrap();
+    (ns, agent)
+}
+
+#[test]
+fn inspecting_an_agent_with_other_map_capacities_reads_them() {
+    // The capacities come from the agent's --*-max-entries flags, which the
+    // CLI is not given: it must read maps of any capacity, not refuse them
+    // (nor tell the operator to run `dataplane cleanup`).
+    let (_ns, agent) = agent_with(&[
+        "--ct-max-entries",
+        "65536",
+        "--services-max-entries",
+        "65536",
+        "--backends-max-entries",
+        "65536",
+    ]);
+    let root = agent.pins.as_path();
+    let s = json(root, &["services"]);
+    // The port and the ClusterIP's entry for the ports it lacks.
+    let http = s
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["frontend"] == "198.19.0.10:80/tcp")
+        .unwrap_or_else(|| panic!("no 198.19.0.10:80/tcp in {s}"));
+    assert_eq!(http["backends"], 2);
+    let b = json(root, &["backends"]);
+    assert_eq!(b.as_array().unwrap().len(), 2, "{b}");
+    json(root, &["conntrack"]);
+    let st = json(root, &["stats"]);
+    assert_eq!(st["conntrack_max"].as_u64(), Some(65_536), "{st}");
+    let capacity = |name: &str| {
+        st["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["map"] == name)
+            .unwrap_or_else(|| panic!("no map {name}"))["max_entries"]
+            .as_u64()
+    };
+    assert_eq!(capacity("DP_SERVICES"), Some(65_536));
+    assert_eq!(capacity("DP_BACKENDS"), Some(65_536));
+}
+
+#[test]
+fn inspecting_the_pins_of_an_older_agent_names_the_map_it_lacks() {
+    let (_ns, agent) = agent_with(&[]);
+    // An older agent pinned no frontend filter (0.1.0 had none).
+    let pin = agent.pins.join("maps").join("DP_FE_FILTER");
+    std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    for cmd in ["services", "backends", "conntrack", "stats"] {
+        let out = Command::new(agent_binary())
+            .args([cmd, "--bpffs-root"])
+            .arg(&agent.pins)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd} succeeded without DP_FE_FILTER");
+        assert!(
+            err.contains(&format!(
+                "the agent state under {} has no map DP_FE_FILTER: it was pinned by an agent older than this binary",
+                agent.pins.display()
+            )),
+            "{cmd}: {err}"
+        );
+    }
+}

@@ -51,6 +51,15 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
     }
 }
 
+/// A pinned map of another shape than this binary's ([`PinRoot::first_mismatch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeMismatch {
+    pub name: &'static str,
+    pub path: String,
+    /// What differs.
+    pub what: String,
+}
+
 /// The layout of a pin root.
 #[derive(Clone, Debug)]
 pub struct PinRoot {
@@ -117,8 +126,25 @@ impl PinRoot {
 
     /// As `check_maps`, against the configured capacities `sizes`.
     pub fn check_maps_with(&self, sizes: &crate::bpf::map_sizes::MapSizes) -> Result<(), PinError> {
+        match self.first_mismatch(Some(sizes))? {
+            Some(m) => Err(PinError::Mismatch {
+                name: m.name,
+                path: m.path,
+                what: m.what,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The first existing pinned map whose key or value size differs from
+    /// this binary's shapes, or with `sizes` its capacity from those
+    /// `sizes` (a reader such as the CLI passes none: it reads maps of any
+    /// capacity, as an agent's `--*-max-entries` flags made them).
+    pub fn first_mismatch(
+        &self,
+        sizes: Option<&crate::bpf::map_sizes::MapSizes>,
+    ) -> Result<Option<ShapeMismatch>, PinError> {
         for shape in &map_shapes::ALL {
-            let max_entries = sizes.max_entries(shape.name).unwrap_or(shape.max_entries);
             let path = self.map(shape.name);
             if !path.exists() {
                 continue;
@@ -133,28 +159,30 @@ impl PinRoot {
                 path: path.display().to_string(),
                 source,
             })?;
-            let mismatch = |what: String| PinError::Mismatch {
+            let mismatch = |what: String| ShapeMismatch {
                 name: shape.name,
                 path: path.display().to_string(),
                 what,
             };
             if info.key_size() != shape.key_size || info.value_size() != shape.value_size {
-                return Err(mismatch(format!(
+                return Ok(Some(mismatch(format!(
                     "key/value sizes {}/{}, expected {}/{}",
                     info.key_size(),
                     info.value_size(),
                     shape.key_size,
                     shape.value_size
-                )));
+                ))));
             }
+            let Some(sizes) = sizes else { continue };
+            let max_entries = sizes.max_entries(shape.name).unwrap_or(shape.max_entries);
             if info.max_entries() != max_entries {
-                return Err(mismatch(format!(
+                return Ok(Some(mismatch(format!(
                     "{} entries, expected {max_entries}; the --*-max-entries flags must match the pinned maps",
                     info.max_entries(),
-                )));
+                ))));
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Link pins, as (program, interface, path).

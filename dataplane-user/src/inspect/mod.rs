@@ -44,6 +44,20 @@ pub enum InspectError {
          binary reads version {ABI_VERSION}: use the dataplane binary of the running agent"
     )]
     Abi { root: String, found: u32 },
+    #[error(
+        "pinned map {name} at {path} is not the map this binary reads ({what}): use the dataplane \
+         binary of the running agent"
+    )]
+    Shape {
+        name: &'static str,
+        path: String,
+        what: String,
+    },
+    #[error(
+        "the agent state under {root} has no map {name}: it was pinned by an agent older than this \
+         binary; use the dataplane binary of the running agent"
+    )]
+    Missing { root: String, name: &'static str },
     #[error("reading map {name}: {source}")]
     Read {
         name: &'static str,
@@ -108,11 +122,22 @@ pub fn open_pinned(root: &Path) -> Result<Maps, InspectError> {
     if !pins.map(map_names::SERVICES).exists() {
         return Err(nothing());
     }
-    pins.check_maps()?;
+    // Key and value sizes only: the agent's --*-max-entries flags set the
+    // capacities, and any capacity reads the same.
+    if let Some(m) = pins.first_mismatch(None)? {
+        return Err(InspectError::Shape {
+            name: m.name,
+            path: m.path,
+            what: m.what,
+        });
+    }
     let maps = typed(|name| {
         let path: PathBuf = pins.map(name);
         if !path.exists() {
-            return Err(nothing());
+            return Err(InspectError::Missing {
+                root: root.display().to_string(),
+                name,
+            });
         }
         MapData::from_pin(&path).map_err(|source| InspectError::Open {
             name,
