@@ -181,6 +181,19 @@ fn cli(root: &Path, args: &[&str]) -> String {
     text
 }
 
+/// Runs `dataplane CMD --bpffs-root ROOT`, which must fail; its stderr.
+fn cli_fails(root: &Path, cmd: &str) -> String {
+    let out = Command::new(agent_binary())
+        .args([cmd, "--bpffs-root"])
+        .arg(root)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("running dataplane");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "dataplane {cmd} succeeded: {err}");
+    err
+}
+
 fn json(root: &Path, args: &[&str]) -> Value {
     let mut a = args.to_vec();
     a.extend(["--output", "json"]);
@@ -472,14 +485,7 @@ fn inspecting_without_pinned_state_says_so() {
     require_root_and_tools();
     let root = PathBuf::from("/sys/fs/bpf").join(unique_prefix());
     for cmd in ["services", "backends", "conntrack", "stats"] {
-        let out = Command::new(agent_binary())
-            .args([cmd, "--bpffs-root"])
-            .arg(&root)
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{cmd} succeeded without state");
+        let err = cli_fails(&root, cmd);
         assert!(
             err.contains(&format!(
                 "no agent state under {0}: is the agent running with --bpffs-root {0}?",
@@ -742,14 +748,7 @@ fn inspecting_the_pins_of_an_older_agent_names_the_map_it_lacks() {
     let pin = agent.pins.join("maps").join("DP_FE_FILTER");
     std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
     for cmd in ["services", "backends", "conntrack", "stats"] {
-        let out = Command::new(agent_binary())
-            .args([cmd, "--bpffs-root"])
-            .arg(&agent.pins)
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{cmd} succeeded without DP_FE_FILTER");
+        let err = cli_fails(&agent.pins, cmd);
         assert!(
             err.contains(&format!(
                 "the agent state under {} has no map DP_FE_FILTER: it was pinned by an agent older than this binary",
