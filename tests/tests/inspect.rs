@@ -194,6 +194,15 @@ fn cli_fails(root: &Path, cmd: &str) -> String {
     err
 }
 
+/// The element of JSON array `rows` whose `key` is `name`.
+fn entry<'a>(rows: &'a Value, key: &str, name: &str) -> &'a Value {
+    rows.as_array()
+        .unwrap_or_else(|| panic!("not an array: {rows}"))
+        .iter()
+        .find(|r| r[key] == name)
+        .unwrap_or_else(|| panic!("no {key} {name} in {rows}"))
+}
+
 fn json(root: &Path, args: &[&str]) -> Value {
     let mut a = args.to_vec();
     a.extend(["--output", "json"]);
@@ -263,11 +272,7 @@ fn services_backends_conntrack_and_stats_show_the_maps() {
     let s = json(root, &["services"]);
     let rows = s.as_array().unwrap();
     assert_eq!(rows.len(), 3, "{s}");
-    let by_frontend = |f: &str| {
-        rows.iter()
-            .find(|r| r["frontend"] == f)
-            .unwrap_or_else(|| panic!("no {f} in {s}"))
-    };
+    let by_frontend = |f: &str| entry(&s, "frontend", f);
     let http = by_frontend("198.19.0.10:80/tcp");
     assert_eq!(http["name"], "shop/web:http");
     assert_eq!(http["backends"], 3);
@@ -396,15 +401,7 @@ fn services_backends_conntrack_and_stats_show_the_maps() {
 
     // stats.
     let s = json(root, &["stats"]);
-    let reason = |name: &str| {
-        s["reasons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["reason"] == name)
-            .unwrap_or_else(|| panic!("no reason {name}"))
-            .clone()
-    };
+    let reason = |name: &str| entry(&s["reasons"], "reason", name).clone();
     assert_eq!(reason("nat_new_flow")["packets"], 2);
     assert_eq!(reason("nat_reply")["packets"], 1);
     assert_eq!(reason("drop_source_range")["drop"], true);
@@ -413,15 +410,7 @@ fn services_backends_conntrack_and_stats_show_the_maps() {
         (s["conntrack_entries"].as_u64(), s["conntrack_max"].as_u64()),
         (Some(4), Some(262_144))
     );
-    let map = |name: &str| {
-        s["maps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["map"] == name)
-            .unwrap_or_else(|| panic!("no map {name}"))
-            .clone()
-    };
+    let map = |name: &str| entry(&s["maps"], "map", name).clone();
     assert_eq!(map("DP_SERVICES")["entries"], 3);
     assert_eq!(map("DP_BACKENDS")["entries"], 5);
     // Two tables of 1021 entries: 4 chunks each.
@@ -716,27 +705,13 @@ fn inspecting_an_agent_with_other_map_capacities_reads_them() {
     let root = agent.pins.as_path();
     let s = json(root, &["services"]);
     // The port and the ClusterIP's entry for the ports it lacks.
-    let http = s
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["frontend"] == "198.19.0.10:80/tcp")
-        .unwrap_or_else(|| panic!("no 198.19.0.10:80/tcp in {s}"));
-    assert_eq!(http["backends"], 2);
+    assert_eq!(entry(&s, "frontend", "198.19.0.10:80/tcp")["backends"], 2);
     let b = json(root, &["backends"]);
     assert_eq!(b.as_array().unwrap().len(), 2, "{b}");
     json(root, &["conntrack"]);
     let st = json(root, &["stats"]);
     assert_eq!(st["conntrack_max"].as_u64(), Some(65_536), "{st}");
-    let capacity = |name: &str| {
-        st["maps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["map"] == name)
-            .unwrap_or_else(|| panic!("no map {name}"))["max_entries"]
-            .as_u64()
-    };
+    let capacity = |name: &str| entry(&st["maps"], "map", name)["max_entries"].as_u64();
     assert_eq!(capacity("DP_SERVICES"), Some(65_536));
     assert_eq!(capacity("DP_BACKENDS"), Some(65_536));
 }
